@@ -1,0 +1,316 @@
+"""The ``p2pnode`` command: argument parsing and output only.
+
+Every command turns p2pnode's own errors into one line on stderr and a
+non-zero exit status; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import trio
+
+from p2pnode import __version__
+from p2pnode.cli import settings
+from p2pnode.cli.settings import option
+from p2pnode.errors import ConfigError, P2PNodeError
+
+logger = logging.getLogger("p2pnode.cli")
+
+T = TypeVar("T")
+
+# Exit statuses: 1 for a failure at run time, 2 for bad usage or configuration
+# (click uses 2 for usage errors too).
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _fail(exc: P2PNodeError) -> NoReturn:
+    click.echo(f"p2pnode: error: {exc}", err=True)
+    sys.exit(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE)
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return trio.run(fn)
+    except P2PNodeError as exc:
+        _fail(exc)
+
+
+class _Libp2pNoise(logging.Filter):
+    """Drop py-libp2p records below CRITICAL unless debugging.
+
+    py-libp2p logs routine events (auto-connect rounds, closed streams) at
+    INFO and ordinary failures (a refused dial) at ERROR, and sets levels on
+    its child loggers itself, so a level on the "libp2p" logger is not
+    enough: the handler filters. Our own code reports the failures that
+    matter.
+    """
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.debug or not record.name.startswith("libp2p"):
+            return True
+        return record.levelno >= logging.CRITICAL
+
+
+def _setup_logging(level: str) -> None:
+    # Import libp2p first: its import resets the "libp2p" logger (trap 10).
+    import libp2p  # noqa: F401
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(_Libp2pNoise(debug=level == "debug"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    logging.getLogger("libp2p").propagate = True
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="p2pnode")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="P2PNODE_HOME",
+    show_envvar=True,
+    default=settings.default_home,
+    show_default="~/.p2pnode",
+    help="Directory with the node's keys, wallet and config.toml.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    envvar="P2PNODE_LOG_LEVEL",
+    show_envvar=True,
+    default="warning",
+    show_default=True,
+)
+@click.pass_context
+def main(ctx: click.Context, home: Path, log_level: str) -> None:
+    """p2pnode: private, paid LLM inference over a pure peer-to-peer network."""
+    home = home.expanduser()
+    _setup_logging(log_level)
+    ctx.obj = home
+    config_path = home / settings.CONFIG_FILE
+    try:
+        ctx.default_map = settings.default_map_for(main, settings.load_config(home), config_path)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _home() -> Path:
+    home = click.get_current_context().obj
+    assert isinstance(home, Path)
+    return home
+
+
+# --- identity -------------------------------------------------------------
+
+_password_file = option(
+    "--wallet-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the wallet passphrase (else P2PNODE_WALLET_PASSWORD, else a prompt).",
+)
+
+
+@main.command()
+@_password_file
+def init(wallet_password_file: Path | None) -> None:
+    """Create the home directory, peer key, wallet and a config.toml template."""
+    from p2pnode.p2p import identity
+
+    home = _home()
+    try:
+        key_pair = identity.load_or_create_peer_key(home)
+        wallet = identity.load_wallet(home)
+        if wallet is None:
+            password = settings.wallet_password(
+                wallet_password_file, confirm=True, interactive=True
+            )
+            if password is None:
+                raise ConfigError(
+                    "no wallet passphrase: set P2PNODE_WALLET_PASSWORD, pass "
+                    "--wallet-password-file, or run in a terminal"
+                )
+            wallet = identity.create_wallet(home, password)
+        config = home / settings.CONFIG_FILE
+        if not config.exists():
+            config.write_text(settings.CONFIG_TEMPLATE)
+    except P2PNodeError as exc:
+        _fail(exc)
+    click.echo(f"home:    {home}")
+    click.echo(f"peer id: {identity.peer_id_of(key_pair)}")
+    click.echo(f"wallet:  {wallet.address}")
+
+
+@main.command("id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show_id(as_json: bool) -> None:
+    """Print this node's peer ID and wallet address."""
+    from p2pnode.p2p import identity
+
+    home = _home()
+    try:
+        if not (home / identity.PEER_KEY_FILE).exists():
+            raise ConfigError(f"no identity in {home}: run 'p2pnode init' or 'p2pnode start'")
+        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(home)))
+        wallet = identity.load_wallet(home)
+    except P2PNodeError as exc:
+        _fail(exc)
+    address = wallet.address if wallet else None
+    if as_json:
+        click.echo(json.dumps({"peer_id": peer_id, "wallet": address}))
+    else:
+        click.echo(f"peer id: {peer_id}")
+        click.echo(f"wallet:  {address or '(none: run p2pnode init)'}")
+
+
+# --- the node ---------------------------------------------------------------
+
+
+@main.command()
+@option(
+    "--listen",
+    multiple=True,
+    default=["/ip4/127.0.0.1/tcp/4001", "/ip4/127.0.0.1/tcp/4002/ws"],
+    show_default=True,
+    help="Multiaddr to listen on (repeatable). Port 0 picks a free port.",
+)
+@option("--bootstrap", multiple=True, default=[], help="Peer to join through (repeatable).")
+@option(
+    "--ready-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='Write {"peer_id", "addrs"} as JSON here once the node is ready.',
+)
+@_password_file
+def start(
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    ready_file: Path | None,
+    wallet_password_file: Path | None,
+) -> None:
+    """Run a node until Ctrl-C or SIGTERM."""
+    from p2pnode.p2p import host as hostlib
+    from p2pnode.p2p import identity
+    from p2pnode.p2p.node import NodeConfig, open_node
+
+    home = _home()
+    try:
+        key_pair = identity.load_or_create_peer_key(home)
+        if identity.load_wallet(home) is None:
+            password = settings.wallet_password(
+                wallet_password_file, confirm=False, interactive=False
+            )
+            if password is not None:
+                identity.create_wallet(home, password)
+            else:
+                logger.info("no wallet yet (free mode works without one): run 'p2pnode init'")
+        config = NodeConfig(host=hostlib.Config(listen=tuple(listen)), bootstrap=tuple(bootstrap))
+    except P2PNodeError as exc:
+        _fail(exc)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_node(config, key_pair=key_pair) as node:
+                # The file first, then the line: whoever waits on either sees both.
+                if ready_file is not None:
+                    ready = {"peer_id": node.peer_id, "addrs": node.addrs}
+                    await trio.to_thread.run_sync(_write_json_atomically, ready_file, ready)
+                click.echo(f"p2pnode {__version__} ready")
+                click.echo(f"peer id: {node.peer_id}")
+                for addr in node.addrs:
+                    click.echo(f"listening: {addr}")
+                try:
+                    async for signum in signals:
+                        logger.info("%s: stopping", signal.Signals(signum).name)
+                        break
+                finally:
+                    if ready_file is not None:
+                        await trio.Path(ready_file).unlink(missing_ok=True)
+        click.echo("p2pnode stopped")
+
+    _run(run)
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+@main.command()
+@click.option("--peer", required=True, help="Full multiaddr of the node to ask.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(peer: str, as_json: bool) -> None:
+    """Ask any node for its status, from a throwaway identity."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from p2pnode.p2p.node import NodeConfig, open_node
+
+    async def run() -> Any:
+        async with open_node(NodeConfig(), key_pair=create_new_key_pair()) as node:
+            return await node.status_of(peer)
+
+    answer = _run(run)
+    if as_json:
+        click.echo(json.dumps(answer.to_wire() | {"t": None}, default=str))
+        return
+    click.echo(f"peer id:   {answer.peer_id}")
+    click.echo(f"version:   {answer.version}")
+    click.echo(f"uptime:    {answer.uptime_s:.0f} s")
+    click.echo(f"peers:     {answer.connected_peers}")
+    for addr in answer.addrs:
+        click.echo(f"address:   {addr}")
+    load = answer.load
+    click.echo(f"slots:     {load.slots_free}/{load.slots_total} free, queue {load.queue_len}")
+    if not answer.models:
+        click.echo("models:    (none)")
+    for m in answer.models:
+        click.echo(f"model:     {m.model_id} ctx={m.context_length} {m.tokens_per_s:.1f} tok/s")
+
+
+# --- benchmarks -------------------------------------------------------------
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: figures next to a baseline measured in the same run."""
+
+
+@bench.command("connect")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--rtts", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_connect(rounds: int, rtts: int, as_json: bool) -> None:
+    """libp2p connect time and status round trip vs plain TCP on loopback."""
+    from p2pnode.simnet.bench import bench_connect as run_bench
+
+    report = _run(lambda: run_bench(rounds, rtts))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    lp, tcp = report["libp2p"], report["tcp"]
+    click.echo(
+        f"connect   libp2p {lp['connect_ms']['median']:.2f} ms  "
+        f"tcp {tcp['connect_ms']['median']:.3f} ms  "
+        f"ratio {report['ratio_connect_median']}x  (goal <= 25 ms: "
+        f"{'met' if report['goal_met'] else 'missed'})"
+    )
+    click.echo(
+        f"rtt       libp2p {lp['status_rtt_ms']['median']:.2f} ms  "
+        f"tcp {tcp['rtt_ms']['median']:.3f} ms  ratio {report['ratio_rtt_median']}x"
+    )

@@ -1,0 +1,79 @@
+"""Every error p2pnode raises on purpose.
+
+::
+
+    P2PNodeError
+    ├── ProtocolError            a frame or message broke a wire protocol (has .code)
+    │   ├── LocalProtocolError   we tried to send something the protocol forbids: our bug
+    │   └── RemoteProtocolError  the peer sent something malformed, oversized or out of
+    │                            order: reset that stream with .code, count it, carry on
+    ├── ConfigError              bad flag, file, key or address; the CLI prints one line
+    ├── NetworkError             a peer could not be reached or did not answer in time
+    │   └── BrokenStreamError    the peer or the network broke a stream (reset, EOF)
+    ├── ChainError               the chain refused or failed a call
+    └── EngineError              an inference engine failed
+
+Expected outcomes (timeout, busy, rejected) travel as values in protocol events
+where a caller can act on them; these exceptions are for what a caller cannot.
+Library exceptions are re-raised as one of these ``from`` the original at the
+boundary that meets them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Stable error codes carried in ``Error`` frames. Never renumber."""
+
+    MALFORMED = 1  # not a frame, not msgpack, not a map
+    OVERSIZE = 2  # declared length above the cap for this protocol
+    UNKNOWN_TYPE = 3  # type tag not part of this protocol
+    BAD_FIELD = 4  # field missing or of the wrong type
+    UNEXPECTED = 5  # a valid message at the wrong moment
+    TRUNCATED = 6  # the stream ended inside a frame
+    TIMEOUT = 7  # the peer did not answer in time
+    INTERNAL = 8  # the answering side failed; nothing the peer did
+    UNSUPPORTED = 9  # a request this node does not serve
+
+
+class P2PNodeError(Exception):
+    """Root of p2pnode's own exceptions."""
+
+
+class ProtocolError(P2PNodeError):
+    """A wire-protocol violation, with the code to report to the peer."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.name.lower()}: {message}")
+        self.code = code
+        self.detail = message
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol forbids (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol. Reset that stream; the node carries on."""
+
+
+class ConfigError(P2PNodeError):
+    """Configuration that cannot work: a bad flag, file, key or address."""
+
+
+class NetworkError(P2PNodeError):
+    """A peer was unreachable, refused, or did not answer within its bound."""
+
+
+class BrokenStreamError(NetworkError):
+    """A stream was reset or cut by the peer or the network (trio's "Broken…")."""
+
+
+class ChainError(P2PNodeError):
+    """The chain rejected or failed a call."""
+
+
+class EngineError(P2PNodeError):
+    """An inference engine could not serve a request."""

@@ -1,0 +1,186 @@
+"""Build and run the libp2p host, with py-libp2p 0.8.1's traps handled.
+
+Every trap named here is in LIBP2P_NOTES.md: the 250 ms connect stall (1),
+auto-connect meshes (13), transports fixed at construction and silent listen
+failures (8), SO_REUSEPORT port sharing (9), and unbounded awaits (12).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+from p2pnode.errors import ConfigError, NetworkError
+from p2pnode.p2p.scopes import single_errors_ungrouped
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """How the host listens, dials and bounds its connections."""
+
+    # Loopback and an ephemeral port: a node is private until its user says
+    # otherwise with --listen.
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    # Trap 1: with the default of 3, connect() waits 250 ms for parallel dials
+    # that never come; one connection per peer makes it ~10 ms.
+    max_connections_per_peer: int = 1
+    # Trap 13: py-libp2p's auto-connector dials toward the midpoint of the
+    # watermarks (150 by default), which turns a local network into a full
+    # mesh. A p2pnode needs a handful of links; the DHT finds the rest.
+    low_watermark: int = 4
+    high_watermark: int = 24
+    max_connections: int = 256
+    # A dial on loopback takes ~10 ms and across continents ~0.5 s; 10 s is
+    # py-libp2p's default and leaves room for relays.
+    dial_timeout: float = 10.0
+    # Closing sends a FIN per connection; on a dead network it could hang, so
+    # shutdown gives up after this long.
+    close_timeout: float = 5.0
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    """Parse a multiaddr given by a user, with a readable error."""
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:  # noqa: BLE001 - multiaddr raises bare ValueError/BinaryParseError/...
+        raise ConfigError(f"not a multiaddr: {text!r} ({exc})") from exc
+
+
+def parse_peer_addr(text: str) -> PeerInfo:
+    """Parse ``/ip4/…/tcp/…/p2p/<peer id>`` into a PeerInfo."""
+    addr = parse_multiaddr(text)
+    try:
+        return info_from_p2p_addr(addr)
+    except Exception as exc:  # noqa: BLE001 - raises InvalidAddrError or ValueError
+        raise ConfigError(f"{text!r} has no /p2p/<peer id> part ({exc})") from exc
+
+
+def build(key_pair: KeyPair, cfg: Config) -> IHost:
+    """A host with TCP and WebSocket transports, ready to ``run``."""
+    conn_cfg = ConnectionConfig(
+        max_connections_per_peer=cfg.max_connections_per_peer,
+        max_connections=cfg.max_connections,
+        low_watermark=cfg.low_watermark,
+        high_watermark=cfg.high_watermark,
+        min_connections=min(cfg.low_watermark, 2),
+        dial_timeout=cfg.dial_timeout,
+    )
+    # Trap 8: transports are fixed here. Passing no listen_addrs and both flags
+    # gives TCP and WebSocket, so a node that listens on TCP only can still
+    # dial a /ws peer.
+    return new_host(
+        key_pair=key_pair,
+        connection_config=conn_cfg,
+        enable_tcp=True,
+        enable_websocket=True,
+    )
+
+
+def check_ports_free(listen: Sequence[str]) -> None:
+    """Fail clearly when a fixed TCP port is already taken.
+
+    Trap 9: py-libp2p binds with SO_REUSEPORT, so a second host on the same
+    port starts without error and the kernel splits connections between
+    them. A plain bind without SO_REUSEPORT tells us first.
+    """
+    for text in listen:
+        addr = parse_multiaddr(text)
+        protos = {p.name for p in addr.protocols()}
+        if "tcp" not in protos:
+            continue
+        port = int(addr.value_for_protocol("tcp"))
+        if port == 0:
+            continue
+        family, ip = (
+            (socket.AF_INET6, addr.value_for_protocol("ip6"))
+            if "ip6" in protos
+            else (socket.AF_INET, addr.value_for_protocol("ip4") if "ip4" in protos else "")
+        )
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ip, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"port {port} is already in use ({text})") from exc
+                raise ConfigError(f"cannot listen on {text}: {exc.strerror}") from exc
+
+
+@asynccontextmanager
+async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
+    """Run the host and yield its full listen multiaddrs (with /p2p/<id>).
+
+    Raises :class:`ConfigError` if any requested address does not end up
+    listening (trap 8: py-libp2p reports nothing).
+    """
+    check_ports_free(cfg.listen)
+    addrs = [parse_multiaddr(a) for a in cfg.listen]
+    with single_errors_ungrouped():
+        async with host.run(listen_addrs=addrs):
+            try:
+                listening = host.get_transport_addrs()
+                missing = [str(a) for a in addrs if not _covered(a, listening)]
+                if missing:
+                    raise ConfigError(f"could not listen on {', '.join(missing)}")
+                yield [str(a) for a in host.get_addrs()]
+            finally:
+                # py-libp2p 0.8.1: leaving run() stops its services but leaves
+                # listeners accepting and connections open; close() ends both.
+                with trio.move_on_after(cfg.close_timeout), trio.CancelScope(shield=True):
+                    await host.close()
+
+
+def _covered(wanted: multiaddr.Multiaddr, listening: Sequence[multiaddr.Multiaddr]) -> bool:
+    """Whether some listener serves ``wanted`` (port 0 matches any port)."""
+    want = [(p.name, _value(wanted, p.name)) for p in wanted.protocols()]
+    for have in listening:
+        got = [(p.name, _value(have, p.name)) for p in have.protocols()]
+        if len(got) != len(want):
+            continue
+        if all(
+            wn == gn and (wv == gv or (wn in ("tcp", "udp") and wv == "0"))
+            for (wn, wv), (gn, gv) in zip(want, got, strict=True)
+        ):
+            return True
+    return False
+
+
+def _value(addr: multiaddr.Multiaddr, proto: str) -> str | None:
+    try:
+        return str(addr.value_for_protocol(proto))
+    except Exception:  # noqa: BLE001 - protocols without a value (ws) raise
+        return None
+
+
+async def connect(host: IHost, peer: PeerInfo, timeout: float) -> None:  # noqa: ASYNC109
+    """Connect to a peer, bounded (trap 12); failures become NetworkError."""
+    try:
+        with trio.fail_after(timeout):
+            await host.connect(peer)
+    except trio.TooSlowError as exc:
+        raise NetworkError(f"no connection to {short(peer.peer_id)} within {timeout:g} s") from exc
+    except NetworkError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - py-libp2p raises SwarmException, OpenConnectionError, OSError...
+        raise NetworkError(f"cannot connect to {short(peer.peer_id)}: {exc}") from exc
+
+
+def short(peer_id: ID | str) -> str:
+    """The last 8 characters of a peer ID, enough for logs."""
+    text = str(peer_id)
+    return text[-8:]

@@ -1,0 +1,190 @@
+"""The node: one libp2p host and the services that run on it (ARCHITECTURE §1).
+
+``open_node`` is the only way to get a :class:`Node`; ``p2pnode start``,
+simnet and the tests all use it, with the same arguments. Everything the node
+runs lives in the nursery that ``open_node`` owns: leaving the ``async with``
+stops it all, cancellation included.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from p2pnode import __version__
+from p2pnode.errors import BrokenStreamError, NetworkError, RemoteProtocolError
+from p2pnode.p2p import host as hostlib
+from p2pnode.p2p.host import short
+from p2pnode.p2p.scopes import single_errors_ungrouped
+from p2pnode.protocols import status
+from p2pnode.protocols.status import service as status_service
+from p2pnode.protocols.stream import reset_quietly
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """Everything a node needs to know at start; composed of subsystem configs."""
+
+    host: hostlib.Config = field(default_factory=hostlib.Config)
+    status: status.Config = field(default_factory=status.Config)
+    # Full multiaddrs (with /p2p/<id>) of peers to join the network through.
+    bootstrap: tuple[str, ...] = ()
+    # Bound on the first attempt to reach each bootstrap peer at start; the
+    # node starts regardless and keeps trying in the background.
+    bootstrap_timeout: float = 5.0
+    # How often lost bootstrap peers are tried again. Seconds, not faster:
+    # a bootstrap peer that is down should not cost the network much.
+    bootstrap_retry_s: float = 30.0
+
+
+class Node:
+    """A running p2pnode. Obtain one from :func:`open_node`.
+
+    Safe to use from any task of the trio run that opened it, until the
+    ``async with`` exits.
+    """
+
+    def __init__(self, config: NodeConfig, host: IHost, addrs: list[str]) -> None:
+        self.config = config
+        self.host = host
+        self.peer_id: str = str(host.get_id())
+        self.addrs = addrs
+        self.started_at = trio.current_time()
+        # Protocol violations per remote peer: what a ban policy will read.
+        self.protocol_errors: collections.Counter[str] = collections.Counter()
+
+    # --- what the node tells others -------------------------------------
+
+    def status_info(self) -> status.StatusResponse:
+        """This node's answer to a status request, as of now."""
+        return status.StatusResponse(
+            peer_id=self.peer_id,
+            version=__version__,
+            addrs=tuple(self.addrs),
+            connected_peers=len(self.host.get_connected_peers()),
+            uptime_s=round(trio.current_time() - self.started_at, 3),
+        )
+
+    def connected_peers(self) -> list[str]:
+        """Peer IDs this node has a live connection to."""
+        return [str(p) for p in self.host.get_connected_peers()]
+
+    # --- reaching other nodes --------------------------------------------
+
+    async def connect(self, addr: str) -> str:
+        """Connect to the peer at a full multiaddr; returns its peer ID.
+
+        Bounded by the host's dial timeout; raises :class:`NetworkError`.
+        """
+        info = hostlib.parse_peer_addr(addr)
+        await hostlib.connect(self.host, info, self.config.host.dial_timeout)
+        return str(info.peer_id)
+
+    async def status_of(self, peer: str) -> status.StatusResponse:
+        """Ask a peer (a peer ID we can reach, or a full multiaddr) for its status."""
+        if peer.startswith("/"):
+            peer = await self.connect(peer)
+        stream = await self._open_stream(ID.from_base58(peer), status.PROTOCOL_ID)
+        return await status_service.request(stream, self.config.status)
+
+    async def _open_stream(self, peer_id: ID, protocol: str) -> INetStream:
+        timeout = self.config.status.timeout
+        try:
+            with trio.fail_after(timeout):
+                return await self.host.new_stream(peer_id, [TProtocol(protocol)])
+        except trio.TooSlowError as exc:
+            raise NetworkError(
+                f"no {protocol} stream to {short(peer_id)} within {timeout:g} s"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - StreamFailure, SwarmException, negotiation errors
+            raise NetworkError(f"cannot open {protocol} to {short(peer_id)}: {exc}") from exc
+
+    # --- serving ---------------------------------------------------------
+
+    def _handle(
+        self, protocol: str, serve: Callable[[INetStream], Awaitable[None]]
+    ) -> Callable[[INetStream], Awaitable[None]]:
+        """Wrap a stream handler so that no peer can take the node down.
+
+        This is the boundary that can act on a stream: a protocol violation
+        is counted against the peer and logged; a broken stream is routine;
+        anything else is our bug, logged with its traceback, and only that
+        stream is reset.
+        """
+
+        async def handler(stream: INetStream) -> None:
+            peer = str(stream.muxed_conn.peer_id)
+            try:
+                await serve(stream)
+            except RemoteProtocolError as exc:
+                self.protocol_errors[peer] += 1
+                logger.info("%s: %s broke the protocol: %s", protocol, short(peer), exc)
+            except (BrokenStreamError, NetworkError) as exc:
+                logger.debug("%s: stream with %s ended: %s", protocol, short(peer), exc)
+            except Exception:
+                logger.exception("%s: handler failed for %s", protocol, short(peer))
+                await reset_quietly(stream)
+
+        return handler
+
+    async def _serve_status(self, stream: INetStream) -> None:
+        await status_service.serve(stream, self.status_info, self.config.status)
+
+    async def _keep_bootstrapped(self, peers: list[PeerInfo]) -> None:
+        """Reconnect to bootstrap peers we are not connected to, forever."""
+        while True:
+            await trio.sleep(self.config.bootstrap_retry_s)
+            await self._dial_bootstrap(peers)
+
+    async def _dial_bootstrap(self, peers: list[PeerInfo]) -> None:
+        connected = set(self.host.get_connected_peers())
+
+        async def dial(info: PeerInfo) -> None:
+            try:
+                await hostlib.connect(self.host, info, self.config.bootstrap_timeout)
+                logger.info("connected to bootstrap peer %s", short(info.peer_id))
+            except NetworkError as exc:
+                logger.warning("bootstrap peer %s: %s", short(info.peer_id), exc)
+
+        async with trio.open_nursery() as nursery:
+            for info in peers:
+                if info.peer_id not in connected:
+                    nursery.start_soon(dial, info)
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig, *, key_pair: KeyPair) -> AsyncIterator[Node]:
+    """Start a node and yield it once it listens and has tried its bootstrap peers.
+
+    Raises :class:`ConfigError` before yielding if an address cannot be
+    listened on or a bootstrap address is malformed. Unreachable bootstrap
+    peers do not stop the start: they are logged and retried.
+    """
+    bootstrap = [hostlib.parse_peer_addr(a) for a in config.bootstrap]
+    host = hostlib.build(key_pair, config.host)
+    with single_errors_ungrouped():
+        async with hostlib.running(host, config.host) as addrs:
+            node = Node(config, host, addrs)
+            host.set_stream_handler(
+                TProtocol(status.PROTOCOL_ID), node._handle(status.PROTOCOL_ID, node._serve_status)
+            )
+            async with trio.open_nursery() as nursery:
+                if bootstrap:
+                    await node._dial_bootstrap(bootstrap)
+                    nursery.start_soon(node._keep_bootstrapped, bootstrap)
+                try:
+                    yield node
+                finally:
+                    nursery.cancel_scope.cancel()

@@ -1,0 +1,51 @@
+"""Messages of the status protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from p2pnode.protocols.wire import Codec, Error, Message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusRequest(Message):
+    """Ask for the node's current status. Carries nothing yet."""
+
+    TYPE: ClassVar[str] = "status.request"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServedModel(Message):
+    """One model a node serves (nested in StatusResponse; no tag of its own)."""
+
+    model_id: str
+    gguf_sha256: str | None = None
+    context_length: int = 0
+    tokens_per_s: float = 0.0  # measured by the provider, 0 until measured
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Load(Message):
+    """How busy the node's engines are right now."""
+
+    slots_total: int = 0
+    slots_free: int = 0
+    queue_len: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusResponse(Message):
+    """Who the node is and what it can do, as of the moment it answered."""
+
+    TYPE: ClassVar[str] = "status.response"
+    peer_id: str
+    version: str
+    addrs: tuple[str, ...]
+    connected_peers: int
+    uptime_s: float
+    models: tuple[ServedModel, ...] = ()
+    load: Load = Load()
+
+
+CODEC = Codec([StatusRequest, StatusResponse, Error])

@@ -1,0 +1,183 @@
+"""The p2pnode command as a user runs it: real processes, real output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+P2PNODE = [sys.executable, "-m", "p2pnode.cli"]
+BOUND_S = 60  # a cold start imports libp2p (~1 s) and web3; loaded CI is slower
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNODE_")}
+    env["P2PNODE_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def _run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*P2PNODE, *args], env=_env(home, **env), capture_output=True, text=True, timeout=BOUND_S
+    )
+
+
+class Started:
+    def __init__(self, proc: subprocess.Popen[str], ready: dict[str, object]) -> None:
+        self.proc = proc
+        self.peer_id = str(ready["peer_id"])
+        addrs = ready["addrs"]
+        assert isinstance(addrs, list)
+        self.addrs = [str(a) for a in addrs]
+
+
+def _start(home: Path, ready_file: Path, *args: str) -> Started:
+    proc = subprocess.Popen(
+        [*P2PNODE, "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready_file)]
+        + list(args),
+        env=_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    # The ready line is printed after the ready file is written: wait on it.
+    for line in proc.stdout:
+        if line.startswith("p2pnode") and "ready" in line:
+            break
+    else:
+        proc.wait(BOUND_S)
+        pytest.fail(f"node did not start: {proc.stderr.read() if proc.stderr else ''}")
+    return Started(proc, json.loads(ready_file.read_text()))
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Started]:
+    started = _start(tmp_path / "a", tmp_path / "a.json")
+    yield started
+    if started.proc.poll() is None:
+        started.proc.kill()
+    started.proc.communicate(timeout=BOUND_S)  # reaps it and closes its pipes
+
+
+def test_start_status_and_clean_stop(node: Started, tmp_path: Path) -> None:
+    ready_file = tmp_path / "a.json"
+    assert node.peer_id.startswith("12D3KooW")
+    assert node.addrs[0].startswith("/ip4/127.0.0.1/tcp/")
+    assert node.addrs[0].endswith(f"/p2p/{node.peer_id}")
+
+    asked = _run(tmp_path / "client", "status", "--peer", node.addrs[0], "--json")
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["peer_id"] == node.peer_id
+    assert answer["addrs"] == node.addrs
+
+    human = _run(tmp_path / "client", "status", "--peer", node.addrs[0])
+    assert f"peer id:   {node.peer_id}" in human.stdout
+
+    node.proc.send_signal(signal.SIGTERM)
+    out, err = node.proc.communicate(timeout=BOUND_S)
+    assert node.proc.returncode == 0, err
+    assert "p2pnode stopped" in out
+    assert not ready_file.exists()
+
+
+def test_second_node_bootstraps_and_identity_persists(node: Started, tmp_path: Path) -> None:
+    home = tmp_path / "b"
+    second = _start(home, tmp_path / "b.json", "--bootstrap", node.addrs[0])
+    try:
+        asked = _run(tmp_path / "client", "status", "--peer", second.addrs[0], "--json")
+        # The bootstrap node, and the throwaway client asking right now.
+        assert json.loads(asked.stdout)["connected_peers"] == 2
+    finally:
+        second.proc.send_signal(signal.SIGINT)
+        second.proc.communicate(timeout=BOUND_S)
+    assert second.proc.returncode == 0
+    shown = _run(home, "id", "--json")
+    assert json.loads(shown.stdout)["peer_id"] == second.peer_id
+
+
+def test_port_in_use_is_one_line_and_nonzero(node: Started, tmp_path: Path) -> None:
+    port = node.addrs[0].split("/tcp/")[1].split("/")[0]
+    result = _run(tmp_path / "c", "start", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"p2pnode: error: port {port} is already in use (/ip4/127.0.0.1/tcp/{port})"
+    )
+
+
+def test_unreadable_key_is_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "peer.key").write_bytes(b"garbage")
+    (home / "peer.key").chmod(0o600)
+    result = _run(home, "start", "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("p2pnode: error: ")
+    assert "not a libp2p private key" in result.stderr
+
+
+def test_bad_flag_exits_nonzero(tmp_path: Path) -> None:
+    result = _run(tmp_path, "start", "--no-such-flag")
+    assert result.returncode == 2
+    assert "No such option '--no-such-flag'" in result.stderr
+
+
+def test_status_of_a_dead_peer_is_one_line(tmp_path: Path) -> None:
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
+    result = _run(tmp_path, "status", "--peer", dead)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("p2pnode: error: cannot connect to")
+    assert "Traceback" not in result.stderr
+
+
+def test_precedence_flag_over_env_over_config_file(tmp_path: Path) -> None:
+    """Which layer won shows in the address the node refuses to parse."""
+    home = tmp_path / "p"
+    home.mkdir()
+    (home / "config.toml").write_text('listen = ["/from/config"]\n')
+    env = {"P2PNODE_LISTEN": "/from/env"}
+
+    def refused(*args: str, **extra: str) -> str:
+        result = _run(home, "start", *args, **extra)
+        assert result.returncode == 2
+        return result.stderr
+
+    assert "'/from/flag'" in refused("--listen", "/from/flag", **env)
+    assert "'/from/env'" in refused(**env)
+    assert "'/from/config'" in refused()
+
+
+def test_unknown_config_key_is_reported(tmp_path: Path) -> None:
+    home = tmp_path / "k"
+    home.mkdir()
+    (home / "config.toml").write_text('lisen = ["/ip4/127.0.0.1/tcp/0"]\n')
+    result = _run(home, "id")
+    assert result.returncode == 2
+    assert "unknown key(s): lisen" in result.stderr
+
+
+def test_init_creates_identity_and_wallet(tmp_path: Path) -> None:
+    home = tmp_path / "i"
+    result = _run(home, "init", P2PNODE_WALLET_PASSWORD="pass phrase")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(_run(home, "id", "--json").stdout)
+    assert f"peer id: {shown['peer_id']}" in result.stdout
+    assert shown["wallet"].startswith("0x")
+    assert len(shown["wallet"]) == 42
+    assert (home / "config.toml").exists()
+    assert oct((home / "wallet.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_init_without_passphrase_source_says_how(tmp_path: Path) -> None:
+    result = _run(tmp_path / "n", "init")
+    assert result.returncode == 2
+    assert "P2PNODE_WALLET_PASSWORD" in result.stderr

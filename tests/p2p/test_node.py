@@ -1,0 +1,177 @@
+"""Real nodes on 127.0.0.1: bootstrap, status, hostile peers, listen failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from p2pnode import __version__
+from p2pnode.errors import ConfigError, ErrorCode
+from p2pnode.p2p import host as hostlib
+from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.protocols import status
+from p2pnode.protocols.wire import (
+    PEER_CLOSED,
+    Codec,
+    Error,
+    FrameDecoder,
+    encode_frame,
+    encode_varint,
+)
+
+# Generous bound for anything on loopback; the real figures are ~10 ms.
+BOUND_S = 10
+
+
+def _config(**kw: object) -> NodeConfig:
+    return NodeConfig(**kw)  # type: ignore[arg-type]
+
+
+OpenNode = Callable[..., AbstractAsyncContextManager[Node]]
+
+
+@pytest.fixture
+def node_factory() -> OpenNode:
+    @asynccontextmanager
+    async def factory(**kw: object) -> AsyncIterator[Node]:
+        async with open_node(_config(**kw), key_pair=create_new_key_pair()) as node:
+            yield node
+
+    return factory
+
+
+async def test_bootstrap_and_status_both_ways(node_factory: OpenNode) -> None:
+    async with node_factory() as a, node_factory(bootstrap=(a.addrs[0],)) as b:
+        assert a.peer_id in b.connected_peers()
+        with trio.fail_after(BOUND_S):
+            about_a = await b.status_of(a.peer_id)
+            about_b = await a.status_of(b.peer_id)  # over the inbound connection
+        assert about_a.peer_id == a.peer_id
+        assert about_a.version == __version__
+        assert about_a.addrs == tuple(a.addrs)
+        assert about_a.connected_peers == 1
+        assert about_a.models == ()
+        assert about_b.peer_id == b.peer_id
+        assert about_b.connected_peers == 1
+
+
+async def test_three_nodes_join_through_one(node_factory: OpenNode) -> None:
+    async with node_factory() as hub:
+        boot = (hub.addrs[0],)
+        async with node_factory(bootstrap=boot) as b, node_factory(bootstrap=boot) as c:
+            with trio.fail_after(BOUND_S):
+                assert (await c.status_of(hub.peer_id)).connected_peers == 2
+                # c knows b only by its address; it dials it directly.
+                assert (await c.status_of(b.addrs[0])).peer_id == b.peer_id
+
+
+async def test_status_over_websocket(node_factory: OpenNode) -> None:
+    ws = hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0/ws",))
+    async with node_factory(host=ws) as a, node_factory() as b:
+        assert "/ws/" in a.addrs[0]
+        with trio.fail_after(BOUND_S):
+            assert (await b.status_of(a.addrs[0])).peer_id == a.peer_id
+
+
+async def test_unreachable_bootstrap_peer_does_not_stop_the_start(node_factory: OpenNode) -> None:
+    async with node_factory() as gone:
+        addr = gone.addrs[0]
+    async with node_factory(bootstrap=(addr,), bootstrap_timeout=2.0) as node:
+        assert node.connected_peers() == []
+
+
+async def _raw_exchange(client: Node, server: Node, payload: bytes) -> Error | None:
+    """Send raw bytes on a status stream and return the Error frame we get back."""
+    peer = ID.from_base58(server.peer_id)
+    stream = await client.host.new_stream(peer, [TProtocol(status.PROTOCOL_ID)])
+    await stream.write(payload)
+    decoder = FrameDecoder()
+    while True:
+        frame = decoder.next_frame()
+        if isinstance(frame, bytes):
+            msg = Codec([Error]).decode(frame)
+            assert isinstance(msg, Error)
+            return msg
+        if frame is PEER_CLOSED:
+            return None
+        try:
+            decoder.receive_data(await stream.read(65536))
+        except EOFError:
+            decoder.receive_data(b"")
+
+
+async def test_hostile_peer_gets_error_codes_while_others_are_served(
+    node_factory: OpenNode,
+) -> None:
+    async with node_factory() as server, node_factory() as good, node_factory() as bad:
+        await good.connect(server.addrs[0])
+        await bad.connect(server.addrs[0])
+        answers: list[status.StatusResponse] = []
+
+        async def keep_asking() -> None:
+            for _ in range(30):
+                answers.append(await good.status_of(server.peer_id))
+
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_asking)
+                garbage = await _raw_exchange(bad, server, encode_frame(b"\xc1\xc1 not msgpack"))
+                oversize = await _raw_exchange(
+                    bad, server, encode_varint(50 * 1024 * 1024) + b"\x00" * 4096
+                )
+                unknown = await _raw_exchange(
+                    bad,
+                    server,
+                    encode_frame(b"\x81\xa1t\xa5hello"),  # {"t": "hello"}
+                )
+        assert garbage is not None
+        assert garbage.code == ErrorCode.MALFORMED
+        assert oversize is not None
+        assert oversize.code == ErrorCode.OVERSIZE
+        assert unknown is not None
+        assert unknown.code == ErrorCode.UNKNOWN_TYPE
+        assert len(answers) == 30
+        assert all(a.peer_id == server.peer_id for a in answers)
+        assert server.protocol_errors[bad.peer_id] == 3
+        assert good.peer_id not in server.protocol_errors
+        # The hostile peer's connection survives too: only its streams were closed.
+        assert (await bad.status_of(server.peer_id)).peer_id == server.peer_id
+
+
+async def test_silent_client_gets_a_timeout_error(node_factory: OpenNode) -> None:
+    quick = status.Config(timeout=0.3)
+    async with node_factory(status=quick) as server, node_factory() as client:
+        await client.connect(server.addrs[0])
+        with trio.fail_after(BOUND_S):
+            error = await _raw_exchange(client, server, b"")
+        assert error is not None
+        assert error.code == ErrorCode.TIMEOUT
+
+
+async def test_fixed_port_in_use_is_a_config_error(node_factory: OpenNode) -> None:
+    async with node_factory() as first:
+        port = first.addrs[0].split("/tcp/")[1].split("/")[0]
+        taken = hostlib.Config(listen=(f"/ip4/127.0.0.1/tcp/{port}",))
+        with pytest.raises(ConfigError, match=f"port {port} is already in use"):
+            async with node_factory(host=taken):
+                pass
+
+
+async def test_address_no_transport_can_serve_is_a_config_error(node_factory: OpenNode) -> None:
+    """Trap 8: py-libp2p silently listens nowhere; we refuse to start."""
+    quic = hostlib.Config(listen=("/ip4/127.0.0.1/udp/0/quic-v1",))
+    with pytest.raises(ConfigError, match="could not listen on /ip4/127.0.0.1/udp/0/quic-v1"):
+        async with node_factory(host=quic):
+            pass
+
+
+async def test_malformed_bootstrap_address_is_a_config_error(node_factory: OpenNode) -> None:
+    with pytest.raises(ConfigError, match="no /p2p/<peer id> part"):
+        async with node_factory(bootstrap=("/ip4/127.0.0.1/tcp/4001",)):
+            pass

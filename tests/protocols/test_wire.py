@@ -1,0 +1,267 @@
+"""The frame codec, in the manner of h11's test_io: whole, byte by byte, trailing."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.protocols import status
+from p2pnode.protocols.wire import (
+    NEED_DATA,
+    PEER_CLOSED,
+    Codec,
+    Error,
+    FrameDecoder,
+    decode_varint,
+    encode_frame,
+    encode_varint,
+)
+
+CODEC = status.CODEC
+
+responses = st.builds(
+    status.StatusResponse,
+    peer_id=st.text(max_size=60),
+    version=st.text(max_size=20),
+    addrs=st.lists(st.text(max_size=80), max_size=5).map(tuple),
+    connected_peers=st.integers(min_value=0, max_value=2**31),
+    uptime_s=st.floats(allow_nan=False, allow_infinity=False),
+    models=st.lists(
+        st.builds(
+            status.ServedModel,
+            model_id=st.text(max_size=40),
+            gguf_sha256=st.none() | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+            context_length=st.integers(min_value=0, max_value=2**20),
+            tokens_per_s=st.floats(min_value=0, max_value=1e6),
+        ),
+        max_size=4,
+    ).map(tuple),
+    load=st.builds(
+        status.Load,
+        slots_total=st.integers(0, 64),
+        slots_free=st.integers(0, 64),
+        queue_len=st.integers(0, 1000),
+    ),
+)
+
+
+@given(st.integers(min_value=0, max_value=2**63 - 1))
+def test_varint_round_trip(n: int) -> None:
+    encoded = encode_varint(n)
+    assert decode_varint(encoded + b"\xff", 2**63) == (n, len(encoded))
+
+
+def test_varint_known_encodings() -> None:
+    assert encode_varint(0) == b"\x00"
+    assert encode_varint(127) == b"\x7f"
+    assert encode_varint(128) == b"\x80\x01"
+    assert encode_varint(300) == b"\xac\x02"
+
+
+def test_varint_incomplete_needs_more() -> None:
+    assert decode_varint(b"\x80", 1000) is None
+    assert decode_varint(b"", 1000) is None
+
+
+def test_varint_non_minimal_is_malformed() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_varint(b"\x81\x00", 1000)
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+def test_varint_too_long_is_malformed() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_varint(b"\x80" * 9 + b"\x01", 2**70)
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+def test_oversize_is_refused_from_the_header_alone() -> None:
+    """The cap is checked before a single body byte is buffered."""
+    decoder = FrameDecoder(max_size=1024)
+    decoder.receive_data(encode_varint(1025))
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.code is ErrorCode.OVERSIZE
+
+
+def test_oversize_is_refused_before_the_varint_ends() -> None:
+    """A length that can only grow past the cap is refused at its first bytes."""
+    decoder = FrameDecoder(max_size=1024)
+    decoder.receive_data(b"\xff\xff")  # already >= 16383, varint not finished
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.code is ErrorCode.OVERSIZE
+
+
+def test_frame_at_the_cap_is_accepted() -> None:
+    decoder = FrameDecoder(max_size=1024)
+    decoder.receive_data(encode_frame(b"x" * 1024))
+    assert decoder.next_frame() == b"x" * 1024
+
+
+def _frames(*bodies: bytes) -> bytes:
+    return b"".join(encode_frame(b) for b in bodies)
+
+
+def test_whole_buffer() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(_frames(b"one", b"", b"three"))
+    assert [decoder.next_frame() for _ in range(4)] == [b"one", b"", b"three", NEED_DATA]
+
+
+def test_byte_at_a_time() -> None:
+    data = _frames(b"hello", b"world" * 100)
+    decoder = FrameDecoder()
+    got = []
+    for i in range(len(data)):
+        decoder.receive_data(data[i : i + 1])
+        while (frame := decoder.next_frame()) is not NEED_DATA:
+            got.append(frame)
+    assert got == [b"hello", b"world" * 100]
+
+
+def test_trailing_bytes_are_kept() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(_frames(b"first") + b"\x05ab")
+    assert decoder.next_frame() == b"first"
+    assert decoder.next_frame() is NEED_DATA
+    assert decoder.buffered == 3
+    decoder.receive_data(b"cde")
+    assert decoder.next_frame() == b"abcde"
+
+
+def test_clean_eof_between_frames() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(_frames(b"last"))
+    decoder.receive_data(b"")
+    assert decoder.next_frame() == b"last"
+    assert decoder.next_frame() is PEER_CLOSED
+
+
+def test_eof_inside_a_frame_is_truncation() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"\x05ab")
+    decoder.receive_data(b"")
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.code is ErrorCode.TRUNCATED
+
+
+@given(responses)
+def test_message_round_trip(msg: status.StatusResponse) -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(CODEC.encode(msg))
+    body = decoder.next_frame()
+    assert isinstance(body, bytes)
+    assert CODEC.decode(body) == msg
+
+
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_parse_or_raise_remote_protocol_error(data: bytes) -> None:
+    """h11's fuzz invariant: nothing but a message or RemoteProtocolError."""
+    decoder = FrameDecoder(max_size=256)
+    decoder.receive_data(data)
+    decoder.receive_data(b"")
+    try:
+        while (body := decoder.next_frame()) is not PEER_CLOSED:
+            assert isinstance(body, bytes)
+            CODEC.decode(body)
+    except RemoteProtocolError:
+        pass
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+        | st.floats()
+        | st.text()
+        | st.binary(),
+        lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+        max_leaves=20,
+    )
+)
+def test_arbitrary_msgpack_values_decode_or_raise(value: object) -> None:
+    """Well-formed msgpack of any shape, tagged or not, never escapes as another error."""
+    for candidate in (
+        value,
+        {"t": "status.response", "x": value},
+        {
+            "t": "status.response",
+            "peer_id": value,
+            "version": value,
+            "addrs": value,
+            "connected_peers": value,
+            "uptime_s": value,
+            "load": value,
+        },
+    ):
+        with contextlib.suppress(RemoteProtocolError):
+            CODEC.decode(msgpack.packb(candidate, use_bin_type=True))
+
+
+def _body(**fields: object) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def _decode_error(body: bytes) -> ErrorCode:
+    with pytest.raises(RemoteProtocolError) as info:
+        CODEC.decode(body)
+    return info.value.code
+
+
+def test_unknown_type_tag() -> None:
+    assert _decode_error(_body(t="session.hello")) is ErrorCode.UNKNOWN_TYPE
+
+
+def test_missing_tag_and_non_map_bodies() -> None:
+    assert _decode_error(_body(peer_id="x")) is ErrorCode.MALFORMED
+    assert _decode_error(msgpack.packb([1, 2, 3])) is ErrorCode.MALFORMED
+    assert _decode_error(b"\xc1") is ErrorCode.MALFORMED  # never-used msgpack byte
+    assert _decode_error(_body(t="error", code=1) + b"\x00") is ErrorCode.MALFORMED  # extra data
+
+
+def test_missing_field() -> None:
+    assert _decode_error(_body(t="error")) is ErrorCode.BAD_FIELD
+
+
+def test_wrong_field_types() -> None:
+    assert _decode_error(_body(t="error", code="1")) is ErrorCode.BAD_FIELD
+    assert _decode_error(_body(t="error", code=True)) is ErrorCode.BAD_FIELD
+    assert _decode_error(_body(t="error", code=1, message=b"bytes")) is ErrorCode.BAD_FIELD
+    ok = status.StatusResponse(peer_id="p", version="v", addrs=(), connected_peers=0, uptime_s=0)
+    wire = ok.to_wire()
+    assert _decode_error(msgpack.packb(wire | {"addrs": "not a list"})) is ErrorCode.BAD_FIELD
+    assert _decode_error(msgpack.packb(wire | {"addrs": [1]})) is ErrorCode.BAD_FIELD
+    assert _decode_error(msgpack.packb(wire | {"load": {"slots_free": "x"}})) is ErrorCode.BAD_FIELD
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    assert CODEC.decode(_body(t="error", code=4, future_field=[1, 2])) == Error(code=4)
+
+
+def test_integer_is_accepted_where_a_float_is_expected() -> None:
+    ok = status.StatusResponse(peer_id="p", version="v", addrs=(), connected_peers=0, uptime_s=3)
+    decoded = CODEC.decode(msgpack.packb(ok.to_wire()))
+    assert isinstance(decoded, status.StatusResponse)
+    assert decoded.uptime_s == 3.0
+
+
+def test_encoding_a_message_of_another_protocol_is_our_bug() -> None:
+    only_errors = Codec([Error])
+    with pytest.raises(LocalProtocolError):
+        only_errors.encode(status.StatusRequest())
+
+
+def test_error_frame_hides_internal_details() -> None:
+    assert Error.from_exception(ValueError("secret path /home/x")) == Error(
+        code=ErrorCode.INTERNAL, message="internal error"
+    )
+    remote = RemoteProtocolError(ErrorCode.OVERSIZE, "too big")
+    assert Error.from_exception(remote) == Error(code=ErrorCode.OVERSIZE, message="too big")

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -240,7 +241,7 @@ def start(
                         break
                 finally:
                     if ready_file is not None:
-                        await trio.Path(ready_file).unlink(missing_ok=True)
+                        await trio.to_thread.run_sync(partial(ready_file.unlink, missing_ok=True))
         click.echo("p2pnode stopped")
 
     _run(run)

@@ -28,6 +28,8 @@ logger = logging.getLogger("p2pnode.cli")
 
 T = TypeVar("T")
 
+CONTROL_SOCKET = "control.sock"
+
 # Exit statuses: 1 for a failure at run time, 2 for bad usage or configuration
 # (click uses 2 for usage errors too).
 EXIT_FAILURE = 1
@@ -197,17 +199,26 @@ def show_id(as_json: bool) -> None:
     default=None,
     help='Write {"peer_id", "addrs"} as JSON here once the node is ready.',
 )
+@option(
+    "--announce-model",
+    multiple=True,
+    default=[],
+    help="Announce this model id in offers and the DHT without serving it (testing discovery "
+    "until an engine serves it; repeatable).",
+)
 @_password_file
 def start(
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
     ready_file: Path | None,
+    announce_model: tuple[str, ...],
     wallet_password_file: Path | None,
 ) -> None:
     """Run a node until Ctrl-C or SIGTERM."""
     from p2pnode.p2p import host as hostlib
     from p2pnode.p2p import identity
     from p2pnode.p2p.node import NodeConfig, open_node
+    from p2pnode.protocols import offers
 
     home = _home()
     try:
@@ -220,7 +231,12 @@ def start(
                 identity.create_wallet(home, password)
             else:
                 logger.info("no wallet yet (free mode works without one): run 'p2pnode init'")
-        config = NodeConfig(host=hostlib.Config(listen=tuple(listen)), bootstrap=tuple(bootstrap))
+        config = NodeConfig(
+            host=hostlib.Config(listen=tuple(listen)),
+            bootstrap=tuple(bootstrap),
+            control_socket=home / CONTROL_SOCKET,
+            models=tuple(offers.ModelOffer(model_id=m) for m in announce_model),
+        )
     except P2PNodeError as exc:
         _fail(exc)
 
@@ -263,7 +279,8 @@ def status(peer: str, as_json: bool) -> None:
     from p2pnode.p2p.node import NodeConfig, open_node
 
     async def run() -> Any:
-        async with open_node(NodeConfig(), key_pair=create_new_key_pair()) as node:
+        client = NodeConfig(discovery=None)  # ask and leave: no DHT, no gossip
+        async with open_node(client, key_pair=create_new_key_pair()) as node:
             return await node.status_of(peer)
 
     answer = _run(run)
@@ -282,6 +299,90 @@ def status(peer: str, as_json: bool) -> None:
         click.echo("models:    (none)")
     for m in answer.models:
         click.echo(f"model:     {m.model_id} ctx={m.context_length} {m.tokens_per_s:.1f} tok/s")
+
+
+@main.command()
+@click.option("--model", default=None, help="Only offers serving this model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def offers(model: str | None, as_json: bool) -> None:
+    """List the provider offers the running node knows (through its control socket)."""
+    answer = _ask_node({"op": "offers", "model": model})
+    held = answer["offers"]
+    if as_json:
+        click.echo(json.dumps(held))
+        return
+    if not held:
+        click.echo("no offers known" + (f" for {model}" if model else ""))
+    for offer in held:
+        click.echo(
+            f"{offer['peer_id']}  slots {offer['slots_free']} queue {offer['queue_len']}"
+            f"  age {offer['age_s']:.0f} s"
+        )
+        for m in offer["models"]:
+            price = f"{m['price_per_s']}/s" if m["price_per_s"] else "free"
+            click.echo(
+                f"    {m['model_id']}  ctx {m['context_length']}  {price}"
+                f"  {m['tokens_per_s']:.1f} tok/s"
+            )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def peers(as_json: bool) -> None:
+    """List the peers the running node is connected to (through its control socket)."""
+    connected = _ask_node({"op": "peers"})["peers"]
+    if as_json:
+        click.echo(json.dumps(connected))
+        return
+    click.echo(f"{len(connected)} connected")
+    for peer in connected:
+        click.echo(f"{peer['peer_id']}  {' '.join(peer['addrs'])}")
+
+
+def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
+    from p2pnode.p2p import control
+
+    return _run(lambda: control.ask(_home() / CONTROL_SOCKET, request))
+
+
+# --- simnet -----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--peers", "peer_count", type=click.IntRange(2, 500), default=50, show_default=True)
+@click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
+@click.option(
+    "--scenario", type=click.Choice(["discovery"]), default="discovery", show_default=True
+)
+@click.option(
+    "--fanout",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="Earlier nodes each new node dials.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Topology seed.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report here as JSON.",
+)
+def simnet(
+    peer_count: int, providers: int, scenario: str, fanout: int, seed: int, report: Path | None
+) -> None:
+    """Run many real nodes in this process and report how the network behaves."""
+    from p2pnode.simnet.harness import Topology
+    from p2pnode.simnet.scenarios import SCENARIOS
+
+    if providers >= peer_count:
+        raise click.BadParameter("must be fewer than --peers", param_hint="--providers")
+    topology = Topology(peers=peer_count, providers=providers, fanout=fanout, seed=seed)
+    result = _run(lambda: SCENARIOS[scenario](topology))
+    text = json.dumps(result, indent=2)
+    if report is not None:
+        report.write_text(text + "\n")
+    click.echo(text)
 
 
 # --- benchmarks -------------------------------------------------------------

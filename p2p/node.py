@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -23,10 +26,12 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from p2pnode import __version__
 from p2pnode.errors import BrokenStreamError, NetworkError, RemoteProtocolError
+from p2pnode.p2p import control
+from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.host import short
 from p2pnode.p2p.scopes import single_errors_ungrouped
-from p2pnode.protocols import status
+from p2pnode.protocols import offers, status
 from p2pnode.protocols.status import service as status_service
 from p2pnode.protocols.stream import reset_quietly
 
@@ -39,6 +44,15 @@ class NodeConfig:
 
     host: hostlib.Config = field(default_factory=hostlib.Config)
     status: status.Config = field(default_factory=status.Config)
+    # None: no DHT, no gossip (a throwaway client such as `p2pnode status`).
+    discovery: discoverylib.Config | None = field(default_factory=discoverylib.Config)
+    # Models this node announces. The inference engines fill this from what
+    # they really serve; a config may announce models for testing discovery.
+    models: tuple[offers.ModelOffer, ...] = ()
+    # Wallet address carried in offers (None in free mode without a wallet).
+    wallet: str | None = None
+    # Unix socket for `p2pnode offers` / `peers` (None: no local control).
+    control_socket: Path | None = None
     # Full multiaddrs (with /p2p/<id>) of peers to join the network through.
     bootstrap: tuple[str, ...] = ()
     # Bound on the first attempt to reach each bootstrap peer at start; the
@@ -56,14 +70,54 @@ class Node:
     ``async with`` exits.
     """
 
-    def __init__(self, config: NodeConfig, host: IHost, addrs: list[str]) -> None:
+    def __init__(self, config: NodeConfig, host: IHost) -> None:
         self.config = config
         self.host = host
         self.peer_id: str = str(host.get_id())
-        self.addrs = addrs
+        self.addrs: list[str] = []
         self.started_at = trio.current_time()
         # Protocol violations per remote peer: what a ban policy will read.
         self.protocol_errors: collections.Counter[str] = collections.Counter()
+        self.models = config.models
+        self.discovery = (
+            discoverylib.Discovery(host, config.discovery, self._offer)
+            if config.discovery is not None
+            else None
+        )
+
+    @property
+    def offer_book(self) -> offers.OfferBook:
+        """What this node knows of providers (empty if discovery is off)."""
+        if self.discovery is None:
+            return offers.OfferBook(offers.Config(), discoverylib.verify_peer_signature)
+        return self.discovery.book
+
+    def _offer(self) -> offers.Offer | None:
+        # Unsigned: discovery sets peer_id, seq, timestamp and the signature.
+        if not self.models:
+            return None
+        return offers.Offer(
+            peer_id=self.peer_id,
+            addrs=tuple(self.addrs),
+            models=self.models,
+            slots_free=0,
+            queue_len=0,
+            seq=0,
+            timestamp=0.0,
+            wallet=self.config.wallet,
+        )
+
+    def set_models(self, models: tuple[offers.ModelOffer, ...]) -> None:
+        """Change what this node announces; the new offer goes out at once."""
+        self.models = models
+        if self.discovery is not None:
+            self.discovery.offer_changed()
+
+    async def find_providers(self, model_id: str) -> list[str]:
+        """Peer IDs that serve ``model_id`` according to the DHT (one lookup)."""
+        if self.discovery is None:
+            return []
+        return await self.discovery.find_providers(model_id)
 
     # --- what the node tells others -------------------------------------
 
@@ -75,6 +129,15 @@ class Node:
             addrs=tuple(self.addrs),
             connected_peers=len(self.host.get_connected_peers()),
             uptime_s=round(trio.current_time() - self.started_at, 3),
+            models=tuple(
+                status.ServedModel(
+                    model_id=m.model_id,
+                    gguf_sha256=m.gguf_sha256,
+                    context_length=m.context_length,
+                    tokens_per_s=m.tokens_per_s,
+                )
+                for m in self.models
+            ),
         )
 
     def connected_peers(self) -> list[str]:
@@ -98,6 +161,28 @@ class Node:
             peer = await self.connect(peer)
         stream = await self._open_stream(ID.from_base58(peer), status.PROTOCOL_ID)
         return await status_service.request(stream, self.config.status)
+
+    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer a local control request (see ``p2p/control.py``)."""
+        op = request.get("op")
+        if op == "offers":
+            model = request.get("model")
+            if model is not None and not isinstance(model, str):
+                return {"error": "model must be a string"}
+            now = time.time()
+            held = self.offer_book.offers(model)
+            return {"offers": [control.describe_offer(o, now) for o in held]}
+        if op == "peers":
+            peerstore = self.host.get_peerstore()
+            return {
+                "peers": [
+                    {"peer_id": str(p), "addrs": [str(a) for a in peerstore.addrs(p)]}
+                    for p in self.host.get_connected_peers()
+                ]
+            }
+        if op == "status":
+            return self.status_info().to_wire()
+        return {"error": f"unknown op {op!r}"}
 
     async def _open_stream(self, peer_id: ID, protocol: str) -> INetStream:
         timeout = self.config.status.timeout
@@ -174,13 +259,20 @@ async def open_node(config: NodeConfig, *, key_pair: KeyPair) -> AsyncIterator[N
     """
     bootstrap = [hostlib.parse_peer_addr(a) for a in config.bootstrap]
     host = hostlib.build(key_pair, config.host)
+    # Discovery registers its handlers and its connection watcher before the
+    # host listens, so no connection arrives before gossip can see it.
+    node = Node(config, host)
+    host.set_stream_handler(
+        TProtocol(status.PROTOCOL_ID), node._handle(status.PROTOCOL_ID, node._serve_status)
+    )
     with single_errors_ungrouped():
         async with hostlib.running(host, config.host) as addrs:
-            node = Node(config, host, addrs)
-            host.set_stream_handler(
-                TProtocol(status.PROTOCOL_ID), node._handle(status.PROTOCOL_ID, node._serve_status)
-            )
+            node.addrs = addrs
             async with trio.open_nursery() as nursery:
+                if config.control_socket is not None:
+                    await nursery.start(control.serve, config.control_socket, node._control)
+                if node.discovery is not None:
+                    await nursery.start(node.discovery.run)
                 if bootstrap:
                     await node._dial_bootstrap(bootstrap)
                     nursery.start_soon(node._keep_bootstrapped, bootstrap)

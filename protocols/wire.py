@@ -271,11 +271,15 @@ class Codec:
 
     def encode(self, msg: Message) -> bytes:
         """One complete frame (length prefix included) carrying ``msg``."""
+        return encode_frame(self.encode_body(msg))
+
+    def encode_body(self, msg: Message) -> bytes:
+        """The frame body alone, for carriers that frame messages themselves (gossip)."""
         if type(msg).TYPE not in self._by_tag:
             raise LocalProtocolError(
                 ErrorCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not part of this protocol"
             )
-        return encode_frame(msgpack.packb(msg.to_wire(), use_bin_type=True))
+        return bytes(msgpack.packb(msg.to_wire(), use_bin_type=True))
 
     def decode(self, body: bytes) -> Message:
         """Parse one frame body; anything wrong raises RemoteProtocolError."""

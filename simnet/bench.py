@@ -81,7 +81,7 @@ async def bench_connect(rounds: int = 20, rtts: int = 50) -> dict[str, Any]:
 
 
 async def _tcp_baseline(answer: bytes, rounds: int, rtts: int) -> tuple[list[float], list[float]]:
-    request = status.ClientMachine(status.Config().max_frame).send_request()
+    request = status.ClientMachine(status.Config().max_frame).send_request(status.StatusRequest())
 
     async def serve(conn: trio.SocketStream) -> None:
         decoder = FrameDecoder()

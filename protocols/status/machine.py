@@ -1,127 +1,24 @@
-"""State machines of the status protocol, one per side of a stream.
-
-Theory of operation. A status stream carries one exchange::
-
-    client                                   server
-    IDLE ──send_request()──► AWAITING         AWAITING ──StatusRequest──► ANSWERING
-    AWAITING ──StatusResponse | Error──► DONE ANSWERING ──send_response()──► DONE
-
-Both machines are fed with ``receive_data(bytes)`` (``b""`` = EOF) and drained
-with ``next_event()``, which returns a message, ``NEED_DATA`` or
-``PEER_CLOSED``. Anything the peer sends that the protocol does not allow
-raises :class:`RemoteProtocolError` and moves the machine to ERROR; so does a
-write the adapter reports as failed (``send_failed()``). ``send_error()``
-answers with an Error frame from any state but DONE. No I/O, no clock: the
-adapter owns time.
-"""
+"""State machines of the status protocol: the unary machines bound to its messages."""
 
 from __future__ import annotations
 
-import enum
-
-from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.protocols import unary
 from p2pnode.protocols.status.messages import CODEC, StatusRequest, StatusResponse
-from p2pnode.protocols.wire import NEED_DATA, PEER_CLOSED, Error, FrameDecoder, Message, Sentinel
+from p2pnode.protocols.unary import State
 
 
-class State(enum.Enum):
-    IDLE = "idle"
-    AWAITING = "awaiting"
-    ANSWERING = "answering"
-    DONE = "done"
-    ERROR = "error"
-
-
-class _Side:
-    def __init__(self, max_frame: int, initial: State) -> None:
-        self._decoder = FrameDecoder(max_frame)
-        self.state = initial
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes read from the stream; ``b""`` when the peer closed."""
-        self._decoder.receive_data(data)
-
-    def send_failed(self) -> None:
-        """The adapter could not write what this machine produced."""
-        self.state = State.ERROR
-
-    def _next_message(self) -> Message | Sentinel:
-        try:
-            body = self._decoder.next_frame()
-            return body if isinstance(body, Sentinel) else CODEC.decode(body)
-        except RemoteProtocolError:
-            self.state = State.ERROR
-            raise
-
-    def _fail(self, code: ErrorCode, detail: str) -> RemoteProtocolError:
-        self.state = State.ERROR
-        return RemoteProtocolError(code, detail)
-
-    def _require(self, state: State, action: str) -> None:
-        if self.state is not state:
-            raise LocalProtocolError(
-                ErrorCode.UNEXPECTED, f"cannot {action} in state {self.state.value}"
-            )
-
-
-class ClientMachine(_Side):
-    """The asking side: one request, then one response or error."""
+class ClientMachine(unary.ClientMachine[StatusRequest, StatusResponse]):
+    """Asks once for status (see ``protocols/unary.py`` for the states)."""
 
     def __init__(self, max_frame: int) -> None:
-        super().__init__(max_frame, State.IDLE)
-
-    def send_request(self) -> bytes:
-        """Bytes of the request; the machine then waits for the answer."""
-        self._require(State.IDLE, "send a request")
-        self.state = State.AWAITING
-        return CODEC.encode(StatusRequest())
-
-    def next_event(self) -> StatusResponse | Error | Sentinel:
-        """The answer (a StatusResponse or the server's Error) or NEED_DATA.
-
-        EOF before an answer is TRUNCATED: a server must answer or send Error.
-        """
-        self._require(State.AWAITING, "wait for an answer")
-        msg = self._next_message()
-        if msg is NEED_DATA:
-            return NEED_DATA
-        if msg is PEER_CLOSED:
-            raise self._fail(ErrorCode.TRUNCATED, "closed without an answer")
-        if isinstance(msg, StatusResponse | Error):
-            self.state = State.DONE
-            return msg
-        raise self._fail(ErrorCode.UNEXPECTED, f"{type(msg).TYPE} from a server")
+        super().__init__(CODEC, StatusResponse, max_frame)
 
 
-class ServerMachine(_Side):
-    """The answering side: waits for one request, sends one answer."""
+class ServerMachine(unary.ServerMachine[StatusRequest, StatusResponse]):
+    """Answers one status request."""
 
     def __init__(self, max_frame: int) -> None:
-        super().__init__(max_frame, State.AWAITING)
+        super().__init__(CODEC, StatusRequest, max_frame)
 
-    def next_event(self) -> StatusRequest | Sentinel:
-        """The request, NEED_DATA, or PEER_CLOSED if the client left first."""
-        self._require(State.AWAITING, "wait for a request")
-        msg = self._next_message()
-        if msg is PEER_CLOSED:
-            self.state = State.DONE
-            return PEER_CLOSED
-        if msg is NEED_DATA:
-            return NEED_DATA
-        if isinstance(msg, StatusRequest):
-            self.state = State.ANSWERING
-            return msg
-        raise self._fail(ErrorCode.UNEXPECTED, f"{type(msg).TYPE} from a client")
 
-    def send_response(self, response: StatusResponse) -> bytes:
-        """Bytes of the answer; only after a request arrived."""
-        self._require(State.ANSWERING, "answer")
-        self.state = State.DONE
-        return CODEC.encode(response)
-
-    def send_error(self, error: Error) -> bytes:
-        """Bytes of an Error frame, to send before resetting the stream."""
-        if self.state is State.DONE:
-            raise LocalProtocolError(ErrorCode.UNEXPECTED, "already answered")
-        self.state = State.ERROR
-        return CODEC.encode(error)
+__all__ = ["ClientMachine", "ServerMachine", "State"]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,3 +182,60 @@ def test_init_without_passphrase_source_says_how(tmp_path: Path) -> None:
     result = _run(tmp_path / "n", "init")
     assert result.returncode == 2
     assert "P2PNODE_WALLET_PASSWORD" in result.stderr
+
+
+def test_offers_and_peers_through_the_control_socket(tmp_path: Path) -> None:
+    provider = _start(tmp_path / "p", tmp_path / "p.json", "--announce-model", "demo/model")
+    consumer_home = tmp_path / "c"
+    consumer = _start(consumer_home, tmp_path / "c.json", "--bootstrap", provider.addrs[0])
+    try:
+        connected = json.loads(_run(consumer_home, "peers", "--json").stdout)
+        assert [p["peer_id"] for p in connected] == [provider.peer_id]
+        # Gossip is asynchronous: ask until the provider's offer has arrived.
+        deadline = time.monotonic() + BOUND_S
+        held: list[dict[str, object]] = []
+        while not held and time.monotonic() < deadline:
+            result = _run(consumer_home, "offers", "--model", "demo/model", "--json")
+            assert result.returncode == 0, result.stderr
+            held = json.loads(result.stdout)
+        assert [o["peer_id"] for o in held] == [provider.peer_id]
+        human = _run(consumer_home, "offers").stdout
+        assert "demo/model" in human
+        assert json.loads(_run(consumer_home, "offers", "--model", "other", "--json").stdout) == []
+    finally:
+        for node in (consumer, provider):
+            node.proc.send_signal(signal.SIGTERM)
+            node.proc.communicate(timeout=BOUND_S)
+    assert not (consumer_home / "control.sock").exists()
+
+
+def test_offers_without_a_running_node_says_so(tmp_path: Path) -> None:
+    result = _run(tmp_path, "offers")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("p2pnode: error: no node is running with this home")
+
+
+def test_a_second_node_on_the_same_home_is_refused(node: Started, tmp_path: Path) -> None:
+    result = _run(tmp_path / "a", "start", "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert result.returncode == 2
+    assert "another node is running with this home" in result.stderr
+
+
+def test_simnet_writes_a_report(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [*P2PNODE, "simnet", "--peers", "6", "--providers", "2", "--report", str(report)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["peers"] == 6
+    assert data["providers"] == 2
+    assert data["ready_s"] is not None
+    assert data["lookup_found"]
+    assert min(data["lookup_found"]) == 2
+    assert all(r["delivered"] == r["of"] == 5 for r in data["offer_rounds"])
+    assert data["errors"] == []

@@ -23,7 +23,7 @@ ANSWER = status.StatusResponse(
 def test_one_exchange() -> None:
     client, server = status.ClientMachine(MAX), status.ServerMachine(MAX)
     assert server.next_event() is NEED_DATA
-    server.receive_data(client.send_request())
+    server.receive_data(client.send_request(status.StatusRequest()))
     assert client.state is status.State.AWAITING
     assert server.next_event() == status.StatusRequest()
     assert server.state is status.State.ANSWERING
@@ -35,7 +35,7 @@ def test_one_exchange() -> None:
 
 def test_answer_split_at_every_byte() -> None:
     client, server = status.ClientMachine(MAX), status.ServerMachine(MAX)
-    server.receive_data(client.send_request())
+    server.receive_data(client.send_request(status.StatusRequest()))
     server.next_event()
     data = server.send_response(ANSWER)
     for i in range(len(data) - 1):
@@ -47,7 +47,7 @@ def test_answer_split_at_every_byte() -> None:
 
 def test_server_error_reaches_the_client_as_an_event() -> None:
     client, server = status.ClientMachine(MAX), status.ServerMachine(MAX)
-    client.send_request()
+    client.send_request(status.StatusRequest())
     client.receive_data(server.send_error(Error(code=ErrorCode.INTERNAL)))
     assert client.next_event() == Error(code=ErrorCode.INTERNAL)
 
@@ -61,7 +61,7 @@ def test_client_closing_without_asking_is_a_clean_end() -> None:
 
 def test_server_closing_without_answer_is_truncation() -> None:
     client = status.ClientMachine(MAX)
-    client.send_request()
+    client.send_request(status.StatusRequest())
     client.receive_data(b"")
     with pytest.raises(RemoteProtocolError) as info:
         client.next_event()
@@ -78,7 +78,7 @@ def test_garbage_puts_the_server_in_error_and_it_can_still_say_why() -> None:
     assert server.state is status.State.ERROR
     frame = server.send_error(Error.from_exception(info.value))
     client = status.ClientMachine(MAX)
-    client.send_request()
+    client.send_request(status.StatusRequest())
     client.receive_data(frame)
     assert client.next_event() == Error(code=ErrorCode.MALFORMED, message=info.value.detail)
 
@@ -101,7 +101,7 @@ def test_a_response_sent_to_a_server_is_unexpected() -> None:
 
 def test_a_request_sent_to_a_client_is_unexpected() -> None:
     client = status.ClientMachine(MAX)
-    client.send_request()
+    client.send_request(status.StatusRequest())
     client.receive_data(status.CODEC.encode(status.StatusRequest()))
     with pytest.raises(RemoteProtocolError) as info:
         client.next_event()
@@ -110,15 +110,15 @@ def test_a_request_sent_to_a_client_is_unexpected() -> None:
 
 def test_local_misuse_is_a_local_error() -> None:
     client, server = status.ClientMachine(MAX), status.ServerMachine(MAX)
-    client.send_request()
+    client.send_request(status.StatusRequest())
     with pytest.raises(LocalProtocolError):
-        client.send_request()
+        client.send_request(status.StatusRequest())
     with pytest.raises(LocalProtocolError):
         server.send_response(ANSWER)  # nothing asked yet
 
 
 def test_failed_send_moves_to_error() -> None:
     client = status.ClientMachine(MAX)
-    client.send_request()
+    client.send_request(status.StatusRequest())
     client.send_failed()
     assert client.state is status.State.ERROR

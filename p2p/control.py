@@ -1,0 +1,171 @@
+"""The local control path: a Unix socket that ``p2pnode offers`` and ``p2pnode peers`` use.
+
+A Unix socket in the node's home directory (mode 0600, in a 0700 directory)
+reaches only processes of the same user on the same machine, and adds no
+network surface: the OpenAI shim stays the only HTTP endpoint (ARCHITECTURE
+§9). One JSON request line in, one JSON answer line out, then the connection
+closes. Requests: ``{"op": "offers", "model": <id or null>}``,
+``{"op": "peers"}``, ``{"op": "status"}``. Errors come back as
+``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pnode.errors import ConfigError, NetworkError
+from p2pnode.protocols import offers
+
+# trio.TaskStatus exists, but the trio-stubs that py-libp2p pulls in (trio-typing)
+# predate it and shadow trio's own types for mypy.
+TaskStatus = Any
+
+
+logger = logging.getLogger(__name__)
+
+# A request is one short JSON line; anything longer is not ours.
+MAX_REQUEST = 4096
+# A local client that sends nothing for this long is gone.
+REQUEST_TIMEOUT_S = 5.0
+# Bound on a client's whole exchange with the node.
+CLIENT_TIMEOUT_S = 10.0
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+async def serve(
+    path: Path, handle: Handler, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the control socket at ``path`` until cancelled; removes it on exit.
+
+    Raises :class:`ConfigError` if another live node already serves that path.
+    """
+    sock = await _bind(path)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_answer, stream, handle)
+    finally:
+        listener.socket.close()
+        # Shielded: we get here by cancellation, and the file must still go.
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await trio.Path(path).unlink()
+
+
+async def _bind(path: Path) -> trio.socket.SocketType:
+    if await trio.Path(path).exists():
+        if await _is_live(path):
+            raise ConfigError(f"another node is running with this home ({path} answers)")
+        await trio.Path(path).unlink()  # left behind by a node that did not stop cleanly
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # created 0600: no window where others could connect
+    try:
+        await sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot create control socket {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    return sock
+
+
+async def _is_live(path: Path) -> bool:
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise ConfigError(f"cannot check control socket {path}: {exc.strerror}") from exc
+    await stream.aclose()
+    return True
+
+
+async def _answer(stream: trio.SocketStream, handle: Handler) -> None:
+    async with stream:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                request = json.loads(await _read_line(stream))
+            if not isinstance(request, dict):
+                raise ValueError("request must be a JSON object")
+            answer = handle(request)
+        except (ValueError, trio.TooSlowError) as exc:
+            answer = {"error": f"bad request: {exc}"}
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(json.dumps(answer).encode() + b"\n")
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some(MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return data.split(b"\n", 1)[0]
+
+
+async def ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to the node at ``path`` and return its answer.
+
+    Raises :class:`NetworkError` if no node answers there.
+    """
+    try:
+        with trio.fail_after(CLIENT_TIMEOUT_S):
+            stream = await trio.open_unix_socket(str(path))
+            async with stream:
+                await stream.send_all(json.dumps(request).encode() + b"\n")
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+    except FileNotFoundError as exc:
+        raise NetworkError(f"no node is running with this home (no {path})") from exc
+    except OSError as exc:
+        raise NetworkError(f"cannot reach the node at {path}: {exc.strerror}") from exc
+    except trio.TooSlowError as exc:
+        raise NetworkError(f"the node at {path} did not answer") from exc
+    answer = json.loads(data)
+    if not isinstance(answer, dict):
+        raise NetworkError("the node sent a malformed answer")
+    if "error" in answer:
+        raise NetworkError(f"the node refused: {answer['error']}")
+    return answer
+
+
+def describe_offer(offer: offers.Offer, now: float) -> dict[str, Any]:
+    """An Offer as JSON for people and scripts (age instead of raw timestamps)."""
+    return {
+        "peer_id": offer.peer_id,
+        "addrs": list(offer.addrs),
+        "wallet": offer.wallet,
+        "models": [
+            {
+                "model_id": m.model_id,
+                "gguf_sha256": m.gguf_sha256,
+                "context_length": m.context_length,
+                "price_per_s": m.price_per_s,
+                "bid_id": m.bid_id,
+                "tokens_per_s": m.tokens_per_s,
+            }
+            for m in offer.models
+        ],
+        "slots_free": offer.slots_free,
+        "queue_len": offer.queue_len,
+        "seq": offer.seq,
+        "age_s": round(max(0.0, now - offer.timestamp), 1),
+    }

@@ -1,0 +1,55 @@
+"""The signed Offer a provider gossips."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar, Final
+
+import msgpack
+
+from p2pnode.protocols.wire import Codec, Message
+
+SIGNING_DOMAIN: Final = b"p2pnode/offer/1:"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelOffer(Message):
+    """One model in an offer."""
+
+    model_id: str
+    gguf_sha256: str | None = None
+    context_length: int = 0
+    # Price in the chain token's smallest unit per second; 0 in free mode.
+    price_per_s: int = 0
+    bid_id: str | None = None
+    tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Offer(Message):
+    """A provider's signed advertisement."""
+
+    TYPE: ClassVar[str] = "offer"
+    peer_id: str
+    addrs: tuple[str, ...]
+    models: tuple[ModelOffer, ...]
+    slots_free: int
+    queue_len: int
+    seq: int
+    timestamp: float
+    wallet: str | None = None
+    signature: bytes = b""
+
+    def signing_bytes(self) -> bytes:
+        """The exact bytes the signature covers (everything but the signature)."""
+        body = replace(self, signature=b"").to_wire()
+        del body["signature"]
+        return SIGNING_DOMAIN + bytes(msgpack.packb(body, use_bin_type=True))
+
+    def serves(self, model_id: str) -> ModelOffer | None:
+        """This offer's terms for ``model_id``, if it serves it."""
+        return next((m for m in self.models if m.model_id == model_id), None)
+
+
+GOSSIP_CODEC = Codec([Offer])
+"""What travels on the offers topic: one bare Offer body per message."""

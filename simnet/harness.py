@@ -1,0 +1,159 @@
+"""Many real nodes in one trio run, built with the very ``open_node`` that ``p2pnode start`` uses.
+
+Every node listens on 127.0.0.1 with port 0 and bootstraps to ``fanout`` earlier
+nodes picked at random (seeded), so the network is connected but sparse, as a
+real one is. Scenarios drive nodes only through their public interface.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from p2pnode.p2p import host as hostlib
+from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.protocols import offers
+
+# trio.TaskStatus exists, but the trio-stubs that py-libp2p pulls in (trio-typing)
+# predate it and shadow trio's own types for mypy.
+TaskStatus = Any
+
+
+SIMNET_MODEL = "simnet/announced-model"
+"""Model id providers announce when a scenario gives them no engine."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topology:
+    """The shape of a simulated network."""
+
+    peers: int
+    providers: int
+    # Each new node dials this many earlier nodes: a connected graph with
+    # redundancy (every node ends with ~4 links), sparse as a real network.
+    # Each link costs both ends handshakes, identify and pubsub set-up: on
+    # one core, 3 instead of 2 adds ~50% of start-up work for no gain.
+    fanout: int = 2
+    seed: int = 0
+    # Nodes started at once (at most as many as are already running):
+    # starting is mostly waiting on handshakes, so waves overlap it.
+    wave: int = 25
+
+    def provider_indices(self) -> list[int]:
+        """Providers are spread evenly over the start order, none first."""
+        if self.providers <= 0:
+            return []
+        step = self.peers / self.providers
+        return [int(step * i + step / 2) for i in range(self.providers)]
+
+
+@dataclass
+class Simnet:
+    """The running nodes of a simnet."""
+
+    topology: Topology
+    nodes: list[Node] = field(default_factory=list)
+    provider_ids: set[str] = field(default_factory=set)
+    _stops: list[tuple[trio.CancelScope, trio.Event]] = field(default_factory=list)
+
+    @property
+    def providers(self) -> list[Node]:
+        return [n for n in self.nodes if n.peer_id in self.provider_ids]
+
+    @property
+    def consumers(self) -> list[Node]:
+        return [n for n in self.nodes if n.peer_id not in self.provider_ids]
+
+
+ConfigFor = Callable[[int, bool], NodeConfig]
+"""``config_for(index, is_provider)``: the NodeConfig of one simnet node."""
+
+
+def default_config(index: int, is_provider: bool) -> NodeConfig:
+    models = (offers.ModelOffer(model_id=SIMNET_MODEL, context_length=2048),) if is_provider else ()
+    return NodeConfig(models=models)
+
+
+async def _run_node(
+    config: NodeConfig,
+    scope: trio.CancelScope,
+    stopped: trio.Event,
+    *,
+    task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # Each node lives in its own task: open_node's nurseries must be entered
+    # and left by one task, and this lets many nodes start at once.
+    cfg = replace(config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)))
+    try:
+        with scope:
+            async with open_node(cfg, key_pair=create_new_key_pair()) as node:
+                task_status.started(node)
+                await trio.sleep_forever()
+    finally:
+        stopped.set()
+
+
+async def add_node(net: Simnet, nursery: trio.Nursery, config: NodeConfig) -> Node:
+    """Start one more node on loopback in ``nursery``; it stops with the simnet."""
+    scope, stopped = trio.CancelScope(), trio.Event()
+    node: Node = await nursery.start(_run_node, config, scope, stopped)
+    net.nodes.append(node)
+    net._stops.append((scope, stopped))
+    if config.models:
+        net.provider_ids.add(node.peer_id)
+    return node
+
+
+async def _stop_all(net: Simnet) -> None:
+    # One at a time, newest first: py-libp2p 0.8.1 leaks sockets when both
+    # ends of a connection are torn down in the same instant.
+    for scope, stopped in reversed(net._stops):
+        scope.cancel()
+        await stopped.wait()
+
+
+@asynccontextmanager
+async def open_simnet(
+    topology: Topology, config_for: ConfigFor = default_config
+) -> AsyncIterator[tuple[Simnet, trio.Nursery]]:
+    """Start ``topology.peers`` nodes; yield the net and the nursery they run in.
+
+    Nodes start in waves of ``topology.wave`` at once, each dialing
+    ``fanout`` nodes of earlier waves (starting is mostly waiting on
+    handshakes, so waves overlap that). Leaving the block stops every node
+    together, and so does cancelling the nursery.
+    """
+    rng = random.Random(topology.seed)  # noqa: S311 - topology, not cryptography
+    provider_at = set(topology.provider_indices())
+    net = Simnet(topology)
+    async with trio.open_nursery() as nursery:
+        first = 0
+        while first < topology.peers:
+            # The first node stands alone; waves then grow as the net does.
+            size = 1 if first == 0 else min(topology.wave, len(net.nodes), topology.peers - first)
+            earlier = list(net.nodes)
+            configs = [
+                replace(
+                    config_for(i, i in provider_at),
+                    bootstrap=tuple(
+                        p.addrs[0] for p in rng.sample(earlier, min(topology.fanout, len(earlier)))
+                    ),
+                )
+                for i in range(first, first + size)
+            ]
+            async with trio.open_nursery() as wave:
+                for config in configs:
+                    wave.start_soon(add_node, net, nursery, config)
+            first += size
+        try:
+            yield net, nursery
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop_all(net)
+            nursery.cancel_scope.cancel()

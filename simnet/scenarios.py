@@ -1,0 +1,183 @@
+"""Scenarios: plain functions that drive a simnet through the nodes' public interface.
+
+Each returns a JSON-ready report. Figures are measured on the wall clock of one
+process that runs every node, so they include the cost of sharing its cores;
+they are reported, never asserted (STYLE: benchmarks print figures).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import trio
+
+from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.protocols import offers
+from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet
+
+# How often a scenario looks at the nodes while it waits for an outcome. Fine
+# enough for millisecond figures, coarse enough to cost the loop nothing.
+POLL_S = 0.01
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux /proc; else the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+async def wait_until(predicate: Callable[[], bool], bound_s: float) -> float | None:
+    """Seconds until ``predicate()`` held, or None if it did not within ``bound_s``."""
+    start = time.perf_counter()
+    with trio.move_on_after(bound_s) as scope:
+        # Sampling on purpose: nodes expose no event for "every book holds X",
+        # and a benchmark must not change what it measures.
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(POLL_S)
+    return None if scope.cancelled_caught else time.perf_counter() - start
+
+
+def _knows_all_providers(node: Node, net: Simnet) -> bool:
+    held = {o.peer_id for o in node.offer_book}
+    return net.provider_ids - {node.peer_id} <= held
+
+
+async def discovery(
+    topology: Topology,
+    *,
+    lookups: int = 10,
+    rounds: int = 5,
+    bound_s: float = 30.0,
+) -> dict[str, Any]:
+    """Start a network, then measure offer spread, DHT lookups and offer rounds.
+
+    - ``ready_s``: from the first node's start until every node's OfferBook
+      holds every provider.
+    - lookups: ``find_providers`` from nodes that join afterwards through one
+      consumer (cold, connected to no provider), with how many each found.
+    - ``offer_rounds``: a provider changes its offer; how many of the other
+      peers saw the change and when the last one did.
+    """
+    errors: list[str] = []
+    rss_before = rss_mb()
+    started = time.perf_counter()
+    async with open_simnet(topology) as (net, nursery):
+        start_s = time.perf_counter() - started
+        ready = await wait_until(
+            lambda: all(_knows_all_providers(n, net) for n in net.nodes), bound_s
+        )
+        ready_s = None if ready is None else time.perf_counter() - started
+        if ready is None:
+            missing = sum(not _knows_all_providers(n, net) for n in net.nodes)
+            errors.append(f"{missing} nodes never held every provider's offer")
+        rss_after = rss_mb()
+        offer_rounds = await _offer_rounds(net, rounds, bound_s=5.0)
+        links = sum(len(n.connected_peers()) for n in net.nodes) // 2
+        lookup_ms, lookup_found = await _late_lookups(net, nursery, lookups, errors)
+        protocol_errors = sum(sum(n.protocol_errors.values()) for n in net.nodes)
+        rejected = {
+            v.value: sum(n.offer_book.verdicts[v] for n in net.nodes)
+            for v in offers.Verdict
+            if not v.relay
+        }
+    if protocol_errors:
+        errors.append(f"{protocol_errors} protocol errors between nodes")
+    return {
+        "scenario": "discovery",
+        "peers": topology.peers,
+        "providers": topology.providers,
+        "fanout": topology.fanout,
+        "start_s": round(start_s, 3),
+        "ready_s": None if ready_s is None else round(ready_s, 3),
+        "lookup_ms_median": round(statistics.median(lookup_ms), 1) if lookup_ms else None,
+        "lookup_ms_max": round(max(lookup_ms), 1) if lookup_ms else None,
+        "lookup_ms": [round(x, 1) for x in lookup_ms],
+        "lookup_found": lookup_found,
+        "offer_rounds": offer_rounds,
+        "links": links,
+        "rss_mb_per_peer": round((rss_after - rss_before) / topology.peers, 2),
+        "offers_rejected": rejected,
+        "errors": errors,
+    }
+
+
+async def _late_lookups(
+    net: Simnet, nursery: trio.Nursery, count: int, errors: list[str]
+) -> tuple[list[float], list[int]]:
+    """Nodes join late through one consumer and look providers up in the DHT, cold.
+
+    This is the user's case: a node that heard no gossip yet and is
+    connected to no provider. Each joiner asks once.
+    """
+    rng = random.Random(net.topology.seed + 1)  # noqa: S311 - topology, not cryptography
+    consumers = net.consumers
+    times: list[float] = []
+    found: list[int] = []
+    for _ in range(count):
+        entry = rng.choice(consumers)
+        joiner = await add_node(net, nursery, NodeConfig(bootstrap=(entry.addrs[0],)))
+        if net.provider_ids & set(joiner.connected_peers()):
+            errors.append("a late joiner was connected to a provider before its lookup")
+        start = time.perf_counter()
+        providers: list[str] = []
+        with trio.move_on_after(10) as scope:
+            providers = await joiner.find_providers(SIMNET_MODEL)
+        if scope.cancelled_caught:
+            errors.append(f"lookup from {joiner.peer_id[-8:]} took over 10 s")
+            continue
+        times.append((time.perf_counter() - start) * 1000)
+        found.append(len(set(providers) & net.provider_ids))
+    if found and min(found) < len(net.provider_ids):
+        errors.append(f"some lookups found fewer than all providers: {found}")
+    return times, found
+
+
+async def _offer_rounds(net: Simnet, rounds: int, bound_s: float) -> list[dict[str, Any]]:
+    """Each round, one provider re-prices; count who sees the new offer and when."""
+    results: list[dict[str, Any]] = []
+    providers = net.providers
+    everyone = list(net.nodes)
+    for r in range(rounds):
+        provider = providers[r % len(providers)]
+        marker = 1_000 + r  # a price no earlier offer carried
+        provider.set_models(tuple(replace(m, price_per_s=marker) for m in provider.models))
+        others = [n for n in everyone if n is not provider]
+        start = time.perf_counter()
+        seen_at: dict[str, float] = {}
+
+        def sees(node: Node, provider: Node = provider, marker: int = marker) -> bool:
+            offer = node.offer_book.get(provider.peer_id)
+            return offer is not None and offer.models[0].price_per_s == marker
+
+        def all_seen(others: list[Node] = others, seen_at: dict[str, float] = seen_at) -> bool:
+            now = time.perf_counter()
+            for node in others:
+                if node.peer_id not in seen_at and sees(node):
+                    seen_at[node.peer_id] = now
+            return len(seen_at) == len(others)
+
+        await wait_until(all_seen, bound_s)
+        last = max(seen_at.values(), default=start)
+        results.append(
+            {
+                "delivered": len(seen_at),
+                "of": len(others),
+                "all_ms": round((last - start) * 1000, 1) if len(seen_at) == len(others) else None,
+            }
+        )
+    return results
+
+
+Scenario = Callable[[Topology], Awaitable[dict[str, Any]]]
+SCENARIOS: dict[str, Scenario] = {"discovery": discovery}

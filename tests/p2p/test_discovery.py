@@ -1,0 +1,97 @@
+"""Discovery over real libp2p hosts on 127.0.0.1: DHT records, signed gossip, expiry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from p2pnode.p2p import discovery
+from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.protocols import offers
+from p2pnode.simnet.harness import SIMNET_MODEL, Topology, add_node, default_config, open_simnet
+
+# Real hosts and real gossip, so real time; bounds are generous for loaded CI.
+BOUND_S = 30
+
+
+async def eventually(predicate: Callable[[], bool], bound_s: float = BOUND_S) -> None:
+    """Wait until ``predicate()`` holds; fail the test if it does not within the bound."""
+    with trio.fail_after(bound_s):
+        while not predicate():  # noqa: ASYNC110 - nodes expose no event for these conditions
+            await trio.sleep(0.05)
+
+
+async def test_late_joiner_finds_every_provider() -> None:
+    async with open_simnet(Topology(peers=10, providers=3)) as (net, nursery):
+        providers = net.provider_ids
+        await eventually(
+            lambda: all(providers <= {o.peer_id for o in n.offer_book} for n in net.nodes)
+        )
+        # It joins through one consumer and is connected to no provider.
+        entry = net.consumers[-1]
+        joiner = await add_node(net, nursery, NodeConfig(bootstrap=(entry.addrs[0],)))
+        assert joiner.connected_peers() == [entry.peer_id]
+
+        with trio.fail_after(BOUND_S):
+            found = await joiner.find_providers(SIMNET_MODEL)
+        assert set(found) == providers
+        assert await joiner.find_providers("no/such-model") == []
+        # Gossip reaches it too, without waiting for the next announcement.
+        await eventually(lambda: providers <= {o.peer_id for o in joiner.offer_book})
+
+
+async def test_forged_offer_is_neither_kept_nor_relayed() -> None:
+    async with open_simnet(Topology(peers=6, providers=1)) as (net, nursery):
+        (victim,) = net.providers
+        await eventually(lambda: all(n.offer_book.get(victim.peer_id) for n in net.nodes))
+        rogue = net.consumers[0]
+        assert rogue.discovery is not None
+        held = rogue.offer_book.get(victim.peer_id)
+        assert held is not None
+        # The victim's offer, "re-priced", a newer seq, signed with the rogue's key.
+        forged = replace(
+            held,
+            seq=held.seq + 1,
+            models=(offers.ModelOffer(model_id=SIMNET_MODEL, price_per_s=999),),
+            signature=b"",
+        )
+        forged = replace(
+            forged, signature=rogue.host.get_private_key().sign(forged.signing_bytes())
+        )
+        await rogue.discovery.pubsub.publish(offers.TOPIC, offers.GOSSIP_CODEC.encode_body(forged))
+
+        # The rogue's neighbours judge it (and do not pass it on).
+        await eventually(
+            lambda: sum(n.offer_book.verdicts[offers.Verdict.FORGED] for n in net.nodes) > 0
+        )
+        for node in net.nodes:
+            offer = node.offer_book.get(victim.peer_id)
+            assert offer is not None
+            assert offer.models[0].price_per_s == 0, f"{node.peer_id} took the forged offer"
+
+
+async def test_offer_expires_when_its_provider_stops() -> None:
+    quick = discovery.Config(
+        offers=offers.Config(period_s=0.5, expiry_s=2.0),
+        fast_start_s=(0.2,),
+        sweep_s=0.2,
+    )
+
+    def config_for(index: int, is_provider: bool) -> NodeConfig:
+        return replace(default_config(index, is_provider), discovery=quick)
+
+    async with open_simnet(Topology(peers=4, providers=0), config_for) as (net, _nursery):
+        provider_cfg = replace(
+            config_for(0, True), bootstrap=(net.nodes[0].addrs[0],), discovery=quick
+        )
+        async with open_node(provider_cfg, key_pair=create_new_key_pair()) as provider:
+            await eventually(lambda: all(n.offer_book.get(provider.peer_id) for n in net.nodes))
+            with trio.fail_after(BOUND_S):
+                assert provider.peer_id in await net.nodes[-1].find_providers(SIMNET_MODEL)
+        # Stopped: every book forgets it within expiry_s plus a sweep, and the
+        # provider records derived from its offer go with it.
+        await eventually(lambda: all(n.offer_book.get(provider.peer_id) is None for n in net.nodes))
+        assert provider.peer_id not in await net.nodes[-1].find_providers(SIMNET_MODEL)

@@ -174,6 +174,7 @@ class Discovery:
         # provider's offers still count as newer than its old ones.
         self._seq = int(time.time() * 1000)
         self._changed = trio.Event()
+        self.current_offer = b""  # signed body of the last offer published
         self._provided: set[str] = set()
         self._provided_at_size = 0
         self._provided_at = -float("inf")
@@ -260,7 +261,8 @@ class Discovery:
         self._seq = max(self._seq + 1, int(time.time() * 1000))
         offer = replace(unsigned, peer_id=self.peer_id, seq=self._seq, timestamp=time.time())
         offer = replace(offer, signature=self.host.get_private_key().sign(offer.signing_bytes()))
-        await self.pubsub.publish(offers.TOPIC, offers.GOSSIP_CODEC.encode_body(offer))
+        self.current_offer = offers.GOSSIP_CODEC.encode_body(offer)
+        await self.pubsub.publish(offers.TOPIC, self.current_offer)
         new = {m.model_id for m in offer.models} - self._provided
         if new or self._should_reprovide():
             self._provided |= new

@@ -119,6 +119,43 @@ class Node:
             return []
         return await self.discovery.find_providers(model_id)
 
+    async def refresh_offer(self, peer: str) -> offers.Offer | None:
+        """Ask a provider directly: its signed offer and live load go into the OfferBook.
+
+        The offer is admitted by the same rules as a gossiped one; the load
+        it reports now replaces what gossip said. Returns the offer held
+        afterwards (None if the peer offers nothing). Raises NetworkError
+        or RemoteProtocolError if the peer cannot be asked.
+        """
+        answer = await self.status_of(peer)
+        book = self.offer_book
+        now = time.time()
+        if answer.offer:
+            book.consider(answer.offer, source=peer, now=now)
+        load = answer.load
+        book.update_load(peer, slots_free=load.slots_free, queue_len=load.queue_len, now=now)
+        return book.get(peer)
+
+    async def discover(self, model_id: str) -> list[offers.Offer]:
+        """Offers for ``model_id``: the OfferBook, completed from the DHT and the providers.
+
+        Providers the DHT names that gossip has not brought yet are asked
+        directly (concurrently, each bounded by the status timeout); one that
+        cannot be reached is left out.
+        """
+        missing = [p for p in await self.find_providers(model_id) if self.offer_book.get(p) is None]
+
+        async def ask(peer: str) -> None:
+            try:
+                await self.refresh_offer(peer)
+            except (NetworkError, RemoteProtocolError) as exc:
+                logger.info("provider %s named by the DHT did not answer: %s", short(peer), exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer in missing:
+                nursery.start_soon(ask, peer)
+        return self.offer_book.offers(model_id)
+
     # --- what the node tells others -------------------------------------
 
     def status_info(self) -> status.StatusResponse:
@@ -138,6 +175,7 @@ class Node:
                 )
                 for m in self.models
             ),
+            offer=self.discovery.current_offer if self.discovery is not None else b"",
         )
 
     def connected_peers(self) -> list[str]:

@@ -46,6 +46,9 @@ class StatusResponse(Message):
     uptime_s: float
     models: tuple[ServedModel, ...] = ()
     load: Load = Load()
+    # The node's current signed offer (its gossip body), if it provides: a
+    # consumer that found it in the DHT learns its terms from one call.
+    offer: bytes = b""
 
 
 CODEC = Codec([StatusRequest, StatusResponse, Error])

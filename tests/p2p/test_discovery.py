@@ -95,3 +95,17 @@ async def test_offer_expires_when_its_provider_stops() -> None:
         # provider records derived from its offer go with it.
         await eventually(lambda: all(n.offer_book.get(provider.peer_id) is None for n in net.nodes))
         assert provider.peer_id not in await net.nodes[-1].find_providers(SIMNET_MODEL)
+
+
+async def test_a_provider_found_in_the_dht_is_asked_for_its_offer() -> None:
+    """A consumer that lacks an offer gets it from the DHT and the provider itself."""
+    async with open_simnet(Topology(peers=4, providers=1)) as (net, _nursery):
+        (provider,) = net.providers
+        consumer = net.consumers[-1]
+        await eventually(lambda: consumer.offer_book.get(provider.peer_id) is not None)
+        consumer.offer_book.forget(provider.peer_id)  # as if gossip had lost it
+        with trio.fail_after(BOUND_S):
+            found = await consumer.discover(SIMNET_MODEL)
+        assert [o.peer_id for o in found] == [provider.peer_id]
+        assert found[0].serves(SIMNET_MODEL) is not None
+        assert found[0].addrs == tuple(provider.addrs)

@@ -24,7 +24,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from p2pnode.errors import ConfigError, NetworkError
-from p2pnode.p2p.scopes import single_errors_ungrouped
+from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
 

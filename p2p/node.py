@@ -30,10 +30,10 @@ from p2pnode.p2p import control
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.host import short
-from p2pnode.p2p.scopes import single_errors_ungrouped
 from p2pnode.protocols import offers, status
 from p2pnode.protocols.status import service as status_service
 from p2pnode.protocols.stream import reset_quietly
+from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
 

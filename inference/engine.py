@@ -1,0 +1,114 @@
+"""What an inference engine is to the rest of p2pnode (ARCHITECTURE §8).
+
+Engines know nothing of the network. A provider holds one or more, reads
+:meth:`Engine.models` for what to announce, and streams a request with::
+
+    async with engine.stream(request) as chunks:
+        async for chunk in chunks:
+            ...
+
+Leaving the ``async with`` early (the consumer hung up, a timeout, a
+cancellation) stops generation: the engine promises to stop within one token
+and to free the slot before ``stream`` returns.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import trio
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelInfo:
+    """A model an engine serves."""
+
+    model_id: str
+    gguf_sha256: str | None = None  # None where there is no file (an upstream server)
+    context_length: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Params:
+    """Sampling parameters (OpenAI names and meanings)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """One generation: a chat (``messages``) or a completion (``prompt``)."""
+
+    model_id: str
+    kind: Literal["chat", "completion"]
+    messages: tuple[ChatMessage, ...] = ()
+    prompt: str = ""
+    params: Params = field(default_factory=Params)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Generated text; the last chunk of a stream carries ``finish_reason`` and ``usage``."""
+
+    text: str
+    tokens: int = 0  # tokens this text took
+    finish_reason: str | None = None  # "stop", "length" or "cancelled", on the last chunk
+    usage: Usage | None = None
+
+
+class Engine(Protocol):
+    """Anything that can stream completions for the models it lists."""
+
+    def models(self) -> list[ModelInfo]:
+        """The models this engine serves."""
+        ...
+
+    @property
+    def slots_total(self) -> int:
+        """Requests it can run at once."""
+        ...
+
+    @property
+    def slots_free(self) -> int:
+        """Slots idle right now."""
+        ...
+
+    @property
+    def queue_len(self) -> int:
+        """Requests waiting for a slot."""
+        ...
+
+    def stream(
+        self, request: Request
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Chunk]]:
+        """Generate ``request``; see the module docstring for cancellation."""
+        ...
+
+
+async def collect(engine: Engine, request: Request) -> tuple[str, Chunk]:
+    """Run a request to the end; returns the whole text and the final chunk."""
+    parts: list[str] = []
+    last = Chunk("")
+    async with engine.stream(request) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            last = chunk
+    return "".join(parts), last

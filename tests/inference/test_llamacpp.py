@@ -1,0 +1,182 @@
+"""LlamaCppEngine with the real bundled model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.lowlevel
+from llama_cpp import Llama
+
+from p2pnode.errors import EngineError
+from p2pnode.inference.engine import ChatMessage, Params, Request, collect
+from p2pnode.inference.llamacpp import (
+    BUNDLED_MODEL_ID,
+    Config,
+    EngineBusy,
+    LlamaCppEngine,
+    bundled_model_path,
+    file_sha256,
+    open_llamacpp,
+)
+
+pytestmark = pytest.mark.slow
+
+QUESTION = (ChatMessage(role="user", content="Tell me a long story about a dragon."),)
+GREEDY = Params(max_tokens=24, temperature=0.0, seed=7)
+
+
+def chat(params: Params = GREEDY, messages: tuple[ChatMessage, ...] = QUESTION) -> Request:
+    return Request(model_id=BUNDLED_MODEL_ID, kind="chat", messages=messages, params=params)
+
+
+def cfg(**kw: object) -> Config:
+    return Config(model_path=bundled_model_path(), model_id=BUNDLED_MODEL_ID, n_threads=1, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[LlamaCppEngine]:
+    async with open_llamacpp(cfg()) as e:
+        yield e
+
+
+def direct_chat(request: Request) -> tuple[str, dict[str, int]]:
+    """What llama-cpp-python gives by itself for the same request (fresh model)."""
+    llm = Llama(model_path=str(bundled_model_path()), n_ctx=2048, n_threads=1, verbose=False)
+    try:
+        p = request.params
+        out = llm.create_chat_completion(
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            seed=p.seed,
+        )
+        return out["choices"][0]["message"]["content"], dict(out["usage"])
+    finally:
+        llm.close()
+
+
+async def test_model_info(engine: LlamaCppEngine) -> None:
+    (info,) = engine.models()
+    assert info.model_id == BUNDLED_MODEL_ID
+    assert info.context_length == 2048
+    assert info.gguf_sha256 == await trio.to_thread.run_sync(file_sha256, bundled_model_path())
+    assert (engine.slots_total, engine.slots_free, engine.queue_len) == (1, 1, 0)
+
+
+async def test_greedy_output_is_stable_and_equals_llama_cpp_directly(
+    engine: LlamaCppEngine,
+) -> None:
+    first, last = await collect(engine, chat())
+    # Something else runs in between: without reset() the KV cache would leak in.
+    await collect(engine, chat(messages=(ChatMessage(role="user", content="Say hello."),)))
+    again, _ = await collect(engine, chat())
+    expected, usage = await trio.to_thread.run_sync(direct_chat, chat())
+    assert first == again == expected
+    assert first.strip()
+    assert last.finish_reason == "length"
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+
+
+async def test_usage_when_the_model_stops_by_itself(engine: LlamaCppEngine) -> None:
+    request = chat(
+        Params(max_tokens=200, temperature=0.0, seed=1),
+        (ChatMessage(role="user", content="Reply with the single word: yes"),),
+    )
+    text, last = await collect(engine, request)
+    expected, usage = await trio.to_thread.run_sync(direct_chat, request)
+    assert text == expected
+    assert last.finish_reason == "stop"
+    assert last.usage is not None
+    assert last.usage.completion_tokens == usage["completion_tokens"]
+    assert last.usage.prompt_tokens == usage["prompt_tokens"]
+
+
+async def test_completion_kind(engine: LlamaCppEngine) -> None:
+    request = Request(
+        model_id=BUNDLED_MODEL_ID,
+        kind="completion",
+        prompt="The capital of France is",
+        params=Params(max_tokens=8, temperature=0.0),
+    )
+    text, last = await collect(engine, request)
+    assert text
+    assert last.usage is not None
+    assert last.usage.completion_tokens == 8
+
+
+async def test_stop_sequences_end_the_text(engine: LlamaCppEngine) -> None:
+    full, _ = await collect(engine, chat())
+    cut_at = full.strip().split()[1]
+    text, last = await collect(engine, chat(Params(max_tokens=24, temperature=0.0, stop=(cut_at,))))
+    assert cut_at not in text
+    assert full.startswith(text)
+    assert last.finish_reason == "stop"
+
+
+async def test_leaving_the_stream_stops_generation_and_frees_the_slot(
+    engine: LlamaCppEngine,
+) -> None:
+    long = chat(Params(max_tokens=400, temperature=0.0))
+    received = 0
+    async with engine.stream(long) as chunks:
+        assert engine.slots_free == 0
+        async for chunk in chunks:
+            received += 1 if chunk.text else 0
+            if received == 3:
+                break
+        left_at = time.perf_counter()
+    stopped_after = time.perf_counter() - left_at
+    assert engine.slots_free == 1
+    # Within one token: SmolLM2 makes ~50 tokens/s on one thread here, so the
+    # whole 400-token request would have taken seconds.
+    assert stopped_after < 1.0
+    text, _ = await collect(engine, chat())
+    assert text  # the slot works again
+
+
+async def test_cancelling_the_caller_frees_the_slot(engine: LlamaCppEngine) -> None:
+    with trio.move_on_after(0.3):
+        await collect(engine, chat(Params(max_tokens=400, temperature=0.0)))
+    assert engine.slots_free == 1
+
+
+async def test_two_slots_serve_two_requests_at_once() -> None:
+    async with open_llamacpp(cfg(slots=2)) as engine:
+        results: list[str] = []
+
+        async def one() -> None:
+            text, _ = await collect(engine, chat())
+            results.append(text)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+            await trio.lowlevel.checkpoint()
+            # Both started at once: no slot left, nobody waiting.
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert engine.slots_free == 0
+            assert engine.queue_len == 0
+        assert len(results) == 2
+        assert results[0] == results[1]
+        assert engine.slots_free == 2
+
+
+async def test_a_full_queue_refuses_at_once() -> None:
+    async with open_llamacpp(cfg(queue_limit=0)) as engine, engine.stream(chat()):
+        with pytest.raises(EngineBusy, match="slots busy"):
+            async with engine.stream(chat()):
+                pass
+
+
+async def test_unknown_model_is_an_engine_error(engine: LlamaCppEngine) -> None:
+    with pytest.raises(EngineError, match="not served here"):
+        async with engine.stream(Request(model_id="other", kind="completion", prompt="x")):
+            pass

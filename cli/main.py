@@ -184,6 +184,110 @@ def show_id(as_json: bool) -> None:
 # --- the node ---------------------------------------------------------------
 
 
+def _serving_options(func: Any) -> Any:
+    """The flags that say which models a node serves (start, generate, bench engine)."""
+    for decorator in reversed(
+        [
+            option(
+                "--model",
+                "model_path",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="GGUF file to serve with llama.cpp (default: bundled SmolLM2-135M-Instruct).",
+            ),
+            option(
+                "--model-id", default=None, help="Id to announce for --model (default: file stem)."
+            ),
+            option(
+                "--slots",
+                type=click.IntRange(1, 64),
+                default=1,
+                show_default=True,
+                help="Requests served at once (one llama.cpp instance each).",
+            ),
+            option(
+                "--queue-limit",
+                type=click.IntRange(0, 10000),
+                default=8,
+                show_default=True,
+                help="Requests that may wait for a slot; more are refused at once.",
+            ),
+            option(
+                "--threads",
+                type=click.IntRange(1, 256),
+                default=None,
+                help="llama.cpp threads per slot (default: cores - 1).",
+            ),
+            option(
+                "--upstream-url",
+                default=None,
+                help="OpenAI-compatible server to serve from (e.g. http://127.0.0.1:8080/v1).",
+            ),
+            option(
+                "--upstream-model",
+                multiple=True,
+                default=[],
+                help="Model id the upstream serves (repeatable; needs --upstream-url).",
+            ),
+            option(
+                "--upstream-key-file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="File with the upstream's API key (never sent to peers).",
+            ),
+        ]
+    ):
+        func = decorator(func)
+    return func
+
+
+def _serving(
+    *,
+    no_serve: bool,
+    model_path: Path | None,
+    model_id: str | None,
+    slots: int,
+    queue_limit: int,
+    threads: int | None,
+    upstream_url: str | None,
+    upstream_model: tuple[str, ...],
+    upstream_key_file: Path | None,
+) -> Any:
+    from p2pnode.inference import llamacpp, upstream
+    from p2pnode.inference.serving import Serving
+
+    if no_serve:
+        return Serving()
+    if upstream_model and not upstream_url:
+        raise ConfigError("--upstream-model needs --upstream-url")
+    ups: tuple[upstream.Config, ...] = ()
+    if upstream_url:
+        if not upstream_model:
+            raise ConfigError("--upstream-url needs at least one --upstream-model")
+        key = None
+        if upstream_key_file is not None:
+            try:
+                key = upstream_key_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {upstream_key_file}: {exc.strerror}") from exc
+        ups = (
+            upstream.Config(
+                base_url=upstream_url, models=upstream_model, api_key=key, queue_limit=queue_limit
+            ),
+        )
+    local: tuple[llamacpp.Config, ...] = ()
+    if model_path is not None or not ups:  # the bundled model unless told otherwise
+        path = model_path if model_path is not None else llamacpp.bundled_model_path()
+        ident = model_id or (path.stem if model_path is not None else llamacpp.BUNDLED_MODEL_ID)
+        extra = {"n_threads": threads} if threads else {}
+        local = (
+            llamacpp.Config(
+                model_path=path, model_id=ident, slots=slots, queue_limit=queue_limit, **extra
+            ),
+        )
+    return Serving(llamacpp=local, upstream=ups)
+
+
 @main.command()
 @option(
     "--listen",
@@ -199,22 +303,26 @@ def show_id(as_json: bool) -> None:
     default=None,
     help='Write {"peer_id", "addrs"} as JSON here once the node is ready.',
 )
+@option("--no-serve", is_flag=True, default=False, help="Consumer only: serve no model.")
+@_serving_options
 @option(
     "--announce-model",
     multiple=True,
     default=[],
-    help="Announce this model id in offers and the DHT without serving it (testing discovery "
-    "until an engine serves it; repeatable).",
+    help="Announce this model id without serving it (testing discovery; repeatable).",
 )
 @_password_file
 def start(
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
     ready_file: Path | None,
+    no_serve: bool,
     announce_model: tuple[str, ...],
     wallet_password_file: Path | None,
+    **serving_flags: Any,
 ) -> None:
-    """Run a node until Ctrl-C or SIGTERM."""
+    """Run a node until Ctrl-C or SIGTERM (serving the bundled model unless --no-serve)."""
+    from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import host as hostlib
     from p2pnode.p2p import identity
     from p2pnode.p2p.node import NodeConfig, open_node
@@ -231,6 +339,7 @@ def start(
                 identity.create_wallet(home, password)
             else:
                 logger.info("no wallet yet (free mode works without one): run 'p2pnode init'")
+        serving = _serving(no_serve=no_serve, **serving_flags)
         config = NodeConfig(
             host=hostlib.Config(listen=tuple(listen)),
             bootstrap=tuple(bootstrap),
@@ -242,7 +351,10 @@ def start(
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_node(config, key_pair=key_pair) as node:
+            async with (
+                open_engines(serving) as engines,
+                open_node(config, key_pair=key_pair, engines=engines) as node,
+            ):
                 # The file first, then the line: whoever waits on either sees both.
                 if ready_file is not None:
                     ready = {"peer_id": node.peer_id, "addrs": node.addrs}
@@ -251,6 +363,8 @@ def start(
                 click.echo(f"peer id: {node.peer_id}")
                 for addr in node.addrs:
                     click.echo(f"listening: {addr}")
+                for model in node.models:
+                    click.echo(f"serving: {model.model_id}")
                 try:
                     async for signum in signals:
                         logger.info("%s: stopping", signal.Signals(signum).name)
@@ -259,6 +373,50 @@ def start(
                     if ready_file is not None:
                         await trio.to_thread.run_sync(partial(ready_file.unlink, missing_ok=True))
         click.echo("p2pnode stopped")
+
+    _run(run)
+
+
+@main.command()
+@click.option("--prompt", required=True, help="What to ask (sent as a chat message).")
+@click.option("--max-tokens", type=click.IntRange(1, 32768), default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@_serving_options
+def generate(prompt: str, max_tokens: int, temperature: float, **serving_flags: Any) -> None:
+    """Generate once with this machine's engine and print the text and tokens/s."""
+    from p2pnode.inference.engine import ChatMessage, Params, Request
+    from p2pnode.inference.serving import open_engines
+
+    try:
+        serving = _serving(no_serve=False, **serving_flags)
+    except P2PNodeError as exc:
+        _fail(exc)
+
+    async def run() -> None:
+        async with open_engines(serving) as engines:
+            engine = engines[0]
+            model = engine.models()[0].model_id
+            request = Request(
+                model_id=model,
+                kind="chat",
+                messages=(ChatMessage(role="user", content=prompt),),
+                params=Params(max_tokens=max_tokens, temperature=temperature),
+            )
+            start, first, tokens = trio.current_time(), None, 0
+            async with engine.stream(request) as chunks:
+                async for chunk in chunks:
+                    if chunk.text:
+                        first = first if first is not None else trio.current_time()
+                        tokens += chunk.tokens
+                        click.echo(chunk.text, nl=False)
+            end = trio.current_time()
+            click.echo()
+            speed = (tokens - 1) / (end - first) if first is not None and tokens > 1 else 0.0
+            ttft = (first - start) * 1000 if first is not None else 0.0
+            click.echo(
+                f"[{model}: {tokens} tokens, {speed:.1f} tokens/s, first token {ttft:.0f} ms]",
+                err=True,
+            )
 
     _run(run)
 
@@ -391,6 +549,40 @@ def simnet(
 @main.group()
 def bench() -> None:
     """Benchmarks: figures next to a baseline measured in the same run."""
+
+
+@bench.command("engine")
+@click.option("--rounds", type=click.IntRange(1, 50), default=5, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(8, 4096), default=128, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF file (default: the bundled model).",
+)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+def bench_engine(
+    rounds: int, max_tokens: int, as_json: bool, model_path: Path | None, threads: int | None
+) -> None:
+    """Tokens/s through LlamaCppEngine vs llama-cpp-python called directly, same run."""
+    from p2pnode.inference import llamacpp
+    from p2pnode.simnet.bench import bench_engine as run_bench
+
+    try:
+        path = model_path or llamacpp.bundled_model_path()
+    except P2PNodeError as exc:
+        _fail(exc)
+    report = _run(lambda: run_bench(path, rounds, max_tokens, threads))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(
+        f"engine {report['engine_tokens_per_s']['median']:.1f} tokens/s  direct "
+        f"{report['direct_tokens_per_s']['median']:.1f} tokens/s  ratio {report['ratio']:.3f}"
+        f"  (goal >= 0.98: {'met' if report['goal_met'] else 'missed'})"
+    )
 
 
 @bench.command("connect")

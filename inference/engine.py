@@ -20,6 +20,8 @@ from typing import Literal, Protocol
 
 import trio
 
+from p2pnode.errors import EngineError
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelInfo:
@@ -74,6 +76,10 @@ class Chunk:
     usage: Usage | None = None
 
 
+class EngineBusy(EngineError):  # noqa: N818 - a refusal, reported to callers as such
+    """Every slot is taken and the queue is full: try another provider or later."""
+
+
 class Engine(Protocol):
     """Anything that can stream completions for the models it lists."""
 
@@ -98,7 +104,7 @@ class Engine(Protocol):
 
     def stream(
         self, request: Request
-    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Chunk]]:
+    ) -> AbstractAsyncContextManager[trio.abc.ReceiveChannel[Chunk]]:
         """Generate ``request``; see the module docstring for cancellation."""
         ...
 
@@ -112,3 +118,23 @@ async def collect(engine: Engine, request: Request) -> tuple[str, Chunk]:
             parts.append(chunk.text)
             last = chunk
     return "".join(parts), last
+
+
+async def tokens_per_second(engine: Engine, request: Request) -> float:
+    """Generation speed of ``request``: tokens after the first over the time they took.
+
+    Leaves out the prompt (time to first token), which is what offers and
+    benchmarks compare.
+    """
+    first_at = last_at = 0.0
+    tokens = 0
+    async with engine.stream(request) as chunks:
+        async for chunk in chunks:
+            if chunk.tokens:
+                last_at = trio.current_time()
+                if tokens == 0:
+                    first_at = last_at
+                tokens += chunk.tokens
+    if tokens < 2 or last_at <= first_at:
+        return 0.0
+    return round((tokens - 1) / (last_at - first_at), 1)

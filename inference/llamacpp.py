@@ -5,8 +5,9 @@ file, each used by one request at a time. A request borrows an idle instance
 (waiting in a bounded queue if none is idle), and a worker thread runs the
 generation: llama.cpp never runs on the trio thread, so the node keeps
 answering peers while tokens are produced. The thread hands each token's text
-to trio through an unbuffered memory channel; the consumer's pace is the
-thread's pace. Leaving the ``stream`` context sets a flag the thread checks
+to trio through a bounded memory channel: it waits for the trio loop to take
+the chunk, not for the consumer, unless the consumer falls ``BUFFER_TOKENS``
+behind (then it waits: back-pressure). Leaving the ``stream`` context sets a flag the thread checks
 between tokens, so generation stops within one token, and the instance goes
 back to the pool only once the thread has returned.
 
@@ -33,12 +34,14 @@ from typing import Any
 import trio
 
 from p2pnode.errors import ConfigError, EngineError
-from p2pnode.inference.engine import Chunk, ModelInfo, Request, Usage
+from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct"
+# Tokens the worker thread may run ahead of a slow consumer.
+BUFFER_TOKENS = 64
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -73,10 +76,6 @@ class Config:
     n_threads: int = _default_threads()
 
 
-class EngineBusy(EngineError):  # noqa: N818 - a refusal, reported to callers as such
-    """Every slot is taken and the queue is full."""
-
-
 class LlamaCppEngine:
     """Serves one GGUF model with llama.cpp. Create it with :func:`open_llamacpp`."""
 
@@ -106,7 +105,7 @@ class LlamaCppEngine:
         return self._waiting
 
     @asynccontextmanager
-    async def stream(self, request: Request) -> AsyncIterator[trio.MemoryReceiveChannel[Chunk]]:
+    async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
         """Generate ``request``; chunks arrive as tokens are produced.
 
         Raises :class:`EngineBusy` when the queue is full and
@@ -116,7 +115,7 @@ class LlamaCppEngine:
             raise EngineError(f"model {request.model_id!r} is not served here")
         llm = await self._borrow()
         try:
-            send, receive = trio.open_memory_channel[Chunk](0)
+            send, receive = trio.open_memory_channel[Chunk](BUFFER_TOKENS)
             stop = threading.Event()
             # The nursery is ours, not the caller's: its one failure (an
             # EngineError from the thread) reaches the caller as itself.
@@ -185,7 +184,7 @@ def _generate(
                 break
             if text:
                 produced += 1
-                trio.from_thread.run(send.send, Chunk(text, 1), trio_token=token)
+                _hand_over(send, Chunk(text, 1), token)
             if reason is not None:
                 finish = reason
     except (trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):
@@ -199,6 +198,17 @@ def _generate(
     usage = Usage(prompt_tokens=max(0, prompt_tokens), completion_tokens=produced)
     with contextlib.suppress(trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):
         trio.from_thread.run(send.send, Chunk("", 0, finish, usage), trio_token=token)
+
+
+def _hand_over(
+    send: trio.MemorySendChannel[Chunk], chunk: Chunk, token: trio.lowlevel.TrioToken
+) -> None:
+    # Waiting for the consumer on every token (an unbuffered send) cost ~5%
+    # of generation speed (bench engine: ratio 0.95 -> 0.98).
+    try:
+        trio.from_thread.run_sync(send.send_nowait, chunk, trio_token=token)
+    except trio.WouldBlock:
+        trio.from_thread.run(send.send, chunk, trio_token=token)
 
 
 def _tokens(llm: Any, request: Request) -> Iterator[tuple[str, str | None]]:

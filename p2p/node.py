@@ -11,9 +11,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from p2pnode import __version__
-from p2pnode.errors import BrokenStreamError, NetworkError, RemoteProtocolError
+from p2pnode.errors import BrokenStreamError, EngineError, NetworkError, RemoteProtocolError
+from p2pnode.inference.engine import Engine, Params, Request, tokens_per_second
 from p2pnode.p2p import control
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
@@ -61,6 +62,9 @@ class NodeConfig:
     # How often lost bootstrap peers are tried again. Seconds, not faster:
     # a bootstrap peer that is down should not cost the network much.
     bootstrap_retry_s: float = 30.0
+    # At start, each served model generates this many tokens once so that
+    # offers carry a measured tokens/s (0 skips it; ~0.7 s for SmolLM2).
+    measure_tokens: int = 32
 
 
 class Node:
@@ -70,15 +74,27 @@ class Node:
     ``async with`` exits.
     """
 
-    def __init__(self, config: NodeConfig, host: IHost) -> None:
+    def __init__(self, config: NodeConfig, host: IHost, engines: Sequence[Engine] = ()) -> None:
         self.config = config
         self.host = host
+        self.engines = list(engines)
         self.peer_id: str = str(host.get_id())
         self.addrs: list[str] = []
         self.started_at = trio.current_time()
         # Protocol violations per remote peer: what a ban policy will read.
         self.protocol_errors: collections.Counter[str] = collections.Counter()
-        self.models = config.models
+        # Served models first (tokens/s measured at start), then any announced
+        # by configuration only.
+        self.models: tuple[offers.ModelOffer, ...] = (
+            tuple(
+                offers.ModelOffer(
+                    model_id=m.model_id, gguf_sha256=m.gguf_sha256, context_length=m.context_length
+                )
+                for engine in self.engines
+                for m in engine.models()
+            )
+            + config.models
+        )
         self.discovery = (
             discoverylib.Discovery(host, config.discovery, self._offer)
             if config.discovery is not None
@@ -100,11 +116,52 @@ class Node:
             peer_id=self.peer_id,
             addrs=tuple(self.addrs),
             models=self.models,
-            slots_free=0,
-            queue_len=0,
+            slots_free=self.load().slots_free,
+            queue_len=self.load().queue_len,
             seq=0,
             timestamp=0.0,
             wallet=self.config.wallet,
+        )
+
+    def load(self) -> status.Load:
+        """Slots and queue over every engine, right now."""
+        return status.Load(
+            slots_total=sum(e.slots_total for e in self.engines),
+            slots_free=sum(e.slots_free for e in self.engines),
+            queue_len=sum(e.queue_len for e in self.engines),
+        )
+
+    def engine_for(self, model_id: str) -> Engine | None:
+        """The engine that serves ``model_id`` here, if any."""
+        for engine in self.engines:
+            if any(m.model_id == model_id for m in engine.models()):
+                return engine
+        return None
+
+    async def measure_engines(self) -> None:
+        """Measure each served model's generation speed and announce it.
+
+        Tokens per second of generation proper (first token to last), from a
+        short greedy completion; an engine that fails is logged and keeps 0.
+        """
+        measured = {}
+        for engine in self.engines:
+            for info in engine.models():
+                request = Request(
+                    model_id=info.model_id,
+                    kind="completion",
+                    prompt="The history of the printing press",
+                    params=Params(max_tokens=self.config.measure_tokens, temperature=0.0),
+                )
+                try:
+                    measured[info.model_id] = await tokens_per_second(engine, request)
+                except EngineError as exc:
+                    logger.warning("cannot measure %s: %s", info.model_id, exc)
+        self.set_models(
+            tuple(
+                replace(m, tokens_per_s=measured.get(m.model_id, m.tokens_per_s))
+                for m in self.models
+            )
         )
 
     def set_models(self, models: tuple[offers.ModelOffer, ...]) -> None:
@@ -175,6 +232,7 @@ class Node:
                 )
                 for m in self.models
             ),
+            load=self.load(),
             offer=self.discovery.current_offer if self.discovery is not None else b"",
         )
 
@@ -288,18 +346,21 @@ class Node:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig, *, key_pair: KeyPair) -> AsyncIterator[Node]:
+async def open_node(
+    config: NodeConfig, *, key_pair: KeyPair, engines: Sequence[Engine] = ()
+) -> AsyncIterator[Node]:
     """Start a node and yield it once it listens and has tried its bootstrap peers.
 
-    Raises :class:`ConfigError` before yielding if an address cannot be
-    listened on or a bootstrap address is malformed. Unreachable bootstrap
+    ``engines`` are served as they are (the caller opened them and closes
+    them after). Raises :class:`ConfigError` before yielding if an address
+    cannot be listened on or a bootstrap address is malformed. Unreachable bootstrap
     peers do not stop the start: they are logged and retried.
     """
     bootstrap = [hostlib.parse_peer_addr(a) for a in config.bootstrap]
     host = hostlib.build(key_pair, config.host)
     # Discovery registers its handlers and its connection watcher before the
     # host listens, so no connection arrives before gossip can see it.
-    node = Node(config, host)
+    node = Node(config, host, engines)
     host.set_stream_handler(
         TProtocol(status.PROTOCOL_ID), node._handle(status.PROTOCOL_ID, node._serve_status)
     )
@@ -311,6 +372,8 @@ async def open_node(config: NodeConfig, *, key_pair: KeyPair) -> AsyncIterator[N
                     await nursery.start(control.serve, config.control_socket, node._control)
                 if node.discovery is not None:
                     await nursery.start(node.discovery.run)
+                if node.engines and config.measure_tokens > 0:
+                    nursery.start_soon(node.measure_engines)
                 if bootstrap:
                     await node._dial_bootstrap(bootstrap)
                     nursery.start_soon(node._keep_bootstrapped, bootstrap)

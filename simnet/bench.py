@@ -11,11 +11,13 @@ import statistics
 import time
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+from p2pnode.inference.engine import Params, Request, tokens_per_second
 from p2pnode.p2p.node import NodeConfig, open_node
 from p2pnode.protocols import status
 from p2pnode.protocols.wire import FrameDecoder, Sentinel
@@ -112,3 +114,71 @@ async def _tcp_baseline(answer: bytes, rounds: int, rtts: int) -> tuple[list[flo
                     del rtt_ms[0]  # warm-up, as on the libp2p side
         nursery.cancel_scope.cancel()
     return connect_ms, rtt_ms
+
+
+async def bench_engine(
+    model_path: Path, rounds: int = 5, max_tokens: int = 128, threads: int | None = None
+) -> dict[str, Any]:
+    """Generation speed through LlamaCppEngine vs llama-cpp-python directly.
+
+    Same file, prompt, settings and thread count; rounds alternate between
+    the two so that machine noise falls on both. Speed counts tokens after
+    the first over the time they took (the prompt is excluded on both sides).
+    """
+    from p2pnode.inference import llamacpp
+
+    n_threads = threads or llamacpp.Config(model_path=model_path, model_id="x").n_threads
+    cfg = llamacpp.Config(model_path=model_path, model_id="bench", n_threads=n_threads)
+    request = Request(
+        model_id="bench",
+        kind="completion",
+        prompt="The history of the printing press",
+        params=Params(max_tokens=max_tokens, temperature=0.0),
+    )
+    direct = await trio.to_thread.run_sync(_load_direct, model_path, cfg.n_ctx, n_threads)
+    engine_speeds: list[float] = []
+    direct_speeds: list[float] = []
+    try:
+        async with llamacpp.open_llamacpp(cfg) as engine:
+            await tokens_per_second(engine, request)  # warm-up, both sides
+            await trio.to_thread.run_sync(_direct_speed, direct, request)
+            for _ in range(rounds):
+                engine_speeds.append(await tokens_per_second(engine, request))
+                direct_speeds.append(await trio.to_thread.run_sync(_direct_speed, direct, request))
+    finally:
+        direct.close()
+    engine_med = statistics.median(engine_speeds)
+    direct_med = statistics.median(direct_speeds)
+    return {
+        "bench": "engine",
+        "model": model_path.name,
+        "threads": n_threads,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "engine_tokens_per_s": summarize(engine_speeds),
+        "direct_tokens_per_s": summarize(direct_speeds),
+        "ratio": round(engine_med / direct_med, 3) if direct_med else None,
+        "goal_met": bool(direct_med) and engine_med / direct_med >= 0.98,
+    }
+
+
+def _load_direct(path: Path, n_ctx: int, n_threads: int) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+
+
+def _direct_speed(llm: Any, request: Request) -> float:
+    llm.reset()  # as the engine does, so both evaluate the whole prompt
+    p = request.params
+    first = last = 0.0
+    tokens = 0
+    for part in llm.create_completion(
+        prompt=request.prompt, max_tokens=p.max_tokens, temperature=p.temperature, stream=True
+    ):
+        if part["choices"][0].get("text"):
+            last = time.perf_counter()
+            if tokens == 0:
+                first = last
+            tokens += 1
+    return round((tokens - 1) / (last - first), 1) if tokens > 1 and last > first else 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,9 +40,11 @@ class Started:
         self.addrs = [str(a) for a in addrs]
 
 
-def _start(home: Path, ready_file: Path, *args: str) -> Started:
+def _start(home: Path, ready_file: Path, *args: str, serve: bool = False) -> Started:
+    flags = [] if serve else ["--no-serve"]
     proc = subprocess.Popen(
         [*P2PNODE, "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready_file)]
+        + flags
         + list(args),
         env=_env(home),
         stdout=subprocess.PIPE,
@@ -239,3 +242,33 @@ def test_simnet_writes_a_report(tmp_path: Path) -> None:
     assert min(data["lookup_found"]) == 2
     assert all(r["delivered"] == r["of"] == 5 for r in data["offer_rounds"])
     assert data["errors"] == []
+
+
+def test_start_serves_the_bundled_model_by_default(tmp_path: Path) -> None:
+    provider = _start(tmp_path / "s", tmp_path / "s.json", serve=True)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while True:
+            asked = _run(tmp_path / "client", "status", "--peer", provider.addrs[0], "--json")
+            models = json.loads(asked.stdout)["models"]
+            if models and models[0]["tokens_per_s"] > 0 or time.monotonic() > deadline:
+                break
+        assert [m["model_id"] for m in models] == ["SmolLM2-135M-Instruct"]
+        assert models[0]["tokens_per_s"] > 0
+        assert len(models[0]["gguf_sha256"]) == 64
+    finally:
+        provider.proc.send_signal(signal.SIGTERM)
+        provider.proc.communicate(timeout=BOUND_S)
+
+
+def test_generate_prints_text_and_speed(tmp_path: Path) -> None:
+    result = _run(tmp_path, "generate", "--prompt", "Say hello.", "--max-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert re.search(r"\[SmolLM2-135M-Instruct: \d+ tokens, [\d.]+ tokens/s", result.stderr)
+
+
+def test_upstream_flags_are_checked(tmp_path: Path) -> None:
+    result = _run(tmp_path, "generate", "--prompt", "x", "--upstream-model", "m")
+    assert result.returncode == 2
+    assert "--upstream-model needs --upstream-url" in result.stderr

@@ -11,11 +11,10 @@ import trio.lowlevel
 from llama_cpp import Llama
 
 from p2pnode.errors import EngineError
-from p2pnode.inference.engine import ChatMessage, Params, Request, collect
+from p2pnode.inference.engine import ChatMessage, EngineBusy, Params, Request, collect
 from p2pnode.inference.llamacpp import (
     BUNDLED_MODEL_ID,
     Config,
-    EngineBusy,
     LlamaCppEngine,
     bundled_model_path,
     file_sha256,

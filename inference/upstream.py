@@ -1,0 +1,209 @@
+"""An OpenAI-compatible server the provider already runs (llama-server, vLLM, Ollama).
+
+The provider's node streams from it with httpx (which runs on trio) and serves
+its models to the network. The URL and key stay in the provider's
+configuration: they never appear in offers, status answers or logs. Every
+failure of the upstream (unreachable, timeout, an error status, a malformed
+event) becomes an :class:`EngineError` with a readable message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httpx
+import trio
+
+from p2pnode.errors import EngineError
+from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
+from p2pnode.scopes import single_errors_ungrouped
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Where the upstream server is and what of it to serve."""
+
+    base_url: str  # e.g. "http://127.0.0.1:8080/v1"
+    models: tuple[str, ...]  # model ids as the upstream names them
+    api_key: str | None = None
+    # Requests sent to the upstream at once; it does its own batching.
+    slots: int = 4
+    queue_limit: int = 16
+    context_length: int = 0  # advertised; 0 when unknown
+    # Connecting on a LAN takes milliseconds; a first token can take long
+    # on a loaded GPU server, so reads get more room than connects.
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0
+
+
+class UpstreamEngine:
+    """Streams completions from an OpenAI-compatible server. Use :func:`open_upstream`."""
+
+    def __init__(self, cfg: Config, client: httpx.AsyncClient) -> None:
+        self.cfg = cfg
+        self._client = client
+        self._slots = trio.Semaphore(cfg.slots)
+        self._waiting = 0
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(model_id=m, context_length=self.cfg.context_length) for m in self.cfg.models
+        ]
+
+    @property
+    def slots_total(self) -> int:
+        return self.cfg.slots
+
+    @property
+    def slots_free(self) -> int:
+        return self._slots.value
+
+    @property
+    def queue_len(self) -> int:
+        return self._waiting
+
+    @asynccontextmanager
+    async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
+        """Stream ``request`` from the upstream; leaving early closes the HTTP stream."""
+        if request.model_id not in self.cfg.models:
+            raise EngineError(f"model {request.model_id!r} is not served here")
+        await self._acquire()
+        try:
+            send, receive = trio.open_memory_channel[Chunk](0)
+            with single_errors_ungrouped():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._relay, request, send)
+                    try:
+                        async with receive:
+                            yield receive
+                    finally:
+                        nursery.cancel_scope.cancel()  # hangs up on the upstream
+        finally:
+            self._slots.release()
+
+    async def _acquire(self) -> None:
+        try:
+            self._slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        if self._waiting >= self.cfg.queue_limit:
+            raise EngineBusy(f"all {self.cfg.slots} upstream slots busy and {self._waiting} queued")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+
+    async def _relay(self, request: Request, send: trio.MemorySendChannel[Chunk]) -> None:
+        path, body = _openai_request(request)
+        produced, finish, usage = 0, "stop", None
+        async with send:
+            try:
+                async with self._client.stream("POST", path, json=body) as response:
+                    if response.status_code >= 400:
+                        detail = (await response.aread()).decode(errors="replace")[:300]
+                        raise EngineError(f"upstream answered {response.status_code}: {detail}")
+                    # aclosing: under trio an abandoned async generator must be
+                    # closed explicitly, or it lingers until garbage collection.
+                    async with aclosing(_sse_events(response)) as events:
+                        async for event in events:
+                            choices = event.get("choices") or []
+                            if event.get("usage"):
+                                usage = event["usage"]
+                            if not choices:
+                                continue
+                            choice = choices[0]
+                            text = _text_of(choice)
+                            if text:
+                                produced += 1
+                                await send.send(Chunk(text, 1))
+                            if choice.get("finish_reason"):
+                                finish = choice["finish_reason"]
+            except httpx.TimeoutException as exc:
+                raise EngineError("the upstream server did not answer in time") from exc
+            except httpx.HTTPError as exc:
+                raise EngineError(
+                    f"cannot reach the upstream server: {type(exc).__name__}"
+                ) from exc
+            except trio.BrokenResourceError:
+                return  # the consumer left
+            counted = Usage(
+                prompt_tokens=int(usage["prompt_tokens"]) if usage else 0,
+                completion_tokens=int(usage["completion_tokens"]) if usage else produced,
+            )
+            await send.send(Chunk("", 0, finish, counted))
+
+
+def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
+    p = request.params
+    body: dict[str, Any] = {
+        "model": request.model_id,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": p.max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+    }
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if request.kind == "chat":
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        return "chat/completions", body
+    body["prompt"] = request.prompt
+    return "completions", body
+
+
+def _text_of(choice: dict[str, Any]) -> str:
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return str(delta.get("content") or "")
+    return str(choice.get("text") or "")
+
+
+async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
+    """The JSON events of a server-sent-event stream, until ``data: [DONE]``.
+
+    The stream is read to its end even after ``[DONE]``: httpx nests async
+    generators (lines, text, bytes, raw) and closes only the outermost, so
+    stopping early would leave the inner ones to the garbage collector.
+    """
+    done = False
+    # httpx types aiter_lines() as an iterator; it is an async generator.
+    lines_gen = cast(AsyncGenerator[str, None], response.aiter_lines())
+    async with aclosing(lines_gen) as lines:
+        async for line in lines:
+            if done or not line.startswith("data:"):
+                continue  # comments, event names, keep-alives, anything after [DONE]
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                continue
+            try:
+                event = json.loads(data)
+            except ValueError as exc:
+                raise EngineError("the upstream sent a malformed event") from exc
+            if isinstance(event, dict):
+                yield event
+
+
+@asynccontextmanager
+async def open_upstream(cfg: Config) -> AsyncIterator[UpstreamEngine]:
+    """An engine for ``cfg``; the HTTP connection pool closes on exit."""
+    if not cfg.models:
+        raise EngineError("an upstream engine needs at least one model id")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout)
+    async with httpx.AsyncClient(
+        base_url=cfg.base_url.rstrip("/") + "/", headers=headers, timeout=timeout
+    ) as client:
+        yield UpstreamEngine(cfg, client)

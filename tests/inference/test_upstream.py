@@ -1,0 +1,146 @@
+"""UpstreamEngine against a real OpenAI-compatible server (llama_cpp.server, bundled model)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import trio
+
+from p2pnode.errors import EngineError
+from p2pnode.inference.engine import ChatMessage, Params, Request, collect
+from p2pnode.inference.llamacpp import bundled_model_path
+from p2pnode.inference.upstream import Config, UpstreamEngine, open_upstream
+
+pytestmark = pytest.mark.slow
+MODEL = "smol"  # the alias the server is started with
+BOUND_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(bundled_model_path()),
+            "--model_alias",
+            MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "1",
+            "--verbose",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        with httpx.Client(timeout=1.0) as client:
+            for _ in range(BOUND_S * 10):  # until it answers, at most BOUND_S
+                try:
+                    if client.get(f"{url}/models").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None:
+                    pytest.fail("llama_cpp.server exited at start")
+                import time
+
+                time.sleep(0.1)  # noqa: TID251 - a sync fixture waiting for a child process
+            else:
+                pytest.fail("llama_cpp.server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(BOUND_S)
+
+
+@pytest.fixture
+async def engine(server_url: str) -> AsyncIterator[UpstreamEngine]:
+    async with open_upstream(Config(base_url=server_url, models=(MODEL,), slots=2)) as e:
+        yield e
+
+
+def _chat(max_tokens: int = 16) -> Request:
+    return Request(
+        model_id=MODEL,
+        kind="chat",
+        messages=(ChatMessage(role="user", content="Tell me a long story about a dragon."),),
+        params=Params(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+async def test_streams_a_chat(engine: UpstreamEngine) -> None:
+    chunks = []
+    async with engine.stream(_chat()) as stream:
+        async for chunk in stream:
+            chunks.append(chunk)
+    text = "".join(c.text for c in chunks)
+    assert text.strip()
+    assert sum(1 for c in chunks if c.text) > 1  # streamed, not one block
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 16
+
+
+async def test_streams_a_completion(engine: UpstreamEngine) -> None:
+    request = Request(
+        model_id=MODEL,
+        kind="completion",
+        prompt="The capital of France is",
+        params=Params(max_tokens=6, temperature=0.0),
+    )
+    text, last = await collect(engine, request)
+    assert text
+    assert last.finish_reason in ("length", "stop")
+
+
+# httpx nests async generators and closes only the outermost when a stream is
+# abandoned; the inner ones are finalized by the garbage collector.
+@pytest.mark.filterwarnings("ignore:Async generator 'httpx.:ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_leaving_early_frees_the_slot(engine: UpstreamEngine) -> None:
+    async with engine.stream(_chat(max_tokens=300)) as stream:
+        async for chunk in stream:
+            if chunk.text:
+                break
+    assert engine.slots_free == 2
+    text, _ = await collect(engine, _chat(4))
+    assert text
+
+
+async def test_an_error_status_is_an_engine_error(server_url: str) -> None:
+    wrong_path = server_url.removesuffix("/v1") + "/not-v1"
+    async with open_upstream(Config(base_url=wrong_path, models=(MODEL,))) as engine:
+        with trio.fail_after(BOUND_S), pytest.raises(EngineError, match="upstream answered 404"):
+            await collect(engine, _chat())
+
+
+async def test_unreachable_upstream_is_an_engine_error() -> None:
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    async with open_upstream(Config(base_url=dead, models=(MODEL,))) as engine:
+        with pytest.raises(EngineError, match="cannot reach the upstream server"):
+            await collect(engine, _chat())
+
+
+async def test_unknown_model_is_refused_locally(engine: UpstreamEngine) -> None:
+    with pytest.raises(EngineError, match="not served here"):
+        await collect(engine, Request(model_id="other", kind="completion", prompt="x"))

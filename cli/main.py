@@ -552,7 +552,7 @@ def bench() -> None:
 
 
 @bench.command("engine")
-@click.option("--rounds", type=click.IntRange(1, 50), default=5, show_default=True)
+@click.option("--rounds", type=click.IntRange(1, 50), default=7, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(8, 4096), default=128, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(

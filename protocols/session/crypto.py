@@ -1,0 +1,134 @@
+"""Session keys and sealed frames (ARCHITECTURE §5, step 4).
+
+Theory of operation. Each side of a session handshake makes an X25519
+ephemeral key pair. The shared secret goes through HKDF-SHA256, salted with
+the hash of the handshake transcript, into one ChaCha20-Poly1305 key per
+direction (consumer→provider and provider→consumer), so neither side ever
+encrypts with the other's key.
+
+A :class:`Sealer` encrypts the frames one side sends on one stream; an
+:class:`Opener` decrypts what it receives. The nonce is a 96-bit counter that
+both ends advance in step, and the associated data binds every frame to its
+session and stream. So a flipped bit, a replayed or reordered frame, or a
+frame spliced in from another stream or session fails authentication; the
+opener then refuses everything after it (a stream that lied once is done).
+
+Pure: no I/O, no clock; ``cryptography`` does the arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+
+KEY_INFO: Final = b"p2pnode/session/1 keys"
+TAG_BYTES: Final = 16
+# A 96-bit counter never wraps in practice; refusing at 2**64 frames keeps
+# the arithmetic obviously safe.
+MAX_FRAMES: Final = 2**64
+
+
+def transcript_hash(*parts: bytes) -> bytes:
+    """SHA-256 over length-prefixed parts: no two transcripts hash alike."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
+class Ephemeral:
+    """One side's X25519 key pair for one handshake."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public: bytes = self._private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def shared_secret(self, peer_public: bytes) -> bytes:
+        """The X25519 secret with the peer's public key (32 raw bytes)."""
+        if len(peer_public) != 32:
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, "X25519 key must be 32 bytes")
+        try:
+            secret = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as exc:  # a low-order point gives an all-zero secret
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, "unusable X25519 key") from exc
+        return secret
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The two directional keys of a session."""
+
+    consumer_to_provider: bytes
+    provider_to_consumer: bytes
+
+    @classmethod
+    def derive(cls, shared_secret: bytes, transcript: bytes) -> SessionKeys:
+        """HKDF-SHA256(secret, salt=transcript hash) split into the two keys."""
+        material = HKDF(
+            algorithm=hashes.SHA256(), length=64, salt=transcript, info=KEY_INFO
+        ).derive(shared_secret)
+        return cls(material[:32], material[32:])
+
+
+def _aad(session_id: bytes, stream_id: int) -> bytes:
+    return session_id + stream_id.to_bytes(8, "big")
+
+
+def _nonce(counter: int) -> bytes:
+    return counter.to_bytes(12, "big")
+
+
+class Sealer:
+    """Encrypts the frames one side sends on one stream, in order."""
+
+    def __init__(self, key: bytes, session_id: bytes, stream_id: int) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._aad = _aad(session_id, stream_id)
+        self._counter = 0
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """Ciphertext and tag of the next frame."""
+        if self._counter >= MAX_FRAMES:
+            raise LocalProtocolError(ErrorCode.UNEXPECTED, "too many frames on one stream")
+        sealed = self._aead.encrypt(_nonce(self._counter), plaintext, self._aad)
+        self._counter += 1
+        return sealed
+
+
+class Opener:
+    """Decrypts and authenticates the frames one side receives on one stream, in order."""
+
+    def __init__(self, key: bytes, session_id: bytes, stream_id: int) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._aad = _aad(session_id, stream_id)
+        self._counter = 0
+        self._failed = False
+
+    def open(self, sealed: bytes) -> bytes:
+        """The plaintext of the next frame; anything tampered raises RemoteProtocolError."""
+        if self._failed:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "stream already failed authentication")
+        if len(sealed) < TAG_BYTES:
+            self._failed = True
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "sealed frame shorter than its tag")
+        try:
+            plaintext = self._aead.decrypt(_nonce(self._counter), sealed, self._aad)
+        except InvalidTag as exc:
+            self._failed = True
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED, "frame failed authentication (tampered, replayed or reordered)"
+            ) from exc
+        self._counter += 1
+        return plaintext

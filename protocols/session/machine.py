@@ -1,0 +1,217 @@
+"""State machines of the session handshake, one per side.
+
+Theory of operation::
+
+    consumer                                   provider
+    IDLE ──send_hello()──► AWAIT_APPROVE        AWAIT_HELLO ──Hello──► DECIDING
+         ◄── Approve ── approve() ──────────────  DECIDING ──approve()──► AWAIT_OPENED
+         (or Reject: REJECTED)                            └─reject()──► REJECTED
+    AWAIT_APPROVE ──Approve──► APPROVED (keys derived)
+    APPROVED ──send_opened(id)──► AWAIT_READY   AWAIT_OPENED ──Opened──► CHECKING
+         ◄── Ready ── ready() ──────────────────  CHECKING ──ready()──► READY
+    AWAIT_READY ──Ready──► READY                          └─reject()──► REJECTED
+
+Both sides hash the exact Hello and Approve bodies that crossed the wire into
+the transcript; the keys come from it (``crypto.SessionKeys``), and in free
+mode the session id is that hash. In chain mode the consumer opens the
+session on chain between Approve and Opened, and the provider checks the
+chain before ``ready()``: those decisions belong to the adapter, which sees
+``Hello`` and ``Opened`` events and answers with ``approve``/``reject``/
+``ready``. Randomness (the ephemeral keys) is passed in; the machines never
+read a clock or do I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys, transcript_hash
+from p2pnode.protocols.session.messages import (
+    CODEC,
+    Approve,
+    Hello,
+    Opened,
+    Ready,
+    Reject,
+    RejectCode,
+)
+from p2pnode.protocols.wire import PEER_CLOSED, Error, FrameDecoder, Message, Sentinel
+
+DOMAIN = b"p2pnode/session/1"
+EPHEMERAL_BYTES = 32
+NONCE_BYTES = 16
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    AWAIT_HELLO = "await_hello"
+    DECIDING = "deciding"
+    AWAIT_APPROVE = "await_approve"
+    APPROVED = "approved"
+    AWAIT_OPENED = "await_opened"
+    CHECKING = "checking"
+    AWAIT_READY = "await_ready"
+    READY = "ready"
+    REJECTED = "rejected"
+    ERROR = "error"
+
+
+class _Side:
+    def __init__(self, max_frame: int, state: State) -> None:
+        self._decoder = FrameDecoder(max_frame)
+        self.state = state
+        self.keys: SessionKeys | None = None
+        self.transcript = b""
+        self._hello_body = b""
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the stream; ``b""`` when the peer closed."""
+        self._decoder.receive_data(data)
+
+    def send_failed(self) -> None:
+        self.state = State.ERROR
+
+    def _next(self) -> tuple[Message, bytes] | Sentinel:
+        try:
+            body = self._decoder.next_frame()
+            if isinstance(body, Sentinel):
+                if body is PEER_CLOSED:
+                    raise RemoteProtocolError(ErrorCode.TRUNCATED, "closed during the handshake")
+                return body
+            return CODEC.decode(body), body
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def _fail(self, code: ErrorCode, detail: str) -> RemoteProtocolError:
+        self.state = State.ERROR
+        return RemoteProtocolError(code, detail)
+
+    def _require(self, state: State, action: str) -> None:
+        if self.state is not state:
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED, f"cannot {action} in state {self.state.value}"
+            )
+
+    def _derive(self, ours: Ephemeral, theirs: bytes, approve_body: bytes) -> None:
+        self.transcript = transcript_hash(DOMAIN, self._hello_body, approve_body)
+        self.keys = SessionKeys.derive(ours.shared_secret(theirs), self.transcript)
+
+    def _check_key_sizes(self, ephemeral: bytes, nonce: bytes) -> None:
+        if len(ephemeral) != EPHEMERAL_BYTES or len(nonce) != NONCE_BYTES:
+            raise self._fail(ErrorCode.BAD_FIELD, "ephemeral key or nonce of the wrong size")
+
+
+class ConsumerMachine(_Side):
+    """The consumer's side: asks, derives keys on Approve, names the session, waits for Ready."""
+
+    def __init__(self, max_frame: int, ephemeral: Ephemeral) -> None:
+        super().__init__(max_frame, State.IDLE)
+        self._ephemeral = ephemeral
+        self.session_id = b""
+
+    def send_hello(self, hello: Hello) -> bytes:
+        """Bytes of the Hello (its ``ephemeral`` must be this machine's public key)."""
+        self._require(State.IDLE, "send Hello")
+        if hello.ephemeral != self._ephemeral.public:
+            raise LocalProtocolError(ErrorCode.BAD_FIELD, "Hello must carry our ephemeral key")
+        frame = CODEC.encode(hello)
+        self._hello_body = CODEC.encode_body(hello)
+        self.state = State.AWAIT_APPROVE
+        return frame
+
+    def next_event(self) -> Approve | Reject | Ready | Error | Sentinel:
+        """Approve (keys are then derived), Ready, or the provider's Reject/Error."""
+        if self.state not in (State.AWAIT_APPROVE, State.AWAIT_READY):
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED, f"no event expected in {self.state.value}"
+            )
+        got = self._next()
+        if isinstance(got, Sentinel):
+            return got
+        msg, body = got
+        if isinstance(msg, Reject | Error):
+            self.state = State.REJECTED
+            return msg
+        if self.state is State.AWAIT_APPROVE and isinstance(msg, Approve):
+            self._check_key_sizes(msg.ephemeral, msg.nonce)
+            self._derive(self._ephemeral, msg.ephemeral, body)
+            self.state = State.APPROVED
+            return msg
+        if self.state is State.AWAIT_READY and isinstance(msg, Ready):
+            if msg.session_id != self.session_id:
+                raise self._fail(ErrorCode.BAD_FIELD, "Ready names another session")
+            self.state = State.READY
+            return msg
+        raise self._fail(ErrorCode.UNEXPECTED, f"{msg.TYPE} in {self.state.value}")
+
+    def send_opened(self, session_id: bytes | None = None) -> bytes:
+        """Bytes of Opened; free mode (None): the session id is the transcript hash."""
+        self._require(State.APPROVED, "send Opened")
+        self.session_id = session_id if session_id is not None else self.transcript
+        self.state = State.AWAIT_READY
+        return CODEC.encode(Opened(session_id=self.session_id))
+
+
+class ProviderMachine(_Side):
+    """The provider's side: sees Hello, approves or rejects, checks Opened, says Ready."""
+
+    def __init__(self, max_frame: int) -> None:
+        super().__init__(max_frame, State.AWAIT_HELLO)
+        self.hello: Hello | None = None
+        self.session_id = b""
+
+    def next_event(self) -> Hello | Opened | Error | Sentinel:
+        """The Hello to decide on, then the Opened to check (or the consumer's Error)."""
+        if self.state not in (State.AWAIT_HELLO, State.AWAIT_OPENED):
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED, f"no event expected in {self.state.value}"
+            )
+        got = self._next()
+        if isinstance(got, Sentinel):
+            return got
+        msg, body = got
+        if isinstance(msg, Error):
+            self.state = State.REJECTED
+            return msg
+        if self.state is State.AWAIT_HELLO and isinstance(msg, Hello):
+            self._check_key_sizes(msg.ephemeral, msg.nonce)
+            self._hello_body = body
+            self.hello = msg
+            self.state = State.DECIDING
+            return msg
+        if self.state is State.AWAIT_OPENED and isinstance(msg, Opened):
+            self.session_id = msg.session_id
+            self.state = State.CHECKING
+            return msg
+        raise self._fail(ErrorCode.UNEXPECTED, f"{msg.TYPE} in {self.state.value}")
+
+    def approve(self, ephemeral: Ephemeral, approve: Approve) -> bytes:
+        """Bytes of Approve (carrying ``ephemeral``'s public key); keys are derived now."""
+        self._require(State.DECIDING, "approve")
+        assert self.hello is not None
+        if approve.ephemeral != ephemeral.public:
+            raise LocalProtocolError(ErrorCode.BAD_FIELD, "Approve must carry our ephemeral key")
+        frame = CODEC.encode(approve)
+        self._derive(ephemeral, self.hello.ephemeral, CODEC.encode_body(approve))
+        self.state = State.AWAIT_OPENED
+        return frame
+
+    @property
+    def free_mode_session_ok(self) -> bool:
+        """In free mode, whether the consumer named the session by the transcript hash."""
+        return self.state is State.CHECKING and self.session_id == self.transcript
+
+    def ready(self) -> bytes:
+        """Bytes of Ready, once the adapter has checked the session."""
+        self._require(State.CHECKING, "say Ready")
+        self.state = State.READY
+        return CODEC.encode(Ready(session_id=self.session_id))
+
+    def reject(self, code: RejectCode, reason: str = "") -> bytes:
+        """Bytes of Reject, while deciding on Hello or checking Opened."""
+        if self.state not in (State.DECIDING, State.CHECKING):
+            raise LocalProtocolError(ErrorCode.UNEXPECTED, f"cannot reject in {self.state.value}")
+        self.state = State.REJECTED
+        return CODEC.encode(Reject(code=int(code), reason=reason[:200]))

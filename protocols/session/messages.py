@@ -1,0 +1,75 @@
+"""Messages of the session handshake (ARCHITECTURE §5)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+from p2pnode.protocols.wire import Codec, Error, Message
+
+
+class RejectCode(enum.IntEnum):
+    """Why a provider turned a session down. Never renumber."""
+
+    UNKNOWN_MODEL = 1
+    BUSY = 2
+    RATE_LIMITED = 3
+    PRICE_CHANGED = 4
+    NOT_ALLOWED = 5  # not on the provider's allowlist
+    BAD_SESSION = 6  # the session the consumer says it opened does not check out
+    STALE_HELLO = 7  # the Hello's timestamp is too old or too far ahead
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(Message):
+    """C→P: the session the consumer asks for, and its half of the key exchange."""
+
+    TYPE: ClassVar[str] = "session.hello"
+    model_id: str
+    ephemeral: bytes  # X25519 public key, 32 bytes
+    nonce: bytes  # 16 random bytes
+    timestamp: float  # consumer's wall clock, seconds
+    duration_s: int = 0  # requested length (chain mode: the stake buys it)
+    bid_id: str | None = None  # chain mode
+    consumer_wallet: str | None = None  # chain mode
+    signature: bytes = b""  # chain mode: the consumer wallet's signature
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Approve(Message):
+    """P→C: the provider agrees, with its half of the key exchange."""
+
+    TYPE: ClassVar[str] = "session.approve"
+    ephemeral: bytes
+    nonce: bytes
+    approval: bytes = b""  # chain mode: EIP-712 approval the contract checks
+    expiry: int = 0  # chain mode: when the approval lapses (unix seconds)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reject(Message):
+    """P→C: no session, and why (a RejectCode)."""
+
+    TYPE: ClassVar[str] = "session.reject"
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Opened(Message):
+    """C→P: the session id (free mode: the transcript hash; chain mode: the on-chain id)."""
+
+    TYPE: ClassVar[str] = "session.opened"
+    session_id: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ready(Message):
+    """P→C: the provider checked the session; requests may flow."""
+
+    TYPE: ClassVar[str] = "session.ready"
+    session_id: bytes
+
+
+CODEC = Codec([Hello, Approve, Reject, Opened, Ready, Error])

@@ -1,0 +1,121 @@
+"""Session keys and sealed frames: what authenticates and what must not."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pnode.errors import RemoteProtocolError
+from p2pnode.protocols.session.crypto import (
+    Ephemeral,
+    Opener,
+    Sealer,
+    SessionKeys,
+    transcript_hash,
+)
+
+SESSION = b"s" * 32
+
+
+def _pair() -> tuple[SessionKeys, SessionKeys]:
+    consumer, provider = Ephemeral(), Ephemeral()
+    transcript = transcript_hash(b"hello", consumer.public, b"approve", provider.public)
+    return (
+        SessionKeys.derive(consumer.shared_secret(provider.public), transcript),
+        SessionKeys.derive(provider.shared_secret(consumer.public), transcript),
+    )
+
+
+def test_both_sides_derive_the_same_two_distinct_keys() -> None:
+    at_consumer, at_provider = _pair()
+    assert at_consumer == at_provider
+    assert at_consumer.consumer_to_provider != at_consumer.provider_to_consumer
+    assert len(at_consumer.consumer_to_provider) == 32
+
+
+def test_a_different_transcript_gives_different_keys() -> None:
+    consumer, provider = Ephemeral(), Ephemeral()
+    secret = consumer.shared_secret(provider.public)
+    assert SessionKeys.derive(secret, transcript_hash(b"a")) != SessionKeys.derive(
+        secret, transcript_hash(b"b")
+    )
+
+
+def test_transcript_parts_cannot_be_shifted() -> None:
+    assert transcript_hash(b"ab", b"c") != transcript_hash(b"a", b"bc")
+
+
+@given(st.lists(st.binary(max_size=2048), max_size=20))
+def test_frames_round_trip_in_order(frames: list[bytes]) -> None:
+    keys, _ = _pair()
+    sealer = Sealer(keys.consumer_to_provider, SESSION, 1)
+    opener = Opener(keys.consumer_to_provider, SESSION, 1)
+    assert [opener.open(sealer.seal(f)) for f in frames] == frames
+
+
+def _sealed(count: int, stream_id: int = 1) -> tuple[list[bytes], SessionKeys]:
+    keys, _ = _pair()
+    sealer = Sealer(keys.provider_to_consumer, SESSION, stream_id)
+    return [sealer.seal(f"token {i}".encode()) for i in range(count)], keys
+
+
+def test_a_flipped_bit_fails() -> None:
+    frames, keys = _sealed(1)
+    tampered = bytearray(frames[0])
+    tampered[0] ^= 0x01
+    opener = Opener(keys.provider_to_consumer, SESSION, 1)
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        opener.open(bytes(tampered))
+
+
+def test_a_replayed_frame_fails() -> None:
+    frames, keys = _sealed(2)
+    opener = Opener(keys.provider_to_consumer, SESSION, 1)
+    assert opener.open(frames[0]) == b"token 0"
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        opener.open(frames[0])
+
+
+def test_reordered_frames_fail() -> None:
+    frames, keys = _sealed(2)
+    opener = Opener(keys.provider_to_consumer, SESSION, 1)
+    with pytest.raises(RemoteProtocolError):
+        opener.open(frames[1])
+
+
+def test_a_frame_from_another_stream_fails() -> None:
+    frames, keys = _sealed(1, stream_id=2)
+    with pytest.raises(RemoteProtocolError):
+        Opener(keys.provider_to_consumer, SESSION, 1).open(frames[0])
+
+
+def test_a_frame_from_another_session_fails() -> None:
+    frames, keys = _sealed(1)
+    with pytest.raises(RemoteProtocolError):
+        Opener(keys.provider_to_consumer, b"t" * 32, 1).open(frames[0])
+
+
+def test_the_wrong_direction_key_fails() -> None:
+    frames, keys = _sealed(1)
+    with pytest.raises(RemoteProtocolError):
+        Opener(keys.consumer_to_provider, SESSION, 1).open(frames[0])
+
+
+def test_after_a_failure_the_stream_is_done() -> None:
+    frames, keys = _sealed(2)
+    opener = Opener(keys.provider_to_consumer, SESSION, 1)
+    with pytest.raises(RemoteProtocolError):
+        opener.open(b"x" * 20)
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        opener.open(frames[0])
+
+
+def test_short_frames_and_bad_keys_are_refused() -> None:
+    _, keys = _pair()
+    with pytest.raises(RemoteProtocolError, match="shorter than its tag"):
+        Opener(keys.provider_to_consumer, SESSION, 1).open(b"short")
+    with pytest.raises(RemoteProtocolError, match="32 bytes"):
+        Ephemeral().shared_secret(b"\x01" * 31)
+    with pytest.raises(RemoteProtocolError, match="unusable"):
+        Ephemeral().shared_secret(b"\x00" * 32)  # a low-order point

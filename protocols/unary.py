@@ -22,12 +22,12 @@ import enum
 from typing import Generic, TypeVar
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.protocols.framed import FramedMachine
 from p2pnode.protocols.wire import (
     NEED_DATA,
     PEER_CLOSED,
     Codec,
     Error,
-    FrameDecoder,
     Message,
     Sentinel,
 )
@@ -44,19 +44,10 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-class _Side:
+class _Side(FramedMachine[State]):
     def __init__(self, codec: Codec, max_frame: int, initial: State) -> None:
+        super().__init__(max_frame, initial, State.ERROR)
         self._codec = codec
-        self._decoder = FrameDecoder(max_frame)
-        self.state = initial
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes read from the stream; ``b""`` when the peer closed."""
-        self._decoder.receive_data(data)
-
-    def send_failed(self) -> None:
-        """The adapter could not write what this machine produced."""
-        self.state = State.ERROR
 
     def _next_message(self) -> Message | Sentinel:
         try:
@@ -65,16 +56,6 @@ class _Side:
         except RemoteProtocolError:
             self.state = State.ERROR
             raise
-
-    def _fail(self, code: ErrorCode, detail: str) -> RemoteProtocolError:
-        self.state = State.ERROR
-        return RemoteProtocolError(code, detail)
-
-    def _require(self, state: State, action: str) -> None:
-        if self.state is not state:
-            raise LocalProtocolError(
-                ErrorCode.UNEXPECTED, f"cannot {action} in state {self.state.value}"
-            )
 
 
 class ClientMachine(_Side, Generic[Req, Resp]):

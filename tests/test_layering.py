@@ -12,6 +12,7 @@ FORBIDDEN_IN_PURE = {"trio", "libp2p", "web3", "llama_cpp", "socket", "time", "a
 PURE = [
     ROOT / "protocols" / "wire.py",
     ROOT / "protocols" / "unary.py",
+    ROOT / "protocols" / "framed.py",
     *sorted(ROOT.glob("protocols/offers/*.py")),
     ROOT / "protocols" / "session" / "crypto.py",
     *sorted(ROOT.glob("protocols/*/messages.py")),

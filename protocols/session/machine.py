@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.protocols.framed import FramedMachine
 from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys, transcript_hash
 from p2pnode.protocols.session.messages import (
     CODEC,
@@ -36,7 +37,7 @@ from p2pnode.protocols.session.messages import (
     Reject,
     RejectCode,
 )
-from p2pnode.protocols.wire import PEER_CLOSED, Error, FrameDecoder, Message, Sentinel
+from p2pnode.protocols.wire import PEER_CLOSED, Error, Message, Sentinel
 
 DOMAIN = b"p2pnode/session/1"
 EPHEMERAL_BYTES = 32
@@ -57,20 +58,12 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-class _Side:
+class _Side(FramedMachine[State]):
     def __init__(self, max_frame: int, state: State) -> None:
-        self._decoder = FrameDecoder(max_frame)
-        self.state = state
+        super().__init__(max_frame, state, State.ERROR)
         self.keys: SessionKeys | None = None
         self.transcript = b""
         self._hello_body = b""
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes read from the stream; ``b""`` when the peer closed."""
-        self._decoder.receive_data(data)
-
-    def send_failed(self) -> None:
-        self.state = State.ERROR
 
     def _next(self) -> tuple[Message, bytes] | Sentinel:
         try:
@@ -83,16 +76,6 @@ class _Side:
         except RemoteProtocolError:
             self.state = State.ERROR
             raise
-
-    def _fail(self, code: ErrorCode, detail: str) -> RemoteProtocolError:
-        self.state = State.ERROR
-        return RemoteProtocolError(code, detail)
-
-    def _require(self, state: State, action: str) -> None:
-        if self.state is not state:
-            raise LocalProtocolError(
-                ErrorCode.UNEXPECTED, f"cannot {action} in state {self.state.value}"
-            )
 
     def _derive(self, ours: Ephemeral, theirs: bytes, approve_body: bytes) -> None:
         self.transcript = transcript_hash(DOMAIN, self._hello_body, approve_body)

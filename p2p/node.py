@@ -112,12 +112,13 @@ class Node:
         # Unsigned: discovery sets peer_id, seq, timestamp and the signature.
         if not self.models:
             return None
+        load = self.load()
         return offers.Offer(
             peer_id=self.peer_id,
             addrs=tuple(self.addrs),
             models=self.models,
-            slots_free=self.load().slots_free,
-            queue_len=self.load().queue_len,
+            slots_free=load.slots_free,
+            queue_len=load.queue_len,
             seq=0,
             timestamp=0.0,
             wallet=self.config.wallet,

@@ -6,7 +6,7 @@ import enum
 from typing import Generic, TypeVar
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from p2pnode.protocols.wire import FrameDecoder
+from p2pnode.protocols.wire import Codec, FrameDecoder, Message, Sentinel
 
 S = TypeVar("S", bound=enum.Enum)
 
@@ -30,6 +30,18 @@ class FramedMachine(Generic[S]):
     def send_failed(self) -> None:
         """The adapter could not write what this machine produced."""
         self.state = self._error_state
+
+    def _next_frame(self, codec: Codec) -> tuple[Message, bytes] | Sentinel:
+        """The next message and its exact body bytes, NEED_DATA or PEER_CLOSED.
+
+        A malformed frame moves the machine to its error state and raises.
+        """
+        try:
+            body = self._decoder.next_frame()
+            return body if isinstance(body, Sentinel) else (codec.decode(body), body)
+        except RemoteProtocolError:
+            self.state = self._error_state
+            raise
 
     def _fail(self, code: ErrorCode, detail: str) -> RemoteProtocolError:
         self.state = self._error_state

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from typing import Generic, TypeVar
 
-from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.errors import ErrorCode, LocalProtocolError
 from p2pnode.protocols.framed import FramedMachine
 from p2pnode.protocols.wire import (
     NEED_DATA,
@@ -50,12 +50,8 @@ class _Side(FramedMachine[State]):
         self._codec = codec
 
     def _next_message(self) -> Message | Sentinel:
-        try:
-            body = self._decoder.next_frame()
-            return body if isinstance(body, Sentinel) else self._codec.decode(body)
-        except RemoteProtocolError:
-            self.state = State.ERROR
-            raise
+        got = self._next_frame(self._codec)
+        return got if isinstance(got, Sentinel) else got[0]
 
 
 class ClientMachine(_Side, Generic[Req, Resp]):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 
-from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.errors import ErrorCode, LocalProtocolError
 from p2pnode.protocols.framed import FramedMachine
 from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys, transcript_hash
 from p2pnode.protocols.session.messages import (
@@ -66,16 +66,10 @@ class _Side(FramedMachine[State]):
         self._hello_body = b""
 
     def _next(self) -> tuple[Message, bytes] | Sentinel:
-        try:
-            body = self._decoder.next_frame()
-            if isinstance(body, Sentinel):
-                if body is PEER_CLOSED:
-                    raise RemoteProtocolError(ErrorCode.TRUNCATED, "closed during the handshake")
-                return body
-            return CODEC.decode(body), body
-        except RemoteProtocolError:
-            self.state = State.ERROR
-            raise
+        got = self._next_frame(CODEC)
+        if got is PEER_CLOSED:
+            raise self._fail(ErrorCode.TRUNCATED, "closed during the handshake")
+        return got
 
     def _derive(self, ours: Ephemeral, theirs: bytes, approve_body: bytes) -> None:
         self.transcript = transcript_hash(DOMAIN, self._hello_body, approve_body)

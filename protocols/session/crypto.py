@@ -7,11 +7,15 @@ direction (consumer→provider and provider→consumer), so neither side ever
 encrypts with the other's key.
 
 A :class:`Sealer` encrypts the frames one side sends on one stream; an
-:class:`Opener` decrypts what it receives. The nonce is a 96-bit counter that
-both ends advance in step, and the associated data binds every frame to its
-session and stream. So a flipped bit, a replayed or reordered frame, or a
-frame spliced in from another stream or session fails authentication; the
-opener then refuses everything after it (a stream that lied once is done).
+:class:`Opener` decrypts what it receives. The 96-bit nonce is the stream id
+(32 bits) and a frame counter (64 bits) that both ends advance in step: a key
+serves every stream of its session and direction, so the stream id must be in
+the nonce, or two streams would reuse ChaCha20's keystream (associated data
+does not change it). Stream ids are unique within a session. The associated
+data binds every frame to its session and stream as well. So a flipped bit,
+a replayed or reordered frame, or a frame spliced in from another stream or
+session fails authentication; the opener then refuses everything after it (a
+stream that lied once is done).
 
 Pure: no I/O, no clock; ``cryptography`` does the arithmetic.
 """
@@ -32,8 +36,8 @@ from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 KEY_INFO: Final = b"p2pnode/session/1 keys"
 TAG_BYTES: Final = 16
-# A 96-bit counter never wraps in practice; refusing at 2**64 frames keeps
-# the arithmetic obviously safe.
+# nonce = stream id (4 bytes) || frame counter (8 bytes)
+MAX_STREAM_ID: Final = 2**32 - 1
 MAX_FRAMES: Final = 2**64
 
 
@@ -86,23 +90,30 @@ def _aad(session_id: bytes, stream_id: int) -> bytes:
     return session_id + stream_id.to_bytes(8, "big")
 
 
-def _nonce(counter: int) -> bytes:
-    return counter.to_bytes(12, "big")
+def _nonce(stream_id: int, counter: int) -> bytes:
+    return stream_id.to_bytes(4, "big") + counter.to_bytes(8, "big")
+
+
+def _check_stream_id(stream_id: int) -> None:
+    if not 0 <= stream_id <= MAX_STREAM_ID:
+        raise LocalProtocolError(ErrorCode.BAD_FIELD, "stream id must fit in 32 bits")
 
 
 class Sealer:
     """Encrypts the frames one side sends on one stream, in order."""
 
     def __init__(self, key: bytes, session_id: bytes, stream_id: int) -> None:
+        _check_stream_id(stream_id)
         self._aead = ChaCha20Poly1305(key)
         self._aad = _aad(session_id, stream_id)
+        self._stream_id = stream_id
         self._counter = 0
 
     def seal(self, plaintext: bytes) -> bytes:
         """Ciphertext and tag of the next frame."""
         if self._counter >= MAX_FRAMES:
             raise LocalProtocolError(ErrorCode.UNEXPECTED, "too many frames on one stream")
-        sealed = self._aead.encrypt(_nonce(self._counter), plaintext, self._aad)
+        sealed = self._aead.encrypt(_nonce(self._stream_id, self._counter), plaintext, self._aad)
         self._counter += 1
         return sealed
 
@@ -111,8 +122,10 @@ class Opener:
     """Decrypts and authenticates the frames one side receives on one stream, in order."""
 
     def __init__(self, key: bytes, session_id: bytes, stream_id: int) -> None:
+        _check_stream_id(stream_id)
         self._aead = ChaCha20Poly1305(key)
         self._aad = _aad(session_id, stream_id)
+        self._stream_id = stream_id
         self._counter = 0
         self._failed = False
 
@@ -124,7 +137,9 @@ class Opener:
             self._failed = True
             raise RemoteProtocolError(ErrorCode.MALFORMED, "sealed frame shorter than its tag")
         try:
-            plaintext = self._aead.decrypt(_nonce(self._counter), sealed, self._aad)
+            plaintext = self._aead.decrypt(
+                _nonce(self._stream_id, self._counter), sealed, self._aad
+            )
         except InvalidTag as exc:
             self._failed = True
             raise RemoteProtocolError(

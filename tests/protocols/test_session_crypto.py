@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pnode.errors import RemoteProtocolError
+from p2pnode.errors import LocalProtocolError, RemoteProtocolError
 from p2pnode.protocols.session.crypto import (
     Ephemeral,
     Opener,
@@ -119,3 +119,19 @@ def test_short_frames_and_bad_keys_are_refused() -> None:
         Ephemeral().shared_secret(b"\x01" * 31)
     with pytest.raises(RemoteProtocolError, match="unusable"):
         Ephemeral().shared_secret(b"\x00" * 32)  # a low-order point
+
+
+def test_streams_of_one_session_never_share_a_keystream() -> None:
+    """One key serves every stream, so the stream id must be in the nonce."""
+    keys, _ = _pair()
+    same = b"\x00" * 64
+    first = Sealer(keys.consumer_to_provider, SESSION, 1).seal(same)
+    second = Sealer(keys.consumer_to_provider, SESSION, 2).seal(same)
+    # Equal plaintexts under a reused (key, nonce) give equal ciphertext bodies.
+    assert first[:64] != second[:64]
+
+
+def test_stream_ids_must_fit_the_nonce() -> None:
+    keys, _ = _pair()
+    with pytest.raises(LocalProtocolError, match="32 bits"):
+        Sealer(keys.consumer_to_provider, SESSION, 2**32)

@@ -15,6 +15,7 @@ PURE = [
     ROOT / "protocols" / "framed.py",
     *sorted(ROOT.glob("protocols/offers/*.py")),
     ROOT / "protocols" / "session" / "crypto.py",
+    ROOT / "protocols" / "infer" / "batching.py",
     *sorted(ROOT.glob("protocols/*/messages.py")),
     *sorted(ROOT.glob("protocols/*/machine.py")),
 ]

@@ -1,0 +1,66 @@
+"""When generated tokens leave as a frame: at once for the first, then by a short window.
+
+A libp2p stream carries ~1,000-1,700 frames/s and spends ~0.6 ms of CPU per
+frame (LIBP2P_NOTES), so a frame per token would cap a fast provider. The
+batcher holds tokens until ``window_s`` has passed since the oldest one
+waiting, or ``max_tokens`` are waiting, and lets the first token of a stream
+leave immediately so that time to first token is unchanged. Pure: the caller
+passes ``now`` and waits for :meth:`deadline` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    # 20 ms: well under what a reader notices, and at 50 frames/s a stream
+    # carries any token rate the engine makes (goal: >= 20,000 tokens/s).
+    window_s: float = 0.02
+    # Bounds a frame's size when a provider is very fast.
+    max_tokens: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    text: str
+    tokens: int
+
+
+@dataclass
+class TokenBatcher:
+    """Collects (text, tokens) pieces and says when a batch is due."""
+
+    cfg: Config = field(default_factory=Config)
+    _parts: list[str] = field(default_factory=list)
+    _tokens: int = 0
+    _since: float | None = None
+    _sent_any: bool = False
+
+    def add(self, text: str, tokens: int, now: float) -> Batch | None:
+        """Add a piece; returns the batch to send now, if one is due."""
+        self._parts.append(text)
+        self._tokens += tokens
+        if self._since is None:
+            self._since = now
+        if not self._sent_any or self._tokens >= self.cfg.max_tokens:
+            return self.flush()
+        if now - self._since >= self.cfg.window_s:
+            return self.flush()
+        return None
+
+    def deadline(self) -> float | None:
+        """When the waiting batch must leave even if no token comes (None: nothing waits)."""
+        return None if self._since is None else self._since + self.cfg.window_s
+
+    def flush(self) -> Batch | None:
+        """Everything waiting, as one batch (None if nothing waits)."""
+        if self._since is None:
+            return None
+        batch = Batch("".join(self._parts), self._tokens)
+        self._parts.clear()
+        self._tokens = 0
+        self._since = None
+        self._sent_any = True
+        return batch

@@ -1,0 +1,56 @@
+"""The token batching policy, with plain clocks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pnode.protocols.infer.batching import Batch, Config, TokenBatcher
+
+
+def test_the_first_token_leaves_at_once() -> None:
+    batcher = TokenBatcher(Config(window_s=0.02))
+    assert batcher.add("Hel", 1, now=10.0) == Batch("Hel", 1)
+    assert batcher.deadline() is None
+
+
+def test_later_tokens_wait_for_the_window() -> None:
+    batcher = TokenBatcher(Config(window_s=0.02))
+    batcher.add("a", 1, now=10.0)
+    assert batcher.add("b", 1, now=10.001) is None
+    assert batcher.add("c", 1, now=10.010) is None
+    assert batcher.deadline() == pytest.approx(10.021)
+    assert batcher.add("d", 1, now=10.0215) == Batch("bcd", 3)
+
+
+def test_a_slow_engine_is_flushed_at_the_deadline() -> None:
+    batcher = TokenBatcher(Config(window_s=0.02))
+    batcher.add("a", 1, now=0.0)
+    batcher.add("b", 1, now=0.005)
+    deadline = batcher.deadline()
+    assert deadline == pytest.approx(0.025)
+    # The adapter waits until the deadline, then flushes what waits.
+    assert batcher.flush() == Batch("b", 1)
+    assert batcher.flush() is None
+
+
+def test_a_fast_engine_is_capped_by_max_tokens() -> None:
+    batcher = TokenBatcher(Config(window_s=1.0, max_tokens=4))
+    batcher.add("x", 1, now=0.0)
+    out = [batcher.add(str(i), 1, now=0.0001 * i) for i in range(8)]
+    assert [b for b in out if b] == [Batch("0123", 4), Batch("4567", 4)]
+
+
+@given(st.lists(st.tuples(st.text(max_size=5), st.floats(0, 0.05)), max_size=50))
+def test_no_text_is_lost_or_reordered(pieces: list[tuple[str, float]]) -> None:
+    batcher = TokenBatcher()
+    now, sent = 0.0, []
+    for text, gap in pieces:
+        now += gap
+        if (batch := batcher.add(text, 1, now)) is not None:
+            sent.append(batch)
+    if (rest := batcher.flush()) is not None:
+        sent.append(rest)
+    assert "".join(b.text for b in sent) == "".join(t for t, _ in pieces)
+    assert sum(b.tokens for b in sent) == len(pieces)

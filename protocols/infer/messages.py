@@ -1,0 +1,104 @@
+"""Messages of the inference stream (ARCHITECTURE §6).
+
+A stream opens with ``InferOpen`` in the clear (which session, which stream:
+the provider needs them to find the keys); every later frame's body is a
+``Sealer`` ciphertext of one of the sealed messages below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar, Final
+
+import msgpack
+
+from p2pnode.protocols.wire import Codec, Error, Message
+
+RECEIPT_DOMAIN: Final = b"p2pnode/receipt/1:"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InferOpen(Message):
+    """C→P, in the clear: the session and the (new, unique) stream id within it."""
+
+    TYPE: ClassVar[str] = "infer.open"
+    session_id: bytes
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Turn(Message):
+    """One chat message (nested in Request)."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request(Message):
+    """C→P, sealed: what to generate (OpenAI parameter names and meanings)."""
+
+    TYPE: ClassVar[str] = "infer.request"
+    request_id: str
+    model_id: str
+    kind: str  # "chat" or "completion"
+    messages: tuple[Turn, ...] = ()
+    prompt: str = ""
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk(Message):
+    """P→C, sealed: generated text (a batch of tokens); ``seq`` counts chunks from 0."""
+
+    TYPE: ClassVar[str] = "infer.chunk"
+    seq: int
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt(Message):
+    """Cumulative usage of a session, as the provider signs it after each request."""
+
+    session_id: bytes
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    signature: bytes = b""
+
+    def signing_bytes(self) -> bytes:
+        """What both the provider's signature and the consumer's Ack cover."""
+        body = replace(self, signature=b"").to_wire()
+        del body["signature"]
+        return RECEIPT_DOMAIN + bytes(msgpack.packb(body, use_bin_type=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Done(Message):
+    """P→C, sealed: the request ended; this request's usage and the session's receipt."""
+
+    TYPE: ClassVar[str] = "infer.done"
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    receipt: Receipt
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Message):
+    """C→P, sealed: the consumer's signature over the same receipt."""
+
+    TYPE: ClassVar[str] = "infer.ack"
+    signature: bytes
+
+
+CLEAR_CODEC = Codec([InferOpen, Error])
+"""The first frame of a stream, and errors before keys are known."""
+
+SEALED_CODEC = Codec([Request, Chunk, Done, Ack, Error])
+"""What sealed frames carry once the session's keys are in use."""

@@ -255,6 +255,17 @@ def _decode_value(tp: Any, value: Any, path: str) -> Any:
     raise LocalProtocolError(ErrorCode.INTERNAL, f"{path}: unsupported field type {tp!r}")
 
 
+def signing_payload(msg: Message, domain: bytes) -> bytes:
+    """What a signature over ``msg`` covers: ``domain`` and every field but ``signature``.
+
+    The domain keeps a signature made for one kind of message from passing
+    for another.
+    """
+    body = msg.to_wire()
+    del body["signature"]
+    return domain + bytes(msgpack.packb(body, use_bin_type=True))
+
+
 class Codec:
     """Encodes and decodes the messages of one protocol.
 

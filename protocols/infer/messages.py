@@ -7,12 +7,10 @@ the provider needs them to find the keys); every later frame's body is a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar, Final
 
-import msgpack
-
-from p2pnode.protocols.wire import Codec, Error, Message
+from p2pnode.protocols.wire import Codec, Error, Message, signing_payload
 
 RECEIPT_DOMAIN: Final = b"p2pnode/receipt/1:"
 
@@ -73,9 +71,7 @@ class Receipt(Message):
 
     def signing_bytes(self) -> bytes:
         """What both the provider's signature and the consumer's Ack cover."""
-        body = replace(self, signature=b"").to_wire()
-        del body["signature"]
-        return RECEIPT_DOMAIN + bytes(msgpack.packb(body, use_bin_type=True))
+        return signing_payload(self, RECEIPT_DOMAIN)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

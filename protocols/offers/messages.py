@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar, Final
 
-import msgpack
-
-from p2pnode.protocols.wire import Codec, Message
+from p2pnode.protocols.wire import Codec, Message, signing_payload
 
 SIGNING_DOMAIN: Final = b"p2pnode/offer/1:"
 
@@ -42,9 +40,7 @@ class Offer(Message):
 
     def signing_bytes(self) -> bytes:
         """The exact bytes the signature covers (everything but the signature)."""
-        body = replace(self, signature=b"").to_wire()
-        del body["signature"]
-        return SIGNING_DOMAIN + bytes(msgpack.packb(body, use_bin_type=True))
+        return signing_payload(self, SIGNING_DOMAIN)
 
     def serves(self, model_id: str) -> ModelOffer | None:
         """This offer's terms for ``model_id``, if it serves it."""

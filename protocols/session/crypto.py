@@ -36,7 +36,6 @@ from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 KEY_INFO: Final = b"p2pnode/session/1 keys"
 TAG_BYTES: Final = 16
-# nonce = stream id (4 bytes) || frame counter (8 bytes)
 MAX_STREAM_ID: Final = 2**32 - 1
 MAX_FRAMES: Final = 2**64
 
@@ -86,47 +85,39 @@ class SessionKeys:
         return cls(material[:32], material[32:])
 
 
-def _aad(session_id: bytes, stream_id: int) -> bytes:
-    return session_id + stream_id.to_bytes(8, "big")
-
-
-def _nonce(stream_id: int, counter: int) -> bytes:
-    return stream_id.to_bytes(4, "big") + counter.to_bytes(8, "big")
-
-
-def _check_stream_id(stream_id: int) -> None:
-    if not 0 <= stream_id <= MAX_STREAM_ID:
-        raise LocalProtocolError(ErrorCode.BAD_FIELD, "stream id must fit in 32 bits")
-
-
-class Sealer:
-    """Encrypts the frames one side sends on one stream, in order."""
+class _StreamCipher:
+    """One direction of one stream: its key, associated data and frame counter."""
 
     def __init__(self, key: bytes, session_id: bytes, stream_id: int) -> None:
-        _check_stream_id(stream_id)
+        if not 0 <= stream_id <= MAX_STREAM_ID:
+            raise LocalProtocolError(ErrorCode.BAD_FIELD, "stream id must fit in 32 bits")
         self._aead = ChaCha20Poly1305(key)
-        self._aad = _aad(session_id, stream_id)
+        self._aad = session_id + stream_id.to_bytes(8, "big")
         self._stream_id = stream_id
         self._counter = 0
+
+    def _nonce(self) -> bytes:
+        # nonce = stream id (4 bytes) || frame counter (8 bytes)
+        return self._stream_id.to_bytes(4, "big") + self._counter.to_bytes(8, "big")
+
+
+class Sealer(_StreamCipher):
+    """Encrypts the frames one side sends on one stream, in order."""
 
     def seal(self, plaintext: bytes) -> bytes:
         """Ciphertext and tag of the next frame."""
         if self._counter >= MAX_FRAMES:
             raise LocalProtocolError(ErrorCode.UNEXPECTED, "too many frames on one stream")
-        sealed = self._aead.encrypt(_nonce(self._stream_id, self._counter), plaintext, self._aad)
+        sealed = self._aead.encrypt(self._nonce(), plaintext, self._aad)
         self._counter += 1
         return sealed
 
 
-class Opener:
+class Opener(_StreamCipher):
     """Decrypts and authenticates the frames one side receives on one stream, in order."""
 
     def __init__(self, key: bytes, session_id: bytes, stream_id: int) -> None:
-        _check_stream_id(stream_id)
-        self._aead = ChaCha20Poly1305(key)
-        self._aad = _aad(session_id, stream_id)
-        self._stream_id = stream_id
-        self._counter = 0
+        super().__init__(key, session_id, stream_id)
         self._failed = False
 
     def open(self, sealed: bytes) -> bytes:
@@ -137,9 +128,7 @@ class Opener:
             self._failed = True
             raise RemoteProtocolError(ErrorCode.MALFORMED, "sealed frame shorter than its tag")
         try:
-            plaintext = self._aead.decrypt(
-                _nonce(self._stream_id, self._counter), sealed, self._aad
-            )
+            plaintext = self._aead.decrypt(self._nonce(), sealed, self._aad)
         except InvalidTag as exc:
             self._failed = True
             raise RemoteProtocolError(

@@ -36,6 +36,10 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 7  # the peer did not answer in time
     INTERNAL = 8  # the answering side failed; nothing the peer did
     UNSUPPORTED = 9  # a request this node does not serve
+    BUSY = 10  # no free slot and the queue is full: try another provider
+    RATE_LIMITED = 11  # this peer sent too many requests: slow down
+    UNKNOWN_SESSION = 12  # no such session here (expired, or never opened)
+    NOT_ALLOWED = 13  # the provider does not serve this peer or wallet
 
 
 class P2PNodeError(Exception):

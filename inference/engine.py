@@ -58,6 +58,10 @@ class Request:
     messages: tuple[ChatMessage, ...] = ()
     prompt: str = ""
     params: Params = field(default_factory=Params)
+    # Text the answer already starts with: generation continues after it, as
+    # if the model had produced it (failover, ARCHITECTURE §6). Never repeated
+    # in the output; it does not count as completion tokens.
+    continuation: str = ""
 
 
 @dataclass(frozen=True, slots=True)

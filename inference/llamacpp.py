@@ -222,15 +222,67 @@ def _tokens(llm: Any, request: Request) -> Iterator[tuple[str, str | None]]:
     }
     if p.seed is not None:
         common["seed"] = p.seed
-    if request.kind == "chat":
+    if request.kind == "chat" and not request.continuation:
+        # The common case, exactly as llama-cpp-python serves it.
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         for part in llm.create_chat_completion(messages=messages, **common):
             choice = part["choices"][0]
             yield choice["delta"].get("content") or "", choice.get("finish_reason")
+        return
+    prompt: str | list[int] = request.prompt
+    if request.continuation:
+        prompt, stop, criteria = _continued_prompt(llm, request)
+        common["stop"] = list(p.stop) + stop or None
+        common["stopping_criteria"] = criteria
+    for part in llm.create_completion(prompt=prompt, **common):
+        choice = part["choices"][0]
+        yield choice.get("text") or "", choice.get("finish_reason")
+
+
+def _continued_prompt(llm: Any, request: Request) -> tuple[list[int], list[str], Any]:
+    """Prompt tokens, stops and stopping criteria of a request to continue or complete.
+
+    A chat is rendered the way ``create_chat_completion`` renders it (the
+    model's own template, llama-cpp-python's ``chat_template.default``
+    handler). The continuation is then *replayed* as generation evaluated
+    it: the prompt in one batch, the answer one token at a time. Evaluating
+    it in one batch takes another floating-point path and greedy output
+    drifts (ARCHITECTURE §13: measured, a continued dragon story diverged
+    after 5 tokens). ``create_completion`` then finds all but the last token
+    cached and evaluates that one itself, as the original run did.
+    """
+    stop: list[str] = []
+    criteria = None
+    if request.kind == "chat":
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        if llm.chat_format != "chat_template.default" or not template:
+            raise EngineError(f"cannot continue a chat in chat format {llm.chat_format!r}")
+        eos_id, bos_id = llm.token_eos(), llm.token_bos()
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+        turns: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
+        result = formatter(messages=turns)
+        prompt = llm.tokenize(
+            result.prompt.encode(), add_bos=not result.added_special, special=True
+        )
+        stop = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
+        criteria = result.stopping_criteria
+    elif request.prompt:
+        prompt = llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
     else:
-        for part in llm.create_completion(prompt=request.prompt, **common):
-            choice = part["choices"][0]
-            yield choice.get("text") or "", choice.get("finish_reason")
+        prompt = [llm.token_bos()]
+    answer = llm.tokenize(request.continuation.encode(), add_bos=False, special=False)
+    if answer:
+        llm.eval(prompt)
+        for token in answer[:-1]:
+            llm.eval([token])
+    return list(prompt) + list(answer), stop, criteria
 
 
 def file_sha256(path: Path) -> str:

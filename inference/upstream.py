@@ -158,8 +158,12 @@ def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
         body["seed"] = p.seed
     if request.kind == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        if request.continuation:
+            # Assistant prefill: llama-server and vLLM continue a final
+            # assistant message; servers that do not will answer afresh.
+            body["messages"].append({"role": "assistant", "content": request.continuation})
         return "chat/completions", body
-    body["prompt"] = request.prompt
+    body["prompt"] = request.prompt + request.continuation
     return "completions", body
 
 

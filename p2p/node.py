@@ -27,11 +27,13 @@ from libp2p.peer.peerinfo import PeerInfo
 from p2pnode import __version__
 from p2pnode.errors import BrokenStreamError, EngineError, NetworkError, RemoteProtocolError
 from p2pnode.inference.engine import Engine, Params, Request, tokens_per_second
+from p2pnode.p2p import consumer as consumerlib
 from p2pnode.p2p import control
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
+from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.host import short
-from p2pnode.protocols import offers, status
+from p2pnode.protocols import infer, offers, session, status
 from p2pnode.protocols.status import service as status_service
 from p2pnode.protocols.stream import reset_quietly
 from p2pnode.scopes import single_errors_ungrouped
@@ -65,6 +67,10 @@ class NodeConfig:
     # At start, each served model generates this many tokens once so that
     # offers carry a measured tokens/s (0 skips it; ~0.7 s for SmolLM2).
     measure_tokens: int = 32
+    # Sessions and requests this node serves (when it has engines) ...
+    provider: providerlib.Config = field(default_factory=providerlib.Config)
+    # ... and those it asks of others.
+    consumer: consumerlib.Config = field(default_factory=consumerlib.Config)
 
 
 class Node:
@@ -100,6 +106,14 @@ class Node:
             if config.discovery is not None
             else None
         )
+        self.provider = (
+            providerlib.Provider(
+                config.provider, self.engines, host.get_private_key(), self.engine_for
+            )
+            if self.engines
+            else None
+        )
+        self.consumer = consumerlib.Consumer(self, config.consumer)
 
     @property
     def offer_book(self) -> offers.OfferBook:
@@ -213,6 +227,16 @@ class Node:
             for peer in missing:
                 nursery.start_soon(ask, peer)
         return self.offer_book.offers(model_id)
+
+    async def generate(self, request: Request, deliver: consumerlib.Deliver) -> consumerlib.Outcome:
+        """Run a request here or through the network (see ``p2p/consumer.py``)."""
+        return await self.consumer.generate(request, deliver)
+
+    def network_models(self) -> list[str]:
+        """Model ids this node can serve: its own, then those on offer, sorted."""
+        local = [m.model_id for m in self.models if self.engine_for(m.model_id) is not None]
+        offered = {m.model_id for o in self.offer_book.offers() for m in o.models}
+        return local + sorted(offered - set(local))
 
     # --- what the node tells others -------------------------------------
 
@@ -365,6 +389,12 @@ async def open_node(
     host.set_stream_handler(
         TProtocol(status.PROTOCOL_ID), node._handle(status.PROTOCOL_ID, node._serve_status)
     )
+    if node.provider is not None:
+        for protocol, serve in (
+            (session.PROTOCOL_ID, node.provider.serve_session),
+            (infer.PROTOCOL_ID, node.provider.serve_infer),
+        ):
+            host.set_stream_handler(TProtocol(protocol), node._handle(protocol, serve))
     with single_errors_ungrouped():
         async with hostlib.running(host, config.host) as addrs:
             node.addrs = addrs

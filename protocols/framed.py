@@ -36,9 +36,19 @@ class FramedMachine(Generic[S]):
 
         A malformed frame moves the machine to its error state and raises.
         """
+        body = self._next_body()
+        if isinstance(body, Sentinel):
+            return body
         try:
-            body = self._decoder.next_frame()
-            return body if isinstance(body, Sentinel) else (codec.decode(body), body)
+            return codec.decode(body), body
+        except RemoteProtocolError:
+            self.state = self._error_state
+            raise
+
+    def _next_body(self) -> bytes | Sentinel:
+        """The next frame's body undecoded (for machines that unwrap it first)."""
+        try:
+            return self._decoder.next_frame()
         except RemoteProtocolError:
             self.state = self._error_state
             raise

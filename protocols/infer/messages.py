@@ -47,6 +47,8 @@ class Request(Message):
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Failover: the answer so far, which the provider continues (never repeats).
+    continuation: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,8 +3,8 @@
 Hello → Approve (or Reject{code}) → Opened{session_id} → Ready, then requests
 flow on ``/p2pnode/infer/1.0.0`` sealed with the session's keys (ARCHITECTURE
 §5). ``messages`` and ``machine`` are the pure protocol, ``crypto`` the key
-schedule and sealed frames. The trio adapter and the provider's admission
-come with the inference-stream protocol.
+schedule and sealed frames, ``service`` the trio adapter (the node decides
+admission; see ``p2p/provider.py``).
 """
 
 from __future__ import annotations

@@ -75,6 +75,11 @@ class _Side(FramedMachine[State]):
         self.transcript = transcript_hash(DOMAIN, self._hello_body, approve_body)
         self.keys = SessionKeys.derive(ours.shared_secret(theirs), self.transcript)
 
+    def send_error(self, error: Error) -> bytes:
+        """Bytes of an Error frame; the handshake is over."""
+        self.state = State.ERROR
+        return CODEC.encode(error)
+
     def _check_key_sizes(self, ephemeral: bytes, nonce: bytes) -> None:
         if len(ephemeral) != EPHEMERAL_BYTES or len(nonce) != NONCE_BYTES:
             raise self._fail(ErrorCode.BAD_FIELD, "ephemeral key or nonce of the wrong size")

@@ -1,0 +1,277 @@
+"""The provider's side of sessions and requests: admission, metering, receipts.
+
+A consumer opens a session (``/p2pnode/session/1.0.0``), then sends requests
+on ``/p2pnode/infer/1.0.0`` streams sealed with that session's keys. This
+module holds the sessions a provider has agreed to, decides who gets one
+(allowlist, model, clock skew, per-consumer rate, table size), runs each
+request on the engine that serves its model, meters what it generated, and
+signs the session's cumulative usage into a receipt that the consumer's
+Ack countersigns. Admission on the engine itself (slots, queue) is the
+engine's: a full queue becomes a BUSY error the consumer fails over on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.crypto.keys import PrivateKey
+
+from p2pnode.errors import EngineError, ErrorCode
+from p2pnode.inference import engine as enginelib
+from p2pnode.inference.engine import Engine, EngineBusy
+from p2pnode.p2p.discovery import verify_peer_signature
+from p2pnode.p2p.host import short
+from p2pnode.protocols.infer import service as infer_service
+from p2pnode.protocols.infer.messages import Ack, Done, InferOpen, Receipt, Request
+from p2pnode.protocols.session import service as session_service
+from p2pnode.protocols.session.crypto import SessionKeys
+from p2pnode.protocols.session.messages import Hello, RejectCode
+from p2pnode.protocols.wire import Error
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """What a provider accepts."""
+
+    # Peer IDs or wallet addresses that may open sessions; empty: anyone.
+    allowlist: frozenset[str] = frozenset()
+    # Session opens and requests per consumer peer, per minute (a token
+    # bucket, so short bursts up to this many pass).
+    requests_per_minute: int = 600
+    # Sessions held at once; the idlest go first when the table is full.
+    max_sessions: int = 1024
+    # A session nobody used for this long is forgotten (its consumer opens a
+    # new one; the receipt so far stays in the log).
+    session_idle_s: float = 3600.0
+    # How far a Hello's timestamp may be from our clock (replayed Hellos).
+    hello_skew_s: float = 120.0
+    handshake_s: float = 10.0
+    infer: infer_service.Config = field(default_factory=infer_service.Config)
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per key: ``per_minute`` events, refilled continuously."""
+
+    per_minute: int
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def allow(self, key: str, now: float) -> bool:
+        """Take one token for ``key`` if there is one."""
+        capacity = float(self.per_minute)
+        tokens, since = self._buckets.get(key, (capacity, now))
+        tokens = min(capacity, tokens + (now - since) * capacity / 60.0)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > 10_000:  # forget full buckets: they are the default
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < capacity - 1}
+        return True
+
+
+@dataclass
+class ServedSession:
+    """A session this provider agreed to, and what it has generated in it."""
+
+    session_id: bytes
+    peer: str
+    model_id: str
+    keys: SessionKeys
+    wallet: str | None
+    last_used: float
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    active: int = 0
+    # The latest receipt the consumer countersigned (its Ack signature).
+    acked: tuple[Receipt, bytes] | None = None
+
+
+class Provider:
+    """Serves sessions and requests for a node's engines."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        engines: Sequence[Engine],
+        key: PrivateKey,
+        engine_for: Callable[[str], Engine | None],
+    ) -> None:
+        self.cfg = cfg
+        self._engines = engines
+        self._key = key
+        self._engine_for = engine_for
+        self._rate = RateLimiter(cfg.requests_per_minute)
+        self.sessions: dict[bytes, ServedSession] = {}
+        # Counters a user (and the tests) can read: what happened to requests.
+        self.stats: dict[str, int] = {
+            "sessions": 0,
+            "requests": 0,
+            "cancelled": 0,
+            "refused": 0,
+            "bad_acks": 0,
+        }
+
+    # --- sessions ------------------------------------------------------------
+
+    async def serve_session(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        established = await session_service.serve_session(
+            stream, lambda hello: self._admit(peer, hello), self.cfg.handshake_s
+        )
+        if established is None:
+            return
+        self._make_room(trio.current_time())
+        self.sessions[established.session_id] = ServedSession(
+            session_id=established.session_id,
+            peer=peer,
+            model_id=established.hello.model_id,
+            keys=established.keys,
+            wallet=established.hello.consumer_wallet,
+            last_used=trio.current_time(),
+        )
+        self.stats["sessions"] += 1
+        logger.info("session %s opened by %s", established.session_id[:4].hex(), short(peer))
+
+    def _admit(self, peer: str, hello: Hello) -> RejectCode | None:
+        allow = self.cfg.allowlist
+        if allow and peer not in allow and (hello.consumer_wallet or "").lower() not in allow:
+            return RejectCode.NOT_ALLOWED
+        if self._engine_for(hello.model_id) is None:
+            return RejectCode.UNKNOWN_MODEL
+        if abs(time.time() - hello.timestamp) > self.cfg.hello_skew_s:
+            return RejectCode.STALE_HELLO
+        if not self._rate.allow(peer, trio.current_time()):
+            return RejectCode.RATE_LIMITED
+        return None
+
+    def _make_room(self, now: float) -> None:
+        idle = [s for s in self.sessions.values() if now - s.last_used > self.cfg.session_idle_s]
+        for s in idle:
+            del self.sessions[s.session_id]
+        while len(self.sessions) >= self.cfg.max_sessions:
+            oldest = min(self.sessions.values(), key=lambda s: (s.active > 0, s.last_used))
+            del self.sessions[oldest.session_id]
+
+    # --- requests ------------------------------------------------------------
+
+    async def serve_infer(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        await infer_service.serve_infer(
+            stream,
+            lambda opened: self._lookup(peer, opened),
+            self._run,
+            self._on_ack,
+            self.cfg.infer,
+        )
+
+    def _lookup(self, peer: str, opened: InferOpen) -> SessionKeys | Error:
+        session = self.sessions.get(opened.session_id)
+        if session is None or session.peer != peer:
+            # Another peer naming someone's session learns nothing either way.
+            return Error(code=ErrorCode.UNKNOWN_SESSION, message="no such session")
+        if not self._rate.allow(peer, trio.current_time()):
+            self.stats["refused"] += 1
+            return Error(code=ErrorCode.RATE_LIMITED, message="too many requests")
+        return session.keys
+
+    async def _run(self, opened: InferOpen, request: Request, emit: infer_service.Emit) -> Done:
+        session = self.sessions[opened.session_id]
+        if request.kind not in ("chat", "completion") or request.max_tokens < 1:
+            self.stats["refused"] += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.BAD_FIELD, "kind must be chat or completion, max_tokens >= 1"
+            )
+        engine = self._engine_for(request.model_id)
+        if engine is None or request.model_id != session.model_id:
+            self.stats["refused"] += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
+            )
+        session.active += 1
+        session.last_used = trio.current_time()
+        produced = 0
+        usage: enginelib.Usage | None = None
+        finish = "cancelled"
+        try:
+            async with engine.stream(_engine_request(request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.text:
+                        produced += chunk.tokens
+                        await emit(chunk.text, chunk.tokens)
+                    if chunk.finish_reason is not None:
+                        finish, usage = chunk.finish_reason, chunk.usage
+        except EngineBusy as exc:
+            self.stats["refused"] += 1
+            raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
+        except EngineError as exc:
+            self.stats["refused"] += 1
+            raise infer_service.RequestRefused(ErrorCode.INTERNAL, str(exc)) from exc
+        finally:
+            # Metered even when cancelled: the provider did the work.
+            session.active -= 1
+            session.requests += 1
+            session.prompt_tokens += usage.prompt_tokens if usage else 0
+            session.completion_tokens += usage.completion_tokens if usage else produced
+            self.stats["requests" if usage else "cancelled"] += 1
+        assert usage is not None
+        return Done(
+            finish_reason=finish,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            receipt=self.receipt(session),
+        )
+
+    def receipt(self, session: ServedSession) -> Receipt:
+        """The session's usage so far, signed with this node's peer key."""
+        unsigned = Receipt(
+            session_id=session.session_id,
+            requests=session.requests,
+            prompt_tokens=session.prompt_tokens,
+            completion_tokens=session.completion_tokens,
+        )
+        return replace(unsigned, signature=self._key.sign(unsigned.signing_bytes()))
+
+    def _on_ack(self, opened: InferOpen, done: Done, ack: Ack | None) -> None:
+        session = self.sessions.get(opened.session_id)
+        if session is None:
+            return
+        receipt = done.receipt
+        if ack is None or not verify_peer_signature(
+            session.peer, receipt.signing_bytes(), ack.signature
+        ):
+            self.stats["bad_acks"] += 1
+            logger.warning("%s did not countersign its receipt", short(session.peer))
+            return
+        previous = session.acked[0].completion_tokens if session.acked else -1
+        if receipt.completion_tokens >= previous:
+            session.acked = (receipt, ack.signature)
+
+
+def _engine_request(request: Request) -> enginelib.Request:
+    kind: Literal["chat", "completion"] = "chat" if request.kind == "chat" else "completion"
+    return enginelib.Request(
+        model_id=request.model_id,
+        kind=kind,
+        messages=tuple(
+            enginelib.ChatMessage(role=t.role, content=t.content) for t in request.messages
+        ),
+        prompt=request.prompt,
+        params=enginelib.Params(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop,
+            seed=request.seed,
+        ),
+        continuation=request.continuation,
+    )

@@ -1,0 +1,257 @@
+"""Trio adapter of the inference stream (ARCHITECTURE §6).
+
+Consumer: :func:`request` sends InferOpen and the sealed Request in one
+write, hands each Chunk to its caller as it arrives, answers Done with an
+Ack, and resets the stream if it leaves early (the provider then stops
+generating). Provider: :func:`serve_infer` finds the session's keys, runs
+the node's generation callback, batches its tokens into frames
+(``batching``), and watches the stream meanwhile: a consumer that closes or
+resets it cancels the generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pnode.errors import (
+    BrokenStreamError,
+    ErrorCode,
+    NetworkError,
+    P2PNodeError,
+    RemoteProtocolError,
+)
+from p2pnode.protocols.infer.batching import Batch, TokenBatcher
+from p2pnode.protocols.infer.batching import Config as BatchConfig
+from p2pnode.protocols.infer.machine import ConsumerMachine, ProviderMachine, State
+from p2pnode.protocols.infer.messages import Ack, Chunk, Done, InferOpen, Request
+from p2pnode.protocols.session.crypto import SessionKeys
+from p2pnode.protocols.stream import (
+    ByteStream,
+    close_quietly,
+    close_with_error,
+    next_event,
+    reset_quietly,
+    send,
+)
+from p2pnode.protocols.unary_service import code_name
+from p2pnode.protocols.wire import PEER_CLOSED, PROMPT_MAX_FRAME, Error
+from p2pnode.scopes import single_errors_ungrouped
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    # A provider may queue a request behind others: the first chunk may take
+    # a while; after it, a long silence means the provider is gone.
+    first_chunk_s: float = 60.0
+    chunk_gap_s: float = 30.0
+    # Provider: how long a consumer has to send its request, and its Ack.
+    request_wait_s: float = 10.0
+    ack_wait_s: float = 10.0
+    max_frame: int = PROMPT_MAX_FRAME
+    batching: BatchConfig = field(default_factory=BatchConfig)
+
+
+class Refused(NetworkError):
+    """The provider answered with an Error frame instead of (more) tokens."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"provider refused: {code_name(code)} {message}".rstrip())
+        self.code = code
+
+
+class RequestRefused(P2PNodeError):
+    """Raised by a provider's generation callback: tell the consumer why, sealed."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- consumer ----------------------------------------------------------------
+
+
+async def request(
+    stream: ByteStream,
+    machine: ConsumerMachine,
+    message: Request,
+    deliver: Callable[[Chunk], Awaitable[None]],
+    ack: Callable[[Done], bytes],
+    cfg: Config,
+) -> Done:
+    """Run one request; each Chunk goes to ``deliver`` in order, Done is returned.
+
+    ``ack`` checks the receipt in Done and returns our signature over it.
+    Raises :class:`Refused` (the provider's Error frame), RemoteProtocolError
+    (a tampered, replayed or malformed frame: nothing of it is delivered),
+    NetworkError on timeouts and broken streams. Any early exit resets the
+    stream, which cancels the generation.
+    """
+    finished = False
+    try:
+        await send(stream, machine, machine.open(message))
+        wait = cfg.first_chunk_s
+        while True:
+            with trio.fail_after(wait):
+                event = await next_event(stream, machine)
+            wait = cfg.chunk_gap_s
+            if isinstance(event, Error):
+                raise Refused(event.code, event.message)
+            if isinstance(event, Chunk):
+                await deliver(event)
+            elif isinstance(event, Done):
+                with trio.move_on_after(cfg.ack_wait_s):
+                    await send(stream, machine, machine.ack(ack(event)))
+                    await close_quietly(stream)
+                finished = True
+                return event
+    except trio.TooSlowError as exc:
+        raise NetworkError(f"provider silent for {wait:g} s") from exc
+    except RemoteProtocolError as exc:
+        await close_with_error(stream, machine.send_error(Error.from_exception(exc)))
+        finished = True
+        raise
+    finally:
+        if not finished:
+            await reset_quietly(stream)
+
+
+# --- provider ----------------------------------------------------------------
+
+Emit = Callable[[str, int], Awaitable[None]]
+"""Hands generated text (and the tokens it took) to the stream."""
+
+Lookup = Callable[[InferOpen], SessionKeys | Error]
+"""The keys of the session an InferOpen names, or the Error to refuse it with."""
+
+Run = Callable[[InferOpen, Request, Emit], Awaitable[Done]]
+"""Generate a request, emitting text as it comes; returns the Done to send."""
+
+OnAck = Callable[[InferOpen, Done, Ack | None], None]
+"""The consumer's Ack of a Done (None if it never came)."""
+
+
+async def serve_infer(
+    stream: ByteStream, lookup: Lookup, run: Run, on_ack: OnAck, cfg: Config
+) -> None:
+    """Serve one request on an inbound stream.
+
+    A malformed or tampered frame gets an Error frame and the
+    RemoteProtocolError is re-raised for the node to count; a consumer that
+    leaves mid-stream is a cancellation, not an error.
+    """
+    machine = ProviderMachine(cfg.max_frame)
+    try:
+        with trio.fail_after(cfg.request_wait_s):
+            opened = await next_event(stream, machine)
+            if not isinstance(opened, InferOpen):
+                return
+            keys = lookup(opened)
+            if isinstance(keys, Error):
+                await close_with_error(stream, machine.refuse(ErrorCode(keys.code), keys.message))
+                return
+            machine.accept(keys)
+            message = await next_event(stream, machine)
+            if not isinstance(message, Request):
+                return
+        await _Generation(stream, machine, cfg).run(opened, message, run, on_ack)
+    except RemoteProtocolError as exc:
+        await close_with_error(stream, machine.send_error(Error.from_exception(exc)))
+        raise
+    except trio.TooSlowError:
+        await close_with_error(
+            stream, machine.send_error(Error(code=ErrorCode.TIMEOUT, message="no request in time"))
+        )
+
+
+class _Generation:
+    """One request being generated: batching, writes, and the consumer watch."""
+
+    def __init__(self, stream: ByteStream, machine: ProviderMachine, cfg: Config) -> None:
+        self._stream = stream
+        self._machine = machine
+        self._cfg = cfg
+        self._batcher = TokenBatcher(cfg.batching)
+        self._write_lock = trio.Lock()
+        self._pending = trio.Event()
+        self._ack: Ack | None = None
+        self._acked = trio.Event()
+        self.cancelled = False
+
+    async def run(self, opened: InferOpen, message: Request, run: Run, on_ack: OnAck) -> None:
+        done: Done | None = None
+        with single_errors_ungrouped():
+            done = await self._generate(opened, message, run)
+        if done is not None:
+            on_ack(opened, done, self._ack)
+        await close_quietly(self._stream)
+
+    async def _generate(self, opened: InferOpen, message: Request, run: Run) -> Done | None:
+        done: Done | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, nursery.cancel_scope)
+            nursery.start_soon(self._flusher)
+            try:
+                done = await run(opened, message, self._emit)
+            except RequestRefused as exc:
+                await self._write(
+                    self._machine.send_error(Error(code=int(exc.code), message=str(exc)[:200]))
+                )
+                nursery.cancel_scope.cancel()
+                return None
+            batch = self._batcher.flush()
+            if batch is not None:
+                await self._send_batch(batch)
+            await self._write(self._machine.done(done))
+            with trio.move_on_after(self._cfg.ack_wait_s):
+                await self._acked.wait()
+            nursery.cancel_scope.cancel()
+        return done
+
+    async def _emit(self, text: str, tokens: int) -> None:
+        batch = self._batcher.add(text, tokens, trio.current_time())
+        if batch is not None:
+            await self._send_batch(batch)
+        else:
+            self._pending.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            deadline = self._batcher.deadline()
+            if deadline is None:
+                await self._pending.wait()
+                self._pending = trio.Event()
+                continue
+            await trio.sleep_until(deadline)
+            due = self._batcher.deadline()
+            if due is not None and due <= trio.current_time():
+                batch = self._batcher.flush()
+                if batch is not None:
+                    await self._send_batch(batch)
+
+    async def _send_batch(self, batch: Batch) -> None:
+        async with self._write_lock:
+            await send(self._stream, self._machine, self._machine.chunk(batch.text, batch.tokens))
+
+    async def _write(self, frame: bytes) -> None:
+        async with self._write_lock:
+            await send(self._stream, self._machine, frame)
+
+    async def _watch(self, generation: trio.CancelScope) -> None:
+        """Read what the consumer sends while we generate: its Ack, or its leaving."""
+        try:
+            event = await next_event(self._stream, self._machine)
+        except BrokenStreamError:
+            event = PEER_CLOSED
+        if isinstance(event, Ack):
+            self._ack = event
+            self._acked.set()
+            return
+        # The consumer left or failed before Done (or after it, without an Ack).
+        self.cancelled = self._machine.state is State.STREAMING
+        generation.cancel()

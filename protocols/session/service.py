@@ -1,0 +1,158 @@
+"""Trio adapter of the session handshake over a libp2p stream (ARCHITECTURE §5).
+
+The machines decide what is valid; this module moves their bytes and asks
+its caller the two questions only the node can answer: whether to take the
+session (``decide``, on Hello) and, in chain mode, which session id to name
+(``on_approve``, consumer) or whether the named session checks out
+(``confirm``, provider). Every call is bounded by ``wait_s``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from p2pnode.errors import ErrorCode, NetworkError, RemoteProtocolError
+from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys
+from p2pnode.protocols.session.machine import NONCE_BYTES, ConsumerMachine, ProviderMachine
+from p2pnode.protocols.session.messages import Approve, Hello, Opened, Reject, RejectCode
+from p2pnode.protocols.stream import (
+    ByteStream,
+    close_quietly,
+    close_with_error,
+    next_event,
+    send,
+)
+from p2pnode.protocols.unary_service import code_name
+from p2pnode.protocols.wire import DEFAULT_MAX_FRAME, Error, Sentinel
+
+
+@dataclass(frozen=True, slots=True)
+class Established:
+    """A session both sides hold: its id and keys."""
+
+    session_id: bytes
+    keys: SessionKeys
+    hello: Hello
+    approve: Approve
+
+
+class Rejected(NetworkError):
+    """The provider turned the session down (``code`` is a RejectCode value)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        try:
+            name = RejectCode(code).name.lower()
+        except ValueError:
+            name = f"code {code}"
+        super().__init__(f"session rejected: {name} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+async def open_session(
+    stream: ByteStream,
+    model_id: str,
+    wait_s: float,
+    *,
+    duration_s: int = 0,
+    on_approve: Callable[[Approve], Awaitable[bytes | None]] | None = None,
+) -> Established:
+    """Run the consumer's side on a fresh stream; closes the stream after.
+
+    ``on_approve`` (chain mode) opens the session on chain and returns its
+    id; without it the id is the transcript hash. Raises :class:`Rejected`,
+    :class:`NetworkError` (timeout, broken stream) or RemoteProtocolError.
+    """
+    ephemeral = Ephemeral()
+    machine = ConsumerMachine(DEFAULT_MAX_FRAME, ephemeral)
+    hello = Hello(
+        model_id=model_id,
+        ephemeral=ephemeral.public,
+        nonce=secrets.token_bytes(NONCE_BYTES),
+        timestamp=time.time(),
+        duration_s=duration_s,
+    )
+    try:
+        with trio.fail_after(wait_s):
+            await send(stream, machine, machine.send_hello(hello))
+            approve = await next_event(stream, machine)
+            _raise_if_refused(approve)
+            assert isinstance(approve, Approve)
+            session_id = await on_approve(approve) if on_approve is not None else None
+            await send(stream, machine, machine.send_opened(session_id))
+            _raise_if_refused(await next_event(stream, machine))
+    except trio.TooSlowError as exc:
+        raise NetworkError(f"no session within {wait_s:g} s") from exc
+    finally:
+        with trio.move_on_after(wait_s), trio.CancelScope(shield=True):
+            await close_quietly(stream)
+    assert machine.keys is not None
+    return Established(machine.session_id, machine.keys, hello, approve)
+
+
+def _raise_if_refused(event: object) -> None:
+    if isinstance(event, Reject):
+        raise Rejected(event.code, event.reason)
+    if isinstance(event, Error):
+        raise NetworkError(f"provider refused the session: {code_name(event.code)} {event.message}")
+    if isinstance(event, Sentinel):  # the machine raises on EOF; kept for the type checker
+        raise NetworkError("provider closed the session stream")
+
+
+Decide = Callable[[Hello], RejectCode | None]
+"""The node's admission on Hello: None to approve, or why not."""
+
+Confirm = Callable[[ProviderMachine], Awaitable[RejectCode | None]]
+"""Chain mode: check the session named in Opened (free mode checks the transcript)."""
+
+
+async def serve_session(
+    stream: ByteStream, decide: Decide, wait_s: float, *, confirm: Confirm | None = None
+) -> Established | None:
+    """Run the provider's side on an inbound stream; returns the session, or None if refused.
+
+    A malformed frame gets an Error frame and the RemoteProtocolError is
+    re-raised for the node to count.
+    """
+    machine = ProviderMachine(DEFAULT_MAX_FRAME)
+    try:
+        with trio.fail_after(wait_s):
+            hello = await next_event(stream, machine)
+            if not isinstance(hello, Hello):
+                return None  # the consumer gave up (Error or close)
+            refusal = decide(hello)
+            if refusal is not None:
+                await send(stream, machine, machine.reject(refusal))
+                return None
+            ephemeral = Ephemeral()
+            approve = Approve(ephemeral=ephemeral.public, nonce=secrets.token_bytes(NONCE_BYTES))
+            await send(stream, machine, machine.approve(ephemeral, approve))
+            opened = await next_event(stream, machine)
+            if not isinstance(opened, Opened):
+                return None
+            if confirm is not None:
+                refusal = await confirm(machine)
+            elif not machine.free_mode_session_ok:
+                refusal = RejectCode.BAD_SESSION
+            if refusal is not None:
+                await send(stream, machine, machine.reject(refusal))
+                return None
+            await send(stream, machine, machine.ready())
+    except RemoteProtocolError as exc:
+        await close_with_error(stream, machine.send_error(Error.from_exception(exc)))
+        raise
+    except trio.TooSlowError as exc:
+        await close_with_error(
+            stream, machine.send_error(Error(code=ErrorCode.TIMEOUT, message="handshake too slow"))
+        )
+        raise RemoteProtocolError(ErrorCode.TIMEOUT, "handshake too slow") from exc
+    finally:
+        with trio.move_on_after(wait_s), trio.CancelScope(shield=True):
+            await close_quietly(stream)
+    assert machine.keys is not None
+    return Established(machine.session_id, machine.keys, hello, approve)

@@ -1,0 +1,200 @@
+"""The inference stream machines, consumer and provider piped into each other."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from p2pnode.protocols.infer.machine import CLEAR, ConsumerMachine, ProviderMachine, State
+from p2pnode.protocols.infer.messages import (
+    CLEAR_CODEC,
+    Ack,
+    Chunk,
+    Done,
+    InferOpen,
+    Receipt,
+    Request,
+)
+from p2pnode.protocols.session.crypto import SessionKeys
+from p2pnode.protocols.wire import NEED_DATA, PEER_CLOSED, Error, FrameDecoder, encode_frame
+
+MAX = 1024 * 1024
+SESSION = secrets.token_bytes(32)
+KEYS = SessionKeys(secrets.token_bytes(32), secrets.token_bytes(32))
+REQUEST = Request(request_id="r1", model_id="m", kind="completion", prompt="Once upon")
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """Split bytes into whole frames (with their length prefixes)."""
+    decoder = FrameDecoder(MAX)
+    decoder.receive_data(data)
+    out = []
+    while isinstance(body := decoder.next_frame(), bytes):
+        out.append(encode_frame(body))
+    return out
+
+
+def _opened(stream_id: int = 1) -> tuple[ConsumerMachine, ProviderMachine]:
+    consumer = ConsumerMachine(MAX, KEYS, SESSION, stream_id)
+    provider = ProviderMachine(MAX)
+    provider.receive_data(consumer.open(REQUEST))
+    opened = provider.next_event()
+    assert opened == InferOpen(session_id=SESSION, stream_id=stream_id)
+    assert provider.state is State.CHECKING
+    provider.accept(KEYS)
+    assert provider.next_event() == REQUEST
+    return consumer, provider
+
+
+def _done() -> Done:
+    receipt = Receipt(session_id=SESSION, requests=1, prompt_tokens=3, completion_tokens=2)
+    return Done(finish_reason="stop", prompt_tokens=3, completion_tokens=2, receipt=receipt)
+
+
+def test_a_request_streams_chunks_then_done_and_ack() -> None:
+    consumer, provider = _opened()
+    consumer.receive_data(provider.chunk("Hello", 1) + provider.chunk(" world", 1))
+    assert consumer.next_event() == Chunk(seq=0, text="Hello", tokens=1)
+    assert consumer.next_event() == Chunk(seq=1, text=" world", tokens=1)
+    assert consumer.next_event() is NEED_DATA
+    consumer.receive_data(provider.done(_done()))
+    assert consumer.next_event() == _done()
+    provider.receive_data(consumer.ack(b"sig"))
+    assert provider.next_event() == Ack(signature=b"sig")
+    assert provider.state is State.CLOSED
+    consumer.receive_data(b"")
+    assert consumer.next_event() is PEER_CLOSED
+
+
+def test_the_prompt_is_sealed_on_the_wire() -> None:
+    data = ConsumerMachine(MAX, KEYS, SESSION, 1).open(REQUEST)
+    assert b"Once upon" not in data
+    assert b"Hello" not in ProviderMachine(MAX)._clear(Error(code=1))  # sanity of the helper
+
+
+def test_a_flipped_bit_fails_authentication_and_delivers_nothing() -> None:
+    consumer, provider = _opened()
+    frame = bytearray(provider.chunk("secret text", 2))
+    frame[-1] ^= 0x01
+    consumer.receive_data(bytes(frame))
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        consumer.next_event()
+    assert consumer.state is State.ERROR
+
+
+def test_a_replayed_frame_fails_authentication() -> None:
+    consumer, provider = _opened()
+    first = provider.chunk("once", 1)
+    consumer.receive_data(first)
+    assert isinstance(consumer.next_event(), Chunk)
+    consumer.receive_data(first)
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        consumer.next_event()
+
+
+def test_reordered_frames_fail_authentication() -> None:
+    consumer, provider = _opened()
+    a, b = provider.chunk("a", 1), provider.chunk("b", 1)
+    consumer.receive_data(b + a)
+    with pytest.raises(RemoteProtocolError):
+        consumer.next_event()
+
+
+def test_a_frame_from_another_stream_of_the_session_fails() -> None:
+    consumer, _ = _opened(stream_id=1)
+    _, other = _opened(stream_id=2)
+    consumer.receive_data(other.chunk("spliced", 1))
+    with pytest.raises(RemoteProtocolError):
+        consumer.next_event()
+
+
+def test_a_clear_error_is_accepted_only_as_the_first_answer() -> None:
+    consumer = ConsumerMachine(MAX, KEYS, SESSION, 1)
+    provider = ProviderMachine(MAX)
+    provider.receive_data(consumer.open(REQUEST))
+    assert isinstance(provider.next_event(), InferOpen)
+    consumer.receive_data(provider.refuse(ErrorCode.UNKNOWN_SESSION, "no such session"))
+    event = consumer.next_event()
+    assert isinstance(event, Error)
+    assert event.code == ErrorCode.UNKNOWN_SESSION
+
+    consumer, provider = _opened()
+    consumer.receive_data(provider.chunk("a", 1))
+    consumer.next_event()
+    forged = encode_frame(bytes([CLEAR]) + CLEAR_CODEC.encode_body(Error(code=8)))
+    consumer.receive_data(forged)
+    with pytest.raises(RemoteProtocolError, match="frame kind"):
+        consumer.next_event()
+
+
+def test_a_sealed_error_mid_stream_reaches_the_consumer() -> None:
+    consumer, provider = _opened()
+    failure = provider.send_error(Error(code=8, message="boom"))
+    consumer.receive_data(provider.chunk("a", 1) + failure)
+    assert isinstance(consumer.next_event(), Chunk)
+    assert consumer.next_event() == Error(code=8, message="boom")
+
+
+def test_the_consumer_closing_mid_stream_is_a_cancellation() -> None:
+    _, provider = _opened()
+    provider.chunk("a", 1)
+    provider.receive_data(b"")
+    assert provider.next_event() is PEER_CLOSED
+
+
+def test_a_consumer_sending_during_the_stream_breaks_the_protocol() -> None:
+    consumer, provider = _opened()
+    provider.receive_data(consumer._sealed(REQUEST))
+    with pytest.raises(RemoteProtocolError, match="infer.request in streaming"):
+        provider.next_event()
+
+
+def test_the_provider_closing_before_done_is_truncation() -> None:
+    consumer, provider = _opened()
+    consumer.receive_data(provider.chunk("a", 1))
+    consumer.next_event()
+    consumer.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="before Done"):
+        consumer.next_event()
+
+
+def test_chunks_must_be_numbered_in_order() -> None:
+    consumer, provider = _opened()
+    provider._seq = 5
+    consumer.receive_data(provider.chunk("a", 1))
+    with pytest.raises(RemoteProtocolError, match="chunk 5, expected 0"):
+        consumer.next_event()
+
+
+def test_wrong_keys_fail_at_the_request() -> None:
+    consumer = ConsumerMachine(MAX, KEYS, SESSION, 1)
+    provider = ProviderMachine(MAX)
+    provider.receive_data(consumer.open(REQUEST))
+    provider.next_event()
+    provider.accept(SessionKeys(secrets.token_bytes(32), secrets.token_bytes(32)))
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        provider.next_event()
+
+
+def test_empty_or_unknown_kind_frames_are_malformed() -> None:
+    provider = ProviderMachine(MAX)
+    provider.receive_data(encode_frame(b""))
+    with pytest.raises(RemoteProtocolError, match="empty frame"):
+        provider.next_event()
+    provider = ProviderMachine(MAX)
+    provider.receive_data(encode_frame(b"\x07abc"))
+    with pytest.raises(RemoteProtocolError, match="frame kind 7"):
+        provider.next_event()
+
+
+def test_out_of_order_calls_are_local_errors() -> None:
+    consumer, provider = _opened()
+    with pytest.raises(LocalProtocolError):
+        consumer.ack(b"")
+    with pytest.raises(LocalProtocolError):
+        provider.accept(KEYS)
+    assert len(_frames(provider.chunk("x", 1) + provider.done(_done()))) == 2
+    with pytest.raises(LocalProtocolError):
+        provider.chunk("late", 1)

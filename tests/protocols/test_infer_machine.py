@@ -131,8 +131,8 @@ def test_a_clear_error_is_accepted_only_as_the_first_answer() -> None:
 
 def test_a_sealed_error_mid_stream_reaches_the_consumer() -> None:
     consumer, provider = _opened()
-    failure = provider.send_error(Error(code=8, message="boom"))
-    consumer.receive_data(provider.chunk("a", 1) + failure)
+    chunk = provider.chunk("a", 1)
+    consumer.receive_data(chunk + provider.send_error(Error(code=8, message="boom")))
     assert isinstance(consumer.next_event(), Chunk)
     assert consumer.next_event() == Error(code=8, message="boom")
 

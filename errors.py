@@ -9,7 +9,8 @@
     │                            order: reset that stream with .code, count it, carry on
     ├── ConfigError              bad flag, file, key or address; the CLI prints one line
     ├── NetworkError             a peer could not be reached or did not answer in time
-    │   └── BrokenStreamError    the peer or the network broke a stream (reset, EOF)
+    │   ├── BrokenStreamError    the peer or the network broke a stream (reset, EOF)
+    │   └── NoProviderError      no provider could serve a request (none, or all failed)
     ├── ChainError               the chain refused or failed a call
     └── EngineError              an inference engine failed
 
@@ -73,6 +74,15 @@ class NetworkError(P2PNodeError):
 
 class BrokenStreamError(NetworkError):
     """A stream was reset or cut by the peer or the network (trio's "Broken…")."""
+
+
+class NoProviderError(NetworkError):
+    """No provider could serve a request: none is known, or every one tried failed."""
+
+    def __init__(self, message: str, *, rate_limited: bool = False) -> None:
+        super().__init__(message)
+        # Every provider tried said "slow down": the caller should too.
+        self.rate_limited = rate_limited
 
 
 class ChainError(P2PNodeError):

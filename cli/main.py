@@ -22,7 +22,7 @@ import trio
 from p2pnode import __version__
 from p2pnode.cli import settings
 from p2pnode.cli.settings import option
-from p2pnode.errors import ConfigError, P2PNodeError
+from p2pnode.errors import ConfigError, NetworkError, P2PNodeError
 
 logger = logging.getLogger("p2pnode.cli")
 
@@ -301,7 +301,7 @@ def _serving(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help='Write {"peer_id", "addrs"} as JSON here once the node is ready.',
+    help='Write {"peer_id", "addrs", "shim_url"} as JSON here once the node is ready.',
 )
 @option("--no-serve", is_flag=True, default=False, help="Consumer only: serve no model.")
 @_serving_options
@@ -311,6 +311,25 @@ def _serving(
     default=[],
     help="Announce this model id without serving it (testing discovery; repeatable).",
 )
+@option(
+    "--shim",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve the OpenAI-compatible API here (e.g. 127.0.0.1:8080); key in $HOME/api_key.",
+)
+@option(
+    "--allow",
+    multiple=True,
+    default=[],
+    help="Serve only these peer IDs or wallets (repeatable; default: anyone).",
+)
+@option(
+    "--rate-limit",
+    type=click.IntRange(1),
+    default=600,
+    show_default=True,
+    help="Sessions + requests per consumer per minute.",
+)
 @_password_file
 def start(
     listen: tuple[str, ...],
@@ -318,13 +337,18 @@ def start(
     ready_file: Path | None,
     no_serve: bool,
     announce_model: tuple[str, ...],
+    shim: str | None,
+    allow: tuple[str, ...],
+    rate_limit: int,
     wallet_password_file: Path | None,
     **serving_flags: Any,
 ) -> None:
     """Run a node until Ctrl-C or SIGTERM (serving the bundled model unless --no-serve)."""
+    from p2pnode.inference import openai_api
     from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import host as hostlib
     from p2pnode.p2p import identity
+    from p2pnode.p2p import provider as providerlib
     from p2pnode.p2p.node import NodeConfig, open_node
     from p2pnode.protocols import offers
 
@@ -345,7 +369,12 @@ def start(
             bootstrap=tuple(bootstrap),
             control_socket=home / CONTROL_SOCKET,
             models=tuple(offers.ModelOffer(model_id=m) for m in announce_model),
+            provider=providerlib.Config(
+                allowlist=frozenset(a if a.startswith("12D3") else a.lower() for a in allow),
+                requests_per_minute=rate_limit,
+            ),
         )
+        api_key = identity.load_or_create_api_key(home) if shim else None
     except P2PNodeError as exc:
         _fail(exc)
 
@@ -354,10 +383,14 @@ def start(
             async with (
                 open_engines(serving) as engines,
                 open_node(config, key_pair=key_pair, engines=engines) as node,
+                trio.open_nursery() as nursery,
             ):
+                shim_url = None
+                if shim is not None and api_key is not None:
+                    shim_url = await nursery.start(openai_api.serve, node, api_key, shim)
                 # The file first, then the line: whoever waits on either sees both.
                 if ready_file is not None:
-                    ready = {"peer_id": node.peer_id, "addrs": node.addrs}
+                    ready = {"peer_id": node.peer_id, "addrs": node.addrs, "shim_url": shim_url}
                     await trio.to_thread.run_sync(_write_json_atomically, ready_file, ready)
                 click.echo(f"p2pnode {__version__} ready")
                 click.echo(f"peer id: {node.peer_id}")
@@ -365,11 +398,14 @@ def start(
                     click.echo(f"listening: {addr}")
                 for model in node.models:
                     click.echo(f"serving: {model.model_id}")
+                if shim_url is not None:
+                    click.echo(f"openai api: {shim_url} (key: {home / identity.API_KEY_FILE})")
                 try:
                     async for signum in signals:
                         logger.info("%s: stopping", signal.Signals(signum).name)
                         break
                 finally:
+                    nursery.cancel_scope.cancel()
                     if ready_file is not None:
                         await trio.to_thread.run_sync(partial(ready_file.unlink, missing_ok=True))
         click.echo("p2pnode stopped")
@@ -419,6 +455,84 @@ def generate(prompt: str, max_tokens: int, temperature: float, **serving_flags: 
             )
 
     _run(run)
+
+
+@main.command()
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8080/v1",
+    show_default=True,
+    help="The local node's OpenAI API (start it with --shim).",
+)
+@click.option("--model", default=None, help="Model id (default: the first the node lists).")
+@click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--system", default=None, help="A system message to start the chat with.")
+def chat(
+    url: str, model: str | None, max_tokens: int, temperature: float, system: str | None
+) -> None:
+    """Chat in the terminal through the local node (streaming; empty line or Ctrl-D ends)."""
+    import httpx
+
+    from p2pnode.inference import upstream
+    from p2pnode.inference.engine import ChatMessage, Params, Request
+    from p2pnode.p2p import identity
+
+    try:
+        key = identity.load_or_create_api_key(_home())
+    except P2PNodeError as exc:
+        _fail(exc)
+
+    async def pick_model() -> str:
+        headers = {"Authorization": f"Bearer {key}"}
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                answer = await client.get(url.rstrip("/") + "/models", headers=headers)
+        except httpx.HTTPError as exc:
+            raise NetworkError(f"no node answers at {url} (start one with --shim): {exc}") from exc
+        if answer.status_code != 200:
+            raise NetworkError(f"{url}: {answer.status_code} {answer.text[:200]}")
+        models = [m["id"] for m in answer.json().get("data", [])]
+        if not models:
+            raise NetworkError("the node knows no model yet (no provider found)")
+        return str(models[0])
+
+    async def run() -> None:
+        chosen = model or await pick_model()
+        history = [ChatMessage(role="system", content=system)] if system else []
+        click.echo(f"chatting with {chosen} through {url} (empty line to end)", err=True)
+        cfg = upstream.Config(base_url=url, models=(chosen,), api_key=key, slots=1)
+        async with upstream.open_upstream(cfg) as engine:
+            while True:
+                line = await trio.to_thread.run_sync(_prompt_line)
+                if not line:
+                    return
+                history.append(ChatMessage(role="user", content=line))
+                request = Request(
+                    model_id=chosen,
+                    kind="chat",
+                    messages=tuple(history),
+                    params=Params(max_tokens=max_tokens, temperature=temperature),
+                )
+                parts = []
+                async with engine.stream(request) as chunks:
+                    async for chunk in chunks:
+                        parts.append(chunk.text)
+                        click.echo(chunk.text, nl=False)
+                click.echo()
+                history.append(ChatMessage(role="assistant", content="".join(parts)))
+
+    try:
+        _run(run)
+    except KeyboardInterrupt:
+        click.echo()
+
+
+def _prompt_line() -> str:
+    try:
+        return input("> ").strip()
+    except EOFError:
+        return ""
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import trio
 from libp2p.peer.id import ID
 
-from p2pnode.errors import ErrorCode, NetworkError, RemoteProtocolError
+from p2pnode.errors import ErrorCode, NetworkError, NoProviderError, RemoteProtocolError
 from p2pnode.inference import engine as enginelib
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
@@ -58,14 +58,6 @@ class Config:
     # How long a failure counts against a provider in the ranking.
     failure_memory_s: float = 300.0
     infer: infer_service.Config = field(default_factory=infer_service.Config)
-
-
-class NoProviderError(NetworkError):
-    """No provider could serve the request (none known, or every one failed)."""
-
-    def __init__(self, message: str, *, rate_limited: bool = False) -> None:
-        super().__init__(message)
-        self.rate_limited = rate_limited
 
 
 @dataclass(frozen=True, slots=True)

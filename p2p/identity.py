@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 PEER_KEY_FILE = "peer.key"
 WALLET_FILE = "wallet.json"
+API_KEY_FILE = "api_key"
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -75,6 +77,18 @@ def load_or_create_peer_key(home: Path) -> KeyPair:
     except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, ValueError, MissingDeserializerError
         raise ConfigError(f"{path} is not a libp2p private key ({exc})") from exc
     return KeyPair(private, private.get_public_key())
+
+
+def load_or_create_api_key(home: Path) -> str:
+    """The local OpenAI shim's bearer key, created on first use (``sk-p2p-`` + 32 random bytes)."""
+    path = home / API_KEY_FILE
+    if not path.exists():
+        write_private_file(path, f"sk-p2p-{secrets.token_urlsafe(32)}\n".encode())
+        logger.info("created API key %s", path)
+    key = read_private_file(path).decode(errors="replace").strip()
+    if not key:
+        raise ConfigError(f"{path} is empty; delete it to get a new key")
+    return key
 
 
 def peer_id_of(key_pair: KeyPair) -> ID:

@@ -232,11 +232,17 @@ class Node:
         """Run a request here or through the network (see ``p2p/consumer.py``)."""
         return await self.consumer.generate(request, deliver)
 
-    def network_models(self) -> list[str]:
-        """Model ids this node can serve: its own, then those on offer, sorted."""
+    def list_models(self) -> list[tuple[str, str]]:
+        """(model id, "local" or "network"): its own models first, then those on offer."""
         local = [m.model_id for m in self.models if self.engine_for(m.model_id) is not None]
-        offered = {m.model_id for o in self.offer_book.offers() for m in o.models}
-        return local + sorted(offered - set(local))
+        offered = {m.model_id for o in self.offer_book.offers() for m in o.models} - set(local)
+        return [(m, "local") for m in local] + [(m, "network") for m in sorted(offered)]
+
+    async def has_model(self, model_id: str) -> bool:
+        """Whether ``model_id`` is served here or on offer; asks the DHT if gossip has not said."""
+        if self.engine_for(model_id) is not None or self.offer_book.offers(model_id):
+            return True
+        return bool(await self.discover(model_id))
 
     # --- what the node tells others -------------------------------------
 

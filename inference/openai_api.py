@@ -1,0 +1,526 @@
+"""The local OpenAI-compatible shim: the node's only HTTP surface (ARCHITECTURE §9).
+
+Any OpenAI client pointed at ``http://127.0.0.1:<port>/v1`` with the node's
+API key talks to the network through its own node: ``GET /v1/models``,
+``GET /v1/models/{id}``, ``POST /v1/chat/completions`` and
+``POST /v1/completions``, streamed as server-sent events with ``stream: true``.
+
+Two guards stand before every route. The bearer key (``$P2PNODE_HOME/api_key``)
+must match, and the Host header must name a loopback host: a web page the
+user visits can make the browser send requests to 127.0.0.1, but not with a
+Host of 127.0.0.1 unless it *is* that origin (DNS rebinding), so it cannot
+spend the user's stake or quota through the local port.
+
+A generation runs inside the response, alongside a task that waits for the
+client to disconnect: a client that leaves cancels the generation, and with
+it the remote provider's (the consumer resets the stream). A streamed
+response sends its headers with the first token, so a request no provider
+can serve still gets a proper error status (503, or 429 when every provider
+said "slow down").
+
+Starlette on hypercorn's trio worker: both are made for ASGI on trio (via
+anyio), and neither needs threads or asyncio.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from p2pnode.errors import ConfigError, EngineError, NetworkError, NoProviderError
+from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.scopes import single_errors_ungrouped
+
+TaskStatus = Any  # trio.TaskStatus is shadowed by the trio-typing stubs
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+MAX_BODY: Final = 1024 * 1024  # the infer protocol's prompt cap
+MAX_N: Final = 8
+DEFAULT_MAX_TOKENS: Final = 512
+ROLES: Final = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class Finished(Protocol):
+    """How a generation ended (``p2p.consumer.Outcome`` fits)."""
+
+    @property
+    def finish_reason(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+
+
+class Backend(Protocol):
+    """What the shim needs of its node."""
+
+    def list_models(self) -> list[tuple[str, str]]:
+        """(model id, owner: "local" or "network") for every model the node can reach."""
+        ...
+
+    async def has_model(self, model_id: str) -> bool:
+        """Whether the model is served here or on offer (may look it up on the network)."""
+        ...
+
+    async def generate(
+        self, request: Request, deliver: Callable[[str, int], Awaitable[None]]
+    ) -> Finished:
+        """Run the request; text goes to ``deliver`` as it comes."""
+        ...
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error the client gets as an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _api_error_of(exc: Exception) -> ApiError:
+    """The HTTP status and body for a failure of the node behind the shim."""
+    if isinstance(exc, NoProviderError) and exc.rate_limited:
+        return ApiError(429, str(exc), type_="requests", code="rate_limit_exceeded")
+    if isinstance(exc, NetworkError):
+        return ApiError(503, str(exc), type_="server_error", code="no_provider")
+    return ApiError(500, str(exc), type_="server_error", code="engine_error")
+
+
+# --- request parsing (pure) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A parsed completion request."""
+
+    kind: Literal["chat", "completion"]
+    request: Request
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
+    """Validate an OpenAI request body; unknown fields are ignored. Raises ApiError(400)."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required and must be a string", "model")
+    messages: tuple[ChatMessage, ...] = ()
+    prompt = ""
+    if kind == "chat":
+        messages = _messages(body.get("messages"))
+    else:
+        prompt = _prompt(body.get("prompt"))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    stream = body.get("stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    params = Params(
+        max_tokens=_int(max_tokens, "max_tokens", 1, 1_000_000),
+        temperature=_number(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
+        top_p=_number(body.get("top_p", 1.0), "top_p", 0.0, 1.0),
+        stop=_stop(body.get("stop")),
+        seed=None if body.get("seed") is None else _int(body["seed"], "seed", -(2**63), 2**63 - 1),
+    )
+    n = _int(body.get("n", 1), "n", 1, 1_000_000)
+    if n > MAX_N:
+        raise _bad(f"'n' may be at most {MAX_N} here", "n")
+    request = Request(model_id=model, kind=kind, messages=messages, prompt=prompt, params=params)
+    return Job(kind, request, n, stream, bool(options.get("include_usage", False)))
+
+
+def _messages(value: object) -> tuple[ChatMessage, ...]:
+    if not isinstance(value, list) or not value:
+        raise _bad("'messages' must be a non-empty array", "messages")
+    out = []
+    for i, item in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where} must be an object", where)
+        role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise _bad(f"{where}.role must be one of {sorted(ROLES)}", f"{where}.role")
+        out.append(ChatMessage(role=role, content=_content(item.get("content"), where)))
+    return tuple(out)
+
+
+def _content(value: object, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise _bad(f"{where}.content: only text parts are supported", f"{where}.content")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"{where}.content: a text part needs 'text'", f"{where}.content")
+            parts.append(text)
+        return "".join(parts)
+    raise _bad(f"{where}.content must be a string or an array of text parts", f"{where}.content")
+
+
+def _prompt(value: object) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise _bad("'prompt' must be a string (or an array of one string)", "prompt")
+    return value
+
+
+def _stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    raise _bad("'stop' must be a string or an array of up to 4 strings", "stop")
+
+
+def _int(value: object, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(f"'{name}' must be an integer in [{low}, {high}]", name)
+    return value
+
+
+def _number(value: object, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _bad(f"'{name}' must be a number in [{low:g}, {high:g}]", name)
+    return float(value)
+
+
+# --- the generation inside a response ------------------------------------------
+
+
+class _Generation(Response):
+    """Runs a job while the client stays; answers as JSON or as server-sent events."""
+
+    def __init__(self, backend: Backend, job: Job) -> None:
+        super().__init__()
+        self._backend = backend
+        self._job = job
+        self._id = ("chatcmpl-" if job.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        self._created = int(time.time())
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+            try:
+                await self._run(send)
+            except (NetworkError, EngineError) as exc:
+                logger.info("request %s failed: %s", self._id, exc)
+                await self._fail(send, _api_error_of(exc))
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(receive: Receive, generation: trio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                logger.info("client left: cancelling its generation")
+                generation.cancel()
+                return
+
+    async def _run(self, send: Send) -> None:
+        job = self._job
+        results: list[tuple[str, str]] = []
+        prompt_tokens = completion_tokens = 0
+        for index in range(job.n):
+            parts: list[str] = []
+
+            async def deliver(
+                text: str, _tokens: int, index: int = index, parts: list[str] = parts
+            ) -> None:
+                if job.stream:
+                    if not parts:
+                        await self._open_choice(send, index)
+                    await self._event(send, self._chunk(index, self._delta(text), None))
+                parts.append(text)
+
+            done = await self._backend.generate(job.request, deliver)
+            finish = "length" if done.finish_reason == "length" else "stop"
+            prompt_tokens += done.prompt_tokens
+            completion_tokens += done.completion_tokens
+            results.append(("".join(parts), finish))
+            if job.stream:
+                if not parts:
+                    await self._open_choice(send, index)
+                await self._event(send, self._chunk(index, self._delta(None), finish))
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if not job.stream:
+            choices = [self._choice(i, text, finish) for i, (text, finish) in enumerate(results)]
+            await _send_json(send, 200, {**self._head(None), "choices": choices, "usage": usage})
+            return
+        if job.include_usage:
+            await self._event(send, {**self._head("chunk"), "choices": [], "usage": usage})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _open_choice(self, send: Send, index: int) -> None:
+        """A chat stream's first chunk of a choice names the role (as OpenAI's does)."""
+        if self._job.kind == "chat":
+            delta = {"role": "assistant", "content": ""}
+            await self._event(send, self._chunk(index, delta, None))
+
+    # --- shapes of the OpenAI objects -----------------------------------------
+
+    def _head(self, kind: str | None) -> dict[str, Any]:
+        if self._job.kind == "chat":
+            obj = "chat.completion.chunk" if kind == "chunk" else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {
+            "id": self._id,
+            "object": obj,
+            "created": self._created,
+            "model": self._job.request.model_id,
+            "system_fingerprint": None,
+        }
+
+    def _delta(self, text: str | None) -> dict[str, str] | str:
+        """A chat delta (empty for the final chunk) or a completion's text."""
+        if self._job.kind == "chat":
+            return {} if text is None else {"content": text}
+        return text or ""
+
+    def _chunk(self, index: int, delta: dict[str, str] | str, finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        if self._job.kind == "chat":
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta
+        return {**self._head("chunk"), "choices": [choice]}
+
+    def _choice(self, index: int, text: str, finish: str) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        if self._job.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        return choice
+
+    # --- sending ----------------------------------------------------------------
+
+    async def _event(self, send: Send, data: dict[str, Any]) -> None:
+        if not self._started:
+            self._started = True
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-request-id", self._id.encode()),
+                    ],
+                }
+            )
+        body = b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def _fail(self, send: Send, error: ApiError) -> None:
+        if not self._started:
+            await _send_json(send, error.status, error.body)
+            return
+        # Headers are gone: the error travels as an event, as OpenAI's does.
+        await self._event(send, error.body)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+# --- the app -------------------------------------------------------------------
+
+
+class _Guard:
+    """ASGI middleware: loopback Host header and the bearer key, before any route."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], api_key: str):
+        self._app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if _host_name(host) not in LOOPBACK_HOSTS:
+            error = ApiError(403, f"Host {host!r} is not a loopback name", code="forbidden_host")
+            await _send_json(send, error.status, error.body)
+            return
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+            message = (
+                "Incorrect API key provided" if auth else "Missing API key (Authorization: Bearer)"
+            )
+            error = ApiError(401, message, code="invalid_api_key")
+            await _send_json(send, error.status, error.body)
+            return
+        await self._app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def create_app(backend: Backend, api_key: str) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The shim as an ASGI app, guarded by ``api_key`` and the loopback Host check."""
+
+    async def list_models(_request: HttpRequest) -> JSONResponse:
+        data = [_model_object(m, owner) for m, owner in backend.list_models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(request: HttpRequest) -> JSONResponse:
+        model_id = request.path_params["model_id"]
+        for m, owner in backend.list_models():
+            if m == model_id:
+                return JSONResponse(_model_object(m, owner))
+        raise _not_found(model_id)
+
+    async def chat(request: HttpRequest) -> Response:
+        return await _complete(request, "chat")
+
+    async def completion(request: HttpRequest) -> Response:
+        return await _complete(request, "completion")
+
+    async def _complete(request: HttpRequest, kind: Literal["chat", "completion"]) -> Response:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise _bad(f"the body is not valid JSON: {exc}") from exc
+        job = parse_job(kind, body)
+        if not await backend.has_model(job.request.model_id):
+            raise _not_found(job.request.model_id)
+        return _Generation(backend, job)
+
+    async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return exc.response()
+
+    async def on_http_error(_request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completion, methods=["POST"]),
+        ],
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
+    )
+    return _Guard(app, api_key)
+
+
+def _not_found(model_id: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model {model_id!r} does not exist here or on the network",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _model_object(model_id: str, owner: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": owner}
+
+
+async def serve(
+    backend: Backend,
+    api_key: str,
+    listen: str,
+    *,
+    task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the shim on ``listen`` ("host:port") until cancelled.
+
+    Reports its base URL (``http://host:port/v1``, the real port when 0 was
+    asked) through ``task_status``. Raises ConfigError if it cannot listen.
+    """
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or not host:
+        raise ConfigError(f"shim address must be host:port, got {listen!r}")
+    config = HypercornConfig()
+    config.bind = [listen]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("p2pnode.shim")
+    config.graceful_timeout = 1.0
+    app = create_app(backend, api_key)
+    try:
+        with single_errors_ungrouped():
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(functools.partial(hypercorn_serve, app, config))  # type: ignore[arg-type]
+                task_status.started(f"{binds[0]}/v1")
+    except OSError as exc:
+        raise ConfigError(f"cannot serve the shim on {listen}: {exc.strerror or exc}") from exc

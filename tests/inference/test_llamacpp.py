@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import trio
@@ -179,3 +180,50 @@ async def test_unknown_model_is_an_engine_error(engine: LlamaCppEngine) -> None:
     with pytest.raises(EngineError, match="not served here"):
         async with engine.stream(Request(model_id="other", kind="completion", prompt="x")):
             pass
+
+
+@pytest.mark.parametrize("cut", [1, 7, 20])
+async def test_a_continued_answer_equals_the_uninterrupted_one(
+    engine: LlamaCppEngine, cut: int
+) -> None:
+    """Failover continues from the text delivered so far (ARCHITECTURE §6, §13)."""
+    request = chat(Params(max_tokens=40, temperature=0.0, seed=7))
+    full, last = await collect(engine, request)
+    parts: list[str] = []
+    async with engine.stream(request) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            if len(parts) == cut:
+                break
+    delivered = "".join(parts)
+    rest_request = replace(
+        request, continuation=delivered, params=replace(request.params, max_tokens=40 - cut)
+    )
+    rest, rest_last = await collect(engine, rest_request)
+    assert delivered + rest == full
+    assert rest_last.finish_reason == last.finish_reason
+    assert rest_last.usage is not None
+    assert rest_last.usage.completion_tokens == 40 - cut
+
+
+async def test_a_continued_completion_equals_the_uninterrupted_one(engine: LlamaCppEngine) -> None:
+    request = Request(
+        model_id=BUNDLED_MODEL_ID,
+        kind="completion",
+        prompt="The history of the printing press",
+        params=Params(max_tokens=30, temperature=0.0),
+    )
+    full, _ = await collect(engine, request)
+    parts: list[str] = []
+    async with engine.stream(request) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            if len(parts) == 10:
+                break
+    rest, _ = await collect(
+        engine,
+        replace(
+            request, continuation="".join(parts), params=replace(request.params, max_tokens=20)
+        ),
+    )
+    assert "".join(parts) + rest == full

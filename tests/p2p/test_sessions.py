@@ -1,0 +1,192 @@
+"""Provider admission and consumer ranking, pure and between real nodes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.lowlevel
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from p2pnode.errors import ErrorCode, NoProviderError
+from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.inference.llamacpp import (
+    BUNDLED_MODEL_ID,
+    Config,
+    LlamaCppEngine,
+    bundled_model_path,
+    open_llamacpp,
+)
+from p2pnode.p2p import provider as providerlib
+from p2pnode.p2p.consumer import PeerStats, rank
+from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.protocols import infer, session
+from p2pnode.protocols.infer import service as infer_service
+from p2pnode.protocols.infer.machine import ConsumerMachine
+from p2pnode.protocols.infer.messages import Request as WireRequest
+from p2pnode.protocols.offers import ModelOffer, Offer
+from p2pnode.protocols.session import service as session_service
+
+BOUND_S = 30
+
+
+def _offer(peer: str, *, price: int = 0, free: int = 1, queue: int = 0, tps: float = 0) -> Offer:
+    model = ModelOffer(model_id="m", price_per_s=price, tokens_per_s=tps)
+    return Offer(
+        peer_id=peer,
+        addrs=(),
+        models=(model,),
+        slots_free=free,
+        queue_len=queue,
+        seq=1,
+        timestamp=0,
+    )
+
+
+def test_rank_prefers_reliable_then_cheap_then_quick() -> None:
+    now = 1000.0
+    offers = [
+        _offer("busy", free=0, queue=3),
+        _offer("failed"),
+        _offer("dear", price=5),
+        _offer("far"),
+        _offer("near"),
+    ]
+    stats = {
+        "failed": PeerStats(rtt_ms=1.0, failures=[now - 10]),
+        "far": PeerStats(rtt_ms=400.0),
+        "near": PeerStats(rtt_ms=5.0),
+    }
+    ranked = [o.peer_id for o in rank(offers, "m", stats, now, memory_s=300)]
+    assert ranked == ["near", "far", "busy", "dear", "failed"]
+    # A failure is forgotten after the memory window.
+    ranked = [o.peer_id for o in rank(offers, "m", stats, now + 400, memory_s=300)]
+    assert ranked[0] == "failed"
+    assert rank(offers, "absent", stats, now, 300) == []
+
+
+def test_rate_limiter_allows_a_burst_then_refills() -> None:
+    limiter = providerlib.RateLimiter(per_minute=60)
+    assert all(limiter.allow("a", 0.0) for _ in range(60))
+    assert not limiter.allow("a", 0.0)
+    assert limiter.allow("b", 0.0)  # per key
+    assert not limiter.allow("a", 0.5)
+    assert limiter.allow("a", 1.0)  # one a second comes back
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[LlamaCppEngine]:
+    cfg = Config(model_path=bundled_model_path(), model_id=BUNDLED_MODEL_ID, n_threads=1)
+    async with open_llamacpp(cfg) as e:
+        yield e
+
+
+REQUEST = Request(
+    model_id=BUNDLED_MODEL_ID,
+    kind="chat",
+    messages=(ChatMessage(role="user", content="Hi"),),
+    params=Params(max_tokens=4, temperature=0.0),
+)
+
+
+async def _nothing(_text: str, _tokens: int) -> None:
+    return None
+
+
+async def _ignore(_chunk: object) -> None:
+    return None
+
+
+@pytest.mark.slow
+async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -> None:
+    consumer_key = create_new_key_pair()
+    other_id = str(ID.from_pubkey(create_new_key_pair().public_key))
+    strict = NodeConfig(
+        measure_tokens=0,
+        provider=providerlib.Config(allowlist=frozenset({other_id}), requests_per_minute=2),
+    )
+    async with (
+        open_node(strict, key_pair=create_new_key_pair(), engines=[engine]) as provider,
+        open_node(NodeConfig(), key_pair=consumer_key) as consumer,
+    ):
+        await consumer.connect(provider.addrs[0])
+        pid = ID.from_base58(provider.peer_id)
+        with trio.fail_after(BOUND_S):
+            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            with pytest.raises(session_service.Rejected) as rejected:
+                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+            assert rejected.value.code == session.RejectCode.NOT_ALLOWED
+
+            provider.provider.cfg = providerlib.Config(requests_per_minute=2)  # type: ignore[union-attr]
+            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            with pytest.raises(session_service.Rejected) as rejected:
+                await session_service.open_session(stream, "no-such-model", 5)
+            assert rejected.value.code == session.RejectCode.UNKNOWN_MODEL
+
+            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            est = await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+            # A session id nobody opened is refused, in the clear, before any prompt.
+            stream = await consumer._open_stream(pid, infer.PROTOCOL_ID)
+            machine = ConsumerMachine(1 << 20, est.keys, b"\x00" * 32, 1)
+            wire = WireRequest(request_id="x", model_id=BUNDLED_MODEL_ID, kind="chat")
+            with pytest.raises(infer_service.Refused) as refused:
+                await infer_service.request(
+                    stream,
+                    machine,
+                    wire,
+                    _ignore,
+                    lambda _d: b"",
+                    infer_service.Config(),
+                )
+            assert refused.value.code == ErrorCode.UNKNOWN_SESSION
+            # Two session opens a minute: the third is rate limited.
+            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            with pytest.raises(session_service.Rejected) as rejected:
+                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+            assert rejected.value.code == session.RejectCode.RATE_LIMITED
+        assert provider.provider is not None
+        assert provider.provider.stats["sessions"] == 2
+
+
+@pytest.mark.slow
+async def test_every_provider_rate_limiting_is_reported_as_such(engine: LlamaCppEngine) -> None:
+    limited = NodeConfig(measure_tokens=0, provider=providerlib.Config(requests_per_minute=1))
+    async with (
+        open_node(limited, key_pair=create_new_key_pair(), engines=[engine]) as provider,
+        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+    ):
+        await consumer.connect(provider.addrs[0])
+        with trio.fail_after(BOUND_S):
+            while consumer.offer_book.get(provider.peer_id) is None:
+                await consumer.refresh_offer(provider.peer_id)
+            with pytest.raises(NoProviderError) as failed:
+                await consumer.generate(REQUEST, _nothing)
+        assert failed.value.rate_limited
+        # Refusals are not failures: the provider keeps its rank.
+        assert consumer.consumer.counters["provider_failures"] == 0
+
+
+@pytest.mark.slow
+async def test_a_stale_or_future_hello_is_refused(engine: LlamaCppEngine) -> None:
+    async with open_node(
+        NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]
+    ) as provider:
+        assert provider.provider is not None
+
+        def hello(skew: float) -> session.Hello:
+            return session.Hello(
+                model_id=BUNDLED_MODEL_ID,
+                ephemeral=bytes(32),
+                nonce=bytes(16),
+                timestamp=time.time() + skew,
+            )
+
+        admit = provider.provider._admit
+        assert admit("peer", hello(-3600)) == session.RejectCode.STALE_HELLO
+        assert admit("peer", hello(+3600)) == session.RejectCode.STALE_HELLO
+        assert admit("peer", hello(-5)) is None

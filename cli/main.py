@@ -699,6 +699,70 @@ def bench_engine(
     )
 
 
+@bench.command("stream")
+@click.option("--tokens", type=click.IntRange(1000, 10_000_000), default=200_000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_stream(tokens: int, as_json: bool) -> None:
+    """Sealed tokens/s over one infer stream, with an engine that is never the bottleneck."""
+    from p2pnode.simnet.bench import bench_stream as run_bench
+
+    report = _run(lambda: run_bench(tokens))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(
+        f"stream {report['tokens_per_s']} tokens/s in {report['frames']} frames "
+        f"({report['tokens_per_frame']} tokens/frame, first chunk {report['first_chunk_ms']} ms)"
+        f"  (goal >= 20000: {'met' if report['goal_met'] else 'missed'})"
+    )
+    click.echo(
+        f"engine alone {report['engine_direct_tokens_per_s']} tokens/s "
+        f"(ratio {report['ratio_to_engine']});  one frame per token "
+        f"{report['per_token_frames_tokens_per_s']} tokens/s "
+        f"(batching x{report['batching_speedup']})"
+    )
+
+
+@bench.command("e2e")
+@click.option("--rounds", type=click.IntRange(1, 50), default=9, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(8, 4096), default=96, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF file (default: the bundled model).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_e2e(
+    rounds: int, max_tokens: int, threads: int, model_path: Path | None, as_json: bool
+) -> None:
+    """Shim -> p2p -> provider vs llama_cpp.server on the same model: tokens/s and TTFT."""
+    from p2pnode.inference import llamacpp
+    from p2pnode.simnet.bench import bench_e2e as run_bench
+
+    try:
+        path = model_path or llamacpp.bundled_model_path()
+    except P2PNodeError as exc:
+        _fail(exc)
+    report = _run(lambda: run_bench(path, rounds, max_tokens, threads))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    net, direct = report["network"], report["direct"]
+    click.echo(
+        f"tokens/s  network {net['tokens_per_s']['median']:.1f}  llama_cpp.server "
+        f"{direct['tokens_per_s']['median']:.1f}  ratio {report['ratio_tokens_per_s']:.3f}"
+        "  (goal >= 0.97)"
+    )
+    click.echo(
+        f"ttft      network {net['ttft_ms']['median']:.1f} ms  llama_cpp.server "
+        f"{direct['ttft_ms']['median']:.1f} ms  added {report['added_ttft_ms']:.1f} ms"
+        f"  (goal <= 25 ms)  goals {'met' if report['goal_met'] else 'missed'}"
+    )
+
+
 @bench.command("connect")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--rtts", type=click.IntRange(1, 10000), default=50, show_default=True)

@@ -7,6 +7,7 @@ between them (STYLE: benchmarks print figures and ratios).
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
@@ -185,3 +187,242 @@ def _direct_speed(llm: Any, request: Request) -> float:
                 first = last
             tokens += 1
     return round((tokens - 1) / (last - first), 1) if tokens > 1 and last > first else 0.0
+
+
+async def bench_stream(tokens: int = 200_000, per_token_tokens: int = 5_000) -> dict[str, Any]:
+    """Sealed tokens/s over one infer stream, with an engine that is never the bottleneck.
+
+    A provider serving :class:`SyntheticEngine` and a consumer on loopback;
+    one request of ``tokens`` tokens through ``Node.generate``. Baselines in
+    the same run: the engine read directly (what it can emit at all), and
+    the same stream with one frame per token (batching off), which shows
+    what batching buys. Goal: >= 20,000 tokens/s.
+    """
+    from p2pnode.inference.synthetic import SyntheticEngine
+    from p2pnode.p2p import provider as providerlib
+    from p2pnode.protocols.infer import batching
+    from p2pnode.protocols.infer import service as infer_service
+
+    engine = SyntheticEngine()
+    request = Request(model_id="synthetic", kind="completion", prompt="x")
+
+    async def direct(count: int) -> float:
+        start = time.perf_counter()
+        async with engine.stream(_with_max_tokens(request, count)) as chunks:
+            async for _ in chunks:
+                pass
+        return count / (time.perf_counter() - start)
+
+    async def over_stream(count: int, window: batching.Config) -> tuple[float, int, float]:
+        provider_cfg = providerlib.Config(infer=infer_service.Config(batching=window))
+        served = NodeConfig(measure_tokens=0, provider=provider_cfg)
+        async with (
+            open_node(served, key_pair=create_new_key_pair(), engines=[engine]) as provider,
+            open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+        ):
+            await consumer.connect(provider.addrs[0])
+            await consumer.refresh_offer(provider.peer_id)
+            frames = 0
+            first: list[float] = []
+
+            async def deliver(_text: str, _tokens: int) -> None:
+                nonlocal frames
+                frames += 1
+                if not first:
+                    first.append(time.perf_counter())
+
+            await consumer.generate(_with_max_tokens(request, 1), deliver)  # opens the session
+            frames, first = 0, []
+            start = time.perf_counter()
+            outcome = await consumer.generate(_with_max_tokens(request, count), deliver)
+            elapsed = time.perf_counter() - start
+            return outcome.completion_tokens / elapsed, frames, (first[0] - start) * 1000
+
+    direct_rate = await direct(tokens)
+    batched, frames, first_ms = await over_stream(tokens, batching.Config())
+    per_token, per_token_frames, _ = await over_stream(
+        per_token_tokens, batching.Config(window_s=0.0, max_tokens=1)
+    )
+    return {
+        "bench": "stream",
+        "tokens": tokens,
+        "tokens_per_s": round(batched),
+        "frames": frames,
+        "tokens_per_frame": round(tokens / max(1, frames), 1),
+        "first_chunk_ms": round(first_ms, 2),
+        "engine_direct_tokens_per_s": round(direct_rate),
+        "ratio_to_engine": round(batched / direct_rate, 3),
+        "per_token_frames_tokens_per_s": round(per_token),
+        "batching_speedup": round(batched / per_token, 1) if per_token else None,
+        "goal_met": batched >= 20_000,
+    }
+
+
+def _with_max_tokens(request: Request, count: int) -> Request:
+    from dataclasses import replace
+
+    return replace(request, params=replace(request.params, max_tokens=count))
+
+
+async def bench_e2e(
+    model_path: Path, rounds: int = 5, max_tokens: int = 96, threads: int = 1
+) -> dict[str, Any]:
+    """Tokens/s and time to first token through shim → p2p → provider vs llama_cpp.server.
+
+    Same model file, thread count, prompts and client, same run. The network
+    side: a provider node with LlamaCppEngine and a consumer node whose
+    OpenAI shim the client calls; the baseline: llama-cpp-python's own
+    OpenAI server (a subprocess) serving the file directly. Rounds alternate
+    the two; a warm-up request on each opens the session first (the goal is
+    TTFT added with a session already open). Goals: tokens/s ratio >= 0.97,
+    added TTFT <= 25 ms.
+    """
+    import importlib.util
+    import secrets
+    import subprocess
+    import sys
+
+    from p2pnode.errors import ConfigError
+    from p2pnode.inference import llamacpp, openai_api
+
+    if importlib.util.find_spec("llama_cpp.server") is None:
+        raise ConfigError(
+            "bench e2e needs llama_cpp.server: pip install 'llama-cpp-python[server]'"
+        )
+    model_id = "bench-model"
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+        "--model_alias", model_id, "--host", "127.0.0.1", "--port", str(port),
+        "--n_threads", str(threads), "--verbose", "False",
+    ]  # fmt: skip
+    prompts = [
+        "The history of the printing press",
+        "In the early days of the industrial revolution,",
+        "The lighthouse keeper opened the door and",
+    ]
+    cfg = llamacpp.Config(model_path=model_path, model_id=model_id, n_threads=threads)
+    key = secrets.token_hex(16)
+    results: dict[str, list[tuple[float, float]]] = {"network": [], "direct": []}
+    async with trio.open_nursery() as nursery:
+        server = await trio.lowlevel.open_process(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            direct_url = f"http://127.0.0.1:{port}/v1"
+            async with (
+                llamacpp.open_llamacpp(cfg) as engine,
+                open_node(
+                    NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]
+                ) as provider,
+                open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+                httpx.AsyncClient(timeout=120.0) as client,
+            ):
+                shim_url = await nursery.start(openai_api.serve, consumer, key, "127.0.0.1:0")
+                await consumer.connect(provider.addrs[0])
+                await consumer.refresh_offer(provider.peer_id)
+                await _wait_for_server(client, direct_url)
+                targets = {"network": (shim_url, key), "direct": (direct_url, "none")}
+                for url, api_key in targets.values():  # warm-up; opens the session
+                    await _timed_completion(client, url, api_key, model_id, prompts[0], 8)
+                for i in range(rounds):
+                    prompt = prompts[i % len(prompts)]
+                    order = ["network", "direct"] if i % 2 == 0 else ["direct", "network"]
+                    for name in order:
+                        url, api_key = targets[name]
+                        results[name].append(
+                            await _timed_completion(
+                                client, url, api_key, model_id, prompt, max_tokens
+                            )
+                        )
+                nursery.cancel_scope.cancel()
+        finally:
+            server.terminate()
+            with trio.move_on_after(10), trio.CancelScope(shield=True):
+                await server.wait()
+            if server.returncode is None:
+                server.kill()
+    ratios = [
+        n[1] / d[1] for n, d in zip(results["network"], results["direct"], strict=True) if d[1]
+    ]
+    added = [n[0] - d[0] for n, d in zip(results["network"], results["direct"], strict=True)]
+    ratio = statistics.median(ratios) if ratios else 0.0
+    added_ms = statistics.median(added) if added else 0.0
+    return {
+        "bench": "e2e",
+        "model": model_path.name,
+        "threads": threads,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "network": {
+            "ttft_ms": summarize([r[0] for r in results["network"]]),
+            "tokens_per_s": summarize([r[1] for r in results["network"]]),
+        },
+        "direct": {
+            "ttft_ms": summarize([r[0] for r in results["direct"]]),
+            "tokens_per_s": summarize([r[1] for r in results["direct"]]),
+        },
+        "ratio_tokens_per_s": round(ratio, 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "added_ttft_ms": round(added_ms, 2),
+        "added_ttft_ms_per_round": [round(a, 2) for a in added],
+        "goal_met": ratio >= 0.97 and added_ms <= 25.0,
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_for_server(client: httpx.AsyncClient, url: str, bound_s: float = 60.0) -> None:
+    from p2pnode.errors import NetworkError
+
+    with trio.move_on_after(bound_s):
+        while True:
+            try:
+                if (await client.get(f"{url}/models")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await trio.sleep(0.1)
+    raise NetworkError(f"llama_cpp.server did not start within {bound_s:g} s")
+
+
+async def _timed_completion(
+    client: httpx.AsyncClient, url: str, key: str, model: str, prompt: str, max_tokens: int
+) -> tuple[float, float]:
+    """(time to first token in ms, tokens/s after the first) of one streamed completion."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {"Authorization": f"Bearer {key}"}
+    start = time.perf_counter()
+    first = last = 0.0
+    deltas = 0
+    usage_tokens = 0
+    async with client.stream("POST", f"{url}/completions", json=body, headers=headers) as answer:
+        answer.raise_for_status()
+        async for line in answer.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage_tokens = int(event["usage"].get("completion_tokens") or 0)
+            choices = event.get("choices") or []
+            if choices and choices[0].get("text"):
+                last = time.perf_counter()
+                first = first or last
+                deltas += 1
+    tokens = usage_tokens or deltas
+    ttft = (first - start) * 1000 if first else 0.0
+    speed = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
+    return ttft, speed

@@ -272,3 +272,50 @@ def test_upstream_flags_are_checked(tmp_path: Path) -> None:
     result = _run(tmp_path, "generate", "--prompt", "x", "--upstream-model", "m")
     assert result.returncode == 2
     assert "--upstream-model needs --upstream-url" in result.stderr
+
+
+def test_quickstart_provider_consumer_shim_and_chat(tmp_path: Path) -> None:
+    """The README quickstart: a provider, a consumer with the shim, curl-like calls, chat."""
+    import httpx
+
+    provider = _start(tmp_path / "p", tmp_path / "p.json", serve=True)
+    consumer = _start(
+        tmp_path / "c",
+        tmp_path / "c.json",
+        "--shim",
+        "127.0.0.1:0",
+        "--bootstrap",
+        provider.addrs[0],
+    )
+    try:
+        shim_url = json.loads((tmp_path / "c.json").read_text())["shim_url"]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", shim_url)
+        key_file = tmp_path / "c" / "api_key"
+        assert key_file.stat().st_mode & 0o077 == 0
+        key = key_file.read_text().strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8,
+        }
+        with httpx.Client(timeout=BOUND_S) as http:
+            answer = http.post(f"{shim_url}/chat/completions", json=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["content"]
+            assert http.post(f"{shim_url}/chat/completions", json=body).status_code == 401
+        chat = subprocess.run(
+            [*P2PNODE, "chat", "--url", shim_url, "--max-tokens", "8"],
+            env=_env(tmp_path / "c"),
+            input="Say hello.\n\n",
+            capture_output=True,
+            text=True,
+            timeout=BOUND_S,
+        )
+        assert chat.returncode == 0, chat.stderr
+        assert "chatting with SmolLM2-135M-Instruct" in chat.stderr
+        assert chat.stdout.strip().removeprefix(">").strip()
+    finally:
+        for started in (consumer, provider):
+            started.proc.send_signal(signal.SIGTERM)
+            started.proc.communicate(timeout=BOUND_S)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from p2pnode.simnet.bench import bench_connect, summarize
+import pytest
+
+from p2pnode.inference.llamacpp import bundled_model_path
+from p2pnode.simnet.bench import bench_connect, bench_e2e, bench_stream, summarize
 
 
 def test_summarize() -> None:
@@ -21,3 +24,23 @@ async def test_bench_connect_reports_both_stacks() -> None:
     assert report["ratio_connect_median"] > 0
     assert report["ratio_rtt_median"] > 0
     assert report["goal_met"] == (report["libp2p"]["connect_ms"]["median"] <= 25.0)
+
+
+async def test_bench_stream_reports_consistent_figures() -> None:
+    report = await bench_stream(tokens=3000, per_token_tokens=200)
+    assert report["tokens"] == 3000
+    assert 0 < report["frames"] < 3000  # batched: fewer frames than tokens
+    assert report["tokens_per_frame"] > 1
+    assert report["tokens_per_s"] > 0
+    assert report["per_token_frames_tokens_per_s"] > 0
+    assert report["goal_met"] == (report["tokens_per_s"] >= 20_000)
+
+
+@pytest.mark.slow
+async def test_bench_e2e_compares_against_llama_cpp_server() -> None:
+    report = await bench_e2e(bundled_model_path(), rounds=1, max_tokens=8)
+    for side in ("network", "direct"):
+        assert report[side]["tokens_per_s"]["median"] > 0
+        assert report[side]["ttft_ms"]["median"] > 0
+    assert report["ratio_tokens_per_s"] > 0
+    assert len(report["added_ttft_ms_per_round"]) == 1

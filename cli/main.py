@@ -405,9 +405,9 @@ def start(
                         logger.info("%s: stopping", signal.Signals(signum).name)
                         break
                 finally:
-                    nursery.cancel_scope.cancel()
                     if ready_file is not None:
                         await trio.to_thread.run_sync(partial(ready_file.unlink, missing_ok=True))
+                    nursery.cancel_scope.cancel()  # the shim
         click.echo("p2pnode stopped")
 
     _run(run)

@@ -199,15 +199,16 @@ class _Generation:
             try:
                 done = await run(opened, message, self._emit)
             except RequestRefused as exc:
-                await self._write(
-                    self._machine.send_error(Error(code=int(exc.code), message=str(exc)[:200]))
-                )
+                error = Error(code=int(exc.code), message=str(exc)[:200])
+                async with self._write_lock:
+                    await send(self._stream, self._machine, self._machine.send_error(error))
                 nursery.cancel_scope.cancel()
                 return None
-            batch = self._batcher.flush()
-            if batch is not None:
-                await self._send_batch(batch)
-            await self._write(self._machine.done(done))
+            # What is still batched, then Done, in one hold of the lock: a
+            # batch the flusher took cannot land after Done.
+            async with self._write_lock:
+                await self._send_pending()
+                await send(self._stream, self._machine, self._machine.done(done))
             with trio.move_on_after(self._cfg.ack_wait_s):
                 await self._acked.wait()
             nursery.cancel_scope.cancel()
@@ -215,12 +216,14 @@ class _Generation:
 
     async def _emit(self, text: str, tokens: int) -> None:
         batch = self._batcher.add(text, tokens, trio.current_time())
-        if batch is not None:
-            await self._send_batch(batch)
-        else:
+        if batch is None:
             self._pending.set()
+            return
+        async with self._write_lock:
+            await self._send_chunk(batch)
 
     async def _flusher(self) -> None:
+        """Sends a batch whose window has passed while no new token came."""
         while True:
             deadline = self._batcher.deadline()
             if deadline is None:
@@ -228,19 +231,20 @@ class _Generation:
                 self._pending = trio.Event()
                 continue
             await trio.sleep_until(deadline)
-            due = self._batcher.deadline()
-            if due is not None and due <= trio.current_time():
-                batch = self._batcher.flush()
-                if batch is not None:
-                    await self._send_batch(batch)
+            async with self._write_lock:
+                due = self._batcher.deadline()
+                if due is not None and due <= trio.current_time():
+                    await self._send_pending()
 
-    async def _send_batch(self, batch: Batch) -> None:
-        async with self._write_lock:
+    async def _send_pending(self) -> None:
+        """Send what the batcher holds; the caller holds the write lock."""
+        batch = self._batcher.flush()
+        if batch is not None:
+            await self._send_chunk(batch)
+
+    async def _send_chunk(self, batch: Batch) -> None:
+        if self._machine.state is State.STREAMING:  # not after an Error or Done
             await send(self._stream, self._machine, self._machine.chunk(batch.text, batch.tokens))
-
-    async def _write(self, frame: bytes) -> None:
-        async with self._write_lock:
-            await send(self._stream, self._machine, frame)
 
     async def _watch(self, generation: trio.CancelScope) -> None:
         """Read what the consumer sends while we generate: its Ack, or its leaving."""

@@ -1,0 +1,419 @@
+"""The marketplace contracts through web3.py's sync API (ARCHITECTURE §7).
+
+Theory of operation. :class:`Chain` is synchronous: every method may block on
+the JSON-RPC node (or run py-evm, for the embedded chain), so the node calls
+it from a worker thread through :class:`AsyncChain`, one call at a time (one
+nonce sequence per account, and eth-tester is not thread-safe). Writes are
+signed locally with the caller's account (never an unlocked node account),
+estimated first so that a revert is reported before anything is sent, and
+awaited to their receipt. A revert becomes a :class:`ChainError` whose message
+names the contract's custom error and its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from eth_abi.abi import decode as abi_decode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_tester.exceptions import TransactionFailed
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import ContractCustomError, ContractLogicError, Web3Exception
+from web3.logs import DISCARD
+
+from p2pnode.contracts import artifact
+from p2pnode.errors import ChainError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DOMAIN_NAME = "p2pnode Marketplace"
+DOMAIN_VERSION = "1"
+
+
+def model_key(model_id: str) -> bytes:
+    """The bytes32 a model id is registered under: keccak256 of its UTF-8 name."""
+    return keccak(text=model_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deployment:
+    """Where the contracts are: what ``--deployment FILE`` holds."""
+
+    chain_id: int
+    token: str
+    marketplace: str
+    rpc_url: str | None = None  # None: the embedded chain
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Deployment:
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                chain_id=int(data["chain_id"]),
+                token=to_checksum_address(data["token"]),
+                marketplace=to_checksum_address(data["marketplace"]),
+                rpc_url=data.get("rpc_url"),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a deployment file: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Tx:
+    """A mined transaction: its hash, gas and what it produced (the receipt, or a value
+    read from its events)."""
+
+    tx_hash: str
+    gas_used: int
+    value: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class OnChainSession:
+    session_id: bytes
+    consumer: str
+    provider: str
+    bid_id: bytes
+    price_per_s: int
+    stake: int
+    opened_at: int
+    ends_at: int
+    open: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OnChainBid:
+    bid_id: bytes
+    provider: str
+    model: bytes
+    price_per_s: int
+    live: bool
+
+
+class Chain:
+    """The token and marketplace contracts on one chain (blocking calls)."""
+
+    def __init__(self, w3: Web3, deployment: Deployment) -> None:
+        self.w3 = w3
+        self.deployment = deployment
+        self.token: Contract = w3.eth.contract(
+            address=to_checksum_address(deployment.token), abi=artifact("ComputeToken")["abi"]
+        )
+        self.market: Contract = w3.eth.contract(
+            address=to_checksum_address(deployment.marketplace), abi=artifact("Marketplace")["abi"]
+        )
+        self._errors = _error_table(
+            artifact("Marketplace")["abi"] + artifact("ComputeToken")["abi"]
+        )
+        self._lock = threading.Lock()
+
+    # --- reading ---------------------------------------------------------------
+
+    def now(self) -> int:
+        """The latest block's timestamp (the contracts' clock)."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def balance(self, address: str) -> int:
+        return int(self.token.functions.balanceOf(to_checksum_address(address)).call())
+
+    def eth_balance(self, address: str) -> int:
+        return int(self.w3.eth.get_balance(to_checksum_address(address)))
+
+    def min_provider_stake(self) -> int:
+        return int(self.market.functions.minProviderStake().call())
+
+    def provider(self, address: str) -> tuple[str, int, int, bool]:
+        """(peer id, stake, open sessions, registered)."""
+        p = self.market.functions.getProvider(to_checksum_address(address)).call()
+        return str(p[0]), int(p[1]), int(p[2]), bool(p[3])
+
+    def bid(self, bid_id: bytes) -> OnChainBid:
+        b = self.market.functions.getBid(bid_id).call()
+        return OnChainBid(bid_id, str(b[0]), bytes(b[1]), int(b[2]), bool(b[3]))
+
+    def live_bid(self, provider: str, model_id: str) -> bytes | None:
+        bid_id = bytes(
+            self.market.functions.liveBid(to_checksum_address(provider), model_key(model_id)).call()
+        )
+        return None if bid_id == bytes(32) else bid_id
+
+    def session(self, session_id: bytes) -> OnChainSession:
+        s = self.market.functions.getSession(session_id).call()
+        return OnChainSession(
+            session_id, str(s[0]), str(s[1]), bytes(s[2]), int(s[3]), int(s[4]), int(s[5]),
+            int(s[6]), bool(s[7]),
+        )  # fmt: skip
+
+    def totals(self) -> tuple[int, int, int]:
+        """(escrowed, paid, refunded) over the contract's life."""
+        f = self.market.functions
+        return (
+            int(f.totalEscrowed().call()),
+            int(f.totalPaid().call()),
+            int(f.totalRefunded().call()),
+        )
+
+    def session_id_of(self, bid_id: bytes, consumer: str, nonce: bytes) -> bytes:
+        return bytes(
+            self.market.functions.sessionIdOf(bid_id, to_checksum_address(consumer), nonce).call()
+        )
+
+    def sessions_of(self, address: str, from_block: int = 0) -> list[bytes]:
+        """Ids of sessions ``address`` opened or serves, oldest first (from events)."""
+        who = to_checksum_address(address)
+        found: list[bytes] = []
+        for args in ({"consumer": who}, {"provider": who}):
+            logs = self.market.events.SessionOpened().get_logs(
+                from_block=from_block, argument_filters=args
+            )
+            found.extend(bytes(log["args"]["sessionId"]) for log in logs)
+        return list(dict.fromkeys(found))
+
+    # --- approvals -------------------------------------------------------------
+
+    def sign_approval(
+        self, provider: LocalAccount, bid_id: bytes, consumer: str, expiry: int, nonce: bytes
+    ) -> bytes:
+        """The provider's EIP-712 approval of one session (checked by ``openSession``)."""
+        signed = Account.sign_typed_data(
+            provider.key,
+            domain_data={
+                "name": DOMAIN_NAME,
+                "version": DOMAIN_VERSION,
+                "chainId": self.deployment.chain_id,
+                "verifyingContract": self.market.address,
+            },
+            message_types={
+                "Approval": [
+                    {"name": "bidId", "type": "bytes32"},
+                    {"name": "consumer", "type": "address"},
+                    {"name": "chainId", "type": "uint256"},
+                    {"name": "expiry", "type": "uint64"},
+                    {"name": "nonce", "type": "bytes32"},
+                ]
+            },
+            message_data={
+                "bidId": bid_id,
+                "consumer": to_checksum_address(consumer),
+                "chainId": self.deployment.chain_id,
+                "expiry": expiry,
+                "nonce": nonce,
+            },
+        )
+        return bytes(signed.signature)
+
+    # --- writing ---------------------------------------------------------------
+
+    def transact(self, account: LocalAccount, call: Any, what: str) -> Tx:
+        """Estimate, sign, send and await ``call`` (a contract function call)."""
+        with self._lock:
+            try:
+                tx = call.build_transaction(
+                    {
+                        "from": account.address,
+                        "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
+                        "chainId": self.deployment.chain_id,
+                    }
+                )
+                signed = account.sign_transaction(tx)
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+            except (ContractCustomError, ContractLogicError) as exc:
+                data = exc.data if isinstance(exc.data, str) else None
+                raise ChainError(f"{what}: {self._revert_reason(data, exc)}") from exc
+            except TransactionFailed as exc:  # the embedded chain's way of reverting
+                data = _tester_revert_data(exc)
+                raise ChainError(f"{what}: {self._revert_reason(data, exc)}") from exc
+            except Web3Exception as exc:
+                raise ChainError(f"{what}: {exc}") from exc
+            except (
+                ValueError
+            ) as exc:  # JSON-RPC errors (insufficient funds, nonce) arrive as ValueError
+                raise ChainError(f"{what}: {_rpc_message(exc)}") from exc
+            if receipt["status"] != 1:
+                raise ChainError(f"{what}: reverted in transaction {tx_hash.hex()}")
+            return Tx("0x" + bytes(tx_hash).hex(), int(receipt["gasUsed"]), receipt)
+
+    def approve_token(self, account: LocalAccount, amount: int) -> Tx | None:
+        """Allow the marketplace to take ``amount`` (skipped if the allowance suffices)."""
+        allowance = self.token.functions.allowance(account.address, self.market.address).call()
+        if int(allowance) >= amount:
+            return None
+        if self.balance(account.address) < amount:
+            raise ChainError(
+                f"insufficient token balance: {self.balance(account.address)} < {amount}"
+            )
+        return self.transact(
+            account, self.token.functions.approve(self.market.address, amount), "approve"
+        )
+
+    def register_provider(self, account: LocalAccount, peer_id: str, stake: int) -> Tx:
+        self.approve_token(account, stake)
+        call = self.market.functions.registerProvider(peer_id, stake)
+        return self.transact(account, call, "register provider")
+
+    def update_provider(self, account: LocalAccount, peer_id: str, add_stake: int = 0) -> Tx:
+        if add_stake:
+            self.approve_token(account, add_stake)
+        call = self.market.functions.updateProvider(peer_id, add_stake)
+        return self.transact(account, call, "update provider")
+
+    def deregister_provider(self, account: LocalAccount) -> Tx:
+        return self.transact(
+            account, self.market.functions.deregisterProvider(), "deregister provider"
+        )
+
+    def register_model(self, account: LocalAccount, model_id: str, gguf_sha256: str | None) -> Tx:
+        sha = bytes.fromhex(gguf_sha256) if gguf_sha256 else bytes(32)
+        call = self.market.functions.registerModel(model_key(model_id), model_id, sha)
+        return self.transact(account, call, "register model")
+
+    def model_registered(self, model_id: str) -> bool:
+        owner = self.market.functions.getModel(model_key(model_id)).call()[2]
+        return int(owner, 16) != 0
+
+    def post_bid(self, account: LocalAccount, model_id: str, price_per_s: int) -> Tx:
+        """Post or re-price; ``Tx.value`` is the bid id."""
+        call = self.market.functions.postBid(model_key(model_id), price_per_s)
+        tx = self.transact(account, call, "post bid")
+        (event,) = self.market.events.BidPosted().process_receipt(tx.value, errors=DISCARD)
+        return Tx(tx.tx_hash, tx.gas_used, bytes(event["args"]["bidId"]))
+
+    def delete_bid(self, account: LocalAccount, bid_id: bytes) -> Tx:
+        return self.transact(account, self.market.functions.deleteBid(bid_id), "delete bid")
+
+    def open_session(
+        self,
+        account: LocalAccount,
+        bid_id: bytes,
+        stake: int,
+        max_price_per_s: int,
+        expiry: int,
+        nonce: bytes,
+        approval: bytes,
+    ) -> Tx:
+        """Open a session (approving the stake first if needed); ``Tx.value`` is its id."""
+        self.approve_token(account, stake)
+        call = self.market.functions.openSession(
+            bid_id, stake, max_price_per_s, expiry, nonce, approval
+        )
+        tx = self.transact(account, call, "open session")
+        (event,) = self.market.events.SessionOpened().process_receipt(tx.value, errors=DISCARD)
+        return Tx(tx.tx_hash, tx.gas_used, bytes(event["args"]["sessionId"]))
+
+    def close_session(self, account: LocalAccount, session_id: bytes) -> Tx:
+        """Settle a session; ``Tx.value`` is (paid, refunded)."""
+        call = self.market.functions.closeSession(session_id)
+        tx = self.transact(account, call, "close session")
+        (event,) = self.market.events.SessionClosed().process_receipt(tx.value, errors=DISCARD)
+        paid, refunded = int(event["args"]["paid"]), int(event["args"]["refunded"])
+        return Tx(tx.tx_hash, tx.gas_used, (paid, refunded))
+
+    def mint(self, owner: LocalAccount, to: str, amount: int) -> Tx:
+        return self.transact(
+            owner, self.token.functions.mint(to_checksum_address(to), amount), "mint"
+        )
+
+    # --- errors ----------------------------------------------------------------
+
+    def _revert_reason(self, data: str | None, exc: Exception) -> str:
+        """``Name(arg=value, ...)`` of the contract's custom error in ``data``."""
+        if data and data.startswith("0x") and len(data) >= 10:
+            decoded = self._errors.get(data[2:10])
+            if decoded is not None:
+                name, names, types = decoded
+                try:
+                    values = abi_decode(types, bytes.fromhex(data[10:]))
+                except Exception:  # noqa: BLE001 - eth_abi raises several kinds
+                    return f"{name} (undecodable arguments)"
+                args = ", ".join(f"{n}={_show(v)}" for n, v in zip(names, values, strict=True))
+                return f"{name}({args})"
+        return str(getattr(exc, "message", None) or exc)
+
+
+def _tester_revert_data(exc: BaseException) -> str | None:
+    """The revert bytes eth-tester carried (web3 re-raises them as text)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if seen.args and isinstance(seen.args[0], bytes):
+            return "0x" + seen.args[0].hex()
+        seen = seen.__context__
+    return None
+
+
+def _error_table(abi: list[dict[str, Any]]) -> dict[str, tuple[str, list[str], list[str]]]:
+    table = {}
+    for item in abi:
+        if item.get("type") != "error":
+            continue
+        types = [i["type"] for i in item["inputs"]]
+        selector = keccak(text=f"{item['name']}({','.join(types)})")[:4].hex()
+        table[selector] = (item["name"], [i["name"] for i in item["inputs"]], types)
+    return table
+
+
+def _show(value: Any) -> str:
+    return "0x" + value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _rpc_message(exc: ValueError) -> str:
+    arg = exc.args[0] if exc.args else exc
+    if isinstance(arg, dict) and "message" in arg:
+        return str(arg["message"])
+    return str(arg)
+
+
+def deploy(w3: Web3, deployer: LocalAccount, min_provider_stake: int, rpc_url: str | None) -> Chain:
+    """Deploy the token and the marketplace; the deployer owns the token (dev chains)."""
+    chain_id = int(w3.eth.chain_id)
+
+    def create(name: str, *args: Any) -> str:
+        data = artifact(name)
+        factory = w3.eth.contract(abi=data["abi"], bytecode=data["bytecode"])
+        tx = factory.constructor(*args).build_transaction(
+            {
+                "from": deployer.address,
+                "nonce": w3.eth.get_transaction_count(deployer.address, "pending"),
+                "chainId": chain_id,
+            }
+        )
+        tx_hash = w3.eth.send_raw_transaction(deployer.sign_transaction(tx).raw_transaction)
+        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+        if receipt["status"] != 1 or not receipt["contractAddress"]:
+            raise ChainError(f"deploying {name} failed")
+        return str(receipt["contractAddress"])
+
+    token = create("ComputeToken", deployer.address)
+    market = create("Marketplace", token, min_provider_stake)
+    return Chain(
+        w3, Deployment(chain_id=chain_id, token=token, marketplace=market, rpc_url=rpc_url)
+    )
+
+
+class AsyncChain:
+    """:class:`Chain` for trio code: each call runs in a worker thread, one at a time."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.sync = chain
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a method of ``self.sync``) in a worker thread."""
+        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)

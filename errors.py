@@ -11,6 +11,7 @@
     ├── NetworkError             a peer could not be reached or did not answer in time
     │   ├── BrokenStreamError    the peer or the network broke a stream (reset, EOF)
     │   └── NoProviderError      no provider could serve a request (none, or all failed)
+    │       └── SpendLimitError  serving it would escrow more than the spend limit allows
     ├── ChainError               the chain refused or failed a call
     └── EngineError              an inference engine failed
 
@@ -83,6 +84,10 @@ class NoProviderError(NetworkError):
         super().__init__(message)
         # Every provider tried said "slow down": the caller should too.
         self.rate_limited = rate_limited
+
+
+class SpendLimitError(NoProviderError):
+    """A new paid session would take the consumer's open stakes over its spend limit."""
 
 
 class ChainError(P2PNodeError):

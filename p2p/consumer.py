@@ -29,10 +29,17 @@ from typing import TYPE_CHECKING
 import trio
 from libp2p.peer.id import ID
 
-from p2pnode.errors import ErrorCode, NetworkError, NoProviderError, RemoteProtocolError
+from p2pnode.errors import (
+    ErrorCode,
+    NetworkError,
+    NoProviderError,
+    RemoteProtocolError,
+    SpendLimitError,
+)
 from p2pnode.inference import engine as enginelib
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
+from p2pnode.p2p.market import ConsumerMarket
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
@@ -124,9 +131,11 @@ class _Session:
 class Consumer:
     """Runs requests for local callers through the network."""
 
-    def __init__(self, node: Node, cfg: Config) -> None:
+    def __init__(self, node: Node, cfg: Config, market: ConsumerMarket | None = None) -> None:
         self._node = node
         self.cfg = cfg
+        # Chain mode: only offers with a bid, sessions paid from our stake.
+        self.market = market
         self.stats: dict[str, PeerStats] = {}
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._opening: dict[tuple[str, str], trio.Lock] = {}
@@ -190,6 +199,8 @@ class Consumer:
                 elif exc.code != ErrorCode.BUSY:
                     self._failed(peer, exc)
                 continue
+            except SpendLimitError:
+                raise
             except session_service.Rejected as exc:
                 last_error = f"{short(peer)}: {exc}"
                 limited += exc.code == session.RejectCode.RATE_LIMITED
@@ -229,6 +240,9 @@ class Consumer:
         offers = fresh(self._node.offer_book.offers(model_id))
         if not offers:
             offers = fresh(await self._node.discover(model_id))
+        if self.market is not None:
+            market = self.market
+            offers = [o for o in offers if market.terms(o, model_id) is not None]
         return rank(offers, model_id, self.stats, time.time(), self.cfg.failure_memory_s)
 
     async def _request_on(
@@ -240,6 +254,8 @@ class Consumer:
             machine = ConsumerMachine(
                 self.cfg.infer.max_frame, held.keys, held.session_id, held.next_stream()
             )
+            if self.market is not None:
+                self.market.used(held.session_id)
             try:
                 return await infer_service.request(
                     stream, machine, wire, on_chunk, self._acker(held), self.cfg.infer
@@ -254,16 +270,48 @@ class Consumer:
         key = (peer, model_id)
         async with self._opening.setdefault(key, trio.Lock()):
             held = self._sessions.get(key)
+            market = self.market
             if held is not None and not reopen:
-                return held
+                if market is None or held.session_id in market.open:
+                    return held
+                reopen = True  # the paid session was closed (idle) or has ended
             if held is None:
                 await self._confirm(peer)
+            prepare, on_approve = self._payment(peer, model_id)
             stream = await self._node._open_stream(ID.from_base58(peer), session.PROTOCOL_ID)
-            est = await session_service.open_session(stream, model_id, self.cfg.handshake_s)
+            est = await session_service.open_session(
+                stream, model_id, self.cfg.handshake_s, prepare=prepare, on_approve=on_approve
+            )
             held = _Session(peer, model_id, est.session_id, est.keys)
             self._sessions[key] = held
             self.counters["sessions_opened"] += 1
             return held
+
+    def _payment(
+        self, peer: str, model_id: str
+    ) -> tuple[
+        Callable[[session.Hello], session.Hello] | None,
+        Callable[[session.Hello, session.Approve], Awaitable[bytes]] | None,
+    ]:
+        """Chain mode: how to fill the Hello, and how to open the session on chain."""
+        market = self.market
+        if market is None:
+            return None, None
+        offer = self._node.offer_book.get(peer)
+        terms = market.terms(offer, model_id) if offer is not None else None
+        if terms is None:
+            raise NetworkError(f"{short(peer)} has no bid for {model_id} within our price limit")
+        stake = market.stake_for(terms.price_per_s)
+        if stake <= 0:
+            held = sum(p.stake for p in market.open.values())
+            raise SpendLimitError(
+                f"spend limit reached: {held} held in open sessions of {market.cfg.spend_limit}"
+            )
+
+        async def on_approve(hello: session.Hello, approve: session.Approve) -> bytes:
+            return await market.open_session(peer, hello, approve, terms, stake)
+
+        return (lambda hello: market.prepare_hello(hello, terms, stake)), on_approve
 
     async def _confirm(self, peer: str) -> None:
         """A status call before the first session: live load, and a measured round trip."""
@@ -283,7 +331,11 @@ class Consumer:
                 self.counters["bad_receipts"] += 1
                 logger.warning("provider %s sent a receipt it did not sign", short(held.peer))
                 return b""
-            return bytes(self._node.host.get_private_key().sign(receipt.signing_bytes()))
+            signature = bytes(self._node.host.get_private_key().sign(receipt.signing_bytes()))
+            if self.market is not None:
+                counts = (receipt.requests, receipt.prompt_tokens, receipt.completion_tokens)
+                self.market.ledger.receipt(held.session_id, counts, receipt.signature, signature)
+            return signature
 
         return ack
 

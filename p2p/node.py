@@ -31,6 +31,7 @@ from p2pnode.p2p import consumer as consumerlib
 from p2pnode.p2p import control
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
+from p2pnode.p2p import market as marketlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.host import short
 from p2pnode.protocols import infer, offers, session, status
@@ -71,6 +72,8 @@ class NodeConfig:
     provider: providerlib.Config = field(default_factory=providerlib.Config)
     # ... and those it asks of others.
     consumer: consumerlib.Config = field(default_factory=consumerlib.Config)
+    # The chain and this node's account on it (None: free mode, nobody pays).
+    market: marketlib.Config | None = None
 
 
 class Node:
@@ -106,14 +109,30 @@ class Node:
             if config.discovery is not None
             else None
         )
+        market = config.market
+        self.ledger = marketlib.Ledger(market.sessions_db) if market is not None else None
+        self.provider_market = (
+            marketlib.ProviderMarket(market, self.ledger)
+            if market is not None and self.ledger is not None and self.engines
+            else None
+        )
+        self.consumer_market = (
+            marketlib.ConsumerMarket(market, self.ledger)
+            if market is not None and self.ledger is not None
+            else None
+        )
         self.provider = (
             providerlib.Provider(
-                config.provider, self.engines, host.get_private_key(), self.engine_for
+                config.provider,
+                self.engines,
+                host.get_private_key(),
+                self.engine_for,
+                self.provider_market,
             )
             if self.engines
             else None
         )
-        self.consumer = consumerlib.Consumer(self, config.consumer)
+        self.consumer = consumerlib.Consumer(self, config.consumer, self.consumer_market)
 
     @property
     def offer_book(self) -> offers.OfferBook:
@@ -135,7 +154,7 @@ class Node:
             queue_len=load.queue_len,
             seq=0,
             timestamp=0.0,
-            wallet=self.config.wallet,
+            wallet=self.provider_market.address if self.provider_market else self.config.wallet,
         )
 
     def load(self) -> status.Load:
@@ -181,6 +200,8 @@ class Node:
 
     def set_models(self, models: tuple[offers.ModelOffer, ...]) -> None:
         """Change what this node announces; the new offer goes out at once."""
+        if self.provider_market is not None:
+            models = self.provider_market.offer_terms(models)
         self.models = models
         if self.discovery is not None:
             self.discovery.offer_changed()
@@ -354,6 +375,14 @@ class Node:
     async def _serve_status(self, stream: INetStream) -> None:
         await status_service.serve(stream, self.status_info, self.config.status)
 
+    async def _settle_at_stop(self) -> None:
+        """Close the paid sessions this node opened (a consumer's second transaction)."""
+        if self.consumer_market is not None:
+            with trio.move_on_after(30), trio.CancelScope(shield=True):
+                await self.consumer_market.close_all()
+        if self.ledger is not None:
+            self.ledger.close()
+
     async def _keep_bootstrapped(self, peers: list[PeerInfo]) -> None:
         """Reconnect to bootstrap peers we are not connected to, forever."""
         while True:
@@ -409,6 +438,13 @@ async def open_node(
                     await nursery.start(control.serve, config.control_socket, node._control)
                 if node.discovery is not None:
                     await nursery.start(node.discovery.run)
+                if node.provider_market is not None:
+                    await node.provider_market.load_bids([m.model_id for m in node.models])
+                    node.set_models(node.models)
+                    nursery.start_soon(node.provider_market.run)
+                if node.consumer_market is not None:
+                    await node.consumer_market.prepare()
+                    nursery.start_soon(node.consumer_market.run)
                 if node.engines and config.measure_tokens > 0:
                     nursery.start_soon(node.measure_engines)
                 if bootstrap:
@@ -418,3 +454,4 @@ async def open_node(
                     yield node
                 finally:
                     nursery.cancel_scope.cancel()
+                    await node._settle_at_stop()

@@ -27,6 +27,7 @@ from p2pnode.inference import engine as enginelib
 from p2pnode.inference.engine import Engine, EngineBusy
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
+from p2pnode.p2p.market import ProviderMarket
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import Ack, Done, InferOpen, Receipt, Request
 from p2pnode.protocols.session import service as session_service
@@ -105,8 +106,11 @@ class Provider:
         engines: Sequence[Engine],
         key: PrivateKey,
         engine_for: Callable[[str], Engine | None],
+        market: ProviderMarket | None = None,
     ) -> None:
         self.cfg = cfg
+        # Chain mode: sessions are paid, approved on chain, checked before Ready.
+        self.market = market
         self._engines = engines
         self._key = key
         self._engine_for = engine_for
@@ -125,8 +129,18 @@ class Provider:
 
     async def serve_session(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
+        market = self.market
+
+        async def confirm(hello: Hello, session_id: bytes) -> RejectCode | None:
+            assert market is not None
+            return await market.confirm(hello, session_id, peer)
+
         established = await session_service.serve_session(
-            stream, lambda hello: self._admit(peer, hello), self.cfg.handshake_s
+            stream,
+            lambda hello: self._admit(peer, hello),
+            self.cfg.handshake_s,
+            approval=market.approval if market is not None else None,
+            confirm=confirm if market is not None else None,
         )
         if established is None:
             return
@@ -152,7 +166,7 @@ class Provider:
             return RejectCode.STALE_HELLO
         if not self._rate.allow(peer, trio.current_time()):
             return RejectCode.RATE_LIMITED
-        return None
+        return self.market.check_hello(hello) if self.market is not None else None
 
     def _make_room(self, now: float) -> None:
         idle = [s for s in self.sessions.values() if now - s.last_used > self.cfg.session_idle_s]
@@ -179,6 +193,8 @@ class Provider:
         if session is None or session.peer != peer:
             # Another peer naming someone's session learns nothing either way.
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="no such session")
+        if self.market is not None and not self.market.serving(opened.session_id):
+            return Error(code=ErrorCode.UNKNOWN_SESSION, message="the paid session has ended")
         if not self._rate.allow(peer, trio.current_time()):
             self.stats["refused"] += 1
             return Error(code=ErrorCode.RATE_LIMITED, message="too many requests")
@@ -255,6 +271,11 @@ class Provider:
         previous = session.acked[0].completion_tokens if session.acked else -1
         if receipt.completion_tokens >= previous:
             session.acked = (receipt, ack.signature)
+            if self.market is not None:
+                counts = (receipt.requests, receipt.prompt_tokens, receipt.completion_tokens)
+                self.market.ledger.receipt(
+                    session.session_id, counts, receipt.signature, ack.signature
+                )
 
 
 def _engine_request(request: Request) -> enginelib.Request:

@@ -19,6 +19,7 @@ class RejectCode(enum.IntEnum):
     NOT_ALLOWED = 5  # not on the provider's allowlist
     BAD_SESSION = 6  # the session the consumer says it opened does not check out
     STALE_HELLO = 7  # the Hello's timestamp is too old or too far ahead
+    PAYMENT_REQUIRED = 8  # the provider serves paid sessions only (a chain is in use)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

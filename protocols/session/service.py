@@ -59,13 +59,14 @@ async def open_session(
     model_id: str,
     wait_s: float,
     *,
-    duration_s: int = 0,
-    on_approve: Callable[[Approve], Awaitable[bytes | None]] | None = None,
+    prepare: Callable[[Hello], Hello] | None = None,
+    on_approve: Callable[[Hello, Approve], Awaitable[bytes]] | None = None,
 ) -> Established:
     """Run the consumer's side on a fresh stream; closes the stream after.
 
-    ``on_approve`` (chain mode) opens the session on chain and returns its
-    id; without it the id is the transcript hash. Raises :class:`Rejected`,
+    Chain mode: ``prepare`` fills the Hello's chain fields and signs it, and
+    ``on_approve`` opens the session on chain and returns its id; without
+    them the id is the transcript hash. Raises :class:`Rejected`,
     :class:`NetworkError` (timeout, broken stream) or RemoteProtocolError.
     """
     ephemeral = Ephemeral()
@@ -75,15 +76,16 @@ async def open_session(
         ephemeral=ephemeral.public,
         nonce=secrets.token_bytes(NONCE_BYTES),
         timestamp=time.time(),
-        duration_s=duration_s,
     )
+    if prepare is not None:
+        hello = prepare(hello)
     try:
         with trio.fail_after(wait_s):
             await send(stream, machine, machine.send_hello(hello))
             approve = await next_event(stream, machine)
             _raise_if_refused(approve)
             assert isinstance(approve, Approve)
-            session_id = await on_approve(approve) if on_approve is not None else None
+            session_id = await on_approve(hello, approve) if on_approve is not None else None
             await send(stream, machine, machine.send_opened(session_id))
             _raise_if_refused(await next_event(stream, machine))
     except trio.TooSlowError as exc:
@@ -107,12 +109,20 @@ def _raise_if_refused(event: object) -> None:
 Decide = Callable[[Hello], RejectCode | None]
 """The node's admission on Hello: None to approve, or why not."""
 
-Confirm = Callable[[ProviderMachine], Awaitable[RejectCode | None]]
+Approval = Callable[[Hello, bytes], Awaitable[tuple[bytes, int]]]
+"""Chain mode: the approval (and its expiry) for a Hello, given the Approve's nonce."""
+
+Confirm = Callable[[Hello, bytes], Awaitable[RejectCode | None]]
 """Chain mode: check the session named in Opened (free mode checks the transcript)."""
 
 
 async def serve_session(
-    stream: ByteStream, decide: Decide, wait_s: float, *, confirm: Confirm | None = None
+    stream: ByteStream,
+    decide: Decide,
+    wait_s: float,
+    *,
+    approval: Approval | None = None,
+    confirm: Confirm | None = None,
 ) -> Established | None:
     """Run the provider's side on an inbound stream; returns the session, or None if refused.
 
@@ -130,13 +140,17 @@ async def serve_session(
                 await send(stream, machine, machine.reject(refusal))
                 return None
             ephemeral = Ephemeral()
-            approve = Approve(ephemeral=ephemeral.public, nonce=secrets.token_bytes(NONCE_BYTES))
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            signed, expiry = await approval(hello, nonce) if approval is not None else (b"", 0)
+            approve = Approve(
+                ephemeral=ephemeral.public, nonce=nonce, approval=signed, expiry=expiry
+            )
             await send(stream, machine, machine.approve(ephemeral, approve))
             opened = await next_event(stream, machine)
             if not isinstance(opened, Opened):
                 return None
             if confirm is not None:
-                refusal = await confirm(machine)
+                refusal = await confirm(hello, opened.session_id)
             elif not machine.free_mode_session_ok:
                 refusal = RejectCode.BAD_SESSION
             if refusal is not None:

@@ -80,7 +80,7 @@ class Market(RuleBasedStateMachine):
         approval = self.chain.sign_approval(provider, bid, buyer.address, expiry, nonce)
         session_id = self.chain.open_session(
             buyer, bid, stake, price, expiry, nonce, approval
-        ).value
+        ).value[0]
         self.open[session_id] = stake
         return session_id
 

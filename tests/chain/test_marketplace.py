@@ -42,7 +42,7 @@ def _open(
     chain = net.chain
     expiry, nonce = chain.now() + 60, secrets.token_bytes(32)
     approval = chain.sign_approval(provider, bid, consumer.address, expiry, nonce)
-    return chain.open_session(consumer, bid, stake, PRICE, expiry, nonce, approval).value
+    return chain.open_session(consumer, bid, stake, PRICE, expiry, nonce, approval).value[0]
 
 
 def test_provider_registration_update_and_deregistration(net: Embedded) -> None:

@@ -44,7 +44,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from p2pnode.errors import ConfigError, EngineError, NetworkError, NoProviderError
+from p2pnode.errors import (
+    ConfigError,
+    EngineError,
+    NetworkError,
+    NoProviderError,
+    SpendLimitError,
+)
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.scopes import single_errors_ungrouped
 
@@ -117,6 +123,8 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 
 def _api_error_of(exc: Exception) -> ApiError:
     """The HTTP status and body for a failure of the node behind the shim."""
+    if isinstance(exc, SpendLimitError):
+        return ApiError(429, str(exc), type_="insufficient_quota", code="insufficient_quota")
     if isinstance(exc, NoProviderError) and exc.rate_limited:
         return ApiError(429, str(exc), type_="requests", code="rate_limit_exceeded")
     if isinstance(exc, NetworkError):

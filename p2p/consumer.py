@@ -30,6 +30,7 @@ import trio
 from libp2p.peer.id import ID
 
 from p2pnode.errors import (
+    ChainError,
     ErrorCode,
     NetworkError,
     NoProviderError,
@@ -201,6 +202,10 @@ class Consumer:
                 continue
             except SpendLimitError:
                 raise
+            except ChainError as exc:  # the on-chain open failed: no penalty for the provider
+                last_error = f"{short(peer)}: {exc}"
+                logger.warning("paid session with %s not opened: %s", short(peer), exc)
+                continue
             except session_service.Rejected as exc:
                 last_error = f"{short(peer)}: {exc}"
                 limited += exc.code == session.RejectCode.RATE_LIMITED
@@ -261,9 +266,12 @@ class Consumer:
                     stream, machine, wire, on_chunk, self._acker(held), self.cfg.infer
                 )
             except infer_service.Refused as exc:
-                # The provider restarted or forgot the session: open another once.
+                # The provider restarted, forgot the session, or its paid time is
+                # over: settle it (if paid) and open another, once.
                 if exc.code != ErrorCode.UNKNOWN_SESSION or reopen:
                     raise
+                if self.market is not None and held.session_id in self.market.open:
+                    await self.market.close(held.session_id)
         raise AssertionError("unreachable")
 
     async def _session(self, peer: str, model_id: str, *, reopen: bool) -> _Session:

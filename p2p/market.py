@@ -145,10 +145,21 @@ class ProviderMarket:
     # session id -> its end (chain time), for sessions this provider confirmed.
     ends: dict[bytes, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"settled": 0, "paid_wei": 0})
+    # Chain time minus wall time, as last read (a dev chain's clock can be moved).
+    skew: float = 0.0
 
     @property
     def address(self) -> str:
         return str(self.cfg.account.address)
+
+    def chain_time(self) -> float:
+        """The chain's clock now, estimated from the last reading."""
+        return time.time() + self.skew
+
+    async def _read_chain_time(self) -> int:
+        now = await self.cfg.chain.run(self.cfg.chain.sync.now)
+        self.skew = now - time.time()
+        return now
 
     async def load_bids(self, model_ids: list[str]) -> None:
         """Read this provider's live bids for the models it serves."""
@@ -196,7 +207,7 @@ class ProviderMarket:
         chain = self.cfg.chain
         assert hello.bid_id is not None
         assert hello.consumer_wallet is not None
-        expiry = int(time.time()) + self.cfg.approval_ttl_s
+        expiry = int(self.chain_time()) + self.cfg.approval_ttl_s
         nonce = approval_nonce(hello.nonce, approve_nonce)
         signature = await chain.run(
             chain.sync.sign_approval,
@@ -213,7 +224,7 @@ class ProviderMarket:
         chain = self.cfg.chain
         try:
             s = await chain.run(chain.sync.session, session_id)
-            now = await chain.run(chain.sync.now)
+            now = await self._read_chain_time()
         except ChainError as exc:
             logger.warning("cannot read session %s: %s", session_id.hex()[:8], exc)
             return RejectCode.BAD_SESSION
@@ -234,12 +245,11 @@ class ProviderMarket:
     def serving(self, session_id: bytes) -> bool:
         """Whether a paid session may still be served (its stake still buys time)."""
         ends = self.ends.get(session_id)
-        return ends is not None and time.time() < ends
+        return ends is not None and self.chain_time() < ends
 
     async def settle(self) -> None:
         """Close the sessions (confirmed here or left from before a restart) that have ended."""
-        chain = self.cfg.chain
-        now = await chain.run(chain.sync.now)
+        now = await self._read_chain_time()
         due = {sid for sid, ends in self.ends.items() if ends <= now}
         due |= {sid for sid, ends in self.ledger.open_sessions("provider") if ends <= now}
         for session_id in due:

@@ -1,0 +1,223 @@
+"""Paid sessions on the embedded chain: the openai client chats, the chain settles to the wei."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from network import BOUND_S
+
+from p2pnode.chain.client import AsyncChain
+from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
+from p2pnode.inference import openai_api
+from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
+from p2pnode.p2p import market
+from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.protocols.session import RejectCode
+
+pytestmark = pytest.mark.slow
+PRICE = 10**15
+MODEL = BUNDLED_MODEL_ID
+
+
+@dataclass
+class Paid:
+    embedded: Embedded
+    provider: Node
+    consumer: Node
+    shim_url: str
+    api_key: str
+
+
+def _market(net: Embedded, who: int, home: Path, chain: AsyncChain, **kw: object) -> market.Config:
+    return market.Config(
+        chain=chain, account=net.accounts[who], sessions_db=home / f"sessions-{who}.db", **kw
+    )  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
+    net = await trio.to_thread.run_sync(open_embedded)
+    chain = AsyncChain(net.chain)
+    provider_account = net.accounts[1]
+    net.chain.register_provider(provider_account, "12D3KooWprovider", MIN_PROVIDER_STAKE)
+    net.chain.register_model(provider_account, MODEL, None)
+    net.chain.post_bid(provider_account, MODEL, PRICE)
+    async with AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(
+            open_llamacpp(Config(model_path=bundled_model_path(), model_id=MODEL, n_threads=1))
+        )
+        provider = await stack.enter_async_context(
+            open_node(
+                NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path, chain)),
+                key_pair=create_new_key_pair(),
+                engines=[engine],
+            )
+        )
+        consumer = await stack.enter_async_context(
+            open_node(
+                NodeConfig(
+                    bootstrap=(provider.addrs[0],),
+                    market=_market(net, 2, tmp_path, chain, session_seconds=100),
+                ),
+                key_pair=create_new_key_pair(),
+            )
+        )
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        key = "sk-" + secrets.token_hex(8)
+        url = await nursery.start(openai_api.serve, consumer, key, "127.0.0.1:0")
+        with trio.fail_after(BOUND_S):
+            while consumer.offer_book.get(provider.peer_id) is None:
+                await consumer.refresh_offer(provider.peer_id)
+        try:
+            yield Paid(net, provider, consumer, url, key)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_paid_chat_settles_to_the_wei(paid: Paid) -> None:
+    chain = paid.embedded.chain
+    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
+    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    offer = paid.consumer.offer_book.get(paid.provider.peer_id)
+    assert offer is not None
+    terms = offer.serves(MODEL)
+    assert terms is not None
+    assert terms.price_per_s == PRICE
+    assert terms.bid_id is not None
+    assert offer.wallet == provider_addr
+
+    api = openai.AsyncOpenAI(base_url=paid.shim_url, api_key=paid.api_key, max_retries=0)
+    with trio.fail_after(BOUND_S):
+        for _ in range(2):
+            answer = await api.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+            )
+            assert answer.choices[0].message.content
+    markets = paid.consumer.consumer_market
+    assert markets is not None
+    assert markets.counters["opened"] == 1  # both requests in one paid session
+    (session_id,) = markets.open
+    held = chain.session(session_id)
+    assert held.open
+    assert held.stake == 100 * PRICE
+    assert (held.consumer, held.provider) == (consumer_addr, provider_addr)
+    # The consumer's second and last transaction: close; the provider is paid per second.
+    with trio.fail_after(BOUND_S):
+        await markets.close(session_id)
+    settled = chain.session(session_id)
+    assert not settled.open
+    paid_wei = markets.counters["paid_wei"]
+    refunded = markets.counters["refunded_wei"]
+    assert paid_wei + refunded == 100 * PRICE
+    assert paid_wei % PRICE == 0
+    assert paid_wei >= PRICE
+    assert chain.balance(provider_addr) == p0 + paid_wei
+    assert chain.balance(consumer_addr) == c0 - paid_wei
+    escrowed, total_paid, total_refunded = chain.totals()
+    assert escrowed == total_paid + total_refunded
+    # The next request opens a new paid session (the old one is closed).
+    with trio.fail_after(BOUND_S):
+        await api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+    assert markets.counters["opened"] == 2
+
+
+async def test_an_ended_session_is_settled_by_the_provider_and_replaced(paid: Paid) -> None:
+    request = Request(
+        model_id=MODEL,
+        kind="chat",
+        messages=(ChatMessage(role="user", content="Hi"),),
+        params=Params(max_tokens=4, temperature=0.0),
+    )
+
+    async def nothing(_text: str, _tokens: int) -> None:
+        return None
+
+    with trio.fail_after(BOUND_S):
+        await paid.consumer.generate(request, nothing)
+    markets = paid.consumer.consumer_market
+    provider_market = paid.provider.provider_market
+    assert markets is not None
+    assert provider_market is not None
+    (first,) = markets.open
+    paid.embedded.time_travel(3600)
+    with trio.fail_after(BOUND_S):
+        await provider_market.settle()
+    assert provider_market.counters["settled"] == 1
+    assert provider_market.counters["paid_wei"] == 100 * PRICE  # the whole stake: it ran out
+    assert not paid.embedded.chain.session(first).open
+    # The provider no longer serves it; the consumer notices and pays for a new one.
+    with trio.fail_after(BOUND_S):
+        outcome = await paid.consumer.generate(request, nothing)
+    assert outcome.completion_tokens == 4
+    assert markets.counters["opened"] == 2
+
+
+async def test_a_free_hello_to_a_paid_provider_is_refused(paid: Paid) -> None:
+    from libp2p.peer.id import ID
+
+    from p2pnode.protocols import session
+    from p2pnode.protocols.session import service as session_service
+
+    async with open_node(NodeConfig(), key_pair=create_new_key_pair()) as free:
+        await free.connect(paid.provider.addrs[0])
+        stream = await free._open_stream(ID.from_base58(paid.provider.peer_id), session.PROTOCOL_ID)
+        with pytest.raises(session_service.Rejected) as rejected:
+            await session_service.open_session(stream, MODEL, 5)
+    assert rejected.value.code == RejectCode.PAYMENT_REQUIRED
+
+
+async def test_the_spend_limit_is_a_429_insufficient_quota(paid: Paid, tmp_path: Path) -> None:
+    chain = AsyncChain(paid.embedded.chain)
+    tight = _market(paid.embedded, 3, tmp_path, chain, spend_limit=PRICE // 2)
+    async with (
+        open_node(
+            NodeConfig(bootstrap=(paid.provider.addrs[0],), market=tight),
+            key_pair=create_new_key_pair(),
+        ) as poor,
+        trio.open_nursery() as nursery,
+    ):
+        url = await nursery.start(openai_api.serve, poor, "k", "127.0.0.1:0")
+        with trio.fail_after(BOUND_S):
+            while poor.offer_book.get(paid.provider.peer_id) is None:
+                await poor.refresh_offer(paid.provider.peer_id)
+            api = openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as limited:
+                await api.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+                )
+        assert limited.value.code == "insufficient_quota"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_path: Path) -> None:
+    """A session in sessions.db that is still open on chain (the node died) is closed at start."""
+    net = paid.embedded
+    consumer, provider = net.accounts[4], net.accounts[1]
+    bid = net.chain.live_bid(provider.address, MODEL)
+    assert bid is not None
+    expiry, nonce = net.chain.now() + 60, secrets.token_bytes(32)
+    approval = net.chain.sign_approval(provider, bid, consumer.address, expiry, nonce)
+    net.chain.approve_token(consumer, 10 * PRICE)
+    left, _ends = net.chain.open_session(
+        consumer, bid, 10 * PRICE, PRICE, expiry, nonce, approval
+    ).value
+    cfg = _market(net, 4, tmp_path, AsyncChain(net.chain))
+    assert cfg.sessions_db is not None
+    ledger = market.Ledger(cfg.sessions_db)
+    ledger.opened("consumer", paid.provider.peer_id, net.chain.session(left))
+    ledger.close()
+    async with open_node(NodeConfig(market=cfg), key_pair=create_new_key_pair()):
+        with trio.fail_after(BOUND_S):
+            while net.chain.session(left).open:  # noqa: ASYNC110 - closed at start
+                await trio.sleep(0.05)

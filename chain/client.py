@@ -44,6 +44,7 @@ T = TypeVar("T")
 
 DOMAIN_NAME = "p2pnode Marketplace"
 EMBEDDED_GAS_LIMIT = 2_000_000
+GAS_MARGIN = 30_000
 DOMAIN_VERSION = "1"
 
 
@@ -239,6 +240,13 @@ class Chain:
                     # embedded chain's gas costs nothing.
                     call.call({"from": account.address})
                     params["gas"] = EMBEDDED_GAS_LIMIT
+                else:
+                    # The estimate runs at the last block's time; mined later,
+                    # closeSession may pay the provider too (one more transfer
+                    # than estimated): a margin, or it runs out of gas (seen on
+                    # anvil). Only the gas used is paid for.
+                    estimate = int(call.estimate_gas({"from": account.address}))
+                    params["gas"] = estimate * 5 // 4 + GAS_MARGIN
                 tx = call.build_transaction(params)
                 signed = account.sign_transaction(tx)
                 tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)

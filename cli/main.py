@@ -330,6 +330,39 @@ def _serving(
     show_default=True,
     help="Sessions + requests per consumer per minute.",
 )
+@option(
+    "--chain",
+    "chain_url",
+    default=None,
+    metavar="URL",
+    help="Paid mode: the chain's JSON-RPC URL (with --deployment; default: free mode).",
+)
+@option(
+    "--deployment",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Paid mode: the deployment file (chain id, contract addresses).",
+)
+@option(
+    "--spend-limit",
+    default="100",
+    show_default=True,
+    help="Paid mode, consumer: most tokens escrowed at once over all open sessions.",
+)
+@option(
+    "--session-seconds",
+    type=click.IntRange(1),
+    default=600,
+    show_default=True,
+    help="Paid mode, consumer: the time one session's stake buys.",
+)
+@option(
+    "--max-price",
+    type=click.IntRange(1),
+    default=10**18,
+    show_default=True,
+    help="Paid mode, consumer: highest price accepted (smallest units per second).",
+)
 @_password_file
 def start(
     listen: tuple[str, ...],
@@ -340,6 +373,11 @@ def start(
     shim: str | None,
     allow: tuple[str, ...],
     rate_limit: int,
+    chain_url: str | None,
+    deployment: Path | None,
+    spend_limit: str,
+    session_seconds: int,
+    max_price: int,
     wallet_password_file: Path | None,
     **serving_flags: Any,
 ) -> None:
@@ -364,6 +402,20 @@ def start(
             else:
                 logger.info("no wallet yet (free mode works without one): run 'p2pnode init'")
         serving = _serving(no_serve=no_serve, **serving_flags)
+        paid = None
+        if chain_url is not None or deployment is not None:
+            from p2pnode.chain.client import AsyncChain
+            from p2pnode.cli import chain_cmd
+            from p2pnode.p2p import market
+
+            paid = market.Config(
+                chain=AsyncChain(chain_cmd.open_chain(chain_url, deployment)),
+                account=chain_cmd.wallet_account(wallet_password_file),
+                session_seconds=session_seconds,
+                spend_limit=chain_cmd.tokens(spend_limit),
+                max_price_per_s=max_price,
+                sessions_db=home / "sessions.db",
+            )
         config = NodeConfig(
             host=hostlib.Config(listen=tuple(listen)),
             bootstrap=tuple(bootstrap),
@@ -373,6 +425,7 @@ def start(
                 allowlist=frozenset(a if a.startswith("12D3") else a.lower() for a in allow),
                 requests_per_minute=rate_limit,
             ),
+            market=paid,
         )
         api_key = identity.load_or_create_api_key(home) if shim else None
     except P2PNodeError as exc:
@@ -400,6 +453,8 @@ def start(
                     click.echo(f"serving: {model.model_id}")
                 if shim_url is not None:
                     click.echo(f"openai api: {shim_url} (key: {home / identity.API_KEY_FILE})")
+                if paid is not None:
+                    click.echo(f"paid mode: wallet {paid.account.address}")
                 try:
                     async for signum in signals:
                         logger.info("%s: stopping", signal.Signals(signum).name)
@@ -786,3 +841,7 @@ def bench_connect(rounds: int, rtts: int, as_json: bool) -> None:
         f"rtt       libp2p {lp['status_rtt_ms']['median']:.2f} ms  "
         f"tcp {tcp['rtt_ms']['median']:.3f} ms  ratio {report['ratio_rtt_median']}x"
     )
+
+
+# The chain commands register themselves on `main` (devchain, provider, model, bid, ...).
+from p2pnode.cli import chain_cmd  # noqa: E402, F401

@@ -355,7 +355,7 @@ class ConsumerMarket:
             approval_nonce(hello.nonce, approve.nonce),
             approve.approval,
         )
-        session_id, ends_at = tx.value
+        session_id, ends_at = bytes(tx.value[0]), int(tx.value[1])
         self.open[session_id] = Paid(session_id, peer, stake, ends_at, trio.current_time())
         assert terms.bid_id is not None
         record = OnChainSession(

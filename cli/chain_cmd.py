@@ -1,0 +1,407 @@
+"""Commands for the marketplace on chain: devchain, provider, model, bid, session, wallet.
+
+Each write prints what it sends and, once mined, its transaction hash and
+gas; a revert prints the contract's reason (``StakeTooLow(minimum=…)``), a
+missing allowance or balance says so, and a deployment for another chain is
+refused before anything is sent. Amounts of tokens are whole tokens (18
+decimals, so ``--stake 100`` is 100 × 10^18 of the smallest unit); prices are
+in the smallest unit per second.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import click
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from p2pnode.cli import settings
+from p2pnode.cli.main import _fail, _home, _password_file, main
+from p2pnode.cli.settings import option
+from p2pnode.errors import ConfigError, P2PNodeError
+
+DEPLOYMENT_FILE = "deployment.json"
+UNIT = 10**18
+
+
+def chain_options(func: Any) -> Any:
+    """--chain and --deployment, shared by every command that talks to a chain."""
+    func = option(
+        "--deployment",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Deployment file (chain id, contract addresses; default $HOME/deployment.json).",
+    )(func)
+    return option(
+        "--chain",
+        "chain_url",
+        default=None,
+        metavar="URL",
+        help="JSON-RPC URL of the chain (default: the deployment file's).",
+    )(func)
+
+
+def tokens(text: str) -> int:
+    """Whole tokens (decimal) to the smallest unit."""
+    try:
+        value = Decimal(text) * UNIT
+    except InvalidOperation as exc:
+        raise ConfigError(f"not an amount of tokens: {text!r}") from exc
+    if value < 0 or value != value.to_integral_value():
+        raise ConfigError(f"not an amount of tokens: {text!r}")
+    return int(value)
+
+
+def deployment_path(deployment: Path | None) -> Path:
+    return deployment if deployment is not None else _home() / DEPLOYMENT_FILE
+
+
+def open_chain(chain_url: str | None, deployment: Path | None) -> Any:
+    """The Chain for --chain/--deployment (checked: the right chain id)."""
+    from p2pnode.chain.client import Chain, Deployment
+    from p2pnode.chain.devchain import connect
+
+    dep = Deployment.load(deployment_path(deployment))
+    url = chain_url or dep.rpc_url
+    if not url:
+        raise ConfigError("no chain URL: give --chain or a deployment file with rpc_url")
+    return Chain(connect(url, dep), dep)
+
+
+def wallet_account(password_file: Path | None) -> LocalAccount:
+    """This node's wallet, unlocked."""
+    from p2pnode.p2p import identity
+
+    home = _home()
+    wallet = identity.load_wallet(home)
+    if wallet is None:
+        raise ConfigError(f"no wallet in {home}: run 'p2pnode init'")
+    password = settings.wallet_password(password_file, confirm=False, interactive=True)
+    if password is None:
+        raise ConfigError("the wallet passphrase is needed: --wallet-password-file or a prompt")
+    account: LocalAccount = Account.from_key(wallet.unlock(password))
+    return account
+
+
+def _send(what: str, fn: Any, *args: Any) -> Any:
+    click.echo(f"→ {what} …", err=True)
+    tx = fn(*args)
+    if tx is not None:
+        click.echo(f"✓ {what}: tx {tx.tx_hash} (gas {tx.gas_used})", err=True)
+    return tx
+
+
+def _guard(fn: Any) -> Any:
+    try:
+        return fn()
+    except P2PNodeError as exc:
+        _fail(exc)
+
+
+# --- devchain ---------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=8545, show_default=True)
+@click.option("--accounts", type=click.IntRange(1, 100), default=10, show_default=True)
+@click.option(
+    "--fund", multiple=True, default=[], help="Also fund this address with tokens and ether."
+)
+@click.option(
+    "--deployment",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the deployment file (default $HOME/deployment.json).",
+)
+def devchain(port: int, accounts: int, fund: tuple[str, ...], deployment: Path | None) -> None:
+    """Run anvil on 127.0.0.1, deploy the contracts, fund accounts, until Ctrl-C."""
+    from p2pnode.chain.devchain import run_devchain
+
+    path = deployment_path(deployment)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        with run_devchain(port, path, accounts=accounts, fund=fund) as dev:
+            dep = dev.chain.deployment
+            click.echo(f"devchain ready: {dev.url} (chain id {dep.chain_id})")
+            click.echo(f"token {dep.token}  marketplace {dep.marketplace}")
+            click.echo(f"deployment file: {path}")
+            for a in dev.accounts[:3]:
+                click.echo(f"funded dev account {a.address} key {a.key.hex()}")
+            stop.wait()
+    except P2PNodeError as exc:
+        _fail(exc)
+    click.echo("devchain stopped")
+
+
+# --- provider / model / bid ------------------------------------------------------
+
+
+@main.group()
+def provider() -> None:
+    """Register this node as a provider on chain (with its peer ID), update, leave."""
+
+
+@provider.command("register")
+@click.option("--stake", default=None, help="Whole tokens (default: the minimum).")
+@chain_options
+@_password_file
+def provider_register(
+    stake: str | None, chain_url: str | None, deployment: Path | None,
+    wallet_password_file: Path | None,
+) -> None:  # fmt: skip
+    """Register with this node's peer ID (never an address) and a stake."""
+    from p2pnode.p2p import identity
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        account = wallet_account(wallet_password_file)
+        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(_home())))
+        amount = tokens(stake) if stake else chain.min_provider_stake()
+        _send("register provider", chain.register_provider, account, peer_id, amount)
+        click.echo(f"provider {account.address} registered as {peer_id}")
+
+    _guard(run)
+
+
+@provider.command("update")
+@click.option("--add-stake", default="0", help="Whole tokens to add.")
+@chain_options
+@_password_file
+def provider_update(
+    add_stake: str, chain_url: str | None, deployment: Path | None,
+    wallet_password_file: Path | None,
+) -> None:  # fmt: skip
+    """Re-announce this node's peer ID and/or add stake."""
+    from p2pnode.p2p import identity
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        account = wallet_account(wallet_password_file)
+        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(_home())))
+        _send("update provider", chain.update_provider, account, peer_id, tokens(add_stake))
+
+    _guard(run)
+
+
+@provider.command("deregister")
+@chain_options
+@_password_file
+def provider_deregister(
+    chain_url: str | None, deployment: Path | None, wallet_password_file: Path | None
+) -> None:
+    """Leave the registry; the stake comes back (only with no session open)."""
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        _send(
+            "deregister provider", chain.deregister_provider, wallet_account(wallet_password_file)
+        )
+
+    _guard(run)
+
+
+@main.group()
+def model() -> None:
+    """The model registry on chain."""
+
+
+@model.command("register")
+@click.argument("model_id")
+@click.option("--gguf", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@chain_options
+@_password_file
+def model_register(
+    model_id: str, gguf: Path | None, chain_url: str | None, deployment: Path | None,
+    wallet_password_file: Path | None,
+) -> None:  # fmt: skip
+    """Register MODEL_ID (with the GGUF file's sha256; default: the bundled model's)."""
+    from p2pnode.inference import llamacpp
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        path = gguf or llamacpp.bundled_model_path()
+        sha = llamacpp.file_sha256(path)
+        account = wallet_account(wallet_password_file)
+        _send(f"register model {model_id}", chain.register_model, account, model_id, sha)
+
+    _guard(run)
+
+
+@main.group()
+def bid() -> None:
+    """Bids: one live bid per provider and model, priced per second."""
+
+
+@bid.command("post")
+@click.argument("model_id")
+@click.option("--price", type=click.IntRange(1), required=True, help="Smallest units per second.")
+@chain_options
+@_password_file
+def bid_post(
+    model_id: str, price: int, chain_url: str | None, deployment: Path | None,
+    wallet_password_file: Path | None,
+) -> None:  # fmt: skip
+    """Post (or re-price, at no fee) this provider's bid for MODEL_ID."""
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        account = wallet_account(wallet_password_file)
+        tx = _send(f"post bid on {model_id}", chain.post_bid, account, model_id, price)
+        click.echo(f"bid {tx.value.hex()} at {price}/s")
+
+    _guard(run)
+
+
+@bid.command("delete")
+@click.argument("bid_id")
+@chain_options
+@_password_file
+def bid_delete(
+    bid_id: str, chain_url: str | None, deployment: Path | None, wallet_password_file: Path | None
+) -> None:
+    """Withdraw a bid (open sessions keep their terms)."""
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        account = wallet_account(wallet_password_file)
+        _send("delete bid", chain.delete_bid, account, bytes.fromhex(bid_id.removeprefix("0x")))
+
+    _guard(run)
+
+
+@bid.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@chain_options
+def bid_list(as_json: bool, chain_url: str | None, deployment: Path | None) -> None:
+    """Live bids on the chain (from BidPosted events)."""
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        seen: dict[bytes, Any] = {}
+        for log in chain.market.events.BidPosted().get_logs(from_block=0):
+            seen[bytes(log["args"]["bidId"])] = log["args"]
+        rows = []
+        for bid_id in seen:
+            b = chain.bid(bid_id)
+            if b.live:
+                peer_id = chain.provider(b.provider)[0]
+                rows.append(
+                    {"bid_id": bid_id.hex(), "provider": b.provider, "peer_id": peer_id,
+                     "model": b.model.hex(), "price_per_s": b.price_per_s}
+                )  # fmt: skip
+        if as_json:
+            click.echo(json.dumps(rows))
+            return
+        for r in rows:
+            click.echo(f"{r['bid_id'][:16]}…  {r['price_per_s']}/s  {r['peer_id']}")
+        if not rows:
+            click.echo("no live bids")
+
+    _guard(run)
+
+
+# --- sessions and the wallet -----------------------------------------------------
+
+
+@main.group()
+def session() -> None:
+    """Paid sessions this wallet opened or serves."""
+
+
+@session.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@chain_options
+@_password_file
+def session_list(
+    as_json: bool, chain_url: str | None, deployment: Path | None,
+    wallet_password_file: Path | None,
+) -> None:  # fmt: skip
+    """Sessions of this wallet (as consumer or provider), open first."""
+    from p2pnode.p2p import identity
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        wallet = identity.load_wallet(_home())
+        if wallet is None:
+            raise ConfigError("no wallet: run 'p2pnode init'")
+        rows = []
+        for sid in chain.sessions_of(wallet.address):
+            s = chain.session(sid)
+            rows.append(
+                {"session_id": sid.hex(), "open": s.open, "consumer": s.consumer,
+                 "provider": s.provider, "stake": s.stake, "price_per_s": s.price_per_s,
+                 "ends_at": s.ends_at}
+            )  # fmt: skip
+        rows.sort(key=lambda r: not r["open"])
+        if as_json:
+            click.echo(json.dumps(rows))
+            return
+        for r in rows:
+            state = "open  " if r["open"] else "closed"
+            click.echo(f"{r['session_id'][:16]}…  {state}  stake {r['stake']}  ends {r['ends_at']}")
+        if not rows:
+            click.echo("no sessions")
+
+    _guard(run)
+
+
+@session.command("close")
+@click.argument("session_id")
+@chain_options
+@_password_file
+def session_close(
+    session_id: str, chain_url: str | None, deployment: Path | None,
+    wallet_password_file: Path | None,
+) -> None:  # fmt: skip
+    """Close a session: the provider is paid for the seconds used, the rest comes back."""
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        account = wallet_account(wallet_password_file)
+        sid = bytes.fromhex(session_id.removeprefix("0x"))
+        tx = _send("close session", chain.close_session, account, sid)
+        paid, refunded = tx.value
+        click.echo(f"paid {paid}, refunded {refunded}")
+
+    _guard(run)
+
+
+@main.group()
+def wallet() -> None:
+    """This node's wallet on chain."""
+
+
+@wallet.command("balance")
+@click.option("--address", default=None, help="Another address (default: this node's wallet).")
+@click.option("--json", "as_json", is_flag=True)
+@chain_options
+def wallet_balance(
+    address: str | None, as_json: bool, chain_url: str | None, deployment: Path | None
+) -> None:
+    """Token and ether balances."""
+    from p2pnode.p2p import identity
+
+    def run() -> None:
+        chain = open_chain(chain_url, deployment)
+        who = address
+        if who is None:
+            found = identity.load_wallet(_home())
+            if found is None:
+                raise ConfigError("no wallet: run 'p2pnode init' or give --address")
+            who = found.address
+        token, ether = chain.balance(who), chain.eth_balance(who)
+        if as_json:
+            click.echo(json.dumps({"address": who, "token": token, "ether": ether}))
+            return
+        click.echo(f"{who}: {Decimal(token) / UNIT} tokens, {Decimal(ether) / UNIT} ether")
+
+    _guard(run)

@@ -1,0 +1,142 @@
+"""A paid network of separate processes: anvil (p2pnode devchain), a provider registered
+with the CLI, a consumer with the shim; the openai client chats; balances settle to the wei."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from test_cli import BOUND_S, P2PNODE, _env, _run, _start
+
+from p2pnode.chain.client import Chain, Deployment
+from p2pnode.chain.devchain import connect
+from p2pnode.p2p import identity
+
+pytestmark = pytest.mark.slow
+MODEL = "SmolLM2-135M-Instruct"
+PRICE = 10**15
+PASSWORD = "correct horse"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _home(tmp_path: Path, name: str) -> tuple[Path, str]:
+    home = tmp_path / name
+    identity.load_or_create_peer_key(home)
+    wallet = identity.create_wallet(home, PASSWORD, kdf_iterations=2)  # fast unlocks
+    return home, wallet.address
+
+
+@pytest.fixture
+def devchain(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """anvil through `p2pnode devchain`, funding two fresh wallets; yields (deployment, homes)."""
+    (provider_home, provider_wallet), (consumer_home, consumer_wallet) = (
+        _home(tmp_path, "provider"),
+        _home(tmp_path, "consumer"),
+    )
+    deployment = tmp_path / "deployment.json"
+    proc = subprocess.Popen(
+        [*P2PNODE, "devchain", "--port", str(_free_port()), "--deployment", str(deployment),
+         "--fund", provider_wallet, "--fund", consumer_wallet],
+        env=_env(tmp_path / "chain"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("devchain ready"):
+            break
+    else:
+        proc.wait(BOUND_S)
+        pytest.fail(f"devchain did not start: {proc.stderr.read() if proc.stderr else ''}")
+    try:
+        yield deployment, [str(provider_home), str(consumer_home)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=BOUND_S)
+        assert "devchain stopped" in out
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = _run(home, *args, P2PNODE_WALLET_PASSWORD=PASSWORD)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_a_paid_chat_between_processes_settles_to_the_wei(
+    devchain: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    deployment, (provider_dir, consumer_dir) = devchain
+    provider_home, consumer_home = Path(provider_dir), Path(consumer_dir)
+    dep = ["--deployment", str(deployment)]
+    # The provider registers (peer ID, stake), the model, and a bid, with the CLI.
+    registered = _cli(provider_home, "provider", "register", *dep)
+    assert "✓ register provider: tx 0x" in registered.stderr
+    _cli(provider_home, "model", "register", MODEL, *dep)
+    _cli(provider_home, "bid", "post", MODEL, "--price", str(PRICE), *dep)
+    bids = json.loads(_cli(consumer_home, "bid", "list", "--json", *dep).stdout)
+    assert [b["price_per_s"] for b in bids] == [PRICE]
+    # A revert is one readable line.
+    again = _run(provider_home, "provider", "register", *dep, P2PNODE_WALLET_PASSWORD=PASSWORD)
+    assert again.returncode == 1
+    assert "AlreadyRegistered()" in again.stderr
+
+    where = Deployment.load(deployment)
+    chain = Chain(connect(where.rpc_url or "", where), where)
+    provider_wallet = identity.load_wallet(provider_home)
+    consumer_wallet = identity.load_wallet(consumer_home)
+    assert provider_wallet is not None
+    assert consumer_wallet is not None
+    assert chain.provider(provider_wallet.address)[0].startswith("12D3KooW")
+    p0, c0 = chain.balance(provider_wallet.address), chain.balance(consumer_wallet.address)
+
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD)
+    paid = [*dep, "--wallet-password-file", str(password_file)]
+    provider = _start(provider_home, tmp_path / "p.json", *paid, serve=True)
+    consumer = _start(
+        consumer_home, tmp_path / "c.json", *paid,
+        "--shim", "127.0.0.1:0", "--bootstrap", provider.addrs[0], "--session-seconds", "100",
+    )  # fmt: skip
+    try:
+        url = json.loads((tmp_path / "c.json").read_text())["shim_url"]
+        key = (consumer_home / "api_key").read_text().strip()
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=BOUND_S)
+        for _ in range(2):
+            answer = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+            )
+            assert answer.choices[0].message.content
+        (session_id,) = chain.sessions_of(consumer_wallet.address)
+        assert chain.session(session_id).open
+    finally:
+        # The consumer closes its session as it stops: its second and last transaction.
+        consumer.proc.send_signal(signal.SIGTERM)
+        _, consumer_err = consumer.proc.communicate(timeout=BOUND_S)
+    settled = chain.session(session_id)
+    assert not settled.open, consumer_err
+    assert settled.stake == 100 * PRICE
+    logs = chain.market.events.SessionClosed().get_logs(from_block=0)
+    (closed,) = [log["args"] for log in logs if bytes(log["args"]["sessionId"]) == session_id]
+    paid, refunded = int(closed["paid"]), int(closed["refunded"])
+    assert paid + refunded == settled.stake
+    assert paid >= PRICE
+    assert chain.balance(provider_wallet.address) == p0 + paid
+    assert chain.balance(consumer_wallet.address) == c0 - paid
+    escrowed, total_paid, total_refunded = chain.totals()
+    assert (escrowed, total_paid, total_refunded) == (settled.stake, paid, refunded)
+    sessions = json.loads(_cli(consumer_home, "session", "list", "--json", *dep).stdout)
+    assert [(s["session_id"], s["open"]) for s in sessions] == [(session_id.hex(), False)]
+    provider.proc.send_signal(signal.SIGTERM)
+    provider.proc.communicate(timeout=BOUND_S)

@@ -439,6 +439,21 @@ def deploy(w3: Web3, deployer: LocalAccount, min_provider_stake: int, rpc_url: s
     )
 
 
+def send_ether(w3: Web3, sender: LocalAccount, to: str, amount: int) -> None:
+    """Send ether (for gas) from ``sender``."""
+    tx: dict[str, Any] = {
+        "from": sender.address,
+        "to": to_checksum_address(to),
+        "value": amount,
+        "nonce": w3.eth.get_transaction_count(sender.address, "pending"),
+        "chainId": int(w3.eth.chain_id),
+        "gas": 21_000,
+        "gasPrice": int(w3.eth.gas_price),
+    }
+    tx_hash = w3.eth.send_raw_transaction(sender.sign_transaction(tx).raw_transaction)
+    w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+
+
 class AsyncChain:
     """:class:`Chain` for trio code: each call runs in a worker thread, one at a time."""
 

@@ -16,14 +16,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from web3 import HTTPProvider, Web3
 
-from p2pnode.chain.client import Chain, Deployment, deploy
+from p2pnode.chain.client import Chain, Deployment, deploy, send_ether
 from p2pnode.chain.embedded import FUNDING, MIN_PROVIDER_STAKE
 from p2pnode.errors import ChainError, ConfigError
 
@@ -94,7 +93,7 @@ def run_devchain(
         for address in addresses:
             chain.mint(dev[0], address, FUNDING)
         for address in fund:
-            _send_ether(w3, dev[0], to_checksum_address(address), GAS_ETHER)
+            send_ether(w3, dev[0], to_checksum_address(address), GAS_ETHER)
         chain.deployment.save(deployment_file)
         yield DevChain(chain, url, dev)
     finally:
@@ -119,17 +118,3 @@ def _wait_for(url: str, proc: subprocess.Popen[bytes], bound_s: float = 20.0) ->
         except ChainError:
             time.sleep(0.1)  # noqa: TID251 - a blocking set-up step, before any trio run
     raise ChainError(f"anvil did not answer at {url} within {bound_s:g} s")
-
-
-def _send_ether(w3: Web3, sender: LocalAccount, to: str, amount: int) -> None:
-    tx: dict[str, Any] = {
-        "from": sender.address,
-        "to": to,
-        "value": amount,
-        "nonce": w3.eth.get_transaction_count(sender.address, "pending"),
-        "chainId": int(w3.eth.chain_id),
-        "gas": 21_000,
-        "gasPrice": int(w3.eth.gas_price),
-    }
-    tx_hash = w3.eth.send_raw_transaction(sender.sign_transaction(tx).raw_transaction)
-    w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)

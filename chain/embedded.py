@@ -15,7 +15,7 @@ from eth_tester import EthereumTester, PyEVMBackend
 from web3 import Web3
 from web3.providers.eth_tester import EthereumTesterProvider
 
-from p2pnode.chain.client import Chain, deploy
+from p2pnode.chain.client import Chain, deploy, send_ether
 
 TOKEN = 10**18  # one whole token in its smallest unit
 FUNDING = 1_000_000 * TOKEN  # tokens minted to each test account
@@ -29,6 +29,14 @@ class Embedded:
     chain: Chain
     tester: EthereumTester
     accounts: list[LocalAccount]  # [0] deployed the contracts and owns the token
+
+    def new_account(self) -> LocalAccount:
+        """One more funded account (ether for gas, tokens)."""
+        account: LocalAccount = Account.create()
+        send_ether(self.chain.w3, self.accounts[0], account.address, 10 * TOKEN)
+        self.chain.mint(self.accounts[0], account.address, FUNDING)
+        self.accounts.append(account)
+        return account
 
     def time_travel(self, seconds: int) -> None:
         """Move the chain's clock forward (mines a block at the new time)."""

@@ -679,7 +679,10 @@ def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
 @click.option("--peers", "peer_count", type=click.IntRange(2, 500), default=50, show_default=True)
 @click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
 @click.option(
-    "--scenario", type=click.Choice(["discovery"]), default="discovery", show_default=True
+    "--scenario",
+    type=click.Choice(["discovery", "market"]),
+    default="discovery",
+    show_default=True,
 )
 @click.option(
     "--fanout",

@@ -141,6 +141,8 @@ class Consumer:
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._opening: dict[tuple[str, str], trio.Lock] = {}
         self._request_ids = itertools.count(1)
+        # Time to open each session: stream, handshake and (paid) the on-chain open.
+        self.open_ms: list[float] = []
         # Counters a user (and the tests) can read.
         self.counters: dict[str, int] = {
             "requests": 0,
@@ -286,10 +288,12 @@ class Consumer:
             if held is None:
                 await self._confirm(peer)
             prepare, on_approve = self._payment(peer, model_id)
+            started = trio.current_time()
             stream = await self._node._open_stream(ID.from_base58(peer), session.PROTOCOL_ID)
             est = await session_service.open_session(
                 stream, model_id, self.cfg.handshake_s, prepare=prepare, on_approve=on_approve
             )
+            self.open_ms.append((trio.current_time() - started) * 1000)
             held = _Session(peer, model_id, est.session_id, est.keys)
             self._sessions[key] = held
             self.counters["sessions_opened"] += 1

@@ -9,6 +9,7 @@ stops it all, cancellation included.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,9 +24,16 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError
 
 from p2pnode import __version__
-from p2pnode.errors import BrokenStreamError, EngineError, NetworkError, RemoteProtocolError
+from p2pnode.errors import (
+    BrokenStreamError,
+    ConfigError,
+    EngineError,
+    NetworkError,
+    RemoteProtocolError,
+)
 from p2pnode.inference.engine import Engine, Params, Request, tokens_per_second
 from p2pnode.p2p import consumer as consumerlib
 from p2pnode.p2p import control
@@ -40,6 +48,10 @@ from p2pnode.protocols.stream import reset_quietly
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
+
+# How long addresses learnt from an offer stay in the peerstore (offers are
+# re-sent every ~10 s; a provider silent for 35 s is forgotten anyway).
+OFFER_ADDR_TTL_S = 600
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -334,6 +346,7 @@ class Node:
 
     async def _open_stream(self, peer_id: ID, protocol: str) -> INetStream:
         timeout = self.config.status.timeout
+        self._learn_addrs(peer_id)
         try:
             with trio.fail_after(timeout):
                 return await self.host.new_stream(peer_id, [TProtocol(protocol)])
@@ -343,6 +356,24 @@ class Node:
             ) from exc
         except Exception as exc:  # noqa: BLE001 - StreamFailure, SwarmException, negotiation errors
             raise NetworkError(f"cannot open {protocol} to {short(peer_id)}: {exc}") from exc
+
+    def _learn_addrs(self, peer_id: ID) -> None:
+        """Where a provider listens, from its signed offer, if the peerstore does not know."""
+        peerstore = self.host.get_peerstore()
+        try:
+            if peerstore.addrs(peer_id):
+                return
+        except PeerStoreError:  # 0.8.1 raises for a peer it has never heard of
+            pass
+        offer = self.offer_book.get(str(peer_id))
+        if offer is None or not offer.addrs:
+            return
+        addrs = []
+        for text in offer.addrs:
+            with contextlib.suppress(ValueError, ConfigError):
+                addrs.append(hostlib.parse_peer_addr(text).addrs[0])
+        if addrs:
+            peerstore.add_addrs(peer_id, addrs, OFFER_ADDR_TTL_S)
 
     # --- serving ---------------------------------------------------------
 

@@ -8,7 +8,7 @@ real one is. Scenarios drive nodes only through their public interface.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+from p2pnode.inference.engine import Engine
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import offers
@@ -82,6 +83,7 @@ def default_config(index: int, is_provider: bool) -> NodeConfig:
 
 async def _run_node(
     config: NodeConfig,
+    engines: Sequence[Engine],
     scope: trio.CancelScope,
     stopped: trio.Event,
     *,
@@ -92,20 +94,22 @@ async def _run_node(
     cfg = replace(config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)))
     try:
         with scope:
-            async with open_node(cfg, key_pair=create_new_key_pair()) as node:
+            async with open_node(cfg, key_pair=create_new_key_pair(), engines=engines) as node:
                 task_status.started(node)
                 await trio.sleep_forever()
     finally:
         stopped.set()
 
 
-async def add_node(net: Simnet, nursery: trio.Nursery, config: NodeConfig) -> Node:
+async def add_node(
+    net: Simnet, nursery: trio.Nursery, config: NodeConfig, engines: Sequence[Engine] = ()
+) -> Node:
     """Start one more node on loopback in ``nursery``; it stops with the simnet."""
     scope, stopped = trio.CancelScope(), trio.Event()
-    node: Node = await nursery.start(_run_node, config, scope, stopped)
+    node: Node = await nursery.start(_run_node, config, engines, scope, stopped)
     net.nodes.append(node)
     net._stops.append((scope, stopped))
-    if config.models:
+    if config.models or engines:
         net.provider_ids.add(node.peer_id)
     return node
 
@@ -120,14 +124,18 @@ async def _stop_all(net: Simnet) -> None:
 
 @asynccontextmanager
 async def open_simnet(
-    topology: Topology, config_for: ConfigFor = default_config
+    topology: Topology,
+    config_for: ConfigFor = default_config,
+    engines: Sequence[Engine] = (),
 ) -> AsyncIterator[tuple[Simnet, trio.Nursery]]:
     """Start ``topology.peers`` nodes; yield the net and the nursery they run in.
 
     Nodes start in waves of ``topology.wave`` at once, each dialing
     ``fanout`` nodes of earlier waves (starting is mostly waiting on
-    handshakes, so waves overlap that). Leaving the block stops every node
-    together, and so does cancelling the nursery.
+    handshakes, so waves overlap that). Providers serve ``engines`` (shared:
+    one loaded model per file, each provider keeps its own sessions and
+    meters). Leaving the block stops every node together, and so does
+    cancelling the nursery.
     """
     rng = random.Random(topology.seed)  # noqa: S311 - topology, not cryptography
     provider_at = set(topology.provider_indices())
@@ -139,17 +147,22 @@ async def open_simnet(
             size = 1 if first == 0 else min(topology.wave, len(net.nodes), topology.peers - first)
             earlier = list(net.nodes)
             configs = [
-                replace(
-                    config_for(i, i in provider_at),
-                    bootstrap=tuple(
-                        p.addrs[0] for p in rng.sample(earlier, min(topology.fanout, len(earlier)))
+                (
+                    i in provider_at,
+                    replace(
+                        config_for(i, i in provider_at),
+                        bootstrap=tuple(
+                            p.addrs[0]
+                            for p in rng.sample(earlier, min(topology.fanout, len(earlier)))
+                        ),
                     ),
                 )
                 for i in range(first, first + size)
             ]
             async with trio.open_nursery() as wave:
-                for config in configs:
-                    wave.start_soon(add_node, net, nursery, config)
+                for is_provider, config in configs:
+                    served = engines if is_provider else ()
+                    wave.start_soon(add_node, net, nursery, config, served)
             first += size
         try:
             yield net, nursery

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from p2pnode.errors import P2PNodeError
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.protocols import offers
 from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet
@@ -183,5 +184,129 @@ async def _offer_rounds(
     return results
 
 
+async def market(
+    topology: Topology,
+    *,
+    consumers: int = 8,
+    requests: int = 2,
+    max_tokens: int = 8,
+    bound_s: float = 120.0,
+) -> dict[str, Any]:
+    """Paid sessions on one embedded chain: consumers chat, sessions settle, escrow balances.
+
+    Every provider registers on chain (its peer ID), bids on the bundled
+    model at its own price and serves it from one shared engine; ``consumers``
+    nodes each send ``requests`` chats through ``Node.generate`` (one paid
+    session each, reused), then close it. Reports sessions opened and closed,
+    the escrow invariant (escrowed = paid + refunded once everything is
+    closed), amounts, the time to open a session (stream, handshake and the
+    on-chain open) and the gas of open and close.
+    """
+    from p2pnode.chain.client import AsyncChain
+    from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, open_embedded
+    from p2pnode.inference.engine import ChatMessage, Params, Request
+    from p2pnode.inference.llamacpp import (
+        BUNDLED_MODEL_ID,
+        Config,
+        bundled_model_path,
+        open_llamacpp,
+    )
+    from p2pnode.p2p import market as marketlib
+
+    errors: list[str] = []
+    embedded = await trio.to_thread.run_sync(open_embedded)
+    chain = AsyncChain(embedded.chain)
+    provider_at = set(topology.provider_indices())
+    accounts = {}
+    for i in range(topology.peers):
+        accounts[i] = await chain.run(embedded.new_account)
+    for i in sorted(provider_at):
+        account = accounts[i]
+        await chain.run(
+            embedded.chain.register_provider, account, f"simnet-{i}", MIN_PROVIDER_STAKE
+        )
+        if i == min(provider_at):
+            await chain.run(embedded.chain.register_model, account, BUNDLED_MODEL_ID, None)
+        price = 10**15 * (1 + len(accounts) % 3 + i % 4)
+        await chain.run(embedded.chain.post_bid, account, BUNDLED_MODEL_ID, price)
+
+    def config_for(index: int, is_provider: bool) -> NodeConfig:
+        paid = marketlib.Config(chain=chain, account=accounts[index], session_seconds=300)
+        return NodeConfig(measure_tokens=0, market=paid)
+
+    request = Request(
+        model_id=BUNDLED_MODEL_ID,
+        kind="chat",
+        messages=(ChatMessage(role="user", content="Name a colour."),),
+        params=Params(max_tokens=max_tokens, temperature=0.0),
+    )
+    engine_cfg = Config(
+        model_path=bundled_model_path(), model_id=BUNDLED_MODEL_ID, n_threads=1, slots=2
+    )
+    chats_ok = 0
+    async with (
+        open_llamacpp(engine_cfg) as engine,
+        open_simnet(topology, config_for, engines=[engine]) as (net, _nursery),
+    ):
+        buyers = net.consumers[:consumers]
+        ready = await wait_until(lambda: all(_knows_all_providers(n, net) for n in buyers), bound_s)
+        if ready is None:
+            errors.append("consumers never held every provider's offer")
+
+        async def chat(node: Node) -> None:
+            nonlocal chats_ok
+
+            async def ignore(_text: str, _tokens: int) -> None:
+                return None
+
+            for _ in range(requests):
+                try:
+                    await node.generate(request, ignore)
+                    chats_ok += 1
+                except P2PNodeError as exc:
+                    errors.append(f"{node.peer_id[-8:]}: {exc}")
+            assert node.consumer_market is not None
+            await node.consumer_market.close_all()
+
+        # One consumer after another: open_ms then measures a session's
+        # opening, not eight nodes queueing for the one chain thread.
+        with trio.move_on_after(bound_s) as scope:
+            for node in buyers:
+                await chat(node)
+        if scope.cancelled_caught:
+            errors.append(f"chats did not finish within {bound_s:g} s")
+        markets = [n.consumer_market for n in buyers if n.consumer_market is not None]
+        open_ms = [ms for n in buyers for ms in n.consumer.open_ms]
+        gas_open = [g for m in markets for g in m.gas["open"]]
+        gas_close = [g for m in markets for g in m.gas["close"]]
+        opened = sum(m.counters["opened"] for m in markets)
+        closed = sum(m.counters["closed"] for m in markets)
+        settled = sum(
+            n.provider_market.counters["settled"] for n in net.providers if n.provider_market
+        )
+    escrowed, paid_wei, refunded_wei = embedded.chain.totals()
+    held = embedded.chain.balance(embedded.chain.market.address)
+    stakes = len(provider_at) * MIN_PROVIDER_STAKE
+    return {
+        "scenario": "market",
+        "peers": topology.peers,
+        "providers": topology.providers,
+        "consumers": len(buyers),
+        "chats_ok": chats_ok,
+        "chats": len(buyers) * requests,
+        "sessions_opened": opened,
+        "sessions_closed": closed + settled,
+        "escrow_invariant_ok": escrowed == paid_wei + refunded_wei and held == stakes,
+        "escrowed_wei": escrowed,
+        "paid_wei": paid_wei,
+        "refunded_wei": refunded_wei,
+        "open_ms_median": round(statistics.median(open_ms), 1) if open_ms else None,
+        "open_ms": [round(x, 1) for x in open_ms],
+        "gas_open": round(statistics.median(gas_open)) if gas_open else None,
+        "gas_close": round(statistics.median(gas_close)) if gas_close else None,
+        "errors": errors,
+    }
+
+
 Scenario = Callable[[Topology], Awaitable[dict[str, Any]]]
-SCENARIOS: dict[str, Scenario] = {"discovery": discovery}
+SCENARIOS: dict[str, Scenario] = {"discovery": discovery, "market": market}

@@ -846,5 +846,5 @@ def bench_connect(rounds: int, rtts: int, as_json: bool) -> None:
     )
 
 
-# The chain commands register themselves on `main` (devchain, provider, model, bid, ...).
-from p2pnode.cli import chain_cmd  # noqa: E402, F401
+# These register themselves on `main`: devchain, provider, model, bid, ...; demo.
+from p2pnode.cli import chain_cmd, demo  # noqa: E402, F401

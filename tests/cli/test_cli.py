@@ -319,3 +319,41 @@ def test_quickstart_provider_consumer_shim_and_chat(tmp_path: Path) -> None:
         for started in (consumer, provider):
             started.proc.send_signal(signal.SIGTERM)
             started.proc.communicate(timeout=BOUND_S)
+
+
+def test_demo_runs_a_paid_network_in_one_process(tmp_path: Path) -> None:
+    """What ./dev start runs: embedded chain, provider, consumer with the shim; paid chat."""
+    import httpx
+
+    ready = tmp_path / "demo.json"
+    proc = subprocess.Popen(
+        [*P2PNODE, "demo", "--shim", "127.0.0.1:0", "--ready-file", str(ready)],
+        env=_env(tmp_path / "home"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("p2pnode demo ready"):
+                break
+        else:
+            pytest.fail(f"demo did not start: {proc.stderr.read() if proc.stderr else ''}")
+        url = json.loads(ready.read_text())["shim_url"]
+        key = (tmp_path / "home" / "api_key").read_text().strip()
+        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}
+        answer = httpx.post(
+            f"{url}/chat/completions",
+            json={**body, "max_tokens": 4},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=BOUND_S,
+        )
+        assert answer.status_code == 200, answer.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=BOUND_S)
+    assert proc.returncode == 0, err
+    settled = re.search(r"settled on chain: ([\d.e-]+) tokens escrowed, ([\d.e-]+) paid", out)
+    assert settled, out
+    assert float(settled.group(2)) > 0

@@ -11,7 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 async def test_market_scenario_settles_every_session() -> None:
-    report = await market(Topology(peers=6, providers=2), consumers=2, requests=2, max_tokens=4)
+    report = await market(
+        Topology(peers=6, providers=2), consumers=2, requests=2, max_tokens=4, settle_s=0
+    )
     assert report["errors"] == []
     assert report["chats_ok"] == report["chats"] == 4
     assert report["sessions_opened"] == 2  # one paid session per consumer, reused

@@ -223,6 +223,13 @@ def test_sessions_block_deregistration_and_bids_of_the_deregistered_are_dead(
         _open(net, provider, bytes(32), consumer, 10 * PRICE)
 
 
+def test_a_withdrawn_bid_opens_no_session(net: Embedded) -> None:
+    provider, bid = _provider(net)
+    net.chain.delete_bid(provider, bid)
+    with pytest.raises(ChainError, match=r"BidNotLive\(\)"):
+        _open(net, provider, bid, net.accounts[2], 10 * PRICE)
+
+
 def test_sessions_are_found_from_events(net: Embedded) -> None:
     provider, bid = _provider(net)
     consumer = net.accounts[2]

@@ -92,6 +92,12 @@ def test_a_paid_chat_between_processes_settles_to_the_wei(
     assert again.returncode == 1
     assert "AlreadyRegistered()" in again.stderr
 
+    # A deployment file for another chain is refused before anything is sent.
+    other = tmp_path / "other.json"
+    other.write_text(deployment.read_text().replace('"chain_id": 31337', '"chain_id": 8453'))
+    wrong = _run(provider_home, "wallet", "balance", "--deployment", str(other))
+    assert wrong.returncode == 2
+    assert "wrong chain" in wrong.stderr
     where = Deployment.load(deployment)
     chain = Chain(connect(where.rpc_url or "", where), where)
     provider_wallet = identity.load_wallet(provider_home)

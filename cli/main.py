@@ -363,6 +363,13 @@ def _serving(
     show_default=True,
     help="Paid mode, consumer: highest price accepted (smallest units per second).",
 )
+@option(
+    "--reachability",
+    type=click.Choice(["auto", "public", "private"]),
+    default="auto",
+    show_default=True,
+    help="Whether peers can dial this node: measured by dial-back (auto), or as told.",
+)
 @_password_file
 def start(
     listen: tuple[str, ...],
@@ -378,6 +385,7 @@ def start(
     spend_limit: str,
     session_seconds: int,
     max_price: int,
+    reachability: str,
     wallet_password_file: Path | None,
     **serving_flags: Any,
 ) -> None:
@@ -426,6 +434,7 @@ def start(
                 requests_per_minute=rate_limit,
             ),
             market=paid,
+            reachability=reachability,
         )
         api_key = identity.load_or_create_api_key(home) if shim else None
     except P2PNodeError as exc:
@@ -618,6 +627,7 @@ def status(peer: str, as_json: bool) -> None:
     click.echo(f"version:   {answer.version}")
     click.echo(f"uptime:    {answer.uptime_s:.0f} s")
     click.echo(f"peers:     {answer.connected_peers}")
+    click.echo(f"reachable: {answer.reachability} (dial-back check)")
     for addr in answer.addrs:
         click.echo(f"address:   {addr}")
     load = answer.load

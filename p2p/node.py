@@ -36,13 +36,13 @@ from p2pnode.errors import (
 )
 from p2pnode.inference.engine import Engine, Params, Request, tokens_per_second
 from p2pnode.p2p import consumer as consumerlib
-from p2pnode.p2p import control
+from p2pnode.p2p import control, nat
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import market as marketlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.host import short
-from p2pnode.protocols import infer, offers, session, status
+from p2pnode.protocols import dialback, infer, offers, session, status
 from p2pnode.protocols.status import service as status_service
 from p2pnode.protocols.stream import reset_quietly
 from p2pnode.scopes import single_errors_ungrouped
@@ -86,6 +86,14 @@ class NodeConfig:
     consumer: consumerlib.Config = field(default_factory=consumerlib.Config)
     # The chain and this node's account on it (None: free mode, nobody pays).
     market: marketlib.Config | None = None
+    dialback: dialback.Config = field(default_factory=dialback.Config)
+    # "auto": measured by dial-back; "public"/"private": as configured.
+    reachability: str = "auto"
+    # The first check waits for the node's start-up (connections, identify,
+    # gossip: ~10 s of CPU in a 50-node simnet) to be over; then it repeats,
+    # since addresses and NATs change.
+    reachability_first_s: float = 30.0
+    reachability_every_s: float = 300.0
 
 
 class Node:
@@ -145,6 +153,9 @@ class Node:
             else None
         )
         self.consumer = consumerlib.Consumer(self, config.consumer, self.consumer_market)
+        self.reachability = nat.Verdict()
+        if config.reachability != "auto":
+            self.reachability = nat.Verdict(nat.Reachability(config.reachability), forced=True)
 
     @property
     def offer_book(self) -> offers.OfferBook:
@@ -298,6 +309,7 @@ class Node:
             ),
             load=self.load(),
             offer=self.discovery.current_offer if self.discovery is not None else b"",
+            reachability=self.reachability.reachability.value,
         )
 
     def connected_peers(self) -> list[str]:
@@ -357,6 +369,35 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - StreamFailure, SwarmException, negotiation errors
             raise NetworkError(f"cannot open {protocol} to {short(peer_id)}: {exc}") from exc
 
+    async def check_reachability(self, helpers: int = 3) -> nat.Verdict:
+        """Ask up to ``helpers`` connected peers to dial this node back; keep the verdict."""
+        if self.reachability.forced:
+            return self.reachability
+        own = nat.dialable(self.addrs)
+        answers = []
+
+        async def ask(peer: ID) -> None:
+            try:
+                stream = await self._open_stream(peer, dialback.PROTOCOL_ID)
+                answers.append(await nat.ask(stream, own, self.config.dialback))
+            except (NetworkError, RemoteProtocolError) as exc:
+                logger.debug("dial-back by %s failed: %s", short(peer), exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer in list(self.host.get_connected_peers())[:helpers]:
+                nursery.start_soon(ask, peer)
+        self.reachability = nat.judge(answers)
+        logger.info(
+            "reachability: %s (%d helpers)", self.reachability.reachability.value, len(answers)
+        )
+        return self.reachability
+
+    async def _keep_checking_reachability(self) -> None:
+        await trio.sleep(self.config.reachability_first_s)
+        while True:
+            await self.check_reachability()
+            await trio.sleep(self.config.reachability_every_s)
+
     def _learn_addrs(self, peer_id: ID) -> None:
         """Where a provider listens, from its signed offer, if the peerstore does not know."""
         peerstore = self.host.get_peerstore()
@@ -402,6 +443,9 @@ class Node:
                 await reset_quietly(stream)
 
         return handler
+
+    async def _serve_dialback(self, stream: INetStream) -> None:
+        await nat.serve(stream, self.config.dialback)
 
     async def _serve_status(self, stream: INetStream) -> None:
         await status_service.serve(stream, self.status_info, self.config.status)
@@ -455,6 +499,9 @@ async def open_node(
     host.set_stream_handler(
         TProtocol(status.PROTOCOL_ID), node._handle(status.PROTOCOL_ID, node._serve_status)
     )
+    host.set_stream_handler(
+        TProtocol(dialback.PROTOCOL_ID), node._handle(dialback.PROTOCOL_ID, node._serve_dialback)
+    )
     if node.provider is not None:
         for protocol, serve in (
             (session.PROTOCOL_ID, node.provider.serve_session),
@@ -481,6 +528,8 @@ async def open_node(
                 if bootstrap:
                     await node._dial_bootstrap(bootstrap)
                     nursery.start_soon(node._keep_bootstrapped, bootstrap)
+                if config.discovery is not None and config.reachability == "auto":
+                    nursery.start_soon(node._keep_checking_reachability)
                 try:
                     yield node
                 finally:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -45,7 +46,7 @@ async def request(
 async def serve(
     stream: ByteStream,
     machine: ServerMachine[Req, Resp],
-    answer: Callable[[Req], Resp],
+    answer: Callable[[Req], Resp | Awaitable[Resp]],
     wait_s: float,
 ) -> None:
     """Answer one request on an inbound stream, then close it.
@@ -62,7 +63,10 @@ async def serve(
                 await close_quietly(stream)
                 return
             assert not isinstance(event, Sentinel)  # next_event never returns NEED_DATA
-            await send(stream, machine, machine.send_response(answer(event)))
+            response = answer(event)
+            if inspect.isawaitable(response):
+                response = await response
+            await send(stream, machine, machine.send_response(response))
             await close_quietly(stream)
     except RemoteProtocolError as exc:
         await close_with_error(stream, machine.send_error(Error.from_exception(exc)))

@@ -91,7 +91,11 @@ async def _run_node(
 ) -> None:
     # Each node lives in its own task: open_node's nurseries must be entered
     # and left by one task, and this lets many nodes start at once.
-    cfg = replace(config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)))
+    # Every simnet node listens on loopback, where every peer can dial it: no
+    # dial-back checks (each costs the helper a throwaway host and a handshake).
+    cfg = replace(
+        config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)), reachability="public"
+    )
     try:
         with scope:
             async with open_node(cfg, key_pair=create_new_key_pair(), engines=engines) as node:

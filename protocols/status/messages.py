@@ -49,6 +49,8 @@ class StatusResponse(Message):
     # The node's current signed offer (its gossip body), if it provides: a
     # consumer that found it in the DHT learns its terms from one call.
     offer: bytes = b""
+    # "public", "private" or "unknown": what the node's dial-back check found.
+    reachability: str = "unknown"
 
 
 CODEC = Codec([StatusRequest, StatusResponse, Error])

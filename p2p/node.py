@@ -41,6 +41,7 @@ from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import market as marketlib
 from p2pnode.p2p import provider as providerlib
+from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.host import short
 from p2pnode.protocols import dialback, infer, offers, session, status
 from p2pnode.protocols.status import service as status_service
@@ -94,6 +95,10 @@ class NodeConfig:
     # since addresses and NATs change.
     reachability_first_s: float = 30.0
     reachability_every_s: float = 300.0
+    # Circuit relay v2: the service this node offers others, and the relays a
+    # private node reserves on.
+    relay: relaylib.Config = field(default_factory=relaylib.Config)
+    relay_check_s: float = 30.0
 
 
 class Node:
@@ -153,6 +158,8 @@ class Node:
             else None
         )
         self.consumer = consumerlib.Consumer(self, config.consumer, self.consumer_market)
+        self.relay = relaylib.Relay(host, config.relay)
+        self.direct_addrs: list[str] = []
         self.reachability = nat.Verdict()
         if config.reachability != "auto":
             self.reachability = nat.Verdict(nat.Reachability(config.reachability), forced=True)
@@ -358,7 +365,12 @@ class Node:
 
     async def _open_stream(self, peer_id: ID, protocol: str) -> INetStream:
         timeout = self.config.status.timeout
-        self._learn_addrs(peer_id)
+        circuits = self._learn_addrs(peer_id)
+        offer = self.offer_book.get(str(peer_id))
+        # Only relayed addresses on offer: the peer is private; go through its relay.
+        private = offer is not None and all(relaylib.is_circuit(a) for a in offer.addrs)
+        if circuits and private and peer_id not in self.host.get_connected_peers():
+            await self.relay.dial(circuits[0])
         try:
             with trio.fail_after(timeout):
                 return await self.host.new_stream(peer_id, [TProtocol(protocol)])
@@ -398,23 +410,47 @@ class Node:
             await self.check_reachability()
             await trio.sleep(self.config.reachability_every_s)
 
-    def _learn_addrs(self, peer_id: ID) -> None:
-        """Where a provider listens, from its signed offer, if the peerstore does not know."""
+    async def _keep_relayed(self, nursery: trio.Nursery) -> None:
+        """While private: hold reservations on the configured relays, advertise through them."""
+        while True:
+            if self.reachability.reachability is nat.Reachability.PRIVATE:
+                for relay_id in list(self.relay.reservations):
+                    if ID.from_base58(relay_id) not in self.host.get_connected_peers():
+                        logger.warning("relay %s is gone; reserving elsewhere", short(relay_id))
+                        del self.relay.reservations[relay_id]
+                circuits = await self.relay.reserve_all(nursery)
+                # A private node's own addresses are no use to others.
+                addrs = circuits or self.direct_addrs
+                if addrs != self.addrs:
+                    self.addrs = addrs
+                    if self.discovery is not None:
+                        self.discovery.offer_changed()
+            await trio.sleep(self.config.relay_check_s)
+
+    def _learn_addrs(self, peer_id: ID) -> list[str]:
+        """Where a provider listens, from its signed offer, if the peerstore does not know.
+
+        Returns the offer's circuit addresses (to dial through their relay).
+        """
         peerstore = self.host.get_peerstore()
+        offer = self.offer_book.get(str(peer_id))
+        circuits = [a for a in offer.addrs if relaylib.is_circuit(a)] if offer else []
         try:
             if peerstore.addrs(peer_id):
-                return
+                return circuits
         except PeerStoreError:  # 0.8.1 raises for a peer it has never heard of
             pass
-        offer = self.offer_book.get(str(peer_id))
         if offer is None or not offer.addrs:
-            return
+            return circuits
         addrs = []
         for text in offer.addrs:
+            if relaylib.is_circuit(text):
+                continue
             with contextlib.suppress(ValueError, ConfigError):
                 addrs.append(hostlib.parse_peer_addr(text).addrs[0])
         if addrs:
             peerstore.add_addrs(peer_id, addrs, OFFER_ADDR_TTL_S)
+        return circuits
 
     # --- serving ---------------------------------------------------------
 
@@ -511,7 +547,9 @@ async def open_node(
     with single_errors_ungrouped():
         async with hostlib.running(host, config.host) as addrs:
             node.addrs = addrs
+            node.direct_addrs = list(addrs)
             async with trio.open_nursery() as nursery:
+                await nursery.start(node.relay.run)
                 if config.control_socket is not None:
                     await nursery.start(control.serve, config.control_socket, node._control)
                 if node.discovery is not None:
@@ -530,6 +568,8 @@ async def open_node(
                     nursery.start_soon(node._keep_bootstrapped, bootstrap)
                 if config.discovery is not None and config.reachability == "auto":
                     nursery.start_soon(node._keep_checking_reachability)
+                if config.relay.relays:
+                    nursery.start_soon(node._keep_relayed, nursery)
                 try:
                     yield node
                 finally:

@@ -1,0 +1,83 @@
+"""Private providers served through a circuit relay v2 to consumers, in process."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from p2pnode.inference.engine import ChatMessage, Params, Request, collect
+from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
+from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p.node import NodeConfig, open_node
+
+pytestmark = pytest.mark.slow
+BOUND_S = 30
+REQUEST = Request(
+    model_id=BUNDLED_MODEL_ID,
+    kind="chat",
+    messages=(ChatMessage(role="user", content="What is the capital of France?"),),
+    params=Params(max_tokens=16, temperature=0.0),
+)
+
+
+def _private(relay_addr: str) -> NodeConfig:
+    return NodeConfig(
+        measure_tokens=0,
+        bootstrap=(relay_addr,),
+        reachability="private",
+        relay=relaylib.Config(relays=(relay_addr,)),
+    )
+
+
+async def test_a_private_provider_is_served_through_a_relay() -> None:
+    engine_cfg = Config(model_path=bundled_model_path(), model_id=BUNDLED_MODEL_ID, n_threads=1)
+    async with (
+        open_llamacpp(engine_cfg) as engine,
+        open_node(
+            NodeConfig(relay=relaylib.Config(service=True)), key_pair=create_new_key_pair()
+        ) as relay,
+        open_node(
+            _private(relay.addrs[0]), key_pair=create_new_key_pair(), engines=[engine]
+        ) as provider,
+        open_node(NodeConfig(bootstrap=(relay.addrs[0],)), key_pair=create_new_key_pair()) as me,
+    ):
+        expected, _ = await collect(engine, REQUEST)
+        with trio.fail_after(BOUND_S):
+            # The provider advertises only its address through the relay.
+            while not provider.addrs or not relaylib.is_circuit(provider.addrs[0]):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            assert provider.addrs == [f"{relay.addrs[0]}/p2p-circuit/p2p/{provider.peer_id}"]
+            while True:
+                offer = me.offer_book.get(provider.peer_id)
+                if offer is not None and offer.addrs == tuple(provider.addrs):
+                    break
+                await trio.sleep(0.05)
+            parts: list[str] = []
+
+            async def deliver(text: str, _tokens: int) -> None:
+                parts.append(text)
+
+            outcome = await me.generate(REQUEST, deliver)
+        assert "".join(parts) == expected
+        assert outcome.provider == provider.peer_id
+        # The consumer never had a direct address for the provider: the
+        # connection it used is the relayed one.
+        assert ID.from_base58(provider.peer_id) in me.host.get_connected_peers()
+        assert not [a for a in (offer.addrs if offer else ()) if not relaylib.is_circuit(a)]
+
+
+async def test_the_relay_enforces_its_reservation_limit() -> None:
+    relay_cfg = NodeConfig(relay=relaylib.Config(service=True, max_reservations=1))
+    async with (
+        open_node(relay_cfg, key_pair=create_new_key_pair()) as relay,
+        open_node(_private(relay.addrs[0]), key_pair=create_new_key_pair()) as first,
+        open_node(_private(relay.addrs[0]), key_pair=create_new_key_pair()) as second,
+    ):
+        with trio.fail_after(BOUND_S):
+            while len(first.relay.reservations) + len(second.relay.reservations) < 1:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            await trio.sleep(0.5)  # both have tried by now
+        held = len(first.relay.reservations) + len(second.relay.reservations)
+        assert held == 1

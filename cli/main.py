@@ -370,6 +370,26 @@ def _serving(
     show_default=True,
     help="Whether peers can dial this node: measured by dial-back (auto), or as told.",
 )
+@option(
+    "--relay-service",
+    is_flag=True,
+    default=False,
+    help="Relay for private nodes (circuit relay v2, with limits).",
+)
+@option(
+    "--relay",
+    "relays",
+    multiple=True,
+    default=[],
+    help="Relay to reserve on when this node is private (full multiaddr; repeatable).",
+)
+@option(
+    "--relay-max-reservations",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Relay service: reservations held at once.",
+)
 @_password_file
 def start(
     listen: tuple[str, ...],
@@ -386,6 +406,9 @@ def start(
     session_seconds: int,
     max_price: int,
     reachability: str,
+    relay_service: bool,
+    relays: tuple[str, ...],
+    relay_max_reservations: int,
     wallet_password_file: Path | None,
     **serving_flags: Any,
 ) -> None:
@@ -395,6 +418,7 @@ def start(
     from p2pnode.p2p import host as hostlib
     from p2pnode.p2p import identity
     from p2pnode.p2p import provider as providerlib
+    from p2pnode.p2p import relay as relaylib
     from p2pnode.p2p.node import NodeConfig, open_node
     from p2pnode.protocols import offers
 
@@ -435,6 +459,11 @@ def start(
             ),
             market=paid,
             reachability=reachability,
+            relay=relaylib.Config(
+                service=relay_service,
+                relays=tuple(relays),
+                max_reservations=relay_max_reservations,
+            ),
         )
         api_key = identity.load_or_create_api_key(home) if shim else None
     except P2PNodeError as exc:
@@ -458,6 +487,8 @@ def start(
                 click.echo(f"peer id: {node.peer_id}")
                 for addr in node.addrs:
                     click.echo(f"listening: {addr}")
+                if relay_service:
+                    click.echo(f"relay service: up to {relay_max_reservations} reservations")
                 for model in node.models:
                     click.echo(f"serving: {model.model_id}")
                 if shim_url is not None:

@@ -10,7 +10,7 @@ from libp2p.peer.id import ID
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
 from p2pnode.p2p import relay as relaylib
-from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.p2p.node import Node, NodeConfig, open_node
 
 pytestmark = pytest.mark.slow
 BOUND_S = 30
@@ -81,3 +81,45 @@ async def test_the_relay_enforces_its_reservation_limit() -> None:
             await trio.sleep(0.5)  # both have tried by now
         held = len(first.relay.reservations) + len(second.relay.reservations)
         assert held == 1
+
+
+async def _start(nursery: trio.Nursery, cfg: NodeConfig) -> tuple[Node, trio.CancelScope]:
+    """A node in its own task, with a scope that stops it as if its process died."""
+    scope = trio.CancelScope()
+    started: list[Node] = []
+    ready = trio.Event()
+
+    async def run() -> None:
+        with scope:
+            async with open_node(cfg, key_pair=create_new_key_pair()) as node:
+                started.append(node)
+                ready.set()
+                await trio.sleep_forever()
+
+    nursery.start_soon(run)
+    await ready.wait()
+    return started[0], scope
+
+
+async def test_a_relay_that_dies_is_dropped_and_the_others_carry_on() -> None:
+    async with trio.open_nursery() as nursery:
+        service = NodeConfig(relay=relaylib.Config(service=True))
+        (dying, kill), (staying, _) = [await _start(nursery, service) for _ in range(2)]
+        addrs = (dying.addrs[0], staying.addrs[0])
+        cfg = NodeConfig(
+            bootstrap=(staying.addrs[0],),
+            reachability="private",
+            relay=relaylib.Config(relays=addrs, reserve_timeout_s=2.0),
+            relay_check_s=0.2,
+        )
+        async with open_node(cfg, key_pair=create_new_key_pair()) as private:
+            with trio.fail_after(BOUND_S):
+                while len(private.relay.reservations) < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                assert len(private.addrs) == 2
+                kill.cancel()
+                while len(private.addrs) != 1:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert private.addrs[0].startswith(staying.addrs[0])
+            assert list(private.relay.reservations) == [staying.peer_id]
+        nursery.cancel_scope.cancel()

@@ -721,7 +721,7 @@ def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
 @click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
 @click.option(
     "--scenario",
-    type=click.Choice(["discovery", "market"]),
+    type=click.Choice(["discovery", "market", "relay"]),
     default="discovery",
     show_default=True,
 )

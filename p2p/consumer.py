@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -153,19 +153,29 @@ class Consumer:
             "bad_receipts": 0,
         }
 
-    async def generate(self, request: enginelib.Request, deliver: Deliver) -> Outcome:
+    async def generate(
+        self,
+        request: enginelib.Request,
+        deliver: Deliver,
+        *,
+        only: Sequence[str] | None = None,
+    ) -> Outcome:
         """Run ``request``: text goes to ``deliver`` as it is generated.
+
+        ``only``: consider these providers (peer IDs) and no others.
 
         Raises :class:`NoProviderError` when no provider can serve it and
         EngineError if this node's own engine fails.
         """
         self.counters["requests"] += 1
         engine = self._node.engine_for(request.model_id)
-        if engine is not None:
+        if engine is not None and only is None:
             return await _run_locally(engine, request, deliver)
-        return await self._run_remotely(request, deliver)
+        return await self._run_remotely(request, deliver, only)
 
-    async def _run_remotely(self, request: enginelib.Request, deliver: Deliver) -> Outcome:
+    async def _run_remotely(
+        self, request: enginelib.Request, deliver: Deliver, only: Sequence[str] | None
+    ) -> Outcome:
         delivered: list[str] = []
         produced = 0
 
@@ -184,6 +194,8 @@ class Consumer:
             if left <= 0:  # the failed provider had already used the whole budget
                 return Outcome("length", 0, produced, "", failovers)
             candidates = await self._candidates(request.model_id, tried)
+            if only is not None:
+                candidates = [c for c in candidates if c.peer_id in only]
             if not candidates:
                 break
             peer = candidates[0].peer_id

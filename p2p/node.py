@@ -279,9 +279,15 @@ class Node:
                 nursery.start_soon(ask, peer)
         return self.offer_book.offers(model_id)
 
-    async def generate(self, request: Request, deliver: consumerlib.Deliver) -> consumerlib.Outcome:
+    async def generate(
+        self,
+        request: Request,
+        deliver: consumerlib.Deliver,
+        *,
+        only: Sequence[str] | None = None,
+    ) -> consumerlib.Outcome:
         """Run a request here or through the network (see ``p2p/consumer.py``)."""
-        return await self.consumer.generate(request, deliver)
+        return await self.consumer.generate(request, deliver, only=only)
 
     def list_models(self) -> list[tuple[str, str]]:
         """(model id, "local" or "network"): its own models first, then those on offer."""

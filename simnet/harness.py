@@ -93,8 +93,9 @@ async def _run_node(
     # and left by one task, and this lets many nodes start at once.
     # Every simnet node listens on loopback, where every peer can dial it: no
     # dial-back checks (each costs the helper a throwaway host and a handshake).
+    reachability = "public" if config.reachability == "auto" else config.reachability
     cfg = replace(
-        config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)), reachability="public"
+        config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)), reachability=reachability
     )
     try:
         with scope:

@@ -315,5 +315,120 @@ async def market(
     }
 
 
+async def relay(
+    topology: Topology,
+    *,
+    rounds: int = 5,
+    tokens: int = 20_000,
+    bound_s: float = 60.0,
+) -> dict[str, Any]:
+    """Private providers reachable only through a relay; relayed vs direct token streams.
+
+    A public node outside the simnet offers the relay service; half the
+    providers (rounded up) are private: they reserve on it and advertise only
+    their circuit address. Providers serve a synthetic engine (the stream is
+    what is measured, not a model). A consumer that knows providers only
+    from gossip streams ``tokens`` tokens from a private and a public provider
+    in turn, ``rounds`` times. Reports ``relayed_ok`` (requests that reached
+    a private provider), ``relayed_tokens_per_s_ratio`` (median of per-round
+    relayed ÷ direct), ``dcutr_upgrades`` (hole punching is not built yet: 0).
+    """
+    from dataclasses import replace as dc_replace
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from p2pnode.inference.engine import Params, Request
+    from p2pnode.inference.synthetic import SyntheticEngine
+    from p2pnode.p2p import relay as relaylib
+    from p2pnode.p2p.node import open_node
+
+    errors: list[str] = []
+    engine = SyntheticEngine()
+    provider_at = topology.provider_indices()
+    private_at = set(provider_at[: (len(provider_at) + 1) // 2])
+    request = Request(
+        model_id="synthetic", kind="completion", prompt="x", params=Params(max_tokens=tokens)
+    )
+    relay_cfg = NodeConfig(relay=relaylib.Config(service=True), reachability="public")
+    async with open_node(relay_cfg, key_pair=create_new_key_pair()) as relay_node:
+
+        def config_for(index: int, is_provider: bool) -> NodeConfig:
+            if index in private_at:
+                return NodeConfig(
+                    reachability="private",
+                    relay=relaylib.Config(relays=(relay_node.addrs[0],)),
+                    relay_check_s=1.0,
+                )
+            return NodeConfig()
+
+        async with open_simnet(topology, config_for, engines=[engine]) as (net, _nursery):
+            private = [n for n in net.providers if n.config.relay.relays]
+            public = [n for n in net.providers if n not in private]
+            consumer = net.consumers[-1]
+
+            def offers_known() -> bool:
+                reserved = all(relaylib.is_circuit(n.addrs[0]) for n in private)
+                return reserved and all(
+                    (o := consumer.offer_book.get(n.peer_id)) is not None
+                    and tuple(o.addrs) == tuple(n.addrs)
+                    for n in net.providers
+                )
+
+            if await wait_until(offers_known, bound_s) is None:
+                errors.append("the consumer never held every provider's current offer")
+            relayed_ok = 0
+            ratios: list[float] = []
+            rates: dict[str, list[float]] = {"relayed": [], "direct": []}
+
+            async def stream_from(node: Node) -> float:
+                start = time.perf_counter()
+                outcome = await consumer.generate(request, _ignore, only=(node.peer_id,))
+                return outcome.completion_tokens / (time.perf_counter() - start)
+
+            # Warm-up: connections (through the relay or not) and sessions are
+            # opened first, so that rounds time token streams only.
+            for node in net.providers:
+                try:
+                    await consumer.generate(
+                        dc_replace(request, params=Params(max_tokens=8)),
+                        _ignore,
+                        only=(node.peer_id,),
+                    )
+                except P2PNodeError as exc:
+                    errors.append(f"warm-up with {node.peer_id[-8:]}: {exc}")
+            for r in range(rounds):
+                if not private or not public:
+                    errors.append("need at least one private and one public provider")
+                    break
+                try:
+                    relayed = await stream_from(private[r % len(private)])
+                    relayed_ok += 1
+                    direct = await stream_from(public[r % len(public)])
+                except P2PNodeError as exc:
+                    errors.append(str(exc))
+                    continue
+                rates["relayed"].append(relayed)
+                rates["direct"].append(direct)
+                ratios.append(relayed / direct)
+    return {
+        "scenario": "relay",
+        "peers": topology.peers,
+        "providers": topology.providers,
+        "private_providers": len(private_at),
+        "relayed_ok": relayed_ok,
+        "rounds": rounds,
+        "tokens_per_request": tokens,
+        "relayed_tokens_per_s": [round(x) for x in rates["relayed"]],
+        "direct_tokens_per_s": [round(x) for x in rates["direct"]],
+        "relayed_tokens_per_s_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "dcutr_upgrades": 0,
+        "errors": errors,
+    }
+
+
+async def _ignore(_text: str, _tokens: int) -> None:
+    return None
+
+
 Scenario = Callable[[Topology], Awaitable[dict[str, Any]]]
-SCENARIOS: dict[str, Scenario] = {"discovery": discovery, "market": market}
+SCENARIOS: dict[str, Scenario] = {"discovery": discovery, "market": market, "relay": relay}

@@ -1,4 +1,4 @@
-"""The market scenario on a small simnet: paid chats, every session closed, escrow balanced."""
+"""The market and relay scenarios on small simnets (figures are reported, never asserted)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ async def test_market_scenario_settles_every_session() -> None:
     assert report["paid_wei"] > 0
     assert len(report["open_ms"]) == 2
     assert report["gas_open"] > report["gas_close"] > 21_000
+
+
+async def test_relay_scenario_reaches_private_providers_through_the_relay() -> None:
+    from p2pnode.simnet.scenarios import relay
+
+    report = await relay(Topology(peers=6, providers=2), rounds=2, tokens=2000)
+    assert report["errors"] == []
+    assert report["private_providers"] == 1
+    assert report["relayed_ok"] == 2
+    assert len(report["relayed_tokens_per_s"]) == len(report["direct_tokens_per_s"]) == 2
+    assert report["relayed_tokens_per_s_ratio"] > 0

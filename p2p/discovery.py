@@ -101,6 +101,10 @@ def model_key(model_id: str) -> bytes:
     return hashlib.sha256(f"p2pnode/model/{model_id}".encode()).digest()
 
 
+RELAY_KEY = hashlib.sha256(b"p2pnode/relay/circuit-v2").digest()
+"""Nodes that offer the relay service put a provider record under this key."""
+
+
 def verify_peer_signature(peer_id: str, payload: bytes, signature: bytes) -> bool:
     """Whether the key embedded in an Ed25519/secp256k1 peer ID signed ``payload``."""
     try:
@@ -176,6 +180,7 @@ class Discovery:
         self._changed = trio.Event()
         self.current_offer = b""  # signed body of the last offer published
         self._provided: set[str] = set()
+        self._relaying = False
         self._provided_at_size = 0
         self._provided_at = -float("inf")
         self._new_peers: trio.MemorySendChannel[ID]
@@ -271,12 +276,30 @@ class Discovery:
         return offer
 
     async def _provide(self, model_id: str) -> None:
-        """Store our provider record at the k closest peers to the model's key.
+        await self._provide_key(model_key(model_id), model_id)
+
+    async def provide_relay(self) -> None:
+        """Announce in the DHT that this node relays (and keep announcing it)."""
+        self._relaying = True
+        await self._provide_key(RELAY_KEY, "the relay service")
+
+    async def find_relays(self) -> list[str]:
+        """Full multiaddrs of nodes that announced the relay service (one walk)."""
+        found, _ = await self._walk(RELAY_KEY, stop_when_found=True)
+        out: list[str] = []
+        for peer in sorted(found):
+            pid = ID.from_base58(peer)
+            if pid == self.host.get_id():
+                continue
+            out.extend(f"{addr}/p2p/{peer}" for addr in self._known_addrs(pid)[:1])
+        return out
+
+    async def _provide_key(self, key: bytes, label: str) -> None:
+        """Store our provider record at the k closest peers to ``key``.
 
         The same walk as a lookup finds them (py-libp2p's provide() runs its
         own, slower, closest-peers walk first).
         """
-        key = model_key(model_id)
         store = self.dht.provider_store
         store.add_provider(key, PeerInfo(self.host.get_id(), self.host.get_addrs()))
         store.providing_keys.add(key)
@@ -288,7 +311,7 @@ class Discovery:
             async with trio.open_nursery() as nursery:
                 for peer in closest[:BUCKET_SIZE]:
                     nursery.start_soon(store._send_add_provider, peer, key)
-        logger.debug("provided %s at %d peers", model_id, min(len(closest), BUCKET_SIZE))
+        logger.debug("provided %s at %d peers", label, min(len(closest), BUCKET_SIZE))
 
     def _should_reprovide(self) -> bool:
         # Records placed while the network was small sit at peers that are no
@@ -305,9 +328,11 @@ class Discovery:
                 self._drop_provider_records(offer)
             self.dht.provider_store.cleanup_expired()
             due = trio.current_time() - self._provided_at >= self.cfg.reprovide_s
-            if self._provided and (due or self._should_reprovide()):
+            if (self._provided or self._relaying) and (due or self._should_reprovide()):
                 for model_id in sorted(self._provided):
                     await self._provide(model_id)
+                if self._relaying:
+                    await self._provide_key(RELAY_KEY, "the relay service")
 
     # --- DHT -----------------------------------------------------------------
 

@@ -424,7 +424,16 @@ class Node:
                     if ID.from_base58(relay_id) not in self.host.get_connected_peers():
                         logger.warning("relay %s is gone; reserving elsewhere", short(relay_id))
                         del self.relay.reservations[relay_id]
-                circuits = await self.relay.reserve_all(nursery)
+                discovered: list[str] = []
+                short_of = len(self.relay.reservations) < self.relay.cfg.want
+                if short_of and self.discovery is not None:
+                    configured = {hostlib.parse_peer_addr(a).peer_id for a in self.relay.cfg.relays}
+                    discovered = [
+                        a
+                        for a in await self.discovery.find_relays()
+                        if hostlib.parse_peer_addr(a).peer_id not in configured
+                    ]
+                circuits = await self.relay.reserve_all(nursery, discovered)
                 # A private node's own addresses are no use to others.
                 addrs = circuits or self.direct_addrs
                 if addrs != self.addrs:
@@ -574,7 +583,9 @@ async def open_node(
                     nursery.start_soon(node._keep_bootstrapped, bootstrap)
                 if config.discovery is not None and config.reachability == "auto":
                     nursery.start_soon(node._keep_checking_reachability)
-                if config.relay.relays:
+                if node.discovery is not None and config.relay.service:
+                    nursery.start_soon(node.discovery.provide_relay)
+                if config.reachability != "public":
                     nursery.start_soon(node._keep_relayed, nursery)
                 try:
                     yield node

@@ -16,6 +16,7 @@ them through the relay transport (``host.connect`` ignores them, trap 4).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +51,11 @@ class Config:
     circuit_duration_s: int = 3600
     circuit_bytes: int = 1 << 30
     reservation_ttl_s: int = 3600
-    # Relays this node reserves on when it is private (full multiaddrs).
+    # Relays this node reserves on when it is private (full multiaddrs);
+    # without any, it finds relays in the DHT.
     relays: tuple[str, ...] = ()
+    # Reservations a private node keeps (several: a relay may die).
+    want: int = 2
     reserve_timeout_s: float = 10.0
 
 
@@ -88,9 +92,15 @@ class Relay:
             task_status.started()
             await trio.sleep_forever()
 
-    async def reserve_all(self, nursery: trio.Nursery) -> list[str]:
-        """Reserve on every configured relay not yet reserved; returns the circuit addresses."""
-        for addr in self.cfg.relays:
+    async def reserve_all(self, nursery: trio.Nursery, discovered: Sequence[str] = ()) -> list[str]:
+        """Reserve on the relays not yet reserved; returns the circuit addresses.
+
+        The configured relays first, then ``discovered`` ones (from the DHT)
+        until ``want`` reservations are held.
+        """
+        for addr in [*self.cfg.relays, *discovered]:
+            if len(self.reservations) >= self.cfg.want:
+                break
             info = hostlib.parse_peer_addr(addr)
             if str(info.peer_id) in self.reservations:
                 continue

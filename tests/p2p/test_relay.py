@@ -123,3 +123,22 @@ async def test_a_relay_that_dies_is_dropped_and_the_others_carry_on() -> None:
             assert private.addrs[0].startswith(staying.addrs[0])
             assert list(private.relay.reservations) == [staying.peer_id]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_private_node_finds_a_relay_in_the_dht() -> None:
+    async with (
+        open_node(NodeConfig(), key_pair=create_new_key_pair()) as hub,
+        open_node(
+            NodeConfig(bootstrap=(hub.addrs[0],), relay=relaylib.Config(service=True)),
+            key_pair=create_new_key_pair(),
+        ) as relay,
+        open_node(
+            NodeConfig(bootstrap=(hub.addrs[0],), reachability="private", relay_check_s=0.2),
+            key_pair=create_new_key_pair(),
+        ) as private,
+    ):
+        with trio.fail_after(BOUND_S):
+            while not private.relay.reservations:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert list(private.relay.reservations) == [relay.peer_id]
+        assert private.addrs[0].endswith(f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{private.peer_id}")

@@ -371,6 +371,13 @@ def _serving(
     help="Whether peers can dial this node: measured by dial-back (auto), or as told.",
 )
 @option(
+    "--reachability-first-s",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="Seconds after start before the first reachability check.",
+)
+@option(
     "--relay-service",
     is_flag=True,
     default=False,
@@ -406,6 +413,7 @@ def start(
     session_seconds: int,
     max_price: int,
     reachability: str,
+    reachability_first_s: float,
     relay_service: bool,
     relays: tuple[str, ...],
     relay_max_reservations: int,
@@ -459,6 +467,7 @@ def start(
             ),
             market=paid,
             reachability=reachability,
+            reachability_first_s=reachability_first_s,
             relay=relaylib.Config(
                 service=relay_service,
                 relays=tuple(relays),

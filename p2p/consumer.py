@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,15 +92,23 @@ class PeerStats:
 
 
 def rank(
-    offers: list[Offer], model_id: str, stats: dict[str, PeerStats], now: float, memory_s: float
+    offers: list[Offer],
+    model_id: str,
+    stats: dict[str, PeerStats],
+    now: float,
+    memory_s: float,
+    held: Collection[str] = (),
 ) -> list[Offer]:
-    """Best first: fewest recent failures, then cheapest, then quickest to answer.
+    """Best first: fewest recent failures, then a session already ``held``, then
+    cheapest, then quickest to answer.
 
-    "Quickest" adds the measured round trip (50 ms if unknown), an expected
-    queueing delay when no slot is free, and the time per token.
+    A held session comes before price: moving to another provider costs a
+    handshake, and in paid mode an on-chain open and a second stake. "Quickest"
+    adds the measured round trip (50 ms if unknown), an expected queueing
+    delay when no slot is free, and the time per token.
     """
 
-    def key(offer: Offer) -> tuple[int, int, float]:
+    def key(offer: Offer) -> tuple[int, bool, int, float]:
         terms = offer.serves(model_id)
         assert terms is not None
         seen = stats.get(offer.peer_id, PeerStats())
@@ -109,7 +117,8 @@ def rank(
             wait_ms += 500.0 * (offer.queue_len + 1)
         if terms.tokens_per_s > 0:
             wait_ms += 1000.0 / terms.tokens_per_s
-        return (seen.recent_failures(now, memory_s), terms.price_per_s, wait_ms)
+        fresh = offer.peer_id not in held
+        return (seen.recent_failures(now, memory_s), fresh, terms.price_per_s, wait_ms)
 
     return sorted((o for o in offers if o.serves(model_id) is not None), key=key)
 
@@ -262,7 +271,8 @@ class Consumer:
         if self.market is not None:
             market = self.market
             offers = [o for o in offers if market.terms(o, model_id) is not None]
-        return rank(offers, model_id, self.stats, time.time(), self.cfg.failure_memory_s)
+        held = {peer for peer, model in self._sessions if model == model_id}
+        return rank(offers, model_id, self.stats, time.time(), self.cfg.failure_memory_s, held)
 
     async def _request_on(
         self, peer: str, wire: Request, on_chunk: Callable[[Chunk], Awaitable[None]]

@@ -66,6 +66,11 @@ def test_rank_prefers_reliable_then_cheap_then_quick() -> None:
     ranked = [o.peer_id for o in rank(offers, "m", stats, now + 400, memory_s=300)]
     assert ranked[0] == "failed"
     assert rank(offers, "absent", stats, now, 300) == []
+    # A session already held wins over a quicker provider (a new one costs a
+    # handshake and, paid, an on-chain open), but not over a failing one.
+    stats["failed"] = PeerStats(rtt_ms=1.0, failures=[now - 10])
+    ranked = [o.peer_id for o in rank(offers, "m", stats, now, 300, held={"far", "failed"})]
+    assert ranked[:2] == ["far", "near"]
 
 
 def test_rate_limiter_allows_a_burst_then_refills() -> None:

@@ -4,8 +4,8 @@ Theory of operation. :meth:`Consumer.generate` runs one request for a local
 caller (the OpenAI shim, ``p2pnode chat``). A model this node serves itself
 runs on its own engine. Otherwise the consumer ranks the providers of the
 model that the OfferBook holds (recent failures first, then a session it
-already holds, then price, then
-measured latency, load and speed: :func:`rank`), confirms the best with a
+already holds, then price, then measured latency, load and speed:
+:func:`rank`), confirms the best with a
 status call the first time, opens a session with it (or reuses one: several
 requests share a session, each on its own stream), and streams the request.
 

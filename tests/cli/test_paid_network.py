@@ -111,38 +111,42 @@ def test_a_paid_chat_between_processes_settles_to_the_wei(
     password_file.write_text(PASSWORD)
     paid = [*dep, "--wallet-password-file", str(password_file)]
     provider = _start(provider_home, tmp_path / "p.json", *paid, serve=True)
-    consumer = _start(
-        consumer_home, tmp_path / "c.json", *paid,
-        "--shim", "127.0.0.1:0", "--bootstrap", provider.addrs[0], "--session-seconds", "100",
-    )  # fmt: skip
     try:
-        url = json.loads((tmp_path / "c.json").read_text())["shim_url"]
-        key = (consumer_home / "api_key").read_text().strip()
-        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=BOUND_S)
-        for _ in range(2):
-            answer = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
-            )
-            assert answer.choices[0].message.content
-        (session_id,) = chain.sessions_of(consumer_wallet.address)
-        assert chain.session(session_id).open
+        consumer = _start(
+            consumer_home, tmp_path / "c.json", *paid,
+            "--shim", "127.0.0.1:0", "--bootstrap", provider.addrs[0], "--session-seconds", "100",
+        )  # fmt: skip
+        try:
+            url = json.loads((tmp_path / "c.json").read_text())["shim_url"]
+            key = (consumer_home / "api_key").read_text().strip()
+            client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=BOUND_S)
+            for _ in range(2):
+                answer = client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+                )
+                assert answer.choices[0].message.content
+            (session_id,) = chain.sessions_of(consumer_wallet.address)
+            assert chain.session(session_id).open
+        finally:
+            # The consumer closes its session as it stops: its second and last transaction.
+            consumer.proc.send_signal(signal.SIGTERM)
+            _, consumer_err = consumer.proc.communicate(timeout=BOUND_S)
+        settled = chain.session(session_id)
+        assert not settled.open, consumer_err
+        assert settled.stake == 100 * PRICE
+        logs = chain.market.events.SessionClosed().get_logs(from_block=0)
+        (closed,) = [log for log in logs if bytes(log["args"]["sessionId"]) == session_id]
+        paid, refunded = int(closed["args"]["paid"]), int(closed["args"]["refunded"])
+        # Paid for exactly the seconds between the open's block and the close's.
+        closed_at = int(chain.w3.eth.get_block(closed["blockNumber"])["timestamp"])
+        assert paid == PRICE * (closed_at - settled.opened_at)
+        assert paid + refunded == settled.stake
+        assert chain.balance(provider_wallet.address) == p0 + paid
+        assert chain.balance(consumer_wallet.address) == c0 - paid
+        escrowed, total_paid, total_refunded = chain.totals()
+        assert (escrowed, total_paid, total_refunded) == (settled.stake, paid, refunded)
+        sessions = json.loads(_cli(consumer_home, "session", "list", "--json", *dep).stdout)
+        assert [(s["session_id"], s["open"]) for s in sessions] == [(session_id.hex(), False)]
     finally:
-        # The consumer closes its session as it stops: its second and last transaction.
-        consumer.proc.send_signal(signal.SIGTERM)
-        _, consumer_err = consumer.proc.communicate(timeout=BOUND_S)
-    settled = chain.session(session_id)
-    assert not settled.open, consumer_err
-    assert settled.stake == 100 * PRICE
-    logs = chain.market.events.SessionClosed().get_logs(from_block=0)
-    (closed,) = [log["args"] for log in logs if bytes(log["args"]["sessionId"]) == session_id]
-    paid, refunded = int(closed["paid"]), int(closed["refunded"])
-    assert paid + refunded == settled.stake
-    assert paid >= PRICE
-    assert chain.balance(provider_wallet.address) == p0 + paid
-    assert chain.balance(consumer_wallet.address) == c0 - paid
-    escrowed, total_paid, total_refunded = chain.totals()
-    assert (escrowed, total_paid, total_refunded) == (settled.stake, paid, refunded)
-    sessions = json.loads(_cli(consumer_home, "session", "list", "--json", *dep).stdout)
-    assert [(s["session_id"], s["open"]) for s in sessions] == [(session_id.hex(), False)]
-    provider.proc.send_signal(signal.SIGTERM)
-    provider.proc.communicate(timeout=BOUND_S)
+        provider.proc.send_signal(signal.SIGTERM)
+        provider.proc.communicate(timeout=BOUND_S)

@@ -181,7 +181,6 @@ class _Generation:
         self._pending = trio.Event()
         self._ack: Ack | None = None
         self._acked = trio.Event()
-        self.cancelled = False
 
     async def run(self, opened: InferOpen, message: Request, run: Run, on_ack: OnAck) -> None:
         done: Done | None = None
@@ -256,6 +255,6 @@ class _Generation:
             self._ack = event
             self._acked.set()
             return
-        # The consumer left or failed before Done (or after it, without an Ack).
-        self.cancelled = self._machine.state is State.STREAMING
+        # The consumer left or failed before Done (or after it, without an Ack):
+        # stop generating (the provider meters what was produced).
         generation.cancel()

@@ -39,7 +39,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-from p2pnode.chain.client import AsyncChain, OnChainSession, Tx
+from p2pnode.chain.client import AsyncChain, Tx
 from p2pnode.errors import ChainError
 from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.session import Approve, Hello, RejectCode
@@ -97,10 +97,12 @@ class Ledger:
             """
         )
 
-    def opened(self, role: str, peer: str, s: OnChainSession) -> None:
+    def opened(
+        self, role: str, peer: str, session_id: bytes, bid_id: bytes, stake: int, ends_at: int
+    ) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 'open', NULL, NULL)",
-            (s.session_id, role, peer, s.bid_id, str(s.stake), s.ends_at),
+            (session_id, role, peer, bid_id, str(stake), ends_at),
         )
 
     def closed(self, session_id: bytes, paid: int, refunded: int) -> None:
@@ -239,7 +241,7 @@ class ProviderMarket:
         if not ok:
             return RejectCode.BAD_SESSION
         self.ends[session_id] = s.ends_at
-        self.ledger.opened("provider", peer, s)
+        self.ledger.opened("provider", peer, session_id, s.bid_id, s.stake, s.ends_at)
         return None
 
     def serving(self, session_id: bytes) -> bool:
@@ -357,12 +359,9 @@ class ConsumerMarket:
         )
         session_id, ends_at = bytes(tx.value[0]), int(tx.value[1])
         self.open[session_id] = Paid(session_id, peer, stake, ends_at, trio.current_time())
-        assert terms.bid_id is not None
-        record = OnChainSession(
-            session_id, self.address, "", bytes.fromhex(terms.bid_id), terms.price_per_s, stake,
-            0, ends_at, True,
-        )  # fmt: skip
-        self.ledger.opened("consumer", peer, record)
+        self.ledger.opened(
+            "consumer", peer, session_id, bytes.fromhex(terms.bid_id), stake, ends_at
+        )
         self.counters["opened"] += 1
         self.gas["open"].append(tx.gas_used)
         self.open_ms.append((trio.current_time() - started) * 1000)

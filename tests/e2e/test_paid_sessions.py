@@ -216,7 +216,8 @@ async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_pat
     cfg = _market(net, 4, tmp_path, AsyncChain(net.chain))
     assert cfg.sessions_db is not None
     ledger = market.Ledger(cfg.sessions_db)
-    ledger.opened("consumer", paid.provider.peer_id, net.chain.session(left))
+    held = net.chain.session(left)
+    ledger.opened("consumer", paid.provider.peer_id, left, held.bid_id, held.stake, held.ends_at)
     ledger.close()
     async with open_node(NodeConfig(market=cfg), key_pair=create_new_key_pair()):
         with trio.fail_after(BOUND_S):

@@ -279,10 +279,11 @@ class Chain:
         allowance = self.token.functions.allowance(account.address, self.market.address).call()
         if int(allowance) >= amount:
             return None
-        if self.balance(account.address) < amount:
-            raise ChainError(
-                f"insufficient token balance: {self.balance(account.address)} < {amount}"
-            )
+        # A one-off approval is for a payment about to be made: say early that
+        # the balance cannot cover it. An unlimited one (at a consumer's start)
+        # pays nothing yet, so a balance below the spend limit is no reason to stop.
+        if not unlimited and (balance := self.balance(account.address)) < amount:
+            raise ChainError(f"insufficient token balance: {balance} < {amount}")
         allow = 2**256 - 1 if unlimited else amount
         return self.transact(
             account, self.token.functions.approve(self.market.address, allow), "approve"

@@ -7,6 +7,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+from p2pnode.errors import NetworkError
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
 from p2pnode.p2p import relay as relaylib
@@ -73,14 +74,17 @@ async def test_the_relay_enforces_its_reservation_limit() -> None:
     async with (
         open_node(relay_cfg, key_pair=create_new_key_pair()) as relay,
         open_node(_private(relay.addrs[0]), key_pair=create_new_key_pair()) as first,
-        open_node(_private(relay.addrs[0]), key_pair=create_new_key_pair()) as second,
+        open_node(NodeConfig(), key_pair=create_new_key_pair()) as second,
+        trio.open_nursery() as nursery,
     ):
         with trio.fail_after(BOUND_S):
-            while len(first.relay.reservations) + len(second.relay.reservations) < 1:  # noqa: ASYNC110
+            while not first.relay.reservations:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-            await trio.sleep(0.5)  # both have tried by now
-        held = len(first.relay.reservations) + len(second.relay.reservations)
-        assert held == 1
+            # The one slot is taken: a second node's reservation is refused.
+            with pytest.raises(NetworkError, match="refused the reservation"):
+                await second.relay.reserve(relay.addrs[0], nursery)
+        assert second.relay.reservations == {}
+        nursery.cancel_scope.cancel()
 
 
 async def _start(nursery: trio.Nursery, cfg: NodeConfig) -> tuple[Node, trio.CancelScope]:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import trio
 
-from p2pnode.cli.main import _home, _run, _serving, _serving_options, main
+from p2pnode.cli.main import _fail, _home, _run, _serving, _serving_options, main
 from p2pnode.cli.settings import option
 from p2pnode.errors import P2PNodeError
 
@@ -61,8 +61,6 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
         serving = _serving(no_serve=False, **serving_flags)
         api_key = identity.load_or_create_api_key(home)
     except P2PNodeError as exc:
-        from p2pnode.cli.main import _fail
-
         _fail(exc)
 
     async def run() -> None:

@@ -397,6 +397,12 @@ def _serving(
     show_default=True,
     help="Relay service: reservations held at once.",
 )
+@option(
+    "--no-hole-punch",
+    is_flag=True,
+    default=False,
+    help="Keep relayed connections relayed (no DCUtR upgrade to direct ones).",
+)
 @_password_file
 def start(
     listen: tuple[str, ...],
@@ -417,6 +423,7 @@ def start(
     relay_service: bool,
     relays: tuple[str, ...],
     relay_max_reservations: int,
+    no_hole_punch: bool,
     wallet_password_file: Path | None,
     **serving_flags: Any,
 ) -> None:
@@ -472,6 +479,7 @@ def start(
                 service=relay_service,
                 relays=tuple(relays),
                 max_reservations=relay_max_reservations,
+                hole_punch=not no_hole_punch,
             ),
         )
         api_key = identity.load_or_create_api_key(home) if shim else None
@@ -646,20 +654,29 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 
 
 @main.command()
-@click.option("--peer", required=True, help="Full multiaddr of the node to ask.")
+@click.option(
+    "--peer",
+    default=None,
+    help="Full multiaddr of a node to ask over the network (default: the running node).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(peer: str, as_json: bool) -> None:
-    """Ask any node for its status, from a throwaway identity."""
-    from libp2p.crypto.ed25519 import create_new_key_pair
+def status(peer: str | None, as_json: bool) -> None:
+    """Show the running node's status, or ask any node for its own."""
+    from p2pnode.protocols.status import StatusResponse
 
-    from p2pnode.p2p.node import NodeConfig, open_node
+    if peer is None:
+        answer = StatusResponse.from_wire(_ask_node({"op": "status"}))
+    else:
+        from libp2p.crypto.ed25519 import create_new_key_pair
 
-    async def run() -> Any:
-        client = NodeConfig(discovery=None)  # ask and leave: no DHT, no gossip
-        async with open_node(client, key_pair=create_new_key_pair()) as node:
-            return await node.status_of(peer)
+        from p2pnode.p2p.node import NodeConfig, open_node
 
-    answer = _run(run)
+        async def run() -> StatusResponse:
+            client = NodeConfig(discovery=None)  # ask and leave: no DHT, no gossip
+            async with open_node(client, key_pair=create_new_key_pair()) as node:
+                return await node.status_of(peer)
+
+        answer = _run(run)
     if as_json:
         click.echo(json.dumps(answer.to_wire() | {"t": None}, default=str))
         return
@@ -668,6 +685,12 @@ def status(peer: str, as_json: bool) -> None:
     click.echo(f"uptime:    {answer.uptime_s:.0f} s")
     click.echo(f"peers:     {answer.connected_peers}")
     click.echo(f"reachable: {answer.reachability} (dial-back check)")
+    click.echo(
+        f"links:     {answer.direct_connections} direct, {answer.relayed_connections} relayed"
+        f" ({answer.upgraded_connections} upgraded from relayed to direct)"
+    )
+    for relay_id in answer.relays:
+        click.echo(f"relay:     {relay_id}")
     for addr in answer.addrs:
         click.echo(f"address:   {addr}")
     load = answer.load
@@ -713,7 +736,8 @@ def peers(as_json: bool) -> None:
         return
     click.echo(f"{len(connected)} connected")
     for peer in connected:
-        click.echo(f"{peer['peer_id']}  {' '.join(peer['addrs'])}")
+        kinds = ",".join(peer["connections"]) or "-"
+        click.echo(f"{peer['peer_id']}  [{kinds}]  {' '.join(peer['addrs'])}")
 
 
 def _ask_node(request: dict[str, Any]) -> dict[str, Any]:

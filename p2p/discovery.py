@@ -336,6 +336,20 @@ class Discovery:
 
     # --- DHT -----------------------------------------------------------------
 
+    def reattach(self, peer: ID) -> None:
+        """Re-open gossip with ``peer`` if its stream was on a connection since closed.
+
+        After a relayed connection is retired for a direct one, py-libp2p's
+        pubsub still holds its outbound stream on the closed connection (it
+        notices only at its next write, and drops a peer only when the last
+        connection goes). Handing it the peer as dead makes it open a new
+        stream on the live connection at once.
+        """
+        stream = self.pubsub.peers.get(peer)
+        conn = getattr(stream, "muxed_conn", None) if stream is not None else None
+        if conn is not None and conn.is_closed:
+            self.pubsub._handle_dead_peer(peer)
+
     def _peer_connected(self, peer: ID) -> None:
         # A burst beyond 256 pending is dropped; the walks fill the table too.
         with contextlib.suppress(trio.WouldBlock):

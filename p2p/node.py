@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 # How long addresses learnt from an offer stay in the peerstore (offers are
 # re-sent every ~10 s; a provider silent for 35 s is forgotten anyway).
 OFFER_ADDR_TTL_S = 600
+# The protocols whose streams a relayed connection must finish before it is
+# closed for a direct one.
+OWN_PROTOCOLS = frozenset(
+    {session.PROTOCOL_ID, infer.PROTOCOL_ID, status.PROTOCOL_ID, dialback.PROTOCOL_ID}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,6 +165,8 @@ class Node:
         self.consumer = consumerlib.Consumer(self, config.consumer, self.consumer_market)
         self.relay = relaylib.Relay(host, config.relay)
         self.direct_addrs: list[str] = []
+        # open_node's nursery, for work a call starts and that outlives it.
+        self._nursery: trio.Nursery | None = None
         self.reachability = nat.Verdict()
         if config.reachability != "auto":
             self.reachability = nat.Verdict(nat.Reachability(config.reachability), forced=True)
@@ -305,6 +312,7 @@ class Node:
 
     def status_info(self) -> status.StatusResponse:
         """This node's answer to a status request, as of now."""
+        kinds = self.relay.connection_counts()
         return status.StatusResponse(
             peer_id=self.peer_id,
             version=__version__,
@@ -323,6 +331,10 @@ class Node:
             load=self.load(),
             offer=self.discovery.current_offer if self.discovery is not None else b"",
             reachability=self.reachability.reachability.value,
+            relays=tuple(self.relay.reservations),
+            direct_connections=kinds["direct"],
+            relayed_connections=kinds["relayed"],
+            upgraded_connections=self.relay.upgrades["direct"] + self.relay.upgrades["punched"],
         )
 
     def connected_peers(self) -> list[str]:
@@ -361,12 +373,22 @@ class Node:
             peerstore = self.host.get_peerstore()
             return {
                 "peers": [
-                    {"peer_id": str(p), "addrs": [str(a) for a in peerstore.addrs(p)]}
+                    {
+                        "peer_id": str(p),
+                        "addrs": [str(a) for a in peerstore.addrs(p)],
+                        "connections": [
+                            "relayed" if relaylib.is_relayed(c) else "direct"
+                            for c in relaylib.connections(self.host, p)
+                        ],
+                    }
                     for p in self.host.get_connected_peers()
                 ]
             }
         if op == "status":
-            return self.status_info().to_wire()
+            # JSON carries no bytes; the signed offer is for remote askers.
+            answer = self.status_info().to_wire()
+            del answer["offer"]
+            return answer
         return {"error": f"unknown op {op!r}"}
 
     async def _open_stream(self, peer_id: ID, protocol: str) -> INetStream:
@@ -377,6 +399,10 @@ class Node:
         private = offer is not None and all(relaylib.is_circuit(a) for a in offer.addrs)
         if circuits and private and peer_id not in self.host.get_connected_peers():
             await self.relay.dial(circuits[0])
+            if self.relay.cfg.hole_punch and self._nursery is not None:
+                # This stream goes through the relay now; later ones go direct
+                # if the upgrade works.
+                self._nursery.start_soon(self._upgrade, peer_id)
         try:
             with trio.fail_after(timeout):
                 return await self.host.new_stream(peer_id, [TProtocol(protocol)])
@@ -386,6 +412,10 @@ class Node:
             ) from exc
         except Exception as exc:  # noqa: BLE001 - StreamFailure, SwarmException, negotiation errors
             raise NetworkError(f"cannot open {protocol} to {short(peer_id)}: {exc}") from exc
+
+    async def _upgrade(self, peer_id: ID) -> None:
+        if await self.relay.upgrade(peer_id, own=OWN_PROTOCOLS) and self.discovery is not None:
+            self.discovery.reattach(peer_id)
 
     async def check_reachability(self, helpers: int = 3) -> nat.Verdict:
         """Ask up to ``helpers`` connected peers to dial this node back; keep the verdict."""
@@ -564,6 +594,7 @@ async def open_node(
             node.addrs = addrs
             node.direct_addrs = list(addrs)
             async with trio.open_nursery() as nursery:
+                node._nursery = nursery
                 await nursery.start(node.relay.run)
                 if config.control_socket is not None:
                     await nursery.start(control.serve, config.control_socket, node._control)

@@ -11,10 +11,25 @@ caches "not a relay" for good), and advertises
 ``<relay>/p2p-circuit/p2p/<itself>`` in its offers; the transport renews the
 reservations. A consumer that finds only circuit addresses in an offer dials
 them through the relay transport (``host.connect`` ignores them, trap 4).
+
+Hole punching (DCUtR). Right after a relayed dial the dialling node tries to
+upgrade the connection: first a plain dial to the peer's direct addresses
+(enough when the peer is reachable after all), then the DCUtR exchange over
+the relayed connection: both sides swap the addresses they are seen at, and
+dial each other at the same moment from their listen ports, so each NAT sees
+an outgoing connection and lets the other side's packets in (TCP
+simultaneous open). New streams prefer the direct connection (py-libp2p's
+"best" connection choice); streams already on the relayed one finish there,
+and the relayed connection is closed once none of ours is left on it. If the
+upgrade fails, everything keeps going through the relay. py-libp2p's DCUtR
+service is not run as a service: its auto-drive loop punches every relayed
+peer every 2 s (relay-to-relay connections included), which in our tests
+left nodes busy and unconverged; we start one attempt where we know it helps.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +37,13 @@ from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn
+from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID, STOP_PROTOCOL_ID, CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -57,10 +75,68 @@ class Config:
     # Reservations a private node keeps (several: a relay may die).
     want: int = 2
     reserve_timeout_s: float = 10.0
+    # Try to upgrade relayed connections this node dials to direct ones.
+    hole_punch: bool = True
+    # One attempt: a direct dial, then up to 3 DCUtR rounds of 5 s each.
+    hole_punch_timeout_s: float = 30.0
+    # How often a retired relayed connection is checked for streams of ours.
+    retire_check_s: float = 1.0
 
 
 def is_circuit(addr: str) -> bool:
     return CIRCUIT in addr
+
+
+def is_relayed(conn: INetConn) -> bool:
+    """Whether a connection runs through a relay (either end of it)."""
+    if conn.get_connection_type() is ConnectionType.RELAYED:
+        return True
+    return any(is_circuit(str(a)) for a in conn.get_transport_addresses())
+
+
+def connections(host: IHost, peer: ID) -> list[INetConn]:
+    """The host's live connections to a peer."""
+    held = host.get_network().get_connections(peer)
+    return [c for c in held if not c.is_closed]
+
+
+# How much later than the peer the side that started the exchange dials.
+RESPONDER_HEAD_START_S = 0.5
+
+
+class _HolePunch(DCUtRProtocol):
+    """py-libp2p's DCUtR, telling how an upgrade came about, with a head start.
+
+    Step 0 of the spec (a plain dial to the peer's direct addresses) needs no
+    punching; counting it apart keeps ``punched`` honest on loopback, where
+    every "private" address is dialable.
+
+    The head start: py-libp2p's initiator dials half an RTT after its SYNC
+    and upgrades its dial as the *responder* (right when the two SYNs meet in
+    a TCP simultaneous open). If its SYN is first and reaches a listener
+    instead (no NAT in between, or a SYNC slowed by a busy relay), that
+    listener also takes the responder side and the two wait on each other
+    until the round times out: seen in simnet. Dialling 0.5 s after the
+    responder fixes both cases: with NATs, the responder's SYN opens its own
+    NAT (ours drops it; TCP sends it again after 1 s) and ours then passes
+    into that opening; without, the responder's dial simply connects to our
+    listener and ours is not needed.
+    """
+
+    def __init__(self, host: IHost) -> None:
+        super().__init__(host)
+        self.unilateral = False
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        self.unilateral = await super()._try_unilateral_upgrade(peer_id)
+        return self.unilateral
+
+    async def _perform_hole_punch(
+        self, peer_id: ID, addrs: list[multiaddr.Multiaddr], as_responder: bool = False
+    ) -> bool:
+        if as_responder:  # we started the exchange: let the peer's SYN go first
+            await trio.sleep(RESPONDER_HEAD_START_S)
+        return await super()._perform_hole_punch(peer_id, addrs, as_responder)
 
 
 class Relay:
@@ -83,8 +159,15 @@ class Relay:
         )
         # relay peer id -> the circuit address it gives this node
         self.reservations: dict[str, str] = {}
+        # Upgrades of relayed connections: "direct" (a plain dial did it),
+        # "punched" (DCUtR did it), "failed" (still relayed).
+        self.upgrades: collections.Counter[str] = collections.Counter()
+        self._punch = _HolePunch(host)
+        self._upgrading: set[ID] = set()
         host.set_stream_handler(TProtocol(PROTOCOL_ID), self.protocol._handle_hop_stream)
         host.set_stream_handler(TProtocol(STOP_PROTOCOL_ID), self.protocol._handle_stop_stream)
+        # Answering a peer's hole punch costs little: always on.
+        host.set_stream_handler(DCUTR_PROTOCOL_ID, self._punch._handle_dcutr_stream)
 
     async def run(self, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Run the protocol service until cancelled."""
@@ -144,6 +227,66 @@ class Relay:
             except Exception:  # noqa: BLE001, S110 - unknown peer: not yet identified
                 pass
             await trio.sleep(0.02)
+
+    def connection_counts(self) -> dict[str, int]:
+        """Live connections of this host: how many direct, how many relayed."""
+        counts = {"direct": 0, "relayed": 0}
+        for peer in self._host.get_connected_peers():
+            for conn in connections(self._host, peer):
+                counts["relayed" if is_relayed(conn) else "direct"] += 1
+        return counts
+
+    async def upgrade(self, peer: ID, *, own: frozenset[str]) -> bool:
+        """Try once to replace the relayed connection to ``peer`` by a direct one.
+
+        Returns whether a direct connection exists afterwards. On success the
+        relayed connection is closed once it carries no stream whose protocol
+        is in ``own`` (streams already on it finish there first); on failure
+        it stays, and the node keeps using it. Bounded by
+        ``hole_punch_timeout_s``; a second call for a peer being upgraded
+        returns False at once.
+        """
+        if peer in self._upgrading:
+            return False
+        self._upgrading.add(peer)
+        try:
+            with trio.move_on_after(self.cfg.hole_punch_timeout_s):
+                ok = await self._punch.initiate_hole_punch(peer)
+                if ok:
+                    how = "direct" if self._punch.unilateral else "punched"
+                    self.upgrades[how] += 1
+                    logger.info("connection to %s upgraded (%s)", short(peer), how)
+                    await self._retire_relayed(peer, own)
+                    return True
+            self.upgrades["failed"] += 1
+            logger.info("connection to %s stays relayed: hole punch failed", short(peer))
+            return False
+        finally:
+            self._upgrading.discard(peer)
+
+    async def _retire_relayed(self, peer: ID, own: frozenset[str]) -> None:
+        """Close the relayed connections to ``peer`` once none of our streams uses them.
+
+        Only ``own`` protocols (and streams still negotiating theirs) are
+        waited for: py-libp2p's long-lived streams (gossipsub) reopen on the
+        direct connection (see ``Discovery.reattach``).
+        """
+        while True:
+            relayed = [c for c in connections(self._host, peer) if is_relayed(c)]
+            direct = [c for c in connections(self._host, peer) if not is_relayed(c)]
+            if not relayed or not direct:
+                return
+            busy = False
+            for conn in relayed:
+                # A stream still negotiating has no protocol yet: it may be ours.
+                protocols = {s.get_protocol() for s in conn.get_streams()}
+                if None in protocols or protocols & own:
+                    busy = True
+                    continue
+                await conn.close()
+            if not busy:
+                return
+            await trio.sleep(self.cfg.retire_check_s)
 
     async def dial(self, circuit_addr: str) -> None:
         """Connect to a peer through the relay in its circuit address."""

@@ -51,6 +51,13 @@ class StatusResponse(Message):
     offer: bytes = b""
     # "public", "private" or "unknown": what the node's dial-back check found.
     reachability: str = "unknown"
+    # Peer ids of the relays the node holds a reservation on (when private).
+    relays: tuple[str, ...] = ()
+    # Live connections, by kind, and relayed connections this node upgraded
+    # to direct ones (hole punching).
+    direct_connections: int = 0
+    relayed_connections: int = 0
+    upgraded_connections: int = 0
 
 
 CODEC = Codec([StatusRequest, StatusResponse, Error])

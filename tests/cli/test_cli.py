@@ -194,6 +194,12 @@ def test_offers_and_peers_through_the_control_socket(tmp_path: Path) -> None:
     try:
         connected = json.loads(_run(consumer_home, "peers", "--json").stdout)
         assert [p["peer_id"] for p in connected] == [provider.peer_id]
+        assert connected[0]["connections"] == ["direct"]
+        # Without --peer, status asks the running node through its socket.
+        own = json.loads(_run(consumer_home, "status", "--json").stdout)
+        assert own["peer_id"] == consumer.peer_id
+        assert (own["direct_connections"], own["relayed_connections"]) == (1, 0)
+        assert "1 direct, 0 relayed" in _run(consumer_home, "status").stdout
         # Gossip is asynchronous: ask until the provider's offer has arrived.
         deadline = time.monotonic() + BOUND_S
         held: list[dict[str, object]] = []

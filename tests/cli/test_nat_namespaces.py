@@ -1,17 +1,25 @@
-"""A private provider behind a real NAT, in network namespaces this test makes.
+"""Two private nodes behind two real NATs, in network namespaces this test makes.
 
-    ns "pub"  10.77.0.2 ── relay node (--relay-service) and a consumer with the shim
-        │ veth
-    ns "nat"  10.77.0.1 / 192.168.77.1, forwarding, nftables masquerade toward pub
-        │ veth
-    ns "priv" 192.168.77.2 ── provider serving the bundled model
+                         ns "pub" ── relay node (--relay-service)
+              10.77.0.2 ╱         ╲ 10.77.1.2      (routes between the NATs)
+    ns "nat1" 10.77.0.1            10.77.1.1 ns "nat2"
+    masquerade, guard              masquerade, guard
+    192.168.77.1                   192.168.78.1
+         │                              │
+    ns "priv1" 192.168.77.2        ns "priv2" 192.168.78.2
+    provider (bundled model)       consumer with the shim
 
-"pub" has no route to 192.168.77.0/24: the provider can dial out (masqueraded
-as 10.77.0.1) but nobody can dial in. Its dial-back check must find it
-private (the relay sees it come from 10.77.0.1 and will not dial another IP);
-it then reserves on the relay and is served through it. Every packet stays in
-the three namespaces, which the test removes. Skipped, saying why, where
-namespaces or nftables are not available (not root, no iproute2/nftables).
+Each NAT masquerades its private side and lets nothing in that its side did
+not start (nftables ``ct state established,related``), and drops what else
+reaches it from outside. Nobody can dial a private node. The provider's
+dial-back check finds it private on its own; it reserves on the relay, and
+the consumer reaches it through the relay. Then the consumer upgrades the
+relayed connection by DCUtR: both sides dial each other from their listen
+ports at once, each NAT sees its own side's SYN go out first and lets the
+other side's in (TCP simultaneous open). A second chat runs over the direct
+connection. Every packet stays in the five namespaces, which the test
+removes. Skipped, saying why, where namespaces or nftables are
+not available (not root, no iproute2/nftables).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ def namespaces() -> Iterator[dict[str, str]]:
     if not shutil.which("ip") or not shutil.which("nft"):
         pytest.skip("needs iproute2 and nftables (./dev setup installs them as root)")
     tag = uuid.uuid4().hex[:6]
-    ns = {"pub": f"p2p-pub-{tag}", "nat": f"p2p-nat-{tag}", "priv": f"p2p-priv-{tag}"}
+    ns = {name: f"p2p-{name}-{tag}" for name in ("pub", "nat1", "priv1", "nat2", "priv2")}
     try:
         for name in ns.values():
             _sh("ip", "netns", "add", name)
@@ -53,45 +61,59 @@ def namespaces() -> Iterator[dict[str, str]]:
         for name in ns.values():
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
-    pub, nat, priv = ns["pub"], ns["nat"], ns["priv"]
 
     def in_ns(name: str, *args: str) -> None:
-        _sh("ip", "netns", "exec", name, *args)
+        _sh("ip", "netns", "exec", ns[name], *args)
+
+    def link(near: str, near_addr: str, far: str, far_addr: str, n: int) -> None:
+        a, b = f"v{n}a{tag}", f"v{n}b{tag}"
+        _sh("ip", "link", "add", a, "netns", ns[near], "type", "veth", "peer", b, "netns", ns[far])
+        for name, dev, addr in ((near, a, near_addr), (far, b, far_addr)):
+            in_ns(name, "ip", "addr", "add", addr, "dev", dev)
+            in_ns(name, "ip", "link", "set", dev, "up")
 
     try:
-        for near, far, a, b in ((pub, nat, "a", "b"), (nat, priv, "c", "d")):
-            _sh("ip", "link", "add", f"{a}{tag}", "netns", near, "type", "veth",
-                "peer", f"{b}{tag}", "netns", far)  # fmt: skip
-        for name in ns.values():
+        for name in ns:
             in_ns(name, "ip", "link", "set", "lo", "up")
-        in_ns(pub, "ip", "addr", "add", "10.77.0.2/24", "dev", f"a{tag}")
-        in_ns(pub, "ip", "link", "set", f"a{tag}", "up")
-        in_ns(nat, "ip", "addr", "add", "10.77.0.1/24", "dev", f"b{tag}")
-        in_ns(nat, "ip", "addr", "add", "192.168.77.1/24", "dev", f"c{tag}")
-        in_ns(nat, "ip", "link", "set", f"b{tag}", "up")
-        in_ns(nat, "ip", "link", "set", f"c{tag}", "up")
-        in_ns(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        in_ns(priv, "ip", "addr", "add", "192.168.77.2/24", "dev", f"d{tag}")
-        in_ns(priv, "ip", "link", "set", f"d{tag}", "up")
-        in_ns(priv, "ip", "route", "add", "default", "via", "192.168.77.1")
-        # Masquerade toward pub; nothing from pub may open a connection into
-        # priv: only replies to what priv started pass.
-        ruleset = f"""
+        link("pub", "10.77.0.2/24", "nat1", "10.77.0.1/24", 0)
+        link("pub", "10.77.1.2/24", "nat2", "10.77.1.1/24", 1)
+        link("nat1", "192.168.77.1/24", "priv1", "192.168.77.2/24", 2)
+        link("nat2", "192.168.78.1/24", "priv2", "192.168.78.2/24", 3)
+        in_ns("pub", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for nat, up, private, out in (
+            ("nat1", "10.77.0.2", "priv1", f"v0b{tag}"),
+            ("nat2", "10.77.1.2", "priv2", f"v1b{tag}"),
+        ):
+            in_ns(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            in_ns(nat, "ip", "route", "add", "default", "via", up)
+            gateway = "192.168.77.1" if nat == "nat1" else "192.168.78.1"
+            in_ns(private, "ip", "route", "add", "default", "via", gateway)
+            # Masquerade outward; from outside, only replies to what the
+            # private side started pass (a home router's stateful NAT), and
+            # the router drops what else reaches it on its outer side, as
+            # most do. (A NAT that answers a stray SYN with a reset kills the
+            # other side's half-open punch: DCUtR fails there, as it does
+            # behind such NATs in the wild, and the relay carries on.)
+            ruleset = f"""
 table ip nat {{
     chain post {{
         type nat hook postrouting priority 100;
-        oifname "b{tag}" masquerade
+        oifname "{out}" masquerade
     }}
 }}
 table ip filter {{
     chain guard {{
         type filter hook forward priority 0; policy drop;
         ct state established,related accept
-        iifname "c{tag}" accept
+        iifname != "{out}" accept
+    }}
+    chain wan {{
+        type filter hook input priority 0; policy accept;
+        iifname "{out}" ct state new drop
     }}
 }}
 """
-        _sh("ip", "netns", "exec", nat, "nft", "-f", "-", stdin=ruleset)
+            _sh("ip", "netns", "exec", ns[nat], "nft", "-f", "-", stdin=ruleset)
         yield ns
     finally:
         for name in ns.values():
@@ -116,41 +138,67 @@ def _node(ns: str, home: Path, ready: Path, *args: str) -> subprocess.Popen[str]
     return proc
 
 
-def test_a_provider_behind_nat_is_found_private_and_served_through_a_relay(
+def _ask(home: Path, *args: str) -> object:
+    asked = subprocess.run(
+        [*P2PNODE, *args, "--json"], env=_env(home), capture_output=True, text=True, timeout=BOUND_S
+    )
+    return json.loads(asked.stdout) if asked.returncode == 0 and asked.stdout else None
+
+
+def _chat(ns: str, shim: str, key: str) -> str:
+    """One chat through the consumer's shim, from inside its namespace."""
+    client = (
+        "import json, sys, httpx\n"
+        f"r = httpx.post({shim!r} + '/chat/completions', timeout=60, "
+        f"headers={{'Authorization': 'Bearer {key}'}}, json={{'model': {MODEL!r}, "
+        "'messages': [{'role': 'user', 'content': 'Say hello.'}], "
+        "'max_tokens': 8, 'temperature': 0})\n"
+        "print(r.status_code); print(r.text)\n"
+    )
+    chat = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", client],
+        capture_output=True, text=True, timeout=2 * BOUND_S,
+    )  # fmt: skip
+    status, _, body = chat.stdout.partition("\n")
+    assert status == "200", chat.stdout + chat.stderr
+    text = json.loads(body)["choices"][0]["message"]["content"]
+    assert isinstance(text, str)
+    assert text
+    return text
+
+
+def test_private_nodes_behind_nats_meet_through_a_relay_and_punch_a_hole(
     namespaces: dict[str, str], tmp_path: Path
 ) -> None:
-    pub, priv = namespaces["pub"], namespaces["priv"]
     procs: list[subprocess.Popen[str]] = []
     try:
         relay = _node(
-            pub, tmp_path / "relay", tmp_path / "relay.json",
+            namespaces["pub"], tmp_path / "relay", tmp_path / "relay.json",
             "--listen", "/ip4/10.77.0.2/tcp/4001", "--no-serve", "--relay-service",
             "--reachability", "public",
         )  # fmt: skip
         procs.append(relay)
         relay_addr = json.loads((tmp_path / "relay.json").read_text())["addrs"][0]
-        consumer = _node(
-            pub, tmp_path / "consumer", tmp_path / "consumer.json",
-            "--listen", "/ip4/10.77.0.2/tcp/4002", "--no-serve", "--bootstrap", relay_addr,
-            "--shim", "127.0.0.1:0", "--reachability", "public",
-        )  # fmt: skip
-        procs.append(consumer)
         provider = _node(
-            priv, tmp_path / "provider", tmp_path / "provider.json",
+            namespaces["priv1"], tmp_path / "provider", tmp_path / "provider.json",
             "--listen", "/ip4/192.168.77.2/tcp/4001", "--bootstrap", relay_addr,
             "--relay", relay_addr, "--reachability-first-s", "1",
         )  # fmt: skip
         procs.append(provider)
         provider_id = json.loads((tmp_path / "provider.json").read_text())["peer_id"]
-        # The consumer learns the provider's offer: only a circuit address.
+        consumer_home = tmp_path / "consumer"
+        consumer = _node(
+            namespaces["priv2"], consumer_home, tmp_path / "consumer.json",
+            "--listen", "/ip4/192.168.78.2/tcp/4002", "--no-serve", "--bootstrap", relay_addr,
+            "--relay", relay_addr, "--reachability", "private", "--shim", "127.0.0.1:0",
+        )  # fmt: skip
+        procs.append(consumer)
+        # The provider found itself private and offers only its relayed address.
         deadline = time.monotonic() + 2 * BOUND_S
         addrs: list[str] = []
         while time.monotonic() < deadline:
-            asked = subprocess.run(
-                [*P2PNODE, "offers", "--json"], env=_env(tmp_path / "consumer"),
-                capture_output=True, text=True, timeout=BOUND_S,
-            )  # fmt: skip
-            held = json.loads(asked.stdout or "[]") if asked.returncode == 0 else []
+            held = _ask(consumer_home, "offers") or []
+            assert isinstance(held, list)
             mine = [o for o in held if o["peer_id"] == provider_id]
             addrs = mine[0]["addrs"] if mine else []
             if addrs and all("/p2p-circuit/" in a for a in addrs):
@@ -158,23 +206,25 @@ def test_a_provider_behind_nat_is_found_private_and_served_through_a_relay(
             time.sleep(0.5)  # noqa: TID251 - a synchronous test waiting on processes
         assert addrs, "the consumer never saw the provider's offer"
         assert all(a.startswith(relay_addr + "/p2p-circuit/") for a in addrs), addrs
-        # A chat through the consumer's shim, run inside "pub" (where it listens).
         shim = json.loads((tmp_path / "consumer.json").read_text())["shim_url"]
-        key = (tmp_path / "consumer" / "api_key").read_text().strip()
-        client = (
-            "import json, sys, httpx\n"
-            f"r = httpx.post({shim!r} + '/chat/completions', timeout=60, "
-            f"headers={{'Authorization': 'Bearer {key}'}}, json={{'model': {MODEL!r}, "
-            "'messages': [{'role': 'user', 'content': 'Say hello.'}], 'max_tokens': 8})\n"
-            "print(r.status_code); print(r.text)\n"
-        )
-        chat = subprocess.run(
-            ["ip", "netns", "exec", pub, sys.executable, "-c", client],
-            capture_output=True, text=True, timeout=2 * BOUND_S,
-        )  # fmt: skip
-        status, _, body = chat.stdout.partition("\n")
-        assert status == "200", chat.stdout + chat.stderr
-        assert json.loads(body)["choices"][0]["message"]["content"]
+        key = (consumer_home / "api_key").read_text().strip()
+        first = _chat(namespaces["priv2"], shim, key)
+        # The relayed connection is upgraded: a direct one through both NATs.
+        links: list[str] = []
+        while time.monotonic() < deadline:
+            peers = _ask(consumer_home, "peers") or []
+            assert isinstance(peers, list)
+            links = next((p["connections"] for p in peers if p["peer_id"] == provider_id), [])
+            if links == ["direct"]:
+                break
+            time.sleep(0.5)  # noqa: TID251 - a synchronous test waiting on processes
+        assert links == ["direct"], links
+        status = _ask(consumer_home, "status")
+        assert isinstance(status, dict)
+        assert status["upgraded_connections"] == 1
+        assert status["relays"]  # the private consumer holds its own reservation
+        # Same greedy request, same answer, now without the relay.
+        assert _chat(namespaces["priv2"], shim, key) == first
     finally:
         for proc in procs:
             if proc.poll() is None:

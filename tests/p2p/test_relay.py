@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 
 from p2pnode.errors import NetworkError
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
+from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import relay as relaylib
-from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.p2p.node import OWN_PROTOCOLS, Node, NodeConfig, open_node
 
 pytestmark = pytest.mark.slow
 BOUND_S = 30
@@ -30,6 +35,20 @@ def _private(relay_addr: str) -> NodeConfig:
         reachability="private",
         relay=relaylib.Config(relays=(relay_addr,)),
     )
+
+
+def _kinds(node: Node, peer: str) -> list[str]:
+    held = relaylib.connections(node.host, ID.from_base58(peer))
+    return sorted("relayed" if relaylib.is_relayed(c) else "direct" for c in held)
+
+
+async def _offer_through_relay(me: Node, provider: Node) -> None:
+    """Wait until ``me`` holds the provider's offer with its circuit address."""
+    while True:
+        offer = me.offer_book.get(provider.peer_id)
+        if offer is not None and offer.addrs and relaylib.is_circuit(offer.addrs[0]):
+            return
+        await trio.sleep(0.05)
 
 
 async def test_a_private_provider_is_served_through_a_relay() -> None:
@@ -105,11 +124,11 @@ async def _start(nursery: trio.Nursery, cfg: NodeConfig) -> tuple[Node, trio.Can
     return started[0], scope
 
 
-async def test_a_relay_that_dies_is_dropped_and_the_others_carry_on() -> None:
+async def test_a_relay_that_dies_is_replaced() -> None:
     async with trio.open_nursery() as nursery:
         service = NodeConfig(relay=relaylib.Config(service=True))
-        (dying, kill), (staying, _) = [await _start(nursery, service) for _ in range(2)]
-        addrs = (dying.addrs[0], staying.addrs[0])
+        (dying, kill), (staying, _), (spare, _) = [await _start(nursery, service) for _ in range(3)]
+        addrs = (dying.addrs[0], staying.addrs[0], spare.addrs[0])
         cfg = NodeConfig(
             bootstrap=(staying.addrs[0],),
             reachability="private",
@@ -120,12 +139,19 @@ async def test_a_relay_that_dies_is_dropped_and_the_others_carry_on() -> None:
             with trio.fail_after(BOUND_S):
                 while len(private.relay.reservations) < 2:  # noqa: ASYNC110
                     await trio.sleep(0.05)
+                # The first two configured relays are used; the third is spare.
+                assert sorted(private.relay.reservations) == sorted(
+                    [dying.peer_id, staying.peer_id]
+                )
                 assert len(private.addrs) == 2
                 kill.cancel()
-                while len(private.addrs) != 1:  # noqa: ASYNC110
+                expected = {
+                    f"{staying.addrs[0]}/p2p-circuit/p2p/{private.peer_id}",
+                    f"{spare.addrs[0]}/p2p-circuit/p2p/{private.peer_id}",
+                }
+                while set(private.addrs) != expected:  # noqa: ASYNC110
                     await trio.sleep(0.05)
-            assert private.addrs[0].startswith(staying.addrs[0])
-            assert list(private.relay.reservations) == [staying.peer_id]
+            assert sorted(private.relay.reservations) == sorted([staying.peer_id, spare.peer_id])
         nursery.cancel_scope.cancel()
 
 
@@ -146,3 +172,121 @@ async def test_a_private_node_finds_a_relay_in_the_dht() -> None:
                 await trio.sleep(0.05)
         assert list(private.relay.reservations) == [relay.peer_id]
         assert private.addrs[0].endswith(f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{private.peer_id}")
+
+
+SYNTHETIC = Request(
+    model_id="synthetic", kind="completion", prompt="x", params=Params(max_tokens=20_000)
+)
+
+
+@asynccontextmanager
+async def _relayed_pair(consumer: relaylib.Config) -> AsyncIterator[tuple[Node, Node]]:
+    """A relay, a private provider of the synthetic engine, and a public consumer."""
+    async with (
+        open_node(
+            NodeConfig(relay=relaylib.Config(service=True)), key_pair=create_new_key_pair()
+        ) as relay,
+        open_node(
+            _private(relay.addrs[0]), key_pair=create_new_key_pair(), engines=[SyntheticEngine()]
+        ) as provider,
+        open_node(
+            NodeConfig(bootstrap=(relay.addrs[0],), relay=consumer), key_pair=create_new_key_pair()
+        ) as me,
+    ):
+        yield provider, me
+
+
+async def test_an_upgrade_lets_a_running_stream_finish_on_the_relay_and_moves_the_session() -> None:
+    async with (
+        _relayed_pair(relaylib.Config(hole_punch=False)) as (provider, me),
+        trio.open_nursery() as nursery,
+    ):
+        assert provider.provider is not None
+        streaming = trio.Event()
+        direct = trio.Event()
+        parts: list[str] = []
+        on_relay: list[list[str]] = []
+        upgraded: list[bool] = []
+
+        async def deliver(text: str, _tokens: int) -> None:
+            if not streaming.is_set():
+                on_relay.append(_kinds(me, provider.peer_id))
+                streaming.set()
+                # Hold the stream open until the direct connection exists.
+                await direct.wait()
+            parts.append(text)
+
+        async def upgrade() -> None:
+            await streaming.wait()
+            upgraded.append(
+                await me.relay.upgrade(ID.from_base58(provider.peer_id), own=OWN_PROTOCOLS)
+            )
+
+        with trio.fail_after(BOUND_S):
+            await _offer_through_relay(me, provider)
+            nursery.start_soon(upgrade)
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(me.generate, SYNTHETIC, deliver)
+                await streaming.wait()
+                while "direct" not in _kinds(me, provider.peer_id):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+                # Both connections live: the relayed one still carries the stream.
+                assert _kinds(me, provider.peer_id) == ["direct", "relayed"]
+                direct.set()
+            while not upgraded:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert on_relay == [["relayed"]]
+        assert "".join(parts) == WORD * SYNTHETIC.params.max_tokens
+        assert upgraded == [True]
+        # The relayed connection was closed once the stream was done; the
+        # session goes on over the direct one.
+        assert _kinds(me, provider.peer_id) == ["direct"]
+        assert sum(me.relay.upgrades.values()) == 1
+        sessions = provider.provider.stats["sessions"]
+        again = await me.generate(SYNTHETIC, _ignore)
+        assert again.completion_tokens == SYNTHETIC.params.max_tokens
+        assert provider.provider.stats["sessions"] == sessions == 1
+        status = me.status_info()
+        assert (status.relayed_connections, status.upgraded_connections) == (0, 1)
+
+
+async def test_a_peer_that_cannot_punch_is_still_served_through_the_relay() -> None:
+    async with _relayed_pair(relaylib.Config(hole_punch_timeout_s=5.0)) as (provider, me):
+        # An implementation without DCUtR: the exchange cannot even start.
+        provider.host.remove_stream_handler(DCUTR_PROTOCOL_ID)
+        with trio.fail_after(BOUND_S):
+            await _offer_through_relay(me, provider)
+            first = await me.generate(SYNTHETIC, _ignore)
+            while not me.relay.upgrades["failed"]:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            second = await me.generate(SYNTHETIC, _ignore)
+        assert first.completion_tokens == second.completion_tokens == 20_000
+        assert _kinds(me, provider.peer_id) == ["relayed"]
+        assert me.relay.upgrades == {"failed": 1}
+        assert me.status_info().relayed_connections == 1
+
+
+async def test_reservations_are_renewed_before_they_expire() -> None:
+    # py-libp2p renews 30 s before expiry: a 33 s reservation is renewed after ~3 s.
+    service = relaylib.Config(service=True, reservation_ttl_s=33)
+    async with (
+        open_node(NodeConfig(relay=service), key_pair=create_new_key_pair()) as relay,
+        open_node(_private(relay.addrs[0]), key_pair=create_new_key_pair()) as private,
+    ):
+        relay_id = ID.from_base58(relay.peer_id)
+        granted = private.relay.transport._reservations
+        with trio.fail_after(BOUND_S):
+            while relay_id not in granted:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            first = granted[relay_id]
+            while granted[relay_id] == first:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert granted[relay_id] > first
+        # The relay extended the same reservation: it still counts one.
+        held = relay.relay.protocol.resource_manager._reservations
+        assert list(held) == [ID.from_base58(private.peer_id)]
+        assert held[ID.from_base58(private.peer_id)].expires_at == granted[relay_id]
+
+
+async def _ignore(_text: str, _tokens: int) -> None:
+    return None

@@ -252,6 +252,9 @@ class Relay:
         try:
             with trio.move_on_after(self.cfg.hole_punch_timeout_s):
                 ok = await self._punch.initiate_hole_punch(peer)
+                # The peer's own dial may have made it even where ours had no
+                # address to try (py-libp2p then reports failure).
+                ok = ok or any(not is_relayed(c) for c in connections(self._host, peer))
                 if ok:
                     how = "direct" if self._punch.unilateral else "punched"
                     self.upgrades[how] += 1

@@ -150,7 +150,8 @@ async def open_simnet(
         while first < topology.peers:
             # The first node stands alone; waves then grow as the net does.
             size = 1 if first == 0 else min(topology.wave, len(net.nodes), topology.peers - first)
-            earlier = list(net.nodes)
+            # A bootstrap list names public nodes: nobody can dial a private one.
+            earlier = [n for n in net.nodes if n.config.reachability != "private"] or net.nodes
             configs = [
                 (
                     i in provider_at,

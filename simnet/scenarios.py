@@ -13,12 +13,14 @@ import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
+from libp2p.peer.id import ID
 
 from p2pnode.errors import P2PNodeError
+from p2pnode.inference.engine import Engine, Params, Request
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.protocols import offers
 from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet
@@ -208,7 +210,7 @@ async def market(
     """
     from p2pnode.chain.client import AsyncChain
     from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, open_embedded
-    from p2pnode.inference.engine import ChatMessage, Params, Request
+    from p2pnode.inference.engine import ChatMessage
     from p2pnode.inference.llamacpp import (
         BUNDLED_MODEL_ID,
         Config,
@@ -318,39 +320,66 @@ async def market(
 async def relay(
     topology: Topology,
     *,
-    rounds: int = 5,
+    rounds: int = 8,
+    model_tokens: int = 64,
     tokens: int = 20_000,
+    settle_s: float = 10.0,
     bound_s: float = 60.0,
 ) -> dict[str, Any]:
     """Private providers reachable only through a relay; relayed vs direct token streams.
 
     A public node outside the simnet offers the relay service; half the
     providers (rounded up) are private: they reserve on it and advertise only
-    their circuit address. Providers serve a synthetic engine (the stream is
-    what is measured, not a model). A consumer that knows providers only
-    from gossip streams ``tokens`` tokens from a private and a public provider
-    in turn, ``rounds`` times. Reports ``relayed_ok`` (requests that reached
-    a private provider), ``relayed_tokens_per_s_ratio`` (median of per-round
-    relayed ÷ direct), ``dcutr_upgrades`` (hole punching is not built yet: 0).
-    """
-    from dataclasses import replace as dc_replace
+    their circuit address. Providers serve the bundled model and a synthetic
+    engine. A consumer that knows providers only from gossip, with hole
+    punching off, asks a private and a public provider in turn, ``rounds``
+    times, for the same greedy ``model_tokens``-token completion:
+    ``relayed_ok`` (requests that reached a private provider) and
+    ``relayed_tokens_per_s_ratio`` (median of per-round relayed ÷ direct,
+    time to first token included, measured ``settle_s`` after start-up):
+    what a user of the relay gets. Then the
+    same with ``tokens`` synthetic tokens, which no model produces this fast:
+    ``relayed_capacity_ratio``, what the relayed path can carry at most when
+    every node of it shares this process's one core (each relayed byte is
+    sealed twice and crosses the relay).
 
+    A second consumer, with hole punching on, reaches every private provider
+    through the relay and upgrades: ``dcutr_upgrades`` (relayed connections
+    that became direct; ``dcutr_punched`` of them by the DCUtR exchange, the
+    rest by a plain dial; ``dcutr_failed``) and ``upgraded_capacity_ratio``
+    (synthetic streams afterwards ÷ direct). On loopback there is no NAT to
+    punch through: this exercises the exchange and the switch of streams, not
+    NAT behaviour (the namespace test does).
+    """
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from p2pnode.inference.engine import Params, Request
+    from p2pnode.inference import llamacpp
     from p2pnode.inference.synthetic import SyntheticEngine
     from p2pnode.p2p import relay as relaylib
     from p2pnode.p2p.node import open_node
 
     errors: list[str] = []
-    engine = SyntheticEngine()
     provider_at = topology.provider_indices()
     private_at = set(provider_at[: (len(provider_at) + 1) // 2])
-    request = Request(
+    synthetic = Request(
         model_id="synthetic", kind="completion", prompt="x", params=Params(max_tokens=tokens)
     )
+    model = Request(
+        model_id=llamacpp.BUNDLED_MODEL_ID,
+        kind="completion",
+        prompt="The history of the printing press",
+        params=Params(max_tokens=model_tokens, temperature=0.0),
+    )
+    # The last node that is not a provider measures the relay (no upgrade).
+    measuring_at = max(set(range(topology.peers)) - set(provider_at))
     relay_cfg = NodeConfig(relay=relaylib.Config(service=True), reachability="public")
-    async with open_node(relay_cfg, key_pair=create_new_key_pair()) as relay_node:
+    engine_cfg = llamacpp.Config(
+        model_path=llamacpp.bundled_model_path(), model_id=llamacpp.BUNDLED_MODEL_ID
+    )
+    async with (
+        llamacpp.open_llamacpp(engine_cfg) as engine,
+        open_node(relay_cfg, key_pair=create_new_key_pair()) as relay_node,
+    ):
 
         def config_for(index: int, is_provider: bool) -> NodeConfig:
             if index in private_at:
@@ -359,12 +388,16 @@ async def relay(
                     relay=relaylib.Config(relays=(relay_node.addrs[0],)),
                     relay_check_s=1.0,
                 )
+            if index == measuring_at:
+                return NodeConfig(relay=relaylib.Config(hole_punch=False))
             return NodeConfig()
 
-        async with open_simnet(topology, config_for, engines=[engine]) as (net, _nursery):
+        engines: list[Engine] = [engine, SyntheticEngine()]
+        async with open_simnet(topology, config_for, engines=engines) as (net, _nursery):
             private = [n for n in net.providers if n.config.relay.relays]
             public = [n for n in net.providers if n not in private]
-            consumer = net.consumers[-1]
+            consumer = next(n for n in net.consumers if not n.config.relay.hole_punch)
+            puncher = next(n for n in reversed(net.consumers) if n.config.relay.hole_punch)
 
             def offers_known() -> bool:
                 reserved = all(relaylib.is_circuit(n.addrs[0]) for n in private)
@@ -376,54 +409,182 @@ async def relay(
 
             if await wait_until(offers_known, bound_s) is None:
                 errors.append("the consumer never held every provider's current offer")
-            relayed_ok = 0
-            ratios: list[float] = []
-            rates: dict[str, list[float]] = {"relayed": [], "direct": []}
-
-            async def stream_from(node: Node) -> float:
-                start = time.perf_counter()
-                outcome = await consumer.generate(request, _ignore, only=(node.peer_id,))
-                return outcome.completion_tokens / (time.perf_counter() - start)
-
-            # Warm-up: connections (through the relay or not) and sessions are
-            # opened first, so that rounds time token streams only.
-            for node in net.providers:
-                try:
-                    await consumer.generate(
-                        dc_replace(request, params=Params(max_tokens=8)),
-                        _ignore,
-                        only=(node.peer_id,),
-                    )
-                except P2PNodeError as exc:
-                    errors.append(f"warm-up with {node.peer_id[-8:]}: {exc}")
-            for r in range(rounds):
-                if not private or not public:
-                    errors.append("need at least one private and one public provider")
-                    break
-                try:
-                    relayed = await stream_from(private[r % len(private)])
-                    relayed_ok += 1
-                    direct = await stream_from(public[r % len(public)])
-                except P2PNodeError as exc:
-                    errors.append(str(exc))
-                    continue
-                rates["relayed"].append(relayed)
-                rates["direct"].append(direct)
-                ratios.append(relayed / direct)
+            # Measure after the start-up storm (see ``market``).
+            await trio.sleep(settle_s)
+            if not private or not public:
+                errors.append("need at least one private and one public provider")
+                users = capacity = _Comparison()
+            else:
+                users = await _compare(consumer, private, public, model, rounds, errors)
+                capacity = await _compare(consumer, private, public, synthetic, rounds, errors)
+            upgraded = await _upgrade_all(puncher, private, public, synthetic, bound_s, errors)
+            upgrades = puncher.relay.upgrades
     return {
         "scenario": "relay",
         "peers": topology.peers,
         "providers": topology.providers,
         "private_providers": len(private_at),
-        "relayed_ok": relayed_ok,
+        "relayed_ok": users.relayed_ok + capacity.relayed_ok,
         "rounds": rounds,
-        "tokens_per_request": tokens,
-        "relayed_tokens_per_s": [round(x) for x in rates["relayed"]],
-        "direct_tokens_per_s": [round(x) for x in rates["direct"]],
-        "relayed_tokens_per_s_ratio": round(statistics.median(ratios), 3) if ratios else None,
-        "dcutr_upgrades": 0,
+        "model_tokens_per_request": model_tokens,
+        "relayed_tokens_per_s": [round(x, 1) for x in users.relayed],
+        "direct_tokens_per_s": [round(x, 1) for x in users.direct],
+        "relayed_tokens_per_s_ratio": users.ratio(),
+        "synthetic_tokens_per_request": tokens,
+        "relayed_capacity_tokens_per_s": [round(x) for x in capacity.relayed],
+        "direct_capacity_tokens_per_s": [round(x) for x in capacity.direct],
+        "relayed_capacity_ratio": capacity.ratio(),
+        "dcutr_upgrades": upgrades["direct"] + upgrades["punched"],
+        "dcutr_punched": upgrades["punched"],
+        "dcutr_failed": upgrades["failed"],
+        "upgraded_capacity_ratio": upgraded,
         "errors": errors,
     }
+
+
+@dataclass
+class _Comparison:
+    """Tokens/s of relayed and direct requests, round by round."""
+
+    relayed: list[float] = field(default_factory=list)
+    direct: list[float] = field(default_factory=list)
+    relayed_ok: int = 0
+
+    def ratio(self) -> float | None:
+        """Median of the per-round relayed ÷ direct ratios."""
+        ratios = [r / d for r, d in zip(self.relayed, self.direct, strict=True)]
+        return round(statistics.median(ratios), 3) if ratios else None
+
+
+async def _compare(
+    consumer: Node,
+    private: list[Node],
+    public: list[Node],
+    request: Request,
+    rounds: int,
+    errors: list[str],
+) -> _Comparison:
+    """Ask a private (relayed) and a public provider in turn, ``rounds`` times.
+
+    Each provider is asked once before the rounds, so that connections
+    (through the relay or not) and sessions are open and rounds time
+    generation and token streams only.
+    """
+    from p2pnode.p2p import relay as relaylib
+
+    out = _Comparison()
+
+    async def rate(node: Node) -> float:
+        if node in private:
+            await _through_relay(consumer, node)
+        start = time.perf_counter()
+        outcome = await consumer.generate(request, _ignore, only=(node.peer_id,))
+        return outcome.completion_tokens / (time.perf_counter() - start)
+
+    small = replace(request, params=replace(request.params, max_tokens=4))
+    for node in private + public:
+        try:
+            if node in private:
+                await _through_relay(consumer, node)
+            await consumer.generate(small, _ignore, only=(node.peer_id,))
+        except P2PNodeError as exc:
+            errors.append(f"warm-up with {node.peer_id[-8:]}: {exc}")
+    for r in range(rounds):
+        target = private[r % len(private)]
+        try:
+            # Alternate which goes first: a load that fades during the run
+            # would otherwise always weigh on the same side.
+            if r % 2 == 0:
+                relayed = await rate(target)
+                direct = await rate(public[r % len(public)])
+            else:
+                direct = await rate(public[r % len(public)])
+                relayed = await rate(target)
+            out.relayed_ok += 1
+        except P2PNodeError as exc:
+            errors.append(f"{request.model_id} round {r}: {exc}")
+            continue
+        held = relaylib.connections(consumer.host, ID.from_base58(target.peer_id))
+        if not all(relaylib.is_relayed(c) for c in held):
+            errors.append(f"{request.model_id} round {r}: a direct connection appeared")
+            continue
+        out.relayed.append(relayed)
+        out.direct.append(direct)
+    return out
+
+
+async def _through_relay(node: Node, private: Node, *, dial: bool = True) -> None:
+    """Leave ``node`` connected to a private provider through the relay only.
+
+    On loopback a "private" node is dialable after all, and py-libp2p's
+    auto-connector and DHT walks dial whatever the peerstore holds; behind a
+    real NAT those dials fail. Closing them, and dialling through the relay
+    if no relayed connection is left, makes the next stream take the relay,
+    as it would there, with its connection already up (as a direct one is).
+    """
+    from p2pnode.p2p import relay as relaylib
+
+    peer = ID.from_base58(private.peer_id)
+    for conn in relaylib.connections(node.host, peer):
+        if not relaylib.is_relayed(conn):
+            await conn.close()
+    if dial and not relaylib.connections(node.host, peer):
+        await node.relay.dial(private.addrs[0])
+
+
+async def _upgrade_all(
+    puncher: Node,
+    private: list[Node],
+    public: list[Node],
+    request: Request,
+    bound_s: float,
+    errors: list[str],
+) -> float | None:
+    """Reach every private provider through the relay, wait for the upgrades, then measure.
+
+    Returns the median of (a stream from a private provider after the
+    upgrade ÷ one from a public provider), or None if nothing was measured.
+    """
+    from p2pnode.p2p import relay as relaylib
+
+    small = replace(request, params=Params(max_tokens=8))
+    for node in private + public:
+        if node in private:
+            # Without a connection, its own next stream dials the relay and
+            # starts the upgrade.
+            await _through_relay(puncher, node, dial=False)
+        try:
+            await puncher.generate(small, _ignore, only=(node.peer_id,))
+        except P2PNodeError as exc:
+            kind = "private" if node in private else "public"
+            errors.append(f"hole-punch warm-up with {kind} {node.peer_id[-8:]}: {exc}")
+
+    def direct_only(node: Node) -> bool:
+        held = relaylib.connections(puncher.host, ID.from_base58(node.peer_id))
+        return bool(held) and not any(relaylib.is_relayed(c) for c in held)
+
+    def settled() -> bool:
+        # Upgraded and the relayed connection retired, or given up.
+        done = sum(direct_only(n) for n in private)
+        return done + puncher.relay.upgrades["failed"] >= len(private)
+
+    if await wait_until(settled, bound_s) is None:
+        errors.append(f"upgrades did not settle: {dict(puncher.relay.upgrades)}")
+    ratios = []
+    for i, node in enumerate(private):
+        if not direct_only(node):
+            continue  # not upgraded: nothing to compare
+        try:
+            start = time.perf_counter()
+            after = await puncher.generate(request, _ignore, only=(node.peer_id,))
+            after_rate = after.completion_tokens / (time.perf_counter() - start)
+            start = time.perf_counter()
+            other = public[i % len(public)]
+            direct = await puncher.generate(request, _ignore, only=(other.peer_id,))
+            ratios.append(after_rate / (direct.completion_tokens / (time.perf_counter() - start)))
+        except P2PNodeError as exc:
+            errors.append(f"after the upgrade: {exc}")
+    return round(statistics.median(ratios), 3) if ratios else None
 
 
 async def _ignore(_text: str, _tokens: int) -> None:

@@ -28,9 +28,15 @@ async def test_market_scenario_settles_every_session() -> None:
 async def test_relay_scenario_reaches_private_providers_through_the_relay() -> None:
     from p2pnode.simnet.scenarios import relay
 
-    report = await relay(Topology(peers=6, providers=2), rounds=2, tokens=2000)
+    report = await relay(
+        Topology(peers=6, providers=2), rounds=2, model_tokens=8, tokens=2000, settle_s=0
+    )
     assert report["errors"] == []
     assert report["private_providers"] == 1
-    assert report["relayed_ok"] == 2
+    assert report["relayed_ok"] == 4  # 2 model rounds, 2 synthetic ones
     assert len(report["relayed_tokens_per_s"]) == len(report["direct_tokens_per_s"]) == 2
     assert report["relayed_tokens_per_s_ratio"] > 0
+    assert report["relayed_capacity_ratio"] > 0
+    # The hole-punching consumer upgraded its one relayed connection.
+    assert (report["dcutr_upgrades"], report["dcutr_failed"]) == (1, 0)
+    assert report["upgraded_capacity_ratio"] > 0

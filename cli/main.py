@@ -398,6 +398,27 @@ def _serving(
     help="Relay service: reservations held at once.",
 )
 @option(
+    "--relay-max-circuits",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Relay service: relayed connections open at once.",
+)
+@option(
+    "--relay-circuit-seconds",
+    type=click.IntRange(1),
+    default=3600,
+    show_default=True,
+    help="Relay service: how long one relayed connection may last.",
+)
+@option(
+    "--relay-circuit-mib",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Relay service: MiB one relayed connection may carry (both ways).",
+)
+@option(
     "--no-hole-punch",
     is_flag=True,
     default=False,
@@ -423,6 +444,9 @@ def start(
     relay_service: bool,
     relays: tuple[str, ...],
     relay_max_reservations: int,
+    relay_max_circuits: int,
+    relay_circuit_seconds: int,
+    relay_circuit_mib: int,
     no_hole_punch: bool,
     wallet_password_file: Path | None,
     **serving_flags: Any,
@@ -479,6 +503,9 @@ def start(
                 service=relay_service,
                 relays=tuple(relays),
                 max_reservations=relay_max_reservations,
+                max_circuits=relay_max_circuits,
+                circuit_duration_s=relay_circuit_seconds,
+                circuit_bytes=relay_circuit_mib << 20,
                 hole_punch=not no_hole_punch,
             ),
         )
@@ -505,7 +532,11 @@ def start(
                 for addr in node.addrs:
                     click.echo(f"listening: {addr}")
                 if relay_service:
-                    click.echo(f"relay service: up to {relay_max_reservations} reservations")
+                    click.echo(
+                        f"relay service: up to {relay_max_reservations} reservations,"
+                        f" {relay_max_circuits} circuits of {relay_circuit_seconds} s"
+                        f" and {relay_circuit_mib} MiB each"
+                    )
                 for model in node.models:
                     click.echo(f"serving: {model.model_id}")
                 if shim_url is not None:

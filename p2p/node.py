@@ -397,7 +397,9 @@ class Node:
         offer = self.offer_book.get(str(peer_id))
         # Only relayed addresses on offer: the peer is private; go through its relay.
         private = offer is not None and all(relaylib.is_circuit(a) for a in offer.addrs)
-        if circuits and private and peer_id not in self.host.get_connected_peers():
+        # Live connections only: a circuit the relay cut (its limits) stays
+        # listed, closed, until the swarm notices.
+        if circuits and private and not relaylib.connections(self.host, peer_id):
             await self.relay.dial(circuits[0])
             if self.relay.cfg.hole_punch and self._nursery is not None:
                 # This stream goes through the relay now; later ones go direct

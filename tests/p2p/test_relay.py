@@ -11,7 +11,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 
-from p2pnode.errors import NetworkError
+from p2pnode.errors import NetworkError, NoProviderError
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
@@ -190,12 +190,13 @@ SYNTHETIC = Request(
 
 
 @asynccontextmanager
-async def _relayed_pair(consumer: relaylib.Config) -> AsyncIterator[tuple[Node, Node]]:
+async def _relayed_pair(
+    consumer: relaylib.Config, service: relaylib.Config | None = None
+) -> AsyncIterator[tuple[Node, Node]]:
     """A relay, a private provider of the synthetic engine, and a public consumer."""
+    service = service or relaylib.Config(service=True)
     async with (
-        open_node(
-            NodeConfig(relay=relaylib.Config(service=True)), key_pair=create_new_key_pair()
-        ) as relay,
+        open_node(NodeConfig(relay=service), key_pair=create_new_key_pair()) as relay,
         open_node(
             _private(relay.addrs[0]), key_pair=create_new_key_pair(), engines=[SyntheticEngine()]
         ) as provider,
@@ -279,6 +280,22 @@ async def test_a_peer_that_cannot_punch_is_still_served_through_the_relay() -> N
         assert _kinds(me, provider.peer_id) == ["relayed"]
         assert me.relay.upgrades == {"failed": 1}
         assert me.status_info().relayed_connections == 1
+
+
+async def test_the_relay_cuts_a_circuit_at_its_byte_limit() -> None:
+    service = relaylib.Config(service=True, circuit_bytes=32 << 10)
+    async with _relayed_pair(relaylib.Config(hole_punch=False), service) as (provider, me):
+        small = Request(
+            model_id="synthetic", kind="completion", prompt="x", params=Params(max_tokens=100)
+        )
+        with trio.fail_after(BOUND_S):
+            await _offer_through_relay(me, provider)
+            # 20,000 tokens are ~80 KiB: the relay resets the circuit at 32 KiB.
+            with pytest.raises(NoProviderError):
+                await me.generate(SYNTHETIC, _ignore)
+            # A new circuit has a budget of its own.
+            outcome = await me.generate(small, _ignore)
+        assert outcome.completion_tokens == 100
 
 
 async def test_reservations_are_renewed_before_they_expire() -> None:

@@ -180,6 +180,7 @@ class Discovery:
         self._changed = trio.Event()
         self.current_offer = b""  # signed body of the last offer published
         self._provided: set[str] = set()
+        self._provided_addrs: tuple[str, ...] = ()
         self._relaying = False
         self._provided_at_size = 0
         self._provided_at = -float("inf")
@@ -269,8 +270,11 @@ class Discovery:
         self.current_offer = offers.GOSSIP_CODEC.encode_body(offer)
         await self.pubsub.publish(offers.TOPIC, self.current_offer)
         new = {m.model_id for m in offer.models} - self._provided
-        if new or self._should_reprovide():
+        # New addresses (a private node's relayed ones) make the records stale.
+        moved = offer.addrs != self._provided_addrs
+        if new or moved or self._should_reprovide():
             self._provided |= new
+            self._provided_addrs = offer.addrs
             for model_id in sorted(self._provided):
                 await self._provide(model_id)
         return offer
@@ -301,7 +305,8 @@ class Discovery:
         own, slower, closest-peers walk first).
         """
         store = self.dht.provider_store
-        store.add_provider(key, PeerInfo(self.host.get_id(), self.host.get_addrs()))
+        addrs = self._advertised()
+        store.add_provider(key, PeerInfo(self.host.get_id(), addrs))
         store.providing_keys.add(key)
         self._provided_at_size = self.dht.get_routing_table_size()
         self._provided_at = trio.current_time()
@@ -310,8 +315,38 @@ class Discovery:
             _, closest = await self._walk(key, stop_when_found=False)
             async with trio.open_nursery() as nursery:
                 for peer in closest[:BUCKET_SIZE]:
-                    nursery.start_soon(store._send_add_provider, peer, key)
+                    nursery.start_soon(self._send_add_provider, peer, key, addrs)
         logger.debug("provided %s at %d peers", label, min(len(closest), BUCKET_SIZE))
+
+    def _advertised(self) -> list[Multiaddr]:
+        """The addresses this node gives out: its offer's (its relayed ones when private)."""
+        offer = self._own_offer()
+        if offer is not None and offer.addrs:
+            return [Multiaddr(a) for a in offer.addrs]
+        return list(self.host.get_addrs())
+
+    async def _send_add_provider(self, peer: ID, key: bytes, addrs: list[Multiaddr]) -> None:
+        """One ADD_PROVIDER (Kademlia spec), fire-and-forget as Kubo and py-libp2p send it.
+
+        py-libp2p's own sends ``host.get_addrs()``: for a private node, listen
+        addresses nobody can dial. This sends the ones the node advertises.
+        """
+        message = kad_pb.Message(type=kad_pb.Message.MessageType.ADD_PROVIDER, key=key)
+        envelope = env_to_send_in_RPC(self.host)[0]
+        message.senderRecord = envelope
+        provider = message.providerPeers.add()
+        provider.id = self.host.get_id().to_bytes()
+        provider.addrs.extend(a.to_bytes() for a in addrs)
+        provider.signedRecord = envelope
+        try:
+            stream = await self.host.new_stream(peer, [KAD_PROTOCOL_ID])
+            try:
+                await stream.write(encode_frame(message.SerializeToString()))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await close_quietly(stream)
+        except BaseLibp2pError as exc:
+            logger.debug("ADD_PROVIDER to %s failed: %s", short(peer), exc)
 
     def _should_reprovide(self) -> bool:
         # Records placed while the network was small sit at peers that are no

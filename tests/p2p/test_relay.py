@@ -10,11 +10,13 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
+from multiaddr import Multiaddr
 
 from p2pnode.errors import NetworkError, NoProviderError
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
+from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.node import OWN_PROTOCOLS, Node, NodeConfig, open_node
 
@@ -296,6 +298,43 @@ async def test_the_relay_cuts_a_circuit_at_its_byte_limit() -> None:
             # A new circuit has a budget of its own.
             outcome = await me.generate(small, _ignore)
         assert outcome.completion_tokens == 100
+
+
+async def test_a_private_provider_puts_its_relayed_address_in_the_dht(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[tuple[str, list[str]]] = []
+    send = discoverylib.Discovery._send_add_provider
+
+    async def recorded(
+        self: discoverylib.Discovery, peer: ID, key: bytes, addrs: list[Multiaddr]
+    ) -> None:
+        sent.append((self.peer_id, [str(a) for a in addrs]))
+        await send(self, peer, key, addrs)
+
+    monkeypatch.setattr(discoverylib.Discovery, "_send_add_provider", recorded)
+    async with (
+        open_node(
+            NodeConfig(relay=relaylib.Config(service=True)), key_pair=create_new_key_pair()
+        ) as relay,
+        open_node(
+            _private(relay.addrs[0]), key_pair=create_new_key_pair(), engines=[SyntheticEngine()]
+        ) as provider,
+    ):
+        assert relay.discovery is not None
+        circuit = f"{relay.addrs[0]}/p2p-circuit/p2p/{provider.peer_id}"
+        with trio.fail_after(BOUND_S):
+            # Its first record may still name its own address; once it has
+            # reserved, it places the record again with the relayed one.
+            while (provider.peer_id, [circuit]) not in sent:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            store = relay.discovery.dht.provider_store
+            while True:
+                held = store.get_providers(discoverylib.model_key("synthetic"))
+                mine = [p for p in held if str(p.peer_id) == provider.peer_id]
+                if mine and [str(a) for a in mine[0].addrs] == [circuit]:
+                    break
+                await trio.sleep(0.05)
 
 
 async def test_reservations_are_renewed_before_they_expire() -> None:

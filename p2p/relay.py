@@ -37,7 +37,7 @@ from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
@@ -102,6 +102,29 @@ def connections(host: IHost, peer: ID) -> list[INetConn]:
 
 # How much later than the peer the side that started the exchange dials.
 RESPONDER_HEAD_START_S = 0.5
+# py-libp2p keeps one connection per peer (max_connections_per_peer=1, trap in
+# host.py): when the direct one arrives it closes the older relayed one, streams
+# and all. Peers being upgraded are protected from that trim under this tag
+# until their relayed connection has been retired.
+UPGRADE_TAG = "p2pnode-upgrade"
+
+
+async def hold_until_direct_only(host: IHost, peer: ID, check_s: float) -> None:
+    """Keep ``peer`` protected from the swarm's trim until no relayed connection is left.
+
+    Also ends when no direct connection is left (the upgrade did not hold).
+    Unprotects on the way out, cancellation included.
+    """
+    network: Any = host.get_network()  # protect/unprotect are Swarm's, not INetwork's
+    network.protect(peer, UPGRADE_TAG)
+    try:
+        while True:
+            held = connections(host, peer)
+            if not any(is_relayed(c) for c in held) or all(is_relayed(c) for c in held):
+                return
+            await trio.sleep(check_s)
+    finally:
+        network.unprotect(peer, UPGRADE_TAG)
 
 
 class _HolePunch(DCUtRProtocol):
@@ -123,9 +146,26 @@ class _HolePunch(DCUtRProtocol):
     listener and ours is not needed.
     """
 
-    def __init__(self, host: IHost) -> None:
+    def __init__(self, host: IHost, check_s: float) -> None:
         super().__init__(host)
         self.unilateral = False
+        self._check_s = check_s
+        # Relay.run's nursery, for the protection that outlives an answer.
+        self.tasks: trio.Nursery | None = None
+
+    async def _handle_dcutr_stream(self, stream: INetStream) -> None:
+        """Answer a peer's hole punch, keeping our relayed connection to it until it retires it."""
+        peer = stream.muxed_conn.peer_id
+        network: Any = self.host.get_network()
+        network.protect(peer, UPGRADE_TAG)
+        try:
+            await super()._handle_dcutr_stream(stream)
+        finally:
+            network.unprotect(peer, UPGRADE_TAG)
+            if self.tasks is not None:
+                # The peer closes the relayed connection once its streams on it
+                # are done; until then, no trim.
+                self.tasks.start_soon(hold_until_direct_only, self.host, peer, self._check_s)
 
     async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
         self.unilateral = await super()._try_unilateral_upgrade(peer_id)
@@ -162,7 +202,7 @@ class Relay:
         # Upgrades of relayed connections: "direct" (a plain dial did it),
         # "punched" (DCUtR did it), "failed" (still relayed).
         self.upgrades: collections.Counter[str] = collections.Counter()
-        self._punch = _HolePunch(host)
+        self._punch = _HolePunch(host, cfg.retire_check_s)
         self._upgrading: set[ID] = set()
         host.set_stream_handler(TProtocol(PROTOCOL_ID), self.protocol._handle_hop_stream)
         host.set_stream_handler(TProtocol(STOP_PROTOCOL_ID), self.protocol._handle_stop_stream)
@@ -171,7 +211,8 @@ class Relay:
 
     async def run(self, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Run the protocol service until cancelled."""
-        async with background_trio_service(self.protocol):
+        async with background_trio_service(self.protocol), trio.open_nursery() as tasks:
+            self._punch.tasks = tasks
             task_status.started()
             await trio.sleep_forever()
 
@@ -241,30 +282,38 @@ class Relay:
 
         Returns whether a direct connection exists afterwards. On success the
         relayed connection is closed once it carries no stream whose protocol
-        is in ``own`` (streams already on it finish there first); on failure
-        it stays, and the node keeps using it. Bounded by
-        ``hole_punch_timeout_s``; a second call for a peer being upgraded
-        returns False at once.
+        is in ``own`` (streams already on it finish there first, so this
+        returns only then); on failure it stays, and the node keeps using it.
+        The punch is bounded by ``hole_punch_timeout_s``; a second call for a
+        peer being upgraded returns False at once.
         """
         if peer in self._upgrading:
             return False
         self._upgrading.add(peer)
+        network: Any = self._host.get_network()  # protect/unprotect: Swarm's, not INetwork's
+        network.protect(peer, UPGRADE_TAG)
         try:
+            ok = False
+            self._punch.unilateral = any(not is_relayed(c) for c in connections(self._host, peer))
             with trio.move_on_after(self.cfg.hole_punch_timeout_s):
+                # Returns at once if a direct connection is already there.
                 ok = await self._punch.initiate_hole_punch(peer)
-                # The peer's own dial may have made it even where ours had no
-                # address to try (py-libp2p then reports failure).
-                ok = ok or any(not is_relayed(c) for c in connections(self._host, peer))
-                if ok:
-                    how = "direct" if self._punch.unilateral else "punched"
-                    self.upgrades[how] += 1
-                    logger.info("connection to %s upgraded (%s)", short(peer), how)
-                    await self._retire_relayed(peer, own)
-                    return True
-            self.upgrades["failed"] += 1
-            logger.info("connection to %s stays relayed: hole punch failed", short(peer))
-            return False
+            # The peer's own dial may have made it even where ours had no
+            # address to try (py-libp2p then reports failure).
+            ok = ok or any(not is_relayed(c) for c in connections(self._host, peer))
+            if not ok:
+                self.upgrades["failed"] += 1
+                logger.info("connection to %s stays relayed: hole punch failed", short(peer))
+                return False
+            how = "direct" if self._punch.unilateral else "punched"
+            self.upgrades[how] += 1
+            logger.info("connection to %s upgraded (%s)", short(peer), how)
+            # Not bounded by the punch's timeout: a long generation may still
+            # be streaming over the relay.
+            await self._retire_relayed(peer, own)
+            return True
         finally:
+            network.unprotect(peer, UPGRADE_TAG)
             self._upgrading.discard(peer)
 
     async def _retire_relayed(self, peer: ID, own: frozenset[str]) -> None:

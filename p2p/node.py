@@ -334,7 +334,7 @@ class Node:
             relays=tuple(self.relay.reservations),
             direct_connections=kinds["direct"],
             relayed_connections=kinds["relayed"],
-            upgraded_connections=self.relay.upgrades["direct"] + self.relay.upgrades["punched"],
+            upgraded_connections=self.relay.upgraded,
         )
 
     def connected_peers(self) -> list[str]:

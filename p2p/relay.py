@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,29 +103,36 @@ def connections(host: IHost, peer: ID) -> list[INetConn]:
 
 # How much later than the peer the side that started the exchange dials.
 RESPONDER_HEAD_START_S = 0.5
-# py-libp2p keeps one connection per peer (max_connections_per_peer=1, trap in
-# host.py): when the direct one arrives it closes the older relayed one, streams
-# and all. Peers being upgraded are protected from that trim under this tag
-# until their relayed connection has been retired.
-UPGRADE_TAG = "p2pnode-upgrade"
+
+
+@contextmanager
+def protected(host: IHost, peer: ID, tag: str) -> Iterator[None]:
+    """Keep the swarm from trimming ``peer``'s connections while inside.
+
+    py-libp2p keeps one connection per peer (max_connections_per_peer=1, trap
+    in host.py): when a direct one arrives it closes the older relayed one,
+    streams and all. ``tag`` names who protects, so that one role's exit does
+    not lift another's protection of the same peer.
+    """
+    network: Any = host.get_network()  # protect/unprotect are Swarm's, not INetwork's
+    network.protect(peer, tag)
+    try:
+        yield
+    finally:
+        network.unprotect(peer, tag)
 
 
 async def hold_until_direct_only(host: IHost, peer: ID, check_s: float) -> None:
-    """Keep ``peer`` protected from the swarm's trim until no relayed connection is left.
+    """Keep ``peer`` protected until no relayed connection to it is left.
 
     Also ends when no direct connection is left (the upgrade did not hold).
-    Unprotects on the way out, cancellation included.
     """
-    network: Any = host.get_network()  # protect/unprotect are Swarm's, not INetwork's
-    network.protect(peer, UPGRADE_TAG)
-    try:
+    with protected(host, peer, "p2pnode-upgrade-answered"):
         while True:
             held = connections(host, peer)
             if not any(is_relayed(c) for c in held) or all(is_relayed(c) for c in held):
                 return
             await trio.sleep(check_s)
-    finally:
-        network.unprotect(peer, UPGRADE_TAG)
 
 
 class _HolePunch(DCUtRProtocol):
@@ -148,7 +156,8 @@ class _HolePunch(DCUtRProtocol):
 
     def __init__(self, host: IHost, check_s: float) -> None:
         super().__init__(host)
-        self.unilateral = False
+        # Peers whose last upgrade a plain dial made (step 0).
+        self.unilateral: set[ID] = set()
         self._check_s = check_s
         # Relay.run's nursery, for the protection that outlives an answer.
         self.tasks: trio.Nursery | None = None
@@ -156,20 +165,20 @@ class _HolePunch(DCUtRProtocol):
     async def _handle_dcutr_stream(self, stream: INetStream) -> None:
         """Answer a peer's hole punch, keeping our relayed connection to it until it retires it."""
         peer = stream.muxed_conn.peer_id
-        network: Any = self.host.get_network()
-        network.protect(peer, UPGRADE_TAG)
         try:
-            await super()._handle_dcutr_stream(stream)
+            with protected(self.host, peer, "p2pnode-upgrade-answering"):
+                await super()._handle_dcutr_stream(stream)
         finally:
-            network.unprotect(peer, UPGRADE_TAG)
             if self.tasks is not None:
                 # The peer closes the relayed connection once its streams on it
                 # are done; until then, no trim.
                 self.tasks.start_soon(hold_until_direct_only, self.host, peer, self._check_s)
 
     async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
-        self.unilateral = await super()._try_unilateral_upgrade(peer_id)
-        return self.unilateral
+        done = await super()._try_unilateral_upgrade(peer_id)
+        if done:
+            self.unilateral.add(peer_id)
+        return done
 
     async def _perform_hole_punch(
         self, peer_id: ID, addrs: list[multiaddr.Multiaddr], as_responder: bool = False
@@ -290,31 +299,40 @@ class Relay:
         if peer in self._upgrading:
             return False
         self._upgrading.add(peer)
-        network: Any = self._host.get_network()  # protect/unprotect: Swarm's, not INetwork's
-        network.protect(peer, UPGRADE_TAG)
         try:
-            ok = False
-            self._punch.unilateral = any(not is_relayed(c) for c in connections(self._host, peer))
-            with trio.move_on_after(self.cfg.hole_punch_timeout_s):
-                # Returns at once if a direct connection is already there.
-                ok = await self._punch.initiate_hole_punch(peer)
-            # The peer's own dial may have made it even where ours had no
-            # address to try (py-libp2p then reports failure).
-            ok = ok or any(not is_relayed(c) for c in connections(self._host, peer))
-            if not ok:
-                self.upgrades["failed"] += 1
-                logger.info("connection to %s stays relayed: hole punch failed", short(peer))
-                return False
-            how = "direct" if self._punch.unilateral else "punched"
-            self.upgrades[how] += 1
-            logger.info("connection to %s upgraded (%s)", short(peer), how)
-            # Not bounded by the punch's timeout: a long generation may still
-            # be streaming over the relay.
-            await self._retire_relayed(peer, own)
-            return True
+            with protected(self._host, peer, "p2pnode-upgrade"):
+                return await self._upgrade(peer, own)
         finally:
-            network.unprotect(peer, UPGRADE_TAG)
+            self._punch.unilateral.discard(peer)
             self._upgrading.discard(peer)
+
+    async def _upgrade(self, peer: ID, own: frozenset[str]) -> bool:
+        def direct() -> bool:
+            return any(not is_relayed(c) for c in connections(self._host, peer))
+
+        ok = False
+        already = direct()
+        with trio.move_on_after(self.cfg.hole_punch_timeout_s):
+            # Returns at once if a direct connection is already there.
+            ok = await self._punch.initiate_hole_punch(peer)
+        # The peer's own dial may have made it even where ours had no address
+        # to try (py-libp2p then reports failure).
+        if not (ok or direct()):
+            self.upgrades["failed"] += 1
+            logger.info("connection to %s stays relayed: hole punch failed", short(peer))
+            return False
+        how = "direct" if already or peer in self._punch.unilateral else "punched"
+        self.upgrades[how] += 1
+        logger.info("connection to %s upgraded (%s)", short(peer), how)
+        # Not bounded by the punch's timeout: a long generation may still be
+        # streaming over the relay.
+        await self._retire_relayed(peer, own)
+        return True
+
+    @property
+    def upgraded(self) -> int:
+        """Relayed connections this node made direct (by either way)."""
+        return self.upgrades["direct"] + self.upgrades["punched"]
 
     async def _retire_relayed(self, peer: ID, own: frozenset[str]) -> None:
         """Close the relayed connections to ``peer`` once none of our streams uses them.
@@ -324,9 +342,9 @@ class Relay:
         direct connection (see ``Discovery.reattach``).
         """
         while True:
-            relayed = [c for c in connections(self._host, peer) if is_relayed(c)]
-            direct = [c for c in connections(self._host, peer) if not is_relayed(c)]
-            if not relayed or not direct:
+            held = connections(self._host, peer)
+            relayed = [c for c in held if is_relayed(c)]
+            if not relayed or len(relayed) == len(held):
                 return
             busy = False
             for conn in relayed:

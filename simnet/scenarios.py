@@ -21,6 +21,7 @@ from libp2p.peer.id import ID
 
 from p2pnode.errors import P2PNodeError
 from p2pnode.inference.engine import Engine, Params, Request
+from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.protocols import offers
 from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet
@@ -334,7 +335,7 @@ async def relay(
     engine. A consumer that knows providers only from gossip, with hole
     punching off, asks a private and a public provider in turn, ``rounds``
     times, for the same greedy ``model_tokens``-token completion:
-    ``relayed_ok`` (requests that reached a private provider) and
+    ``relayed_ok`` (requests that reached a private provider, through the relay) and
     ``relayed_tokens_per_s_ratio`` (median of per-round relayed ÷ direct,
     time to first token included, measured ``settle_s`` after start-up):
     what a user of the relay gets. Then the
@@ -355,7 +356,6 @@ async def relay(
 
     from p2pnode.inference import llamacpp
     from p2pnode.inference.synthetic import SyntheticEngine
-    from p2pnode.p2p import relay as relaylib
     from p2pnode.p2p.node import open_node
 
     errors: list[str] = []
@@ -434,7 +434,7 @@ async def relay(
         "relayed_capacity_tokens_per_s": [round(x) for x in capacity.relayed],
         "direct_capacity_tokens_per_s": [round(x) for x in capacity.direct],
         "relayed_capacity_ratio": capacity.ratio(),
-        "dcutr_upgrades": upgrades["direct"] + upgrades["punched"],
+        "dcutr_upgrades": puncher.relay.upgraded,
         "dcutr_punched": upgrades["punched"],
         "dcutr_failed": upgrades["failed"],
         "upgraded_capacity_ratio": upgraded,
@@ -470,8 +470,6 @@ async def _compare(
     (through the relay or not) and sessions are open and rounds time
     generation and token streams only.
     """
-    from p2pnode.p2p import relay as relaylib
-
     out = _Comparison()
 
     async def rate(node: Node) -> float:
@@ -500,7 +498,6 @@ async def _compare(
             else:
                 direct = await rate(public[r % len(public)])
                 relayed = await rate(target)
-            out.relayed_ok += 1
         except P2PNodeError as exc:
             errors.append(f"{request.model_id} round {r}: {exc}")
             continue
@@ -508,6 +505,7 @@ async def _compare(
         if not all(relaylib.is_relayed(c) for c in held):
             errors.append(f"{request.model_id} round {r}: a direct connection appeared")
             continue
+        out.relayed_ok += 1
         out.relayed.append(relayed)
         out.direct.append(direct)
     return out
@@ -522,8 +520,6 @@ async def _through_relay(node: Node, private: Node, *, dial: bool = True) -> Non
     if no relayed connection is left, makes the next stream take the relay,
     as it would there, with its connection already up (as a direct one is).
     """
-    from p2pnode.p2p import relay as relaylib
-
     peer = ID.from_base58(private.peer_id)
     for conn in relaylib.connections(node.host, peer):
         if not relaylib.is_relayed(conn):
@@ -545,8 +541,6 @@ async def _upgrade_all(
     Returns the median of (a stream from a private provider after the
     upgrade ÷ one from a public provider), or None if nothing was measured.
     """
-    from p2pnode.p2p import relay as relaylib
-
     small = replace(request, params=Params(max_tokens=8))
     for node in private + public:
         if node in private:

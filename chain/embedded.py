@@ -40,7 +40,11 @@ class Embedded:
 
     def time_travel(self, seconds: int) -> None:
         """Move the chain's clock forward (mines a block at the new time)."""
-        now = int(self.tester.get_block_by_number("latest")["timestamp"])
+        # From the pending block: its timestamp follows the wall clock and may
+        # already be past the latest block's, and eth-tester refuses to travel
+        # back (a one-second travel failed so in a clean-clone run).
+        block = self.tester.get_block_by_number
+        now = max(int(block(tag)["timestamp"]) for tag in ("latest", "pending"))
         self.tester.time_travel(now + seconds)
 
 

@@ -42,6 +42,9 @@ class ErrorCode(enum.IntEnum):
     RATE_LIMITED = 11  # this peer sent too many requests: slow down
     UNKNOWN_SESSION = 12  # no such session here (expired, or never opened)
     NOT_ALLOWED = 13  # the provider does not serve this peer or wallet
+    # A stream id its session already used (or too old to tell): a replayed
+    # request, or a consumer reusing a nonce. Open a new stream id.
+    REPLAYED = 14
 
 
 class P2PNodeError(Exception):

@@ -108,7 +108,8 @@ class OnChainBid:
     provider: str
     model: bytes
     price_per_s: int
-    live: bool
+    live: bool  # may open sessions: not withdrawn, and its provider's registration is current
+    gguf_sha256: str | None = None  # hex; the file its provider declared (None: no claim)
 
 
 class Chain:
@@ -149,10 +150,19 @@ class Chain:
         return str(p[0]), int(p[1]), int(p[2]), bool(p[3])
 
     def bid(self, bid_id: bytes) -> OnChainBid:
-        b = self.market.functions.getBid(bid_id).call()
-        return OnChainBid(bid_id, str(b[0]), bytes(b[1]), int(b[2]), bool(b[3]))
+        provider, model, gguf, price, _registration, live = self.market.functions.getBid(
+            bid_id
+        ).call()
+        return OnChainBid(
+            bid_id, str(provider), bytes(model), int(price), bool(live), _sha_hex(bytes(gguf))
+        )
+
+    def max_session_seconds(self) -> int:
+        """The longest session one stake may buy (a longer one reverts SessionTooLong)."""
+        return int(self.market.functions.MAX_SESSION_SECONDS().call())
 
     def live_bid(self, provider: str, model_id: str) -> bytes | None:
+        """The provider's live bid for the model (None: none, or its registration ended)."""
         bid_id = bytes(
             self.market.functions.liveBid(to_checksum_address(provider), model_key(model_id)).call()
         )
@@ -189,6 +199,20 @@ class Chain:
             )
             found.extend(bytes(log["args"]["sessionId"]) for log in logs)
         return list(dict.fromkeys(found))
+
+    def closed_since(self, from_block: int) -> tuple[list[bytes], int]:
+        """Ids of sessions closed in blocks ``from_block``..latest, and the next block to ask.
+
+        One ``eth_getLogs`` for every session at once: how a provider learns
+        that a consumer closed early.
+        """
+        latest = int(self.w3.eth.block_number)
+        if latest < from_block:
+            return [], from_block
+        logs = self.market.events.SessionClosed().get_logs(
+            from_block=from_block, to_block=latest
+        )
+        return [bytes(log["args"]["sessionId"]) for log in logs], latest + 1
 
     # --- approvals -------------------------------------------------------------
 
@@ -306,16 +330,30 @@ class Chain:
         )
 
     def register_model(self, account: LocalAccount, model_id: str, gguf_sha256: str | None) -> Tx:
+        """Name the model if nobody has yet, and declare the GGUF file (sha256, hex; None:
+        no claim) that ``account`` serves it from. Its bids posted from now on carry it.
+
+        Anyone may, for any name, any number of times: the name gives no rights, and
+        a declaration is ``account``'s alone (see the Marketplace contract)."""
         sha = bytes.fromhex(gguf_sha256) if gguf_sha256 else bytes(32)
-        call = self.market.functions.registerModel(model_key(model_id), model_id, sha)
+        call = self.market.functions.registerModel(model_id, sha)
         return self.transact(account, call, "register model")
 
     def model_registered(self, model_id: str) -> bool:
-        owner = self.market.functions.getModel(model_key(model_id)).call()[2]
-        return int(owner, 16) != 0
+        """Whether anyone has named the model on chain (bids for it may be posted)."""
+        _name, registered_by = self.market.functions.getModel(model_key(model_id)).call()
+        return int(registered_by, 16) != 0
+
+    def declared_gguf(self, provider: str, model_id: str) -> str | None:
+        """The sha256 (hex) of the GGUF file ``provider`` declared for the model (None: none)."""
+        sha = self.market.functions.ggufOf(to_checksum_address(provider), model_key(model_id))
+        return _sha_hex(bytes(sha.call()))
 
     def post_bid(self, account: LocalAccount, model_id: str, price_per_s: int) -> Tx:
-        """Post or re-price; ``Tx.value`` is the bid id."""
+        """Post or re-price; ``Tx.value`` is the bid id.
+
+        The bid carries the GGUF file ``account`` declared for the model (``register_model``);
+        a declaration changed since the live bid was posted makes a new bid id."""
         call = self.market.functions.postBid(model_key(model_id), price_per_s)
         tx = self.transact(account, call, "post bid")
         (event,) = self.market.events.BidPosted().process_receipt(tx.value, errors=DISCARD)
@@ -402,11 +440,15 @@ def _error_table(abi: list[dict[str, Any]]) -> dict[str, tuple[str, list[str], l
     return table
 
 
+def _sha_hex(sha: bytes) -> str | None:
+    return sha.hex() if any(sha) else None
+
+
 def _show(value: Any) -> str:
     return "0x" + value.hex() if isinstance(value, bytes) else str(value)
 
 
-def _rpc_message(exc: ValueError) -> str:
+def _rpc_message(exc: BaseException) -> str:
     arg = exc.args[0] if exc.args else exc
     if isinstance(arg, dict) and "message" in arg:
         return str(arg["message"])
@@ -463,5 +505,34 @@ class AsyncChain:
         self._limiter = trio.CapacityLimiter(1)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` (a method of ``self.sync``) in a worker thread."""
-        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
+        """``fn(*args)`` (a method of ``self.sync``) in a worker thread.
+
+        The boundary with the chain: whatever the RPC node, the network or
+        the libraries under web3 raise arrives here as :class:`ChainError`
+        (a dropped connection, a timeout, a malformed answer), so that one
+        blip costs the call that met it, never the task that made it.
+        """
+        try:
+            return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
+        except ChainError:
+            raise
+        except _CHAIN_FAILURES as exc:
+            raise ChainError(f"chain unavailable: {_rpc_text(exc)}") from exc
+        except Exception as exc:
+            # A chain answer our code could not handle: most likely a node
+            # that lies or a library we do not know well enough, possibly
+            # our bug. Loud, but it stays a failed chain call.
+            logger.exception("unexpected failure of a chain call %s", getattr(fn, "__name__", fn))
+            raise ChainError(f"chain call failed: {type(exc).__name__}") from exc
+
+
+# requests' errors are OSErrors; web3 raises its own family, and JSON-RPC
+# error answers arrive as ValueError (web3 7+) or its subclasses.
+_CHAIN_FAILURES = (OSError, TimeoutError, ValueError, Web3Exception, TransactionFailed)
+
+
+def _rpc_text(exc: BaseException) -> str:
+    """A short, single-line account of a chain failure."""
+    text = _rpc_message(exc) if isinstance(exc, ValueError) else str(exc)
+    text = " ".join(text.split())
+    return text[:200] or type(exc).__name__

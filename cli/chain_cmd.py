@@ -211,7 +211,7 @@ def provider_deregister(
 
 @main.group()
 def model() -> None:
-    """The model registry on chain."""
+    """Model names on chain, and the GGUF file this provider serves each from."""
 
 
 @model.command("register")
@@ -223,7 +223,9 @@ def model_register(
     model_id: str, gguf: Path | None, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
 ) -> None:  # fmt: skip
-    """Register MODEL_ID (with the GGUF file's sha256; default: the bundled model's)."""
+    """Register MODEL_ID and declare the GGUF file this wallet serves it from (its sha256;
+    default: the bundled model's). Bids posted from now on carry it. A name already
+    registered by someone else is fine: the declaration is this wallet's own."""
     from p2pnode.inference import llamacpp
 
     def run() -> None:
@@ -232,6 +234,7 @@ def model_register(
         sha = llamacpp.file_sha256(path)
         account = wallet_account(wallet_password_file)
         _send(f"register model {model_id}", chain.register_model, account, model_id, sha)
+        click.echo(f"model {model_id}: {account.address} serves GGUF sha256 {sha}")
 
     _guard(run)
 
@@ -250,11 +253,14 @@ def bid_post(
     model_id: str, price: int, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
 ) -> None:  # fmt: skip
-    """Post (or re-price, at no fee) this provider's bid for MODEL_ID."""
+    """Post (or re-price, at no fee) this provider's bid for MODEL_ID, carrying the GGUF
+    file declared with 'p2pnode model register'."""
 
     def run() -> None:
         chain = open_chain(chain_url, deployment)
         account = wallet_account(wallet_password_file)
+        if chain.declared_gguf(account.address, model_id) is None:
+            click.echo(f"note: no GGUF declared for {model_id} (p2pnode model register)", err=True)
         tx = _send(f"post bid on {model_id}", chain.post_bid, account, model_id, price)
         click.echo(f"bid {tx.value.hex()} at {price}/s")
 
@@ -296,7 +302,8 @@ def bid_list(as_json: bool, chain_url: str | None, deployment: Path | None) -> N
                 peer_id = chain.provider(b.provider)[0]
                 rows.append(
                     {"bid_id": bid_id.hex(), "provider": b.provider, "peer_id": peer_id,
-                     "model": b.model.hex(), "price_per_s": b.price_per_s}
+                     "model": b.model.hex(), "gguf_sha256": b.gguf_sha256,
+                     "price_per_s": b.price_per_s}
                 )  # fmt: skip
         if as_json:
             click.echo(json.dumps(rows))

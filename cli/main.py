@@ -108,6 +108,8 @@ def main(ctx: click.Context, home: Path, log_level: str) -> None:
     ctx.obj = home
     config_path = home / settings.CONFIG_FILE
     try:
+        # Before config.toml is read: a file another user can change is not ours to obey.
+        settings.check_home(home)
         ctx.default_map = settings.default_map_for(main, settings.load_config(home), config_path)
     except ConfigError as exc:
         _fail(exc)
@@ -149,9 +151,7 @@ def init(wallet_password_file: Path | None) -> None:
                     "--wallet-password-file, or run in a terminal"
                 )
             wallet = identity.create_wallet(home, password)
-        config = home / settings.CONFIG_FILE
-        if not config.exists():
-            config.write_text(settings.CONFIG_TEMPLATE)
+        settings.write_config_template(home)
     except P2PNodeError as exc:
         _fail(exc)
     click.echo(f"home:    {home}")
@@ -266,10 +266,7 @@ def _serving(
             raise ConfigError("--upstream-url needs at least one --upstream-model")
         key = None
         if upstream_key_file is not None:
-            try:
-                key = upstream_key_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read {upstream_key_file}: {exc.strerror}") from exc
+            key = settings.read_secret_file(upstream_key_file).strip()
         ups = (
             upstream.Config(
                 base_url=upstream_url, models=upstream_model, api_key=key, queue_limit=queue_limit
@@ -316,6 +313,19 @@ def _serving(
     default=None,
     metavar="HOST:PORT",
     help="Serve the OpenAI-compatible API here (e.g. 127.0.0.1:8080); key in $HOME/api_key.",
+)
+@option(
+    "--shim-allow-remote",
+    is_flag=True,
+    default=False,
+    help="Let --shim listen on a non-loopback address (logs a warning; plain HTTP).",
+)
+@option(
+    "--shim-max-in-flight",
+    type=click.IntRange(1, 10000),
+    default=32,
+    show_default=True,
+    help="Requests the OpenAI API handles at once; more get 429 with Retry-After.",
 )
 @option(
     "--allow",
@@ -395,21 +405,28 @@ def _serving(
     type=click.IntRange(1),
     default=16,
     show_default=True,
-    help="Relay service: reservations held at once.",
+    help="Relay service: reservations held at once (one per peer, while it stays connected).",
 )
 @option(
     "--relay-max-circuits",
     type=click.IntRange(1),
     default=32,
     show_default=True,
-    help="Relay service: relayed connections open at once.",
+    help="Relay service: relayed connections open at once, over all peers.",
+)
+@option(
+    "--relay-max-circuits-per-peer",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Relay service: relayed connections one peer takes part in at once (either end).",
 )
 @option(
     "--relay-circuit-seconds",
     type=click.IntRange(1),
     default=3600,
     show_default=True,
-    help="Relay service: how long one relayed connection may last.",
+    help="Relay service: how long one relayed connection may last (idle or not).",
 )
 @option(
     "--relay-circuit-mib",
@@ -417,6 +434,35 @@ def _serving(
     default=1024,
     show_default=True,
     help="Relay service: MiB one relayed connection may carry (both ways).",
+)
+@option(
+    "--relay-total-mib",
+    type=click.IntRange(1),
+    default=4096,
+    show_default=True,
+    help="Relay service: MiB relayed over all connections per --relay-total-seconds; once"
+    " spent, connections are cut and new ones refused until the window restarts.",
+)
+@option(
+    "--relay-total-seconds",
+    type=click.IntRange(1),
+    default=3600,
+    show_default=True,
+    help="Relay service: the window --relay-total-mib is counted over.",
+)
+@option(
+    "--dialback-per-minute",
+    type=click.IntRange(1),
+    default=60,
+    show_default=True,
+    help="Reachability checks (dial-backs) this node does for others per minute, overall.",
+)
+@option(
+    "--dialback-per-peer-per-minute",
+    type=click.IntRange(1),
+    default=6,
+    show_default=True,
+    help="Reachability checks (dial-backs) this node does per minute for one peer.",
 )
 @option(
     "--no-hole-punch",
@@ -432,6 +478,8 @@ def start(
     no_serve: bool,
     announce_model: tuple[str, ...],
     shim: str | None,
+    shim_allow_remote: bool,
+    shim_max_in_flight: int,
     allow: tuple[str, ...],
     rate_limit: int,
     chain_url: str | None,
@@ -447,6 +495,11 @@ def start(
     relay_max_circuits: int,
     relay_circuit_seconds: int,
     relay_circuit_mib: int,
+    relay_max_circuits_per_peer: int,
+    relay_total_mib: int,
+    relay_total_seconds: int,
+    dialback_per_minute: int,
+    dialback_per_peer_per_minute: int,
     no_hole_punch: bool,
     wallet_password_file: Path | None,
     **serving_flags: Any,
@@ -459,7 +512,7 @@ def start(
     from p2pnode.p2p import provider as providerlib
     from p2pnode.p2p import relay as relaylib
     from p2pnode.p2p.node import NodeConfig, open_node
-    from p2pnode.protocols import offers
+    from p2pnode.protocols import dialback, offers
 
     home = _home()
     try:
@@ -506,9 +559,21 @@ def start(
                 max_circuits=relay_max_circuits,
                 circuit_duration_s=relay_circuit_seconds,
                 circuit_bytes=relay_circuit_mib << 20,
+                max_circuits_per_peer=relay_max_circuits_per_peer,
+                total_bytes=relay_total_mib << 20,
+                total_window_s=relay_total_seconds,
                 hole_punch=not no_hole_punch,
             ),
+            dialback=dialback.Config(
+                requests_per_minute=dialback_per_minute,
+                requests_per_peer_per_minute=dialback_per_peer_per_minute,
+            ),
         )
+        shim_config = openai_api.Config(
+            max_in_flight=shim_max_in_flight, allow_remote=shim_allow_remote
+        )
+        if shim is not None:  # before anything starts: a refused address is a config error
+            openai_api.check_listen(shim, allow_remote=shim_allow_remote)
         api_key = identity.load_or_create_api_key(home) if shim else None
     except P2PNodeError as exc:
         _fail(exc)
@@ -522,7 +587,9 @@ def start(
             ):
                 shim_url = None
                 if shim is not None and api_key is not None:
-                    shim_url = await nursery.start(openai_api.serve, node, api_key, shim)
+                    shim_url = await nursery.start(
+                        openai_api.serve, node, api_key, shim, shim_config
+                    )
                 # The file first, then the line: whoever waits on either sees both.
                 if ready_file is not None:
                     ready = {"peer_id": node.peer_id, "addrs": node.addrs, "shim_url": shim_url}
@@ -534,8 +601,9 @@ def start(
                 if relay_service:
                     click.echo(
                         f"relay service: up to {relay_max_reservations} reservations,"
-                        f" {relay_max_circuits} circuits of {relay_circuit_seconds} s"
-                        f" and {relay_circuit_mib} MiB each"
+                        f" {relay_max_circuits} circuits ({relay_max_circuits_per_peer} per peer)"
+                        f" of {relay_circuit_seconds} s and {relay_circuit_mib} MiB each,"
+                        f" {relay_total_mib} MiB per {relay_total_seconds} s in all"
                     )
                 for model in node.models:
                     click.echo(f"serving: {model.model_id}")
@@ -745,9 +813,12 @@ def offers(model: str | None, as_json: bool) -> None:
     if not held:
         click.echo("no offers known" + (f" for {model}" if model else ""))
     for offer in held:
+        offences = ", ".join(f"{k} {n}" for k, n in sorted(offer["offences"].items()))
+        conduct = f"  score {offer['score']:g} ({offences})" if offences else ""
+        conduct += "  BANNED" if offer["banned"] else ""
         click.echo(
             f"{offer['peer_id']}  slots {offer['slots_free']} queue {offer['queue_len']}"
-            f"  age {offer['age_s']:.0f} s"
+            f"  age {offer['age_s']:.0f} s  served {offer['served']}{conduct}"
         )
         for m in offer["models"]:
             price = f"{m['price_per_s']}/s" if m["price_per_s"] else "free"

@@ -5,11 +5,18 @@ click already resolves a parameter from the command line, then its envvar, then
 fills ``default_map`` from ``$P2PNODE_HOME/config.toml`` and gives every option
 its ``P2PNODE_<NAME>`` variable. It is the only place that reads TOML or the
 environment (STYLE: nothing else does).
+
+It also checks, as ssh does with its own files, that nobody else can change
+what the node reads (the home directory, config.toml) or read its secrets
+(keys, the wallet, password files): see :func:`check_home` and
+:func:`read_secret_file`.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import stat
 import sys
 import tomllib
 from collections.abc import Callable
@@ -36,8 +43,91 @@ CONFIG_TEMPLATE = """\
 """
 
 
+# The files in the home directory that only their owner may read (the names
+# p2p/identity.py gives them).
+HOME_SECRETS = ("peer.key", "wallet.json", "api_key")
+
+
 def default_home() -> Path:
     return Path.home() / ".p2pnode"
+
+
+def check_home(home: Path) -> None:
+    """Refuse a home that another user could change, or whose secrets they could read.
+
+    The home directory and config.toml must be ours (or root's) and not
+    writable by group or others; the key, wallet and API key files must be
+    ours and accessible to nobody else. A missing home or file is fine (it
+    is created safely later). Raises ConfigError naming the file and the
+    command that fixes it.
+    """
+    try:
+        info = home.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot read {home}: {exc.strerror}") from exc
+    _check_mode(home, info, private=False)
+    for name, private in ((CONFIG_FILE, False), *((n, True) for n in HOME_SECRETS)):
+        path = home / name
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        _check_mode(path, info, private=private)
+
+
+def read_secret_file(path: Path) -> str:
+    """The text of a file holding a secret (a passphrase, an API key).
+
+    Refused, with the command that fixes it, if the file is not ours (or
+    root's) or if group or others may access it. The check is made on the
+    opened file, so the file cannot be swapped between check and read.
+    """
+    try:
+        with path.open("rb") as f:
+            _check_mode(path, os.fstat(f.fileno()), private=True)
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    return data.decode(errors="replace")
+
+
+def write_config_template(home: Path) -> None:
+    """Create ``home/config.toml`` from the template (mode 0600) unless it exists."""
+    path = home / CONFIG_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "w") as f:
+        f.write(CONFIG_TEMPLATE)
+
+
+def _check_mode(path: Path, info: os.stat_result, *, private: bool) -> None:
+    """Raise ConfigError if ``path`` (whose stat is ``info``) is unsafe (ssh's StrictModes)."""
+    me = os.geteuid()
+    quoted = shlex.quote(str(path))
+    if info.st_uid not in (me, 0):
+        raise ConfigError(
+            f"{path} is owned by another user (uid {info.st_uid}); "
+            f"run: chown {me} {quoted}, or use a home of your own"
+        )
+    mode = info.st_mode
+    if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path} is accessible by other users (mode {stat.filemode(mode)}); "
+            f"run: chmod 600 {quoted}"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{path} is writable by other users (mode {stat.filemode(mode)}); "
+            f"run: chmod go-w {quoted}"
+        )
 
 
 def option(*decls: str, **kwargs: Any) -> Callable[[Any], Any]:
@@ -89,13 +179,11 @@ def wallet_password(password_file: Path | None, *, confirm: bool, interactive: b
     """The wallet passphrase from a file, ``P2PNODE_WALLET_PASSWORD`` or a prompt.
 
     Returns None when there is no source and prompting is not allowed (or no
-    terminal is attached).
+    terminal is attached). Raises ConfigError for a file another user owns or
+    may read (see :func:`read_secret_file`).
     """
     if password_file is not None:
-        try:
-            return password_file.read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot read {password_file}: {exc.strerror}") from exc
+        return read_secret_file(password_file).rstrip("\r\n")
     from_env = os.environ.get(ENV_PREFIX + "WALLET_PASSWORD")
     if from_env:
         return from_env

@@ -5,11 +5,16 @@ API key talks to the network through its own node: ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions``, streamed as server-sent events with ``stream: true``.
 
-Two guards stand before every route. The bearer key (``$P2PNODE_HOME/api_key``)
+Three guards stand before every route. The bearer key (``$P2PNODE_HOME/api_key``)
 must match, and the Host header must name a loopback host: a web page the
 user visits can make the browser send requests to 127.0.0.1, but not with a
 Host of 127.0.0.1 unless it *is* that origin (DNS rebinding), so it cannot
-spend the user's stake or quota through the local port.
+spend the user's stake or quota through the local port. Then the request
+needs one of ``Config.max_in_flight`` slots (429 with Retry-After when none
+is free); it holds the slot until its answer is sent or the client leaves.
+A body is read as it arrives and refused (413) at the first chunk past
+``MAX_BODY``, whatever Content-Length says. The shim listens on loopback
+only, unless ``Config.allow_remote`` says otherwise.
 
 A generation runs inside the response, alongside a task that waits for the
 client to disconnect: a client that leaves cancels the generation, and with
@@ -26,11 +31,13 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -39,6 +46,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -63,6 +71,23 @@ MAX_BODY: Final = 1024 * 1024  # the infer protocol's prompt cap
 MAX_N: Final = 8
 DEFAULT_MAX_TOKENS: Final = 512
 ROLES: Final = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """What the shim lets its clients spend, and where it may listen."""
+
+    # Requests handled at once; more are answered 429 at once. Each holds at
+    # most MAX_BODY of body and one request on the network, so 32 bounds the
+    # buffered bodies to 32 MiB while staying above what one user's tools
+    # (agents, batch scripts) usually run in parallel.
+    max_in_flight: int = 32
+    # Seconds a refused client is told to wait; the official OpenAI clients
+    # honour Retry-After when they retry a 429.
+    retry_after_s: int = 1
+    # Listening beyond loopback puts the key check and plain HTTP on the
+    # network: refused unless the user asks for it.
+    allow_remote: bool = False
 
 
 class Finished(Protocol):
@@ -108,13 +133,20 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+    async def send(self, send: Send) -> None:
+        """Answer with this error straight through ASGI (for the guards before the routes)."""
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await _send_json(send, self.status, self.body, headers)
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -247,7 +279,11 @@ def _number(value: object, name: str, low: float, high: float) -> float:
 
 
 class _Generation(Response):
-    """Runs a job while the client stays; answers as JSON or as server-sent events."""
+    """Runs a job while the client stays; answers as JSON or as server-sent events.
+
+    The model look-up (which may ask the network) runs under the same watch
+    as the generation: a client that leaves during either frees its slot.
+    """
 
     def __init__(self, backend: Backend, job: Job) -> None:
         super().__init__()
@@ -261,7 +297,10 @@ class _Generation(Response):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
             try:
-                await self._run(send)
+                if await self._backend.has_model(self._job.request.model_id):
+                    await self._run(send)
+                else:
+                    await self._fail(send, _not_found(self._job.request.model_id))
             except (NetworkError, EngineError) as exc:
                 logger.info("request %s failed: %s", self._id, exc)
                 await self._fail(send, _api_error_of(exc))
@@ -385,7 +424,9 @@ class _Generation(Response):
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     data = json.dumps(body, separators=(",", ":")).encode()
     await send(
         {
@@ -394,21 +435,73 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(data)).encode()),
+                *(headers or []),
             ],
         }
     )
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
+class _NoAnswer(Response):
+    """For a client that has left: there is nobody to answer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return
+
+
+async def _read_body(request: HttpRequest) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``MAX_BODY``.
+
+    A declared length over the cap is refused before reading. Otherwise the
+    body is read as it arrives and the first chunk past the cap ends it: no
+    Content-Length (chunked) or a lying one cannot make the shim buffer more
+    than the cap and one chunk. Raises ClientDisconnect if the client leaves.
+    """
+    if _declares_over(request.headers.get("content-length", ""), MAX_BODY):
+        raise _too_large()
+    body = bytearray()
+    async with aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise _too_large()
+    return bytes(body)
+
+
+def _declares_over(value: str, limit: int) -> bool:
+    """Whether a Content-Length value names more than ``limit`` bytes."""
+    digits = value.strip().lstrip("0")
+    if not (digits.isascii() and digits.isdigit()):
+        return False
+    # Compare lengths first: int() refuses strings of over 4300 digits.
+    return len(digits) > len(str(limit)) or int(digits) > limit
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"request body over {MAX_BODY} bytes", code="request_too_large")
+
+
 # --- the app -------------------------------------------------------------------
 
 
 class _Guard:
-    """ASGI middleware: loopback Host header and the bearer key, before any route."""
+    """ASGI middleware before any route: loopback Host header, the bearer key, a slot.
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], api_key: str):
+    A request holds its slot until the route returns: when its answer is
+    sent, or when the client has left (the routes stop on ``http.disconnect``).
+    Only requests that passed the key check can take a slot.
+    """
+
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        api_key: str,
+        config: Config,
+    ) -> None:
         self._app = app
         self._key = api_key.encode()
+        self._config = config
+        self._in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -429,7 +522,21 @@ class _Guard:
             error = ApiError(401, message, code="invalid_api_key")
             await _send_json(send, error.status, error.body)
             return
-        await self._app(scope, receive, send)
+        limit = self._config.max_in_flight
+        if self._in_flight >= limit:
+            await ApiError(
+                429,
+                f"this node is already handling {limit} requests; retry shortly",
+                type_="requests",
+                code="rate_limit_exceeded",
+                headers={"retry-after": str(self._config.retry_after_s)},
+            ).send(send)
+            return
+        self._in_flight += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
 
 
 def _host_name(host: str) -> str:
@@ -438,8 +545,10 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def create_app(backend: Backend, api_key: str) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The shim as an ASGI app, guarded by ``api_key`` and the loopback Host check."""
+def create_app(
+    backend: Backend, api_key: str, config: Config | None = None
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The shim as an ASGI app behind its guards: ``api_key``, a loopback Host, a slot."""
 
     async def list_models(_request: HttpRequest) -> JSONResponse:
         data = [_model_object(m, owner) for m, owner in backend.list_models()]
@@ -459,17 +568,16 @@ def create_app(backend: Backend, api_key: str) -> Callable[[Scope, Receive, Send
         return await _complete(request, "completion")
 
     async def _complete(request: HttpRequest, kind: Literal["chat", "completion"]) -> Response:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        try:
+            raw = await _read_body(request)
+        except ClientDisconnect:
+            logger.info("client left while sending its request")
+            return _NoAnswer()
         try:
             body = json.loads(raw)
         except ValueError as exc:
             raise _bad(f"the body is not valid JSON: {exc}") from exc
-        job = parse_job(kind, body)
-        if not await backend.has_model(job.request.model_id):
-            raise _not_found(job.request.model_id)
-        return _Generation(backend, job)
+        return _Generation(backend, parse_job(kind, body))
 
     async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -488,7 +596,7 @@ def create_app(backend: Backend, api_key: str) -> Callable[[Scope, Receive, Send
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
     )
-    return _Guard(app, api_key)
+    return _Guard(app, api_key, config or Config())
 
 
 def _not_found(model_id: str) -> ApiError:
@@ -508,27 +616,64 @@ async def serve(
     backend: Backend,
     api_key: str,
     listen: str,
+    config: Config | None = None,
     *,
     task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the shim on ``listen`` ("host:port") until cancelled.
 
     Reports its base URL (``http://host:port/v1``, the real port when 0 was
-    asked) through ``task_status``. Raises ConfigError if it cannot listen.
+    asked) through ``task_status``. Raises ConfigError if it cannot listen,
+    or if ``listen`` is not a loopback address and ``config.allow_remote`` is
+    not set; with it set, such an address is served after a logged warning.
+    """
+    config = config or Config()
+    if not check_listen(listen, allow_remote=config.allow_remote):
+        logger.warning(
+            "the OpenAI API listens on %s, beyond this machine: anyone who can reach it may "
+            "try the API key, over plain HTTP; clients must still send a loopback Host header "
+            "(use an SSH tunnel or a TLS proxy that sets it)",
+            listen,
+        )
+    hypercorn = HypercornConfig()
+    hypercorn.bind = [listen]
+    hypercorn.accesslog = None
+    hypercorn.errorlog = logging.getLogger("p2pnode.shim")
+    hypercorn.graceful_timeout = 1.0
+    app = create_app(backend, api_key, config)
+    try:
+        with single_errors_ungrouped():
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(functools.partial(hypercorn_serve, app, hypercorn))  # type: ignore[arg-type]
+                task_status.started(f"{binds[0]}/v1")
+    except OSError as exc:
+        raise ConfigError(f"cannot serve the shim on {listen}: {exc.strerror or exc}") from exc
+
+
+def check_listen(listen: str, *, allow_remote: bool) -> bool:
+    """Check a shim address ("host:port"); returns whether its host is loopback.
+
+    Raises ConfigError if it is malformed, or if the host is not loopback
+    (``0.0.0.0``, a LAN address, any name but ``localhost``) and
+    ``allow_remote`` is false: the shim spends the node's stake for whoever
+    holds the key, so it reaches beyond this machine only when asked to.
     """
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or not host:
         raise ConfigError(f"shim address must be host:port, got {listen!r}")
-    config = HypercornConfig()
-    config.bind = [listen]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("p2pnode.shim")
-    config.graceful_timeout = 1.0
-    app = create_app(backend, api_key)
+    loopback = _is_loopback(host)
+    if not loopback and not allow_remote:
+        raise ConfigError(
+            f"the OpenAI API address {listen} is reachable from other machines: listen on "
+            "127.0.0.1, or allow it explicitly with --shim-allow-remote"
+        )
+    return loopback
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        with single_errors_ungrouped():
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(functools.partial(hypercorn_serve, app, config))  # type: ignore[arg-type]
-                task_status.started(f"{binds[0]}/v1")
-    except OSError as exc:
-        raise ConfigError(f"cannot serve the shim on {listen}: {exc.strerror or exc}") from exc
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False  # a name we cannot vouch for

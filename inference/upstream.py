@@ -4,17 +4,24 @@ The provider's node streams from it with httpx (which runs on trio) and serves
 its models to the network. The URL and key stay in the provider's
 configuration: they never appear in offers, status answers or logs. Every
 failure of the upstream (unreachable, timeout, an error status, a malformed
-event) becomes an :class:`EngineError` with a readable message.
+event) becomes an :class:`EngineError` whose message a remote consumer may
+read: the provider sends ``str(exc)`` to the peer, so the message names only
+what went wrong in general terms (an HTTP status and its standard reason),
+never the upstream's own words. An error body can carry the server's URL,
+an echo of the key or its internals; it goes to this node's debug log,
+with key-like strings blotted out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from http import HTTPStatus
+from typing import Any, Final, cast
 
 import httpx
 import trio
@@ -24,6 +31,20 @@ from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usag
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
+
+# How much of an upstream's error body the debug log keeps, and how long it
+# is read for: enough to diagnose a refusal, never enough to stall a slot.
+ERROR_DETAIL_CHARS: Final = 300
+ERROR_BODY_READ_S: Final = 2.0
+# What a key looks like in an error text: "Bearer <token>", OpenAI-style
+# "sk-..." keys (also when an upstream masks their middle), key=/token=
+# pairs, and the user:password of a URL.
+_KEY_LIKE: Final = re.compile(
+    r"(?i)bearer\s+\S+"
+    r"|\bsk-[\w*.-]+"
+    r"|\b(?:api[_-]?key|key|token|secret|password)\b[\"']?\s*[:=]\s*[\"']?[^\s\"',}]+"
+    r"|(?<=://)[^/\s@]+(?=@)"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,24 +130,27 @@ class UpstreamEngine:
             try:
                 async with self._client.stream("POST", path, json=body) as response:
                     if response.status_code >= 400:
-                        detail = (await response.aread()).decode(errors="replace")[:300]
-                        raise EngineError(f"upstream answered {response.status_code}: {detail}")
+                        raise await self._refusal(response)
+                    failure: EngineError | None = None
                     # aclosing: under trio an abandoned async generator must be
                     # closed explicitly, or it lingers until garbage collection.
                     async with aclosing(_sse_events(response)) as events:
                         async for event in events:
-                            choices = event.get("choices") or []
-                            if event.get("usage"):
-                                usage = event["usage"]
-                            if not choices:
+                            if failure is not None:
+                                continue  # read to the end, as _sse_events does
+                            try:
+                                text, finished, counted_usage = _parse_event(event)
+                            except EngineError as exc:
+                                failure = exc
                                 continue
-                            choice = choices[0]
-                            text = _text_of(choice)
+                            usage = counted_usage or usage
                             if text:
                                 produced += 1
                                 await send.send(Chunk(text, 1))
-                            if choice.get("finish_reason"):
-                                finish = choice["finish_reason"]
+                            if finished is not None:
+                                finish = finished
+                    if failure is not None:
+                        raise failure
             except httpx.TimeoutException as exc:
                 raise EngineError("the upstream server did not answer in time") from exc
             except httpx.HTTPError as exc:
@@ -135,11 +159,19 @@ class UpstreamEngine:
                 ) from exc
             except trio.BrokenResourceError:
                 return  # the consumer left
-            counted = Usage(
-                prompt_tokens=int(usage["prompt_tokens"]) if usage else 0,
-                completion_tokens=int(usage["completion_tokens"]) if usage else produced,
-            )
-            await send.send(Chunk("", 0, finish, counted))
+            await send.send(Chunk("", 0, finish, usage or Usage(0, produced)))
+
+    async def _refusal(self, response: httpx.Response) -> EngineError:
+        """An error status as an EngineError fit for a remote peer; the body goes to the log."""
+        status = response.status_code
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "error"
+        if logger.isEnabledFor(logging.DEBUG):
+            detail = _redact(await _error_body(response), self.cfg.api_key)
+            logger.debug("upstream answered %d %s: %r", status, reason, detail)
+        return EngineError(f"upstream answered {status} ({reason})")
 
 
 def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
@@ -167,26 +199,75 @@ def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
     return "completions", body
 
 
-def _text_of(choice: dict[str, Any]) -> str:
+def _parse_event(event: dict[str, Any]) -> tuple[str, str | None, Usage | None]:
+    """(text, finish reason or None, usage or None) of one streamed event.
+
+    Raises EngineError for an event of the wrong shape. The finish reason is
+    one of ours ("stop" or "length"): the upstream's own word never travels on.
+    """
+    choices = event.get("choices") or []
+    raw_usage = event.get("usage")
+    usage = None
+    if raw_usage:
+        if not isinstance(raw_usage, dict):
+            raise EngineError("the upstream sent a malformed event")
+        usage = Usage(
+            prompt_tokens=_count(raw_usage.get("prompt_tokens")),
+            completion_tokens=_count(raw_usage.get("completion_tokens")),
+        )
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise EngineError("the upstream sent a malformed event")
+    if not choices:
+        return "", None, usage
+    choice = choices[0]
     delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return str(delta.get("content") or "")
-    return str(choice.get("text") or "")
+    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+    if text is not None and not isinstance(text, str):
+        raise EngineError("the upstream sent a malformed event")
+    reason = choice.get("finish_reason")
+    finish = None if not reason else "length" if reason == "length" else "stop"
+    return text or "", finish, usage
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise EngineError("the upstream sent a malformed usage count")
+    return value
+
+
+async def _error_body(response: httpx.Response) -> str:
+    """The start of an error body, for the log: read to its end (see _sse_events), briefly."""
+    kept = bytearray()
+    # httpx types aiter_bytes() as an iterator; it is an async generator.
+    chunks_gen = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+    with trio.move_on_after(ERROR_BODY_READ_S):
+        async with aclosing(chunks_gen) as chunks:
+            async for chunk in chunks:
+                kept += chunk[: ERROR_DETAIL_CHARS * 4 - len(kept)]
+    return kept.decode(errors="replace")[:ERROR_DETAIL_CHARS]
+
+
+def _redact(text: str, api_key: str | None) -> str:
+    """``text`` without our key or anything that looks like a key."""
+    if api_key:
+        text = text.replace(api_key, "[key]")
+    return _KEY_LIKE.sub("[redacted]", text)
 
 
 async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON events of a server-sent-event stream, until ``data: [DONE]``.
 
-    The stream is read to its end even after ``[DONE]``: httpx nests async
-    generators (lines, text, bytes, raw) and closes only the outermost, so
-    stopping early would leave the inner ones to the garbage collector.
+    The stream is read to its end even after ``[DONE]`` or a malformed event
+    (raised once the end is reached): httpx nests async generators (lines,
+    text, bytes, raw) and closes only the outermost, so stopping early would
+    leave the inner ones to the garbage collector.
     """
-    done = False
+    done = malformed = False
     # httpx types aiter_lines() as an iterator; it is an async generator.
     lines_gen = cast(AsyncGenerator[str, None], response.aiter_lines())
     async with aclosing(lines_gen) as lines:
         async for line in lines:
-            if done or not line.startswith("data:"):
+            if done or malformed or not line.startswith("data:"):
                 continue  # comments, event names, keep-alives, anything after [DONE]
             data = line[5:].strip()
             if data == "[DONE]":
@@ -194,10 +275,13 @@ async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any]
                 continue
             try:
                 event = json.loads(data)
-            except ValueError as exc:
-                raise EngineError("the upstream sent a malformed event") from exc
+            except ValueError:
+                malformed = True
+                continue
             if isinstance(event, dict):
                 yield event
+    if malformed:
+        raise EngineError("the upstream sent a malformed event")
 
 
 @asynccontextmanager

@@ -9,6 +9,13 @@ already holds, then price, then measured latency, load and speed:
 status call the first time, opens a session with it (or reuses one: several
 requests share a session, each on its own stream), and streams the request.
 
+Every peer is a stranger: a provider that refuses, fails, stalls, sends a
+frame that fails authentication, streams more than was asked, or takes a
+paid session without serving it has the offence recorded in the node's
+:class:`~p2pnode.p2p.reputation.Reputation`, and ranks behind every clean
+provider while it decays. What offers claim is bounded (the OfferBook) and
+checked against what this consumer measures (speed, tokens).
+
 Failover: a provider that fails before its first chunk is replaced by the
 next in rank. One that fails mid-stream is replaced by another that
 *continues* from the prompt plus the text already delivered (the engine
@@ -20,9 +27,9 @@ frame is a provider failure like any other: nothing of it is delivered.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -42,6 +49,7 @@ from p2pnode.inference import engine as enginelib
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ConsumerMarket
+from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
@@ -61,11 +69,23 @@ Deliver = Callable[[str, int], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    # Providers tried for one request before giving up.
+    # Providers that may fail one request (broken streams, silence, bad
+    # frames) before it is given up.
     max_attempts: int = 4
+    # Providers tried for one request at all: refusals are quick and cost
+    # little, so a few providers that refuse everything (Sybils) cannot use
+    # up a request before an honest one is tried.
+    max_providers: int = 12
     handshake_s: float = 10.0
-    # How long a failure counts against a provider in the ranking.
-    failure_memory_s: float = 300.0
+    # A provider may stream at most this many tokens more than asked for
+    # (batching and stop sequences round up), and this many bytes per token.
+    token_slack: int = 16
+    max_bytes_per_token: int = 256
+    # The whole answer must arrive within first_chunk_s plus this per token
+    # asked for: a provider cannot trickle one token per chunk gap forever.
+    max_s_per_token: float = 2.0
+    # Providers whose measured round trip and speed are remembered.
+    max_measured: int = 4096
     infer: infer_service.Config = field(default_factory=infer_service.Config)
 
 
@@ -82,44 +102,56 @@ class Outcome:
 
 @dataclass
 class PeerStats:
-    """What this consumer has seen of a provider."""
+    """What this consumer has measured of a provider (not what it claims)."""
 
     rtt_ms: float | None = None
-    failures: list[float] = field(default_factory=list)  # wall-clock times
+    tokens_per_s: float | None = None
 
-    def recent_failures(self, now: float, memory_s: float) -> int:
-        self.failures = [t for t in self.failures if now - t < memory_s]
-        return len(self.failures)
+    def measured_rtt(self, rtt_ms: float) -> None:
+        self.rtt_ms = rtt_ms if self.rtt_ms is None else 0.7 * self.rtt_ms + 0.3 * rtt_ms
+
+    def measured_speed(self, tokens_per_s: float) -> None:
+        old = self.tokens_per_s
+        self.tokens_per_s = tokens_per_s if old is None else 0.7 * old + 0.3 * tokens_per_s
 
 
 def rank(
     offers: list[Offer],
     model_id: str,
-    stats: dict[str, PeerStats],
-    now: float,
-    memory_s: float,
+    stats: collections.abc.Mapping[str, PeerStats],
+    scores: collections.abc.Mapping[str, float],
     held: Collection[str] = (),
 ) -> list[Offer]:
-    """Best first: fewest recent failures, then a session already ``held``, then
-    cheapest, then quickest to answer.
+    """Best first: lowest misbehaviour score, then a session already ``held``,
+    then cheapest, then quickest to answer.
 
     A held session comes before price: moving to another provider costs a
     handshake, and in paid mode an on-chain open and a second stake. "Quickest"
     adds the measured round trip (50 ms if unknown), an expected queueing
-    delay when no slot is free, and the time per token.
+    delay when no slot is free, and the time per token. Speed is what this
+    consumer measured; a provider not yet measured is taken at its word only
+    up to the fastest speed measured of any provider (a claim is not a
+    measurement: Sybils claiming 10,000 tokens/s do not jump the queue).
     """
+    measured = [s.tokens_per_s for s in stats.values() if s.tokens_per_s]
+    ceiling = max(measured) if measured else None
 
-    def key(offer: Offer) -> tuple[int, bool, int, float]:
+    def key(offer: Offer) -> tuple[float, bool, int, float, bool]:
         terms = offer.serves(model_id)
         assert terms is not None
-        seen = stats.get(offer.peer_id, PeerStats())
+        seen = stats.get(offer.peer_id) or PeerStats()
         wait_ms = seen.rtt_ms if seen.rtt_ms is not None else 50.0
         if offer.slots_free <= 0:
             wait_ms += 500.0 * (offer.queue_len + 1)
-        if terms.tokens_per_s > 0:
-            wait_ms += 1000.0 / terms.tokens_per_s
+        speed = seen.tokens_per_s
+        if speed is None and terms.tokens_per_s > 0:
+            speed = min(terms.tokens_per_s, ceiling) if ceiling else terms.tokens_per_s
+        if speed:
+            wait_ms += 1000.0 / speed
         fresh = offer.peer_id not in held
-        return (seen.recent_failures(now, memory_s), fresh, terms.price_per_s, wait_ms)
+        # On a tie, the provider we have measured goes first.
+        unmeasured = seen.tokens_per_s is None
+        return (scores.get(offer.peer_id, 0.0), fresh, terms.price_per_s, wait_ms, unmeasured)
 
     return sorted((o for o in offers if o.serves(model_id) is not None), key=key)
 
@@ -142,12 +174,20 @@ class _Session:
 class Consumer:
     """Runs requests for local callers through the network."""
 
-    def __init__(self, node: Node, cfg: Config, market: ConsumerMarket | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        cfg: Config,
+        reputation: Reputation,
+        market: ConsumerMarket | None = None,
+    ) -> None:
         self._node = node
         self.cfg = cfg
         # Chain mode: only offers with a bid, sessions paid from our stake.
         self.market = market
-        self.stats: dict[str, PeerStats] = {}
+        self.reputation = reputation
+        # Measured round trips and speeds, least recently used forgotten first.
+        self.stats: collections.OrderedDict[str, PeerStats] = collections.OrderedDict()
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._opening: dict[tuple[str, str], trio.Lock] = {}
         self._request_ids = itertools.count(1)
@@ -159,8 +199,11 @@ class Consumer:
             "failovers": 0,
             "sessions_opened": 0,
             "provider_failures": 0,
+            "provider_refusals": 0,
             "auth_failures": 0,
             "bad_receipts": 0,
+            "broken_promises": 0,
+            "paid_not_served": 0,
         }
 
     async def generate(
@@ -196,10 +239,11 @@ class Consumer:
             await deliver(chunk.text, chunk.tokens)
 
         tried: set[str] = set()
-        failovers = 0
-        limited = 0
+        failures = failovers = limited = 0
+        # A paid session that ended under us may be reopened once per request.
+        reopened: set[str] = set()
         last_error = "no provider offers this model"
-        for _attempt in range(self.cfg.max_attempts):
+        while failures < self.cfg.max_attempts and len(tried) < self.cfg.max_providers:
             left = request.params.max_tokens - produced
             if left <= 0:  # the failed provider had already used the whole budget
                 return Outcome("length", 0, produced, "", failovers)
@@ -217,32 +261,41 @@ class Consumer:
             before = produced
             try:
                 done = await self._request_on(peer, wire, on_chunk)
+            except SpendLimitError:
+                raise
             except infer_service.Refused as exc:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == ErrorCode.RATE_LIMITED:
                     limited += 1
-                elif exc.code != ErrorCode.BUSY:
-                    self._failed(peer, exc)
+                elif exc.code == ErrorCode.UNKNOWN_SESSION and peer not in reopened:
+                    # Its paid time ran out mid-answer (or it restarted): a new
+                    # session with the same provider continues the answer.
+                    reopened.add(peer)
+                    tried.discard(peer)
+                    await self._drop_session(peer, request.model_id)
+                else:
+                    failures += self._offence(peer, _offence_of_refusal(exc.code), exc)
                 continue
-            except SpendLimitError:
-                raise
-            except ChainError as exc:  # the on-chain open failed: no penalty for the provider
+            except ChainError as exc:  # the on-chain open failed: costs us gas, counts
                 last_error = f"{short(peer)}: {exc}"
-                logger.warning("paid session with %s not opened: %s", short(peer), exc)
+                self._offence(peer, Offence.REFUSED, exc)
                 continue
             except session_service.Rejected as exc:
                 last_error = f"{short(peer)}: {exc}"
-                limited += exc.code == session.RejectCode.RATE_LIMITED
+                if exc.code == session.RejectCode.RATE_LIMITED:
+                    limited += 1
+                else:
+                    self._offence(peer, _offence_of_rejection(exc.code), exc)
                 continue
             except RemoteProtocolError as exc:
-                self.counters["auth_failures"] += "authentication" in str(exc)
                 last_error = f"{short(peer)}: {exc}"
-                self._failed(peer, exc)
+                failures += self._offence(peer, _offence_of_violation(exc), exc)
                 continue
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
-                self._failed(peer, exc)
+                failures += self._offence(peer, Offence.FAILED, exc)
                 continue
+            self.reputation.served(peer, trio.current_time())
             return Outcome(
                 done.finish_reason,
                 max(0, done.prompt_tokens - before),
@@ -255,12 +308,38 @@ class Consumer:
             rate_limited=limited > 0 and limited == len(tried),
         )
 
-    def _failed(self, peer: str, exc: Exception) -> None:
-        self.counters["provider_failures"] += 1
-        self.stats.setdefault(peer, PeerStats()).failures.append(time.time())
-        for key in [k for k in self._sessions if k[0] == peer]:
-            del self._sessions[key]
-        logger.warning("provider %s failed: %s", short(peer), exc)
+    def _offence(self, peer: str, offence: Offence, exc: Exception) -> int:
+        """Record what ``peer`` did; returns 1 if it counts as a failed attempt."""
+        score = self.reputation.record(peer, offence, trio.current_time())
+        failed = offence is not Offence.REFUSED
+        if offence is Offence.AUTH:
+            self.counters["auth_failures"] += 1
+        elif offence is Offence.BROKEN_PROMISE:
+            self.counters["broken_promises"] += 1
+        elif offence is Offence.PAID_NO_SERVICE:
+            self.counters["paid_not_served"] += 1
+        self.counters["provider_failures" if failed else "provider_refusals"] += 1
+        if failed:
+            for key in [k for k in self._sessions if k[0] == peer]:
+                del self._sessions[key]
+        logger.warning(
+            "provider %s: %s (%s; score %.1f)", short(peer), exc, offence.value, score
+        )
+        return int(failed)
+
+    async def _drop_session(self, peer: str, model_id: str) -> None:
+        held = self._sessions.pop((peer, model_id), None)
+        if held is not None and self.market is not None and held.session_id in self.market.open:
+            await self.market.close(held.session_id)
+
+    def _measured(self, peer: str) -> PeerStats:
+        seen = self.stats.get(peer)
+        if seen is None:
+            seen = self.stats[peer] = PeerStats()
+            while len(self.stats) > self.cfg.max_measured:
+                self.stats.popitem(last=False)
+        self.stats.move_to_end(peer)
+        return seen
 
     async def _candidates(self, model_id: str, tried: set[str]) -> list[Offer]:
         def fresh(offers: list[Offer]) -> list[Offer]:
@@ -272,89 +351,154 @@ class Consumer:
         if self.market is not None:
             market = self.market
             offers = [o for o in offers if market.terms(o, model_id) is not None]
+        now = trio.current_time()
+        banned = self.reputation.banned
+        offers = [o for o in offers if not banned(o.peer_id, now)]
+        scores = {o.peer_id: self.reputation.score(o.peer_id, now) for o in offers}
         held = {peer for peer, model in self._sessions if model == model_id}
-        return rank(offers, model_id, self.stats, time.time(), self.cfg.failure_memory_s, held)
+        return rank(offers, model_id, self.stats, scores, held)
 
     async def _request_on(
         self, peer: str, wire: Request, on_chunk: Callable[[Chunk], Awaitable[None]]
     ) -> Done:
+        guard = _ReplyGuard(wire.max_tokens, self.cfg, on_chunk)
         for reopen in (False, True):
             held = await self._session(peer, wire.model_id, reopen=reopen)
             stream = await self._node._open_stream(ID.from_base58(peer), infer.PROTOCOL_ID)
             machine = ConsumerMachine(
                 self.cfg.infer.max_frame, held.keys, held.session_id, held.next_stream()
             )
-            if self.market is not None:
-                self.market.used(held.session_id)
+            market = self.market
+            if market is not None:
+                market.begin(held.session_id)
             try:
-                return await infer_service.request(
-                    stream, machine, wire, on_chunk, self._acker(held), self.cfg.infer
-                )
+                with trio.fail_after(guard.deadline_s):
+                    done = await infer_service.request(
+                        stream, machine, wire, guard.deliver, self._acker(held), self.cfg.infer
+                    )
+            except trio.TooSlowError as exc:
+                raise NetworkError(f"no whole answer within {guard.deadline_s:g} s") from exc
             except infer_service.Refused as exc:
                 # The provider restarted, forgot the session, or its paid time is
-                # over: settle it (if paid) and open another, once.
-                if exc.code != ErrorCode.UNKNOWN_SESSION or reopen:
+                # over: settle it (if paid) and open another, once — unless text
+                # was delivered, which the caller's failover continues from.
+                if exc.code != ErrorCode.UNKNOWN_SESSION or reopen or guard.tokens:
                     raise
-                if self.market is not None and held.session_id in self.market.open:
-                    await self.market.close(held.session_id)
+                await self._drop_session(peer, wire.model_id)
+                continue
+            finally:
+                if market is not None:
+                    market.end(held.session_id)
+            guard.check_done(done)
+            if guard.tokens and guard.elapsed_s > 0:
+                speed = guard.tokens / guard.elapsed_s
+                self._check_speed(peer, wire.model_id, speed, guard.tokens)
+            return done
         raise AssertionError("unreachable")
+
+    def _check_speed(self, peer: str, model_id: str, speed: float, tokens: int) -> None:
+        """Measure a provider's speed; a claim far above it is a broken promise."""
+        self._measured(peer).measured_speed(speed)
+        offer = self._node.offer_book.get(peer)
+        terms = offer.serves(model_id) if offer is not None else None
+        # Only long answers say much about speed (the first token waits for
+        # the prompt); a claim 4x what it delivers is no rounding error.
+        if terms is not None and tokens >= 64 and terms.tokens_per_s > 4 * speed:
+            self.reputation.record(peer, Offence.BROKEN_PROMISE, trio.current_time())
+            self.counters["broken_promises"] += 1
+            logger.warning(
+                "provider %s claims %.0f tokens/s, delivered %.0f",
+                short(peer), terms.tokens_per_s, speed,
+            )  # fmt: skip
 
     async def _session(self, peer: str, model_id: str, *, reopen: bool) -> _Session:
         key = (peer, model_id)
-        async with self._opening.setdefault(key, trio.Lock()):
-            held = self._sessions.get(key)
-            market = self.market
-            if held is not None and not reopen:
-                if market is None or held.session_id in market.open:
-                    return held
-                reopen = True  # the paid session was closed (idle) or has ended
-            if held is None:
-                await self._confirm(peer)
-            prepare, on_approve = self._payment(peer, model_id)
-            started = trio.current_time()
-            stream = await self._node._open_stream(ID.from_base58(peer), session.PROTOCOL_ID)
+        lock = self._opening.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                held = self._sessions.get(key)
+                market = self.market
+                if held is not None and not reopen:
+                    if market is None or held.session_id in market.open:
+                        return held
+                    reopen = True  # the paid session was closed (idle) or has ended
+                if held is None:
+                    await self._confirm(peer)
+                return await self._open(peer, model_id)
+        finally:
+            # Locks exist only while someone opens: the table cannot grow
+            # with every provider ever tried.
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._opening.pop(key, None)
+
+    async def _open(self, peer: str, model_id: str) -> _Session:
+        prepare, on_approve, opened = self._payment(peer, model_id)
+        started = trio.current_time()
+        stream = await self._node._open_stream(ID.from_base58(peer), session.PROTOCOL_ID)
+        try:
             est = await session_service.open_session(
-                stream, model_id, self.cfg.handshake_s, prepare=prepare, on_approve=on_approve
+                stream,
+                model_id,
+                self.cfg.handshake_s,
+                local_peer=self._node.host.get_id(),
+                remote_peer=stream.muxed_conn.peer_id,
+                prepare=prepare,
+                on_approve=on_approve,
             )
-            self.open_ms.append((trio.current_time() - started) * 1000)
-            held = _Session(peer, model_id, est.session_id, est.keys)
-            self._sessions[key] = held
-            self.counters["sessions_opened"] += 1
-            return held
+        except BaseException:
+            # Paid for on chain but never ready (rejected, stalled, broke the
+            # stream): close at once, so the stake is not held (and the
+            # provider not paid) until the idle close; the ladder in
+            # _run_remotely records what it did.
+            if opened:
+                with trio.CancelScope(shield=True):
+                    self.counters["paid_not_served"] += 1
+                    self.reputation.record(peer, Offence.PAID_NO_SERVICE, trio.current_time())
+                    assert self.market is not None
+                    await self.market.close(opened[0])
+            raise
+        self.open_ms.append((trio.current_time() - started) * 1000)
+        held = _Session(peer, model_id, est.session_id, est.keys)
+        self._sessions[(peer, model_id)] = held
+        self.counters["sessions_opened"] += 1
+        return held
 
     def _payment(
         self, peer: str, model_id: str
     ) -> tuple[
         Callable[[session.Hello], session.Hello] | None,
         Callable[[session.Hello, session.Approve], Awaitable[bytes]] | None,
+        list[bytes],
     ]:
-        """Chain mode: how to fill the Hello, and how to open the session on chain."""
+        """Chain mode: how to fill the Hello, how to open the session on chain, and
+        (filled once it is open) the id of the session opened."""
         market = self.market
+        opened: list[bytes] = []
         if market is None:
-            return None, None
+            return None, None, opened
         offer = self._node.offer_book.get(peer)
         terms = market.terms(offer, model_id) if offer is not None else None
         if terms is None:
             raise NetworkError(f"{short(peer)} has no bid for {model_id} within our price limit")
         stake = market.stake_for(terms.price_per_s)
         if stake <= 0:
-            held = sum(p.stake for p in market.open.values())
+            held = market.held()
             raise SpendLimitError(
                 f"spend limit reached: {held} held in open sessions of {market.cfg.spend_limit}"
             )
 
         async def on_approve(hello: session.Hello, approve: session.Approve) -> bytes:
-            return await market.open_session(peer, hello, approve, terms, stake)
+            session_id = await market.open_session(peer, hello, approve, terms, stake)
+            opened.append(session_id)
+            return session_id
 
-        return (lambda hello: market.prepare_hello(hello, terms, stake)), on_approve
+        return (lambda hello: market.prepare_hello(hello, terms, stake)), on_approve, opened
 
     async def _confirm(self, peer: str) -> None:
         """A status call before the first session: live load, and a measured round trip."""
         started = trio.current_time()
         await self._node.refresh_offer(peer)
-        rtt = (trio.current_time() - started) * 1000.0
-        seen = self.stats.setdefault(peer, PeerStats())
-        seen.rtt_ms = rtt if seen.rtt_ms is None else 0.7 * seen.rtt_ms + 0.3 * rtt
+        self._measured(peer).measured_rtt((trio.current_time() - started) * 1000.0)
 
     def _acker(self, held: _Session) -> Callable[[Done], bytes]:
         def ack(done: Done) -> bytes:
@@ -373,6 +517,79 @@ class Consumer:
             return signature
 
         return ack
+
+
+class _ReplyGuard:
+    """Bounds what one provider may stream back for one request.
+
+    At most ``max_tokens`` (plus slack) tokens, a bounded number of bytes per
+    token, and the whole answer within a deadline: a provider that streams
+    more, or claims tokens it did not send, broke the request's terms
+    (BROKEN_PROMISE), and nothing past the bound is delivered.
+    """
+
+    def __init__(
+        self, max_tokens: int, cfg: Config, deliver: Callable[[Chunk], Awaitable[None]]
+    ) -> None:
+        self._deliver = deliver
+        self.max_tokens = max_tokens + cfg.token_slack
+        self.max_bytes = max(4096, self.max_tokens * cfg.max_bytes_per_token)
+        self.deadline_s = cfg.infer.first_chunk_s + max_tokens * cfg.max_s_per_token
+        self.tokens = 0
+        self.bytes = 0
+        self._first: float | None = None
+        self._last = 0.0
+
+    @property
+    def elapsed_s(self) -> float:
+        """Time from the first chunk to the last (generation proper)."""
+        return 0.0 if self._first is None else self._last - self._first
+
+    async def deliver(self, chunk: Chunk) -> None:
+        self.tokens += chunk.tokens
+        self.bytes += len(chunk.text.encode())
+        if chunk.tokens < 0 or self.tokens > self.max_tokens or self.bytes > self.max_bytes:
+            raise _Overrun(f"streamed past the request's bounds ({self.tokens} tokens)")
+        now = trio.current_time()
+        if self._first is None:
+            self._first = now
+        self._last = now
+        await self._deliver(chunk)
+
+    def check_done(self, done: Done) -> None:
+        if done.completion_tokens > self.max_tokens or done.completion_tokens < 0:
+            raise _Overrun(f"claims {done.completion_tokens} tokens for the request")
+
+
+class _Overrun(RemoteProtocolError):
+    """A provider streamed (or billed) past what the request allowed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.OVERSIZE, message)
+
+
+def _offence_of_refusal(code: int) -> Offence:
+    """What an infer Error frame says of the provider that sent it."""
+    if code in (ErrorCode.BUSY, ErrorCode.NOT_ALLOWED):
+        return Offence.REFUSED
+    if code == ErrorCode.UNSUPPORTED:  # it offered the model
+        return Offence.BROKEN_PROMISE
+    return Offence.FAILED
+
+
+def _offence_of_rejection(code: int) -> Offence:
+    """What a session Reject says of the provider that sent it."""
+    if code == session.RejectCode.UNKNOWN_MODEL:  # it offered the model
+        return Offence.BROKEN_PROMISE
+    return Offence.REFUSED
+
+
+def _offence_of_violation(exc: RemoteProtocolError) -> Offence:
+    if isinstance(exc, _Overrun):
+        return Offence.BROKEN_PROMISE
+    if exc.code == ErrorCode.MALFORMED and "authentication" in exc.detail:
+        return Offence.AUTH
+    return Offence.PROTOCOL
 
 
 async def _run_locally(

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from p2pnode.errors import ConfigError, NetworkError
+from p2pnode.p2p.reputation import Standing
 from p2pnode.protocols import offers
 
 # trio.TaskStatus exists, but the trio-stubs that py-libp2p pulls in (trio-typing)
@@ -147,9 +148,19 @@ async def ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-def describe_offer(offer: offers.Offer, now: float) -> dict[str, Any]:
-    """An Offer as JSON for people and scripts (age instead of raw timestamps)."""
+def describe_offer(
+    offer: offers.Offer, now: float, standing: Standing | None = None
+) -> dict[str, Any]:
+    """An Offer as JSON for people and scripts (age instead of raw timestamps).
+
+    ``standing``: what this node remembers of the provider's behaviour
+    (its misbehaviour score, offences by kind, requests served).
+    """
     return {
+        "score": standing.score if standing else 0.0,
+        "banned": standing.banned if standing else False,
+        "offences": standing.offences if standing else {},
+        "served": standing.served if standing else 0,
         "peer_id": offer.peer_id,
         "addrs": list(offer.addrs),
         "wallet": offer.wallet,

@@ -24,8 +24,9 @@ import contextlib
 import hashlib
 import logging
 import math
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,7 +49,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
-from p2pnode.p2p.host import short
+from p2pnode.p2p.host import dials_peer, short
 from p2pnode.protocols import offers
 from p2pnode.protocols.stream import close_quietly, reset_quietly
 from p2pnode.protocols.wire import encode_frame
@@ -90,6 +91,9 @@ class Config:
     reprovide_min_s: float = 5.0
     # How often expired offers and provider records are swept.
     sweep_s: float = 2.0
+    # Keys this node holds provider records for (a model each, the relay
+    # key): anyone may ADD_PROVIDER under any key, so the table is bounded.
+    max_record_keys: int = 4096
 
 
 def _replay_heartbeats(cfg: Config) -> int:
@@ -156,8 +160,9 @@ class Discovery:
         self.cfg = cfg
         self.peer_id = str(host.get_id())
         self._own_offer = own_offer
-        self.book = offers.OfferBook(cfg.offers, verify_peer_signature)
+        self.book = offers.OfferBook(cfg.offers, verify_peer_signature, dials_peer)
         self.dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=False)
+        _bound_provider_store(self.dht, self.book, cfg.max_record_keys)
         self.router = GossipSub(
             protocols=[PROTOCOL_ID_V11],
             degree=cfg.mesh_degree,
@@ -215,9 +220,22 @@ class Discovery:
     # --- gossip ------------------------------------------------------------
 
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
-        # Runs for every offer before it is delivered or relayed. Pubsub's
-        # strict signing has already checked that from_id signed the message.
-        source = str(ID(msg.from_id))
+        # Runs for every offer before it is delivered or relayed, inside
+        # py-libp2p's pubsub task: an exception escaping here ends pubsub and
+        # with it the node. Anything the book does not sort into a verdict is
+        # our bug: logged as such, and the message is dropped.
+        try:
+            return self._judge(forwarder, msg)
+        except Exception:
+            logger.exception("offer validator failed (a bug): message from %s dropped", forwarder)
+            return False
+
+    def _judge(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        # Pubsub's strict signing has already checked that from_id signed the message.
+        try:
+            source = str(ID(msg.from_id))
+        except ValueError:
+            return False
         verdict = self.book.consider(msg.data, source=source, now=time.time())
         if verdict is offers.Verdict.ACCEPTED:
             held = self.book.get(source)
@@ -234,6 +252,8 @@ class Discovery:
         # learns every provider from the first peer it asks (Kademlia's
         # caching along the lookup path, fed by signed gossip). The record
         # leaves with the offer.
+        # The book admitted the offer only if every address parses and names
+        # its provider.
         info = PeerInfo(ID.from_base58(offer.peer_id), [Multiaddr(a) for a in offer.addrs])
         for model in offer.models:
             self.dht.provider_store.add_provider(model_key(model.model_id), info)
@@ -291,7 +311,9 @@ class Discovery:
         """Full multiaddrs of nodes that announced the relay service (one walk)."""
         found, _ = await self._walk(RELAY_KEY, stop_when_found=True)
         out: list[str] = []
-        for peer in sorted(found):
+        # Records are unverified (anyone can name anyone): try a random few,
+        # so that a flood of fake relays cannot keep us busy or pick our relay.
+        for peer in _RANDOM.sample(sorted(found), min(len(found), MAX_DHT_CANDIDATES)):
             pid = ID.from_base58(peer)
             if pid == self.host.get_id():
                 continue
@@ -458,9 +480,9 @@ class Discovery:
                         return
                     answered.add(peer)
                     providers, closer = reply
-                    for info in providers:
-                        found.add(str(info.peer_id))
-                        store.add_provider(key, info)
+                    # Not kept in our own store: we would hand unverified
+                    # records on to whoever asks us.
+                    found.update(str(info.peer_id) for info in providers)
                     learned.extend(closer)
 
             async with trio.open_nursery() as nursery:
@@ -508,11 +530,14 @@ class Discovery:
                 await close_quietly(stream)
             response = kad_pb.Message()
             response.ParseFromString(raw)
-            providers = [_peer_info(p) for p in response.providerPeers]
-            closer = [_peer_info(p) for p in response.closerPeers]
         except (BaseLibp2pError, DecodeError, ValueError) as exc:
             logger.debug("GET_PROVIDERS to %s failed: %s", short(peer), exc)
             return None
+        # What a DHT peer says of others is unverified: keep a bounded number
+        # of well-formed entries, each with a few addresses. A provider named
+        # here is only believed once it answers for itself (a signed offer).
+        providers = _peer_infos(response.providerPeers, _MAX_PEERS_PER_ANSWER)
+        closer = _peer_infos(response.closerPeers, _MAX_PEERS_PER_ANSWER)
         for info in [*providers, *closer]:
             if info.addrs:
                 peerstore.add_addrs(info.peer_id, info.addrs, _PEER_ADDR_TTL_S)
@@ -529,7 +554,71 @@ _ADDRESSABLE_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 _MAX_KAD_MESSAGE = 256 * 1024
 # Addresses learned in a lookup stay long enough to dial them for a session.
 _PEER_ADDR_TTL_S = 600
+MAX_DHT_CANDIDATES = 8
+"""Peers named by DHT records that one lookup goes on to ask or dial (records are unverified)."""
+_RANDOM = secrets.SystemRandom()
+# Kademlia answers carry k = 20 peers; a few addresses each (listen + circuit).
+_MAX_PEERS_PER_ANSWER = BUCKET_SIZE
+_MAX_ADDRS_PER_PEER = 4
 
 
-def _peer_info(proto: kad_pb.Message.Peer) -> PeerInfo:
-    return PeerInfo(ID(proto.id), [Multiaddr(a) for a in proto.addrs])
+def _bound_provider_store(dht: KadDHT, book: offers.OfferBook, max_keys: int) -> None:
+    """Make the DHT's provider store bounded, and verified providers first.
+
+    py-libp2p keeps up to k = 20 records per key, first come first served,
+    for any key anyone names: twenty Sybils announcing a model first would
+    keep every honest provider's record out, and a flood of keys grows
+    without bound. Here a provider whose signed offer this node holds
+    replaces an unverified record when the key is full, and new keys beyond
+    ``max_keys`` are refused unless their provider is verified.
+    """
+    store = dht.provider_store
+    add = store.add_provider
+
+    def add_bounded(key: bytes, provider: PeerInfo) -> None:
+        peer = str(provider.peer_id)
+        verified = peer == str(dht.local_peer_id) or book.get(peer) is not None
+        held = store.providers.get(key)
+        if held is None:
+            if len(store.providers) >= max_keys and not verified:
+                return
+        elif len(held) >= BUCKET_SIZE and peer not in held:
+            if not verified:
+                return
+            strangers = [p for p in held if book.get(p) is None]
+            if not strangers:
+                return
+            del held[min(strangers, key=lambda p: held[p].timestamp)]
+        add(key, provider)
+
+    store.add_provider = add_bounded  # type: ignore[method-assign]
+
+
+def _peer_infos(protos: Iterable[kad_pb.Message.Peer], limit: int) -> list[PeerInfo]:
+    """The well-formed peers of a DHT answer (at most ``limit``); junk is skipped."""
+    out: list[PeerInfo] = []
+    for proto in protos:
+        if len(out) >= limit:
+            break
+        try:
+            peer = ID(proto.id)
+            peer.to_base58()
+        except Exception:  # noqa: BLE001, S112 - not a peer id: skip the entry
+            continue
+        addrs = []
+        for raw in proto.addrs[:_MAX_ADDRS_PER_PEER]:
+            try:
+                addr = Multiaddr(raw)
+            except Exception:  # noqa: BLE001, S112 - multiaddr raises many types on junk
+                continue
+            if _has(addr, "ip4") or _has(addr, "ip6"):
+                addrs.append(addr)
+        out.append(PeerInfo(peer, addrs))
+    return out
+
+
+def _has(addr: Multiaddr, proto: str) -> bool:
+    try:
+        return addr.value_for_protocol(proto) is not None
+    except Exception:  # noqa: BLE001 - ProtocolLookupError when absent
+        return False

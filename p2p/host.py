@@ -70,6 +70,20 @@ def parse_peer_addr(text: str) -> PeerInfo:
         raise ConfigError(f"{text!r} has no /p2p/<peer id> part ({exc})") from exc
 
 
+def dials_peer(text: str, peer_id: str) -> bool:
+    """Whether ``text`` is a multiaddr ending in ``/p2p/<peer_id>`` (direct or circuit).
+
+    The check an offer's addresses pass before anyone stores or dials them:
+    a provider may only advertise addresses of itself, so a signed offer
+    cannot point consumers at a third party. Never raises.
+    """
+    try:
+        addr = multiaddr.Multiaddr(text)
+        return str(info_from_p2p_addr(addr).peer_id) == peer_id
+    except Exception:  # noqa: BLE001 - multiaddr and PeerInfo raise a zoo of types on junk
+        return False
+
+
 def build(key_pair: KeyPair, cfg: Config) -> IHost:
     """A host with TCP and WebSocket transports, ready to ``run``."""
     conn_cfg = ConnectionConfig(

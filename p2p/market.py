@@ -60,6 +60,10 @@ class Config:
     approval_ttl_s: int = 120
     # Provider: how often ended sessions are looked for and closed.
     settle_every_s: float = 30.0
+    # Provider: how often it looks for sessions closed on chain (one
+    # eth_getLogs for all of them); a request in progress in a session closed
+    # early stops within this. New requests read the session first anyway.
+    follow_s: float = 5.0
     # Consumer: the time a stake buys (stake = price x this).
     session_seconds: int = 600
     # Consumer: the most it escrows at once, over all its open sessions.
@@ -78,6 +82,23 @@ def approval_nonce(hello_nonce: bytes, approve_nonce: bytes) -> bytes:
 
 def hello_signing_bytes(hello: Hello) -> bytes:
     return signing_payload(hello, HELLO_DOMAIN)
+
+
+def hello_signed_by_wallet(hello: Hello) -> bool:
+    """Whether the Hello's ``consumer_wallet`` signed it (EIP-191 over its signing bytes).
+
+    The only way a Hello's wallet field means anything: free mode's
+    allowlist and paid mode's admission both rely on it.
+    """
+    if not hello.consumer_wallet or not hello.signature:
+        return False
+    try:
+        signer = Account.recover_message(
+            encode_defunct(primitive=hello_signing_bytes(hello)), signature=hello.signature
+        )
+    except Exception:  # noqa: BLE001 - eth-account raises several kinds on bad input
+        return False
+    return bool(signer.lower() == hello.consumer_wallet.lower())
 
 
 class Ledger:
@@ -138,17 +159,31 @@ class Ledger:
 
 @dataclass
 class ProviderMarket:
-    """A provider's bids, approvals, session checks and settlement."""
+    """A provider's bids, approvals, session checks, settlement, and the chain it follows.
+
+    Payment is enforced while it is used: a confirmed session is read from
+    the chain again before each request (:meth:`check`), ``SessionClosed``
+    events are followed every ``follow_s`` (:meth:`follow`), and a request
+    in progress stops when its session closes or reaches its end
+    (:meth:`until_ended`). When the chain cannot be read, what was last read
+    stands: a session is served until its known end, never past it.
+    """
 
     cfg: Config
     ledger: Ledger
     # model id -> (bid id, price per second), read from the chain.
     bids: dict[str, tuple[bytes, int]] = field(default_factory=dict)
-    # session id -> its end (chain time), for sessions this provider confirmed.
+    # session id -> its end (chain time), for sessions this provider confirmed
+    # and has not seen closed.
     ends: dict[bytes, int] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=lambda: {"settled": 0, "paid_wei": 0})
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"settled": 0, "paid_wei": 0, "closed_early": 0, "chain_errors": 0}
+    )
     # Chain time minus wall time, as last read (a dev chain's clock can be moved).
     skew: float = 0.0
+    # Set when a session closes (on chain, or here): stops its requests.
+    _closed: dict[bytes, trio.Event] = field(default_factory=dict)
+    _next_block: int | None = None
 
     @property
     def address(self) -> str:
@@ -194,24 +229,22 @@ class ProviderMarket:
         bid = self.bids.get(hello.model_id)
         if bid is None or hello.bid_id != bid[0].hex():
             return RejectCode.PRICE_CHANGED
-        try:
-            signer = Account.recover_message(
-                encode_defunct(primitive=hello_signing_bytes(hello)), signature=hello.signature
-            )
-        except Exception:  # noqa: BLE001 - eth-account raises several kinds on bad input
-            return RejectCode.BAD_SESSION
-        if signer.lower() != hello.consumer_wallet.lower():
+        if not hello_signed_by_wallet(hello):
             return RejectCode.BAD_SESSION
         return None
 
     async def approval(self, hello: Hello, approve_nonce: bytes) -> tuple[bytes, int]:
-        """The EIP-712 approval of this session and when it lapses."""
+        """The EIP-712 approval of this session and when it lapses.
+
+        Signing is local work: it does not take the chain's lane, which
+        unauthenticated Hellos could otherwise keep busy.
+        """
         chain = self.cfg.chain
         assert hello.bid_id is not None
         assert hello.consumer_wallet is not None
         expiry = int(self.chain_time()) + self.cfg.approval_ttl_s
         nonce = approval_nonce(hello.nonce, approve_nonce)
-        signature = await chain.run(
+        signature = await trio.to_thread.run_sync(
             chain.sync.sign_approval,
             self.cfg.account,
             bytes.fromhex(hello.bid_id),
@@ -228,8 +261,9 @@ class ProviderMarket:
             s = await chain.run(chain.sync.session, session_id)
             now = await self._read_chain_time()
         except ChainError as exc:
+            self.counters["chain_errors"] += 1
             logger.warning("cannot read session %s: %s", session_id.hex()[:8], exc)
-            return RejectCode.BAD_SESSION
+            return RejectCode.CHAIN_UNAVAILABLE
         ok = (
             s.open
             and s.provider.lower() == self.address.lower()
@@ -241,13 +275,65 @@ class ProviderMarket:
         if not ok:
             return RejectCode.BAD_SESSION
         self.ends[session_id] = s.ends_at
+        self._closed.setdefault(session_id, trio.Event())
         self.ledger.opened("provider", peer, session_id, s.bid_id, s.stake, s.ends_at)
         return None
 
     def serving(self, session_id: bytes) -> bool:
-        """Whether a paid session may still be served (its stake still buys time)."""
+        """Whether a paid session may still be served, by what was last read."""
         ends = self.ends.get(session_id)
         return ends is not None and self.chain_time() < ends
+
+    async def check(self, session_id: bytes) -> bool:
+        """Read the session from the chain before a request: still open, not past its end.
+
+        A consumer that closed its session early (its stake refunded) is not
+        served one more request. If the chain cannot be read, the session is
+        served within its known end.
+        """
+        if not self.serving(session_id):
+            return False
+        chain = self.cfg.chain
+        try:
+            s = await chain.run(chain.sync.session, session_id)
+        except ChainError as exc:
+            self.counters["chain_errors"] += 1
+            logger.info("cannot re-read session %s: %s", session_id.hex()[:8], exc)
+            return self.serving(session_id)
+        if not s.open:
+            self._ended(session_id, early=True)
+            return False
+        return self.serving(session_id)
+
+    async def until_ended(self, session_id: bytes) -> None:
+        """Return once the session may no longer be served (closed, or past its end)."""
+        while self.serving(session_id):
+            closed = self._closed.get(session_id)
+            ends = self.ends.get(session_id)
+            if closed is None or ends is None:
+                return
+            # Chain time runs with the wall clock (skew aside); wake at the
+            # end as last estimated, and look again.
+            with trio.move_on_after(max(0.0, ends - self.chain_time()) + 0.05):
+                await closed.wait()
+
+    def _ended(self, session_id: bytes, *, early: bool) -> None:
+        if self.ends.pop(session_id, None) is not None and early:
+            self.counters["closed_early"] += 1
+            logger.info("session %s was closed on chain", session_id.hex()[:8])
+        event = self._closed.pop(session_id, None)
+        if event is not None:
+            event.set()
+
+    async def follow(self) -> None:
+        """One look at the ``SessionClosed`` events since the last look."""
+        chain = self.cfg.chain
+        if self._next_block is None:
+            self._next_block = await chain.run(lambda: int(chain.sync.w3.eth.block_number))
+        closed, self._next_block = await chain.run(chain.sync.closed_since, self._next_block)
+        for session_id in closed:
+            if session_id in self.ends:
+                self._ended(session_id, early=True)
 
     async def settle(self) -> None:
         """Close the sessions (confirmed here or left from before a restart) that have ended."""
@@ -270,15 +356,27 @@ class ProviderMarket:
             else:
                 paid = refunded = 0
             self.ledger.closed(session_id, paid, refunded)
-            self.ends.pop(session_id, None)
+            self._ended(session_id, early=False)
         except ChainError as exc:
             logger.warning("cannot close session %s: %s", session_id.hex()[:8], exc)
 
     async def run(self) -> None:
-        """Settle ended sessions forever (the node's nursery runs this)."""
+        """Follow the chain and settle ended sessions, forever (the node's nursery runs this).
+
+        A chain that fails is tried again at the next round: the provider
+        keeps serving within what it last read.
+        """
+        last_settle = -float("inf")
         while True:
-            await self.settle()
-            await trio.sleep(self.cfg.settle_every_s)
+            try:
+                await self.follow()
+                if trio.current_time() - last_settle >= self.cfg.settle_every_s:
+                    last_settle = trio.current_time()
+                    await self.settle()
+            except ChainError as exc:
+                self.counters["chain_errors"] += 1
+                logger.warning("chain: %s (trying again in %g s)", exc, self.cfg.follow_s)
+            await trio.sleep(self.cfg.follow_s)
 
 
 # --- consumer ---------------------------------------------------------------------
@@ -293,6 +391,8 @@ class Paid:
     stake: int
     ends_at: int
     last_used: float
+    # Requests running in it now: a session is not idle while one streams.
+    active: int = 0
 
 
 @dataclass
@@ -321,10 +421,13 @@ class ConsumerMarket:
             return None
         return terms
 
+    def held(self) -> int:
+        """What this consumer has escrowed in its open sessions."""
+        return sum(p.stake for p in self.open.values())
+
     def stake_for(self, price_per_s: int) -> int:
         """The stake for one session at this price, or 0 if the spend limit is reached."""
-        held = sum(p.stake for p in self.open.values())
-        stake = min(price_per_s * self.cfg.session_seconds, self.cfg.spend_limit - held)
+        stake = min(price_per_s * self.cfg.session_seconds, self.cfg.spend_limit - self.held())
         return stake if stake >= price_per_s else 0
 
     def prepare_hello(self, hello: Hello, terms: ModelOffer, stake: int) -> Hello:
@@ -367,9 +470,19 @@ class ConsumerMarket:
         self.open_ms.append((trio.current_time() - started) * 1000)
         return session_id
 
-    def used(self, session_id: bytes) -> None:
-        if session_id in self.open:
-            self.open[session_id].last_used = trio.current_time()
+    def begin(self, session_id: bytes) -> None:
+        """A request starts in the session: it is in use until :meth:`end`."""
+        paid = self.open.get(session_id)
+        if paid is not None:
+            paid.active += 1
+            paid.last_used = trio.current_time()
+
+    def end(self, session_id: bytes) -> None:
+        """A request in the session ended; the idle time counts from now."""
+        paid = self.open.get(session_id)
+        if paid is not None:
+            paid.active = max(0, paid.active - 1)
+            paid.last_used = trio.current_time()
 
     async def close(self, session_id: bytes) -> None:
         """Close a session (transaction 2 of 2): the provider is paid, we get the rest."""
@@ -414,7 +527,8 @@ class ConsumerMarket:
             await trio.sleep(min(self.cfg.idle_close_s, 30.0))
             now, wall = trio.current_time(), time.time()
             for paid in list(self.open.values()):
-                if now - paid.last_used > self.cfg.idle_close_s or paid.ends_at <= wall:
+                idle = paid.active == 0 and now - paid.last_used > self.cfg.idle_close_s
+                if idle or paid.ends_at <= wall:
                     await self.close(paid.session_id)
 
 

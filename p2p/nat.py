@@ -1,37 +1,49 @@
 """Reachability: whether other peers can dial this node (ARCHITECTURE §10).
 
 Theory of operation. A node asks up to ``helpers`` of its connected peers to
-dial it back (``/p2pnode/dialback/1.0.0``); each helper dials every listed
-address from a fresh throwaway host, so an existing connection cannot make a
-closed port look open (py-libp2p's AutoNAT can, LIBP2P_NOTES trap 5). The
-node is *public* when a confirmed address exists (two helpers agreeing when
-two or more answered, so one lying peer cannot make a NATed node believe it
-is reachable), *private* when helpers answered and none could dial it, and
-*unknown* when nobody answered. ``--reachability public|private`` overrides
-the check. Relay reservations and hole punching build on this (to come).
+dial it back (``/p2pnode/dialback/1.0.0``); each helper dials the listed
+addresses from a fresh throwaway host, so an existing connection cannot make
+a closed port look open (py-libp2p 0.8.1's AutoNAT reuses the connection the
+request came on and calls any port open). A helper dials only plain TCP
+addresses on the IP the asker connects from (:func:`dial_targets`), and
+answers few requests per asker and overall (:class:`Helper`): otherwise any
+peer could make it scan third parties.
+
+The node is *public* when a confirmed address exists (two helpers agreeing
+when two or more answered, so one lying peer cannot make a NATed node
+believe it is reachable), *private* when helpers answered and none could
+dial it, and *unknown* when nobody answered. ``--reachability
+public|private`` overrides the check. Relay reservations and hole punching
+build on this (``p2p/relay.py``).
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import multiaddr
 import trio
 from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 
-from p2pnode.errors import NetworkError
+from p2pnode.errors import ErrorCode
 from p2pnode.p2p import host as hostlib
+from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.host import short
+from p2pnode.p2p.ratelimit import RateLimiter, TokenBucket
 from p2pnode.protocols import dialback, unary_service
 from p2pnode.protocols.dialback.machine import ClientMachine, ServerMachine
 from p2pnode.protocols.dialback.messages import DialBackRequest, DialBackResponse
+from p2pnode.protocols.stream import close_with_error
+from p2pnode.protocols.wire import Error
 
 logger = logging.getLogger(__name__)
 
@@ -76,49 +88,151 @@ def dialable(addrs: Sequence[str]) -> list[str]:
     return out
 
 
-async def serve(stream: INetStream, cfg: dialback.Config) -> None:
-    """Dial the asker back on its addresses (same IP as it came from) from a fresh host."""
-    peer = stream.muxed_conn.peer_id
-    remote = stream.get_remote_address()
-    observed_ip = remote[0] if remote else None
-
-    async def answer(request: DialBackRequest) -> DialBackResponse:
-        candidates = [a for a in request.addrs[: cfg.max_addrs] if _ip_of(a) == observed_ip]
-        reachable = await _dial_back(peer, candidates, cfg.dial_timeout)
-        observed = f"{remote[0]}:{remote[1]}" if remote else ""
-        return DialBackResponse(reachable=tuple(reachable), observed=observed)
-
-    # The dial-backs may each take dial_timeout: the answer gets their time.
-    wait_s = cfg.dial_timeout * cfg.max_addrs + 5.0
-    await unary_service.serve(stream, ServerMachine(cfg.max_frame), answer, wait_s)
+# An IP address as the standard library parses it.
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def _ip_of(addr: str) -> str | None:
+@dataclass
+class HelperCounters:
+    """What this node's dial-back service did for others."""
+
+    answered: int = 0
+    refused_rate: int = 0  # over the asker's or the overall budget
+    refused_busy: int = 0  # ``max_concurrent`` answers already running
+    refused_relayed: int = 0  # asked over a relay: the asker's address is unknown
+    dials: int = 0  # dial-backs tried, over all answers
+
+
+class Helper:
+    """The answering side of dial-back, with its budgets (one per node).
+
+    ``serve`` answers one inbound ``/p2pnode/dialback/1.0.0`` stream: it
+    dials the asker back on the addresses :func:`dial_targets` allows, from a
+    fresh host, then closes the stream. A request over a relayed connection,
+    beyond the asker's rate or the overall rate, or beyond ``max_concurrent``
+    gets an Error frame (UNSUPPORTED, RATE_LIMITED, BUSY) before its request
+    is read, so refusing costs nothing. Raises what ``unary_service.serve``
+    raises (RemoteProtocolError for a malformed request).
+    """
+
+    def __init__(self, cfg: dialback.Config) -> None:
+        self.cfg = cfg
+        self.counters = HelperCounters()
+        self._per_peer = RateLimiter(cfg.requests_per_peer_per_minute)
+        self._overall = TokenBucket(cfg.requests_per_minute, cfg.requests_per_minute / 60.0)
+        self._running = 0
+
+    async def serve(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        relayed = relaylib.is_relayed(stream.muxed_conn)
+        remote = None if relayed else stream.get_remote_address()
+        observed = _parse_ip(remote[0]) if remote else None
+        refusal = self._admit(str(peer), relayed, trio.current_time())
+        if refusal is not None:
+            machine = ServerMachine(self.cfg.max_frame)
+            await close_with_error(stream, machine.send_error(refusal))
+            return
+
+        async def answer(request: DialBackRequest) -> DialBackResponse:
+            targets = dial_targets(request.addrs, observed, self.cfg.max_addrs)
+            self.counters.dials += len(targets)
+            reachable = await _dial_back(peer, targets, self.cfg.dial_timeout)
+            self.counters.answered += 1
+            seen = f"{remote[0]}:{remote[1]}" if remote else ""
+            return DialBackResponse(reachable=tuple(reachable), observed=seen)
+
+        # The dial-backs may each take dial_timeout: the answer gets their time.
+        wait_s = self.cfg.dial_timeout * self.cfg.max_addrs + 5.0
+        self._running += 1
+        try:
+            await unary_service.serve(stream, ServerMachine(self.cfg.max_frame), answer, wait_s)
+        finally:
+            self._running -= 1
+
+    def _admit(self, peer: str, relayed: bool, now: float) -> Error | None:
+        """None if a request may be answered now, else the Error frame that refuses it."""
+        if relayed:
+            self.counters.refused_relayed += 1
+            return Error(code=ErrorCode.UNSUPPORTED, message="dial-back needs a direct connection")
+        if self._running >= self.cfg.max_concurrent:
+            self.counters.refused_busy += 1
+            return Error(code=ErrorCode.BUSY, message="too many dial-backs at once")
+        # The asker's own budget first: one peer's flood must not spend the
+        # overall budget before it is cut off.
+        if not self._per_peer.allow(peer, now) or not self._overall.take(1.0, now):
+            self.counters.refused_rate += 1
+            return Error(code=ErrorCode.RATE_LIMITED, message="too many dial-back requests")
+        return None
+
+
+def dial_targets(addrs: Sequence[str], observed: IP | None, max_addrs: int) -> list[str]:
+    """The addresses a helper may dial for an asker it sees at IP ``observed``.
+
+    Only ``/ip4/<ip>/tcp/<port>`` and ``/ip6/<ip>/tcp/<port>`` with ``<ip>``
+    the asker's own: no names to resolve (``/dns`` could point anywhere),
+    nothing stacked after the port. Each address once, looking at no more
+    than the first ``max_addrs`` listed. None at all when ``observed`` is
+    None (unknown, or the connection is relayed and the address seen is the
+    relay's). Returns the addresses as the asker wrote them.
+    """
+    if observed is None:
+        return []
+    out: list[str] = []
+    for text in addrs[:max_addrs]:
+        if text not in out and _plain_tcp_ip(text) == observed:
+            out.append(text)
+    return out
+
+
+def _plain_tcp_ip(text: str) -> IP | None:
+    """The IP of ``/ip4|ip6/<ip>/tcp/<port>`` (a real port), else None."""
     try:
-        ma = multiaddr.Multiaddr(addr)
-        for proto in ("ip4", "ip6"):
-            if proto in [p.name for p in ma.protocols()]:
-                return str(ma.value_for_protocol(proto))
+        ma = multiaddr.Multiaddr(text)
+        names = [p.name for p in ma.protocols()]
+        if names not in (["ip4", "tcp"], ["ip6", "tcp"]):
+            return None
+        if int(ma.value_for_protocol("tcp")) == 0:
+            return None
+        return _parse_ip(str(ma.value_for_protocol(names[0])))
     except Exception:  # noqa: BLE001 - multiaddr raises several kinds on bad text
         return None
-    return None
+
+
+def _parse_ip(text: str) -> IP | None:
+    """An IP address, IPv4-mapped IPv6 ones as IPv4 (as a dual-stack socket reports them)."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 async def _dial_back(peer: ID, addrs: Sequence[str], dial_s: float) -> list[str]:
+    """The addresses where a secured connection to ``peer`` comes up, each tried once."""
     if not addrs:
         return []
     reachable = []
     # A fresh identity and no listener: the connection this check makes
     # cannot be confused with (or reuse) the one the request came on.
     prober = hostlib.build(create_new_key_pair(), hostlib.Config(listen=()))
+    # py-libp2p 0.8.1's host.connect() tries an address 4 times (retries with
+    # backoff), then refuses to dial the peer again for a while (a negative
+    # cache): each address would cost its target 4 connections, and only the
+    # first address listed would be tested. One attempt per address instead.
+    network: Any = prober.get_network()  # retry_config and dial_addr are Swarm's
+    network.retry_config = RetryConfig(max_retries=0)
     async with prober.run(listen_addrs=[]):
         try:
             for addr in addrs:
                 try:
-                    info = PeerInfo(peer, [multiaddr.Multiaddr(addr)])
-                    await hostlib.connect(prober, info, dial_s)
+                    with trio.fail_after(dial_s):
+                        await network.dial_addr(multiaddr.Multiaddr(addr), peer)
                     reachable.append(addr)
-                except (NetworkError, ValueError) as exc:
+                except trio.TooSlowError:
+                    logger.debug("dial-back to %s at %s timed out", short(peer), addr)
+                except Exception as exc:  # noqa: BLE001 - SwarmException, OSError, handshake errors
                     logger.debug("dial-back to %s at %s failed: %s", short(peer), addr, exc)
         finally:
             with trio.move_on_after(2.0), trio.CancelScope(shield=True):
@@ -132,4 +246,4 @@ async def ask(stream: INetStream, addrs: Sequence[str], cfg: dialback.Config) ->
     return await unary_service.request(stream, ClientMachine(cfg.max_frame), request, cfg.timeout)
 
 
-__all__ = ["Reachability", "Verdict", "ask", "dialable", "judge", "serve"]
+__all__ = ["Helper", "Reachability", "Verdict", "ask", "dial_targets", "dialable", "judge"]

@@ -42,6 +42,7 @@ from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import market as marketlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p import reputation as reputationlib
 from p2pnode.p2p.host import short
 from p2pnode.protocols import dialback, infer, offers, session, status
 from p2pnode.protocols.status import service as status_service
@@ -104,6 +105,13 @@ class NodeConfig:
     # private node reserves on.
     relay: relaylib.Config = field(default_factory=relaylib.Config)
     relay_check_s: float = 30.0
+    # What the node remembers of peers' misbehaviour, and when it bans.
+    reputation: reputationlib.Config = field(default_factory=reputationlib.Config)
+    # Inbound streams of our protocols running at once, per peer and overall;
+    # a stream beyond is reset on arrival. A consumer runs a few requests at
+    # once; hundreds from one peer are an attack.
+    max_streams_per_peer: int = 64
+    max_streams: int = 1024
 
 
 class Node:
@@ -120,8 +128,11 @@ class Node:
         self.peer_id: str = str(host.get_id())
         self.addrs: list[str] = []
         self.started_at = trio.current_time()
-        # Protocol violations per remote peer: what a ban policy will read.
-        self.protocol_errors: collections.Counter[str] = collections.Counter()
+        # Every peer's misbehaviour, as this node saw it (bounded, decaying).
+        self.reputation = reputationlib.Reputation(config.reputation)
+        # Inbound streams of ours running now, per peer.
+        self._streams: collections.Counter[str] = collections.Counter()
+        self.refused_streams = 0
         # Served models first (tokens/s measured at start), then any announced
         # by configuration only.
         self.models: tuple[offers.ModelOffer, ...] = (
@@ -138,6 +149,14 @@ class Node:
             discoverylib.Discovery(host, config.discovery, self._offer)
             if config.discovery is not None
             else None
+        )
+        # Without discovery the book stays empty, but it is one book.
+        self._book = (
+            self.discovery.book
+            if self.discovery is not None
+            else offers.OfferBook(
+                offers.Config(), discoverylib.verify_peer_signature, hostlib.dials_peer
+            )
         )
         market = config.market
         self.ledger = marketlib.Ledger(market.sessions_db) if market is not None else None
@@ -162,8 +181,21 @@ class Node:
             if self.engines
             else None
         )
-        self.consumer = consumerlib.Consumer(self, config.consumer, self.consumer_market)
-        self.relay = relaylib.Relay(host, config.relay)
+        self.consumer = consumerlib.Consumer(
+            self, config.consumer, self.reputation, self.consumer_market
+        )
+        # Relay messages that break the protocol count against their sender;
+        # a banned peer's relay streams are turned away like any other.
+        self.relay = relaylib.Relay(
+            host,
+            config.relay,
+            misbehaved=lambda peer: self.reputation.record(
+                peer, reputationlib.Offence.PROTOCOL, trio.current_time()
+            ),
+            banned=lambda peer: self.reputation.banned(peer, trio.current_time()),
+        )
+        # Dial-backs this node does for others, within its budgets.
+        self.dialback_helper = nat.Helper(config.dialback)
         self.direct_addrs: list[str] = []
         # open_node's nursery, for work a call starts and that outlives it.
         self._nursery: trio.Nursery | None = None
@@ -174,9 +206,7 @@ class Node:
     @property
     def offer_book(self) -> offers.OfferBook:
         """What this node knows of providers (empty if discovery is off)."""
-        if self.discovery is None:
-            return offers.OfferBook(offers.Config(), discoverylib.verify_peer_signature)
-        return self.discovery.book
+        return self._book
 
     def _offer(self) -> offers.Offer | None:
         # Unsigned: discovery sets peer_id, seq, timestamp and the signature.
@@ -273,12 +303,21 @@ class Node:
         directly (concurrently, each bounded by the status timeout); one that
         cannot be reached is left out.
         """
-        missing = [p for p in await self.find_providers(model_id) if self.offer_book.get(p) is None]
+        named = await self.find_providers(model_id)
+        now = trio.current_time()
+        missing = [
+            p
+            for p in named
+            if self.offer_book.get(p) is None and not self.reputation.banned(p, now)
+        ]
+        # DHT records are anyone's word: ask a bounded few, not every peer named.
+        missing = missing[: discoverylib.MAX_DHT_CANDIDATES]
 
         async def ask(peer: str) -> None:
             try:
                 await self.refresh_offer(peer)
             except (NetworkError, RemoteProtocolError) as exc:
+                self.reputation.record(peer, reputationlib.Offence.FAILED, trio.current_time())
                 logger.info("provider %s named by the DHT did not answer: %s", short(peer), exc)
 
         async with trio.open_nursery() as nursery:
@@ -366,9 +405,14 @@ class Node:
             model = request.get("model")
             if model is not None and not isinstance(model, str):
                 return {"error": "model must be a string"}
-            now = time.time()
+            now, clock = time.time(), trio.current_time()
             held = self.offer_book.offers(model)
-            return {"offers": [control.describe_offer(o, now) for o in held]}
+            return {
+                "offers": [
+                    control.describe_offer(o, now, self.reputation.standing(o.peer_id, clock))
+                    for o in held
+                ]
+            }
         if op == "peers":
             peerstore = self.host.get_peerstore()
             return {
@@ -514,21 +558,41 @@ class Node:
 
         async def handler(stream: INetStream) -> None:
             peer = str(stream.muxed_conn.peer_id)
+            now = trio.current_time()
+            over = (
+                self._streams[peer] >= self.config.max_streams_per_peer
+                or sum(self._streams.values()) >= self.config.max_streams
+            )
+            if over or self.reputation.banned(peer, now):
+                # Turned away before a byte is read: a banned or greedy peer
+                # costs us one reset.
+                self.refused_streams += 1
+                await reset_quietly(stream)
+                return
+            self._streams[peer] += 1
             try:
                 await serve(stream)
             except RemoteProtocolError as exc:
-                self.protocol_errors[peer] += 1
-                logger.info("%s: %s broke the protocol: %s", protocol, short(peer), exc)
+                score = self.reputation.record(
+                    peer, reputationlib.Offence.PROTOCOL, trio.current_time()
+                )
+                logger.info(
+                    "%s: %s broke the protocol: %s (score %.1f)", protocol, short(peer), exc, score
+                )
             except (BrokenStreamError, NetworkError) as exc:
                 logger.debug("%s: stream with %s ended: %s", protocol, short(peer), exc)
             except Exception:
-                logger.exception("%s: handler failed for %s", protocol, short(peer))
+                logger.exception("%s: handler failed for %s (a bug)", protocol, short(peer))
                 await reset_quietly(stream)
+            finally:
+                self._streams[peer] -= 1
+                if self._streams[peer] <= 0:
+                    del self._streams[peer]
 
         return handler
 
     async def _serve_dialback(self, stream: INetStream) -> None:
-        await nat.serve(stream, self.config.dialback)
+        await self.dialback_helper.serve(stream)
 
     async def _serve_status(self, stream: INetStream) -> None:
         await status_service.serve(stream, self.status_info, self.config.status)

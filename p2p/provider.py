@@ -21,21 +21,32 @@ from typing import Literal
 import trio
 from libp2p.abc import INetStream
 from libp2p.crypto.keys import PrivateKey
+from libp2p.peer.id import ID
 
 from p2pnode.errors import EngineError, ErrorCode
 from p2pnode.inference import engine as enginelib
 from p2pnode.inference.engine import Engine, EngineBusy
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
-from p2pnode.p2p.market import ProviderMarket
+from p2pnode.p2p.market import ProviderMarket, hello_signed_by_wallet
+from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import Ack, Done, InferOpen, Receipt, Request
+from p2pnode.protocols.infer.replay import ReplayWindow
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import SessionKeys
 from p2pnode.protocols.session.messages import Hello, RejectCode
 from p2pnode.protocols.wire import Error
+from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
+
+
+# Bounds of one request beyond its frame size. OpenAI takes 4 stop strings;
+# 16 leaves room. A conversation of thousands of turns is a flood.
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+MAX_TURNS = 2048
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,8 +58,18 @@ class Config:
     # Session opens and requests per consumer peer, per minute (a token
     # bucket, so short bursts up to this many pass).
     requests_per_minute: int = 600
-    # Sessions held at once; the idlest go first when the table is full.
+    # Sessions held at once, and per consumer peer. A consumer over its
+    # quota loses its own idlest session; a full table evicts from the
+    # consumer holding the most, so nobody's one session is pushed out by
+    # another's many. Paid sessions are never evicted before their end.
     max_sessions: int = 1024
+    max_sessions_per_peer: int = 8
+    # Handshakes in progress at once, overall and per peer. A waiting
+    # handshake costs a task and a stream; a paid one also a chain read at
+    # its end (signing the approval is local work). Hellos cost nothing to
+    # send: beyond these, the answer is BUSY.
+    max_handshakes: int = 256
+    max_handshakes_per_peer: int = 2
     # A session nobody used for this long is forgotten (its consumer opens a
     # new one; the receipt so far stays in the log).
     session_idle_s: float = 3600.0
@@ -56,27 +77,6 @@ class Config:
     hello_skew_s: float = 120.0
     handshake_s: float = 10.0
     infer: infer_service.Config = field(default_factory=infer_service.Config)
-
-
-@dataclass
-class RateLimiter:
-    """A token bucket per key: ``per_minute`` events, refilled continuously."""
-
-    per_minute: int
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def allow(self, key: str, now: float) -> bool:
-        """Take one token for ``key`` if there is one."""
-        capacity = float(self.per_minute)
-        tokens, since = self._buckets.get(key, (capacity, now))
-        tokens = min(capacity, tokens + (now - since) * capacity / 60.0)
-        if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            return False
-        self._buckets[key] = (tokens - 1.0, now)
-        if len(self._buckets) > 10_000:  # forget full buckets: they are the default
-            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < capacity - 1}
-        return True
 
 
 @dataclass
@@ -95,6 +95,10 @@ class ServedSession:
     active: int = 0
     # The latest receipt the consumer countersigned (its Ack signature).
     acked: tuple[Receipt, bytes] | None = None
+    paid: bool = False
+    # The stream ids used so far: each opens one stream, once (a reused one
+    # would reuse nonces under the session key, or replay a recorded request).
+    streams: ReplayWindow = field(default_factory=ReplayWindow)
 
 
 class Provider:
@@ -116,6 +120,7 @@ class Provider:
         self._engine_for = engine_for
         self._rate = RateLimiter(cfg.requests_per_minute)
         self.sessions: dict[bytes, ServedSession] = {}
+        self._handshakes: dict[str, int] = {}
         # Counters a user (and the tests) can read: what happened to requests.
         self.stats: dict[str, int] = {
             "sessions": 0,
@@ -123,6 +128,7 @@ class Provider:
             "cancelled": 0,
             "refused": 0,
             "bad_acks": 0,
+            "ended_mid_request": 0,
         }
 
     # --- sessions ------------------------------------------------------------
@@ -135,16 +141,36 @@ class Provider:
             assert market is not None
             return await market.confirm(hello, session_id, peer)
 
-        established = await session_service.serve_session(
-            stream,
-            lambda hello: self._admit(peer, hello),
-            self.cfg.handshake_s,
-            approval=market.approval if market is not None else None,
-            confirm=confirm if market is not None else None,
+        def decide(hello: Hello) -> RejectCode | None:
+            if not room:
+                return RejectCode.BUSY
+            return self._admit(peer, hello)
+
+        running = self._handshakes.get(peer, 0)
+        room = (
+            running < self.cfg.max_handshakes_per_peer
+            and sum(self._handshakes.values()) < self.cfg.max_handshakes
         )
+        self._handshakes[peer] = running + 1
+        try:
+            established = await session_service.serve_session(
+                stream,
+                decide,
+                self.cfg.handshake_s,
+                local_peer=ID.from_pubkey(self._key.get_public_key()),
+                remote_peer=stream.muxed_conn.peer_id,
+                approval=market.approval if market is not None else None,
+                confirm=confirm if market is not None else None,
+            )
+        finally:
+            left = self._handshakes.pop(peer) - 1
+            if left:
+                self._handshakes[peer] = left
         if established is None:
             return
-        self._make_room(trio.current_time())
+        if not self._make_room(peer, trio.current_time()):
+            logger.info("session table full: %s's session dropped", short(peer))
+            return
         self.sessions[established.session_id] = ServedSession(
             session_id=established.session_id,
             peer=peer,
@@ -152,14 +178,19 @@ class Provider:
             keys=established.keys,
             wallet=established.hello.consumer_wallet,
             last_used=trio.current_time(),
+            paid=market is not None,
         )
         self.stats["sessions"] += 1
         logger.info("session %s opened by %s", established.session_id[:4].hex(), short(peer))
 
     def _admit(self, peer: str, hello: Hello) -> RejectCode | None:
         allow = self.cfg.allowlist
-        if allow and peer not in allow and (hello.consumer_wallet or "").lower() not in allow:
-            return RejectCode.NOT_ALLOWED
+        if allow and peer not in allow:
+            # A wallet counts only if it signed this very Hello: the field
+            # alone is anyone's to write.
+            wallet = (hello.consumer_wallet or "").lower()
+            if wallet not in allow or not hello_signed_by_wallet(hello):
+                return RejectCode.NOT_ALLOWED
         if self._engine_for(hello.model_id) is None:
             return RejectCode.UNKNOWN_MODEL
         if abs(time.time() - hello.timestamp) > self.cfg.hello_skew_s:
@@ -168,13 +199,38 @@ class Provider:
             return RejectCode.RATE_LIMITED
         return self.market.check_hello(hello) if self.market is not None else None
 
-    def _make_room(self, now: float) -> None:
-        idle = [s for s in self.sessions.values() if now - s.last_used > self.cfg.session_idle_s]
+    def _make_room(self, peer: str, now: float) -> bool:
+        """Make room for one more session of ``peer``; False if there is none to make.
+
+        Idle sessions go first; then the peer's own idlest one if it is at its
+        quota; then, with the table full, the idlest of the peer holding the
+        most. Sessions with a request running, and paid ones (the consumer
+        paid for their time), are never evicted.
+        """
+        idle = [
+            s
+            for s in self.sessions.values()
+            if now - s.last_used > self.cfg.session_idle_s and s.active == 0
+            and not (s.paid and self.market is not None and self.market.serving(s.session_id))
+        ]  # fmt: skip
         for s in idle:
             del self.sessions[s.session_id]
-        while len(self.sessions) >= self.cfg.max_sessions:
-            oldest = min(self.sessions.values(), key=lambda s: (s.active > 0, s.last_used))
-            del self.sessions[oldest.session_id]
+        by_peer: dict[str, list[ServedSession]] = {}
+        for s in self.sessions.values():
+            by_peer.setdefault(s.peer, []).append(s)
+        if len(by_peer.get(peer, ())) >= self.cfg.max_sessions_per_peer:
+            return self._evict_one(by_peer[peer])
+        if len(self.sessions) >= self.cfg.max_sessions:
+            biggest = max(by_peer.values(), key=len)
+            return self._evict_one(biggest)
+        return True
+
+    def _evict_one(self, held: list[ServedSession]) -> bool:
+        evictable = [s for s in held if s.active == 0 and not s.paid]
+        if not evictable:
+            return False
+        del self.sessions[min(evictable, key=lambda s: s.last_used).session_id]
+        return True
 
     # --- requests ------------------------------------------------------------
 
@@ -195,6 +251,9 @@ class Provider:
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="no such session")
         if self.market is not None and not self.market.serving(opened.session_id):
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="the paid session has ended")
+        if not session.streams.accept(opened.stream_id):
+            self.stats["refused"] += 1
+            return Error(code=ErrorCode.REPLAYED, message="stream id already used")
         if not self._rate.allow(peer, trio.current_time()):
             self.stats["refused"] += 1
             return Error(code=ErrorCode.RATE_LIMITED, message="too many requests")
@@ -207,25 +266,60 @@ class Provider:
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD, "kind must be chat or completion, max_tokens >= 1"
             )
+        # Stop strings are checked against every generated token, turns are
+        # templated: a frame's worth of either is the peer's work, not ours.
+        if (
+            len(request.stop) > MAX_STOP
+            or any(len(s) > MAX_STOP_CHARS for s in request.stop)
+            or len(request.messages) > MAX_TURNS
+        ):
+            self.stats["refused"] += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.BAD_FIELD,
+                f"at most {MAX_STOP} stop strings of {MAX_STOP_CHARS} chars and {MAX_TURNS} turns",
+            )
         engine = self._engine_for(request.model_id)
         if engine is None or request.model_id != session.model_id:
             self.stats["refused"] += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
             )
+        market = self.market
+        if market is not None and not await market.check(session.session_id):
+            self.stats["refused"] += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.UNKNOWN_SESSION, "the paid session is closed or has ended"
+            )
         session.active += 1
         session.last_used = trio.current_time()
         produced = 0
         usage: enginelib.Usage | None = None
         finish = "cancelled"
+        ended = False
         try:
-            async with engine.stream(_engine_request(request)) as chunks:
-                async for chunk in chunks:
-                    if chunk.text:
-                        produced += chunk.tokens
-                        await emit(chunk.text, chunk.tokens)
-                    if chunk.finish_reason is not None:
-                        finish, usage = chunk.finish_reason, chunk.usage
+            # The watcher's nursery is ours alone: an engine error leaves it as
+            # itself, not in a group, so the refusal below reaches the consumer.
+            with single_errors_ungrouped():
+                async with trio.open_nursery() as nursery:
+                    if market is not None:
+
+                        async def stop_at_end() -> None:
+                            # Paid time is enforced while it is used: a session
+                            # closed on chain or past its end stops mid-answer.
+                            nonlocal ended
+                            await market.until_ended(session.session_id)
+                            ended = True
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(stop_at_end)
+                    async with engine.stream(_engine_request(request)) as chunks:
+                        async for chunk in chunks:
+                            if chunk.text:
+                                produced += chunk.tokens
+                                await emit(chunk.text, chunk.tokens)
+                            if chunk.finish_reason is not None:
+                                finish, usage = chunk.finish_reason, chunk.usage
+                    nursery.cancel_scope.cancel()
         except EngineBusy as exc:
             self.stats["refused"] += 1
             raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
@@ -239,6 +333,11 @@ class Provider:
             session.prompt_tokens += usage.prompt_tokens if usage else 0
             session.completion_tokens += usage.completion_tokens if usage else produced
             self.stats["requests" if usage else "cancelled"] += 1
+        if usage is None and ended:
+            self.stats["ended_mid_request"] += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.UNKNOWN_SESSION, "the paid session closed or ended during the request"
+            )
         assert usage is not None
         return Done(
             finish_reason=finish,

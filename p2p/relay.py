@@ -1,10 +1,12 @@
 """Circuit relay v2 for private nodes (ARCHITECTURE §10), on py-libp2p's implementation.
 
 Theory of operation. Every node runs the circuit v2 protocol's STOP side and
-its transport, so it can accept relayed connections and dial ``/p2p-circuit``
-addresses. A node started with ``relay_service`` also runs the HOP side with
-limits (reservations, connection duration, bytes per circuit): any public
-node can be a relay, none is special. A node that is private (by its
+its transport, so it can accept relayed connections (from the relays it
+reserved on) and dial ``/p2p-circuit`` addresses. Only a node started with
+``relay_service`` runs the HOP side, within budgets (``p2p/circuit.py``:
+reservations, circuits overall and per peer, bytes per circuit and per
+window, circuit duration): any public node can be a relay, none is special,
+and none relays for others unless told to. A node that is private (by its
 dial-back check or by configuration) and knows relays (``--relay``) connects
 to them, reserves a slot once identify has run (trap 4: earlier, py-libp2p
 caches "not a relay" for good), and advertises
@@ -31,28 +33,30 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream
+from libp2p.abc import IHost, IMuxedConn, INetConn, INetStream
 from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID, STOP_PROTOCOL_ID, CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID, STOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pnode.errors import NetworkError
+from p2pnode.p2p import circuit
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.host import short
+from p2pnode.protocols.stream import reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +68,27 @@ TaskStatus = Any  # trio.TaskStatus is shadowed by the trio-typing stubs
 class Config:
     """Relay service limits (when this node relays for others) and relays to use."""
 
+    # Relay for others (HOP): off unless configured, as it spends this
+    # node's bandwidth on strangers.
     service: bool = False
+    # Reservations held at once, over all peers. Each peer holds at most one
+    # (a reservation is for the peer that authenticated the connection) and
+    # only while connected.
     max_reservations: int = 16
+    # Circuits open at once, over all peers and per peer (as either end: a
+    # private provider reached by several consumers counts each).
     max_circuits: int = 32
+    max_circuits_per_peer: int = 8
+    # One circuit: how long it may stay open (idle or not), and the bytes it
+    # may carry, both ways (inference is light: 20,000 streamed tokens are
+    # ~80 KiB).
     circuit_duration_s: int = 3600
     circuit_bytes: int = 1 << 30
+    # Bytes relayed over all circuits per window; once spent, circuits are
+    # cut and new ones refused until the window restarts. 4 GiB an hour is a
+    # 10 Mbit/s uplink busy all the time.
+    total_bytes: int = 4 << 30
+    total_window_s: int = 3600
     reservation_ttl_s: int = 3600
     # Relays this node reserves on when it is private (full multiaddrs);
     # without any, it finds relays in the DHT.
@@ -88,8 +108,11 @@ def is_circuit(addr: str) -> bool:
     return CIRCUIT in addr
 
 
-def is_relayed(conn: INetConn) -> bool:
-    """Whether a connection runs through a relay (either end of it)."""
+def is_relayed(conn: INetConn | IMuxedConn) -> bool:
+    """Whether a connection runs through a relay (either end of it).
+
+    Takes a swarm connection, or a stream's ``muxed_conn``.
+    """
     if conn.get_connection_type() is ConnectionType.RELAYED:
         return True
     return any(is_circuit(str(a)) for a in conn.get_transport_addresses())
@@ -168,6 +191,11 @@ class _HolePunch(DCUtRProtocol):
         try:
             with protected(self.host, peer, "p2pnode-upgrade-answering"):
                 await super()._handle_dcutr_stream(stream)
+        except Exception:
+            # The handler runs in the swarm's task: an exception escaping it
+            # would end the node (py-libp2p 0.8.1). Only this stream pays.
+            logger.exception("hole punch answer to %s failed", short(peer))
+            await reset_quietly(stream)
         finally:
             if self.tasks is not None:
                 # The peer closes the relayed connection once its streams on it
@@ -191,18 +219,41 @@ class _HolePunch(DCUtRProtocol):
 class Relay:
     """The circuit v2 protocol, transport and this node's reservations."""
 
-    def __init__(self, host: IHost, cfg: Config) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        cfg: Config,
+        *,
+        misbehaved: Callable[[str], object] = lambda _peer: None,
+        banned: Callable[[str], bool] = lambda _peer: False,
+    ) -> None:
+        """``misbehaved(peer)`` is told of each relay message that broke the
+        protocol; HOP and STOP streams of a peer ``banned(peer)`` are reset."""
         self.cfg = cfg
         self._host = host
         limits = RelayLimits(
             duration=cfg.circuit_duration_s,
             data=cfg.circuit_bytes,
-            max_circuit_conns=cfg.max_circuits,
+            max_circuit_conns=cfg.max_circuits_per_peer,
             max_reservations=cfg.max_reservations,
             reservation_ttl=cfg.reservation_ttl_s,
         )
+        budget = circuit.Budget(
+            max_circuits=cfg.max_circuits,
+            max_circuits_per_peer=cfg.max_circuits_per_peer,
+            window_bytes=cfg.total_bytes,
+            window_s=cfg.total_window_s,
+        )
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if cfg.service else RelayRole(0))
-        self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=cfg.service)
+        self.protocol = circuit.Protocol(
+            host,
+            limits,
+            allow_hop=cfg.service,
+            budget=budget,
+            is_our_relay=lambda peer: str(peer) in self.reservations,
+            misbehaved=misbehaved,
+            banned=banned,
+        )
         self.transport = CircuitV2Transport(
             host, self.protocol, RelayConfig(roles=roles, limits=limits)
         )
@@ -213,7 +264,11 @@ class Relay:
         self.upgrades: collections.Counter[str] = collections.Counter()
         self._punch = _HolePunch(host, cfg.retire_check_s)
         self._upgrading: set[ID] = set()
-        host.set_stream_handler(TProtocol(PROTOCOL_ID), self.protocol._handle_hop_stream)
+        # Before the host listens, so no stream comes before its handler.
+        # HOP only for the service: py-libp2p's HOP handler does not look at
+        # allow_hop itself, so registering it would make every node a relay.
+        if cfg.service:
+            host.set_stream_handler(TProtocol(PROTOCOL_ID), self.protocol._handle_hop_stream)
         host.set_stream_handler(TProtocol(STOP_PROTOCOL_ID), self.protocol._handle_stop_stream)
         # Answering a peer's hole punch costs little: always on.
         host.set_stream_handler(DCUTR_PROTOCOL_ID, self._punch._handle_dcutr_stream)

@@ -11,15 +11,17 @@ allocate more than ``max_size`` plus one read (hivemind allocates whatever the
 peer declares; we do not).
 
 Messages are frozen dataclasses deriving from :class:`Message`. Their field
-annotations are the schema: ``from_wire`` checks every field's type and rejects
-missing ones, so a handler only ever sees well-typed messages. Fields a newer
-peer adds are ignored, which lets a protocol grow without a version bump.
+annotations are the schema: ``from_wire`` checks every field's type (a float
+must be finite) and rejects missing ones, so a handler only ever sees
+well-typed messages. Fields a newer peer adds are ignored, which lets a
+protocol grow without a version bump.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -148,9 +150,10 @@ class Message:
 
     Subclasses are declared as
     ``@dataclass(frozen=True, slots=True, kw_only=True)`` with a ``TYPE``
-    class variable. Supported field types: ``str``, ``int``, ``float``,
-    ``bool``, ``bytes``, ``X | None``, ``tuple[X, ...]``, ``dict[str, X]`` and
-    nested :class:`Message` subclasses (encoded as maps without a tag).
+    class variable. Supported field types: ``str``, ``int``, ``float``
+    (finite: NaN and infinities are BAD_FIELD), ``bool``, ``bytes``,
+    ``X | None``, ``tuple[X, ...]``, ``dict[str, X]`` and nested
+    :class:`Message` subclasses (encoded as maps without a tag).
     """
 
     TYPE: ClassVar[str] = ""
@@ -247,6 +250,10 @@ def _decode_value(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _bad(path, "a number", value)
+        # NaN compares false with everything, so a NaN timestamp or price
+        # would pass every bound a handler checks; infinities are no better.
+        if not math.isfinite(value):
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"{path}: not a finite number")
         return float(value)
     if tp in (str, bool, bytes):
         if type(value) is not tp:

@@ -23,6 +23,7 @@ from p2pnode.errors import P2PNodeError
 from p2pnode.inference.engine import Engine, Params, Request
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers
 from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet
 
@@ -92,7 +93,7 @@ async def discovery(
         # network, not the start-up backlog that ready_s already shows.
         lookup_ms, lookup_found = await _late_lookups(net, nursery, lookups, errors)
         offer_rounds = await _offer_rounds(net, peers, rounds, bound_s=5.0)
-        protocol_errors = sum(sum(n.protocol_errors.values()) for n in net.nodes)
+        protocol_errors = sum(n.reputation.totals[Offence.PROTOCOL] for n in net.nodes)
         rejected = {
             v.value: sum(n.offer_book.verdicts[v] for n in net.nodes)
             for v in offers.Verdict

@@ -6,6 +6,7 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 
 /// @title Marketplace: providers, models, bids priced per second, escrowed sessions.
 /// @notice A provider registers with a minimum stake and its libp2p peer ID (never
@@ -16,8 +17,23 @@ import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol
 ///         provider price x elapsed seconds, capped by the stake, and refunds the
 ///         rest in the same transaction. Invariant: escrowed = paid + refunded +
 ///         the stakes of open sessions.
+///
+///         Models. A model's id is keccak256 of its name, computed here (never taken
+///         from the caller), and the name is all the registry holds about it: naming
+///         a model gives no rights over it. Which GGUF file serves a model is each
+///         provider's own declaration, and each bid carries its provider's. So
+///         nobody can squat a popular name, or poison it with a wrong sha256 for
+///         everyone: a wrong declaration stays in its declarer's bids, which
+///         consumers can check against the file a provider's offer names. (Keying
+///         models by (name, sha256) would stop the poisoning too, but would split
+///         one model into an entry per file, while nodes look bids up by name.)
+///
+///         Registrations. A bid belongs to its provider's registration: leaving
+///         kills every bid of the provider for good, at no cost per bid, and
+///         registering again starts with none.
 contract Marketplace is EIP712, ReentrancyGuard {
     using SafeERC20 for IERC20;
+    using SafeCast for uint256;
 
     struct Provider {
         string peerId;
@@ -28,15 +44,16 @@ contract Marketplace is EIP712, ReentrancyGuard {
 
     struct Model {
         string name;
-        bytes32 ggufSha256;
-        address owner;
+        address registeredBy; // the first to name it: a record, not an owner
     }
 
     struct Bid {
         address provider;
         bytes32 modelId;
+        bytes32 ggufSha256; // the provider's declared file when it posted (0: no claim)
         uint256 pricePerSecond;
-        bool live;
+        uint64 registration; // the provider's registration it belongs to
+        bool live; // withdrawn or replaced if false; see isLive for the whole rule
     }
 
     struct Session {
@@ -53,17 +70,31 @@ contract Marketplace is EIP712, ReentrancyGuard {
     bytes32 public constant APPROVAL_TYPEHASH =
         keccak256("Approval(bytes32 bidId,address consumer,uint256 chainId,uint64 expiry,bytes32 nonce)");
 
+    /// @notice The longest session one stake may buy. Far above any session a node
+    ///         opens (minutes), and it keeps every timestamp here within uint64 for
+    ///         billions of years; a longer one reverts (SessionTooLong) rather than
+    ///         being silently shortened, so that a session always lasts stake / price.
+    uint256 public constant MAX_SESSION_SECONDS = 365 days;
+    /// @notice A model name's limit in bytes: the offers protocol allows 128
+    ///         characters (protocols/offers/config.py), at most 4 bytes each in UTF-8.
+    uint256 public constant MAX_MODEL_NAME_BYTES = 512;
+
     IERC20 public immutable token;
     uint256 public immutable minProviderStake;
 
     mapping(address => Provider) private _providers;
+    /// @notice How many times each address has registered as a provider (never reset).
+    mapping(address => uint64) public registrations;
     mapping(bytes32 => Model) private _models;
+    /// @notice provider => model id => the sha256 of the GGUF file it serves it from.
+    mapping(address => mapping(bytes32 => bytes32)) public ggufOf;
     mapping(bytes32 => Bid) private _bids;
-    mapping(address => mapping(bytes32 => bytes32)) public liveBid;
+    mapping(address => mapping(bytes32 => bytes32)) private _liveBid;
     mapping(bytes32 => Session) private _sessions;
     mapping(bytes32 => bool) public approvalUsed;
     uint256 public bidCount;
 
+    // Over the contract's life, modulo 2^256 (see _count).
     uint256 public totalEscrowed;
     uint256 public totalPaid;
     uint256 public totalRefunded;
@@ -71,8 +102,15 @@ contract Marketplace is EIP712, ReentrancyGuard {
     event ProviderRegistered(address indexed provider, string peerId, uint256 stake);
     event ProviderUpdated(address indexed provider, string peerId, uint256 stake);
     event ProviderDeregistered(address indexed provider, uint256 stakeReturned);
-    event ModelRegistered(bytes32 indexed modelId, string name, bytes32 ggufSha256, address owner);
-    event BidPosted(bytes32 indexed bidId, address indexed provider, bytes32 indexed modelId, uint256 pricePerSecond);
+    event ModelRegistered(bytes32 indexed modelId, string name, address registeredBy);
+    event ModelDeclared(bytes32 indexed modelId, address indexed provider, bytes32 ggufSha256);
+    event BidPosted(
+        bytes32 indexed bidId,
+        address indexed provider,
+        bytes32 indexed modelId,
+        bytes32 ggufSha256,
+        uint256 pricePerSecond
+    );
     event BidDeleted(bytes32 indexed bidId);
     event SessionOpened(
         bytes32 indexed sessionId,
@@ -90,7 +128,8 @@ contract Marketplace is EIP712, ReentrancyGuard {
     error EmptyPeerId();
     error StakeTooLow(uint256 minimum);
     error SessionsOpen(uint64 count);
-    error ModelExists();
+    error EmptyModelName();
+    error ModelNameTooLong(uint256 length, uint256 maximum);
     error UnknownModel();
     error UnknownBid();
     error NotBidOwner();
@@ -101,6 +140,7 @@ contract Marketplace is EIP712, ReentrancyGuard {
     error ApprovalUsed();
     error BadApproval();
     error StakeBelowOneSecond(uint256 price);
+    error SessionTooLong(uint256 duration, uint256 maximum);
     error SessionExists();
     error SessionNotOpen();
     error NotYetEnded(uint64 endsAt);
@@ -120,6 +160,7 @@ contract Marketplace is EIP712, ReentrancyGuard {
         p.peerId = peerId;
         p.stake = stake;
         p.registered = true;
+        registrations[msg.sender] += 1; // the bids of earlier registrations stay dead
         token.safeTransferFrom(msg.sender, address(this), stake);
         emit ProviderRegistered(msg.sender, peerId, stake);
     }
@@ -135,7 +176,8 @@ contract Marketplace is EIP712, ReentrancyGuard {
         emit ProviderUpdated(msg.sender, peerId, p.stake);
     }
 
-    /// @notice Leave, with the stake back; only with no session open.
+    /// @notice Leave, with the stake back; only with no session open. Every bid of
+    ///         the provider dies with its registration (a new one starts with none).
     function deregisterProvider() external nonReentrant {
         Provider storage p = _providers[msg.sender];
         if (!p.registered) revert NotRegistered();
@@ -152,10 +194,28 @@ contract Marketplace is EIP712, ReentrancyGuard {
 
     // --- models ----------------------------------------------------------------
 
-    function registerModel(bytes32 modelId, string calldata name, bytes32 ggufSha256) external {
-        if (_models[modelId].owner != address(0)) revert ModelExists();
-        _models[modelId] = Model(name, ggufSha256, msg.sender);
-        emit ModelRegistered(modelId, name, ggufSha256, msg.sender);
+    /// @notice The id of a model: keccak256 of its name's bytes.
+    function modelIdOf(string calldata name) public pure returns (bytes32) {
+        return keccak256(bytes(name));
+    }
+
+    /// @notice Name a model (if nobody has yet) and declare the GGUF file the caller
+    ///         serves it from (0: no claim). Anyone may, any number of times: a
+    ///         declaration is the caller's alone, and its next postBid carries it.
+    function registerModel(string calldata name, bytes32 ggufSha256) external returns (bytes32 modelId) {
+        if (bytes(name).length == 0) revert EmptyModelName();
+        if (bytes(name).length > MAX_MODEL_NAME_BYTES) {
+            revert ModelNameTooLong(bytes(name).length, MAX_MODEL_NAME_BYTES);
+        }
+        modelId = modelIdOf(name);
+        Model storage m = _models[modelId];
+        if (m.registeredBy == address(0)) {
+            m.name = name;
+            m.registeredBy = msg.sender;
+            emit ModelRegistered(modelId, name, msg.sender);
+        }
+        ggufOf[msg.sender][modelId] = ggufSha256;
+        emit ModelDeclared(modelId, msg.sender, ggufSha256);
     }
 
     function getModel(bytes32 modelId) external view returns (Model memory) {
@@ -164,35 +224,58 @@ contract Marketplace is EIP712, ReentrancyGuard {
 
     // --- bids ------------------------------------------------------------------
 
-    /// @notice Post (or re-price, at no fee) this provider's one live bid for a model.
-    ///         Open sessions keep the price they were opened at.
+    /// @notice Post (or re-price, at no fee) this provider's one live bid for a model,
+    ///         carrying the GGUF file it declared for the model. Open sessions keep
+    ///         the price they were opened at. A declaration changed since the live
+    ///         bid was posted makes a new bid (and withdraws the old one): a
+    ///         consumer's approval names a bid, whose file must not change under it.
     function postBid(bytes32 modelId, uint256 pricePerSecond) external returns (bytes32 bidId) {
         if (!_providers[msg.sender].registered) revert NotRegistered();
-        if (_models[modelId].owner == address(0)) revert UnknownModel();
+        if (_models[modelId].registeredBy == address(0)) revert UnknownModel();
         if (pricePerSecond == 0) revert ZeroPrice();
-        bidId = liveBid[msg.sender][modelId];
-        if (bidId == bytes32(0)) {
-            bidId = keccak256(abi.encode(msg.sender, modelId, bidCount++));
-            liveBid[msg.sender][modelId] = bidId;
-            _bids[bidId] = Bid(msg.sender, modelId, pricePerSecond, true);
-        } else {
+        bytes32 gguf = ggufOf[msg.sender][modelId];
+        bidId = liveBid(msg.sender, modelId);
+        if (bidId != bytes32(0) && _bids[bidId].ggufSha256 == gguf) {
             _bids[bidId].pricePerSecond = pricePerSecond;
+        } else {
+            if (bidId != bytes32(0)) {
+                _bids[bidId].live = false;
+                emit BidDeleted(bidId);
+            }
+            bidId = keccak256(abi.encode(msg.sender, modelId, bidCount++));
+            _liveBid[msg.sender][modelId] = bidId;
+            _bids[bidId] = Bid(msg.sender, modelId, gguf, pricePerSecond, registrations[msg.sender], true);
         }
-        emit BidPosted(bidId, msg.sender, modelId, pricePerSecond);
+        emit BidPosted(bidId, msg.sender, modelId, gguf, pricePerSecond);
     }
 
     function deleteBid(bytes32 bidId) external {
         Bid storage b = _bids[bidId];
         if (b.provider == address(0)) revert UnknownBid();
         if (b.provider != msg.sender) revert NotBidOwner();
-        if (!b.live) revert BidNotLive();
+        if (!isLive(bidId)) revert BidNotLive();
         b.live = false;
-        delete liveBid[msg.sender][b.modelId];
+        delete _liveBid[msg.sender][b.modelId];
         emit BidDeleted(bidId);
     }
 
-    function getBid(bytes32 bidId) external view returns (Bid memory) {
-        return _bids[bidId];
+    /// @notice A bid may open sessions: not withdrawn or replaced, and its provider
+    ///         is registered still, in the registration that posted it.
+    function isLive(bytes32 bidId) public view returns (bool) {
+        Bid storage b = _bids[bidId];
+        return b.live && _providers[b.provider].registered && b.registration == registrations[b.provider];
+    }
+
+    /// @notice The provider's live bid for a model (0: none).
+    function liveBid(address provider, bytes32 modelId) public view returns (bytes32 bidId) {
+        bidId = _liveBid[provider][modelId];
+        if (bidId != bytes32(0) && !isLive(bidId)) bidId = bytes32(0);
+    }
+
+    /// @notice The bid, with `live` as isLive says (dead with its provider's registration).
+    function getBid(bytes32 bidId) external view returns (Bid memory b) {
+        b = _bids[bidId];
+        b.live = isLive(bidId);
     }
 
     // --- sessions --------------------------------------------------------------
@@ -213,7 +296,8 @@ contract Marketplace is EIP712, ReentrancyGuard {
         );
     }
 
-    /// @notice Open a session: `stake` moves into escrow and buys stake / price seconds.
+    /// @notice Open a session: `stake` moves into escrow and buys stake / price seconds,
+    ///         at most MAX_SESSION_SECONDS (more reverts with SessionTooLong).
     /// @param maxPricePerSecond the price the consumer agreed to; a bid re-priced above it reverts.
     function openSession(
         bytes32 bidId,
@@ -228,10 +312,11 @@ contract Marketplace is EIP712, ReentrancyGuard {
         if (!b.live) revert BidNotLive();
         Provider storage p = _providers[b.provider];
         if (!p.registered) revert NotRegistered();
+        // A bid of an earlier registration (its provider left, and came back).
+        if (b.registration != registrations[b.provider]) revert BidNotLive();
         uint256 price = b.pricePerSecond;
         if (price > maxPricePerSecond) revert PriceAboveLimit(price, maxPricePerSecond);
         _useApproval(b.provider, bidId, expiry, nonce, approval);
-        if (stake < price) revert StakeBelowOneSecond(price);
         sessionId = sessionIdOf(bidId, msg.sender, nonce);
         Session storage s = _sessions[sessionId];
         // Two approvals with the same nonce (another expiry) would name the same session.
@@ -241,13 +326,25 @@ contract Marketplace is EIP712, ReentrancyGuard {
         s.bidId = bidId;
         s.pricePerSecond = price;
         s.stake = stake;
-        s.openedAt = uint64(block.timestamp);
-        s.endsAt = uint64(block.timestamp + stake / price);
+        s.openedAt = block.timestamp.toUint64();
+        s.endsAt = _endsAt(stake, price);
         s.open = true;
         p.openSessions += 1;
-        totalEscrowed += stake;
+        totalEscrowed = _count(totalEscrowed, stake);
         token.safeTransferFrom(msg.sender, address(this), stake);
         emit SessionOpened(sessionId, msg.sender, s.provider, bidId, stake, price, s.endsAt);
+    }
+
+    /// @dev When a session that `stake` buys at `price` ends: after stake / price seconds.
+    function _endsAt(uint256 stake, uint256 price) private view returns (uint64) {
+        if (stake < price) revert StakeBelowOneSecond(price);
+        uint256 duration = stake / price;
+        // A plain uint64(block.timestamp + duration) wraps for a duration long enough
+        // (a stake of 2^64 - 1 at 1 per second): the session would end before it
+        // opened, and closing it, so also deregistering its provider, would revert
+        // forever. SafeCast stays as the guard of the cast itself.
+        if (duration > MAX_SESSION_SECONDS) revert SessionTooLong(duration, MAX_SESSION_SECONDS);
+        return (block.timestamp + duration).toUint64();
     }
 
     /// @dev Checks the provider's approval (unexpired, unused, its signature) and spends it.
@@ -272,13 +369,14 @@ contract Marketplace is EIP712, ReentrancyGuard {
             revert NotYetEnded(s.endsAt);
         }
         uint256 until = block.timestamp < s.endsAt ? block.timestamp : s.endsAt;
+        // No overflow: until - openedAt <= stake / price, so this is at most the stake.
         paid = s.pricePerSecond * (until - s.openedAt);
         if (paid > s.stake) paid = s.stake;
         refunded = s.stake - paid;
         s.open = false;
         _providers[s.provider].openSessions -= 1;
-        totalPaid += paid;
-        totalRefunded += refunded;
+        totalPaid = _count(totalPaid, paid);
+        totalRefunded = _count(totalRefunded, refunded);
         if (paid > 0) token.safeTransfer(s.provider, paid);
         if (refunded > 0) token.safeTransfer(s.consumer, refunded);
         emit SessionClosed(sessionId, msg.sender, paid, refunded);
@@ -286,5 +384,16 @@ contract Marketplace is EIP712, ReentrancyGuard {
 
     function getSession(bytes32 sessionId) external view returns (Session memory) {
         return _sessions[sessionId];
+    }
+
+    /// @dev A life-long total plus `amount`, modulo 2^256. Tokens come back to be
+    ///      escrowed again, so with a token of vast supply the totals could pass
+    ///      2^256; a checked sum would then revert every openSession for good. They
+    ///      are for reading differences (exact while under 2^256 moved between two
+    ///      readings), and the invariant above holds modulo 2^256.
+    function _count(uint256 total, uint256 amount) private pure returns (uint256) {
+        unchecked {
+            return total + amount;
+        }
     }
 }

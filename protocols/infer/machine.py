@@ -42,8 +42,16 @@ from p2pnode.protocols.infer.messages import (
     InferOpen,
     Request,
 )
-from p2pnode.protocols.session.crypto import Opener, Sealer, SessionKeys
-from p2pnode.protocols.wire import PEER_CLOSED, Codec, Error, Message, Sentinel, encode_frame
+from p2pnode.protocols.session.crypto import MAX_STREAM_ID, Opener, Sealer, SessionKeys
+from p2pnode.protocols.wire import (
+    DEFAULT_MAX_FRAME,
+    PEER_CLOSED,
+    Codec,
+    Error,
+    Message,
+    Sentinel,
+    encode_frame,
+)
 
 CLEAR: Final = 0x00
 SEALED: Final = 0x01
@@ -169,10 +177,18 @@ class ConsumerMachine(_Side):
 
 
 class ProviderMachine(_Side):
-    """The provider's side of one request."""
+    """The provider's side of one request.
+
+    Until ``accept`` the peer is anyone who can open a stream, and what it
+    sends is clear msgpack, which Python inflates many times over (a frame
+    of empty maps costs ~70 bytes of objects per byte): the InferOpen frame
+    gets the control-frame cap, and ``max_frame`` applies once the session's
+    keys authenticate what follows.
+    """
 
     def __init__(self, max_frame: int) -> None:
-        super().__init__(max_frame, State.AWAIT_OPEN)
+        super().__init__(min(max_frame, DEFAULT_MAX_FRAME), State.AWAIT_OPEN)
+        self._max_frame = max_frame
         self.opened: InferOpen | None = None
         self._seq = 0
 
@@ -196,6 +212,8 @@ class ProviderMachine(_Side):
             self.state = State.ERROR
             return got
         if self.state is State.AWAIT_OPEN and isinstance(got, InferOpen):
+            if not 0 <= got.stream_id <= MAX_STREAM_ID:
+                raise self._fail(ErrorCode.BAD_FIELD, "stream id must fit in 32 bits")
             self.opened = got
             self.state = State.CHECKING
             return got
@@ -217,6 +235,7 @@ class ProviderMachine(_Side):
             self.opened.session_id,
             self.opened.stream_id,
         )
+        self._decoder.max_size = self._max_frame
         self.state = State.AWAIT_REQUEST
 
     def refuse(self, code: ErrorCode, message: str) -> bytes:

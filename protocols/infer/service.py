@@ -20,6 +20,7 @@ import trio
 from p2pnode.errors import (
     BrokenStreamError,
     ErrorCode,
+    LocalProtocolError,
     NetworkError,
     P2PNodeError,
     RemoteProtocolError,
@@ -181,6 +182,9 @@ class _Generation:
         self._pending = trio.Event()
         self._ack: Ack | None = None
         self._acked = trio.Event()
+        # Set once we refused mid-request: the machine is in ERROR, and the
+        # consumer's reaction (a reset) is no concern of the watcher's.
+        self._refused = False
 
     async def run(self, opened: InferOpen, message: Request, run: Run, on_ack: OnAck) -> None:
         done: Done | None = None
@@ -199,6 +203,7 @@ class _Generation:
                 done = await run(opened, message, self._emit)
             except RequestRefused as exc:
                 error = Error(code=int(exc.code), message=str(exc)[:200])
+                self._refused = True
                 async with self._write_lock:
                     await send(self._stream, self._machine, self._machine.send_error(error))
                 nursery.cancel_scope.cancel()
@@ -251,6 +256,10 @@ class _Generation:
             event = await next_event(self._stream, self._machine)
         except BrokenStreamError:
             event = PEER_CLOSED
+        except LocalProtocolError:
+            if self._refused:  # read on after our Error frame: nothing to watch for
+                return
+            raise
         if isinstance(event, Ack):
             self._ack = event
             self._acked.set()

@@ -1,9 +1,12 @@
 """The OfferBook: the offers a consumer currently believes, and every rule for admitting one.
 
 It holds every rule a topic validator applies: size, signature, origin, age,
-clock skew and sequence numbers. It is pure: the caller injects signature
-verification (libp2p keys live in ``p2p/``) and passes ``now`` (wall-clock
-seconds), so every rule is tested with plain values.
+clock skew, sequence numbers and the bounds of every claim an offer makes
+(addresses, models, prices, load, speed). It is pure: the caller injects
+signature verification and address parsing (libp2p lives in ``p2p/``) and
+passes ``now`` (wall-clock seconds), so every rule is tested with plain
+values. Nothing a publisher sends can make it raise: every outcome is a
+:class:`Verdict`.
 
 Theory of operation. Each provider numbers its offers with a sequence that only
 grows (it starts from the wall clock in milliseconds, so a restarted provider
@@ -36,6 +39,11 @@ class Verdict(enum.Enum):
     STALE = "stale"
     FUTURE = "future"
     REPLAYED = "replayed"  # sequence number below the last one accepted
+    # Signed by its provider, but a claim is out of bounds: a negative price,
+    # an address that does not parse or names another peer, too many models.
+    INVALID = "invalid"
+    # The book is full of providers that keep announcing: no room for a newcomer.
+    FULL = "full"
     # The very offer already held, arriving again by another gossip path
     # while the first copy was being validated: harmless, not stored twice.
     DUPLICATE = "duplicate"
@@ -49,6 +57,9 @@ class Verdict(enum.Enum):
 Verifier = Callable[[str, bytes, bytes], bool]
 """``verify(peer_id, payload, signature)``: True if the peer's key signed it."""
 
+AddrCheck = Callable[[str, str], bool]
+"""``check(addr, peer_id)``: True if ``addr`` is a multiaddr that dials ``peer_id``."""
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -61,9 +72,10 @@ class Entry:
 class OfferBook:
     """The offers a node currently believes, newest per provider."""
 
-    def __init__(self, cfg: Config, verify: Verifier) -> None:
+    def __init__(self, cfg: Config, verify: Verifier, addr_ok: AddrCheck) -> None:
         self.cfg = cfg
         self._verify = verify
+        self._addr_ok = addr_ok
         self._entries: dict[str, Entry] = {}
         self.verdicts: dict[Verdict, int] = dict.fromkeys(Verdict, 0)
 
@@ -76,11 +88,23 @@ class OfferBook:
         relayed by another peer outside gossip).
         """
         verdict, offer = self._judge(data, source, now)
-        self.verdicts[verdict] += 1
         if verdict is Verdict.ACCEPTED:
             assert offer is not None
-            self._entries[offer.peer_id] = Entry(offer, now)
+            if offer.peer_id not in self._entries and not self._make_room(now):
+                verdict = Verdict.FULL
+            else:
+                self._entries[offer.peer_id] = Entry(offer, now)
+        self.verdicts[verdict] += 1
         return verdict
+
+    def _make_room(self, now: float) -> bool:
+        if len(self._entries) < self.cfg.max_entries:
+            return True
+        stalest = min(self._entries.values(), key=lambda e: e.received_at)
+        if now - stalest.received_at < 2 * self.cfg.period_s:
+            return False
+        del self._entries[stalest.offer.peer_id]
+        return True
 
     def _judge(self, data: bytes, source: str | None, now: float) -> tuple[Verdict, Offer | None]:
         if len(data) > self.cfg.max_size:
@@ -96,6 +120,8 @@ class OfferBook:
             offer.peer_id, offer.signing_bytes(), offer.signature
         ):
             return Verdict.FORGED, None
+        if not self._within_bounds(offer):
+            return Verdict.INVALID, None
         if offer.timestamp < now - self.cfg.max_age_s:
             return Verdict.STALE, None
         if offer.timestamp > now + self.cfg.max_skew_s:
@@ -107,10 +133,37 @@ class OfferBook:
             return Verdict.REPLAYED, None
         return Verdict.ACCEPTED, offer
 
+    def _within_bounds(self, offer: Offer) -> bool:
+        """Whether every claim of a correctly signed offer is one we may act on."""
+        c = self.cfg
+        if not (0 <= offer.slots_free <= c.max_slots and 0 <= offer.queue_len <= c.max_queue):
+            return False
+        if offer.seq < 0 or len(offer.addrs) > c.max_addrs or len(offer.models) > c.max_models:
+            return False
+        for addr in offer.addrs:
+            if len(addr) > c.max_addr_len or not self._addr_ok(addr, offer.peer_id):
+                return False
+        ids = [m.model_id for m in offer.models]
+        if len(set(ids)) != len(ids):
+            return False
+        return all(
+            0 < len(m.model_id) <= c.max_model_id_len
+            and 0 <= m.price_per_s <= c.max_price_per_s
+            and 0.0 <= m.tokens_per_s <= c.max_tokens_per_s
+            and 0 <= m.context_length <= c.max_context_length
+            and (m.gguf_sha256 is None or _is_sha256(m.gguf_sha256))
+            and (m.bid_id is None or _is_sha256(m.bid_id))
+            for m in offer.models
+        )
+
     def update_load(self, peer_id: str, *, slots_free: int, queue_len: int, now: float) -> None:
-        """Apply load the provider reported directly (a live status wins over gossip)."""
+        """Apply load the provider reported directly (a live status wins over gossip).
+
+        Out-of-bounds figures are ignored, as they would be in an offer.
+        """
         held = self._entries.get(peer_id)
-        if held is not None:
+        c = self.cfg
+        if held is not None and 0 <= slots_free <= c.max_slots and 0 <= queue_len <= c.max_queue:
             offer = replace(held.offer, slots_free=slots_free, queue_len=queue_len)
             self._entries[peer_id] = Entry(offer, now)
 
@@ -142,3 +195,8 @@ class OfferBook:
 
     def __iter__(self) -> Iterator[Offer]:
         return (e.offer for e in self._entries.values())
+
+
+def _is_sha256(text: str) -> bool:
+    """A 32-byte digest in lowercase hex (as offers carry GGUF hashes and bid ids)."""
+    return len(text) == 64 and all(ch in "0123456789abcdef" for ch in text)

@@ -6,16 +6,28 @@ the hash of the handshake transcript, into one ChaCha20-Poly1305 key per
 direction (consumer→provider and provider→consumer), so neither side ever
 encrypts with the other's key.
 
+Besides the Hello and Approve bodies, the transcript names both libp2p peer
+ids, consumer's then provider's, as each end knows them: its own, and the
+other's as the stream's secure channel (Noise) authenticated it. The
+ephemeral keys are signed by no one, so without the ids a peer M could relay
+a consumer C's handshake to a provider P byte for byte: C would believe M
+serves it and P that M is its consumer, while C and P share the keys (and
+M could pass another provider's bid off as its own). With them, C hashes
+(C, M) and P hashes (M, P): a relayed handshake yields two unrelated key
+sets, and the first sealed frame across fails authentication.
+
 A :class:`Sealer` encrypts the frames one side sends on one stream; an
 :class:`Opener` decrypts what it receives. The 96-bit nonce is the stream id
 (32 bits) and a frame counter (64 bits) that both ends advance in step: a key
 serves every stream of its session and direction, so the stream id must be in
 the nonce, or two streams would reuse ChaCha20's keystream (associated data
-does not change it). Stream ids are unique within a session. The associated
-data binds every frame to its session and stream as well. So a flipped bit,
-a replayed or reordered frame, or a frame spliced in from another stream or
-session fails authentication; the opener then refuses everything after it (a
-stream that lied once is done).
+does not change it). Stream ids are unique within a session: the consumer
+counts them up, and the provider refuses one its session has seen
+(``infer.replay.ReplayWindow``); a reused id would also replay a whole
+request. The associated data binds every frame to its session and stream as
+well. So a flipped bit, a replayed or reordered frame, or a frame spliced in
+from another stream or session fails authentication; the opener then
+refuses everything after it (a stream that lied once is done).
 
 Pure: no I/O, no clock; ``cryptography`` does the arithmetic.
 """
@@ -40,6 +52,9 @@ MAX_STREAM_ID: Final = 2**32 - 1
 MAX_FRAMES: Final = 2**64
 
 
+TRANSCRIPT_DOMAIN: Final = b"p2pnode/session/1"
+
+
 def transcript_hash(*parts: bytes) -> bytes:
     """SHA-256 over length-prefixed parts: no two transcripts hash alike."""
     digest = hashlib.sha256()
@@ -47,6 +62,21 @@ def transcript_hash(*parts: bytes) -> bytes:
         digest.update(len(part).to_bytes(4, "big"))
         digest.update(part)
     return digest.digest()
+
+
+def handshake_transcript(
+    *, consumer: bytes, provider: bytes, hello: bytes, approve: bytes
+) -> bytes:
+    """The hash a session's keys (and its free-mode id) derive from.
+
+    ``consumer`` and ``provider`` are the two libp2p peer ids (their bytes),
+    ``hello`` and ``approve`` the exact message bodies that crossed the wire.
+    Both ids are required: a transcript without them is open to relaying
+    (see the module docstring).
+    """
+    if not consumer or not provider:
+        raise LocalProtocolError(ErrorCode.BAD_FIELD, "a transcript needs both peer ids")
+    return transcript_hash(TRANSCRIPT_DOMAIN, consumer, provider, hello, approve)
 
 
 class Ephemeral:

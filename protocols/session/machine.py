@@ -11,11 +11,15 @@ Theory of operation::
          ◄── Ready ── ready() ──────────────────  CHECKING ──ready()──► READY
     AWAIT_READY ──Ready──► READY                          └─reject()──► REJECTED
 
-Both sides hash the exact Hello and Approve bodies that crossed the wire into
-the transcript; the keys come from it (``crypto.SessionKeys``), and in free
-mode the session id is that hash. In chain mode the consumer opens the
-session on chain between Approve and Opened, and the provider checks the
-chain before ``ready()``: those decisions belong to the adapter, which sees
+Both sides hash the two peer ids of the stream (consumer's, provider's) and
+the exact Hello and Approve bodies that crossed the wire into the transcript
+(``crypto.handshake_transcript``); the keys come from it
+(``crypto.SessionKeys``), and in free mode the session id is that hash. Each
+machine is built with its own peer id and the one the stream authenticated
+for the other end, so a handshake relayed through a third peer derives keys
+the two real ends do not share. In chain mode the consumer opens the session
+on chain between Approve and Opened, and the provider checks the chain
+before ``ready()``: those decisions belong to the adapter, which sees
 ``Hello`` and ``Opened`` events and answers with ``approve``/``reject``/
 ``ready``. Randomness (the ephemeral keys) is passed in; the machines never
 read a clock or do I/O.
@@ -27,7 +31,7 @@ import enum
 
 from p2pnode.errors import ErrorCode, LocalProtocolError
 from p2pnode.protocols.framed import FramedMachine
-from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys, transcript_hash
+from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys, handshake_transcript
 from p2pnode.protocols.session.messages import (
     CODEC,
     Approve,
@@ -39,7 +43,6 @@ from p2pnode.protocols.session.messages import (
 )
 from p2pnode.protocols.wire import PEER_CLOSED, Error, Message, Sentinel
 
-DOMAIN = b"p2pnode/session/1"
 EPHEMERAL_BYTES = 32
 NONCE_BYTES = 16
 
@@ -59,8 +62,12 @@ class State(enum.Enum):
 
 
 class _Side(FramedMachine[State]):
-    def __init__(self, max_frame: int, state: State) -> None:
+    def __init__(self, max_frame: int, state: State, *, consumer: bytes, provider: bytes) -> None:
         super().__init__(max_frame, state, State.ERROR)
+        if not consumer or not provider:
+            raise LocalProtocolError(ErrorCode.BAD_FIELD, "a handshake needs both peer ids")
+        self._consumer = consumer
+        self._provider = provider
         self.keys: SessionKeys | None = None
         self.transcript = b""
         self._hello_body = b""
@@ -72,7 +79,12 @@ class _Side(FramedMachine[State]):
         return got
 
     def _derive(self, ours: Ephemeral, theirs: bytes, approve_body: bytes) -> None:
-        self.transcript = transcript_hash(DOMAIN, self._hello_body, approve_body)
+        self.transcript = handshake_transcript(
+            consumer=self._consumer,
+            provider=self._provider,
+            hello=self._hello_body,
+            approve=approve_body,
+        )
         self.keys = SessionKeys.derive(ours.shared_secret(theirs), self.transcript)
 
     def send_error(self, error: Error) -> bytes:
@@ -86,10 +98,16 @@ class _Side(FramedMachine[State]):
 
 
 class ConsumerMachine(_Side):
-    """The consumer's side: asks, derives keys on Approve, names the session, waits for Ready."""
+    """The consumer's side: asks, derives keys on Approve, names the session, waits for Ready.
 
-    def __init__(self, max_frame: int, ephemeral: Ephemeral) -> None:
-        super().__init__(max_frame, State.IDLE)
+    ``local_peer`` is our libp2p peer id, ``remote_peer`` the provider's as
+    the stream authenticated it (both as bytes); both go into the transcript.
+    """
+
+    def __init__(
+        self, max_frame: int, ephemeral: Ephemeral, *, local_peer: bytes, remote_peer: bytes
+    ) -> None:
+        super().__init__(max_frame, State.IDLE, consumer=local_peer, provider=remote_peer)
         self._ephemeral = ephemeral
         self.session_id = b""
 
@@ -137,10 +155,14 @@ class ConsumerMachine(_Side):
 
 
 class ProviderMachine(_Side):
-    """The provider's side: sees Hello, approves or rejects, checks Opened, says Ready."""
+    """The provider's side: sees Hello, approves or rejects, checks Opened, says Ready.
 
-    def __init__(self, max_frame: int) -> None:
-        super().__init__(max_frame, State.AWAIT_HELLO)
+    ``local_peer`` is our libp2p peer id, ``remote_peer`` the consumer's as
+    the stream authenticated it (both as bytes); both go into the transcript.
+    """
+
+    def __init__(self, max_frame: int, *, local_peer: bytes, remote_peer: bytes) -> None:
+        super().__init__(max_frame, State.AWAIT_HELLO, consumer=remote_peer, provider=local_peer)
         self.hello: Hello | None = None
         self.session_id = b""
 

@@ -20,6 +20,7 @@ class RejectCode(enum.IntEnum):
     BAD_SESSION = 6  # the session the consumer says it opened does not check out
     STALE_HELLO = 7  # the Hello's timestamp is too old or too far ahead
     PAYMENT_REQUIRED = 8  # the provider serves paid sessions only (a chain is in use)
+    CHAIN_UNAVAILABLE = 9  # the provider could not read the chain to check the session
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,6 +5,11 @@ its caller the two questions only the node can answer: whether to take the
 session (``decide``, on Hello) and, in chain mode, which session id to name
 (``on_approve``, consumer) or whether the named session checks out
 (``confirm``, provider). Every call is bounded by ``wait_s``.
+
+Both sides name the two peer ids of the stream: their own (the host's) and
+the remote one the secure channel authenticated (``stream.muxed_conn.peer_id``).
+They go into the transcript, so a session relayed through a third peer
+never yields keys both real ends share (``crypto``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
+from libp2p.peer.id import ID
 
 from p2pnode.errors import ErrorCode, NetworkError, RemoteProtocolError
 from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys
@@ -59,18 +65,27 @@ async def open_session(
     model_id: str,
     wait_s: float,
     *,
+    local_peer: ID,
+    remote_peer: ID,
     prepare: Callable[[Hello], Hello] | None = None,
     on_approve: Callable[[Hello, Approve], Awaitable[bytes]] | None = None,
 ) -> Established:
     """Run the consumer's side on a fresh stream; closes the stream after.
 
+    ``local_peer`` is this node's id, ``remote_peer`` the provider's as the
+    stream's connection authenticated it (``stream.muxed_conn.peer_id``).
     Chain mode: ``prepare`` fills the Hello's chain fields and signs it, and
     ``on_approve`` opens the session on chain and returns its id; without
     them the id is the transcript hash. Raises :class:`Rejected`,
     :class:`NetworkError` (timeout, broken stream) or RemoteProtocolError.
     """
     ephemeral = Ephemeral()
-    machine = ConsumerMachine(DEFAULT_MAX_FRAME, ephemeral)
+    machine = ConsumerMachine(
+        DEFAULT_MAX_FRAME,
+        ephemeral,
+        local_peer=local_peer.to_bytes(),
+        remote_peer=remote_peer.to_bytes(),
+    )
     hello = Hello(
         model_id=model_id,
         ephemeral=ephemeral.public,
@@ -121,15 +136,21 @@ async def serve_session(
     decide: Decide,
     wait_s: float,
     *,
+    local_peer: ID,
+    remote_peer: ID,
     approval: Approval | None = None,
     confirm: Confirm | None = None,
 ) -> Established | None:
     """Run the provider's side on an inbound stream; returns the session, or None if refused.
 
+    ``local_peer`` is this node's id, ``remote_peer`` the consumer's as the
+    stream's connection authenticated it (``stream.muxed_conn.peer_id``).
     A malformed frame gets an Error frame and the RemoteProtocolError is
     re-raised for the node to count.
     """
-    machine = ProviderMachine(DEFAULT_MAX_FRAME)
+    machine = ProviderMachine(
+        DEFAULT_MAX_FRAME, local_peer=local_peer.to_bytes(), remote_peer=remote_peer.to_bytes()
+    )
     try:
         with trio.fail_after(wait_s):
             hello = await next_event(stream, machine)

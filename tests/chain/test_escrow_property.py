@@ -1,162 +1,417 @@
-"""Stateful property test: random register/bid/open/close/time-travel sequences on the
-embedded chain keep escrowed = paid + refunded + open stakes, and leave nothing locked."""
+"""Stateful property test: random sequences of provider registrations, model
+declarations, bids, opens, closes and time travel on the embedded chain, checked
+against a model of the market kept here.
+
+After every step the contract holds exactly the stakes the model says; after
+every open and close, the parties' balances and the contract's totals are exact
+(escrowed = paid + refunded + the stakes still held); at the end, with every
+session closed and every provider gone, each balance is, and the accounts hold
+the token's whole supply, to the wei. Every session settles at exactly price x
+min(elapsed, duration), read from the timestamps of the blocks that opened and
+closed it. Drawn on purpose: stakes
+buying more than the longest session (once a silent uint64 wrap that stranded
+them), prices up to 2^128, providers leaving and coming back (their old bids
+stay dead), and a stranger squatting model names with GGUF hashes of its own.
+"""
 
 from __future__ import annotations
 
+import re
 import secrets
+from dataclasses import dataclass
+from functools import cache
 
 import pytest
+from eth_account.signers.local import LocalAccount
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle,
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
 )
+from web3.types import TxParams
 
+from p2pnode.chain.client import Tx, model_key
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.errors import ChainError
 
-_CHAIN: Embedded | None = None
 PROVIDERS = (1, 2, 3)
 CONSUMERS = (4, 5, 6)
 STRANGER = 7
+ACCOUNTS = (*PROVIDERS, *CONSUMERS, STRANGER)
+NAMES = ("m", "popular")
+GGUFS = (None, "aa" * 32, "bb" * 32)
+WHALE = 2**220  # each consumer's extra tokens: room for any stake drawn below
+LONGEST = 365 * 24 * 3600  # Marketplace.MAX_SESSION_SECONDS
+MARGIN_S = 30  # the next block's time may run ahead of the last one's, with the wall clock
+
+PRICES = st.one_of(st.integers(1, 10**15), st.integers(1, 2**128))
+SECONDS = st.one_of(st.integers(1, 500), st.just(LONGEST))
+# 2^64 - 1 s at 1 per second once wrapped endsAt to openedAt - 1: closing reverted forever.
+TOO_LONG = st.one_of(
+    st.integers(LONGEST + 1, 2**64 - 1), st.just(2**64 - 1), st.integers(2**64, 2**80)
+)
 
 
-def _embedded() -> Embedded:
-    global _CHAIN
-    if _CHAIN is None:
-        _CHAIN = open_embedded()
-    return _CHAIN
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The chain every example starts from (and reverts to), as it was read once."""
+
+    net: Embedded
+    snapshot: object
+    balances: dict[int, int]
+    in_market: int
+    totals: tuple[int, int, int]
+
+
+@cache
+def _start() -> Start:
+    """Whales, and allowances given once so that an open is one transaction."""
+    net = open_embedded()
+    chain = net.chain
+    for who in CONSUMERS:
+        chain.mint(net.accounts[0], net.accounts[who].address, WHALE)
+    for who in ACCOUNTS:
+        chain.approve_token(net.accounts[who], 1, unlimited=True)
+    balances = {who: chain.balance(net.accounts[who].address) for who in ACCOUNTS}
+    in_market = chain.balance(chain.market.address)
+    return Start(net, net.tester.take_snapshot(), balances, in_market, chain.totals())
+
+
+def _error(name: str, **args: int) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in args.items())
+    return re.escape(f"{name}({shown})")
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """A bid that must never open a session again."""
+
+    provider: int
+    name: str
+    withdrawn: bool  # deleted or replaced; if not, it died with its provider's registration
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """An open session, as the model knows it."""
+
+    consumer: int
+    provider: int
+    price: int
+    stake: int
+    opened_at: int
+    ends_at: int
 
 
 class Market(RuleBasedStateMachine):
-    sessions = Bundle("sessions")
+    """The marketplace, modelled: who is registered, what is named, declared, bid, held."""
 
-    @initialize()
-    def start(self) -> None:
-        self.net = _embedded()
-        self.snapshot = self.net.tester.take_snapshot()
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = _start()
+        self.net = self.start.net
         self.chain = self.net.chain
+        self.base = self.start.totals
+        self.balances = dict(self.start.balances)
+        self.in_market = self.start.in_market
         self.registered: set[int] = set()
-        self.bids: dict[int, bytes] = {}
-        self.open: dict[bytes, int] = {}  # session id -> stake
-        self.base = self.chain.totals()
-        self.closed_paid = 0
-        self.closed_refunded = 0
+        self.named: dict[str, int] = {}  # name -> who registered it first
+        self.declared: dict[tuple[int, str], str | None] = {}
+        self.bids: dict[tuple[int, str], tuple[bytes, int, str | None]] = {}  # id, price, gguf
+        self.dead: dict[bytes, Dead] = {}
+        self.open: dict[bytes, Held] = {}
+        self.escrowed = self.paid = self.refunded = 0
+        self.clock = self.chain.now()
 
-    @rule(who=st.sampled_from(PROVIDERS))
-    def register(self, who: int) -> None:
-        account = self.net.accounts[who]
-        if who in self.registered:
-            return
-        self.chain.register_provider(account, f"12D3KooWpeer{who}", MIN_PROVIDER_STAKE)
-        if not self.chain.model_registered("m"):
-            self.chain.register_model(account, "m", None)
+    # --- helpers ---------------------------------------------------------------------
+
+    def _account(self, who: int) -> LocalAccount:
+        return self.net.accounts[who]
+
+    def _address(self, who: int) -> str:
+        return str(self.net.accounts[who].address)
+
+    # Reads name a sender: without one, web3's eth-tester middleware asks the chain
+    # for its accounts on every call (a third of a read's time).
+    def _reader(self) -> TxParams:
+        return {"from": self.net.accounts[STRANGER].address}
+
+    def _balance(self, address: str) -> int:
+        return int(self.chain.token.functions.balanceOf(address).call(self._reader()))
+
+    def _totals(self) -> tuple[int, int, int]:
+        f, reader = self.chain.market.functions, self._reader()
+        return (
+            int(f.totalEscrowed().call(reader)),
+            int(f.totalPaid().call(reader)),
+            int(f.totalRefunded().call(reader)),
+        )
+
+    def _check_balances(self, *whos: int) -> None:
+        """The token balances of these accounts, and the contract's, are as modelled."""
+        for who in whos:
+            assert self._balance(self._address(who)) == self.balances[who]
+        assert self._balance(self.chain.market.address) == self.in_market
+
+    def _check_totals(self) -> None:
+        """The contract's life-long totals (modulo 2^256) moved exactly as modelled."""
+        moved = (self.escrowed, self.paid, self.refunded)
+        expected = tuple((base + m) % 2**256 for base, m in zip(self.base, moved, strict=True))
+        assert self._totals() == expected
+
+    def _check_provider(self, who: int) -> None:
+        _, stake, sessions, registered = self.chain.provider(self._address(who))
+        busy = sum(h.provider == who for h in self.open.values())
+        assert (registered, sessions) == (who in self.registered, busy)
+        assert stake == (MIN_PROVIDER_STAKE if registered else 0)
+
+    def _block_time(self, tx: Tx) -> int:
+        """The timestamp of the block that mined ``tx``."""
+        w3 = self.chain.w3
+        number = w3.eth.get_transaction_receipt(tx.tx_hash)["blockNumber"]  # type: ignore[arg-type]
+        return int(w3.eth.get_block(number)["timestamp"])
+
+    def _move(self, source: int | None, to: int | None, amount: int) -> None:
+        """``amount`` from one account to another (None: the market contract)."""
+        for who, sign in ((source, -1), (to, 1)):
+            if who is None:
+                self.in_market += sign * amount
+            else:
+                self.balances[who] += sign * amount
+
+    def _open(self, bid_id: bytes, provider: int, consumer: int, stake: int, price: int) -> Tx:
+        expiry, nonce = self.clock + 600, secrets.token_bytes(32)
+        buyer = self._address(consumer)
+        approval = self.chain.sign_approval(self._account(provider), bid_id, buyer, expiry, nonce)
+        return self.chain.open_session(
+            self._account(consumer), bid_id, stake, price, expiry, nonce, approval
+        )
+
+    def _close(self, session_id: bytes, closer: int) -> None:
+        held = self.open.pop(session_id)
+        tx = self.chain.close_session(self._account(closer), session_id)
+        closed_at = self._block_time(tx)
+        paid = held.price * (min(closed_at, held.ends_at) - held.opened_at)
+        assert tx.value == (paid, held.stake - paid)
+        self._move(None, held.provider, paid)
+        self._move(None, held.consumer, held.stake - paid)
+        self.paid += paid
+        self.refunded += held.stake - paid
+        self.clock = closed_at
+        self._check_balances(held.provider, held.consumer)
+        self._check_totals()
+
+    # --- providers ---------------------------------------------------------------------
+
+    @initialize(who=st.sampled_from(PROVIDERS), gguf=st.sampled_from(GGUFS), price=PRICES)
+    def a_first_bid(self, who: int, gguf: str | None, price: int) -> None:
+        """Sessions from the first step: one provider has a bid."""
+        self._register(who)
+        self.declare(who, NAMES[0], gguf)
+        self._post_bid(who, NAMES[0], price)
+
+    @precondition(lambda self: len(self.registered) < len(PROVIDERS))
+    @rule(data=st.data())
+    def register(self, data: st.DataObject) -> None:
+        self._register(data.draw(st.sampled_from(sorted(set(PROVIDERS) - self.registered))))
+
+    def _register(self, who: int) -> None:
+        self.chain.register_provider(self._account(who), f"12D3KooWpeer{who}", MIN_PROVIDER_STAKE)
+        self._move(who, None, MIN_PROVIDER_STAKE)
         self.registered.add(who)
+        # Coming back brings no bid back.
+        for name in {d.name for d in self.dead.values() if d.provider == who and not d.withdrawn}:
+            assert self.chain.live_bid(self._address(who), name) is None
 
-    @rule(who=st.sampled_from(PROVIDERS), price=st.integers(1, 10**15))
-    def bid(self, who: int, price: int) -> None:
-        if who in self.registered:
-            self.bids[who] = self.chain.post_bid(self.net.accounts[who], "m", price).value
+    @precondition(lambda self: self.registered)
+    @rule(data=st.data())
+    def deregister(self, data: st.DataObject) -> None:
+        who = data.draw(st.sampled_from(sorted(self.registered)))
+        busy = sum(held.provider == who for held in self.open.values())
+        if busy:
+            with pytest.raises(ChainError, match=_error("SessionsOpen", count=busy)):
+                self.chain.deregister_provider(self._account(who))
+        else:
+            self.chain.deregister_provider(self._account(who))
+            self._move(None, who, MIN_PROVIDER_STAKE)
+            self.registered.discard(who)
+            for key in [key for key in self.bids if key[0] == who]:
+                self.dead[self.bids.pop(key)[0]] = Dead(who, key[1], withdrawn=False)
+        self._check_provider(who)
+
+    # --- models and bids ---------------------------------------------------------------
 
     @rule(
-        target=sessions,
-        who=st.sampled_from(PROVIDERS),
-        consumer=st.sampled_from(CONSUMERS),
-        seconds=st.integers(1, 500),
+        who=st.sampled_from((*PROVIDERS, STRANGER)),
+        name=st.sampled_from(NAMES),
+        gguf=st.sampled_from(GGUFS),
     )
-    def open_session(self, who: int, consumer: int, seconds: int) -> bytes:
-        if who not in self.registered or who not in self.bids:
-            return b""
-        bid = self.bids[who]
-        price = self.chain.bid(bid).price_per_s
-        stake = price * seconds + (seconds % 7)  # not always a whole number of seconds
-        expiry, nonce = self.chain.now() + 60, secrets.token_bytes(32)
-        provider = self.net.accounts[who]
-        buyer = self.net.accounts[consumer]
-        approval = self.chain.sign_approval(provider, bid, buyer.address, expiry, nonce)
-        session_id = self.chain.open_session(
-            buyer, bid, stake, price, expiry, nonce, approval
-        ).value[0]
-        self.open[session_id] = stake
-        return session_id
+    def declare(self, who: int, name: str, gguf: str | None) -> None:
+        """Anyone names a model and declares a file: a squat, when the stranger is first."""
+        self.chain.register_model(self._account(who), name, gguf)
+        self.named.setdefault(name, who)
+        self.declared[(who, name)] = gguf
+        record = self.chain.market.functions.getModel(model_key(name)).call()
+        assert tuple(record) == (name, self._address(self.named[name]))
+        assert self.chain.declared_gguf(self._address(who), name) == gguf
 
-    @rule(session_id=sessions, by=st.sampled_from(("consumer", "provider", "stranger")))
-    def close(self, session_id: bytes, by: str) -> None:
-        if session_id not in self.open:
-            return
-        held = self.chain.session(session_id)
-        closer = {
-            "consumer": held.consumer,
-            "provider": held.provider,
-            "stranger": self.net.accounts[STRANGER].address,
-        }[by]
-        account = next(a for a in self.net.accounts if a.address == closer)
-        # The next block's time is at least now + 1: a stranger may close from endsAt on.
-        if by == "stranger" and self.chain.now() + 1 < held.ends_at:
-            with pytest.raises(ChainError, match="NotYetEnded"):
-                self.chain.close_session(account, session_id)
-            return
-        paid, refunded = self.chain.close_session(account, session_id).value
-        assert paid + refunded == self.open.pop(session_id)
-        assert paid <= held.price_per_s * (held.ends_at - held.opened_at)
-        self.closed_paid += paid
-        self.closed_refunded += refunded
+    @precondition(lambda self: self.registered)
+    @rule(data=st.data(), name=st.sampled_from(NAMES), price=PRICES)
+    def bid(self, data: st.DataObject, name: str, price: int) -> None:
+        who = data.draw(st.sampled_from(sorted(self.registered)))
+        if name in self.named:
+            self._post_bid(who, name, price)
+        else:
+            with pytest.raises(ChainError, match=_error("UnknownModel")):
+                self.chain.post_bid(self._account(who), name, price)
 
-    @rule(seconds=st.integers(1, 400))
+    def _post_bid(self, who: int, name: str, price: int) -> None:
+        gguf = self.declared.get((who, name))
+        before = self.bids.get((who, name))
+        bid_id = self.chain.post_bid(self._account(who), name, price).value
+        if before is not None and before[2] == gguf:
+            assert bid_id == before[0]  # a re-price
+        else:
+            assert before is None or bid_id != before[0]
+            if before is not None:
+                self.dead[before[0]] = Dead(who, name, withdrawn=True)
+        self.bids[(who, name)] = (bid_id, price, gguf)
+        # The bid carries its provider's own declaration, whoever named the model.
+        on_chain = self.chain.bid(bid_id)
+        assert (on_chain.price_per_s, on_chain.gguf_sha256, on_chain.live) == (price, gguf, True)
+
+    @precondition(lambda self: self.bids)
+    @rule(data=st.data())
+    def delete_bid(self, data: st.DataObject) -> None:
+        who, name = data.draw(st.sampled_from(sorted(self.bids)))
+        bid_id = self.bids.pop((who, name))[0]
+        self.chain.delete_bid(self._account(who), bid_id)
+        self.dead[bid_id] = Dead(who, name, withdrawn=True)
+
+    # --- sessions ----------------------------------------------------------------------
+
+    @precondition(lambda self: self.bids)
+    @rule(
+        data=st.data(),
+        consumer=st.sampled_from(CONSUMERS),
+        seconds=SECONDS,
+        odd=st.integers(0, 2**128),
+    )
+    def open_session(self, data: st.DataObject, consumer: int, seconds: int, odd: int) -> None:
+        who, name = data.draw(st.sampled_from(sorted(self.bids)))
+        bid_id, price, _ = self.bids[(who, name)]
+        stake = price * seconds + odd % price  # not always a whole number of seconds
+        tx = self._open(bid_id, who, consumer, stake, price)
+        session_id, ends_at = tx.value
+        opened_at = self._block_time(tx)
+        assert ends_at == opened_at + seconds
+        on_chain = self.chain.session(session_id)
+        assert (on_chain.opened_at, on_chain.ends_at, on_chain.stake) == (opened_at, ends_at, stake)
+        assert on_chain.price_per_s == price
+        self.open[session_id] = Held(consumer, who, price, stake, opened_at, ends_at)
+        self._move(consumer, None, stake)
+        self.escrowed += stake
+        self.clock = opened_at
+        self._check_balances(consumer, who)
+        self._check_totals()
+
+    @precondition(lambda self: self.bids)
+    @rule(data=st.data(), consumer=st.sampled_from(CONSUMERS), seconds=TOO_LONG)
+    def open_too_long(self, data: st.DataObject, consumer: int, seconds: int) -> None:
+        who, name = data.draw(st.sampled_from(sorted(self.bids)))
+        bid_id, price, _ = self.bids[(who, name)]
+        too_long = _error("SessionTooLong", duration=seconds, maximum=LONGEST)
+        with pytest.raises(ChainError, match=too_long):
+            self._open(bid_id, who, consumer, price * seconds, price)
+
+    @precondition(lambda self: self.dead)
+    @rule(data=st.data(), consumer=st.sampled_from(CONSUMERS))
+    def open_on_a_dead_bid(self, data: st.DataObject, consumer: int) -> None:
+        """With a fresh approval from its provider: only the bid's death stops it."""
+        bid_id = data.draw(st.sampled_from(sorted(self.dead)))
+        dead = self.dead[bid_id]
+        left = dead.provider not in self.registered
+        error = "NotRegistered" if left and not dead.withdrawn else "BidNotLive"
+        with pytest.raises(ChainError, match=_error(error)):
+            self._open(bid_id, dead.provider, consumer, 10**30, 2**128)
+        assert not self.chain.bid(bid_id).live
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), by=st.sampled_from(("consumer", "provider")))
+    def close(self, data: st.DataObject, by: str) -> None:
+        """The consumer or the provider may close at any time."""
+        session_id = data.draw(st.sampled_from(sorted(self.open)))
+        held = self.open[session_id]
+        self._close(session_id, held.consumer if by == "consumer" else held.provider)
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def stranger_closes_after_the_end(self, data: st.DataObject) -> None:
+        """Anyone may close a session that has ended (the clock moves there first)."""
+        session_id = data.draw(st.sampled_from(sorted(self.open)))
+        if (ends_at := self.open[session_id].ends_at) > self.clock:
+            self.time_travel(ends_at - self.clock)
+        self._close(session_id, STRANGER)
+
+    @precondition(lambda self: any(h.ends_at > self.clock + MARGIN_S for h in self.open.values()))
+    @rule(data=st.data())
+    def stranger_closes_too_early(self, data: st.DataObject) -> None:
+        running = sorted(sid for sid, h in self.open.items() if h.ends_at > self.clock + MARGIN_S)
+        session_id = data.draw(st.sampled_from(running))
+        ends_at = self.open[session_id].ends_at
+        with pytest.raises(ChainError, match=_error("NotYetEnded", endsAt=ends_at)):
+            self.chain.close_session(self._account(STRANGER), session_id)
+
+    @rule(seconds=st.one_of(st.integers(1, 400), st.just(LONGEST + 1)))
     def time_travel(self, seconds: int) -> None:
         self.net.time_travel(seconds)
+        self.clock = self.chain.now()
 
-    @rule(who=st.sampled_from(PROVIDERS))
-    def deregister(self, who: int) -> None:
-        if who not in self.registered:
-            return
-        busy = self.chain.provider(self.net.accounts[who].address)[2]
-        if busy:
-            with pytest.raises(ChainError, match="SessionsOpen"):
-                self.chain.deregister_provider(self.net.accounts[who])
-            return
-        self.chain.deregister_provider(self.net.accounts[who])
-        self.registered.discard(who)
-        self.bids.pop(who, None)
+    # --- the books ---------------------------------------------------------------------
 
     @invariant()
-    def escrow_balances(self) -> None:
-        if not hasattr(self, "chain"):
-            return
-        escrowed, paid, refunded = self.chain.totals()
-        e0, p0, r0 = self.base
-        assert escrowed - e0 == (paid - p0) + (refunded - r0) + sum(self.open.values())
-        assert (paid - p0, refunded - r0) == (self.closed_paid, self.closed_refunded)
-        stakes = sum(self.chain.provider(self.net.accounts[w].address)[1] for w in PROVIDERS)
-        held = self.chain.balance(self.chain.market.address)
-        assert held == stakes + sum(self.open.values())
+    def books_balance(self) -> None:
+        """The contract holds exactly the providers' stakes and the sessions' stakes.
+
+        Opening and closing check more (the parties' balances, and the totals:
+        escrowed = paid + refunded + the stakes held); the end checks everything."""
+        held = sum(h.stake for h in self.open.values())
+        assert self.escrowed == self.paid + self.refunded + held
+        assert self.in_market == len(self.registered) * MIN_PROVIDER_STAKE + held
+        assert self._balance(self.chain.market.address) == self.in_market
+        self.clock = self.chain.now()
 
     def teardown(self) -> None:
         """Nothing stays locked: every session ends, anyone closes it, every provider leaves."""
-        if not hasattr(self, "chain"):
-            return
         try:
-            self.net.time_travel(10_000)
-            stranger = self.net.accounts[STRANGER]
-            for session_id in list(self.open):
-                self.chain.close_session(stranger, session_id)
-                del self.open[session_id]
-            for who in list(self.registered):
-                self.chain.deregister_provider(self.net.accounts[who])
-            assert self.chain.balance(self.chain.market.address) == 0
-            escrowed, paid, refunded = self.chain.totals()
-            assert escrowed == paid + refunded
+            self.net.time_travel(LONGEST + 1)
+            self.clock = self.chain.now()
+            for session_id in sorted(self.open):
+                self._close(session_id, STRANGER)
+            for who in sorted(self.registered):
+                self.chain.deregister_provider(self._account(who))
+                self._move(None, who, MIN_PROVIDER_STAKE)
+            self.registered.clear()
+            for who in PROVIDERS:
+                self._check_provider(who)
+            held = [self._balance(str(a.address)) for a in self.net.accounts]
+            assert {who: held[who] for who in ACCOUNTS} == self.balances
+            assert self._balance(self.chain.market.address) == self.in_market == 0
+            # The accounts hold the token's whole supply, to the wei.
+            assert sum(held) == int(self.chain.token.functions.totalSupply().call())
+            self._check_totals()
+            assert self.escrowed == self.paid + self.refunded
         finally:
-            self.net.tester.revert_to_snapshot(self.snapshot)
+            self.net.tester.revert_to_snapshot(self.start.snapshot)
 
 
 Market.TestCase.settings = settings(
-    max_examples=10,
-    stateful_step_count=15,
+    max_examples=20,
+    stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

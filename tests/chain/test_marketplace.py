@@ -14,6 +14,7 @@ from p2pnode.errors import ChainError
 
 PRICE = 10**15  # per second
 PEER = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+GGUF = "ab" * 32
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +29,27 @@ def net(embedded: Embedded) -> Iterator[Embedded]:
     embedded.tester.revert_to_snapshot(snapshot)
 
 
-def _provider(net: Embedded, who: int = 1, model: str = "m") -> tuple[LocalAccount, bytes]:
+def _provider(
+    net: Embedded, who: int = 1, model: str = "m", price: int = PRICE
+) -> tuple[LocalAccount, bytes]:
     chain, provider = net.chain, net.accounts[who]
     chain.register_provider(provider, PEER, MIN_PROVIDER_STAKE)
-    if not chain.model_registered(model):
-        chain.register_model(provider, model, "ab" * 32)
-    return provider, chain.post_bid(provider, model, PRICE).value
+    chain.register_model(provider, model, GGUF)
+    return provider, chain.post_bid(provider, model, price).value
 
 
 def _open(
-    net: Embedded, provider: LocalAccount, bid: bytes, consumer: LocalAccount, stake: int
+    net: Embedded,
+    provider: LocalAccount,
+    bid: bytes,
+    consumer: LocalAccount,
+    stake: int,
+    price: int = PRICE,
 ) -> bytes:
     chain = net.chain
     expiry, nonce = chain.now() + 60, secrets.token_bytes(32)
     approval = chain.sign_approval(provider, bid, consumer.address, expiry, nonce)
-    return chain.open_session(consumer, bid, stake, PRICE, expiry, nonce, approval).value[0]
+    return bytes(chain.open_session(consumer, bid, stake, price, expiry, nonce, approval).value[0])
 
 
 def test_provider_registration_update_and_deregistration(net: Embedded) -> None:
@@ -92,15 +99,15 @@ def test_models_and_bids(net: Embedded) -> None:
     chain.register_provider(provider, PEER, MIN_PROVIDER_STAKE)
     with pytest.raises(ChainError, match=r"UnknownModel\(\)"):
         chain.post_bid(provider, "m", PRICE)
-    chain.register_model(provider, "m", "ab" * 32)
-    name, sha, owner = chain.market.functions.getModel(model_key("m")).call()
-    assert (name, sha, owner) == ("m", bytes.fromhex("ab" * 32), provider.address)
-    with pytest.raises(ChainError, match=r"ModelExists\(\)"):
-        chain.register_model(net.accounts[2], "m", None)
+    chain.register_model(provider, "m", GGUF)
+    assert chain.model_registered("m")
+    assert chain.market.functions.getModel(model_key("m")).call() == ("m", provider.address)
+    assert chain.declared_gguf(provider.address, "m") == GGUF
     with pytest.raises(ChainError, match=r"ZeroPrice\(\)"):
         chain.post_bid(provider, "m", 0)
     bid = chain.post_bid(provider, "m", PRICE).value
     assert chain.live_bid(provider.address, "m") == bid
+    assert chain.bid(bid).gguf_sha256 == GGUF
     # Re-pricing keeps the one live bid and costs no fee (no token moves).
     before = chain.balance(provider.address)
     assert chain.post_bid(provider, "m", 2 * PRICE).value == bid
@@ -249,3 +256,153 @@ def test_chain_client_reads(net: Embedded) -> None:
     assert chain.min_provider_stake() == MIN_PROVIDER_STAKE
     assert chain.eth_balance(net.accounts[0].address) > 0
     assert chain.now() > 1_700_000_000
+
+
+# --- models: ids are names' hashes, and naming one gives no rights over it -------------
+
+
+def test_a_model_id_is_the_hash_of_its_name(net: Embedded) -> None:
+    chain, provider = net.chain, net.accounts[1]
+    assert not chain.model_registered("llama-3-8b")
+    chain.register_model(provider, "llama-3-8b", GGUF)
+    assert bytes(chain.market.functions.modelIdOf("llama-3-8b").call()) == model_key("llama-3-8b")
+    name, _ = chain.market.functions.getModel(model_key("llama-3-8b")).call()
+    assert name == "llama-3-8b"
+    with pytest.raises(ChainError, match=r"EmptyModelName\(\)"):
+        chain.register_model(provider, "", GGUF)
+    with pytest.raises(ChainError, match=r"ModelNameTooLong\(length=513, maximum=512\)"):
+        chain.register_model(provider, "x" * 513, GGUF)
+
+
+def test_a_squatted_name_neither_blocks_nor_poisons_other_providers_bids(net: Embedded) -> None:
+    """The attack: the first to register a popular name gives it a wrong GGUF hash."""
+    chain, squatter = net.chain, net.accounts[7]
+    bogus = "66" * 32
+    chain.register_model(squatter, "popular", bogus)
+    honest, silent = net.accounts[1], net.accounts[2]
+    chain.register_provider(honest, PEER, MIN_PROVIDER_STAKE)
+    chain.register_provider(silent, PEER, MIN_PROVIDER_STAKE)
+    chain.register_model(honest, "popular", GGUF)  # reverted ModelExists before
+    bid = chain.post_bid(honest, "popular", PRICE).value
+    assert chain.bid(bid).gguf_sha256 == GGUF
+    # A provider that declared nothing bids too, claiming no file (not the squatter's).
+    other = chain.post_bid(silent, "popular", PRICE).value
+    assert chain.bid(other).gguf_sha256 is None
+    # The squatter's declaration is its own; naming first gave it nothing over others.
+    chain.register_model(squatter, "popular", "77" * 32)
+    assert chain.declared_gguf(squatter.address, "popular") == "77" * 32
+    assert chain.declared_gguf(honest.address, "popular") == GGUF
+    assert chain.market.functions.getModel(model_key("popular")).call() == (
+        "popular",
+        squatter.address,
+    )
+    assert chain.bid(bid).gguf_sha256 == GGUF
+    _open(net, honest, bid, net.accounts[4], 10 * PRICE)
+
+
+def test_a_changed_declaration_makes_a_new_bid_and_open_sessions_keep_their_terms(
+    net: Embedded,
+) -> None:
+    """A consumer's approval names a bid: the file a bid claims never changes under it."""
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer = net.accounts[4]
+    session_id = _open(net, provider, bid, consumer, 20 * PRICE)
+    chain.register_model(provider, "m", "cd" * 32)
+    assert chain.bid(bid).gguf_sha256 == GGUF  # the posted bid keeps its claim
+    new = chain.post_bid(provider, "m", 2 * PRICE).value
+    assert new != bid
+    assert (chain.bid(new).gguf_sha256, chain.bid(new).price_per_s) == ("cd" * 32, 2 * PRICE)
+    assert not chain.bid(bid).live
+    assert chain.live_bid(provider.address, "m") == new
+    assert chain.post_bid(provider, "m", 3 * PRICE).value == new  # a re-price keeps the id
+    with pytest.raises(ChainError, match=r"BidNotLive\(\)"):
+        _open(net, provider, bid, consumer, 10 * PRICE)
+    net.time_travel(5)
+    paid, refunded = chain.close_session(consumer, session_id).value
+    held = chain.session(session_id)
+    assert paid == PRICE * (chain.now() - held.opened_at)  # the price it opened at
+    assert paid + refunded == 20 * PRICE
+
+
+# --- registrations: a provider that leaves takes its bids with it ----------------------
+
+
+def test_a_deregistered_providers_bids_stay_dead_when_it_registers_again(net: Embedded) -> None:
+    """The attack: bids (and approvals for them) from before leaving open sessions after
+    the provider comes back, at the old terms."""
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer = net.accounts[4]
+    chain.close_session(consumer, _open(net, provider, bid, consumer, 10 * PRICE))
+    chain.deregister_provider(provider)
+    assert not chain.bid(bid).live
+    assert chain.live_bid(provider.address, "m") is None
+    chain.register_provider(provider, PEER, MIN_PROVIDER_STAKE)
+    assert not chain.bid(bid).live
+    assert chain.live_bid(provider.address, "m") is None
+    with pytest.raises(ChainError, match=r"BidNotLive\(\)"):
+        _open(net, provider, bid, consumer, 10 * PRICE)
+    with pytest.raises(ChainError, match=r"BidNotLive\(\)"):
+        chain.delete_bid(provider, bid)
+    new = chain.post_bid(provider, "m", PRICE).value
+    assert new != bid
+    assert chain.live_bid(provider.address, "m") == new
+    session_id = _open(net, provider, new, consumer, 10 * PRICE)
+    assert sum(chain.close_session(provider, session_id).value) == 10 * PRICE
+
+
+# --- durations and totals: nothing wraps, nothing is stranded --------------------------
+
+
+def test_a_stake_buying_more_than_the_longest_session_reverts(net: Embedded) -> None:
+    """The attack: 2^64 - 1 at 1 per second made endsAt wrap to openedAt - 1; closing
+    then reverted for everyone (an underflow), and the provider could never deregister."""
+    chain = net.chain
+    provider, bid = _provider(net, price=1)
+    consumer = net.accounts[4]
+    longest = 365 * 24 * 3600
+    for stake in (2**64 - 1, 2**64, longest + 1, 2**70):
+        message = rf"SessionTooLong\(duration={stake}, maximum={longest}\)"
+        with pytest.raises(ChainError, match=message):
+            _open(net, provider, bid, consumer, stake, price=1)
+    assert chain.max_session_seconds() == longest
+    chain.deregister_provider(provider)  # nothing was opened, nothing is stranded
+
+
+def test_the_longest_session_opens_and_settles(net: Embedded) -> None:
+    chain = net.chain
+    price = 2**128  # and a price far beyond any real one
+    provider, bid = _provider(net, price=price)
+    consumer, stranger = net.accounts[4], net.accounts[7]
+    chain.mint(net.accounts[0], consumer.address, 2**160)
+    longest = chain.max_session_seconds()
+    stake = price * longest + price - 1  # not a whole number of seconds
+    session_id = _open(net, provider, bid, consumer, stake, price=price)
+    held = chain.session(session_id)
+    assert held.ends_at - held.opened_at == longest
+    net.time_travel(longest + 1)
+    assert chain.close_session(stranger, session_id).value == (price * longest, price - 1)
+    chain.deregister_provider(provider)
+
+
+def test_life_long_totals_wrap_rather_than_stop_the_market(net: Embedded) -> None:
+    """A token of vast supply, escrowed again and again, takes totalEscrowed past 2^256:
+    checked, that sum reverted every openSession from then on."""
+    chain = net.chain
+    price = 2**232  # 2^255 buys 2^23 s, within the longest session
+    provider, bid = _provider(net, price=price)
+    whale = net.accounts[4]
+    chain.mint(net.accounts[0], whale.address, 2**255)
+    escrowed0, paid0, refunded0 = chain.totals()
+    moved = 0
+    for _ in range(3):
+        stake = min(chain.balance(whale.address), 2**255)
+        session_id = _open(net, provider, bid, whale, stake, price=price)
+        chain.close_session(whale, session_id)
+        moved += stake
+    assert moved > 2**256
+    escrowed, paid, refunded = chain.totals()
+    assert escrowed == (escrowed0 + moved) % 2**256
+    assert (escrowed - escrowed0) % 2**256 == (paid - paid0 + refunded - refunded0) % 2**256
+    assert chain.balance(chain.market.address) == MIN_PROVIDER_STAKE

@@ -280,6 +280,25 @@ def test_upstream_flags_are_checked(tmp_path: Path) -> None:
     assert "--upstream-model needs --upstream-url" in result.stderr
 
 
+def test_a_shim_beyond_loopback_needs_allow_remote_and_warns(tmp_path: Path) -> None:
+    home = tmp_path / "r"
+    refused = _run(
+        home, "start", "--no-serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--shim", "0.0.0.0:0"
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "p2pnode: error: the OpenAI API address 0.0.0.0:0 is reachable from other machines: "
+        "listen on 127.0.0.1, or allow it explicitly with --shim-allow-remote"
+    )
+    allowed = _start(home, tmp_path / "r.json", "--shim", "0.0.0.0:0", "--shim-allow-remote")
+    try:
+        assert json.loads((tmp_path / "r.json").read_text())["shim_url"].startswith("http://")
+    finally:
+        allowed.proc.send_signal(signal.SIGTERM)
+        _, err = allowed.proc.communicate(timeout=BOUND_S)
+    assert "the OpenAI API listens on 0.0.0.0:0, beyond this machine" in err
+
+
 def test_quickstart_provider_consumer_shim_and_chat(tmp_path: Path) -> None:
     """The README quickstart: a provider, a consumer with the shim, curl-like calls, chat."""
     import httpx

@@ -109,6 +109,7 @@ def test_a_paid_chat_between_processes_settles_to_the_wei(
 
     password_file = tmp_path / "password"
     password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)  # a secret others can read is refused
     paid = [*dep, "--wallet-password-file", str(password_file)]
     provider = _start(provider_home, tmp_path / "p.json", *paid, serve=True)
     try:

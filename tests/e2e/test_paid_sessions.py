@@ -174,7 +174,13 @@ async def test_a_free_hello_to_a_paid_provider_is_refused(paid: Paid) -> None:
         await free.connect(paid.provider.addrs[0])
         stream = await free._open_stream(ID.from_base58(paid.provider.peer_id), session.PROTOCOL_ID)
         with pytest.raises(session_service.Rejected) as rejected:
-            await session_service.open_session(stream, MODEL, 5)
+            await session_service.open_session(
+                stream,
+                MODEL,
+                5,
+                local_peer=free.host.get_id(),
+                remote_peer=ID.from_base58(paid.provider.peer_id),
+            )
     assert rejected.value.code == RejectCode.PAYMENT_REQUIRED
 
 

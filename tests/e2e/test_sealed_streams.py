@@ -75,8 +75,10 @@ async def test_a_tampered_frame_fails_authentication_and_the_stream_fails_over(
     counters = network.consumer.consumer.counters
     assert counters["auth_failures"] == 1
     assert counters["provider_failures"] == 1
-    # The failed provider is ranked last from now on.
-    assert network.consumer.consumer.stats[first.peer_id].recent_failures(0, 1e12) == 1
+    # The failed provider is ranked last from now on: tampering is remembered.
+    standing = network.consumer.reputation.standing(first.peer_id, trio.current_time())
+    assert standing is not None
+    assert standing.offences == {"auth": 1}
 
 
 async def test_requests_share_a_session_concurrently(network: Network) -> None:

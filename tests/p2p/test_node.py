@@ -138,8 +138,10 @@ async def test_hostile_peer_gets_error_codes_while_others_are_served(
         assert unknown.code == ErrorCode.UNKNOWN_TYPE
         assert len(answers) == 30
         assert all(a.peer_id == server.peer_id for a in answers)
-        assert server.protocol_errors[bad.peer_id] == 3
-        assert good.peer_id not in server.protocol_errors
+        standing = server.reputation.standing(bad.peer_id, trio.current_time())
+        assert standing is not None
+        assert standing.offences == {"protocol": 3}
+        assert server.reputation.standing(good.peer_id, trio.current_time()) is None
         # The hostile peer's connection survives too: only its streams were closed.
         assert (await bad.status_of(server.peer_id)).peer_id == server.peer_id
 

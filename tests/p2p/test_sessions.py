@@ -46,8 +46,7 @@ def _offer(peer: str, *, price: int = 0, free: int = 1, queue: int = 0, tps: flo
     )
 
 
-def test_rank_prefers_reliable_then_cheap_then_quick() -> None:
-    now = 1000.0
+def test_rank_prefers_clean_then_cheap_then_quick() -> None:
     offers = [
         _offer("busy", free=0, queue=3),
         _offer("failed"),
@@ -56,21 +55,30 @@ def test_rank_prefers_reliable_then_cheap_then_quick() -> None:
         _offer("near"),
     ]
     stats = {
-        "failed": PeerStats(rtt_ms=1.0, failures=[now - 10]),
+        "failed": PeerStats(rtt_ms=1.0),
         "far": PeerStats(rtt_ms=400.0),
         "near": PeerStats(rtt_ms=5.0),
     }
-    ranked = [o.peer_id for o in rank(offers, "m", stats, now, memory_s=300)]
+    scores = {"failed": 1.0}
+    ranked = [o.peer_id for o in rank(offers, "m", stats, scores)]
     assert ranked == ["near", "far", "busy", "dear", "failed"]
-    # A failure is forgotten after the memory window.
-    ranked = [o.peer_id for o in rank(offers, "m", stats, now + 400, memory_s=300)]
+    # Once its score has decayed to clean, it is the quickest again.
+    ranked = [o.peer_id for o in rank(offers, "m", stats, {})]
     assert ranked[0] == "failed"
-    assert rank(offers, "absent", stats, now, 300) == []
+    assert rank(offers, "absent", stats, scores) == []
     # A session already held wins over a quicker provider (a new one costs a
     # handshake and, paid, an on-chain open), but not over a failing one.
-    stats["failed"] = PeerStats(rtt_ms=1.0, failures=[now - 10])
-    ranked = [o.peer_id for o in rank(offers, "m", stats, now, 300, held={"far", "failed"})]
+    ranked = [o.peer_id for o in rank(offers, "m", stats, scores, held={"far", "failed"})]
     assert ranked[:2] == ["far", "near"]
+
+
+def test_rank_takes_speed_claims_only_up_to_what_was_measured() -> None:
+    # A Sybil claiming 10,000 tokens/s does not outrank a provider measured
+    # at 50 tokens/s: unmeasured claims are capped at the best measurement.
+    honest = _offer("honest", tps=40.0)
+    sybil = _offer("sybil", tps=10_000.0)
+    stats = {"honest": PeerStats(rtt_ms=5.0, tokens_per_s=50.0), "sybil": PeerStats(rtt_ms=5.0)}
+    assert [o.peer_id for o in rank([sybil, honest], "m", stats, {})] == ["honest", "sybil"]
 
 
 def test_rate_limiter_allows_a_burst_then_refills() -> None:
@@ -119,20 +127,21 @@ async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -
     ):
         await consumer.connect(provider.addrs[0])
         pid = ID.from_base58(provider.peer_id)
+        peers = {"local_peer": consumer.host.get_id(), "remote_peer": pid}
         with trio.fail_after(BOUND_S):
             stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
             with pytest.raises(session_service.Rejected) as rejected:
-                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
             assert rejected.value.code == session.RejectCode.NOT_ALLOWED
 
             provider.provider.cfg = providerlib.Config(requests_per_minute=2)  # type: ignore[union-attr]
             stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
             with pytest.raises(session_service.Rejected) as rejected:
-                await session_service.open_session(stream, "no-such-model", 5)
+                await session_service.open_session(stream, "no-such-model", 5, **peers)
             assert rejected.value.code == session.RejectCode.UNKNOWN_MODEL
 
             stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
-            est = await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+            est = await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
             # A session id nobody opened is refused, in the clear, before any prompt.
             stream = await consumer._open_stream(pid, infer.PROTOCOL_ID)
             machine = ConsumerMachine(1 << 20, est.keys, b"\x00" * 32, 1)
@@ -149,10 +158,10 @@ async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -
             assert refused.value.code == ErrorCode.UNKNOWN_SESSION
             # Two session opens a minute: the third is rate limited.
             stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
-            await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+            await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
             stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
             with pytest.raises(session_service.Rejected) as rejected:
-                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5)
+                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
             assert rejected.value.code == session.RejectCode.RATE_LIMITED
         assert provider.provider is not None
         assert provider.provider.stats["sessions"] == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import secrets
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from p2pnode.protocols.infer.machine import CLEAR, ConsumerMachine, ProviderMachine, State
@@ -17,8 +19,16 @@ from p2pnode.protocols.infer.messages import (
     Receipt,
     Request,
 )
-from p2pnode.protocols.session.crypto import SessionKeys
-from p2pnode.protocols.wire import NEED_DATA, PEER_CLOSED, Error, FrameDecoder, encode_frame
+from p2pnode.protocols.session.crypto import MAX_STREAM_ID, SessionKeys
+from p2pnode.protocols.wire import (
+    DEFAULT_MAX_FRAME,
+    NEED_DATA,
+    PEER_CLOSED,
+    Error,
+    FrameDecoder,
+    encode_frame,
+    encode_varint,
+)
 
 MAX = 1024 * 1024
 SESSION = secrets.token_bytes(32)
@@ -198,3 +208,70 @@ def test_out_of_order_calls_are_local_errors() -> None:
     assert len(_frames(provider.chunk("x", 1) + provider.done(_done()))) == 2
     with pytest.raises(LocalProtocolError):
         provider.chunk("late", 1)
+
+
+# --- what an unauthenticated peer can make the provider do --------------------
+
+
+def _clear_open(session_id: bytes, stream_id: int) -> bytes:
+    body = CLEAR_CODEC.encode_body(InferOpen(session_id=session_id, stream_id=stream_id))
+    return encode_frame(bytes([CLEAR]) + body)
+
+
+@pytest.mark.parametrize("stream_id", [-1, MAX_STREAM_ID + 1, 2**64 - 1, -(2**63)])
+def test_a_stream_id_outside_the_nonce_is_the_peers_error(stream_id: int) -> None:
+    """It would not fit the 32-bit nonce field: a BAD_FIELD from the peer, not our bug."""
+    provider = ProviderMachine(MAX)
+    provider.receive_data(_clear_open(SESSION, stream_id))
+    with pytest.raises(RemoteProtocolError) as info:
+        provider.next_event()
+    assert info.value.code is ErrorCode.BAD_FIELD
+    assert provider.state is State.ERROR
+
+
+def test_stream_ids_at_the_ends_of_the_range_are_served() -> None:
+    for stream_id in (0, MAX_STREAM_ID):
+        _opened(stream_id)
+
+
+@given(
+    st.binary(max_size=64),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.binary(max_size=256),
+)
+def test_whatever_opens_a_stream_is_served_or_the_peers_error(
+    session_id: bytes, stream_id: int, rest: bytes
+) -> None:
+    """h11's fuzz invariant for the provider, through ``accept``: nothing but
+    events or RemoteProtocolError, whatever InferOpen and bytes follow."""
+    provider = ProviderMachine(MAX)
+    provider.receive_data(_clear_open(session_id, stream_id) + rest)
+    provider.receive_data(b"")
+    try:
+        while (event := provider.next_event()) is not PEER_CLOSED:
+            assert event is not NEED_DATA
+            if isinstance(event, InferOpen):
+                provider.accept(KEYS)
+    except RemoteProtocolError:
+        pass
+
+
+def test_before_the_session_is_known_frames_get_the_control_cap() -> None:
+    """Anyone may open an infer stream: its clear first frame is held to the
+    control cap (clear msgpack inflates ~70x in memory); only sealed frames
+    get the prompt cap."""
+    provider = ProviderMachine(MAX)
+    provider.receive_data(encode_varint(DEFAULT_MAX_FRAME + 1))
+    with pytest.raises(RemoteProtocolError) as info:
+        provider.next_event()
+    assert info.value.code is ErrorCode.OVERSIZE
+
+
+def test_once_the_session_is_known_a_long_prompt_fits() -> None:
+    long = Request(request_id="r", model_id="m", kind="completion", prompt="x" * (MAX // 2))
+    consumer = ConsumerMachine(MAX, KEYS, SESSION, 1)
+    provider = ProviderMachine(MAX)
+    provider.receive_data(consumer.open(long))
+    assert isinstance(provider.next_event(), InferOpen)
+    provider.accept(KEYS)
+    assert provider.next_event() == long

@@ -10,6 +10,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from p2pnode.p2p.discovery import verify_peer_signature
+from p2pnode.p2p.host import dials_peer
 from p2pnode.protocols import offers
 
 CFG = offers.Config()
@@ -22,9 +23,10 @@ def _sign(offer: offers.Offer, key: KeyPair) -> bytes:
 
 
 def _offer(key: KeyPair, *, seq: int = 1, timestamp: float = NOW, **kw: object) -> offers.Offer:
+    peer_id = str(ID.from_pubkey(key.public_key))
     fields: dict[str, object] = {
-        "peer_id": str(ID.from_pubkey(key.public_key)),
-        "addrs": ("/ip4/127.0.0.1/tcp/4001",),
+        "peer_id": peer_id,
+        "addrs": (f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",),
         "models": (offers.ModelOffer(model_id="m", context_length=2048),),
         "slots_free": 1,
         "queue_len": 0,
@@ -42,7 +44,7 @@ def key() -> KeyPair:
 
 @pytest.fixture
 def book() -> offers.OfferBook:
-    return offers.OfferBook(CFG, verify_peer_signature)
+    return offers.OfferBook(CFG, verify_peer_signature, dials_peer)
 
 
 def _source(key: KeyPair) -> str:
@@ -167,3 +169,92 @@ def test_verdicts_are_counted(book: offers.OfferBook, key: KeyPair) -> None:
     book.consider(_sign(_offer(key), key), source=None, now=NOW)
     assert book.verdicts[offers.Verdict.MALFORMED] == 1
     assert book.verdicts[offers.Verdict.ACCEPTED] == 1
+
+
+# --- claims out of bounds: signed by their provider, still refused ----------------
+
+
+def _model(**kw: object) -> offers.ModelOffer:
+    fields: dict[str, object] = {"model_id": "m"}
+    fields.update(kw)
+    return offers.ModelOffer(**fields)  # type: ignore[arg-type]
+
+
+def _bad_offers(key: KeyPair) -> dict[str, offers.Offer]:
+    me = _source(key)
+    other = str(ID.from_pubkey(create_new_key_pair().public_key))
+    relay = str(ID.from_pubkey(create_new_key_pair().public_key))
+    return {
+        # The attack that took every node down: not a multiaddr at all.
+        "not-a-multiaddr": _offer(key, addrs=("not a multiaddr",)),
+        "no-peer-id": _offer(key, addrs=("/ip4/127.0.0.1/tcp/4001",)),
+        # Pointing consumers (and their dials) at somebody else.
+        "someone-elses-addr": _offer(key, addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{other}",)),
+        "someone-elses-circuit": _offer(
+            key, addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{relay}/p2p-circuit/p2p/{other}",)
+        ),
+        "too-many-addrs": _offer(
+            key, addrs=tuple(f"/ip4/127.0.0.1/tcp/{4000 + i}/p2p/{me}" for i in range(9))
+        ),
+        "negative-price": _offer(key, models=(_model(price_per_s=-1),)),
+        "absurd-speed": _offer(key, models=(_model(tokens_per_s=1e9),)),
+        "negative-speed": _offer(key, models=(_model(tokens_per_s=-5.0),)),
+        "negative-slots": _offer(key, slots_free=-3),
+        "absurd-slots": _offer(key, slots_free=10**9),
+        "negative-queue": _offer(key, queue_len=-1),
+        "duplicate-models": _offer(key, models=(_model(), _model())),
+        "empty-model-id": _offer(key, models=(_model(model_id=""),)),
+        "too-many-models": _offer(key, models=tuple(_model(model_id=f"m{i}") for i in range(17))),
+        "bad-sha": _offer(key, models=(_model(gguf_sha256="zz"),)),
+        "bad-bid": _offer(key, models=(_model(bid_id="0xNOT"),)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_offers(create_new_key_pair())))
+def test_a_signed_offer_with_claims_out_of_bounds_is_invalid(
+    book: offers.OfferBook, key: KeyPair, case: str
+) -> None:
+    body = _sign(_bad_offers(key)[case], key)
+    verdict = book.consider(body, source=_source(key), now=NOW)
+    assert verdict is offers.Verdict.INVALID
+    assert not verdict.relay
+    assert len(book) == 0
+
+
+def test_a_circuit_address_of_the_provider_itself_is_valid(
+    book: offers.OfferBook, key: KeyPair
+) -> None:
+    relay = str(ID.from_pubkey(create_new_key_pair().public_key))
+    circuit = f"/ip4/127.0.0.1/tcp/1/p2p/{relay}/p2p-circuit/p2p/{_source(key)}"
+    body = _sign(_offer(key, addrs=(circuit,)), key)
+    assert book.consider(body, source=_source(key), now=NOW) is offers.Verdict.ACCEPTED
+
+
+def test_a_full_book_keeps_providers_that_keep_announcing() -> None:
+    cfg = replace(CFG, max_entries=3)
+    book = offers.OfferBook(cfg, verify_peer_signature, dials_peer)
+    keys = [create_new_key_pair() for _ in range(4)]
+    for k in keys[:3]:
+        assert book.consider(_sign(_offer(k), k), source=None, now=NOW) is offers.Verdict.ACCEPTED
+    # A newcomer (a Sybil flood, say) finds no room while the held ones are fresh ...
+    newcomer = keys[3]
+    late = _sign(_offer(newcomer, timestamp=NOW + 1), newcomer)
+    assert book.consider(late, source=None, now=NOW + 1) is offers.Verdict.FULL
+    assert len(book) == 3
+    # ... and known providers still refresh their offers.
+    again = _sign(_offer(keys[0], seq=2, timestamp=NOW + 1), keys[0])
+    assert book.consider(again, source=None, now=NOW + 1) is offers.Verdict.ACCEPTED
+    # Once one has gone unrefreshed for two periods, the newcomer takes its place.
+    later = NOW + 2 * CFG.period_s + 0.5
+    fresh = _sign(_offer(newcomer, seq=2, timestamp=later), newcomer)
+    assert book.consider(fresh, source=None, now=later) is offers.Verdict.ACCEPTED
+    assert book.get(_source(keys[1])) is None
+    assert book.get(_source(keys[0])) is not None
+
+
+def test_out_of_bounds_live_load_is_ignored(book: offers.OfferBook, key: KeyPair) -> None:
+    book.consider(_sign(_offer(key, slots_free=3), key), source=_source(key), now=NOW)
+    book.update_load(_source(key), slots_free=-7, queue_len=0, now=NOW + 1)
+    held = book.get(_source(key))
+    assert held is not None
+    assert held.slots_free == 3

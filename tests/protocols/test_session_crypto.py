@@ -12,6 +12,7 @@ from p2pnode.protocols.session.crypto import (
     Opener,
     Sealer,
     SessionKeys,
+    handshake_transcript,
     transcript_hash,
 )
 
@@ -135,3 +136,17 @@ def test_stream_ids_must_fit_the_nonce() -> None:
     keys, _ = _pair()
     with pytest.raises(LocalProtocolError, match="32 bits"):
         Sealer(keys.consumer_to_provider, SESSION, 2**32)
+
+
+def test_the_handshake_transcript_binds_both_peer_ids_by_role() -> None:
+    base = {"consumer": b"C", "provider": b"P", "hello": b"hello", "approve": b"approve"}
+    reference = handshake_transcript(**base)
+    for field, other in (("consumer", b"M"), ("provider", b"M")):
+        assert handshake_transcript(**(base | {field: other})) != reference
+    swapped = base | {"consumer": b"P", "provider": b"C"}
+    assert handshake_transcript(**swapped) != reference
+
+
+def test_a_handshake_transcript_without_peer_ids_is_our_bug() -> None:
+    with pytest.raises(LocalProtocolError, match="both peer ids"):
+        handshake_transcript(consumer=b"", provider=b"P", hello=b"h", approve=b"a")

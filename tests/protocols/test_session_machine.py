@@ -22,6 +22,17 @@ from p2pnode.protocols.wire import NEED_DATA
 
 MAX = 64 * 1024
 NOW = 1_800_000_000.0
+# Peer ids as the machines take them (libp2p ID bytes; any non-empty bytes do).
+CONSUMER_ID = b"\x00\x24consumer"
+PROVIDER_ID = b"\x00\x24provider"
+
+
+def _consumer(eph: Ephemeral, provider: bytes = PROVIDER_ID) -> ConsumerMachine:
+    return ConsumerMachine(MAX, eph, local_peer=CONSUMER_ID, remote_peer=provider)
+
+
+def _provider(consumer: bytes = CONSUMER_ID) -> ProviderMachine:
+    return ProviderMachine(MAX, local_peer=PROVIDER_ID, remote_peer=consumer)
 
 
 def _hello(eph: Ephemeral) -> Hello:
@@ -34,7 +45,7 @@ def _approve(eph: Ephemeral) -> Approve:
 
 def _through_approve() -> tuple[ConsumerMachine, ProviderMachine]:
     c_eph, p_eph = Ephemeral(), Ephemeral()
-    consumer, provider = ConsumerMachine(MAX, c_eph), ProviderMachine(MAX)
+    consumer, provider = _consumer(c_eph), _provider()
     provider.receive_data(consumer.send_hello(_hello(c_eph)))
     hello = provider.next_event()
     assert isinstance(hello, Hello)
@@ -75,7 +86,7 @@ def test_chain_mode_session_id_is_checked_by_the_adapter() -> None:
 
 def test_provider_rejects_hello() -> None:
     c_eph = Ephemeral()
-    consumer, provider = ConsumerMachine(MAX, c_eph), ProviderMachine(MAX)
+    consumer, provider = _consumer(c_eph), _provider()
     provider.receive_data(consumer.send_hello(_hello(c_eph)))
     provider.next_event()
     consumer.receive_data(provider.reject(RejectCode.BUSY, "all slots busy"))
@@ -103,7 +114,7 @@ def test_ready_for_another_session_is_refused() -> None:
 
 
 def test_wrong_key_sizes_are_bad_fields() -> None:
-    provider = ProviderMachine(MAX)
+    provider = _provider()
     bad = Hello(model_id="m", ephemeral=b"\x01" * 31, nonce=b"n" * 16, timestamp=NOW)
     provider.receive_data(CODEC.encode(bad))
     with pytest.raises(RemoteProtocolError) as info:
@@ -113,14 +124,14 @@ def test_wrong_key_sizes_are_bad_fields() -> None:
 
 
 def test_messages_out_of_place_are_unexpected() -> None:
-    provider = ProviderMachine(MAX)
+    provider = _provider()
     provider.receive_data(CODEC.encode(Opened(session_id=b"x")))
     with pytest.raises(RemoteProtocolError) as info:
         provider.next_event()
     assert info.value.code is ErrorCode.UNEXPECTED
 
     c_eph = Ephemeral()
-    consumer = ConsumerMachine(MAX, c_eph)
+    consumer = _consumer(c_eph)
     consumer.send_hello(_hello(c_eph))
     consumer.receive_data(CODEC.encode(Ready(session_id=b"x")))
     with pytest.raises(RemoteProtocolError):
@@ -129,7 +140,7 @@ def test_messages_out_of_place_are_unexpected() -> None:
 
 def test_hello_arriving_byte_by_byte() -> None:
     c_eph = Ephemeral()
-    consumer, provider = ConsumerMachine(MAX, c_eph), ProviderMachine(MAX)
+    consumer, provider = _consumer(c_eph), _provider()
     data = consumer.send_hello(_hello(c_eph))
     for i in range(len(data) - 1):
         provider.receive_data(data[i : i + 1])
@@ -139,7 +150,7 @@ def test_hello_arriving_byte_by_byte() -> None:
 
 
 def test_eof_during_the_handshake_is_truncation() -> None:
-    provider = ProviderMachine(MAX)
+    provider = _provider()
     provider.receive_data(b"")
     with pytest.raises(RemoteProtocolError) as info:
         provider.next_event()
@@ -148,11 +159,72 @@ def test_eof_during_the_handshake_is_truncation() -> None:
 
 def test_local_misuse() -> None:
     c_eph = Ephemeral()
-    consumer = ConsumerMachine(MAX, c_eph)
+    consumer = _consumer(c_eph)
     with pytest.raises(LocalProtocolError):
         consumer.send_opened()  # before any Approve
     with pytest.raises(LocalProtocolError, match="our ephemeral key"):
         consumer.send_hello(_hello(Ephemeral()))
-    provider = ProviderMachine(MAX)
+    provider = _provider()
     with pytest.raises(LocalProtocolError):
         provider.ready()
+
+
+# --- both peer ids are in the transcript -------------------------------------
+
+MALLORY_ID = b"\x00\x24mallory"
+ON_CHAIN_ID = b"\x07" * 32
+
+
+def _relayed_through_mallory() -> tuple[ConsumerMachine, ProviderMachine]:
+    """C dialled M, M dialled P, and M copies each handshake byte across unchanged.
+
+    Each end names the peer its stream authenticated: C's provider is M, P's
+    consumer is M. M holds neither ephemeral private key.
+    """
+    c_eph, p_eph = Ephemeral(), Ephemeral()
+    consumer, provider = _consumer(c_eph, provider=MALLORY_ID), _provider(consumer=MALLORY_ID)
+    provider.receive_data(consumer.send_hello(_hello(c_eph)))
+    assert isinstance(provider.next_event(), Hello)
+    consumer.receive_data(provider.approve(p_eph, _approve(p_eph)))
+    assert isinstance(consumer.next_event(), Approve)
+    return consumer, provider
+
+
+def test_a_relayed_handshake_gives_the_two_ends_different_keys() -> None:
+    """Chain mode (the adapter confirms the on-chain id): Ready comes, but the keys differ.
+
+    So the provider's first sealed frame fails authentication at the
+    consumer, and the consumer's Request fails at the provider: M cannot
+    pass P's service off as its own.
+    """
+    consumer, provider = _relayed_through_mallory()
+    assert consumer.keys is not None
+    assert provider.keys is not None
+    assert consumer.transcript != provider.transcript
+    assert consumer.keys != provider.keys
+    provider.receive_data(consumer.send_opened(ON_CHAIN_ID))
+    assert isinstance(provider.next_event(), Opened)
+    consumer.receive_data(provider.ready())
+    assert isinstance(consumer.next_event(), Ready)
+
+    first = Sealer(provider.keys.provider_to_consumer, provider.session_id, 1).seal(b"token")
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        Opener(consumer.keys.provider_to_consumer, consumer.session_id, 1).open(first)
+    request = Sealer(consumer.keys.consumer_to_provider, consumer.session_id, 1).seal(b"prompt")
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        Opener(provider.keys.consumer_to_provider, provider.session_id, 1).open(request)
+
+
+def test_a_relayed_free_mode_handshake_is_refused_at_opened() -> None:
+    """Free mode: the id C names is C's transcript hash, which is not P's."""
+    consumer, provider = _relayed_through_mallory()
+    provider.receive_data(consumer.send_opened())
+    assert isinstance(provider.next_event(), Opened)
+    assert not provider.free_mode_session_ok
+
+
+def test_a_machine_without_peer_ids_is_our_bug() -> None:
+    with pytest.raises(LocalProtocolError, match="peer ids"):
+        ConsumerMachine(MAX, Ephemeral(), local_peer=b"", remote_peer=PROVIDER_ID)
+    with pytest.raises(LocalProtocolError, match="peer ids"):
+        ProviderMachine(MAX, local_peer=PROVIDER_ID, remote_peer=b"")

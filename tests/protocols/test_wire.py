@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import msgpack
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from p2pnode.protocols import status
+from p2pnode.protocols import session, status
 from p2pnode.protocols.wire import (
     NEED_DATA,
     PEER_CLOSED,
@@ -265,3 +266,46 @@ def test_error_frame_hides_internal_details() -> None:
     )
     remote = RemoteProtocolError(ErrorCode.OVERSIZE, "too big")
     assert Error.from_exception(remote) == Error(code=ErrorCode.OVERSIZE, message="too big")
+
+
+def _status_with_uptime(value: object, *, single: bool = False) -> bytes:
+    ok = status.StatusResponse(peer_id="p", version="v", addrs=(), connected_peers=0, uptime_s=0)
+    return bytes(msgpack.packb(ok.to_wire() | {"uptime_s": value}, use_single_float=single))
+
+
+@given(st.floats().map(lambda v: (v, False)) | st.floats(width=32).map(lambda v: (v, True)))
+def test_a_float_field_decodes_only_if_finite(case: tuple[float, bool]) -> None:
+    """NaN passes every comparison a handler makes (``abs(now - nan) > skew`` is
+    False), and an infinity is no number to act on: both are the peer's BAD_FIELD."""
+    value, single = case
+    body = _status_with_uptime(value, single=single)
+    sent = msgpack.unpackb(body)["uptime_s"]  # what float32 made of it
+    if math.isfinite(sent):
+        decoded = CODEC.decode(body)
+        assert isinstance(decoded, status.StatusResponse)
+        assert decoded.uptime_s == sent
+    else:
+        assert _decode_error(body) is ErrorCode.BAD_FIELD
+
+
+@pytest.mark.parametrize("value", [math.nan, -math.nan, math.inf, -math.inf])
+def test_non_finite_floats_are_refused_wherever_they_sit(value: float) -> None:
+    assert _decode_error(_status_with_uptime(value)) is ErrorCode.BAD_FIELD
+    assert _decode_error(_status_with_uptime(value, single=True)) is ErrorCode.BAD_FIELD
+    # Nested in a tuple of messages.
+    ok = status.StatusResponse(
+        peer_id="p",
+        version="v",
+        addrs=(),
+        connected_peers=0,
+        uptime_s=0,
+        models=(status.ServedModel(model_id="m"),),
+    )
+    wire = ok.to_wire()
+    wire["models"][0]["tokens_per_s"] = value
+    assert _decode_error(msgpack.packb(wire)) is ErrorCode.BAD_FIELD
+    # The timestamp a provider checks a Hello's age with.
+    hello = session.Hello(model_id="m", ephemeral=bytes(32), nonce=bytes(16), timestamp=0.0)
+    with pytest.raises(RemoteProtocolError) as info:
+        session.CODEC.decode(msgpack.packb(hello.to_wire() | {"timestamp": value}))
+    assert info.value.code is ErrorCode.BAD_FIELD

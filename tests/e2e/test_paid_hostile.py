@@ -1,0 +1,263 @@
+"""Paid sessions against strangers: nobody is served free, nobody is paid for nothing.
+
+Real nodes on 127.0.0.1 and the embedded chain (eth-tester on py-evm). The
+provider serves the synthetic engine (named as such: these tests are about
+payment, not about the model), so long generations cost no model time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from p2pnode.chain.client import AsyncChain
+from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
+from p2pnode.errors import NoProviderError
+from p2pnode.inference.engine import Params, Request
+from p2pnode.inference.synthetic import SyntheticEngine
+from p2pnode.p2p import market
+from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.p2p.reputation import Offence
+from p2pnode.protocols.session import RejectCode
+
+pytestmark = pytest.mark.slow
+BOUND_S = 60
+PRICE = 10**15
+MODEL = "synthetic"
+
+
+@dataclass
+class Paid:
+    embedded: Embedded
+    provider: Node
+    consumer: Node
+
+    @property
+    def provider_market(self) -> market.ProviderMarket:
+        assert self.provider.provider_market is not None
+        return self.provider.provider_market
+
+    @property
+    def consumer_market(self) -> market.ConsumerMarket:
+        assert self.consumer.consumer_market is not None
+        return self.consumer.consumer_market
+
+
+def _market(net: Embedded, who: int, home: Path, **kw: object) -> market.Config:
+    return market.Config(
+        chain=AsyncChain(net.chain),
+        account=net.accounts[who],
+        sessions_db=home / f"sessions-{who}.db",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
+    net = await trio.to_thread.run_sync(open_embedded)
+    provider_account = net.accounts[1]
+    net.chain.register_provider(provider_account, "12D3KooWprovider", MIN_PROVIDER_STAKE)
+    net.chain.register_model(provider_account, MODEL, None)
+    net.chain.post_bid(provider_account, MODEL, PRICE)
+    async with AsyncExitStack() as stack:
+        provider = await stack.enter_async_context(
+            open_node(
+                NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path, follow_s=0.2)),
+                key_pair=create_new_key_pair(),
+                engines=[SyntheticEngine()],
+            )
+        )
+        consumer = await stack.enter_async_context(
+            open_node(
+                NodeConfig(
+                    bootstrap=(provider.addrs[0],),
+                    market=_market(net, 2, tmp_path, session_seconds=1000),
+                ),
+                key_pair=create_new_key_pair(),
+            )
+        )
+        with trio.fail_after(BOUND_S):
+            while consumer.offer_book.get(provider.peer_id) is None:
+                await consumer.refresh_offer(provider.peer_id)
+        yield Paid(net, provider, consumer)
+
+
+def _request(tokens: int) -> Request:
+    return Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=tokens))
+
+
+async def _nothing(_text: str, _tokens: int) -> None:
+    return None
+
+
+async def test_a_session_closed_on_chain_is_not_served_again(paid: Paid) -> None:
+    # The attack: open with a large stake, close at once (pay ~a second, the
+    # rest refunded), and keep sending requests in the session.
+    with trio.fail_after(BOUND_S):
+        await paid.consumer.generate(_request(4), _nothing)
+    (session_id,) = paid.consumer_market.open
+    consumer_account = paid.embedded.accounts[2]
+    await trio.to_thread.run_sync(
+        paid.embedded.chain.close_session, consumer_account, session_id
+    )
+    requests_before = paid.provider.provider.stats["requests"]  # type: ignore[union-attr]
+    with trio.fail_after(BOUND_S):
+        outcome = await paid.consumer.generate(_request(4), _nothing)
+    # Served, but only in a new session the consumer paid for: the closed one
+    # was refused before anything was generated in it.
+    assert outcome.completion_tokens == 4
+    assert paid.consumer_market.counters["opened"] == 2
+    assert session_id not in paid.consumer_market.open
+    provider = paid.provider.provider
+    assert provider is not None
+    assert provider.stats["requests"] == requests_before + 1
+    assert paid.provider_market.counters["closed_early"] == 1
+
+
+async def test_a_generation_stops_when_its_session_closes_on_chain(paid: Paid) -> None:
+    provider = paid.provider.provider
+    assert provider is not None
+    first_chunk = trio.Event()
+
+    async def deliver(_text: str, _tokens: int) -> None:
+        first_chunk.set()
+        await trio.sleep(0.001)  # a slow reader: the answer takes minutes
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(paid.consumer.generate, _request(10_000_000), deliver)
+        with trio.fail_after(BOUND_S):
+            await first_chunk.wait()
+            while not paid.consumer_market.open:  # noqa: ASYNC110 - opened before the first chunk
+                await trio.sleep(0.01)
+        (session_id,) = paid.consumer_market.open
+        await trio.to_thread.run_sync(
+            paid.embedded.chain.close_session, paid.embedded.accounts[2], session_id
+        )
+        closed_at = trio.current_time()
+        with trio.fail_after(BOUND_S):
+            while provider.stats["ended_mid_request"] == 0:  # noqa: ASYNC110 - provider counter
+                await trio.sleep(0.02)
+        stopped_after = trio.current_time() - closed_at
+        nursery.cancel_scope.cancel()
+    # It follows the chain every 0.2 s here (5 s by default).
+    assert stopped_after < 10
+    assert paid.provider_market.counters["closed_early"] == 1
+
+
+async def test_a_provider_that_takes_the_stake_and_refuses_is_not_paid_for_it(
+    paid: Paid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The attack: a provider rejects every session after the consumer opened
+    # it on chain. It used to be paid until the idle close, session after session.
+    async def reject(*_args: object) -> RejectCode:
+        return RejectCode.BAD_SESSION
+
+    monkeypatch.setattr(paid.provider_market, "confirm", reject)
+    chain = paid.embedded.chain
+    provider_addr = paid.embedded.accounts[1].address
+    before = chain.balance(provider_addr)
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+        await paid.consumer.generate(_request(4), _nothing)
+    counters = paid.consumer_market.counters
+    assert counters["opened"] == 1
+    # Closed at once, not at the idle close: the stake is not held ...
+    assert paid.consumer_market.open == {}
+    (session_id,) = chain.sessions_of(paid.embedded.accounts[2].address)
+    assert not chain.session(session_id).open
+    # ... and the provider got the seconds of one block at most.
+    assert chain.balance(provider_addr) - before <= PRICE
+    # It is remembered: no second session is opened with it.
+    standing = paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time())
+    assert standing is not None
+    assert standing.offences[Offence.PAID_NO_SERVICE.value] == 1
+    assert standing.banned
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+        await paid.consumer.generate(_request(4), _nothing)
+    assert counters["opened"] == 1
+
+
+async def test_a_chain_that_drops_a_connection_costs_the_provider_nothing(
+    paid: Paid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The attack (or an accident): one RPC error during the settle loop used
+    # to end the provider.
+    chain = paid.embedded.chain
+    real_now = chain.now
+    failures = 0
+
+    def flaky_now() -> int:
+        nonlocal failures
+        if failures < 3:
+            failures += 1
+            raise requests.exceptions.ConnectionError("connection reset by peer")
+        return real_now()
+
+    monkeypatch.setattr(chain, "now", flaky_now)
+    monkeypatch.setattr(
+        paid.provider_market, "cfg", _replace_cfg(paid.provider_market.cfg, settle_every_s=0.1)
+    )
+    with trio.fail_after(BOUND_S):
+        while failures < 3:  # noqa: ASYNC110 - the settle loop reads the chain's clock
+            await trio.sleep(0.05)
+        outcome = await paid.consumer.generate(_request(4), _nothing)
+    assert outcome.completion_tokens == 4
+    assert paid.provider_market.counters["chain_errors"] >= 1
+
+
+async def test_a_consumer_survives_a_chain_error_while_closing(
+    paid: Paid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(BOUND_S):
+        await paid.consumer.generate(_request(4), _nothing)
+    (session_id,) = paid.consumer_market.open
+
+    def down(*_args: object) -> object:
+        raise requests.exceptions.ConnectionError("no route to host")
+
+    monkeypatch.setattr(paid.embedded.chain, "session", down)
+    with trio.fail_after(BOUND_S):
+        await paid.consumer_market.close(session_id)  # logged, not raised
+    monkeypatch.undo()
+    with trio.fail_after(BOUND_S):
+        await paid.consumer_market.close_all()  # the ledger still lists it: closed now
+    assert not paid.embedded.chain.session(session_id).open
+
+
+def _replace_cfg(cfg: market.Config, **kw: object) -> market.Config:
+    from dataclasses import replace
+
+    return replace(cfg, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_session_is_not_idle_while_a_request_runs(paid: Paid, tmp_path: Path) -> None:
+    # A long answer used to count as idle time: the consumer closed its own
+    # session under the request (and then the provider stopped serving it).
+    cfg = _market(paid.embedded, 3, tmp_path, session_seconds=1000, idle_close_s=0.5)
+    async with open_node(
+        NodeConfig(bootstrap=(paid.provider.addrs[0],), market=cfg), key_pair=create_new_key_pair()
+    ) as consumer:
+        with trio.fail_after(BOUND_S):
+            while consumer.offer_book.get(paid.provider.peer_id) is None:
+                await consumer.refresh_offer(paid.provider.peer_id)
+
+        async def slow_reader(_text: str, _tokens: int) -> None:
+            await trio.sleep(0.6)  # longer than the idle close, for every chunk
+
+        market_ = consumer.consumer_market
+        assert market_ is not None
+        with trio.fail_after(BOUND_S):
+            outcome = await consumer.generate(_request(600), slow_reader)
+        assert outcome.completion_tokens == 600
+        assert market_.counters["opened"] == 1
+        assert market_.counters["closed"] == 0
+        # Idle now: closed at the next look.
+        with trio.fail_after(BOUND_S):
+            while market_.counters["closed"] == 0:  # noqa: ASYNC110 - the idle-close loop
+                await trio.sleep(0.05)

@@ -1,0 +1,355 @@
+"""The shim's guards against its own clients: body cap, requests in flight, bind address.
+
+These run the shim (hypercorn, Starlette) on a free loopback port, or its ASGI
+app directly, in front of a scripted node: the guards are the shim's, the node
+behind it does not matter, and a scripted one lets a test hold a request in
+flight for as long as it needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import httpx
+import pytest
+import trio
+
+from p2pnode.errors import ConfigError
+from p2pnode.inference import openai_api
+from p2pnode.inference.engine import Request
+
+KEY = "sk-test-shim"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BOUND_S = 10
+CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ScriptedNode:
+    """A shim backend: "fast" answers at once, "slow" says one word and waits for
+    cancellation, and looking up "lookup-forever" never ends."""
+
+    def __init__(self) -> None:
+        self.generation_cancelled = trio.Event()
+        self.lookup_started = trio.Event()
+        self.lookup_cancelled = trio.Event()
+
+    def list_models(self) -> list[tuple[str, str]]:
+        return [("fast", "network"), ("slow", "network")]
+
+    async def has_model(self, model_id: str) -> bool:
+        if model_id == "lookup-forever":
+            self.lookup_started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.lookup_cancelled.set()
+        return model_id in ("fast", "slow")
+
+    async def generate(
+        self, request: Request, deliver: Callable[[str, int], Awaitable[None]]
+    ) -> Outcome:
+        await deliver("hello", 1)
+        if request.model_id == "slow":
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.generation_cancelled.set()
+        return Outcome("stop", 1, 1)
+
+
+@pytest.fixture
+def node() -> ScriptedNode:
+    return ScriptedNode()
+
+
+async def _serve(
+    nursery: trio.Nursery, node: ScriptedNode, config: openai_api.Config | None = None
+) -> str:
+    url = await nursery.start(functools.partial(openai_api.serve, node, KEY, "127.0.0.1:0", config))
+    assert isinstance(url, str)
+    return url
+
+
+# --- the body cap, enforced while reading ------------------------------------
+
+
+class Sender:
+    """An ASGI ``receive`` that offers ``total`` bytes of body in 64 KiB messages,
+    counting what the app pulled."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.pulled = 0
+
+    async def __call__(self) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        if self.left <= 0:
+            await trio.sleep_forever()  # only a disconnect could come now
+        chunk = min(self.left, 64 * 1024)
+        self.left -= chunk
+        self.pulled += chunk
+        return {"type": "http.request", "body": b" " * chunk, "more_body": self.left > 0}
+
+
+async def _asgi_post(receive: Sender, headers: list[tuple[bytes, bytes]]) -> tuple[int, Any]:
+    """POST /v1/chat/completions straight into the app; (status, JSON body)."""
+    app = openai_api.create_app(ScriptedNode(), KEY)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8080"), (b"authorization", f"Bearer {KEY}".encode())]
+        + headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with trio.fail_after(BOUND_S):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    status = sent[0]["status"]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return status, json.loads(body)
+
+
+def _is_too_large(status: int, body: Any) -> bool:
+    error = body["error"]
+    return status == 413 and error["type"] == "invalid_request_error" and "over" in error["message"]
+
+
+async def test_a_body_without_length_is_cut_at_the_cap() -> None:
+    body = Sender(16 * openai_api.MAX_BODY)
+    status, answer = await _asgi_post(body, [])
+    assert _is_too_large(status, answer)
+    # It stopped reading at the first message past the cap.
+    assert body.pulled <= openai_api.MAX_BODY + 64 * 1024
+
+
+async def test_a_lying_content_length_does_not_lift_the_cap() -> None:
+    body = Sender(16 * openai_api.MAX_BODY)
+    status, answer = await _asgi_post(body, [(b"content-length", b"10")])
+    assert _is_too_large(status, answer)
+    assert body.pulled <= openai_api.MAX_BODY + 64 * 1024
+
+
+async def test_a_declared_length_over_the_cap_is_refused_unread() -> None:
+    body = Sender(openai_api.MAX_BODY + 1)
+    status, answer = await _asgi_post(
+        body, [(b"content-length", str(openai_api.MAX_BODY + 1).encode())]
+    )
+    assert _is_too_large(status, answer)
+    assert body.pulled == 0
+    huge = Sender(1)
+    status, answer = await _asgi_post(huge, [(b"content-length", b"9" * 5000)])
+    assert _is_too_large(status, answer)
+
+
+async def test_a_body_of_exactly_the_cap_is_read() -> None:
+    # A JSON body padded with spaces to MAX_BODY bytes: read, parsed, answered.
+    status, answer = await _asgi_post(Sender(openai_api.MAX_BODY), [])
+    assert status == 400  # all spaces: not JSON, but not too large either
+    assert "not valid JSON" in answer["error"]["message"]
+
+
+async def test_a_chunked_body_that_never_ends_gets_413(node: ScriptedNode) -> None:
+    """Over real HTTP: 413 arrives while the client is still sending."""
+    async with trio.open_nursery() as nursery:
+        url = await _serve(nursery, node)
+        port = int(url.split(":")[2].split("/")[0])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        client = h11.Connection(h11.CLIENT)
+        head = h11.Request(
+            method="POST",
+            target="/v1/chat/completions",
+            headers=[
+                ("Host", f"127.0.0.1:{port}"),
+                ("Authorization", f"Bearer {KEY}"),
+                ("Transfer-Encoding", "chunked"),
+            ],
+        )
+        events: list[Any] = []
+
+        async def send_body() -> None:
+            # 8 MiB and no end of body: a shim that waits for the end never answers.
+            try:
+                await stream.send_all(client.send(head) or b"")
+                for _ in range(128):
+                    await stream.send_all(client.send(h11.Data(data=b"x" * 65536)) or b"")
+            except trio.BrokenResourceError:
+                pass  # the shim answered and closed
+
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as talk:
+                talk.start_soon(send_body)
+                while not events or not isinstance(events[-1], h11.EndOfMessage):
+                    event = client.next_event()
+                    if event is h11.NEED_DATA:
+                        client.receive_data(await stream.receive_some())
+                    else:
+                        events.append(event)
+                talk.cancel_scope.cancel()
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    response, *data = events[:-1]
+    assert response.status_code == 413
+    answer = json.loads(b"".join(bytes(d.data) for d in data))
+    assert answer["error"]["code"] == "request_too_large"
+
+
+# --- requests in flight ----------------------------------------------------------
+
+
+async def test_requests_beyond_the_bound_get_429_and_a_leaving_client_frees_its_slot(
+    node: ScriptedNode,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        url = await _serve(nursery, node, openai_api.Config(max_in_flight=1))
+        async with httpx.AsyncClient(headers=AUTH, timeout=BOUND_S) as http:
+            with trio.fail_after(BOUND_S):
+                held = await _open_slow_stream(url)  # holds the one slot
+                refused = await http.post(f"{url}/chat/completions", json=CHAT)
+                assert refused.status_code == 429
+                assert refused.headers["retry-after"] == "1"
+                assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+                assert (await http.get(f"{url}/models")).status_code == 429
+                # The client hangs up: its generation stops and its slot frees.
+                await held.aclose()
+                await node.generation_cancelled.wait()
+                answer = await _post_until_admitted(http, url)
+        nursery.cancel_scope.cancel()
+    assert answer.json()["choices"][0]["message"]["content"] == "hello"
+
+
+async def _open_slow_stream(url: str) -> trio.SocketStream:
+    """A streamed chat of the "slow" model, open until its first token has arrived.
+
+    Raw HTTP (h11), so that the connection closes exactly when the test says.
+    """
+    port = int(url.split(":")[2].split("/")[0])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = h11.Connection(h11.CLIENT)
+    body = json.dumps({**CHAT, "model": "slow", "stream": True}).encode()
+    head = h11.Request(
+        method="POST",
+        target="/v1/chat/completions",
+        headers=[
+            ("Host", f"127.0.0.1:{port}"),
+            ("Authorization", f"Bearer {KEY}"),
+            ("Content-Length", str(len(body))),
+        ],
+    )
+    for message in (head, h11.Data(data=body), h11.EndOfMessage()):
+        await stream.send_all(client.send(message) or b"")
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(await stream.receive_some())
+        elif isinstance(event, h11.Response):
+            assert event.status_code == 200
+        elif isinstance(event, h11.Data) and b"hello" in bytes(event.data):
+            return stream
+
+
+async def test_a_client_that_leaves_during_the_model_lookup_frees_its_slot(
+    node: ScriptedNode,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        url = await _serve(nursery, node, openai_api.Config(max_in_flight=1))
+        async with httpx.AsyncClient(headers=AUTH, timeout=BOUND_S) as http:
+            with trio.fail_after(BOUND_S):
+                async with trio.open_nursery() as client:
+                    lookup = {**CHAT, "model": "lookup-forever"}
+                    post = functools.partial(http.post, json=lookup)
+                    client.start_soon(post, f"{url}/chat/completions")
+                    await node.lookup_started.wait()
+                    assert (await http.get(f"{url}/models")).status_code == 429
+                    client.cancel_scope.cancel()  # the client leaves
+                await node.lookup_cancelled.wait()
+                answer = await _post_until_admitted(http, url)
+        nursery.cancel_scope.cancel()
+    assert answer.status_code == 200
+
+
+async def _post_until_admitted(http: httpx.AsyncClient, url: str) -> httpx.Response:
+    """POST a chat until it is not refused for want of a slot (the caller bounds the wait).
+
+    The slot frees a few scheduler turns after the generation is cancelled,
+    which a test cannot observe from outside the shim.
+    """
+    while True:
+        answer = await http.post(f"{url}/chat/completions", json=CHAT)
+        if answer.status_code != 429:
+            assert answer.status_code == 200, answer.text
+            return answer
+        await trio.sleep(0.01)
+
+
+# --- where it listens ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8080", "127.0.0.2:1", "[::1]:8080", "localhost:0"])
+def test_loopback_addresses_are_accepted(listen: str) -> None:
+    assert openai_api.check_listen(listen, allow_remote=False)
+
+
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:8080", "[::]:8080", "192.168.1.20:8080", "node.example:8080"]
+)
+def test_other_addresses_need_allow_remote(listen: str) -> None:
+    with pytest.raises(ConfigError, match="--shim-allow-remote"):
+        openai_api.check_listen(listen, allow_remote=False)
+    assert not openai_api.check_listen(listen, allow_remote=True)
+
+
+async def test_serving_beyond_loopback_is_refused_unless_allowed(
+    node: ScriptedNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Refused before it listens (a shim that serves instead would run until the deadline).
+    with trio.fail_after(BOUND_S), pytest.raises(ConfigError, match="reachable from other"):
+        await openai_api.serve(node, KEY, "0.0.0.0:0")
+    async with trio.open_nursery() as nursery:
+        with caplog.at_level(logging.WARNING, logger="p2pnode.inference.openai_api"):
+            url = await nursery.start(
+                functools.partial(
+                    openai_api.serve,
+                    node,
+                    KEY,
+                    "0.0.0.0:0",
+                    openai_api.Config(allow_remote=True),
+                )
+            )
+        port = url.split(":")[2].split("/")[0]
+        async with httpx.AsyncClient(headers=AUTH, timeout=BOUND_S) as http:
+            # Still the same rules: the key, and a loopback Host header.
+            base = f"http://127.0.0.1:{port}/v1"
+            assert (await http.get(f"{base}/models")).status_code == 200
+            foreign = await http.get(f"{base}/models", headers={"Host": f"10.0.0.2:{port}"})
+            assert foreign.status_code == 403
+            keyless = await http.get(f"{base}/models", headers={"Authorization": ""})
+            assert keyless.status_code == 401
+        nursery.cancel_scope.cancel()
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "0.0.0.0:0" in warning.getMessage()
+    assert "beyond this machine" in warning.getMessage()

@@ -1,0 +1,380 @@
+"""Hostile peers against real nodes on 127.0.0.1: each attack a stranger tried, and what it costs.
+
+Every test here is an attack reproduced with the project's own API that
+worked against an earlier version of the node: it must now fail, cost the
+attacker, and leave the node serving honest peers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+
+import pytest
+import trio
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from p2pnode.errors import NetworkError
+from p2pnode.inference.engine import Params, Request
+from p2pnode.inference.synthetic import WORD, SyntheticEngine
+from p2pnode.p2p import provider as providerlib
+from p2pnode.p2p.consumer import _wire_request
+from p2pnode.p2p.market import hello_signing_bytes
+from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.p2p.reputation import Offence
+from p2pnode.protocols import offers, session, status
+from p2pnode.protocols.infer import service as infer_service
+from p2pnode.protocols.session import service as session_service
+from p2pnode.protocols.wire import encode_frame
+from p2pnode.simnet.harness import Topology, open_simnet
+
+BOUND_S = 30
+MODEL = "synthetic"
+
+
+async def eventually(predicate: Callable[[], bool], bound_s: float = BOUND_S) -> None:
+    with trio.fail_after(bound_s):
+        while not predicate():  # noqa: ASYNC110 - nodes expose no event for these conditions
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running(
+    config: NodeConfig, engines: list[SyntheticEngine] | None = None
+) -> AsyncIterator[Node]:
+    async with open_node(config, key_pair=create_new_key_pair(), engines=engines or []) as node:
+        yield node
+
+
+# --- gossip ---------------------------------------------------------------------
+
+
+async def test_a_signed_offer_with_junk_addresses_crashes_no_node() -> None:
+    # The attack: a peer publishes its own, correctly signed offer whose
+    # addrs hold a string that is not a multiaddr. Every node that validated
+    # it used to die (the parse error escaped pubsub's validator).
+    async with open_simnet(Topology(peers=4, providers=1)) as (net, _):
+        rogue = net.consumers[0]
+        assert rogue.discovery is not None
+        await eventually(lambda: all(len(n.offer_book) == 1 for n in net.nodes if n is not rogue))
+        unsigned = offers.Offer(
+            peer_id=rogue.peer_id,
+            addrs=("this is not a multiaddr", "/ip4/127.0.0.1/tcp/1"),
+            models=(offers.ModelOffer(model_id="bait", price_per_s=0),),
+            slots_free=1,
+            queue_len=0,
+            seq=1,
+            timestamp=time.time(),
+        )
+        signed = replace(
+            unsigned, signature=rogue.host.get_private_key().sign(unsigned.signing_bytes())
+        )
+        # The rogue's own node would refuse to send it: the attacker runs no validator.
+        rogue.discovery.pubsub.remove_topic_validator(offers.TOPIC)
+        await rogue.discovery.pubsub.publish(offers.TOPIC, offers.GOSSIP_CODEC.encode_body(signed))
+        others = [n for n in net.nodes if n is not rogue]
+        await eventually(
+            lambda: sum(n.offer_book.verdicts[offers.Verdict.INVALID] for n in others) > 0
+        )
+        # Nobody took it, and every node still answers.
+        for node in others:
+            assert node.offer_book.get(rogue.peer_id) is None
+        with trio.fail_after(BOUND_S):
+            for node in others:
+                assert (await rogue.status_of(node.peer_id)).peer_id == node.peer_id
+
+
+# --- Sybils -----------------------------------------------------------------------
+
+
+async def test_sybils_that_refuse_everything_cannot_starve_requests() -> None:
+    # The attack: four identities claiming to be the fastest, answering every
+    # Hello with BUSY, used up every attempt of every request.
+    request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=8))
+    async with AsyncExitStack() as stack:
+        consumer = await stack.enter_async_context(running(NodeConfig(measure_tokens=0)))
+        boot = (consumer.addrs[0],)
+        honest = await stack.enter_async_context(
+            running(NodeConfig(measure_tokens=0, bootstrap=boot), [SyntheticEngine()])
+        )
+        honest.set_models((replace(honest.models[0], tokens_per_s=100.0),))
+        refuse_all = providerlib.Config(max_handshakes=0)
+        sybils = [
+            await stack.enter_async_context(
+                running(
+                    NodeConfig(measure_tokens=0, bootstrap=boot, provider=refuse_all),
+                    [SyntheticEngine()],
+                )
+            )
+            for _ in range(4)
+        ]
+        for sybil in sybils:
+            sybil.set_models((replace(sybil.models[0], tokens_per_s=10_000.0),))
+        with trio.fail_after(BOUND_S):
+            for node in [honest, *sybils]:
+                while (held := consumer.offer_book.get(node.peer_id)) is None or (
+                    held.models[0].tokens_per_s == 0
+                ):
+                    await consumer.refresh_offer(node.peer_id)
+                    await trio.sleep(0.05)
+
+        texts: list[str] = []
+
+        async def deliver(text: str, _tokens: int) -> None:
+            texts.append(text)
+
+        with trio.fail_after(BOUND_S):
+            outcomes = [await consumer.generate(request, deliver) for _ in range(3)]
+        assert [o.provider for o in outcomes] == [honest.peer_id] * 3
+        assert "".join(texts) == WORD * 8 * 3
+        # Each Sybil was tried once (the first request), then ranked behind.
+        now = trio.current_time()
+        for sybil in sybils:
+            standing = consumer.reputation.standing(sybil.peer_id, now)
+            assert standing is not None
+            assert standing.offences == {Offence.REFUSED.value: 1}
+        assert consumer.reputation.standing(honest.peer_id, now).served == 3  # type: ignore[union-attr]
+
+
+# --- admission ----------------------------------------------------------------------
+
+
+def _sign_hello(account: object, hello: session.Hello) -> session.Hello:
+    signed = Account.sign_message(encode_defunct(primitive=hello_signing_bytes(hello)), account.key)  # type: ignore[attr-defined]
+    return replace(hello, signature=bytes(signed.signature))
+
+
+async def test_an_allowlisted_wallet_counts_only_with_its_signature() -> None:
+    # The attack: a Hello carrying an allowed consumer_wallet and no
+    # signature passed the free-mode allowlist.
+    allowed = Account.create()
+    provider_cfg = providerlib.Config(allowlist=frozenset({allowed.address.lower()}))
+    async with (
+        running(NodeConfig(measure_tokens=0, provider=provider_cfg), [SyntheticEngine()]) as prov,
+        running(NodeConfig(measure_tokens=0)) as stranger,
+    ):
+        await stranger.connect(prov.addrs[0])
+        peer = ID.from_base58(prov.peer_id)
+
+        async def open_with(prepare: Callable[[session.Hello], session.Hello]) -> object:
+            stream = await stranger.host.new_stream(peer, [TProtocol(session.PROTOCOL_ID)])
+            return await session_service.open_session(
+                stream,
+                MODEL,
+                10.0,
+                local_peer=stranger.host.get_id(),
+                remote_peer=peer,
+                prepare=prepare,
+            )
+
+        with trio.fail_after(BOUND_S):
+            with pytest.raises(session_service.Rejected) as refused:
+                await open_with(lambda h: replace(h, consumer_wallet=allowed.address))
+            assert refused.value.code == session.RejectCode.NOT_ALLOWED
+            # Signed by another key: still refused.
+            impostor = Account.create()
+            with pytest.raises(session_service.Rejected):
+                await open_with(
+                    lambda h: _sign_hello(impostor, replace(h, consumer_wallet=allowed.address))
+                )
+            # The wallet's owner, signing: admitted.
+            established = await open_with(
+                lambda h: _sign_hello(allowed, replace(h, consumer_wallet=allowed.address))
+            )
+        assert isinstance(established, session_service.Established)
+
+
+# --- budgets and bans -------------------------------------------------------------------
+
+
+async def test_a_peer_that_keeps_sending_junk_is_banned_and_others_are_served() -> None:
+    async with (
+        running(NodeConfig(measure_tokens=0)) as server,
+        running(NodeConfig(measure_tokens=0)) as bad,
+        running(NodeConfig(measure_tokens=0)) as good,
+    ):
+        await bad.connect(server.addrs[0])
+        await good.connect(server.addrs[0])
+        peer = ID.from_base58(server.peer_id)
+        ban = server.config.reputation.ban_score
+        with trio.fail_after(BOUND_S):
+            sent = 0
+            while not server.reputation.banned(bad.peer_id, trio.current_time()):
+                # The last of these may already meet the ban (a reset).
+                with contextlib.suppress(Exception):
+                    stream = await bad.host.new_stream(peer, [TProtocol(status.PROTOCOL_ID)])
+                    await stream.write(encode_frame(b"\xc1 junk"))
+                    sent += 1
+                    await stream.read(65536)
+                await trio.sleep(0.01)
+        assert sent in (10, 11)  # a malformed frame weighs 2 (decaying); the ban is at 20
+        assert server.reputation.score(bad.peer_id, trio.current_time()) >= ban
+        refused = server.refused_streams
+        with trio.fail_after(BOUND_S):
+            with pytest.raises(NetworkError):
+                await bad.status_of(server.peer_id)
+            assert server.refused_streams == refused + 1
+            assert (await good.status_of(server.peer_id)).peer_id == server.peer_id
+
+
+async def test_streams_beyond_a_peers_budget_are_reset_at_once() -> None:
+    async with (
+        running(NodeConfig(measure_tokens=0, max_streams_per_peer=3)) as server,
+        running(NodeConfig(measure_tokens=0)) as greedy,
+        running(NodeConfig(measure_tokens=0)) as other,
+    ):
+        await greedy.connect(server.addrs[0])
+        await other.connect(server.addrs[0])
+        peer = ID.from_base58(server.peer_id)
+        held = []
+        with trio.fail_after(BOUND_S):
+            # Three silent streams use the greedy peer's whole budget ...
+            for _ in range(3):
+                stream = await greedy.host.new_stream(peer, [TProtocol(status.PROTOCOL_ID)])
+                await stream.write(b"\x05")  # a frame header, and no body
+                held.append(stream)
+            await eventually(lambda: server._streams[greedy.peer_id] == 3)
+            # ... so its fourth is turned away, while another peer is served.
+            with pytest.raises(NetworkError):
+                await greedy.status_of(server.peer_id)
+            assert server.refused_streams == 1
+            assert (await other.status_of(server.peer_id)).peer_id == server.peer_id
+        for stream in held:
+            await stream.reset()
+
+
+# --- the provider's session table --------------------------------------------------------
+
+
+def _served(peer: str, n: int, *, last_used: float, active: int = 0) -> providerlib.ServedSession:
+    return providerlib.ServedSession(
+        session_id=f"{peer}-{n}".encode(),
+        peer=peer,
+        model_id=MODEL,
+        keys=None,  # type: ignore[arg-type]
+        wallet=None,
+        last_used=last_used,
+        active=active,
+    )
+
+
+def test_one_consumer_cannot_evict_anothers_session() -> None:
+    provider = providerlib.Provider(
+        providerlib.Config(max_sessions=6, max_sessions_per_peer=3),
+        [],
+        create_new_key_pair().private_key,
+        lambda _m: None,
+    )
+    honest = _served("honest", 0, last_used=0.0)
+    provider.sessions[honest.session_id] = honest
+    # The attacker opens session after session from a few identities.
+    for n in range(40):
+        attacker = f"attacker{n % 4}"
+        assert provider._make_room(attacker, now=1.0 + n)
+        s = _served(attacker, n, last_used=1.0 + n)
+        provider.sessions[s.session_id] = s
+    assert honest.session_id in provider.sessions
+    assert len(provider.sessions) <= 6
+    per_peer: dict[str, int] = {}
+    for s in provider.sessions.values():
+        per_peer[s.peer] = per_peer.get(s.peer, 0) + 1
+    assert max(per_peer.values()) <= 3
+
+
+def test_sessions_with_a_request_running_are_never_evicted() -> None:
+    provider = providerlib.Provider(
+        providerlib.Config(max_sessions=2, max_sessions_per_peer=2),
+        [],
+        create_new_key_pair().private_key,
+        lambda _m: None,
+    )
+    for n in range(2):
+        s = _served("busy", n, last_used=0.0, active=1)
+        provider.sessions[s.session_id] = s
+    assert not provider._make_room("busy", now=10.0)
+    assert not provider._make_room("other", now=10.0)
+    assert len(provider.sessions) == 2
+
+
+# --- DHT records --------------------------------------------------------------------------
+
+
+def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:
+    # The attack: twenty made-up providers announce a model first; py-libp2p
+    # keeps k = 20 records per key, first come first served.
+    from libp2p.peer.peerinfo import PeerInfo
+    from multiaddr import Multiaddr
+
+    from p2pnode.p2p import discovery as discoverylib
+    from p2pnode.p2p import host as hostlib
+
+    cfg = replace(discoverylib.Config(), max_record_keys=3)
+    found = discoverylib.Discovery(
+        hostlib.build(create_new_key_pair(), hostlib.Config()), cfg, lambda: None
+    )
+    store = found.dht.provider_store
+    key = discoverylib.model_key("m")
+    addr = [Multiaddr("/ip4/127.0.0.1/tcp/1")]
+    for _ in range(20):
+        poison = ID.from_pubkey(create_new_key_pair().public_key)
+        store.add_provider(key, PeerInfo(poison, addr))
+    assert len(store.get_providers(key)) == 20
+    # A provider this node holds a signed offer from still gets its record in.
+    honest = create_new_key_pair()
+    honest_id = str(ID.from_pubkey(honest.public_key))
+    unsigned = offers.Offer(
+        peer_id=honest_id,
+        addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{honest_id}",),
+        models=(offers.ModelOffer(model_id="m"),),
+        slots_free=1,
+        queue_len=0,
+        seq=1,
+        timestamp=time.time(),
+    )
+    signed = replace(unsigned, signature=honest.private_key.sign(unsigned.signing_bytes()))
+    body = offers.GOSSIP_CODEC.encode_body(signed)
+    assert found.book.consider(body, source=None, now=time.time()) is offers.Verdict.ACCEPTED
+    found._cache_provider_records(signed)
+    providers = {str(p.peer_id) for p in store.get_providers(key)}
+    assert honest_id in providers
+    assert len(providers) == 20
+    # Keys are bounded too: strangers cannot grow the table without end.
+    for n in range(10):
+        stranger = ID.from_pubkey(create_new_key_pair().public_key)
+        store.add_provider(discoverylib.model_key(f"junk{n}"), PeerInfo(stranger, addr))
+    assert len(store.providers) == 3
+
+
+async def test_a_request_with_a_flood_of_stop_strings_is_refused() -> None:
+    async with (
+        running(NodeConfig(measure_tokens=0), [SyntheticEngine()]) as prov,
+        running(NodeConfig(measure_tokens=0)) as consumer,
+    ):
+        await consumer.connect(prov.addrs[0])
+        await consumer.refresh_offer(prov.peer_id)
+        request = Request(
+            model_id=MODEL,
+            kind="completion",
+            prompt="hi",
+            params=Params(max_tokens=4, stop=tuple(f"s{i}" for i in range(5000))),
+        )
+        with trio.fail_after(BOUND_S), pytest.raises(infer_service.Refused) as refused:
+            await consumer.consumer._request_on(
+                prov.peer_id,
+                _wire_request(request, "r1", "", 4),
+                _ignore_chunk,
+            )
+        assert "stop strings" in str(refused.value)
+        assert prov.provider is not None
+        assert prov.provider.stats["requests"] == 0
+
+
+async def _ignore_chunk(_chunk: object) -> None:
+    return None

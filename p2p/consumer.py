@@ -48,7 +48,7 @@ from p2pnode.errors import (
 from p2pnode.inference import engine as enginelib
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
-from p2pnode.p2p.market import ConsumerMarket
+from p2pnode.p2p.market import ConsumerMarket, OfferMismatch
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
@@ -276,6 +276,10 @@ class Consumer:
                 else:
                     failures += self._offence(peer, _offence_of_refusal(exc.code), exc)
                 continue
+            except OfferMismatch as exc:  # its signed offer and the chain disagree
+                last_error = f"{short(peer)}: {exc}"
+                self._offence(peer, Offence.BROKEN_PROMISE, exc)
+                continue
             except ChainError as exc:  # the on-chain open failed: costs us gas, counts
                 last_error = f"{short(peer)}: {exc}"
                 self._offence(peer, Offence.REFUSED, exc)
@@ -488,6 +492,8 @@ class Consumer:
             )
 
         async def on_approve(hello: session.Hello, approve: session.Approve) -> bytes:
+            assert offer is not None
+            await market.check_bid(offer, terms)
             session_id = await market.open_session(peer, hello, approve, terms, stake)
             opened.append(session_id)
             return session_id

@@ -39,7 +39,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-from p2pnode.chain.client import AsyncChain, Tx
+from p2pnode.chain.client import AsyncChain, Tx, model_key
 from p2pnode.errors import ChainError
 from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.session import Approve, Hello, RejectCode
@@ -73,6 +73,10 @@ class Config:
     # Consumer: a session unused this long is closed (its stake mostly refunded).
     idle_close_s: float = 120.0
     sessions_db: Path | None = None
+
+
+class OfferMismatch(ChainError):
+    """The chain contradicts a provider's signed offer (its bid, price, wallet or file)."""
 
 
 def approval_nonce(hello_nonce: bytes, approve_nonce: bytes) -> bytes:
@@ -442,6 +446,31 @@ class ConsumerMarket:
             encode_defunct(primitive=hello_signing_bytes(filled)), self.cfg.account.key
         )
         return replace(filled, signature=bytes(signed.signature))
+
+    async def check_bid(self, offer: Offer, terms: ModelOffer) -> None:
+        """Before paying: the bid the offer names is live, the offer's wallet's, for this
+        model, at this price, and for the GGUF file the offer announces.
+
+        Raises :class:`OfferMismatch` (the provider's offer lied) or ChainError.
+        """
+        chain = self.cfg.chain
+        assert terms.bid_id is not None
+        bid = await chain.run(chain.sync.bid, bytes.fromhex(terms.bid_id))
+        wrong = (
+            "not live"
+            if not bid.live
+            else "another wallet's"
+            if (offer.wallet or "").lower() != bid.provider.lower()
+            else "for another model"
+            if bid.model != model_key(terms.model_id)
+            else "at another price"
+            if bid.price_per_s != terms.price_per_s
+            else "for another GGUF file"
+            if bid.gguf_sha256 and terms.gguf_sha256 and bid.gguf_sha256 != terms.gguf_sha256
+            else None
+        )
+        if wrong is not None:
+            raise OfferMismatch(f"the bid its offer names is {wrong}")
 
     async def open_session(
         self, peer: str, hello: Hello, approve: Approve, terms: ModelOffer, stake: int

@@ -261,3 +261,24 @@ async def test_a_session_is_not_idle_while_a_request_runs(paid: Paid, tmp_path: 
         with trio.fail_after(BOUND_S):
             while market_.counters["closed"] == 0:  # noqa: ASYNC110 - the idle-close loop
                 await trio.sleep(0.05)
+
+
+async def test_an_offer_the_chain_contradicts_opens_nothing(paid: Paid) -> None:
+    # The provider gossips half its on-chain price: a consumer that believed
+    # the offer would send an open bound to revert (and pay its gas).
+    bid_id, price = paid.provider_market.bids[MODEL]
+    paid.provider_market.bids[MODEL] = (bid_id, price // 2)
+    paid.provider.set_models(paid.provider.models)
+    with trio.fail_after(BOUND_S):
+        while (o := paid.consumer.offer_book.get(paid.provider.peer_id)) is None or (
+            o.models[0].price_per_s != price // 2
+        ):
+            await paid.consumer.refresh_offer(paid.provider.peer_id)
+            await trio.sleep(0.05)
+    consumer_addr = paid.embedded.accounts[2].address
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError, match="another price"):
+        await paid.consumer.generate(_request(4), _nothing)
+    assert paid.embedded.chain.sessions_of(consumer_addr) == []
+    standing = paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time())
+    assert standing is not None
+    assert standing.offences == {Offence.BROKEN_PROMISE.value: 1}

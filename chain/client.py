@@ -200,19 +200,20 @@ class Chain:
             found.extend(bytes(log["args"]["sessionId"]) for log in logs)
         return list(dict.fromkeys(found))
 
-    def closed_since(self, from_block: int) -> tuple[list[bytes], int]:
-        """Ids of sessions closed in blocks ``from_block``..latest, and the next block to ask.
+    def closed_since(self, from_block: int, max_blocks: int = 5_000) -> tuple[list[bytes], int]:
+        """Ids of sessions closed from ``from_block`` on, and the next block to ask.
 
         One ``eth_getLogs`` for every session at once: how a provider learns
-        that a consumer closed early.
+        that a consumer closed early. At most ``max_blocks`` blocks a call:
+        RPC nodes refuse wide ranges, and after an outage the gap is caught
+        up in steps.
         """
         latest = int(self.w3.eth.block_number)
         if latest < from_block:
             return [], from_block
-        logs = self.market.events.SessionClosed().get_logs(
-            from_block=from_block, to_block=latest
-        )
-        return [bytes(log["args"]["sessionId"]) for log in logs], latest + 1
+        last = min(latest, from_block + max_blocks - 1)
+        logs = self.market.events.SessionClosed().get_logs(from_block=from_block, to_block=last)
+        return [bytes(log["args"]["sessionId"]) for log in logs], last + 1
 
     # --- approvals -------------------------------------------------------------
 

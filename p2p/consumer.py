@@ -163,6 +163,9 @@ class _Session:
     session_id: bytes
     keys: SessionKeys
     streams: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    paid: bool = False
+    # Requests the provider answered in full in this session.
+    served: int = 0
 
     def next_stream(self) -> int:
         stream_id = next(self.streams)
@@ -267,37 +270,50 @@ class Consumer:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == ErrorCode.RATE_LIMITED:
                     limited += 1
-                elif exc.code == ErrorCode.UNKNOWN_SESSION and peer not in reopened:
+                elif exc.code == ErrorCode.UNKNOWN_SESSION and peer not in reopened and (
+                    not self._unserved_paid(peer, request.model_id)
+                ):
                     # Its paid time ran out mid-answer (or it restarted): a new
                     # session with the same provider continues the answer.
                     reopened.add(peer)
                     tried.discard(peer)
                     await self._drop_session(peer, request.model_id)
                 else:
-                    failures += self._offence(peer, _offence_of_refusal(exc.code), exc)
+                    offence = _offence_of_refusal(exc.code)
+                    failures += await self._offence(peer, request.model_id, offence, exc)
                 continue
             except OfferMismatch as exc:  # its signed offer and the chain disagree
                 last_error = f"{short(peer)}: {exc}"
-                self._offence(peer, Offence.BROKEN_PROMISE, exc)
+                if exc.stale:  # re-priced since its last offer: ask it afresh next time
+                    self._node.offer_book.forget(peer)
+                else:
+                    await self._offence(peer, request.model_id, Offence.BROKEN_PROMISE, exc)
                 continue
-            except ChainError as exc:  # the on-chain open failed: costs us gas, counts
+            except ChainError as exc:  # the on-chain open failed (nothing was sent)
                 last_error = f"{short(peer)}: {exc}"
-                self._offence(peer, Offence.REFUSED, exc)
+                # Only a revert the provider caused counts against it; our own
+                # RPC, gas or balance trouble does not.
+                if any(reason in str(exc) for reason in _PROVIDER_REVERTS):
+                    await self._offence(peer, request.model_id, Offence.REFUSED, exc)
+                else:
+                    logger.warning("paid session with %s not opened: %s", short(peer), exc)
                 continue
             except session_service.Rejected as exc:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == session.RejectCode.RATE_LIMITED:
                     limited += 1
                 else:
-                    self._offence(peer, _offence_of_rejection(exc.code), exc)
+                    offence = _offence_of_rejection(exc.code)
+                    await self._offence(peer, request.model_id, offence, exc)
                 continue
             except RemoteProtocolError as exc:
                 last_error = f"{short(peer)}: {exc}"
-                failures += self._offence(peer, _offence_of_violation(exc), exc)
+                offence = _offence_of_violation(exc)
+                failures += await self._offence(peer, request.model_id, offence, exc)
                 continue
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
-                failures += self._offence(peer, Offence.FAILED, exc)
+                failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 continue
             self.reputation.served(peer, trio.current_time())
             return Outcome(
@@ -312,8 +328,20 @@ class Consumer:
             rate_limited=limited > 0 and limited == len(tried),
         )
 
-    def _offence(self, peer: str, offence: Offence, exc: Exception) -> int:
-        """Record what ``peer`` did; returns 1 if it counts as a failed attempt."""
+    def _unserved_paid(self, peer: str, model_id: str) -> bool:
+        """Whether our session with ``peer`` is paid and has not yet served one request."""
+        held = self._sessions.get((peer, model_id))
+        return held is not None and held.paid and held.served == 0
+
+    async def _offence(self, peer: str, model_id: str, offence: Offence, exc: Exception) -> int:
+        """Record what ``peer`` did; returns 1 if it counts as a failed attempt.
+
+        A failure ends our sessions with it; paid ones are closed on chain at
+        once (not at the idle close), and a paid session that failed before
+        serving a single request is counted as taken and not served.
+        """
+        if offence is not Offence.REFUSED and self._unserved_paid(peer, model_id):
+            offence = Offence.PAID_NO_SERVICE
         score = self.reputation.record(peer, offence, trio.current_time())
         failed = offence is not Offence.REFUSED
         if offence is Offence.AUTH:
@@ -325,7 +353,7 @@ class Consumer:
         self.counters["provider_failures" if failed else "provider_refusals"] += 1
         if failed:
             for key in [k for k in self._sessions if k[0] == peer]:
-                del self._sessions[key]
+                await self._drop_session(*key)
         logger.warning(
             "provider %s: %s (%s; score %.1f)", short(peer), exc, offence.value, score
         )
@@ -394,6 +422,7 @@ class Consumer:
                 if market is not None:
                     market.end(held.session_id)
             guard.check_done(done)
+            held.served += 1
             if guard.tokens and guard.elapsed_s > 0:
                 speed = guard.tokens / guard.elapsed_s
                 self._check_speed(peer, wire.model_id, speed, guard.tokens)
@@ -407,10 +436,10 @@ class Consumer:
         terms = offer.serves(model_id) if offer is not None else None
         # Only long answers say much about speed (the first token waits for
         # the prompt); a claim 4x what it delivers is no rounding error.
+        # Ranking goes by the measurement from now on; no score: a provider
+        # busy with others is slower than it measured itself alone.
         if terms is not None and tokens >= 64 and terms.tokens_per_s > 4 * speed:
-            self.reputation.record(peer, Offence.BROKEN_PROMISE, trio.current_time())
-            self.counters["broken_promises"] += 1
-            logger.warning(
+            logger.info(
                 "provider %s claims %.0f tokens/s, delivered %.0f",
                 short(peer), terms.tokens_per_s, speed,
             )  # fmt: skip
@@ -449,20 +478,25 @@ class Consumer:
                 prepare=prepare,
                 on_approve=on_approve,
             )
-        except BaseException:
-            # Paid for on chain but never ready (rejected, stalled, broke the
-            # stream): close at once, so the stake is not held (and the
-            # provider not paid) until the idle close; the ladder in
-            # _run_remotely records what it did.
+        except BaseException as exc:
+            # Paid for on chain but never ready: close at once, so the stake
+            # is not held (and the provider not paid) until the idle close.
+            # Only an explicit refusal of a session that is on chain is fraud;
+            # a timeout, a chain the provider could not read, or our own
+            # cancellation is not (the ladder in _run_remotely counts those).
             if opened:
-                with trio.CancelScope(shield=True):
+                fraud = isinstance(exc, session_service.Rejected) and (
+                    exc.code == session.RejectCode.BAD_SESSION
+                )
+                if fraud:
                     self.counters["paid_not_served"] += 1
                     self.reputation.record(peer, Offence.PAID_NO_SERVICE, trio.current_time())
+                with trio.move_on_after(self.cfg.handshake_s * 3), trio.CancelScope(shield=True):
                     assert self.market is not None
                     await self.market.close(opened[0])
             raise
         self.open_ms.append((trio.current_time() - started) * 1000)
-        held = _Session(peer, model_id, est.session_id, est.keys)
+        held = _Session(peer, model_id, est.session_id, est.keys, paid=bool(opened))
         self._sessions[(peer, model_id)] = held
         self.counters["sessions_opened"] += 1
         return held
@@ -498,7 +532,7 @@ class Consumer:
             opened.append(session_id)
             return session_id
 
-        return (lambda hello: market.prepare_hello(hello, terms, stake)), on_approve, opened
+        return (lambda hello: market.prepare_hello(hello, peer, terms, stake)), on_approve, opened
 
     async def _confirm(self, peer: str) -> None:
         """A status call before the first session: live load, and a measured round trip."""
@@ -572,6 +606,16 @@ class _Overrun(RemoteProtocolError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.OVERSIZE, message)
+
+
+# Reverts of openSession that the provider's approval or bid caused.
+_PROVIDER_REVERTS = (
+    "BadApproval",
+    "BidNotLive",
+    "ApprovalExpired",
+    "PriceAboveLimit",
+    "UnknownBid",
+)
 
 
 def _offence_of_refusal(code: int) -> Offence:

@@ -444,7 +444,11 @@ class Discovery:
         Records this node holds itself count too. Like any DHT lookup the
         answer may be incomplete (trap 15); gossip fills the rest.
         """
-        found, _ = await self._walk(model_key(model_id), stop_when_found=True)
+        found: set[str] = set()
+        # A walk is bounded in rounds by k, but peers may answer slowly round
+        # after round (each up to the query timeout): bound the whole lookup.
+        with trio.move_on_after(self.cfg.lookup_query_timeout * _MAX_WALK_ROUNDS):
+            found, _ = await self._walk(model_key(model_id), stop_when_found=True)
         return sorted(found)
 
     async def _walk(self, key: bytes, *, stop_when_found: bool) -> tuple[set[str], list[ID]]:
@@ -554,6 +558,8 @@ _ADDRESSABLE_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 _MAX_KAD_MESSAGE = 256 * 1024
 # Addresses learned in a lookup stay long enough to dial them for a session.
 _PEER_ADDR_TTL_S = 600
+# Rounds of queries one lookup may wait for in all.
+_MAX_WALK_ROUNDS = 5
 MAX_DHT_CANDIDATES = 8
 """Peers named by DHT records that one lookup goes on to ask or dial (records are unverified)."""
 _RANDOM = secrets.SystemRandom()

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -75,8 +76,20 @@ class Config:
     sessions_db: Path | None = None
 
 
+# Confirm's second looks at a session not (yet) on chain: ~2 s, within the handshake.
+_CONFIRM_RETRY_S = (0.25, 0.5, 1.0, 0.0)
+
+
 class OfferMismatch(ChainError):
-    """The chain contradicts a provider's signed offer (its bid, price, wallet or file)."""
+    """The chain contradicts a provider's signed offer (its bid, price, wallet or file).
+
+    ``stale``: only the price differs, as after a re-pricing the offer has not
+    caught up with yet.
+    """
+
+    def __init__(self, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
 
 
 def approval_nonce(hello_nonce: bytes, approve_nonce: bytes) -> bytes:
@@ -188,6 +201,9 @@ class ProviderMarket:
     # Set when a session closes (on chain, or here): stops its requests.
     _closed: dict[bytes, trio.Event] = field(default_factory=dict)
     _next_block: int | None = None
+    # The models whose bids are followed, and who to tell when they change.
+    served: tuple[str, ...] = ()
+    on_bids_changed: Callable[[], None] | None = None
 
     @property
     def address(self) -> str:
@@ -226,10 +242,12 @@ class ProviderMarket:
             )
         return tuple(out)
 
-    def check_hello(self, hello: Hello) -> RejectCode | None:
-        """Whether a Hello names our live bid and its wallet signed it."""
+    def check_hello(self, hello: Hello, peer_id: str) -> RejectCode | None:
+        """Whether a Hello names our live bid and us (``peer_id``), and its wallet signed it."""
         if not hello.bid_id or not hello.consumer_wallet:
             return RejectCode.PAYMENT_REQUIRED
+        if hello.provider != peer_id:
+            return RejectCode.BAD_SESSION
         bid = self.bids.get(hello.model_id)
         if bid is None or hello.bid_id != bid[0].hex():
             return RejectCode.PRICE_CHANGED
@@ -262,7 +280,13 @@ class ProviderMarket:
         """Read the session the consumer says it opened: ours, theirs, this bid, not over."""
         chain = self.cfg.chain
         try:
-            s = await chain.run(chain.sync.session, session_id)
+            for delay in _CONFIRM_RETRY_S:
+                s = await chain.run(chain.sync.session, session_id)
+                # A session the chain does not know yet may be in a block our
+                # RPC node has not seen: look again before refusing.
+                if s.open or int(s.consumer, 16) != 0:
+                    break
+                await trio.sleep(delay)
             now = await self._read_chain_time()
         except ChainError as exc:
             self.counters["chain_errors"] += 1
@@ -372,15 +396,26 @@ class ProviderMarket:
         """
         last_settle = -float("inf")
         while True:
-            try:
-                await self.follow()
-                if trio.current_time() - last_settle >= self.cfg.settle_every_s:
-                    last_settle = trio.current_time()
-                    await self.settle()
-            except ChainError as exc:
-                self.counters["chain_errors"] += 1
-                logger.warning("chain: %s (trying again in %g s)", exc, self.cfg.follow_s)
+            # Each step on its own: a chain that fails one (say, a log range
+            # its RPC refuses) must not stop the others.
+            due = trio.current_time() - last_settle >= self.cfg.settle_every_s
+            steps = [self.follow, self.settle, self.reload_bids] if due else [self.follow]
+            if due:
+                last_settle = trio.current_time()
+            for step in steps:
+                try:
+                    await step()
+                except ChainError as exc:
+                    self.counters["chain_errors"] += 1
+                    logger.warning("chain: %s (trying again in %g s)", exc, self.cfg.follow_s)
             await trio.sleep(self.cfg.follow_s)
+
+    async def reload_bids(self) -> None:
+        """Read the bids again (a re-priced or new bid is announced without a restart)."""
+        held = dict(self.bids)
+        await self.load_bids(list(self.served))
+        if self.bids != held and self.on_bids_changed is not None:
+            self.on_bids_changed()
 
 
 # --- consumer ---------------------------------------------------------------------
@@ -434,10 +469,12 @@ class ConsumerMarket:
         stake = min(price_per_s * self.cfg.session_seconds, self.cfg.spend_limit - self.held())
         return stake if stake >= price_per_s else 0
 
-    def prepare_hello(self, hello: Hello, terms: ModelOffer, stake: int) -> Hello:
-        """Hello with the bid, our wallet and the duration, signed by the wallet."""
+    def prepare_hello(self, hello: Hello, peer: str, terms: ModelOffer, stake: int) -> Hello:
+        """Hello with the provider ``peer``, the bid, our wallet and the duration, signed by
+        the wallet."""
         filled = replace(
             hello,
+            provider=peer,
             bid_id=terms.bid_id,
             consumer_wallet=self.address,
             duration_s=stake // terms.price_per_s,
@@ -470,7 +507,8 @@ class ConsumerMarket:
             else None
         )
         if wrong is not None:
-            raise OfferMismatch(f"the bid its offer names is {wrong}")
+            stale = wrong == "at another price"
+            raise OfferMismatch(f"the bid its offer names is {wrong}", stale=stale)
 
     async def open_session(
         self, peer: str, hello: Hello, approve: Approve, terms: ModelOffer, stake: int
@@ -516,16 +554,19 @@ class ConsumerMarket:
     async def close(self, session_id: bytes) -> None:
         """Close a session (transaction 2 of 2): the provider is paid, we get the rest."""
         chain = self.cfg.chain
-        self.open.pop(session_id, None)
         try:
             s = await chain.run(chain.sync.session, session_id)
             if not s.open:  # the provider settled it already
+                self.open.pop(session_id, None)
                 self.ledger.closed(session_id, 0, 0)
                 return
             tx: Tx = await chain.run(chain.sync.close_session, self.cfg.account, session_id)
         except ChainError as exc:
+            # Still escrowed: it stays counted against the spend limit, and
+            # the ledger lists it for the next try (idle loop, stop, restart).
             logger.warning("cannot close session %s: %s", session_id.hex()[:8], exc)
             return
+        self.open.pop(session_id, None)
         paid, refunded = tx.value
         self.ledger.closed(session_id, paid, refunded)
         self.counters["closed"] += 1

@@ -177,6 +177,7 @@ class Node:
                 host.get_private_key(),
                 self.engine_for,
                 self.provider_market,
+                self.reputation,
             )
             if self.engines
             else None
@@ -667,7 +668,9 @@ async def open_node(
                 if node.discovery is not None:
                     await nursery.start(node.discovery.run)
                 if node.provider_market is not None:
-                    await node.provider_market.load_bids([m.model_id for m in node.models])
+                    node.provider_market.served = tuple(m.model_id for m in node.models)
+                    node.provider_market.on_bids_changed = lambda: node.set_models(node.models)
+                    await node.provider_market.load_bids(list(node.provider_market.served))
                     node.set_models(node.models)
                     nursery.start_soon(node.provider_market.run)
                 if node.consumer_market is not None:

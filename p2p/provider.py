@@ -30,6 +30,7 @@ from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ProviderMarket, hello_signed_by_wallet
 from p2pnode.p2p.ratelimit import RateLimiter
+from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import Ack, Done, InferOpen, Receipt, Request
 from p2pnode.protocols.infer.replay import ReplayWindow
@@ -70,6 +71,9 @@ class Config:
     # send: beyond these, the answer is BUSY.
     max_handshakes: int = 256
     max_handshakes_per_peer: int = 2
+    # Requests running at once in one session: a session is paid per second,
+    # not per slot, so one must not take every slot for the price of one.
+    max_requests_per_session: int = 4
     # A session nobody used for this long is forgotten (its consumer opens a
     # new one; the receipt so far stays in the log).
     session_idle_s: float = 3600.0
@@ -111,6 +115,7 @@ class Provider:
         key: PrivateKey,
         engine_for: Callable[[str], Engine | None],
         market: ProviderMarket | None = None,
+        reputation: Reputation | None = None,
     ) -> None:
         self.cfg = cfg
         # Chain mode: sessions are paid, approved on chain, checked before Ready.
@@ -119,6 +124,9 @@ class Provider:
         self._key = key
         self._engine_for = engine_for
         self._rate = RateLimiter(cfg.requests_per_minute)
+        self.peer_id = ID.from_pubkey(key.get_public_key())
+        # What consumers did against us (None: not remembered, in unit tests).
+        self.reputation = reputation
         self.sessions: dict[bytes, ServedSession] = {}
         self._handshakes: dict[str, int] = {}
         # Counters a user (and the tests) can read: what happened to requests.
@@ -139,10 +147,17 @@ class Provider:
 
         async def confirm(hello: Hello, session_id: bytes) -> RejectCode | None:
             assert market is not None
-            return await market.confirm(hello, session_id, peer)
+            refusal = await market.confirm(hello, session_id, peer)
+            if refusal is RejectCode.BAD_SESSION and self.reputation is not None:
+                # A session that is not on chain, or not this consumer's: each
+                # such Opened costs us chain reads, and costs its sender.
+                self.reputation.record(peer, Offence.PROTOCOL, trio.current_time())
+            return refusal
 
         def decide(hello: Hello) -> RejectCode | None:
-            if not room:
+            # Room in the session table is checked before approving: a paid
+            # consumer must not pay for a session we then have no room for.
+            if not room or not self._make_room(peer, trio.current_time()):
                 return RejectCode.BUSY
             return self._admit(peer, hello)
 
@@ -157,10 +172,14 @@ class Provider:
                 stream,
                 decide,
                 self.cfg.handshake_s,
-                local_peer=ID.from_pubkey(self._key.get_public_key()),
+                local_peer=self.peer_id,
                 remote_peer=stream.muxed_conn.peer_id,
                 approval=market.approval if market is not None else None,
                 confirm=confirm if market is not None else None,
+                # Paid: the consumer opens the session on chain before Opened.
+                opened_wait_s=(
+                    market.cfg.approval_ttl_s + self.cfg.handshake_s if market is not None else None
+                ),
             )
         finally:
             left = self._handshakes.pop(peer) - 1
@@ -168,9 +187,8 @@ class Provider:
                 self._handshakes[peer] = left
         if established is None:
             return
-        if not self._make_room(peer, trio.current_time()):
-            logger.info("session table full: %s's session dropped", short(peer))
-            return
+        # Room was made at Hello; a race since may overfill by a few, never drop
+        # a session the consumer may have paid for.
         self.sessions[established.session_id] = ServedSession(
             session_id=established.session_id,
             peer=peer,
@@ -197,7 +215,9 @@ class Provider:
             return RejectCode.STALE_HELLO
         if not self._rate.allow(peer, trio.current_time()):
             return RejectCode.RATE_LIMITED
-        return self.market.check_hello(hello) if self.market is not None else None
+        if self.market is None:
+            return None
+        return self.market.check_hello(hello, str(self.peer_id))
 
     def _make_room(self, peer: str, now: float) -> bool:
         """Make room for one more session of ``peer``; False if there is none to make.
@@ -213,8 +233,15 @@ class Provider:
             if now - s.last_used > self.cfg.session_idle_s and s.active == 0
             and not (s.paid and self.market is not None and self.market.serving(s.session_id))
         ]  # fmt: skip
+        # Paid sessions closed on chain or past their end are over.
+        idle += [
+            s
+            for s in self.sessions.values()
+            if s.paid and s.active == 0 and self.market is not None
+            and not self.market.serving(s.session_id)
+        ]  # fmt: skip
         for s in idle:
-            del self.sessions[s.session_id]
+            self.sessions.pop(s.session_id, None)
         by_peer: dict[str, list[ServedSession]] = {}
         for s in self.sessions.values():
             by_peer.setdefault(s.peer, []).append(s)
@@ -251,6 +278,9 @@ class Provider:
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="no such session")
         if self.market is not None and not self.market.serving(opened.session_id):
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="the paid session has ended")
+        if session.active >= self.cfg.max_requests_per_session:
+            self.stats["refused"] += 1
+            return Error(code=ErrorCode.BUSY, message="too many requests at once in the session")
         if not session.streams.accept(opened.stream_id):
             self.stats["refused"] += 1
             return Error(code=ErrorCode.REPLAYED, message="stream id already used")
@@ -260,7 +290,9 @@ class Provider:
         return session.keys
 
     async def _run(self, opened: InferOpen, request: Request, emit: infer_service.Emit) -> Done:
-        session = self.sessions[opened.session_id]
+        session = self.sessions.get(opened.session_id)
+        if session is None:  # evicted between InferOpen and Request
+            raise infer_service.RequestRefused(ErrorCode.UNKNOWN_SESSION, "no such session")
         if request.kind not in ("chat", "completion") or request.max_tokens < 1:
             self.stats["refused"] += 1
             raise infer_service.RequestRefused(

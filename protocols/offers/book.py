@@ -51,7 +51,9 @@ class Verdict(enum.Enum):
     @property
     def relay(self) -> bool:
         """Whether gossip should pass the message on."""
-        return self in (Verdict.ACCEPTED, Verdict.DUPLICATE)
+        # FULL: valid, only not stored here; passed on, so that a full book
+        # here cannot stop a new provider's offers from spreading.
+        return self in (Verdict.ACCEPTED, Verdict.DUPLICATE, Verdict.FULL)
 
 
 Verifier = Callable[[str, bytes, bytes], bool]

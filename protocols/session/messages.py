@@ -35,6 +35,10 @@ class Hello(Message):
     duration_s: int = 0  # requested length (chain mode: the stake buys it)
     bid_id: str | None = None  # chain mode
     consumer_wallet: str | None = None  # chain mode
+    # Chain mode: the peer ID of the provider the consumer means to pay, under
+    # the wallet's signature: a peer that relays this Hello to another
+    # provider cannot make that provider approve (and be paid for) it.
+    provider: str = ""
     signature: bytes = b""  # chain mode: the consumer wallet's signature
 
 

@@ -100,7 +100,11 @@ async def open_session(
             approve = await next_event(stream, machine)
             _raise_if_refused(approve)
             assert isinstance(approve, Approve)
-            session_id = await on_approve(hello, approve) if on_approve is not None else None
+        # The on-chain open is bounded by the chain client, not by the
+        # handshake: on a slow chain a session already opened (and paid)
+        # must still get its Ready, not a timeout blamed on the provider.
+        session_id = await on_approve(hello, approve) if on_approve is not None else None
+        with trio.fail_after(wait_s):
             await send(stream, machine, machine.send_opened(session_id))
             _raise_if_refused(await next_event(stream, machine))
     except trio.TooSlowError as exc:
@@ -140,8 +144,13 @@ async def serve_session(
     remote_peer: ID,
     approval: Approval | None = None,
     confirm: Confirm | None = None,
+    opened_wait_s: float | None = None,
 ) -> Established | None:
     """Run the provider's side on an inbound stream; returns the session, or None if refused.
+
+    ``wait_s`` bounds each step; ``opened_wait_s`` (default ``wait_s``) the
+    wait for Opened, which in chain mode includes the consumer's on-chain
+    open. A consumer too slow is a NetworkError (routine, not counted).
 
     ``local_peer`` is this node's id, ``remote_peer`` the consumer's as the
     stream's connection authenticated it (``stream.muxed_conn.peer_id``).
@@ -167,9 +176,11 @@ async def serve_session(
                 ephemeral=ephemeral.public, nonce=nonce, approval=signed, expiry=expiry
             )
             await send(stream, machine, machine.approve(ephemeral, approve))
+        with trio.fail_after(wait_s if opened_wait_s is None else opened_wait_s):
             opened = await next_event(stream, machine)
-            if not isinstance(opened, Opened):
-                return None
+        if not isinstance(opened, Opened):
+            return None
+        with trio.fail_after(wait_s):
             if confirm is not None:
                 refusal = await confirm(hello, opened.session_id)
             elif not machine.free_mode_session_ok:
@@ -185,7 +196,7 @@ async def serve_session(
         await close_with_error(
             stream, machine.send_error(Error(code=ErrorCode.TIMEOUT, message="handshake too slow"))
         )
-        raise RemoteProtocolError(ErrorCode.TIMEOUT, "handshake too slow") from exc
+        raise NetworkError("handshake too slow") from exc
     finally:
         with trio.move_on_after(wait_s), trio.CancelScope(shield=True):
             await close_quietly(stream)

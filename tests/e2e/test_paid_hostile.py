@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -231,8 +231,6 @@ async def test_a_consumer_survives_a_chain_error_while_closing(
 
 
 def _replace_cfg(cfg: market.Config, **kw: object) -> market.Config:
-    from dataclasses import replace
-
     return replace(cfg, **kw)  # type: ignore[arg-type]
 
 
@@ -265,7 +263,9 @@ async def test_a_session_is_not_idle_while_a_request_runs(paid: Paid, tmp_path: 
 
 async def test_an_offer_the_chain_contradicts_opens_nothing(paid: Paid) -> None:
     # The provider gossips half its on-chain price: a consumer that believed
-    # the offer would send an open bound to revert (and pay its gas).
+    # the offer would send an open bound to revert (and pay its gas). A price
+    # behind the chain is what a re-pricing looks like for a few seconds, so
+    # it is no offence: the offer is dropped and asked for afresh.
     bid_id, price = paid.provider_market.bids[MODEL]
     paid.provider_market.bids[MODEL] = (bid_id, price // 2)
     paid.provider.set_models(paid.provider.models)
@@ -279,6 +279,54 @@ async def test_an_offer_the_chain_contradicts_opens_nothing(paid: Paid) -> None:
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError, match="another price"):
         await paid.consumer.generate(_request(4), _nothing)
     assert paid.embedded.chain.sessions_of(consumer_addr) == []
-    standing = paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time())
-    assert standing is not None
-    assert standing.offences == {Offence.BROKEN_PROMISE.value: 1}
+    assert paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time()) is None
+
+
+async def test_an_offer_naming_another_wallets_bid_is_a_broken_promise(paid: Paid) -> None:
+    # A stranger copies an honest provider's bid into its own signed offer.
+    offer = paid.consumer.offer_book.get(paid.provider.peer_id)
+    assert offer is not None
+    terms = offer.serves(MODEL)
+    assert terms is not None
+    stranger = replace(offer, wallet=paid.embedded.accounts[5].address)
+    with trio.fail_after(BOUND_S), pytest.raises(market.OfferMismatch) as mismatch:
+        await paid.consumer_market.check_bid(stranger, terms)
+    assert "another wallet's" in str(mismatch.value)
+    assert not mismatch.value.stale
+
+
+async def test_a_hello_meant_for_another_provider_gets_no_approval(paid: Paid) -> None:
+    # A peer relays a consumer's Hello (meant for itself) to an honest provider,
+    # to have the consumer pay that provider for a session it cannot use.
+    import secrets as secrets_
+
+    from p2pnode.protocols.session import Hello
+
+    offer = paid.consumer.offer_book.get(paid.provider.peer_id)
+    assert offer is not None
+    terms = offer.serves(MODEL)
+    assert terms is not None
+    hello = Hello(
+        model_id=MODEL, ephemeral=bytes(32), nonce=secrets_.token_bytes(16), timestamp=0.0
+    )
+    relayed = paid.consumer_market.prepare_hello(hello, "12D3KooWrelayer", terms, 10 * PRICE)
+    own = str(paid.provider.provider.peer_id)  # type: ignore[union-attr]
+    assert paid.provider_market.check_hello(relayed, own) is RejectCode.BAD_SESSION
+    meant = paid.consumer_market.prepare_hello(hello, own, terms, 10 * PRICE)
+    assert paid.provider_market.check_hello(meant, own) is None
+
+
+async def test_a_closed_paid_session_leaves_the_providers_table(paid: Paid) -> None:
+    with trio.fail_after(BOUND_S):
+        await paid.consumer.generate(_request(4), _nothing)
+    provider = paid.provider.provider
+    assert provider is not None
+    (session_id,) = paid.consumer_market.open
+    assert session_id in provider.sessions
+    with trio.fail_after(BOUND_S):
+        await paid.consumer_market.close(session_id)
+        while paid.provider_market.serving(session_id):  # noqa: ASYNC110 - follows the chain
+            await trio.sleep(0.05)
+    # Room is made for the next session: the closed one goes, paid or not.
+    assert provider._make_room(paid.consumer.peer_id, trio.current_time())
+    assert session_id not in provider.sessions

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -50,6 +51,7 @@ from p2pnode.protocols.stream import reset_quietly
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
+_RANDOM = secrets.SystemRandom()
 
 # How long addresses learnt from an offer stay in the peerstore (offers are
 # re-sent every ~10 s; a provider silent for 35 s is forgotten anyway).
@@ -479,7 +481,10 @@ class Node:
                 logger.debug("dial-back by %s failed: %s", short(peer), exc)
 
         async with trio.open_nursery() as nursery:
-            for peer in list(self.host.get_connected_peers())[:helpers]:
+            # A random few, not the first to connect: peers that rush to
+            # connect first cannot decide together what we believe.
+            connected = list(self.host.get_connected_peers())
+            for peer in _RANDOM.sample(connected, min(helpers, len(connected))):
                 nursery.start_soon(ask, peer)
         self.reachability = nat.judge(answers)
         logger.info(

@@ -178,6 +178,11 @@ class Discovery:
             gossip_history=_replay_heartbeats(cfg),
         )
         self.pubsub = Pubsub(host, self.router, strict_signing=True)
+        # py-libp2p 0.8.1's pubsub handler lets a protobuf DecodeError escape
+        # (one junk RPC from any peer ended the node; found by the fuzzer):
+        # its streams go through a handler that ends only that stream.
+        for protocol in self.router.get_protocols():
+            host.set_stream_handler(protocol, self._serve_pubsub)
         self.pubsub.set_topic_validator(offers.TOPIC, self._validate, False)
         # Sequence numbers start at the wall clock (ms) so a restarted
         # provider's offers still count as newer than its old ones.
@@ -218,6 +223,19 @@ class Discovery:
         self._changed.set()
 
     # --- gossip ------------------------------------------------------------
+
+    async def _serve_pubsub(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        try:
+            await self.pubsub.stream_handler(stream)
+        except (DecodeError, BaseLibp2pError, ValueError) as exc:
+            logger.debug("gossip stream of %s broke: %s", short(peer), exc)
+            await reset_quietly(stream)
+            self.pubsub._handle_dead_peer(peer)
+        except Exception:
+            logger.exception("gossip stream of %s failed (a bug in pubsub or ours)", short(peer))
+            await reset_quietly(stream)
+            self.pubsub._handle_dead_peer(peer)
 
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         # Runs for every offer before it is delivered or relayed, inside

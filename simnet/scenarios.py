@@ -586,5 +586,27 @@ async def _ignore(_text: str, _tokens: int) -> None:
     return None
 
 
+async def fuzz(
+    topology: Topology, *, frames: int = 100_000, attackers: int = 8, processes: int = 1
+) -> dict[str, Any]:
+    """One node fuzzed with ``frames`` hostile frames by ``attackers`` hosts (``simnet/fuzz.py``).
+
+    Of ``topology`` only the seed is used: the target is one fresh node
+    serving the synthetic engine, restarted (and the killing kind skipped)
+    each time it dies; the attackers run in ``processes`` worker processes.
+    """
+    from p2pnode.simnet import fuzz as fuzzlib  # it imports this module
+
+    report = await fuzzlib.campaign(
+        frames=frames, attackers=attackers, seed=topology.seed, processes=processes
+    )
+    return report.to_json()
+
+
 Scenario = Callable[[Topology], Awaitable[dict[str, Any]]]
-SCENARIOS: dict[str, Scenario] = {"discovery": discovery, "market": market, "relay": relay}
+SCENARIOS: dict[str, Scenario] = {
+    "discovery": discovery,
+    "market": market,
+    "relay": relay,
+    "fuzz": fuzz,
+}

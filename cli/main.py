@@ -856,7 +856,7 @@ def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
 @click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
 @click.option(
     "--scenario",
-    type=click.Choice(["discovery", "market", "relay"]),
+    type=click.Choice(["discovery", "market", "relay", "fuzz"]),
     default="discovery",
     show_default=True,
 )
@@ -869,13 +869,34 @@ def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Topology seed.")
 @click.option(
+    "--frames",
+    type=click.IntRange(1),
+    default=100_000,
+    show_default=True,
+    help="fuzz: hostile frames to send (one node, restarted when it dies).",
+)
+@click.option(
+    "--attackers",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="fuzz: attacking hosts.",
+)
+@click.option(
     "--report",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Write the report here as JSON.",
 )
 def simnet(
-    peer_count: int, providers: int, scenario: str, fanout: int, seed: int, report: Path | None
+    peer_count: int,
+    providers: int,
+    scenario: str,
+    fanout: int,
+    seed: int,
+    frames: int,
+    attackers: int,
+    report: Path | None,
 ) -> None:
     """Run many real nodes in this process and report how the network behaves."""
     from p2pnode.simnet.harness import Topology
@@ -884,7 +905,12 @@ def simnet(
     if providers >= peer_count:
         raise click.BadParameter("must be fewer than --peers", param_hint="--providers")
     topology = Topology(peers=peer_count, providers=providers, fanout=fanout, seed=seed)
-    result = _run(lambda: SCENARIOS[scenario](topology))
+    if scenario == "fuzz":
+        from p2pnode.simnet.scenarios import fuzz
+
+        result = _run(lambda: fuzz(topology, frames=frames, attackers=attackers))
+    else:
+        result = _run(lambda: SCENARIOS[scenario](topology))
     text = json.dumps(result, indent=2)
     if report is not None:
         report.write_text(text + "\n")

@@ -106,6 +106,8 @@ def model_key(model_id: str) -> bytes:
 
 
 RELAY_KEY = hashlib.sha256(b"p2pnode/relay/circuit-v2").digest()
+# How long closing a DHT stream may take when shielded from cancellation.
+CLOSE_S = 5.0
 """Nodes that offer the relay service put a provider record under this key."""
 
 
@@ -383,7 +385,7 @@ class Discovery:
             try:
                 await stream.write(encode_frame(message.SerializeToString()))
             finally:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_S):
                     await close_quietly(stream)
         except BaseLibp2pError as exc:
             logger.debug("ADD_PROVIDER to %s failed: %s", short(peer), exc)
@@ -548,7 +550,7 @@ class Discovery:
                 raise
             # Shielded: a query cancelled right here must still release the
             # peer's slot, or slow walks leak slots until the peer refuses all.
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_S):
                 await close_quietly(stream)
             response = kad_pb.Message()
             response.ParseFromString(raw)

@@ -155,7 +155,9 @@ async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
             finally:
                 # py-libp2p 0.8.1: leaving run() stops its services but leaves
                 # listeners accepting and connections open; close() ends both.
-                with trio.move_on_after(cfg.close_timeout), trio.CancelScope(shield=True):
+                with trio.CancelScope(
+                    shield=True, deadline=trio.current_time() + cfg.close_timeout
+                ):
                     await host.close()
 
 

@@ -235,7 +235,7 @@ async def _dial_back(peer: ID, addrs: Sequence[str], dial_s: float) -> list[str]
                 except Exception as exc:  # noqa: BLE001 - SwarmException, OSError, handshake errors
                     logger.debug("dial-back to %s at %s failed: %s", short(peer), addr, exc)
         finally:
-            with trio.move_on_after(2.0), trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
                 await prober.close()
     return reachable
 

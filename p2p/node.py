@@ -606,7 +606,7 @@ class Node:
     async def _settle_at_stop(self) -> None:
         """Close the paid sessions this node opened (a consumer's second transaction)."""
         if self.consumer_market is not None:
-            with trio.move_on_after(30), trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 30):
                 await self.consumer_market.close_all()
         if self.ledger is not None:
             self.ledger.close()

@@ -13,6 +13,7 @@ from p2pnode.protocols.stream import (
     close_quietly,
     close_with_error,
     next_event,
+    reset_quietly,
     send,
 )
 from p2pnode.protocols.unary import ClientMachine, Req, Resp, ServerMachine
@@ -35,7 +36,7 @@ async def request(
     except trio.TooSlowError as exc:
         raise NetworkError(f"no answer to {message.TYPE} within {wait_s:g} s") from exc
     finally:
-        with trio.move_on_after(wait_s), trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + wait_s):
             await close_quietly(stream)
     if isinstance(event, Error):
         raise NetworkError(f"peer refused {message.TYPE}: {code_name(event.code)} {event.message}")
@@ -54,8 +55,10 @@ async def serve(
     A malformed or unexpected frame gets an Error frame and the stream is
     closed; the :class:`RemoteProtocolError` is re-raised so the node can
     count it against the peer. A client that sends nothing within ``wait_s``
-    gets a TIMEOUT Error frame.
+    gets a TIMEOUT Error frame; an answer not written within ``wait_s`` ends
+    the stream (reset) without blaming the client.
     """
+    received = False
     try:
         with trio.fail_after(wait_s):
             event = await next_event(stream, machine)
@@ -63,6 +66,7 @@ async def serve(
                 await close_quietly(stream)
                 return
             assert not isinstance(event, Sentinel)  # next_event never returns NEED_DATA
+            received = True
             response = answer(event)
             if inspect.isawaitable(response):
                 response = await response
@@ -72,6 +76,12 @@ async def serve(
         await close_with_error(stream, machine.send_error(Error.from_exception(exc)))
         raise
     except trio.TooSlowError as exc:
+        if received:
+            # The request came in time; answering it did not (our work, or a
+            # peer slow to read it). No Error frame fits the machine's state
+            # any more, and the peer broke no rule: end the stream.
+            await reset_quietly(stream)
+            return
         frame = machine.send_error(Error(code=ErrorCode.TIMEOUT, message="no request in time"))
         await close_with_error(stream, frame)
         raise RemoteProtocolError(ErrorCode.TIMEOUT, "no request in time") from exc

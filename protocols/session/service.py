@@ -110,7 +110,7 @@ async def open_session(
     except trio.TooSlowError as exc:
         raise NetworkError(f"no session within {wait_s:g} s") from exc
     finally:
-        with trio.move_on_after(wait_s), trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + wait_s):
             await close_quietly(stream)
     assert machine.keys is not None
     return Established(machine.session_id, machine.keys, hello, approve)
@@ -198,7 +198,7 @@ async def serve_session(
         )
         raise NetworkError("handshake too slow") from exc
     finally:
-        with trio.move_on_after(wait_s), trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + wait_s):
             await close_quietly(stream)
     assert machine.keys is not None
     return Established(machine.session_id, machine.keys, hello, approve)

@@ -150,6 +150,28 @@ class _ConnectionWatcher(INotifee):
         pass
 
 
+# A peer's DHT streams answered at once (py-libp2p opens one per query, a few
+# at a time), and how long one may sit without a message before it is reset.
+KAD_STREAMS_PER_PEER = 4
+KAD_IDLE_S = 10.0
+
+
+class _IdleBounded:
+    """A stream whose reads fail after ``idle_s`` without data (py-libp2p's DHT handler
+    then resets it, as on any read error); everything else is the stream's own."""
+
+    def __init__(self, stream: INetStream, idle_s: float) -> None:
+        self._stream = stream
+        self._idle_s = idle_s
+
+    async def read(self, n: int | None = None) -> bytes:
+        with trio.fail_after(self._idle_s):
+            return await self._stream.read(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 OfferSource = Callable[[], offers.Offer | None]
 """Returns this node's current offer (unsigned; seq and time are set here), or None."""
 
@@ -165,6 +187,12 @@ class Discovery:
         self.book = offers.OfferBook(cfg.offers, verify_peer_signature, dials_peer)
         self.dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=False)
         _bound_provider_store(self.dht, self.book, cfg.max_record_keys)
+        # py-libp2p 0.8.1 answers DHT streams in 12 handler slots shared by
+        # every peer, each reading with no time bound: 12 idle streams from
+        # one peer shut the node out of the DHT (found by the fuzzer). Its
+        # streams go through a handler that bounds both.
+        self._kad_streams: dict[ID, int] = {}
+        host.set_stream_handler(KAD_PROTOCOL_ID, self._serve_kad)
         self.router = GossipSub(
             protocols=[PROTOCOL_ID_V11],
             degree=cfg.mesh_degree,
@@ -238,6 +266,23 @@ class Discovery:
             logger.exception("gossip stream of %s failed (a bug in pubsub or ours)", short(peer))
             await reset_quietly(stream)
             self.pubsub._handle_dead_peer(peer)
+
+    async def _serve_kad(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        held = self._kad_streams.get(peer, 0)
+        if held >= KAD_STREAMS_PER_PEER:
+            await reset_quietly(stream)
+            return
+        self._kad_streams[peer] = held + 1
+        try:
+            await self.dht.handle_stream(_IdleBounded(stream, KAD_IDLE_S))  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - py-libp2p's handler is meant to catch all itself
+            logger.exception("DHT stream of %s failed (a bug in py-libp2p or ours)", short(peer))
+            await reset_quietly(stream)
+        finally:
+            left = self._kad_streams.pop(peer, 1) - 1
+            if left:
+                self._kad_streams[peer] = left
 
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         # Runs for every offer before it is delivered or relayed, inside

@@ -250,6 +250,35 @@ async def test_streams_beyond_a_peers_budget_are_reset_at_once() -> None:
             await stream.reset()
 
 
+async def test_idle_dht_streams_of_one_peer_cannot_shut_others_out_of_the_dht() -> None:
+    # py-libp2p answers DHT streams in 12 slots shared by all peers, each
+    # reading with no time bound: one peer's 12 silent streams used to leave
+    # every other peer's lookup reset (found by the fuzzer).
+    async with (
+        running(NodeConfig(measure_tokens=0), [SyntheticEngine()]) as server,
+        running(NodeConfig(measure_tokens=0)) as greedy,
+        running(NodeConfig(measure_tokens=0)) as other,
+    ):
+        await greedy.connect(server.addrs[0])
+        peer = ID.from_base58(server.peer_id)
+        held = []
+        with trio.fail_after(BOUND_S):
+            refused = 0
+            for _ in range(12):
+                try:
+                    stream = await greedy.host.new_stream(peer, [TProtocol("/ipfs/kad/1.0.0")])
+                    await stream.write(b"\x80")  # half a varint, and then nothing
+                    held.append(stream)
+                except Exception:  # noqa: BLE001 - reset during or after negotiation alike
+                    refused += 1
+            await other.connect(server.addrs[0])
+            assert server.peer_id in await other.find_providers(MODEL)
+            assert refused > 0  # beyond its share, the greedy peer was turned away
+        for stream in held:
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+
 # --- the provider's session table --------------------------------------------------------
 
 

@@ -45,6 +45,10 @@ class ErrorCode(enum.IntEnum):
     # A stream id its session already used (or too old to tell): a replayed
     # request, or a consumer reusing a nonce. Open a new stream id.
     REPLAYED = 14
+    # A paid session whose last answer the consumer did not acknowledge (no Ack,
+    # a bad one, or a request it cancelled): the session serves nothing more.
+    # Open a new session.
+    UNACKNOWLEDGED = 15
 
 
 class P2PNodeError(Exception):

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import trio
 from eth_abi.abi import decode as abi_decode
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_tester.exceptions import TransactionFailed
 from eth_utils.address import to_checksum_address
@@ -46,6 +47,16 @@ DOMAIN_NAME = "p2pnode Marketplace"
 EMBEDDED_GAS_LIMIT = 2_000_000
 GAS_MARGIN = 30_000
 DOMAIN_VERSION = "1"
+# Marketplace.CLAIM_WINDOW: after a session's end its provider has this long to
+# claim it; from then on anyone closes it, paying 0 (see the contract).
+CLAIM_WINDOW_S = 15 * 60
+
+_USAGE_TYPES = {
+    "Usage": [
+        {"name": "sessionId", "type": "bytes32"},
+        {"name": "usedUntil", "type": "uint64"},
+    ]
+}
 
 
 def model_key(model_id: str) -> bytes:
@@ -223,12 +234,7 @@ class Chain:
         """The provider's EIP-712 approval of one session (checked by ``openSession``)."""
         signed = Account.sign_typed_data(
             provider.key,
-            domain_data={
-                "name": DOMAIN_NAME,
-                "version": DOMAIN_VERSION,
-                "chainId": self.deployment.chain_id,
-                "verifyingContract": self.market.address,
-            },
+            domain_data=self._domain(),
             message_types={
                 "Approval": [
                     {"name": "bidId", "type": "bytes32"},
@@ -247,6 +253,51 @@ class Chain:
             },
         )
         return bytes(signed.signature)
+
+    def _domain(self) -> dict[str, Any]:
+        return {
+            "name": DOMAIN_NAME,
+            "version": DOMAIN_VERSION,
+            "chainId": self.deployment.chain_id,
+            "verifyingContract": self.market.address,
+        }
+
+    def sign_usage(self, consumer: LocalAccount, session_id: bytes, used_until: int) -> bytes:
+        """The consumer's EIP-712 acknowledgement that it used the session until
+        ``used_until`` (chain time): what ``claimSession`` pays the provider by.
+
+        Local: no RPC (the consumer signs one with every answer's Ack)."""
+        signed = Account.sign_typed_data(
+            consumer.key,
+            domain_data=self._domain(),
+            message_types=_USAGE_TYPES,
+            message_data={"sessionId": session_id, "usedUntil": used_until},
+        )
+        return bytes(signed.signature)
+
+    def usage_signer(self, session_id: bytes, used_until: int, signature: bytes) -> str | None:
+        """The wallet that signed this acknowledgement (None: not a signature at all).
+
+        Local: no RPC. The same digest as the contract's ``usageDigest``."""
+        if not 0 <= used_until < 2**64 or len(session_id) != 32:
+            return None
+        message = encode_typed_data(
+            domain_data=self._domain(),
+            message_types=_USAGE_TYPES,
+            message_data={"sessionId": session_id, "usedUntil": used_until},
+        )
+        try:
+            return str(Account.recover_message(message, signature=signature))
+        except Exception:  # noqa: BLE001 - eth-account raises several kinds on bad input
+            return None
+
+    def usage_digest(self, session_id: bytes, used_until: int) -> bytes:
+        """The contract's own ``usageDigest`` (an RPC read; tests compare the local one)."""
+        return bytes(self.market.functions.usageDigest(session_id, used_until).call())
+
+    def claim_window(self) -> int:
+        """The contract's ``CLAIM_WINDOW`` in seconds (an RPC read)."""
+        return int(self.market.functions.CLAIM_WINDOW().call())
 
     # --- writing ---------------------------------------------------------------
 
@@ -387,9 +438,27 @@ class Chain:
         return Tx(tx.tx_hash, tx.gas_used, (bytes(args["sessionId"]), int(args["endsAt"])))
 
     def close_session(self, account: LocalAccount, session_id: bytes) -> Tx:
-        """Settle a session; ``Tx.value`` is (paid, refunded)."""
+        """Settle a session without an acknowledgement; ``Tx.value`` is (paid, refunded).
+
+        Its consumer, before its end: the provider is paid for the elapsed seconds.
+        Anyone, from ``CLAIM_WINDOW_S`` after its end: the provider did not claim it
+        and is paid 0. Otherwise it reverts (``ProviderMustClaim``, ``NotClosableYet``).
+        """
         call = self.market.functions.closeSession(session_id)
-        tx = self.transact(account, call, "close session")
+        return self._settled(self.transact(account, call, "close session"))
+
+    def claim_session(
+        self, account: LocalAccount, session_id: bytes, used_until: int, signature: bytes
+    ) -> Tx:
+        """The provider settles a session with the consumer's acknowledgement (``used_until``
+        and its ``sign_usage`` signature; 0 and b"" for none, which pays 0).
+
+        Paid price x (min(used_until, end, now) - opened); ``Tx.value`` is (paid, refunded).
+        """
+        call = self.market.functions.claimSession(session_id, used_until, signature)
+        return self._settled(self.transact(account, call, "claim session"))
+
+    def _settled(self, tx: Tx) -> Tx:
         (event,) = self.market.events.SessionClosed().process_receipt(tx.value, errors=DISCARD)
         paid, refunded = int(event["args"]["paid"]), int(event["args"]["refunded"])
         return Tx(tx.tx_hash, tx.gas_used, (paid, refunded))

@@ -369,7 +369,9 @@ def session_close(
     session_id: str, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
 ) -> None:  # fmt: skip
-    """Close a session: the provider is paid for the seconds used, the rest comes back."""
+    """Close a session you opened, before its end (the provider is paid the seconds
+    elapsed, the rest comes back), or anyone's after its end plus the claim window
+    (its provider did not claim it: paid 0). Providers settle with their claim."""
 
     def run() -> None:
         chain = open_chain(chain_url, deployment)

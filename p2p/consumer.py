@@ -53,7 +53,7 @@ from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
-from p2pnode.protocols.infer.messages import Chunk, Done, Request, Turn
+from p2pnode.protocols.infer.messages import Ack, Chunk, Done, Request, Turn
 from p2pnode.protocols.offers import Offer
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import MAX_STREAM_ID, SessionKeys
@@ -77,6 +77,10 @@ class Config:
     # up a request before an honest one is tried.
     max_providers: int = 12
     handshake_s: float = 10.0
+    # No new provider is tried once a request has spent this long trying
+    # (the answer in progress, if any, goes on): a dozen providers that each
+    # stall to just within the handshake bound cannot hold a request for minutes.
+    try_budget_s: float = 60.0
     # A provider may stream at most this many tokens more than asked for
     # (batching and stop sequences round up), and this many bytes per token.
     token_slack: int = 16
@@ -246,7 +250,11 @@ class Consumer:
         # A paid session that ended under us may be reopened once per request.
         reopened: set[str] = set()
         last_error = "no provider offers this model"
+        started = trio.current_time()
         while failures < self.cfg.max_attempts and len(tried) < self.cfg.max_providers:
+            if tried and trio.current_time() - started > self.cfg.try_budget_s:
+                last_error = f"{last_error}; gave up after {self.cfg.try_budget_s:g} s of trying"
+                break
             left = request.params.max_tokens - produced
             if left <= 0:  # the failed provider had already used the whole budget
                 return Outcome("length", 0, produced, "", failovers)
@@ -270,11 +278,14 @@ class Consumer:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == ErrorCode.RATE_LIMITED:
                     limited += 1
-                elif exc.code == ErrorCode.UNKNOWN_SESSION and peer not in reopened and (
-                    not self._unserved_paid(peer, request.model_id)
+                elif (
+                    exc.code in _REOPEN_CODES
+                    and peer not in reopened
+                    and (not self._unserved_paid(peer, request.model_id))
                 ):
-                    # Its paid time ran out mid-answer (or it restarted): a new
-                    # session with the same provider continues the answer.
+                    # Its paid time ran out mid-answer (or it restarted, or our
+                    # last Ack did not reach it): a new session with the same
+                    # provider continues the answer.
                     reopened.add(peer)
                     tried.discard(peer)
                     await self._drop_session(peer, request.model_id)
@@ -336,9 +347,11 @@ class Consumer:
     async def _offence(self, peer: str, model_id: str, offence: Offence, exc: Exception) -> int:
         """Record what ``peer`` did; returns 1 if it counts as a failed attempt.
 
-        A failure ends our sessions with it; paid ones are closed on chain at
-        once (not at the idle close), and a paid session that failed before
-        serving a single request is counted as taken and not served.
+        A failure ends our sessions with it: paid ones are released at once
+        (a served one is closed on chain now, not at the idle close; one never
+        served is left until its end plus the claim window, so the provider is
+        paid nothing for it), and a paid session that failed before serving a
+        single request is counted as taken and not served.
         """
         if offence is not Offence.REFUSED and self._unserved_paid(peer, model_id):
             offence = Offence.PAID_NO_SERVICE
@@ -354,15 +367,13 @@ class Consumer:
         if failed:
             for key in [k for k in self._sessions if k[0] == peer]:
                 await self._drop_session(*key)
-        logger.warning(
-            "provider %s: %s (%s; score %.1f)", short(peer), exc, offence.value, score
-        )
+        logger.warning("provider %s: %s (%s; score %.1f)", short(peer), exc, offence.value, score)
         return int(failed)
 
     async def _drop_session(self, peer: str, model_id: str) -> None:
         held = self._sessions.pop((peer, model_id), None)
         if held is not None and self.market is not None and held.session_id in self.market.open:
-            await self.market.close(held.session_id)
+            await self.market.release(held.session_id)
 
     def _measured(self, peer: str) -> PeerStats:
         seen = self.stats.get(peer)
@@ -411,10 +422,11 @@ class Consumer:
             except trio.TooSlowError as exc:
                 raise NetworkError(f"no whole answer within {guard.deadline_s:g} s") from exc
             except infer_service.Refused as exc:
-                # The provider restarted, forgot the session, or its paid time is
-                # over: settle it (if paid) and open another, once — unless text
-                # was delivered, which the caller's failover continues from.
-                if exc.code != ErrorCode.UNKNOWN_SESSION or reopen or guard.tokens:
+                # The provider restarted, forgot the session, its paid time is
+                # over, or our last Ack did not reach it: settle it (if paid) and
+                # open another, once — unless text was delivered, which the
+                # caller's failover continues from.
+                if exc.code not in _REOPEN_CODES or reopen or guard.tokens:
                     raise
                 await self._drop_session(peer, wire.model_id)
                 continue
@@ -452,7 +464,7 @@ class Consumer:
                 held = self._sessions.get(key)
                 market = self.market
                 if held is not None and not reopen:
-                    if market is None or held.session_id in market.open:
+                    if market is None or market.usable(held.session_id):
                         return held
                     reopen = True  # the paid session was closed (idle) or has ended
                 if held is None:
@@ -479,8 +491,11 @@ class Consumer:
                 on_approve=on_approve,
             )
         except BaseException as exc:
-            # Paid for on chain but never ready: close at once, so the stake
-            # is not held (and the provider not paid) until the idle close.
+            # Paid for on chain but never ready: release it. It was never
+            # served, so it is not closed early (which would pay the provider
+            # the seconds since the open): it stays escrowed, counted against
+            # the spend limit, until its end plus the claim window, and then
+            # closes paying 0 (README, "Security model"). No chain call here.
             # Only an explicit refusal of a session that is on chain is fraud;
             # a timeout, a chain the provider could not read, or our own
             # cancellation is not (the ladder in _run_remotely counts those).
@@ -491,9 +506,11 @@ class Consumer:
                 if fraud:
                     self.counters["paid_not_served"] += 1
                     self.reputation.record(peer, Offence.PAID_NO_SERVICE, trio.current_time())
-                with trio.move_on_after(self.cfg.handshake_s * 3), trio.CancelScope(shield=True):
+                with trio.CancelScope(
+                    shield=True, deadline=trio.current_time() + self.cfg.handshake_s * 3
+                ):
                     assert self.market is not None
-                    await self.market.close(opened[0])
+                    await self.market.release(opened[0])
             raise
         self.open_ms.append((trio.current_time() - started) * 1000)
         held = _Session(peer, model_id, est.session_id, est.keys, paid=bool(opened))
@@ -540,8 +557,8 @@ class Consumer:
         await self._node.refresh_offer(peer)
         self._measured(peer).measured_rtt((trio.current_time() - started) * 1000.0)
 
-    def _acker(self, held: _Session) -> Callable[[Done], bytes]:
-        def ack(done: Done) -> bytes:
+    def _acker(self, held: _Session) -> Callable[[Done], Ack]:
+        def ack(done: Done) -> Ack:
             receipt = done.receipt
             ok = receipt.session_id == held.session_id and verify_peer_signature(
                 held.peer, receipt.signing_bytes(), receipt.signature
@@ -549,12 +566,16 @@ class Consumer:
             if not ok:
                 self.counters["bad_receipts"] += 1
                 logger.warning("provider %s sent a receipt it did not sign", short(held.peer))
-                return b""
+                return Ack(signature=b"")
             signature = bytes(self._node.host.get_private_key().sign(receipt.signing_bytes()))
-            if self.market is not None:
-                counts = (receipt.requests, receipt.prompt_tokens, receipt.completion_tokens)
-                self.market.ledger.receipt(held.session_id, counts, receipt.signature, signature)
-            return signature
+            if self.market is None or not held.paid:
+                return Ack(signature=signature)
+            # Paid: acknowledge the time used so far, which is what the provider
+            # is paid by; from now on the session counts as served.
+            used_until, usage_signature = self.market.acknowledge(held.session_id)
+            counts = (receipt.requests, receipt.prompt_tokens, receipt.completion_tokens)
+            self.market.ledger.receipt(held.session_id, counts, receipt.signature, signature)
+            return Ack(signature=signature, used_until=used_until, usage_signature=usage_signature)
 
         return ack
 
@@ -607,6 +628,10 @@ class _Overrun(RemoteProtocolError):
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.OVERSIZE, message)
 
+
+# Refusals that end a session but not the provider: a new session with it is
+# opened once (its paid time ran out, it restarted, or our Ack was lost).
+_REOPEN_CODES = (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNACKNOWLEDGED)
 
 # Reverts of openSession that the provider's approval or bid caused.
 _PROVIDER_REVERTS = (

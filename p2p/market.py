@@ -11,23 +11,42 @@ stake held in escrow, and costs the consumer at most two transactions::
     openSession(bid, stake, approval)   (tx 1)
     Opened{on-chain session id}               ──►   reads the session from the chain:
                                       ◄── Ready      open, this consumer, this bid, not ended
-    … requests …                                     serves until the session's end
-    closeSession (tx 2), when idle or at stop        closes sessions that have ended
+    … requests; each Done is answered by an
+      Ack{used_until, usage_signature}        ──►   checks it, keeps the best one
+    closeSession (tx 2), when idle or at stop        claimSession with the best Ack, at
+      (only a session it was served in)              the end (or when the consumer is silent)
 
 The approval nonce (32 bytes) is sha256 of the Hello and Approve nonces, so
 both sides know it and the on-chain session id (keccak of bid, consumer and
 nonce) without another message. Stake = price × ``session_seconds``, within
-the consumer's ``spend_limit`` (the sum of the stakes it has open). The
-provider closes sessions past their end (it is paid then); nobody's stake is
-ever stranded, since after the end anyone can close. Both sides keep their
-sessions and receipts in ``sessions.db`` so that a restarted node closes what
-it left open.
+the consumer's ``spend_limit`` (the sum of the stakes it has escrowed).
+
+Nobody is paid for nothing (README, "Security model"). The provider is paid
+only for time the consumer acknowledged: every Ack carries the consumer's
+EIP-712 ``Usage(sessionId, usedUntil)`` signature, and ``claimSession`` pays
+price × (min(usedUntil, end, now) − opened). A consumer closing before the
+end pays the elapsed seconds (its own choice), so it closes early only a
+session it was served in; one the provider took and never served (refused
+after the open, stalled, failed) is left open, and closed once its end plus
+the claim window (``CLAIM_WINDOW_S``) has passed, paying 0. Both sides keep
+their sessions, the consumer's "served" mark and the provider's best
+acknowledgement in ``sessions.db``, so that a restarted node settles what it
+left open.
+
+Chain time of an acknowledgement. Both sides measure a session's time from
+the same point: the chain time of its open (the consumer reads it from the
+open's own ``endsAt``, the provider from the session it confirms), plus the
+seconds their own clocks have run since. So they agree to within the
+handshake's latency whatever the chain's clock does between blocks (a dev
+chain's stands still while idle, and runs ahead after a burst of blocks);
+the contract caps an acknowledgement at the claim's block time anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -40,8 +59,8 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-from p2pnode.chain.client import AsyncChain, Tx, model_key
-from p2pnode.errors import ChainError
+from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, Tx, model_key
+from p2pnode.errors import ChainError, ConfigError
 from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.session import Approve, Hello, RejectCode
 from p2pnode.protocols.wire import signing_payload
@@ -73,6 +92,16 @@ class Config:
     max_price_per_s: int = 10**18
     # Consumer: a session unused this long is closed (its stake mostly refunded).
     idle_close_s: float = 120.0
+    # Provider: how far an Ack's used_until may be from its own reckoning of the
+    # session's time (either way). Both sides count from the session's open, so an
+    # honest Ack is off by the network's latency; 30 s leaves room for a slow link
+    # and a stalled event loop, and bounds what a consumer acking stale times gets
+    # for free (README, "Security model").
+    ack_tolerance_s: float = 30.0
+    # Provider: a session with no request for this long is claimed before its end
+    # (its consumer went silent), with what it acknowledged. Far above a consumer's
+    # idle close (2 minutes), which pays the elapsed time, more than the Acks do.
+    claim_idle_s: float = 900.0
     sessions_db: Path | None = None
 
 
@@ -90,6 +119,20 @@ class OfferMismatch(ChainError):
     def __init__(self, message: str, *, stale: bool = False) -> None:
         super().__init__(message)
         self.stale = stale
+
+
+async def settling_time(chain: AsyncChain) -> int:
+    """The chain's time for deciding what may be settled now: its latest block's, or
+    the wall clock's if that is later.
+
+    A chain that mines only when asked (anvil, a quiet dev chain) keeps an old
+    latest block while idle, so its clock would never reach a session's end or
+    claim window by itself; the block that settles it carries the time it is
+    mined at. Deciding a moment early costs nothing: every write is estimated
+    (or, embedded, called) first, so a close the contract refuses yet is never
+    sent, and the next round tries again.
+    """
+    return max(await chain.run(chain.sync.now), int(time.time()))
 
 
 def approval_nonce(hello_nonce: bytes, approve_nonce: bytes) -> bytes:
@@ -118,11 +161,41 @@ def hello_signed_by_wallet(hello: Hello) -> bool:
     return bool(signer.lower() == hello.consumer_wallet.lower())
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerSession:
+    """A session ``sessions.db`` lists as open (not yet seen settled)."""
+
+    session_id: bytes
+    peer: str
+    stake: int
+    ends_at: int
+    # Consumer: an answer in it was acknowledged (closing it early pays the seconds used).
+    served: bool
+    # Provider: the consumer's best acknowledgement (0 and b"": none).
+    used_until: int
+    usage_signature: bytes
+
+
 class Ledger:
-    """``sessions.db``: the sessions a node holds and the receipts it has (sqlite)."""
+    """``sessions.db``: the sessions a node holds and the receipts it has (sqlite).
+
+    Versioned with sqlite's ``user_version``: a database an older p2pnode wrote
+    (version 0) gains the columns of version 1, and its sessions count as served
+    (they were opened under the old rules, which closed every session at once); a
+    database from a newer p2pnode is refused rather than misread.
+    """
+
+    VERSION = 1
 
     def __init__(self, path: Path | None) -> None:
         self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None)
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > self.VERSION:
+            self._db.close()
+            raise ConfigError(
+                f"{path} was written by a newer p2pnode (schema {version}, this one reads "
+                f"{self.VERSION})"
+            )
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS sessions (
@@ -134,13 +207,43 @@ class Ledger:
                 completion_tokens INTEGER, provider_signature BLOB, consumer_signature BLOB);
             """
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "served" not in columns:
+            with self._db:  # one transaction: a crash leaves version 0, migrated again
+                self._db.execute("BEGIN")
+                self._db.execute(
+                    "ALTER TABLE sessions ADD COLUMN served INTEGER NOT NULL DEFAULT 0"
+                )
+                self._db.execute(
+                    "ALTER TABLE sessions ADD COLUMN used_until INTEGER NOT NULL DEFAULT 0"
+                )
+                self._db.execute(
+                    "ALTER TABLE sessions ADD COLUMN usage_signature BLOB NOT NULL DEFAULT x''"
+                )
+                self._db.execute("UPDATE sessions SET served = 1")
+                self._db.execute(f"PRAGMA user_version = {self.VERSION}")
+        elif version < self.VERSION:
+            self._db.execute(f"PRAGMA user_version = {self.VERSION}")
 
     def opened(
         self, role: str, peer: str, session_id: bytes, bid_id: bytes, stake: int, ends_at: int
     ) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 'open', NULL, NULL)",
+            "INSERT OR REPLACE INTO sessions (session_id, role, peer, bid_id, stake, ends_at,"
+            " state, served, used_until, usage_signature)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'open', 0, 0, x'')",
             (session_id, role, peer, bid_id, str(stake), ends_at),
+        )
+
+    def served(self, session_id: bytes) -> None:
+        """The consumer acknowledged an answer in the session."""
+        self._db.execute("UPDATE sessions SET served=1 WHERE session_id=?", (session_id,))
+
+    def usage(self, session_id: bytes, used_until: int, signature: bytes) -> None:
+        """The provider's best acknowledgement of the session so far (what it claims with)."""
+        self._db.execute(
+            "UPDATE sessions SET used_until=?, usage_signature=? WHERE session_id=?",
+            (used_until, signature, session_id),
         )
 
     def closed(self, session_id: bytes, paid: int, refunded: int) -> None:
@@ -149,11 +252,17 @@ class Ledger:
             (str(paid), str(refunded), session_id),
         )
 
-    def open_sessions(self, role: str) -> list[tuple[bytes, int]]:
+    def open_sessions(self, role: str) -> list[LedgerSession]:
         rows = self._db.execute(
-            "SELECT session_id, ends_at FROM sessions WHERE role=? AND state='open'", (role,)
+            "SELECT session_id, peer, stake, ends_at, served, used_until, usage_signature"
+            " FROM sessions WHERE role=? AND state='open'",
+            (role,),
         )
-        return [(bytes(r[0]), int(r[1])) for r in rows]
+        return [
+            LedgerSession(bytes(r[0]), str(r[1]), int(r[2]), int(r[3]), bool(r[4]), int(r[5]),
+                          bytes(r[6]))
+            for r in rows
+        ]  # fmt: skip
 
     def receipt(
         self,
@@ -184,6 +293,12 @@ class ProviderMarket:
     in progress stops when its session closes or reaches its end
     (:meth:`until_ended`). When the chain cannot be read, what was last read
     stands: a session is served until its known end, never past it.
+
+    Payment is earned by acknowledgement: :meth:`check_usage` keeps the
+    consumer's best signed ``used_until`` per session (memory and
+    ``sessions.db``), and :meth:`settle` claims each session with it once
+    the session has ended, or its consumer has been silent ``claim_idle_s``,
+    well inside the contract's claim window (``CLAIM_WINDOW_S``).
     """
 
     cfg: Config
@@ -194,8 +309,23 @@ class ProviderMarket:
     # and has not seen closed.
     ends: dict[bytes, int] = field(default_factory=dict)
     counters: dict[str, int] = field(
-        default_factory=lambda: {"settled": 0, "paid_wei": 0, "closed_early": 0, "chain_errors": 0}
+        default_factory=lambda: {
+            "settled": 0,
+            "paid_wei": 0,
+            "closed_early": 0,
+            "chain_errors": 0,
+            "acks": 0,
+            "claimed_silent": 0,
+            "missed_claims": 0,
+        }
     )
+    # session id -> the consumer's best acknowledgement: (used_until, signature).
+    usage: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
+    # session id -> (its consumer's wallet, chain time of its open, our trio clock
+    # when we read it): what an acknowledgement is checked against.
+    _confirmed: dict[bytes, tuple[str, int, float]] = field(default_factory=dict)
+    # session id -> (requests running, trio time of the last start or end).
+    _activity: dict[bytes, tuple[int, float]] = field(default_factory=dict)
     # Chain time minus wall time, as last read (a dev chain's clock can be moved).
     skew: float = 0.0
     # Set when a session closes (on chain, or here): stops its requests.
@@ -303,9 +433,61 @@ class ProviderMarket:
         if not ok:
             return RejectCode.BAD_SESSION
         self.ends[session_id] = s.ends_at
+        self._confirmed[session_id] = (s.consumer, s.opened_at, trio.current_time())
+        self._activity[session_id] = (0, trio.current_time())
         self._closed.setdefault(session_id, trio.Event())
         self.ledger.opened("provider", peer, session_id, s.bid_id, s.stake, s.ends_at)
         return None
+
+    def used_until_now(self, session_id: bytes) -> float | None:
+        """This provider's reckoning of the session's chain time now (None: not confirmed
+        here): its open's chain time plus the seconds since, as the consumer counts."""
+        confirmed = self._confirmed.get(session_id)
+        if confirmed is None:
+            return None
+        _wallet, opened_at, read_at = confirmed
+        return opened_at + (trio.current_time() - read_at)
+
+    def check_usage(self, session_id: bytes, used_until: int, signature: bytes) -> str | None:
+        """Check the consumer's acknowledgement in an Ack and keep it if it is the best.
+
+        Returns why it is refused (None: accepted): not near this provider's own
+        reckoning of the session's time (``ack_tolerance_s`` either way), behind an
+        acknowledgement already held, or not signed by the session's consumer
+        wallet (so ``claimSession`` would revert). Local work: no RPC.
+        """
+        confirmed = self._confirmed.get(session_id)
+        expected = self.used_until_now(session_id)
+        if confirmed is None or expected is None:
+            return "not a session confirmed here"
+        wallet = confirmed[0]
+        tolerance = self.cfg.ack_tolerance_s
+        if not expected - tolerance <= used_until <= expected + tolerance:
+            return f"used_until is {used_until - expected:+.0f} s from this provider's reckoning"
+        best = self.usage.get(session_id)
+        if best is not None and used_until < best[0]:
+            return f"used_until {used_until} is behind an earlier acknowledgement ({best[0]})"
+        signer = self.cfg.chain.sync.usage_signer(session_id, used_until, signature)
+        if signer is None or signer.lower() != wallet.lower():
+            return "usage not signed by the session's consumer wallet"
+        self.usage[session_id] = (used_until, signature)
+        self.ledger.usage(session_id, used_until, signature)
+        self.counters["acks"] += 1
+        return None
+
+    def begin(self, session_id: bytes) -> None:
+        """A request starts in the session (a silent consumer's session is claimed early)."""
+        running, _ = self._activity.get(session_id, (0, 0.0))
+        self._activity[session_id] = (running + 1, trio.current_time())
+
+    def end(self, session_id: bytes) -> None:
+        """A request in the session ended; silence counts from now."""
+        running, _ = self._activity.get(session_id, (1, 0.0))
+        self._activity[session_id] = (max(0, running - 1), trio.current_time())
+
+    def _silent(self, session_id: bytes) -> bool:
+        running, last = self._activity.get(session_id, (0, trio.current_time()))
+        return running == 0 and trio.current_time() - last > self.cfg.claim_idle_s
 
     def serving(self, session_id: bytes) -> bool:
         """Whether a paid session may still be served, by what was last read."""
@@ -324,6 +506,10 @@ class ProviderMarket:
         chain = self.cfg.chain
         try:
             s = await chain.run(chain.sync.session, session_id)
+            # The chain's clock too: the contract ends a session by its block
+            # time, which an estimate from the wall clock can trail by seconds
+            # (a dev chain mines each block at least a second after the last).
+            await self._read_chain_time()
         except ChainError as exc:
             self.counters["chain_errors"] += 1
             logger.info("cannot re-read session %s: %s", session_id.hex()[:8], exc)
@@ -341,14 +527,19 @@ class ProviderMarket:
             if closed is None or ends is None:
                 return
             # Chain time runs with the wall clock (skew aside); wake at the
-            # end as last estimated, and look again.
-            with trio.move_on_after(max(0.0, ends - self.chain_time()) + 0.05):
+            # end as last estimated, or when follow() may have read the
+            # chain's clock again, and look again.
+            wait = min(max(0.0, ends - self.chain_time()) + 0.05, self.cfg.follow_s)
+            with trio.move_on_after(wait):
                 await closed.wait()
 
     def _ended(self, session_id: bytes, *, early: bool) -> None:
         if self.ends.pop(session_id, None) is not None and early:
             self.counters["closed_early"] += 1
             logger.info("session %s was closed on chain", session_id.hex()[:8])
+        self._confirmed.pop(session_id, None)
+        self._activity.pop(session_id, None)
+        self.usage.pop(session_id, None)
         event = self._closed.pop(session_id, None)
         if event is not None:
             event.set()
@@ -359,34 +550,65 @@ class ProviderMarket:
         if self._next_block is None:
             self._next_block = await chain.run(lambda: int(chain.sync.w3.eth.block_number))
         closed, self._next_block = await chain.run(chain.sync.closed_since, self._next_block)
+        await self._read_chain_time()  # requests in progress stop at the end by its clock
         for session_id in closed:
             if session_id in self.ends:
                 self._ended(session_id, early=True)
 
     async def settle(self) -> None:
-        """Close the sessions (confirmed here or left from before a restart) that have ended."""
-        now = await self._read_chain_time()
+        """Claim the sessions (confirmed here or left from before a restart) that have
+        ended, and those whose consumer has been silent ``claim_idle_s``."""
+        # As settling_time: the latest block's time, or the wall clock's if later.
+        now = max(await self._read_chain_time(), int(time.time()))
         due = {sid for sid, ends in self.ends.items() if ends <= now}
-        due |= {sid for sid, ends in self.ledger.open_sessions("provider") if ends <= now}
-        for session_id in due:
-            await self._close(session_id)
+        silent = {sid for sid in self.ends if sid not in due and self._silent(sid)}
+        left = {row.session_id: row for row in self.ledger.open_sessions("provider")}
+        due |= {sid for sid, row in left.items() if row.ends_at <= now}
+        for session_id in due | silent:
+            best = self.usage.get(session_id)
+            row = left.get(session_id)
+            if best is None and row is not None and row.used_until:
+                best = (row.used_until, row.usage_signature)
+            if await self._claim(session_id, best, now) and session_id in silent:
+                self.counters["claimed_silent"] += 1
 
-    async def _close(self, session_id: bytes) -> None:
+    async def _claim(self, session_id: bytes, best: tuple[int, bytes] | None, now: int) -> bool:
+        """Settle the session with the best acknowledgement held (none: paid 0, the
+        consumer refunded). Past the claim window only a close paying 0 is left."""
         chain = self.cfg.chain
         try:
             s = await chain.run(chain.sync.session, session_id)
             if s.open:
-                tx: Tx = await chain.run(chain.sync.close_session, self.cfg.account, session_id)
+                tx: Tx
+                if now >= s.ends_at + CLAIM_WINDOW_S:
+                    # Too late to claim (the chain was out of reach the whole
+                    # window?): close it as anyone may, so nothing stays locked.
+                    self.counters["missed_claims"] += 1
+                    logger.warning(
+                        "session %s: its claim window passed unclaimed", session_id.hex()[:8]
+                    )
+                    tx = await chain.run(chain.sync.close_session, self.cfg.account, session_id)
+                else:
+                    used_until, signature = best if best is not None else (0, b"")
+                    tx = await chain.run(
+                        chain.sync.claim_session,
+                        self.cfg.account,
+                        session_id,
+                        used_until,
+                        signature,
+                    )
                 paid, refunded = tx.value
                 self.counters["settled"] += 1
                 self.counters["paid_wei"] += paid
-                logger.info("settled session %s: paid %d", session_id.hex()[:8], paid)
+                logger.info("claimed session %s: paid %d", session_id.hex()[:8], paid)
             else:
                 paid = refunded = 0
             self.ledger.closed(session_id, paid, refunded)
             self._ended(session_id, early=False)
+            return True
         except ChainError as exc:
-            logger.warning("cannot close session %s: %s", session_id.hex()[:8], exc)
+            logger.warning("cannot claim session %s: %s", session_id.hex()[:8], exc)
+            return False
 
     async def run(self) -> None:
         """Follow the chain and settle ended sessions, forever (the node's nursery runs this).
@@ -432,17 +654,39 @@ class Paid:
     last_used: float
     # Requests running in it now: a session is not idle while one streams.
     active: int = 0
+    # The chain time of its open, and our trio clock then: what used_until counts
+    # from (None: left from before a restart, its clock reading is gone).
+    opened_at: int = 0
+    opened_clock: float | None = None
+    # An answer in it was acknowledged: closing it before its end pays the seconds
+    # used. One never served is not closed early (that would pay the provider for
+    # nothing), but left until its end plus the claim window.
+    served: bool = False
+    # The latest used_until this consumer signed (acknowledgements never go back).
+    used_until: int = 0
+    # No longer used (idle, failed, ended, stopping): settled as soon as the rules allow.
+    released: bool = False
+    told_wait: bool = False  # its wait for the claim window was logged
 
 
 @dataclass
 class ConsumerMarket:
-    """A consumer's stakes: what it opens, what it may spend, what it closes."""
+    """A consumer's stakes: what it opens, what it may spend, what it acknowledges,
+    what it closes, and when."""
 
     cfg: Config
     ledger: Ledger
+    # Every session whose stake is escrowed, in use or waiting to be settled.
     open: dict[bytes, Paid] = field(default_factory=dict)
     counters: dict[str, int] = field(
-        default_factory=lambda: {"opened": 0, "closed": 0, "paid_wei": 0, "refunded_wei": 0}
+        default_factory=lambda: {
+            "opened": 0,
+            "closed": 0,
+            "paid_wei": 0,
+            "refunded_wei": 0,
+            "left_unserved": 0,
+            "closed_elsewhere": 0,
+        }
     )
     open_ms: list[float] = field(default_factory=list)
     gas: dict[str, list[int]] = field(default_factory=lambda: {"open": [], "close": []})
@@ -461,7 +705,8 @@ class ConsumerMarket:
         return terms
 
     def held(self) -> int:
-        """What this consumer has escrowed in its open sessions."""
+        """What this consumer has escrowed: its sessions in use and those waiting to be
+        settled (a stake is spent until it is back)."""
         return sum(p.stake for p in self.open.values())
 
     def stake_for(self, price_per_s: int) -> int:
@@ -528,14 +773,25 @@ class ConsumerMarket:
             approve.approval,
         )
         session_id, ends_at = bytes(tx.value[0]), int(tx.value[1])
-        self.open[session_id] = Paid(session_id, peer, stake, ends_at, trio.current_time())
+        now = trio.current_time()
+        # The contract sets endsAt = openedAt + stake / price: the open's own block
+        # time, with no read (the provider counts from the same chain time).
+        opened_at = ends_at - stake // terms.price_per_s
+        self.open[session_id] = Paid(
+            session_id, peer, stake, ends_at, now, opened_at=opened_at, opened_clock=now
+        )
         self.ledger.opened(
             "consumer", peer, session_id, bytes.fromhex(terms.bid_id), stake, ends_at
         )
         self.counters["opened"] += 1
         self.gas["open"].append(tx.gas_used)
-        self.open_ms.append((trio.current_time() - started) * 1000)
+        self.open_ms.append((now - started) * 1000)
         return session_id
+
+    def usable(self, session_id: bytes) -> bool:
+        """Whether new requests may go to the session (escrowed, not released)."""
+        paid = self.open.get(session_id)
+        return paid is not None and not paid.released
 
     def begin(self, session_id: bytes) -> None:
         """A request starts in the session: it is in use until :meth:`end`."""
@@ -551,35 +807,146 @@ class ConsumerMarket:
             paid.active = max(0, paid.active - 1)
             paid.last_used = trio.current_time()
 
-    async def close(self, session_id: bytes) -> None:
-        """Close a session (transaction 2 of 2): the provider is paid, we get the rest."""
+    def _session_time(self, paid: Paid) -> float | None:
+        """The session's chain time now, as counted from its open (see the module doc)."""
+        if paid.opened_clock is None:
+            return None
+        return paid.opened_at + (trio.current_time() - paid.opened_clock)
+
+    def acknowledge(self, session_id: bytes) -> tuple[int, bytes]:
+        """Acknowledge an answer: (used_until, the wallet's EIP-712 ``Usage`` signature).
+
+        used_until is the session's chain time now, rounded up, and never behind
+        an earlier acknowledgement. The session counts as served from now on
+        (closing it early pays the elapsed time). Local work: no RPC.
+        """
+        paid = self.open.get(session_id)
+        reckoned = self._session_time(paid) if paid is not None else None
+        if paid is None or reckoned is None:
+            return 0, b""
+        paid.used_until = max(paid.used_until, math.ceil(reckoned))
+        chain = self.cfg.chain.sync
+        signature = chain.sign_usage(self.cfg.account, session_id, paid.used_until)
+        if not paid.served:
+            paid.served = True
+            self.ledger.served(session_id)
+        return paid.used_until, signature
+
+    async def release(self, session_id: bytes) -> None:
+        """Stop using the session, and settle it as soon as the rules allow.
+
+        Served: closed now (before its end the provider is paid the elapsed
+        seconds; after it, the provider claims what was acknowledged). Never
+        served: not closed early, which would pay the provider for nothing, but
+        left open until its end plus the claim window, then closed paying 0
+        (or refunded sooner, if its provider claims it). No chain call for
+        those: a failing handshake stays quick.
+        """
+        paid = self.open.get(session_id)
+        if paid is None:
+            return
+        if not paid.released:
+            paid.released = True
+            if not paid.served:
+                self.counters["left_unserved"] += 1
+        if paid.served:
+            await self._settle(paid, None)
+        else:
+            self._tell_wait(paid)
+
+    def _tell_wait(self, paid: Paid) -> None:
+        if paid.told_wait:
+            return
+        paid.told_wait = True
+        back = paid.ends_at + CLAIM_WINDOW_S
+        logger.info(
+            "session %s with %s: %s; its stake of %d is left in escrow and comes back by "
+            "chain time %d (%s UTC: its end plus the claim window), or sooner if the "
+            "provider settles it",
+            paid.session_id.hex()[:8], paid.peer[-8:],
+            "served, ended: its provider claims it" if paid.served else "never served",
+            paid.stake, back, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(back)),
+        )  # fmt: skip
+
+    async def _settle(self, paid: Paid, now: int | None) -> None:
+        """Close a released session if the rules allow it now; else leave it for later.
+
+        Closable by us: served and before its end (the elapsed seconds are paid),
+        or from its end plus the claim window on (paying 0 if its provider did not
+        claim it). A session its provider already settled is only recorded.
+        """
         chain = self.cfg.chain
+        session_id = paid.session_id
         try:
             s = await chain.run(chain.sync.session, session_id)
-            if not s.open:  # the provider settled it already
+            if not s.open:  # its provider claimed it (or we closed it by hand)
                 self.open.pop(session_id, None)
                 self.ledger.closed(session_id, 0, 0)
+                self.counters["closed_elsewhere"] += 1
+                return
+            if now is None:
+                now = await settling_time(chain)
+            # Early, the consumer pays the elapsed seconds; once the session has run
+            # out (by the chain, or by our own count while the chain's clock lags
+            # between blocks) its provider claims what was acknowledged, which is less.
+            reckoned = self._session_time(paid)
+            early = paid.served and now < s.ends_at and (reckoned is None or reckoned < s.ends_at)
+            if not early and now < s.ends_at + CLAIM_WINDOW_S:
+                self._tell_wait(paid)
                 return
             tx: Tx = await chain.run(chain.sync.close_session, self.cfg.account, session_id)
         except ChainError as exc:
-            # Still escrowed: it stays counted against the spend limit, and
-            # the ledger lists it for the next try (idle loop, stop, restart).
+            # Still escrowed: it stays counted against the spend limit, and the
+            # ledger lists it for the next try (the run loop, stop, restart).
             logger.warning("cannot close session %s: %s", session_id.hex()[:8], exc)
             return
         self.open.pop(session_id, None)
-        paid, refunded = tx.value
-        self.ledger.closed(session_id, paid, refunded)
+        paid_wei, refunded = tx.value
+        self.ledger.closed(session_id, paid_wei, refunded)
         self.counters["closed"] += 1
-        self.counters["paid_wei"] += paid
+        self.counters["paid_wei"] += paid_wei
         self.counters["refunded_wei"] += refunded
         self.gas["close"].append(tx.gas_used)
-        logger.info("closed session %s: paid %d, refunded %d", session_id.hex()[:8], paid, refunded)
+        logger.info(
+            "closed session %s: paid %d, refunded %d", session_id.hex()[:8], paid_wei, refunded
+        )
+
+    async def close(self, session_id: bytes) -> None:
+        """Release the session now (:meth:`release`): closed at once if it was served
+        (transaction 2 of 2), else when the claim window allows."""
+        await self.release(session_id)
+
+    def _adopt_left(self) -> None:
+        """Sessions ``sessions.db`` lists as open that this run did not open (left from
+        before a restart): escrowed still, so counted against the spend limit, and
+        released (their keys are gone with the old run)."""
+        for row in self.ledger.open_sessions("consumer"):
+            if row.session_id not in self.open:
+                self.open[row.session_id] = Paid(
+                    row.session_id, row.peer, row.stake, row.ends_at, trio.current_time(),
+                    served=row.served, released=True,
+                )  # fmt: skip
 
     async def close_all(self) -> None:
-        """Close every session this node opened, including any left from before a restart."""
-        left = {sid for sid, _ in self.ledger.open_sessions("consumer")} | set(self.open)
-        for session_id in left:
-            await self.close(session_id)
+        """Settle every session this node holds, including any left from before a
+        restart: served ones are closed now, the others once the claim window has
+        passed (each left one is logged with when its stake comes back)."""
+        self._adopt_left()
+        await self._settle_released(release_all=True)
+
+    async def _settle_released(self, *, release_all: bool) -> None:
+        if not any(release_all or p.released for p in self.open.values()):
+            return  # nothing waits: no chain call
+        try:
+            now: int | None = await settling_time(self.cfg.chain)
+        except ChainError as exc:
+            logger.warning("cannot read the chain's time: %s", exc)
+            now = None
+        for paid in list(self.open.values()):
+            if release_all:
+                paid.released = True
+            if paid.released:
+                await self._settle(paid, now)
 
     async def prepare(self) -> None:
         """At start: one unlimited token approval (so each session is one transaction)."""
@@ -591,21 +958,28 @@ class ConsumerMarket:
         )
 
     async def run(self) -> None:
-        """Close sessions left from a restart, then those idle or past their end, forever."""
-        await self.close_all()
+        """Settle sessions left from a restart, then release those idle or past their
+        end, and settle released ones when the rules allow, forever."""
+        self._adopt_left()
+        await self._settle_released(release_all=False)
         while True:
             await trio.sleep(min(self.cfg.idle_close_s, 30.0))
-            now, wall = trio.current_time(), time.time()
+            now = trio.current_time()
             for paid in list(self.open.values()):
-                idle = paid.active == 0 and now - paid.last_used > self.cfg.idle_close_s
-                if idle or paid.ends_at <= wall:
-                    await self.close(paid.session_id)
+                if paid.released or paid.active > 0:
+                    continue
+                idle = now - paid.last_used > self.cfg.idle_close_s
+                reckoned = self._session_time(paid)
+                if idle or (reckoned is not None and reckoned >= paid.ends_at):
+                    await self.release(paid.session_id)
+            await self._settle_released(release_all=False)
 
 
 __all__ = [
     "Config",
     "ConsumerMarket",
     "Ledger",
+    "LedgerSession",
     "ProviderMarket",
     "approval_nonce",
 ]

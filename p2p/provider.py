@@ -8,6 +8,14 @@ request on the engine that serves its model, meters what it generated, and
 signs the session's cumulative usage into a receipt that the consumer's
 Ack countersigns. Admission on the engine itself (slots, queue) is the
 engine's: a full queue becomes a BUSY error the consumer fails over on.
+
+Paid sessions are paid by acknowledgement (README, "Security model"): each
+Ack also carries the consumer's signed ``used_until``, which the market
+checks and keeps for its claim. A paid session whose answer was not
+acknowledged (no Ack, a bad one, or a request the consumer cancelled after
+tokens were generated) serves nothing more: the next request is refused
+with ``UNACKNOWLEDGED``, so what a consumer can take unpaid is one answer
+(with any that were already running beside it).
 """
 
 from __future__ import annotations
@@ -100,6 +108,12 @@ class ServedSession:
     # The latest receipt the consumer countersigned (its Ack signature).
     acked: tuple[Receipt, bytes] | None = None
     paid: bool = False
+    # Paid: an answer ended unacknowledged; the session serves nothing more.
+    unacked: bool = False
+    # Paid: answers whose Ack has not been looked at yet, and an event set (and
+    # replaced) each time one is, for a request that waits to know.
+    acks_pending: int = 0
+    ack_seen: trio.Event = field(default_factory=trio.Event)
     # The stream ids used so far: each opens one stream, once (a reused one
     # would reuse nonces under the session key, or replay a recorded request).
     streams: ReplayWindow = field(default_factory=ReplayWindow)
@@ -136,6 +150,7 @@ class Provider:
             "cancelled": 0,
             "refused": 0,
             "bad_acks": 0,
+            "unacknowledged": 0,
             "ended_mid_request": 0,
         }
 
@@ -317,6 +332,14 @@ class Provider:
                 ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
             )
         market = self.market
+        if market is not None and session.paid:
+            await self._await_acks(session)
+            if session.unacked or session.acks_pending:
+                self.stats["refused"] += 1
+                raise infer_service.RequestRefused(
+                    ErrorCode.UNACKNOWLEDGED,
+                    "an answer in this paid session was not acknowledged: open another",
+                )
         if market is not None and not await market.check(session.session_id):
             self.stats["refused"] += 1
             raise infer_service.RequestRefused(
@@ -324,6 +347,8 @@ class Provider:
             )
         session.active += 1
         session.last_used = trio.current_time()
+        if market is not None:
+            market.begin(session.session_id)
         produced = 0
         usage: enginelib.Usage | None = None
         finish = "cancelled"
@@ -365,18 +390,38 @@ class Provider:
             session.prompt_tokens += usage.prompt_tokens if usage else 0
             session.completion_tokens += usage.completion_tokens if usage else produced
             self.stats["requests" if usage else "cancelled"] += 1
+            if market is not None:
+                market.end(session.session_id)
+                if usage is None and produced and session.paid:
+                    # Tokens went out and no Done will be acknowledged (the consumer
+                    # left, or the engine failed): nothing more on this credit.
+                    session.unacked = True
+                    self.stats["unacknowledged"] += 1
         if usage is None and ended:
             self.stats["ended_mid_request"] += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNKNOWN_SESSION, "the paid session closed or ended during the request"
             )
         assert usage is not None
+        if market is not None and session.paid:
+            session.acks_pending += 1  # _on_ack sees every Done returned here
         return Done(
             finish_reason=finish,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             receipt=self.receipt(session),
         )
+
+    async def _await_acks(self, session: ServedSession) -> None:
+        """Wait (bounded) until the Acks of the session's finished answers are looked at.
+
+        An honest consumer's Ack may still be in flight on the last request's
+        stream when its next request arrives on a new one; streams are not
+        ordered, so the request waits for it rather than be refused for nothing.
+        """
+        with trio.move_on_after(self.cfg.infer.ack_wait_s + 1.0):
+            while session.acks_pending:
+                await session.ack_seen.wait()
 
     def receipt(self, session: ServedSession) -> Receipt:
         """The session's usage so far, signed with this node's peer key."""
@@ -392,13 +437,30 @@ class Provider:
         session = self.sessions.get(opened.session_id)
         if session is None:
             return
+        paid = self.market is not None and session.paid
+        if paid:
+            session.acks_pending = max(0, session.acks_pending - 1)
+            session.ack_seen.set()
+            session.ack_seen = trio.Event()
         receipt = done.receipt
+        why: str | None = None
         if ack is None or not verify_peer_signature(
             session.peer, receipt.signing_bytes(), ack.signature
         ):
+            why = "did not countersign its receipt"
+        elif paid and self.market is not None:
+            checked = self.market.check_usage(
+                session.session_id, ack.used_until, ack.usage_signature
+            )
+            why = None if checked is None else f"sent a bad usage acknowledgement ({checked})"
+        if why is not None:
             self.stats["bad_acks"] += 1
-            logger.warning("%s did not countersign its receipt", short(session.peer))
+            if paid:
+                session.unacked = True
+                self.stats["unacknowledged"] += 1
+            logger.warning("%s %s", short(session.peer), why)
             return
+        assert ack is not None
         previous = session.acked[0].completion_tokens if session.acked else -1
         if receipt.completion_tokens >= previous:
             session.acked = (receipt, ack.signature)

@@ -12,11 +12,20 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 /// @notice A provider registers with a minimum stake and its libp2p peer ID (never
 ///         an address on the internet), posts one live bid per model, and approves
 ///         each session off chain with an EIP-712 signature. The consumer opens the
-///         session with that approval, moving its stake into escrow; whoever closes
-///         it (the consumer, the provider, or anyone once it has ended) pays the
-///         provider price x elapsed seconds, capped by the stake, and refunds the
-///         rest in the same transaction. Invariant: escrowed = paid + refunded +
-///         the stakes of open sessions.
+///         session with that approval, moving its stake into escrow. Nobody is paid
+///         for nothing: the provider is paid only for time the consumer acknowledged
+///         (an EIP-712 `Usage` signature, sent with each answer's acknowledgement),
+///         or for the time the consumer itself chose to end early. Settling a session
+///         pays the provider and refunds the rest in one transaction:
+///           - the consumer closes it before its end (closeSession): the provider is
+///             paid price x elapsed seconds, as the consumer ended it early;
+///           - the provider claims it (claimSession), any time until CLAIM_WINDOW
+///             after its end, with the consumer's latest acknowledgement: paid
+///             price x (min(usedUntil, endsAt, now) - openedAt); with none, 0;
+///           - nobody settled it by then: anyone closes it (closeSession), paying 0,
+///             so no stake is ever stranded, and a provider that took a stake and
+///             served nothing (so holds no acknowledgement) gets nothing for it.
+///         Invariant: escrowed = paid + refunded + the stakes of open sessions.
 ///
 ///         Models. A model's id is keccak256 of its name, computed here (never taken
 ///         from the caller), and the name is all the registry holds about it: naming
@@ -69,6 +78,21 @@ contract Marketplace is EIP712, ReentrancyGuard {
 
     bytes32 public constant APPROVAL_TYPEHASH =
         keccak256("Approval(bytes32 bidId,address consumer,uint256 chainId,uint64 expiry,bytes32 nonce)");
+    /// @notice The consumer's acknowledgement that it used its session until `usedUntil`
+    ///         (chain time, seconds): what a provider's claim is paid by. Under the same
+    ///         EIP-712 domain as approvals (this contract, this chain); the session id
+    ///         names the consumer, the bid and a nonce, and is never reused, so an
+    ///         acknowledgement pays for its own session only.
+    bytes32 public constant USAGE_TYPEHASH = keccak256("Usage(bytes32 sessionId,uint64 usedUntil)");
+
+    /// @notice How long after a session's end its provider may still claim it. Long
+    ///         enough that a provider settling every half minute claims through an RPC
+    ///         outage, a congested chain or a restart (nodes claim at the end, well
+    ///         inside it); short enough that a consumer whose provider took its stake
+    ///         and served nothing has it back a quarter of an hour after the session
+    ///         would have ended anyway. From then on anyone closes an unclaimed session,
+    ///         paying the provider 0.
+    uint64 public constant CLAIM_WINDOW = 15 minutes;
 
     /// @notice The longest session one stake may buy. Far above any session a node
     ///         opens (minutes), and it keeps every timestamp here within uint64 for
@@ -143,7 +167,11 @@ contract Marketplace is EIP712, ReentrancyGuard {
     error SessionTooLong(uint256 duration, uint256 maximum);
     error SessionExists();
     error SessionNotOpen();
-    error NotYetEnded(uint64 endsAt);
+    error NotClosableYet(uint64 closableAt);
+    error ProviderMustClaim();
+    error NotProvider();
+    error ClaimWindowClosed(uint64 closedAt);
+    error BadUsage();
 
     constructor(IERC20 token_, uint256 minProviderStake_) EIP712("p2pnode Marketplace", "1") {
         token = token_;
@@ -359,19 +387,78 @@ contract Marketplace is EIP712, ReentrancyGuard {
         approvalUsed[digest] = true;
     }
 
-    /// @notice Settle a session: the provider is paid for the seconds used, the consumer
-    ///         gets the rest. The consumer or the provider may close at any time; anyone
-    ///         may once it has ended, so no stake is ever stranded.
+    /// @notice The EIP-712 digest a consumer signs to acknowledge using a session until
+    ///         `usedUntil` (chain time); `claimSession` pays by it.
+    function usageDigest(bytes32 sessionId, uint64 usedUntil) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(USAGE_TYPEHASH, sessionId, usedUntil)));
+    }
+
+    /// @notice Settle a session without an acknowledgement.
+    ///         - Its consumer, before its end: the provider is paid price x elapsed
+    ///           seconds (the consumer chose to end its session early), the rest refunded.
+    ///         - Anyone, from CLAIM_WINDOW after its end: its provider did not claim it,
+    ///           so it is paid 0 and the whole stake is refunded. Nobody's stake is stranded.
+    ///         Otherwise it reverts: the provider settles by claimSession (a close by it
+    ///         would pay nothing, so it is refused rather than taken as a refund by
+    ///         mistake: claimSession(id, 0, "") refunds on purpose), and between the end
+    ///         and the window's close the session is its provider's to claim.
     function closeSession(bytes32 sessionId) external nonReentrant returns (uint256 paid, uint256 refunded) {
         Session storage s = _sessions[sessionId];
         if (!s.open) revert SessionNotOpen();
-        if (msg.sender != s.consumer && msg.sender != s.provider && block.timestamp < s.endsAt) {
-            revert NotYetEnded(s.endsAt);
+        uint64 closableAt = s.endsAt + CLAIM_WINDOW;
+        if (block.timestamp < closableAt) {
+            if (msg.sender == s.consumer && block.timestamp < s.endsAt) {
+                // No overflow: now - openedAt < stake / price, so this is below the stake.
+                paid = s.pricePerSecond * (block.timestamp - s.openedAt);
+            } else if (msg.sender == s.provider) {
+                revert ProviderMustClaim();
+            } else {
+                revert NotClosableYet(closableAt);
+            }
         }
-        uint256 until = block.timestamp < s.endsAt ? block.timestamp : s.endsAt;
-        // No overflow: until - openedAt <= stake / price, so this is at most the stake.
-        paid = s.pricePerSecond * (until - s.openedAt);
-        if (paid > s.stake) paid = s.stake;
+        (paid, refunded) = _settle(sessionId, s, paid);
+    }
+
+    /// @notice The provider settles its session with the consumer's latest acknowledgement
+    ///         (`usageDigest(sessionId, usedUntil)` signed by the consumer's wallet), any
+    ///         time until CLAIM_WINDOW after the session's end: it is paid
+    ///         price x (min(usedUntil, endsAt, now) - openedAt), the rest is refunded.
+    ///         A usedUntil after the open must carry the consumer's signature (else
+    ///         BadUsage); one at or before it pays nothing and needs none:
+    ///         claimSession(id, 0, "") refunds the whole stake (a provider that cannot
+    ///         serve a session it approved).
+    function claimSession(bytes32 sessionId, uint64 usedUntil, bytes calldata consumerSignature)
+        external
+        nonReentrant
+        returns (uint256 paid, uint256 refunded)
+    {
+        Session storage s = _sessions[sessionId];
+        if (!s.open) revert SessionNotOpen();
+        if (msg.sender != s.provider) revert NotProvider();
+        uint64 closedAt = s.endsAt + CLAIM_WINDOW;
+        if (block.timestamp >= closedAt) revert ClaimWindowClosed(closedAt);
+        // Any time acknowledged after the open must be the consumer's word, whatever
+        // the block's time: whether a claim is valid does not depend on when it is mined.
+        if (usedUntil > s.openedAt) {
+            bytes32 digest = usageDigest(sessionId, usedUntil);
+            (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, consumerSignature);
+            if (err != ECDSA.RecoverError.NoError || signer != s.consumer) revert BadUsage();
+            uint256 until = usedUntil;
+            if (until > s.endsAt) until = s.endsAt;
+            if (until > block.timestamp) until = block.timestamp;
+            // No overflow: until - openedAt <= endsAt - openedAt = stake / price.
+            if (until > s.openedAt) paid = s.pricePerSecond * (until - s.openedAt);
+        }
+        (paid, refunded) = _settle(sessionId, s, paid);
+    }
+
+    /// @dev Close an open session: `owed` (at most the stake) to the provider, the rest
+    ///      back to its consumer.
+    function _settle(bytes32 sessionId, Session storage s, uint256 owed)
+        private
+        returns (uint256 paid, uint256 refunded)
+    {
+        paid = owed > s.stake ? s.stake : owed;
         refunded = s.stake - paid;
         s.open = false;
         _providers[s.provider].openSessions -= 1;

@@ -168,10 +168,13 @@ class ConsumerMachine(_Side):
             return got
         raise self._fail(ErrorCode.UNEXPECTED, f"{got.TYPE} from a provider")
 
-    def ack(self, signature: bytes) -> bytes:
-        """Bytes of the sealed Ack over the receipt in Done."""
+    def ack(self, signature: bytes, used_until: int = 0, usage_signature: bytes = b"") -> bytes:
+        """Bytes of the sealed Ack over the receipt in Done (and, paid, the usage
+        acknowledgement: ``used_until`` and the wallet's signature of it)."""
         self._require(State.DONE, "ack")
-        frame = self._sealed(Ack(signature=signature))
+        frame = self._sealed(
+            Ack(signature=signature, used_until=used_until, usage_signature=usage_signature)
+        )
         self.state = State.CLOSED
         return frame
 

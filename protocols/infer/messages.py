@@ -89,10 +89,15 @@ class Done(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack(Message):
-    """C→P, sealed: the consumer's signature over the same receipt."""
+    """C→P, sealed: the consumer's signature over the same receipt and, in paid mode,
+    its acknowledgement that it used the session until ``used_until`` (chain time):
+    the wallet's EIP-712 ``Usage(sessionId, usedUntil)`` signature, which the
+    provider claims its pay with (README, "Security model"). Free mode: 0 and b""."""
 
     TYPE: ClassVar[str] = "infer.ack"
     signature: bytes
+    used_until: int = 0
+    usage_signature: bytes = b""
 
 
 CLEAR_CODEC = Codec([InferOpen, Error])

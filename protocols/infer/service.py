@@ -82,12 +82,13 @@ async def request(
     machine: ConsumerMachine,
     message: Request,
     deliver: Callable[[Chunk], Awaitable[None]],
-    ack: Callable[[Done], bytes],
+    ack: Callable[[Done], Ack | bytes],
     cfg: Config,
 ) -> Done:
     """Run one request; each Chunk goes to ``deliver`` in order, Done is returned.
 
-    ``ack`` checks the receipt in Done and returns our signature over it.
+    ``ack`` checks the receipt in Done and returns the Ack to send (paid mode: with
+    the usage acknowledgement), or just our signature over the receipt.
     Raises :class:`Refused` (the provider's Error frame), RemoteProtocolError
     (a tampered, replayed or malformed frame: nothing of it is delivered),
     NetworkError on timeouts and broken streams. Any early exit resets the
@@ -106,8 +107,12 @@ async def request(
             if isinstance(event, Chunk):
                 await deliver(event)
             elif isinstance(event, Done):
+                answer = ack(event)
+                if isinstance(answer, bytes):
+                    answer = Ack(signature=answer)
+                frame = machine.ack(answer.signature, answer.used_until, answer.usage_signature)
                 with trio.move_on_after(cfg.ack_wait_s):
-                    await send(stream, machine, machine.ack(ack(event)))
+                    await send(stream, machine, frame)
                     await close_quietly(stream)
                 finished = True
                 return event
@@ -134,7 +139,9 @@ Run = Callable[[InferOpen, Request, Emit], Awaitable[Done]]
 """Generate a request, emitting text as it comes; returns the Done to send."""
 
 OnAck = Callable[[InferOpen, Done, Ack | None], None]
-"""The consumer's Ack of a Done (None if it never came)."""
+"""The consumer's Ack of a Done (None if it never came). Called once for every Done
+``Run`` returned, even one the stream could not deliver: a provider that counts
+unacknowledged answers must hear of each."""
 
 
 async def serve_infer(
@@ -182,16 +189,18 @@ class _Generation:
         self._pending = trio.Event()
         self._ack: Ack | None = None
         self._acked = trio.Event()
+        self._done: Done | None = None  # what run returned, delivered or not
         # Set once we refused mid-request: the machine is in ERROR, and the
         # consumer's reaction (a reset) is no concern of the watcher's.
         self._refused = False
 
     async def run(self, opened: InferOpen, message: Request, run: Run, on_ack: OnAck) -> None:
-        done: Done | None = None
-        with single_errors_ungrouped():
-            done = await self._generate(opened, message, run)
-        if done is not None:
-            on_ack(opened, done, self._ack)
+        try:
+            with single_errors_ungrouped():
+                await self._generate(opened, message, run)
+        finally:
+            if self._done is not None:
+                on_ack(opened, self._done, self._ack)
         await close_quietly(self._stream)
 
     async def _generate(self, opened: InferOpen, message: Request, run: Run) -> Done | None:
@@ -200,7 +209,7 @@ class _Generation:
             nursery.start_soon(self._watch, nursery.cancel_scope)
             nursery.start_soon(self._flusher)
             try:
-                done = await run(opened, message, self._emit)
+                done = self._done = await run(opened, message, self._emit)
             except RequestRefused as exc:
                 error = Error(code=int(exc.code), message=str(exc)[:200])
                 self._refused = True

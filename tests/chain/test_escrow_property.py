@@ -6,9 +6,13 @@ After every step the contract holds exactly the stakes the model says; after
 every open and close, the parties' balances and the contract's totals are exact
 (escrowed = paid + refunded + the stakes still held); at the end, with every
 session closed and every provider gone, each balance is, and the accounts hold
-the token's whole supply, to the wei. Every session settles at exactly price x
-min(elapsed, duration), read from the timestamps of the blocks that opened and
-closed it. Drawn on purpose: stakes
+the token's whole supply, to the wei. Every session settles exactly by the
+rules, read from the timestamps of the blocks that opened and closed it: its
+consumer closing before the end pays price x elapsed; its provider claiming
+with the consumer's acknowledgement is paid price x (min(usedUntil, end,
+claim) - opened), and with none, or a forged one (another signer, another
+session, another usedUntil: refused), nothing; after the end plus the claim
+window anyone closes it, paying 0, and nobody may claim. Drawn on purpose: stakes
 buying more than the longest session (once a silent uint64 wrap that stranded
 them), prices up to 2^128, providers leaving and coming back (their old bids
 stay dead), and a stranger squatting model names with GGUF hashes of its own.
@@ -23,7 +27,7 @@ from functools import cache
 
 import pytest
 from eth_account.signers.local import LocalAccount
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -34,7 +38,7 @@ from hypothesis.stateful import (
 )
 from web3.types import TxParams
 
-from p2pnode.chain.client import Tx, model_key
+from p2pnode.chain.client import CLAIM_WINDOW_S, Tx, model_key
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.errors import ChainError
 
@@ -47,6 +51,7 @@ GGUFS = (None, "aa" * 32, "bb" * 32)
 WHALE = 2**220  # each consumer's extra tokens: room for any stake drawn below
 LONGEST = 365 * 24 * 3600  # Marketplace.MAX_SESSION_SECONDS
 MARGIN_S = 30  # the next block's time may run ahead of the last one's, with the wall clock
+FAR_AHEAD_S = 50 * 365 * 24 * 3600  # the chain's clock, ahead of the wall clock (see _start)
 
 PRICES = st.one_of(st.integers(1, 10**15), st.integers(1, 2**128))
 SECONDS = st.one_of(st.integers(1, 500), st.just(LONGEST))
@@ -69,9 +74,17 @@ class Start:
 
 @cache
 def _start() -> Start:
-    """Whales, and allowances given once so that an open is one transaction."""
+    """Whales, and allowances given once so that an open is one transaction; the
+    chain's clock far ahead of the wall clock.
+
+    eth-tester stamps a block with the wall clock, or its parent's time plus a
+    second if that is later. Far ahead, every block is its parent plus a second:
+    the chain's clock no longer depends on how fast this machine runs, so an
+    example replays exactly (hypothesis replays to shrink, and a rule whose
+    outcome followed the wall clock would make its data generation flaky)."""
     net = open_embedded()
     chain = net.chain
+    net.time_travel(FAR_AHEAD_S)
     for who in CONSUMERS:
         chain.mint(net.accounts[0], net.accounts[who].address, WHALE)
     for who in ACCOUNTS:
@@ -192,11 +205,33 @@ class Market(RuleBasedStateMachine):
         )
 
     def _close(self, session_id: bytes, closer: int) -> None:
+        """Close without an acknowledgement: the consumer before the end pays elapsed
+        time; from the end plus the claim window, anyone, paying 0."""
         held = self.open.pop(session_id)
         tx = self.chain.close_session(self._account(closer), session_id)
         closed_at = self._block_time(tx)
-        paid = held.price * (min(closed_at, held.ends_at) - held.opened_at)
+        if closed_at >= held.ends_at + CLAIM_WINDOW_S:
+            paid = 0
+        else:
+            assert closer == held.consumer
+            assert closed_at < held.ends_at
+            paid = held.price * (closed_at - held.opened_at)
         assert tx.value == (paid, held.stake - paid)
+        self._settled(held, paid, closed_at)
+
+    def _claim(self, session_id: bytes, used_until: int, signature: bytes) -> None:
+        """The provider claims with an acknowledgement the consumer signed (or none)."""
+        held = self.open.pop(session_id)
+        tx = self.chain.claim_session(
+            self._account(held.provider), session_id, used_until, signature
+        )
+        claimed_at = self._block_time(tx)
+        assert claimed_at < held.ends_at + CLAIM_WINDOW_S
+        paid = held.price * max(0, min(used_until, held.ends_at, claimed_at) - held.opened_at)
+        assert tx.value == (paid, held.stake - paid)
+        self._settled(held, paid, claimed_at)
+
+    def _settled(self, held: Held, paid: int, closed_at: int) -> None:
         self._move(None, held.provider, paid)
         self._move(None, held.consumer, held.stake - paid)
         self.paid += paid
@@ -340,33 +375,122 @@ class Market(RuleBasedStateMachine):
             self._open(bid_id, dead.provider, consumer, 10**30, 2**128)
         assert not self.chain.bid(bid_id).live
 
+    # The chain's clock follows the wall clock, which differs when hypothesis
+    # replays an example: what a rule draws, and its preconditions, must not depend
+    # on it (or the data generation is flaky). Rules draw first, then look at the
+    # clock (through _window) to know what to expect.
+
+    def _window(self, held: Held) -> str:
+        """Where the next block falls for a session: "running" (before its end),
+        "claims" (its provider's claim window), "over" (after it), or "near" (too close
+        to a boundary to tell: the next block's time runs ahead of the last one's)."""
+        closable_at = held.ends_at + CLAIM_WINDOW_S
+        if self.clock >= closable_at:
+            return "over"
+        if self.clock + MARGIN_S < held.ends_at:
+            return "running"
+        if held.ends_at <= self.clock and self.clock + MARGIN_S < closable_at:
+            return "claims"
+        return "near"
+
     @precondition(lambda self: self.open)
-    @rule(data=st.data(), by=st.sampled_from(("consumer", "provider")))
-    def close(self, data: st.DataObject, by: str) -> None:
-        """The consumer or the provider may close at any time."""
+    @rule(data=st.data())
+    def consumer_closes(self, data: st.DataObject) -> None:
+        """The consumer closes before the end (paying elapsed time), or after the window
+        (paying 0); in between, the session is its provider's to claim."""
         session_id = data.draw(st.sampled_from(sorted(self.open)))
         held = self.open[session_id]
-        self._close(session_id, held.consumer if by == "consumer" else held.provider)
+        window = self._window(held)
+        event(f"consumer closes: {window}")
+        if window in ("running", "over"):
+            self._close(session_id, held.consumer)
+        elif window == "claims":
+            closable = _error("NotClosableYet", closableAt=held.ends_at + CLAIM_WINDOW_S)
+            with pytest.raises(ChainError, match=closable):
+                self.chain.close_session(self._account(held.consumer), session_id)
 
     @precondition(lambda self: self.open)
     @rule(data=st.data())
-    def stranger_closes_after_the_end(self, data: st.DataObject) -> None:
-        """Anyone may close a session that has ended (the clock moves there first)."""
+    def provider_closes(self, data: st.DataObject) -> None:
+        """A provider's close would pay it nothing: refused until the window is over."""
         session_id = data.draw(st.sampled_from(sorted(self.open)))
-        if (ends_at := self.open[session_id].ends_at) > self.clock:
-            self.time_travel(ends_at - self.clock)
+        held = self.open[session_id]
+        window = self._window(held)
+        event(f"provider closes: {window}")
+        if window == "over":
+            self._close(session_id, held.provider)
+        elif window != "near":
+            with pytest.raises(ChainError, match=_error("ProviderMustClaim")):
+                self.chain.close_session(self._account(held.provider), session_id)
+
+    @precondition(lambda self: self.open)
+    @rule(
+        data=st.data(),
+        used=st.one_of(st.integers(-5, 600), st.just(LONGEST + 10)),
+        ack=st.sampled_from(("signed", "none", "other signer", "other session", "other time")),
+    )
+    def provider_claims(self, data: st.DataObject, used: int, ack: str) -> None:
+        """The provider claims with the consumer's acknowledgement of ``used`` seconds
+        (or none, or a forged one), inside the window or after it."""
+        session_id = data.draw(st.sampled_from(sorted(self.open)))
+        held = self.open[session_id]
+        signer = data.draw(st.sampled_from((held.provider, STRANGER)))
+        others = [sid for sid in sorted(self.open) if sid != session_id]
+        other = data.draw(st.sampled_from([*others, secrets.token_bytes(32)]))
+        window = self._window(held)
+        event(f"provider claims: {window}, {ack}")
+        if window == "near":
+            return
+        used_until = max(0, held.opened_at + used)
+        consumer, provider = self._account(held.consumer), self._account(held.provider)
+        if ack == "none":
+            used_until, signature = 0, b""
+        elif ack == "signed":
+            signature = self.chain.sign_usage(consumer, session_id, used_until)
+        elif ack == "other signer":
+            signature = self.chain.sign_usage(self._account(signer), session_id, used_until)
+        elif ack == "other session":
+            signature = self.chain.sign_usage(consumer, other, used_until)
+        else:  # signed for a second less than claimed
+            signature = self.chain.sign_usage(consumer, session_id, used_until - 1)
+        if window == "over":
+            closed_at = _error("ClaimWindowClosed", closedAt=held.ends_at + CLAIM_WINDOW_S)
+            with pytest.raises(ChainError, match=closed_at):
+                self.chain.claim_session(provider, session_id, used_until, signature)
+        elif ack in ("signed", "none") or used_until <= held.opened_at:
+            # Nothing acknowledged after the open needs no signature; anything else
+            # needs the consumer's, for this session and this usedUntil.
+            self._claim(session_id, used_until, signature)
+        else:
+            with pytest.raises(ChainError, match=_error("BadUsage")):
+                self.chain.claim_session(provider, session_id, used_until, signature)
+        stranger = self._account(STRANGER)
+        if session_id in self.open and window != "over":
+            with pytest.raises(ChainError, match=_error("NotProvider")):
+                self.chain.claim_session(stranger, session_id, used_until, signature)
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def stranger_closes_after_the_window(self, data: st.DataObject) -> None:
+        """Anyone may close a session whose claim window is over (the clock moves there
+        first): its provider did not claim it, and is paid 0."""
+        session_id = data.draw(st.sampled_from(sorted(self.open)))
+        closable_at = self.open[session_id].ends_at + CLAIM_WINDOW_S
+        if closable_at > self.clock:
+            self.time_travel(closable_at - self.clock)
         self._close(session_id, STRANGER)
 
-    @precondition(lambda self: any(h.ends_at > self.clock + MARGIN_S for h in self.open.values()))
+    @precondition(lambda self: self.open)
     @rule(data=st.data())
     def stranger_closes_too_early(self, data: st.DataObject) -> None:
-        running = sorted(sid for sid, h in self.open.items() if h.ends_at > self.clock + MARGIN_S)
-        session_id = data.draw(st.sampled_from(running))
-        ends_at = self.open[session_id].ends_at
-        with pytest.raises(ChainError, match=_error("NotYetEnded", endsAt=ends_at)):
+        session_id = data.draw(st.sampled_from(sorted(self.open)))
+        closable_at = self.open[session_id].ends_at + CLAIM_WINDOW_S
+        if closable_at <= self.clock + MARGIN_S:
+            return  # not early enough to be sure (the clock is not drawn: see _window)
+        with pytest.raises(ChainError, match=_error("NotClosableYet", closableAt=closable_at)):
             self.chain.close_session(self._account(STRANGER), session_id)
 
-    @rule(seconds=st.one_of(st.integers(1, 400), st.just(LONGEST + 1)))
+    @rule(seconds=st.one_of(st.integers(1, 400), st.just(CLAIM_WINDOW_S), st.just(LONGEST + 1)))
     def time_travel(self, seconds: int) -> None:
         self.net.time_travel(seconds)
         self.clock = self.chain.now()
@@ -386,9 +510,19 @@ class Market(RuleBasedStateMachine):
         self.clock = self.chain.now()
 
     def teardown(self) -> None:
-        """Nothing stays locked: every session ends, anyone closes it, every provider leaves."""
+        """Nothing stays locked: every other session still open is claimed by its
+        provider with an acknowledgement of a few seconds (if its window is open),
+        the rest end, anyone closes them (paying 0), every provider leaves."""
         try:
-            self.net.time_travel(LONGEST + 1)
+            for n, session_id in enumerate(sorted(self.open)):
+                opened = self.open[session_id]
+                if n % 2 == 0 and self._window(opened) in ("running", "claims"):
+                    used_until = opened.opened_at + 7
+                    ack = self.chain.sign_usage(
+                        self._account(opened.consumer), session_id, used_until
+                    )
+                    self._claim(session_id, used_until, ack)
+            self.net.time_travel(LONGEST + CLAIM_WINDOW_S + 1)
             self.clock = self.chain.now()
             for session_id in sorted(self.open):
                 self._close(session_id, STRANGER)

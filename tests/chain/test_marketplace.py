@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from eth_account.signers.local import LocalAccount
 
-from p2pnode.chain.client import Chain, model_key
+from p2pnode.chain.client import CLAIM_WINDOW_S, Chain, model_key
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, TOKEN, Embedded, open_embedded
 from p2pnode.errors import ChainError
 
@@ -75,6 +75,7 @@ def test_provider_registration_update_and_deregistration(net: Embedded) -> None:
         (lambda c, a: c.post_bid(a, "m", PRICE), "NotRegistered()"),
         (lambda c, a: c.delete_bid(a, bytes(32)), "UnknownBid()"),
         (lambda c, a: c.close_session(a, bytes(32)), "SessionNotOpen()"),
+        (lambda c, a: c.claim_session(a, bytes(32), 0, b""), "SessionNotOpen()"),
     ],
 )
 def test_reverts_before_registration(net: Embedded, action: object, error: str) -> None:
@@ -154,26 +155,175 @@ def test_a_session_pays_for_seconds_used_and_refunds_the_rest(net: Embedded) -> 
         chain.close_session(consumer, session_id)
 
 
-def test_after_its_end_anyone_closes_and_the_provider_gets_the_whole_stake(
+def _block_time(chain: Chain, tx_hash: str) -> int:
+    number = chain.w3.eth.get_transaction_receipt(tx_hash)["blockNumber"]  # type: ignore[arg-type]
+    return int(chain.w3.eth.get_block(number)["timestamp"])
+
+
+def _closable(net: Embedded, session_id: bytes) -> str:
+    closable_at = net.chain.session(session_id).ends_at + CLAIM_WINDOW_S
+    return rf"NotClosableYet\(closableAt={closable_at}\)"
+
+
+def test_an_unclaimed_session_pays_nothing_and_anyone_closes_it_after_the_window(
+    net: Embedded,
+) -> None:
+    """A provider that holds no acknowledgement (it served nothing) is paid nothing,
+    and the stake comes back once the claim window has passed: none is stranded."""
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer, stranger = net.accounts[2], net.accounts[5]
+    p0, c0 = chain.balance(provider.address), chain.balance(consumer.address)
+    session_id = _open(net, provider, bid, consumer, 10 * PRICE)
+    assert chain.claim_window() == CLAIM_WINDOW_S
+    with pytest.raises(ChainError, match=_closable(net, session_id)):
+        chain.close_session(stranger, session_id)
+    net.time_travel(20)  # past its end: the window is the provider's, not anyone's
+    for who in (stranger, consumer):
+        with pytest.raises(ChainError, match=_closable(net, session_id)):
+            chain.close_session(who, session_id)
+    with pytest.raises(ChainError, match=r"ProviderMustClaim\(\)"):
+        chain.close_session(provider, session_id)
+    net.time_travel(CLAIM_WINDOW_S)
+    assert chain.close_session(stranger, session_id).value == (0, 10 * PRICE)
+    assert chain.balance(provider.address) == p0
+    assert chain.balance(consumer.address) == c0
+    assert chain.totals() == (10 * PRICE, 0, 10 * PRICE)
+    chain.deregister_provider(provider)  # nothing open any more
+
+
+def test_the_provider_is_paid_exactly_the_acknowledged_seconds(net: Embedded) -> None:
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer = net.accounts[2]
+    p0, c0 = chain.balance(provider.address), chain.balance(consumer.address)
+    session_id = _open(net, provider, bid, consumer, 100 * PRICE)
+    held = chain.session(session_id)
+    used_until = held.opened_at + 37
+    ack = chain.sign_usage(consumer, session_id, used_until)
+    assert chain.usage_signer(session_id, used_until, ack) == consumer.address
+    net.time_travel(60)
+    paid, refunded = chain.claim_session(provider, session_id, used_until, ack).value
+    assert (paid, refunded) == (37 * PRICE, 63 * PRICE)
+    assert not chain.session(session_id).open
+    assert chain.balance(provider.address) == p0 + 37 * PRICE
+    assert chain.balance(consumer.address) == c0 - 37 * PRICE
+    assert chain.totals() == (100 * PRICE, 37 * PRICE, 63 * PRICE)
+    with pytest.raises(ChainError, match=r"SessionNotOpen\(\)"):
+        chain.claim_session(provider, session_id, used_until, ack)
+
+
+def test_an_acknowledgement_is_capped_by_the_end_and_by_the_claims_block(net: Embedded) -> None:
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer = net.accounts[2]
+    # A consumer acknowledging past its session's end pays for the session, no more.
+    ended = _open(net, provider, bid, consumer, 10 * PRICE)
+    far = chain.session(ended).opened_at + 10_000
+    net.time_travel(30)
+    ack = chain.sign_usage(consumer, ended, far)
+    assert chain.claim_session(provider, ended, far, ack).value == (10 * PRICE, 0)
+    # An acknowledgement of time still to come pays only up to the claim's block.
+    running = _open(net, provider, bid, consumer, 100 * PRICE)
+    opened_at = chain.session(running).opened_at
+    ack = chain.sign_usage(consumer, running, opened_at + 90)
+    tx = chain.claim_session(provider, running, opened_at + 90, ack)
+    claimed_at = _block_time(chain, tx.tx_hash)
+    paid, refunded = tx.value
+    assert paid == PRICE * (claimed_at - opened_at) < 90 * PRICE
+    assert paid + refunded == 100 * PRICE
+
+
+def test_a_claim_with_a_forged_acknowledgement_is_refused(net: Embedded) -> None:
+    """The attack: a provider claims more time than its consumer acknowledged."""
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer, other = net.accounts[2], net.accounts[3]
+    session_id = _open(net, provider, bid, consumer, 100 * PRICE)
+    another = _open(net, provider, bid, consumer, 100 * PRICE)
+    used_until = chain.session(session_id).opened_at + 10
+    net.time_travel(50)
+    honest = chain.sign_usage(consumer, session_id, used_until)
+    forgeries = {
+        "signed by the provider": chain.sign_usage(provider, session_id, used_until + 30),
+        "signed by another wallet": chain.sign_usage(other, session_id, used_until),
+        "for another session": chain.sign_usage(consumer, another, used_until),
+        "junk": b"\x01" * 65,
+        "none": b"",
+    }
+    for what, signature in forgeries.items():
+        with pytest.raises(ChainError, match=r"BadUsage\(\)"):
+            chain.claim_session(provider, session_id, used_until, signature)
+        assert chain.usage_signer(session_id, used_until, signature) != consumer.address, what
+    # The consumer's signature of 10 seconds does not pay for 40.
+    with pytest.raises(ChainError, match=r"BadUsage\(\)"):
+        chain.claim_session(provider, session_id, used_until + 30, honest)
+    # Only the provider claims, and with the real acknowledgement it is paid for it.
+    for who in (consumer, other):
+        with pytest.raises(ChainError, match=r"NotProvider\(\)"):
+            chain.claim_session(who, session_id, used_until, honest)
+    assert chain.claim_session(provider, session_id, used_until, honest).value == (
+        10 * PRICE,
+        90 * PRICE,
+    )
+
+
+def test_a_provider_refunds_a_session_by_claiming_nothing(net: Embedded) -> None:
+    provider, bid = _provider(net)
+    session_id = _open(net, provider, bid, net.accounts[2], 50 * PRICE)
+    net.time_travel(5)
+    with pytest.raises(ChainError, match=r"ProviderMustClaim\(\)"):
+        net.chain.close_session(provider, session_id)
+    assert net.chain.claim_session(provider, session_id, 0, b"").value == (0, 50 * PRICE)
+
+
+def test_the_claim_window_closes(net: Embedded) -> None:
+    """After its end plus the window a session is anyone's to close, paying 0; the
+    provider's acknowledgement came too late."""
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer = net.accounts[2]
+    session_id = _open(net, provider, bid, consumer, 10 * PRICE)
+    held = chain.session(session_id)
+    ack = chain.sign_usage(consumer, session_id, held.opened_at + 5)
+    net.time_travel(10 + CLAIM_WINDOW_S)
+    closed_at = held.ends_at + CLAIM_WINDOW_S
+    with pytest.raises(ChainError, match=rf"ClaimWindowClosed\(closedAt={closed_at}\)"):
+        chain.claim_session(provider, session_id, held.opened_at + 5, ack)
+    assert chain.close_session(consumer, session_id).value == (0, 10 * PRICE)
+
+
+def test_the_consumer_closing_early_pays_the_elapsed_seconds_and_no_more_after_its_end(
     net: Embedded,
 ) -> None:
     chain = net.chain
     provider, bid = _provider(net)
-    consumer, stranger = net.accounts[2], net.accounts[5]
-    session_id = _open(net, provider, bid, consumer, 10 * PRICE)
-    with pytest.raises(ChainError, match=r"NotYetEnded\(endsAt="):
-        chain.close_session(stranger, session_id)
-    net.time_travel(3600)
-    assert chain.close_session(stranger, session_id).value == (10 * PRICE, 0)
-    chain.deregister_provider(provider)  # nothing open any more
+    consumer = net.accounts[2]
+    early = _open(net, provider, bid, consumer, 100 * PRICE)
+    net.time_travel(20)
+    tx = chain.close_session(consumer, early)
+    closed_at = _block_time(chain, tx.tx_hash)
+    assert tx.value[0] == PRICE * (closed_at - chain.session(early).opened_at)
+    # From its end on, the session is the provider's to claim: the consumer waits.
+    late = _open(net, provider, bid, consumer, 10 * PRICE)
+    net.time_travel(30)
+    with pytest.raises(ChainError, match=_closable(net, late)):
+        chain.close_session(consumer, late)
 
 
-def test_the_provider_may_close_early(net: Embedded) -> None:
-    provider, bid = _provider(net)
-    session_id = _open(net, provider, bid, net.accounts[2], 50 * PRICE)
-    paid, refunded = net.chain.close_session(provider, session_id).value
-    assert paid + refunded == 50 * PRICE
-    assert refunded >= 48 * PRICE
+def test_the_local_usage_digest_is_the_contracts(net: Embedded) -> None:
+    from eth_account.messages import _hash_eip191_message, encode_typed_data
+
+    from p2pnode.chain.client import _USAGE_TYPES
+
+    chain = net.chain
+    for session_id, used_until in ((bytes(32), 0), (secrets.token_bytes(32), 2**64 - 1)):
+        local = encode_typed_data(
+            domain_data=chain._domain(),
+            message_types=_USAGE_TYPES,
+            message_data={"sessionId": session_id, "usedUntil": used_until},
+        )
+        assert _hash_eip191_message(local) == chain.usage_digest(session_id, used_until)
 
 
 def test_approvals_are_single_use_bound_to_the_consumer_and_expire(net: Embedded) -> None:
@@ -349,7 +499,7 @@ def test_a_deregistered_providers_bids_stay_dead_when_it_registers_again(net: Em
     assert new != bid
     assert chain.live_bid(provider.address, "m") == new
     session_id = _open(net, provider, new, consumer, 10 * PRICE)
-    assert sum(chain.close_session(provider, session_id).value) == 10 * PRICE
+    assert sum(chain.claim_session(provider, session_id, 0, b"").value) == 10 * PRICE
 
 
 # --- durations and totals: nothing wraps, nothing is stranded --------------------------
@@ -382,7 +532,13 @@ def test_the_longest_session_opens_and_settles(net: Embedded) -> None:
     held = chain.session(session_id)
     assert held.ends_at - held.opened_at == longest
     net.time_travel(longest + 1)
-    assert chain.close_session(stranger, session_id).value == (price * longest, price - 1)
+    ack = chain.sign_usage(consumer, session_id, held.ends_at)
+    with pytest.raises(ChainError, match=r"NotProvider\(\)"):
+        chain.claim_session(stranger, session_id, held.ends_at, ack)
+    assert chain.claim_session(provider, session_id, held.ends_at, ack).value == (
+        price * longest,
+        price - 1,
+    )
     chain.deregister_provider(provider)
 
 

@@ -17,7 +17,7 @@ import requests
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from p2pnode.chain.client import AsyncChain
+from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.errors import NoProviderError
 from p2pnode.inference.engine import Params, Request
@@ -104,9 +104,7 @@ async def test_a_session_closed_on_chain_is_not_served_again(paid: Paid) -> None
         await paid.consumer.generate(_request(4), _nothing)
     (session_id,) = paid.consumer_market.open
     consumer_account = paid.embedded.accounts[2]
-    await trio.to_thread.run_sync(
-        paid.embedded.chain.close_session, consumer_account, session_id
-    )
+    await trio.to_thread.run_sync(paid.embedded.chain.close_session, consumer_account, session_id)
     requests_before = paid.provider.provider.stats["requests"]  # type: ignore[union-attr]
     with trio.fail_after(BOUND_S):
         outcome = await paid.consumer.generate(_request(4), _nothing)
@@ -151,28 +149,39 @@ async def test_a_generation_stops_when_its_session_closes_on_chain(paid: Paid) -
     assert paid.provider_market.counters["closed_early"] == 1
 
 
-async def test_a_provider_that_takes_the_stake_and_refuses_is_not_paid_for_it(
+async def _after_the_claim_window(paid: Paid, session_id: bytes) -> None:
+    """Move the chain past the session's end plus the claim window, and settle."""
+    chain = paid.embedded.chain
+    paid.embedded.time_travel(chain.session(session_id).ends_at - chain.now() + CLAIM_WINDOW_S)
+    with trio.fail_after(BOUND_S):
+        await paid.consumer_market.close_all()
+
+
+async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     paid: Paid, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The attack: a provider rejects every session after the consumer opened
-    # it on chain. It used to be paid until the idle close, session after session.
+    # The attack: a provider rejects every session after the consumer opened it
+    # on chain. It used to be paid until the idle close, session after session,
+    # then the seconds until the consumer's close at once: now exactly nothing.
     async def reject(*_args: object) -> RejectCode:
         return RejectCode.BAD_SESSION
 
     monkeypatch.setattr(paid.provider_market, "confirm", reject)
     chain = paid.embedded.chain
-    provider_addr = paid.embedded.accounts[1].address
-    before = chain.balance(provider_addr)
+    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
+    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
     counters = paid.consumer_market.counters
     assert counters["opened"] == 1
-    # Closed at once, not at the idle close: the stake is not held ...
-    assert paid.consumer_market.open == {}
-    (session_id,) = chain.sessions_of(paid.embedded.accounts[2].address)
-    assert not chain.session(session_id).open
-    # ... and the provider got the seconds of one block at most.
-    assert chain.balance(provider_addr) - before <= PRICE
+    (session_id,) = chain.sessions_of(consumer_addr)
+    stake = chain.session(session_id).stake
+    # Not closed early (that would pay the thief the seconds since the open): left
+    # in escrow, no longer used, and still counted against the spend limit.
+    assert chain.session(session_id).open
+    assert not paid.consumer_market.usable(session_id)
+    assert paid.consumer_market.held() == stake
+    assert counters["left_unserved"] == 1
     # It is remembered: no second session is opened with it.
     standing = paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time())
     assert standing is not None
@@ -181,6 +190,140 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_not_paid_for_it(
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
     assert counters["opened"] == 1
+    # Stopping before the claim window has passed leaves it in escrow (logged) ...
+    with trio.fail_after(BOUND_S):
+        await paid.consumer_market.close_all()
+    assert chain.session(session_id).open
+    # ... and once it has passed, the consumer closes it: the thief gained nothing.
+    await _after_the_claim_window(paid, session_id)
+    assert not chain.session(session_id).open
+    assert chain.balance(provider_addr) == p0
+    assert chain.balance(consumer_addr) == c0
+    assert paid.consumer_market.held() == 0
+    assert (counters["closed"], counters["paid_wei"], counters["refunded_wei"]) == (1, 0, stake)
+
+
+async def test_a_provider_that_never_answers_the_opened_message_is_paid_nothing(
+    paid: Paid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The attack: take the stake, then stall. The consumer gives up after its
+    # handshake bound, and used to close at once, paying those seconds.
+    async def stall(*_args: object) -> RejectCode:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(paid.provider_market, "confirm", stall)
+    consumer = paid.consumer.consumer
+    assert consumer is not None
+    monkeypatch.setattr(consumer, "cfg", replace(consumer.cfg, handshake_s=2.0))
+    chain = paid.embedded.chain
+    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
+    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+        await paid.consumer.generate(_request(4), _nothing)
+    (session_id,) = chain.sessions_of(consumer_addr)
+    assert chain.session(session_id).open
+    assert not paid.consumer_market.usable(session_id)
+    await _after_the_claim_window(paid, session_id)
+    assert not chain.session(session_id).open
+    assert chain.balance(provider_addr) == p0
+    assert chain.balance(consumer_addr) == c0
+
+
+async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
+    paid: Paid,
+) -> None:
+    chain = paid.embedded.chain
+    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
+    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    with trio.fail_after(BOUND_S):
+        for _ in range(2):
+            await paid.consumer.generate(_request(4), _nothing)
+        while paid.provider_market.counters["acks"] < 2:  # noqa: ASYNC110 - the last Ack in flight
+            await trio.sleep(0.01)
+    (session_id,) = paid.consumer_market.open
+    held = chain.session(session_id)
+    used_until, signature = paid.provider_market.usage[session_id]
+    # What the consumer signed last is what the provider holds, in memory and on disk.
+    assert paid.consumer_market.open[session_id].used_until == used_until
+    (row,) = paid.provider_market.ledger.open_sessions("provider")
+    assert (row.used_until, row.usage_signature) == (used_until, signature)
+    assert held.opened_at < used_until < held.ends_at
+    # A claim with a forged acknowledgement (more time than was signed) is refused.
+    paid.provider_market.usage[session_id] = (used_until + 60, signature)
+    paid.embedded.time_travel(held.ends_at - chain.now() + 1)  # the session has run out
+    with trio.fail_after(BOUND_S):
+        await paid.provider_market.settle()
+    assert chain.session(session_id).open
+    assert paid.provider_market.counters["settled"] == 0
+    # With the real one, it is paid exactly the acknowledged seconds.
+    paid.provider_market.usage[session_id] = (used_until, signature)
+    with trio.fail_after(BOUND_S):
+        await paid.provider_market.settle()
+    assert not chain.session(session_id).open
+    owed = PRICE * (used_until - held.opened_at)
+    assert paid.provider_market.counters["paid_wei"] == owed
+    assert chain.balance(provider_addr) == p0 + owed
+    assert chain.balance(consumer_addr) == c0 - owed
+
+
+@pytest.mark.parametrize("ack", ["junk signature", "stale time"])
+async def test_a_consumer_that_does_not_acknowledge_gets_one_answer_per_session(
+    paid: Paid, monkeypatch: pytest.MonkeyPatch, ack: str
+) -> None:
+    # The attack: take answers and never sign for the time they took (the provider
+    # would be paid nothing). Each session then serves one answer, no more.
+    honest = paid.consumer_market.acknowledge
+
+    def cheat(session_id: bytes) -> tuple[int, bytes]:
+        used_until, signature = honest(session_id)
+        if ack == "junk signature":
+            return used_until, b"\x01" * 65
+        stale = used_until - 600
+        return stale, paid.embedded.chain.sign_usage(paid.embedded.accounts[2], session_id, stale)
+
+    monkeypatch.setattr(paid.consumer_market, "acknowledge", cheat)
+    provider = paid.provider.provider
+    assert provider is not None
+    with trio.fail_after(BOUND_S):
+        for _ in range(2):
+            outcome = await paid.consumer.generate(_request(4), _nothing)
+            assert outcome.completion_tokens == 4
+    # The second request was refused in the first session (UNACKNOWLEDGED), and
+    # served in a new one: one answer each.
+    with trio.fail_after(BOUND_S):
+        while provider.stats["bad_acks"] < 2:  # noqa: ASYNC110 - the last Ack in flight
+            await trio.sleep(0.01)
+    assert provider.stats["requests"] == 2
+    assert provider.stats["refused"] == 1
+    assert paid.consumer_market.counters["opened"] == 2
+    assert paid.provider_market.usage == {}
+
+
+async def test_an_answer_cancelled_after_its_first_tokens_ends_the_sessions_credit(
+    paid: Paid,
+) -> None:
+    # The attack: take the tokens and leave before Done, so that there is nothing
+    # to acknowledge. The provider serves nothing more in that session.
+    class Enough(Exception):
+        pass
+
+    async def leave(_text: str, _tokens: int) -> None:
+        raise Enough
+
+    provider = paid.provider.provider
+    assert provider is not None
+    with trio.fail_after(BOUND_S), pytest.raises(Enough):
+        await paid.consumer.generate(_request(10_000), leave)
+    with trio.fail_after(BOUND_S):
+        while provider.stats["unacknowledged"] == 0:  # noqa: ASYNC110 - the provider's watch
+            await trio.sleep(0.01)
+        outcome = await paid.consumer.generate(_request(4), _nothing)
+    assert outcome.completion_tokens == 4
+    assert provider.stats["refused"] == 1  # code 15 in the first session
+    assert paid.consumer_market.counters["opened"] == 2
+    # The first session was never acknowledged: left in escrow, not closed early.
+    assert paid.consumer_market.counters["left_unserved"] == 1
 
 
 async def test_a_chain_that_drops_a_connection_costs_the_provider_nothing(

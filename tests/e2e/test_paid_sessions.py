@@ -14,7 +14,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from network import BOUND_S
 
-from p2pnode.chain.client import AsyncChain
+from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.inference import openai_api
 from p2pnode.inference.engine import ChatMessage, Params, Request
@@ -151,11 +151,20 @@ async def test_an_ended_session_is_settled_by_the_provider_and_replaced(paid: Pa
     assert markets is not None
     assert provider_market is not None
     (first,) = markets.open
-    paid.embedded.time_travel(3600)
+    with trio.fail_after(BOUND_S):
+        while first not in provider_market.usage:  # noqa: ASYNC110 - the Ack in flight
+            await trio.sleep(0.01)
+    used_until, _signature = provider_market.usage[first]
+    held = paid.embedded.chain.session(first)
+    opened_at = held.opened_at
+    # Past its end, inside the claim window (the provider claims well before it closes).
+    paid.embedded.time_travel(held.ends_at - paid.embedded.chain.now() + 60)
     with trio.fail_after(BOUND_S):
         await provider_market.settle()
     assert provider_market.counters["settled"] == 1
-    assert provider_market.counters["paid_wei"] == 100 * PRICE  # the whole stake: it ran out
+    # It ran out: the provider claims what the consumer acknowledged, to the second.
+    assert provider_market.counters["paid_wei"] == PRICE * (used_until - opened_at)
+    assert 0 < used_until - opened_at < 100
     assert not paid.embedded.chain.session(first).open
     # The provider no longer serves it; the consumer notices and pays for a new one.
     with trio.fail_after(BOUND_S):
@@ -208,24 +217,47 @@ async def test_the_spend_limit_is_a_429_insufficient_quota(paid: Paid, tmp_path:
 
 
 async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_path: Path) -> None:
-    """A session in sessions.db that is still open on chain (the node died) is closed at start."""
+    """Sessions in sessions.db still open on chain (the node died): a served one is closed
+    at start; one never served is left until its end plus the claim window (paying the
+    provider nothing for it), counted against the spend limit meanwhile."""
     net = paid.embedded
     consumer, provider = net.accounts[4], net.accounts[1]
     bid = net.chain.live_bid(provider.address, MODEL)
     assert bid is not None
-    expiry, nonce = net.chain.now() + 60, secrets.token_bytes(32)
-    approval = net.chain.sign_approval(provider, bid, consumer.address, expiry, nonce)
-    net.chain.approve_token(consumer, 10 * PRICE)
-    left, _ends = net.chain.open_session(
-        consumer, bid, 10 * PRICE, PRICE, expiry, nonce, approval
-    ).value
-    cfg = _market(net, 4, tmp_path, AsyncChain(net.chain))
+    net.chain.approve_token(consumer, 20 * PRICE)
+
+    def open_one() -> bytes:
+        expiry, nonce = net.chain.now() + 60, secrets.token_bytes(32)
+        approval = net.chain.sign_approval(provider, bid, consumer.address, expiry, nonce)
+        tx = net.chain.open_session(consumer, bid, 10 * PRICE, PRICE, expiry, nonce, approval)
+        return bytes(tx.value[0])
+
+    served, unserved = open_one(), open_one()
+    cfg = _market(net, 4, tmp_path, AsyncChain(net.chain), idle_close_s=0.2)
     assert cfg.sessions_db is not None
     ledger = market.Ledger(cfg.sessions_db)
-    held = net.chain.session(left)
-    ledger.opened("consumer", paid.provider.peer_id, left, held.bid_id, held.stake, held.ends_at)
+    for left in (served, unserved):
+        held = net.chain.session(left)
+        ledger.opened(
+            "consumer", paid.provider.peer_id, left, held.bid_id, held.stake, held.ends_at
+        )
+    ledger.served(served)
     ledger.close()
-    async with open_node(NodeConfig(market=cfg), key_pair=create_new_key_pair()):
+    p0 = net.chain.balance(provider.address)
+    async with open_node(NodeConfig(market=cfg), key_pair=create_new_key_pair()) as node:
+        assert node.consumer_market is not None
         with trio.fail_after(BOUND_S):
-            while net.chain.session(left).open:  # noqa: ASYNC110 - closed at start
+            # Closed at start (the run loop's first step), its stake no longer held.
+            market_ = node.consumer_market
+            while net.chain.session(served).open or market_.held() != 10 * PRICE:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+        assert net.chain.session(unserved).open
+        assert net.chain.balance(provider.address) > p0  # the served seconds
+        p1 = net.chain.balance(provider.address)
+        ends_at = net.chain.session(unserved).ends_at
+        net.time_travel(ends_at - net.chain.now() + CLAIM_WINDOW_S)
+        with trio.fail_after(BOUND_S):
+            while node.consumer_market.held():  # noqa: ASYNC110 - the run loop's next look
+                await trio.sleep(0.05)
+        assert not net.chain.session(unserved).open
+    assert net.chain.balance(provider.address) == p1

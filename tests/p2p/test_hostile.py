@@ -21,10 +21,11 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from p2pnode.errors import NetworkError
+from p2pnode.errors import NetworkError, NoProviderError
 from p2pnode.inference.engine import Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
+from p2pnode.p2p.consumer import Config as ConsumerConfig
 from p2pnode.p2p.consumer import _wire_request
 from p2pnode.p2p.market import hello_signing_bytes
 from p2pnode.p2p.node import Node, NodeConfig, open_node
@@ -94,12 +95,15 @@ async def test_a_signed_offer_with_junk_addresses_crashes_no_node() -> None:
 # --- Sybils -----------------------------------------------------------------------
 
 
-async def test_sybils_that_refuse_everything_cannot_starve_requests() -> None:
+@pytest.mark.parametrize("try_budget_s", [60.0, 0.0])
+async def test_sybils_that_refuse_everything_cannot_starve_requests(try_budget_s: float) -> None:
     # The attack: four identities claiming to be the fastest, answering every
-    # Hello with BUSY, used up every attempt of every request.
+    # Hello with BUSY, used up every attempt of every request. With no time
+    # left to try (try_budget_s 0), a request stops after the first refusal.
     request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=8))
     async with AsyncExitStack() as stack:
-        consumer = await stack.enter_async_context(running(NodeConfig(measure_tokens=0)))
+        config = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(try_budget_s=try_budget_s))
+        consumer = await stack.enter_async_context(running(config))
         boot = (consumer.addrs[0],)
         honest = await stack.enter_async_context(
             running(NodeConfig(measure_tokens=0, bootstrap=boot), [SyntheticEngine()])
@@ -130,6 +134,10 @@ async def test_sybils_that_refuse_everything_cannot_starve_requests() -> None:
         async def deliver(text: str, _tokens: int) -> None:
             texts.append(text)
 
+        if try_budget_s == 0:
+            with pytest.raises(NoProviderError, match="gave up after 0 s of trying"):
+                await consumer.generate(request, deliver)
+            return
         with trio.fail_after(BOUND_S):
             outcomes = [await consumer.generate(request, deliver) for _ in range(3)]
         assert [o.provider for o in outcomes] == [honest.peer_id] * 3

@@ -856,7 +856,7 @@ def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
 @click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
 @click.option(
     "--scenario",
-    type=click.Choice(["discovery", "market", "relay", "fuzz"]),
+    type=click.Choice(["discovery", "market", "relay", "fuzz", "hostile"]),
     default="discovery",
     show_default=True,
 )
@@ -873,14 +873,15 @@ def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
     type=click.IntRange(1),
     default=100_000,
     show_default=True,
-    help="fuzz: hostile frames to send (one node, restarted when it dies).",
+    help="fuzz: hostile frames to send (one node, restarted when it dies); hostile: the "
+    "frames fuzz() sends to honest nodes.",
 )
 @click.option(
     "--attackers",
     type=click.IntRange(1, 64),
     default=8,
     show_default=True,
-    help="fuzz: attacking hosts.",
+    help="fuzz, hostile: attacking hosts (of each fuzz() run).",
 )
 @click.option(
     "--report",
@@ -898,7 +899,10 @@ def simnet(
     attackers: int,
     report: Path | None,
 ) -> None:
-    """Run many real nodes in this process and report how the network behaves."""
+    """Run many real nodes in this process and report how the network behaves.
+
+    The hostile scenario runs 12 peers unless --peers is given (see simnet/hostile.py).
+    """
     from p2pnode.simnet.harness import Topology
     from p2pnode.simnet.scenarios import SCENARIOS
 
@@ -909,6 +913,16 @@ def simnet(
         from p2pnode.simnet.scenarios import fuzz
 
         result = _run(lambda: fuzz(topology, frames=frames, attackers=attackers))
+    elif scenario == "hostile":
+        from dataclasses import replace
+
+        from p2pnode.simnet.hostile import PEERS, Sizes, hostile
+
+        peers_source = click.get_current_context().get_parameter_source("peer_count")
+        if peers_source is click.core.ParameterSource.DEFAULT:
+            topology = replace(topology, peers=PEERS)
+        sizes = Sizes(fuzz_frames=frames, fuzz_attackers=attackers)
+        result = _run(lambda: hostile(topology, sizes))
     else:
         result = _run(lambda: SCENARIOS[scenario](topology))
     text = json.dumps(result, indent=2)

@@ -162,6 +162,11 @@ REPLY_S: Final = 5.0
 # A worker whose attacks made no frame this many times in a row gives up on
 # its protocol (the node does not serve it, or turns every stream away).
 STALL_LIMIT: Final = 40
+# Unanswered resets of one attacker's streams taken for a ban, where the node's
+# own scores cannot be read (a worker process).
+BAN_RESETS: Final = 3
+# No frame at all for this long ends an attack (something waits without a bound).
+STALL_S: Final = 120.0
 
 
 # --- the report -----------------------------------------------------------------
@@ -214,6 +219,8 @@ class FuzzReport:
     seconds: float = 0.0  # attacking, over every node fuzzed
     wall_seconds: float = 0.0  # the whole run: start-up, triage and checks too
     node_exits: int = 0
+    # The time bound ended the attack before its frame budget was spent.
+    cut_short: bool = False
     exit_reasons: list[str] = field(default_factory=list)
     rss_before_mb: float = 0.0
     rss_after_mb: float = 0.0
@@ -247,6 +254,7 @@ class FuzzReport:
             "scenario": "fuzz",
             "fuzz_frames": self.total_frames,
             "fuzz_node_exits": self.node_exits,
+            "cut_short": self.cut_short,
             "frames_per_protocol": dict(self.frames),
             "rss_growth_mb": self.rss_growth_mb,
             "errors": list(self.errors),
@@ -523,6 +531,8 @@ class Attacker:
     session: _Session | None = None
     seq: int = field(default_factory=lambda: int(time.time() * 1000))
     retired: bool = False
+    # Streams the node reset without a word (see _Run.banned).
+    resets: int = 0
     # Why its host stopped, if it died (what the node sent it can kill it).
     death: str | None = None
 
@@ -716,10 +726,16 @@ class _Run:
         return self.rng.choice(others).peer_id if others else att.peer_id
 
     def banned(self, att: Attacker) -> bool:
-        """Whether the node bans ``att`` now (False when the node is in another process)."""
+        """Whether the node bans ``att`` now, asked after a stream it reset unanswered.
+
+        In a worker process the node's scores are out of reach: there three
+        such resets in a row of one attacker count as a ban (a node resets a
+        stream unanswered only when it refuses the peer outright).
+        """
         reputation = getattr(self.node, "reputation", None)
         if reputation is None:
-            return False
+            att.resets += 1
+            return att.resets >= BAN_RESETS
         return bool(reputation.banned(str(att.peer_id), trio.current_time()))
 
     async def rotate(self, att: Attacker) -> None:
@@ -2053,13 +2069,18 @@ async def _worker_main(spec: _Spec, results: Connection, control: Connection) ->
                     await _gossip_ready(run, att)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_until_told, control, nursery.cancel_scope)
-                nursery.start_soon(_tell_progress, results, report)
+                nursery.start_soon(_tell_progress, results, report, run)
                 await _attack(run, 0)
                 nursery.cancel_scope.cancel()
         crew.cancel_scope.cancel()
     if run is not None:
         _report_deaths(run, [*run.attackers, *run.fallen])
-    counts = {
+    await trio.to_thread.run_sync(results.send, ("done", _counts(report, run)))
+
+
+def _counts(report: FuzzReport, run: _Run | None) -> dict[str, Any]:
+    """What a worker process tells the parent (plain data)."""
+    return {
         "frames": report.frames,
         "kinds": report.kinds,
         "streams": report.streams,
@@ -2068,11 +2089,11 @@ async def _worker_main(spec: _Spec, results: Connection, control: Connection) ->
         "harness": report.harness_exceptions,
         "unserved": report.unserved,
         "issues": report.issues,
+        "errors": report.errors,
         "recent": list(run.recent) if run else [],
         "last": {p: (x.kind, x.frame, x.what) for p, x in (run.last if run else {}).items()},
         "rotated": report.attackers_rotated,
     }
-    await trio.to_thread.run_sync(results.send, ("done", counts))
 
 
 async def _until_told(control: Connection, scope: trio.CancelScope) -> None:
@@ -2082,10 +2103,16 @@ async def _until_told(control: Connection, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _tell_progress(results: Connection, report: FuzzReport) -> None:
+async def _tell_progress(results: Connection, report: FuzzReport, run: _Run) -> None:
+    """Send the counts so far every half second (all of them: a stuck worker is killed)."""
+    last, since = -1, trio.current_time()
     while True:
         await trio.sleep(0.5)
-        await trio.to_thread.run_sync(results.send, ("progress", report.total_frames))
+        if report.total_frames != last:
+            last, since = report.total_frames, trio.current_time()
+        elif trio.current_time() - since > STALL_S / 2 and not report.errors:
+            report.errors.append(f"worker stalled; here:\n{_task_dump()}")
+        await trio.to_thread.run_sync(results.send, ("progress", _counts(report, run)))
 
 
 def _receive(conn: Connection, wait_s: float) -> tuple[str, Any] | None:
@@ -2110,9 +2137,10 @@ async def _remote(run: _Run, spec: _Spec) -> None:
     process.start()
     results_child.close()
     control_child.close()
+    latest: dict[str, Any] = {}
     done = False
     try:
-        done = await _collect(run, spec, results)
+        done = await _collect(run, spec, results, latest)
     finally:
         # Shielded with its own deadline: the counts matter most when the node died.
         with trio.move_on_after(30) as scope:
@@ -2120,18 +2148,23 @@ async def _remote(run: _Run, spec: _Spec) -> None:
             if not done:
                 with contextlib.suppress(OSError):
                     control.send("stop")
-                done = await _collect(run, spec, results)
+                done = await _collect(run, spec, results, latest)
             await trio.to_thread.run_sync(process.join, 10)
         if process.is_alive():
             process.kill()
         results.close()
         control.close()
         if not done:
-            run.report.errors.append(f"worker process {spec.index} sent no counts")
+            run.report.errors.append(f"worker process {spec.index} did not finish: killed")
+            if latest:
+                _absorb(run, spec.index, latest)
 
 
-async def _collect(run: _Run, spec: _Spec, results: Connection) -> bool:
-    """Read a worker's messages until its counts arrive (True) or it is gone (False)."""
+async def _collect(run: _Run, spec: _Spec, results: Connection, latest: dict[str, Any]) -> bool:
+    """Read a worker's messages until its final counts arrive (True) or it is gone (False).
+
+    ``latest`` keeps the last counts it reported, for a worker that never finishes.
+    """
     while True:
         try:
             message = await trio.to_thread.run_sync(_receive, results, 0.2)
@@ -2139,11 +2172,13 @@ async def _collect(run: _Run, spec: _Spec, results: Connection) -> bool:
             return False
         if message is None:
             continue
-        kind, data = message
+        kind, counts = message
         if kind == "progress":
-            run.remote[spec.index] = int(data)
+            latest.clear()
+            latest.update(counts)
+            run.remote[spec.index] = sum(counts["frames"].values())
             continue
-        _absorb(run, spec.index, data)
+        _absorb(run, spec.index, counts)
         return True
 
 
@@ -2162,6 +2197,7 @@ def _absorb(run: _Run, index: int, counts: dict[str, Any]) -> None:
         for key, n in counts[name].items():
             table[key] = table.get(key, 0) + n
     report.unserved.extend(p for p in counts["unserved"] if p not in report.unserved)
+    report.errors.extend(f"worker {index}: {e}" for e in counts["errors"])
     known = {i.key for i in report.issues}
     report.issues.extend(i for i in counts["issues"] if i.key not in known)
     report.attackers_rotated += counts["rotated"]
@@ -2259,6 +2295,26 @@ def _bug_protocol(record: logging.LogRecord) -> str:
     return "?"
 
 
+def _task_dump(limit: int = 60) -> str:
+    """This process's trio tasks and where each waits (the innermost frames), for a stall."""
+    lines: list[str] = []
+    stack = [(trio.lowlevel.current_root_task(), 0)]
+    while stack and len(lines) < limit:
+        task, depth = stack.pop()
+        frames = []
+        coro: Any = task.coro
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is None:
+                break
+            frames.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        lines.append(f"{'  ' * depth}{task.name[-40:]}: {' > '.join(frames[-4:])}")
+        for nursery in task.child_nurseries:
+            stack.extend((child, depth + 1) for child in nursery.child_tasks)
+    return "\n".join(lines)
+
+
 def _count_tasks() -> int:
     """trio tasks in this process (the node's handlers among them)."""
     seen = 0
@@ -2325,8 +2381,13 @@ async def fuzz(
     burst: int = 200,
     unresponsive_s: float = 30.0,
     processes: int = 0,
+    seconds: float | None = None,
 ) -> FuzzReport:
     """Fuzz ``target`` with about ``frames`` frames from ``attackers`` hosts; report.
+
+    ``seconds`` bounds the attack itself (the checks after it come on top):
+    the report then counts the frames sent until then, and ``cut_short`` says
+    so. A caller that cancels :func:`fuzz` instead gets no report at all.
 
     ``processes`` > 0 runs the attackers in that many worker processes
     (``attackers`` hosts each), so that the node has this process's core to
@@ -2387,7 +2448,15 @@ async def fuzz(
                 model_id=models[0] if models else None,
                 rng=random.Random(seed),  # noqa: S311 - reproducible attacks, not secrets
             )
-            await _fuzz(run, prober, specs, died=died, burst=burst, unresponsive_s=unresponsive_s)
+            await _fuzz(
+                run,
+                prober,
+                specs,
+                died=died,
+                burst=burst,
+                unresponsive_s=unresponsive_s,
+                seconds=seconds,
+            )
             report.seconds = time.perf_counter() - started
             if not report.node_exits:
                 await _reproduce_bugs(run, tap)
@@ -2406,7 +2475,8 @@ async def fuzz(
     _report_bugs(run, tap)
     _report_deaths(run, [*run.attackers, *run.fallen, prober])
     for protocol in PROTOCOLS:
-        if report.frames[protocol] == 0 and protocol not in report.unserved and alive:
+        unreached = report.frames[protocol] == 0 and protocol not in report.unserved
+        if unreached and alive and not report.cut_short:
             report.errors.append(f"no {protocol} frame reached the node")
     if report.node_exits:
         report.errors.extend(f"node exit: {r.splitlines()[0]}" for r in report.exit_reasons)
@@ -2421,8 +2491,9 @@ async def _fuzz(
     died: trio.Event | None,
     burst: int,
     unresponsive_s: float,
+    seconds: float | None = None,
 ) -> None:
-    """Measure, attack until the budget is spent or the node dies, measure again."""
+    """Measure, attack until the budget or the time is spent or the node dies, measure again."""
     report, target = run.report, run.node
     assert target is not None
     for att in run.attackers:
@@ -2437,7 +2508,9 @@ async def _fuzz(
     report.rss_samples_mb.append((report.total_frames, report.rss_before_mb))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch, run, prober, died, unresponsive_s, nursery.cancel_scope)
-        await _attack(run, burst, specs)
+        with trio.move_on_after(math.inf if seconds is None else seconds) as bound:
+            await _attack(run, burst, specs)
+        report.cut_short = bound.cancelled_caught
         nursery.cancel_scope.cancel()
     if not report.node_exits:
         await trio.sleep(1.0)  # handlers still finishing the last streams
@@ -2491,7 +2564,9 @@ async def _worker(run: _Run, protocol: str, pool: _Pool, worker: int) -> None:
         if protocol in run.report.unserved:
             return
         for dead in [a for a in run.attackers if a.death is not None]:
-            await run.rotate(dead)  # what the node sent it killed it; carry on
+            # What the node sent it killed it: carry on with a fresh one.
+            with trio.move_on_after(OPEN_S * 3), contextlib.suppress(P2PNodeError, *_QUIET):
+                await run.rotate(dead)
         live = [a for a in run.attackers if not a.retired]
         if protocol == "offers":
             live = [a for a in live if a.pubsub is not None]
@@ -2626,13 +2701,27 @@ async def _watch(
     unresponsive_s: float,
     attack: trio.CancelScope,
 ) -> None:
-    """Declare the node dead (and stop the attack) on any sign of it."""
-    last_ok = last_log = trio.current_time()
+    """Declare the node dead (and stop the attack) on any sign of it.
+
+    Also ends an attack that made no frame for ``STALL_S`` (an unbounded wait
+    somewhere): the report then says so, with where this process's tasks wait.
+    """
+    last_ok = last_log = last_step = trio.current_time()
+    last_frames = run.progress()
     reason = ""
     while not reason:
-        if trio.current_time() - last_log >= 10:
-            last_log = trio.current_time()
+        now = trio.current_time()
+        if now - last_log >= 10:
+            last_log = now
             logger.info("fuzz: %d frames sent so far", run.progress())
+        if run.progress() != last_frames:
+            last_frames, last_step = run.progress(), now
+        elif now - last_step > STALL_S:
+            run.report.errors.append(
+                f"the attack stalled: no frame for {STALL_S:g} s; here:\n{_task_dump()}"
+            )
+            attack.cancel()
+            return
         if died is not None and died.is_set():
             reason = "an exception escaped open_node"
         elif run.node is not None and _nursery_dead(run.node):

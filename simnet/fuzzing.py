@@ -1,0 +1,249 @@
+"""Fuzzing the honest nodes of a running simnet with :func:`fuzz.fuzz`, one after another.
+
+:func:`fuzz.campaign` fuzzes fresh nodes of its own; here the targets are
+nodes of a network that serves honest users meanwhile. Several targets are
+fuzzed at once (``lanes``: :func:`fuzz.fuzz` mostly waits on its target's
+reactions), in rounds of ``round_frames`` frames, until ``frames`` are sent or
+``seconds`` have passed. A round cancelled from outside would lose its count
+(:func:`fuzz.fuzz` reports only when it returns), so it is told to stop
+attacking in time to run its checks and report.
+A target that dies is replaced by the next one; as :func:`fuzz.campaign`
+does, the kind that killed it is found by :func:`fuzz.triage` (on a fresh
+node of its own, within ``triage_s``) and skipped from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+
+import trio
+
+from p2pnode.p2p.host import short
+from p2pnode.simnet import fuzz as fuzzlib
+from p2pnode.simnet.roster import Member
+
+# What fuzz() needs after its attack (status, the node's tables, its attackers
+# stopping): a round's attack ends this long before the time bound.
+CHECKS_S = 15.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """How much fuzzing, on how many targets at once."""
+
+    frames: int
+    seconds: float
+    round_frames: int = 10_000
+    lanes: int = 1
+    attackers: int = 8
+    # Worker processes fuzz() runs its attackers in (the node's side stays
+    # here): on 2 cores, one moves their work off the core every node shares.
+    processes: int = 1
+    triage_s: float = 120.0
+    seed: int = 0
+
+
+@dataclass
+class Fuzzed:
+    """What the fuzzing sent, round by round, and what it found."""
+
+    rounds: list[fuzzlib.FuzzReport] = field(default_factory=list)
+    crashes: list[fuzzlib.Issue] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    # Rounds the time bound cut short (their frames until then are counted).
+    cut_short: int = 0
+    # ``protocol/kind`` attacks skipped after they killed a target.
+    skip: set[str] = field(default_factory=set)
+
+    @property
+    def frames(self) -> int:
+        return sum(r.total_frames for r in self.rounds)
+
+    @property
+    def exits(self) -> int:
+        return sum(r.node_exits for r in self.rounds)
+
+
+async def fuzz_in_turn(targets: Sequence[Member], cfg: Config, out: Fuzzed) -> None:
+    """Fuzz ``targets`` (in order, ``cfg.lanes`` at once) until the budget or the time is spent.
+
+    Targets already dead are passed over. Returns when every lane has run out
+    of budget, time or targets; never raises for what a target does.
+    """
+    pending = list(targets)
+    deadline = trio.current_time() + cfg.seconds
+    reserved = 0
+
+    def next_target() -> Member | None:
+        while pending:
+            member = pending.pop(0)
+            if not member.ended.is_set():
+                out.targets.append(f"{member.role} {short(member.node.peer_id)}")
+                return member
+        return None
+
+    async def lane() -> None:
+        nonlocal reserved
+        member = next_target()
+        while member is not None and trio.current_time() < deadline:
+            budget = min(cfg.round_frames, cfg.frames - out.frames - reserved)
+            if budget <= 0:
+                return
+            # fuzz() itself stops attacking in time to run its checks and
+            # report: a round cancelled from outside would lose its count.
+            left = deadline - trio.current_time() - CHECKS_S
+            if left <= 0:
+                return
+            reserved += budget
+            try:
+                report = await fuzzlib.fuzz(
+                    member.node,
+                    attackers=cfg.attackers,
+                    frames=budget,
+                    seed=cfg.seed + len(out.rounds) + len(out.targets),
+                    died=member.died,
+                    skip=frozenset(out.skip),
+                    processes=cfg.processes,
+                    seconds=left,
+                )
+            finally:
+                reserved -= budget
+            out.cut_short += report.cut_short
+            out.rounds.append(report)
+            if not report.node_exits:
+                if report.total_frames == 0:
+                    return  # nothing reaches it any more
+                continue
+            with trio.move_on_after(5):
+                await member.ended.wait()
+            await _triage(report, member, cfg, out)
+            member = next_target()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(cfg.lanes):
+            nursery.start_soon(lane)
+
+
+async def _triage(report: fuzzlib.FuzzReport, member: Member, cfg: Config, out: Fuzzed) -> None:
+    """Find the kind that killed ``member`` and skip it (as :func:`fuzz.campaign` does)."""
+    with trio.move_on_after(cfg.triage_s) as bound:
+        crash = await fuzzlib.triage(report.recent_kinds, member.failure, seed=cfg.seed)
+    if bound.cancelled_caught or crash is None:
+        return
+    out.crashes.append(crash)
+    out.skip.add(f"{crash.protocol}/{crash.kind}")
+    # One offer kind kills through either path: skip it on both.
+    if crash.protocol == "offers" or crash.kind.startswith("publish:"):
+        offer_kind = crash.kind.split(":", 1)[-1]
+        out.skip |= {f"offers/{offer_kind}", f"gossip/publish:{offer_kind}"}
+
+
+# --- an honest node of the network, fuzzed in a process of its own ------------------
+
+
+async def fuzz_joined(bootstrap: tuple[str, ...], cfg: Config, out: Fuzzed) -> None:
+    """Fuzz an honest node that joins the network through ``bootstrap``, in its own process.
+
+    Every node of a simnet shares one event loop: fuzzing one of them at full
+    rate starves all the others (and their rate caps the fuzzing's). As any
+    real node does, this one runs in an OS process of its own (its attackers
+    in another, :func:`fuzz.fuzz`'s ``processes``): it joins the network
+    (DHT, gossip, relay service on, free mode: the fuzzer's honest chat needs
+    no chain), so what the fuzzer makes it say reaches the honest nodes.
+    A node that dies is replaced by a fresh one until the frames or the time
+    are spent; the kinds of the frames that came last are in the report.
+    """
+    deadline = trio.current_time() + cfg.seconds
+    while out.frames < cfg.frames:
+        left = deadline - trio.current_time() - CHECKS_S
+        if left <= 0:
+            return
+        spec = _Joined(
+            bootstrap=bootstrap,
+            frames=cfg.frames - out.frames,
+            seconds=left,
+            attackers=cfg.attackers,
+            processes=cfg.processes,
+            seed=cfg.seed + len(out.rounds),
+            skip=frozenset(out.skip),
+        )
+        report = await _in_process(spec, left + CHECKS_S * 4)
+        if report is None:
+            out.cut_short += 1
+            return
+        out.targets.append(f"joined {report.engine}")
+        out.cut_short += report.cut_short
+        out.rounds.append(report)
+        if report.node_exits:
+            out.skip |= set(report.recent_kinds[:1])  # the likeliest culprit
+        elif report.total_frames == 0:
+            return
+
+
+@dataclass(frozen=True, slots=True)
+class _Joined:
+    bootstrap: tuple[str, ...]
+    frames: int
+    seconds: float
+    attackers: int
+    processes: int
+    seed: int
+    skip: frozenset[str]
+
+
+async def _in_process(spec: _Joined, bound_s: float) -> fuzzlib.FuzzReport | None:
+    """Run :func:`_joined_main` in a spawned process; its report, or None if it never came."""
+    ctx = multiprocessing.get_context("spawn")
+    results, results_child = ctx.Pipe(duplex=False)
+    # Not a daemon: fuzz() in there starts its attackers' worker process.
+    process = ctx.Process(target=_joined_process, args=(spec, results_child), name="fuzzed-node")
+    process.start()
+    results_child.close()
+    try:
+        deadline = trio.current_time() + bound_s
+        while trio.current_time() < deadline:
+            if await trio.to_thread.run_sync(results.poll, 0.5):
+                report: fuzzlib.FuzzReport = await trio.to_thread.run_sync(results.recv)
+                return report
+            if not process.is_alive():
+                return None
+        return None
+    except (EOFError, OSError):
+        return None
+    finally:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 30):
+            await trio.to_thread.run_sync(process.join, 20)
+        if process.is_alive():
+            process.kill()
+        results.close()
+
+
+def _joined_process(spec: _Joined, results: Connection) -> None:
+    import libp2p  # noqa: F401 - its import resets its logger (trap 10): quiet it after
+
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    logging.getLogger("p2pnode").setLevel(logging.CRITICAL)
+    report = trio.run(_joined_main, spec)
+    results.send(report)
+
+
+async def _joined_main(spec: _Joined) -> fuzzlib.FuzzReport:
+    config = replace(fuzzlib.target_config(), bootstrap=spec.bootstrap)
+    async with fuzzlib.open_target(config) as target:
+        report = await fuzzlib.fuzz(
+            target.node,
+            attackers=spec.attackers,
+            frames=spec.frames,
+            seed=spec.seed,
+            died=target.exited,
+            skip=spec.skip,
+            processes=spec.processes,
+            seconds=spec.seconds,
+        )
+    if target.failure:
+        report.exit_reasons.append(target.failure)
+    return report

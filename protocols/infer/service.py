@@ -54,6 +54,8 @@ class Config:
     # Provider: how long a consumer has to send its request, and its Ack.
     request_wait_s: float = 10.0
     ack_wait_s: float = 10.0
+    # Provider: the longest one frame may wait for the consumer to read.
+    write_s: float = 30.0
     max_frame: int = PROMPT_MAX_FRAME
     batching: BatchConfig = field(default_factory=BatchConfig)
 
@@ -214,18 +216,32 @@ class _Generation:
                 error = Error(code=int(exc.code), message=str(exc)[:200])
                 self._refused = True
                 async with self._write_lock:
-                    await send(self._stream, self._machine, self._machine.send_error(error))
+                    await self._write(self._machine.send_error(error))
                 nursery.cancel_scope.cancel()
                 return None
             # What is still batched, then Done, in one hold of the lock: a
             # batch the flusher took cannot land after Done.
             async with self._write_lock:
                 await self._send_pending()
-                await send(self._stream, self._machine, self._machine.done(done))
+                await self._write(self._machine.done(done))
             with trio.move_on_after(self._cfg.ack_wait_s):
                 await self._acked.wait()
             nursery.cancel_scope.cancel()
         return done
+
+    async def _write(self, data: bytes) -> None:
+        """Send one frame; a consumer that takes nothing for ``write_s`` has left."""
+        try:
+            with trio.fail_after(self._cfg.write_s):
+                await send(self._stream, self._machine, data)
+        except trio.TooSlowError as exc:
+            # A consumer that stops reading would otherwise hold a generation
+            # slot (and, in free mode, cost nothing) for as long as it likes.
+            self._machine.send_failed()
+            await reset_quietly(self._stream)
+            raise BrokenStreamError(
+                f"the consumer read nothing for {self._cfg.write_s:g} s"
+            ) from exc
 
     async def _emit(self, text: str, tokens: int) -> None:
         batch = self._batcher.add(text, tokens, trio.current_time())
@@ -257,7 +273,7 @@ class _Generation:
 
     async def _send_chunk(self, batch: Batch) -> None:
         if self._machine.state is State.STREAMING:  # not after an Error or Done
-            await send(self._stream, self._machine, self._machine.chunk(batch.text, batch.tokens))
+            await self._write(self._machine.chunk(batch.text, batch.tokens))
 
     async def _watch(self, generation: trio.CancelScope) -> None:
         """Read what the consumer sends while we generate: its Ack, or its leaving."""

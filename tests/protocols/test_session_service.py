@@ -8,10 +8,11 @@ import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from p2pnode.errors import ErrorCode, RemoteProtocolError
+from p2pnode.errors import BrokenStreamError, ErrorCode, RemoteProtocolError
+from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine as InferConsumer
 from p2pnode.protocols.infer.machine import ProviderMachine as InferProvider
-from p2pnode.protocols.infer.messages import InferOpen, Request
+from p2pnode.protocols.infer.messages import Done, InferOpen, Request
 from p2pnode.protocols.session import service
 from p2pnode.protocols.session.messages import Approve, Hello, RejectCode
 
@@ -171,3 +172,40 @@ async def test_a_relayed_free_mode_session_is_refused() -> None:
     assert isinstance(at_consumer, service.Rejected)
     assert at_consumer.code == RejectCode.BAD_SESSION
     assert at_provider is None
+
+
+async def test_a_consumer_that_stops_reading_loses_its_request_after_the_write_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A consumer that asks, then never reads, used to hold the provider's
+    # generation (a slot, free of charge in free mode) for as long as it liked.
+    consumer, provider = await _handshake(mallory=None, chain=False)
+    assert isinstance(consumer, service.Established)
+    assert provider is not None
+    left, right = trio.testing.lockstep_stream_pair()  # a write waits for the reader
+    c_end, p_end = _Stream(left), _Stream(right)
+    cfg = infer_service.Config(write_s=30.0)
+    machine = InferConsumer(cfg.max_frame, consumer.keys, consumer.session_id, 1)
+    generated = 0
+
+    async def generate(_opened: InferOpen, _request: Request, emit: infer_service.Emit) -> Done:
+        nonlocal generated
+        while True:
+            await emit(" tok", 1)
+            generated += 1
+            await trio.sleep(0.01)
+
+    async def ask() -> None:
+        await c_end.write(machine.open(REQUEST))  # and then reads nothing
+
+    async def serve() -> None:
+        with pytest.raises(BrokenStreamError, match="read nothing for 30 s"):
+            await infer_service.serve_infer(p_end, lambda _o: keys, generate, lambda *_: None, cfg)
+
+    keys = provider.keys
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await serve()
+    assert trio.current_time() - started < 31
+    assert generated < 4_000  # the generation stopped with the write

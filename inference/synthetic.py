@@ -60,6 +60,10 @@ class SyntheticEngine:
     @staticmethod
     async def _emit(count: int, send: trio.MemorySendChannel[Chunk]) -> None:
         async with send:
-            for _ in range(count):
-                await send.send(Chunk(WORD, 1))
-            await send.send(Chunk("", 0, "length", Usage(prompt_tokens=1, completion_tokens=count)))
+            try:
+                for _ in range(count):
+                    await send.send(Chunk(WORD, 1))
+                done = Chunk("", 0, "length", Usage(prompt_tokens=1, completion_tokens=count))
+                await send.send(done)
+            except trio.BrokenResourceError:
+                return  # the reader stopped early (a paused or abandoned answer)

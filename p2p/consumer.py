@@ -53,7 +53,7 @@ from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
-from p2pnode.protocols.infer.messages import Ack, Chunk, Done, Request, Turn
+from p2pnode.protocols.infer.messages import PAUSED, Ack, Chunk, Done, Request, Turn
 from p2pnode.protocols.offers import Offer
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import MAX_STREAM_ID, SessionKeys
@@ -250,9 +250,13 @@ class Consumer:
         # A paid session that ended under us may be reopened once per request.
         reopened: set[str] = set()
         last_error = "no provider offers this model"
-        started = trio.current_time()
+        # The try budget counts time without progress: tokens delivered start it anew.
+        trying_since, progress = trio.current_time(), 0
+        paused_with: str | None = None  # the provider that paused the answer, if one did
         while failures < self.cfg.max_attempts and len(tried) < self.cfg.max_providers:
-            if tried and trio.current_time() - started > self.cfg.try_budget_s:
+            if produced > progress:
+                trying_since, progress = trio.current_time(), produced
+            if tried and trio.current_time() - trying_since > self.cfg.try_budget_s:
                 last_error = f"{last_error}; gave up after {self.cfg.try_budget_s:g} s of trying"
                 break
             left = request.params.max_tokens - produced
@@ -264,8 +268,12 @@ class Consumer:
             if not candidates:
                 break
             peer = candidates[0].peer_id
+            if paused_with in {c.peer_id for c in candidates}:
+                peer = paused_with
+            paused = peer == paused_with
+            paused_with = None
             tried.add(peer)
-            if delivered:
+            if delivered and not paused:
                 failovers += 1
                 self.counters["failovers"] += 1
             wire = _wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
@@ -327,8 +335,14 @@ class Consumer:
                 failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 continue
             self.reputation.served(peer, trio.current_time())
+            if done.finish_reason == PAUSED and produced < request.params.max_tokens:
+                # A paid provider paused to have the answer so far acknowledged
+                # (done): the same provider continues it in a new request.
+                paused_with = peer
+                tried.discard(peer)
+                continue
             return Outcome(
-                done.finish_reason,
+                "length" if done.finish_reason == PAUSED else done.finish_reason,
                 max(0, done.prompt_tokens - before),
                 before + done.completion_tokens,
                 peer,

@@ -21,6 +21,7 @@ with ``UNACKNOWLEDGED``, so what a consumer can take unpaid is one answer
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,7 @@ from p2pnode.p2p.market import ProviderMarket, hello_signed_by_wallet
 from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.infer import service as infer_service
-from p2pnode.protocols.infer.messages import Ack, Done, InferOpen, Receipt, Request
+from p2pnode.protocols.infer.messages import PAUSED, Ack, Done, InferOpen, Receipt, Request
 from p2pnode.protocols.infer.replay import ReplayWindow
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import SessionKeys
@@ -82,6 +83,11 @@ class Config:
     # Requests running at once in one session: a session is paid per second,
     # not per slot, so one must not take every slot for the price of one.
     max_requests_per_session: int = 4
+    # Paid: an answer pauses after this long (finish reason "paused"); the
+    # consumer acknowledges it, as any answer, and asks for the rest in a new
+    # request. Without it one answer that is never acknowledged could run
+    # for the whole session, and the provider claim nothing for it.
+    pause_unacked_s: float = 30.0
     # A session nobody used for this long is forgotten (its consumer opens a
     # new one; the receipt so far stays in the log).
     session_idle_s: float = 3600.0
@@ -105,6 +111,9 @@ class ServedSession:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     active: int = 0
+    # Streams admitted into the session (counted from InferOpen, before any
+    # wait): the bound on requests at once, which waits cannot race past.
+    admitted: int = 0
     # The latest receipt the consumer countersigned (its Ack signature).
     acked: tuple[Receipt, bytes] | None = None
     paid: bool = False
@@ -278,22 +287,29 @@ class Provider:
 
     async def serve_infer(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
-        await infer_service.serve_infer(
-            stream,
-            lambda opened: self._lookup(peer, opened),
-            self._run,
-            self._on_ack,
-            self.cfg.infer,
-        )
+        admitted: list[ServedSession] = []
+        try:
+            await infer_service.serve_infer(
+                stream,
+                lambda opened: self._lookup(peer, opened, admitted),
+                self._run,
+                self._on_ack,
+                self.cfg.infer,
+            )
+        finally:
+            for session in admitted:
+                session.admitted -= 1
 
-    def _lookup(self, peer: str, opened: InferOpen) -> SessionKeys | Error:
+    def _lookup(
+        self, peer: str, opened: InferOpen, admitted: list[ServedSession]
+    ) -> SessionKeys | Error:
         session = self.sessions.get(opened.session_id)
         if session is None or session.peer != peer:
             # Another peer naming someone's session learns nothing either way.
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="no such session")
         if self.market is not None and not self.market.serving(opened.session_id):
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="the paid session has ended")
-        if session.active >= self.cfg.max_requests_per_session:
+        if session.admitted >= self.cfg.max_requests_per_session:
             self.stats["refused"] += 1
             return Error(code=ErrorCode.BUSY, message="too many requests at once in the session")
         if not session.streams.accept(opened.stream_id):
@@ -302,6 +318,8 @@ class Provider:
         if not self._rate.allow(peer, trio.current_time()):
             self.stats["refused"] += 1
             return Error(code=ErrorCode.RATE_LIMITED, message="too many requests")
+        session.admitted += 1
+        admitted.append(session)
         return session.keys
 
     async def _run(self, opened: InferOpen, request: Request, emit: infer_service.Emit) -> Done:
@@ -352,7 +370,7 @@ class Provider:
         produced = 0
         usage: enginelib.Usage | None = None
         finish = "cancelled"
-        ended = False
+        ended = paused = False
         try:
             # The watcher's nursery is ours alone: an engine error leaves it as
             # itself, not in a group, so the refusal below reaches the consumer.
@@ -369,6 +387,13 @@ class Provider:
                             nursery.cancel_scope.cancel()
 
                         nursery.start_soon(stop_at_end)
+                    # Paused between chunks, never inside a write (a frame cut
+                    # short would break the stream).
+                    pause_at = (
+                        trio.current_time() + self.cfg.pause_unacked_s
+                        if market is not None and session.paid
+                        else math.inf
+                    )
                     async with engine.stream(_engine_request(request)) as chunks:
                         async for chunk in chunks:
                             if chunk.text:
@@ -376,6 +401,9 @@ class Provider:
                                 await emit(chunk.text, chunk.tokens)
                             if chunk.finish_reason is not None:
                                 finish, usage = chunk.finish_reason, chunk.usage
+                            elif trio.current_time() >= pause_at:
+                                paused = True
+                                break
                     nursery.cancel_scope.cancel()
         except EngineBusy as exc:
             self.stats["refused"] += 1
@@ -384,6 +412,10 @@ class Provider:
             self.stats["refused"] += 1
             raise infer_service.RequestRefused(ErrorCode.INTERNAL, str(exc)) from exc
         finally:
+            if paused and not ended and usage is None:
+                # An answer to acknowledge, like any: the consumer asks for the rest.
+                finish = PAUSED
+                usage = enginelib.Usage(prompt_tokens=0, completion_tokens=produced)
             # Metered even when cancelled: the provider did the work.
             session.active -= 1
             session.requests += 1

@@ -14,6 +14,10 @@ from p2pnode.protocols.wire import Codec, Error, Message, signing_payload
 
 RECEIPT_DOMAIN: Final = b"p2pnode/receipt/1:"
 
+PAUSED: Final = "paused"
+"""Done's finish reason when a paid provider stops an answer to have it acknowledged:
+the consumer acknowledges it and asks for the rest in a new request (continuation)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InferOpen(Message):
@@ -81,7 +85,7 @@ class Done(Message):
     """P→C, sealed: the request ended; this request's usage and the session's receipt."""
 
     TYPE: ClassVar[str] = "infer.done"
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "cancelled" or PAUSED
     prompt_tokens: int
     completion_tokens: int
     receipt: Receipt

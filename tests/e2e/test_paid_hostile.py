@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import requests
 import trio
+import trio.lowlevel
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.errors import NoProviderError
 from p2pnode.inference.engine import Params, Request
-from p2pnode.inference.synthetic import SyntheticEngine
+from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import market
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.p2p.reputation import Offence
@@ -265,6 +266,31 @@ async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
     assert paid.provider_market.counters["paid_wei"] == owed
     assert chain.balance(provider_addr) == p0 + owed
     assert chain.balance(consumer_addr) == c0 - owed
+
+
+async def test_a_long_answer_pauses_to_be_acknowledged_and_goes_on(paid: Paid) -> None:
+    # Without pauses one answer could run for the whole session and never be
+    # acknowledged: the provider would claim nothing for it.
+    provider = paid.provider.provider
+    assert provider is not None
+    provider.cfg = replace(provider.cfg, pause_unacked_s=0.2)
+    texts: list[str] = []
+
+    async def deliver(text: str, _tokens: int) -> None:
+        texts.append(text)
+        await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(BOUND_S):
+        outcome = await paid.consumer.generate(_request(30_000), deliver)
+        while paid.provider_market.counters["acks"] < provider.stats["requests"]:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert "".join(texts) == WORD * 30_000
+    assert (outcome.finish_reason, outcome.completion_tokens) == ("length", 30_000)
+    assert outcome.failovers == 0
+    # Several requests in one session, each acknowledged; none refused.
+    assert provider.stats["requests"] >= 2
+    assert provider.stats["unacknowledged"] == 0
+    assert len(paid.consumer_market.open) == 1
 
 
 @pytest.mark.parametrize("ack", ["junk signature", "stale time"])

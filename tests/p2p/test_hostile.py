@@ -21,7 +21,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from p2pnode.errors import NetworkError, NoProviderError
+from p2pnode.errors import ErrorCode, NetworkError, NoProviderError
 from p2pnode.inference.engine import Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
@@ -32,8 +32,9 @@ from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers, session, status
 from p2pnode.protocols.infer import service as infer_service
+from p2pnode.protocols.infer.messages import InferOpen
 from p2pnode.protocols.session import service as session_service
-from p2pnode.protocols.wire import encode_frame
+from p2pnode.protocols.wire import Error, encode_frame
 from p2pnode.simnet.harness import Topology, open_simnet
 
 BOUND_S = 30
@@ -338,6 +339,30 @@ def test_sessions_with_a_request_running_are_never_evicted() -> None:
     assert not provider._make_room("busy", now=10.0)
     assert not provider._make_room("other", now=10.0)
     assert len(provider.sessions) == 2
+
+
+async def test_requests_at_once_in_a_session_are_counted_before_any_wait() -> None:
+    # The attack: K InferOpens at once all saw no request running (the count
+    # went up only after reading the request and the chain), so K answers ran
+    # before the first acknowledgement.
+    provider = providerlib.Provider(
+        providerlib.Config(max_requests_per_session=2),
+        [],
+        create_new_key_pair().private_key,
+        lambda _m: None,
+    )
+    held = _served("peer", 0, last_used=0.0)
+    provider.sessions[held.session_id] = held
+    admitted: list[providerlib.ServedSession] = []
+    answers = [
+        provider._lookup("peer", InferOpen(session_id=held.session_id, stream_id=n), admitted)
+        for n in (1, 2, 3)
+    ]
+    assert not isinstance(answers[0], Error)
+    assert not isinstance(answers[1], Error)
+    assert isinstance(answers[2], Error)
+    assert answers[2].code == ErrorCode.BUSY
+    assert held.admitted == 2
 
 
 # --- DHT records --------------------------------------------------------------------------

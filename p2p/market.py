@@ -135,6 +135,26 @@ async def settling_time(chain: AsyncChain) -> int:
     return max(await chain.run(chain.sync.now), int(time.time()))
 
 
+async def check_contract(chain: AsyncChain) -> None:
+    """At start: the Marketplace is one that pays by acknowledged time, with our window.
+
+    A node pointed at an older deployment would have every claim revert, and
+    leave unserved sessions to a close that pays elapsed time.
+    """
+    try:
+        window = await chain.run(chain.sync.claim_window)
+    except ChainError as exc:
+        raise ChainError(
+            f"cannot read the Marketplace's CLAIM_WINDOW ({exc}): a deployment from "
+            "before acknowledged-time billing, or no chain; redeploy the contracts"
+        ) from exc
+    if window != CLAIM_WINDOW_S:
+        raise ConfigError(
+            f"the Marketplace's claim window is {window} s, this node's {CLAIM_WINDOW_S} s: "
+            "a different contract version"
+        )
+
+
 def approval_nonce(hello_nonce: bytes, approve_nonce: bytes) -> bytes:
     """The 32-byte nonce of the on-chain approval: both handshake nonces, hashed."""
     return hashlib.sha256(b"p2pnode/approval/1:" + hello_nonce + approve_nonce).digest()

@@ -672,6 +672,9 @@ async def open_node(
                     await nursery.start(control.serve, config.control_socket, node._control)
                 if node.discovery is not None:
                     await nursery.start(node.discovery.run)
+                market_cfg = config.market
+                if market_cfg is not None:
+                    await marketlib.check_contract(market_cfg.chain)
                 if node.provider_market is not None:
                     node.provider_market.served = tuple(m.model_id for m in node.models)
                     node.provider_market.on_bids_changed = lambda: node.set_models(node.models)

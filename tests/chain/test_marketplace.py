@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from eth_account.signers.local import LocalAccount
 
-from p2pnode.chain.client import CLAIM_WINDOW_S, Chain, model_key
+from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, Chain, model_key
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, TOKEN, Embedded, open_embedded
 from p2pnode.errors import ChainError
+from p2pnode.p2p.market import check_contract
 
 PRICE = 10**15  # per second
 PEER = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
@@ -562,3 +564,11 @@ def test_life_long_totals_wrap_rather_than_stop_the_market(net: Embedded) -> Non
     assert escrowed == (escrowed0 + moved) % 2**256
     assert (escrowed - escrowed0) % 2**256 == (paid - paid0 + refunded - refunded0) % 2**256
     assert chain.balance(chain.market.address) == MIN_PROVIDER_STAKE
+
+
+async def test_a_node_refuses_a_marketplace_without_acknowledged_time(net: Embedded) -> None:
+    # A node pointed at an older deployment would see every claim revert.
+    await check_contract(AsyncChain(net.chain))
+    elsewhere = replace(net.chain.deployment, marketplace=net.chain.deployment.token)
+    with pytest.raises(ChainError, match="redeploy"):
+        await check_contract(AsyncChain(Chain(net.chain.w3, elsewhere)))

@@ -37,6 +37,10 @@ async def test_relay_scenario_reaches_private_providers_through_the_relay() -> N
     assert len(report["relayed_tokens_per_s"]) == len(report["direct_tokens_per_s"]) == 2
     assert report["relayed_tokens_per_s_ratio"] > 0
     assert report["relayed_capacity_ratio"] > 0
-    # The hole-punching consumer upgraded its one relayed connection.
-    assert (report["dcutr_upgrades"], report["dcutr_failed"]) == (1, 0)
+    # The hole-punching consumer upgraded its one relayed connection, unless
+    # py-libp2p's own dials had already connected the two directly (loopback
+    # makes a "private" node dialable; tests/p2p/test_relay.py and the NAT
+    # namespace test assert the upgrade itself).
+    assert report["dcutr_failed"] == 0
+    assert report["dcutr_upgrades"] + report["dcutr_direct_without_upgrade"] == 1
     assert report["upgraded_capacity_ratio"] > 0

@@ -1,30 +1,25 @@
-"""Fuzzing the honest nodes of a running simnet with :func:`fuzz.fuzz`, one after another.
+"""Fuzzing an honest node of a running simnet with :func:`fuzz.fuzz`.
 
-:func:`fuzz.campaign` fuzzes fresh nodes of its own; here the targets are
-nodes of a network that serves honest users meanwhile. Several targets are
-fuzzed at once (``lanes``: :func:`fuzz.fuzz` mostly waits on its target's
-reactions), in rounds of ``round_frames`` frames, until ``frames`` are sent or
-``seconds`` have passed. A round cancelled from outside would lose its count
-(:func:`fuzz.fuzz` reports only when it returns), so it is told to stop
-attacking in time to run its checks and report.
-A target that dies is replaced by the next one; as :func:`fuzz.campaign`
-does, the kind that killed it is found by :func:`fuzz.triage` (on a fresh
-node of its own, within ``triage_s``) and skipped from then on.
+:func:`fuzz.campaign` fuzzes fresh nodes of its own, alone; here the target
+joins a network that serves honest users (the hostile scenario), and runs in
+an OS process of its own, as every real node does: in the simnet's process,
+fuzzing one node at full rate starved all the others (and they capped it at
+a few frames a second). :func:`fuzz.fuzz` is told to stop attacking in time
+to run its checks and report (a round cancelled from outside would lose its
+count). A node that dies is replaced by a fresh one until the frames or the
+time are spent.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
 import trio
 
-from p2pnode.p2p.host import short
 from p2pnode.simnet import fuzz as fuzzlib
-from p2pnode.simnet.roster import Member
 
 # What fuzz() needs after its attack (status, the node's tables, its attackers
 # stopping): a round's attack ends this long before the time bound.
@@ -33,17 +28,14 @@ CHECKS_S = 15.0
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    """How much fuzzing, on how many targets at once."""
+    """How much fuzzing, and with how many attackers."""
 
     frames: int
     seconds: float
-    round_frames: int = 10_000
-    lanes: int = 1
     attackers: int = 8
     # Worker processes fuzz() runs its attackers in (the node's side stays
     # here): on 2 cores, one moves their work off the core every node shares.
     processes: int = 1
-    triage_s: float = 120.0
     seed: int = 0
 
 
@@ -66,80 +58,6 @@ class Fuzzed:
     @property
     def exits(self) -> int:
         return sum(r.node_exits for r in self.rounds)
-
-
-async def fuzz_in_turn(targets: Sequence[Member], cfg: Config, out: Fuzzed) -> None:
-    """Fuzz ``targets`` (in order, ``cfg.lanes`` at once) until the budget or the time is spent.
-
-    Targets already dead are passed over. Returns when every lane has run out
-    of budget, time or targets; never raises for what a target does.
-    """
-    pending = list(targets)
-    deadline = trio.current_time() + cfg.seconds
-    reserved = 0
-
-    def next_target() -> Member | None:
-        while pending:
-            member = pending.pop(0)
-            if not member.ended.is_set():
-                out.targets.append(f"{member.role} {short(member.node.peer_id)}")
-                return member
-        return None
-
-    async def lane() -> None:
-        nonlocal reserved
-        member = next_target()
-        while member is not None and trio.current_time() < deadline:
-            budget = min(cfg.round_frames, cfg.frames - out.frames - reserved)
-            if budget <= 0:
-                return
-            # fuzz() itself stops attacking in time to run its checks and
-            # report: a round cancelled from outside would lose its count.
-            left = deadline - trio.current_time() - CHECKS_S
-            if left <= 0:
-                return
-            reserved += budget
-            try:
-                report = await fuzzlib.fuzz(
-                    member.node,
-                    attackers=cfg.attackers,
-                    frames=budget,
-                    seed=cfg.seed + len(out.rounds) + len(out.targets),
-                    died=member.died,
-                    skip=frozenset(out.skip),
-                    processes=cfg.processes,
-                    seconds=left,
-                )
-            finally:
-                reserved -= budget
-            out.cut_short += report.cut_short
-            out.rounds.append(report)
-            if not report.node_exits:
-                if report.total_frames == 0:
-                    return  # nothing reaches it any more
-                continue
-            with trio.move_on_after(5):
-                await member.ended.wait()
-            await _triage(report, member, cfg, out)
-            member = next_target()
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(cfg.lanes):
-            nursery.start_soon(lane)
-
-
-async def _triage(report: fuzzlib.FuzzReport, member: Member, cfg: Config, out: Fuzzed) -> None:
-    """Find the kind that killed ``member`` and skip it (as :func:`fuzz.campaign` does)."""
-    with trio.move_on_after(cfg.triage_s) as bound:
-        crash = await fuzzlib.triage(report.recent_kinds, member.failure, seed=cfg.seed)
-    if bound.cancelled_caught or crash is None:
-        return
-    out.crashes.append(crash)
-    out.skip.add(f"{crash.protocol}/{crash.kind}")
-    # One offer kind kills through either path: skip it on both.
-    if crash.protocol == "offers" or crash.kind.startswith("publish:"):
-        offer_kind = crash.kind.split(":", 1)[-1]
-        out.skip |= {f"offers/{offer_kind}", f"gossip/publish:{offer_kind}"}
 
 
 # --- an honest node of the network, fuzzed in a process of its own ------------------
@@ -178,6 +96,7 @@ async def fuzz_joined(bootstrap: tuple[str, ...], cfg: Config, out: Fuzzed) -> N
         out.targets.append(f"joined {report.engine}")
         out.cut_short += report.cut_short
         out.rounds.append(report)
+        out.crashes.extend(report.issues)  # what fuzz() found: exits, peer deaths, bugs
         if report.node_exits:
             out.skip |= set(report.recent_kinds[:1])  # the likeliest culprit
         elif report.total_frames == 0:

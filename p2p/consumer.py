@@ -81,6 +81,10 @@ class Config:
     # (the answer in progress, if any, goes on): a dozen providers that each
     # stall to just within the handshake bound cannot hold a request for minutes.
     try_budget_s: float = 60.0
+    # A provider that answered busy is asked again once every other has been
+    # tried, after a pause that doubles from the first to the last of these
+    # (all within try_budget_s): a full provider frees a slot within seconds.
+    busy_backoff_s: tuple[float, float] = (0.25, 4.0)
     # A provider may stream at most this many tokens more than asked for
     # (batching and stop sequences round up), and this many bytes per token.
     token_slack: int = 16
@@ -253,10 +257,17 @@ class Consumer:
         # The try budget counts time without progress: tokens delivered start it anew.
         trying_since, progress = trio.current_time(), 0
         paused_with: str | None = None  # the provider that paused the answer, if one did
+        # Providers that answered busy, asked again once no other is left;
+        # each counts as a refusal once per request, however often it is asked.
+        busy: set[str] = set()
+        busy_counted: set[str] = set()
+        backoff = self.cfg.busy_backoff_s[0]
+        attempts = 0
         while failures < self.cfg.max_attempts and len(tried) < self.cfg.max_providers:
             if produced > progress:
                 trying_since, progress = trio.current_time(), produced
-            if tried and trio.current_time() - trying_since > self.cfg.try_budget_s:
+            spent = trio.current_time() - trying_since
+            if attempts and spent > self.cfg.try_budget_s:
                 last_error = f"{last_error}; gave up after {self.cfg.try_budget_s:g} s of trying"
                 break
             left = request.params.max_tokens - produced
@@ -266,13 +277,21 @@ class Consumer:
             if only is not None:
                 candidates = [c for c in candidates if c.peer_id in only]
             if not candidates:
-                break
+                if not busy:
+                    break
+                # Everyone left is busy: wait for a slot, then ask them again.
+                await trio.sleep(min(backoff, max(0.0, self.cfg.try_budget_s - spent)))
+                backoff = min(backoff * 2, self.cfg.busy_backoff_s[1])
+                tried -= busy
+                busy.clear()
+                continue
             peer = candidates[0].peer_id
             if paused_with in {c.peer_id for c in candidates}:
                 peer = paused_with
             paused = peer == paused_with
             paused_with = None
             tried.add(peer)
+            attempts += 1
             if delivered and not paused:
                 failovers += 1
                 self.counters["failovers"] += 1
@@ -286,6 +305,11 @@ class Consumer:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == ErrorCode.RATE_LIMITED:
                     limited += 1
+                elif exc.code == ErrorCode.BUSY:
+                    busy.add(peer)
+                    if peer not in busy_counted:
+                        busy_counted.add(peer)
+                        await self._offence(peer, request.model_id, Offence.REFUSED, exc)
                 elif (
                     exc.code in _REOPEN_CODES
                     and peer not in reopened
@@ -321,6 +345,11 @@ class Consumer:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == session.RejectCode.RATE_LIMITED:
                     limited += 1
+                elif exc.code == session.RejectCode.BUSY:
+                    busy.add(peer)
+                    if peer not in busy_counted:
+                        busy_counted.add(peer)
+                        await self._offence(peer, request.model_id, Offence.REFUSED, exc)
                 else:
                     offence = _offence_of_rejection(exc.code)
                     await self._offence(peer, request.model_id, offence, exc)

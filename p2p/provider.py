@@ -155,6 +155,7 @@ class Provider:
         # Counters a user (and the tests) can read: what happened to requests.
         self.stats: dict[str, int] = {
             "sessions": 0,
+            "sessions_refused": 0,
             "requests": 0,
             "cancelled": 0,
             "refused": 0,
@@ -181,9 +182,12 @@ class Provider:
         def decide(hello: Hello) -> RejectCode | None:
             # Room in the session table is checked before approving: a paid
             # consumer must not pay for a session we then have no room for.
-            if not room or not self._make_room(peer, trio.current_time()):
-                return RejectCode.BUSY
-            return self._admit(peer, hello)
+            verdict: RejectCode | None = RejectCode.BUSY
+            if room and self._make_room(peer, trio.current_time()):
+                verdict = self._admit(peer, hello)
+            if verdict is not None:
+                self.stats["sessions_refused"] += 1
+            return verdict
 
         running = self._handshakes.get(peer, 0)
         room = (

@@ -152,6 +152,50 @@ async def test_sybils_that_refuse_everything_cannot_starve_requests(try_budget_s
         assert consumer.reputation.standing(honest.peer_id, now).served == 3  # type: ignore[union-attr]
 
 
+async def test_providers_that_stay_busy_are_asked_again_only_within_the_budget() -> None:
+    # Busy refusers are asked again after a growing pause, but a request ends
+    # once try_budget_s has passed without progress, and each refuser is
+    # counted once however often it was asked (busy is no offence to ban for).
+    request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=8))
+    async with AsyncExitStack() as stack:
+        config = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(try_budget_s=1.5))
+        consumer = await stack.enter_async_context(running(config))
+        boot = (consumer.addrs[0],)
+        refuse_all = providerlib.Config(max_handshakes=0)
+        busy = [
+            await stack.enter_async_context(
+                running(
+                    NodeConfig(measure_tokens=0, bootstrap=boot, provider=refuse_all),
+                    [SyntheticEngine()],
+                )
+            )
+            for _ in range(2)
+        ]
+        with trio.fail_after(BOUND_S):
+            for node in busy:
+                while consumer.offer_book.get(node.peer_id) is None:
+                    await consumer.refresh_offer(node.peer_id)
+                    await trio.sleep(0.05)
+            started = trio.current_time()
+            with pytest.raises(NoProviderError, match="gave up after 1.5 s of trying"):
+                await consumer.generate(request, _ignore_text)
+            waited = trio.current_time() - started
+        assert waited >= 1.5  # (fail_after bounds it from above)
+        now = trio.current_time()
+        for node in busy:
+            standing = consumer.reputation.standing(node.peer_id, now)
+            assert standing is not None
+            assert standing.offences == {Offence.REFUSED.value: 1}
+        # Asked again after each pause (0.25 s, 0.5 s, 1 s): three times or more each.
+        for node in busy:
+            assert node.provider is not None
+            assert node.provider.stats["sessions_refused"] >= 3
+
+
+async def _ignore_text(_text: str, _tokens: int) -> None:
+    return None
+
+
 # --- admission ----------------------------------------------------------------------
 
 

@@ -187,6 +187,43 @@ async def test_every_provider_rate_limiting_is_reported_as_such(engine: LlamaCpp
 
 
 @pytest.mark.slow
+async def test_a_busy_provider_is_waited_for_not_given_up() -> None:
+    # One slot and no queue: of three requests at once, two are refused busy.
+    # The only provider is asked again once it has room, and each request is
+    # served; being busy is counted once per request, never towards a ban.
+    cfg = Config(
+        model_path=bundled_model_path(), model_id=BUNDLED_MODEL_ID, n_threads=1, queue_limit=0
+    )
+    async with (
+        open_llamacpp(cfg) as engine,
+        open_node(
+            NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]
+        ) as provider,
+        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+    ):
+        assert provider.provider is not None
+        await consumer.connect(provider.addrs[0])
+        outcomes: list[str] = []
+
+        async def ask() -> None:
+            outcome = await consumer.generate(REQUEST, _nothing)
+            outcomes.append(outcome.provider)
+
+        with trio.fail_after(BOUND_S):
+            while consumer.offer_book.get(provider.peer_id) is None:
+                await consumer.refresh_offer(provider.peer_id)
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(ask)
+        assert outcomes == [provider.peer_id] * 3
+        assert provider.provider.stats["refused"] >= 1
+        counters = consumer.consumer.counters
+        assert 1 <= counters["provider_refusals"] <= 2
+        assert counters["provider_failures"] == 0
+        assert not consumer.consumer.reputation.banned(provider.peer_id, trio.current_time())
+
+
+@pytest.mark.slow
 async def test_a_stale_or_future_hello_is_refused(engine: LlamaCppEngine) -> None:
     async with open_node(
         NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]

@@ -2111,7 +2111,7 @@ async def _tell_progress(results: Connection, report: FuzzReport, run: _Run) -> 
         if report.total_frames != last:
             last, since = report.total_frames, trio.current_time()
         elif trio.current_time() - since > STALL_S / 2 and not report.errors:
-            report.errors.append(f"worker stalled; here:\n{_task_dump()}")
+            report.errors.append(f"worker stalled; here:\n{task_dump()}")
         await trio.to_thread.run_sync(results.send, ("progress", _counts(report, run)))
 
 
@@ -2295,7 +2295,7 @@ def _bug_protocol(record: logging.LogRecord) -> str:
     return "?"
 
 
-def _task_dump(limit: int = 60) -> str:
+def task_dump(limit: int = 60) -> str:
     """This process's trio tasks and where each waits (the innermost frames), for a stall."""
     lines: list[str] = []
     stack = [(trio.lowlevel.current_root_task(), 0)]
@@ -2718,7 +2718,7 @@ async def _watch(
             last_frames, last_step = run.progress(), now
         elif now - last_step > STALL_S:
             run.report.errors.append(
-                f"the attack stalled: no frame for {STALL_S:g} s; here:\n{_task_dump()}"
+                f"the attack stalled: no frame for {STALL_S:g} s; here:\n{task_dump()}"
             )
             attack.cancel()
             return

@@ -12,8 +12,11 @@ time are spent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
+import signal
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
@@ -50,6 +53,8 @@ class Fuzzed:
     cut_short: int = 0
     # ``protocol/kind`` attacks skipped after they killed a target.
     skip: set[str] = field(default_factory=set)
+    # What went wrong with the fuzzed node's process itself (hung, ended early).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def frames(self) -> int:
@@ -89,7 +94,7 @@ async def fuzz_joined(bootstrap: tuple[str, ...], cfg: Config, out: Fuzzed) -> N
             seed=cfg.seed + len(out.rounds),
             skip=frozenset(out.skip),
         )
-        report = await _in_process(spec, left + CHECKS_S * 4)
+        report = await _in_process(spec, left + CHECKS_S * 4, out)
         if report is None:
             out.cut_short += 1
             return
@@ -114,8 +119,14 @@ class _Joined:
     skip: frozenset[str]
 
 
-async def _in_process(spec: _Joined, bound_s: float) -> fuzzlib.FuzzReport | None:
-    """Run :func:`_joined_main` in a spawned process; its report, or None if it never came."""
+async def _in_process(spec: _Joined, bound_s: float, out: Fuzzed) -> fuzzlib.FuzzReport | None:
+    """Run :func:`_joined_main` in a spawned process; its report, or None if it never came.
+
+    A process that overruns its time says where it waits (its trio tasks), kept
+    in ``out.notes``; one that never reports is killed with its worker
+    processes (its process group), so nothing of it competes for the cores
+    with the chats that follow.
+    """
     ctx = multiprocessing.get_context("spawn")
     results, results_child = ctx.Pipe(duplex=False)
     # Not a daemon: fuzz() in there starts its attackers' worker process.
@@ -126,43 +137,64 @@ async def _in_process(spec: _Joined, bound_s: float) -> fuzzlib.FuzzReport | Non
         deadline = trio.current_time() + bound_s
         while trio.current_time() < deadline:
             if await trio.to_thread.run_sync(results.poll, 0.5):
-                report: fuzzlib.FuzzReport = await trio.to_thread.run_sync(results.recv)
-                return report
+                kind, body = await trio.to_thread.run_sync(results.recv)
+                if kind == "report":
+                    report: fuzzlib.FuzzReport = body
+                    return report
+                out.notes.append(f"the fuzzed node's process overran its time; here:\n{body}")
+                continue
             if not process.is_alive():
+                out.notes.append(f"the fuzzed node's process ended ({process.exitcode}), no report")
                 return None
+        out.notes.append(f"the fuzzed node's process sent no report within {bound_s:.0f} s")
         return None
     except (EOFError, OSError):
         return None
     finally:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 30):
             await trio.to_thread.run_sync(process.join, 20)
-        if process.is_alive():
+        if process.is_alive() and process.pid is not None:
+            # Its attackers' worker too: they share the group it made at start.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.kill()
         results.close()
 
 
 def _joined_process(spec: _Joined, results: Connection) -> None:
+    os.setpgrp()  # a group of its own, with the workers it starts: killed as one
     import libp2p  # noqa: F401 - its import resets its logger (trap 10): quiet it after
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     logging.getLogger("p2pnode").setLevel(logging.CRITICAL)
-    report = trio.run(_joined_main, spec)
-    results.send(report)
+    trio.run(_joined_main, spec, results)
 
 
-async def _joined_main(spec: _Joined) -> fuzzlib.FuzzReport:
+async def _joined_main(spec: _Joined, results: Connection) -> None:
     config = replace(fuzzlib.target_config(), bootstrap=spec.bootstrap)
-    async with fuzzlib.open_target(config) as target:
-        report = await fuzzlib.fuzz(
-            target.node,
-            attackers=spec.attackers,
-            frames=spec.frames,
-            seed=spec.seed,
-            died=target.exited,
-            skip=spec.skip,
-            processes=spec.processes,
-            seconds=spec.seconds,
-        )
-    if target.failure:
-        report.exit_reasons.append(target.failure)
-    return report
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watchdog, spec.seconds + CHECKS_S * 2, results)
+        async with fuzzlib.open_target(config) as target:
+            report = await fuzzlib.fuzz(
+                target.node,
+                attackers=spec.attackers,
+                frames=spec.frames,
+                seed=spec.seed,
+                died=target.exited,
+                skip=spec.skip,
+                processes=spec.processes,
+                seconds=spec.seconds,
+            )
+            if target.failure:
+                report.exit_reasons.append(target.failure)
+            # Now, not after the node's shutdown: a shutdown that hangs must
+            # not lose the round's counts.
+            results.send(("report", report))
+        nursery.cancel_scope.cancel()
+
+
+async def _watchdog(after_s: float, results: Connection) -> None:
+    """Past the round's time, tell the parent where this process waits (once)."""
+    await trio.sleep(after_s)
+    with contextlib.suppress(OSError):
+        results.send(("stalled", fuzzlib.task_dump()))

@@ -891,7 +891,8 @@ class _Run:
             + [f"honest request failed: {f}" for f in chats.failures]
             + after.errors
             + [f"fuzz: {e}" for r in fuzzed.rounds for e in r.errors if not _paid_mode_chat(e)],
-            "fuzz_notes": [
+            "fuzz_notes": fuzzed.notes
+            + [
                 "fuzz's own after-check chat is a free-mode consumer; these paid providers "
                 f"refuse it (payment required): {e}"
                 for r in fuzzed.rounds

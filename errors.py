@@ -11,7 +11,8 @@
     ├── NetworkError             a peer could not be reached or did not answer in time
     │   ├── BrokenStreamError    the peer or the network broke a stream (reset, EOF)
     │   └── NoProviderError      no provider could serve a request (none, or all failed)
-    │       └── SpendLimitError  serving it would escrow more than the spend limit allows
+    │       ├── SpendLimitError  serving it would escrow more than the spend limit allows
+    │       └── FundsError       the wallet lacks the tokens (or the ether) to pay for it
     ├── ChainError               the chain refused or failed a call
     └── EngineError              an inference engine failed
 
@@ -95,6 +96,10 @@ class NoProviderError(NetworkError):
 
 class SpendLimitError(NoProviderError):
     """A new paid session would take the consumer's open stakes over its spend limit."""
+
+
+class FundsError(NoProviderError):
+    """The consumer's wallet lacks the tokens for a session's stake, or ether for gas."""
 
 
 class ChainError(P2PNodeError):

@@ -55,6 +55,7 @@ from starlette.types import Receive, Scope, Send
 from p2pnode.errors import (
     ConfigError,
     EngineError,
+    FundsError,
     NetworkError,
     NoProviderError,
     SpendLimitError,
@@ -155,7 +156,7 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 
 def _api_error_of(exc: Exception) -> ApiError:
     """The HTTP status and body for a failure of the node behind the shim."""
-    if isinstance(exc, SpendLimitError):
+    if isinstance(exc, (SpendLimitError, FundsError)):
         return ApiError(429, str(exc), type_="insufficient_quota", code="insufficient_quota")
     if isinstance(exc, NoProviderError) and exc.rate_limited:
         return ApiError(429, str(exc), type_="requests", code="rate_limit_exceeded")

@@ -40,6 +40,7 @@ from libp2p.peer.id import ID
 from p2pnode.errors import (
     ChainError,
     ErrorCode,
+    FundsError,
     NetworkError,
     NoProviderError,
     RemoteProtocolError,
@@ -253,7 +254,7 @@ class Consumer:
         failures = failovers = limited = 0
         # A paid session that ended under us may be reopened once per request.
         reopened: set[str] = set()
-        last_error = "no provider offers this model"
+        last_error = ""
         # The try budget counts time without progress: tokens delivered start it anew.
         trying_since, progress = trio.current_time(), 0
         paused_with: str | None = None  # the provider that paused the answer, if one did
@@ -273,11 +274,14 @@ class Consumer:
             left = request.params.max_tokens - produced
             if left <= 0:  # the failed provider had already used the whole budget
                 return Outcome("length", 0, produced, "", failovers)
-            candidates = await self._candidates(request.model_id, tried)
+            candidates, why_none = await self._candidates(request.model_id, tried)
             if only is not None:
                 candidates = [c for c in candidates if c.peer_id in only]
+                why_none = why_none or "none of the providers asked for offers this model"
             if not candidates:
                 if not busy:
+                    if not tried:  # nobody was asked: say why not
+                        last_error = why_none
                     break
                 # Everyone left is busy: wait for a slot, then ask them again.
                 await trio.sleep(min(backoff, max(0.0, self.cfg.try_budget_s - spent)))
@@ -299,8 +303,8 @@ class Consumer:
             before = produced
             try:
                 done = await self._request_on(peer, wire, on_chunk)
-            except SpendLimitError:
-                raise
+            except (SpendLimitError, FundsError):
+                raise  # no other provider could be paid either
             except infer_service.Refused as exc:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == ErrorCode.RATE_LIMITED:
@@ -427,22 +431,41 @@ class Consumer:
         self.stats.move_to_end(peer)
         return seen
 
-    async def _candidates(self, model_id: str, tried: set[str]) -> list[Offer]:
+    async def _candidates(self, model_id: str, tried: set[str]) -> tuple[list[Offer], str]:
+        """The providers to try next, best first, and (when there are none) why."""
+
         def fresh(offers: list[Offer]) -> list[Offer]:
             return [o for o in offers if o.peer_id not in tried and o.peer_id != self._node.peer_id]
 
-        offers = fresh(self._node.offer_book.offers(model_id))
-        if not offers:
-            offers = fresh(await self._node.discover(model_id))
+        seen = fresh(self._node.offer_book.offers(model_id))
+        if not seen:
+            seen = fresh(await self._node.discover(model_id))
+        offers = seen
         if self.market is not None:
             market = self.market
             offers = [o for o in offers if market.terms(o, model_id) is not None]
         now = trio.current_time()
         banned = self.reputation.banned
         offers = [o for o in offers if not banned(o.peer_id, now)]
+        if not offers:
+            return [], self._why_none(model_id, seen, now)
         scores = {o.peer_id: self.reputation.score(o.peer_id, now) for o in offers}
         held = {peer for peer, model in self._sessions if model == model_id}
-        return rank(offers, model_id, self.stats, scores, held)
+        return rank(offers, model_id, self.stats, scores, held), ""
+
+    def _why_none(self, model_id: str, seen: list[Offer], now: float) -> str:
+        """Why none of the providers ``seen`` offering ``model_id`` can be asked: what a
+        user can act on (fund, raise --max-price, wait for a bid), not just "none"."""
+        if not seen:
+            peers = len(self._node.connected_peers())
+            return f"no provider offers this model ({peers} peers connected; none announces it)"
+        count = f"{len(seen)} provider{'s' if len(seen) != 1 else ''} seen"
+        banned = sum(self.reputation.banned(o.peer_id, now) for o in seen)
+        if self.market is not None:
+            why = self.market.why_not(seen, model_id)
+            if why:
+                return f"{count}; {why}" + (f"; {banned} banned for misbehaviour" if banned else "")
+        return f"{count}; {'all' if banned == len(seen) else banned} banned for misbehaviour"
 
     async def _request_on(
         self, peer: str, wire: Request, on_chunk: Callable[[Chunk], Awaitable[None]]
@@ -587,6 +610,7 @@ class Consumer:
 
         async def on_approve(hello: session.Hello, approve: session.Approve) -> bytes:
             assert offer is not None
+            await market.check_funds(stake)
             await market.check_bid(offer, terms)
             session_id = await market.open_session(peer, hello, approve, terms, stake)
             opened.append(session_id)

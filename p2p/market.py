@@ -60,7 +60,8 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, Tx, model_key
-from p2pnode.errors import ChainError, ConfigError
+from p2pnode.chain.units import format_amount, format_price, format_tokens
+from p2pnode.errors import ChainError, ConfigError, FundsError
 from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.session import Approve, Hello, RejectCode
 from p2pnode.protocols.wire import signing_payload
@@ -723,6 +724,43 @@ class ConsumerMarket:
         if terms.price_per_s > self.cfg.max_price_per_s:
             return None
         return terms
+
+    def why_not(self, offers: list[Offer], model_id: str) -> str:
+        """Why none of ``offers`` would be paid for ("" when one would): no live bid,
+        or every bid above ``max_price_per_s``."""
+        prices = []
+        for offer in offers:
+            terms = offer.serves(model_id)
+            if terms is not None and terms.bid_id and terms.price_per_s > 0:
+                prices.append(terms.price_per_s)
+        if any(p <= self.cfg.max_price_per_s for p in prices):
+            return ""
+        limit = f"--max-price {format_price(self.cfg.max_price_per_s)}"
+        if not prices:
+            none = "none has" if len(offers) > 1 else "it has no"
+            return f"{none} live bid on chain for this model"
+        above = f"the cheapest bid, {format_price(min(prices))}, is above {limit}"
+        unbid = len(offers) - len(prices)
+        return f"{above}" + (f" ({unbid} more with no live bid on chain)" if unbid else "")
+
+    async def check_funds(self, stake: int) -> None:
+        """Before a session is opened: the wallet holds the stake and some ether for gas.
+
+        Raises :class:`FundsError` naming the wallet and what it lacks: no other
+        provider could be paid either, so the request stops here.
+        """
+        chain = self.cfg.chain
+        tokens = await chain.run(chain.sync.balance, self.address)
+        ether = await chain.run(chain.sync.eth_balance, self.address)
+        if tokens >= stake and ether > 0:
+            return
+        needs = f"a session needs {format_tokens(stake)}"
+        needs += "" if ether else " and ether for gas"
+        raise FundsError(
+            f"wallet {self.address} has {format_amount(ether)} ether "
+            f"and {format_tokens(tokens)}; {needs}: fund it "
+            f"(on a dev chain: p2pnode devchain --fund {self.address})"
+        )
 
     def held(self) -> int:
         """What this consumer has escrowed: its sessions in use and those waiting to be

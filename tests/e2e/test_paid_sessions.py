@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -11,10 +12,12 @@ from pathlib import Path
 import openai
 import pytest
 import trio
+from eth_account import Account
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 from network import BOUND_S
 
-from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
+from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, send_ether
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.inference import openai_api
 from p2pnode.inference.engine import ChatMessage, Params, Request
@@ -261,3 +264,75 @@ async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_pat
                 await trio.sleep(0.05)
         assert not net.chain.session(unserved).open
     assert net.chain.balance(provider.address) == p1
+
+
+def _keys() -> KeyPair:
+    return create_new_key_pair()
+
+
+async def _chat_error(node: Node, provider: Node) -> openai.APIStatusError:
+    """The shim's error for one chat from ``node`` (which must fail)."""
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(openai_api.serve, node, "k", "127.0.0.1:0")
+        with trio.fail_after(BOUND_S):
+            while node.offer_book.get(provider.peer_id) is None:
+                await node.refresh_offer(provider.peer_id)
+            api = openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as failed:
+                await api.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+                )
+        nursery.cancel_scope.cancel()
+    return failed.value
+
+
+async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -> None:
+    # Not "no provider offers this model": what the user can act on.
+    net = paid.embedded
+    chain = AsyncChain(net.chain)
+    boot = (paid.provider.addrs[0],)
+
+    # --max-price below every bid: the cheapest bid and the limit, in tokens.
+    cheap = _market(net, 3, tmp_path, chain, max_price_per_s=PRICE // 10)
+    async with open_node(NodeConfig(bootstrap=boot, market=cheap), key_pair=_keys()) as stingy:
+        error = await _chat_error(stingy, paid.provider)
+    assert error.status_code == 503
+    assert (
+        "1 provider seen; the cheapest bid, 0.001 tokens/s, is above --max-price "
+        "0.0001 tokens/s" in error.message
+    )
+
+    # A wallet with ether but no tokens: 429 insufficient_quota naming the wallet.
+    broke = Account.create()
+    send_ether(net.chain.w3, net.accounts[0], broke.address, 10**18)
+    poor_market = market.Config(
+        chain=chain, account=broke, sessions_db=tmp_path / "broke.db", session_seconds=100
+    )
+    async with open_node(NodeConfig(bootstrap=boot, market=poor_market), key_pair=_keys()) as poor:
+        error = await _chat_error(poor, paid.provider)
+        assert poor.consumer_market is not None
+        assert poor.consumer_market.counters["opened"] == 0
+    assert error.status_code == 429
+    assert error.code == "insufficient_quota"
+    # (Its start spent some of the ether on the token approval.)
+    assert re.search(
+        rf"wallet {broke.address} has 0\.99\d* ether and 0 tokens; a session needs 0\.1 tokens: "
+        rf"fund it \(on a dev chain: p2pnode devchain --fund {broke.address}\)",
+        error.message,
+    ), error.message
+
+    # The provider's bid deleted: it is still seen (its offer), but has no live bid.
+    provider_account = net.accounts[1]
+    bid = net.chain.live_bid(provider_account.address, MODEL)
+    assert bid is not None
+    net.chain.delete_bid(provider_account, bid)
+    assert paid.provider.provider_market is not None
+    await paid.provider.provider_market.reload_bids()
+    with trio.fail_after(BOUND_S):
+        while (o := paid.consumer.offer_book.get(paid.provider.peer_id)) is None or (
+            o.serves(MODEL).bid_id  # type: ignore[union-attr]
+        ):
+            await paid.consumer.refresh_offer(paid.provider.peer_id)
+    error = await _chat_error(paid.consumer, paid.provider)
+    assert error.status_code == 503
+    assert "1 provider seen; it has no live bid on chain for this model" in error.message

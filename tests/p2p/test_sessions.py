@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,11 @@ from p2pnode.inference.llamacpp import (
     bundled_model_path,
     open_llamacpp,
 )
+from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import PeerStats, rank
 from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
@@ -281,3 +284,31 @@ def test_an_older_sessions_db_is_migrated_and_a_newer_one_refused(tmp_path: Path
     newer.close()
     with pytest.raises(ConfigError, match="newer p2pnode"):
         Ledger(path)
+
+
+async def test_a_request_nobody_can_serve_says_why() -> None:
+    # "none announces it", "banned": what the user sees in the shim's 503 body.
+    async with (
+        open_node(NodeConfig(measure_tokens=0), key_pair=create_new_key_pair()) as lonely,
+        open_node(
+            NodeConfig(measure_tokens=0),
+            key_pair=create_new_key_pair(),
+            engines=[SyntheticEngine()],
+        ) as provider,
+    ):
+        absent = replace(REQUEST, model_id="nobody-serves-this")
+        with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
+            await lonely.generate(absent, _nothing)
+        assert "no provider offers this model (0 peers connected; none announces it)" in str(
+            failed.value
+        )
+        await lonely.connect(provider.addrs[0])
+        with trio.fail_after(BOUND_S):
+            while lonely.offer_book.get(provider.peer_id) is None:
+                await lonely.refresh_offer(provider.peer_id)
+        for _ in range(3):  # three malformed-frame offences: past the ban score
+            lonely.reputation.record(provider.peer_id, Offence.AUTH, trio.current_time())
+        synthetic = replace(REQUEST, model_id=SyntheticEngine().models()[0].model_id)
+        with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
+            await lonely.generate(synthetic, _nothing)
+        assert "1 provider seen; all banned for misbehaviour" in str(failed.value)

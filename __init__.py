@@ -5,11 +5,22 @@ The repository root is the ``p2pnode`` package (ARCHITECTURE §14): ``p2p``,
 subpackages.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("p2pnode")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+from __future__ import annotations
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> str:
+    # ``__version__`` is looked up on first use (PEP 562), not at import:
+    # importlib.metadata alone costs ~40 ms, a sixth of the CLI's start-up
+    # budget (README, "Benchmarks": bench cli), and most commands never print it.
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("p2pnode")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        found = "0.0.0+source"
+    globals()["__version__"] = found
+    return found

@@ -3,9 +3,10 @@
 Each write prints what it sends and, once mined, its transaction hash and
 gas; a revert prints the contract's reason (``StakeTooLow(minimum=…)``), a
 missing allowance or balance says so, and a deployment for another chain is
-refused before anything is sent. Amounts of tokens are whole tokens (18
+refused before anything is sent. Amounts of tokens given are whole tokens (18
 decimals, so ``--stake 100`` is 100 × 10^18 of the smallest unit); prices are
-in the smallest unit per second.
+in the smallest unit per second. Amounts shown are in tokens (a price as
+``0.001 tokens/s``); ``--json`` keeps the smallest unit.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 
+from p2pnode.chain.units import UNIT, format_price
 from p2pnode.cli import settings
 from p2pnode.cli.main import _fail, _home, _password_file, main
 from p2pnode.cli.settings import option
+from p2pnode.cli.settlement import ether as show_ether
+from p2pnode.cli.settlement import tokens as show_tokens
 from p2pnode.errors import ConfigError, P2PNodeError
 
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
 DEPLOYMENT_FILE = "deployment.json"
-UNIT = 10**18
 
 
 def chain_options(func: Any) -> Any:
@@ -76,6 +81,8 @@ def open_chain(chain_url: str | None, deployment: Path | None) -> Any:
 
 def wallet_account(password_file: Path | None) -> LocalAccount:
     """This node's wallet, unlocked."""
+    from eth_account import Account
+
     from p2pnode.p2p import identity
 
     home = _home()
@@ -136,6 +143,13 @@ def devchain(port: int, accounts: int, fund: tuple[str, ...], deployment: Path |
             click.echo(f"deployment file: {path}")
             for a in dev.accounts[:3]:
                 click.echo(f"funded dev account {a.address} key {a.key.hex()}")
+            for address in fund:
+                # Read back, not assumed: what the chain holds for each address asked for.
+                token, ether = dev.chain.balance(address), dev.chain.eth_balance(address)
+                click.echo(
+                    f"funded {dev.chain.w3.to_checksum_address(address)} with "
+                    f"{show_tokens(token)} and {show_ether(ether)}"
+                )
             stop.wait()
     except P2PNodeError as exc:
         _fail(exc)
@@ -167,7 +181,9 @@ def provider_register(
         peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(_home())))
         amount = tokens(stake) if stake else chain.min_provider_stake()
         _send("register provider", chain.register_provider, account, peer_id, amount)
-        click.echo(f"provider {account.address} registered as {peer_id}")
+        click.echo(
+            f"provider {account.address} registered as {peer_id}, stake {show_tokens(amount)}"
+        )
 
     _guard(run)
 
@@ -188,6 +204,8 @@ def provider_update(
         account = wallet_account(wallet_password_file)
         peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(_home())))
         _send("update provider", chain.update_provider, account, peer_id, tokens(add_stake))
+        stake = chain.provider(account.address)[1]
+        click.echo(f"provider {account.address} is {peer_id}, stake {show_tokens(stake)}")
 
     _guard(run)
 
@@ -202,9 +220,10 @@ def provider_deregister(
 
     def run() -> None:
         chain = open_chain(chain_url, deployment)
-        _send(
-            "deregister provider", chain.deregister_provider, wallet_account(wallet_password_file)
-        )
+        account = wallet_account(wallet_password_file)
+        stake = chain.provider(account.address)[1]
+        _send("deregister provider", chain.deregister_provider, account)
+        click.echo(f"provider {account.address} deregistered, {show_tokens(stake)} returned")
 
     _guard(run)
 
@@ -233,8 +252,12 @@ def model_register(
         path = gguf or llamacpp.bundled_model_path()
         sha = llamacpp.file_sha256(path)
         account = wallet_account(wallet_password_file)
+        named = chain.model_registered(model_id)
         _send(f"register model {model_id}", chain.register_model, account, model_id, sha)
-        click.echo(f"model {model_id}: {account.address} serves GGUF sha256 {sha}")
+        click.echo(
+            f"model {model_id} {'was already' if named else 'is now'} registered on chain;"
+            f" {account.address} serves it from GGUF sha256 {sha} (its bids carry this file)"
+        )
 
     _guard(run)
 
@@ -262,7 +285,7 @@ def bid_post(
         if chain.declared_gguf(account.address, model_id) is None:
             click.echo(f"note: no GGUF declared for {model_id} (p2pnode model register)", err=True)
         tx = _send(f"post bid on {model_id}", chain.post_bid, account, model_id, price)
-        click.echo(f"bid {tx.value.hex()} at {price}/s")
+        click.echo(f"bid {tx.value.hex()} on {model_id} at {format_price(price)}")
 
     _guard(run)
 
@@ -280,6 +303,7 @@ def bid_delete(
         chain = open_chain(chain_url, deployment)
         account = wallet_account(wallet_password_file)
         _send("delete bid", chain.delete_bid, account, bytes.fromhex(bid_id.removeprefix("0x")))
+        click.echo(f"bid {bid_id.removeprefix('0x')} deleted (open sessions keep their terms)")
 
     _guard(run)
 
@@ -309,7 +333,7 @@ def bid_list(as_json: bool, chain_url: str | None, deployment: Path | None) -> N
             click.echo(json.dumps(rows))
             return
         for r in rows:
-            click.echo(f"{r['bid_id'][:16]}…  {r['price_per_s']}/s  {r['peer_id']}")
+            click.echo(f"{r['bid_id'][:16]}…  {format_price(r['price_per_s'])}  {r['peer_id']}")
         if not rows:
             click.echo("no live bids")
 
@@ -325,14 +349,16 @@ def session() -> None:
 
 
 @session.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (amounts in the smallest unit).")
 @chain_options
 @_password_file
 def session_list(
     as_json: bool, chain_url: str | None, deployment: Path | None,
-    wallet_password_file: Path | None,
+    wallet_password_file: Path | None,  # accepted as before; the address needs no passphrase
 ) -> None:  # fmt: skip
-    """Sessions of this wallet (as consumer or provider), open first."""
+    """Sessions of this wallet (as consumer or provider), open first: stake, price, what
+    each paid and refunded once closed, and when it ends."""
+    from p2pnode.cli.settlement import history, session_lines
     from p2pnode.p2p import identity
 
     def run() -> None:
@@ -340,23 +366,16 @@ def session_list(
         wallet = identity.load_wallet(_home())
         if wallet is None:
             raise ConfigError("no wallet: run 'p2pnode init'")
-        rows = []
-        for sid in chain.sessions_of(wallet.address):
-            s = chain.session(sid)
-            rows.append(
-                {"session_id": sid.hex(), "open": s.open, "consumer": s.consumer,
-                 "provider": s.provider, "stake": s.stake, "price_per_s": s.price_per_s,
-                 "ends_at": s.ends_at}
-            )  # fmt: skip
-        rows.sort(key=lambda r: not r["open"])
+        records = history(chain, wallet.address)
         if as_json:
-            click.echo(json.dumps(rows))
+            rows = [r.to_json(wallet.address) for r in records]
+            click.echo(json.dumps(sorted(rows, key=lambda r: not r["open"])))
             return
-        for r in rows:
-            state = "open  " if r["open"] else "closed"
-            click.echo(f"{r['session_id'][:16]}…  {state}  stake {r['stake']}  ends {r['ends_at']}")
-        if not rows:
+        if not records:
             click.echo("no sessions")
+            return
+        for line in session_lines(records, wallet.address, time.time()):
+            click.echo(line)
 
     _guard(run)
 
@@ -379,7 +398,7 @@ def session_close(
         sid = bytes.fromhex(session_id.removeprefix("0x"))
         tx = _send("close session", chain.close_session, account, sid)
         paid, refunded = tx.value
-        click.echo(f"paid {paid}, refunded {refunded}")
+        click.echo(f"session closed: {show_tokens(paid)} paid, {show_tokens(refunded)} refunded")
 
     _guard(run)
 
@@ -411,6 +430,6 @@ def wallet_balance(
         if as_json:
             click.echo(json.dumps({"address": who, "token": token, "ether": ether}))
             return
-        click.echo(f"{who}: {Decimal(token) / UNIT} tokens, {Decimal(ether) / UNIT} ether")
+        click.echo(f"{who}: {show_tokens(token)}, {show_ether(ether)}")
 
     _guard(run)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import trio
 
 from p2pnode.cli.main import _fail, _home, _run, _serving, _serving_options, main
 from p2pnode.cli.settings import option
@@ -45,11 +44,14 @@ from p2pnode.errors import P2PNodeError
 @_serving_options
 def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -> None:
     """A paid network in one process: embedded chain, a provider, a consumer with the shim."""
+    import trio
     from libp2p.crypto.ed25519 import create_new_key_pair
 
     from p2pnode.chain.client import AsyncChain
-    from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, TOKEN, open_embedded
+    from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, open_embedded
+    from p2pnode.chain.units import format_price
     from p2pnode.cli.main import _write_json_atomically
+    from p2pnode.cli.settlement import print_settlement
     from p2pnode.inference import openai_api
     from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import host as hostlib
@@ -109,7 +111,9 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
                         }
                         await trio.to_thread.run_sync(_write_json_atomically, ready_file, ready)
                     click.echo("p2pnode demo ready: a paid network in this process")
-                    click.echo(f"provider {provider.peer_id} serves {model_id} at {price}/s")
+                    click.echo(
+                        f"provider {provider.peer_id} serves {model_id} at {format_price(price)}"
+                    )
                     click.echo(f"consumer {consumer.peer_id} wallet {consumer_account.address}")
                     click.echo(f"openai api: {url} (key: {home / identity.API_KEY_FILE})")
                     click.echo(
@@ -121,10 +125,7 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
                     async for _ in signals:
                         break
                     nursery.cancel_scope.cancel()
-        escrowed, paid, refunded = net.chain.totals()
-        click.echo(
-            f"settled on chain: {escrowed / TOKEN:g} tokens escrowed, "
-            f"{paid / TOKEN:g} paid to the provider, {refunded / TOKEN:g} refunded"
-        )
+        # The consumer's sessions since the chain began: this run's, as for `start`.
+        await print_settlement(chain, consumer_account.address, 0)
 
     _run(run)

@@ -2,6 +2,12 @@
 
 Every command turns p2pnode's own errors into one line on stderr and a
 non-zero exit status; a traceback means a bug.
+
+Nothing heavy is imported at the top of ``cli/``: libp2p, web3, eth-account,
+llama.cpp, the ASGI server and trio are imported by the commands that use
+them, so that ``--help``, ``--version``, ``id``, ``status`` and ``offers``
+start in under 0.3 s (README, "Benchmarks": ``bench cli``;
+tests/cli/test_cli_output.py keeps it so).
 """
 
 from __future__ import annotations
@@ -17,9 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-import trio
 
-from p2pnode import __version__
 from p2pnode.cli import settings
 from p2pnode.cli.settings import option
 from p2pnode.errors import ConfigError, NetworkError, P2PNodeError
@@ -42,6 +46,12 @@ def _fail(exc: P2PNodeError) -> NoReturn:
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    import trio
+
+    if "libp2p" in sys.modules:
+        # Importing libp2p resets its logger (propagate off, see _setup_logging); a
+        # command that runs libp2p has imported it by now, so its records are ours again.
+        logging.getLogger("libp2p").propagate = True
     try:
         return trio.run(fn)
     except P2PNodeError as exc:
@@ -69,20 +79,40 @@ class _Libp2pNoise(logging.Filter):
 
 
 def _setup_logging(level: str) -> None:
-    # Import libp2p first: its import resets the "libp2p" logger (trap 10).
-    import libp2p  # noqa: F401
+    """One handler on stderr for every logger, ours and py-libp2p's.
 
+    py-libp2p's import (``import libp2p``) clears its "libp2p" logger and turns
+    its propagation off; importing it here would cost every command ~0.5 s, so
+    :func:`_run` turns propagation back on once a command has imported it.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(_Libp2pNoise(debug=level == "debug"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
-    logging.getLogger("libp2p").propagate = True
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    # click.version_option wants the version when the command is defined; reading
+    # it (importlib.metadata, ~40 ms) only when asked keeps it off every other command.
+    if not value or ctx.resilient_parsing:
+        return
+    from p2pnode import __version__
+
+    click.echo(f"p2pnode, version {__version__}")
+    ctx.exit()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="p2pnode")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and exit.",
+)
 @click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
@@ -169,7 +199,7 @@ def show_id(as_json: bool) -> None:
     try:
         if not (home / identity.PEER_KEY_FILE).exists():
             raise ConfigError(f"no identity in {home}: run 'p2pnode init' or 'p2pnode start'")
-        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(home)))
+        peer_id = identity.read_peer_id(home)
         wallet = identity.load_wallet(home)
     except P2PNodeError as exc:
         _fail(exc)
@@ -505,6 +535,10 @@ def start(
     **serving_flags: Any,
 ) -> None:
     """Run a node until Ctrl-C or SIGTERM (serving the bundled model unless --no-serve)."""
+    import trio
+
+    from p2pnode import __version__
+    from p2pnode.cli.settlement import next_block, print_settlement
     from p2pnode.inference import openai_api
     from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import host as hostlib
@@ -579,6 +613,8 @@ def start(
         _fail(exc)
 
     async def run() -> None:
+        # Paid mode: where this run starts on chain, for the settlement printed at stop.
+        since = await paid.chain.run(next_block, paid.chain.sync) if paid is not None else 0
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with (
                 open_engines(serving) as engines,
@@ -619,6 +655,10 @@ def start(
                     if ready_file is not None:
                         await trio.to_thread.run_sync(partial(ready_file.unlink, missing_ok=True))
                     nursery.cancel_scope.cancel()  # the shim
+        # The node has closed what it could (open_node's exit): the chain has the rest.
+        if paid is not None:
+            # A provider's node also consumes, but says so only if it did.
+            await print_settlement(paid.chain, paid.account.address, since, if_none=no_serve)
         click.echo("p2pnode stopped")
 
     _run(run)
@@ -631,6 +671,8 @@ def start(
 @_serving_options
 def generate(prompt: str, max_tokens: int, temperature: float, **serving_flags: Any) -> None:
     """Generate once with this machine's engine and print the text and tokens/s."""
+    import trio
+
     from p2pnode.inference.engine import ChatMessage, Params, Request
     from p2pnode.inference.serving import open_engines
 
@@ -684,6 +726,7 @@ def chat(
 ) -> None:
     """Chat in the terminal through the local node (streaming; empty line or Ctrl-D ends)."""
     import httpx
+    import trio
 
     from p2pnode.inference import upstream
     from p2pnode.inference.engine import ChatMessage, Params, Request
@@ -804,9 +847,17 @@ def status(peer: str | None, as_json: bool) -> None:
 @click.option("--model", default=None, help="Only offers serving this model.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def offers(model: str | None, as_json: bool) -> None:
-    """List the provider offers the running node knows (through its control socket)."""
+    """List the provider offers the running node knows (through its control socket).
+
+    Prices in tokens per second; in paid mode an offer without a live bid on
+    chain shows "no bid" (it cannot be paid for), in free mode "free". --json
+    keeps prices in the token's smallest unit.
+    """
+    from p2pnode.chain.units import format_price
+
     answer = _ask_node({"op": "offers", "model": model})
     held = answer["offers"]
+    paid_mode = bool(answer.get("paid"))
     if as_json:
         click.echo(json.dumps(held))
         return
@@ -821,7 +872,10 @@ def offers(model: str | None, as_json: bool) -> None:
             f"  age {offer['age_s']:.0f} s  served {offer['served']}{conduct}"
         )
         for m in offer["models"]:
-            price = f"{m['price_per_s']}/s" if m["price_per_s"] else "free"
+            if paid_mode and not (m["price_per_s"] and m["bid_id"]):
+                price = "no bid"
+            else:
+                price = format_price(m["price_per_s"]) if m["price_per_s"] else "free"
             click.echo(
                 f"    {m['model_id']}  ctx {m['context_length']}  {price}"
                 f"  {m['tokens_per_s']:.1f} tok/s"
@@ -843,9 +897,12 @@ def peers(as_json: bool) -> None:
 
 
 def _ask_node(request: dict[str, Any]) -> dict[str, Any]:
-    from p2pnode.p2p import control
+    from p2pnode.p2p import control_client
 
-    return _run(lambda: control.ask(_home() / CONTROL_SOCKET, request))
+    try:
+        return control_client.ask(_home() / CONTROL_SOCKET, request)
+    except P2PNodeError as exc:
+        _fail(exc)
 
 
 # --- simnet -----------------------------------------------------------------
@@ -1059,6 +1116,33 @@ def bench_connect(rounds: int, rtts: int, as_json: bool) -> None:
     click.echo(
         f"rtt       libp2p {lp['status_rtt_ms']['median']:.2f} ms  "
         f"tcp {tcp['rtt_ms']['median']:.3f} ms  ratio {report['ratio_rtt_median']}x"
+    )
+
+
+@bench.command("cli")
+@click.option("--rounds", type=click.IntRange(1, 100), default=7, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_cli(rounds: int, as_json: bool) -> None:
+    """Start-up of --help, --version, id, status, offers (fresh processes) vs bare Python."""
+    from p2pnode.simnet.startup import bench_cli as run_bench
+
+    try:
+        report = run_bench(rounds)
+    except P2PNodeError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    base = report["baseline_ms"]["median"]
+    click.echo(f"{'python -c pass':<16} {base:7.1f} ms  (baseline, median of {rounds})")
+    for name, figures in report["commands"].items():
+        click.echo(
+            f"{'p2pnode ' + name:<16} {figures['ms']['median']:7.1f} ms  "
+            f"x{figures['ratio_to_baseline']:.1f} the baseline  (max {figures['ms']['max']:.0f} ms)"
+        )
+    click.echo(
+        f"goal: every median < {report['goal_s'] * 1000:.0f} ms: "
+        f"{'met' if report['goal_met'] else 'missed'}"
     )
 
 

@@ -6,7 +6,8 @@ network surface: the OpenAI shim stays the only HTTP endpoint (ARCHITECTURE
 §9). One JSON request line in, one JSON answer line out, then the connection
 closes. Requests: ``{"op": "offers", "model": <id or null>}``,
 ``{"op": "peers"}``, ``{"op": "status"}``. Errors come back as
-``{"error": "..."}``.
+``{"error": "..."}``. The client is ``p2p/control_client.py`` (blocking, so
+that the commands asking start without trio).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import trio
 
-from p2pnode.errors import ConfigError, NetworkError
+from p2pnode.errors import ConfigError
 from p2pnode.p2p.reputation import Standing
 from p2pnode.protocols import offers
 
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 MAX_REQUEST = 4096
 # A local client that sends nothing for this long is gone.
 REQUEST_TIMEOUT_S = 5.0
-# Bound on a client's whole exchange with the node.
-CLIENT_TIMEOUT_S = 10.0
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -119,33 +118,6 @@ async def _read_line(stream: trio.SocketStream) -> bytes:
         if len(data) > MAX_REQUEST:
             raise ValueError("request too long")
     return data.split(b"\n", 1)[0]
-
-
-async def ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
-    """Send one request to the node at ``path`` and return its answer.
-
-    Raises :class:`NetworkError` if no node answers there.
-    """
-    try:
-        with trio.fail_after(CLIENT_TIMEOUT_S):
-            stream = await trio.open_unix_socket(str(path))
-            async with stream:
-                await stream.send_all(json.dumps(request).encode() + b"\n")
-                data = b""
-                while chunk := await stream.receive_some(65536):
-                    data += chunk
-    except FileNotFoundError as exc:
-        raise NetworkError(f"no node is running with this home (no {path})") from exc
-    except OSError as exc:
-        raise NetworkError(f"cannot reach the node at {path}: {exc.strerror}") from exc
-    except trio.TooSlowError as exc:
-        raise NetworkError(f"the node at {path} did not answer") from exc
-    answer = json.loads(data)
-    if not isinstance(answer, dict):
-        raise NetworkError("the node sent a malformed answer")
-    if "error" in answer:
-        raise NetworkError(f"the node refused: {answer['error']}")
-    return answer
 
 
 def describe_offer(

@@ -414,7 +414,9 @@ class Node:
                 "offers": [
                     control.describe_offer(o, now, self.reputation.standing(o.peer_id, clock))
                     for o in held
-                ]
+                ],
+                # Paid mode: an offer without a bid is not free but unpayable here.
+                "paid": self.consumer_market is not None,
             }
         if op == "peers":
             peerstore = self.host.get_peerstore()

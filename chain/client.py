@@ -5,15 +5,23 @@ the JSON-RPC node (or run py-evm, for the embedded chain), so the node calls
 it from a worker thread through :class:`AsyncChain`, one call at a time (one
 nonce sequence per account, and eth-tester is not thread-safe). Writes are
 signed locally with the caller's account (never an unlocked node account),
-estimated first so that a revert is reported before anything is sent, and
-awaited to their receipt. A revert becomes a :class:`ChainError` whose message
-names the contract's custom error and its arguments.
+simulated first against the pending block (the one they will be mined in, at
+its time) so that a write bound to revert is reported and never sent, and
+awaited to their receipt. A revert, simulated or mined, becomes a
+:class:`ChainError` whose message names the contract's custom error and its
+arguments; a wallet short of ether or tokens, an :class:`Unfunded` naming both
+balances; a node that does not answer, one short line naming its URL.
+
+Chain time. The contracts' clock is the time of the block a transaction lands
+in. On a chain that mines on demand (anvil's default) or rarely, the latest
+block can be minutes old while the next one will carry the wall clock's time;
+on a dev chain whose clock was moved forward, both are ahead of the wall
+clock. :meth:`Chain.next_block_time` (the pending block's time) is what a
+deadline must be measured against, never :meth:`Chain.now`.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import json
 import logging
 import threading
@@ -24,18 +32,33 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-from eth_abi.abi import decode as abi_decode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_tester.exceptions import TransactionFailed
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from eth_utils.exceptions import ValidationError as EthValidationError
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import ContractCustomError, ContractLogicError, Web3Exception
+from web3.exceptions import (
+    BlockNotFound,
+    ContractCustomError,
+    ContractLogicError,
+    Web3Exception,
+    Web3RPCError,
+)
 from web3.logs import DISCARD
 
+from p2pnode.chain.failures import (
+    Reasons,
+    Unfunded,
+    revert_data,
+    rpc_message,
+    rpc_text,
+    unreachable,
+    whole_units,
+)
 from p2pnode.contracts import artifact
 from p2pnode.errors import ChainError, ConfigError
 
@@ -50,6 +73,9 @@ DOMAIN_VERSION = "1"
 # Marketplace.CLAIM_WINDOW: after a session's end its provider has this long to
 # claim it; from then on anyone closes it, paying 0 (see the contract).
 CLAIM_WINDOW_S = 15 * 60
+# anvil's chain id, which `p2pnode devchain` keeps: its wallets are funded with
+# `p2pnode devchain --fund ADDRESS`.
+ANVIL_CHAIN_ID = 31337
 
 _USAGE_TYPES = {
     "Usage": [
@@ -123,28 +149,69 @@ class OnChainBid:
     gguf_sha256: str | None = None  # hex; the file its provider declared (None: no claim)
 
 
+@dataclass(frozen=True, slots=True)
+class MarketEvents:
+    """What the marketplace's events say changed over a range of blocks."""
+
+    closed: tuple[bytes, ...] = ()  # sessions closed (claimed, or closed by anyone)
+    # Providers (checksummed) that posted or re-priced a bid, registered or left:
+    # their live bids may have changed.
+    bidders: frozenset[str] = frozenset()
+    withdrawn: frozenset[bytes] = frozenset()  # bids deleted (the event names no provider)
+
+
 class Chain:
     """The token and marketplace contracts on one chain (blocking calls)."""
 
     def __init__(self, w3: Web3, deployment: Deployment) -> None:
         self.w3 = w3
         self.deployment = deployment
+        # What messages call the node: the URL web3 talks to (``--chain`` may
+        # override the deployment file's).
+        self.url: str = str(
+            getattr(w3.provider, "endpoint_uri", None) or deployment.rpc_url or "the embedded chain"
+        )
         self.token: Contract = w3.eth.contract(
             address=to_checksum_address(deployment.token), abi=artifact("ComputeToken")["abi"]
         )
         self.market: Contract = w3.eth.contract(
             address=to_checksum_address(deployment.marketplace), abi=artifact("Marketplace")["abi"]
         )
-        self._errors = _error_table(
-            artifact("Marketplace")["abi"] + artifact("ComputeToken")["abi"]
-        )
+        self._reasons = Reasons(artifact("Marketplace")["abi"] + artifact("ComputeToken")["abi"])
+        # topic -> event name, for the events follow() reads (see events_since).
+        self._followed = _event_topics(artifact("Marketplace")["abi"], _FOLLOWED_EVENTS)
+        self._decimals: int | None = None
         self._lock = threading.Lock()
 
     # --- reading ---------------------------------------------------------------
 
     def now(self) -> int:
-        """The latest block's timestamp (the contracts' clock)."""
+        """The latest block's timestamp: the contracts' clock when that block was mined.
+
+        It stands still while no block is mined: for a deadline, see
+        :meth:`next_block_time`.
+        """
         return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def next_block_time(self) -> int:
+        """The time the next block will carry: what a transaction sent now meets as
+        ``block.timestamp``, and what approvals, ends and claim windows are measured by.
+
+        The pending block's timestamp: anvil, geth and eth-tester build it at the
+        time it would be mined (anvil: the wall clock plus any offset the chain's
+        clock was moved by), however long ago the latest block was mined. Never
+        before the latest block's: a node that keeps no pending block (or serves
+        the latest as pending) answers with that. Two RPC calls.
+        """
+        latest = self.now()
+        try:
+            pending = int(self.w3.eth.get_block("pending")["timestamp"])
+        except (BlockNotFound, Web3RPCError, KeyError):
+            return latest
+        return max(latest, pending)
+
+    def block_number(self) -> int:
+        return int(self.w3.eth.block_number)
 
     def balance(self, address: str) -> int:
         return int(self.token.functions.balanceOf(to_checksum_address(address)).call())
@@ -211,20 +278,43 @@ class Chain:
             found.extend(bytes(log["args"]["sessionId"]) for log in logs)
         return list(dict.fromkeys(found))
 
-    def closed_since(self, from_block: int, max_blocks: int = 5_000) -> tuple[list[bytes], int]:
-        """Ids of sessions closed from ``from_block`` on, and the next block to ask.
+    def events_since(self, from_block: int, max_blocks: int = 5_000) -> tuple[MarketEvents, int]:
+        """What changed from ``from_block`` on, and the next block to ask.
 
-        One ``eth_getLogs`` for every session at once: how a provider learns
-        that a consumer closed early. At most ``max_blocks`` blocks a call:
-        RPC nodes refuse wide ranges, and after an outage the gap is caught
-        up in steps.
+        One ``eth_getLogs`` for every session and bid at once: how a provider
+        learns that a consumer closed early, and that its bids were posted,
+        re-priced or deleted while it runs. At most ``max_blocks`` blocks a
+        call: RPC nodes refuse wide ranges, and after an outage the gap is
+        caught up in steps.
         """
         latest = int(self.w3.eth.block_number)
         if latest < from_block:
-            return [], from_block
+            return MarketEvents(), from_block
         last = min(latest, from_block + max_blocks - 1)
-        logs = self.market.events.SessionClosed().get_logs(from_block=from_block, to_block=last)
-        return [bytes(log["args"]["sessionId"]) for log in logs], last + 1
+        logs = self.w3.eth.get_logs(
+            {
+                "address": self.market.address,
+                "fromBlock": from_block,
+                "toBlock": last,
+                "topics": [["0x" + topic for topic in self._followed]],  # any one of them
+            }
+        )
+        closed: list[bytes] = []
+        bidders: set[str] = set()
+        withdrawn: set[bytes] = set()
+        for log in logs:
+            topic = bytes(log["topics"][0]).hex() if log["topics"] else ""
+            name = self._followed.get(topic.removeprefix("0x"))
+            if name is None:
+                continue
+            args = getattr(self.market.events, name)().process_log(log)["args"]
+            if name == "SessionClosed":
+                closed.append(bytes(args["sessionId"]))
+            elif name == "BidDeleted":
+                withdrawn.add(bytes(args["bidId"]))
+            else:
+                bidders.add(to_checksum_address(args["provider"]))
+        return MarketEvents(tuple(closed), frozenset(bidders), frozenset(withdrawn)), last + 1
 
     # --- approvals -------------------------------------------------------------
 
@@ -302,45 +392,57 @@ class Chain:
     # --- writing ---------------------------------------------------------------
 
     def transact(self, account: LocalAccount, call: Any, what: str) -> Tx:
-        """Estimate, sign, send and await ``call`` (a contract function call)."""
+        """Simulate, sign, send and await ``call`` (a contract function call).
+
+        The simulation runs against the pending block, so at the time the
+        transaction will be mined at, not the latest block's: after an idle
+        spell the two differ by minutes, and an approval's expiry or a
+        session's end may lie between them. A call bound to revert raises
+        here, unsent (no gas spent). One that reverts all the same once mined
+        (the chain moved on between the two) is replayed at its block to name
+        the reason. Raises :class:`Unfunded` if the wallet lacks ether for gas
+        or the tokens the call moves, :class:`ChainError` otherwise.
+        """
         with self._lock:
-            params: dict[str, Any] = {
-                "from": account.address,
-                "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
-                "chainId": self.deployment.chain_id,
-            }
+            simulated = {"from": account.address}
             try:
+                params: dict[str, Any] = {
+                    "from": account.address,
+                    "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
+                    "chainId": self.deployment.chain_id,
+                }
                 if self.deployment.rpc_url is None:
                     # py-evm estimates gas by a binary search (~13 executions,
                     # 2/3 of an open's time): one call shows a revert, and the
                     # embedded chain's gas costs nothing.
-                    call.call({"from": account.address})
+                    call.call(simulated, block_identifier="pending")
                     params["gas"] = EMBEDDED_GAS_LIMIT
                 else:
-                    # The estimate runs at the last block's time; mined later,
+                    # Mined a second or more after the pending block's time,
                     # closeSession may pay the provider too (one more transfer
                     # than estimated): a margin, or it runs out of gas (seen on
                     # anvil). Only the gas used is paid for.
-                    estimate = int(call.estimate_gas({"from": account.address}))
+                    estimate = int(call.estimate_gas(simulated, block_identifier="pending"))
                     params["gas"] = estimate * 5 // 4 + GAS_MARGIN
                 tx = call.build_transaction(params)
                 signed = account.sign_transaction(tx)
                 tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
                 receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
-            except (ContractCustomError, ContractLogicError) as exc:
-                data = exc.data if isinstance(exc.data, str) else _tester_revert_data(exc)
-                raise ChainError(f"{what}: {self._revert_reason(data, exc)}") from exc
-            except TransactionFailed as exc:  # the embedded chain's way of reverting
-                data = _tester_revert_data(exc)
-                raise ChainError(f"{what}: {self._revert_reason(data, exc)}") from exc
+            except (ContractCustomError, ContractLogicError, TransactionFailed) as exc:
+                # TransactionFailed: the embedded chain's way of reverting
+                raise self._reverted(account, what, exc) from exc
+            except Web3RPCError as exc:  # the node refused it (funds, nonce, fees)
+                raise self._refused(account, what, exc) from exc
+            except EthValidationError as exc:  # the embedded chain's refusals
+                raise self._refused(account, what, exc) from exc
             except Web3Exception as exc:
                 raise ChainError(f"{what}: {exc}") from exc
-            except (
-                ValueError
-            ) as exc:  # JSON-RPC errors (insufficient funds, nonce) arrive as ValueError
-                raise ChainError(f"{what}: {_rpc_message(exc)}") from exc
+            except OSError as exc:  # requests' connection errors and timeouts
+                raise ChainError(f"{what}: {unreachable(self.url, exc)}") from exc
+            except ValueError as exc:  # JSON-RPC errors of older web3 versions
+                raise self._refused(account, what, exc) from exc
             if receipt["status"] != 1:
-                raise ChainError(f"{what}: reverted in transaction {tx_hash.hex()}")
+                raise self._mined_revert(account, call, params["gas"], receipt, what)
             return Tx("0x" + bytes(tx_hash).hex(), int(receipt["gasUsed"]), receipt)
 
     def approve_token(
@@ -358,8 +460,8 @@ class Chain:
         # A one-off approval is for a payment about to be made: say early that
         # the balance cannot cover it. An unlimited one (at a consumer's start)
         # pays nothing yet, so a balance below the spend limit is no reason to stop.
-        if not unlimited and (balance := self.balance(account.address)) < amount:
-            raise ChainError(f"insufficient token balance: {balance} < {amount}")
+        if not unlimited and self.balance(account.address) < amount:
+            raise self.unfunded(account.address, "approve", tokens_needed=amount)
         allow = 2**256 - 1 if unlimited else amount
         return self.transact(
             account, self.token.functions.approve(self.market.address, allow), "approve"
@@ -470,59 +572,119 @@ class Chain:
 
     # --- errors ----------------------------------------------------------------
 
-    def _revert_reason(self, data: str | None, exc: Exception) -> str:
-        """``Name(arg=value, ...)`` of the contract's custom error in ``data``."""
-        if data and data.startswith("0x") and len(data) >= 10:
-            decoded = self._errors.get(data[2:10])
-            if decoded is not None:
-                name, names, types = decoded
-                try:
-                    values = abi_decode(types, bytes.fromhex(data[10:]))
-                except Exception:  # noqa: BLE001 - eth_abi raises several kinds
-                    return f"{name} (undecodable arguments)"
-                args = ", ".join(f"{n}={_show(v)}" for n, v in zip(names, values, strict=True))
-                return f"{name}({args})"
-        return str(getattr(exc, "message", None) or exc)
+    def unfunded(self, address: str, what: str, *, tokens_needed: int | None = None) -> Unfunded:
+        """The error for a wallet that cannot pay: its balances, read now, and how to fund it.
+
+        ``tokens_needed``: the tokens the call moves (None: it lacked ether for gas).
+        """
+        try:
+            ether: int | None = self.eth_balance(address)
+            tokens: int | None = self.balance(address)
+            decimals = self._token_decimals()
+        except (Web3Exception, OSError, ValueError):
+            ether = tokens = None
+            decimals = 18
+        if ether is None or tokens is None:
+            has = f"wallet {address} cannot pay (its balances could not be read)"
+        else:
+            has = (
+                f"wallet {address} has {whole_units(ether, 18)} ether and "
+                f"{whole_units(tokens, decimals)} tokens"
+            )
+        lacks = []
+        if tokens_needed is None or not ether:
+            lacks.append("ether for gas")
+        if tokens_needed is not None:
+            lacks.append(f"{whole_units(tokens_needed, decimals)} tokens")
+        needs = " and ".join(lacks)
+        if self.deployment.chain_id == ANVIL_CHAIN_ID:
+            how = f"fund it (p2pnode devchain --fund {address})"
+        else:
+            how = f"send it {needs} on chain {self.deployment.chain_id}"
+        return Unfunded(
+            f"{what}: {has}, needs {needs}: {how}",
+            address=address,
+            ether=ether,
+            tokens=tokens,
+        )
+
+    def _token_decimals(self) -> int:
+        if self._decimals is None:
+            self._decimals = int(self.token.functions.decimals().call())
+        return self._decimals
+
+    def _reverted(self, account: LocalAccount, what: str, exc: Exception) -> ChainError:
+        """The error for a revert: the contract's reason; a wallet short of tokens (the
+        token's ``ERC20InsufficientBalance`` for ``account``) as :class:`Unfunded`."""
+        data = revert_data(exc)
+        decoded = self._reasons.decode(data)
+        if decoded is not None and decoded[0] == "ERC20InsufficientBalance" and decoded[1]:
+            args = decoded[1]
+            if str(args["sender"]).lower() == account.address.lower():
+                return self.unfunded(account.address, what, tokens_needed=int(args["needed"]))
+        return ChainError(f"{what}: {self.revert_reason(exc)}")
+
+    def revert_reason(self, exc: BaseException) -> str:
+        """``Name(arg=value, ...)`` of the contracts' custom error a revert carries (a
+        web3 ``ContractLogicError`` or eth-tester ``TransactionFailed``), else its text."""
+        return self._reasons.reason(revert_data(exc), exc)
+
+    def _refused(self, account: LocalAccount, what: str, exc: Exception) -> ChainError:
+        """The error for a transaction the node refused (a JSON-RPC error answer)."""
+        message = rpc_message(exc)
+        text = message.lower()
+        # geth, anvil: "insufficient funds for gas * price + value"; py-evm:
+        # "cannot afford txn gas", "does not have enough balance".
+        if any(s in text for s in ("insufficient funds", "cannot afford", "enough balance")):
+            return self.unfunded(account.address, what)
+        return ChainError(f"{what}: {message}")
+
+    def _mined_revert(
+        self, account: LocalAccount, call: Any, gas: int, receipt: Any, what: str
+    ) -> ChainError:
+        """The error for a transaction mined reverted: its reason, replayed at its block.
+
+        ``eth_call`` at the receipt's block runs on that block's state and
+        time; the reverted transaction changed nothing there (but its nonce
+        and gas), so the call meets the condition it met, unless a later
+        transaction of the same block changed it.
+        """
+        tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+        block, used = int(receipt["blockNumber"]), int(receipt["gasUsed"])
+        spent = f"reverted in transaction {tx_hash}, block {block}, {used} gas spent"
+        try:
+            call.call({"from": account.address, "gas": gas}, block_identifier=block)
+        except (ContractCustomError, ContractLogicError, TransactionFailed) as exc:
+            reason = str(self._reverted(account, what, exc))
+        except (Web3Exception, OSError, ValueError) as exc:
+            reason = f"{what}: {rpc_message(exc)}"
+        else:
+            reason = f"{what}: " + ("out of gas" if used >= gas else "reason not replayable")
+        return ChainError(f"{reason} ({spent})")
 
 
-def _tester_revert_data(exc: BaseException) -> str | None:
-    """The revert bytes eth-tester carried (web3 re-raises them as text)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        first = seen.args[0] if seen.args else None
-        if isinstance(first, str) and first[:2] in ("b'", 'b"'):
-            with contextlib.suppress(ValueError, SyntaxError):
-                first = ast.literal_eval(first)  # eth_call's reverts arrive as a bytes repr
-        if isinstance(first, bytes):
-            return "0x" + first.hex()
-        seen = seen.__context__
-    return None
+# The Marketplace events a provider follows (ProviderMarket.follow).
+_FOLLOWED_EVENTS = (
+    "SessionClosed",
+    "BidPosted",
+    "BidDeleted",
+    "ProviderRegistered",
+    "ProviderDeregistered",
+)
 
 
-def _error_table(abi: list[dict[str, Any]]) -> dict[str, tuple[str, list[str], list[str]]]:
-    table = {}
+def _event_topics(abi: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, str]:
+    """topic 0 (hex, no prefix) -> name, for the events ``names`` of ``abi``."""
+    topics = {}
     for item in abi:
-        if item.get("type") != "error":
-            continue
-        types = [i["type"] for i in item["inputs"]]
-        selector = keccak(text=f"{item['name']}({','.join(types)})")[:4].hex()
-        table[selector] = (item["name"], [i["name"] for i in item["inputs"]], types)
-    return table
+        if item.get("type") == "event" and item["name"] in names:
+            types = ",".join(i["type"] for i in item["inputs"])
+            topics[keccak(text=f"{item['name']}({types})").hex()] = item["name"]
+    return topics
 
 
 def _sha_hex(sha: bytes) -> str | None:
     return sha.hex() if any(sha) else None
-
-
-def _show(value: Any) -> str:
-    return "0x" + value.hex() if isinstance(value, bytes) else str(value)
-
-
-def _rpc_message(exc: BaseException) -> str:
-    arg = exc.args[0] if exc.args else exc
-    if isinstance(arg, dict) and "message" in arg:
-        return str(arg["message"])
-    return str(arg)
 
 
 def deploy(w3: Web3, deployer: LocalAccount, min_provider_stake: int, rpc_url: str | None) -> Chain:
@@ -586,8 +748,13 @@ class AsyncChain:
             return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
         except ChainError:
             raise
+        except (ContractLogicError, TransactionFailed) as exc:  # a read that reverted
+            what = getattr(fn, "__name__", "chain call")
+            raise ChainError(f"{what}: {self.sync.revert_reason(exc)}") from exc
+        except OSError as exc:  # requests' connection errors and timeouts
+            raise ChainError(unreachable(self.sync.url, exc)) from exc
         except _CHAIN_FAILURES as exc:
-            raise ChainError(f"chain unavailable: {_rpc_text(exc)}") from exc
+            raise ChainError(f"chain unavailable: {rpc_text(exc)}") from exc
         except Exception as exc:
             # A chain answer our code could not handle: most likely a node
             # that lies or a library we do not know well enough, possibly
@@ -601,8 +768,19 @@ class AsyncChain:
 _CHAIN_FAILURES = (OSError, TimeoutError, ValueError, Web3Exception, TransactionFailed)
 
 
-def _rpc_text(exc: BaseException) -> str:
-    """A short, single-line account of a chain failure."""
-    text = _rpc_message(exc) if isinstance(exc, ValueError) else str(exc)
-    text = " ".join(text.split())
-    return text[:200] or type(exc).__name__
+__all__ = [
+    "ANVIL_CHAIN_ID",
+    "CLAIM_WINDOW_S",
+    "AsyncChain",
+    "Chain",
+    "Deployment",
+    "MarketEvents",
+    "OnChainBid",
+    "OnChainSession",
+    "Tx",
+    "Unfunded",
+    "deploy",
+    "model_key",
+    "send_ether",
+    "unreachable",
+]

@@ -5,6 +5,11 @@ anvil comes from npm (``@foundry-rs/anvil-linux-amd64``, pinned in
 the standard development mnemonic's, funded with ether; the deployer mints
 each of them, and any address asked for, tokens (and sends those ether for
 gas), then writes the deployment file that nodes and commands read.
+
+It mines a block every ``block_time_s`` (2 s, as an OP Stack chain) as well as
+one for each transaction at once (anvil's ``--mixed-mining``): like a real
+chain, its latest block is never old, so its clock moves while nobody
+transacts, and a transaction does not wait for the next interval.
 """
 
 from __future__ import annotations
@@ -21,14 +26,20 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from web3 import HTTPProvider, Web3
+from web3.exceptions import Web3Exception
 
-from p2pnode.chain.client import Chain, Deployment, deploy, send_ether
+from p2pnode.chain.client import ANVIL_CHAIN_ID, Chain, Deployment, deploy, send_ether
 from p2pnode.chain.embedded import FUNDING, MIN_PROVIDER_STAKE
+from p2pnode.chain.failures import unreachable
 from p2pnode.errors import ChainError, ConfigError
 
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
-CHAIN_ID = 31337
+CHAIN_ID = ANVIL_CHAIN_ID
 GAS_ETHER = 10 * 10**18  # ether sent to each funded address, for gas
+# Seconds between blocks while no transaction comes: an OP Stack chain's (Base,
+# Optimism). Short enough that the latest block's time is the chain's clock to
+# within a couple of seconds; each empty block costs anvil next to nothing.
+BLOCK_TIME_S = 2
 
 
 def anvil_path() -> Path:
@@ -51,13 +62,24 @@ def dev_accounts(count: int) -> list[LocalAccount]:
     ]
 
 
-def connect(url: str, deployment: Deployment | None = None) -> Web3:
-    """A web3 on ``url``; checks the chain id against the deployment's."""
-    w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 30}))
+def connect(url: str, deployment: Deployment | None = None, *, retry: bool = True) -> Web3:
+    """A web3 on ``url``; checks the chain id against the deployment's.
+
+    ``retry``: web3 retries a failed read 5 times over ~2 s (a blip costs no
+    call); a probe for a node still starting does not want that wait.
+    Raises ChainError ``no chain answers at URL (connection refused)`` if
+    nothing answers there.
+    """
+    provider = (
+        HTTPProvider(url, request_kwargs={"timeout": 30})
+        if retry
+        else HTTPProvider(url, request_kwargs={"timeout": 30}, exception_retry_configuration=None)
+    )
+    w3 = Web3(provider)
     try:
         chain_id = int(w3.eth.chain_id)
-    except Exception as exc:  # noqa: BLE001 - requests' and web3's connection errors
-        raise ChainError(f"no chain answers at {url}: {exc}") from exc
+    except (OSError, ValueError, Web3Exception) as exc:  # requests', web3's failures
+        raise ChainError(unreachable(url, exc)) from exc
     if deployment is not None and chain_id != deployment.chain_id:
         raise ConfigError(
             f"wrong chain: {url} has chain id {chain_id}, the deployment is for "
@@ -75,16 +97,33 @@ class DevChain:
 
 @contextmanager
 def run_devchain(
-    port: int, deployment_file: Path, *, accounts: int = 10, fund: Sequence[str] = ()
+    port: int,
+    deployment_file: Path,
+    *,
+    accounts: int = 10,
+    fund: Sequence[str] = (),
+    block_time_s: int | None = BLOCK_TIME_S,
+    genesis_timestamp: int | None = None,
 ) -> Iterator[DevChain]:
-    """Run anvil, deploy and fund, write ``deployment_file``; anvil stops on exit."""
+    """Run anvil, deploy and fund, write ``deployment_file``; anvil stops on exit.
+
+    ``block_time_s``: a block that often while idle, besides one per transaction
+    at once (None: blocks only for transactions, anvil's default, as a chain
+    that has been idle for long looks). ``genesis_timestamp``: the first block's
+    time, from which the chain's clock then runs (None: now).
+    """
     url = f"http://127.0.0.1:{port}"
+    args = [str(anvil_path()), "--host", "127.0.0.1", "--port", str(port),
+            "--chain-id", str(CHAIN_ID), "--accounts", str(accounts), "--silent"]  # fmt: skip
+    if block_time_s is not None:
+        # --mixed-mining (anvil 1.x): a transaction is mined at once, as with
+        # automine, instead of waiting for the next interval's block.
+        args += ["--block-time", str(block_time_s), "--mixed-mining"]
+    if genesis_timestamp is not None:
+        args += ["--timestamp", str(genesis_timestamp)]
     proc = subprocess.Popen(  # noqa: S603 - our own pinned binary, fixed arguments
-        [str(anvil_path()), "--host", "127.0.0.1", "--port", str(port),
-         "--chain-id", str(CHAIN_ID), "--accounts", str(accounts), "--silent"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         w3 = _wait_for(url, proc)
         dev = dev_accounts(accounts)
@@ -114,7 +153,9 @@ def _wait_for(url: str, proc: subprocess.Popen[bytes], bound_s: float = 20.0) ->
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise ChainError(f"anvil exited ({proc.returncode}): {err.strip()[:300]}")
         try:
-            return connect(url)
+            connect(url, retry=False)
         except ChainError:
             time.sleep(0.1)  # noqa: TID251 - a blocking set-up step, before any trio run
+        else:
+            return connect(url)
     raise ChainError(f"anvil did not answer at {url} within {bound_s:g} s")

@@ -81,9 +81,11 @@ class Config:
     approval_ttl_s: int = 120
     # Provider: how often ended sessions are looked for and closed.
     settle_every_s: float = 30.0
-    # Provider: how often it looks for sessions closed on chain (one
-    # eth_getLogs for all of them); a request in progress in a session closed
-    # early stops within this. New requests read the session first anyway.
+    # Provider: how often it reads the chain's clock and looks for sessions
+    # closed and bids changed on chain (one eth_getLogs for all of them); a
+    # request in progress in a session closed early stops within this, and a
+    # bid posted or re-priced is offered within this. New requests read the
+    # session first anyway.
     follow_s: float = 5.0
     # Consumer: the time a stake buys (stake = price x this).
     session_seconds: int = 600
@@ -109,6 +111,16 @@ class Config:
 # Confirm's second looks at a session not (yet) on chain: ~2 s, within the handshake.
 _CONFIRM_RETRY_S = (0.25, 0.5, 1.0, 0.0)
 
+# How far behind the wall clock an approval's clock may start (seconds). The
+# block an openSession lands in carries about the wall clock's time on any
+# chain whose block producers keep true time, even after a long idle spell in
+# which the latest block grew old; a chain whose node reports no pending block
+# (so the chain's time is read from that old block) must not make approvals
+# expire as they are signed. 30 s: well over a real chain's slot (12 s on
+# Ethereum), well under the approval's time to live (120 s), so a consumer
+# always has 90 s or more to open the session.
+MAX_CHAIN_LAG_S = 30
+
 
 class OfferMismatch(ChainError):
     """The chain contradicts a provider's signed offer (its bid, price, wallet or file).
@@ -123,17 +135,18 @@ class OfferMismatch(ChainError):
 
 
 async def settling_time(chain: AsyncChain) -> int:
-    """The chain's time for deciding what may be settled now: its latest block's, or
-    the wall clock's if that is later.
+    """The chain's time for deciding what may be settled now: the time the next block
+    will carry (``Chain.next_block_time``), or the wall clock's if that is later.
 
-    A chain that mines only when asked (anvil, a quiet dev chain) keeps an old
-    latest block while idle, so its clock would never reach a session's end or
-    claim window by itself; the block that settles it carries the time it is
-    mined at. Deciding a moment early costs nothing: every write is estimated
-    (or, embedded, called) first, so a close the contract refuses yet is never
-    sent, and the next round tries again.
+    The next block's time, not the latest's: a chain that mines only when asked
+    (anvil's default, a quiet chain) keeps an old latest block while idle, so its
+    clock would never reach a session's end or claim window by itself; the block
+    that settles it carries the time it is mined at. The wall clock for a node
+    that reports no pending block. Deciding a moment early costs nothing: every
+    write is simulated first against the pending block, so a close the contract
+    refuses yet is never sent, and the next round tries again.
     """
-    return max(await chain.run(chain.sync.now), int(time.time()))
+    return max(await chain.run(chain.sync.next_block_time), int(time.time()))
 
 
 async def check_contract(chain: AsyncChain) -> None:
@@ -347,38 +360,74 @@ class ProviderMarket:
     _confirmed: dict[bytes, tuple[str, int, float]] = field(default_factory=dict)
     # session id -> (requests running, trio time of the last start or end).
     _activity: dict[bytes, tuple[int, float]] = field(default_factory=dict)
-    # Chain time minus wall time, as last read (a dev chain's clock can be moved).
+    # The next block's time minus the wall clock's, as last read (follow() reads
+    # it every follow_s): a dev chain's clock can be moved forward, and a chain's
+    # block times trail the wall clock by up to a slot.
     skew: float = 0.0
     # Set when a session closes (on chain, or here): stops its requests.
     _closed: dict[bytes, trio.Event] = field(default_factory=dict)
+    # The first block follow() has not looked at yet.
     _next_block: int | None = None
     # The models whose bids are followed, and who to tell when they change.
     served: tuple[str, ...] = ()
     on_bids_changed: Callable[[], None] | None = None
+    # Served models with no live bid, already warned about.
+    _unbid: set[str] = field(default_factory=set)
 
     @property
     def address(self) -> str:
         return str(self.cfg.account.address)
 
     def chain_time(self) -> float:
-        """The chain's clock now, estimated from the last reading."""
+        """The chain's clock now (the time a block mined now would carry), estimated
+        from the last reading: no RPC."""
         return time.time() + self.skew
 
+    def approval_expiry(self) -> int:
+        """When an approval signed now lapses: ``approval_ttl_s`` after the chain's
+        time now, counted from no earlier than the wall clock minus
+        ``MAX_CHAIN_LAG_S``.
+
+        No RPC (Hellos are unauthenticated: they must not cost a chain call);
+        follow() keeps the reading of the chain's clock at most ``follow_s`` old.
+        What the consumer says plays no part.
+        """
+        start = max(self.chain_time(), time.time() - MAX_CHAIN_LAG_S)
+        return int(start) + self.cfg.approval_ttl_s
+
     async def _read_chain_time(self) -> int:
-        now = await self.cfg.chain.run(self.cfg.chain.sync.now)
+        """Read the chain's clock: the time the next block will carry."""
+        now = await self.cfg.chain.run(self.cfg.chain.sync.next_block_time)
         self.skew = now - time.time()
         return now
 
     async def load_bids(self, model_ids: list[str]) -> None:
-        """Read this provider's live bids for the models it serves."""
+        """Read this provider's live bids for the models it serves (and, the first
+        time, the chain's clock and block: follow() looks for changes from there on)."""
         chain = self.cfg.chain
+        if self._next_block is None:
+            await self._read_chain_time()
+            self._next_block = await chain.run(chain.sync.block_number)
         for model_id in model_ids:
             bid_id = await chain.run(chain.sync.live_bid, self.address, model_id)
             if bid_id is None:
                 self.bids.pop(model_id, None)
-                logger.warning("no live bid for %s on chain: run 'p2pnode bid post'", model_id)
+                if model_id not in self._unbid:
+                    self._unbid.add(model_id)
+                    logger.warning(
+                        "no live bid for %s on chain, so it is not offered: run "
+                        "'p2pnode provider register', 'p2pnode model register %s' and "
+                        "'p2pnode bid post %s --price <per second>' (those not done yet); "
+                        "this node picks the bid up within %g s, no restart needed",
+                        model_id, model_id, model_id, self.cfg.follow_s,
+                    )  # fmt: skip
                 continue
             bid = await chain.run(chain.sync.bid, bid_id)
+            if self.bids.get(model_id) != (bid_id, bid.price_per_s):
+                logger.info(
+                    "bid for %s: %s at %d per second", model_id, bid_id.hex()[:8], bid.price_per_s
+                )
+            self._unbid.discard(model_id)
             self.bids[model_id] = (bid_id, bid.price_per_s)
 
     def offer_terms(self, models: tuple[ModelOffer, ...]) -> tuple[ModelOffer, ...]:
@@ -415,7 +464,7 @@ class ProviderMarket:
         chain = self.cfg.chain
         assert hello.bid_id is not None
         assert hello.consumer_wallet is not None
-        expiry = int(self.chain_time()) + self.cfg.approval_ttl_s
+        expiry = self.approval_expiry()
         nonce = approval_nonce(hello.nonce, approve_nonce)
         signature = await trio.to_thread.run_sync(
             chain.sync.sign_approval,
@@ -566,20 +615,31 @@ class ProviderMarket:
             event.set()
 
     async def follow(self) -> None:
-        """One look at the ``SessionClosed`` events since the last look."""
+        """One look at the chain: its clock, and the Marketplace's events since the
+        last look (sessions closed; bids posted, re-priced or deleted; registrations).
+
+        The clock first, on its own: requests in progress stop at a session's end
+        by it, and approvals are signed by it. An event that may change this
+        provider's bids reloads them, so a bid posted while it runs is offered
+        within ``follow_s``, with no restart.
+        """
         chain = self.cfg.chain
+        await self._read_chain_time()
         if self._next_block is None:
-            self._next_block = await chain.run(lambda: int(chain.sync.w3.eth.block_number))
-        closed, self._next_block = await chain.run(chain.sync.closed_since, self._next_block)
-        await self._read_chain_time()  # requests in progress stop at the end by its clock
-        for session_id in closed:
+            self._next_block = await chain.run(chain.sync.block_number)
+        events, self._next_block = await chain.run(chain.sync.events_since, self._next_block)
+        for session_id in events.closed:
             if session_id in self.ends:
                 self._ended(session_id, early=True)
+        ours = {bid_id for bid_id, _price in self.bids.values()}
+        me = self.address.lower()
+        if any(b.lower() == me for b in events.bidders) or events.withdrawn & ours:
+            await self.reload_bids()
 
     async def settle(self) -> None:
         """Claim the sessions (confirmed here or left from before a restart) that have
         ended, and those whose consumer has been silent ``claim_idle_s``."""
-        # As settling_time: the latest block's time, or the wall clock's if later.
+        # As settling_time: the next block's time, or the wall clock's if later.
         now = max(await self._read_chain_time(), int(time.time()))
         due = {sid for sid, ends in self.ends.items() if ends <= now}
         silent = {sid for sid in self.ends if sid not in due and self._silent(sid)}
@@ -654,7 +714,10 @@ class ProviderMarket:
             await trio.sleep(self.cfg.follow_s)
 
     async def reload_bids(self) -> None:
-        """Read the bids again (a re-priced or new bid is announced without a restart)."""
+        """Read the bids again and announce a change (a bid posted, re-priced or deleted
+        while the node runs takes effect without a restart). follow() calls it when the
+        chain's events say they changed, and run() every ``settle_every_s`` besides,
+        in case an event was missed."""
         held = dict(self.bids)
         await self.load_bids(list(self.served))
         if self.bids != held and self.on_bids_changed is not None:

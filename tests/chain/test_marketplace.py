@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 from eth_account.signers.local import LocalAccount
 
-from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, Chain, model_key
+from p2pnode.chain.client import (
+    CLAIM_WINDOW_S,
+    AsyncChain,
+    Chain,
+    MarketEvents,
+    Unfunded,
+    model_key,
+)
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, TOKEN, Embedded, open_embedded
 from p2pnode.errors import ChainError
-from p2pnode.p2p.market import check_contract
+from p2pnode.p2p.market import (
+    MAX_CHAIN_LAG_S,
+    Config,
+    Ledger,
+    ProviderMarket,
+    check_contract,
+)
 
 PRICE = 10**15  # per second
 PEER = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
@@ -93,7 +107,8 @@ def test_registration_reverts(net: Embedded) -> None:
     with pytest.raises(ChainError, match=r"EmptyPeerId\(\)"):
         chain.update_provider(provider, "")
     poor = net.accounts[9]
-    with pytest.raises(ChainError, match="insufficient token balance"):
+    with pytest.raises(Unfunded, match=rf"approve: wallet {poor.address} has \S+ ether and "
+                       r"1000000 tokens, needs 1000000000000 tokens: send it"):  # fmt: skip
         chain.register_provider(poor, PEER, 10**30)
 
 
@@ -572,3 +587,62 @@ async def test_a_node_refuses_a_marketplace_without_acknowledged_time(net: Embed
     elsewhere = replace(net.chain.deployment, marketplace=net.chain.deployment.token)
     with pytest.raises(ChainError, match="redeploy"):
         await check_contract(AsyncChain(Chain(net.chain.w3, elsewhere)))
+
+
+# --- following the chain: its events, its clock ---------------------------------------
+
+
+def test_events_since_name_closed_sessions_and_changed_bids(net: Embedded) -> None:
+    chain = net.chain
+    start = chain.block_number() + 1
+    assert chain.events_since(start) == (MarketEvents(), start)  # no block yet
+    provider, bid = _provider(net)
+    changed, after = chain.events_since(start)
+    assert changed == MarketEvents(bidders=frozenset({provider.address}))
+    consumer = net.accounts[2]
+    session_id = _open(net, provider, bid, consumer, 10 * PRICE)
+    chain.close_session(consumer, session_id)
+    chain.delete_bid(provider, bid)
+    changed, later = chain.events_since(after)
+    assert changed == MarketEvents(closed=(session_id,), withdrawn=frozenset({bid}))
+    # At most max_blocks blocks a call (a gap after an outage is caught up in steps).
+    first, step = chain.events_since(start, max_blocks=1)
+    assert step == start + 1
+    assert first == MarketEvents()  # the stake's approval: the token's event, not ours
+    assert chain.events_since(later) == (MarketEvents(), later)
+
+
+async def test_an_approval_lives_its_time_to_live_by_the_clock_of_the_next_block(
+    net: Embedded,
+) -> None:
+    """Signed by the time the consumer's openSession will meet, however long the chain
+    has been idle, or however far its clock was moved; never from further back than
+    the wall clock minus MAX_CHAIN_LAG_S (a node that reports an old clock)."""
+    chain = net.chain
+    provider, bid = _provider(net)
+    consumer = net.accounts[2]
+    ledger = Ledger(None)
+    market = ProviderMarket(Config(chain=AsyncChain(chain), account=provider), ledger)
+    ttl = market.cfg.approval_ttl_s
+
+    def open_by(expiry: int) -> None:
+        nonce = secrets.token_bytes(32)
+        approval = chain.sign_approval(provider, bid, consumer.address, expiry, nonce)
+        chain.open_session(consumer, bid, 10 * PRICE, PRICE, expiry, nonce, approval)
+
+    net.time_travel(1000)  # a dev chain's clock moved forward
+    await market.follow()
+    expiry = market.approval_expiry()
+    assert expiry >= chain.next_block_time() + ttl - 1
+    net.time_travel(ttl - 5)  # the consumer took its time: still good
+    open_by(expiry)
+    net.time_travel(10)  # but not much longer
+    with pytest.raises(ChainError, match=r"ApprovalExpired\("):
+        open_by(expiry)
+    # A node that reports an old clock: the approval starts from the wall clock minus
+    # the bound, not from that clock.
+    market.skew = -10_000.0
+    before = time.time()
+    expiry = market.approval_expiry()
+    assert int(before) - MAX_CHAIN_LAG_S + ttl <= expiry <= time.time() - MAX_CHAIN_LAG_S + ttl
+    ledger.close()

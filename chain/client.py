@@ -57,8 +57,8 @@ from p2pnode.chain.failures import (
     rpc_message,
     rpc_text,
     unreachable,
-    whole_units,
 )
+from p2pnode.chain.units import format_amount
 from p2pnode.contracts import artifact
 from p2pnode.errors import ChainError, ConfigError
 
@@ -588,14 +588,14 @@ class Chain:
             has = f"wallet {address} cannot pay (its balances could not be read)"
         else:
             has = (
-                f"wallet {address} has {whole_units(ether, 18)} ether and "
-                f"{whole_units(tokens, decimals)} tokens"
+                f"wallet {address} has {format_amount(ether)} ether and "
+                f"{format_amount(tokens, decimals=decimals)} tokens"
             )
         lacks = []
         if tokens_needed is None or not ether:
             lacks.append("ether for gas")
         if tokens_needed is not None:
-            lacks.append(f"{whole_units(tokens_needed, decimals)} tokens")
+            lacks.append(f"{format_amount(tokens_needed, decimals=decimals)} tokens")
         needs = " and ".join(lacks)
         if self.deployment.chain_id == ANVIL_CHAIN_ID:
             how = f"fund it (p2pnode devchain --fund {address})"

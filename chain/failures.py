@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import socket
-from decimal import Decimal
 from typing import Any
 
 import requests
@@ -101,12 +100,6 @@ def _tester_revert_data(exc: BaseException) -> str | None:
 
 def _show(value: Any) -> str:
     return "0x" + value.hex() if isinstance(value, bytes) else str(value)
-
-
-def whole_units(value: int, decimals: int) -> str:
-    """``value`` smallest units in whole ones, as a person reads them: 0, 1.5, 1000000."""
-    text = f"{Decimal(value).scaleb(-decimals):f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def rpc_message(exc: BaseException) -> str:

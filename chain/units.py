@@ -13,13 +13,14 @@ DECIMALS = 18
 UNIT = 10**DECIMALS  # one whole token in its smallest unit
 
 
-def format_amount(units: int, *, places: int = 6) -> str:
+def format_amount(units: int, *, places: int = 6, decimals: int = DECIMALS) -> str:
     """``units`` of the smallest unit (of a token or of ether) as a decimal number.
 
     Rounded to ``places`` decimals; an amount too small to show is written
-    with its exponent (``2e-15``) rather than as zero.
+    with its exponent (``2e-15``) rather than as zero. ``decimals``: the
+    token's own, for a token other than the marketplace's 18-decimal one.
     """
-    value = Decimal(units) / UNIT
+    value = Decimal(units).scaleb(-decimals)
     shown = round(value, places)
     if shown == 0 and value != 0:
         return f"{value.normalize():e}".replace("e+", "e")

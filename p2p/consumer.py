@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import trio
 from libp2p.peer.id import ID
 
+from p2pnode.chain.failures import Unfunded
 from p2pnode.errors import (
     ChainError,
     ErrorCode,
@@ -336,6 +337,8 @@ class Consumer:
                 else:
                     await self._offence(peer, request.model_id, Offence.BROKEN_PROMISE, exc)
                 continue
+            except Unfunded as exc:  # our wallet, not the provider: nobody could be paid
+                raise FundsError(str(exc)) from exc
             except ChainError as exc:  # the on-chain open failed (nothing was sent)
                 last_error = f"{short(peer)}: {exc}"
                 # Only a revert the provider caused counts against it; our own

@@ -60,7 +60,7 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, Tx, model_key
-from p2pnode.chain.units import format_amount, format_price, format_tokens
+from p2pnode.chain.units import format_price
 from p2pnode.errors import ChainError, ConfigError, FundsError
 from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.session import Approve, Hello, RejectCode
@@ -424,9 +424,8 @@ class ProviderMarket:
                 continue
             bid = await chain.run(chain.sync.bid, bid_id)
             if self.bids.get(model_id) != (bid_id, bid.price_per_s):
-                logger.info(
-                    "bid for %s: %s at %d per second", model_id, bid_id.hex()[:8], bid.price_per_s
-                )
+                price = format_price(bid.price_per_s)
+                logger.info("bid for %s: %s at %s", model_id, bid_id.hex()[:8], price)
             self._unbid.discard(model_id)
             self.bids[model_id] = (bid_id, bid.price_per_s)
 
@@ -817,13 +816,11 @@ class ConsumerMarket:
         ether = await chain.run(chain.sync.eth_balance, self.address)
         if tokens >= stake and ether > 0:
             return
-        needs = f"a session needs {format_tokens(stake)}"
-        needs += "" if ether else " and ether for gas"
-        raise FundsError(
-            f"wallet {self.address} has {format_amount(ether)} ether "
-            f"and {format_tokens(tokens)}; {needs}: fund it "
-            f"(on a dev chain: p2pnode devchain --fund {self.address})"
+        needed = None if tokens >= stake else stake  # None: it lacks ether for gas
+        unfunded = await chain.run(
+            partial(chain.sync.unfunded, tokens_needed=needed), self.address, "opening a session"
         )
+        raise FundsError(str(unfunded))
 
     def held(self) -> int:
         """What this consumer has escrowed: its sessions in use and those waiting to be

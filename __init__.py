@@ -1,8 +1,9 @@
 """p2pnode: a pure peer-to-peer network for private, paid LLM inference.
 
-The repository root is the ``p2pnode`` package (ARCHITECTURE §14): ``p2p``,
-``protocols``, ``inference``, ``chain``, ``cli`` and ``simnet`` are its
-subpackages.
+The repository root is the ``p2pnode`` package: ``p2p``, ``protocols``,
+``inference``, ``chain``, ``cli`` and ``simnet`` are its subpackages, so no
+top-level name collides with another distribution's
+(docs/architecture.md#one-package-namespace).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The marketplace contracts through web3.py's sync API (ARCHITECTURE §7).
+"""The marketplace contracts through web3.py's sync API.
+
+Where a node reads and writes them: docs/architecture.md#where-the-chain-is-read-and-written.
 
 Theory of operation. :class:`Chain` is synchronous: every method may block on
 the JSON-RPC node (or run py-evm, for the embedded chain), so the node calls

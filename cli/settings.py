@@ -4,7 +4,7 @@ click already resolves a parameter from the command line, then its envvar, then
 ``ctx.default_map``, then its default: exactly our precedence. This module
 fills ``default_map`` from ``$P2PNODE_HOME/config.toml`` and gives every option
 its ``P2PNODE_<NAME>`` variable. It is the only place that reads TOML or the
-environment (STYLE: nothing else does).
+environment (nothing else does: docs/architecture.md#conventions).
 
 It also checks, as ssh does with its own files, that nobody else can change
 what the node reads (the home directory, config.toml) or read its secrets

@@ -1,4 +1,4 @@
-"""What an inference engine is to the rest of p2pnode (ARCHITECTURE §8).
+"""What an inference engine is to the rest of p2pnode (docs/architecture.md#inference-engines).
 
 Engines know nothing of the network. A provider holds one or more, reads
 :meth:`Engine.models` for what to announce, and streams a request with::
@@ -59,7 +59,7 @@ class Request:
     prompt: str = ""
     params: Params = field(default_factory=Params)
     # Text the answer already starts with: generation continues after it, as
-    # if the model had produced it (failover, ARCHITECTURE §6). Never repeated
+    # if the model had produced it (docs/architecture.md#failover). Never repeated
     # in the output; it does not count as completion tokens.
     continuation: str = ""
 

@@ -1,4 +1,4 @@
-"""llama.cpp through llama-cpp-python, in worker threads (ARCHITECTURE §8).
+"""llama.cpp through llama-cpp-python, in worker threads (docs/architecture.md#inference-engines).
 
 Theory of operation. An engine holds ``slots`` ``Llama`` instances of one GGUF
 file, each used by one request at a time. A request borrows an idle instance
@@ -14,7 +14,7 @@ back to the pool only once the thread has returned.
 Determinism: each request starts from ``Llama.reset()``. llama-cpp-python
 otherwise reuses the KV cache of the previous request's shared prefix, and
 evaluating part of a prompt changes the floating-point path, so greedy output
-would depend on what ran before (ARCHITECTURE §13).
+would depend on what ran before (docs/architecture.md#deterministic-generation).
 """
 
 from __future__ import annotations
@@ -247,9 +247,10 @@ def _continued_prompt(llm: Any, request: Request) -> tuple[list[int], list[str],
     handler). The continuation is then *replayed* as generation evaluated
     it: the prompt in one batch, the answer one token at a time. Evaluating
     it in one batch takes another floating-point path and greedy output
-    drifts (ARCHITECTURE §13: measured, a continued dragon story diverged
-    after 5 tokens). ``create_completion`` then finds all but the last token
-    cached and evaluates that one itself, as the original run did.
+    drifts (measured: a continued dragon story diverged after 5 tokens;
+    docs/architecture.md#deterministic-generation). ``create_completion``
+    then finds all but the last token cached and evaluates that one itself,
+    as the original run did.
     """
     stop: list[str] = []
     criteria = None

@@ -1,4 +1,6 @@
-"""The local OpenAI-compatible shim: the node's only HTTP surface (ARCHITECTURE §9).
+"""The local OpenAI-compatible shim: the node's only HTTP surface.
+
+See docs/architecture.md#the-openai-shim.
 
 Any OpenAI client pointed at ``http://127.0.0.1:<port>/v1`` with the node's
 API key talks to the network through its own node: ``GET /v1/models``,

@@ -2,10 +2,10 @@
 
 A Unix socket in the node's home directory (mode 0600, in a 0700 directory)
 reaches only processes of the same user on the same machine, and adds no
-network surface: the OpenAI shim stays the only HTTP endpoint (ARCHITECTURE
-§9). One JSON request line in, one JSON answer line out, then the connection
-closes. Requests: ``{"op": "offers", "model": <id or null>}``,
-``{"op": "peers"}``, ``{"op": "status"}``. Errors come back as
+network surface: the OpenAI shim stays the only HTTP endpoint
+(docs/architecture.md#the-openai-shim). One JSON request line in, one JSON
+answer line out, then the connection closes. Requests: ``{"op": "offers",
+"model": <id or null>}``, ``{"op": "peers"}``, ``{"op": "status"}``. Errors come back as
 ``{"error": "..."}``. The client is ``p2p/control_client.py`` (blocking, so
 that the commands asking start without trio).
 """

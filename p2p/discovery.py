@@ -1,4 +1,6 @@
-"""Who serves which model: DHT provider records and signed gossipsub offers (ARCHITECTURE §3).
+"""Who serves which model: DHT provider records and signed gossipsub offers.
+
+Wire formats: docs/protocols.md#offers-gossip-and-dht.
 
 Two channels, because neither is enough alone:
 
@@ -6,16 +8,18 @@ Two channels, because neither is enough alone:
   store) answer "who serves model X?" for a node that just joined and heard no
   gossip. We do not run KadDHT's own maintenance service: it refreshes the
   routing table the moment it starts, and 50 nodes doing that in one process
-  saturate the loop (LIBP2P_NOTES trap 3). Instead routing tables are seeded
-  from connections (trap 14: the DHT does not learn them itself), provider
-  records are re-announced on our own schedule, and lookups are our own single
-  iterative walk: py-libp2p's ``find_providers`` first walks to the closest
-  peers and only then asks them for providers, two walks where one suffices.
+  saturate the loop (docs/libp2p-traps.md#dht-refresh-storm). Instead routing
+  tables are seeded from connections (the DHT does not learn them itself:
+  docs/libp2p-traps.md#dht-routing-table-not-fed), provider records are
+  re-announced on our own schedule, and lookups are our own single iterative
+  walk: py-libp2p's ``find_providers`` first walks to the closest peers and
+  only then asks them for providers, two walks where one suffices.
 - **Offers on gossipsub** carry price and load, signed by the provider. The
   topic validator is :meth:`OfferBook.consider`, so forged, stale, replayed
   and oversized offers are neither kept nor relayed. Gossip can drop
-  messages (trap 2), so offers are re-announced every period and at once on
-  change, and consumers confirm with a status call before trusting one.
+  messages (docs/libp2p-traps.md#gossip-drops), so offers are re-announced
+  every period and at once on change, and consumers confirm with a status
+  call before trusting one.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ class Config:
 
     offers: offers.Config = field(default_factory=offers.Config)
     # Gossipsub heartbeat: go-libp2p uses 1 s, py-libp2p defaults to 120 s,
-    # which leaves a fresh mesh unformed for two minutes (trap 2).
+    # which leaves a fresh mesh unformed for two minutes
+    # (docs/libp2p-traps.md#gossip-drops).
     heartbeat_s: float = 1.0
     # Mesh degree D and its bounds, as go-libp2p's defaults.
     mesh_degree: int = 6
@@ -101,7 +106,10 @@ def _replay_heartbeats(cfg: Config) -> int:
 
 
 def model_key(model_id: str) -> bytes:
-    """The DHT key of a model: sha256 of ``p2pnode/model/<id>`` (trap 11: hash it ourselves)."""
+    """The DHT key of a model: sha256 of ``p2pnode/model/<id>``, hashed here.
+
+    See docs/libp2p-traps.md#dht-keys-from-text.
+    """
     return hashlib.sha256(f"p2pnode/model/{model_id}".encode()).digest()
 
 
@@ -126,7 +134,10 @@ def verify_peer_signature(peer_id: str, payload: bytes, signature: bytes) -> boo
 
 
 class _ConnectionWatcher(INotifee):
-    """Feeds newly connected peers to the DHT routing table (trap 14)."""
+    """Feeds newly connected peers to the DHT routing table.
+
+    See docs/libp2p-traps.md#dht-routing-table-not-fed.
+    """
 
     def __init__(self, on_connect: Callable[[ID], None]) -> None:
         self._on_connect = on_connect
@@ -190,7 +201,8 @@ class Discovery:
         # py-libp2p 0.8.1 answers DHT streams in 12 handler slots shared by
         # every peer, each reading with no time bound: 12 idle streams from
         # one peer shut the node out of the DHT (found by the fuzzer). Its
-        # streams go through a handler that bounds both.
+        # streams go through a handler that bounds both
+        # (docs/libp2p-traps.md#dht-inbound-slots).
         self._kad_streams: dict[ID, int] = {}
         host.set_stream_handler(KAD_PROTOCOL_ID, self._serve_kad)
         self.router = GossipSub(
@@ -210,7 +222,8 @@ class Discovery:
         self.pubsub = Pubsub(host, self.router, strict_signing=True)
         # py-libp2p 0.8.1's pubsub handler lets a protobuf DecodeError escape
         # (one junk RPC from any peer ended the node; found by the fuzzer):
-        # its streams go through a handler that ends only that stream.
+        # its streams go through a handler that ends only that stream
+        # (docs/libp2p-traps.md#pubsub-decodeerror).
         for protocol in self.router.get_protocols():
             host.set_stream_handler(protocol, self._serve_pubsub)
         self.pubsub.set_topic_validator(offers.TOPIC, self._validate, False)
@@ -507,7 +520,8 @@ class Discovery:
         """Peer IDs with a provider record for ``model_id``, from one iterative walk.
 
         Records this node holds itself count too. Like any DHT lookup the
-        answer may be incomplete (trap 15); gossip fills the rest.
+        answer may be incomplete (docs/libp2p-traps.md#dht-lookups-are-incomplete);
+        gossip fills the rest.
         """
         found: set[str] = set()
         # A walk is bounded in rounds by k, but peers may answer slowly round
@@ -563,7 +577,8 @@ class Discovery:
             )
             # Every node caches the providers it has verified offers from, so
             # the first peer that names any usually names them all: stop
-            # there (gossip fills in what it missed; trap 15).
+            # there (gossip fills in what it missed:
+            # docs/libp2p-traps.md#dht-lookups-are-incomplete).
             if stop_when_found and found:
                 break
             # Kademlia's end: the k closest peers known have all been asked.

@@ -1,8 +1,9 @@
 """Build and run the libp2p host, with py-libp2p 0.8.1's traps handled.
 
-Every trap named here is in LIBP2P_NOTES.md: the 250 ms connect stall (1),
-auto-connect meshes (13), transports fixed at construction and silent listen
-failures (8), SO_REUSEPORT port sharing (9), and unbounded awaits (12).
+The traps met here are in docs/libp2p-traps.md#host-and-connections: the
+250 ms connect stall, auto-connect meshes, transports fixed at construction
+and silent listen failures, SO_REUSEPORT port sharing, run() leaving
+listeners open, and unbounded awaits.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ class Config:
     # Loopback and an ephemeral port: a node is private until its user says
     # otherwise with --listen.
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    # Trap 1: with the default of 3, connect() waits 250 ms for parallel dials
-    # that never come; one connection per peer makes it ~10 ms.
+    # With the default of 3, connect() waits 250 ms for parallel dials that
+    # never come; one connection per peer makes it ~10 ms
+    # (docs/libp2p-traps.md#connect-stall).
     max_connections_per_peer: int = 1
-    # Trap 13: py-libp2p's auto-connector dials toward the midpoint of the
-    # watermarks (150 by default), which turns a local network into a full
-    # mesh. A p2pnode needs a handful of links; the DHT finds the rest.
+    # py-libp2p's auto-connector dials toward the midpoint of the watermarks
+    # (200 by default), which turns a local network into a full mesh
+    # (docs/libp2p-traps.md#auto-connect-mesh). A p2pnode needs a handful of
+    # links; the DHT finds the rest.
     low_watermark: int = 4
     high_watermark: int = 24
     max_connections: int = 256
@@ -94,9 +97,10 @@ def build(key_pair: KeyPair, cfg: Config) -> IHost:
         min_connections=min(cfg.low_watermark, 2),
         dial_timeout=cfg.dial_timeout,
     )
-    # Trap 8: transports are fixed here. Passing no listen_addrs and both flags
-    # gives TCP and WebSocket, so a node that listens on TCP only can still
-    # dial a /ws peer.
+    # Transports are fixed here (docs/libp2p-traps.md#silent-listen-failures).
+    # Passing no listen_addrs and both flags gives TCP and WebSocket, so a node
+    # that listens on TCP only can still dial a /ws peer. No sec_opt yet: the
+    # host also agrees to plaintext (docs/libp2p-traps.md#plaintext-security-is-accepted).
     return new_host(
         key_pair=key_pair,
         connection_config=conn_cfg,
@@ -108,9 +112,10 @@ def build(key_pair: KeyPair, cfg: Config) -> IHost:
 def check_ports_free(listen: Sequence[str]) -> None:
     """Fail clearly when a fixed TCP port is already taken.
 
-    Trap 9: py-libp2p binds with SO_REUSEPORT, so a second host on the same
-    port starts without error and the kernel splits connections between
-    them. A plain bind without SO_REUSEPORT tells us first.
+    py-libp2p binds with SO_REUSEPORT, so a second host on the same port
+    starts without error and the kernel splits connections between them
+    (docs/libp2p-traps.md#shared-ports). A plain bind without SO_REUSEPORT
+    tells us first.
     """
     for text in listen:
         addr = parse_multiaddr(text)
@@ -140,7 +145,7 @@ async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
     """Run the host and yield its full listen multiaddrs (with /p2p/<id>).
 
     Raises :class:`ConfigError` if any requested address does not end up
-    listening (trap 8: py-libp2p reports nothing).
+    listening (py-libp2p reports nothing: docs/libp2p-traps.md#silent-listen-failures).
     """
     check_ports_free(cfg.listen)
     addrs = [parse_multiaddr(a) for a in cfg.listen]
@@ -154,7 +159,8 @@ async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
                 yield [str(a) for a in host.get_addrs()]
             finally:
                 # py-libp2p 0.8.1: leaving run() stops its services but leaves
-                # listeners accepting and connections open; close() ends both.
+                # listeners accepting and connections open; close() ends both
+                # (docs/libp2p-traps.md#run-leaves-listeners-open).
                 with trio.CancelScope(
                     shield=True, deadline=trio.current_time() + cfg.close_timeout
                 ):
@@ -184,7 +190,10 @@ def _value(addr: multiaddr.Multiaddr, proto: str) -> str | None:
 
 
 async def connect(host: IHost, peer: PeerInfo, timeout: float) -> None:  # noqa: ASYNC109
-    """Connect to a peer, bounded (trap 12); failures become NetworkError."""
+    """Connect to a peer, bounded; failures become NetworkError.
+
+    See docs/libp2p-traps.md#unbounded-awaits.
+    """
     try:
         with trio.fail_after(timeout):
             await host.connect(peer)

@@ -1,4 +1,4 @@
-"""A node's two identities, kept in its home directory (ARCHITECTURE §2).
+"""A node's two identities, kept in its home directory (docs/architecture.md#identities).
 
 - ``peer.key``: the libp2p Ed25519 key (its protobuf serialization, the same
   bytes go-libp2p and js-libp2p use), mode 0600. It is the node's network

@@ -1,4 +1,6 @@
-"""Paid sessions: the chain's part of the handshake, for both sides (ARCHITECTURE §5, §7).
+"""Paid sessions: the chain's part of the handshake, for both sides.
+
+Wire side: docs/protocols.md#paid-handshake; prices: docs/architecture.md#where-a-price-is-chosen.
 
 Theory of operation. With a chain, a session is paid from the consumer's
 stake held in escrow, and costs the consumer at most two transactions::

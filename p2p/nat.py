@@ -1,4 +1,4 @@
-"""Reachability: whether other peers can dial this node (ARCHITECTURE §10).
+"""Reachability: whether other peers can dial this node (docs/protocols.md#dial-back).
 
 Theory of operation. A node asks up to ``helpers`` of its connected peers to
 dial it back (``/p2pnode/dialback/1.0.0``); each helper dials the listed
@@ -220,7 +220,8 @@ async def _dial_back(peer: ID, addrs: Sequence[str], dial_s: float) -> list[str]
     # py-libp2p 0.8.1's host.connect() tries an address 4 times (retries with
     # backoff), then refuses to dial the peer again for a while (a negative
     # cache): each address would cost its target 4 connections, and only the
-    # first address listed would be tested. One attempt per address instead.
+    # first address listed would be tested. One attempt per address instead
+    # (docs/libp2p-traps.md#dial-retries-and-the-negative-cache).
     network: Any = prober.get_network()  # retry_config and dial_addr are Swarm's
     network.retry_config = RetryConfig(max_retries=0)
     async with prober.run(listen_addrs=[]):

@@ -1,4 +1,4 @@
-"""The node: one libp2p host and the services that run on it (ARCHITECTURE §1).
+"""The node: one libp2p host and the services that run on it (docs/architecture.md#the-node).
 
 ``open_node`` is the only way to get a :class:`Node`; ``p2pnode start``,
 simnet and the tests all use it, with the same arguments. Everything the node

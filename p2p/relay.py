@@ -1,4 +1,6 @@
-"""Circuit relay v2 for private nodes (ARCHITECTURE §10), on py-libp2p's implementation.
+"""Circuit relay v2 for private nodes, on py-libp2p's implementation.
+
+Wire side: docs/protocols.md#circuit-relay-and-hole-punching.
 
 Theory of operation. Every node runs the circuit v2 protocol's STOP side and
 its transport, so it can accept relayed connections (from the relays it
@@ -8,11 +10,12 @@ reservations, circuits overall and per peer, bytes per circuit and per
 window, circuit duration): any public node can be a relay, none is special,
 and none relays for others unless told to. A node that is private (by its
 dial-back check or by configuration) and knows relays (``--relay``) connects
-to them, reserves a slot once identify has run (trap 4: earlier, py-libp2p
-caches "not a relay" for good), and advertises
-``<relay>/p2p-circuit/p2p/<itself>`` in its offers; the transport renews the
-reservations. A consumer that finds only circuit addresses in an offer dials
-them through the relay transport (``host.connect`` ignores them, trap 4).
+to them, reserves a slot once identify has run (earlier, py-libp2p caches
+"not a relay" for good: docs/libp2p-traps.md#relay-discovery-race), and
+advertises ``<relay>/p2p-circuit/p2p/<itself>`` in its offers; the transport
+renews the reservations. A consumer that finds only circuit addresses in an
+offer dials them through the relay transport (``host.connect`` ignores them:
+docs/libp2p-traps.md#circuit-addresses-need-the-relay-transport).
 
 Hole punching (DCUtR). Right after a relayed dial the dialling node tries to
 upgrade the connection: first a plain dial to the peer's direct addresses
@@ -132,10 +135,11 @@ RESPONDER_HEAD_START_S = 0.5
 def protected(host: IHost, peer: ID, tag: str) -> Iterator[None]:
     """Keep the swarm from trimming ``peer``'s connections while inside.
 
-    py-libp2p keeps one connection per peer (max_connections_per_peer=1, trap
-    in host.py): when a direct one arrives it closes the older relayed one,
-    streams and all. ``tag`` names who protects, so that one role's exit does
-    not lift another's protection of the same peer.
+    py-libp2p keeps one connection per peer (max_connections_per_peer=1):
+    when a direct one arrives it closes the older relayed one, streams and
+    all (docs/libp2p-traps.md#connection-trim). ``tag`` names who protects,
+    so that one role's exit does not lift another's protection of the same
+    peer.
     """
     network: Any = host.get_network()  # protect/unprotect are Swarm's, not INetwork's
     network.protect(peer, tag)
@@ -193,7 +197,8 @@ class _HolePunch(DCUtRProtocol):
                 await super()._handle_dcutr_stream(stream)
         except Exception:
             # The handler runs in the swarm's task: an exception escaping it
-            # would end the node (py-libp2p 0.8.1). Only this stream pays.
+            # would end the node (docs/libp2p-traps.md#handler-exceptions-end-the-node).
+            # Only this stream pays.
             logger.exception("hole punch answer to %s failed", short(peer))
             await reset_quietly(stream)
         finally:
@@ -323,7 +328,10 @@ class Relay:
         return circuit
 
     async def _identified(self, peer: ID) -> None:
-        """Wait until identify has told us the peer's protocols (trap 4)."""
+        """Wait until identify has told us the peer's protocols.
+
+        See docs/libp2p-traps.md#relay-discovery-race.
+        """
         peerstore = self._host.get_peerstore()
         while True:
             try:

@@ -109,7 +109,8 @@ async def reset_quietly(stream: ByteStream) -> None:
     """Reset a stream whose fate no longer matters; errors are expected here."""
     # The deadline on the shielded scope itself: a move_on_after outside the
     # shield could not cancel inside it, and a peer that stops reading would
-    # hold this (and its caller's shutdown) for good.
+    # hold this (and its caller's shutdown) for good
+    # (docs/libp2p-traps.md#reset-can-block).
     with (
         trio.CancelScope(shield=True, deadline=trio.current_time() + ERROR_GRACE_S),
         contextlib.suppress(IOException),

@@ -1,4 +1,4 @@
-"""State machines for one-request, one-answer protocols (status, offer sync).
+"""State machines for one-request, one-answer protocols (status, dial-back).
 
 Theory of operation. A unary stream carries one exchange::
 

@@ -1,4 +1,4 @@
-"""Frames and typed messages shared by every p2pnode protocol (ARCHITECTURE §4).
+"""Frames and typed messages shared by every p2pnode protocol (docs/protocols.md#framing).
 
 A frame is an unsigned varint (multiformats, minimal encoding) giving the body
 length, then the body: a msgpack map ``{"t": type_tag, ...fields}``.
@@ -48,7 +48,7 @@ DEFAULT_MAX_FRAME: Final = 64 * 1024
 and small enough that a hostile peer costs little memory."""
 
 PROMPT_MAX_FRAME: Final = 1024 * 1024
-"""Cap for frames that carry prompts (ARCHITECTURE §4)."""
+"""Cap for frames that carry prompts: the sealed frames of an infer stream."""
 
 # A length below 2**63 fits in 9 varint bytes (multiformats unsigned-varint).
 _MAX_VARINT_BYTES: Final = 9

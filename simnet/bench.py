@@ -2,7 +2,7 @@
 
 They never assert on time: the machines are noisy, so each figure comes with
 the same measurement over a simpler stack, taken moments apart, and the ratio
-between them (STYLE: benchmarks print figures and ratios).
+between them (docs/architecture.md#conventions).
 """
 
 from __future__ import annotations

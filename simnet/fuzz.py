@@ -624,7 +624,7 @@ async def _reset(stream: INetStream) -> None:
     """Reset a stream, within a second even when cancelled.
 
     The deadline is on the shielded scope itself: a deadline outside a shield
-    never reaches inside it (``protocols.stream.reset_quietly`` has that trap).
+    never reaches inside it (docs/libp2p-traps.md#reset-can-block).
     """
     with trio.move_on_after(1.0) as scope, contextlib.suppress(*_QUIET):
         scope.shield = True
@@ -1557,7 +1557,8 @@ async def _offers(run: _Run, att: Attacker, h: Hostile, force: str | None) -> No
     except _QUIET:
         return
     run.sent("offers", kind, 1, body, what)
-    # The publisher's queue holds 32 messages per peer and drops the rest (trap 2).
+    # The publisher's queue holds 32 messages per peer and drops the rest
+    # (docs/libp2p-traps.md#gossip-drops).
     await trio.sleep(0.01)
 
 
@@ -2030,7 +2031,8 @@ def _worker_process(spec: _Spec, results: Connection, control: Connection) -> No
     Sends ``("progress", frames)`` every half second and ``("done", counts)``
     once; stops early when anything arrives on ``control``.
     """
-    import libp2p  # noqa: F401 - its import resets its logger (trap 10): quiet it after
+    # Its import resets its logger: quiet it after (docs/libp2p-traps.md#logger-reset-on-import).
+    import libp2p  # noqa: F401
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     logging.getLogger("p2pnode").setLevel(logging.CRITICAL)

@@ -163,7 +163,8 @@ async def _in_process(spec: _Joined, bound_s: float, out: Fuzzed) -> fuzzlib.Fuz
 
 def _joined_process(spec: _Joined, results: Connection) -> None:
     os.setpgrp()  # a group of its own, with the workers it starts: killed as one
-    import libp2p  # noqa: F401 - its import resets its logger (trap 10): quiet it after
+    # Its import resets its logger: quiet it after (docs/libp2p-traps.md#logger-reset-on-import).
+    import libp2p  # noqa: F401
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     logging.getLogger("p2pnode").setLevel(logging.CRITICAL)

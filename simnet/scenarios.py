@@ -2,7 +2,7 @@
 
 Each returns a JSON-ready report. Figures are measured on the wall clock of one
 process that runs every node, so they include the cost of sharing its cores;
-they are reported, never asserted (STYLE: benchmarks print figures).
+they are reported, never asserted (docs/architecture.md#conventions).
 """
 
 from __future__ import annotations

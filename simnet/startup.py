@@ -7,7 +7,7 @@ each command's ratio to the baseline's median. ``status`` and ``offers`` ask
 a real node started for the run (free mode, no model, its own home); ``id``
 reads that home, which holds a wallet. The goal (README, "Benchmarks") is a
 median under 0.3 s for every command; as every benchmark here, it prints and
-never asserts (STYLE: benchmarks never assert on wall time).
+never asserts (docs/architecture.md#conventions: benchmarks never assert on wall time).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""Pure modules stay pure, and every package stays on its side of the layering."""
+"""Pure modules stay pure, every package stays on its side of the layering, and the docs
+cite only what exists."""
 
 from __future__ import annotations
 
 import ast
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,162 @@ def test_lower_packages_do_not_import_upper_ones(package: str) -> None:
     for path in (ROOT / package).rglob("*.py"):
         bad = {n for n in _imports(path) if any(n.startswith(u) for u in upper)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+# --- the project's own docs ----------------------------------------------------
+
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    "node_modules",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".hypothesis",
+    "build",
+    "dist",
+}
+# Design notes that lived beside the repository once. What the code relies on
+# is in docs/ now; a citation of those notes points at nothing a reader has.
+OUTSIDE_NOTES = re.compile(r"ARCHITECTURE|LIBP2P_NOTES|shared/|\bSTYLE\b")
+# "trap 5" alone names a numbered list nobody here has: a trap is cited by its
+# heading in docs/libp2p-traps.md.
+TRAP_NUMBER = re.compile(r"\btraps? \d", re.IGNORECASE)
+DOCS_LINK = re.compile(r"docs/([\w-]+\.md)(?:#([\w-]+))?")
+# Links between the docs themselves: ``(protocols.md#framing)`` or ``(#framing)``.
+RELATIVE_LINK = re.compile(r"\]\(([\w-]+\.md)?#([\w-]+)\)")
+# Our code as the docs name it: `p2p/consumer.py`, `p2p/consumer.py:Consumer._open`.
+CODE_NAME = re.compile(
+    r"`((?:p2p|protocols|inference|chain|cli|simnet|contracts|tests|docs)/[\w./-]+"
+    r"|errors\.py|scopes\.py|pyproject\.toml|README\.md|dev)(?::([\w.]+))?`"
+)
+
+
+def _project_files() -> list[Path]:
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+        found += [Path(folder) / name for name in sorted(files)]
+    return found
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        return None
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(doc: Path) -> set[str]:
+    anchors: set[str] = set()
+    fenced = False
+    for line in doc.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading and not fenced:
+            slug = base = _slug(heading.group(1))
+            n = 0
+            while slug in anchors:  # GitHub numbers repeated headings
+                n += 1
+                slug = f"{base}-{n}"
+            anchors.add(slug)
+    return anchors
+
+
+def _doc_links() -> list[tuple[str, str, str | None]]:
+    """(where, docs file, anchor or None) for every link into docs/ in the tree."""
+    links = []
+    for path in _project_files():
+        text = _text(path)
+        if text is None:
+            continue
+        where = str(path.relative_to(ROOT))
+        links += [(where, m.group(1), m.group(2)) for m in DOCS_LINK.finditer(text)]
+        if path.parent == ROOT / "docs":
+            for m in RELATIVE_LINK.finditer(text):
+                links.append((where, m.group(1) or path.name, m.group(2)))
+    return links
+
+
+def test_no_file_cites_notes_outside_the_repository() -> None:
+    bad = []
+    for path in _project_files():
+        text = _text(path)
+        if text is None or path == Path(__file__).resolve():  # this file names the patterns
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            unlinked_trap = TRAP_NUMBER.search(line) and "docs/libp2p-traps.md#" not in line
+            if OUTSIDE_NOTES.search(line) or unlinked_trap:
+                bad.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not bad, "cite docs/ instead:\n" + "\n".join(bad)
+
+
+def test_every_docs_link_points_at_a_heading() -> None:
+    links = _doc_links()
+    assert len(links) >= 20  # the code and the README cite the docs
+    bad = []
+    for where, name, anchor in links:
+        doc = ROOT / "docs" / name
+        if not doc.is_file():
+            bad.append(f"{where}: docs/{name} does not exist")
+        elif anchor is not None and anchor not in _anchors(doc):
+            bad.append(f"{where}: docs/{name} has no heading #{anchor}")
+    assert not bad, "\n".join(bad)
+
+
+def _defines(path: Path, qualname: str) -> bool:
+    """Whether ``path`` defines ``qualname`` (``Class.method``, ``function``, ``CONSTANT``)."""
+    if path.suffix != ".py":
+        return qualname.split(".")[-1] in path.read_text()
+    scope: list[ast.stmt] = ast.parse(path.read_text(), str(path)).body
+    owner: ast.AST | None = None
+    for name in qualname.split("."):
+        found: ast.AST | None = None
+        for node in scope:
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                if node.name == name:
+                    found = node
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                    found = node
+        if found is None and isinstance(owner, ast.ClassDef):
+            # An attribute its methods set: ``self.name = ...``.
+            found = next(
+                (
+                    n
+                    for n in ast.walk(owner)
+                    if isinstance(n, ast.Attribute)
+                    and isinstance(n.ctx, ast.Store)
+                    and isinstance(n.value, ast.Name)
+                    and n.value.id == "self"
+                    and n.attr == name
+                ),
+                None,
+            )
+        if found is None:
+            return False
+        owner = found
+        scope = getattr(found, "body", [])
+    return True
+
+
+def test_every_code_name_in_docs_exists() -> None:
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert docs
+    bad = []
+    for doc in docs:
+        for m in CODE_NAME.finditer(doc.read_text()):
+            path, name = ROOT / m.group(1), m.group(2)
+            if not path.exists():
+                bad.append(f"{doc.name}: {m.group(1)} does not exist")
+            elif name is not None and not _defines(path, name):
+                bad.append(f"{doc.name}: {m.group(1)} defines no {name}")
+    assert not bad, "\n".join(bad)

@@ -1,4 +1,4 @@
-"""Messages of the dial-back protocol (ARCHITECTURE §10: honest reachability)."""
+"""Messages of the dial-back protocol (docs/protocols.md#dial-back: honest reachability)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ stream id) and the sealed Request; the provider answers sealed Chunks (batched
 by ``batching``), then Done with the session's provider-signed cumulative
 ``Receipt``; the consumer answers Ack, its own signature over the receipt.
 Closing the stream early cancels generation. ``messages`` and ``machine`` are
-the pure protocol, ``service`` the trio adapter (ARCHITECTURE §6).
+the pure protocol, ``service`` the trio adapter (docs/protocols.md#inference-stream).
 """
 
 from __future__ import annotations

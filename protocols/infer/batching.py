@@ -1,11 +1,12 @@
 """When generated tokens leave as a frame: at once for the first, then by a short window.
 
 A libp2p stream carries ~1,000-1,700 frames/s and spends ~0.6 ms of CPU per
-frame (LIBP2P_NOTES), so a frame per token would cap a fast provider. The
-batcher holds tokens until ``window_s`` has passed since the oldest one
-waiting, or ``max_tokens`` are waiting, and lets the first token of a stream
-leave immediately so that time to first token is unchanged. Pure: the caller
-passes ``now`` and waits for :meth:`deadline` itself.
+frame (docs/libp2p-traps.md#per-frame-cost), so a frame per token would cap a
+fast provider. The batcher holds tokens until ``window_s`` has passed since
+the oldest one waiting, or ``max_tokens`` are waiting, and lets the first
+token of a stream leave immediately so that time to first token is
+unchanged. Pure: the caller passes ``now`` and waits for :meth:`deadline`
+itself.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""State machines of the inference stream, one per side (ARCHITECTURE §6).
+"""State machines of the inference stream, one per side (docs/protocols.md#sealed-frames).
 
 Theory of operation. Every frame's body starts with one byte saying what
 follows: ``CLEAR`` (a msgpack message anyone can read) or ``SEALED`` (a

@@ -1,4 +1,4 @@
-"""Messages of the inference stream (ARCHITECTURE §6).
+"""Messages of the inference stream (docs/protocols.md#inference-stream).
 
 A stream opens with ``InferOpen`` in the clear (which session, which stream:
 the provider needs them to find the keys); every later frame's body is a

@@ -1,4 +1,4 @@
-"""Trio adapter of the inference stream (ARCHITECTURE §6).
+"""Trio adapter of the inference stream (docs/protocols.md#inference-stream).
 
 Consumer: :func:`request` sends InferOpen and the sealed Request in one
 write, hands each Chunk to its caller as it arrives, answers Done with an

@@ -1,4 +1,6 @@
-"""Signed provider offers (ARCHITECTURE §3): gossip topic, sync protocol, OfferBook.
+"""Signed provider offers: the gossip topic and the OfferBook.
+
+Wire format and admission rules: docs/protocols.md#offers-gossip-and-dht.
 
 An :class:`Offer` says who serves which models, at what price and load. The
 provider signs it with its libp2p peer key, so an offer proves itself however it

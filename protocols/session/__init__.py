@@ -1,10 +1,10 @@
 """``/p2pnode/session/1.0.0``: a consumer and a provider agree on a session and its keys.
 
 Hello → Approve (or Reject{code}) → Opened{session_id} → Ready, then requests
-flow on ``/p2pnode/infer/1.0.0`` sealed with the session's keys (ARCHITECTURE
-§5). ``messages`` and ``machine`` are the pure protocol, ``crypto`` the key
-schedule and sealed frames, ``service`` the trio adapter (the node decides
-admission; see ``p2p/provider.py``).
+flow on ``/p2pnode/infer/1.0.0`` sealed with the session's keys
+(docs/protocols.md#session-handshake). ``messages`` and ``machine`` are the
+pure protocol, ``crypto`` the key schedule and sealed frames, ``service`` the
+trio adapter (the node decides admission; see ``p2p/provider.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Session keys and sealed frames (ARCHITECTURE §5, step 4).
+"""Session keys and sealed frames (docs/protocols.md#key-derivation).
 
 Theory of operation. Each side of a session handshake makes an X25519
 ephemeral key pair. The shared secret goes through HKDF-SHA256, salted with

@@ -1,4 +1,4 @@
-"""Messages of the session handshake (ARCHITECTURE §5)."""
+"""Messages of the session handshake (docs/protocols.md#handshake-messages)."""
 
 from __future__ import annotations
 

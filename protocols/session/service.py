@@ -1,4 +1,6 @@
-"""Trio adapter of the session handshake over a libp2p stream (ARCHITECTURE §5).
+"""Trio adapter of the session handshake over a libp2p stream.
+
+The handshake on the wire: docs/protocols.md#session-handshake.
 
 The machines decide what is valid; this module moves their bytes and asks
 its caller the two questions only the node can answer: whether to take the

@@ -2,7 +2,7 @@
 
 One exchange per stream: the client sends ``StatusRequest``, the server answers
 ``StatusResponse`` (or ``Error``) and closes. Consumers use it to confirm an
-offer before they trust it (ARCHITECTURE §3); ``p2pnode status`` shows it.
+offer before they trust it (docs/protocols.md#status); ``p2pnode status`` shows it.
 """
 
 from __future__ import annotations

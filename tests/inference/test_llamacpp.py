@@ -186,7 +186,7 @@ async def test_unknown_model_is_an_engine_error(engine: LlamaCppEngine) -> None:
 async def test_a_continued_answer_equals_the_uninterrupted_one(
     engine: LlamaCppEngine, cut: int
 ) -> None:
-    """Failover continues from the text delivered so far (ARCHITECTURE §6, §13)."""
+    """Failover continues from the text delivered so far (docs/architecture.md#failover)."""
     request = chat(Params(max_tokens=40, temperature=0.0, seed=7))
     full, last = await collect(engine, request)
     parts: list[str] = []

@@ -1,4 +1,7 @@
-"""Reachability by dial-back from a fresh identity (not py-libp2p's AutoNAT, trap 5)."""
+"""Reachability by dial-back from a fresh identity, not py-libp2p's AutoNAT.
+
+See docs/libp2p-traps.md#autonat-reuses-the-connection.
+"""
 
 from __future__ import annotations
 

@@ -166,7 +166,10 @@ async def test_fixed_port_in_use_is_a_config_error(node_factory: OpenNode) -> No
 
 
 async def test_address_no_transport_can_serve_is_a_config_error(node_factory: OpenNode) -> None:
-    """Trap 8: py-libp2p silently listens nowhere; we refuse to start."""
+    """py-libp2p silently listens nowhere; we refuse to start.
+
+    See docs/libp2p-traps.md#silent-listen-failures.
+    """
     quic = hostlib.Config(listen=("/ip4/127.0.0.1/udp/0/quic-v1",))
     with pytest.raises(ConfigError, match="could not listen on /ip4/127.0.0.1/udp/0/quic-v1"):
         async with node_factory(host=quic):

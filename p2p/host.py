@@ -18,11 +18,15 @@ from dataclasses import dataclass
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, ISecureTransport
 from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from p2pnode.errors import ConfigError, NetworkError
 from p2pnode.scopes import single_errors_ungrouped
@@ -99,14 +103,22 @@ def build(key_pair: KeyPair, cfg: Config) -> IHost:
     )
     # Transports are fixed here (docs/libp2p-traps.md#silent-listen-failures).
     # Passing no listen_addrs and both flags gives TCP and WebSocket, so a node
-    # that listens on TCP only can still dial a /ws peer. No sec_opt yet: the
-    # host also agrees to plaintext (docs/libp2p-traps.md#plaintext-security-is-accepted).
+    # that listens on TCP only can still dial a /ws peer. Noise alone: by
+    # default the host also agrees to plaintext, where a peer may claim any
+    # peer id (docs/libp2p-traps.md#plaintext-security-is-accepted).
     return new_host(
         key_pair=key_pair,
         connection_config=conn_cfg,
         enable_tcp=True,
         enable_websocket=True,
+        sec_opt=noise_only(key_pair),
     )
+
+
+def noise_only(key_pair: KeyPair) -> dict[TProtocol, ISecureTransport]:
+    """The one security protocol a p2pnode speaks: Noise, which proves the peer key."""
+    noise_key = create_new_x25519_key_pair().private_key
+    return {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=noise_key)}
 
 
 def check_ports_free(listen: Sequence[str]) -> None:

@@ -17,13 +17,17 @@ import pytest
 import trio
 from eth_account import Account
 from eth_account.messages import encode_defunct
+from libp2p import new_host
+from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
 from p2pnode.errors import ErrorCode, NetworkError, NoProviderError
 from p2pnode.inference.engine import Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
+from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
 from p2pnode.p2p.consumer import _wire_request
@@ -53,6 +57,38 @@ async def running(
 ) -> AsyncIterator[Node]:
     async with open_node(config, key_pair=create_new_key_pair(), engines=engines or []) as node:
         yield node
+
+
+# --- identity -------------------------------------------------------------------
+
+
+def _plaintext_host() -> IHost:
+    """A host that speaks only /plaintext/2.0.0: it may claim any peer id."""
+    key_pair = create_new_key_pair()
+    insecure = {TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)}
+    return new_host(key_pair=key_pair, sec_opt=insecure)
+
+
+async def test_a_peer_that_will_not_prove_its_key_is_refused_both_ways() -> None:
+    # The attack: py-libp2p's hosts agree to plaintext by default, where the
+    # peer id is only claimed, not proven (its allowlist, bans, relay slots and
+    # sessions all trust that id). A node now speaks Noise alone.
+    cfg = hostlib.Config()
+    async with (
+        running(NodeConfig(measure_tokens=0)) as node,
+        hostlib.running(_plaintext_host(), cfg) as liar_addrs,
+    ):
+        liar = hostlib.parse_peer_addr(liar_addrs[0])
+        with pytest.raises(NetworkError):  # we dial it: no plaintext fallback
+            await hostlib.connect(node.host, liar, BOUND_S / 3)
+        plaintext = _plaintext_host()
+        async with hostlib.running(plaintext, cfg):
+            with pytest.raises(NetworkError):  # it dials us: refused
+                await hostlib.connect(
+                    plaintext, hostlib.parse_peer_addr(node.addrs[0]), BOUND_S / 3
+                )
+            assert ID.from_base58(node.peer_id) not in plaintext.get_connected_peers()
+        assert liar.peer_id not in node.host.get_connected_peers()
 
 
 # --- gossip ---------------------------------------------------------------------

@@ -6,22 +6,36 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
-from p2pnode.simnet.fuzz import PROTOCOLS, fuzz, open_target, triage
+from p2pnode.simnet.fuzz import PROTOCOLS, fuzz, open_target, task_dump, triage
 
 pytestmark = pytest.mark.slow
+STUCK_S = 240  # ~40 s alone on 2 cores; a loaded CI run takes longer
 
 
 async def test_a_fuzzed_node_survives_answers_status_and_serves_an_honest_chat() -> None:
-    async with open_target() as target:
-        report = await fuzz(
-            target.node,
-            attackers=4,
-            frames=3_000,
-            seed=1,
-            died=target.exited,
-            burst=40,
-        )
+    stuck: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def watchdog() -> None:
+            # A hang says where it waits (every trio task), then the test fails.
+            await trio.sleep(STUCK_S)
+            stuck.append(task_dump(limit=400))
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watchdog)
+        async with open_target() as target:
+            report = await fuzz(
+                target.node,
+                attackers=4,
+                frames=3_000,
+                seed=1,
+                died=target.exited,
+                burst=40,
+            )
+        nursery.cancel_scope.cancel()
+    assert not stuck, f"fuzz() did not end within {STUCK_S} s; where it waited:\n{stuck[0]}"
     assert report.node_exits == 0, report.exit_reasons
     assert target.failure is None
     assert report.total_frames >= 3_000

@@ -44,7 +44,6 @@ from eth_utils.exceptions import ValidationError as EthValidationError
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import (
-    BlockNotFound,
     ContractCustomError,
     ContractLogicError,
     Web3Exception,
@@ -208,7 +207,7 @@ class Chain:
         latest = self.now()
         try:
             pending = int(self.w3.eth.get_block("pending")["timestamp"])
-        except (BlockNotFound, Web3RPCError, KeyError):
+        except Exception:  # noqa: BLE001 - any odd pending block: the latest's time stands
             return latest
         return max(latest, pending)
 
@@ -292,30 +291,43 @@ class Chain:
         latest = int(self.w3.eth.block_number)
         if latest < from_block:
             return MarketEvents(), from_block
-        last = min(latest, from_block + max_blocks - 1)
-        logs = self.w3.eth.get_logs(
-            {
-                "address": self.market.address,
-                "fromBlock": from_block,
-                "toBlock": last,
-                "topics": [["0x" + topic for topic in self._followed]],  # any one of them
-            }
-        )
+        span = max_blocks
+        while True:
+            last = min(latest, from_block + span - 1)
+            try:
+                logs = self.w3.eth.get_logs(
+                    {
+                        "address": self.market.address,
+                        "fromBlock": from_block,
+                        "toBlock": last,
+                        "topics": [["0x" + topic for topic in self._followed]],  # any one
+                    }
+                )
+                break
+            except (Web3Exception, ValueError, OSError):
+                # RPC nodes cap a call's logs (or its range): anyone can fill a
+                # range with events for gas alone. Halve it rather than fail on
+                # the same range for ever.
+                if last == from_block:
+                    raise
+                span = max(1, (last - from_block + 1) // 2)
         closed: list[bytes] = []
         bidders: set[str] = set()
         withdrawn: set[bytes] = set()
         for log in logs:
-            topic = bytes(log["topics"][0]).hex() if log["topics"] else ""
-            name = self._followed.get(topic.removeprefix("0x"))
-            if name is None:
+            # Everything needed is an indexed topic: no ABI decoding of what
+            # may be thousands of other providers' events.
+            topics = [bytes(t) for t in log["topics"]]
+            name = self._followed.get(topics[0].hex()) if topics else None
+            if name is None or len(topics) < (3 if name == "BidPosted" else 2):
                 continue
-            args = getattr(self.market.events, name)().process_log(log)["args"]
             if name == "SessionClosed":
-                closed.append(bytes(args["sessionId"]))
+                closed.append(topics[1])
             elif name == "BidDeleted":
-                withdrawn.add(bytes(args["bidId"]))
-            else:
-                bidders.add(to_checksum_address(args["provider"]))
+                withdrawn.add(topics[1])
+            else:  # ProviderRegistered/Deregistered: topic 1; BidPosted: topic 2
+                provider = topics[2] if name == "BidPosted" else topics[1]
+                bidders.add(to_checksum_address(provider[-20:]))
         return MarketEvents(tuple(closed), frozenset(bidders), frozenset(withdrawn)), last + 1
 
     # --- approvals -------------------------------------------------------------

@@ -15,6 +15,7 @@ import ast
 import contextlib
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from eth_abi.abi import decode as abi_decode
@@ -125,7 +126,18 @@ def unreachable(url: str, exc: BaseException) -> str:
     """One line for a chain node that did not answer: ``no chain answers at URL (why)``,
     why being what the socket said (connection refused, timed out, unknown host), not
     the account urllib3 and requests wrap around it."""
-    return f"no chain answers at {url} ({_network_reason(exc)})"
+    return f"no chain answers at {public_url(url)} ({_network_reason(exc)})"
+
+
+def public_url(url: str) -> str:
+    """``scheme://host[:port]`` of an RPC URL: hosted RPC URLs carry their API key in
+    the path, the query or a ``user:password@`` part, and messages reach logs and
+    the shim's error bodies."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.hostname:
+        return "the chain's RPC URL"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 def _network_reason(exc: BaseException) -> str:

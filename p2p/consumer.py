@@ -275,7 +275,10 @@ class Consumer:
             left = request.params.max_tokens - produced
             if left <= 0:  # the failed provider had already used the whole budget
                 return Outcome("length", 0, produced, "", failovers)
-            candidates, why_none = await self._candidates(request.model_id, tried)
+            # The DHT is asked at most once per request, not on every busy round.
+            candidates, why_none = await self._candidates(
+                request.model_id, tried, discover=not attempts
+            )
             if only is not None:
                 candidates = [c for c in candidates if c.peer_id in only]
                 why_none = why_none or "none of the providers asked for offers this model"
@@ -303,18 +306,23 @@ class Consumer:
             wire = _wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
             before = produced
             try:
-                done = await self._request_on(peer, wire, on_chunk)
+                done = await self._request_on(peer, wire, on_chunk, reopened)
             except (SpendLimitError, FundsError):
                 raise  # no other provider could be paid either
             except infer_service.Refused as exc:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == ErrorCode.RATE_LIMITED:
                     limited += 1
-                elif exc.code == ErrorCode.BUSY:
+                elif exc.code == ErrorCode.BUSY and produced == before:
                     busy.add(peer)
                     if peer not in busy_counted:
                         busy_counted.add(peer)
                         await self._offence(peer, request.model_id, Offence.REFUSED, exc)
+                elif exc.code == ErrorCode.BUSY:
+                    # Busy after streaming part of the answer is no honest busy
+                    # (an engine refuses before its first token): a failure, not
+                    # a provider to wait for.
+                    failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 elif (
                     exc.code in _REOPEN_CODES
                     and peer not in reopened
@@ -337,8 +345,11 @@ class Consumer:
                 else:
                     await self._offence(peer, request.model_id, Offence.BROKEN_PROMISE, exc)
                 continue
-            except Unfunded as exc:  # our wallet, not the provider: nobody could be paid
-                raise FundsError(str(exc)) from exc
+            except Unfunded as exc:  # our wallet, not the provider
+                if not exc.ether or not exc.tokens:  # nobody could be paid
+                    raise FundsError(str(exc)) from exc
+                last_error = f"{short(peer)}: {exc}"  # a cheaper provider may be
+                continue
             except ChainError as exc:  # the on-chain open failed (nothing was sent)
                 last_error = f"{short(peer)}: {exc}"
                 # Only a revert the provider caused counts against it; our own
@@ -352,7 +363,9 @@ class Consumer:
                 last_error = f"{short(peer)}: {exc}"
                 if exc.code == session.RejectCode.RATE_LIMITED:
                     limited += 1
-                elif exc.code == session.RejectCode.BUSY:
+                elif exc.code == session.RejectCode.BUSY and not self.reputation.banned(
+                    peer, trio.current_time()
+                ):  # (banned: it said busy after our on-chain open, see _open)
                     busy.add(peer)
                     if peer not in busy_counted:
                         busy_counted.add(peer)
@@ -434,14 +447,20 @@ class Consumer:
         self.stats.move_to_end(peer)
         return seen
 
-    async def _candidates(self, model_id: str, tried: set[str]) -> tuple[list[Offer], str]:
-        """The providers to try next, best first, and (when there are none) why."""
+    async def _candidates(
+        self, model_id: str, tried: set[str], *, discover: bool = True
+    ) -> tuple[list[Offer], str]:
+        """The providers to try next, best first, and (when there are none) why.
+
+        ``discover``: when the OfferBook has no fresh offer, look the model up
+        in the DHT (and ask the providers it names).
+        """
 
         def fresh(offers: list[Offer]) -> list[Offer]:
             return [o for o in offers if o.peer_id not in tried and o.peer_id != self._node.peer_id]
 
         seen = fresh(self._node.offer_book.offers(model_id))
-        if not seen:
+        if not seen and discover:
             seen = fresh(await self._node.discover(model_id))
         offers = seen
         if self.market is not None:
@@ -471,8 +490,15 @@ class Consumer:
         return f"{count}; {'all' if banned == len(seen) else banned} banned for misbehaviour"
 
     async def _request_on(
-        self, peer: str, wire: Request, on_chunk: Callable[[Chunk], Awaitable[None]]
+        self,
+        peer: str,
+        wire: Request,
+        on_chunk: Callable[[Chunk], Awaitable[None]],
+        reopened: set[str],
     ) -> Done:
+        """One request on ``peer``; a session it forgot is reopened here once per
+        request (``reopened`` says whether that happened already), so a provider
+        that keeps forgetting cannot make a request open a paid session each time."""
         guard = _ReplyGuard(wire.max_tokens, self.cfg, on_chunk)
         for reopen in (False, True):
             held = await self._session(peer, wire.model_id, reopen=reopen)
@@ -495,8 +521,9 @@ class Consumer:
                 # over, or our last Ack did not reach it: settle it (if paid) and
                 # open another, once — unless text was delivered, which the
                 # caller's failover continues from.
-                if exc.code not in _REOPEN_CODES or reopen or guard.tokens:
+                if exc.code not in _REOPEN_CODES or reopen or guard.tokens or peer in reopened:
                     raise
+                reopened.add(peer)
                 await self._drop_session(peer, wire.model_id)
                 continue
             finally:
@@ -569,8 +596,12 @@ class Consumer:
             # a timeout, a chain the provider could not read, or our own
             # cancellation is not (the ladder in _run_remotely counts those).
             if opened:
+                # After the open only the provider's chain read can honestly fail
+                # (CHAIN_UNAVAILABLE); busy, not allowed and the like were for the
+                # Hello, before it approved. Refusing then is taking a stake and not
+                # serving it (and, busy, would be asked again: a new open each time).
                 fraud = isinstance(exc, session_service.Rejected) and (
-                    exc.code == session.RejectCode.BAD_SESSION
+                    exc.code != session.RejectCode.CHAIN_UNAVAILABLE
                 )
                 if fraud:
                     self.counters["paid_not_served"] += 1
@@ -613,8 +644,8 @@ class Consumer:
 
         async def on_approve(hello: session.Hello, approve: session.Approve) -> bytes:
             assert offer is not None
+            await market.check_bid(offer, terms)  # a bid that is no bid costs no funds check
             await market.check_funds(stake)
-            await market.check_bid(offer, terms)
             session_id = await market.open_session(peer, hello, approve, terms, stake)
             opened.append(session_id)
             return session_id

@@ -488,11 +488,13 @@ class ProviderMarket:
                 if s.open or int(s.consumer, 16) != 0:
                     break
                 await trio.sleep(delay)
-            now = await self._read_chain_time()
         except ChainError as exc:
             self.counters["chain_errors"] += 1
             logger.warning("cannot read session %s: %s", session_id.hex()[:8], exc)
             return RejectCode.CHAIN_UNAVAILABLE
+        # The clock as follow() last read it (at most follow_s old): a made-up
+        # session id must not cost us one more RPC than the session read.
+        now = self.chain_time()
         ok = (
             s.open
             and s.provider.lower() == self.address.lower()
@@ -810,8 +812,11 @@ class ConsumerMarket:
     async def check_funds(self, stake: int) -> None:
         """Before a session is opened: the wallet holds the stake and some ether for gas.
 
-        Raises :class:`FundsError` naming the wallet and what it lacks: no other
-        provider could be paid either, so the request stops here.
+        A wallet with no ether or no tokens at all raises :class:`FundsError`
+        naming it and what it lacks: no provider could be paid, so the request
+        stops there. One that holds some tokens, but fewer than this provider's
+        stake, raises ChainError: a cheaper provider may still be paid (and a
+        provider cannot end every request by asking a stake above the wallet's).
         """
         chain = self.cfg.chain
         tokens = await chain.run(chain.sync.balance, self.address)
@@ -822,7 +827,9 @@ class ConsumerMarket:
         unfunded = await chain.run(
             partial(chain.sync.unfunded, tokens_needed=needed), self.address, "opening a session"
         )
-        raise FundsError(str(unfunded))
+        if ether == 0 or tokens == 0:
+            raise FundsError(str(unfunded))
+        raise ChainError(str(unfunded))
 
     def held(self) -> int:
         """What this consumer has escrowed: its sessions in use and those waiting to be

@@ -165,14 +165,17 @@ async def _after_the_claim_window(paid: Paid, session_id: bytes) -> None:
         await paid.consumer_market.close_all()
 
 
+@pytest.mark.parametrize("code", [RejectCode.BAD_SESSION, RejectCode.BUSY])
 async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
-    paid: Paid, monkeypatch: pytest.MonkeyPatch
+    paid: Paid, monkeypatch: pytest.MonkeyPatch, code: RejectCode
 ) -> None:
     # The attack: a provider rejects every session after the consumer opened it
     # on chain. It used to be paid until the idle close, session after session,
     # then the seconds until the consumer's close at once: now exactly nothing.
+    # Saying "busy" then (an honest provider says it at the Hello) used to be
+    # asked again, a new on-chain open each round.
     async def reject(*_args: object) -> RejectCode:
-        return RejectCode.BAD_SESSION
+        return code
 
     monkeypatch.setattr(paid.provider_market, "confirm", reject)
     chain = paid.embedded.chain

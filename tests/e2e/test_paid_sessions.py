@@ -322,6 +322,22 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
         error.message,
     ), error.message
 
+    # Some tokens, fewer than this provider's stake: not the wallet's end (a cheaper
+    # provider could be paid; a provider asking a huge stake cannot stop every
+    # request with a 429), so the request fails as any other, saying why.
+    short = Account.create()
+    send_ether(net.chain.w3, net.accounts[0], short.address, 10**18)
+    net.chain.mint(net.accounts[0], short.address, 5 * PRICE * 10)  # 0.05 of a 0.1 stake
+    short_market = market.Config(
+        chain=chain, account=short, sessions_db=tmp_path / "short.db", session_seconds=100
+    )
+    async with open_node(
+        NodeConfig(bootstrap=boot, market=short_market), key_pair=_keys()
+    ) as shortish:
+        error = await _chat_error(shortish, paid.provider)
+    assert error.status_code == 503
+    assert "0.05 tokens, needs 0.1 tokens" in error.message
+
     # The provider's bid deleted: it is still seen (its offer), but has no live bid.
     provider_account = net.accounts[1]
     bid = net.chain.live_bid(provider_account.address, MODEL)

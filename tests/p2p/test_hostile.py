@@ -512,6 +512,7 @@ async def test_a_request_with_a_flood_of_stop_strings_is_refused() -> None:
                 prov.peer_id,
                 _wire_request(request, "r1", "", 4),
                 _ignore_chunk,
+                set(),
             )
         assert "stop strings" in str(refused.value)
         assert prov.provider is not None

@@ -550,7 +550,7 @@ class Attacker:
 
 async def _stop_handler(stream: INetStream) -> None:
     """Answer a relay's STOP as a willing destination would (to see whether it relays)."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), trio.move_on_after(REPLY_S):
         await _Frames(stream).next()
         reply = circuit_pb2.StopMessage(type=circuit_pb2.StopMessage.STATUS, status=circuit_pb2.OK)
         await stream.write(encode_frame(reply.SerializeToString()))
@@ -779,12 +779,22 @@ async def _open(run: _Run, att: Attacker, protocol: str, protocol_id: str) -> IN
 
 
 async def _send(stream: INetStream, data: bytes, *, close: bool = True) -> bool:
-    """Write and (by default) half-close; False if the node had already cut the stream."""
+    """Write and (by default) half-close; False if the node had already cut the stream
+    or did not take the bytes within ``REPLY_S``.
+
+    Bounded: a node that stops reading a stream leaves its yamux window shut, and
+    an unbounded write then waits for ever (seen: every attack task of a worker
+    parked behind one such write, the attack stalled for STALL_S).
+    """
     try:
-        if data:
-            await stream.write(data)
-        if close:
-            await stream.close()  # yamux: a half-close (FIN); reading goes on
+        with trio.fail_after(REPLY_S):
+            if data:
+                await stream.write(data)
+            if close:
+                await stream.close()  # yamux: a half-close (FIN); reading goes on
+    except trio.TooSlowError:
+        await _reset(stream)
+        return False
     except _QUIET:
         return False
     return True
@@ -2311,7 +2321,9 @@ def task_dump(limit: int = 60) -> str:
                 break
             frames.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}")
             coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
-        lines.append(f"{'  ' * depth}{task.name[-40:]}: {' > '.join(frames[-4:])}")
+        # Eight frames: the innermost four are trio's own (a lock's park, say);
+        # the caller that waits is further out.
+        lines.append(f"{'  ' * depth}{task.name[-40:]}: {' > '.join(frames[-8:])}")
         for nursery in task.child_nurseries:
             stack.extend((child, depth + 1) for child in nursery.child_tasks)
     return "\n".join(lines)

@@ -16,13 +16,13 @@ from pathlib import Path
 import openai
 import pytest
 from test_cli import BOUND_S, P2PNODE, Started, _env, _run, _start
+from test_paid_network import PASSWORD, _free_port, _home
 
 from p2pnode.chain.client import Chain, Deployment
 from p2pnode.chain.devchain import connect
 from p2pnode.cli.settlement import ether, tokens, when
 from p2pnode.p2p import identity
 
-PASSWORD = "correct horse"
 MODEL = "SmolLM2-135M-Instruct"
 PRICE = 10**15  # 0.001 tokens per second
 CLAIM_WINDOW_S = 15 * 60
@@ -171,21 +171,6 @@ def test_amounts_are_tokens_and_times_are_utc_with_distance() -> None:
 # --- a paid network -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _paid_home(tmp_path: Path, name: str) -> tuple[Path, str]:
-    home = tmp_path / name
-    identity.load_or_create_peer_key(home)
-    wallet = identity.create_wallet(home, PASSWORD, kdf_iterations=2)  # fast unlocks
-    return home, wallet.address
-
-
 @dataclass
 class Network:
     deployment: Path
@@ -200,8 +185,8 @@ class Network:
 def network(tmp_path: Path) -> Iterator[Network]:
     """anvil through `p2pnode devchain --fund` for a provider's and a consumer's wallet."""
     (provider, provider_wallet), (consumer, consumer_wallet) = (
-        _paid_home(tmp_path, "provider"),
-        _paid_home(tmp_path, "consumer"),
+        _home(tmp_path, "provider"),
+        _home(tmp_path, "consumer"),
     )
     deployment = tmp_path / "deployment.json"
     proc = subprocess.Popen(

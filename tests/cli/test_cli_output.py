@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 from test_cli import BOUND_S, P2PNODE, Started, _env, _run, _start
-from test_paid_network import PASSWORD, _free_port, _home
+from test_paid_network import PASSWORD, _cli, _free_port, _home
 
 from p2pnode.chain.client import Chain, Deployment
 from p2pnode.chain.devchain import connect
@@ -213,12 +213,6 @@ def network(tmp_path: Path) -> Iterator[Network]:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=BOUND_S)
         assert "devchain stopped" in out
-
-
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = _run(home, *args, P2PNODE_WALLET_PASSWORD=PASSWORD)
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def _stop(started: Started) -> str:

@@ -51,16 +51,20 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, StopMessage
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol, _is_relayed_stream
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-from libp2p.relay.circuit_v2.resources import RelayLimits, RelayResourceManager
+from libp2p.relay.circuit_v2.resources import RelayLimits, RelayResourceManager, Reservation
 from libp2p.relay.circuit_v2.utils import maybe_consume_signed_record, read_delimited_msg
 
 from p2pnode.errors import ErrorCode, RemoteProtocolError
+from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.host import short
 from p2pnode.protocols.stream import ERROR_GRACE_S, close_quietly, reset_quietly
 
 logger = logging.getLogger(__name__)
 
 Msg = TypeVar("Msg", bound=ProtoMessage)
+
+# The protection a relay keeps on each peer holding a reservation slot.
+RESERVATION_TAG = "p2pnode-reservation"
 
 
 @dataclass
@@ -142,19 +146,52 @@ class Budget:
 
 
 class _Slots(RelayResourceManager):
-    """Reservation slots held only while their peer is connected.
+    """Reservation slots held while their peer is connected (and a short grace after).
 
     Circuit v2 spec: a reservation is valid only while its peer keeps a
     connection to the relay. py-libp2p 0.8.1 ignores a gone peer's
     reservation for circuits but counts its slot until it expires, so peers
     that reserve and leave would keep every private node out for an hour.
+    Here a gone peer's slot is freed ``grace_s`` after it left: a private
+    node whose connection dropped (a reset, a simultaneous dial) finds its
+    slot again when it comes back, instead of a squatter in it (seen in the
+    hostile scenario). While a peer holds a slot it is protected from the
+    swarm's trimming, so the relay's own pruning does not free it either.
     """
 
+    def __init__(self, limits: RelayLimits, host: IHost, grace_s: float) -> None:
+        super().__init__(limits, host)
+        self.grace_s = grace_s
+        self._gone_since: dict[ID, float] = {}
+
+    def create_reservation(self, peer_id: ID) -> Reservation:
+        hostlib.protect(self._host, peer_id, RESERVATION_TAG)
+        return super().create_reservation(peer_id)
+
     def can_accept_reservation(self, peer_id: ID) -> bool:
-        gone = [p for p in self._reservations if p != peer_id and not self._is_peer_connected(p)]
-        for peer in gone:
-            del self._reservations[peer]
+        now = trio.current_time()
+        for peer in [p for p in self._reservations if p != peer_id]:
+            if self._is_peer_connected(peer):
+                self._gone_since.pop(peer, None)
+            elif now - self._gone_since.setdefault(peer, now) >= self.grace_s:
+                del self._reservations[peer]
+                self._release(peer)
         return super().can_accept_reservation(peer_id)
+
+    def _clean_expired(self) -> None:
+        before = set(self._reservations)
+        super()._clean_expired()
+        for peer in before - set(self._reservations):
+            self._release(peer)
+
+    def _release(self, peer: ID) -> None:
+        self._gone_since.pop(peer, None)
+        hostlib.unprotect(self._host, peer, RESERVATION_TAG)
+
+    @property
+    def _host(self) -> IHost:
+        assert self.host is not None  # always given here
+        return self.host
 
 
 class _Metered:
@@ -208,12 +245,13 @@ class Protocol(CircuitV2Protocol):
         *,
         allow_hop: bool,
         budget: Budget,
+        slot_grace_s: float,
         is_our_relay: Callable[[ID], bool],
         misbehaved: Callable[[str], object],
         banned: Callable[[str], bool],
     ) -> None:
         super().__init__(host, limits=limits, allow_hop=allow_hop)
-        self.resource_manager = _Slots(limits, host)
+        self.resource_manager = _Slots(limits, host, slot_grace_s)
         self.budget = budget
         self.counters = Counters()
         self._is_our_relay = is_our_relay

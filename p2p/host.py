@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
@@ -215,6 +216,25 @@ async def connect(host: IHost, peer: PeerInfo, timeout: float) -> None:  # noqa:
         raise
     except Exception as exc:  # noqa: BLE001 - py-libp2p raises SwarmException, OpenConnectionError, OSError...
         raise NetworkError(f"cannot connect to {short(peer.peer_id)}: {exc}") from exc
+
+
+def protect(host: IHost, peer: ID, tag: str) -> None:
+    """Keep the swarm's pruner off ``peer``'s connections until :func:`unprotect`.
+
+    Above its high watermark py-libp2p closes idle connections
+    (docs/libp2p-traps.md#connection-trim): a relay and the private nodes
+    holding reservations on it must not lose each other that way, or
+    squatters take the freed slot. ``tag`` names who protects, so one
+    role's exit does not lift another's protection of the same peer.
+    """
+    network: Any = host.get_network()  # protect/unprotect are Swarm's, not INetwork's
+    network.protect(peer, tag)
+
+
+def unprotect(host: IHost, peer: ID, tag: str) -> None:
+    """Lift the protection :func:`protect` put on ``peer`` under ``tag``."""
+    network: Any = host.get_network()
+    network.unprotect(peer, tag)
 
 
 def short(peer_id: ID | str) -> str:

@@ -507,7 +507,7 @@ class Node:
                 for relay_id in list(self.relay.reservations):
                     if ID.from_base58(relay_id) not in self.host.get_connected_peers():
                         logger.warning("relay %s is gone; reserving elsewhere", short(relay_id))
-                        del self.relay.reservations[relay_id]
+                        self.relay.forget(relay_id)
                 discovered: list[str] = []
                 short_of = len(self.relay.reservations) < self.relay.cfg.want
                 if short_of and self.discovery is not None:

@@ -59,7 +59,7 @@ from p2pnode.errors import NetworkError
 from p2pnode.p2p import circuit
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.host import short
-from p2pnode.protocols.stream import reset_quietly
+from p2pnode.protocols.stream import close_quietly, reset_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ class Config:
     # (a reservation is for the peer that authenticated the connection) and
     # only while connected.
     max_reservations: int = 16
+    # A peer that left keeps its slot this long, then others may take it:
+    # a private node whose connection dropped comes back within its relay
+    # check (30 s) and finds its slot, not a squatter in it.
+    slot_grace_s: float = 60.0
     # Circuits open at once, over all peers and per peer (as either end: a
     # private provider reached by several consumers counts each).
     max_circuits: int = 32
@@ -127,6 +131,9 @@ def connections(host: IHost, peer: ID) -> list[INetConn]:
     return [c for c in held if not c.is_closed]
 
 
+# The protection a private node keeps on the relays it holds reservations on.
+RESERVED_ON_TAG = "p2pnode-reserved-on"
+
 # How much later than the peer the side that started the exchange dials.
 RESPONDER_HEAD_START_S = 0.5
 
@@ -141,12 +148,11 @@ def protected(host: IHost, peer: ID, tag: str) -> Iterator[None]:
     so that one role's exit does not lift another's protection of the same
     peer.
     """
-    network: Any = host.get_network()  # protect/unprotect are Swarm's, not INetwork's
-    network.protect(peer, tag)
+    hostlib.protect(host, peer, tag)
     try:
         yield
     finally:
-        network.unprotect(peer, tag)
+        hostlib.unprotect(host, peer, tag)
 
 
 async def hold_until_direct_only(host: IHost, peer: ID, check_s: float) -> None:
@@ -255,6 +261,7 @@ class Relay:
             limits,
             allow_hop=cfg.service,
             budget=budget,
+            slot_grace_s=cfg.slot_grace_s,
             is_our_relay=lambda peer: str(peer) in self.reservations,
             misbehaved=misbehaved,
             banned=banned,
@@ -312,7 +319,12 @@ class Relay:
                 await hostlib.connect(self._host, info, self.cfg.reserve_timeout_s)
                 await self._identified(relay)
                 stream = await self._host.new_stream(relay, [TProtocol(PROTOCOL_ID)])
-                ok = await self.transport.reserve(stream, relay, nursery)
+                try:
+                    ok = await self.transport.reserve(stream, relay, nursery)
+                finally:
+                    # py-libp2p leaves the first RESERVE stream open for good
+                    # (its renewals close theirs): one idle stream per relay.
+                    await close_quietly(stream)
         except trio.TooSlowError as exc:
             raise NetworkError(f"relay {short(relay)} did not answer in time") from exc
         except NetworkError:
@@ -324,8 +336,14 @@ class Relay:
         base = relay_addr.split("/p2p/")[0]
         circuit = f"{base}/p2p/{relay}{CIRCUIT}/p2p/{self._host.get_id()}"
         self.reservations[str(relay)] = circuit
+        hostlib.protect(self._host, relay, RESERVED_ON_TAG)
         logger.info("reserved on relay %s: %s", short(relay), circuit)
         return circuit
+
+    def forget(self, relay_id: str) -> None:
+        """Drop the reservation held on ``relay_id`` (its connection is gone)."""
+        if self.reservations.pop(relay_id, None) is not None:
+            hostlib.unprotect(self._host, ID.from_base58(relay_id), RESERVED_ON_TAG)
 
     async def _identified(self, peer: ID) -> None:
         """Wait until identify has told us the peer's protocols.

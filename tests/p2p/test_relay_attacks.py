@@ -24,6 +24,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 
 from p2pnode.errors import NetworkError
 from p2pnode.p2p import circuit
+from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p import reputation as reputationlib
 from p2pnode.p2p.node import Node, NodeConfig, open_node
@@ -32,7 +33,7 @@ BOUND_S = 30
 SINK = TProtocol("/p2pnode-test/sink/1")
 
 
-def _relay(**limits: int) -> NodeConfig:
+def _relay(**limits: float) -> NodeConfig:
     return NodeConfig(
         discovery=None, reachability="public", relay=relaylib.Config(service=True, **limits)
     )
@@ -155,7 +156,7 @@ async def test_a_squatter_with_made_up_ids_cannot_take_the_slots() -> None:
 
 
 async def test_slots_of_peers_that_left_are_free_again() -> None:
-    async with _nodes(_relay(max_reservations=2)) as [relay]:
+    async with _nodes(_relay(max_reservations=2, slot_grace_s=0)) as [relay]:
         async with _nodes(_private(relay), _private(relay)) as gone:
             for node in gone:
                 await _reserved(node)
@@ -165,6 +166,62 @@ async def test_slots_of_peers_that_left_are_free_again() -> None:
         # Both slots were taken by peers that are no longer connected.
         async with _nodes(_private(relay)) as [private]:
             await _reserved(private)
+
+
+async def test_a_reserved_peer_and_its_relay_are_not_trimmed_for_others() -> None:
+    """Over its high watermark the swarm closes idle connections; a relay must
+    not close a slot holder's, nor a private node its relay's."""
+    trim_early = hostlib.Config(low_watermark=0, high_watermark=1)
+    async with _nodes(replace(_relay(), host=trim_early)) as [relay]:
+        private_cfg = replace(_private(relay), host=trim_early)
+        async with _nodes(private_cfg) as [private]:
+            await _reserved(private)
+            async with _nodes(_public(relay), _public(relay)) as strangers:
+                relay_id, private_id = relay.host.get_id(), private.host.get_id()
+                ids = {private_id} | {s.host.get_id() for s in strangers}
+                for node in (relay, private):
+                    node.host.get_network().connection_config.grace_period = 0.0
+                await strangers[0].host.connect(hostlib.parse_peer_addr(private.direct_addrs[0]))
+                with trio.fail_after(BOUND_S):
+                    while not ids <= set(relay.host.get_connected_peers()):  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                    for node in (relay, private):
+                        await node.host.get_network().connection_pruner.maybe_prune_connections()
+                assert private_id in relay.host.get_connected_peers()
+                assert relay_id in private.host.get_connected_peers()
+                assert private_id in relay.relay.protocol.resource_manager._reservations
+                # The trim ran: strangers without a slot were let go.
+                assert not ids - {private_id} <= set(relay.host.get_connected_peers())
+
+
+async def test_a_private_node_that_lost_its_connection_finds_its_slot_again() -> None:
+    """In a hostile run a private node's connection to its relay dropped while
+    squatters were reserving; the next squatter took the freed slot and the
+    private node was refused for the rest of the run."""
+    async with _nodes(_relay(max_reservations=2)) as [relay]:
+        # Its next relay check comes well after the squatters have asked.
+        private_cfg = replace(_private(relay), relay_check_s=5.0)
+        async with _nodes(private_cfg, _public(relay), _public(relay)) as [private, *squatters]:
+            await _reserved(private)
+            relay_id, private_id = relay.host.get_id(), private.host.get_id()
+            # The relay holds a slot's peer, and the private node its relay,
+            # out of the swarm's trimming.
+            assert relay.host.get_network().tag_store.is_protected(private_id)
+            assert private.host.get_network().tag_store.is_protected(relay_id)
+            await private.host.disconnect(relay_id)
+            with trio.fail_after(BOUND_S):
+                while private_id in relay.host.get_connected_peers():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                answers = [
+                    (await _hop(s, relay, _reserve(s.host.get_id())))[0].status for s in squatters
+                ]
+                # The private node comes back on its next check and is served.
+                slots = relay.relay.protocol.resource_manager
+                while not slots.has_reservation(private_id):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert str(relay_id) in private.relay.reservations
+        # One squatter got the free slot; the private node's was kept for it.
+        assert answers == [StatusCode.OK, StatusCode.RESOURCE_LIMIT_EXCEEDED]
 
 
 # --- 4: malformed or unexpected messages end their stream, never the node -----

@@ -11,8 +11,10 @@
     ├── NetworkError             a peer could not be reached or did not answer in time
     │   ├── BrokenStreamError    the peer or the network broke a stream (reset, EOF)
     │   └── NoProviderError      no provider could serve a request (none, or all failed)
-    │       ├── SpendLimitError  serving it would escrow more than the spend limit allows
-    │       └── FundsError       the wallet lacks the tokens (or the ether) to pay for it
+    ├── PaymentError             this node cannot pay for a request: no provider could be
+    │   │                        paid, whoever it asked
+    │   ├── SpendLimitError      serving it would escrow more than the spend limit allows
+    │   └── FundsError           the wallet lacks the tokens (or the ether) to pay for it
     ├── ChainError               the chain refused or failed a call
     └── EngineError              an inference engine failed
 
@@ -50,6 +52,9 @@ class ErrorCode(enum.IntEnum):
     # a bad one, or a request it cancelled): the session serves nothing more.
     # Open a new session.
     UNACKNOWLEDGED = 15
+    # A sealed frame failed authentication: tampered with, replayed, reordered
+    # or spliced from another stream or session (or sealed with other keys).
+    UNAUTHENTIC = 16
 
 
 class P2PNodeError(Exception):
@@ -94,11 +99,16 @@ class NoProviderError(NetworkError):
         self.rate_limited = rate_limited
 
 
-class SpendLimitError(NoProviderError):
+class PaymentError(P2PNodeError):
+    """This node cannot pay for the request, whichever provider it asked: not a
+    network failure, and nothing another provider could change."""
+
+
+class SpendLimitError(PaymentError):
     """A new paid session would take the consumer's open stakes over its spend limit."""
 
 
-class FundsError(NoProviderError):
+class FundsError(PaymentError):
     """The consumer's wallet lacks the tokens for a session's stake, or ether for gas."""
 
 

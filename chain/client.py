@@ -338,7 +338,7 @@ class Chain:
         """The provider's EIP-712 approval of one session (checked by ``openSession``)."""
         signed = Account.sign_typed_data(
             provider.key,
-            domain_data=self._domain(),
+            domain_data=self.domain(),
             message_types={
                 "Approval": [
                     {"name": "bidId", "type": "bytes32"},
@@ -358,7 +358,8 @@ class Chain:
         )
         return bytes(signed.signature)
 
-    def _domain(self) -> dict[str, Any]:
+    def domain(self) -> dict[str, Any]:
+        """The EIP-712 domain of this deployment's Marketplace."""
         return {
             "name": DOMAIN_NAME,
             "version": DOMAIN_VERSION,
@@ -373,7 +374,7 @@ class Chain:
         Local: no RPC (the consumer signs one with every answer's Ack)."""
         signed = Account.sign_typed_data(
             consumer.key,
-            domain_data=self._domain(),
+            domain_data=self.domain(),
             message_types=_USAGE_TYPES,
             message_data={"sessionId": session_id, "usedUntil": used_until},
         )
@@ -386,7 +387,7 @@ class Chain:
         if not 0 <= used_until < 2**64 or len(session_id) != 32:
             return None
         message = encode_typed_data(
-            domain_data=self._domain(),
+            domain_data=self.domain(),
             message_types=_USAGE_TYPES,
             message_data={"sessionId": session_id, "usedUntil": used_until},
         )

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from p2pnode.chain.units import UNIT, format_price
-from p2pnode.cli import settings
-from p2pnode.cli.main import _fail, _home, _password_file, main
+from p2pnode.cli import app, settings
 from p2pnode.cli.settings import option
 from p2pnode.cli.settlement import ether as show_ether
 from p2pnode.cli.settlement import tokens as show_tokens
@@ -64,7 +63,7 @@ def tokens(text: str) -> int:
 
 
 def deployment_path(deployment: Path | None) -> Path:
-    return deployment if deployment is not None else _home() / DEPLOYMENT_FILE
+    return deployment if deployment is not None else app.home() / DEPLOYMENT_FILE
 
 
 def open_chain(chain_url: str | None, deployment: Path | None) -> Any:
@@ -85,7 +84,7 @@ def wallet_account(password_file: Path | None) -> LocalAccount:
 
     from p2pnode.p2p import identity
 
-    home = _home()
+    home = app.home()
     wallet = identity.load_wallet(home)
     if wallet is None:
         raise ConfigError(f"no wallet in {home}: run 'p2pnode init'")
@@ -108,13 +107,13 @@ def _guard(fn: Any) -> Any:
     try:
         return fn()
     except P2PNodeError as exc:
-        _fail(exc)
+        app.fail(exc)
 
 
 # --- devchain ---------------------------------------------------------------------
 
 
-@main.command()
+@app.main.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=8545, show_default=True)
 @click.option("--accounts", type=click.IntRange(1, 100), default=10, show_default=True)
 @click.option(
@@ -152,14 +151,14 @@ def devchain(port: int, accounts: int, fund: tuple[str, ...], deployment: Path |
                 )
             stop.wait()
     except P2PNodeError as exc:
-        _fail(exc)
+        app.fail(exc)
     click.echo("devchain stopped")
 
 
 # --- provider / model / bid ------------------------------------------------------
 
 
-@main.group()
+@app.main.group()
 def provider() -> None:
     """Register this node as a provider on chain (with its peer ID), update, leave."""
 
@@ -167,7 +166,7 @@ def provider() -> None:
 @provider.command("register")
 @click.option("--stake", default=None, help="Whole tokens (default: the minimum).")
 @chain_options
-@_password_file
+@app.password_file
 def provider_register(
     stake: str | None, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
@@ -178,7 +177,7 @@ def provider_register(
     def run() -> None:
         chain = open_chain(chain_url, deployment)
         account = wallet_account(wallet_password_file)
-        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(_home())))
+        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(app.home())))
         amount = tokens(stake) if stake else chain.min_provider_stake()
         _send("register provider", chain.register_provider, account, peer_id, amount)
         click.echo(
@@ -191,7 +190,7 @@ def provider_register(
 @provider.command("update")
 @click.option("--add-stake", default="0", help="Whole tokens to add.")
 @chain_options
-@_password_file
+@app.password_file
 def provider_update(
     add_stake: str, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
@@ -202,7 +201,7 @@ def provider_update(
     def run() -> None:
         chain = open_chain(chain_url, deployment)
         account = wallet_account(wallet_password_file)
-        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(_home())))
+        peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(app.home())))
         _send("update provider", chain.update_provider, account, peer_id, tokens(add_stake))
         stake = chain.provider(account.address)[1]
         click.echo(f"provider {account.address} is {peer_id}, stake {show_tokens(stake)}")
@@ -212,7 +211,7 @@ def provider_update(
 
 @provider.command("deregister")
 @chain_options
-@_password_file
+@app.password_file
 def provider_deregister(
     chain_url: str | None, deployment: Path | None, wallet_password_file: Path | None
 ) -> None:
@@ -228,7 +227,7 @@ def provider_deregister(
     _guard(run)
 
 
-@main.group()
+@app.main.group()
 def model() -> None:
     """Model names on chain, and the GGUF file this provider serves each from."""
 
@@ -237,7 +236,7 @@ def model() -> None:
 @click.argument("model_id")
 @click.option("--gguf", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @chain_options
-@_password_file
+@app.password_file
 def model_register(
     model_id: str, gguf: Path | None, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
@@ -262,7 +261,7 @@ def model_register(
     _guard(run)
 
 
-@main.group()
+@app.main.group()
 def bid() -> None:
     """Bids: one live bid per provider and model, priced per second."""
 
@@ -271,7 +270,7 @@ def bid() -> None:
 @click.argument("model_id")
 @click.option("--price", type=click.IntRange(1), required=True, help="Smallest units per second.")
 @chain_options
-@_password_file
+@app.password_file
 def bid_post(
     model_id: str, price: int, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
@@ -293,7 +292,7 @@ def bid_post(
 @bid.command("delete")
 @click.argument("bid_id")
 @chain_options
-@_password_file
+@app.password_file
 def bid_delete(
     bid_id: str, chain_url: str | None, deployment: Path | None, wallet_password_file: Path | None
 ) -> None:
@@ -343,7 +342,7 @@ def bid_list(as_json: bool, chain_url: str | None, deployment: Path | None) -> N
 # --- sessions and the wallet -----------------------------------------------------
 
 
-@main.group()
+@app.main.group()
 def session() -> None:
     """Paid sessions this wallet opened or serves."""
 
@@ -351,7 +350,7 @@ def session() -> None:
 @session.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (amounts in the smallest unit).")
 @chain_options
-@_password_file
+@app.password_file
 def session_list(
     as_json: bool, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,  # accepted as before; the address needs no passphrase
@@ -363,7 +362,7 @@ def session_list(
 
     def run() -> None:
         chain = open_chain(chain_url, deployment)
-        wallet = identity.load_wallet(_home())
+        wallet = identity.load_wallet(app.home())
         if wallet is None:
             raise ConfigError("no wallet: run 'p2pnode init'")
         records = history(chain, wallet.address)
@@ -383,7 +382,7 @@ def session_list(
 @session.command("close")
 @click.argument("session_id")
 @chain_options
-@_password_file
+@app.password_file
 def session_close(
     session_id: str, chain_url: str | None, deployment: Path | None,
     wallet_password_file: Path | None,
@@ -403,7 +402,7 @@ def session_close(
     _guard(run)
 
 
-@main.group()
+@app.main.group()
 def wallet() -> None:
     """This node's wallet on chain."""
 
@@ -422,7 +421,7 @@ def wallet_balance(
         chain = open_chain(chain_url, deployment)
         who = address
         if who is None:
-            found = identity.load_wallet(_home())
+            found = identity.load_wallet(app.home())
             if found is None:
                 raise ConfigError("no wallet: run 'p2pnode init' or give --address")
             who = found.address

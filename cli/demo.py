@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 
-from p2pnode.cli.main import _fail, _home, _run, _serving, _serving_options, main
+from p2pnode.cli import app, options
 from p2pnode.cli.settings import option
 from p2pnode.errors import P2PNodeError
 
 
-@main.command()
+@app.main.command()
 @option(
     "--shim",
     default="127.0.0.1:8080",
@@ -41,7 +41,7 @@ from p2pnode.errors import P2PNodeError
     default=None,
     help='Write {"shim_url", "provider", "consumer"} as JSON here once ready.',
 )
-@_serving_options
+@app.serving_options
 def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -> None:
     """A paid network in one process: embedded chain, a provider, a consumer with the shim."""
     import trio
@@ -50,7 +50,6 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
     from p2pnode.chain.client import AsyncChain
     from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, open_embedded
     from p2pnode.chain.units import format_price
-    from p2pnode.cli.main import _write_json_atomically
     from p2pnode.cli.settlement import print_settlement
     from p2pnode.inference import openai_api
     from p2pnode.inference.serving import open_engines
@@ -58,12 +57,12 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
     from p2pnode.p2p import identity, market
     from p2pnode.p2p.node import NodeConfig, open_node
 
-    home = _home()
+    home = app.home()
     try:
-        serving = _serving(no_serve=False, **serving_flags)
+        serving = options.serving(no_serve=False, **serving_flags)
         api_key = identity.load_or_create_api_key(home)
     except P2PNodeError as exc:
-        _fail(exc)
+        app.fail(exc)
 
     async def run() -> None:
         click.echo("starting the embedded chain …", err=True)
@@ -102,14 +101,14 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
                     trio.open_nursery() as nursery,
                 ):
                     url = await nursery.start(openai_api.serve, consumer, api_key, shim)
-                    await consumer.refresh_offer(provider.peer_id)
+                    await consumer.finder.refresh_offer(provider.peer_id)
                     if ready_file is not None:
                         ready = {
                             "shim_url": url,
                             "provider": provider.peer_id,
                             "consumer": consumer.peer_id,
                         }
-                        await trio.to_thread.run_sync(_write_json_atomically, ready_file, ready)
+                        await trio.to_thread.run_sync(app.write_json_atomically, ready_file, ready)
                     click.echo("p2pnode demo ready: a paid network in this process")
                     click.echo(
                         f"provider {provider.peer_id} serves {model_id} at {format_price(price)}"
@@ -128,4 +127,4 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
         # The consumer's sessions since the chain began: this run's, as for `start`.
         await print_settlement(chain, consumer_account.address, 0)
 
-    _run(run)
+    app.run_async(run)

@@ -57,10 +57,9 @@ from starlette.types import Receive, Scope, Send
 from p2pnode.errors import (
     ConfigError,
     EngineError,
-    FundsError,
     NetworkError,
     NoProviderError,
-    SpendLimitError,
+    PaymentError,
 )
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.scopes import single_errors_ungrouped
@@ -158,7 +157,7 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 
 def _api_error_of(exc: Exception) -> ApiError:
     """The HTTP status and body for a failure of the node behind the shim."""
-    if isinstance(exc, (SpendLimitError, FundsError)):
+    if isinstance(exc, PaymentError):
         return ApiError(429, str(exc), type_="insufficient_quota", code="insufficient_quota")
     if isinstance(exc, NoProviderError) and exc.rate_limited:
         return ApiError(429, str(exc), type_="requests", code="rate_limit_exceeded")
@@ -304,7 +303,7 @@ class _Generation(Response):
                     await self._run(send)
                 else:
                     await self._fail(send, _not_found(self._job.request.model_id))
-            except (NetworkError, EngineError) as exc:
+            except (NetworkError, PaymentError, EngineError) as exc:
                 logger.info("request %s failed: %s", self._id, exc)
                 await self._fail(send, _api_error_of(exc))
             nursery.cancel_scope.cancel()

@@ -32,10 +32,9 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import trio
-from libp2p.peer.id import ID
+from libp2p.abc import IHost
 
 from p2pnode.chain.failures import Unfunded
 from p2pnode.errors import (
@@ -48,7 +47,9 @@ from p2pnode.errors import (
     SpendLimitError,
 )
 from p2pnode.inference import engine as enginelib
+from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.discovery import verify_peer_signature
+from p2pnode.p2p.finder import Finder
 from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ConsumerMarket, OfferMismatch
 from p2pnode.p2p.reputation import Offence, Reputation
@@ -56,12 +57,11 @@ from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import PAUSED, Ack, Chunk, Done, Request, Turn
-from p2pnode.protocols.offers import Offer
+from p2pnode.protocols.offers import Offer, OfferBook
+from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import MAX_STREAM_ID, SessionKeys
-
-if TYPE_CHECKING:
-    from p2pnode.p2p.node import Node
+from p2pnode.protocols.session.messages import RejectCode
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,21 @@ class Outcome:
     completion_tokens: int
     provider: str  # the peer that finished it ("" when served locally)
     failovers: int = 0
+
+
+@dataclass
+class Counters:
+    """What this node's requests met on the network (read them in ``Node.metrics()``)."""
+
+    requests: int = 0
+    failovers: int = 0
+    sessions_opened: int = 0
+    provider_failures: int = 0  # failures counted against a provider
+    provider_refusals: int = 0  # refusals (busy, not allowed, ...): no failure
+    auth_failures: int = 0  # frames that failed authentication
+    bad_receipts: int = 0  # receipts the provider did not sign
+    broken_promises: int = 0  # answers beyond what was asked or offered
+    paid_not_served: int = 0  # paid sessions a provider took and did not serve
 
 
 @dataclass
@@ -189,12 +204,23 @@ class Consumer:
 
     def __init__(
         self,
-        node: Node,
         cfg: Config,
+        *,
+        host: IHost,
+        book: OfferBook,
+        finder: Finder,
+        dialer: Dialer,
         reputation: Reputation,
+        local: Callable[[str], enginelib.Engine | None] = lambda _model: None,
         market: ConsumerMarket | None = None,
     ) -> None:
-        self._node = node
+        """``local(model)`` is this node's own engine for a model (run here, not sent)."""
+        self._host = host
+        self._peer_id = str(host.get_id())
+        self._book = book
+        self._finder = finder
+        self._dialer = dialer
+        self._local = local
         self.cfg = cfg
         # Chain mode: only offers with a bid, sessions paid from our stake.
         self.market = market
@@ -206,18 +232,7 @@ class Consumer:
         self._request_ids = itertools.count(1)
         # Time to open each session: stream, handshake and (paid) the on-chain open.
         self.open_ms: list[float] = []
-        # Counters a user (and the tests) can read.
-        self.counters: dict[str, int] = {
-            "requests": 0,
-            "failovers": 0,
-            "sessions_opened": 0,
-            "provider_failures": 0,
-            "provider_refusals": 0,
-            "auth_failures": 0,
-            "bad_receipts": 0,
-            "broken_promises": 0,
-            "paid_not_served": 0,
-        }
+        self.counters = Counters()
 
     async def generate(
         self,
@@ -233,8 +248,8 @@ class Consumer:
         Raises :class:`NoProviderError` when no provider can serve it and
         EngineError if this node's own engine fails.
         """
-        self.counters["requests"] += 1
-        engine = self._node.engine_for(request.model_id)
+        self.counters.requests += 1
+        engine = self._local(request.model_id)
         if engine is not None and only is None:
             return await _run_locally(engine, request, deliver)
         return await self._run_remotely(request, deliver, only)
@@ -302,46 +317,15 @@ class Consumer:
             attempts += 1
             if delivered and not paused:
                 failovers += 1
-                self.counters["failovers"] += 1
+                self.counters.failovers += 1
             wire = _wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
             before = produced
             try:
-                done = await self._request_on(peer, wire, on_chunk, reopened)
-            except (SpendLimitError, FundsError):
-                raise  # no other provider could be paid either
-            except infer_service.Refused as exc:
-                last_error = f"{short(peer)}: {exc}"
-                if exc.code == ErrorCode.RATE_LIMITED:
-                    limited += 1
-                elif exc.code == ErrorCode.BUSY and produced == before:
-                    busy.add(peer)
-                    if peer not in busy_counted:
-                        busy_counted.add(peer)
-                        await self._offence(peer, request.model_id, Offence.REFUSED, exc)
-                elif exc.code == ErrorCode.BUSY:
-                    # Busy after streaming part of the answer is no honest busy
-                    # (an engine refuses before its first token): a failure, not
-                    # a provider to wait for.
-                    failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
-                elif (
-                    exc.code in _REOPEN_CODES
-                    and peer not in reopened
-                    and (not self._unserved_paid(peer, request.model_id))
-                ):
-                    # Its paid time ran out mid-answer (or it restarted, or our
-                    # last Ack did not reach it): a new session with the same
-                    # provider continues the answer.
-                    reopened.add(peer)
-                    tried.discard(peer)
-                    await self._drop_session(peer, request.model_id)
-                else:
-                    offence = _offence_of_refusal(exc.code)
-                    failures += await self._offence(peer, request.model_id, offence, exc)
-                continue
+                done = await self.request_on(peer, wire, on_chunk, reopened)
             except OfferMismatch as exc:  # its signed offer and the chain disagree
                 last_error = f"{short(peer)}: {exc}"
                 if exc.stale:  # re-priced since its last offer: ask it afresh next time
-                    self._node.offer_book.forget(peer)
+                    self._book.forget(peer)
                 else:
                     await self._offence(peer, request.model_id, Offence.BROKEN_PROMISE, exc)
                 continue
@@ -359,21 +343,6 @@ class Consumer:
                 else:
                     logger.warning("paid session with %s not opened: %s", short(peer), exc)
                 continue
-            except session_service.Rejected as exc:
-                last_error = f"{short(peer)}: {exc}"
-                if exc.code == session.RejectCode.RATE_LIMITED:
-                    limited += 1
-                elif exc.code == session.RejectCode.BUSY and not self.reputation.banned(
-                    peer, trio.current_time()
-                ):  # (banned: it said busy after our on-chain open, see _open)
-                    busy.add(peer)
-                    if peer not in busy_counted:
-                        busy_counted.add(peer)
-                        await self._offence(peer, request.model_id, Offence.REFUSED, exc)
-                else:
-                    offence = _offence_of_rejection(exc.code)
-                    await self._offence(peer, request.model_id, offence, exc)
-                continue
             except RemoteProtocolError as exc:
                 last_error = f"{short(peer)}: {exc}"
                 offence = _offence_of_violation(exc)
@@ -382,6 +351,37 @@ class Consumer:
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
                 failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
+                continue
+            if isinstance(done, Refusal):
+                last_error = f"{short(peer)}: {done}"
+                now = trio.current_time()
+                streamed = produced != before
+                if done.is_one_of(*_SLOW_DOWN):
+                    limited += 1
+                elif (
+                    done.is_one_of(*_BUSY)
+                    and not streamed
+                    and not self.reputation.banned(peer, now)
+                ):
+                    # (banned: it said busy after our on-chain open, see _open)
+                    busy.add(peer)
+                    if peer not in busy_counted:
+                        busy_counted.add(peer)
+                        await self._offence(peer, request.model_id, Offence.REFUSED, done)
+                elif (
+                    done.is_one_of(*_REOPEN_CODES)
+                    and peer not in reopened
+                    and not self._unserved_paid(peer, request.model_id)
+                ):
+                    # Its paid time ran out mid-answer (or it restarted, or our
+                    # last Ack did not reach it): a new session with the same
+                    # provider continues the answer.
+                    reopened.add(peer)
+                    tried.discard(peer)
+                    await self._drop_session(peer, request.model_id)
+                else:
+                    offence = _offence_of_refusal(done, streamed)
+                    failures += await self._offence(peer, request.model_id, offence, done)
                 continue
             self.reputation.served(peer, trio.current_time())
             if done.finish_reason == PAUSED and produced < request.params.max_tokens:
@@ -407,7 +407,9 @@ class Consumer:
         held = self._sessions.get((peer, model_id))
         return held is not None and held.paid and held.served == 0
 
-    async def _offence(self, peer: str, model_id: str, offence: Offence, exc: Exception) -> int:
+    async def _offence(
+        self, peer: str, model_id: str, offence: Offence, why: Exception | Refusal
+    ) -> int:
         """Record what ``peer`` did; returns 1 if it counts as a failed attempt.
 
         A failure ends our sessions with it: paid ones are released at once
@@ -421,16 +423,19 @@ class Consumer:
         score = self.reputation.record(peer, offence, trio.current_time())
         failed = offence is not Offence.REFUSED
         if offence is Offence.AUTH:
-            self.counters["auth_failures"] += 1
+            self.counters.auth_failures += 1
         elif offence is Offence.BROKEN_PROMISE:
-            self.counters["broken_promises"] += 1
+            self.counters.broken_promises += 1
         elif offence is Offence.PAID_NO_SERVICE:
-            self.counters["paid_not_served"] += 1
-        self.counters["provider_failures" if failed else "provider_refusals"] += 1
+            self.counters.paid_not_served += 1
+        if failed:
+            self.counters.provider_failures += 1
+        else:
+            self.counters.provider_refusals += 1
         if failed:
             for key in [k for k in self._sessions if k[0] == peer]:
                 await self._drop_session(*key)
-        logger.warning("provider %s: %s (%s; score %.1f)", short(peer), exc, offence.value, score)
+        logger.warning("provider %s: %s (%s; score %.1f)", short(peer), why, offence.value, score)
         return int(failed)
 
     async def _drop_session(self, peer: str, model_id: str) -> None:
@@ -457,11 +462,11 @@ class Consumer:
         """
 
         def fresh(offers: list[Offer]) -> list[Offer]:
-            return [o for o in offers if o.peer_id not in tried and o.peer_id != self._node.peer_id]
+            return [o for o in offers if o.peer_id not in tried and o.peer_id != self._peer_id]
 
-        seen = fresh(self._node.offer_book.offers(model_id))
+        seen = fresh(self._book.offers(model_id))
         if not seen and discover:
-            seen = fresh(await self._node.discover(model_id))
+            seen = fresh(await self._finder.discover(model_id))
         offers = seen
         if self.market is not None:
             market = self.market
@@ -479,7 +484,7 @@ class Consumer:
         """Why none of the providers ``seen`` offering ``model_id`` can be asked: what a
         user can act on (fund, raise --max-price, wait for a bid), not just "none"."""
         if not seen:
-            peers = len(self._node.connected_peers())
+            peers = len(self._host.get_connected_peers())
             return f"no provider offers this model ({peers} peers connected; none announces it)"
         count = f"{len(seen)} provider{'s' if len(seen) != 1 else ''} seen"
         banned = sum(self.reputation.banned(o.peer_id, now) for o in seen)
@@ -489,20 +494,25 @@ class Consumer:
                 return f"{count}; {why}" + (f"; {banned} banned for misbehaviour" if banned else "")
         return f"{count}; {'all' if banned == len(seen) else banned} banned for misbehaviour"
 
-    async def _request_on(
+    async def request_on(
         self,
         peer: str,
         wire: Request,
         on_chunk: Callable[[Chunk], Awaitable[None]],
         reopened: set[str],
-    ) -> Done:
-        """One request on ``peer``; a session it forgot is reopened here once per
-        request (``reopened`` says whether that happened already), so a provider
-        that keeps forgetting cannot make a request open a paid session each time."""
+    ) -> Done | Refusal:
+        """One request on ``peer``: its Done, or its refusal of the session or the request.
+
+        A session it forgot is reopened here once per request (``reopened``
+        says whether that happened already), so a provider that keeps
+        forgetting cannot make a request open a paid session each time.
+        """
         guard = _ReplyGuard(wire.max_tokens, self.cfg, on_chunk)
         for reopen in (False, True):
             held = await self._session(peer, wire.model_id, reopen=reopen)
-            stream = await self._node._open_stream(ID.from_base58(peer), infer.PROTOCOL_ID)
+            if isinstance(held, Refusal):
+                return held
+            stream = await self._dialer.open_stream(peer, infer.PROTOCOL_ID)
             machine = ConsumerMachine(
                 self.cfg.infer.max_frame, held.keys, held.session_id, held.next_stream()
             )
@@ -516,19 +526,20 @@ class Consumer:
                     )
             except trio.TooSlowError as exc:
                 raise NetworkError(f"no whole answer within {guard.deadline_s:g} s") from exc
-            except infer_service.Refused as exc:
-                # The provider restarted, forgot the session, its paid time is
-                # over, or our last Ack did not reach it: settle it (if paid) and
-                # open another, once — unless text was delivered, which the
-                # caller's failover continues from.
-                if exc.code not in _REOPEN_CODES or reopen or guard.tokens or peer in reopened:
-                    raise
-                reopened.add(peer)
-                await self._drop_session(peer, wire.model_id)
-                continue
             finally:
                 if market is not None:
                     market.end(held.session_id)
+            if isinstance(done, Refusal):
+                # The provider restarted, forgot the session, its paid time is
+                # over, or our last Ack did not reach it: settle it (if paid)
+                # and open another, once, unless text was delivered, which the
+                # caller's failover continues from.
+                again = done.is_one_of(*_REOPEN_CODES) and not (reopen or guard.tokens)
+                if not again or peer in reopened:
+                    return done
+                reopened.add(peer)
+                await self._drop_session(peer, wire.model_id)
+                continue
             guard.check_done(done)
             held.served += 1
             if guard.tokens and guard.elapsed_s > 0:
@@ -540,7 +551,7 @@ class Consumer:
     def _check_speed(self, peer: str, model_id: str, speed: float, tokens: int) -> None:
         """Measure a provider's speed; a claim far above it is a broken promise."""
         self._measured(peer).measured_speed(speed)
-        offer = self._node.offer_book.get(peer)
+        offer = self._book.get(peer)
         terms = offer.serves(model_id) if offer is not None else None
         # Only long answers say much about speed (the first token waits for
         # the prompt); a claim 4x what it delivers is no rounding error.
@@ -552,7 +563,7 @@ class Consumer:
                 short(peer), terms.tokens_per_s, speed,
             )  # fmt: skip
 
-    async def _session(self, peer: str, model_id: str, *, reopen: bool) -> _Session:
+    async def _session(self, peer: str, model_id: str, *, reopen: bool) -> _Session | Refusal:
         key = (peer, model_id)
         lock = self._opening.setdefault(key, trio.Lock())
         try:
@@ -572,51 +583,54 @@ class Consumer:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._opening.pop(key, None)
 
-    async def _open(self, peer: str, model_id: str) -> _Session:
+    async def _open(self, peer: str, model_id: str) -> _Session | Refusal:
         prepare, on_approve, opened = self._payment(peer, model_id)
         started = trio.current_time()
-        stream = await self._node._open_stream(ID.from_base58(peer), session.PROTOCOL_ID)
+        stream = await self._dialer.open_stream(peer, session.PROTOCOL_ID)
         try:
             est = await session_service.open_session(
                 stream,
                 model_id,
                 self.cfg.handshake_s,
-                local_peer=self._node.host.get_id(),
+                local_peer=self._host.get_id(),
                 remote_peer=stream.muxed_conn.peer_id,
                 prepare=prepare,
                 on_approve=on_approve,
             )
-        except BaseException as exc:
-            # Paid for on chain but never ready: release it. It was never
-            # served, so it is not closed early (which would pay the provider
-            # the seconds since the open): it stays escrowed, counted against
-            # the spend limit, until its end plus the claim window, and then
-            # closes paying 0 (README, "Security model"). No chain call here.
-            # Only an explicit refusal of a session that is on chain is fraud;
-            # a timeout, a chain the provider could not read, or our own
-            # cancellation is not (the ladder in _run_remotely counts those).
+        except BaseException:
+            # Paid for on chain but never ready (a timeout, a chain the provider
+            # could not read, our own cancellation): release it; see below.
             if opened:
-                # After the open only the provider's chain read can honestly fail
-                # (CHAIN_UNAVAILABLE); busy, not allowed and the like were for the
-                # Hello, before it approved. Refusing then is taking a stake and not
-                # serving it (and, busy, would be asked again: a new open each time).
-                fraud = isinstance(exc, session_service.Rejected) and (
-                    exc.code != session.RejectCode.CHAIN_UNAVAILABLE
-                )
-                if fraud:
-                    self.counters["paid_not_served"] += 1
-                    self.reputation.record(peer, Offence.PAID_NO_SERVICE, trio.current_time())
-                with trio.CancelScope(
-                    shield=True, deadline=trio.current_time() + self.cfg.handshake_s * 3
-                ):
-                    assert self.market is not None
-                    await self.market.release(opened[0])
+                await self._release_unserved(opened[0])
             raise
+        if isinstance(est, Refusal):
+            # After the open only the provider's chain read can honestly fail
+            # (CHAIN_UNAVAILABLE); busy, not allowed and the like were for the
+            # Hello, before it approved. Refusing then is taking a stake and not
+            # serving it (and, busy, would be asked again: a new open each time).
+            if opened:
+                if not est.is_one_of(RejectCode.CHAIN_UNAVAILABLE):
+                    self.counters.paid_not_served += 1
+                    self.reputation.record(peer, Offence.PAID_NO_SERVICE, trio.current_time())
+                await self._release_unserved(opened[0])
+            return est
         self.open_ms.append((trio.current_time() - started) * 1000)
         held = _Session(peer, model_id, est.session_id, est.keys, paid=bool(opened))
         self._sessions[(peer, model_id)] = held
-        self.counters["sessions_opened"] += 1
+        self.counters.sessions_opened += 1
         return held
+
+    async def _release_unserved(self, session_id: bytes) -> None:
+        """Let go of a session paid for on chain that never served.
+
+        It was never served, so it is not closed early (which would pay the
+        provider the seconds since the open): it stays escrowed, counted
+        against the spend limit, until its end plus the claim window, and
+        then closes paying 0 (README, "Security model"). No chain call here.
+        """
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.cfg.handshake_s * 3):
+            assert self.market is not None
+            await self.market.release(session_id)
 
     def _payment(
         self, peer: str, model_id: str
@@ -631,7 +645,7 @@ class Consumer:
         opened: list[bytes] = []
         if market is None:
             return None, None, opened
-        offer = self._node.offer_book.get(peer)
+        offer = self._book.get(peer)
         terms = market.terms(offer, model_id) if offer is not None else None
         if terms is None:
             raise NetworkError(f"{short(peer)} has no bid for {model_id} within our price limit")
@@ -655,7 +669,7 @@ class Consumer:
     async def _confirm(self, peer: str) -> None:
         """A status call before the first session: live load, and a measured round trip."""
         started = trio.current_time()
-        await self._node.refresh_offer(peer)
+        await self._finder.refresh_offer(peer)
         self._measured(peer).measured_rtt((trio.current_time() - started) * 1000.0)
 
     def _acker(self, held: _Session) -> Callable[[Done], Ack]:
@@ -665,10 +679,10 @@ class Consumer:
                 held.peer, receipt.signing_bytes(), receipt.signature
             )
             if not ok:
-                self.counters["bad_receipts"] += 1
+                self.counters.bad_receipts += 1
                 logger.warning("provider %s sent a receipt it did not sign", short(held.peer))
                 return Ack(signature=b"")
-            signature = bytes(self._node.host.get_private_key().sign(receipt.signing_bytes()))
+            signature = bytes(self._host.get_private_key().sign(receipt.signing_bytes()))
             if self.market is None or not held.paid:
                 return Ack(signature=signature)
             # Paid: acknowledge the time used so far, which is what the provider
@@ -733,6 +747,10 @@ class _Overrun(RemoteProtocolError):
 # Refusals that end a session but not the provider: a new session with it is
 # opened once (its paid time ran out, it restarted, or our Ack was lost).
 _REOPEN_CODES = (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNACKNOWLEDGED)
+# Refusals that ask us to slow down, or to wait for a slot (session and infer
+# codes: compared by identity, see Refusal.is_one_of).
+_SLOW_DOWN = (ErrorCode.RATE_LIMITED, RejectCode.RATE_LIMITED)
+_BUSY = (ErrorCode.BUSY, RejectCode.BUSY)
 
 # Reverts of openSession that the provider's approval or bid caused.
 _PROVIDER_REVERTS = (
@@ -744,26 +762,27 @@ _PROVIDER_REVERTS = (
 )
 
 
-def _offence_of_refusal(code: int) -> Offence:
-    """What an infer Error frame says of the provider that sent it."""
-    if code in (ErrorCode.BUSY, ErrorCode.NOT_ALLOWED):
+def _offence_of_refusal(refusal: Refusal, streamed: bool) -> Offence:
+    """What a refusal says of the provider that sent it (``streamed``: after
+    part of the answer)."""
+    if refusal.session:  # a Reject: turned down before any work
+        unknown = refusal.is_one_of(RejectCode.UNKNOWN_MODEL)  # it offered the model
+        return Offence.BROKEN_PROMISE if unknown else Offence.REFUSED
+    if refusal.is_one_of(ErrorCode.BUSY) and streamed:
+        # Busy after streaming part of the answer is no honest busy (an engine
+        # refuses before its first token): a failure.
+        return Offence.FAILED
+    if refusal.is_one_of(ErrorCode.BUSY, ErrorCode.NOT_ALLOWED):
         return Offence.REFUSED
-    if code == ErrorCode.UNSUPPORTED:  # it offered the model
+    if refusal.is_one_of(ErrorCode.UNSUPPORTED):  # it offered the model
         return Offence.BROKEN_PROMISE
     return Offence.FAILED
-
-
-def _offence_of_rejection(code: int) -> Offence:
-    """What a session Reject says of the provider that sent it."""
-    if code == session.RejectCode.UNKNOWN_MODEL:  # it offered the model
-        return Offence.BROKEN_PROMISE
-    return Offence.REFUSED
 
 
 def _offence_of_violation(exc: RemoteProtocolError) -> Offence:
     if isinstance(exc, _Overrun):
         return Offence.BROKEN_PROMISE
-    if exc.code == ErrorCode.MALFORMED and "authentication" in exc.detail:
+    if exc.code == ErrorCode.UNAUTHENTIC:
         return Offence.AUTH
     return Offence.PROTOCOL
 

@@ -18,15 +18,19 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
+from libp2p.abc import IHost
 
 from p2pnode.errors import ConfigError
-from p2pnode.p2p.reputation import Standing
+from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p.reputation import Reputation, Standing
 from p2pnode.protocols import offers
+from p2pnode.protocols.status import StatusResponse
 
 # trio.TaskStatus exists, but the trio-stubs that py-libp2p pulls in (trio-typing)
 # predate it and shadow trio's own types for mypy.
@@ -118,6 +122,71 @@ async def _read_line(stream: trio.SocketStream) -> bytes:
         if len(data) > MAX_REQUEST:
             raise ValueError("request too long")
     return data.split(b"\n", 1)[0]
+
+
+class Answers:
+    """Answers to the control requests, from what the node holds right now.
+
+    ``status()`` is the node's own status answer; ``paid`` whether this node
+    pays for sessions (an offer without a bid is then unpayable here, not
+    free).
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        book: offers.OfferBook,
+        reputation: Reputation,
+        status: Callable[[], StatusResponse],
+        *,
+        paid: bool,
+    ) -> None:
+        self._host = host
+        self._book = book
+        self._reputation = reputation
+        self._status = status
+        self._paid = paid
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "offers":
+            model = request.get("model")
+            if model is not None and not isinstance(model, str):
+                return {"error": "model must be a string"}
+            return self._offers(model)
+        if op == "peers":
+            return self._peers()
+        if op == "status":
+            answer = self._status().to_wire()
+            del answer["offer"]  # JSON carries no bytes; the signed offer is for remote askers
+            return answer
+        return {"error": f"unknown op {op!r}"}
+
+    def _offers(self, model: str | None) -> dict[str, Any]:
+        now, clock = time.time(), trio.current_time()
+        return {
+            "offers": [
+                describe_offer(o, now, self._reputation.standing(o.peer_id, clock))
+                for o in self._book.offers(model)
+            ],
+            "paid": self._paid,
+        }
+
+    def _peers(self) -> dict[str, Any]:
+        peerstore = self._host.get_peerstore()
+        return {
+            "peers": [
+                {
+                    "peer_id": str(p),
+                    "addrs": [str(a) for a in peerstore.addrs(p)],
+                    "connections": [
+                        "relayed" if relaylib.is_relayed(c) else "direct"
+                        for c in relaylib.connections(self._host, p)
+                    ],
+                }
+                for p in self._host.get_connected_peers()
+            ]
+        }
 
 
 def describe_offer(

@@ -187,6 +187,11 @@ OfferSource = Callable[[], offers.Offer | None]
 """Returns this node's current offer (unsigned; seq and time are set here), or None."""
 
 
+def new_book(cfg: offers.Config | None = None) -> offers.OfferBook:
+    """An offer book that checks offers' signatures and addresses as gossip's does."""
+    return offers.OfferBook(cfg or offers.Config(), verify_peer_signature, dials_peer)
+
+
 class Discovery:
     """One node's discovery: its DHT, its gossip, its OfferBook. Use :meth:`run`."""
 
@@ -195,7 +200,7 @@ class Discovery:
         self.cfg = cfg
         self.peer_id = str(host.get_id())
         self._own_offer = own_offer
-        self.book = offers.OfferBook(cfg.offers, verify_peer_signature, dials_peer)
+        self.book = new_book(cfg.offers)
         self.dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=False)
         _bound_provider_store(self.dht, self.book, cfg.max_record_keys)
         # py-libp2p 0.8.1 answers DHT streams in 12 handler slots shared by
@@ -318,12 +323,13 @@ class Discovery:
         if verdict is offers.Verdict.ACCEPTED:
             held = self.book.get(source)
             assert held is not None
-            self._cache_provider_records(held)
+            self.cache_provider_records(held)
         if not verdict.relay:
             logger.debug("offer from %s via %s: %s", short(source), short(forwarder), verdict.value)
         return verdict.relay
 
-    def _cache_provider_records(self, offer: offers.Offer) -> None:
+    def cache_provider_records(self, offer: offers.Offer) -> None:
+        """Hold the provider records a verified ``offer`` stands for (see below)."""
         # A provider's verified offer tells this node what a provider record
         # would: who serves which model, at which addresses. Holding it lets
         # this node answer GET_PROVIDERS itself, so a node that just joined

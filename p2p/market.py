@@ -197,6 +197,31 @@ def hello_signed_by_wallet(hello: Hello) -> bool:
     return bool(signer.lower() == hello.consumer_wallet.lower())
 
 
+@dataclass
+class BillingCounters:
+    """A provider's sessions as the chain settled them."""
+
+    settled: int = 0
+    paid_wei: int = 0
+    closed_early: int = 0  # closed by their consumer before the end
+    chain_errors: int = 0
+    acks: int = 0
+    claimed_silent: int = 0  # claimed after the consumer went silent
+    missed_claims: int = 0  # sessions whose claim window passed unclaimed
+
+
+@dataclass
+class StakeCounters:
+    """A consumer's stakes: opened, closed, and where the tokens went."""
+
+    opened: int = 0
+    closed: int = 0
+    paid_wei: int = 0
+    refunded_wei: int = 0
+    left_unserved: int = 0  # taken by a provider that never served: left to close at 0
+    closed_elsewhere: int = 0  # closed by the provider's claim, or another process
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerSession:
     """A session ``sessions.db`` lists as open (not yet seen settled)."""
@@ -344,17 +369,7 @@ class ProviderMarket:
     # session id -> its end (chain time), for sessions this provider confirmed
     # and has not seen closed.
     ends: dict[bytes, int] = field(default_factory=dict)
-    counters: dict[str, int] = field(
-        default_factory=lambda: {
-            "settled": 0,
-            "paid_wei": 0,
-            "closed_early": 0,
-            "chain_errors": 0,
-            "acks": 0,
-            "claimed_silent": 0,
-            "missed_claims": 0,
-        }
-    )
+    counters: BillingCounters = field(default_factory=lambda: BillingCounters())
     # session id -> the consumer's best acknowledgement: (used_until, signature).
     usage: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
     # session id -> (its consumer's wallet, chain time of its open, our trio clock
@@ -489,7 +504,7 @@ class ProviderMarket:
                     break
                 await trio.sleep(delay)
         except ChainError as exc:
-            self.counters["chain_errors"] += 1
+            self.counters.chain_errors += 1
             logger.warning("cannot read session %s: %s", session_id.hex()[:8], exc)
             return RejectCode.CHAIN_UNAVAILABLE
         # The clock as follow() last read it (at most follow_s old): a made-up
@@ -545,7 +560,7 @@ class ProviderMarket:
             return "usage not signed by the session's consumer wallet"
         self.usage[session_id] = (used_until, signature)
         self.ledger.usage(session_id, used_until, signature)
-        self.counters["acks"] += 1
+        self.counters.acks += 1
         return None
 
     def begin(self, session_id: bytes) -> None:
@@ -584,7 +599,7 @@ class ProviderMarket:
             # (a dev chain mines each block at least a second after the last).
             await self._read_chain_time()
         except ChainError as exc:
-            self.counters["chain_errors"] += 1
+            self.counters.chain_errors += 1
             logger.info("cannot re-read session %s: %s", session_id.hex()[:8], exc)
             return self.serving(session_id)
         if not s.open:
@@ -608,7 +623,7 @@ class ProviderMarket:
 
     def _ended(self, session_id: bytes, *, early: bool) -> None:
         if self.ends.pop(session_id, None) is not None and early:
-            self.counters["closed_early"] += 1
+            self.counters.closed_early += 1
             logger.info("session %s was closed on chain", session_id.hex()[:8])
         self._confirmed.pop(session_id, None)
         self._activity.pop(session_id, None)
@@ -654,7 +669,7 @@ class ProviderMarket:
             if best is None and row is not None and row.used_until:
                 best = (row.used_until, row.usage_signature)
             if await self._claim(session_id, best, now) and session_id in silent:
-                self.counters["claimed_silent"] += 1
+                self.counters.claimed_silent += 1
 
     async def _claim(self, session_id: bytes, best: tuple[int, bytes] | None, now: int) -> bool:
         """Settle the session with the best acknowledgement held (none: paid 0, the
@@ -667,7 +682,7 @@ class ProviderMarket:
                 if now >= s.ends_at + CLAIM_WINDOW_S:
                     # Too late to claim (the chain was out of reach the whole
                     # window?): close it as anyone may, so nothing stays locked.
-                    self.counters["missed_claims"] += 1
+                    self.counters.missed_claims += 1
                     logger.warning(
                         "session %s: its claim window passed unclaimed", session_id.hex()[:8]
                     )
@@ -682,8 +697,8 @@ class ProviderMarket:
                         signature,
                     )
                 paid, refunded = tx.value
-                self.counters["settled"] += 1
-                self.counters["paid_wei"] += paid
+                self.counters.settled += 1
+                self.counters.paid_wei += paid
                 logger.info("claimed session %s: paid %d", session_id.hex()[:8], paid)
             else:
                 paid = refunded = 0
@@ -712,7 +727,7 @@ class ProviderMarket:
                 try:
                     await step()
                 except ChainError as exc:
-                    self.counters["chain_errors"] += 1
+                    self.counters.chain_errors += 1
                     logger.warning("chain: %s (trying again in %g s)", exc, self.cfg.follow_s)
             await trio.sleep(self.cfg.follow_s)
 
@@ -765,16 +780,7 @@ class ConsumerMarket:
     ledger: Ledger
     # Every session whose stake is escrowed, in use or waiting to be settled.
     open: dict[bytes, Paid] = field(default_factory=dict)
-    counters: dict[str, int] = field(
-        default_factory=lambda: {
-            "opened": 0,
-            "closed": 0,
-            "paid_wei": 0,
-            "refunded_wei": 0,
-            "left_unserved": 0,
-            "closed_elsewhere": 0,
-        }
-    )
+    counters: StakeCounters = field(default_factory=lambda: StakeCounters())
     open_ms: list[float] = field(default_factory=list)
     gas: dict[str, list[int]] = field(default_factory=lambda: {"open": [], "close": []})
 
@@ -910,7 +916,7 @@ class ConsumerMarket:
         self.ledger.opened(
             "consumer", peer, session_id, bytes.fromhex(terms.bid_id), stake, ends_at
         )
-        self.counters["opened"] += 1
+        self.counters.opened += 1
         self.gas["open"].append(tx.gas_used)
         self.open_ms.append((now - started) * 1000)
         return session_id
@@ -975,7 +981,7 @@ class ConsumerMarket:
         if not paid.released:
             paid.released = True
             if not paid.served:
-                self.counters["left_unserved"] += 1
+                self.counters.left_unserved += 1
         if paid.served:
             await self._settle(paid, None)
         else:
@@ -1009,7 +1015,7 @@ class ConsumerMarket:
             if not s.open:  # its provider claimed it (or we closed it by hand)
                 self.open.pop(session_id, None)
                 self.ledger.closed(session_id, 0, 0)
-                self.counters["closed_elsewhere"] += 1
+                self.counters.closed_elsewhere += 1
                 return
             if now is None:
                 now = await settling_time(chain)
@@ -1030,9 +1036,9 @@ class ConsumerMarket:
         self.open.pop(session_id, None)
         paid_wei, refunded = tx.value
         self.ledger.closed(session_id, paid_wei, refunded)
-        self.counters["closed"] += 1
-        self.counters["paid_wei"] += paid_wei
-        self.counters["refunded_wei"] += refunded
+        self.counters.closed += 1
+        self.counters.paid_wei += paid_wei
+        self.counters.refunded_wei += refunded
         self.gas["close"].append(tx.gas_used)
         logger.info(
             "closed session %s: paid %d, refunded %d", session_id.hex()[:8], paid_wei, refunded
@@ -1110,3 +1116,57 @@ __all__ = [
     "ProviderMarket",
     "approval_nonce",
 ]
+
+
+class Markets:
+    """A node's part in the market: the ledger, and each role's market it needs.
+
+    Free mode (no ``cfg``) has none of them. A node with engines bills as a
+    provider; every paid node can pay as a consumer.
+    """
+
+    def __init__(self, cfg: Config | None, *, serving: bool) -> None:
+        self.cfg = cfg
+        self.ledger = Ledger(cfg.sessions_db) if cfg is not None else None
+        self.provider = (
+            ProviderMarket(cfg, self.ledger)
+            if cfg is not None and self.ledger is not None and serving
+            else None
+        )
+        self.consumer = (
+            ConsumerMarket(cfg, self.ledger)
+            if cfg is not None and self.ledger is not None
+            else None
+        )
+
+    async def start(
+        self,
+        nursery: trio.Nursery,
+        served: Callable[[], tuple[str, ...]],
+        terms_changed: Callable[[], None],
+    ) -> None:
+        """Check the contract, read the bids of the ``served`` models, start both roles' loops.
+
+        ``terms_changed()`` is told when this provider's bids changed (and
+        once, after the first reading).
+        """
+        if self.cfg is not None:
+            await check_contract(self.cfg.chain)
+        if self.provider is not None:
+            self.provider.served = served()
+            self.provider.on_bids_changed = terms_changed
+            await self.provider.load_bids(list(self.provider.served))
+            terms_changed()
+            nursery.start_soon(self.provider.run)
+        if self.consumer is not None:
+            await self.consumer.prepare()
+            nursery.start_soon(self.consumer.run)
+
+    async def stop(self) -> None:
+        """Close the paid sessions this node opened (a consumer's second transaction),
+        within 30 s even when cancelled; then the ledger."""
+        if self.consumer is not None:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 30):
+                await self.consumer.close_all()
+        if self.ledger is not None:
+            self.ledger.close()

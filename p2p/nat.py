@@ -126,7 +126,7 @@ class Helper:
         peer = stream.muxed_conn.peer_id
         relayed = relaylib.is_relayed(stream.muxed_conn)
         remote = None if relayed else stream.get_remote_address()
-        observed = _parse_ip(remote[0]) if remote else None
+        observed = parse_ip(remote[0]) if remote else None
         refusal = self._admit(str(peer), relayed, trio.current_time())
         if refusal is not None:
             machine = ServerMachine(self.cfg.max_frame)
@@ -193,12 +193,12 @@ def _plain_tcp_ip(text: str) -> IP | None:
             return None
         if int(ma.value_for_protocol("tcp")) == 0:
             return None
-        return _parse_ip(str(ma.value_for_protocol(names[0])))
+        return parse_ip(str(ma.value_for_protocol(names[0])))
     except Exception:  # noqa: BLE001 - multiaddr raises several kinds on bad text
         return None
 
 
-def _parse_ip(text: str) -> IP | None:
+def parse_ip(text: str) -> IP | None:
     """An IP address, IPv4-mapped IPv6 ones as IPv4 (as a dual-stack socket reports them)."""
     try:
         ip = ipaddress.ip_address(text)

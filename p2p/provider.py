@@ -128,6 +128,20 @@ class ServedSession:
     streams: ReplayWindow = field(default_factory=ReplayWindow)
 
 
+@dataclass
+class Counters:
+    """What happened to the sessions and requests this provider was asked for."""
+
+    sessions: int = 0
+    sessions_refused: int = 0
+    requests: int = 0
+    cancelled: int = 0  # requests the consumer gave up on before the end
+    refused: int = 0
+    bad_acks: int = 0
+    unacknowledged: int = 0  # paid answers whose Ack never came
+    ended_mid_request: int = 0  # paid requests stopped by their session's end
+
+
 class Provider:
     """Serves sessions and requests for a node's engines."""
 
@@ -152,17 +166,7 @@ class Provider:
         self.reputation = reputation
         self.sessions: dict[bytes, ServedSession] = {}
         self._handshakes: dict[str, int] = {}
-        # Counters a user (and the tests) can read: what happened to requests.
-        self.stats: dict[str, int] = {
-            "sessions": 0,
-            "sessions_refused": 0,
-            "requests": 0,
-            "cancelled": 0,
-            "refused": 0,
-            "bad_acks": 0,
-            "unacknowledged": 0,
-            "ended_mid_request": 0,
-        }
+        self.counters = Counters()
 
     # --- sessions ------------------------------------------------------------
 
@@ -183,10 +187,10 @@ class Provider:
             # Room in the session table is checked before approving: a paid
             # consumer must not pay for a session we then have no room for.
             verdict: RejectCode | None = RejectCode.BUSY
-            if room and self._make_room(peer, trio.current_time()):
+            if room and self.make_room(peer, trio.current_time()):
                 verdict = self._admit(peer, hello)
             if verdict is not None:
-                self.stats["sessions_refused"] += 1
+                self.counters.sessions_refused += 1
             return verdict
 
         running = self._handshakes.get(peer, 0)
@@ -226,7 +230,7 @@ class Provider:
             last_used=trio.current_time(),
             paid=market is not None,
         )
-        self.stats["sessions"] += 1
+        self.counters.sessions += 1
         logger.info("session %s opened by %s", established.session_id[:4].hex(), short(peer))
 
     def _admit(self, peer: str, hello: Hello) -> RejectCode | None:
@@ -247,7 +251,7 @@ class Provider:
             return None
         return self.market.check_hello(hello, str(self.peer_id))
 
-    def _make_room(self, peer: str, now: float) -> bool:
+    def make_room(self, peer: str, now: float) -> bool:
         """Make room for one more session of ``peer``; False if there is none to make.
 
         Idle sessions go first; then the peer's own idlest one if it is at its
@@ -295,7 +299,7 @@ class Provider:
         try:
             await infer_service.serve_infer(
                 stream,
-                lambda opened: self._lookup(peer, opened, admitted),
+                lambda opened: self.lookup(peer, opened, admitted),
                 self._run,
                 self._on_ack,
                 self.cfg.infer,
@@ -304,9 +308,10 @@ class Provider:
             for session in admitted:
                 session.admitted -= 1
 
-    def _lookup(
+    def lookup(
         self, peer: str, opened: InferOpen, admitted: list[ServedSession]
     ) -> SessionKeys | Error:
+        """The keys of the session an infer stream names, or the Error to answer."""
         session = self.sessions.get(opened.session_id)
         if session is None or session.peer != peer:
             # Another peer naming someone's session learns nothing either way.
@@ -314,13 +319,13 @@ class Provider:
         if self.market is not None and not self.market.serving(opened.session_id):
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="the paid session has ended")
         if session.admitted >= self.cfg.max_requests_per_session:
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             return Error(code=ErrorCode.BUSY, message="too many requests at once in the session")
         if not session.streams.accept(opened.stream_id):
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             return Error(code=ErrorCode.REPLAYED, message="stream id already used")
         if not self._rate.allow(peer, trio.current_time()):
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             return Error(code=ErrorCode.RATE_LIMITED, message="too many requests")
         session.admitted += 1
         admitted.append(session)
@@ -331,7 +336,7 @@ class Provider:
         if session is None:  # evicted between InferOpen and Request
             raise infer_service.RequestRefused(ErrorCode.UNKNOWN_SESSION, "no such session")
         if request.kind not in ("chat", "completion") or request.max_tokens < 1:
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD, "kind must be chat or completion, max_tokens >= 1"
             )
@@ -342,14 +347,14 @@ class Provider:
             or any(len(s) > MAX_STOP_CHARS for s in request.stop)
             or len(request.messages) > MAX_TURNS
         ):
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD,
                 f"at most {MAX_STOP} stop strings of {MAX_STOP_CHARS} chars and {MAX_TURNS} turns",
             )
         engine = self._engine_for(request.model_id)
         if engine is None or request.model_id != session.model_id:
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
             )
@@ -357,13 +362,13 @@ class Provider:
         if market is not None and session.paid:
             await self._await_acks(session)
             if session.unacked or session.acks_pending:
-                self.stats["refused"] += 1
+                self.counters.refused += 1
                 raise infer_service.RequestRefused(
                     ErrorCode.UNACKNOWLEDGED,
                     "an answer in this paid session was not acknowledged: open another",
                 )
         if market is not None and not await market.check(session.session_id):
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNKNOWN_SESSION, "the paid session is closed or has ended"
             )
@@ -410,10 +415,10 @@ class Provider:
                                 break
                     nursery.cancel_scope.cancel()
         except EngineBusy as exc:
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
         except EngineError as exc:
-            self.stats["refused"] += 1
+            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.INTERNAL, str(exc)) from exc
         finally:
             if paused and not ended and usage is None:
@@ -425,16 +430,19 @@ class Provider:
             session.requests += 1
             session.prompt_tokens += usage.prompt_tokens if usage else 0
             session.completion_tokens += usage.completion_tokens if usage else produced
-            self.stats["requests" if usage else "cancelled"] += 1
+            if usage:
+                self.counters.requests += 1
+            else:
+                self.counters.cancelled += 1
             if market is not None:
                 market.end(session.session_id)
                 if usage is None and produced and session.paid:
                     # Tokens went out and no Done will be acknowledged (the consumer
                     # left, or the engine failed): nothing more on this credit.
                     session.unacked = True
-                    self.stats["unacknowledged"] += 1
+                    self.counters.unacknowledged += 1
         if usage is None and ended:
-            self.stats["ended_mid_request"] += 1
+            self.counters.ended_mid_request += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNKNOWN_SESSION, "the paid session closed or ended during the request"
             )
@@ -490,10 +498,10 @@ class Provider:
             )
             why = None if checked is None else f"sent a bad usage acknowledgement ({checked})"
         if why is not None:
-            self.stats["bad_acks"] += 1
+            self.counters.bad_acks += 1
             if paid:
                 session.unacked = True
-                self.stats["unacknowledged"] += 1
+                self.counters.unacknowledged += 1
             logger.warning("%s %s", short(session.peer), why)
             return
         assert ack is not None

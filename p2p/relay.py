@@ -34,9 +34,8 @@ left nodes busy and unconverged; we start one attempt where we know it helps.
 
 from __future__ import annotations
 
-import collections
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -59,12 +58,22 @@ from p2pnode.errors import NetworkError
 from p2pnode.p2p import circuit
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.host import short
+from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.stream import close_quietly, reset_quietly
 
 logger = logging.getLogger(__name__)
 
 CIRCUIT = "/p2p-circuit"
 TaskStatus = Any  # trio.TaskStatus is shadowed by the trio-typing stubs
+
+
+@dataclass
+class Upgrades:
+    """Relayed connections this node dialled, and what became of them."""
+
+    direct: int = 0  # a plain dial replaced it
+    punched: int = 0  # DCUtR's hole punch replaced it
+    failed: int = 0  # still relayed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,11 +244,10 @@ class Relay:
         host: IHost,
         cfg: Config,
         *,
-        misbehaved: Callable[[str], object] = lambda _peer: None,
-        banned: Callable[[str], bool] = lambda _peer: False,
+        reputation: Reputation,
     ) -> None:
-        """``misbehaved(peer)`` is told of each relay message that broke the
-        protocol; HOP and STOP streams of a peer ``banned(peer)`` are reset."""
+        """A relay message that breaks the protocol counts against its sender
+        in ``reputation``; a banned peer's HOP and STOP streams are reset."""
         self.cfg = cfg
         self._host = host
         limits = RelayLimits(
@@ -263,8 +271,8 @@ class Relay:
             budget=budget,
             slot_grace_s=cfg.slot_grace_s,
             is_our_relay=lambda peer: str(peer) in self.reservations,
-            misbehaved=misbehaved,
-            banned=banned,
+            misbehaved=lambda peer: reputation.record(peer, Offence.PROTOCOL, trio.current_time()),
+            banned=lambda peer: reputation.banned(peer, trio.current_time()),
         )
         self.transport = CircuitV2Transport(
             host, self.protocol, RelayConfig(roles=roles, limits=limits)
@@ -273,7 +281,7 @@ class Relay:
         self.reservations: dict[str, str] = {}
         # Upgrades of relayed connections: "direct" (a plain dial did it),
         # "punched" (DCUtR did it), "failed" (still relayed).
-        self.upgrades: collections.Counter[str] = collections.Counter()
+        self.upgrades = Upgrades()
         self._punch = _HolePunch(host, cfg.retire_check_s)
         self._upgrading: set[ID] = set()
         # Before the host listens, so no stream comes before its handler.
@@ -399,12 +407,17 @@ class Relay:
         # The peer's own dial may have made it even where ours had no address
         # to try (py-libp2p then reports failure).
         if not (ok or direct()):
-            self.upgrades["failed"] += 1
+            self.upgrades.failed += 1
             logger.info("connection to %s stays relayed: hole punch failed", short(peer))
             return False
-        how = "direct" if already or peer in self._punch.unilateral else "punched"
-        self.upgrades[how] += 1
-        logger.info("connection to %s upgraded (%s)", short(peer), how)
+        dialled = already or peer in self._punch.unilateral
+        if dialled:
+            self.upgrades.direct += 1
+        else:
+            self.upgrades.punched += 1
+        logger.info(
+            "connection to %s upgraded (%s)", short(peer), "direct" if dialled else "punched"
+        )
         # Not bounded by the punch's timeout: a long generation may still be
         # streaming over the relay.
         await self._retire_relayed(peer, own)
@@ -413,7 +426,7 @@ class Relay:
     @property
     def upgraded(self) -> int:
         """Relayed connections this node made direct (by either way)."""
-        return self.upgrades["direct"] + self.upgrades["punched"]
+        return self.upgrades.direct + self.upgrades.punched
 
     async def _retire_relayed(self, peer: ID, own: frozenset[str]) -> None:
         """Close the relayed connections to ``peer`` once none of our streams uses them.

@@ -71,7 +71,7 @@ async def connect(node: Node, target: Node) -> bool:
             if relaylib.is_circuit(addr):
                 await node.relay.dial(addr)
             else:
-                await node.connect(addr)
+                await node.dialer.connect(addr)
     except (NetworkError, trio.TooSlowError):
         return False
     return True
@@ -265,7 +265,9 @@ async def flood_offers(
 
 def claim_speed(node: Node, tokens_per_s: float) -> None:
     """Announce a generation speed the node never delivers."""
-    node.set_models(tuple(replace(m, tokens_per_s=tokens_per_s) for m in node.models))
+    node.offering.set_models(
+        tuple(replace(m, tokens_per_s=tokens_per_s) for m in node.offering.models)
+    )
 
 
 # --- relay squatters ---------------------------------------------------------------

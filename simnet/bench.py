@@ -57,13 +57,13 @@ async def bench_connect(rounds: int = 20, rtts: int = 50) -> dict[str, Any]:
         for i in range(rounds):
             async with open_node(NodeConfig(), key_pair=create_new_key_pair()) as client:
                 start = time.perf_counter()
-                await client.connect(target)
+                await client.dialer.connect(target)
                 connect_ms.append(_ms_since(start))
                 if i == 0:
-                    await client.status_of(server.peer_id)  # warm up code paths
+                    await client.finder.status_of(server.peer_id)  # warm up code paths
                     for _ in range(rtts):
                         start = time.perf_counter()
-                        await client.status_of(server.peer_id)
+                        await client.finder.status_of(server.peer_id)
                         rtt_ms.append(_ms_since(start))
         answer = status.CODEC.encode(server.status_info())
     tcp_connect_ms, tcp_rtt_ms = await _tcp_baseline(answer, rounds, rtts)
@@ -220,8 +220,8 @@ async def bench_stream(tokens: int = 200_000, per_token_tokens: int = 5_000) -> 
             open_node(served, key_pair=create_new_key_pair(), engines=[engine]) as provider,
             open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
         ):
-            await consumer.connect(provider.addrs[0])
-            await consumer.refresh_offer(provider.peer_id)
+            await consumer.dialer.connect(provider.addrs[0])
+            await consumer.finder.refresh_offer(provider.peer_id)
             frames = 0
             first: list[float] = []
 
@@ -319,8 +319,8 @@ async def bench_e2e(
                 httpx.AsyncClient(timeout=120.0) as client,
             ):
                 shim_url = await nursery.start(openai_api.serve, consumer, key, "127.0.0.1:0")
-                await consumer.connect(provider.addrs[0])
-                await consumer.refresh_offer(provider.peer_id)
+                await consumer.dialer.connect(provider.addrs[0])
+                await consumer.finder.refresh_offer(provider.peer_id)
                 await _wait_for_server(client, direct_url)
                 targets = {"network": (shim_url, key), "direct": (direct_url, "none")}
                 for url, api_key in targets.values():  # warm-up; opens the session

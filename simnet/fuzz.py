@@ -129,7 +129,7 @@ from p2pnode.protocols.wire import (
     encode_frame,
     encode_varint,
 )
-from p2pnode.simnet.scenarios import rss_mb
+from p2pnode.simnet.harness import rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -633,7 +633,11 @@ async def _reset(stream: INetStream) -> None:
 
 def _dial_addr(node: Node) -> str:
     """A direct TCP multiaddr (with /p2p/) where ``node`` listens."""
-    candidates = [a for a in [*node.direct_addrs, *node.addrs] if "/tcp/" in a and "/ws" not in a]
+    candidates = [
+        a
+        for a in [*node.relay_keeping.direct_addrs, *node.addrs]
+        if "/tcp/" in a and "/ws" not in a
+    ]
     if not candidates:
         raise P2PNodeError(f"node {node.peer_id} has no direct TCP address to fuzz")
     return next(a for a in candidates if not relaylib.is_circuit(a))
@@ -2223,13 +2227,6 @@ def _absorb(run: _Run, index: int, counts: dict[str, Any]) -> None:
 # --- watching the node -------------------------------------------------------------
 
 
-def _nursery_dead(node: Node) -> bool:
-    # Node exposes no "alive" flag; open_node's nursery is cancelled when any
-    # of its tasks fails, and when it exits for any reason.
-    nursery = node._nursery
-    return nursery is not None and nursery.cancel_scope.cancel_called
-
-
 async def _status_ok(host: IHost, peer: ID, wait_s: float = 5.0) -> bool:
     """Whether ``peer`` answers an honest status request from ``host`` within ``wait_s``."""
     try:
@@ -2423,8 +2420,8 @@ async def fuzz(
     """
     local = attackers if processes <= 0 else min(2, attackers)
     report = FuzzReport(attackers=local + max(0, processes) * attackers, seed=seed)
-    report.engine = ",".join(type(e).__name__ for e in target.engines) or "none"
-    models = [m.model_id for e in target.engines for m in e.models()]
+    report.engine = ",".join(type(e).__name__ for e in target.offering.engines) or "none"
+    models = [m.model_id for e in target.offering.engines for m in e.models()]
     total = sum(p.share for p in POOLS.values())
     quota = {name: max(1, round(frames * p.share / total)) for name, p in POOLS.items()}
     tap = _LogTap()
@@ -2480,7 +2477,7 @@ async def fuzz(
             crew.cancel_scope.cancel()
     alive = not report.node_exits
     # The honest consumer is a free-mode node: a paid provider would refuse it.
-    if alive and run.model_id is not None and target.provider_market is None:
+    if alive and run.model_id is not None and target.markets.provider is None:
         report.chat_ok, report.chat_text = await _honest_chat(target, addr, run.model_id)
         if not report.chat_ok:
             report.errors.append(f"no honest chat after fuzzing: {report.chat_text}")
@@ -2738,7 +2735,7 @@ async def _watch(
             return
         if died is not None and died.is_set():
             reason = "an exception escaped open_node"
-        elif run.node is not None and _nursery_dead(run.node):
+        elif run.node is not None and not run.node.running:
             reason = "the node's nursery was cancelled (one of its tasks failed)"
         elif await _status_ok(prober.host, run.peer):
             last_ok = trio.current_time()
@@ -2774,7 +2771,7 @@ async def _honest_chat(target: Node, addr: str, model_id: str) -> tuple[bool, st
             async with open_node(config, key_pair=create_new_key_pair()) as consumer:
                 while consumer.offer_book.get(target.peer_id) is None:
                     with contextlib.suppress(P2PNodeError):
-                        await consumer.refresh_offer(target.peer_id)
+                        await consumer.finder.refresh_offer(target.peer_id)
                     await trio.sleep(0.1)
                 outcome = await consumer.generate(request, deliver, only=(target.peer_id,))
     except (trio.TooSlowError, P2PNodeError) as exc:
@@ -2974,7 +2971,7 @@ async def _replay_alone(
     info = hostlib.parse_peer_addr(addr)
     for a in (att, other):
         await hostlib.connect(a.host, info, OPEN_S * 2)
-    models = [m.model_id for e in node.engines for m in e.models()]
+    models = [m.model_id for e in node.offering.engines for m in e.models()]
     run = _Run(
         node=node,
         peer=info.peer_id,
@@ -3004,7 +3001,7 @@ async def _replay_alone(
             await _one(run, pool.attack, att, h, force, protocol)
             with trio.move_on_after(0.2):
                 await target.exited.wait()
-            if target.exited.is_set() or _nursery_dead(node):
+            if target.exited.is_set() or not node.running:
                 with trio.move_on_after(5):
                     await target.exited.wait()
                 sample = run.last.get(protocol)

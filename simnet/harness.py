@@ -7,7 +7,9 @@ real one is. Scenarios drive nodes only through their public interface.
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -28,6 +30,16 @@ TaskStatus = Any
 
 SIMNET_MODEL = "simnet/announced-model"
 """Model id providers announce when a scenario gives them no engine."""
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux /proc; else the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

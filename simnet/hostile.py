@@ -82,9 +82,9 @@ from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers
 from p2pnode.simnet import attacks, fuzzing, session_attacks
-from p2pnode.simnet.harness import Topology
+from p2pnode.simnet.harness import Topology, rss_mb
 from p2pnode.simnet.roster import Member, Roster
-from p2pnode.simnet.scenarios import rss_mb, wait_until
+from p2pnode.simnet.scenarios import wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -633,10 +633,10 @@ class _Run:
         await wait_until(lambda: discovery.dht.get_routing_table_size() > 0, 10)
         started = trio.current_time()
         with trio.move_on_after(self.sizes.lookup_s) as lookup:
-            self.dht_named = await joiner.find_providers(SYNTHETIC)
+            self.dht_named = await joiner.finder.find_providers(SYNTHETIC)
         self.dht_lookup_s = None if lookup.cancelled_caught else trio.current_time() - started
         with trio.move_on_after(self.sizes.lookup_s):
-            await joiner.discover(SYNTHETIC)
+            await joiner.finder.discover(SYNTHETIC)
         honest = {m.node.peer_id for m in self.providers()}
         await _chat(joiner, [_synthetic(self.sizes.max_tokens)], 0.0, self.chats, honest=honest)
 
@@ -673,7 +673,7 @@ class _Run:
                     addr = member.node.addrs[0]
                     peer = member.node.peer_id if relaylib.is_circuit(addr) else addr
                     with trio.fail_after(10):
-                        await asker.status_of(peer)
+                        await asker.finder.status_of(peer)
                 except (P2PNodeError, trio.TooSlowError) as exc:
                     self.unresponsive.append(
                         f"{member.role} {short(member.node.peer_id)}: {exc!r}"[:200]
@@ -691,7 +691,7 @@ class _Run:
         chain = self.chain.chain
         await chain.run(embedded.time_travel, SESSION_S + 60)
         for member in self.nodes.honest():
-            market = member.node.provider_market
+            market = member.node.markets.provider
             if market is not None and not member.ended.is_set():
                 try:
                     await market.settle()
@@ -754,7 +754,7 @@ class _Run:
             poison_held += len(held & identity_ids)
             kept_all += honest_providers <= held
         closer_target = self.at(self.roles.closer_target).node
-        target_market = closer_target.provider_market
+        target_market = closer_target.markets.provider
         after = self.after_close
         fuzzed = self.fuzzed
         chats = self.chats
@@ -803,10 +803,8 @@ class _Run:
             "in_flight_tokens_after_close": after.in_flight_tokens_after,
             "in_flight_note": "a request already running when its session closes on chain is "
             "stopped when the provider next reads the chain (ProviderMarket follow_s, 5 s)",
-            "provider_closed_early": target_market.counters["closed_early"]
-            if target_market
-            else None,
-            "provider_ended_mid_request": closer_target.provider.stats["ended_mid_request"]
+            "provider_closed_early": target_market.counters.closed_early if target_market else None,
+            "provider_ended_mid_request": closer_target.provider.counters.ended_mid_request
             if closer_target.provider
             else None,
             "paid_without_service_note": "a provider is paid only for time its consumer "
@@ -817,7 +815,7 @@ class _Run:
             "thief_paid_no_service_offences": offences(thieves, Offence.PAID_NO_SERVICE),
             "sybil_refusals": offences(sybils, Offence.REFUSED),
             "sybil_sessions": sum(
-                s.node.provider.stats["sessions"] for s in sybils if s.node.provider
+                s.node.provider.counters.sessions for s in sybils if s.node.provider
             ),
             "sybil_offers_held_by_chatters": len(held_offers),
             # An offer claiming more than the bound is INVALID everywhere: a Sybil's

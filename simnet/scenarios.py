@@ -7,9 +7,7 @@ they are reported, never asserted (docs/architecture.md#conventions).
 
 from __future__ import annotations
 
-import os
 import random
-import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -25,21 +23,11 @@ from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers
-from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet
+from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet, rss_mb
 
 # How often a scenario looks at the nodes while it waits for an outcome. Fine
 # enough for millisecond figures, coarse enough to cost the loop nothing.
 POLL_S = 0.01
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, in MB (Linux /proc; else the peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
 async def wait_until(predicate: Callable[[], bool], bound_s: float) -> float | None:
@@ -140,7 +128,7 @@ async def _late_lookups(
         start = time.perf_counter()
         providers: list[str] = []
         with trio.move_on_after(10) as scope:
-            providers = await joiner.find_providers(SIMNET_MODEL)
+            providers = await joiner.finder.find_providers(SIMNET_MODEL)
         if scope.cancelled_caught:
             errors.append(f"lookup from {joiner.peer_id[-8:]} took over 10 s")
             continue
@@ -160,7 +148,9 @@ async def _offer_rounds(
     for r in range(rounds):
         provider = providers[r % len(providers)]
         marker = 1_000 + r  # a price no earlier offer carried
-        provider.set_models(tuple(replace(m, price_per_s=marker) for m in provider.models))
+        provider.offering.set_models(
+            tuple(replace(m, price_per_s=marker) for m in provider.offering.models)
+        )
         others = [n for n in everyone if n is not provider]
         start = time.perf_counter()
         seen_at: dict[str, float] = {}
@@ -274,8 +264,8 @@ async def market(
                     chats_ok += 1
                 except P2PNodeError as exc:
                     errors.append(f"{node.peer_id[-8:]}: {exc}")
-            assert node.consumer_market is not None
-            await node.consumer_market.close_all()
+            assert node.markets.consumer is not None
+            await node.markets.consumer.close_all()
 
         # One consumer after another: open_ms then measures a session's
         # opening, not eight nodes queueing for the one chain thread.
@@ -284,15 +274,15 @@ async def market(
                 await chat(node)
         if scope.cancelled_caught:
             errors.append(f"chats did not finish within {bound_s:g} s")
-        markets = [n.consumer_market for n in buyers if n.consumer_market is not None]
+        markets = [n.markets.consumer for n in buyers if n.markets.consumer is not None]
         open_ms = [ms for n in buyers for ms in n.consumer.open_ms]
         chain_open_ms = [ms for m in markets for ms in m.open_ms]
         gas_open = [g for m in markets for g in m.gas["open"]]
         gas_close = [g for m in markets for g in m.gas["close"]]
-        opened = sum(m.counters["opened"] for m in markets)
-        closed = sum(m.counters["closed"] for m in markets)
+        opened = sum(m.counters.opened for m in markets)
+        closed = sum(m.counters.closed for m in markets)
         settled = sum(
-            n.provider_market.counters["settled"] for n in net.providers if n.provider_market
+            n.markets.provider.counters.settled for n in net.providers if n.markets.provider
         )
     escrowed, paid_wei, refunded_wei = embedded.chain.totals()
     held = embedded.chain.balance(embedded.chain.market.address)
@@ -439,8 +429,8 @@ async def relay(
         "direct_capacity_tokens_per_s": [round(x) for x in capacity.direct],
         "relayed_capacity_ratio": capacity.ratio(),
         "dcutr_upgrades": puncher.relay.upgraded,
-        "dcutr_punched": upgrades["punched"],
-        "dcutr_failed": upgrades["failed"],
+        "dcutr_punched": upgrades.punched,
+        "dcutr_failed": upgrades.failed,
         "dcutr_direct_without_upgrade": len(direct_anyway),
         "upgraded_capacity_ratio": upgraded,
         "errors": errors,
@@ -568,10 +558,10 @@ async def _upgrade_all(
     def settled() -> bool:
         # Upgraded and the relayed connection retired, or given up.
         done = sum(direct_only(n) for n in private)
-        return done + puncher.relay.upgrades["failed"] >= len(private)
+        return done + puncher.relay.upgrades.failed >= len(private)
 
     if await wait_until(settled, bound_s) is None:
-        errors.append(f"upgrades did not settle: {dict(puncher.relay.upgrades)}")
+        errors.append(f"upgrades did not settle: {puncher.relay.upgrades}")
     # On loopback a "private" node is dialable: py-libp2p's own dials (the
     # auto-connector, DHT walks) sometimes connect the two directly before
     # the relayed stream is opened, and there is nothing left to upgrade.

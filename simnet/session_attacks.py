@@ -25,6 +25,7 @@ from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import Ack, Chunk, Done, Request
+from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import RejectCode
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import SessionKeys
@@ -50,20 +51,20 @@ class Takings:
 
 def reject_after_open(node: Node) -> Takings:
     """Take the stake: approve every session, then reject it once it is open on chain."""
-    assert node.provider_market is not None
+    assert node.markets.provider is not None
     out = Takings()
 
     async def reject(_hello: session.Hello, _session_id: bytes, _peer: str) -> RejectCode:
         out.sessions += 1
         return RejectCode.BAD_SESSION
 
-    node.provider_market.confirm = reject  # type: ignore[method-assign, assignment]
+    node.markets.provider.confirm = reject  # type: ignore[method-assign, assignment]
     return out
 
 
 def stall_after_open(node: Node) -> Takings:
     """Take the stake: approve every session, then never answer the consumer's Opened."""
-    assert node.provider_market is not None
+    assert node.markets.provider is not None
     out = Takings()
 
     async def stall(_hello: session.Hello, _session_id: bytes, _peer: str) -> RejectCode:
@@ -71,7 +72,7 @@ def stall_after_open(node: Node) -> Takings:
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 
-    node.provider_market.confirm = stall  # type: ignore[method-assign, assignment]
+    node.markets.provider.confirm = stall  # type: ignore[method-assign, assignment]
     return out
 
 
@@ -108,11 +109,13 @@ async def open_paid(
     Returns the on-chain session id and the session keys. The consumer's
     market records it as any session it opens.
     """
-    market = node.consumer_market
+    market = node.markets.consumer
     assert market is not None
     if not await connect(node, provider):
         raise NetworkError("cannot connect to the provider")
-    offer = node.offer_book.get(provider.peer_id) or await node.refresh_offer(provider.peer_id)
+    offer = node.offer_book.get(provider.peer_id) or await node.finder.refresh_offer(
+        provider.peer_id
+    )
     terms = market.terms(offer, model_id) if offer is not None else None
     if terms is None:
         raise NetworkError(f"no offer with terms for {model_id} from the provider")
@@ -131,6 +134,8 @@ async def open_paid(
         prepare=lambda hello: market.prepare_hello(hello, provider.peer_id, terms, stake),
         on_approve=on_approve,
     )
+    if isinstance(est, Refusal):
+        raise NetworkError(f"the provider refused the paid session: {est}")
     return est.session_id, est.keys
 
 
@@ -149,10 +154,10 @@ async def ask_in(
     stream_id: int,
     request: Request,
     on_chunk: Callable[[Chunk], Awaitable[None]] | None = None,
-) -> tuple[_Asked, Done | None]:
+) -> tuple[_Asked, Done | Refusal]:
     """One request in a session, driven by hand (stream id chosen by the caller).
 
-    Raises :class:`infer_service.Refused` when the provider answers an error,
+    Returns what came, and Done or the provider's refusal; raises
     NetworkError or RemoteProtocolError when the stream fails.
     """
     cfg = infer_service.Config()
@@ -174,9 +179,9 @@ async def ask_in(
         # time used signed by the wallet): the provider refuses a session whose
         # last answer went unacknowledged, which would hide what this measures.
         signature = bytes(node.host.get_private_key().sign(done.receipt.signing_bytes()))
-        if node.consumer_market is None:
+        if node.markets.consumer is None:
             return Ack(signature=signature)
-        used_until, usage = node.consumer_market.acknowledge(session_id)
+        used_until, usage = node.markets.consumer.acknowledge(session_id)
         return Ack(signature=signature, used_until=used_until, usage_signature=usage)
 
     done = await infer_service.request(stream, machine, request, deliver, ack, cfg)
@@ -215,16 +220,16 @@ async def use_closed_sessions(
             sent = trio.current_time()
             try:
                 with trio.fail_after(30):
-                    asked, _ = await ask_in(
+                    asked, done = await ask_in(
                         node, provider, session_id, keys, next(stream_ids),
                         completion(model_id, 16, f"after-{n}"),
                     )  # fmt: skip
-            except infer_service.Refused:
-                out.refused += 1
-                continue
             except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
                 out.failed += 1
                 out.errors.append(f"request after close: {exc}")
+                continue
+            if isinstance(done, Refusal):
+                out.refused += 1
                 continue
             out.tokens += asked.tokens
             served_s, tokens = out.served_by_kind.get(kind, (0.0, 0))
@@ -256,8 +261,8 @@ async def use_closed_sessions(
         await _until_chain_passes(chain, account, ends_at)
         out.expired_chain_past_end_s = await chain.run(chain.sync.now) - ends_at
         # What the provider believes (its public estimate): the evidence when it serves on.
-        if provider.provider_market is not None:
-            out.expired_provider_view_s = round(provider.provider_market.chain_time() - ends_at, 2)
+        if provider.markets.provider is not None:
+            out.expired_provider_view_s = round(provider.markets.provider.chain_time() - ends_at, 2)
         await after(session_id, keys, "expired")
 
     async def in_flight() -> None:

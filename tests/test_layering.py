@@ -54,6 +54,96 @@ def test_lower_packages_do_not_import_upper_ones(package: str) -> None:
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+# --- no cycles, no reaching into another module's privates -----------------------
+
+CODE_DIRS = ("p2p", "protocols", "inference", "chain", "cli", "simnet")
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(("p2pnode", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+def _code_files() -> list[Path]:
+    return sorted(p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py"))
+
+
+def test_no_import_cycle() -> None:
+    """Every import counts, ``TYPE_CHECKING`` ones too: a cycle hidden there is a cycle."""
+    modules = {_module_of(p): p for p in _code_files()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            deps.update(t for t in targets if t in modules and t != name)
+        graph[name] = deps
+    # Packages' __init__ import their own modules; only module-to-module edges count.
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep) :] + [dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
+def test_no_module_calls_another_modules_underscore_names() -> None:
+    """A ``_name`` is its file's business: no other file of ours (tests included)
+    calls it. Library internals we override keep the library's names."""
+    files = [*_code_files(), *sorted((ROOT / "tests").rglob("*.py"))]
+    trees = {p: ast.parse(p.read_text(), str(p)) for p in files}
+    ours: dict[str, set[Path]] = {}
+    for path, tree in trees.items():
+        for name in _defined_names(tree):
+            if name.startswith("_") and not name.startswith("__"):
+                ours.setdefault(name, set()).add(path)
+    bad = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name, owner = node.func.attr, node.func.value
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if isinstance(owner, ast.Call) and ast.unparse(owner.func) == "super":
+                continue
+            homes = ours.get(name, set())
+            if homes and path not in homes:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node.func)}")
+    assert not bad, "\n".join(bad)
+
+
 # --- the project's own docs ----------------------------------------------------
 
 SKIP_DIRS = {

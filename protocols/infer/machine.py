@@ -82,14 +82,15 @@ class _Side(FramedMachine[State]):
     def _clear(self, msg: Message) -> bytes:
         return encode_frame(bytes([CLEAR]) + CLEAR_CODEC.encode_body(msg))
 
-    def _sealed(self, msg: Message) -> bytes:
+    def sealed_frame(self, msg: Message) -> bytes:
+        """``msg`` as a sealed frame under this machine's keys (for any state: no checks)."""
         if self._sealer is None:
             raise LocalProtocolError(ErrorCode.UNEXPECTED, "no session keys yet")
         return encode_frame(bytes([SEALED]) + self._sealer.seal(SEALED_CODEC.encode_body(msg)))
 
     def send_error(self, error: Error) -> bytes:
         """Bytes of an Error frame (sealed once keys are known); the machine is done."""
-        frame = self._clear(error) if self._sealer is None else self._sealed(error)
+        frame = self._clear(error) if self._sealer is None else self.sealed_frame(error)
         self.state = State.ERROR
         return frame
 
@@ -138,7 +139,7 @@ class ConsumerMachine(_Side):
         self._require(State.IDLE, "open")
         self.state = State.STREAMING
         head = self._clear(InferOpen(session_id=self._session_id, stream_id=self._stream_id))
-        return head + self._sealed(request)
+        return head + self.sealed_frame(request)
 
     def next_event(self) -> Chunk | Done | Error | Sentinel:
         """The next Chunk, then Done; or the provider's Error; PEER_CLOSED after Done."""
@@ -172,7 +173,7 @@ class ConsumerMachine(_Side):
         """Bytes of the sealed Ack over the receipt in Done (and, paid, the usage
         acknowledgement: ``used_until`` and the wallet's signature of it)."""
         self._require(State.DONE, "ack")
-        frame = self._sealed(
+        frame = self.sealed_frame(
             Ack(signature=signature, used_until=used_until, usage_signature=usage_signature)
         )
         self.state = State.CLOSED
@@ -249,14 +250,14 @@ class ProviderMachine(_Side):
     def chunk(self, text: str, tokens: int) -> bytes:
         """Bytes of the next sealed Chunk."""
         self._require(State.STREAMING, "send a chunk")
-        frame = self._sealed(Chunk(seq=self._seq, text=text, tokens=tokens))
+        frame = self.sealed_frame(Chunk(seq=self._seq, text=text, tokens=tokens))
         self._seq += 1
         return frame
 
     def done(self, done: Done) -> bytes:
         """Bytes of the sealed Done; the consumer's Ack comes next."""
         self._require(State.STREAMING, "send Done")
-        frame = self._sealed(done)
+        frame = self.sealed_frame(done)
         self.state = State.AWAIT_ACK
         return frame
 

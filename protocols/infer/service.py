@@ -29,6 +29,7 @@ from p2pnode.protocols.infer.batching import Batch, TokenBatcher
 from p2pnode.protocols.infer.batching import Config as BatchConfig
 from p2pnode.protocols.infer.machine import ConsumerMachine, ProviderMachine, State
 from p2pnode.protocols.infer.messages import Ack, Chunk, Done, InferOpen, Request
+from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session.crypto import SessionKeys
 from p2pnode.protocols.stream import (
     ByteStream,
@@ -38,7 +39,6 @@ from p2pnode.protocols.stream import (
     reset_quietly,
     send,
 )
-from p2pnode.protocols.unary_service import code_name
 from p2pnode.protocols.wire import PEER_CLOSED, PROMPT_MAX_FRAME, Error
 from p2pnode.scopes import single_errors_ungrouped
 
@@ -60,14 +60,6 @@ class Config:
     batching: BatchConfig = field(default_factory=BatchConfig)
 
 
-class Refused(NetworkError):
-    """The provider answered with an Error frame instead of (more) tokens."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"provider refused: {code_name(code)} {message}".rstrip())
-        self.code = code
-
-
 class RequestRefused(P2PNodeError):
     """Raised by a provider's generation callback: tell the consumer why, sealed."""
 
@@ -86,15 +78,15 @@ async def request(
     deliver: Callable[[Chunk], Awaitable[None]],
     ack: Callable[[Done], Ack | bytes],
     cfg: Config,
-) -> Done:
+) -> Done | Refusal:
     """Run one request; each Chunk goes to ``deliver`` in order, Done is returned.
 
     ``ack`` checks the receipt in Done and returns the Ack to send (paid mode: with
     the usage acknowledgement), or just our signature over the receipt.
-    Raises :class:`Refused` (the provider's Error frame), RemoteProtocolError
-    (a tampered, replayed or malformed frame: nothing of it is delivered),
-    NetworkError on timeouts and broken streams. Any early exit resets the
-    stream, which cancels the generation.
+    Returns Done, or the provider's :class:`Refusal` (its Error frame).
+    Raises RemoteProtocolError (a tampered, replayed or malformed frame:
+    nothing of it is delivered), NetworkError on timeouts and broken
+    streams. Any early exit resets the stream, which cancels the generation.
     """
     finished = False
     try:
@@ -105,7 +97,7 @@ async def request(
                 event = await next_event(stream, machine)
             wait = cfg.chunk_gap_s
             if isinstance(event, Error):
-                raise Refused(event.code, event.message)
+                return Refusal.of_request(event.code, event.message)
             if isinstance(event, Chunk):
                 await deliver(event)
             elif isinstance(event, Done):

@@ -153,7 +153,7 @@ class Opener(_StreamCipher):
     def open(self, sealed: bytes) -> bytes:
         """The plaintext of the next frame; anything tampered raises RemoteProtocolError."""
         if self._failed:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, "stream already failed authentication")
+            raise RemoteProtocolError(ErrorCode.UNAUTHENTIC, "stream already failed authentication")
         if len(sealed) < TAG_BYTES:
             self._failed = True
             raise RemoteProtocolError(ErrorCode.MALFORMED, "sealed frame shorter than its tag")
@@ -162,7 +162,8 @@ class Opener(_StreamCipher):
         except InvalidTag as exc:
             self._failed = True
             raise RemoteProtocolError(
-                ErrorCode.MALFORMED, "frame failed authentication (tampered, replayed or reordered)"
+                ErrorCode.UNAUTHENTIC,
+                "frame failed authentication (tampered, replayed or reordered)",
             ) from exc
         self._counter += 1
         return plaintext

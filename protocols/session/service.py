@@ -25,6 +25,7 @@ import trio
 from libp2p.peer.id import ID
 
 from p2pnode.errors import ErrorCode, NetworkError, RemoteProtocolError
+from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session.crypto import Ephemeral, SessionKeys
 from p2pnode.protocols.session.machine import NONCE_BYTES, ConsumerMachine, ProviderMachine
 from p2pnode.protocols.session.messages import Approve, Hello, Opened, Reject, RejectCode
@@ -49,19 +50,6 @@ class Established:
     approve: Approve
 
 
-class Rejected(NetworkError):
-    """The provider turned the session down (``code`` is a RejectCode value)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        try:
-            name = RejectCode(code).name.lower()
-        except ValueError:
-            name = f"code {code}"
-        super().__init__(f"session rejected: {name} {reason}".rstrip())
-        self.code = code
-        self.reason = reason
-
-
 async def open_session(
     stream: ByteStream,
     model_id: str,
@@ -71,15 +59,17 @@ async def open_session(
     remote_peer: ID,
     prepare: Callable[[Hello], Hello] | None = None,
     on_approve: Callable[[Hello, Approve], Awaitable[bytes]] | None = None,
-) -> Established:
+) -> Established | Refusal:
     """Run the consumer's side on a fresh stream; closes the stream after.
 
     ``local_peer`` is this node's id, ``remote_peer`` the provider's as the
     stream's connection authenticated it (``stream.muxed_conn.peer_id``).
     Chain mode: ``prepare`` fills the Hello's chain fields and signs it, and
     ``on_approve`` opens the session on chain and returns its id; without
-    them the id is the transcript hash. Raises :class:`Rejected`,
-    :class:`NetworkError` (timeout, broken stream) or RemoteProtocolError.
+    them the id is the transcript hash. Returns the session, or the
+    provider's :class:`Refusal` (a Reject, before or after the on-chain
+    open); raises :class:`NetworkError` (timeout, broken stream, an Error
+    frame) or RemoteProtocolError.
     """
     ephemeral = Ephemeral()
     machine = ConsumerMachine(
@@ -100,7 +90,9 @@ async def open_session(
         with trio.fail_after(wait_s):
             await send(stream, machine, machine.send_hello(hello))
             approve = await next_event(stream, machine)
-            _raise_if_refused(approve)
+            if isinstance(approve, Reject):
+                return Refusal.of_session(approve.code, approve.reason)
+            _raise_if_failed(approve)
             assert isinstance(approve, Approve)
         # The on-chain open is bounded by the chain client, not by the
         # handshake: on a slow chain a session already opened (and paid)
@@ -108,7 +100,10 @@ async def open_session(
         session_id = await on_approve(hello, approve) if on_approve is not None else None
         with trio.fail_after(wait_s):
             await send(stream, machine, machine.send_opened(session_id))
-            _raise_if_refused(await next_event(stream, machine))
+            ready = await next_event(stream, machine)
+            if isinstance(ready, Reject):
+                return Refusal.of_session(ready.code, ready.reason)
+            _raise_if_failed(ready)
     except trio.TooSlowError as exc:
         raise NetworkError(f"no session within {wait_s:g} s") from exc
     finally:
@@ -118,9 +113,7 @@ async def open_session(
     return Established(machine.session_id, machine.keys, hello, approve)
 
 
-def _raise_if_refused(event: object) -> None:
-    if isinstance(event, Reject):
-        raise Rejected(event.code, event.reason)
+def _raise_if_failed(event: object) -> None:
     if isinstance(event, Error):
         raise NetworkError(f"provider refused the session: {code_name(event.code)} {event.message}")
     if isinstance(event, Sentinel):  # the machine raises on EOF; kept for the type checker

@@ -336,7 +336,7 @@ def test_the_local_usage_digest_is_the_contracts(net: Embedded) -> None:
     chain = net.chain
     for session_id, used_until in ((bytes(32), 0), (secrets.token_bytes(32), 2**64 - 1)):
         local = encode_typed_data(
-            domain_data=chain._domain(),
+            domain_data=chain.domain(),
             message_types=_USAGE_TYPES,
             message_data={"sessionId": session_id, "usedUntil": used_until},
         )

@@ -54,7 +54,7 @@ class Network:
             await started.wait()
             node = holder[0]
             while self.consumer.offer_book.get(node.peer_id) is None:
-                await self.consumer.refresh_offer(node.peer_id)
+                await self.consumer.finder.refresh_offer(node.peer_id)
         self.providers.append(node)
         self.scopes.append(scope)
         return node

@@ -93,7 +93,7 @@ async def test_chat_and_completion_equal_the_local_engine(network: Network) -> N
     assert completion.choices[0].text == local
     assert "".join(parts) == local
     # One session carried all four requests, and each receipt was countersigned.
-    assert network.consumer.consumer.counters["sessions_opened"] == 1
+    assert network.consumer.consumer.counters.sessions_opened == 1
     assert provider.provider is not None
     (held,) = provider.provider.sessions.values()
     assert held.requests == 4
@@ -128,9 +128,9 @@ async def test_a_provider_killed_mid_stream_is_invisible_to_the_client(network: 
     assert "".join(pieces) == expected
     assert len(ids) == 1
     counters = network.consumer.consumer.counters
-    assert counters["failovers"] == 1
+    assert counters.failovers == 1
     assert second.provider is not None
-    assert second.provider.stats["requests"] == 1
+    assert second.provider.counters.requests == 1
 
 
 async def test_no_key_wrong_key_and_foreign_host_are_refused(network: Network) -> None:
@@ -199,10 +199,10 @@ async def test_n_choices_are_generated_in_turn(network: Network) -> None:
 async def test_a_model_nobody_can_serve_is_503(network: Network) -> None:
     # A provider announcing a model it does not serve turns every session down.
     fake = await network.add_provider()
-    fake.set_models((*fake.models, ModelOffer(model_id="ghost-model")))
+    fake.offering.set_models((*fake.offering.models, ModelOffer(model_id="ghost-model")))
     with trio.fail_after(BOUND_S):
         while network.consumer.offer_book.offers("ghost-model") == []:
-            await network.consumer.refresh_offer(fake.peer_id)
+            await network.consumer.finder.refresh_offer(fake.peer_id)
         with pytest.raises(openai.InternalServerError) as failed:
             await client(network).chat.completions.create(
                 model="ghost-model", messages=[{"role": "user", "content": "hi"}]
@@ -227,7 +227,7 @@ async def test_a_client_that_leaves_cancels_the_remote_generation(network: Netwo
             if seen == 3:
                 break
         await stream.close()
-        while provider.provider.stats["cancelled"] == 0:  # noqa: ASYNC110 - waiting on the provider
+        while provider.provider.counters.cancelled == 0:  # noqa: ASYNC110 - waiting on the provider
             await trio.sleep(0.05)
     (held,) = provider.provider.sessions.values()
     assert held.completion_tokens < 1000

@@ -43,13 +43,13 @@ class Paid:
 
     @property
     def provider_market(self) -> market.ProviderMarket:
-        assert self.provider.provider_market is not None
-        return self.provider.provider_market
+        assert self.provider.markets.provider is not None
+        return self.provider.markets.provider
 
     @property
     def consumer_market(self) -> market.ConsumerMarket:
-        assert self.consumer.consumer_market is not None
-        return self.consumer.consumer_market
+        assert self.consumer.markets.consumer is not None
+        return self.consumer.markets.consumer
 
 
 def _market(net: Embedded, who: int, home: Path, **kw: object) -> market.Config:
@@ -87,7 +87,7 @@ async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
         )
         with trio.fail_after(BOUND_S):
             while consumer.offer_book.get(provider.peer_id) is None:
-                await consumer.refresh_offer(provider.peer_id)
+                await consumer.finder.refresh_offer(provider.peer_id)
         yield Paid(net, provider, consumer)
 
 
@@ -107,18 +107,18 @@ async def test_a_session_closed_on_chain_is_not_served_again(paid: Paid) -> None
     (session_id,) = paid.consumer_market.open
     consumer_account = paid.embedded.accounts[2]
     await trio.to_thread.run_sync(paid.embedded.chain.close_session, consumer_account, session_id)
-    requests_before = paid.provider.provider.stats["requests"]  # type: ignore[union-attr]
+    requests_before = paid.provider.provider.counters.requests  # type: ignore[union-attr]
     with trio.fail_after(BOUND_S):
         outcome = await paid.consumer.generate(_request(4), _nothing)
     # Served, but only in a new session the consumer paid for: the closed one
     # was refused before anything was generated in it.
     assert outcome.completion_tokens == 4
-    assert paid.consumer_market.counters["opened"] == 2
+    assert paid.consumer_market.counters.opened == 2
     assert session_id not in paid.consumer_market.open
     provider = paid.provider.provider
     assert provider is not None
-    assert provider.stats["requests"] == requests_before + 1
-    assert paid.provider_market.counters["closed_early"] == 1
+    assert provider.counters.requests == requests_before + 1
+    assert paid.provider_market.counters.closed_early == 1
 
 
 async def test_a_generation_stops_when_its_session_closes_on_chain(paid: Paid) -> None:
@@ -148,13 +148,13 @@ async def test_a_generation_stops_when_its_session_closes_on_chain(paid: Paid) -
         )
         closed_at = trio.current_time()
         with trio.fail_after(BOUND_S):
-            while provider.stats["ended_mid_request"] == 0:  # noqa: ASYNC110 - provider counter
+            while provider.counters.ended_mid_request == 0:  # noqa: ASYNC110 - provider counter
                 await trio.sleep(0.02)
         stopped_after = trio.current_time() - closed_at
         nursery.cancel_scope.cancel()
     # It follows the chain every 0.2 s here (5 s by default).
     assert stopped_after < 10
-    assert paid.provider_market.counters["closed_early"] == 1
+    assert paid.provider_market.counters.closed_early == 1
 
 
 async def _after_the_claim_window(paid: Paid, session_id: bytes) -> None:
@@ -184,7 +184,7 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
     counters = paid.consumer_market.counters
-    assert counters["opened"] == 1
+    assert counters.opened == 1
     (session_id,) = chain.sessions_of(consumer_addr)
     stake = chain.session(session_id).stake
     # Not closed early (that would pay the thief the seconds since the open): left
@@ -192,7 +192,7 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     assert chain.session(session_id).open
     assert not paid.consumer_market.usable(session_id)
     assert paid.consumer_market.held() == stake
-    assert counters["left_unserved"] == 1
+    assert counters.left_unserved == 1
     # It is remembered: no second session is opened with it.
     standing = paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time())
     assert standing is not None
@@ -200,7 +200,7 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     assert standing.banned
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
-    assert counters["opened"] == 1
+    assert counters.opened == 1
     # Stopping before the claim window has passed leaves it in escrow (logged) ...
     with trio.fail_after(BOUND_S):
         await paid.consumer_market.close_all()
@@ -211,7 +211,7 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     assert chain.balance(provider_addr) == p0
     assert chain.balance(consumer_addr) == c0
     assert paid.consumer_market.held() == 0
-    assert (counters["closed"], counters["paid_wei"], counters["refunded_wei"]) == (1, 0, stake)
+    assert (counters.closed, counters.paid_wei, counters.refunded_wei) == (1, 0, stake)
 
 
 async def test_a_provider_that_never_answers_the_opened_message_is_paid_nothing(
@@ -250,7 +250,7 @@ async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
     with trio.fail_after(BOUND_S):
         for _ in range(2):
             await paid.consumer.generate(_request(4), _nothing)
-        while paid.provider_market.counters["acks"] < 2:  # noqa: ASYNC110 - the last Ack in flight
+        while paid.provider_market.counters.acks < 2:  # noqa: ASYNC110 - the last Ack in flight
             await trio.sleep(0.01)
     (session_id,) = paid.consumer_market.open
     held = chain.session(session_id)
@@ -266,14 +266,14 @@ async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
     with trio.fail_after(BOUND_S):
         await paid.provider_market.settle()
     assert chain.session(session_id).open
-    assert paid.provider_market.counters["settled"] == 0
+    assert paid.provider_market.counters.settled == 0
     # With the real one, it is paid exactly the acknowledged seconds.
     paid.provider_market.usage[session_id] = (used_until, signature)
     with trio.fail_after(BOUND_S):
         await paid.provider_market.settle()
     assert not chain.session(session_id).open
     owed = PRICE * (used_until - held.opened_at)
-    assert paid.provider_market.counters["paid_wei"] == owed
+    assert paid.provider_market.counters.paid_wei == owed
     assert chain.balance(provider_addr) == p0 + owed
     assert chain.balance(consumer_addr) == c0 - owed
 
@@ -292,14 +292,14 @@ async def test_a_long_answer_pauses_to_be_acknowledged_and_goes_on(paid: Paid) -
 
     with trio.fail_after(BOUND_S):
         outcome = await paid.consumer.generate(_request(30_000), deliver)
-        while paid.provider_market.counters["acks"] < provider.stats["requests"]:  # noqa: ASYNC110
+        while paid.provider_market.counters.acks < provider.counters.requests:  # noqa: ASYNC110
             await trio.sleep(0.01)
     assert "".join(texts) == WORD * 30_000
     assert (outcome.finish_reason, outcome.completion_tokens) == ("length", 30_000)
     assert outcome.failovers == 0
     # Several requests in one session, each acknowledged; none refused.
-    assert provider.stats["requests"] >= 2
-    assert provider.stats["unacknowledged"] == 0
+    assert provider.counters.requests >= 2
+    assert provider.counters.unacknowledged == 0
     assert len(paid.consumer_market.open) == 1
 
 
@@ -328,11 +328,11 @@ async def test_a_consumer_that_does_not_acknowledge_gets_one_answer_per_session(
     # The second request was refused in the first session (UNACKNOWLEDGED), and
     # served in a new one: one answer each.
     with trio.fail_after(BOUND_S):
-        while provider.stats["bad_acks"] < 2:  # noqa: ASYNC110 - the last Ack in flight
+        while provider.counters.bad_acks < 2:  # noqa: ASYNC110 - the last Ack in flight
             await trio.sleep(0.01)
-    assert provider.stats["requests"] == 2
-    assert provider.stats["refused"] == 1
-    assert paid.consumer_market.counters["opened"] == 2
+    assert provider.counters.requests == 2
+    assert provider.counters.refused == 1
+    assert paid.consumer_market.counters.opened == 2
     assert paid.provider_market.usage == {}
 
 
@@ -352,14 +352,14 @@ async def test_an_answer_cancelled_after_its_first_tokens_ends_the_sessions_cred
     with trio.fail_after(BOUND_S), pytest.raises(Enough):
         await paid.consumer.generate(_request(10_000), leave)
     with trio.fail_after(BOUND_S):
-        while provider.stats["unacknowledged"] == 0:  # noqa: ASYNC110 - the provider's watch
+        while provider.counters.unacknowledged == 0:  # noqa: ASYNC110 - the provider's watch
             await trio.sleep(0.01)
         outcome = await paid.consumer.generate(_request(4), _nothing)
     assert outcome.completion_tokens == 4
-    assert provider.stats["refused"] == 1  # code 15 in the first session
-    assert paid.consumer_market.counters["opened"] == 2
+    assert provider.counters.refused == 1  # code 15 in the first session
+    assert paid.consumer_market.counters.opened == 2
     # The first session was never acknowledged: left in escrow, not closed early.
-    assert paid.consumer_market.counters["left_unserved"] == 1
+    assert paid.consumer_market.counters.left_unserved == 1
 
 
 async def test_a_chain_that_drops_a_connection_costs_the_provider_nothing(
@@ -387,7 +387,7 @@ async def test_a_chain_that_drops_a_connection_costs_the_provider_nothing(
             await trio.sleep(0.05)
         outcome = await paid.consumer.generate(_request(4), _nothing)
     assert outcome.completion_tokens == 4
-    assert paid.provider_market.counters["chain_errors"] >= 1
+    assert paid.provider_market.counters.chain_errors >= 1
 
 
 async def test_a_consumer_survives_a_chain_error_while_closing(
@@ -422,21 +422,21 @@ async def test_a_session_is_not_idle_while_a_request_runs(paid: Paid, tmp_path: 
     ) as consumer:
         with trio.fail_after(BOUND_S):
             while consumer.offer_book.get(paid.provider.peer_id) is None:
-                await consumer.refresh_offer(paid.provider.peer_id)
+                await consumer.finder.refresh_offer(paid.provider.peer_id)
 
         async def slow_reader(_text: str, _tokens: int) -> None:
             await trio.sleep(0.6)  # longer than the idle close, for every chunk
 
-        market_ = consumer.consumer_market
+        market_ = consumer.markets.consumer
         assert market_ is not None
         with trio.fail_after(BOUND_S):
             outcome = await consumer.generate(_request(600), slow_reader)
         assert outcome.completion_tokens == 600
-        assert market_.counters["opened"] == 1
-        assert market_.counters["closed"] == 0
+        assert market_.counters.opened == 1
+        assert market_.counters.closed == 0
         # Idle now: closed at the next look.
         with trio.fail_after(BOUND_S):
-            while market_.counters["closed"] == 0:  # noqa: ASYNC110 - the idle-close loop
+            while market_.counters.closed == 0:  # noqa: ASYNC110 - the idle-close loop
                 await trio.sleep(0.05)
 
 
@@ -447,12 +447,12 @@ async def test_an_offer_the_chain_contradicts_opens_nothing(paid: Paid) -> None:
     # it is no offence: the offer is dropped and asked for afresh.
     bid_id, price = paid.provider_market.bids[MODEL]
     paid.provider_market.bids[MODEL] = (bid_id, price // 2)
-    paid.provider.set_models(paid.provider.models)
+    paid.provider.offering.set_models(paid.provider.offering.models)
     with trio.fail_after(BOUND_S):
         while (o := paid.consumer.offer_book.get(paid.provider.peer_id)) is None or (
             o.models[0].price_per_s != price // 2
         ):
-            await paid.consumer.refresh_offer(paid.provider.peer_id)
+            await paid.consumer.finder.refresh_offer(paid.provider.peer_id)
             await trio.sleep(0.05)
     consumer_addr = paid.embedded.accounts[2].address
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError, match="another price"):
@@ -507,5 +507,5 @@ async def test_a_closed_paid_session_leaves_the_providers_table(paid: Paid) -> N
         while paid.provider_market.serving(session_id):  # noqa: ASYNC110 - follows the chain
             await trio.sleep(0.05)
     # Room is made for the next session: the closed one goes, paid or not.
-    assert provider._make_room(paid.consumer.peer_id, trio.current_time())
+    assert provider.make_room(paid.consumer.peer_id, trio.current_time())
     assert session_id not in provider.sessions

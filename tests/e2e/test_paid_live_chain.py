@@ -83,7 +83,7 @@ async def _pair(
 
 async def _offered_price(consumer: Node, provider: Node) -> int:
     """The price the provider's offer, as the consumer holds it now, asks (0: no bid)."""
-    offer = await consumer.refresh_offer(provider.peer_id)
+    offer = await consumer.finder.refresh_offer(provider.peer_id)
     terms = offer.serves(MODEL) if offer is not None else None
     return terms.price_per_s if terms is not None and terms.bid_id else 0
 
@@ -142,16 +142,16 @@ async def test_the_first_chat_after_an_idle_spell_opens_its_session_at_once(
             await _until_offered(asking, serving, PRICE)
             # The provider has been up a while: its run loop has read the chain's
             # clock (every follow_s), as here.
-            assert serving.provider_market is not None
+            assert serving.markets.provider is not None
             with trio.fail_after(BOUND_S):
-                await serving.provider_market.follow()
+                await serving.markets.provider.follow()
             assert setup.now() == idle_since  # still idle: the nodes' starts mined nothing
             with trio.fail_after(BOUND_S):
                 outcome = await asking.generate(REQUEST, _nothing)
             assert outcome.completion_tokens == 4
-            bought = asking.consumer_market
+            bought = asking.markets.consumer
             assert bought is not None
-            assert bought.counters["opened"] == 1
+            assert bought.counters.opened == 1
             (session_id,) = bought.open
             opened_at = setup.session(session_id).opened_at
         # Its first transaction since the idle spell, and no other: nothing reverted.
@@ -198,7 +198,7 @@ async def test_a_bid_posted_while_the_provider_runs_is_served_without_a_restart(
             with trio.fail_after(BOUND_S):
                 outcome = await asking.generate(REQUEST, _nothing)
             assert outcome.completion_tokens == 4
-            bought = asking.consumer_market
+            bought = asking.markets.consumer
             assert bought is not None
             held = [net.chain.session(s) for s in bought.open]
             assert held[-1].price_per_s == price
@@ -208,5 +208,5 @@ async def test_a_bid_posted_while_the_provider_runs_is_served_without_a_restart(
 
         await chain.run(net.chain.delete_bid, provider, bid)
         await _until_offered(asking, serving, 0)
-        assert serving.provider_market is not None
-        assert serving.provider_market.bids == {}
+        assert serving.markets.provider is not None
+        assert serving.markets.provider.bids == {}

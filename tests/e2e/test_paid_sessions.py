@@ -79,7 +79,7 @@ async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
         url = await nursery.start(openai_api.serve, consumer, key, "127.0.0.1:0")
         with trio.fail_after(BOUND_S):
             while consumer.offer_book.get(provider.peer_id) is None:
-                await consumer.refresh_offer(provider.peer_id)
+                await consumer.finder.refresh_offer(provider.peer_id)
         try:
             yield Paid(net, provider, consumer, url, key)
         finally:
@@ -105,9 +105,9 @@ async def test_a_paid_chat_settles_to_the_wei(paid: Paid) -> None:
                 model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
             )
             assert answer.choices[0].message.content
-    markets = paid.consumer.consumer_market
+    markets = paid.consumer.markets.consumer
     assert markets is not None
-    assert markets.counters["opened"] == 1  # both requests in one paid session
+    assert markets.counters.opened == 1  # both requests in one paid session
     (session_id,) = markets.open
     held = chain.session(session_id)
     assert held.open
@@ -118,8 +118,8 @@ async def test_a_paid_chat_settles_to_the_wei(paid: Paid) -> None:
         await markets.close(session_id)
     settled = chain.session(session_id)
     assert not settled.open
-    paid_wei = markets.counters["paid_wei"]
-    refunded = markets.counters["refunded_wei"]
+    paid_wei = markets.counters.paid_wei
+    refunded = markets.counters.refunded_wei
     assert paid_wei + refunded == 100 * PRICE
     # Whole seconds of the chain's clock (two short chats may fit in one: 0).
     assert paid_wei % PRICE == 0
@@ -133,7 +133,7 @@ async def test_a_paid_chat_settles_to_the_wei(paid: Paid) -> None:
         await api.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
         )
-    assert markets.counters["opened"] == 2
+    assert markets.counters.opened == 2
 
 
 async def test_an_ended_session_is_settled_by_the_provider_and_replaced(paid: Paid) -> None:
@@ -149,8 +149,8 @@ async def test_an_ended_session_is_settled_by_the_provider_and_replaced(paid: Pa
 
     with trio.fail_after(BOUND_S):
         await paid.consumer.generate(request, nothing)
-    markets = paid.consumer.consumer_market
-    provider_market = paid.provider.provider_market
+    markets = paid.consumer.markets.consumer
+    provider_market = paid.provider.markets.provider
     assert markets is not None
     assert provider_market is not None
     (first,) = markets.open
@@ -164,36 +164,37 @@ async def test_an_ended_session_is_settled_by_the_provider_and_replaced(paid: Pa
     paid.embedded.time_travel(held.ends_at - paid.embedded.chain.now() + 60)
     with trio.fail_after(BOUND_S):
         await provider_market.settle()
-    assert provider_market.counters["settled"] == 1
+    assert provider_market.counters.settled == 1
     # It ran out: the provider claims what the consumer acknowledged, to the second.
-    assert provider_market.counters["paid_wei"] == PRICE * (used_until - opened_at)
+    assert provider_market.counters.paid_wei == PRICE * (used_until - opened_at)
     assert 0 < used_until - opened_at < 100
     assert not paid.embedded.chain.session(first).open
     # The provider no longer serves it; the consumer notices and pays for a new one.
     with trio.fail_after(BOUND_S):
         outcome = await paid.consumer.generate(request, nothing)
     assert outcome.completion_tokens == 4
-    assert markets.counters["opened"] == 2
+    assert markets.counters.opened == 2
 
 
 async def test_a_free_hello_to_a_paid_provider_is_refused(paid: Paid) -> None:
     from libp2p.peer.id import ID
 
     from p2pnode.protocols import session
+    from p2pnode.protocols.refusal import Refusal
     from p2pnode.protocols.session import service as session_service
 
     async with open_node(NodeConfig(), key_pair=create_new_key_pair()) as free:
-        await free.connect(paid.provider.addrs[0])
-        stream = await free._open_stream(ID.from_base58(paid.provider.peer_id), session.PROTOCOL_ID)
-        with pytest.raises(session_service.Rejected) as rejected:
-            await session_service.open_session(
-                stream,
-                MODEL,
-                5,
-                local_peer=free.host.get_id(),
-                remote_peer=ID.from_base58(paid.provider.peer_id),
-            )
-    assert rejected.value.code == RejectCode.PAYMENT_REQUIRED
+        await free.dialer.connect(paid.provider.addrs[0])
+        stream = await free.dialer.open_stream(paid.provider.peer_id, session.PROTOCOL_ID)
+        rejected = await session_service.open_session(
+            stream,
+            MODEL,
+            5,
+            local_peer=free.host.get_id(),
+            remote_peer=ID.from_base58(paid.provider.peer_id),
+        )
+    assert isinstance(rejected, Refusal)
+    assert rejected.code is RejectCode.PAYMENT_REQUIRED
 
 
 async def test_the_spend_limit_is_a_429_insufficient_quota(paid: Paid, tmp_path: Path) -> None:
@@ -209,7 +210,7 @@ async def test_the_spend_limit_is_a_429_insufficient_quota(paid: Paid, tmp_path:
         url = await nursery.start(openai_api.serve, poor, "k", "127.0.0.1:0")
         with trio.fail_after(BOUND_S):
             while poor.offer_book.get(paid.provider.peer_id) is None:
-                await poor.refresh_offer(paid.provider.peer_id)
+                await poor.finder.refresh_offer(paid.provider.peer_id)
             api = openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0)
             with pytest.raises(openai.RateLimitError) as limited:
                 await api.chat.completions.create(
@@ -248,10 +249,10 @@ async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_pat
     ledger.close()
     p0 = net.chain.balance(provider.address)
     async with open_node(NodeConfig(market=cfg), key_pair=create_new_key_pair()) as node:
-        assert node.consumer_market is not None
+        assert node.markets.consumer is not None
         with trio.fail_after(BOUND_S):
             # Closed at start (the run loop's first step), its stake no longer held.
-            market_ = node.consumer_market
+            market_ = node.markets.consumer
             while net.chain.session(served).open or market_.held() != 10 * PRICE:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert net.chain.session(unserved).open
@@ -260,7 +261,7 @@ async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_pat
         ends_at = net.chain.session(unserved).ends_at
         net.time_travel(ends_at - net.chain.now() + CLAIM_WINDOW_S)
         with trio.fail_after(BOUND_S):
-            while node.consumer_market.held():  # noqa: ASYNC110 - the run loop's next look
+            while node.markets.consumer.held():  # noqa: ASYNC110 - the run loop's next look
                 await trio.sleep(0.05)
         assert not net.chain.session(unserved).open
     assert net.chain.balance(provider.address) == p1
@@ -276,7 +277,7 @@ async def _chat_error(node: Node, provider: Node) -> openai.APIStatusError:
         url = await nursery.start(openai_api.serve, node, "k", "127.0.0.1:0")
         with trio.fail_after(BOUND_S):
             while node.offer_book.get(provider.peer_id) is None:
-                await node.refresh_offer(provider.peer_id)
+                await node.finder.refresh_offer(provider.peer_id)
             api = openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0)
             with pytest.raises(openai.APIStatusError) as failed:
                 await api.chat.completions.create(
@@ -310,8 +311,8 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     )
     async with open_node(NodeConfig(bootstrap=boot, market=poor_market), key_pair=_keys()) as poor:
         error = await _chat_error(poor, paid.provider)
-        assert poor.consumer_market is not None
-        assert poor.consumer_market.counters["opened"] == 0
+        assert poor.markets.consumer is not None
+        assert poor.markets.consumer.counters.opened == 0
     assert error.status_code == 429
     assert error.code == "insufficient_quota"
     # (Its start spent some of the ether on the token approval; the embedded chain is no
@@ -343,13 +344,13 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     bid = net.chain.live_bid(provider_account.address, MODEL)
     assert bid is not None
     net.chain.delete_bid(provider_account, bid)
-    assert paid.provider.provider_market is not None
-    await paid.provider.provider_market.reload_bids()
+    assert paid.provider.markets.provider is not None
+    await paid.provider.markets.provider.reload_bids()
     with trio.fail_after(BOUND_S):
         while (o := paid.consumer.offer_book.get(paid.provider.peer_id)) is None or (
             o.serves(MODEL).bid_id  # type: ignore[union-attr]
         ):
-            await paid.consumer.refresh_offer(paid.provider.peer_id)
+            await paid.consumer.finder.refresh_offer(paid.provider.peer_id)
     error = await _chat_error(paid.consumer, paid.provider)
     assert error.status_code == 503
     assert "1 provider seen; it has no live bid on chain for this model" in error.message

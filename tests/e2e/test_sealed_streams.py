@@ -73,8 +73,8 @@ async def test_a_tampered_frame_fails_authentication_and_the_stream_fails_over(
     assert outcome.failovers == 1
     assert outcome.completion_tokens == 40
     counters = network.consumer.consumer.counters
-    assert counters["auth_failures"] == 1
-    assert counters["provider_failures"] == 1
+    assert counters.auth_failures == 1
+    assert counters.provider_failures == 1
     # The failed provider is ranked last from now on: tampering is remembered.
     standing = network.consumer.reputation.standing(first.peer_id, trio.current_time())
     assert standing is not None
@@ -100,7 +100,7 @@ async def test_requests_share_a_session_concurrently(network: Network) -> None:
             for _ in range(3):
                 nursery.start_soon(one)
     assert results == [expected] * 3
-    assert network.consumer.consumer.counters["sessions_opened"] == 1
+    assert network.consumer.consumer.counters.sessions_opened == 1
     assert provider.provider is not None
     (held,) = provider.provider.sessions.values()
     assert held.requests == 3

@@ -58,7 +58,7 @@ async def test_upstream_url_key_and_error_text_never_reach_the_consumer(network:
         host_port = url.split("//")[1].split("/")[0]
         with trio.fail_after(BOUND_S):
             offer = network.consumer.offer_book.get(provider.peer_id)
-            status = await network.consumer.status_of(provider.peer_id)
+            status = await network.consumer.finder.status_of(provider.peer_id)
             api = openai.AsyncOpenAI(
                 base_url=network.shim_url, api_key=network.api_key, max_retries=0
             )

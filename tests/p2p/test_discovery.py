@@ -36,9 +36,9 @@ async def test_late_joiner_finds_every_provider() -> None:
         assert joiner.connected_peers() == [entry.peer_id]
 
         with trio.fail_after(BOUND_S):
-            found = await joiner.find_providers(SIMNET_MODEL)
+            found = await joiner.finder.find_providers(SIMNET_MODEL)
         assert set(found) == providers
-        assert await joiner.find_providers("no/such-model") == []
+        assert await joiner.finder.find_providers("no/such-model") == []
         # Gossip reaches it too, without waiting for the next announcement.
         await eventually(lambda: providers <= {o.peer_id for o in joiner.offer_book})
 
@@ -90,11 +90,11 @@ async def test_offer_expires_when_its_provider_stops() -> None:
         async with open_node(provider_cfg, key_pair=create_new_key_pair()) as provider:
             await eventually(lambda: all(n.offer_book.get(provider.peer_id) for n in net.nodes))
             with trio.fail_after(BOUND_S):
-                assert provider.peer_id in await net.nodes[-1].find_providers(SIMNET_MODEL)
+                assert provider.peer_id in await net.nodes[-1].finder.find_providers(SIMNET_MODEL)
         # Stopped: every book forgets it within expiry_s plus a sweep, and the
         # provider records derived from its offer go with it.
         await eventually(lambda: all(n.offer_book.get(provider.peer_id) is None for n in net.nodes))
-        assert provider.peer_id not in await net.nodes[-1].find_providers(SIMNET_MODEL)
+        assert provider.peer_id not in await net.nodes[-1].finder.find_providers(SIMNET_MODEL)
 
 
 async def test_a_provider_found_in_the_dht_is_asked_for_its_offer() -> None:
@@ -105,7 +105,7 @@ async def test_a_provider_found_in_the_dht_is_asked_for_its_offer() -> None:
         await eventually(lambda: consumer.offer_book.get(provider.peer_id) is not None)
         consumer.offer_book.forget(provider.peer_id)  # as if gossip had lost it
         with trio.fail_after(BOUND_S):
-            found = await consumer.discover(SIMNET_MODEL)
+            found = await consumer.finder.discover(SIMNET_MODEL)
         assert [o.peer_id for o in found] == [provider.peer_id]
         assert found[0].serves(SIMNET_MODEL) is not None
         assert found[0].addrs == tuple(provider.addrs)

@@ -50,13 +50,13 @@ async def test_a_listening_node_is_public_and_a_closed_port_is_not() -> None:
         open_node(NodeConfig(bootstrap=(helper.addrs[0],)), key_pair=create_new_key_pair()) as me,
     ):
         with trio.fail_after(BOUND_S):
-            verdict = await me.check_reachability()
+            verdict = await me.reachability.check()
             assert verdict.reachability is nat.Reachability.PUBLIC
             assert verdict.confirmed == tuple(nat.dialable(me.addrs))
-            assert (await helper.status_of(me.peer_id)).reachability == "public"
+            assert (await helper.finder.status_of(me.peer_id)).reachability == "public"
             # A port nobody listens on is not confirmed (AutoNAT would say it is),
             # and an address on another IP than the asker's is not dialled at all.
-            stream = await me._open_stream(ID.from_base58(helper.peer_id), dialback.PROTOCOL_ID)
+            stream = await me.dialer.open_stream(helper.peer_id, dialback.PROTOCOL_ID)
             answer = await nat.ask(
                 stream, ["/ip4/127.0.0.1/tcp/1", "/ip4/192.0.2.7/tcp/4001"], dialback.Config()
             )
@@ -74,10 +74,10 @@ async def test_configured_reachability_is_not_measured(forced: str) -> None:
         ) as me,
     ):
         with trio.fail_after(BOUND_S):
-            verdict = await me.check_reachability()
+            verdict = await me.reachability.check()
             assert verdict.forced
             assert verdict.reachability.value == forced
-            assert (await helper.status_of(me.peer_id)).reachability == forced
+            assert (await helper.finder.status_of(me.peer_id)).reachability == forced
 
 
 # --- the helper's side: whom it dials, and how often ---------------------------
@@ -114,7 +114,7 @@ async def _helper_and_asker(cfg: dialback.Config) -> AsyncIterator[tuple[Node, N
 
 
 async def _ask(me: Node, helper: Node, addrs: list[str]) -> DialBackResponse:
-    stream = await me._open_stream(ID.from_base58(helper.peer_id), dialback.PROTOCOL_ID)
+    stream = await me.dialer.open_stream(helper.peer_id, dialback.PROTOCOL_ID)
     return await nat.ask(stream, addrs, dialback.Config())
 
 
@@ -137,7 +137,7 @@ def test_dial_targets_are_plain_tcp_on_the_askers_ip_each_once() -> None:
     assert nat.dial_targets([*refused[:3], ok, other], seen, 4) == [ok]
     assert nat.dial_targets([ok], None, 4) == []  # unknown (relayed) asker
     mapped = ipaddress.ip_address("::ffff:127.0.0.1")
-    assert nat.dial_targets([ok], nat._parse_ip(str(mapped)), 4) == [ok]
+    assert nat.dial_targets([ok], nat.parse_ip(str(mapped)), 4) == [ok]
     six = ipaddress.ip_address("::1")
     assert nat.dial_targets(["/ip6/::1/tcp/4001"], six, 4) == ["/ip6/::1/tcp/4001"]
 

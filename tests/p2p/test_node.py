@@ -50,8 +50,8 @@ async def test_bootstrap_and_status_both_ways(node_factory: OpenNode) -> None:
     async with node_factory() as a, node_factory(bootstrap=(a.addrs[0],)) as b:
         assert a.peer_id in b.connected_peers()
         with trio.fail_after(BOUND_S):
-            about_a = await b.status_of(a.peer_id)
-            about_b = await a.status_of(b.peer_id)  # over the inbound connection
+            about_a = await b.finder.status_of(a.peer_id)
+            about_b = await a.finder.status_of(b.peer_id)  # over the inbound connection
         assert about_a.peer_id == a.peer_id
         assert about_a.version == __version__
         assert about_a.addrs == tuple(a.addrs)
@@ -66,9 +66,9 @@ async def test_three_nodes_join_through_one(node_factory: OpenNode) -> None:
         boot = (hub.addrs[0],)
         async with node_factory(bootstrap=boot) as b, node_factory(bootstrap=boot) as c:
             with trio.fail_after(BOUND_S):
-                assert (await c.status_of(hub.peer_id)).connected_peers == 2
+                assert (await c.finder.status_of(hub.peer_id)).connected_peers == 2
                 # c knows b only by its address; it dials it directly.
-                assert (await c.status_of(b.addrs[0])).peer_id == b.peer_id
+                assert (await c.finder.status_of(b.addrs[0])).peer_id == b.peer_id
 
 
 async def test_status_over_websocket(node_factory: OpenNode) -> None:
@@ -76,7 +76,7 @@ async def test_status_over_websocket(node_factory: OpenNode) -> None:
     async with node_factory(host=ws) as a, node_factory() as b:
         assert "/ws/" in a.addrs[0]
         with trio.fail_after(BOUND_S):
-            assert (await b.status_of(a.addrs[0])).peer_id == a.peer_id
+            assert (await b.finder.status_of(a.addrs[0])).peer_id == a.peer_id
 
 
 async def test_unreachable_bootstrap_peer_does_not_stop_the_start(node_factory: OpenNode) -> None:
@@ -110,13 +110,13 @@ async def test_hostile_peer_gets_error_codes_while_others_are_served(
     node_factory: OpenNode,
 ) -> None:
     async with node_factory() as server, node_factory() as good, node_factory() as bad:
-        await good.connect(server.addrs[0])
-        await bad.connect(server.addrs[0])
+        await good.dialer.connect(server.addrs[0])
+        await bad.dialer.connect(server.addrs[0])
         answers: list[status.StatusResponse] = []
 
         async def keep_asking() -> None:
             for _ in range(30):
-                answers.append(await good.status_of(server.peer_id))
+                answers.append(await good.finder.status_of(server.peer_id))
 
         with trio.fail_after(BOUND_S):
             async with trio.open_nursery() as nursery:
@@ -143,13 +143,13 @@ async def test_hostile_peer_gets_error_codes_while_others_are_served(
         assert standing.offences == {"protocol": 3}
         assert server.reputation.standing(good.peer_id, trio.current_time()) is None
         # The hostile peer's connection survives too: only its streams were closed.
-        assert (await bad.status_of(server.peer_id)).peer_id == server.peer_id
+        assert (await bad.finder.status_of(server.peer_id)).peer_id == server.peer_id
 
 
 async def test_silent_client_gets_a_timeout_error(node_factory: OpenNode) -> None:
     quick = status.Config(timeout=0.3)
     async with node_factory(status=quick) as server, node_factory() as client:
-        await client.connect(server.addrs[0])
+        await client.dialer.connect(server.addrs[0])
         with trio.fail_after(BOUND_S):
             error = await _raw_exchange(client, server, b"")
         assert error is not None

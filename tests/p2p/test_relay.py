@@ -19,7 +19,8 @@ from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_p
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import relay as relaylib
-from p2pnode.p2p.node import OWN_PROTOCOLS, Node, NodeConfig, open_node
+from p2pnode.p2p.dialer import OWN_PROTOCOLS
+from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import infer
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ async def _stop_listening(node: Node) -> None:
 
 async def _listen_again(node: Node) -> None:
     """Undo :func:`_stop_listening` (same addresses)."""
-    for addr in node.direct_addrs:
+    for addr in node.relay_keeping.direct_addrs:
         await node.host.get_network().listen(Multiaddr(addr.split("/p2p/")[0]))
 
 
@@ -288,12 +289,13 @@ async def test_an_upgrade_lets_a_running_stream_finish_on_the_relay_and_moves_th
         assert set(_kinds(me, provider.peer_id)) == {"direct"}
         # Nobody can dial the provider: its own dial (in the DCUtR exchange,
         # or py-libp2p's, as a NATed node may) made the connection.
-        assert sum(me.relay.upgrades.values()) == 1
-        assert me.relay.upgrades["failed"] == 0
-        sessions = provider.provider.stats["sessions"]
+        upgrades = me.relay.upgrades
+        assert upgrades.direct + upgrades.punched + upgrades.failed == 1
+        assert me.relay.upgrades.failed == 0
+        sessions = provider.provider.counters.sessions
         again = await me.generate(SYNTHETIC, _ignore)
         assert again.completion_tokens == SYNTHETIC.params.max_tokens
-        assert provider.provider.stats["sessions"] == sessions == 1
+        assert provider.provider.counters.sessions == sessions == 1
         status = me.status_info()
         assert (status.relayed_connections, status.upgraded_connections) == (0, 1)
 
@@ -308,12 +310,12 @@ async def test_a_peer_that_cannot_punch_is_still_served_through_the_relay() -> N
             await _stop_listening(me)
             await _only_relayed(me, provider)
             first = await me.generate(SYNTHETIC, _ignore)
-            while not me.relay.upgrades["failed"]:  # noqa: ASYNC110
+            while not me.relay.upgrades.failed:  # noqa: ASYNC110
                 await trio.sleep(0.05)
             second = await me.generate(SYNTHETIC, _ignore)
         assert first.completion_tokens == second.completion_tokens == 20_000
         assert _kinds(me, provider.peer_id) == ["relayed"]
-        assert me.relay.upgrades == {"failed": 1}
+        assert me.relay.upgrades == relaylib.Upgrades(failed=1)
         assert me.status_info().relayed_connections == 1
 
 

@@ -181,7 +181,9 @@ async def test_a_reserved_peer_and_its_relay_are_not_trimmed_for_others() -> Non
                 ids = {private_id} | {s.host.get_id() for s in strangers}
                 for node in (relay, private):
                     node.host.get_network().connection_config.grace_period = 0.0
-                await strangers[0].host.connect(hostlib.parse_peer_addr(private.direct_addrs[0]))
+                await strangers[0].host.connect(
+                    hostlib.parse_peer_addr(private.relay_keeping.direct_addrs[0])
+                )
                 with trio.fail_after(BOUND_S):
                     while not ids <= set(relay.host.get_connected_peers()):  # noqa: ASYNC110
                         await trio.sleep(0.05)
@@ -287,7 +289,7 @@ async def test_an_exception_in_a_relay_handler_ends_its_stream_not_the_node(
                 assert await _ended(stream)
             monkeypatch.undo()
             # Still running, and still a relay.
-            assert (await stranger.status_of(relay.peer_id)).peer_id == relay.peer_id
+            assert (await stranger.finder.status_of(relay.peer_id)).peer_id == relay.peer_id
             answer, _ = await _hop(stranger, relay, _reserve(stranger.host.get_id()))
         assert answer.status == StatusCode.OK
         assert relay.relay.protocol.counters.failed == 1

@@ -29,9 +29,9 @@ async def test_served_model_is_announced_with_measured_speed() -> None:
         ) as consumer,
     ):
         with trio.fail_after(BOUND_S):
-            while not provider.models[0].tokens_per_s:  # noqa: ASYNC110 - measured at start
+            while not provider.offering.models[0].tokens_per_s:  # noqa: ASYNC110 - measured at start
                 await trio.sleep(0.05)
-            answer = await consumer.status_of(provider.peer_id)
+            answer = await consumer.finder.status_of(provider.peer_id)
         (model,) = answer.models
         assert model.model_id == BUNDLED_MODEL_ID
         assert model.gguf_sha256 == engine.models()[0].gguf_sha256
@@ -39,7 +39,7 @@ async def test_served_model_is_announced_with_measured_speed() -> None:
         assert model.tokens_per_s > 1
         assert (answer.load.slots_total, answer.load.slots_free) == (1, 1)
         # The signed offer in the answer carries the same terms.
-        offer = await consumer.refresh_offer(provider.peer_id)
+        offer = await consumer.finder.refresh_offer(provider.peer_id)
         assert offer is not None
         terms = offer.serves(BUNDLED_MODEL_ID)
         assert terms is not None
@@ -60,7 +60,7 @@ async def test_status_answers_while_the_model_generates() -> None:
         ) as provider,
         open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
     ):
-        await consumer.connect(provider.addrs[0])
+        await consumer.dialer.connect(provider.addrs[0])
         generating = trio.Event()
         finished = trio.Event()
 
@@ -77,7 +77,7 @@ async def test_status_answers_while_the_model_generates() -> None:
                 await generating.wait()
             answers = []
             for _ in range(5):
-                answers.append(await consumer.status_of(provider.peer_id))
+                answers.append(await consumer.finder.status_of(provider.peer_id))
             # All five answers came while the 300-token generation still ran.
             assert not finished.is_set()
             assert answers[-1].load.slots_free == 0

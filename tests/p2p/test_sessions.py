@@ -32,6 +32,7 @@ from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import Request as WireRequest
 from p2pnode.protocols.offers import ModelOffer, Offer
+from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import service as session_service
 
 BOUND_S = 30
@@ -129,46 +130,41 @@ async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -
         open_node(strict, key_pair=create_new_key_pair(), engines=[engine]) as provider,
         open_node(NodeConfig(), key_pair=consumer_key) as consumer,
     ):
-        await consumer.connect(provider.addrs[0])
+        await consumer.dialer.connect(provider.addrs[0])
         pid = ID.from_base58(provider.peer_id)
         peers = {"local_peer": consumer.host.get_id(), "remote_peer": pid}
         with trio.fail_after(BOUND_S):
-            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
-            with pytest.raises(session_service.Rejected) as rejected:
-                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
-            assert rejected.value.code == session.RejectCode.NOT_ALLOWED
+            stream = await consumer.dialer.open_stream(pid, session.PROTOCOL_ID)
+            rejected = await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
+            assert isinstance(rejected, Refusal)
+            assert rejected.code is session.RejectCode.NOT_ALLOWED
 
             provider.provider.cfg = providerlib.Config(requests_per_minute=2)  # type: ignore[union-attr]
-            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
-            with pytest.raises(session_service.Rejected) as rejected:
-                await session_service.open_session(stream, "no-such-model", 5, **peers)
-            assert rejected.value.code == session.RejectCode.UNKNOWN_MODEL
+            stream = await consumer.dialer.open_stream(pid, session.PROTOCOL_ID)
+            rejected = await session_service.open_session(stream, "no-such-model", 5, **peers)
+            assert isinstance(rejected, Refusal)
+            assert rejected.code is session.RejectCode.UNKNOWN_MODEL
 
-            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            stream = await consumer.dialer.open_stream(pid, session.PROTOCOL_ID)
             est = await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
             # A session id nobody opened is refused, in the clear, before any prompt.
-            stream = await consumer._open_stream(pid, infer.PROTOCOL_ID)
+            stream = await consumer.dialer.open_stream(pid, infer.PROTOCOL_ID)
             machine = ConsumerMachine(1 << 20, est.keys, b"\x00" * 32, 1)
             wire = WireRequest(request_id="x", model_id=BUNDLED_MODEL_ID, kind="chat")
-            with pytest.raises(infer_service.Refused) as refused:
-                await infer_service.request(
-                    stream,
-                    machine,
-                    wire,
-                    _ignore,
-                    lambda _d: b"",
-                    infer_service.Config(),
-                )
-            assert refused.value.code == ErrorCode.UNKNOWN_SESSION
+            refused = await infer_service.request(
+                stream, machine, wire, _ignore, lambda _d: b"", infer_service.Config()
+            )
+            assert isinstance(refused, Refusal)
+            assert refused.code is ErrorCode.UNKNOWN_SESSION
             # Two session opens a minute: the third is rate limited.
-            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            stream = await consumer.dialer.open_stream(pid, session.PROTOCOL_ID)
             await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
-            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
-            with pytest.raises(session_service.Rejected) as rejected:
-                await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
-            assert rejected.value.code == session.RejectCode.RATE_LIMITED
+            stream = await consumer.dialer.open_stream(pid, session.PROTOCOL_ID)
+            rejected = await session_service.open_session(stream, BUNDLED_MODEL_ID, 5, **peers)
+            assert isinstance(rejected, Refusal)
+            assert rejected.code is session.RejectCode.RATE_LIMITED
         assert provider.provider is not None
-        assert provider.provider.stats["sessions"] == 2
+        assert provider.provider.counters.sessions == 2
 
 
 @pytest.mark.slow
@@ -178,15 +174,15 @@ async def test_every_provider_rate_limiting_is_reported_as_such(engine: LlamaCpp
         open_node(limited, key_pair=create_new_key_pair(), engines=[engine]) as provider,
         open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
     ):
-        await consumer.connect(provider.addrs[0])
+        await consumer.dialer.connect(provider.addrs[0])
         with trio.fail_after(BOUND_S):
             while consumer.offer_book.get(provider.peer_id) is None:
-                await consumer.refresh_offer(provider.peer_id)
+                await consumer.finder.refresh_offer(provider.peer_id)
             with pytest.raises(NoProviderError) as failed:
                 await consumer.generate(REQUEST, _nothing)
         assert failed.value.rate_limited
         # Refusals are not failures: the provider keeps its rank.
-        assert consumer.consumer.counters["provider_failures"] == 0
+        assert consumer.consumer.counters.provider_failures == 0
 
 
 @pytest.mark.slow
@@ -205,7 +201,7 @@ async def test_a_busy_provider_is_waited_for_not_given_up() -> None:
         open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
     ):
         assert provider.provider is not None
-        await consumer.connect(provider.addrs[0])
+        await consumer.dialer.connect(provider.addrs[0])
         outcomes: list[str] = []
 
         async def ask() -> None:
@@ -214,15 +210,15 @@ async def test_a_busy_provider_is_waited_for_not_given_up() -> None:
 
         with trio.fail_after(BOUND_S):
             while consumer.offer_book.get(provider.peer_id) is None:
-                await consumer.refresh_offer(provider.peer_id)
+                await consumer.finder.refresh_offer(provider.peer_id)
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(ask)
         assert outcomes == [provider.peer_id] * 3
-        assert provider.provider.stats["refused"] >= 1
+        assert provider.provider.counters.refused >= 1
         counters = consumer.consumer.counters
-        assert 1 <= counters["provider_refusals"] <= 2
-        assert counters["provider_failures"] == 0
+        assert 1 <= counters.provider_refusals <= 2
+        assert counters.provider_failures == 0
         assert not consumer.consumer.reputation.banned(provider.peer_id, trio.current_time())
 
 
@@ -302,10 +298,10 @@ async def test_a_request_nobody_can_serve_says_why() -> None:
         assert "no provider offers this model (0 peers connected; none announces it)" in str(
             failed.value
         )
-        await lonely.connect(provider.addrs[0])
+        await lonely.dialer.connect(provider.addrs[0])
         with trio.fail_after(BOUND_S):
             while lonely.offer_book.get(provider.peer_id) is None:
-                await lonely.refresh_offer(provider.peer_id)
+                await lonely.finder.refresh_offer(provider.peer_id)
         for _ in range(3):  # three malformed-frame offences: past the ban score
             lonely.reputation.record(provider.peer_id, Offence.AUTH, trio.current_time())
         synthetic = replace(REQUEST, model_id=SyntheticEngine().models()[0].model_id)

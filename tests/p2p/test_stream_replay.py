@@ -66,11 +66,11 @@ async def test_a_replayed_request_is_refused_and_never_generated() -> None:
         open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
     ):
         assert provider.provider is not None
-        stats = provider.provider.stats
-        await consumer.connect(provider.addrs[0])
+        stats = provider.provider.counters
+        await consumer.dialer.connect(provider.addrs[0])
         pid = ID.from_base58(provider.peer_id)
         with trio.fail_after(BOUND_S):
-            stream = await consumer._open_stream(pid, session.PROTOCOL_ID)
+            stream = await consumer.dialer.open_stream(pid, session.PROTOCOL_ID)
             est = await session_service.open_session(
                 stream,
                 MODEL,
@@ -79,7 +79,7 @@ async def test_a_replayed_request_is_refused_and_never_generated() -> None:
                 remote_peer=stream.muxed_conn.peer_id,
             )
             # One genuine request on stream id 1, recorded as it leaves.
-            recording = _Recording(await consumer._open_stream(pid, infer.PROTOCOL_ID))
+            recording = _Recording(await consumer.dialer.open_stream(pid, infer.PROTOCOL_ID))
             done = await infer_service.request(
                 recording,
                 ConsumerMachine(1 << 20, est.keys, est.session_id, 1),
@@ -91,22 +91,22 @@ async def test_a_replayed_request_is_refused_and_never_generated() -> None:
             assert done.completion_tokens == 3
             opening = recording.writes[0]  # InferOpen and the sealed Request, one write
             served = provider.provider.sessions[est.session_id]
-            assert served.requests == stats["requests"] == 1
+            assert served.requests == stats.requests == 1
 
             # The same bytes again, on a fresh stream of the same connection.
             # (Sealing is deterministic: the consumer's own machine for id 1
             # writes exactly these bytes, which is the nonce reuse refused too.)
             replayer = ConsumerMachine(1 << 20, est.keys, est.session_id, 1)
             assert replayer.open(WIRE) == opening
-            again = await consumer._open_stream(pid, infer.PROTOCOL_ID)
+            again = await consumer.dialer.open_stream(pid, infer.PROTOCOL_ID)
             await again.write(opening)
             answer = await next_event(again, replayer)
 
         assert isinstance(answer, Error)
         assert answer.code == ErrorCode.REPLAYED
         # Nothing was generated or metered for it.
-        assert served.requests == stats["requests"] == 1
-        assert stats["cancelled"] == 0
+        assert served.requests == stats.requests == 1
+        assert stats.cancelled == 0
         assert served.completion_tokens == 3
 
 
@@ -120,7 +120,7 @@ async def test_sessions_and_requests_between_nodes_still_work() -> None:
         ) as provider,
         open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
     ):
-        await consumer.connect(provider.addrs[0])
+        await consumer.dialer.connect(provider.addrs[0])
         parts: list[str] = []
 
         async def deliver(text: str, _tokens: int) -> None:
@@ -134,11 +134,11 @@ async def test_sessions_and_requests_between_nodes_still_work() -> None:
         )
         with trio.fail_after(BOUND_S):
             while consumer.offer_book.get(provider.peer_id) is None:
-                await consumer.refresh_offer(provider.peer_id)
+                await consumer.finder.refresh_offer(provider.peer_id)
             for _ in range(2):  # the second request reuses the session, on a new stream id
                 outcome = await consumer.generate(request, deliver)
                 assert outcome.completion_tokens == 4
         assert "".join(parts) == WORD * 8
         assert provider.provider is not None
-        assert provider.provider.stats["sessions"] == 1
-        assert provider.provider.stats["requests"] == 2
+        assert provider.provider.counters.sessions == 1
+        assert provider.provider.counters.requests == 2

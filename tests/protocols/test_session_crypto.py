@@ -55,14 +55,14 @@ def test_frames_round_trip_in_order(frames: list[bytes]) -> None:
     assert [opener.open(sealer.seal(f)) for f in frames] == frames
 
 
-def _sealed(count: int, stream_id: int = 1) -> tuple[list[bytes], SessionKeys]:
+def sealed_frame(count: int, stream_id: int = 1) -> tuple[list[bytes], SessionKeys]:
     keys, _ = _pair()
     sealer = Sealer(keys.provider_to_consumer, SESSION, stream_id)
     return [sealer.seal(f"token {i}".encode()) for i in range(count)], keys
 
 
 def test_a_flipped_bit_fails() -> None:
-    frames, keys = _sealed(1)
+    frames, keys = sealed_frame(1)
     tampered = bytearray(frames[0])
     tampered[0] ^= 0x01
     opener = Opener(keys.provider_to_consumer, SESSION, 1)
@@ -71,7 +71,7 @@ def test_a_flipped_bit_fails() -> None:
 
 
 def test_a_replayed_frame_fails() -> None:
-    frames, keys = _sealed(2)
+    frames, keys = sealed_frame(2)
     opener = Opener(keys.provider_to_consumer, SESSION, 1)
     assert opener.open(frames[0]) == b"token 0"
     with pytest.raises(RemoteProtocolError, match="failed authentication"):
@@ -79,32 +79,32 @@ def test_a_replayed_frame_fails() -> None:
 
 
 def test_reordered_frames_fail() -> None:
-    frames, keys = _sealed(2)
+    frames, keys = sealed_frame(2)
     opener = Opener(keys.provider_to_consumer, SESSION, 1)
     with pytest.raises(RemoteProtocolError):
         opener.open(frames[1])
 
 
 def test_a_frame_from_another_stream_fails() -> None:
-    frames, keys = _sealed(1, stream_id=2)
+    frames, keys = sealed_frame(1, stream_id=2)
     with pytest.raises(RemoteProtocolError):
         Opener(keys.provider_to_consumer, SESSION, 1).open(frames[0])
 
 
 def test_a_frame_from_another_session_fails() -> None:
-    frames, keys = _sealed(1)
+    frames, keys = sealed_frame(1)
     with pytest.raises(RemoteProtocolError):
         Opener(keys.provider_to_consumer, b"t" * 32, 1).open(frames[0])
 
 
 def test_the_wrong_direction_key_fails() -> None:
-    frames, keys = _sealed(1)
+    frames, keys = sealed_frame(1)
     with pytest.raises(RemoteProtocolError):
         Opener(keys.consumer_to_provider, SESSION, 1).open(frames[0])
 
 
 def test_after_a_failure_the_stream_is_done() -> None:
-    frames, keys = _sealed(2)
+    frames, keys = sealed_frame(2)
     opener = Opener(keys.provider_to_consumer, SESSION, 1)
     with pytest.raises(RemoteProtocolError):
         opener.open(b"x" * 20)

@@ -13,6 +13,7 @@ from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine as InferConsumer
 from p2pnode.protocols.infer.machine import ProviderMachine as InferProvider
 from p2pnode.protocols.infer.messages import Done, InferOpen, Request
+from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import service
 from p2pnode.protocols.session.messages import Approve, Hello, RejectCode
 
@@ -74,7 +75,7 @@ async def _confirmed(_hello: Hello, _session_id: bytes) -> RejectCode | None:
 
 async def _handshake(
     *, mallory: ID | None, chain: bool
-) -> tuple[service.Established | service.Rejected, service.Established | None]:
+) -> tuple[service.Established | Refusal, service.Established | None]:
     """Run both adapters, the consumer's stream copied byte for byte to the provider's.
 
     Direct (``mallory`` None), each end names the other; relayed, each end
@@ -84,7 +85,7 @@ async def _handshake(
     c_end, c_far = _pair()
     p_end, p_far = _pair()
     at_provider: list[service.Established | None] = []
-    at_consumer: list[service.Established | service.Rejected] = []
+    at_consumer: list[service.Established | Refusal] = []
 
     async def provider() -> None:
         at_provider.append(
@@ -99,19 +100,15 @@ async def _handshake(
         )
 
     async def consumer() -> None:
-        try:
-            est = await service.open_session(
-                c_end,
-                "m",
-                BOUND_S,
-                local_peer=consumer_id,
-                remote_peer=mallory or provider_id,
-                on_approve=_on_chain if chain else None,
-            )
-        except service.Rejected as exc:
-            at_consumer.append(exc)
-        else:
-            at_consumer.append(est)
+        est = await service.open_session(
+            c_end,
+            "m",
+            BOUND_S,
+            local_peer=consumer_id,
+            remote_peer=mallory or provider_id,
+            on_approve=_on_chain if chain else None,
+        )
+        at_consumer.append(est)
 
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
@@ -163,14 +160,14 @@ async def test_a_relayed_session_has_keys_the_two_ends_do_not_share() -> None:
     consumer.receive_data(answer.chunk("token", 1))
     with pytest.raises(RemoteProtocolError, match="failed authentication") as info:
         consumer.next_event()
-    assert info.value.code is ErrorCode.MALFORMED
+    assert info.value.code is ErrorCode.UNAUTHENTIC
 
 
 async def test_a_relayed_free_mode_session_is_refused() -> None:
     """Free mode: the id the consumer names is its transcript hash, not the provider's."""
     at_consumer, at_provider = await _handshake(mallory=_peer(), chain=False)
-    assert isinstance(at_consumer, service.Rejected)
-    assert at_consumer.code == RejectCode.BAD_SESSION
+    assert isinstance(at_consumer, Refusal)
+    assert at_consumer.code is RejectCode.BAD_SESSION
     assert at_provider is None
 
 

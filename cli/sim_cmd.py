@@ -1,0 +1,255 @@
+"""simnet and the benchmarks: ``p2pnode simnet`` and ``p2pnode bench ...``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from p2pnode.cli import app
+from p2pnode.errors import P2PNodeError
+
+logger = logging.getLogger("p2pnode.cli")
+
+
+# --- simnet -----------------------------------------------------------------
+
+
+@app.main.command()
+@click.option("--peers", "peer_count", type=click.IntRange(2, 500), default=50, show_default=True)
+@click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
+@click.option(
+    "--scenario",
+    type=click.Choice(["discovery", "market", "relay", "fuzz", "hostile"]),
+    default="discovery",
+    show_default=True,
+)
+@click.option(
+    "--fanout",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="Earlier nodes each new node dials.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Topology seed.")
+@click.option(
+    "--frames",
+    type=click.IntRange(1),
+    default=100_000,
+    show_default=True,
+    help="fuzz: hostile frames to send (one node, restarted when it dies); hostile: the "
+    "frames fuzz() sends to honest nodes.",
+)
+@click.option(
+    "--attackers",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="fuzz, hostile: attacking hosts (of each fuzz() run).",
+)
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report here as JSON.",
+)
+def simnet(
+    peer_count: int,
+    providers: int,
+    scenario: str,
+    fanout: int,
+    seed: int,
+    frames: int,
+    attackers: int,
+    report: Path | None,
+) -> None:
+    """Run many real nodes in this process and report how the network behaves.
+
+    The hostile scenario runs 12 peers unless --peers is given (see simnet/hostile.py).
+    """
+    from p2pnode.simnet.harness import Topology
+    from p2pnode.simnet.scenarios import SCENARIOS
+
+    if providers >= peer_count:
+        raise click.BadParameter("must be fewer than --peers", param_hint="--providers")
+    topology = Topology(peers=peer_count, providers=providers, fanout=fanout, seed=seed)
+    if scenario == "fuzz":
+        from p2pnode.simnet.scenarios import fuzz
+
+        result = app.run_async(lambda: fuzz(topology, frames=frames, attackers=attackers))
+    elif scenario == "hostile":
+        from dataclasses import replace
+
+        from p2pnode.simnet.hostile import PEERS, Sizes, hostile
+
+        peers_source = click.get_current_context().get_parameter_source("peer_count")
+        if peers_source is click.core.ParameterSource.DEFAULT:
+            topology = replace(topology, peers=PEERS)
+        sizes = Sizes(fuzz_frames=frames, fuzz_attackers=attackers)
+        result = app.run_async(lambda: hostile(topology, sizes))
+    else:
+        result = app.run_async(lambda: SCENARIOS[scenario](topology))
+    text = json.dumps(result, indent=2)
+    if report is not None:
+        report.write_text(text + "\n")
+    click.echo(text)
+
+
+# --- benchmarks -------------------------------------------------------------
+
+
+@app.main.group()
+def bench() -> None:
+    """Benchmarks: figures next to a baseline measured in the same run."""
+
+
+@bench.command("engine")
+@click.option("--rounds", type=click.IntRange(1, 50), default=7, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(8, 4096), default=128, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF file (default: the bundled model).",
+)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+def bench_engine(
+    rounds: int, max_tokens: int, as_json: bool, model_path: Path | None, threads: int | None
+) -> None:
+    """Tokens/s through LlamaCppEngine vs llama-cpp-python called directly, same run."""
+    from p2pnode.inference import llamacpp
+    from p2pnode.simnet.bench import bench_engine as run_bench
+
+    try:
+        path = model_path or llamacpp.bundled_model_path()
+    except P2PNodeError as exc:
+        app.fail(exc)
+    report = app.run_async(lambda: run_bench(path, rounds, max_tokens, threads))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(
+        f"engine {report['engine_tokens_per_s']['median']:.1f} tokens/s  direct "
+        f"{report['direct_tokens_per_s']['median']:.1f} tokens/s  ratio {report['ratio']:.3f}"
+        f"  (goal >= 0.98: {'met' if report['goal_met'] else 'missed'})"
+    )
+
+
+@bench.command("stream")
+@click.option("--tokens", type=click.IntRange(1000, 10_000_000), default=200_000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_stream(tokens: int, as_json: bool) -> None:
+    """Sealed tokens/s over one infer stream, with an engine that is never the bottleneck."""
+    from p2pnode.simnet.bench import bench_stream as run_bench
+
+    report = app.run_async(lambda: run_bench(tokens))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(
+        f"stream {report['tokens_per_s']} tokens/s in {report['frames']} frames "
+        f"({report['tokens_per_frame']} tokens/frame, first chunk {report['first_chunk_ms']} ms)"
+        f"  (goal >= 20000: {'met' if report['goal_met'] else 'missed'})"
+    )
+    click.echo(
+        f"engine alone {report['engine_direct_tokens_per_s']} tokens/s "
+        f"(ratio {report['ratio_to_engine']});  one frame per token "
+        f"{report['per_token_frames_tokens_per_s']} tokens/s "
+        f"(batching x{report['batching_speedup']})"
+    )
+
+
+@bench.command("e2e")
+@click.option("--rounds", type=click.IntRange(1, 50), default=9, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(8, 4096), default=96, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF file (default: the bundled model).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_e2e(
+    rounds: int, max_tokens: int, threads: int, model_path: Path | None, as_json: bool
+) -> None:
+    """Shim -> p2p -> provider vs llama_cpp.server on the same model: tokens/s and TTFT."""
+    from p2pnode.inference import llamacpp
+    from p2pnode.simnet.bench import bench_e2e as run_bench
+
+    try:
+        path = model_path or llamacpp.bundled_model_path()
+    except P2PNodeError as exc:
+        app.fail(exc)
+    report = app.run_async(lambda: run_bench(path, rounds, max_tokens, threads))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    net, direct = report["network"], report["direct"]
+    click.echo(
+        f"tokens/s  network {net['tokens_per_s']['median']:.1f}  llama_cpp.server "
+        f"{direct['tokens_per_s']['median']:.1f}  ratio {report['ratio_tokens_per_s']:.3f}"
+        "  (goal >= 0.97)"
+    )
+    click.echo(
+        f"ttft      network {net['ttft_ms']['median']:.1f} ms  llama_cpp.server "
+        f"{direct['ttft_ms']['median']:.1f} ms  added {report['added_ttft_ms']:.1f} ms"
+        f"  (goal <= 25 ms)  goals {'met' if report['goal_met'] else 'missed'}"
+    )
+
+
+@bench.command("connect")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--rtts", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_connect(rounds: int, rtts: int, as_json: bool) -> None:
+    """libp2p connect time and status round trip vs plain TCP on loopback."""
+    from p2pnode.simnet.bench import bench_connect as run_bench
+
+    report = app.run_async(lambda: run_bench(rounds, rtts))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    lp, tcp = report["libp2p"], report["tcp"]
+    click.echo(
+        f"connect   libp2p {lp['connect_ms']['median']:.2f} ms  "
+        f"tcp {tcp['connect_ms']['median']:.3f} ms  "
+        f"ratio {report['ratio_connect_median']}x  (goal <= 25 ms: "
+        f"{'met' if report['goal_met'] else 'missed'})"
+    )
+    click.echo(
+        f"rtt       libp2p {lp['status_rtt_ms']['median']:.2f} ms  "
+        f"tcp {tcp['rtt_ms']['median']:.3f} ms  ratio {report['ratio_rtt_median']}x"
+    )
+
+
+@bench.command("cli")
+@click.option("--rounds", type=click.IntRange(1, 100), default=7, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_cli(rounds: int, as_json: bool) -> None:
+    """Start-up of --help, --version, id, status, offers (fresh processes) vs bare Python."""
+    from p2pnode.simnet.startup import bench_cli as run_bench
+
+    try:
+        report = run_bench(rounds)
+    except P2PNodeError as exc:
+        app.fail(exc)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    base = report["baseline_ms"]["median"]
+    click.echo(f"{'python -c pass':<16} {base:7.1f} ms  (baseline, median of {rounds})")
+    for name, figures in report["commands"].items():
+        click.echo(
+            f"{'p2pnode ' + name:<16} {figures['ms']['median']:7.1f} ms  "
+            f"x{figures['ratio_to_baseline']:.1f} the baseline  (max {figures['ms']['max']:.0f} ms)"
+        )
+    click.echo(
+        f"goal: every median < {report['goal_s'] * 1000:.0f} ms: "
+        f"{'met' if report['goal_met'] else 'missed'}"
+    )

@@ -1,0 +1,129 @@
+"""Opening a stream to a peer: which address, which relay, and when to go direct.
+
+A peer is reached at the addresses the peerstore knows, else at those of
+its signed offer. A private provider (only circuit addresses on offer) is
+reached through its relay, and the relayed connection is then upgraded to a
+direct one in the background (a direct dial, then DCUtR), so that later
+streams go direct (docs/architecture.md#reaching-a-peer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStoreError
+
+from p2pnode.errors import ConfigError, NetworkError
+from p2pnode.p2p import host as hostlib
+from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p.host import short
+from p2pnode.protocols import dialback, infer, offers, session, status
+
+# How long addresses learnt from an offer stay in the peerstore (offers are
+# re-sent every ~10 s; a provider silent for 35 s is forgotten anyway).
+OFFER_ADDR_TTL_S = 600
+# The protocols whose streams a relayed connection must finish before it is
+# closed for a direct one.
+OWN_PROTOCOLS = frozenset(
+    {session.PROTOCOL_ID, infer.PROTOCOL_ID, status.PROTOCOL_ID, dialback.PROTOCOL_ID}
+)
+
+
+class Dialer:
+    """Streams and connections to other nodes, each bounded in time.
+
+    ``upgraded(peer)`` is told when a relayed connection to ``peer`` became
+    direct (gossip moves its stream to the new connection). Upgrades run in
+    ``nursery`` once :meth:`start` has given one; before that, none is tried.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        book: offers.OfferBook,
+        relay: relaylib.Relay,
+        *,
+        stream_timeout: float,
+        dial_timeout: float,
+        upgraded: Callable[[ID], None] = lambda _peer: None,
+    ) -> None:
+        self._host = host
+        self._book = book
+        self._relay = relay
+        self._stream_timeout = stream_timeout
+        self._dial_timeout = dial_timeout
+        self._upgraded = upgraded
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run upgrades in ``nursery`` from now on (the node's own)."""
+        self._nursery = nursery
+
+    async def connect(self, addr: str) -> str:
+        """Connect to the peer at a full multiaddr; returns its peer ID.
+
+        Bounded by the host's dial timeout; raises :class:`NetworkError`.
+        """
+        info = hostlib.parse_peer_addr(addr)
+        await hostlib.connect(self._host, info, self._dial_timeout)
+        return str(info.peer_id)
+
+    async def open_stream(self, peer: ID | str, protocol: str) -> INetStream:
+        """A new stream of ``protocol`` to ``peer``; raises :class:`NetworkError`."""
+        peer_id = ID.from_base58(peer) if isinstance(peer, str) else peer
+        timeout = self._stream_timeout
+        circuits = self._learn_addrs(peer_id)
+        offer = self._book.get(str(peer_id))
+        # Only relayed addresses on offer: the peer is private; go through its relay.
+        private = offer is not None and all(relaylib.is_circuit(a) for a in offer.addrs)
+        # Live connections only: a circuit the relay cut (its limits) stays
+        # listed, closed, until the swarm notices.
+        if circuits and private and not relaylib.connections(self._host, peer_id):
+            await self._relay.dial(circuits[0])
+            if self._relay.cfg.hole_punch and self._nursery is not None:
+                # This stream goes through the relay now; later ones go direct
+                # if the upgrade works.
+                self._nursery.start_soon(self._upgrade, peer_id)
+        try:
+            with trio.fail_after(timeout):
+                return await self._host.new_stream(peer_id, [TProtocol(protocol)])
+        except trio.TooSlowError as exc:
+            raise NetworkError(
+                f"no {protocol} stream to {short(peer_id)} within {timeout:g} s"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - StreamFailure, SwarmException, negotiation errors
+            raise NetworkError(f"cannot open {protocol} to {short(peer_id)}: {exc}") from exc
+
+    async def _upgrade(self, peer_id: ID) -> None:
+        if await self._relay.upgrade(peer_id, own=OWN_PROTOCOLS):
+            self._upgraded(peer_id)
+
+    def _learn_addrs(self, peer_id: ID) -> list[str]:
+        """Where a provider listens, from its signed offer, if the peerstore does not know.
+
+        Returns the offer's circuit addresses (to dial through their relay).
+        """
+        peerstore = self._host.get_peerstore()
+        offer = self._book.get(str(peer_id))
+        circuits = [a for a in offer.addrs if relaylib.is_circuit(a)] if offer else []
+        try:
+            if peerstore.addrs(peer_id):
+                return circuits
+        except PeerStoreError:  # 0.8.1 raises for a peer it has never heard of
+            pass
+        if offer is None or not offer.addrs:
+            return circuits
+        addrs = []
+        for text in offer.addrs:
+            if relaylib.is_circuit(text):
+                continue
+            with contextlib.suppress(ValueError, ConfigError):
+                addrs.append(hostlib.parse_peer_addr(text).addrs[0])
+        if addrs:
+            peerstore.add_addrs(peer_id, addrs, OFFER_ADDR_TTL_S)
+        return circuits

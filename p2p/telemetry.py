@@ -1,0 +1,114 @@
+"""What a node tells about itself: its status answer and its metrics snapshot.
+
+Each part of the node keeps its own counters dataclass (the consumer's
+``Counters``, the provider's, the markets', the relay's); :func:`metrics`
+copies them all into one frozen :class:`Metrics` at one moment, which the
+CLI, simnet and the tests read by attribute (docs/architecture.md#metrics).
+:func:`status` is the node's answer to the status protocol and to
+``p2pnode status``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import trio
+from libp2p.abc import IHost
+
+from p2pnode import __version__
+from p2pnode.p2p import consumer as consumerlib
+from p2pnode.p2p import market as marketlib
+from p2pnode.p2p import nat, upkeep
+from p2pnode.p2p import provider as providerlib
+from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p.circuit import Counters as RelayServiceCounters
+from p2pnode.p2p.discovery import Discovery
+from p2pnode.p2p.guard import StreamGuard
+from p2pnode.p2p.offering import Offering
+from p2pnode.protocols import offers, status
+
+
+class Parts(Protocol):
+    """What these functions read of a node (``p2p/node.py:Node`` has it all)."""
+
+    peer_id: str
+    host: IHost
+    started_at: float
+    guard: StreamGuard
+    offering: Offering
+    offer_book: offers.OfferBook
+    discovery: Discovery | None
+    relay: relaylib.Relay
+    reachability: upkeep.Reachability
+    dialback_helper: nat.Helper
+    consumer: consumerlib.Consumer
+    provider: providerlib.Provider | None
+    markets: marketlib.Markets
+
+    @property
+    def addrs(self) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """Every counter of a node at one moment; the parts a node does not run are None."""
+
+    peer_id: str
+    uptime_s: float
+    connected_peers: int
+    direct_connections: int
+    relayed_connections: int
+    streams_refused: int  # inbound streams turned away (budgets, bans)
+    offers_known: int
+    offer_verdicts: dict[str, int]  # each gossiped or fetched offer's verdict
+    consumer: consumerlib.Counters
+    provider: providerlib.Counters | None
+    billing: marketlib.BillingCounters | None  # as a provider, on chain
+    stakes: marketlib.StakeCounters | None  # as a consumer, on chain
+    upgrades: relaylib.Upgrades  # relayed connections this node dialled
+    relay_service: RelayServiceCounters  # what it relayed for others
+    dialback: nat.HelperCounters  # dial-backs it did for others
+
+
+def metrics(node: Parts) -> Metrics:
+    """A copy of every counter now: later counting does not change it."""
+    kinds = node.relay.connection_counts()
+    provider, billing, stakes = node.provider, node.markets.provider, node.markets.consumer
+    return Metrics(
+        peer_id=node.peer_id,
+        uptime_s=round(trio.current_time() - node.started_at, 3),
+        connected_peers=len(node.host.get_connected_peers()),
+        direct_connections=kinds["direct"],
+        relayed_connections=kinds["relayed"],
+        streams_refused=node.guard.refused,
+        offers_known=len(node.offer_book.offers()),
+        offer_verdicts={v.value: n for v, n in node.offer_book.verdicts.items()},
+        consumer=replace(node.consumer.counters),
+        provider=replace(provider.counters) if provider is not None else None,
+        billing=replace(billing.counters) if billing is not None else None,
+        stakes=replace(stakes.counters) if stakes is not None else None,
+        upgrades=replace(node.relay.upgrades),
+        relay_service=replace(node.relay.protocol.counters),
+        dialback=replace(node.dialback_helper.counters),
+    )
+
+
+def status_of(node: Parts) -> status.StatusResponse:
+    """The node's answer to a status request, as of now."""
+    kinds = node.relay.connection_counts()
+    return status.StatusResponse(
+        peer_id=node.peer_id,
+        version=__version__,
+        addrs=tuple(node.addrs),
+        connected_peers=len(node.host.get_connected_peers()),
+        uptime_s=round(trio.current_time() - node.started_at, 3),
+        models=node.offering.served_models(),
+        load=node.offering.load(),
+        offer=node.discovery.current_offer if node.discovery is not None else b"",
+        reachability=node.reachability.verdict.reachability.value,
+        relays=tuple(node.relay.reservations),
+        direct_connections=kinds["direct"],
+        relayed_connections=kinds["relayed"],
+        upgraded_connections=node.relay.upgraded,
+    )

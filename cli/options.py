@@ -101,6 +101,7 @@ class NodeOptions:
         from p2pnode.p2p import relay as relaylib
         from p2pnode.p2p.config import NodeConfig
         from p2pnode.protocols import dialback, offers
+        from p2pnode.protocols.session import admission
 
         return NodeConfig(
             host=hostlib.Config(listen=tuple(self.listen)),
@@ -108,8 +109,12 @@ class NodeOptions:
             control_socket=control_socket,
             models=tuple(offers.ModelOffer(model_id=m) for m in self.announce_model),
             provider=providerlib.Config(
-                # Peer ids are case-sensitive (base58); wallet addresses are not.
-                allowlist=frozenset(a if a.startswith("12D3") else a.lower() for a in self.allow),
+                admission=admission.Config(
+                    # Peer ids are case-sensitive (base58); wallet addresses are not.
+                    allowlist=frozenset(
+                        a if a.startswith("12D3") else a.lower() for a in self.allow
+                    )
+                ),
                 requests_per_minute=self.rate_limit,
             ),
             market=paid,

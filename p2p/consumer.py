@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -52,6 +52,7 @@ from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.finder import Finder
 from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ConsumerMarket, OfferMismatch
+from p2pnode.p2p.pricing import PeerStats, rank
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
@@ -123,62 +124,6 @@ class Counters:
     bad_receipts: int = 0  # receipts the provider did not sign
     broken_promises: int = 0  # answers beyond what was asked or offered
     paid_not_served: int = 0  # paid sessions a provider took and did not serve
-
-
-@dataclass
-class PeerStats:
-    """What this consumer has measured of a provider (not what it claims)."""
-
-    rtt_ms: float | None = None
-    tokens_per_s: float | None = None
-
-    def measured_rtt(self, rtt_ms: float) -> None:
-        self.rtt_ms = rtt_ms if self.rtt_ms is None else 0.7 * self.rtt_ms + 0.3 * rtt_ms
-
-    def measured_speed(self, tokens_per_s: float) -> None:
-        old = self.tokens_per_s
-        self.tokens_per_s = tokens_per_s if old is None else 0.7 * old + 0.3 * tokens_per_s
-
-
-def rank(
-    offers: list[Offer],
-    model_id: str,
-    stats: collections.abc.Mapping[str, PeerStats],
-    scores: collections.abc.Mapping[str, float],
-    held: Collection[str] = (),
-) -> list[Offer]:
-    """Best first: lowest misbehaviour score, then a session already ``held``,
-    then cheapest, then quickest to answer.
-
-    A held session comes before price: moving to another provider costs a
-    handshake, and in paid mode an on-chain open and a second stake. "Quickest"
-    adds the measured round trip (50 ms if unknown), an expected queueing
-    delay when no slot is free, and the time per token. Speed is what this
-    consumer measured; a provider not yet measured is taken at its word only
-    up to the fastest speed measured of any provider (a claim is not a
-    measurement: Sybils claiming 10,000 tokens/s do not jump the queue).
-    """
-    measured = [s.tokens_per_s for s in stats.values() if s.tokens_per_s]
-    ceiling = max(measured) if measured else None
-
-    def key(offer: Offer) -> tuple[float, bool, int, float, bool]:
-        terms = offer.serves(model_id)
-        assert terms is not None
-        seen = stats.get(offer.peer_id) or PeerStats()
-        wait_ms = seen.rtt_ms if seen.rtt_ms is not None else 50.0
-        if offer.slots_free <= 0:
-            wait_ms += 500.0 * (offer.queue_len + 1)
-        speed = seen.tokens_per_s
-        if speed is None and terms.tokens_per_s > 0:
-            speed = min(terms.tokens_per_s, ceiling) if ceiling else terms.tokens_per_s
-        if speed:
-            wait_ms += 1000.0 / speed
-        fresh = offer.peer_id not in held
-        # On a tie, the provider we have measured goes first.
-        unmeasured = seen.tokens_per_s is None
-        return (scores.get(offer.peer_id, 0.0), fresh, terms.price_per_s, wait_ms, unmeasured)
-
-    return sorted((o for o in offers if o.serves(model_id) is not None), key=key)
 
 
 @dataclass

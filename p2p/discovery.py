@@ -105,8 +105,9 @@ def _replay_heartbeats(cfg: Config) -> int:
     return math.ceil(cfg.offers.period_s / cfg.heartbeat_s) + 2
 
 
-def model_key(model_id: str) -> bytes:
-    """The DHT key of a model: sha256 of ``p2pnode/model/<id>``, hashed here.
+def dht_key(model_id: str) -> bytes:
+    """The DHT key of a model: sha256 of ``p2pnode/model/<id>`` (the chain names
+    models by ``chain/client.py:model_key``, a keccak: another key, another place).
 
     See docs/libp2p-traps.md#dht-keys-from-text.
     """
@@ -340,11 +341,11 @@ class Discovery:
         # its provider.
         info = PeerInfo(ID.from_base58(offer.peer_id), [Multiaddr(a) for a in offer.addrs])
         for model in offer.models:
-            self.dht.provider_store.add_provider(model_key(model.model_id), info)
+            self.dht.provider_store.add_provider(dht_key(model.model_id), info)
 
     def _drop_provider_records(self, offer: offers.Offer) -> None:
         for model in offer.models:
-            held = self.dht.provider_store.providers.get(model_key(model.model_id), {})
+            held = self.dht.provider_store.providers.get(dht_key(model.model_id), {})
             held.pop(offer.peer_id, None)
 
     async def _drain(self, subscription: object) -> None:
@@ -384,7 +385,7 @@ class Discovery:
         return offer
 
     async def _provide(self, model_id: str) -> None:
-        await self._provide_key(model_key(model_id), model_id)
+        await self._provide_key(dht_key(model_id), model_id)
 
     async def provide_relay(self) -> None:
         """Announce in the DHT that this node relays (and keep announcing it)."""
@@ -533,7 +534,7 @@ class Discovery:
         # A walk is bounded in rounds by k, but peers may answer slowly round
         # after round (each up to the query timeout): bound the whole lookup.
         with trio.move_on_after(self.cfg.lookup_query_timeout * _MAX_WALK_ROUNDS):
-            found, _ = await self._walk(model_key(model_id), stop_when_found=True)
+            found, _ = await self._walk(dht_key(model_id), stop_when_found=True)
         return sorted(found)
 
     async def _walk(self, key: bytes, *, stop_when_found: bool) -> tuple[set[str], list[ID]]:

@@ -46,7 +46,6 @@ the contract caps an acknowledgement at the claim's block time anyway.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import sqlite3
@@ -64,13 +63,11 @@ from eth_account.signers.local import LocalAccount
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, Tx, model_key
 from p2pnode.chain.units import format_price
 from p2pnode.errors import ChainError, ConfigError, FundsError
+from p2pnode.p2p import pricing
 from p2pnode.protocols.offers import ModelOffer, Offer
-from p2pnode.protocols.session import Approve, Hello, RejectCode
-from p2pnode.protocols.wire import signing_payload
+from p2pnode.protocols.session import Approve, Hello, RejectCode, admission, approval_nonce
 
 logger = logging.getLogger(__name__)
-
-HELLO_DOMAIN = b"p2pnode/hello/1:"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,32 +166,6 @@ async def check_contract(chain: AsyncChain) -> None:
             f"the Marketplace's claim window is {window} s, this node's {CLAIM_WINDOW_S} s: "
             "a different contract version"
         )
-
-
-def approval_nonce(hello_nonce: bytes, approve_nonce: bytes) -> bytes:
-    """The 32-byte nonce of the on-chain approval: both handshake nonces, hashed."""
-    return hashlib.sha256(b"p2pnode/approval/1:" + hello_nonce + approve_nonce).digest()
-
-
-def hello_signing_bytes(hello: Hello) -> bytes:
-    return signing_payload(hello, HELLO_DOMAIN)
-
-
-def hello_signed_by_wallet(hello: Hello) -> bool:
-    """Whether the Hello's ``consumer_wallet`` signed it (EIP-191 over its signing bytes).
-
-    The only way a Hello's wallet field means anything: free mode's
-    allowlist and paid mode's admission both rely on it.
-    """
-    if not hello.consumer_wallet or not hello.signature:
-        return False
-    try:
-        signer = Account.recover_message(
-            encode_defunct(primitive=hello_signing_bytes(hello)), signature=hello.signature
-        )
-    except Exception:  # noqa: BLE001 - eth-account raises several kinds on bad input
-        return False
-    return bool(signer.lower() == hello.consumer_wallet.lower())
 
 
 @dataclass
@@ -448,15 +419,7 @@ class ProviderMarket:
 
     def offer_terms(self, models: tuple[ModelOffer, ...]) -> tuple[ModelOffer, ...]:
         """The models with their bid id and price, as offers carry them."""
-        out = []
-        for m in models:
-            bid = self.bids.get(m.model_id)
-            out.append(
-                replace(m, bid_id=bid[0].hex(), price_per_s=bid[1])
-                if bid
-                else replace(m, bid_id=None, price_per_s=0)
-            )
-        return tuple(out)
+        return pricing.offer_terms(models, self.bids)
 
     def check_hello(self, hello: Hello, peer_id: str) -> RejectCode | None:
         """Whether a Hello names our live bid and us (``peer_id``), and its wallet signed it."""
@@ -467,7 +430,7 @@ class ProviderMarket:
         bid = self.bids.get(hello.model_id)
         if bid is None or hello.bid_id != bid[0].hex():
             return RejectCode.PRICE_CHANGED
-        if not hello_signed_by_wallet(hello):
+        if not admission.signed_by_wallet(hello):
             return RejectCode.BAD_SESSION
         return None
 
@@ -790,12 +753,7 @@ class ConsumerMarket:
 
     def terms(self, offer: Offer, model_id: str) -> ModelOffer | None:
         """The offer's terms if this consumer would pay them (a bid, a price within limits)."""
-        terms = offer.serves(model_id)
-        if terms is None or not terms.bid_id or terms.price_per_s <= 0:
-            return None
-        if terms.price_per_s > self.cfg.max_price_per_s:
-            return None
-        return terms
+        return pricing.acceptable(offer, model_id, self.cfg.max_price_per_s)
 
     def why_not(self, offers: list[Offer], model_id: str) -> str:
         """Why none of ``offers`` would be paid for ("" when one would): no live bid,
@@ -844,8 +802,8 @@ class ConsumerMarket:
 
     def stake_for(self, price_per_s: int) -> int:
         """The stake for one session at this price, or 0 if the spend limit is reached."""
-        stake = min(price_per_s * self.cfg.session_seconds, self.cfg.spend_limit - self.held())
-        return stake if stake >= price_per_s else 0
+        cfg = self.cfg
+        return pricing.stake_for(price_per_s, cfg.session_seconds, cfg.spend_limit, self.held())
 
     def prepare_hello(self, hello: Hello, peer: str, terms: ModelOffer, stake: int) -> Hello:
         """Hello with the provider ``peer``, the bid, our wallet and the duration, signed by
@@ -858,7 +816,7 @@ class ConsumerMarket:
             duration_s=stake // terms.price_per_s,
         )
         signed = Account.sign_message(
-            encode_defunct(primitive=hello_signing_bytes(filled)), self.cfg.account.key
+            encode_defunct(primitive=filled.signing_bytes()), self.cfg.account.key
         )
         return replace(filled, signature=bytes(signed.signature))
 
@@ -1114,7 +1072,6 @@ __all__ = [
     "Ledger",
     "LedgerSession",
     "ProviderMarket",
-    "approval_nonce",
 ]
 
 

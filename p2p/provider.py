@@ -37,12 +37,13 @@ from p2pnode.inference import engine as enginelib
 from p2pnode.inference.engine import Engine, EngineBusy
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import short
-from p2pnode.p2p.market import ProviderMarket, hello_signed_by_wallet
+from p2pnode.p2p.market import ProviderMarket
 from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import PAUSED, Ack, Done, InferOpen, Receipt, Request
 from p2pnode.protocols.infer.replay import ReplayWindow
+from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import SessionKeys
 from p2pnode.protocols.session.messages import Hello, RejectCode
@@ -63,8 +64,8 @@ MAX_TURNS = 2048
 class Config:
     """What a provider accepts."""
 
-    # Peer IDs or wallet addresses that may open sessions; empty: anyone.
-    allowlist: frozenset[str] = frozenset()
+    # Who may open a session (the allowlist, the Hello's clock skew).
+    admission: admission.Config = field(default_factory=admission.Config)
     # Session opens and requests per consumer peer, per minute (a token
     # bucket, so short bursts up to this many pass).
     requests_per_minute: int = 600
@@ -91,8 +92,6 @@ class Config:
     # A session nobody used for this long is forgotten (its consumer opens a
     # new one; the receipt so far stays in the log).
     session_idle_s: float = 3600.0
-    # How far a Hello's timestamp may be from our clock (replayed Hellos).
-    hello_skew_s: float = 120.0
     handshake_s: float = 10.0
     infer: infer_service.Config = field(default_factory=infer_service.Config)
 
@@ -234,22 +233,17 @@ class Provider:
         logger.info("session %s opened by %s", established.session_id[:4].hex(), short(peer))
 
     def _admit(self, peer: str, hello: Hello) -> RejectCode | None:
-        allow = self.cfg.allowlist
-        if allow and peer not in allow:
-            # A wallet counts only if it signed this very Hello: the field
-            # alone is anyone's to write.
-            wallet = (hello.consumer_wallet or "").lower()
-            if wallet not in allow or not hello_signed_by_wallet(hello):
-                return RejectCode.NOT_ALLOWED
-        if self._engine_for(hello.model_id) is None:
-            return RejectCode.UNKNOWN_MODEL
-        if abs(time.time() - hello.timestamp) > self.cfg.hello_skew_s:
-            return RejectCode.STALE_HELLO
-        if not self._rate.allow(peer, trio.current_time()):
-            return RejectCode.RATE_LIMITED
-        if self.market is None:
-            return None
-        return self.market.check_hello(hello, str(self.peer_id))
+        market = self.market
+        return admission.decide(
+            hello,
+            peer,
+            self.cfg.admission,
+            served={m.model_id for e in self._engines for m in e.models()},
+            wall_now=time.time(),
+            rate_allows=self._rate.allow,
+            clock_now=trio.current_time(),
+            paid=(lambda h: market.check_hello(h, str(self.peer_id))) if market else None,
+        )
 
     def make_room(self, peer: str, now: float) -> bool:
         """Make room for one more session of ``peer``; False if there is none to make.

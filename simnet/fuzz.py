@@ -91,7 +91,7 @@ from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p import reputation as reputationlib
-from p2pnode.p2p.discovery import RELAY_KEY, model_key
+from p2pnode.p2p.discovery import RELAY_KEY, dht_key
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import dialback, infer, offers, session, status
 from p2pnode.protocols.infer.machine import CLEAR, SEALED
@@ -1727,8 +1727,8 @@ _KAD = kad_pb.Message.MessageType
 def _kad_key(run: _Run, h: Hostile) -> bytes:
     return h.rng.choice(
         (
-            model_key(run.model_id or FUZZ_MODEL),
-            model_key(FUZZ_MODEL),
+            dht_key(run.model_id or FUZZ_MODEL),
+            dht_key(FUZZ_MODEL),
             RELAY_KEY,
             h.rng.randbytes(32),
             h.rng.randbytes(h.rng.randint(1, 128)),

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 
 from p2pnode.inference.engine import Engine
 from p2pnode.p2p import host as hostlib
@@ -73,7 +74,7 @@ class Simnet:
     topology: Topology
     nodes: list[Node] = field(default_factory=list)
     provider_ids: set[str] = field(default_factory=set)
-    _stops: list[tuple[trio.CancelScope, trio.Event]] = field(default_factory=list)
+    _running: list[Running] = field(default_factory=list)
 
     @property
     def providers(self) -> list[Node]:
@@ -93,50 +94,79 @@ def default_config(index: int, is_provider: bool) -> NodeConfig:
     return NodeConfig(models=models)
 
 
-async def _run_node(
+@dataclass
+class Running:
+    """A node running in a task of its own (:func:`start_node`)."""
+
+    node: Node
+    scope: trio.CancelScope
+    stopped: trio.Event
+
+    def kill(self) -> None:
+        """Stop it at once, as if its process died (its exit still runs)."""
+        self.scope.cancel()
+
+    async def stop(self) -> None:
+        """Stop it and wait until it has."""
+        self.scope.cancel()
+        await self.stopped.wait()
+
+
+async def start_node(
+    nursery: trio.Nursery,
     config: NodeConfig,
-    engines: Sequence[Engine],
-    scope: trio.CancelScope,
-    stopped: trio.Event,
+    engines: Sequence[Engine] = (),
     *,
-    task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
-) -> None:
-    # Each node lives in its own task: open_node's nurseries must be entered
-    # and left by one task, and this lets many nodes start at once.
-    # Every simnet node listens on loopback, where every peer can dial it: no
-    # dial-back checks (each costs the helper a throwaway host and a handshake).
-    reachability = "public" if config.reachability == "auto" else config.reachability
-    cfg = replace(
-        config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)), reachability=reachability
-    )
-    try:
-        with scope:
-            async with open_node(cfg, key_pair=create_new_key_pair(), engines=engines) as node:
-                task_status.started(node)
-                await trio.sleep_forever()
-    finally:
-        stopped.set()
+    key_pair: KeyPair | None = None,
+) -> Running:
+    """Start a node in a task of ``nursery``; returns once it runs.
+
+    Each node lives in its own task: open_node's nurseries must be entered
+    and left by one task, and this lets many nodes start at once. Used by
+    simnet and by the tests that start and kill nodes.
+    """
+    scope, stopped = trio.CancelScope(), trio.Event()
+
+    async def run(*, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with scope:
+                async with open_node(
+                    config, key_pair=key_pair or create_new_key_pair(), engines=engines
+                ) as node:
+                    task_status.started(node)
+                    await trio.sleep_forever()
+        finally:
+            stopped.set()
+
+    node: Node = await nursery.start(run)
+    return Running(node, scope, stopped)
 
 
 async def add_node(
     net: Simnet, nursery: trio.Nursery, config: NodeConfig, engines: Sequence[Engine] = ()
 ) -> Node:
-    """Start one more node on loopback in ``nursery``; it stops with the simnet."""
-    scope, stopped = trio.CancelScope(), trio.Event()
-    node: Node = await nursery.start(_run_node, config, engines, scope, stopped)
-    net.nodes.append(node)
-    net._stops.append((scope, stopped))
+    """Start one more node on loopback in ``nursery``; it stops with the simnet.
+
+    Every simnet node listens on loopback, where every peer can dial it: no
+    dial-back checks (each costs the helper a throwaway host and a handshake).
+    """
+    reachability = "public" if config.reachability == "auto" else config.reachability
+    cfg = replace(
+        config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)), reachability=reachability
+    )
+    running = await start_node(nursery, cfg, engines)
+    net.nodes.append(running.node)
+    net._running.append(running)
     if config.models or engines:
-        net.provider_ids.add(node.peer_id)
-    return node
+        net.provider_ids.add(running.node.peer_id)
+    return running.node
 
 
 async def _stop_all(net: Simnet) -> None:
     # One at a time, newest first: py-libp2p 0.8.1 leaks sockets when both
     # ends of a connection are torn down in the same instant.
-    for scope, stopped in reversed(net._stops):
-        scope.cancel()
-        await stopped.wait()
+    for running in reversed(net._running):
+        await running.stop()
 
 
 @asynccontextmanager

@@ -76,7 +76,7 @@ from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import market as marketlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p import relay as relaylib
-from p2pnode.p2p.discovery import model_key
+from p2pnode.p2p.discovery import dht_key
 from p2pnode.p2p.host import short
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
@@ -608,7 +608,7 @@ class _Run:
 
     async def _dht(self) -> None:
         """Poison the model's key, lie in answers, then an honest node joins through the liar."""
-        key = model_key(SYNTHETIC)
+        key = dht_key(SYNTHETIC)
         liar = self._node("liar")
         lures = [m.node.addrs[0] for m in self.chatters()]
         self.liar = attacks.answer_with_junk(liar, 20, lures)
@@ -743,7 +743,7 @@ class _Run:
             if (offer := c.offer_book.get(s.node.peer_id)) is not None
         ]
         relay, private = self.one("relay"), self.one("private")
-        key = model_key(SYNTHETIC)
+        key = dht_key(SYNTHETIC)
         identity_ids = {m.node.peer_id for m in self.nodes.of("identity")}
         honest_providers = {m.node.peer_id for m in self.providers() if not m.ended.is_set()}
         poison_held = kept_all = 0

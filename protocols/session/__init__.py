@@ -3,8 +3,9 @@
 Hello → Approve (or Reject{code}) → Opened{session_id} → Ready, then requests
 flow on ``/p2pnode/infer/1.0.0`` sealed with the session's keys
 (docs/protocols.md#session-handshake). ``messages`` and ``machine`` are the
-pure protocol, ``crypto`` the key schedule and sealed frames, ``service`` the
-trio adapter (the node decides admission; see ``p2p/provider.py``).
+pure protocol, ``crypto`` the key schedule and sealed frames, ``admission``
+who may open a session (a pure decision the provider's adapter calls),
+``service`` the trio adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from p2pnode.protocols.session.messages import (
     Ready,
     Reject,
     RejectCode,
+    approval_nonce,
 )
 
 PROTOCOL_ID: Final = "/p2pnode/session/1.0.0"
@@ -36,4 +38,5 @@ __all__ = [
     "Reject",
     "RejectCode",
     "State",
+    "approval_nonce",
 ]

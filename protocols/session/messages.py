@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
-from p2pnode.protocols.wire import Codec, Error, Message
+from p2pnode.protocols.wire import Codec, Error, Message, signing_payload
+
+# What a consumer's wallet signs a Hello under (see Hello.signing_bytes).
+HELLO_DOMAIN = b"p2pnode/hello/1:"
 
 
 class RejectCode(enum.IntEnum):
@@ -40,6 +44,18 @@ class Hello(Message):
     # provider cannot make that provider approve (and be paid for) it.
     provider: str = ""
     signature: bytes = b""  # chain mode: the consumer wallet's signature
+
+    def signing_bytes(self) -> bytes:
+        """What the consumer's wallet signs (EIP-191): every field but the signature."""
+        return signing_payload(self, HELLO_DOMAIN)
+
+
+def approval_nonce(hello_nonce: bytes, approve_nonce: bytes) -> bytes:
+    """The 32-byte nonce of the on-chain approval: both handshake nonces, hashed.
+
+    Both sides know it (and so the on-chain session id) without another message.
+    """
+    return hashlib.sha256(b"p2pnode/approval/1:" + hello_nonce + approve_nonce).digest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

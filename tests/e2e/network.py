@@ -16,6 +16,7 @@ from p2pnode.inference import openai_api
 from p2pnode.inference.engine import Engine
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
 from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.simnet.harness import Running, start_node
 
 MODEL = BUNDLED_MODEL_ID
 BOUND_S = 60
@@ -30,38 +31,23 @@ class Network:
     nursery: trio.Nursery
     stack: AsyncExitStack
     providers: list[Node] = field(default_factory=list)
-    scopes: list[trio.CancelScope] = field(default_factory=list)
+    running: list[Running] = field(default_factory=list)
 
     async def add_provider(self, engine: Engine | None = None) -> Node:
         """Start a provider (sharing the engine unless given one) that the consumer knows."""
-        started: trio.Event = trio.Event()
-        holder: list[Node] = []
-        scope = trio.CancelScope()
-
-        async def run() -> None:
-            with scope:
-                async with open_node(
-                    NodeConfig(measure_tokens=0, bootstrap=(self.consumer.addrs[0],)),
-                    key_pair=create_new_key_pair(),
-                    engines=[engine or self.engine],
-                ) as node:
-                    holder.append(node)
-                    started.set()
-                    await trio.sleep_forever()
-
-        self.nursery.start_soon(run)
+        config = NodeConfig(measure_tokens=0, bootstrap=(self.consumer.addrs[0],))
         with trio.fail_after(BOUND_S):
-            await started.wait()
-            node = holder[0]
+            running = await start_node(self.nursery, config, [engine or self.engine])
+            node = running.node
             while self.consumer.offer_book.get(node.peer_id) is None:
                 await self.consumer.finder.refresh_offer(node.peer_id)
         self.providers.append(node)
-        self.scopes.append(scope)
+        self.running.append(running)
         return node
 
     def kill(self, provider: Node) -> None:
         """Stop a provider at once, as if its process died."""
-        self.scopes[self.providers.index(provider)].cancel()
+        self.running[self.providers.index(provider)].kill()
 
 
 @pytest.fixture

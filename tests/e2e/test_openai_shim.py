@@ -9,7 +9,7 @@ import trio
 from network import BOUND_S, MODEL, Network
 
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
-from p2pnode.p2p.consumer import PeerStats
+from p2pnode.p2p.pricing import PeerStats
 from p2pnode.protocols.offers import ModelOffer
 
 pytestmark = pytest.mark.slow

@@ -31,12 +31,12 @@ from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
 from p2pnode.p2p.consumer import _wire_request
-from p2pnode.p2p.market import hello_signing_bytes
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers, session, status
 from p2pnode.protocols.infer.messages import InferOpen
 from p2pnode.protocols.refusal import Refusal
+from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.wire import Error, encode_frame
 from p2pnode.simnet.harness import Topology, open_simnet
@@ -236,7 +236,7 @@ async def _ignore_text(_text: str, _tokens: int) -> None:
 
 
 def _sign_hello(account: object, hello: session.Hello) -> session.Hello:
-    signed = Account.sign_message(encode_defunct(primitive=hello_signing_bytes(hello)), account.key)  # type: ignore[attr-defined]
+    signed = Account.sign_message(encode_defunct(primitive=hello.signing_bytes()), account.key)  # type: ignore[attr-defined]
     return replace(hello, signature=bytes(signed.signature))
 
 
@@ -244,7 +244,9 @@ async def test_an_allowlisted_wallet_counts_only_with_its_signature() -> None:
     # The attack: a Hello carrying an allowed consumer_wallet and no
     # signature passed the free-mode allowlist.
     allowed = Account.create()
-    provider_cfg = providerlib.Config(allowlist=frozenset({allowed.address.lower()}))
+    provider_cfg = providerlib.Config(
+        admission=admission.Config(allowlist=frozenset({allowed.address.lower()}))
+    )
     async with (
         running(NodeConfig(measure_tokens=0, provider=provider_cfg), [SyntheticEngine()]) as prov,
         running(NodeConfig(measure_tokens=0)) as stranger,
@@ -463,7 +465,7 @@ def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:
         hostlib.build(create_new_key_pair(), hostlib.Config()), cfg, lambda: None
     )
     store = found.dht.provider_store
-    key = discoverylib.model_key("m")
+    key = discoverylib.dht_key("m")
     addr = [Multiaddr("/ip4/127.0.0.1/tcp/1")]
     for _ in range(20):
         poison = ID.from_pubkey(create_new_key_pair().public_key)
@@ -491,7 +493,7 @@ def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:
     # Keys are bounded too: strangers cannot grow the table without end.
     for n in range(10):
         stranger = ID.from_pubkey(create_new_key_pair().public_key)
-        store.add_provider(discoverylib.model_key(f"junk{n}"), PeerInfo(stranger, addr))
+        store.add_provider(discoverylib.dht_key(f"junk{n}"), PeerInfo(stranger, addr))
     assert len(store.providers) == 3
 
 

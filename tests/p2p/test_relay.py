@@ -369,7 +369,7 @@ async def test_a_private_provider_puts_its_relayed_address_in_the_dht(
                 await trio.sleep(0.05)
             store = relay.discovery.dht.provider_store
             while True:
-                held = store.get_providers(discoverylib.model_key("synthetic"))
+                held = store.get_providers(discoverylib.dht_key("synthetic"))
                 mine = [p for p in held if str(p.peer_id) == provider.peer_id]
                 if mine and [str(a) for a in mine[0].addrs] == [circuit]:
                     break

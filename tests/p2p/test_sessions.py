@@ -24,8 +24,8 @@ from p2pnode.inference.llamacpp import (
 )
 from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p import provider as providerlib
-from p2pnode.p2p.consumer import PeerStats, rank
 from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.p2p.pricing import PeerStats, rank
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
@@ -33,6 +33,7 @@ from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import Request as WireRequest
 from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.refusal import Refusal
+from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
 
 BOUND_S = 30
@@ -124,7 +125,9 @@ async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -
     other_id = str(ID.from_pubkey(create_new_key_pair().public_key))
     strict = NodeConfig(
         measure_tokens=0,
-        provider=providerlib.Config(allowlist=frozenset({other_id}), requests_per_minute=2),
+        provider=providerlib.Config(
+            admission=admission.Config(allowlist=frozenset({other_id})), requests_per_minute=2
+        ),
     )
     async with (
         open_node(strict, key_pair=create_new_key_pair(), engines=[engine]) as provider,

@@ -10,6 +10,7 @@
     ├── ConfigError              bad flag, file, key or address; the CLI prints one line
     ├── NetworkError             a peer could not be reached or did not answer in time
     │   ├── BrokenStreamError    the peer or the network broke a stream (reset, EOF)
+    │   ├── UnreachableError     no stream to the peer came up in time
     │   └── NoProviderError      no provider could serve a request (none, or all failed)
     ├── PaymentError             this node cannot pay for a request: no provider could be
     │   │                        paid, whoever it asked
@@ -88,6 +89,12 @@ class NetworkError(P2PNodeError):
 
 class BrokenStreamError(NetworkError):
     """A stream was reset or cut by the peer or the network (trio's "Broken…")."""
+
+
+class UnreachableError(NetworkError):
+    """No stream to the peer came up in time (not refused: it took too long):
+    nothing of ours was exchanged with it, and our own congestion is as likely
+    a cause as the peer."""
 
 
 class NoProviderError(NetworkError):

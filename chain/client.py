@@ -777,6 +777,74 @@ class AsyncChain:
             logger.exception("unexpected failure of a chain call %s", getattr(fn, "__name__", fn))
             raise ChainError(f"chain call failed: {type(exc).__name__}") from exc
 
+    # Typed calls (each is :meth:`run` of the Chain method of the same name).
+
+    async def now(self) -> int:
+        return await self.run(self.sync.now)
+
+    async def next_block_time(self) -> int:
+        return await self.run(self.sync.next_block_time)
+
+    async def block_number(self) -> int:
+        return await self.run(self.sync.block_number)
+
+    async def claim_window(self) -> int:
+        return await self.run(self.sync.claim_window)
+
+    async def balance(self, address: str) -> int:
+        return await self.run(self.sync.balance, address)
+
+    async def eth_balance(self, address: str) -> int:
+        return await self.run(self.sync.eth_balance, address)
+
+    async def bid(self, bid_id: bytes) -> OnChainBid:
+        return await self.run(self.sync.bid, bid_id)
+
+    async def live_bid(self, provider: str, model_id: str) -> bytes | None:
+        return await self.run(self.sync.live_bid, provider, model_id)
+
+    async def session(self, session_id: bytes) -> OnChainSession:
+        return await self.run(self.sync.session, session_id)
+
+    async def events_since(self, from_block: int) -> tuple[MarketEvents, int]:
+        return await self.run(self.sync.events_since, from_block)
+
+    async def unfunded(
+        self, address: str, what: str, *, tokens_needed: int | None = None
+    ) -> Unfunded:
+        return await self.run(
+            partial(self.sync.unfunded, tokens_needed=tokens_needed), address, what
+        )
+
+    async def approve_token(
+        self, account: LocalAccount, amount: int, *, unlimited: bool = False
+    ) -> Tx | None:
+        return await self.run(
+            partial(self.sync.approve_token, unlimited=unlimited), account, amount
+        )
+
+    async def open_session(
+        self,
+        account: LocalAccount,
+        bid_id: bytes,
+        stake: int,
+        max_price_per_s: int,
+        expiry: int,
+        nonce: bytes,
+        approval: bytes,
+    ) -> Tx:
+        return await self.run(
+            self.sync.open_session, account, bid_id, stake, max_price_per_s, expiry, nonce, approval
+        )
+
+    async def claim_session(
+        self, account: LocalAccount, session_id: bytes, used_until: int, signature: bytes
+    ) -> Tx:
+        return await self.run(self.sync.claim_session, account, session_id, used_until, signature)
+
+    async def close_session(self, account: LocalAccount, session_id: bytes) -> Tx:
+        return await self.run(self.sync.close_session, account, session_id)
+
 
 # requests' errors are OSErrors; web3 raises its own family, and JSON-RPC
 # error answers arrive as ValueError (web3 7+) or its subclasses.

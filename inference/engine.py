@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 import trio
 
 from p2pnode.errors import EngineError
+from p2pnode.protocols.infer.messages import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,11 +41,11 @@ class ChatMessage:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Params:
-    """Sampling parameters (OpenAI names and meanings)."""
+    """Sampling parameters (OpenAI names and meanings); defaults as on the wire."""
 
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
     stop: tuple[str, ...] = ()
     seed: int | None = None
 

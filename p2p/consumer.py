@@ -45,6 +45,7 @@ from p2pnode.errors import (
     NoProviderError,
     RemoteProtocolError,
     SpendLimitError,
+    UnreachableError,
 )
 from p2pnode.inference import engine as enginelib
 from p2pnode.p2p.dialer import Dialer
@@ -219,8 +220,9 @@ class Consumer:
         # The try budget counts time without progress: tokens delivered start it anew.
         trying_since, progress = trio.current_time(), 0
         paused_with: str | None = None  # the provider that paused the answer, if one did
-        # Providers that answered busy, asked again once no other is left;
-        # each counts as a refusal once per request, however often it is asked.
+        # Providers that answered busy, or could not be reached at all, asked
+        # again once no other is left; each counts against it once per
+        # request, however often it is asked.
         busy: set[str] = set()
         busy_counted: set[str] = set()
         backoff = self.cfg.busy_backoff_s[0]
@@ -247,7 +249,7 @@ class Consumer:
                     if not tried:  # nobody was asked: say why not
                         last_error = why_none
                     break
-                # Everyone left is busy: wait for a slot, then ask them again.
+                # Everyone left is busy (or was out of reach): wait, then ask again.
                 await trio.sleep(min(backoff, max(0.0, self.cfg.try_budget_s - spent)))
                 backoff = min(backoff * 2, self.cfg.busy_backoff_s[1])
                 tried -= busy
@@ -292,6 +294,21 @@ class Consumer:
                 last_error = f"{short(peer)}: {exc}"
                 offence = _offence_of_violation(exc)
                 failures += await self._offence(peer, request.model_id, offence, exc)
+                continue
+            except UnreachableError as exc:
+                last_error = f"{short(peer)}: {exc}"
+                if produced != before or self._unserved_paid(peer, request.model_id):
+                    # Gone mid-answer, or after taking a stake: a failure.
+                    failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
+                    continue
+                # Not reached at all: our own congestion is as likely as the
+                # peer (the whole node slows down when its CPU is short). Not
+                # a failed attempt: asked again once no other provider is
+                # left, within the try budget, and marked down once.
+                busy.add(peer)
+                if peer not in busy_counted:
+                    busy_counted.add(peer)
+                    await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 continue
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"

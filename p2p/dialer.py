@@ -18,7 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStoreError
 
-from p2pnode.errors import ConfigError, NetworkError
+from p2pnode.errors import ConfigError, NetworkError, UnreachableError
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.host import short
@@ -74,7 +74,12 @@ class Dialer:
         return str(info.peer_id)
 
     async def open_stream(self, peer: ID | str, protocol: str) -> INetStream:
-        """A new stream of ``protocol`` to ``peer``; raises :class:`NetworkError`."""
+        """A new stream of ``protocol`` to ``peer``.
+
+        Raises :class:`UnreachableError` when none came up in time (slow, not
+        refused: the peer may be fine and we the ones short of CPU), and
+        :class:`NetworkError` when the dial or the negotiation failed.
+        """
         peer_id = ID.from_base58(peer) if isinstance(peer, str) else peer
         timeout = self._stream_timeout
         circuits = self._learn_addrs(peer_id)
@@ -93,7 +98,7 @@ class Dialer:
             with trio.fail_after(timeout):
                 return await self._host.new_stream(peer_id, [TProtocol(protocol)])
         except trio.TooSlowError as exc:
-            raise NetworkError(
+            raise UnreachableError(
                 f"no {protocol} stream to {short(peer_id)} within {timeout:g} s"
             ) from exc
         except Exception as exc:  # noqa: BLE001 - StreamFailure, SwarmException, negotiation errors

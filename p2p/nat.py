@@ -39,10 +39,9 @@ from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.host import short
 from p2pnode.p2p.ratelimit import RateLimiter, TokenBucket
-from p2pnode.protocols import dialback, unary_service
-from p2pnode.protocols.dialback.machine import ClientMachine, ServerMachine
+from p2pnode.protocols import dialback
+from p2pnode.protocols.dialback import service as dialback_service
 from p2pnode.protocols.dialback.messages import DialBackRequest, DialBackResponse
-from p2pnode.protocols.stream import close_with_error
 from p2pnode.protocols.wire import Error
 
 logger = logging.getLogger(__name__)
@@ -129,8 +128,7 @@ class Helper:
         observed = parse_ip(remote[0]) if remote else None
         refusal = self._admit(str(peer), relayed, trio.current_time())
         if refusal is not None:
-            machine = ServerMachine(self.cfg.max_frame)
-            await close_with_error(stream, machine.send_error(refusal))
+            await dialback_service.refuse(stream, refusal, self.cfg)
             return
 
         async def answer(request: DialBackRequest) -> DialBackResponse:
@@ -145,7 +143,7 @@ class Helper:
         wait_s = self.cfg.dial_timeout * self.cfg.max_addrs + 5.0
         self._running += 1
         try:
-            await unary_service.serve(stream, ServerMachine(self.cfg.max_frame), answer, wait_s)
+            await dialback_service.serve(stream, answer, self.cfg, wait_s)
         finally:
             self._running -= 1
 
@@ -241,10 +239,4 @@ async def _dial_back(peer: ID, addrs: Sequence[str], dial_s: float) -> list[str]
     return reachable
 
 
-async def ask(stream: INetStream, addrs: Sequence[str], cfg: dialback.Config) -> DialBackResponse:
-    """Ask one peer to dial us back (see ``unary_service.request``)."""
-    request = DialBackRequest(addrs=tuple(addrs[: cfg.max_addrs]))
-    return await unary_service.request(stream, ClientMachine(cfg.max_frame), request, cfg.timeout)
-
-
-__all__ = ["Helper", "Reachability", "Verdict", "ask", "dial_targets", "dialable", "judge"]
+__all__ = ["Helper", "Reachability", "Verdict", "dial_targets", "dialable", "judge"]

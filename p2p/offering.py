@@ -4,7 +4,7 @@ The one place an offer's contents are put together (discovery signs and
 sends it, the status protocol answers with it). Models come from the
 engines (tokens/s measured at start) and then from configuration only (a
 node may announce models for testing discovery); in paid mode each carries
-the terms of this provider's bid (``p2p/market.py:ProviderMarket.offer_terms``).
+the terms of this provider's bid (``p2p/market/billing.py:ProviderMarket.offer_terms``).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.discovery import Discovery
 from p2pnode.p2p.host import short
 from p2pnode.protocols import dialback
+from p2pnode.protocols.dialback import service as dialback_service
 
 logger = logging.getLogger(__name__)
 _RANDOM = secrets.SystemRandom()
@@ -119,7 +120,7 @@ class Reachability:
         async def ask(peer: ID) -> None:
             try:
                 stream = await self._dialer.open_stream(peer, dialback.PROTOCOL_ID)
-                answers.append(await nat.ask(stream, own, self._cfg))
+                answers.append(await dialback_service.request(stream, own, self._cfg))
             except (NetworkError, RemoteProtocolError) as exc:
                 logger.debug("dial-back by %s failed: %s", short(peer), exc)
 

@@ -753,8 +753,8 @@ class _Run:
             held = set(target.discovery.dht.provider_store.providers.get(key, {}))
             poison_held += len(held & identity_ids)
             kept_all += honest_providers <= held
-        closer_target = self.at(self.roles.closer_target).node
-        target_market = closer_target.markets.provider
+        closer_target = self.at(self.roles.closer_target).node.metrics()
+        billing, served = closer_target.billing, closer_target.provider
         after = self.after_close
         fuzzed = self.fuzzed
         chats = self.chats
@@ -803,10 +803,8 @@ class _Run:
             "in_flight_tokens_after_close": after.in_flight_tokens_after,
             "in_flight_note": "a request already running when its session closes on chain is "
             "stopped when the provider next reads the chain (ProviderMarket follow_s, 5 s)",
-            "provider_closed_early": target_market.counters.closed_early if target_market else None,
-            "provider_ended_mid_request": closer_target.provider.counters.ended_mid_request
-            if closer_target.provider
-            else None,
+            "provider_closed_early": billing.closed_early if billing else None,
+            "provider_ended_mid_request": served.ended_mid_request if served else None,
             "paid_without_service_note": "a provider is paid only for time its consumer "
             "acknowledged (signed Usage): a thief that takes the open and serves nothing "
             "can claim nothing, and the consumer's stake comes back once the claim window "
@@ -815,7 +813,7 @@ class _Run:
             "thief_paid_no_service_offences": offences(thieves, Offence.PAID_NO_SERVICE),
             "sybil_refusals": offences(sybils, Offence.REFUSED),
             "sybil_sessions": sum(
-                s.node.provider.counters.sessions for s in sybils if s.node.provider
+                p.sessions for s in sybils if (p := s.node.metrics().provider) is not None
             ),
             "sybil_offers_held_by_chatters": len(held_offers),
             # An offer claiming more than the bound is INVALID everywhere: a Sybil's
@@ -837,7 +835,7 @@ class _Run:
             ),
             "relay_made_up_ids_granted": self.squat["made_up_ok"],
             "relay_squatters_granted": self.squat["own_ok"],
-            "relay_counters": vars(relay.node.relay.protocol.counters) if relay else None,
+            "relay_counters": vars(relay.node.metrics().relay_service) if relay else None,
             "relay_honest_reservation_kept": bool(
                 private is not None
                 and relay is not None

@@ -279,11 +279,10 @@ async def market(
         chain_open_ms = [ms for m in markets for ms in m.open_ms]
         gas_open = [g for m in markets for g in m.gas["open"]]
         gas_close = [g for m in markets for g in m.gas["close"]]
-        opened = sum(m.counters.opened for m in markets)
-        closed = sum(m.counters.closed for m in markets)
-        settled = sum(
-            n.markets.provider.counters.settled for n in net.providers if n.markets.provider
-        )
+        held_stakes = [s for n in buyers if (s := n.metrics().stakes) is not None]
+        opened = sum(s.opened for s in held_stakes)
+        closed = sum(s.closed for s in held_stakes)
+        settled = sum(b.settled for n in net.providers if (b := n.metrics().billing) is not None)
     escrowed, paid_wei, refunded_wei = embedded.chain.totals()
     held = embedded.chain.balance(embedded.chain.market.address)
     stakes = len(provider_at) * MIN_PROVIDER_STAKE
@@ -412,7 +411,7 @@ async def relay(
             upgraded = await _upgrade_all(
                 puncher, private, public, synthetic, bound_s, errors, direct_anyway
             )
-            upgrades = puncher.relay.upgrades
+            upgrades = puncher.metrics().upgrades
     return {
         "scenario": "relay",
         "peers": topology.peers,

@@ -250,16 +250,16 @@ async def use_closed_sessions(
         # refunded, the provider paid for a second or two), then asked again.
         session_id, keys = await open_paid(node, provider, model_id, 600)
         await before(session_id, keys)
-        await chain.run(chain.sync.close_session, account, session_id)
+        await chain.close_session(account, session_id)
         await after(session_id, keys, "closed")
 
     async def left_to_expire() -> None:
         # Bought for a few seconds, then used past its end.
         session_id, keys = await open_paid(node, provider, model_id, EXPIRING_S)
         await before(session_id, keys)
-        ends_at = (await chain.run(chain.sync.session, session_id)).ends_at
+        ends_at = (await chain.session(session_id)).ends_at
         await _until_chain_passes(chain, account, ends_at)
-        out.expired_chain_past_end_s = await chain.run(chain.sync.now) - ends_at
+        out.expired_chain_past_end_s = await chain.now() - ends_at
         # What the provider believes (its public estimate): the evidence when it serves on.
         if provider.markets.provider is not None:
             out.expired_provider_view_s = round(provider.markets.provider.chain_time() - ends_at, 2)
@@ -285,9 +285,9 @@ async def _until_chain_passes(chain: AsyncChain, account: LocalAccount, ends_at:
     attacker mines blocks itself, each an empty ether transfer to itself.
     """
     with trio.fail_after(60):
-        while await chain.run(chain.sync.now) <= ends_at:
+        while await chain.now() <= ends_at:
             await trio.sleep(1.0)
-            if await chain.run(chain.sync.now) <= ends_at:
+            if await chain.now() <= ends_at:
                 await chain.run(send_ether, chain.sync.w3, account, account.address, 0)
 
 
@@ -326,7 +326,7 @@ async def _close_in_flight(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(long_request)
             await first.wait()
-            await chain.run(chain.sync.close_session, account, session_id)
+            await chain.close_session(account, session_id)
             closed_at = trio.current_time()
     if closed_at is not None and last is not None:
         out.in_flight_stop_s = last - closed_at

@@ -36,6 +36,14 @@ class Turn(Message):
     content: str
 
 
+# Sampling when a request does not say: the one home of these figures, for
+# the wire and for the engines (``inference/engine.py:Params``). The OpenAI
+# shim keeps OpenAI's own documented defaults instead.
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Request(Message):
     """C→P, sealed: what to generate (OpenAI parameter names and meanings)."""
@@ -46,9 +54,9 @@ class Request(Message):
     kind: str  # "chat" or "completion"
     messages: tuple[Turn, ...] = ()
     prompt: str = ""
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
     stop: tuple[str, ...] = ()
     seed: int | None = None
     # Failover: the answer so far, which the provider continues (never repeats).

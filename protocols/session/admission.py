@@ -5,7 +5,7 @@ what the decision needs, both clocks included, and :func:`decide` says yes
 (None) or why not (a :class:`RejectCode`), in this order: the allowlist
 (a peer id, or a wallet that signed this very Hello), the model, the
 Hello's age by the wall clock, the peer's rate by the monotonic clock, and
-in paid mode the Hello's chain fields (``p2p/market.py:ProviderMarket.check_hello``).
+in paid mode the Hello's chain fields (``p2p/market/billing.py:ProviderMarket.check_hello``).
 A wallet field alone is anyone's to write: only :func:`signed_by_wallet`
 makes it mean something.
 """

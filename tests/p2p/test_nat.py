@@ -19,6 +19,7 @@ from p2pnode.p2p import nat
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import dialback
+from p2pnode.protocols.dialback import service as dialback_service
 from p2pnode.protocols.dialback.messages import DialBackResponse
 
 BOUND_S = 30
@@ -57,7 +58,7 @@ async def test_a_listening_node_is_public_and_a_closed_port_is_not() -> None:
             # A port nobody listens on is not confirmed (AutoNAT would say it is),
             # and an address on another IP than the asker's is not dialled at all.
             stream = await me.dialer.open_stream(helper.peer_id, dialback.PROTOCOL_ID)
-            answer = await nat.ask(
+            answer = await dialback_service.request(
                 stream, ["/ip4/127.0.0.1/tcp/1", "/ip4/192.0.2.7/tcp/4001"], dialback.Config()
             )
         assert answer.reachable == ()
@@ -115,7 +116,7 @@ async def _helper_and_asker(cfg: dialback.Config) -> AsyncIterator[tuple[Node, N
 
 async def _ask(me: Node, helper: Node, addrs: list[str]) -> DialBackResponse:
     stream = await me.dialer.open_stream(helper.peer_id, dialback.PROTOCOL_ID)
-    return await nat.ask(stream, addrs, dialback.Config())
+    return await dialback_service.request(stream, addrs, dialback.Config())
 
 
 def test_dial_targets_are_plain_tcp_on_the_askers_ip_each_once() -> None:
@@ -205,7 +206,9 @@ async def test_the_helper_does_not_dial_back_through_a_relay() -> None:
                 ID.from_base58(helper.peer_id), [dialback.PROTOCOL_ID]
             )
             with pytest.raises(NetworkError, match="unsupported"):
-                await nat.ask(stream, [f"/ip4/127.0.0.1/tcp/{port}"], dialback.Config())
+                await dialback_service.request(
+                    stream, [f"/ip4/127.0.0.1/tcp/{port}"], dialback.Config()
+                )
         assert accepted == []
 
 

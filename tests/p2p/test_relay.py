@@ -20,6 +20,7 @@ from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.dialer import OWN_PROTOCOLS
+from p2pnode.p2p.kademlia import Kademlia
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import infer
 
@@ -343,15 +344,13 @@ async def test_a_private_provider_puts_its_relayed_address_in_the_dht(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sent: list[tuple[str, list[str]]] = []
-    send = discoverylib.Discovery._send_add_provider
+    send = Kademlia._send_add_provider
 
-    async def recorded(
-        self: discoverylib.Discovery, peer: ID, key: bytes, addrs: list[Multiaddr]
-    ) -> None:
-        sent.append((self.peer_id, [str(a) for a in addrs]))
+    async def recorded(self: Kademlia, peer: ID, key: bytes, addrs: list[Multiaddr]) -> None:
+        sent.append((str(self.host.get_id()), [str(a) for a in addrs]))
         await send(self, peer, key, addrs)
 
-    monkeypatch.setattr(discoverylib.Discovery, "_send_add_provider", recorded)
+    monkeypatch.setattr(Kademlia, "_send_add_provider", recorded)
     async with (
         open_node(
             NodeConfig(relay=relaylib.Config(service=True)), key_pair=create_new_key_pair()

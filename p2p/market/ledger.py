@@ -1,0 +1,131 @@
+"""``sessions.db``: the paid sessions a node opened or served, kept across restarts."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pnode.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSession:
+    """A session ``sessions.db`` lists as open (not yet seen settled)."""
+
+    session_id: bytes
+    peer: str
+    stake: int
+    ends_at: int
+    # Consumer: an answer in it was acknowledged (closing it early pays the seconds used).
+    served: bool
+    # Provider: the consumer's best acknowledgement (0 and b"": none).
+    used_until: int
+    usage_signature: bytes
+
+
+class Ledger:
+    """``sessions.db``: the sessions a node holds and the receipts it has (sqlite).
+
+    Versioned with sqlite's ``user_version``: a database an older p2pnode wrote
+    (version 0) gains the columns of version 1, and its sessions count as served
+    (they were opened under the old rules, which closed every session at once); a
+    database from a newer p2pnode is refused rather than misread.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: Path | None) -> None:
+        self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None)
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > self.VERSION:
+            self._db.close()
+            raise ConfigError(
+                f"{path} was written by a newer p2pnode (schema {version}, this one reads "
+                f"{self.VERSION})"
+            )
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS sessions (
+                session_id BLOB PRIMARY KEY, role TEXT NOT NULL, peer TEXT NOT NULL,
+                bid_id BLOB NOT NULL, stake TEXT NOT NULL, ends_at INTEGER NOT NULL,
+                state TEXT NOT NULL, paid TEXT, refunded TEXT);
+            CREATE TABLE IF NOT EXISTS receipts (
+                session_id BLOB PRIMARY KEY, requests INTEGER, prompt_tokens INTEGER,
+                completion_tokens INTEGER, provider_signature BLOB, consumer_signature BLOB);
+            """
+        )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "served" not in columns:
+            with self._db:  # one transaction: a crash leaves version 0, migrated again
+                self._db.execute("BEGIN")
+                self._db.execute(
+                    "ALTER TABLE sessions ADD COLUMN served INTEGER NOT NULL DEFAULT 0"
+                )
+                self._db.execute(
+                    "ALTER TABLE sessions ADD COLUMN used_until INTEGER NOT NULL DEFAULT 0"
+                )
+                self._db.execute(
+                    "ALTER TABLE sessions ADD COLUMN usage_signature BLOB NOT NULL DEFAULT x''"
+                )
+                self._db.execute("UPDATE sessions SET served = 1")
+                self._db.execute(f"PRAGMA user_version = {self.VERSION}")
+        elif version < self.VERSION:
+            self._db.execute(f"PRAGMA user_version = {self.VERSION}")
+
+    def opened(
+        self, role: str, peer: str, session_id: bytes, bid_id: bytes, stake: int, ends_at: int
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO sessions (session_id, role, peer, bid_id, stake, ends_at,"
+            " state, served, used_until, usage_signature)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'open', 0, 0, x'')",
+            (session_id, role, peer, bid_id, str(stake), ends_at),
+        )
+
+    def served(self, session_id: bytes) -> None:
+        """The consumer acknowledged an answer in the session."""
+        self._db.execute("UPDATE sessions SET served=1 WHERE session_id=?", (session_id,))
+
+    def usage(self, session_id: bytes, used_until: int, signature: bytes) -> None:
+        """The provider's best acknowledgement of the session so far (what it claims with)."""
+        self._db.execute(
+            "UPDATE sessions SET used_until=?, usage_signature=? WHERE session_id=?",
+            (used_until, signature, session_id),
+        )
+
+    def closed(self, session_id: bytes, paid: int, refunded: int) -> None:
+        self._db.execute(
+            "UPDATE sessions SET state='closed', paid=?, refunded=? WHERE session_id=?",
+            (str(paid), str(refunded), session_id),
+        )
+
+    def open_sessions(self, role: str) -> list[LedgerSession]:
+        rows = self._db.execute(
+            "SELECT session_id, peer, stake, ends_at, served, used_until, usage_signature"
+            " FROM sessions WHERE role=? AND state='open'",
+            (role,),
+        )
+        return [
+            LedgerSession(bytes(r[0]), str(r[1]), int(r[2]), int(r[3]), bool(r[4]), int(r[5]),
+                          bytes(r[6]))
+            for r in rows
+        ]  # fmt: skip
+
+    def receipt(
+        self,
+        session_id: bytes,
+        counts: tuple[int, int, int],
+        provider_sig: bytes,
+        consumer_sig: bytes,
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?)",
+            (session_id, *counts, provider_sig, consumer_sig),
+        )
+
+    def close(self) -> None:
+        self._db.close()

@@ -19,8 +19,9 @@
     ├── ChainError               the chain refused or failed a call
     └── EngineError              an inference engine failed
 
-Expected outcomes (timeout, busy, rejected) travel as values in protocol events
-where a caller can act on them; these exceptions are for what a caller cannot.
+Expected outcomes travel as values where a caller acts on them (a provider's
+refusal, busy or rejected, is a ``protocols/refusal.py`` Refusal); these
+exceptions are for what a caller does not plan for.
 Library exceptions are re-raised as one of these ``from`` the original at the
 boundary that meets them.
 """

@@ -213,7 +213,7 @@ class Consumer:
             await deliver(chunk.text, chunk.tokens)
 
         tried: set[str] = set()
-        failures = failovers = limited = 0
+        failures = failovers = 0
         # A paid session that ended under us may be reopened once per request.
         reopened: set[str] = set()
         last_error = ""
@@ -225,6 +225,11 @@ class Consumer:
         # request, however often it is asked.
         busy: set[str] = set()
         busy_counted: set[str] = set()
+        unreached: set[str] = set()  # out of reach once: the second time is a failure
+        # Every provider asked, and those that asked us to slow down: all of
+        # them did, and the caller is told to slow down too (429).
+        asked: set[str] = set()
+        slow_down: set[str] = set()
         backoff = self.cfg.busy_backoff_s[0]
         attempts = 0
         while failures < self.cfg.max_attempts and len(tried) < self.cfg.max_providers:
@@ -261,6 +266,7 @@ class Consumer:
             paused = peer == paused_with
             paused_with = None
             tried.add(peer)
+            asked.add(peer)
             attempts += 1
             if delivered and not paused:
                 failovers += 1
@@ -297,18 +303,21 @@ class Consumer:
                 continue
             except UnreachableError as exc:
                 last_error = f"{short(peer)}: {exc}"
-                if produced != before or self._unserved_paid(peer, request.model_id):
-                    # Gone mid-answer, or after taking a stake: a failure.
+                again = peer not in unreached and produced == before
+                if not again or self._unserved_paid(peer, request.model_id):
+                    # Out of reach twice, gone mid-answer, or after taking a
+                    # stake: a failure.
                     failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                     continue
-                # Not reached at all: our own congestion is as likely as the
-                # peer (the whole node slows down when its CPU is short). Not
-                # a failed attempt: asked again once no other provider is
-                # left, within the try budget, and marked down once.
+                # Not reached in time, once: our own congestion is as likely
+                # as the peer (the whole node slows down when its CPU is
+                # short). Like busy: no failed attempt, no session dropped,
+                # asked again once no other provider is left, counted once.
+                unreached.add(peer)
                 busy.add(peer)
                 if peer not in busy_counted:
                     busy_counted.add(peer)
-                    await self._offence(peer, request.model_id, Offence.FAILED, exc)
+                    await self._offence(peer, request.model_id, Offence.REFUSED, exc)
                 continue
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
@@ -319,7 +328,7 @@ class Consumer:
                 now = trio.current_time()
                 streamed = produced != before
                 if done.is_one_of(*_SLOW_DOWN):
-                    limited += 1
+                    slow_down.add(peer)
                 elif (
                     done.is_one_of(*_BUSY)
                     and not streamed
@@ -361,7 +370,7 @@ class Consumer:
             )
         raise NoProviderError(
             f"no provider could serve {request.model_id!r} ({last_error})",
-            rate_limited=limited > 0 and limited == len(tried),
+            rate_limited=bool(asked) and asked == slow_down,
         )
 
     def _unserved_paid(self, peer: str, model_id: str) -> bool:
@@ -560,8 +569,8 @@ class Consumer:
                 on_approve=on_approve,
             )
         except BaseException:
-            # Paid for on chain but never ready (a timeout, a chain the provider
-            # could not read, our own cancellation): release it; see below.
+            # Paid for on chain but never ready (a timeout, a broken stream,
+            # our own cancellation): release it; see _release_unserved.
             if opened:
                 await self._release_unserved(opened[0])
             raise

@@ -28,29 +28,27 @@ class Refusal:
 
     code: RejectCode | ErrorCode | int
     reason: str = ""
+    # The session was refused (a Reject), else a request on it (an Error):
+    # said outright, since a code this version does not know has no enum.
+    session: bool = False
 
     @classmethod
     def of_session(cls, code: int, reason: str) -> Refusal:
         """A handshake's Reject."""
         known = code in RejectCode._value2member_map_
-        return cls(RejectCode(code) if known else code, reason)
+        return cls(RejectCode(code) if known else code, reason, session=True)
 
     @classmethod
     def of_request(cls, code: int, reason: str) -> Refusal:
         """An infer stream's Error."""
         known = code in ErrorCode._value2member_map_
-        return cls(ErrorCode(code) if known else code, reason)
+        return cls(ErrorCode(code) if known else code, reason, session=False)
 
     def is_one_of(self, *codes: RejectCode | ErrorCode) -> bool:
         """Whether the code is one of ``codes``, by identity: the two enums share
         values (``ErrorCode.MALFORMED == RejectCode.UNKNOWN_MODEL == 1``), so
         ``in`` or ``==`` would mix them up."""
         return any(self.code is code for code in codes)
-
-    @property
-    def session(self) -> bool:
-        """Whether the session was refused (else a request on it)."""
-        return isinstance(self.code, RejectCode)
 
     def __str__(self) -> str:
         code = self.code

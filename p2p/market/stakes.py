@@ -85,13 +85,14 @@ class ConsumerMarket:
     def why_not(self, offers: list[Offer], model_id: str) -> str:
         """Why none of ``offers`` would be paid for ("" when one would): no live bid,
         or every bid above ``max_price_per_s``."""
-        prices = []
-        for offer in offers:
-            terms = offer.serves(model_id)
-            if terms is not None and terms.bid_id and terms.price_per_s > 0:
-                prices.append(terms.price_per_s)
-        if any(p <= self.cfg.max_price_per_s for p in prices):
+        if any(self.terms(offer, model_id) is not None for offer in offers):
             return ""
+        # The prices of live bids (any price: we look for the cheapest above the limit).
+        prices = [
+            terms.price_per_s
+            for offer in offers
+            if (terms := pricing.acceptable(offer, model_id, max_price_per_s=2**256)) is not None
+        ]
         limit = f"--max-price {format_price(self.cfg.max_price_per_s)}"
         if not prices:
             none = "none has" if len(offers) > 1 else "it has no"

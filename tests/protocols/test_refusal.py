@@ -25,3 +25,7 @@ def test_a_code_this_version_does_not_know_stays_a_number() -> None:
     assert unknown.code == 999
     assert not unknown.is_one_of(*ErrorCode, *RejectCode)
     assert str(unknown) == "provider refused: code 999 from the future"
+    # A session refused with a new code is still a session refusal.
+    rejected = Refusal.of_session(42, "new reason")
+    assert rejected.session
+    assert str(rejected) == "session rejected: code 42 new reason"

@@ -28,6 +28,7 @@ from libp2p.crypto.keys import KeyPair
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.p2p.config import NodeConfig
 from p2pnode.p2p.node import Node, open_node
+from p2pnode.protocols.infer.messages import DEFAULT_MAX_TOKENS
 from p2pnode.scopes import single_errors_ungrouped
 
 __all__ = ["Answer", "Network", "Provider", "connect"]
@@ -87,7 +88,7 @@ class Network:
         model_id: str,
         prompt: str | Sequence[tuple[str, str]],
         *,
-        max_tokens: int = 256,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float = 0.2,
         stop: Sequence[str] = (),
     ) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
@@ -122,7 +123,7 @@ class Network:
         model_id: str,
         prompt: str | Sequence[tuple[str, str]],
         *,
-        max_tokens: int = 256,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float = 0.2,
         stop: Sequence[str] = (),
     ) -> Answer:

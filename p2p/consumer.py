@@ -236,7 +236,7 @@ class Consumer:
             if produced > progress:
                 trying_since, progress = trio.current_time(), produced
             spent = trio.current_time() - trying_since
-            if attempts and spent > self.cfg.try_budget_s:
+            if attempts and spent >= self.cfg.try_budget_s:
                 last_error = f"{last_error}; gave up after {self.cfg.try_budget_s:g} s of trying"
                 break
             left = request.params.max_tokens - produced
@@ -271,7 +271,7 @@ class Consumer:
             if delivered and not paused:
                 failovers += 1
                 self.counters.failovers += 1
-            wire = _wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
+            wire = wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
             before = produced
             try:
                 done = await self.request_on(peer, wire, on_chunk, reopened)
@@ -772,9 +772,14 @@ async def _run_locally(
     return Outcome(finish, usage.prompt_tokens, usage.completion_tokens, "")
 
 
-def _wire_request(
+def wire_request(
     request: enginelib.Request, request_id: str, delivered: str, max_tokens: int
 ) -> Request:
+    """The infer request that asks a provider for ``request``.
+
+    ``delivered`` is the text earlier providers already gave the user (the
+    new one continues after it, within the ``max_tokens`` left).
+    """
     p = request.params
     return Request(
         request_id=request_id,

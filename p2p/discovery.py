@@ -129,7 +129,6 @@ class Discovery:
         self._own_offer = own_offer
         self.book = new_book(cfg.offers)
         self.kademlia = Kademlia(host, cfg, self.book, self._offer_addrs)
-        self.dht = self.kademlia.dht  # py-libp2p's KadDHT, for what reads it directly
         self.router = GossipSub(
             protocols=[PROTOCOL_ID_V11],
             degree=cfg.mesh_degree,

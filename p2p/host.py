@@ -19,7 +19,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, ISecureTransport
+from libp2p.abc import IHost, ISecureTransport, ITransport
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -92,8 +92,14 @@ def dials_peer(text: str, peer_id: str) -> bool:
         return False
 
 
-def build(key_pair: KeyPair, cfg: Config) -> IHost:
-    """A host with TCP and WebSocket transports, ready to ``run``."""
+def build(
+    key_pair: KeyPair, cfg: Config, *, transports: Sequence[ITransport] | None = None
+) -> IHost:
+    """A host with TCP and WebSocket transports (or ``transports``), ready to ``run``.
+
+    ``transports`` replaces both, e.g. with the memory transport
+    (``p2p/memory.py``) for tests that run the real stack without sockets.
+    """
     conn_cfg = ConnectionConfig(
         max_connections_per_peer=cfg.max_connections_per_peer,
         max_connections=cfg.max_connections,
@@ -110,8 +116,9 @@ def build(key_pair: KeyPair, cfg: Config) -> IHost:
     return new_host(
         key_pair=key_pair,
         connection_config=conn_cfg,
-        enable_tcp=True,
-        enable_websocket=True,
+        transports=transports,
+        enable_tcp=transports is None,
+        enable_websocket=transports is None,
         sec_opt=noise_only(key_pair),
     )
 
@@ -188,7 +195,7 @@ def _covered(wanted: multiaddr.Multiaddr, listening: Sequence[multiaddr.Multiadd
         if len(got) != len(want):
             continue
         if all(
-            wn == gn and (wv == gv or (wn in ("tcp", "udp") and wv == "0"))
+            wn == gn and (wv == gv or (wn in ("tcp", "udp", "memory") and wv == "0"))
             for (wn, wv), (gn, gv) in zip(want, got, strict=True)
         ):
             return True

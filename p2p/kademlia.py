@@ -45,7 +45,9 @@ from libp2p.peer.peerstore import PeerStoreError, env_to_send_in_RPC
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
+from p2pnode.p2p import memory
 from p2pnode.p2p.host import short
+from p2pnode.p2p.memory import MemoryTransport
 from p2pnode.protocols import offers
 from p2pnode.protocols.stream import close_quietly, reset_quietly
 from p2pnode.protocols.wire import encode_frame
@@ -463,8 +465,9 @@ class Kademlia:
         # What a DHT peer says of others is unverified: keep a bounded number
         # of well-formed entries, each with a few addresses. A provider named
         # here is only believed once it answers for itself (a signed offer).
-        providers = _peer_infos(response.providerPeers, _MAX_PEERS_PER_ANSWER)
-        closer = _peer_infos(response.closerPeers, _MAX_PEERS_PER_ANSWER)
+        dialable = _dialable(self.host)
+        providers = _peer_infos(response.providerPeers, _MAX_PEERS_PER_ANSWER, dialable)
+        closer = _peer_infos(response.closerPeers, _MAX_PEERS_PER_ANSWER, dialable)
         for info in [*providers, *closer]:
             if info.addrs:
                 peerstore.add_addrs(info.peer_id, info.addrs, _PEER_ADDR_TTL_S)
@@ -523,8 +526,33 @@ def _bound_provider_store(dht: KadDHT, book: offers.OfferBook, max_keys: int) ->
     store.add_provider = add_bounded  # type: ignore[method-assign]
 
 
-def _peer_infos(protos: Iterable[kad_pb.Message.Peer], limit: int) -> list[PeerInfo]:
-    """The well-formed peers of a DHT answer (at most ``limit``); junk is skipped."""
+def _dialable(host: IHost) -> Callable[[Multiaddr], bool]:
+    """Whether an address is of a kind ``host`` dials: IP (TCP, WebSocket, relayed) or memory."""
+    kinds = {"ip4", "ip6"}
+    manager: Any = getattr(host.get_network(), "transport_manager", None)
+    if manager is not None and any(
+        isinstance(t, MemoryTransport) for t in manager.get_transports()
+    ):
+        kinds.add(memory.PROTOCOL)
+
+    def dialable(addr: Multiaddr) -> bool:
+        try:
+            first = next(iter(addr.protocols()), None)
+        except Exception:  # noqa: BLE001 - a peer's junk bytes parse lazily, raising any of a zoo of types
+            return False
+        return first is not None and first.name in kinds
+
+    return dialable
+
+
+def _peer_infos(
+    protos: Iterable[kad_pb.Message.Peer], limit: int, dialable: Callable[[Multiaddr], bool]
+) -> list[PeerInfo]:
+    """The well-formed peers of a DHT answer (at most ``limit``); junk is skipped.
+
+    Addresses no transport of ours can dial are dropped here, before they
+    reach the peerstore.
+    """
     out: list[PeerInfo] = []
     for proto in protos:
         if len(out) >= limit:
@@ -540,14 +568,7 @@ def _peer_infos(protos: Iterable[kad_pb.Message.Peer], limit: int) -> list[PeerI
                 addr = Multiaddr(raw)
             except Exception:  # noqa: BLE001, S112 - multiaddr raises many types on junk
                 continue
-            if _has(addr, "ip4") or _has(addr, "ip6"):
+            if dialable(addr):
                 addrs.append(addr)
         out.append(PeerInfo(peer, addrs))
     return out
-
-
-def _has(addr: Multiaddr, proto: str) -> bool:
-    try:
-        return addr.value_for_protocol(proto) is not None
-    except Exception:  # noqa: BLE001 - ProtocolLookupError when absent
-        return False

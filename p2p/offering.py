@@ -118,15 +118,3 @@ class Offering:
             timestamp=0.0,
             wallet=self._wallet,
         )
-
-    def served_models(self) -> tuple[status.ServedModel, ...]:
-        """The models as the status protocol reports them."""
-        return tuple(
-            status.ServedModel(
-                model_id=m.model_id,
-                gguf_sha256=m.gguf_sha256,
-                context_length=m.context_length,
-                tokens_per_s=m.tokens_per_s,
-            )
-            for m in self.models
-        )

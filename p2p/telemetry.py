@@ -103,7 +103,7 @@ def status_of(node: Parts) -> status.StatusResponse:
         addrs=tuple(node.addrs),
         connected_peers=len(node.host.get_connected_peers()),
         uptime_s=round(trio.current_time() - node.started_at, 3),
-        models=node.offering.served_models(),
+        models=node.offering.models,
         load=node.offering.load(),
         offer=node.discovery.current_offer if node.discovery is not None else b"",
         reachability=node.reachability.verdict.reachability.value,

@@ -2360,10 +2360,10 @@ def _tables(node: Node) -> dict[str, int]:
     }
     if discovery is not None:
         probes |= {
-            "dht_routing_table": lambda: int(discovery.dht.get_routing_table_size()),
-            "dht_provider_keys": lambda: len(discovery.dht.provider_store.providers),
+            "dht_routing_table": lambda: int(discovery.kademlia.dht.get_routing_table_size()),
+            "dht_provider_keys": lambda: len(discovery.kademlia.dht.provider_store.providers),
             "dht_provider_records": lambda: sum(
-                len(v) for v in discovery.dht.provider_store.providers.values()
+                len(v) for v in discovery.kademlia.dht.provider_store.providers.values()
             ),
             "pubsub_peers": lambda: len(discovery.pubsub.peers),
             "pubsub_topics": lambda: len(discovery.pubsub.peer_topics),

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
+from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
 from p2pnode.inference.engine import Engine
 from p2pnode.p2p import host as hostlib
+from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import offers
 
@@ -74,6 +76,9 @@ class Simnet:
     topology: Topology
     nodes: list[Node] = field(default_factory=list)
     provider_ids: set[str] = field(default_factory=set)
+    # Set: the nodes reach each other over this in-process network instead
+    # of TCP on loopback.
+    memory: MemoryNetwork | None = None
     _running: list[Running] = field(default_factory=list)
 
     @property
@@ -118,21 +123,23 @@ async def start_node(
     engines: Sequence[Engine] = (),
     *,
     key_pair: KeyPair | None = None,
+    memory: MemoryNetwork | None = None,
 ) -> Running:
     """Start a node in a task of ``nursery``; returns once it runs.
 
     Each node lives in its own task: open_node's nurseries must be entered
     and left by one task, and this lets many nodes start at once. Used by
-    simnet and by the tests that start and kill nodes.
+    simnet and by the tests that start and kill nodes. With ``memory`` the
+    node's only transport is that in-process network (``p2p/memory.py``).
     """
     scope, stopped = trio.CancelScope(), trio.Event()
 
     async def run(*, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with scope:
-                async with open_node(
-                    config, key_pair=key_pair or create_new_key_pair(), engines=engines
-                ) as node:
+                keys = key_pair or create_new_key_pair()
+                host = memory_host(memory, keys, config) if memory is not None else None
+                async with open_node(config, key_pair=keys, engines=engines, host=host) as node:
                     task_status.started(node)
                     await trio.sleep_forever()
         finally:
@@ -142,19 +149,56 @@ async def start_node(
     return Running(node, scope, stopped)
 
 
+def memory_host(memory: MemoryNetwork, key_pair: KeyPair, config: NodeConfig) -> IHost:
+    """A host for ``config`` whose only transport is the in-process ``memory`` network."""
+    return hostlib.build(key_pair, config.host, transports=[memory.transport()])
+
+
+@asynccontextmanager
+async def open_memory_node(
+    memory: MemoryNetwork,
+    config: NodeConfig,
+    *,
+    key_pair: KeyPair | None = None,
+    engines: Sequence[Engine] = (),
+) -> AsyncIterator[Node]:
+    """``open_node`` on the in-process ``memory`` network (listening on ``/memory/0``).
+
+    The real node and stack; only the bytes move through memory. Tests run
+    it under trio's MockClock, so their timeouts cost no wall time
+    (docs/architecture.md#testing-on-the-memory-transport).
+    """
+    keys = key_pair or create_new_key_pair()
+    cfg = replace(config, host=replace(config.host, listen=("/memory/0",)))
+    async with open_node(
+        cfg, key_pair=keys, engines=engines, host=memory_host(memory, keys, cfg)
+    ) as node:
+        yield node
+
+
+async def until(predicate: Callable[[], object], bound_s: float, *, poll_s: float = 0.05) -> None:
+    """Return once ``predicate()`` holds; ``trio.TooSlowError`` after ``bound_s``.
+
+    For conditions no component signals (a peer's offer arrived, a
+    reservation was granted): under a MockClock the polls cost no wall time.
+    """
+    with trio.fail_after(bound_s):
+        while not predicate():  # noqa: ASYNC110 - what it waits for has no event to wait on
+            await trio.sleep(poll_s)
+
+
 async def add_node(
     net: Simnet, nursery: trio.Nursery, config: NodeConfig, engines: Sequence[Engine] = ()
 ) -> Node:
-    """Start one more node on loopback in ``nursery``; it stops with the simnet.
+    """Start one more node on loopback (or ``net.memory``) in ``nursery``; it stops with the simnet.
 
     Every simnet node listens on loopback, where every peer can dial it: no
     dial-back checks (each costs the helper a throwaway host and a handshake).
     """
     reachability = "public" if config.reachability == "auto" else config.reachability
-    cfg = replace(
-        config, host=hostlib.Config(listen=("/ip4/127.0.0.1/tcp/0",)), reachability=reachability
-    )
-    running = await start_node(nursery, cfg, engines)
+    listen = "/memory/0" if net.memory is not None else "/ip4/127.0.0.1/tcp/0"
+    cfg = replace(config, host=hostlib.Config(listen=(listen,)), reachability=reachability)
+    running = await start_node(nursery, cfg, engines, memory=net.memory)
     net.nodes.append(running.node)
     net._running.append(running)
     if config.models or engines:
@@ -174,6 +218,8 @@ async def open_simnet(
     topology: Topology,
     config_for: ConfigFor = default_config,
     engines: Sequence[Engine] = (),
+    *,
+    memory: MemoryNetwork | None = None,
 ) -> AsyncIterator[tuple[Simnet, trio.Nursery]]:
     """Start ``topology.peers`` nodes; yield the net and the nursery they run in.
 
@@ -181,12 +227,13 @@ async def open_simnet(
     ``fanout`` nodes of earlier waves (starting is mostly waiting on
     handshakes, so waves overlap that). Providers serve ``engines`` (shared:
     one loaded model per file, each provider keeps its own sessions and
-    meters). Leaving the block stops every node together, and so does
-    cancelling the nursery.
+    meters). With ``memory`` the nodes talk over that in-process network
+    instead of loopback TCP. Leaving the block stops every node together,
+    and so does cancelling the nursery.
     """
     rng = random.Random(topology.seed)  # noqa: S311 - topology, not cryptography
     provider_at = set(topology.provider_indices())
-    net = Simnet(topology)
+    net = Simnet(topology, memory=memory)
     async with trio.open_nursery() as nursery:
         first = 0
         while first < topology.peers:

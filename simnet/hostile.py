@@ -630,7 +630,7 @@ class _Run:
         joiner = (await self.nodes.start("joiner", config, honest=True)).node
         discovery = joiner.discovery
         assert discovery is not None
-        await wait_until(lambda: discovery.dht.get_routing_table_size() > 0, 10)
+        await wait_until(lambda: discovery.kademlia.dht.get_routing_table_size() > 0, 10)
         started = trio.current_time()
         with trio.move_on_after(self.sizes.lookup_s) as lookup:
             self.dht_named = await joiner.finder.find_providers(SYNTHETIC)
@@ -750,7 +750,7 @@ class _Run:
         for target in self.dht_targets:
             if target.discovery is None:
                 continue
-            held = set(target.discovery.dht.provider_store.providers.get(key, {}))
+            held = set(target.discovery.kademlia.dht.provider_store.providers.get(key, {}))
             poison_held += len(held & identity_ids)
             kept_all += honest_providers <= held
         closer_target = self.at(self.roles.closer_target).node.metrics()

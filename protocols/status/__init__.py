@@ -14,7 +14,6 @@ from p2pnode.protocols.status.machine import ClientMachine, ServerMachine, State
 from p2pnode.protocols.status.messages import (
     CODEC,
     Load,
-    ServedModel,
     StatusRequest,
     StatusResponse,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "ClientMachine",
     "Config",
     "Load",
-    "ServedModel",
     "ServerMachine",
     "State",
     "StatusRequest",

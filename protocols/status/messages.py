@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from p2pnode.protocols.offers.messages import ModelOffer
 from p2pnode.protocols.wire import Codec, Error, Message
 
 
@@ -13,16 +14,6 @@ class StatusRequest(Message):
     """Ask for the node's current status. Carries nothing yet."""
 
     TYPE: ClassVar[str] = "status.request"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ServedModel(Message):
-    """One model a node serves (nested in StatusResponse; no tag of its own)."""
-
-    model_id: str
-    gguf_sha256: str | None = None
-    context_length: int = 0
-    tokens_per_s: float = 0.0  # measured by the provider, 0 until measured
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,7 +35,8 @@ class StatusResponse(Message):
     addrs: tuple[str, ...]
     connected_peers: int
     uptime_s: float
-    models: tuple[ServedModel, ...] = ()
+    # As in the node's offer (terms included); empty when it serves nothing.
+    models: tuple[ModelOffer, ...] = ()
     load: Load = Load()
     # The node's current signed offer (its gossip body), if it provides: a
     # consumer that found it in the DHT learns its terms from one call.

@@ -1,4 +1,8 @@
-"""Discovery over real libp2p hosts on 127.0.0.1: DHT records, signed gossip, expiry."""
+"""Discovery over real libp2p hosts: DHT records, signed gossip, expiry.
+
+The nodes talk over the in-process memory transport under trio's MockClock
+(autojump): every bound below is virtual time, and waiting costs no wall time.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,35 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
+from trio.testing import MockClock
 
 from p2pnode.p2p import discovery
-from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import NodeConfig
 from p2pnode.protocols import offers
-from p2pnode.simnet.harness import SIMNET_MODEL, Topology, add_node, default_config, open_simnet
+from p2pnode.simnet.harness import (
+    SIMNET_MODEL,
+    Topology,
+    add_node,
+    default_config,
+    open_memory_node,
+    open_simnet,
+    until,
+)
 
-# Real hosts and real gossip, so real time; bounds are generous for loaded CI.
+# Virtual seconds: what the protocol needs (gossip heartbeats, a DHT walk),
+# with room to spare.
 BOUND_S = 30
 
 
 async def eventually(predicate: Callable[[], bool], bound_s: float = BOUND_S) -> None:
-    """Wait until ``predicate()`` holds; fail the test if it does not within the bound."""
-    with trio.fail_after(bound_s):
-        while not predicate():  # noqa: ASYNC110 - nodes expose no event for these conditions
-            await trio.sleep(0.05)
+    await until(predicate, bound_s)
 
 
-async def test_late_joiner_finds_every_provider() -> None:
-    async with open_simnet(Topology(peers=10, providers=3)) as (net, nursery):
+async def test_late_joiner_finds_every_provider(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with open_simnet(Topology(peers=10, providers=3), memory=memory) as (net, nursery):
         providers = net.provider_ids
         await eventually(
             lambda: all(providers <= {o.peer_id for o in n.offer_book} for n in net.nodes)
@@ -43,8 +56,10 @@ async def test_late_joiner_finds_every_provider() -> None:
         await eventually(lambda: providers <= {o.peer_id for o in joiner.offer_book})
 
 
-async def test_forged_offer_is_neither_kept_nor_relayed() -> None:
-    async with open_simnet(Topology(peers=6, providers=1)) as (net, nursery):
+async def test_forged_offer_is_neither_kept_nor_relayed(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with open_simnet(Topology(peers=6, providers=1), memory=memory) as (net, nursery):
         (victim,) = net.providers
         await eventually(lambda: all(n.offer_book.get(victim.peer_id) for n in net.nodes))
         rogue = net.consumers[0]
@@ -73,7 +88,9 @@ async def test_forged_offer_is_neither_kept_nor_relayed() -> None:
             assert offer.models[0].price_per_s == 0, f"{node.peer_id} took the forged offer"
 
 
-async def test_offer_expires_when_its_provider_stops() -> None:
+async def test_offer_expires_when_its_provider_stops(memory: MemoryNetwork) -> None:
+    # Real time: an offer's age is wall-clock time (its signed timestamp
+    # travels between machines), which a MockClock does not move.
     quick = discovery.Config(
         offers=offers.Config(period_s=0.5, expiry_s=2.0),
         fast_start_s=(0.2,),
@@ -83,11 +100,14 @@ async def test_offer_expires_when_its_provider_stops() -> None:
     def config_for(index: int, is_provider: bool) -> NodeConfig:
         return replace(default_config(index, is_provider), discovery=quick)
 
-    async with open_simnet(Topology(peers=4, providers=0), config_for) as (net, _nursery):
+    async with open_simnet(Topology(peers=4, providers=0), config_for, memory=memory) as (
+        net,
+        _nursery,
+    ):
         provider_cfg = replace(
             config_for(0, True), bootstrap=(net.nodes[0].addrs[0],), discovery=quick
         )
-        async with open_node(provider_cfg, key_pair=create_new_key_pair()) as provider:
+        async with open_memory_node(memory, provider_cfg) as provider:
             await eventually(lambda: all(n.offer_book.get(provider.peer_id) for n in net.nodes))
             with trio.fail_after(BOUND_S):
                 assert provider.peer_id in await net.nodes[-1].finder.find_providers(SIMNET_MODEL)
@@ -97,9 +117,11 @@ async def test_offer_expires_when_its_provider_stops() -> None:
         assert provider.peer_id not in await net.nodes[-1].finder.find_providers(SIMNET_MODEL)
 
 
-async def test_a_provider_found_in_the_dht_is_asked_for_its_offer() -> None:
+async def test_a_provider_found_in_the_dht_is_asked_for_its_offer(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     """A consumer that lacks an offer gets it from the DHT and the provider itself."""
-    async with open_simnet(Topology(peers=4, providers=1)) as (net, _nursery):
+    async with open_simnet(Topology(peers=4, providers=1), memory=memory) as (net, _nursery):
         (provider,) = net.providers
         consumer = net.consumers[-1]
         await eventually(lambda: consumer.offer_book.get(provider.peer_id) is not None)

@@ -1,8 +1,9 @@
-"""Hostile peers against real nodes on 127.0.0.1: each attack a stranger tried, and what it costs.
+"""Hostile peers against real nodes: each attack a stranger tried, and what it costs.
 
 Every test here is an attack reproduced with the project's own API that
 worked against an earlier version of the node: it must now fail, cost the
-attacker, and leave the node serving honest peers.
+attacker, and leave the node serving honest peers. The nodes talk over the
+memory transport, under trio's MockClock (autojump) unless a test says why not.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from trio.testing import MockClock
 
 from p2pnode.errors import ErrorCode, NetworkError, NoProviderError, UnreachableError
 from p2pnode.inference.engine import Params, Request
@@ -30,8 +32,9 @@ from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
-from p2pnode.p2p.consumer import _wire_request
-from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.p2p.consumer import wire_request
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers, session, status
 from p2pnode.protocols.infer.messages import InferOpen
@@ -39,49 +42,50 @@ from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.wire import Error, encode_frame
-from p2pnode.simnet.harness import Topology, open_simnet
+from p2pnode.simnet import attacks
+from p2pnode.simnet.harness import Topology, open_memory_node, open_simnet, until
 
 BOUND_S = 30
 MODEL = "synthetic"
 
 
 async def eventually(predicate: Callable[[], bool], bound_s: float = BOUND_S) -> None:
-    with trio.fail_after(bound_s):
-        while not predicate():  # noqa: ASYNC110 - nodes expose no event for these conditions
-            await trio.sleep(0.05)
+    await until(predicate, bound_s)
 
 
 @asynccontextmanager
 async def running(
-    config: NodeConfig, engines: list[SyntheticEngine] | None = None
+    memory: MemoryNetwork, config: NodeConfig, engines: list[SyntheticEngine] | None = None
 ) -> AsyncIterator[Node]:
-    async with open_node(config, key_pair=create_new_key_pair(), engines=engines or []) as node:
+    async with open_memory_node(memory, config, engines=engines or []) as node:
         yield node
 
 
 # --- identity -------------------------------------------------------------------
 
 
-def _plaintext_host() -> IHost:
+def _plaintext_host(memory: MemoryNetwork) -> IHost:
     """A host that speaks only /plaintext/2.0.0: it may claim any peer id."""
     key_pair = create_new_key_pair()
     insecure = {TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)}
-    return new_host(key_pair=key_pair, sec_opt=insecure)
+    return new_host(key_pair=key_pair, sec_opt=insecure, transports=[memory.transport()])
 
 
-async def test_a_peer_that_will_not_prove_its_key_is_refused_both_ways() -> None:
+async def test_a_peer_that_will_not_prove_its_key_is_refused_both_ways(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # The attack: py-libp2p's hosts agree to plaintext by default, where the
     # peer id is only claimed, not proven (its allowlist, bans, relay slots and
     # sessions all trust that id). A node now speaks Noise alone.
-    cfg = hostlib.Config()
+    cfg = hostlib.Config(listen=("/memory/0",))
     async with (
-        running(NodeConfig(measure_tokens=0)) as node,
-        hostlib.running(_plaintext_host(), cfg) as liar_addrs,
+        running(memory, NodeConfig(measure_tokens=0)) as node,
+        hostlib.running(_plaintext_host(memory), cfg) as liar_addrs,
     ):
         liar = hostlib.parse_peer_addr(liar_addrs[0])
         with pytest.raises(NetworkError):  # we dial it: no plaintext fallback
             await hostlib.connect(node.host, liar, BOUND_S / 3)
-        plaintext = _plaintext_host()
+        plaintext = _plaintext_host(memory)
         async with hostlib.running(plaintext, cfg):
             with pytest.raises(NetworkError):  # it dials us: refused
                 await hostlib.connect(
@@ -94,11 +98,13 @@ async def test_a_peer_that_will_not_prove_its_key_is_refused_both_ways() -> None
 # --- gossip ---------------------------------------------------------------------
 
 
-async def test_a_signed_offer_with_junk_addresses_crashes_no_node() -> None:
+async def test_a_signed_offer_with_junk_addresses_crashes_no_node(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # The attack: a peer publishes its own, correctly signed offer whose
     # addrs hold a string that is not a multiaddr. Every node that validated
     # it used to die (the parse error escaped pubsub's validator).
-    async with open_simnet(Topology(peers=4, providers=1)) as (net, _):
+    async with open_simnet(Topology(peers=4, providers=1), memory=memory) as (net, _):
         rogue = net.consumers[0]
         assert rogue.discovery is not None
         await eventually(lambda: all(len(n.offer_book) == 1 for n in net.nodes if n is not rogue))
@@ -133,23 +139,26 @@ async def test_a_signed_offer_with_junk_addresses_crashes_no_node() -> None:
 
 
 @pytest.mark.parametrize("try_budget_s", [60.0, 0.0])
-async def test_sybils_that_refuse_everything_cannot_starve_requests(try_budget_s: float) -> None:
+async def test_sybils_that_refuse_everything_cannot_starve_requests(
+    try_budget_s: float, memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # The attack: four identities claiming to be the fastest, answering every
     # Hello with BUSY, used up every attempt of every request. With no time
     # left to try (try_budget_s 0), a request stops after the first refusal.
     request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=8))
     async with AsyncExitStack() as stack:
         config = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(try_budget_s=try_budget_s))
-        consumer = await stack.enter_async_context(running(config))
+        consumer = await stack.enter_async_context(running(memory, config))
         boot = (consumer.addrs[0],)
         honest = await stack.enter_async_context(
-            running(NodeConfig(measure_tokens=0, bootstrap=boot), [SyntheticEngine()])
+            running(memory, NodeConfig(measure_tokens=0, bootstrap=boot), [SyntheticEngine()])
         )
         honest.offering.set_models((replace(honest.offering.models[0], tokens_per_s=100.0),))
         refuse_all = providerlib.Config(max_handshakes=0)
         sybils = [
             await stack.enter_async_context(
                 running(
+                    memory,
                     NodeConfig(measure_tokens=0, bootstrap=boot, provider=refuse_all),
                     [SyntheticEngine()],
                 )
@@ -188,19 +197,22 @@ async def test_sybils_that_refuse_everything_cannot_starve_requests(try_budget_s
         assert consumer.reputation.standing(honest.peer_id, now).served == 3  # type: ignore[union-attr]
 
 
-async def test_providers_that_stay_busy_are_asked_again_only_within_the_budget() -> None:
+async def test_providers_that_stay_busy_are_asked_again_only_within_the_budget(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # Busy refusers are asked again after a growing pause, but a request ends
     # once try_budget_s has passed without progress, and each refuser is
     # counted once however often it was asked (busy is no offence to ban for).
     request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=8))
     async with AsyncExitStack() as stack:
         config = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(try_budget_s=1.5))
-        consumer = await stack.enter_async_context(running(config))
+        consumer = await stack.enter_async_context(running(memory, config))
         boot = (consumer.addrs[0],)
         refuse_all = providerlib.Config(max_handshakes=0)
         busy = [
             await stack.enter_async_context(
                 running(
+                    memory,
                     NodeConfig(measure_tokens=0, bootstrap=boot, provider=refuse_all),
                     [SyntheticEngine()],
                 )
@@ -230,7 +242,10 @@ async def test_providers_that_stay_busy_are_asked_again_only_within_the_budget()
 
 @pytest.mark.parametrize("slow_opens", [1, 2])
 async def test_a_provider_out_of_reach_for_a_moment_is_waited_for_not_given_up(
-    monkeypatch: pytest.MonkeyPatch, slow_opens: int
+    monkeypatch: pytest.MonkeyPatch,
+    slow_opens: int,
+    memory: MemoryNetwork,
+    autojump_clock: MockClock,
 ) -> None:
     # A hostile run failed honest chats right after its fuzz phase: the one
     # process holding every node was short of CPU for ~40 s, stream opens to
@@ -242,9 +257,11 @@ async def test_a_provider_out_of_reach_for_a_moment_is_waited_for_not_given_up(
     request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=8))
     config = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(max_attempts=1))
     async with (
-        running(config) as consumer,
+        running(memory, config) as consumer,
         running(
-            NodeConfig(measure_tokens=0, bootstrap=(consumer.addrs[0],)), [SyntheticEngine()]
+            memory,
+            NodeConfig(measure_tokens=0, bootstrap=(consumer.addrs[0],)),
+            [SyntheticEngine()],
         ) as provider,
     ):
         with trio.fail_after(BOUND_S):
@@ -293,7 +310,9 @@ def _sign_hello(account: object, hello: session.Hello) -> session.Hello:
     return replace(hello, signature=bytes(signed.signature))
 
 
-async def test_an_allowlisted_wallet_counts_only_with_its_signature() -> None:
+async def test_an_allowlisted_wallet_counts_only_with_its_signature(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # The attack: a Hello carrying an allowed consumer_wallet and no
     # signature passed the free-mode allowlist.
     allowed = Account.create()
@@ -301,8 +320,10 @@ async def test_an_allowlisted_wallet_counts_only_with_its_signature() -> None:
         admission=admission.Config(allowlist=frozenset({allowed.address.lower()}))
     )
     async with (
-        running(NodeConfig(measure_tokens=0, provider=provider_cfg), [SyntheticEngine()]) as prov,
-        running(NodeConfig(measure_tokens=0)) as stranger,
+        running(
+            memory, NodeConfig(measure_tokens=0, provider=provider_cfg), [SyntheticEngine()]
+        ) as prov,
+        running(memory, NodeConfig(measure_tokens=0)) as stranger,
     ):
         await stranger.dialer.connect(prov.addrs[0])
         peer = ID.from_base58(prov.peer_id)
@@ -339,11 +360,13 @@ async def test_an_allowlisted_wallet_counts_only_with_its_signature() -> None:
 # --- budgets and bans -------------------------------------------------------------------
 
 
-async def test_a_peer_that_keeps_sending_junk_is_banned_and_others_are_served() -> None:
+async def test_a_peer_that_keeps_sending_junk_is_banned_and_others_are_served(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with (
-        running(NodeConfig(measure_tokens=0)) as server,
-        running(NodeConfig(measure_tokens=0)) as bad,
-        running(NodeConfig(measure_tokens=0)) as good,
+        running(memory, NodeConfig(measure_tokens=0)) as server,
+        running(memory, NodeConfig(measure_tokens=0)) as bad,
+        running(memory, NodeConfig(measure_tokens=0)) as good,
     ):
         await bad.dialer.connect(server.addrs[0])
         await good.dialer.connect(server.addrs[0])
@@ -369,11 +392,13 @@ async def test_a_peer_that_keeps_sending_junk_is_banned_and_others_are_served() 
             assert (await good.finder.status_of(server.peer_id)).peer_id == server.peer_id
 
 
-async def test_streams_beyond_a_peers_budget_are_reset_at_once() -> None:
+async def test_streams_beyond_a_peers_budget_are_reset_at_once(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with (
-        running(NodeConfig(measure_tokens=0, max_streams_per_peer=3)) as server,
-        running(NodeConfig(measure_tokens=0)) as greedy,
-        running(NodeConfig(measure_tokens=0)) as other,
+        running(memory, NodeConfig(measure_tokens=0, max_streams_per_peer=3)) as server,
+        running(memory, NodeConfig(measure_tokens=0)) as greedy,
+        running(memory, NodeConfig(measure_tokens=0)) as other,
     ):
         await greedy.dialer.connect(server.addrs[0])
         await other.dialer.connect(server.addrs[0])
@@ -395,14 +420,16 @@ async def test_streams_beyond_a_peers_budget_are_reset_at_once() -> None:
             await stream.reset()
 
 
-async def test_idle_dht_streams_of_one_peer_cannot_shut_others_out_of_the_dht() -> None:
+async def test_idle_dht_streams_of_one_peer_cannot_shut_others_out_of_the_dht(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # py-libp2p answers DHT streams in 12 slots shared by all peers, each
     # reading with no time bound: one peer's 12 silent streams used to leave
     # every other peer's lookup reset (found by the fuzzer).
     async with (
-        running(NodeConfig(measure_tokens=0), [SyntheticEngine()]) as server,
-        running(NodeConfig(measure_tokens=0)) as greedy,
-        running(NodeConfig(measure_tokens=0)) as other,
+        running(memory, NodeConfig(measure_tokens=0), [SyntheticEngine()]) as server,
+        running(memory, NodeConfig(measure_tokens=0)) as greedy,
+        running(memory, NodeConfig(measure_tokens=0)) as other,
     ):
         await greedy.dialer.connect(server.addrs[0])
         peer = ID.from_base58(server.peer_id)
@@ -477,7 +504,9 @@ def test_sessions_with_a_request_running_are_never_evicted() -> None:
     assert len(provider.sessions) == 2
 
 
-async def test_requests_at_once_in_a_session_are_counted_before_any_wait() -> None:
+async def test_requests_at_once_in_a_session_are_counted_before_any_wait(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # The attack: K InferOpens at once all saw no request running (the count
     # went up only after reading the request and the chain), so K answers ran
     # before the first acknowledgement.
@@ -504,6 +533,29 @@ async def test_requests_at_once_in_a_session_are_counted_before_any_wait() -> No
 # --- DHT records --------------------------------------------------------------------------
 
 
+async def test_a_dht_peer_that_answers_with_junk_crashes_no_node(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # The attack: GET_PROVIDERS answers naming made-up peers at addresses that
+    # are no multiaddr (bytes that only fail when read) or an honest node's
+    # address under a made-up id. Reading one used to end the asking node.
+    async with (
+        running(memory, NodeConfig(measure_tokens=0), [SyntheticEngine()]) as provider,
+        running(memory, NodeConfig(measure_tokens=0, bootstrap=(provider.addrs[0],))) as liar,
+        running(memory, NodeConfig(measure_tokens=0, bootstrap=(liar.addrs[0],))) as joiner,
+    ):
+        lies = attacks.answer_with_junk(liar, 20, [provider.addrs[0]])
+        with trio.fail_after(BOUND_S):
+            named = await joiner.finder.find_providers(MODEL)
+            assert lies.answers > 0
+            assert joiner.running
+            assert liar.running
+            assert provider.running
+            # Alive and answering, not just not yet cancelled.
+            assert (await liar.finder.status_of(joiner.peer_id)).peer_id == joiner.peer_id
+        assert set(named) <= {provider.peer_id, *(str(i) for i in lies.junk_ids)}
+
+
 def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:
     # The attack: twenty made-up providers announce a model first; py-libp2p
     # keeps k = 20 records per key, first come first served.
@@ -517,7 +569,7 @@ def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:
     found = discoverylib.Discovery(
         hostlib.build(create_new_key_pair(), hostlib.Config()), cfg, lambda: None
     )
-    store = found.dht.provider_store
+    store = found.kademlia.dht.provider_store
     key = discoverylib.dht_key("m")
     addr = [Multiaddr("/ip4/127.0.0.1/tcp/1")]
     for _ in range(20):
@@ -550,10 +602,12 @@ def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:
     assert len(store.providers) == 3
 
 
-async def test_a_request_with_a_flood_of_stop_strings_is_refused() -> None:
+async def test_a_request_with_a_flood_of_stop_strings_is_refused(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with (
-        running(NodeConfig(measure_tokens=0), [SyntheticEngine()]) as prov,
-        running(NodeConfig(measure_tokens=0)) as consumer,
+        running(memory, NodeConfig(measure_tokens=0), [SyntheticEngine()]) as prov,
+        running(memory, NodeConfig(measure_tokens=0)) as consumer,
     ):
         await consumer.dialer.connect(prov.addrs[0])
         await consumer.finder.refresh_offer(prov.peer_id)
@@ -565,7 +619,7 @@ async def test_a_request_with_a_flood_of_stop_strings_is_refused() -> None:
         )
         with trio.fail_after(BOUND_S):
             refused = await consumer.consumer.request_on(
-                prov.peer_id, _wire_request(request, "r1", "", 4), _ignore_chunk, set()
+                prov.peer_id, wire_request(request, "r1", "", 4), _ignore_chunk, set()
             )
         assert isinstance(refused, Refusal)
         assert refused.code is ErrorCode.BAD_FIELD

@@ -1,4 +1,8 @@
-"""Private providers served through a circuit relay v2 to consumers, in process."""
+"""Private providers served through a circuit relay v2 to consumers, in process.
+
+Over the memory transport; the tests without the real model run under
+trio's MockClock (autojump), where every bound is virtual time.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 from libp2p.abc import INetConn
-from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from multiaddr import Multiaddr
+from trio.testing import MockClock
 
 from p2pnode.errors import NetworkError, NoProviderError
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
@@ -21,8 +25,10 @@ from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.dialer import OWN_PROTOCOLS
 from p2pnode.p2p.kademlia import Kademlia
-from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.protocols import infer
+from p2pnode.simnet.harness import open_memory_node, until
 
 pytestmark = pytest.mark.slow
 BOUND_S = 30
@@ -50,11 +56,17 @@ def _kinds(node: Node, peer: str) -> list[str]:
 
 async def _offer_through_relay(me: Node, provider: Node) -> None:
     """Wait until ``me`` holds the provider's offer with its circuit address."""
-    while True:
+
+    def offered() -> bool:
         offer = me.offer_book.get(provider.peer_id)
-        if offer is not None and offer.addrs and relaylib.is_circuit(offer.addrs[0]):
-            return
-        await trio.sleep(0.05)
+        return offer is not None and bool(offer.addrs) and relaylib.is_circuit(offer.addrs[0])
+
+    await until(offered, BOUND_S)
+
+
+def _offered_addrs(me: Node, provider: Node) -> tuple[str, ...] | None:
+    offer = me.offer_book.get(provider.peer_id)
+    return None if offer is None else offer.addrs
 
 
 async def _stop_listening(node: Node) -> None:
@@ -88,29 +100,23 @@ def _carrier(node: Node, peer: str, protocol: str) -> INetConn:
     raise AssertionError(f"no connection carries {protocol}")
 
 
-async def test_a_private_provider_is_served_through_a_relay() -> None:
+async def test_a_private_provider_is_served_through_a_relay(memory: MemoryNetwork) -> None:
     engine_cfg = Config(model_path=bundled_model_path(), model_id=BUNDLED_MODEL_ID, n_threads=1)
     async with (
         open_llamacpp(engine_cfg) as engine,
-        open_node(
-            NodeConfig(relay=relaylib.Config(service=True)), key_pair=create_new_key_pair()
-        ) as relay,
-        open_node(
-            _private(relay.addrs[0]), key_pair=create_new_key_pair(), engines=[engine]
-        ) as provider,
-        open_node(NodeConfig(bootstrap=(relay.addrs[0],)), key_pair=create_new_key_pair()) as me,
+        open_memory_node(memory, NodeConfig(relay=relaylib.Config(service=True))) as relay,
+        open_memory_node(memory, _private(relay.addrs[0]), engines=[engine]) as provider,
+        open_memory_node(memory, NodeConfig(bootstrap=(relay.addrs[0],))) as me,
     ):
         expected, _ = await collect(engine, REQUEST)
         with trio.fail_after(BOUND_S):
             # The provider advertises only its address through the relay.
-            while not provider.addrs or not relaylib.is_circuit(provider.addrs[0]):  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(
+                lambda: bool(provider.addrs) and relaylib.is_circuit(provider.addrs[0]), BOUND_S
+            )
             assert provider.addrs == [f"{relay.addrs[0]}/p2p-circuit/p2p/{provider.peer_id}"]
-            while True:
-                offer = me.offer_book.get(provider.peer_id)
-                if offer is not None and offer.addrs == tuple(provider.addrs):
-                    break
-                await trio.sleep(0.05)
+            await until(lambda: _offered_addrs(me, provider) == tuple(provider.addrs), BOUND_S)
+            offer = me.offer_book.get(provider.peer_id)
             parts: list[str] = []
 
             async def deliver(text: str, _tokens: int) -> None:
@@ -125,17 +131,18 @@ async def test_a_private_provider_is_served_through_a_relay() -> None:
         assert not [a for a in (offer.addrs if offer else ()) if not relaylib.is_circuit(a)]
 
 
-async def test_the_relay_enforces_its_reservation_limit() -> None:
+async def test_the_relay_enforces_its_reservation_limit(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     relay_cfg = NodeConfig(relay=relaylib.Config(service=True, max_reservations=1))
     async with (
-        open_node(relay_cfg, key_pair=create_new_key_pair()) as relay,
-        open_node(_private(relay.addrs[0]), key_pair=create_new_key_pair()) as first,
-        open_node(NodeConfig(), key_pair=create_new_key_pair()) as second,
+        open_memory_node(memory, relay_cfg) as relay,
+        open_memory_node(memory, _private(relay.addrs[0])) as first,
+        open_memory_node(memory, NodeConfig()) as second,
         trio.open_nursery() as nursery,
     ):
         with trio.fail_after(BOUND_S):
-            while not first.relay.reservations:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: first.relay.reservations, BOUND_S)
             # The one slot is taken: a second node's reservation is refused.
             with pytest.raises(NetworkError, match="refused the reservation"):
                 await second.relay.reserve(relay.addrs[0], nursery)
@@ -143,7 +150,9 @@ async def test_the_relay_enforces_its_reservation_limit() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _start(nursery: trio.Nursery, cfg: NodeConfig) -> tuple[Node, trio.CancelScope]:
+async def _start(
+    memory: MemoryNetwork, nursery: trio.Nursery, cfg: NodeConfig
+) -> tuple[Node, trio.CancelScope]:
     """A node in its own task, with a scope that stops it as if its process died."""
     scope = trio.CancelScope()
     started: list[Node] = []
@@ -151,7 +160,7 @@ async def _start(nursery: trio.Nursery, cfg: NodeConfig) -> tuple[Node, trio.Can
 
     async def run() -> None:
         with scope:
-            async with open_node(cfg, key_pair=create_new_key_pair()) as node:
+            async with open_memory_node(memory, cfg) as node:
                 started.append(node)
                 ready.set()
                 await trio.sleep_forever()
@@ -161,10 +170,14 @@ async def _start(nursery: trio.Nursery, cfg: NodeConfig) -> tuple[Node, trio.Can
     return started[0], scope
 
 
-async def test_a_relay_that_dies_is_replaced() -> None:
+async def test_a_relay_that_dies_is_replaced(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with trio.open_nursery() as nursery:
         service = NodeConfig(relay=relaylib.Config(service=True))
-        (dying, kill), (staying, _), (spare, _) = [await _start(nursery, service) for _ in range(3)]
+        (dying, kill), (staying, _), (spare, _) = [
+            await _start(memory, nursery, service) for _ in range(3)
+        ]
         addrs = (dying.addrs[0], staying.addrs[0], spare.addrs[0])
         cfg = NodeConfig(
             bootstrap=(staying.addrs[0],),
@@ -172,10 +185,9 @@ async def test_a_relay_that_dies_is_replaced() -> None:
             relay=relaylib.Config(relays=addrs, reserve_timeout_s=2.0),
             relay_check_s=0.2,
         )
-        async with open_node(cfg, key_pair=create_new_key_pair()) as private:
+        async with open_memory_node(memory, cfg) as private:
             with trio.fail_after(BOUND_S):
-                while len(private.relay.reservations) < 2:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+                await until(lambda: len(private.relay.reservations) >= 2, BOUND_S)
                 # The first two configured relays are used; the third is spare.
                 assert sorted(private.relay.reservations) == sorted(
                     [dying.peer_id, staying.peer_id]
@@ -186,27 +198,27 @@ async def test_a_relay_that_dies_is_replaced() -> None:
                     f"{staying.addrs[0]}/p2p-circuit/p2p/{private.peer_id}",
                     f"{spare.addrs[0]}/p2p-circuit/p2p/{private.peer_id}",
                 }
-                while set(private.addrs) != expected:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+                await until(lambda: set(private.addrs) == expected, BOUND_S)
             assert sorted(private.relay.reservations) == sorted([staying.peer_id, spare.peer_id])
         nursery.cancel_scope.cancel()
 
 
-async def test_a_private_node_finds_a_relay_in_the_dht() -> None:
+async def test_a_private_node_finds_a_relay_in_the_dht(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with (
-        open_node(NodeConfig(), key_pair=create_new_key_pair()) as hub,
-        open_node(
+        open_memory_node(memory, NodeConfig()) as hub,
+        open_memory_node(
+            memory,
             NodeConfig(bootstrap=(hub.addrs[0],), relay=relaylib.Config(service=True)),
-            key_pair=create_new_key_pair(),
         ) as relay,
-        open_node(
+        open_memory_node(
+            memory,
             NodeConfig(bootstrap=(hub.addrs[0],), reachability="private", relay_check_s=0.2),
-            key_pair=create_new_key_pair(),
         ) as private,
     ):
         with trio.fail_after(BOUND_S):
-            while not private.relay.reservations:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: private.relay.reservations, BOUND_S)
         assert list(private.relay.reservations) == [relay.peer_id]
         assert private.addrs[0].endswith(f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{private.peer_id}")
 
@@ -218,25 +230,23 @@ SYNTHETIC = Request(
 
 @asynccontextmanager
 async def _relayed_pair(
-    consumer: relaylib.Config, service: relaylib.Config | None = None
+    memory: MemoryNetwork, consumer: relaylib.Config, service: relaylib.Config | None = None
 ) -> AsyncIterator[tuple[Node, Node]]:
     """A relay, a private provider of the synthetic engine, and a public consumer."""
     service = service or relaylib.Config(service=True)
     async with (
-        open_node(NodeConfig(relay=service), key_pair=create_new_key_pair()) as relay,
-        open_node(
-            _private(relay.addrs[0]), key_pair=create_new_key_pair(), engines=[SyntheticEngine()]
-        ) as provider,
-        open_node(
-            NodeConfig(bootstrap=(relay.addrs[0],), relay=consumer), key_pair=create_new_key_pair()
-        ) as me,
+        open_memory_node(memory, NodeConfig(relay=service)) as relay,
+        open_memory_node(memory, _private(relay.addrs[0]), engines=[SyntheticEngine()]) as provider,
+        open_memory_node(memory, NodeConfig(bootstrap=(relay.addrs[0],), relay=consumer)) as me,
     ):
         yield provider, me
 
 
-async def test_an_upgrade_lets_a_running_stream_finish_on_the_relay_and_moves_the_session() -> None:
+async def test_an_upgrade_lets_a_running_stream_finish_on_the_relay_and_moves_the_session(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with (
-        _relayed_pair(relaylib.Config(hole_punch=False)) as (provider, me),
+        _relayed_pair(memory, relaylib.Config(hole_punch=False)) as (provider, me),
         trio.open_nursery() as nursery,
     ):
         assert provider.provider is not None
@@ -275,14 +285,12 @@ async def test_an_upgrade_lets_a_running_stream_finish_on_the_relay_and_moves_th
                 await streaming.wait()
                 (carrier,) = carriers
                 assert relaylib.is_relayed(carrier)
-                while "direct" not in _kinds(me, provider.peer_id):  # noqa: ASYNC110
-                    await trio.sleep(0.02)
+                await until(lambda: "direct" in _kinds(me, provider.peer_id), BOUND_S)
                 # The relayed connection still carries the stream (it is
                 # protected from py-libp2p's one-connection-per-peer trim).
                 assert not carrier.is_closed
                 direct.set()
-            while not upgraded:  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await until(lambda: upgraded, BOUND_S)
         assert "".join(parts) == WORD * SYNTHETIC.params.max_tokens
         assert upgraded == [True]
         # The relayed connection was closed once the stream was done; the
@@ -301,8 +309,10 @@ async def test_an_upgrade_lets_a_running_stream_finish_on_the_relay_and_moves_th
         assert (status.relayed_connections, status.upgraded_connections) == (0, 1)
 
 
-async def test_a_peer_that_cannot_punch_is_still_served_through_the_relay() -> None:
-    async with _relayed_pair(relaylib.Config(hole_punch_timeout_s=5.0)) as (provider, me):
+async def test_a_peer_that_cannot_punch_is_still_served_through_the_relay(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with _relayed_pair(memory, relaylib.Config(hole_punch_timeout_s=5.0)) as (provider, me):
         # Neither can be dialled, and the provider has no DCUtR: nothing can work.
         provider.host.remove_stream_handler(DCUTR_PROTOCOL_ID)
         with trio.fail_after(BOUND_S):
@@ -311,8 +321,7 @@ async def test_a_peer_that_cannot_punch_is_still_served_through_the_relay() -> N
             await _stop_listening(me)
             await _only_relayed(me, provider)
             first = await me.generate(SYNTHETIC, _ignore)
-            while not me.relay.upgrades.failed:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: me.relay.upgrades.failed, BOUND_S)
             second = await me.generate(SYNTHETIC, _ignore)
         assert first.completion_tokens == second.completion_tokens == 20_000
         assert _kinds(me, provider.peer_id) == ["relayed"]
@@ -320,9 +329,11 @@ async def test_a_peer_that_cannot_punch_is_still_served_through_the_relay() -> N
         assert me.status_info().relayed_connections == 1
 
 
-async def test_the_relay_cuts_a_circuit_at_its_byte_limit() -> None:
+async def test_the_relay_cuts_a_circuit_at_its_byte_limit(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     service = relaylib.Config(service=True, circuit_bytes=32 << 10)
-    async with _relayed_pair(relaylib.Config(hole_punch=False), service) as (provider, me):
+    async with _relayed_pair(memory, relaylib.Config(hole_punch=False), service) as (provider, me):
         small = Request(
             model_id="synthetic", kind="completion", prompt="x", params=Params(max_tokens=100)
         )
@@ -341,7 +352,7 @@ async def test_the_relay_cuts_a_circuit_at_its_byte_limit() -> None:
 
 
 async def test_a_private_provider_puts_its_relayed_address_in_the_dht(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:
     sent: list[tuple[str, list[str]]] = []
     send = Kademlia._send_add_provider
@@ -352,44 +363,39 @@ async def test_a_private_provider_puts_its_relayed_address_in_the_dht(
 
     monkeypatch.setattr(Kademlia, "_send_add_provider", recorded)
     async with (
-        open_node(
-            NodeConfig(relay=relaylib.Config(service=True)), key_pair=create_new_key_pair()
-        ) as relay,
-        open_node(
-            _private(relay.addrs[0]), key_pair=create_new_key_pair(), engines=[SyntheticEngine()]
-        ) as provider,
+        open_memory_node(memory, NodeConfig(relay=relaylib.Config(service=True))) as relay,
+        open_memory_node(memory, _private(relay.addrs[0]), engines=[SyntheticEngine()]) as provider,
     ):
         assert relay.discovery is not None
         circuit = f"{relay.addrs[0]}/p2p-circuit/p2p/{provider.peer_id}"
         with trio.fail_after(BOUND_S):
             # Its first record may still name its own address; once it has
             # reserved, it places the record again with the relayed one.
-            while (provider.peer_id, [circuit]) not in sent:  # noqa: ASYNC110
-                await trio.sleep(0.05)
-            store = relay.discovery.dht.provider_store
-            while True:
+            await until(lambda: (provider.peer_id, [circuit]) in sent, BOUND_S)
+            store = relay.discovery.kademlia.dht.provider_store
+
+            def recorded() -> bool:
                 held = store.get_providers(discoverylib.dht_key("synthetic"))
                 mine = [p for p in held if str(p.peer_id) == provider.peer_id]
-                if mine and [str(a) for a in mine[0].addrs] == [circuit]:
-                    break
-                await trio.sleep(0.05)
+                return bool(mine) and [str(a) for a in mine[0].addrs] == [circuit]
+
+            await until(recorded, BOUND_S)
 
 
-async def test_reservations_are_renewed_before_they_expire() -> None:
-    # py-libp2p renews 30 s before expiry: a 33 s reservation is renewed after ~3 s.
+async def test_reservations_are_renewed_before_they_expire(memory: MemoryNetwork) -> None:
+    # Real time: py-libp2p times reservations by the wall clock, and renews
+    # 30 s before expiry: a 33 s reservation is renewed after ~3 s.
     service = relaylib.Config(service=True, reservation_ttl_s=33)
     async with (
-        open_node(NodeConfig(relay=service), key_pair=create_new_key_pair()) as relay,
-        open_node(_private(relay.addrs[0]), key_pair=create_new_key_pair()) as private,
+        open_memory_node(memory, NodeConfig(relay=service)) as relay,
+        open_memory_node(memory, _private(relay.addrs[0])) as private,
     ):
         relay_id = ID.from_base58(relay.peer_id)
         granted = private.relay.transport._reservations
         with trio.fail_after(BOUND_S):
-            while relay_id not in granted:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: relay_id in granted, BOUND_S)
             first = granted[relay_id]
-            while granted[relay_id] == first:  # noqa: ASYNC110
-                await trio.sleep(0.1)
+            await until(lambda: granted[relay_id] != first, BOUND_S)
         assert granted[relay_id] > first
         # The relay extended the same reservation: it still counts one.
         held = relay.relay.protocol.resource_manager._reservations

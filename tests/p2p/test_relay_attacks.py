@@ -1,4 +1,7 @@
-"""Attacks on the circuit relay v2 service, each reproduced against real nodes on loopback."""
+"""Attacks on the circuit relay v2 service, each reproduced against real nodes.
+
+The nodes talk over the memory transport, under trio's MockClock (autojump).
+"""
 
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId, StopMessa
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID, STOP_PROTOCOL_ID, CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from trio.testing import MockClock
 
 from p2pnode.errors import NetworkError
 from p2pnode.p2p import circuit
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p import reputation as reputationlib
-from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.simnet.harness import open_memory_node, until
 
 BOUND_S = 30
 SINK = TProtocol("/p2pnode-test/sink/1")
@@ -62,18 +68,14 @@ async def _stop_listening(node: Node) -> None:
 
 
 @asynccontextmanager
-async def _nodes(*configs: NodeConfig) -> AsyncIterator[list[Node]]:
+async def _nodes(memory: MemoryNetwork, *configs: NodeConfig) -> AsyncIterator[list[Node]]:
     async with AsyncExitStack() as stack:
-        yield [
-            await stack.enter_async_context(open_node(cfg, key_pair=create_new_key_pair()))
-            for cfg in configs
-        ]
+        yield [await stack.enter_async_context(open_memory_node(memory, cfg)) for cfg in configs]
 
 
 async def _reserved(node: Node) -> None:
     with trio.fail_after(BOUND_S):
-        while not node.relay.reservations:  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        await until(lambda: node.relay.reservations, BOUND_S)
 
 
 async def _hop(node: Node, relay: Node, msg: HopMessage | bytes) -> tuple[HopMessage, INetStream]:
@@ -111,9 +113,11 @@ def _made_up() -> ID:
 # --- 1: only a node configured as a relay relays -----------------------------
 
 
-async def test_a_node_without_the_relay_service_relays_for_nobody() -> None:
-    async with _nodes(_public()) as [plain], trio.open_nursery() as nursery:
-        async with _nodes(_public(plain), _public(plain)) as [private, stranger]:
+async def test_a_node_without_the_relay_service_relays_for_nobody(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with _nodes(memory, _public()) as [plain], trio.open_nursery() as nursery:
+        async with _nodes(memory, _public(plain), _public(plain)) as [private, stranger]:
             with trio.fail_after(BOUND_S):
                 # No reservation, hence no circuit address to advertise ...
                 with pytest.raises(NetworkError):
@@ -129,10 +133,12 @@ async def test_a_node_without_the_relay_service_relays_for_nobody() -> None:
 # --- 3: reservations are for the authenticated peer ---------------------------
 
 
-async def test_a_squatter_with_made_up_ids_cannot_take_the_slots() -> None:
+async def test_a_squatter_with_made_up_ids_cannot_take_the_slots(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with (
-        _nodes(_relay(max_reservations=2)) as [relay],
-        _nodes(_public(relay), _public(relay)) as [squatter, honest],
+        _nodes(memory, _relay(max_reservations=2)) as [relay],
+        _nodes(memory, _public(relay), _public(relay)) as [squatter, honest],
         trio.open_nursery() as nursery,
     ):
         with trio.fail_after(BOUND_S):
@@ -155,28 +161,31 @@ async def test_a_squatter_with_made_up_ids_cannot_take_the_slots() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_slots_of_peers_that_left_are_free_again() -> None:
-    async with _nodes(_relay(max_reservations=2, slot_grace_s=0)) as [relay]:
-        async with _nodes(_private(relay), _private(relay)) as gone:
+async def test_slots_of_peers_that_left_are_free_again(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with _nodes(memory, _relay(max_reservations=2, slot_grace_s=0)) as [relay]:
+        async with _nodes(memory, _private(relay), _private(relay)) as gone:
             for node in gone:
                 await _reserved(node)
         with trio.fail_after(BOUND_S):
-            while relay.host.get_connected_peers():  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: not relay.host.get_connected_peers(), BOUND_S)
         # Both slots were taken by peers that are no longer connected.
-        async with _nodes(_private(relay)) as [private]:
+        async with _nodes(memory, _private(relay)) as [private]:
             await _reserved(private)
 
 
-async def test_a_reserved_peer_and_its_relay_are_not_trimmed_for_others() -> None:
+async def test_a_reserved_peer_and_its_relay_are_not_trimmed_for_others(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     """Over its high watermark the swarm closes idle connections; a relay must
     not close a slot holder's, nor a private node its relay's."""
     trim_early = hostlib.Config(low_watermark=0, high_watermark=1)
-    async with _nodes(replace(_relay(), host=trim_early)) as [relay]:
+    async with _nodes(memory, replace(_relay(), host=trim_early)) as [relay]:
         private_cfg = replace(_private(relay), host=trim_early)
-        async with _nodes(private_cfg) as [private]:
+        async with _nodes(memory, private_cfg) as [private]:
             await _reserved(private)
-            async with _nodes(_public(relay), _public(relay)) as strangers:
+            async with _nodes(memory, _public(relay), _public(relay)) as strangers:
                 relay_id, private_id = relay.host.get_id(), private.host.get_id()
                 ids = {private_id} | {s.host.get_id() for s in strangers}
                 for node in (relay, private):
@@ -185,8 +194,7 @@ async def test_a_reserved_peer_and_its_relay_are_not_trimmed_for_others() -> Non
                     hostlib.parse_peer_addr(private.relay_keeping.direct_addrs[0])
                 )
                 with trio.fail_after(BOUND_S):
-                    while not ids <= set(relay.host.get_connected_peers()):  # noqa: ASYNC110
-                        await trio.sleep(0.05)
+                    await until(lambda: ids <= set(relay.host.get_connected_peers()), BOUND_S)
                     for node in (relay, private):
                         await node.host.get_network().connection_pruner.maybe_prune_connections()
                 assert private_id in relay.host.get_connected_peers()
@@ -196,14 +204,19 @@ async def test_a_reserved_peer_and_its_relay_are_not_trimmed_for_others() -> Non
                 assert not ids - {private_id} <= set(relay.host.get_connected_peers())
 
 
-async def test_a_private_node_that_lost_its_connection_finds_its_slot_again() -> None:
+async def test_a_private_node_that_lost_its_connection_finds_its_slot_again(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     """In a hostile run a private node's connection to its relay dropped while
     squatters were reserving; the next squatter took the freed slot and the
     private node was refused for the rest of the run."""
-    async with _nodes(_relay(max_reservations=2)) as [relay]:
+    async with _nodes(memory, _relay(max_reservations=2)) as [relay]:
         # Its next relay check comes well after the squatters have asked.
         private_cfg = replace(_private(relay), relay_check_s=5.0)
-        async with _nodes(private_cfg, _public(relay), _public(relay)) as [private, *squatters]:
+        async with _nodes(memory, private_cfg, _public(relay), _public(relay)) as [
+            private,
+            *squatters,
+        ]:
             await _reserved(private)
             relay_id, private_id = relay.host.get_id(), private.host.get_id()
             # The relay holds a slot's peer, and the private node its relay,
@@ -212,8 +225,7 @@ async def test_a_private_node_that_lost_its_connection_finds_its_slot_again() ->
             assert private.host.get_network().tag_store.is_protected(relay_id)
             await private.host.disconnect(relay_id)
             with trio.fail_after(BOUND_S):
-                while private_id in relay.host.get_connected_peers():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+                await until(lambda: private_id not in relay.host.get_connected_peers(), BOUND_S)
                 answers = [
                     (await _hop(s, relay, _reserve(s.host.get_id())))[0].status for s in squatters
                 ]
@@ -226,8 +238,7 @@ async def test_a_private_node_that_lost_its_connection_finds_its_slot_again() ->
                     held = str(relay_id) in private.relay.reservations
                     return held and slots.has_reservation(private_id)
 
-                while not back():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+                await until(back, BOUND_S)
         # One squatter got the free slot; the private node's was kept for it.
         assert answers == [StatusCode.OK, StatusCode.RESOURCE_LIMIT_EXCEEDED]
 
@@ -235,8 +246,10 @@ async def test_a_private_node_that_lost_its_connection_finds_its_slot_again() ->
 # --- 4: malformed or unexpected messages end their stream, never the node -----
 
 
-async def test_malformed_and_unexpected_relay_messages_end_their_stream_only() -> None:
-    async with _nodes(_relay()) as [relay], _nodes(_public(relay)) as [stranger]:
+async def test_malformed_and_unexpected_relay_messages_end_their_stream_only(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with _nodes(memory, _relay()) as [relay], _nodes(memory, _public(relay)) as [stranger]:
         with trio.fail_after(BOUND_S):
             unexpected = HopMessage(type=HopMessage.STATUS, status=StatusCode.OK)
             # A length of 5, then bytes that are no protobuf (wire type 7).
@@ -255,14 +268,16 @@ async def test_malformed_and_unexpected_relay_messages_end_their_stream_only() -
         assert (counters.malformed, counters.refused) == (2, 1)
         assert relay.reputation.score(stranger.peer_id, trio.current_time()) > 0
         # The relay still serves.
-        async with _nodes(_private(relay)) as [private]:
+        async with _nodes(memory, _private(relay)) as [private]:
             await _reserved(private)
 
 
-async def test_a_banned_peer_is_turned_away_by_the_relay_too() -> None:
+async def test_a_banned_peer_is_turned_away_by_the_relay_too(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     # Two protocol offences pass this relay's ban score.
     strict = replace(_relay(), reputation=reputationlib.Config(ban_score=3.5))
-    async with _nodes(strict) as [relay], _nodes(_public(relay)) as [stranger]:
+    async with _nodes(memory, strict) as [relay], _nodes(memory, _public(relay)) as [stranger]:
         with trio.fail_after(BOUND_S):
             for _ in range(2):
                 await _hop(stranger, relay, b"\x05\xff\xff\xff\xff\xff")
@@ -274,12 +289,12 @@ async def test_a_banned_peer_is_turned_away_by_the_relay_too() -> None:
 
 
 async def test_an_exception_in_a_relay_handler_ends_its_stream_not_the_node(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:
     async def broken(*_args: object) -> None:
         raise RuntimeError("a bug in the library")
 
-    async with _nodes(_relay()) as [relay], _nodes(_public(relay)) as [stranger]:
+    async with _nodes(memory, _relay()) as [relay], _nodes(memory, _public(relay)) as [stranger]:
         relay_id = ID.from_base58(relay.peer_id)
         with trio.fail_after(BOUND_S):
             monkeypatch.setattr(CircuitV2Protocol, "_handle_reserve", broken)
@@ -304,32 +319,38 @@ async def test_an_exception_in_a_relay_handler_ends_its_stream_not_the_node(
 # --- 2: the relay service's budgets --------------------------------------------
 
 
-async def _start(stack: AsyncExitStack, cfg: NodeConfig) -> Node:
-    return await stack.enter_async_context(open_node(cfg, key_pair=create_new_key_pair()))
+async def _start(memory: MemoryNetwork, stack: AsyncExitStack, cfg: NodeConfig) -> Node:
+    return await stack.enter_async_context(open_memory_node(memory, cfg))
 
 
-async def _private_behind(relay: Node, count: int, stack: AsyncExitStack) -> list[Node]:
+async def _private_behind(
+    memory: MemoryNetwork, relay: Node, count: int, stack: AsyncExitStack
+) -> list[Node]:
     """Private nodes reserved on ``relay``, no longer listening (reachable only through it)."""
-    nodes = [await _start(stack, _private(relay)) for _ in range(count)]
+    nodes = [await _start(memory, stack, _private(relay)) for _ in range(count)]
     for node in nodes:
         await _reserved(node)
         await _stop_listening(node)
     return nodes
 
 
-async def _consumers(relay: Node, count: int, stack: AsyncExitStack) -> list[Node]:
+async def _consumers(
+    memory: MemoryNetwork, relay: Node, count: int, stack: AsyncExitStack
+) -> list[Node]:
     """Nodes connected to ``relay`` that nobody can dial (so circuits stay circuits)."""
-    nodes = [await _start(stack, _public(relay)) for _ in range(count)]
+    nodes = [await _start(memory, stack, _public(relay)) for _ in range(count)]
     for node in nodes:
         await _stop_listening(node)
     return nodes
 
 
-async def test_the_relay_limits_circuits_overall_and_per_peer() -> None:
+async def test_the_relay_limits_circuits_overall_and_per_peer(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with AsyncExitStack() as stack:
-        relay = await _start(stack, _relay(max_circuits=2, max_circuits_per_peer=1))
-        p1, p2, p3 = await _private_behind(relay, 3, stack)
-        c1, c2, c3 = await _consumers(relay, 3, stack)
+        relay = await _start(memory, stack, _relay(max_circuits=2, max_circuits_per_peer=1))
+        p1, p2, p3 = await _private_behind(memory, relay, 3, stack)
+        c1, c2, c3 = await _consumers(memory, relay, 3, stack)
         budget = relay.relay.protocol.budget
         with trio.fail_after(BOUND_S):
             await c1.relay.dial(_circuit(relay, p1))
@@ -347,29 +368,31 @@ async def test_the_relay_limits_circuits_overall_and_per_peer() -> None:
         assert relay.relay.protocol.counters.circuits_refused == 3
 
 
-async def test_the_relay_cuts_an_idle_circuit_at_its_duration() -> None:
+async def test_the_relay_cuts_an_idle_circuit_at_its_duration(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with AsyncExitStack() as stack:
-        relay = await _start(stack, _relay(circuit_duration_s=2))
-        [private] = await _private_behind(relay, 1, stack)
-        [consumer] = await _consumers(relay, 1, stack)
+        relay = await _start(memory, stack, _relay(circuit_duration_s=2))
+        [private] = await _private_behind(memory, relay, 1, stack)
+        [consumer] = await _consumers(memory, relay, 1, stack)
         budget = relay.relay.protocol.budget
         with trio.fail_after(BOUND_S):
             await consumer.relay.dial(_circuit(relay, private))
             assert budget.circuits == 1
             # Nobody sends a byte: py-libp2p alone would keep it for ever.
-            while budget.circuits:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: not budget.circuits, BOUND_S)
             target = ID.from_base58(private.peer_id)
-            while relaylib.connections(consumer.host, target):  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: not relaylib.connections(consumer.host, target), BOUND_S)
         assert relay.relay.protocol.counters.circuits_cut == 1
 
 
-async def test_the_relay_keeps_to_its_byte_window_over_all_circuits() -> None:
+async def test_the_relay_keeps_to_its_byte_window_over_all_circuits(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with AsyncExitStack() as stack:
-        relay = await _start(stack, _relay(total_bytes=64 << 10))
-        [private] = await _private_behind(relay, 1, stack)
-        c1, c2 = await _consumers(relay, 2, stack)
+        relay = await _start(memory, stack, _relay(total_bytes=64 << 10))
+        [private] = await _private_behind(memory, relay, 1, stack)
+        c1, c2 = await _consumers(memory, relay, 2, stack)
         received: list[int] = []
 
         async def sink(stream: INetStream) -> None:
@@ -386,8 +409,7 @@ async def test_the_relay_keeps_to_its_byte_window_over_all_circuits() -> None:
             with contextlib.suppress(IOException):
                 for _ in range(64):
                     await stream.write(b"x" * 4096)
-            while relay.relay.protocol.budget.circuits:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await until(lambda: not relay.relay.protocol.budget.circuits, BOUND_S)
             # The window is spent: another peer's circuit is refused too.
             with pytest.raises(NetworkError):
                 await c2.relay.dial(_circuit(relay, private))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
-from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import NodeConfig
+from p2pnode.simnet.harness import open_memory_node
 
 pytestmark = pytest.mark.slow
 BOUND_S = 30
@@ -18,15 +19,11 @@ def _engine_cfg() -> Config:
     return Config(model_path=bundled_model_path(), model_id=BUNDLED_MODEL_ID, n_threads=1)
 
 
-async def test_served_model_is_announced_with_measured_speed() -> None:
+async def test_served_model_is_announced_with_measured_speed(memory: MemoryNetwork) -> None:
     async with (
         open_llamacpp(_engine_cfg()) as engine,
-        open_node(
-            NodeConfig(measure_tokens=16), key_pair=create_new_key_pair(), engines=[engine]
-        ) as provider,
-        open_node(
-            NodeConfig(bootstrap=(provider.addrs[0],)), key_pair=create_new_key_pair()
-        ) as consumer,
+        open_memory_node(memory, NodeConfig(measure_tokens=16), engines=[engine]) as provider,
+        open_memory_node(memory, NodeConfig(bootstrap=(provider.addrs[0],))) as consumer,
     ):
         with trio.fail_after(BOUND_S):
             while not provider.offering.models[0].tokens_per_s:  # noqa: ASYNC110 - measured at start
@@ -46,7 +43,7 @@ async def test_served_model_is_announced_with_measured_speed() -> None:
         assert terms.tokens_per_s == model.tokens_per_s
 
 
-async def test_status_answers_while_the_model_generates() -> None:
+async def test_status_answers_while_the_model_generates(memory: MemoryNetwork) -> None:
     long = Request(
         model_id=BUNDLED_MODEL_ID,
         kind="chat",
@@ -55,10 +52,8 @@ async def test_status_answers_while_the_model_generates() -> None:
     )
     async with (
         open_llamacpp(_engine_cfg()) as engine,
-        open_node(
-            NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]
-        ) as provider,
-        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+        open_memory_node(memory, NodeConfig(measure_tokens=0), engines=[engine]) as provider,
+        open_memory_node(memory, NodeConfig()) as consumer,
     ):
         await consumer.dialer.connect(provider.addrs[0])
         generating = trio.Event()

@@ -24,7 +24,8 @@ from p2pnode.inference.llamacpp import (
 )
 from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p import provider as providerlib
-from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import NodeConfig
 from p2pnode.p2p.pricing import PeerStats, rank
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import infer, session
@@ -35,6 +36,7 @@ from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
+from p2pnode.simnet.harness import open_memory_node
 
 BOUND_S = 30
 
@@ -120,7 +122,9 @@ async def _ignore(_chunk: object) -> None:
 
 
 @pytest.mark.slow
-async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -> None:
+async def test_provider_admission_refuses_with_reasons(
+    engine: LlamaCppEngine, memory: MemoryNetwork
+) -> None:
     consumer_key = create_new_key_pair()
     other_id = str(ID.from_pubkey(create_new_key_pair().public_key))
     strict = NodeConfig(
@@ -130,8 +134,8 @@ async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -
         ),
     )
     async with (
-        open_node(strict, key_pair=create_new_key_pair(), engines=[engine]) as provider,
-        open_node(NodeConfig(), key_pair=consumer_key) as consumer,
+        open_memory_node(memory, strict, engines=[engine]) as provider,
+        open_memory_node(memory, NodeConfig(), key_pair=consumer_key) as consumer,
     ):
         await consumer.dialer.connect(provider.addrs[0])
         pid = ID.from_base58(provider.peer_id)
@@ -171,11 +175,13 @@ async def test_provider_admission_refuses_with_reasons(engine: LlamaCppEngine) -
 
 
 @pytest.mark.slow
-async def test_every_provider_rate_limiting_is_reported_as_such(engine: LlamaCppEngine) -> None:
+async def test_every_provider_rate_limiting_is_reported_as_such(
+    engine: LlamaCppEngine, memory: MemoryNetwork
+) -> None:
     limited = NodeConfig(measure_tokens=0, provider=providerlib.Config(requests_per_minute=1))
     async with (
-        open_node(limited, key_pair=create_new_key_pair(), engines=[engine]) as provider,
-        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+        open_memory_node(memory, limited, engines=[engine]) as provider,
+        open_memory_node(memory, NodeConfig()) as consumer,
     ):
         await consumer.dialer.connect(provider.addrs[0])
         with trio.fail_after(BOUND_S):
@@ -189,7 +195,7 @@ async def test_every_provider_rate_limiting_is_reported_as_such(engine: LlamaCpp
 
 
 @pytest.mark.slow
-async def test_a_busy_provider_is_waited_for_not_given_up() -> None:
+async def test_a_busy_provider_is_waited_for_not_given_up(memory: MemoryNetwork) -> None:
     # One slot and no queue: of three requests at once, two are refused busy.
     # The only provider is asked again once it has room, and each request is
     # served; being busy is counted once per request, never towards a ban.
@@ -198,10 +204,8 @@ async def test_a_busy_provider_is_waited_for_not_given_up() -> None:
     )
     async with (
         open_llamacpp(cfg) as engine,
-        open_node(
-            NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]
-        ) as provider,
-        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+        open_memory_node(memory, NodeConfig(measure_tokens=0), engines=[engine]) as provider,
+        open_memory_node(memory, NodeConfig()) as consumer,
     ):
         assert provider.provider is not None
         await consumer.dialer.connect(provider.addrs[0])
@@ -226,10 +230,10 @@ async def test_a_busy_provider_is_waited_for_not_given_up() -> None:
 
 
 @pytest.mark.slow
-async def test_a_stale_or_future_hello_is_refused(engine: LlamaCppEngine) -> None:
-    async with open_node(
-        NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]
-    ) as provider:
+async def test_a_stale_or_future_hello_is_refused(
+    engine: LlamaCppEngine, memory: MemoryNetwork
+) -> None:
+    async with open_memory_node(memory, NodeConfig(measure_tokens=0), engines=[engine]) as provider:
         assert provider.provider is not None
 
         def hello(skew: float) -> session.Hello:
@@ -285,13 +289,13 @@ def test_an_older_sessions_db_is_migrated_and_a_newer_one_refused(tmp_path: Path
         Ledger(path)
 
 
-async def test_a_request_nobody_can_serve_says_why() -> None:
+async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> None:
     # "none announces it", "banned": what the user sees in the shim's 503 body.
     async with (
-        open_node(NodeConfig(measure_tokens=0), key_pair=create_new_key_pair()) as lonely,
-        open_node(
+        open_memory_node(memory, NodeConfig(measure_tokens=0)) as lonely,
+        open_memory_node(
+            memory,
             NodeConfig(measure_tokens=0),
-            key_pair=create_new_key_pair(),
             engines=[SyntheticEngine()],
         ) as provider,
     ):

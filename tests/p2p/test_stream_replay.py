@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import trio
 from libp2p.abc import INetStream
-from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from trio.testing import MockClock
 
 from p2pnode.errors import ErrorCode
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
-from p2pnode.p2p.node import NodeConfig, open_node
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import NodeConfig
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
@@ -20,6 +21,7 @@ from p2pnode.protocols.infer.messages import Request as WireRequest
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.stream import next_event
 from p2pnode.protocols.wire import Error
+from p2pnode.simnet.harness import open_memory_node
 
 pytestmark = pytest.mark.slow
 BOUND_S = 30
@@ -56,14 +58,16 @@ def _no_ack(_done: Done) -> bytes:
     return b""
 
 
-async def test_a_replayed_request_is_refused_and_never_generated() -> None:
+async def test_a_replayed_request_is_refused_and_never_generated(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     async with (
-        open_node(
+        open_memory_node(
+            memory,
             NodeConfig(measure_tokens=0),
-            key_pair=create_new_key_pair(),
             engines=[SyntheticEngine(MODEL)],
         ) as provider,
-        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+        open_memory_node(memory, NodeConfig()) as consumer,
     ):
         assert provider.provider is not None
         stats = provider.provider.counters
@@ -110,15 +114,17 @@ async def test_a_replayed_request_is_refused_and_never_generated() -> None:
         assert served.completion_tokens == 3
 
 
-async def test_sessions_and_requests_between_nodes_still_work() -> None:
+async def test_sessions_and_requests_between_nodes_still_work(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
     """The consumer's and provider's own code paths, with both peer ids bound."""
     async with (
-        open_node(
+        open_memory_node(
+            memory,
             NodeConfig(measure_tokens=0),
-            key_pair=create_new_key_pair(),
             engines=[SyntheticEngine(MODEL)],
         ) as provider,
-        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+        open_memory_node(memory, NodeConfig()) as consumer,
     ):
         await consumer.dialer.connect(provider.addrs[0])
         parts: list[str] = []

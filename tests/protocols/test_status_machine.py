@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from p2pnode.protocols import status
+from p2pnode.protocols import offers, status
 from p2pnode.protocols.wire import NEED_DATA, PEER_CLOSED, Error, encode_frame, encode_varint
 
 MAX = status.Config().max_frame
@@ -15,7 +15,7 @@ ANSWER = status.StatusResponse(
     addrs=("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWtest",),
     connected_peers=3,
     uptime_s=12.5,
-    models=(status.ServedModel(model_id="smollm2", context_length=2048),),
+    models=(offers.ModelOffer(model_id="smollm2", context_length=2048),),
     load=status.Load(slots_total=2, slots_free=1, queue_len=0),
 )
 

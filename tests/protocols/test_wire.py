@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from p2pnode.protocols import session, status
+from p2pnode.protocols import offers, session, status
 from p2pnode.protocols.wire import (
     NEED_DATA,
     PEER_CLOSED,
@@ -34,7 +34,7 @@ responses = st.builds(
     uptime_s=st.floats(allow_nan=False, allow_infinity=False),
     models=st.lists(
         st.builds(
-            status.ServedModel,
+            offers.ModelOffer,
             model_id=st.text(max_size=40),
             gguf_sha256=st.none() | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
             context_length=st.integers(min_value=0, max_value=2**20),
@@ -299,7 +299,7 @@ def test_non_finite_floats_are_refused_wherever_they_sit(value: float) -> None:
         addrs=(),
         connected_peers=0,
         uptime_s=0,
-        models=(status.ServedModel(model_id="m"),),
+        models=(offers.ModelOffer(model_id="m"),),
     )
     wire = ok.to_wire()
     wire["models"][0]["tokens_per_s"] = value

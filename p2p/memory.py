@@ -1,0 +1,202 @@
+"""An in-process transport: hosts in one trio run that reach each other without sockets.
+
+The whole stack above it is the real one (Noise, yamux, identify, gossipsub,
+Kademlia, our protocols); only the bytes travel through memory instead of
+the kernel's loopback. Tests use it with trio's ``MockClock`` (a timeout of
+30 s then costs no wall time), and anything that wants many nodes cheaply
+can too. Addresses are ``/memory/<n>``, unique within one
+:class:`MemoryNetwork`; ``/memory/0`` picks a free one, like TCP port 0
+(docs/architecture.md#testing-on-the-memory-transport).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import multiaddr
+import trio
+import trio.testing
+from libp2p.abc import IListener, IRawConnection, ITransport
+from libp2p.custom_types import THandler
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.transport.exceptions import OpenConnectionError
+
+PROTOCOL = "memory"
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryNetwork:
+    """The listeners of one in-process network, by address number."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[int, _Listener] = {}
+        self._numbers = itertools.count(1)
+
+    def transport(self) -> MemoryTransport:
+        """A transport that dials and listens on this network."""
+        return MemoryTransport(self)
+
+    def _bind(self, number: int, listener: _Listener) -> int:
+        if number == 0:
+            number = next(n for n in self._numbers if n not in self._listeners)
+        if number in self._listeners:
+            raise OpenConnectionError(f"/memory/{number} is already in use")
+        self._listeners[number] = listener
+        return number
+
+    def _unbind(self, number: int) -> None:
+        self._listeners.pop(number, None)
+
+    def _listener(self, number: int) -> _Listener:
+        listener = self._listeners.get(number)
+        if listener is None:
+            raise OpenConnectionError(f"nothing listens on /memory/{number}")
+        return listener
+
+
+class _Stream(ReadWriteCloser):
+    """One end of an in-memory byte pipe, with TCP's error behaviour.
+
+    A peer that went away shows as ``ConnectionClosedError`` on write and as
+    end-of-stream on read, as py-libp2p's TCP stream does, so yamux reacts
+    to a dropped memory link exactly as to a reset socket.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._read_lock = trio.Lock()
+        self._write_lock = trio.Lock()
+
+    async def write(self, data: bytes) -> None:
+        async with self._write_lock:
+            try:
+                await self._stream.send_all(data)
+            except trio.BrokenResourceError as exc:
+                raise ConnectionClosedError(
+                    f"memory link closed by peer: {exc}", transport=PROTOCOL
+                ) from exc
+            except trio.ClosedResourceError:
+                return
+
+    async def read(self, n: int | None = None) -> bytes:
+        async with self._read_lock:
+            if n == 0:
+                return b""
+            try:
+                return await self._stream.receive_some(n)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+
+    async def close(self) -> None:
+        await self._stream.aclose()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return None
+
+
+class _Listener(IListener):
+    def __init__(self, network: MemoryNetwork, handler: THandler) -> None:
+        self._network = network
+        self._handler = handler
+        self._numbers: list[int] = []
+        self._nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+
+    async def listen(self, maddr: multiaddr.Multiaddr) -> None:
+        number = self._network._bind(_number(maddr), self)
+        self._numbers.append(number)
+        if self._nursery is None:
+            ready = trio.Event()
+
+            async def serve() -> None:
+                # Accepted connections outlive the dial that made them, so
+                # they run in the listener's own task, as TCP's do.
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        ready.set()
+                        await trio.sleep_forever()
+                finally:
+                    self._done.set()
+
+            trio.lowlevel.spawn_system_task(serve)
+            await ready.wait()
+
+    def _accept(self, conn: IRawConnection) -> None:
+        if self._nursery is None:
+            raise OpenConnectionError("the memory listener is closed")
+        self._nursery.start_soon(self._serve, conn)
+
+    async def _serve(self, conn: IRawConnection) -> None:
+        # As trio.serve_listeners does for TCP: a connection whose handler
+        # ends (or is cancelled when the listener closes) is closed, so the
+        # peer sees it go.
+        try:
+            await self._handler(conn)
+        except Exception as exc:  # noqa: BLE001 - as TCP's listener: one bad connection never stops accepting
+            logger.debug("memory connection ended: %s", exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.close()
+
+    def get_addrs(self) -> tuple[multiaddr.Multiaddr, ...]:
+        return tuple(multiaddr.Multiaddr(f"/memory/{n}") for n in self._numbers)
+
+    async def close(self) -> None:
+        for number in self._numbers:
+            self._network._unbind(number)
+        self._numbers.clear()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+            self._nursery = None
+            await self._done.wait()
+
+
+class MemoryTransport(ITransport):
+    """Dial and listen on ``/memory/<n>`` addresses of one :class:`MemoryNetwork`."""
+
+    def __init__(self, network: MemoryNetwork) -> None:
+        self._network = network
+        self._listeners: list[_Listener] = []
+
+    def protocols(self) -> list[str]:
+        return [PROTOCOL]
+
+    def can_dial(self, maddr: multiaddr.Multiaddr) -> bool:
+        return _is_memory(maddr)
+
+    def can_listen(self, maddr: multiaddr.Multiaddr) -> bool:
+        return _is_memory(maddr)
+
+    async def dial(self, maddr: multiaddr.Multiaddr) -> IRawConnection:
+        listener = self._network._listener(_number(maddr))
+        ours, theirs = trio.testing.memory_stream_pair()
+        source = [a for mine in self._listeners for a in mine.get_addrs()]
+        target = multiaddr.Multiaddr(f"/memory/{_number(maddr)}")
+        listener._accept(RawConnection(_Stream(theirs), False, addresses=source[:1]))
+        return RawConnection(_Stream(ours), True, addresses=[target])
+
+    def create_listener(self, handler_function: THandler) -> IListener:
+        listener = _Listener(self._network, handler_function)
+        self._listeners.append(listener)
+        return listener
+
+
+def _is_memory(maddr: multiaddr.Multiaddr) -> bool:
+    first = next(iter(maddr.protocols()), None)
+    return (
+        first is not None
+        and first.name == PROTOCOL
+        and "p2p-circuit" not in {p.name for p in maddr.protocols()}
+    )
+
+
+def _number(maddr: multiaddr.Multiaddr) -> int:
+    try:
+        return int(maddr.value_for_protocol(PROTOCOL))
+    except (ValueError, TypeError) as exc:
+        raise OpenConnectionError(f"not a memory address: {maddr}") from exc

@@ -81,22 +81,22 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
                 sha = engines[0].models()[0].gguf_sha256
                 await chain.run(net.chain.register_model, provider_account, model_id, sha)
                 await chain.run(net.chain.post_bid, provider_account, model_id, price)
-                provider_cfg = NodeConfig(
-                    host=local, market=market.Config(chain=chain, account=provider_account)
-                )
+                provider_cfg = NodeConfig(host=local, market=market.Config())
                 async with (
-                    open_node(provider_cfg, key_pair=provider_key, engines=engines) as provider,
+                    open_node(
+                        provider_cfg,
+                        key_pair=provider_key,
+                        engines=engines,
+                        wallet=market.Wallet(chain, provider_account),
+                    ) as provider,
                     open_node(
                         NodeConfig(
                             host=local,
                             bootstrap=(provider.addrs[0],),
-                            market=market.Config(
-                                chain=chain,
-                                account=consumer_account,
-                                sessions_db=home / "demo-sessions.db",
-                            ),
+                            market=market.Config(sessions_db=home / "demo-sessions.db"),
                         ),
                         key_pair=create_new_key_pair(),
+                        wallet=market.Wallet(chain, consumer_account),
                     ) as consumer,
                     trio.open_nursery() as nursery,
                 ):

@@ -297,21 +297,23 @@ def start(
             else:
                 logger.info("no wallet yet (free mode works without one): run 'p2pnode init'")
         serving = options.serving(no_serve=no_serve, **flags)
-        paid = None
+        paid = terms = None
         if chain_url is not None or deployment is not None:
             from p2pnode.chain.client import AsyncChain
             from p2pnode.cli import chain_cmd
             from p2pnode.p2p import market
 
-            paid = market.Config(
-                chain=AsyncChain(chain_cmd.open_chain(chain_url, deployment)),
-                account=chain_cmd.wallet_account(wallet_password_file),
+            paid = market.Wallet(
+                AsyncChain(chain_cmd.open_chain(chain_url, deployment)),
+                chain_cmd.wallet_account(wallet_password_file),
+            )
+            terms = market.Config(
                 session_seconds=session_seconds,
                 spend_limit=chain_cmd.tokens(spend_limit),
                 max_price_per_s=max_price,
                 sessions_db=home / "sessions.db",
             )
-        config = node_options.node_config(home / app.CONTROL_SOCKET, paid)
+        config = node_options.node_config(home / app.CONTROL_SOCKET, terms)
         shim_config = openai_api.Config(
             max_in_flight=shim_max_in_flight, allow_remote=shim_allow_remote
         )
@@ -327,7 +329,7 @@ def start(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with (
                 open_engines(serving) as engines,
-                open_node(config, key_pair=key_pair, engines=engines) as node,
+                open_node(config, key_pair=key_pair, engines=engines, wallet=paid) as node,
                 trio.open_nursery() as nursery,
             ):
                 shim_url = None

@@ -46,7 +46,13 @@ class Node:
     exits.
     """
 
-    def __init__(self, config: NodeConfig, host: IHost, engines: Sequence[Engine] = ()) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        host: IHost,
+        engines: Sequence[Engine] = (),
+        wallet: marketlib.Wallet | None = None,
+    ) -> None:
         self.config = config
         self.host = host
         self.peer_id: str = str(host.get_id())
@@ -59,7 +65,7 @@ class Node:
             max_per_peer=config.max_streams_per_peer,
             max_total=config.max_streams,
         )
-        self.markets = marketlib.Markets(config.market, serving=bool(engines))
+        self.markets = marketlib.Markets(config.market, wallet, serving=bool(engines))
         self.offering = Offering(
             engines, config.models, market=self.markets.provider, wallet=config.wallet
         )
@@ -203,12 +209,14 @@ async def open_node(
     key_pair: KeyPair,
     engines: Sequence[Engine] = (),
     host: IHost | None = None,
+    wallet: marketlib.Wallet | None = None,
 ) -> AsyncIterator[Node]:
     """Start a node and yield it once it listens and has tried its bootstrap peers.
 
     ``engines`` are served as they are (the caller opened them and closes
     them after); ``host``, if given, instead of one built from
-    ``config.host`` (another transport, for tests). Raises
+    ``config.host`` (another transport, for tests). Paid mode
+    (``config.market``) acts on the chain with ``wallet``. Raises
     :class:`ConfigError` before yielding if an address cannot be listened
     on or a bootstrap address is malformed; unreachable bootstrap peers are
     logged and retried.
@@ -216,7 +224,7 @@ async def open_node(
     host = host or hostlib.build(key_pair, config.host)
     # Discovery registers its handlers and its connection watcher before the
     # host listens, so no connection arrives before gossip can see it.
-    node = Node(config, host, engines)
+    node = Node(config, host, engines, wallet)
     node._register_handlers()
     with single_errors_ungrouped():
         async with hostlib.running(host, config.host) as addrs:

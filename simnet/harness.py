@@ -13,6 +13,7 @@ import resource
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -22,6 +23,7 @@ from libp2p.crypto.keys import KeyPair
 
 from p2pnode.inference.engine import Engine
 from p2pnode.p2p import host as hostlib
+from p2pnode.p2p.market import Wallet
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import offers
@@ -124,6 +126,7 @@ async def start_node(
     *,
     key_pair: KeyPair | None = None,
     memory: MemoryNetwork | None = None,
+    wallet: Wallet | None = None,
 ) -> Running:
     """Start a node in a task of ``nursery``; returns once it runs.
 
@@ -139,7 +142,9 @@ async def start_node(
             with scope:
                 keys = key_pair or create_new_key_pair()
                 host = memory_host(memory, keys, config) if memory is not None else None
-                async with open_node(config, key_pair=keys, engines=engines, host=host) as node:
+                async with open_node(
+                    config, key_pair=keys, engines=engines, host=host, wallet=wallet
+                ) as node:
                     task_status.started(node)
                     await trio.sleep_forever()
         finally:
@@ -188,7 +193,12 @@ async def until(predicate: Callable[[], object], bound_s: float, *, poll_s: floa
 
 
 async def add_node(
-    net: Simnet, nursery: trio.Nursery, config: NodeConfig, engines: Sequence[Engine] = ()
+    net: Simnet,
+    nursery: trio.Nursery,
+    config: NodeConfig,
+    engines: Sequence[Engine] = (),
+    *,
+    wallet: Wallet | None = None,
 ) -> Node:
     """Start one more node on loopback (or ``net.memory``) in ``nursery``; it stops with the simnet.
 
@@ -198,7 +208,7 @@ async def add_node(
     reachability = "public" if config.reachability == "auto" else config.reachability
     listen = "/memory/0" if net.memory is not None else "/ip4/127.0.0.1/tcp/0"
     cfg = replace(config, host=hostlib.Config(listen=(listen,)), reachability=reachability)
-    running = await start_node(nursery, cfg, engines, memory=net.memory)
+    running = await start_node(nursery, cfg, engines, memory=net.memory, wallet=wallet)
     net.nodes.append(running.node)
     net._running.append(running)
     if config.models or engines:
@@ -220,6 +230,7 @@ async def open_simnet(
     engines: Sequence[Engine] = (),
     *,
     memory: MemoryNetwork | None = None,
+    wallet_for: Callable[[int], Wallet | None] = lambda _index: None,
 ) -> AsyncIterator[tuple[Simnet, trio.Nursery]]:
     """Start ``topology.peers`` nodes; yield the net and the nursery they run in.
 
@@ -228,7 +239,8 @@ async def open_simnet(
     handshakes, so waves overlap that). Providers serve ``engines`` (shared:
     one loaded model per file, each provider keeps its own sessions and
     meters). With ``memory`` the nodes talk over that in-process network
-    instead of loopback TCP. Leaving the block stops every node together,
+    instead of loopback TCP; a node whose config is paid pays with
+    ``wallet_for(index)``. Leaving the block stops every node together,
     and so does cancelling the nursery.
     """
     rng = random.Random(topology.seed)  # noqa: S311 - topology, not cryptography
@@ -243,6 +255,7 @@ async def open_simnet(
             earlier = [n for n in net.nodes if n.config.reachability != "private"] or net.nodes
             configs = [
                 (
+                    i,
                     i in provider_at,
                     replace(
                         config_for(i, i in provider_at),
@@ -255,9 +268,11 @@ async def open_simnet(
                 for i in range(first, first + size)
             ]
             async with trio.open_nursery() as wave:
-                for is_provider, config in configs:
+                for i, is_provider, config in configs:
                     served = engines if is_provider else ()
-                    wave.start_soon(add_node, net, nursery, config, served)
+                    wave.start_soon(
+                        partial(add_node, net, nursery, config, served, wallet=wallet_for(i))
+                    )
             first += size
         try:
             yield net, nursery

@@ -104,6 +104,8 @@ SESSION_S = 300
 # What one request may take: a first contact tries Sybils and thieves (a
 # stalling one holds it for the consumer's 10 s handshake bound) first.
 REQUEST_S = 90.0
+# Every paid node's terms (each pays with its own wallet).
+PAID = marketlib.Config(session_seconds=SESSION_S)
 
 
 # --- the chain ----------------------------------------------------------------------
@@ -133,8 +135,8 @@ class _Chain:
     async def balance(self, account: LocalAccount) -> int:
         return await self.chain.run(self.embedded.chain.balance, account.address)
 
-    def paid(self, account: LocalAccount) -> marketlib.Config:
-        return marketlib.Config(chain=self.chain, account=account, session_seconds=SESSION_S)
+    def wallet(self, account: LocalAccount) -> marketlib.Wallet:
+        return marketlib.Wallet(self.chain, account)
 
 
 # --- honest traffic -----------------------------------------------------------------
@@ -378,9 +380,7 @@ class _Run:
         provider_at = set(topology.provider_indices())
 
         async def one(i: int, bootstrap: tuple[str, ...]) -> None:
-            config = NodeConfig(
-                measure_tokens=0, market=self.chain.paid(accounts[i]), bootstrap=bootstrap
-            )
+            config = NodeConfig(measure_tokens=0, market=PAID, bootstrap=bootstrap)
             role, engines = "consumer", []
             if i in provider_at:
                 role, engines = "provider", [SyntheticEngine()]
@@ -398,7 +398,9 @@ class _Run:
                     relay=relaylib.Config(relays=(self.relay_addr,)),
                     relay_check_s=1.0,
                 )
-            member = await self.nodes.start(role, config, engines, honest=True, index=i)
+            member = await self.nodes.start(
+                role, config, engines, honest=True, index=i, wallet=self.chain.wallet(accounts[i])
+            )
             if role == "relay":
                 self.relay_addr = member.node.addrs[0]
 
@@ -424,35 +426,35 @@ class _Run:
         chain, sizes = self.chain, self.sizes
         if engine is not None:
             (account,) = self.accounts["llama"]
-            config = NodeConfig(
-                measure_tokens=0, market=chain.paid(account), bootstrap=self._bootstrap()
+            config = NodeConfig(measure_tokens=0, market=PAID, bootstrap=self._bootstrap())
+            await self.nodes.start(
+                "llama", config, [engine], honest=True, wallet=chain.wallet(account)
             )
-            await self.nodes.start("llama", config, [engine], honest=True)
         for n, account in enumerate(self.accounts["sybil"]):
             served: list[Engine] = [SyntheticEngine()]
             if self.model_id is not None:
                 served.append(SyntheticEngine(self.model_id))
             config = NodeConfig(
                 measure_tokens=0,
-                market=chain.paid(account),
+                market=PAID,
                 bootstrap=self._bootstrap(),
                 # A real node that answers every Hello with BUSY.
                 provider=providerlib.Config(max_handshakes=0),
             )
-            member = await self.nodes.start("sybil", config, served, honest=False)
+            member = await self.nodes.start(
+                "sybil", config, served, honest=False, wallet=chain.wallet(account)
+            )
             attacks.claim_speed(member.node, MAX_CLAIM if n % 2 == 0 else ABSURD_CLAIM)
         for n, account in enumerate(self.accounts["thief"]):
-            config = NodeConfig(
-                measure_tokens=0, market=chain.paid(account), bootstrap=self._bootstrap()
+            config = NodeConfig(measure_tokens=0, market=PAID, bootstrap=self._bootstrap())
+            member = await self.nodes.start(
+                "thief", config, [SyntheticEngine()], honest=False, wallet=chain.wallet(account)
             )
-            member = await self.nodes.start("thief", config, [SyntheticEngine()], honest=False)
             take = session_attacks.reject_after_open if n == 0 else session_attacks.stall_after_open
             self.takings.append(take(member.node))
         (account,) = self.accounts["closer"]
-        config = NodeConfig(
-            measure_tokens=0, market=chain.paid(account), bootstrap=self._bootstrap()
-        )
-        await self.nodes.start("closer", config, honest=False)
+        config = NodeConfig(measure_tokens=0, market=PAID, bootstrap=self._bootstrap())
+        await self.nodes.start("closer", config, honest=False, wallet=chain.wallet(account))
         for role in ("rogue", "liar"):
             config = NodeConfig(measure_tokens=0, bootstrap=self._bootstrap())
             await self.nodes.start(role, config, honest=False)
@@ -626,8 +628,10 @@ class _Run:
                 nursery.start_soon(poison, member.node)
         (account,) = self.accounts["joiner"]
         boot = (liar.addrs[0], self.chatters()[0].node.addrs[0])
-        config = NodeConfig(measure_tokens=0, market=self.chain.paid(account), bootstrap=boot)
-        joiner = (await self.nodes.start("joiner", config, honest=True)).node
+        config = NodeConfig(measure_tokens=0, market=PAID, bootstrap=boot)
+        joiner = (
+            await self.nodes.start("joiner", config, honest=True, wallet=self.chain.wallet(account))
+        ).node
         discovery = joiner.discovery
         assert discovery is not None
         await wait_until(lambda: discovery.kademlia.dht.get_routing_table_size() > 0, 10)

@@ -13,11 +13,13 @@ import logging
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
 from p2pnode.inference.engine import Engine
 from p2pnode.p2p.host import short
+from p2pnode.p2p.market import Wallet
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.simnet.harness import Simnet, TaskStatus, Topology, add_node
 
@@ -56,9 +58,12 @@ class Roster:
         *,
         honest: bool,
         index: int | None = None,
+        wallet: Wallet | None = None,
     ) -> Member:
-        """Start a node on loopback; a failure to start raises, a later death is recorded."""
-        member: Member = await self._nursery.start(self._run, role, config, engines, honest)
+        """Start a node on loopback (paid with ``wallet``); a failure to start raises,
+        a later death is recorded."""
+        run = partial(self._run, role, config, engines, honest, wallet)
+        member: Member = await self._nursery.start(run)
         member.index = index
         return member
 
@@ -68,6 +73,7 @@ class Roster:
         config: NodeConfig,
         engines: Sequence[Engine],
         honest: bool,
+        wallet: Wallet | None,
         *,
         task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -76,7 +82,7 @@ class Roster:
         try:
             with scope:
                 async with trio.open_nursery() as own:
-                    node = await add_node(self.net, own, config, engines)
+                    node = await add_node(self.net, own, config, engines, wallet=wallet)
                     member = Member(node, role, honest, scope)
                     self.members.append(member)
                     task_status.started(member)

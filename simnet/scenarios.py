@@ -229,8 +229,10 @@ async def market(
         await chain.run(embedded.chain.post_bid, account, BUNDLED_MODEL_ID, price)
 
     def config_for(index: int, is_provider: bool) -> NodeConfig:
-        paid = marketlib.Config(chain=chain, account=accounts[index], session_seconds=300)
-        return NodeConfig(measure_tokens=0, market=paid)
+        return NodeConfig(measure_tokens=0, market=marketlib.Config(session_seconds=300))
+
+    def wallet_for(index: int) -> marketlib.Wallet:
+        return marketlib.Wallet(chain, accounts[index])
 
     request = Request(
         model_id=BUNDLED_MODEL_ID,
@@ -244,7 +246,10 @@ async def market(
     chats_ok = 0
     async with (
         open_llamacpp(engine_cfg) as engine,
-        open_simnet(topology, config_for, engines=[engine]) as (net, _nursery),
+        open_simnet(topology, config_for, engines=[engine], wallet_for=wallet_for) as (
+            net,
+            _nursery,
+        ),
     ):
         buyers = net.consumers[:consumers]
         ready = await wait_until(lambda: all(_knows_all_providers(n, net) for n in buyers), bound_s)

@@ -50,11 +50,13 @@ from collections.abc import Callable
 
 import trio
 
+from p2pnode.errors import ConfigError
 from p2pnode.p2p.market.billing import BillingCounters, ProviderMarket
 from p2pnode.p2p.market.config import (
     MAX_CHAIN_LAG_S,
     Config,
     OfferMismatch,
+    Wallet,
     check_contract,
     settling_time,
 )
@@ -73,6 +75,7 @@ __all__ = [
     "Paid",
     "ProviderMarket",
     "StakeCounters",
+    "Wallet",
     "check_contract",
     "settling_time",
 ]
@@ -85,17 +88,19 @@ class Markets:
     provider; every paid node can pay as a consumer.
     """
 
-    def __init__(self, cfg: Config | None, *, serving: bool) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Config | None, wallet: Wallet | None, *, serving: bool) -> None:
+        if (cfg is None) != (wallet is None):
+            raise ConfigError("paid mode needs both the market's terms and a wallet")
+        self.wallet = wallet
         self.ledger = Ledger(cfg.sessions_db) if cfg is not None else None
         self.provider = (
-            ProviderMarket(cfg, self.ledger)
-            if cfg is not None and self.ledger is not None and serving
+            ProviderMarket(cfg, wallet, self.ledger)
+            if cfg is not None and wallet is not None and self.ledger is not None and serving
             else None
         )
         self.consumer = (
-            ConsumerMarket(cfg, self.ledger)
-            if cfg is not None and self.ledger is not None
+            ConsumerMarket(cfg, wallet, self.ledger)
+            if cfg is not None and wallet is not None and self.ledger is not None
             else None
         )
 
@@ -110,8 +115,8 @@ class Markets:
         ``terms_changed()`` is told when this provider's bids changed (and
         once, after the first reading).
         """
-        if self.cfg is not None:
-            await check_contract(self.cfg.chain)
+        if self.wallet is not None:
+            await check_contract(self.wallet.chain)
         if self.provider is not None:
             self.provider.served = served()
             self.provider.on_bids_changed = terms_changed

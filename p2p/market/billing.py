@@ -13,7 +13,7 @@ from p2pnode.chain.client import CLAIM_WINDOW_S, Tx
 from p2pnode.chain.units import format_price
 from p2pnode.errors import ChainError
 from p2pnode.p2p import pricing
-from p2pnode.p2p.market.config import CONFIRM_RETRY_S, MAX_CHAIN_LAG_S, Config
+from p2pnode.p2p.market.config import CONFIRM_RETRY_S, MAX_CHAIN_LAG_S, Config, Wallet
 from p2pnode.p2p.market.ledger import Ledger
 from p2pnode.protocols.offers import ModelOffer
 from p2pnode.protocols.session import Hello, RejectCode, admission, approval_nonce
@@ -53,6 +53,7 @@ class ProviderMarket:
     """
 
     cfg: Config
+    wallet: Wallet
     ledger: Ledger
     # model id -> (bid id, price per second), read from the chain.
     bids: dict[str, tuple[bytes, int]] = field(default_factory=dict)
@@ -83,7 +84,7 @@ class ProviderMarket:
 
     @property
     def address(self) -> str:
-        return str(self.cfg.account.address)
+        return self.wallet.address
 
     def chain_time(self) -> float:
         """The chain's clock now (the time a block mined now would carry), estimated
@@ -104,14 +105,14 @@ class ProviderMarket:
 
     async def _read_chain_time(self) -> int:
         """Read the chain's clock: the time the next block will carry."""
-        now = await self.cfg.chain.next_block_time()
+        now = await self.wallet.chain.next_block_time()
         self.skew = now - time.time()
         return now
 
     async def load_bids(self, model_ids: list[str]) -> None:
         """Read this provider's live bids for the models it serves (and, the first
         time, the chain's clock and block: follow() looks for changes from there on)."""
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         if self._next_block is None:
             await self._read_chain_time()
             self._next_block = await chain.block_number()
@@ -159,14 +160,14 @@ class ProviderMarket:
         Signing is local work: it does not take the chain's lane, which
         unauthenticated Hellos could otherwise keep busy.
         """
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         assert hello.bid_id is not None
         assert hello.consumer_wallet is not None
         expiry = self.approval_expiry()
         nonce = approval_nonce(hello.nonce, approve_nonce)
         signature = await trio.to_thread.run_sync(
             chain.sync.sign_approval,
-            self.cfg.account,
+            self.wallet.account,
             bytes.fromhex(hello.bid_id),
             hello.consumer_wallet,
             expiry,
@@ -176,7 +177,7 @@ class ProviderMarket:
 
     async def confirm(self, hello: Hello, session_id: bytes, peer: str) -> RejectCode | None:
         """Read the session the consumer says it opened: ours, theirs, this bid, not over."""
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         try:
             for delay in CONFIRM_RETRY_S:
                 s = await chain.session(session_id)
@@ -237,7 +238,7 @@ class ProviderMarket:
         best = self.usage.get(session_id)
         if best is not None and used_until < best[0]:
             return f"used_until {used_until} is behind an earlier acknowledgement ({best[0]})"
-        signer = self.cfg.chain.sync.usage_signer(session_id, used_until, signature)
+        signer = self.wallet.chain.sync.usage_signer(session_id, used_until, signature)
         if signer is None or signer.lower() != wallet.lower():
             return "usage not signed by the session's consumer wallet"
         self.usage[session_id] = (used_until, signature)
@@ -273,7 +274,7 @@ class ProviderMarket:
         """
         if not self.serving(session_id):
             return False
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         try:
             s = await chain.session(session_id)
             # The chain's clock too: the contract ends a session by its block
@@ -323,7 +324,7 @@ class ProviderMarket:
         provider's bids reloads them, so a bid posted while it runs is offered
         within ``follow_s``, with no restart.
         """
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         await self._read_chain_time()
         if self._next_block is None:
             self._next_block = await chain.block_number()
@@ -356,7 +357,7 @@ class ProviderMarket:
     async def _claim(self, session_id: bytes, best: tuple[int, bytes] | None, now: int) -> bool:
         """Settle the session with the best acknowledgement held (none: paid 0, the
         consumer refunded). Past the claim window only a close paying 0 is left."""
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         try:
             s = await chain.session(session_id)
             if s.open:
@@ -368,11 +369,11 @@ class ProviderMarket:
                     logger.warning(
                         "session %s: its claim window passed unclaimed", session_id.hex()[:8]
                     )
-                    tx = await chain.close_session(self.cfg.account, session_id)
+                    tx = await chain.close_session(self.wallet.account, session_id)
                 else:
                     used_until, signature = best if best is not None else (0, b"")
                     tx = await chain.claim_session(
-                        self.cfg.account,
+                        self.wallet.account,
                         session_id,
                         used_until,
                         signature,

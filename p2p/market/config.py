@@ -18,12 +18,27 @@ from p2pnode.errors import ChainError, ConfigError
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    """A node's terms on the chain (present: chain mode; absent: free mode)."""
+@dataclass(frozen=True, slots=True)
+class Wallet:
+    """Who a paid node is on the chain, and its way to the chain.
+
+    Not configuration: a key and a live client, handed to ``open_node``
+    beside the :class:`Config` (which holds values only).
+    """
 
     chain: AsyncChain
     account: LocalAccount
+
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """A node's terms on the chain (present: paid mode, with a :class:`Wallet`;
+    absent: free mode)."""
+
     # Provider: how long an approval may wait for its openSession.
     approval_ttl_s: int = 120
     # Provider: how often ended sessions are looked for and closed.

@@ -15,7 +15,7 @@ from p2pnode.chain.client import CLAIM_WINDOW_S, Tx, model_key
 from p2pnode.chain.units import format_price
 from p2pnode.errors import ChainError, FundsError
 from p2pnode.p2p import pricing
-from p2pnode.p2p.market.config import Config, OfferMismatch, settling_time
+from p2pnode.p2p.market.config import Config, OfferMismatch, Wallet, settling_time
 from p2pnode.p2p.market.ledger import Ledger
 from p2pnode.protocols.offers import ModelOffer, Offer
 from p2pnode.protocols.session import Approve, Hello, approval_nonce
@@ -67,6 +67,7 @@ class ConsumerMarket:
     what it closes, and when."""
 
     cfg: Config
+    wallet: Wallet
     ledger: Ledger
     # Every session whose stake is escrowed, in use or waiting to be settled.
     open: dict[bytes, Paid] = field(default_factory=dict)
@@ -76,7 +77,7 @@ class ConsumerMarket:
 
     @property
     def address(self) -> str:
-        return str(self.cfg.account.address)
+        return self.wallet.address
 
     def terms(self, offer: Offer, model_id: str) -> ModelOffer | None:
         """The offer's terms if this consumer would pay them (a bid, a price within limits)."""
@@ -110,7 +111,7 @@ class ConsumerMarket:
         stake, raises ChainError: a cheaper provider may still be paid (and a
         provider cannot end every request by asking a stake above the wallet's).
         """
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         tokens = await chain.balance(self.address)
         ether = await chain.eth_balance(self.address)
         if tokens >= stake and ether > 0:
@@ -142,7 +143,7 @@ class ConsumerMarket:
             duration_s=stake // terms.price_per_s,
         )
         signed = Account.sign_message(
-            encode_defunct(primitive=filled.signing_bytes()), self.cfg.account.key
+            encode_defunct(primitive=filled.signing_bytes()), self.wallet.account.key
         )
         return replace(filled, signature=bytes(signed.signature))
 
@@ -152,7 +153,7 @@ class ConsumerMarket:
 
         Raises :class:`OfferMismatch` (the provider's offer lied) or ChainError.
         """
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         assert terms.bid_id is not None
         bid = await chain.bid(bytes.fromhex(terms.bid_id))
         wrong = (
@@ -176,11 +177,11 @@ class ConsumerMarket:
         self, peer: str, hello: Hello, approve: Approve, terms: ModelOffer, stake: int
     ) -> bytes:
         """Open the session on chain with the provider's approval (transaction 1 of 2)."""
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         assert terms.bid_id is not None
         started = trio.current_time()
         tx: Tx = await chain.open_session(
-            self.cfg.account,
+            self.wallet.account,
             bytes.fromhex(terms.bid_id),
             stake,
             terms.price_per_s,
@@ -241,8 +242,8 @@ class ConsumerMarket:
         if paid is None or reckoned is None:
             return 0, b""
         paid.used_until = max(paid.used_until, math.ceil(reckoned))
-        chain = self.cfg.chain.sync
-        signature = chain.sign_usage(self.cfg.account, session_id, paid.used_until)
+        chain = self.wallet.chain.sync
+        signature = chain.sign_usage(self.wallet.account, session_id, paid.used_until)
         if not paid.served:
             paid.served = True
             self.ledger.served(session_id)
@@ -291,7 +292,7 @@ class ConsumerMarket:
         or from its end plus the claim window on (paying 0 if its provider did not
         claim it). A session its provider already settled is only recorded.
         """
-        chain = self.cfg.chain
+        chain = self.wallet.chain
         session_id = paid.session_id
         try:
             s = await chain.session(session_id)
@@ -310,7 +311,7 @@ class ConsumerMarket:
             if not early and now < s.ends_at + CLAIM_WINDOW_S:
                 self._tell_wait(paid)
                 return
-            tx: Tx = await chain.close_session(self.cfg.account, session_id)
+            tx: Tx = await chain.close_session(self.wallet.account, session_id)
         except ChainError as exc:
             # Still escrowed: it stays counted against the spend limit, and the
             # ledger lists it for the next try (the run loop, stop, restart).
@@ -354,7 +355,7 @@ class ConsumerMarket:
         if not any(release_all or p.released for p in self.open.values()):
             return  # nothing waits: no chain call
         try:
-            now: int | None = await settling_time(self.cfg.chain)
+            now: int | None = await settling_time(self.wallet.chain)
         except ChainError as exc:
             logger.warning("cannot read the chain's time: %s", exc)
             now = None
@@ -366,8 +367,8 @@ class ConsumerMarket:
 
     async def prepare(self) -> None:
         """At start: one unlimited token approval (so each session is one transaction)."""
-        chain = self.cfg.chain
-        await chain.approve_token(self.cfg.account, self.cfg.spend_limit, unlimited=True)
+        chain = self.wallet.chain
+        await chain.approve_token(self.wallet.account, self.cfg.spend_limit, unlimited=True)
 
     async def run(self) -> None:
         """Settle sessions left from a restart, then release those idle or past their

@@ -25,6 +25,7 @@ from p2pnode.p2p.market import (
     Config,
     Ledger,
     ProviderMarket,
+    Wallet,
     check_contract,
 )
 
@@ -622,7 +623,7 @@ async def test_an_approval_lives_its_time_to_live_by_the_clock_of_the_next_block
     provider, bid = _provider(net)
     consumer = net.accounts[2]
     ledger = Ledger(None)
-    market = ProviderMarket(Config(chain=AsyncChain(chain), account=provider), ledger)
+    market = ProviderMarket(Config(), Wallet(AsyncChain(chain), provider), ledger)
     ttl = market.cfg.approval_ttl_s
 
     def open_by(expiry: int) -> None:

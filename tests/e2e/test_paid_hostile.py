@@ -53,12 +53,11 @@ class Paid:
 
 
 def _market(net: Embedded, who: int, home: Path, **kw: object) -> market.Config:
-    return market.Config(
-        chain=AsyncChain(net.chain),
-        account=net.accounts[who],
-        sessions_db=home / f"sessions-{who}.db",
-        **kw,  # type: ignore[arg-type]
-    )
+    return market.Config(sessions_db=home / f"sessions-{who}.db", **kw)  # type: ignore[arg-type]
+
+
+def _wallet(net: Embedded, who: int) -> market.Wallet:
+    return market.Wallet(AsyncChain(net.chain), net.accounts[who])
 
 
 @pytest.fixture
@@ -73,6 +72,7 @@ async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
             open_node(
                 NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path, follow_s=0.2)),
                 key_pair=create_new_key_pair(),
+                wallet=_wallet(net, 1),
                 engines=[SyntheticEngine()],
             )
         )
@@ -83,6 +83,7 @@ async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
                     market=_market(net, 2, tmp_path, session_seconds=1000),
                 ),
                 key_pair=create_new_key_pair(),
+                wallet=_wallet(net, 2),
             )
         )
         with trio.fail_after(BOUND_S):
@@ -418,7 +419,9 @@ async def test_a_session_is_not_idle_while_a_request_runs(paid: Paid, tmp_path: 
     # session under the request (and then the provider stopped serving it).
     cfg = _market(paid.embedded, 3, tmp_path, session_seconds=1000, idle_close_s=0.5)
     async with open_node(
-        NodeConfig(bootstrap=(paid.provider.addrs[0],), market=cfg), key_pair=create_new_key_pair()
+        NodeConfig(bootstrap=(paid.provider.addrs[0],), market=cfg),
+        key_pair=create_new_key_pair(),
+        wallet=_wallet(paid.embedded, 3),
     ) as consumer:
         with trio.fail_after(BOUND_S):
             while consumer.offer_book.get(paid.provider.peer_id) is None:

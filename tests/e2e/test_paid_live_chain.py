@@ -61,21 +61,23 @@ async def engine() -> AsyncIterator[Engine]:
 async def _pair(
     stack: AsyncExitStack,
     engine: Engine,
-    provider: market.Config,
-    consumer: market.Config,
+    provider: tuple[market.Config, market.Wallet],
+    consumer: tuple[market.Config, market.Wallet],
 ) -> tuple[Node, Node]:
     """A paid provider serving ``engine`` and a consumer that knows its offer."""
     serving = await stack.enter_async_context(
         open_node(
-            NodeConfig(measure_tokens=0, market=provider),
+            NodeConfig(measure_tokens=0, market=provider[0]),
             key_pair=create_new_key_pair(),
             engines=[engine],
+            wallet=provider[1],
         )
     )
     asking = await stack.enter_async_context(
         open_node(
-            NodeConfig(bootstrap=(serving.addrs[0],), market=consumer),
+            NodeConfig(bootstrap=(serving.addrs[0],), market=consumer[0]),
             key_pair=create_new_key_pair(),
+            wallet=consumer[1],
         )
     )
     return serving, asking
@@ -125,12 +127,13 @@ async def test_the_first_chat_after_an_idle_spell_opens_its_session_at_once(
         assert idle_since < time.time() - IDLE_S + 60
         sent = setup.w3.eth.get_transaction_count(consumer.address)
 
-        def own_chain(who: LocalAccount, name: str, **kw: object) -> market.Config:
+        def own_chain(
+            who: LocalAccount, name: str, **kw: object
+        ) -> tuple[market.Config, market.Wallet]:
             # Each node its own connection, as separate processes have.
             chain = AsyncChain(Chain(connect(dev.url), setup.deployment))
-            return market.Config(
-                chain=chain, account=who, sessions_db=tmp_path / f"{name}.db", **kw
-            )  # type: ignore[arg-type]
+            terms = market.Config(sessions_db=tmp_path / f"{name}.db", **kw)  # type: ignore[arg-type]
+            return terms, market.Wallet(chain, who)
 
         async with AsyncExitStack() as stack:
             serving, asking = await _pair(
@@ -171,14 +174,11 @@ async def test_a_bid_posted_while_the_provider_runs_is_served_without_a_restart(
     await chain.run(net.chain.register_model, provider, MODEL, None)
     # Bids are read again every settle round anyway (settle_every_s): an hour here,
     # so that only following the chain's events can pick a new one up.
-    provider_cfg = market.Config(
-        chain=chain,
-        account=provider,
-        sessions_db=tmp_path / "provider.db",
-        settle_every_s=3600.0,
-        follow_s=0.5,
+    provider_cfg = (
+        market.Config(sessions_db=tmp_path / "provider.db", settle_every_s=3600.0, follow_s=0.5),
+        market.Wallet(chain, provider),
     )
-    consumer_cfg = market.Config(chain=chain, account=consumer, sessions_db=tmp_path / "c.db")
+    consumer_cfg = (market.Config(sessions_db=tmp_path / "c.db"), market.Wallet(chain, consumer))
     caplog.set_level(logging.WARNING, logger="p2pnode.p2p.market")
     async with AsyncExitStack() as stack:
         serving, asking = await _pair(stack, engine, provider_cfg, consumer_cfg)

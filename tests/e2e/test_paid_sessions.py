@@ -40,10 +40,12 @@ class Paid:
     api_key: str
 
 
-def _market(net: Embedded, who: int, home: Path, chain: AsyncChain, **kw: object) -> market.Config:
-    return market.Config(
-        chain=chain, account=net.accounts[who], sessions_db=home / f"sessions-{who}.db", **kw
-    )  # type: ignore[arg-type]
+def _market(net: Embedded, who: int, home: Path, **kw: object) -> market.Config:
+    return market.Config(sessions_db=home / f"sessions-{who}.db", **kw)  # type: ignore[arg-type]
+
+
+def _wallet(net: Embedded, who: int, chain: AsyncChain) -> market.Wallet:
+    return market.Wallet(chain, net.accounts[who])
 
 
 @pytest.fixture
@@ -60,18 +62,20 @@ async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
         )
         provider = await stack.enter_async_context(
             open_node(
-                NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path, chain)),
+                NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path)),
                 key_pair=create_new_key_pair(),
                 engines=[engine],
+                wallet=_wallet(net, 1, chain),
             )
         )
         consumer = await stack.enter_async_context(
             open_node(
                 NodeConfig(
                     bootstrap=(provider.addrs[0],),
-                    market=_market(net, 2, tmp_path, chain, session_seconds=100),
+                    market=_market(net, 2, tmp_path, session_seconds=100),
                 ),
                 key_pair=create_new_key_pair(),
+                wallet=_wallet(net, 2, chain),
             )
         )
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -199,11 +203,12 @@ async def test_a_free_hello_to_a_paid_provider_is_refused(paid: Paid) -> None:
 
 async def test_the_spend_limit_is_a_429_insufficient_quota(paid: Paid, tmp_path: Path) -> None:
     chain = AsyncChain(paid.embedded.chain)
-    tight = _market(paid.embedded, 3, tmp_path, chain, spend_limit=PRICE // 2)
+    tight = _market(paid.embedded, 3, tmp_path, spend_limit=PRICE // 2)
     async with (
         open_node(
             NodeConfig(bootstrap=(paid.provider.addrs[0],), market=tight),
             key_pair=create_new_key_pair(),
+            wallet=_wallet(paid.embedded, 3, chain),
         ) as poor,
         trio.open_nursery() as nursery,
     ):
@@ -237,7 +242,7 @@ async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_pat
         return bytes(tx.value[0])
 
     served, unserved = open_one(), open_one()
-    cfg = _market(net, 4, tmp_path, AsyncChain(net.chain), idle_close_s=0.2)
+    cfg = _market(net, 4, tmp_path, idle_close_s=0.2)
     assert cfg.sessions_db is not None
     ledger = market.Ledger(cfg.sessions_db)
     for left in (served, unserved):
@@ -248,7 +253,11 @@ async def test_a_restarted_consumer_closes_what_it_left_open(paid: Paid, tmp_pat
     ledger.served(served)
     ledger.close()
     p0 = net.chain.balance(provider.address)
-    async with open_node(NodeConfig(market=cfg), key_pair=create_new_key_pair()) as node:
+    async with open_node(
+        NodeConfig(market=cfg),
+        key_pair=create_new_key_pair(),
+        wallet=_wallet(net, 4, AsyncChain(net.chain)),
+    ) as node:
         assert node.markets.consumer is not None
         with trio.fail_after(BOUND_S):
             # Closed at start (the run loop's first step), its stake no longer held.
@@ -294,8 +303,10 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     boot = (paid.provider.addrs[0],)
 
     # --max-price below every bid: the cheapest bid and the limit, in tokens.
-    cheap = _market(net, 3, tmp_path, chain, max_price_per_s=PRICE // 10)
-    async with open_node(NodeConfig(bootstrap=boot, market=cheap), key_pair=_keys()) as stingy:
+    cheap = _market(net, 3, tmp_path, max_price_per_s=PRICE // 10)
+    async with open_node(
+        NodeConfig(bootstrap=boot, market=cheap), key_pair=_keys(), wallet=_wallet(net, 3, chain)
+    ) as stingy:
         error = await _chat_error(stingy, paid.provider)
     assert error.status_code == 503
     assert (
@@ -306,10 +317,12 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     # A wallet with ether but no tokens: 429 insufficient_quota naming the wallet.
     broke = Account.create()
     send_ether(net.chain.w3, net.accounts[0], broke.address, 10**18)
-    poor_market = market.Config(
-        chain=chain, account=broke, sessions_db=tmp_path / "broke.db", session_seconds=100
-    )
-    async with open_node(NodeConfig(bootstrap=boot, market=poor_market), key_pair=_keys()) as poor:
+    poor_market = market.Config(sessions_db=tmp_path / "broke.db", session_seconds=100)
+    async with open_node(
+        NodeConfig(bootstrap=boot, market=poor_market),
+        key_pair=_keys(),
+        wallet=market.Wallet(chain, broke),
+    ) as poor:
         error = await _chat_error(poor, paid.provider)
         assert poor.markets.consumer is not None
         assert poor.markets.consumer.counters.opened == 0
@@ -329,11 +342,11 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     short = Account.create()
     send_ether(net.chain.w3, net.accounts[0], short.address, 10**18)
     net.chain.mint(net.accounts[0], short.address, 5 * PRICE * 10)  # 0.05 of a 0.1 stake
-    short_market = market.Config(
-        chain=chain, account=short, sessions_db=tmp_path / "short.db", session_seconds=100
-    )
+    short_market = market.Config(sessions_db=tmp_path / "short.db", session_seconds=100)
     async with open_node(
-        NodeConfig(bootstrap=boot, market=short_market), key_pair=_keys()
+        NodeConfig(bootstrap=boot, market=short_market),
+        key_pair=_keys(),
+        wallet=market.Wallet(chain, short),
     ) as shortish:
         error = await _chat_error(shortish, paid.provider)
     assert error.status_code == 503

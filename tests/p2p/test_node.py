@@ -14,6 +14,7 @@ from libp2p.peer.id import ID
 from p2pnode import __version__
 from p2pnode.errors import ConfigError, ErrorCode
 from p2pnode.p2p import host as hostlib
+from p2pnode.p2p import market
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import status
 from p2pnode.protocols.wire import (
@@ -179,4 +180,10 @@ async def test_address_no_transport_can_serve_is_a_config_error(node_factory: Op
 async def test_malformed_bootstrap_address_is_a_config_error(node_factory: OpenNode) -> None:
     with pytest.raises(ConfigError, match="no /p2p/<peer id> part"):
         async with node_factory(bootstrap=("/ip4/127.0.0.1/tcp/4001",)):
+            pass
+
+
+async def test_paid_terms_without_a_wallet_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="paid mode needs both the market's terms and a wallet"):
+        async with open_node(NodeConfig(market=market.Config()), key_pair=create_new_key_pair()):
             pass

@@ -176,7 +176,17 @@ async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
                 missing = [str(a) for a in addrs if not _covered(a, listening)]
                 if missing:
                     raise ConfigError(f"could not listen on {', '.join(missing)}")
-                yield [str(a) for a in host.get_addrs()]
+                try:
+                    yield [str(a) for a in host.get_addrs()]
+                finally:
+                    # Before run() exits: its own stop path closes connections
+                    # only while not cancelled, and a node is usually stopped
+                    # by cancellation; its peers would then wait out their
+                    # timeouts (docs/libp2p-traps.md#stopping-leaves-connections-open).
+                    with trio.CancelScope(
+                        shield=True, deadline=trio.current_time() + cfg.close_timeout
+                    ):
+                        await close_connections(host)
             finally:
                 # py-libp2p 0.8.1: leaving run() stops its services but leaves
                 # listeners accepting and connections open; close() ends both
@@ -185,6 +195,21 @@ async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
                     shield=True, deadline=trio.current_time() + cfg.close_timeout
                 ):
                     await host.close()
+
+
+async def close_connections(host: IHost) -> None:
+    """Close every connection of ``host`` (each peer sees it end at once); never raises.
+
+    The muxed connection itself: a cancelled ``SwarmConn.close`` has marked
+    itself closed before its socket was (docs/libp2p-traps.md#stopping-leaves-connections-open).
+    """
+    for conn in host.get_network().get_connections():
+        muxed = conn.muxed_conn
+        try:
+            if not muxed.is_closed:
+                await muxed.close()
+        except Exception as exc:  # noqa: BLE001 - py-libp2p's close raises a zoo of types on dead links
+            logger.debug("closing a connection to %s: %s", short(muxed.peer_id), exc)
 
 
 def _covered(wanted: multiaddr.Multiaddr, listening: Sequence[multiaddr.Multiaddr]) -> bool:

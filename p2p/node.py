@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 
@@ -139,9 +140,8 @@ class Node:
             timeout=config.bootstrap_timeout,
             retry_s=config.bootstrap_retry_s,
         )
-        paid = self.markets.consumer is not None
         self.control = control.Answers(
-            host, self.offer_book, self.reputation, self.status_info, paid=paid
+            host, self.offer_book, self.reputation, self.status_info, paid=wallet is not None
         )
 
     @property
@@ -186,8 +186,9 @@ class Node:
         return [str(p) for p in self.host.get_connected_peers()]
 
     def _register_handlers(self) -> None:
+        answer = partial(status_service.serve, answer=self.status_info, cfg=self.config.status)
         handlers: list[tuple[str, Serve]] = [
-            (status.PROTOCOL_ID, self._serve_status),
+            (status.PROTOCOL_ID, answer),
             (dialback.PROTOCOL_ID, self.dialback_helper.serve),
         ]
         if self.provider is not None:
@@ -197,9 +198,6 @@ class Node:
             ]
         for protocol, serve in handlers:
             self.host.set_stream_handler(TProtocol(protocol), self.guard.wrap(protocol, serve))
-
-    async def _serve_status(self, stream: INetStream) -> None:
-        await status_service.serve(stream, self.status_info, self.config.status)
 
 
 @asynccontextmanager
@@ -213,10 +211,9 @@ async def open_node(
 ) -> AsyncIterator[Node]:
     """Start a node and yield it once it listens and has tried its bootstrap peers.
 
-    ``engines`` are served as they are (the caller opened them and closes
-    them after); ``host``, if given, instead of one built from
-    ``config.host`` (another transport, for tests). Paid mode
-    (``config.market``) acts on the chain with ``wallet``. Raises
+    ``engines`` are served as they are (the caller closes them after);
+    ``host`` replaces the one built from ``config.host`` (another transport,
+    for tests); paid mode (``config.market``) pays with ``wallet``. Raises
     :class:`ConfigError` before yielding if an address cannot be listened
     on or a bootstrap address is malformed; unreachable bootstrap peers are
     logged and retried.
@@ -238,9 +235,7 @@ async def open_node(
                 if node.discovery is not None:
                     await nursery.start(node.discovery.run)
                 await node.markets.start(
-                    nursery,
-                    lambda: tuple(m.model_id for m in node.offering.models),
-                    node.offering.terms_changed,
+                    nursery, node.offering.model_ids, node.offering.terms_changed
                 )
                 if node.offering.engines and config.measure_tokens > 0:
                     nursery.start_soon(node.offering.measure, config.measure_tokens)

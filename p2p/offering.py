@@ -51,6 +51,10 @@ class Offering:
             + announced
         )
 
+    def model_ids(self) -> tuple[str, ...]:
+        """The ids of the models this node announces, served ones first."""
+        return tuple(m.model_id for m in self.models)
+
     def engine_for(self, model_id: str) -> Engine | None:
         """The engine that serves ``model_id`` here, if any."""
         for engine in self.engines:

@@ -136,6 +136,8 @@ async def start_node(
     node's only transport is that in-process network (``p2p/memory.py``).
     """
     scope, stopped = trio.CancelScope(), trio.Event()
+    if memory is not None:
+        config = replace(config, host=replace(config.host, listen=("/memory/0",)))
 
     async def run(*, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -8,11 +8,13 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from trio.testing import MockClock
 
-from p2pnode.errors import ConfigError, NetworkError
+from p2pnode.errors import ConfigError, NetworkError, NoProviderError
+from p2pnode.inference.engine import Params, Request
+from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import NodeConfig, open_node
-from p2pnode.simnet.harness import open_memory_node, until
+from p2pnode.simnet.harness import open_memory_node, start_node, until
 
 BOUND_S = 10
 
@@ -52,3 +54,38 @@ async def test_an_address_in_use_is_refused(
         with pytest.raises(ConfigError, match="could not listen"):
             async with open_node(cfg, key_pair=keys, host=host):
                 pass
+
+
+async def test_a_provider_killed_mid_answer_is_seen_gone_at_once(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Killed: its task cancelled at once, as simnet and the tests stop a node
+    # in process. py-libp2p's own stop path marks the connection closed and
+    # is cancelled (its close waits on the streaming answer's lock) before it
+    # closes the socket: the consumer heard nothing until its 30 s chunk gap
+    # ran out (docs/libp2p-traps.md#stopping-leaves-connections-open).
+    request = Request(
+        model_id=SyntheticEngine().models()[0].model_id,
+        kind="completion",
+        prompt="hi",
+        params=Params(max_tokens=100_000),
+    )
+    async with open_memory_node(memory, NodeConfig()) as consumer, trio.open_nursery() as nursery:
+        cfg = NodeConfig(measure_tokens=0, bootstrap=(consumer.addrs[0],))
+        provider = await start_node(nursery, cfg, [SyntheticEngine()], memory=memory)
+        await consumer.finder.refresh_offer(provider.node.peer_id)
+        chunks = 0
+
+        async def deliver(_text: str, _tokens: int) -> None:
+            nonlocal chunks
+            chunks += 1
+            if chunks == 5:
+                provider.kill()
+
+        started = trio.current_time()
+        with pytest.raises(NoProviderError) as failed:
+            await consumer.generate(request, deliver)
+        # Virtual seconds: the reset arrives at once, long before any timeout.
+        assert trio.current_time() - started < 5, str(failed.value)
+        assert "silent" not in str(failed.value)
+        nursery.cancel_scope.cancel()

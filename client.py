@@ -27,6 +27,7 @@ from libp2p.crypto.keys import KeyPair
 
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.p2p.config import NodeConfig
+from p2pnode.p2p.market import Wallet
 from p2pnode.p2p.node import Node, open_node
 from p2pnode.protocols.infer.messages import DEFAULT_MAX_TOKENS
 from p2pnode.scopes import single_errors_ungrouped
@@ -146,15 +147,17 @@ async def connect(
     *,
     config: NodeConfig | None = None,
     key_pair: KeyPair | None = None,
+    wallet: Wallet | None = None,
 ) -> AsyncIterator[Network]:
     """Join the network through ``bootstrap`` (full multiaddrs) and yield it; leave on exit.
 
-    ``config`` for anything else (paid mode, listen addresses: see
-    ``p2p/config.py:NodeConfig``); ``key_pair`` keeps a peer id across runs
-    (a fresh one otherwise). The node serves nothing.
+    ``config`` for anything else (paid terms, listen addresses: see
+    ``p2p/config.py:NodeConfig``), with ``wallet`` to pay from in paid mode
+    (``p2p/market/config.py:Wallet``); ``key_pair`` keeps a peer id across
+    runs (a fresh one otherwise). The node serves nothing.
     """
     config = replace(config or NodeConfig(), bootstrap=tuple(bootstrap))
-    async with open_node(config, key_pair=key_pair or create_new_key_pair()) as node:
+    async with open_node(config, key_pair=key_pair or create_new_key_pair(), wallet=wallet) as node:
         yield Network(node)
 
 

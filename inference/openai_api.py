@@ -542,9 +542,18 @@ class _Guard:
 
 
 def _host_name(host: str) -> str:
+    """The name part of a Host header (lower case), or the whole header if it is not
+    ``name``, ``name:port``, ``[v6]`` or ``[v6]:port`` with a numeric port."""
+    host = host.lower()
     if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name, _, port = host.partition("]")
+        name += "]"
+    else:
+        name, _, port = host.partition(":")
+        port = ":" + port if port else ""
+    if port and not (port.startswith(":") and port[1:].isdigit()):
+        return host
+    return name
 
 
 def create_app(

@@ -184,9 +184,9 @@ async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
                     # by cancellation; its peers would then wait out their
                     # timeouts (docs/libp2p-traps.md#stopping-leaves-connections-open).
                     with trio.CancelScope(
-                        shield=True, deadline=trio.current_time() + cfg.close_timeout
+                        shield=True, deadline=trio.current_time() + 2 * cfg.close_timeout
                     ):
-                        await close_connections(host)
+                        await close_connections(host, cfg.close_timeout)
             finally:
                 # py-libp2p 0.8.1: leaving run() stops its services but leaves
                 # listeners accepting and connections open; close() ends both
@@ -197,19 +197,28 @@ async def running(host: IHost, cfg: Config) -> AsyncIterator[list[str]]:
                     await host.close()
 
 
-async def close_connections(host: IHost) -> None:
-    """Close every connection of ``host`` (each peer sees it end at once); never raises.
+async def close_connections(host: IHost, timeout: float) -> None:  # noqa: ASYNC109
+    """Close every connection of ``host`` at once (each peer sees it end); never raises.
 
     The muxed connection itself: a cancelled ``SwarmConn.close`` has marked
     itself closed before its socket was (docs/libp2p-traps.md#stopping-leaves-connections-open).
+    Each gets ``timeout`` for yamux's goodbye (a peer that stops reading can
+    block it); past that, the socket is closed without one.
     """
-    for conn in host.get_network().get_connections():
-        muxed = conn.muxed_conn
+
+    async def close(muxed: Any) -> None:
         try:
-            if not muxed.is_closed:
-                await muxed.close()
+            with trio.move_on_after(timeout) as bounded:
+                if not muxed.is_closed:
+                    await muxed.close()
+            if bounded.cancelled_caught:
+                await muxed.secured_conn.close()
         except Exception as exc:  # noqa: BLE001 - py-libp2p's close raises a zoo of types on dead links
             logger.debug("closing a connection to %s: %s", short(muxed.peer_id), exc)
+
+    async with trio.open_nursery() as nursery:
+        for conn in host.get_network().get_connections():
+            nursery.start_soon(close, conn.muxed_conn)
 
 
 def _covered(wanted: multiaddr.Multiaddr, listening: Sequence[multiaddr.Multiaddr]) -> bool:

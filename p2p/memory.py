@@ -63,7 +63,9 @@ class _Stream(ReadWriteCloser):
 
     A peer that went away shows as ``ConnectionClosedError`` on write and as
     end-of-stream on read, as py-libp2p's TCP stream does, so yamux reacts
-    to a dropped memory link exactly as to a reset socket.
+    to a dropped memory link as to a reset socket. Unlike TCP there is no
+    backpressure: a write never waits for the reader, so a test of a slow
+    reader (a full window, a blocked goodbye) belongs on TCP.
     """
 
     def __init__(self, stream: trio.abc.Stream) -> None:
@@ -105,8 +107,11 @@ class _Listener(IListener):
         self._numbers: list[int] = []
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
+        self._closed = False
 
     async def listen(self, maddr: multiaddr.Multiaddr) -> None:
+        if self._closed:
+            raise OpenConnectionError(f"cannot listen on {maddr}: the listener is closed")
         number = self._network._bind(_number(maddr), self)
         self._numbers.append(number)
         if self._nursery is None:
@@ -126,12 +131,12 @@ class _Listener(IListener):
             trio.lowlevel.spawn_system_task(serve)
             await ready.wait()
 
-    def _accept(self, conn: IRawConnection) -> None:
+    def _accept(self, conn: ReadWriteCloser) -> None:
         if self._nursery is None:
             raise OpenConnectionError("the memory listener is closed")
         self._nursery.start_soon(self._serve, conn)
 
-    async def _serve(self, conn: IRawConnection) -> None:
+    async def _serve(self, conn: ReadWriteCloser) -> None:
         # As trio.serve_listeners does for TCP: a connection whose handler
         # ends (or is cancelled when the listener closes) is closed, so the
         # peer sees it go.
@@ -147,6 +152,7 @@ class _Listener(IListener):
         return tuple(multiaddr.Multiaddr(f"/memory/{n}") for n in self._numbers)
 
     async def close(self) -> None:
+        self._closed = True
         for number in self._numbers:
             self._network._unbind(number)
         self._numbers.clear()
@@ -173,11 +179,13 @@ class MemoryTransport(ITransport):
         return _is_memory(maddr)
 
     async def dial(self, maddr: multiaddr.Multiaddr) -> IRawConnection:
+        await trio.lowlevel.checkpoint()  # a dial loop must let other tasks run
         listener = self._network._listener(_number(maddr))
         ours, theirs = trio.testing.memory_stream_pair()
-        source = [a for mine in self._listeners for a in mine.get_addrs()]
         target = multiaddr.Multiaddr(f"/memory/{_number(maddr)}")
-        listener._accept(RawConnection(_Stream(theirs), False, addresses=source[:1]))
+        # The accepting side gets the bare stream, as TCP's handler does (the
+        # swarm wraps it).
+        listener._accept(_Stream(theirs))
         return RawConnection(_Stream(ours), True, addresses=[target])
 
     def create_listener(self, handler_function: THandler) -> IListener:

@@ -316,6 +316,10 @@ JUNK_ADDRS = (Multiaddr("/ip4/127.0.0.1/tcp/1"), Multiaddr("/dns4/nowhere.invali
 
 def _junk_peer(message_peer: kad_pb.Message.Peer, peer: ID, lure: str | None) -> None:
     message_peer.id = peer.to_bytes()
+    # First, a good first protocol and then junk: py-libp2p parses lazily,
+    # so only reading the rest (printing it, as a relay lookup does with the
+    # first address it holds) finds out.
+    message_peer.addrs.append(Multiaddr("/ip4/10.9.9.9").to_bytes() + b"\xff\x00junk")
     message_peer.addrs.extend(a.to_bytes() for a in JUNK_ADDRS)
     message_peer.addrs.append(b"\xff\x00junk")  # not a multiaddr at all
     if lure is not None:  # an honest node's address under a junk id: the handshake fails

@@ -168,6 +168,7 @@ async def open_memory_node(
     *,
     key_pair: KeyPair | None = None,
     engines: Sequence[Engine] = (),
+    wallet: Wallet | None = None,
 ) -> AsyncIterator[Node]:
     """``open_node`` on the in-process ``memory`` network (listening on ``/memory/0``).
 
@@ -177,9 +178,8 @@ async def open_memory_node(
     """
     keys = key_pair or create_new_key_pair()
     cfg = replace(config, host=replace(config.host, listen=("/memory/0",)))
-    async with open_node(
-        cfg, key_pair=keys, engines=engines, host=memory_host(memory, keys, cfg)
-    ) as node:
+    host = memory_host(memory, keys, cfg)
+    async with open_node(cfg, key_pair=keys, engines=engines, host=host, wallet=wallet) as node:
         yield node
 
 

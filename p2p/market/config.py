@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
@@ -27,7 +27,7 @@ class Wallet:
     """
 
     chain: AsyncChain
-    account: LocalAccount
+    account: LocalAccount = field(repr=False)  # it holds the private key
 
     @property
     def address(self) -> str:

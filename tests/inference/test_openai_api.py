@@ -353,3 +353,77 @@ async def test_serving_beyond_loopback_is_refused_unless_allowed(
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "0.0.0.0:0" in warning.getMessage()
     assert "beyond this machine" in warning.getMessage()
+
+
+async def _asgi_get_models(host: bytes | None) -> int:
+    """GET /v1/models straight into the app with this Host header (None: none); the status."""
+    app = openai_api.create_app(ScriptedNode(), KEY)
+    headers = [(b"authorization", f"Bearer {KEY}".encode())]
+    if host is not None:
+        headers.append((b"host", host))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/models",
+        "raw_path": b"/v1/models",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with trio.fail_after(BOUND_S):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    status: int = sent[0]["status"]
+    if status == 403:
+        body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+        assert body["error"]["code"] == "forbidden_host"
+    return status
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"127.0.0.1:8080",
+        b"127.0.0.1",
+        b"localhost:8080",
+        b"LocalHost:8080",
+        b"[::1]:8080",
+        b"[::1]",
+    ],
+)
+async def test_a_loopback_host_header_is_served(host: bytes) -> None:
+    assert await _asgi_get_models(host) == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        None,  # no Host at all
+        b"",
+        b"evil.example:8080",
+        b"127.0.0.1.evil.example",  # a rebinding name that starts like loopback
+        b"127.0.0.1.evil.example:8080",
+        b"localhost.evil.example",
+        b"[::1].evil.example",
+        b"127.0.0.1:8080@evil.example",  # not a port
+        b"127.0.0.1:80:80",
+        b"[::1]x",
+        b"10.0.0.1:8080",
+    ],
+)
+async def test_any_other_host_header_is_refused(host: bytes | None) -> None:
+    # The DNS-rebinding guard: a page on another origin may reach 127.0.0.1,
+    # but its browser sends that origin's name as Host.
+    assert await _asgi_get_models(host) == 403

@@ -167,7 +167,6 @@ class MemoryTransport(ITransport):
 
     def __init__(self, network: MemoryNetwork) -> None:
         self._network = network
-        self._listeners: list[_Listener] = []
 
     def protocols(self) -> list[str]:
         return [PROTOCOL]
@@ -189,9 +188,7 @@ class MemoryTransport(ITransport):
         return RawConnection(_Stream(ours), True, addresses=[target])
 
     def create_listener(self, handler_function: THandler) -> IListener:
-        listener = _Listener(self._network, handler_function)
-        self._listeners.append(listener)
-        return listener
+        return _Listener(self._network, handler_function)
 
 
 def _is_memory(maddr: multiaddr.Multiaddr) -> bool:

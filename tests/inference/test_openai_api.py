@@ -104,24 +104,29 @@ class Sender:
         return {"type": "http.request", "body": b" " * chunk, "more_body": self.left > 0}
 
 
-async def _asgi_post(receive: Sender, headers: list[tuple[bytes, bytes]]) -> tuple[int, Any]:
-    """POST /v1/chat/completions straight into the app; (status, JSON body)."""
-    app = openai_api.create_app(ScriptedNode(), KEY)
-    scope = {
+def _http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An ASGI HTTP scope as the server hands one to the app, from a loopback client."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8080"), (b"authorization", f"Bearer {KEY}".encode())]
-        + headers,
+        "headers": headers,
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8080),
     }
+
+
+async def _asgi_post(receive: Sender, headers: list[tuple[bytes, bytes]]) -> tuple[int, Any]:
+    """POST /v1/chat/completions straight into the app; (status, JSON body)."""
+    app = openai_api.create_app(ScriptedNode(), KEY)
+    loopback = [(b"host", b"127.0.0.1:8080"), (b"authorization", f"Bearer {KEY}".encode())]
+    scope = _http_scope("POST", "/v1/chat/completions", loopback + headers)
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -361,20 +366,7 @@ async def _asgi_get_models(host: bytes | None) -> int:
     headers = [(b"authorization", f"Bearer {KEY}".encode())]
     if host is not None:
         headers.append((b"host", host))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/v1/models",
-        "raw_path": b"/v1/models",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8080),
-    }
+    scope = _http_scope("GET", "/v1/models", headers)
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:

@@ -137,7 +137,7 @@ async def start_node(
     """
     scope, stopped = trio.CancelScope(), trio.Event()
     if memory is not None:
-        config = replace(config, host=replace(config.host, listen=("/memory/0",)))
+        config = _on_memory(config)
 
     async def run(*, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -154,6 +154,10 @@ async def start_node(
 
     node: Node = await nursery.start(run)
     return Running(node, scope, stopped)
+
+
+def _on_memory(config: NodeConfig) -> NodeConfig:
+    return replace(config, host=replace(config.host, listen=("/memory/0",)))
 
 
 def memory_host(memory: MemoryNetwork, key_pair: KeyPair, config: NodeConfig) -> IHost:
@@ -177,7 +181,7 @@ async def open_memory_node(
     (docs/architecture.md#testing-on-the-memory-transport).
     """
     keys = key_pair or create_new_key_pair()
-    cfg = replace(config, host=replace(config.host, listen=("/memory/0",)))
+    cfg = _on_memory(config)
     host = memory_host(memory, keys, cfg)
     async with open_node(cfg, key_pair=keys, engines=engines, host=host, wallet=wallet) as node:
         yield node
@@ -208,8 +212,9 @@ async def add_node(
     dial-back checks (each costs the helper a throwaway host and a handshake).
     """
     reachability = "public" if config.reachability == "auto" else config.reachability
-    listen = "/memory/0" if net.memory is not None else "/ip4/127.0.0.1/tcp/0"
-    cfg = replace(config, host=hostlib.Config(listen=(listen,)), reachability=reachability)
+    # On memory, start_node listens there instead.
+    listen = ("/ip4/127.0.0.1/tcp/0",)
+    cfg = replace(config, host=hostlib.Config(listen=listen), reachability=reachability)
     running = await start_node(nursery, cfg, engines, memory=net.memory, wallet=wallet)
     net.nodes.append(running.node)
     net._running.append(running)

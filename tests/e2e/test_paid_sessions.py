@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,14 @@ def _market(net: Embedded, who: int, home: Path, **kw: object) -> market.Config:
 
 def _wallet(net: Embedded, who: int, chain: AsyncChain) -> market.Wallet:
     return market.Wallet(chain, net.accounts[who])
+
+
+def _stranger(
+    boot: tuple[str, ...], wallet: market.Wallet, sessions_db: Path
+) -> AbstractAsyncContextManager[Node]:
+    """A paying consumer with a wallet of its own (100 s sessions)."""
+    terms = market.Config(sessions_db=sessions_db, session_seconds=100)
+    return open_node(NodeConfig(bootstrap=boot, market=terms), key_pair=_keys(), wallet=wallet)
 
 
 @pytest.fixture
@@ -317,12 +325,7 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     # A wallet with ether but no tokens: 429 insufficient_quota naming the wallet.
     broke = Account.create()
     send_ether(net.chain.w3, net.accounts[0], broke.address, 10**18)
-    poor_market = market.Config(sessions_db=tmp_path / "broke.db", session_seconds=100)
-    async with open_node(
-        NodeConfig(bootstrap=boot, market=poor_market),
-        key_pair=_keys(),
-        wallet=market.Wallet(chain, broke),
-    ) as poor:
+    async with _stranger(boot, market.Wallet(chain, broke), tmp_path / "broke.db") as poor:
         error = await _chat_error(poor, paid.provider)
         assert poor.markets.consumer is not None
         assert poor.markets.consumer.counters.opened == 0
@@ -342,12 +345,7 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     short = Account.create()
     send_ether(net.chain.w3, net.accounts[0], short.address, 10**18)
     net.chain.mint(net.accounts[0], short.address, 5 * PRICE * 10)  # 0.05 of a 0.1 stake
-    short_market = market.Config(sessions_db=tmp_path / "short.db", session_seconds=100)
-    async with open_node(
-        NodeConfig(bootstrap=boot, market=short_market),
-        key_pair=_keys(),
-        wallet=market.Wallet(chain, short),
-    ) as shortish:
+    async with _stranger(boot, market.Wallet(chain, short), tmp_path / "short.db") as shortish:
         error = await _chat_error(shortish, paid.provider)
     assert error.status_code == 503
     assert "0.05 tokens, needs 0.1 tokens" in error.message

@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     # A provider may queue a request behind others: the first chunk may take
-    # a while; after it, a long silence means the provider is gone.
-    first_chunk_s: float = 60.0
+    # a while; after it, a long silence means the provider is gone. Half the
+    # consumer's try budget (p2p/consumer.py): a provider that hangs before
+    # its first token still leaves time to ask another one.
+    first_chunk_s: float = 30.0
     chunk_gap_s: float = 30.0
     # Provider: how long a consumer has to send its request, and its Ack.
     request_wait_s: float = 10.0

@@ -1,0 +1,194 @@
+"""Failover the hard ways: providers that hang, are cut off, or stop at the worst moment.
+
+A provider cancelled cleanly resets its stream and the consumer moves on at
+once (tests/e2e/test_openai_shim.py has that with the real model). These
+are the other ways a provider goes: silent with the stream open (a hung
+process), its links cut without a goodbye (a pulled cable), after its last
+token but before Done. The nodes run on the memory transport under trio's
+MockClock, so the consumer's timeouts pass in virtual time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from p2pnode.inference.engine import Chunk, Params, Request
+from p2pnode.inference.synthetic import WORD, SyntheticEngine
+from p2pnode.p2p.consumer import Config as ConsumerConfig
+from p2pnode.p2p.consumer import Outcome
+from p2pnode.p2p.memory import MemoryNetwork
+from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.protocols.infer.service import Config as InferConfig
+from p2pnode.simnet.harness import open_memory_node
+
+MODEL = "synthetic"
+TOKENS = 24
+BOUND_S = 300  # virtual seconds
+
+
+class FailingEngine(SyntheticEngine):
+    """Emits ``after`` tokens, then calls ``fail`` and never finishes (named: a test engine)."""
+
+    def __init__(self, after: int, *, then_done: bool = False) -> None:
+        super().__init__(MODEL)
+        self.after = after
+        self.then_done = then_done  # finish the tokens but never the answer
+        self.fail: Callable[[], Awaitable[None]] = trio.sleep_forever
+        self.requests = 0
+
+    @asynccontextmanager
+    async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
+        self.requests += 1
+        send, receive = trio.open_memory_channel[Chunk](1024)
+
+        async def emit() -> None:
+            async with send:
+                for _ in range(self.after):
+                    await send.send(Chunk(WORD, 1))
+                await self.fail()
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(emit)
+            async with receive:
+                yield receive
+            nursery.cancel_scope.cancel()
+
+
+async def _cut_off_after(node: Node, delay_s: float) -> None:
+    """Close every link of ``node`` without yamux's goodbye: its peers see the bytes stop.
+
+    After ``delay_s``, so that the tokens emitted before have reached the consumer.
+    """
+    await trio.sleep(delay_s)
+    for conn in node.host.get_network().get_connections():
+        await conn.muxed_conn.secured_conn.close()
+
+
+@asynccontextmanager
+async def _network(
+    memory: MemoryNetwork, failing: FailingEngine, consumer: ConsumerConfig | None = None
+) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """A consumer, the failing provider (ranked first) and an honest one."""
+    async with AsyncExitStack() as stack:
+        config = NodeConfig(measure_tokens=0, consumer=consumer or ConsumerConfig())
+        me = await stack.enter_async_context(open_memory_node(memory, config))
+        boot = (me.addrs[0],)
+        bad = await stack.enter_async_context(
+            open_memory_node(
+                memory, NodeConfig(measure_tokens=0, bootstrap=boot), engines=[failing]
+            )
+        )
+        good = await stack.enter_async_context(
+            open_memory_node(
+                memory, NodeConfig(measure_tokens=0, bootstrap=boot), engines=[SyntheticEngine()]
+            )
+        )
+        # The failing provider claims to be much faster: it is asked first.
+        bad.offering.set_models((replace(bad.offering.models[0], tokens_per_s=10_000.0),))
+        good.offering.set_models((replace(good.offering.models[0], tokens_per_s=100.0),))
+        with trio.fail_after(BOUND_S):
+            for node in (bad, good):
+                while not _known(me, node):
+                    await me.finder.refresh_offer(node.peer_id)
+                    await trio.sleep(0.05)
+        yield me, bad, good
+
+
+def _known(me: Node, node: Node) -> bool:
+    held = me.offer_book.get(node.peer_id)
+    return held is not None and held.models[0].tokens_per_s > 0
+
+
+def _request(max_tokens: int = TOKENS) -> Request:
+    return Request(
+        model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=max_tokens)
+    )
+
+
+async def _generate(me: Node, request: Request) -> tuple[str, Outcome]:
+    texts: list[str] = []
+
+    async def deliver(text: str, _tokens: int) -> None:
+        texts.append(text)
+
+    outcome = await me.generate(request, deliver)
+    return "".join(texts), outcome
+
+
+@pytest.mark.parametrize("after", [0, 5], ids=["before-first-token", "mid-stream"])
+async def test_a_provider_that_hangs_is_left_for_the_next(
+    after: int, memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    failing = FailingEngine(after)
+    async with _network(memory, failing) as (me, bad, good):
+        started = trio.current_time()
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request())
+        waited = trio.current_time() - started
+    assert failing.requests == 1
+    # The whole answer, each token once: the rest came from the honest provider.
+    assert text == WORD * TOKENS
+    assert outcome.provider == good.peer_id
+    assert outcome.failovers == (1 if after else 0)
+    # The silence was waited out once, no longer than the provider was allowed.
+    infer = InferConfig()
+    allowed = infer.chunk_gap_s if after else infer.first_chunk_s
+    assert allowed <= waited < allowed + 5
+    # A hang before the first token must leave time to ask another provider.
+    assert infer.first_chunk_s < ConsumerConfig().try_budget_s
+
+
+async def test_a_provider_cut_off_mid_stream_is_left_for_the_next(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    failing = FailingEngine(7)
+    async with _network(memory, failing) as (me, bad, good):
+        failing.fail = lambda: _cut_off_after(bad, 1.0)
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request())
+    assert text == WORD * TOKENS
+    assert outcome.provider == good.peer_id
+    assert outcome.failovers == 1
+    standing = me.reputation.standing(bad.peer_id, trio.current_time())
+    assert standing is not None
+    assert standing.offences
+
+
+async def test_a_provider_silent_after_its_last_token_leaves_a_full_answer(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Every token asked for arrived, then no Done: nothing is left to ask
+    # another provider for, and the answer ends as one that hit its length.
+    failing = FailingEngine(TOKENS)
+    async with _network(memory, failing) as (me, bad, good):
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request())
+        assert good.provider is not None
+        assert good.provider.counters.requests == 0
+    assert text == WORD * TOKENS
+    assert outcome.finish_reason == "length"
+    assert outcome.completion_tokens == TOKENS
+
+
+async def test_tokens_delivered_start_the_try_budget_anew(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # The try budget counts time without progress: a provider that streamed
+    # part of the answer and then hung longer than the whole budget still
+    # leaves the rest of the answer to another provider.
+    failing = FailingEngine(5)
+    budget = ConsumerConfig(try_budget_s=10.0)
+    assert InferConfig().chunk_gap_s > budget.try_budget_s
+    async with _network(memory, failing, budget) as (me, bad, good):
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request())
+    assert text == WORD * TOKENS
+    assert outcome.provider == good.peer_id
+    assert outcome.failovers == 1

@@ -31,6 +31,7 @@ import collections
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import trio
@@ -555,7 +556,18 @@ class Consumer:
                 self._opening.pop(key, None)
 
     async def _open(self, peer: str, model_id: str) -> _Session | Refusal:
-        prepare, on_approve, opened = self._payment(peer, model_id)
+        prepare, on_approve, opened, reservation = self._payment(peer, model_id)
+        with reservation:
+            return await self._open_paying(peer, model_id, prepare, on_approve, opened)
+
+    async def _open_paying(
+        self,
+        peer: str,
+        model_id: str,
+        prepare: Callable[[session.Hello], session.Hello] | None,
+        on_approve: Callable[[session.Hello, session.Approve], Awaitable[bytes]] | None,
+        opened: list[bytes],
+    ) -> _Session | Refusal:
         started = trio.current_time()
         stream = await self._dialer.open_stream(peer, session.PROTOCOL_ID)
         try:
@@ -609,18 +621,22 @@ class Consumer:
         Callable[[session.Hello], session.Hello] | None,
         Callable[[session.Hello, session.Approve], Awaitable[bytes]] | None,
         list[bytes],
+        AbstractContextManager[object],
     ]:
-        """Chain mode: how to fill the Hello, how to open the session on chain, and
-        (filled once it is open) the id of the session opened."""
+        """Chain mode: how to fill the Hello, how to open the session on chain,
+        (filled once it is open) the id of the session opened, and the hold on
+        its stake, to be left when the open ends."""
         market = self.market
         opened: list[bytes] = []
         if market is None:
-            return None, None, opened
+            return None, None, opened, nullcontext()
         offer = self._book.get(peer)
         terms = market.terms(offer, model_id) if offer is not None else None
         if terms is None:
             raise NetworkError(f"{short(peer)} has no bid for {model_id} within our price limit")
-        stake = market.stake_for(terms.price_per_s)
+        # Held from here, before any wait: opens running at once see each other's stakes.
+        reservation = market.reserve(terms.price_per_s)
+        stake = reservation.stake
         if stake <= 0:
             held = market.held()
             raise SpendLimitError(
@@ -635,7 +651,11 @@ class Consumer:
             opened.append(session_id)
             return session_id
 
-        return (lambda hello: market.prepare_hello(hello, peer, terms, stake)), on_approve, opened
+        def prepare(hello: session.Hello) -> session.Hello:
+            assert terms is not None
+            return market.prepare_hello(hello, peer, terms, stake)
+
+        return prepare, on_approve, opened, reservation
 
     async def _confirm(self, peer: str) -> None:
         """A status call before the first session: live load, and a measured round trip."""

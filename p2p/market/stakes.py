@@ -61,6 +61,24 @@ class Paid:
     told_wait: bool = False  # its wait for the claim window was logged
 
 
+class Reservation:
+    """A stake held against the spend limit while its session is opened (a context
+    manager: leaving it lets go of the hold; an opened session holds its own)."""
+
+    def __init__(self, market: ConsumerMarket, stake: int) -> None:
+        self.stake = stake
+        self._market: ConsumerMarket | None = market
+        market.reserved += stake
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._market is not None:
+            self._market.reserved -= self.stake
+            self._market = None
+
+
 @dataclass
 class ConsumerMarket:
     """A consumer's stakes: what it opens, what it may spend, what it acknowledges,
@@ -71,6 +89,10 @@ class ConsumerMarket:
     ledger: Ledger
     # Every session whose stake is escrowed, in use or waiting to be settled.
     open: dict[bytes, Paid] = field(default_factory=dict)
+    # Stakes of sessions being opened (handshake and chain open under way): they
+    # count against the spend limit from the moment they are chosen, so opens
+    # running at once (other models, other providers) cannot exceed it together.
+    reserved: int = 0
     counters: StakeCounters = field(default_factory=lambda: StakeCounters())
     open_ms: list[float] = field(default_factory=list)
     gas: dict[str, list[int]] = field(default_factory=lambda: {"open": [], "close": []})
@@ -124,13 +146,21 @@ class ConsumerMarket:
 
     def held(self) -> int:
         """What this consumer has escrowed: its sessions in use and those waiting to be
-        settled (a stake is spent until it is back)."""
-        return sum(p.stake for p in self.open.values())
+        settled (a stake is spent until it is back), and the stakes of opens under way."""
+        return sum(p.stake for p in self.open.values()) + self.reserved
 
     def stake_for(self, price_per_s: int) -> int:
         """The stake for one session at this price, or 0 if the spend limit is reached."""
         cfg = self.cfg
         return pricing.stake_for(price_per_s, cfg.session_seconds, cfg.spend_limit, self.held())
+
+    def reserve(self, price_per_s: int) -> Reservation:
+        """Choose the stake of a session about to be opened and hold it against the
+        spend limit until the open ends (then it is in :attr:`open`, or free again).
+
+        Its ``stake`` is 0 when the limit is reached (nothing is held then).
+        """
+        return Reservation(self, self.stake_for(price_per_s))
 
     def prepare_hello(self, hello: Hello, peer: str, terms: ModelOffer, stake: int) -> Hello:
         """Hello with the provider ``peer``, the bid, our wallet and the duration, signed by

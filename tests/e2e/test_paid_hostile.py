@@ -512,3 +512,48 @@ async def test_a_closed_paid_session_leaves_the_providers_table(paid: Paid) -> N
     # Room is made for the next session: the closed one goes, paid or not.
     assert provider.make_room(paid.consumer.peer_id, trio.current_time())
     assert session_id not in provider.sessions
+
+
+async def test_opens_at_once_for_two_models_stay_within_the_spend_limit(tmp_path: Path) -> None:
+    # Two chats for different models open two sessions at once (each model has
+    # its own open lock). Each stake is chosen before either open reaches the
+    # chain: both must count against the one spend limit.
+    net = await trio.to_thread.run_sync(open_embedded)
+    provider_account = net.accounts[1]
+    net.chain.register_provider(provider_account, "12D3KooWprovider", MIN_PROVIDER_STAKE)
+    for model in ("a", "b"):
+        net.chain.register_model(provider_account, model, None)
+        net.chain.post_bid(provider_account, model, PRICE)
+    seconds = 100
+    full = PRICE * seconds
+    limit = full * 3 // 2
+    async with AsyncExitStack() as stack:
+        provider = await stack.enter_async_context(
+            open_node(
+                NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path)),
+                key_pair=create_new_key_pair(),
+                wallet=_wallet(net, 1),
+                engines=[SyntheticEngine("a"), SyntheticEngine("b")],
+            )
+        )
+        terms = _market(net, 2, tmp_path, session_seconds=seconds, spend_limit=limit)
+        consumer = await stack.enter_async_context(
+            open_node(
+                NodeConfig(bootstrap=(provider.addrs[0],), market=terms),
+                key_pair=create_new_key_pair(),
+                wallet=_wallet(net, 2),
+            )
+        )
+        with trio.fail_after(BOUND_S):
+            while consumer.offer_book.get(provider.peer_id) is None:
+                await consumer.finder.refresh_offer(provider.peer_id)
+            async with trio.open_nursery() as nursery:
+                for model in ("a", "b"):
+                    request = Request(
+                        model_id=model, kind="completion", prompt="hi", params=Params(max_tokens=2)
+                    )
+                    nursery.start_soon(consumer.generate, request, _nothing)
+        stakes = consumer.markets.consumer.open.values()  # type: ignore[union-attr]
+        # The first stake chosen is a whole session, the second what the limit leaves.
+        assert sorted(p.stake for p in stakes) == [limit - full, full]
+        assert consumer.markets.consumer.reserved == 0  # type: ignore[union-attr]

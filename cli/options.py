@@ -110,9 +110,10 @@ class NodeOptions:
             models=tuple(offers.ModelOffer(model_id=m) for m in self.announce_model),
             provider=providerlib.Config(
                 admission=admission.Config(
-                    # Peer ids are case-sensitive (base58); wallet addresses are not.
                     allowlist=frozenset(
-                        a if a.startswith("12D3") else a.lower() for a in self.allow
+                        # Wallet addresses in any case; peer ids (base58) as written.
+                        a.lower() if a.lower().startswith("0x") else a
+                        for a in self.allow
                     )
                 ),
                 requests_per_minute=self.rate_limit,

@@ -238,6 +238,7 @@ class Provider:
             hello,
             peer,
             self.cfg.admission,
+            local_peer=str(self.peer_id),
             served={m.model_id for e in self._engines for m in e.models()},
             wall_now=time.time(),
             rate_allows=self._rate.allow,

@@ -3,7 +3,7 @@
 The provider's adapter (``p2p/provider.py:Provider.serve_session``) gathers
 what the decision needs, both clocks included, and :func:`decide` says yes
 (None) or why not (a :class:`RejectCode`), in this order: the allowlist
-(a peer id, or a wallet that signed this very Hello), the model, the
+(a peer id, or a wallet that signed this very Hello, naming this provider), the model, the
 Hello's age by the wall clock, the peer's rate by the monotonic clock, and
 in paid mode the Hello's chain fields (``p2p/market/billing.py:ProviderMarket.check_hello``).
 A wallet field alone is anyone's to write: only :func:`signed_by_wallet`
@@ -50,13 +50,14 @@ def decide(
     peer: str,
     cfg: Config,
     *,
+    local_peer: str,
     served: Collection[str],
     wall_now: float,
     rate_allows: Callable[[str, float], bool],
     clock_now: float,
     paid: Callable[[Hello], RejectCode | None] | None = None,
 ) -> RejectCode | None:
-    """Admit ``peer``'s Hello (None) or say why not.
+    """Admit ``peer``'s Hello (None) or say why not; ``local_peer`` is this provider.
 
     ``served``: the model ids served here. ``wall_now`` is the wall clock the
     Hello's timestamp is compared with; ``clock_now`` the monotonic clock the
@@ -65,8 +66,10 @@ def decide(
     """
     allow = cfg.allowlist
     if allow and peer not in allow:
+        # A wallet's Hello admits only at the provider it names: one seen by
+        # another provider cannot be replayed here within its skew.
         wallet = (hello.consumer_wallet or "").lower()
-        if wallet not in allow or not signed_by_wallet(hello):
+        if wallet not in allow or hello.provider != local_peer or not signed_by_wallet(hello):
             return RejectCode.NOT_ALLOWED
     if hello.model_id not in served:
         return RejectCode.UNKNOWN_MODEL

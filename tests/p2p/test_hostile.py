@@ -350,9 +350,19 @@ async def test_an_allowlisted_wallet_counts_only_with_its_signature(
             )
             assert isinstance(refused, Refusal)
             assert refused.code is session.RejectCode.NOT_ALLOWED
-            # The wallet's owner, signing: admitted.
+            # The owner's Hello naming another provider (a replay): refused.
+            refused = await open_with(
+                lambda h: _sign_hello(
+                    allowed, replace(h, consumer_wallet=allowed.address, provider=stranger.peer_id)
+                )
+            )
+            assert isinstance(refused, Refusal)
+            assert refused.code is session.RejectCode.NOT_ALLOWED
+            # The wallet's owner, signing a Hello for this provider: admitted.
             established = await open_with(
-                lambda h: _sign_hello(allowed, replace(h, consumer_wallet=allowed.address))
+                lambda h: _sign_hello(
+                    allowed, replace(h, consumer_wallet=allowed.address, provider=prov.peer_id)
+                )
             )
         assert isinstance(established, session_service.Established)
 

@@ -11,6 +11,7 @@ from p2pnode.protocols.session import admission
 from p2pnode.protocols.session.messages import Hello, RejectCode
 
 WALL = 1_800_000_000.0
+ME = "12D3KooWme"
 HELLO = Hello(model_id="m", ephemeral=b"e" * 32, nonce=b"n" * 16, timestamp=WALL)
 
 
@@ -20,6 +21,7 @@ def _decide(hello: Hello, peer: str = "peer", **kw: object) -> RejectCode | None
         "wall_now": WALL,
         "rate_allows": lambda _peer, _now: True,
         "clock_now": 0.0,
+        "local_peer": ME,
     }
     args.update(kw)
     cfg = args.pop("cfg", admission.Config())
@@ -56,7 +58,7 @@ def test_the_hello_is_aged_by_the_wall_clock_and_the_rate_by_the_monotonic_one()
 def test_an_allowlisted_wallet_counts_only_when_it_signed_this_hello() -> None:
     owner, impostor = Account.create(), Account.create()
     cfg = admission.Config(allowlist=frozenset({owner.address.lower(), "friend"}))
-    claimed = replace(HELLO, consumer_wallet=owner.address)
+    claimed = replace(HELLO, consumer_wallet=owner.address, provider=ME)
     assert _decide(claimed, cfg=cfg) is RejectCode.NOT_ALLOWED  # the field alone
     assert _decide(_signed(impostor, claimed), cfg=cfg) is RejectCode.NOT_ALLOWED
     assert _decide(_signed(owner, claimed), cfg=cfg) is None
@@ -65,6 +67,16 @@ def test_an_allowlisted_wallet_counts_only_when_it_signed_this_hello() -> None:
     assert _decide(replace(_signed(owner, claimed), provider="x"), cfg=cfg) is (
         RejectCode.NOT_ALLOWED
     )
+
+
+def test_a_wallets_hello_admits_only_at_the_provider_it_names() -> None:
+    # A signed Hello seen by one provider, replayed to another within its skew.
+    owner = Account.create()
+    cfg = admission.Config(allowlist=frozenset({owner.address.lower()}))
+    elsewhere = _signed(owner, replace(HELLO, consumer_wallet=owner.address, provider="12D3Koo"))
+    assert _decide(elsewhere, cfg=cfg) is RejectCode.NOT_ALLOWED
+    unnamed = _signed(owner, replace(HELLO, consumer_wallet=owner.address))
+    assert _decide(unnamed, cfg=cfg) is RejectCode.NOT_ALLOWED
 
 
 def test_the_paid_check_comes_last_and_has_the_last_word() -> None:

@@ -49,6 +49,7 @@ from p2pnode.errors import (
     UnreachableError,
 )
 from p2pnode.inference import engine as enginelib
+from p2pnode.inference.stops import StopScan
 from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.finder import Finder
@@ -204,14 +205,21 @@ class Consumer:
     async def _run_remotely(
         self, request: enginelib.Request, deliver: Deliver, only: Sequence[str] | None
     ) -> Outcome:
-        delivered: list[str] = []
+        delivered: list[str] = []  # every provider's text: what the next one continues
         produced = 0
+        # Stop strings across providers (docs/protocols.md#stop-strings): the
+        # caller gets what the scan lets through.
+        scan = StopScan(request.params.stop)
 
         async def on_chunk(chunk: Chunk) -> None:
             nonlocal produced
             delivered.append(chunk.text)
             produced += chunk.tokens
-            await deliver(chunk.text, chunk.tokens)
+            text = scan.feed(chunk.text)
+            if text or not scan.stopped:
+                await deliver(text, chunk.tokens)
+            if scan.stopped:
+                raise _Stopped
 
         tried: set[str] = set()
         failures = failovers = 0
@@ -242,6 +250,8 @@ class Consumer:
                 break
             left = request.params.max_tokens - produced
             if left <= 0:  # the failed provider had already used the whole budget
+                if held := scan.flush():
+                    await deliver(held, 0)
                 return Outcome("length", 0, produced, "", failovers)
             # The DHT is asked at most once per request, not on every busy round.
             candidates, why_none = await self._candidates(
@@ -276,6 +286,9 @@ class Consumer:
             before = produced
             try:
                 done = await self.request_on(peer, wire, on_chunk, reopened)
+            except _Stopped:  # the answer reached a stop string; the stream was reset
+                self.reputation.served(peer, trio.current_time())
+                return Outcome("stop", 0, produced, peer, failovers)
             except OfferMismatch as exc:  # its signed offer and the chain disagree
                 last_error = f"{short(peer)}: {exc}"
                 if exc.stale:  # re-priced since its last offer: ask it afresh next time
@@ -356,6 +369,8 @@ class Consumer:
                     failures += await self._offence(peer, request.model_id, offence, done)
                 continue
             self.reputation.served(peer, trio.current_time())
+            if done.finish_reason != PAUSED and (held := scan.flush()):
+                await deliver(held, 0)
             if done.finish_reason == PAUSED and produced < request.params.max_tokens:
                 # A paid provider paused to have the answer so far acknowledged
                 # (done): the same provider continues it in a new request.
@@ -726,6 +741,10 @@ class _ReplyGuard:
     def check_done(self, done: Done) -> None:
         if done.completion_tokens > self.max_tokens or done.completion_tokens < 0:
             raise _Overrun(f"claims {done.completion_tokens} tokens for the request")
+
+
+class _Stopped(Exception):  # noqa: N818 - a way out, not an error
+    """The answer reached one of its stop strings: leave the provider's stream."""
 
 
 class _Overrun(RemoteProtocolError):

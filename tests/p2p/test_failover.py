@@ -18,7 +18,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from p2pnode.inference.engine import Chunk, Params, Request
+from p2pnode.inference.engine import Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p.consumer import Config as ConsumerConfig
 from p2pnode.p2p.consumer import Outcome
@@ -32,14 +32,14 @@ TOKENS = 24
 BOUND_S = 300  # virtual seconds
 
 
-class FailingEngine(SyntheticEngine):
-    """Emits ``after`` tokens, then calls ``fail`` and never finishes (named: a test engine)."""
+class ScriptedEngine(SyntheticEngine):
+    """Emits ``pieces`` (a token each), then ends the answer, or with ``fail`` set,
+    calls it and never finishes (named: a test engine; it ignores stop strings)."""
 
-    def __init__(self, after: int, *, then_done: bool = False) -> None:
+    def __init__(self, pieces: list[str]) -> None:
         super().__init__(MODEL)
-        self.after = after
-        self.then_done = then_done  # finish the tokens but never the answer
-        self.fail: Callable[[], Awaitable[None]] = trio.sleep_forever
+        self.pieces = pieces
+        self.fail: Callable[[], Awaitable[None]] | None = None
         self.requests = 0
 
     @asynccontextmanager
@@ -49,8 +49,12 @@ class FailingEngine(SyntheticEngine):
 
         async def emit() -> None:
             async with send:
-                for _ in range(self.after):
-                    await send.send(Chunk(WORD, 1))
+                for piece in self.pieces:
+                    await send.send(Chunk(piece, 1))
+                if self.fail is None:
+                    usage = Usage(prompt_tokens=1, completion_tokens=len(self.pieces))
+                    await send.send(Chunk("", 0, "length", usage))
+                    return
                 await self.fail()
                 await trio.sleep_forever()
 
@@ -59,6 +63,14 @@ class FailingEngine(SyntheticEngine):
             async with receive:
                 yield receive
             nursery.cancel_scope.cancel()
+
+
+class FailingEngine(ScriptedEngine):
+    """Emits ``after`` tokens, then hangs (or calls ``fail``) and never finishes."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__([WORD] * after)
+        self.fail = trio.sleep_forever
 
 
 async def _cut_off_after(node: Node, delay_s: float) -> None:
@@ -73,7 +85,10 @@ async def _cut_off_after(node: Node, delay_s: float) -> None:
 
 @asynccontextmanager
 async def _network(
-    memory: MemoryNetwork, failing: FailingEngine, consumer: ConsumerConfig | None = None
+    memory: MemoryNetwork,
+    failing: ScriptedEngine,
+    consumer: ConsumerConfig | None = None,
+    honest: SyntheticEngine | None = None,
 ) -> AsyncIterator[tuple[Node, Node, Node]]:
     """A consumer, the failing provider (ranked first) and an honest one."""
     async with AsyncExitStack() as stack:
@@ -87,7 +102,9 @@ async def _network(
         )
         good = await stack.enter_async_context(
             open_memory_node(
-                memory, NodeConfig(measure_tokens=0, bootstrap=boot), engines=[SyntheticEngine()]
+                memory,
+                NodeConfig(measure_tokens=0, bootstrap=boot),
+                engines=[honest or SyntheticEngine()],
             )
         )
         # The failing provider claims to be much faster: it is asked first.
@@ -192,3 +209,38 @@ async def test_tokens_delivered_start_the_try_budget_anew(
     assert text == WORD * TOKENS
     assert outcome.provider == good.peer_id
     assert outcome.failovers == 1
+
+
+async def test_a_stop_string_across_the_failover_point_ends_the_answer(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # The first provider sent "Hello wor" and hung; the next one continues
+    # with "ld, and more". Neither saw "world" whole: the consumer does.
+    first = ScriptedEngine(["Hello", " wor"])
+    first.fail = trio.sleep_forever
+    second = ScriptedEngine(["ld", ",", " and", " more"])
+    request = replace(_request(), params=Params(max_tokens=TOKENS, stop=("world",)))
+    async with _network(memory, first, honest=second) as (me, bad, good):
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, request)
+    assert text == "Hello "
+    assert outcome.finish_reason == "stop"
+    assert outcome.provider == good.peer_id
+    assert outcome.completion_tokens == 3  # "Hello", " wor", "ld"
+
+
+async def test_a_provider_that_ignores_stop_strings_is_cut_at_the_first(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    ignores = ScriptedEngine(["one", " two", " STOP", " three"])
+    request = replace(_request(), params=Params(max_tokens=TOKENS, stop=("STOP", "zzz")))
+    async with _network(memory, ignores) as (me, bad, good):
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, request)
+            # Held-back text that turned out not to be a stop string still arrives.
+            held, held_outcome = await _generate(
+                me, replace(request, params=Params(max_tokens=TOKENS, stop=(" threeX",)))
+            )
+    assert (text, outcome.finish_reason, outcome.provider) == ("one two ", "stop", bad.peer_id)
+    assert held == "one two STOP three"
+    assert held_outcome.finish_reason == "length"

@@ -1,0 +1,69 @@
+"""The consumer's stop-string scan, fed text split every way it can arrive."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pnode.inference.stops import StopScan
+
+
+def _run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
+    scan = StopScan(stops)
+    out = "".join(scan.feed(p) for p in pieces)
+    return out + scan.flush(), scan.stopped
+
+
+def test_text_ends_before_the_first_stop_string_and_it_is_not_delivered() -> None:
+    assert _run(["END"], ["Hello ", "wor", "ld END and more"]) == ("Hello world ", True)
+    # The earliest stop string wins, whichever is listed first.
+    assert _run(["b", "a"], ["xxaxb"]) == ("xx", True)
+
+
+def test_a_stop_string_split_across_pieces_is_found() -> None:
+    assert _run(["world"], ["Hello wo", "r", "ld!"]) == ("Hello ", True)
+
+
+def test_text_that_only_began_like_a_stop_string_is_delivered_later() -> None:
+    scan = StopScan(["world"])
+    assert scan.feed("Hello wor") == "Hello "  # "wor" may be the start of "world"
+    assert scan.feed("k") == "work"
+    assert scan.feed(" wo") == " "
+    assert scan.flush() == "wo"  # the answer ended: held text is the user's
+    assert not scan.stopped
+
+
+def test_nothing_after_a_stop_and_no_stops_means_no_holding_back() -> None:
+    scan = StopScan(["x"])
+    assert scan.feed("ax") == "a"
+    assert scan.feed("more") == ""
+    assert scan.flush() == ""
+    free = StopScan([])
+    assert free.feed("any text") == "any text"
+    assert StopScan([""]).feed("empty stops are ignored") == "empty stops are ignored"
+
+
+def test_the_longest_possible_start_is_held() -> None:
+    # "aab": "aa" could start it; so could "a". All of "aa" waits.
+    scan = StopScan(["aab"])
+    assert scan.feed("caa") == "c"
+    assert scan.feed("c") == "aac"
+    scan = StopScan(["abcd", "cx"])
+    assert scan.feed("zabc") == "z"  # "abc" may start "abcd" (and "c" may start "cx")
+    assert scan.feed("x") == "ab"  # it was "cx"
+    assert scan.stopped
+
+
+@given(
+    text=st.text(alphabet="abc ", max_size=40),
+    stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+)
+def test_any_split_gives_what_the_whole_text_gives(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
+    bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    expected = (text[: min(found)], True) if found else (text, False)
+    assert _run(stops, pieces) == expected

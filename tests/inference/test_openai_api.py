@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from p2pnode.errors import ConfigError
+from p2pnode.errors import ConfigError, NoProviderError, SpendLimitError
 from p2pnode.inference import openai_api
 from p2pnode.inference.engine import Request
 
@@ -56,12 +56,18 @@ class ScriptedNode:
                 await trio.sleep_forever()
             finally:
                 self.lookup_cancelled.set()
-        return model_id in ("fast", "slow")
+        return model_id in ("fast", "slow", "limited", "unpaid", "dies")
 
     async def generate(
         self, request: Request, deliver: Callable[[str, int], Awaitable[None]]
     ) -> Outcome:
+        if request.model_id == "limited":  # every provider said "slow down"
+            raise NoProviderError("every provider is rate-limiting us", rate_limited=True)
+        if request.model_id == "unpaid":
+            raise SpendLimitError("spend limit reached")
         await deliver("hello", 1)
+        if request.model_id == "dies":  # the last provider failed mid-answer
+            raise NoProviderError("no provider could finish it")
         if request.model_id == "slow":
             try:
                 await trio.sleep_forever()
@@ -419,3 +425,80 @@ async def test_any_other_host_header_is_refused(host: bytes | None) -> None:
     # The DNS-rebinding guard: a page on another origin may reach 127.0.0.1,
     # but its browser sends that origin's name as Host.
     assert await _asgi_get_models(host) == 403
+
+
+# --- errors of the node behind the shim, before and after the headers -----------
+
+
+async def _post(body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[int, bytes]:
+    """POST ``body`` straight into the app; (status, raw body)."""
+    app = openai_api.create_app(ScriptedNode(), KEY)
+    loopback = [(b"host", b"127.0.0.1:8080"), (b"authorization", f"Bearer {KEY}".encode())]
+    scope = _http_scope("POST", path, [*loopback, (b"content-type", b"application/json")])
+    data = json.dumps(body).encode()
+    given = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal given
+        if given:
+            await trio.sleep_forever()  # only a disconnect could come now
+        given = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with trio.fail_after(BOUND_S):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def _events(raw: bytes) -> list[Any]:
+    datas = [line[len(b"data: ") :] for line in raw.split(b"\n\n") if line.startswith(b"data: ")]
+    return [d.decode() if d == b"[DONE]" else json.loads(d) for d in datas]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_provider_rate_limiting_is_a_429_before_any_text(stream: bool) -> None:
+    status, raw = await _post({**CHAT, "model": "limited", "stream": stream})
+    assert status == 429
+    assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_a_spend_limit_is_a_429_insufficient_quota() -> None:
+    status, raw = await _post({**CHAT, "model": "unpaid"})
+    assert status == 429
+    assert json.loads(raw)["error"]["code"] == "insufficient_quota"
+
+
+async def test_a_failure_after_text_arrives_as_an_error_event_then_done() -> None:
+    # The 200 and the first chunk are gone: the error travels in the stream.
+    status, raw = await _post({**CHAT, "model": "dies", "stream": True})
+    assert status == 200
+    events = _events(raw)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "no_provider"
+    assert "no provider could finish it" in events[-2]["error"]["message"]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
+    assert text == "hello"
+
+
+async def test_the_same_failure_unstreamed_is_a_503() -> None:
+    status, raw = await _post({**CHAT, "model": "dies"})
+    assert status == 503
+    assert json.loads(raw)["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("n", [0, 9])
+async def test_n_outside_one_to_eight_is_a_400_naming_n(n: int) -> None:
+    status, raw = await _post({**CHAT, "n": n})
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == "n"
+
+
+async def test_n_up_to_eight_answers_that_many_choices() -> None:
+    status, raw = await _post({**CHAT, "n": 8})
+    assert status == 200
+    assert [c["index"] for c in json.loads(raw)["choices"]] == list(range(8))

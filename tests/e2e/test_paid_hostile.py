@@ -498,6 +498,94 @@ async def test_a_hello_meant_for_another_provider_gets_no_approval(paid: Paid) -
     assert paid.provider_market.check_hello(meant, own) is None
 
 
+async def test_a_paid_hello_that_does_not_check_out_is_refused_with_its_reason(paid: Paid) -> None:
+    # Each field a stranger could get wrong or forge, one at a time; the
+    # well-formed Hello beside them is admitted.
+    import secrets as secrets_
+
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    from p2pnode.protocols.session import Hello
+
+    market_ = paid.provider_market
+    own = str(paid.provider.provider.peer_id)  # type: ignore[union-attr]
+    offer = paid.consumer.offer_book.get(paid.provider.peer_id)
+    assert offer is not None
+    terms = offer.serves(MODEL)
+    assert terms is not None
+    bare = Hello(model_id=MODEL, ephemeral=bytes(32), nonce=secrets_.token_bytes(16), timestamp=0.0)
+    good = paid.consumer_market.prepare_hello(bare, own, terms, 10 * PRICE)
+    assert market_.check_hello(good, own) is None
+    # Free: no bid or no wallet named.
+    assert market_.check_hello(bare, own) is RejectCode.PAYMENT_REQUIRED
+    assert market_.check_hello(replace(good, bid_id=None), own) is RejectCode.PAYMENT_REQUIRED
+    # Signed by a key that is not the wallet's.
+    stranger = Account.create()
+    forged = Account.sign_message(encode_defunct(primitive=good.signing_bytes()), stranger.key)
+    assert market_.check_hello(replace(good, signature=bytes(forged.signature)), own) is (
+        RejectCode.BAD_SESSION
+    )
+    assert market_.check_hello(replace(good, signature=b""), own) is RejectCode.BAD_SESSION
+    # A bid that is not our live one (re-priced since the consumer read it).
+    stale = replace(good, bid_id="00" * 32)
+    assert market_.check_hello(stale, own) is RejectCode.PRICE_CHANGED
+
+
+async def test_an_opened_message_naming_a_session_that_is_not_this_one_is_refused(
+    paid: Paid,
+) -> None:
+    # The consumer says it opened a session: the provider reads it on chain and
+    # serves only its own, this consumer's, for the bid of the Hello, not over.
+    import secrets as secrets_
+
+    from p2pnode.protocols.session import Hello
+
+    net = paid.embedded
+    provider_account, other = net.accounts[1], net.accounts[4]
+    bid = net.chain.live_bid(provider_account.address, MODEL)
+    assert bid is not None
+    net.chain.approve_token(other, 20 * PRICE)
+    expiry, nonce = net.chain.now() + 60, secrets_.token_bytes(32)
+    approval = net.chain.sign_approval(provider_account, bid, other.address, expiry, nonce)
+    tx = net.chain.open_session(other, bid, 10 * PRICE, PRICE, expiry, nonce, approval)
+    session_id = bytes(tx.value[0])
+
+    def hello_of(wallet: str, bid_id: bytes = bid) -> Hello:
+        return Hello(
+            model_id=MODEL,
+            ephemeral=bytes(32),
+            nonce=bytes(16),
+            timestamp=0.0,
+            bid_id=bid_id.hex(),
+            consumer_wallet=wallet,
+        )
+
+    market_ = paid.provider_market
+    peer = paid.consumer.peer_id
+    with trio.fail_after(BOUND_S):
+        # Another consumer's session, named by this one.
+        mine = net.accounts[2].address
+        assert await market_.confirm(hello_of(mine), session_id, peer) is RejectCode.BAD_SESSION
+        # Its own consumer, but the Hello named another bid.
+        other_bid = hello_of(other.address, bytes(32))
+        assert await market_.confirm(other_bid, session_id, peer) is RejectCode.BAD_SESSION
+        # A session that does not exist.
+        unknown = secrets_.token_bytes(32)
+        assert await market_.confirm(hello_of(other.address), unknown, peer) is (
+            RejectCode.BAD_SESSION
+        )
+        # Its own consumer and bid, before its end: served.
+        assert await market_.confirm(hello_of(other.address), session_id, peer) is None
+        # After its end: refused, though everything else checks out.
+        await trio.to_thread.run_sync(net.time_travel, 11)
+        while market_.chain_time() < net.chain.now():  # noqa: ASYNC110 - follows the chain
+            await trio.sleep(0.05)
+        assert await market_.confirm(hello_of(other.address), session_id, peer) is (
+            RejectCode.BAD_SESSION
+        )
+
+
 async def test_a_closed_paid_session_leaves_the_providers_table(paid: Paid) -> None:
     with trio.fail_after(BOUND_S):
         await paid.consumer.generate(_request(4), _nothing)

@@ -302,6 +302,42 @@ async def _ignore_text(_text: str, _tokens: int) -> None:
     return None
 
 
+async def test_a_receipt_the_provider_did_not_sign_is_not_countersigned(
+    memory: MemoryNetwork, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A provider that signs its receipts with some other key: the consumer
+    # counts it, and its Ack countersigns nothing, which the provider in turn
+    # counts as a bad acknowledgement and does not keep as proof of usage.
+    request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params(max_tokens=4))
+    async with (
+        running(memory, NodeConfig(measure_tokens=0), [SyntheticEngine()]) as prov,
+        running(memory, NodeConfig(measure_tokens=0, bootstrap=(prov.addrs[0],))) as me,
+    ):
+        assert prov.provider is not None
+        other_key = create_new_key_pair().private_key
+        honest_receipt = prov.provider.receipt
+
+        def receipt_signed_by_another_key(served: providerlib.ServedSession) -> object:
+            receipt = honest_receipt(served)
+            return replace(receipt, signature=other_key.sign(receipt.signing_bytes()))
+
+        monkeypatch.setattr(prov.provider, "receipt", receipt_signed_by_another_key)
+        with trio.fail_after(BOUND_S):
+            while me.offer_book.get(prov.peer_id) is None:
+                await me.finder.refresh_offer(prov.peer_id)
+            texts: list[str] = []
+
+            async def deliver(text: str, _tokens: int) -> None:
+                texts.append(text)
+
+            await me.generate(request, deliver)
+            await eventually(lambda: prov.provider.counters.bad_acks == 1)  # type: ignore[union-attr]
+        assert "".join(texts) == WORD * 4  # the answer itself was whole
+        assert me.consumer.counters.bad_receipts == 1
+        (served,) = prov.provider.sessions.values()
+        assert served.acked is None
+
+
 # --- admission ----------------------------------------------------------------------
 
 

@@ -1,0 +1,168 @@
+"""Mutation testing of the code where a silent bug costs most (``./dev mutation``).
+
+Not part of the test command: it takes minutes per group. mutmut changes the
+code one small edit at a time (a ``<`` for a ``<=``, a constant, a dropped
+argument) and runs the tests that reach the changed function; a mutant the
+tests do not notice "survived". The score per file is the share killed.
+
+mutmut needs the package to import under its own name from the folder it
+copies, and this checkout *is* the package (docs/architecture.md#one-package-namespace),
+so the run happens in a scratch folder, ``.mutation/``, holding a copy of the
+checkout as ``p2pnode/``. A mutant that cannot be told apart from the
+original by any user is marked ``# pragma: no mutate`` with the reason.
+
+Usage: ./dev mutation [GROUP ...] [--children N]   (groups: see GROUPS; default all)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = ROOT / ".mutation"
+
+# group: (files to mutate, the fast tests that guard them)
+GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "wire": (("protocols/wire.py",), ("tests/protocols",)),
+    "machines": (
+        (
+            "protocols/session/machine.py",
+            "protocols/infer/machine.py",
+            "protocols/infer/replay.py",
+        ),
+        ("tests/protocols",),
+    ),
+    "crypto": (("protocols/session/crypto.py",), ("tests/protocols",)),
+    "offers": (("protocols/offers/book.py",), ("tests/protocols/test_offer_book.py",)),
+    "admission": (
+        ("protocols/session/admission.py",),
+        ("tests/protocols/test_admission.py",),
+    ),
+    "pricing": (
+        ("p2p/pricing.py", "inference/stops.py"),
+        (
+            "tests/p2p/test_pricing.py",
+            "tests/p2p/test_sessions.py",
+            "tests/inference/test_stops.py",
+        ),
+    ),
+    "failover": (
+        ("p2p/consumer.py",),
+        ("tests/p2p/test_failover.py", "tests/p2p/test_hostile.py"),
+    ),
+    "market": (
+        (
+            "p2p/market/stakes.py",
+            "p2p/market/billing.py",
+            "p2p/market/ledger.py",
+            "p2p/market/config.py",
+        ),
+        ("tests/e2e/test_paid_hostile.py", "tests/chain/test_marketplace.py"),
+    ),
+}
+
+_MODULE = re.compile(r"^\s*(?P<module>[\w.]+?)\.x(?:ǁ|_).*: (?P<status>[\w ]+)$")
+
+
+def _copy_checkout(target: Path) -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, tracked):
+        source = ROOT / name.decode()
+        if not source.is_file():
+            continue  # deleted in the work tree
+        dest = target / name.decode()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest)
+
+
+def _config(files: list[str], tests: list[str]) -> str:
+    def toml_list(items: list[str]) -> str:
+        return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+    return (
+        "[tool.mutmut]\n"
+        'source_paths = ["p2pnode"]\n'
+        f"only_mutate = {toml_list(['p2pnode/' + f for f in files])}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(['p2pnode/' + t for t in tests])}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="./dev mutation")
+    parser.add_argument("groups", nargs="*", metavar="GROUP", help=", ".join(GROUPS))
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    if unknown := set(args.groups) - set(GROUPS):
+        parser.error(
+            f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}"
+        )
+    groups = args.groups or list(GROUPS)
+    files = sorted({f for g in groups for f in GROUPS[g][0]})
+    tests = sorted({t for g in groups for t in GROUPS[g][1]})
+
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+    _copy_checkout(SCRATCH / "p2pnode")
+    (SCRATCH / "pyproject.toml").write_text(_config(files, tests))
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    log = SCRATCH / "mutmut.log"
+    print(f"mutation: {', '.join(groups)}: {len(files)} files; progress in {log}", flush=True)
+    with log.open("w") as out:
+        subprocess.run(
+            [mutmut, "run", "--max-children", str(args.children)],
+            cwd=SCRATCH,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    results = subprocess.run(
+        [mutmut, "results", "--all", "true"],
+        cwd=SCRATCH,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return _report(results, files)
+
+
+def _report(results: str, files: list[str]) -> int:
+    by_file: dict[str, Counter[str]] = {f: Counter() for f in files}
+    survivors: list[str] = []
+    for line in results.splitlines():
+        match = _MODULE.match(line)
+        if match is None:
+            continue
+        module, status = match["module"], match["status"].strip()
+        path = module.removeprefix("p2pnode.").replace(".", "/") + ".py"
+        by_file.setdefault(path, Counter())[status] += 1
+        if status != "killed":
+            survivors.append(line.strip())
+    print(f"\n{'file':40} {'mutants':>8} {'killed':>7} {'score':>6}  not killed")
+    for path, counts in by_file.items():
+        total = sum(counts.values())
+        killed = counts["killed"]
+        rest = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "killed")
+        score = f"{100 * killed / total:.0f}%" if total else "-"
+        print(f"{path:40} {total:>8} {killed:>7} {score:>6}  {rest}")
+    listing = SCRATCH / "survivors.txt"
+    listing.write_text("\n".join(survivors) + "\n")
+    print(f"\nnot killed: {len(survivors)} (listed in {listing}; see one with")
+    print("  (cd .mutation && ../.venv/bin/mutmut show NAME))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -645,3 +645,81 @@ async def test_opens_at_once_for_two_models_stay_within_the_spend_limit(tmp_path
         # The first stake chosen is a whole session, the second what the limit leaves.
         assert sorted(p.stake for p in stakes) == [limit - full, full]
         assert consumer.markets.consumer.reserved == 0  # type: ignore[union-attr]
+
+
+async def test_a_provider_claims_on_its_own_once_its_consumer_falls_silent(paid: Paid) -> None:
+    # Nobody calls settle(): the provider's loop claims a session whose
+    # consumer has sent nothing for claim_idle_s, paid the acknowledged seconds.
+    market_ = paid.provider_market
+    market_.cfg = replace(market_.cfg, claim_idle_s=0.5, settle_every_s=0.2)
+    chain = paid.embedded.chain
+    provider_addr = paid.embedded.accounts[1].address
+    p0 = chain.balance(provider_addr)
+    with trio.fail_after(BOUND_S):
+        await paid.consumer.generate(_request(4), _nothing)
+        while market_.counters.acks < 1:  # noqa: ASYNC110 - the Ack in flight
+            await trio.sleep(0.01)
+        (session_id,) = paid.consumer_market.open
+        used_until, _signature = market_.usage[session_id]
+        while market_.counters.claimed_silent < 1:  # noqa: ASYNC110 - the provider's own loop
+            await trio.sleep(0.05)
+    held = chain.session(session_id)
+    assert not held.open
+    owed = PRICE * (used_until - held.opened_at)
+    assert owed > 0
+    assert market_.counters.paid_wei == owed
+    assert chain.balance(provider_addr) == p0 + owed
+
+
+async def test_a_restarted_provider_claims_what_it_left_open(tmp_path: Path) -> None:
+    # The provider stops with an acknowledged session still open on chain; the
+    # same wallet started again on the same sessions.db claims it, from the
+    # acknowledgement on disk, once the session has run out.
+    net = await trio.to_thread.run_sync(open_embedded)
+    provider_account = net.accounts[1]
+    net.chain.register_provider(provider_account, "12D3KooWprovider", MIN_PROVIDER_STAKE)
+    net.chain.register_model(provider_account, MODEL, None)
+    net.chain.post_bid(provider_account, MODEL, PRICE)
+    provider_terms = _market(net, 1, tmp_path, settle_every_s=0.2, follow_s=0.2)
+    p0 = net.chain.balance(provider_account.address)
+
+    def provider_node() -> AbstractAsyncContextManager[Node]:
+        return open_node(
+            NodeConfig(measure_tokens=0, market=provider_terms),
+            key_pair=create_new_key_pair(),
+            wallet=_wallet(net, 1),
+            engines=[SyntheticEngine()],
+        )
+
+    consumer_node = open_node(
+        NodeConfig(market=_market(net, 2, tmp_path, session_seconds=100)),
+        key_pair=create_new_key_pair(),
+        wallet=_wallet(net, 2),
+    )
+    async with consumer_node as consumer:
+        async with provider_node() as first:
+            billing = first.markets.provider
+            assert billing is not None
+            with trio.fail_after(BOUND_S):
+                await consumer.dialer.connect(first.addrs[0])
+                while consumer.offer_book.get(first.peer_id) is None:
+                    await consumer.finder.refresh_offer(first.peer_id)
+                await consumer.generate(_request(4), _nothing)
+                while billing.counters.acks < 1:  # noqa: ASYNC110 - the Ack in flight
+                    await trio.sleep(0.01)
+            (session_id,) = billing.usage
+            used_until, _signature = billing.usage[session_id]
+        held = net.chain.session(session_id)
+        assert held.open  # the provider stopped; the session is still escrowed
+        await trio.to_thread.run_sync(net.time_travel, held.ends_at - net.chain.now() + 1)
+        async with provider_node() as restarted:
+            claims = restarted.markets.provider
+            assert claims is not None
+            with trio.fail_after(BOUND_S):
+                while claims.counters.settled < 1:  # noqa: ASYNC110 - its own settle loop
+                    await trio.sleep(0.05)
+    assert not net.chain.session(session_id).open
+    owed = PRICE * (used_until - held.opened_at)
+    assert owed > 0
+    assert claims.counters.paid_wei == owed
+    assert net.chain.balance(provider_account.address) == p0 + owed

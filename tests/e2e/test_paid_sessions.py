@@ -125,7 +125,9 @@ async def test_a_paid_chat_settles_to_the_wei(paid: Paid) -> None:
     assert held.open
     assert held.stake == 100 * PRICE
     assert (held.consumer, held.provider) == (consumer_addr, provider_addr)
-    # The consumer's second and last transaction: close; the provider is paid per second.
+    # The consumer's second and last transaction: close; the provider is paid per
+    # second. Five seconds of chain time pass first, so the close pays some.
+    await trio.to_thread.run_sync(paid.embedded.time_travel, 5)
     with trio.fail_after(BOUND_S):
         await markets.close(session_id)
     settled = chain.session(session_id)
@@ -133,9 +135,9 @@ async def test_a_paid_chat_settles_to_the_wei(paid: Paid) -> None:
     paid_wei = markets.counters.paid_wei
     refunded = markets.counters.refunded_wei
     assert paid_wei + refunded == 100 * PRICE
-    # Whole seconds of the chain's clock (two short chats may fit in one: 0).
+    # Whole seconds of the chain's clock, from the open to the close's block.
     assert paid_wei % PRICE == 0
-    assert 0 <= paid_wei <= 100 * PRICE
+    assert 5 * PRICE <= paid_wei <= (chain.now() - held.opened_at) * PRICE
     assert chain.balance(provider_addr) == p0 + paid_wei
     assert chain.balance(consumer_addr) == c0 - paid_wei
     escrowed, total_paid, total_refunded = chain.totals()

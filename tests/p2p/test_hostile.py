@@ -552,6 +552,32 @@ def test_sessions_with_a_request_running_are_never_evicted() -> None:
     assert len(provider.sessions) == 2
 
 
+def test_paid_sessions_are_never_evicted_and_the_idlest_unpaid_one_goes_first() -> None:
+    provider = providerlib.Provider(
+        providerlib.Config(max_sessions=3, max_sessions_per_peer=3),
+        [],
+        create_new_key_pair().private_key,
+        lambda _m: None,
+    )
+    for n in range(2):
+        s = replace(_served("payer", n, last_used=5.0), paid=True)
+        provider.sessions[s.session_id] = s
+    recent, idlest = _served("payer", 7, last_used=6.0), _served("payer", 8, last_used=4.0)
+    provider.sessions[idlest.session_id] = idlest
+    # Full: the newcomer's room comes from the payer's idlest unpaid session.
+    assert provider.make_room("newcomer", now=10.0)
+    assert idlest.session_id not in provider.sessions
+    provider.sessions[recent.session_id] = recent
+    assert provider.make_room("newcomer", now=11.0)
+    assert set(provider.sessions) == {b"payer-0", b"payer-1"}
+    # Only paid sessions left: nothing may go, for anyone.
+    third = replace(_served("payer", 9, last_used=9.0), paid=True)
+    provider.sessions[third.session_id] = third
+    assert not provider.make_room("newcomer", now=12.0)
+    assert not provider.make_room("payer", now=12.0)
+    assert len(provider.sessions) == 3
+
+
 async def test_requests_at_once_in_a_session_are_counted_before_any_wait(
     memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:

@@ -32,25 +32,28 @@ class StopScan:
         if self.stopped:
             return ""
         pending = self._held + text
-        cut = min((i for s in self._stops if (i := pending.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        found = [i for s in self._stops if (i := pending.find(s)) >= 0]
+        if found:
             self.stopped = True
-            self._held = ""
-            return pending[:cut]
-        keep = self._partial(pending)
-        self._held = pending[len(pending) - keep :]
-        return pending[: len(pending) - keep]
+            return pending[: min(found)]
+        deliver = len(pending) - self._partial(pending)
+        self._held = pending[deliver:]
+        return pending[:deliver]
 
     def flush(self) -> str:
         """The text held back, once the answer has ended without a stop string."""
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
+        held, self._held = ("" if self.stopped else self._held), ""
+        return held
 
     def _partial(self, text: str) -> int:
-        """Length of the longest end of ``text`` that begins some stop string."""
+        """Length of the longest end of ``text`` that begins some stop string.
+
+        A whole stop string is never at the end (:meth:`feed` found it first):
+        only its proper beginnings, up to one character short, can be.
+        """
         longest = 0
         for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):  # pragma: no mutate
                 if text.endswith(stop[:n]):
                     longest = n
                     break

@@ -67,3 +67,12 @@ def test_any_split_gives_what_the_whole_text_gives(
     found = [i for s in stops if (i := text.find(s)) >= 0]
     expected = (text[: min(found)], True) if found else (text, False)
     assert _run(stops, pieces) == expected
+
+
+def test_text_held_when_a_stop_string_completes_is_never_delivered_twice() -> None:
+    scan = StopScan(["abc", "x"])
+    assert scan.feed("ab") == ""  # may be "abc"
+    assert scan.feed("x") == "ab"  # it was "x": what came before it is delivered once
+    assert scan.stopped
+    assert scan.flush() == ""
+    assert scan.feed("more") == ""

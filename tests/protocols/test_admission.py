@@ -90,3 +90,12 @@ def test_the_paid_check_comes_last_and_has_the_last_word() -> None:
     assert seen == []
     assert _decide(HELLO, paid=paid) is RejectCode.PRICE_CHANGED
     assert seen == [HELLO]
+
+
+def test_a_signature_that_is_not_one_admits_nobody() -> None:
+    owner = Account.create()
+    hello = replace(HELLO, consumer_wallet=owner.address, provider=ME)
+    for junk in (b"\x00" * 65, b"short", b"\xff" * 65):
+        assert not admission.signed_by_wallet(replace(hello, signature=junk))
+    assert not admission.signed_by_wallet(replace(_signed(owner, hello), consumer_wallet=""))
+    assert admission.signed_by_wallet(_signed(owner, hello))

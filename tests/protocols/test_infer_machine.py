@@ -198,15 +198,48 @@ def test_empty_or_unknown_kind_frames_are_malformed() -> None:
         provider.next_event()
 
 
-def test_out_of_order_calls_are_local_errors() -> None:
+def _misuse(action: str, state: str) -> str:
+    return f": cannot {action} in state {state}$"
+
+
+def test_out_of_order_calls_are_local_errors_naming_the_call_and_state() -> None:
     consumer, provider = _opened()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match=_misuse("ack", "streaming")) as raised:
         consumer.ack(b"")
-    with pytest.raises(LocalProtocolError):
-        provider.accept(KEYS)
+    assert raised.value.code is ErrorCode.UNEXPECTED
+    with pytest.raises(LocalProtocolError, match=_misuse("open", "streaming")):
+        consumer.open(REQUEST)
+    for call, action in (
+        (lambda: provider.accept(KEYS), "accept"),
+        (lambda: provider.refuse(ErrorCode.BUSY, "x"), "refuse"),
+    ):
+        with pytest.raises(LocalProtocolError, match=_misuse(action, "streaming")):
+            call()
     assert len(_frames(provider.chunk("x", 1) + provider.done(_done()))) == 2
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match=_misuse("send a chunk", "await_ack")):
         provider.chunk("late", 1)
+    with pytest.raises(LocalProtocolError, match=_misuse("send Done", "await_ack")):
+        provider.done(_done())
+
+
+def test_a_paid_ack_carries_the_usage_acknowledgement() -> None:
+    consumer, provider = _opened()
+    consumer.receive_data(provider.done(_done()))
+    assert consumer.next_event() == _done()
+    provider.receive_data(consumer.ack(b"sig", 1_800_000_123, b"usage"))
+    assert provider.next_event() == Ack(
+        signature=b"sig", used_until=1_800_000_123, usage_signature=b"usage"
+    )
+
+
+def test_a_refusal_says_why_in_at_most_200_characters() -> None:
+    consumer = ConsumerMachine(MAX, KEYS, SESSION, 1)
+    provider = ProviderMachine(MAX)
+    provider.receive_data(consumer.open(REQUEST))
+    assert isinstance(provider.next_event(), InferOpen)
+    consumer.receive_data(provider.refuse(ErrorCode.BUSY, "y" * 300))
+    refused = consumer.next_event()
+    assert refused == Error(code=int(ErrorCode.BUSY), message="y" * 200)
 
 
 # --- what an unauthenticated peer can make the provider do --------------------

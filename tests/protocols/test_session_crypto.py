@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pnode.errors import LocalProtocolError, RemoteProtocolError
+from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from p2pnode.protocols.session.crypto import (
     Ephemeral,
     Opener,
@@ -150,3 +150,23 @@ def test_the_handshake_transcript_binds_both_peer_ids_by_role() -> None:
 def test_a_handshake_transcript_without_peer_ids_is_our_bug() -> None:
     with pytest.raises(LocalProtocolError, match="both peer ids"):
         handshake_transcript(consumer=b"", provider=b"P", hello=b"h", approve=b"a")
+
+
+@pytest.mark.parametrize("bad", ["flipped", "short"])
+def test_a_stream_that_failed_once_stays_failed(bad: str) -> None:
+    # After one bad frame the nonce sequence is unknown: even the genuine next
+    # frame is refused, so nothing after a forgery is ever delivered.
+    frames, keys = sealed_frame(2)
+    opener = Opener(keys.provider_to_consumer, SESSION, 1)
+    forged = frames[0][:3] if bad == "short" else bytes([frames[0][0] ^ 1]) + frames[0][1:]
+    expected = (
+        "sealed frame shorter than its tag"
+        if bad == "short"
+        else "frame failed authentication \\(tampered, replayed or reordered\\)"
+    )
+    with pytest.raises(RemoteProtocolError, match=f": {expected}$") as raised:
+        opener.open(forged)
+    assert raised.value.code is (ErrorCode.MALFORMED if bad == "short" else ErrorCode.UNAUTHENTIC)
+    for frame in frames:
+        with pytest.raises(RemoteProtocolError, match=": stream already failed authentication$"):
+            opener.open(frame)

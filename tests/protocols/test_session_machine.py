@@ -167,6 +167,19 @@ def test_local_misuse() -> None:
     provider = _provider()
     with pytest.raises(LocalProtocolError):
         provider.ready()
+    # Nothing to reject before a Hello, nor after the session is ready.
+    with pytest.raises(LocalProtocolError, match=": cannot reject in await_hello$") as raised:
+        provider.reject(RejectCode.BUSY)
+    assert raised.value.code is ErrorCode.UNEXPECTED
+
+
+def test_a_reject_reason_is_cut_to_200_characters() -> None:
+    c_eph = Ephemeral()
+    consumer, provider = _consumer(c_eph), _provider()
+    provider.receive_data(consumer.send_hello(_hello(c_eph)))
+    provider.next_event()
+    consumer.receive_data(provider.reject(RejectCode.BUSY, "z" * 500))
+    assert consumer.next_event() == Reject(code=RejectCode.BUSY, reason="z" * 200)
 
 
 # --- both peer ids are in the transcript -------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -309,3 +310,81 @@ def test_non_finite_floats_are_refused_wherever_they_sit(value: float) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         session.CODEC.decode(msgpack.packb(hello.to_wire() | {"timestamp": value}))
     assert info.value.code is ErrorCode.BAD_FIELD
+
+
+# --- each refusal says which rule broke: the code the peer gets, and why -----------
+
+
+def _eof_inside_a_frame() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"\x05ab")
+    decoder.receive_data(b"")
+    decoder.next_frame()
+
+
+def _data_after_eof() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"")
+    decoder.receive_data(b"x")
+
+
+def _oversize() -> None:
+    decoder = FrameDecoder(max_size=1024)
+    decoder.receive_data(encode_varint(1025))
+    decoder.next_frame()
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "detail"),
+    [
+        (lambda: encode_varint(-1), ErrorCode.BAD_FIELD, "varint must be non-negative"),
+        (
+            lambda: decode_varint(b"\x80" * 9 + b"\x01", 2**70),
+            ErrorCode.MALFORMED,
+            "varint longer than 9 bytes",
+        ),
+        (
+            lambda: decode_varint(b"\x81\x00", 1000),
+            ErrorCode.MALFORMED,
+            "varint not minimally encoded",
+        ),
+        (_oversize, ErrorCode.OVERSIZE, "frame length above the 1024-byte cap"),
+        (_eof_inside_a_frame, ErrorCode.TRUNCATED, "stream ended inside a frame"),
+        (_data_after_eof, ErrorCode.UNEXPECTED, "data after EOF"),
+        (
+            lambda: CODEC.decode(_body(t="error", code="1")),
+            ErrorCode.BAD_FIELD,
+            "Error.code: expected an integer, got str",
+        ),
+        (
+            lambda: CODEC.decode(_body(t="nope")),
+            ErrorCode.UNKNOWN_TYPE,
+            "unknown message type 'nope'",
+        ),
+        (lambda: CODEC.decode(b"\xc1"), ErrorCode.MALFORMED, "body is not valid msgpack"),
+        (lambda: Codec([Error, Error]), ErrorCode.INTERNAL, f"bad or duplicate tag on {Error}"),
+    ],
+)
+def test_each_refusal_names_its_code_and_reason(
+    call: Callable[[], object], code: ErrorCode, detail: str
+) -> None:
+    with pytest.raises((LocalProtocolError, RemoteProtocolError)) as info:
+        call()
+    assert (info.value.code, info.value.detail) == (code, detail)  # type: ignore[union-attr]
+
+
+def test_a_codec_built_here_decodes_what_it_encodes_and_nothing_else() -> None:
+    # The module-level codecs are built at import; this one under the test.
+    codec = Codec([status.StatusRequest, Error])
+    assert codec.decode(codec.encode_body(Error(code=3, message="m"))) == Error(code=3, message="m")
+    assert codec.decode(codec.encode_body(status.StatusRequest())) == status.StatusRequest()
+    with pytest.raises(RemoteProtocolError) as info:
+        codec.decode(CODEC.encode_body(status.StatusResponse(
+            peer_id="p", version="v", addrs=(), connected_peers=0, uptime_s=0
+        )))  # fmt: skip
+    assert info.value.code is ErrorCode.UNKNOWN_TYPE
+
+
+def test_an_error_frame_message_is_cut_to_200_characters() -> None:
+    long = RemoteProtocolError(ErrorCode.MALFORMED, "m" * 300)
+    assert Error.from_exception(long) == Error(code=ErrorCode.MALFORMED, message="m" * 200)

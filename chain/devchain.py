@@ -14,8 +14,11 @@ transacts, and a transaction does not wait for the next interval.
 
 from __future__ import annotations
 
+import queue
+import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -107,14 +110,16 @@ def run_devchain(
 ) -> Iterator[DevChain]:
     """Run anvil, deploy and fund, write ``deployment_file``; anvil stops on exit.
 
+    ``port`` 0: one the system chooses (the DevChain's ``url`` and the
+    deployment file say which).
+
     ``block_time_s``: a block that often while idle, besides one per transaction
     at once (None: blocks only for transactions, anvil's default, as a chain
     that has been idle for long looks). ``genesis_timestamp``: the first block's
     time, from which the chain's clock then runs (None: now).
     """
-    url = f"http://127.0.0.1:{port}"
     args = [str(anvil_path()), "--host", "127.0.0.1", "--port", str(port),
-            "--chain-id", str(CHAIN_ID), "--accounts", str(accounts), "--silent"]  # fmt: skip
+            "--chain-id", str(CHAIN_ID), "--accounts", str(accounts)]  # fmt: skip
     if block_time_s is not None:
         # --mixed-mining (anvil 1.x): a transaction is mined at once, as with
         # automine, instead of waiting for the next interval's block.
@@ -122,9 +127,12 @@ def run_devchain(
     if genesis_timestamp is not None:
         args += ["--timestamp", str(genesis_timestamp)]
     proc = subprocess.Popen(  # noqa: S603 - our own pinned binary, fixed arguments
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
+        # The port anvil bound (port 0: one the system chose, no free-port guess
+        # that another process may take first), from the line it prints.
+        url = f"http://127.0.0.1:{_listening_port(proc)}"
         w3 = _wait_for(url, proc)
         dev = dev_accounts(accounts)
         chain = deploy(w3, dev[0], MIN_PROVIDER_STAKE, rpc_url=url)
@@ -144,6 +152,37 @@ def run_devchain(
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def _listening_port(proc: subprocess.Popen[bytes], bound_s: float = 20.0) -> int:
+    """The port in anvil's "Listening on 127.0.0.1:PORT"; the rest of its output
+    (a line per RPC call) is read and dropped by a thread, so its pipe never fills."""
+    found: queue.Queue[int | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        told = False
+        with proc.stdout:  # closed at anvil's exit, by the one reader
+            for line in proc.stdout:
+                if not told and (match := _LISTENING.search(line)):
+                    found.put(int(match[1]))
+                    told = True
+        if not told:
+            found.put(None)  # it exited first
+
+    threading.Thread(target=read, name="anvil-stdout", daemon=True).start()
+    try:
+        port = found.get(timeout=bound_s)
+    except queue.Empty:
+        port = None
+    if port is None:
+        proc.poll()
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr and proc.returncode else ""
+        raise ChainError(f"anvil did not start ({proc.returncode}): {err.strip()[:300]}")
+    return port
+
+
+_LISTENING = re.compile(rb"Listening on [\d.]+:(\d+)")
 
 
 def _wait_for(url: str, proc: subprocess.Popen[bytes], bound_s: float = 20.0) -> Web3:

@@ -114,7 +114,13 @@ def _guard(fn: Any) -> Any:
 
 
 @app.main.command()
-@click.option("--port", type=click.IntRange(1, 65535), default=8545, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8545,
+    show_default=True,
+    help="Port of its JSON-RPC on 127.0.0.1 (0: any free one; the ready line says which).",
+)
 @click.option("--accounts", type=click.IntRange(1, 100), default=10, show_default=True)
 @click.option(
     "--fund", multiple=True, default=[], help="Also fund this address with tokens and ether."

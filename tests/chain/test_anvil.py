@@ -29,11 +29,6 @@ MODEL = "m"
 IDLE_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def rpc(w3: Web3, method: str, *params: object) -> object:
     """One of anvil's own RPC methods (time travel, mining)."""
@@ -57,7 +52,7 @@ def idle(tmp_path: Path) -> Iterator[DevChain]:
     """anvil mining only for transactions, whose clock runs IDLE_S behind the wall clock
     until go_idle() (so what is set up happens IDLE_S "ago")."""
     with run_devchain(
-        _free_port(),
+        0,  # a port the system chooses
         tmp_path / "deployment.json",
         accounts=4,
         block_time_s=None,
@@ -191,12 +186,14 @@ def test_an_unfunded_wallet_is_named_with_what_it_lacks(idle: DevChain) -> None:
 
 
 async def test_a_chain_that_does_not_answer_is_one_short_line(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    with pytest.raises(ChainError) as dead:
-        await trio.to_thread.run_sync(connect, url)
+    with socket.socket() as held:  # bound, never listening: refused, and nobody else's
+        held.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises(ChainError) as dead:
+            await trio.to_thread.run_sync(connect, url)
     assert str(dead.value) == f"no chain answers at {url} (connection refused)"
     # A node that stops answering while the node runs: the same line, from any call.
-    with run_devchain(_free_port(), tmp_path / "d.json", accounts=1, block_time_s=None) as dev:
+    with run_devchain(0, tmp_path / "d.json", accounts=1, block_time_s=None) as dev:
         chain = Chain(connect(dev.url), dev.chain.deployment)
     with pytest.raises(ChainError) as gone:
         await AsyncChain(chain).run(chain.now)
@@ -207,7 +204,7 @@ async def test_a_chain_that_does_not_answer_is_one_short_line(tmp_path: Path) ->
 
 
 async def test_devchain_mines_while_idle(tmp_path: Path) -> None:
-    with run_devchain(_free_port(), tmp_path / "d.json", accounts=1, block_time_s=1) as dev:
+    with run_devchain(0, tmp_path / "d.json", accounts=1, block_time_s=1) as dev:
         first = dev.chain.block_number()
         with trio.fail_after(20):
             # No transaction sent: only the interval mines.
@@ -218,7 +215,7 @@ async def test_devchain_mines_while_idle(tmp_path: Path) -> None:
 def test_devchain_mines_a_transaction_without_waiting_for_the_interval(tmp_path: Path) -> None:
     # One block a minute while idle; the set-up's transactions (deploy, mint) and
     # this one are each mined at once, or the receipt's bound (20 s) would run out.
-    with run_devchain(_free_port(), tmp_path / "d.json", accounts=1, block_time_s=60) as dev:
+    with run_devchain(0, tmp_path / "d.json", accounts=1, block_time_s=60) as dev:
         owner = dev.accounts[0]
         before = dev.chain.balance(owner.address)
         tx_hash = dev.chain.token.functions.mint(owner.address, 1).transact({"from": owner.address})

@@ -1,13 +1,12 @@
-"""The p2pnode command as a user runs it: real processes, real output."""
+"""The p2pnode command as a user runs it: real processes and real output; argument
+and error paths in this process (click's runner), where a process adds nothing."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -15,57 +14,12 @@ from pathlib import Path
 
 import pytest
 
-P2PNODE = [sys.executable, "-m", "p2pnode.cli"]
-BOUND_S = 60  # a cold start imports libp2p (~1 s) and web3; loaded CI is slower
-
-
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNODE_")}
-    env["P2PNODE_HOME"] = str(home)
-    env.update(extra)
-    return env
-
-
-def _run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*P2PNODE, *args], env=_env(home, **env), capture_output=True, text=True, timeout=BOUND_S
-    )
-
-
-class Started:
-    def __init__(self, proc: subprocess.Popen[str], ready: dict[str, object]) -> None:
-        self.proc = proc
-        self.peer_id = str(ready["peer_id"])
-        addrs = ready["addrs"]
-        assert isinstance(addrs, list)
-        self.addrs = [str(a) for a in addrs]
-
-
-def _start(home: Path, ready_file: Path, *args: str, serve: bool = False) -> Started:
-    flags = [] if serve else ["--no-serve"]
-    proc = subprocess.Popen(
-        [*P2PNODE, "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready_file)]
-        + flags
-        + list(args),
-        env=_env(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    # The ready line is printed after the ready file is written: wait on it.
-    for line in proc.stdout:
-        if line.startswith("p2pnode") and "ready" in line:
-            break
-    else:
-        proc.wait(BOUND_S)
-        pytest.fail(f"node did not start: {proc.stderr.read() if proc.stderr else ''}")
-    return Started(proc, json.loads(ready_file.read_text()))
+from p2pnode.tests.cli.helpers import BOUND_S, P2PNODE, Started, env, invoke, run, start
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Started]:
-    started = _start(tmp_path / "a", tmp_path / "a.json")
+    started = start(tmp_path / "a", tmp_path / "a.json")
     yield started
     if started.proc.poll() is None:
         started.proc.kill()
@@ -78,13 +32,13 @@ def test_start_status_and_clean_stop(node: Started, tmp_path: Path) -> None:
     assert node.addrs[0].startswith("/ip4/127.0.0.1/tcp/")
     assert node.addrs[0].endswith(f"/p2p/{node.peer_id}")
 
-    asked = _run(tmp_path / "client", "status", "--peer", node.addrs[0], "--json")
+    asked = run(tmp_path / "client", "status", "--peer", node.addrs[0], "--json")
     assert asked.returncode == 0, asked.stderr
     answer = json.loads(asked.stdout)
     assert answer["peer_id"] == node.peer_id
     assert answer["addrs"] == node.addrs
 
-    human = _run(tmp_path / "client", "status", "--peer", node.addrs[0])
+    human = run(tmp_path / "client", "status", "--peer", node.addrs[0])
     assert f"peer id:   {node.peer_id}" in human.stdout
 
     node.proc.send_signal(signal.SIGTERM)
@@ -96,22 +50,22 @@ def test_start_status_and_clean_stop(node: Started, tmp_path: Path) -> None:
 
 def test_second_node_bootstraps_and_identity_persists(node: Started, tmp_path: Path) -> None:
     home = tmp_path / "b"
-    second = _start(home, tmp_path / "b.json", "--bootstrap", node.addrs[0])
+    second = start(home, tmp_path / "b.json", "--bootstrap", node.addrs[0])
     try:
-        asked = _run(tmp_path / "client", "status", "--peer", second.addrs[0], "--json")
+        asked = run(tmp_path / "client", "status", "--peer", second.addrs[0], "--json")
         # The bootstrap node, and the throwaway client asking right now.
         assert json.loads(asked.stdout)["connected_peers"] == 2
     finally:
         second.proc.send_signal(signal.SIGINT)
         second.proc.communicate(timeout=BOUND_S)
     assert second.proc.returncode == 0
-    shown = _run(home, "id", "--json")
+    shown = run(home, "id", "--json")
     assert json.loads(shown.stdout)["peer_id"] == second.peer_id
 
 
 def test_port_in_use_is_one_line_and_nonzero(node: Started, tmp_path: Path) -> None:
     port = node.addrs[0].split("/tcp/")[1].split("/")[0]
-    result = _run(tmp_path / "c", "start", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    result = run(tmp_path / "c", "start", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"p2pnode: error: port {port} is already in use (/ip4/127.0.0.1/tcp/{port})"
@@ -123,23 +77,23 @@ def test_unreadable_key_is_one_line(tmp_path: Path) -> None:
     home.mkdir()
     (home / "peer.key").write_bytes(b"garbage")
     (home / "peer.key").chmod(0o600)
-    result = _run(home, "start", "--listen", "/ip4/127.0.0.1/tcp/0")
-    assert result.returncode == 2
+    result = invoke(home, "start", "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert result.exit_code == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("p2pnode: error: ")
     assert "not a libp2p private key" in result.stderr
 
 
 def test_bad_flag_exits_nonzero(tmp_path: Path) -> None:
-    result = _run(tmp_path, "start", "--no-such-flag")
-    assert result.returncode == 2
+    result = invoke(tmp_path, "start", "--no-such-flag")
+    assert result.exit_code == 2
     assert "No such option '--no-such-flag'" in result.stderr
 
 
 def test_status_of_a_dead_peer_is_one_line(tmp_path: Path) -> None:
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
-    result = _run(tmp_path, "status", "--peer", dead)
-    assert result.returncode == 1
+    result = invoke(tmp_path, "status", "--peer", dead)
+    assert result.exit_code == 1
     assert result.stderr.strip().startswith("p2pnode: error: cannot connect to")
     assert "Traceback" not in result.stderr
 
@@ -152,8 +106,8 @@ def test_precedence_flag_over_env_over_config_file(tmp_path: Path) -> None:
     env = {"P2PNODE_LISTEN": "/from/env"}
 
     def refused(*args: str, **extra: str) -> str:
-        result = _run(home, "start", *args, **extra)
-        assert result.returncode == 2
+        result = invoke(home, "start", *args, **extra)
+        assert result.exit_code == 2
         return result.stderr
 
     assert "'/from/flag'" in refused("--listen", "/from/flag", **env)
@@ -165,16 +119,16 @@ def test_unknown_config_key_is_reported(tmp_path: Path) -> None:
     home = tmp_path / "k"
     home.mkdir()
     (home / "config.toml").write_text('lisen = ["/ip4/127.0.0.1/tcp/0"]\n')
-    result = _run(home, "id")
-    assert result.returncode == 2
+    result = invoke(home, "id")
+    assert result.exit_code == 2
     assert "unknown key(s): lisen" in result.stderr
 
 
 def test_init_creates_identity_and_wallet(tmp_path: Path) -> None:
     home = tmp_path / "i"
-    result = _run(home, "init", P2PNODE_WALLET_PASSWORD="pass phrase")
-    assert result.returncode == 0, result.stderr
-    shown = json.loads(_run(home, "id", "--json").stdout)
+    result = invoke(home, "init", P2PNODE_WALLET_PASSWORD="pass phrase")
+    assert result.exit_code == 0, result.stderr
+    shown = json.loads(invoke(home, "id", "--json").stdout)
     assert f"peer id: {shown['peer_id']}" in result.stdout
     assert shown["wallet"].startswith("0x")
     assert len(shown["wallet"]) == 42
@@ -183,35 +137,35 @@ def test_init_creates_identity_and_wallet(tmp_path: Path) -> None:
 
 
 def test_init_without_passphrase_source_says_how(tmp_path: Path) -> None:
-    result = _run(tmp_path / "n", "init")
-    assert result.returncode == 2
+    result = invoke(tmp_path / "n", "init")
+    assert result.exit_code == 2
     assert "P2PNODE_WALLET_PASSWORD" in result.stderr
 
 
 def test_offers_and_peers_through_the_control_socket(tmp_path: Path) -> None:
-    provider = _start(tmp_path / "p", tmp_path / "p.json", "--announce-model", "demo/model")
+    provider = start(tmp_path / "p", tmp_path / "p.json", "--announce-model", "demo/model")
     consumer_home = tmp_path / "c"
-    consumer = _start(consumer_home, tmp_path / "c.json", "--bootstrap", provider.addrs[0])
+    consumer = start(consumer_home, tmp_path / "c.json", "--bootstrap", provider.addrs[0])
     try:
-        connected = json.loads(_run(consumer_home, "peers", "--json").stdout)
+        connected = json.loads(run(consumer_home, "peers", "--json").stdout)
         assert [p["peer_id"] for p in connected] == [provider.peer_id]
         assert connected[0]["connections"] == ["direct"]
         # Without --peer, status asks the running node through its socket.
-        own = json.loads(_run(consumer_home, "status", "--json").stdout)
+        own = json.loads(run(consumer_home, "status", "--json").stdout)
         assert own["peer_id"] == consumer.peer_id
         assert (own["direct_connections"], own["relayed_connections"]) == (1, 0)
-        assert "1 direct, 0 relayed" in _run(consumer_home, "status").stdout
+        assert "1 direct, 0 relayed" in run(consumer_home, "status").stdout
         # Gossip is asynchronous: ask until the provider's offer has arrived.
         deadline = time.monotonic() + BOUND_S
         held: list[dict[str, object]] = []
         while not held and time.monotonic() < deadline:
-            result = _run(consumer_home, "offers", "--model", "demo/model", "--json")
+            result = run(consumer_home, "offers", "--model", "demo/model", "--json")
             assert result.returncode == 0, result.stderr
             held = json.loads(result.stdout)
         assert [o["peer_id"] for o in held] == [provider.peer_id]
-        human = _run(consumer_home, "offers").stdout
+        human = run(consumer_home, "offers").stdout
         assert "demo/model" in human
-        assert json.loads(_run(consumer_home, "offers", "--model", "other", "--json").stdout) == []
+        assert json.loads(run(consumer_home, "offers", "--model", "other", "--json").stdout) == []
     finally:
         for node in (consumer, provider):
             node.proc.send_signal(signal.SIGTERM)
@@ -220,13 +174,13 @@ def test_offers_and_peers_through_the_control_socket(tmp_path: Path) -> None:
 
 
 def test_offers_without_a_running_node_says_so(tmp_path: Path) -> None:
-    result = _run(tmp_path, "offers")
-    assert result.returncode == 1
+    result = invoke(tmp_path, "offers")
+    assert result.exit_code == 1
     assert result.stderr.strip().startswith("p2pnode: error: no node is running with this home")
 
 
 def test_a_second_node_on_the_same_home_is_refused(node: Started, tmp_path: Path) -> None:
-    result = _run(tmp_path / "a", "start", "--listen", "/ip4/127.0.0.1/tcp/0")
+    result = run(tmp_path / "a", "start", "--listen", "/ip4/127.0.0.1/tcp/0")
     assert result.returncode == 2
     assert "another node is running with this home" in result.stderr
 
@@ -235,7 +189,7 @@ def test_simnet_writes_a_report(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     result = subprocess.run(
         [*P2PNODE, "simnet", "--peers", "6", "--providers", "2", "--report", str(report)],
-        env=_env(tmp_path),
+        env=env(tmp_path),
         capture_output=True,
         text=True,
         timeout=180,
@@ -252,11 +206,11 @@ def test_simnet_writes_a_report(tmp_path: Path) -> None:
 
 
 def test_start_serves_the_bundled_model_by_default(tmp_path: Path) -> None:
-    provider = _start(tmp_path / "s", tmp_path / "s.json", serve=True)
+    provider = start(tmp_path / "s", tmp_path / "s.json", serve=True)
     try:
         deadline = time.monotonic() + BOUND_S
         while True:
-            asked = _run(tmp_path / "client", "status", "--peer", provider.addrs[0], "--json")
+            asked = run(tmp_path / "client", "status", "--peer", provider.addrs[0], "--json")
             models = json.loads(asked.stdout)["models"]
             if models and models[0]["tokens_per_s"] > 0 or time.monotonic() > deadline:
                 break
@@ -269,29 +223,29 @@ def test_start_serves_the_bundled_model_by_default(tmp_path: Path) -> None:
 
 
 def test_generate_prints_text_and_speed(tmp_path: Path) -> None:
-    result = _run(tmp_path, "generate", "--prompt", "Say hello.", "--max-tokens", "12")
+    result = run(tmp_path, "generate", "--prompt", "Say hello.", "--max-tokens", "12")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert re.search(r"\[SmolLM2-135M-Instruct: \d+ tokens, [\d.]+ tokens/s", result.stderr)
 
 
 def test_upstream_flags_are_checked(tmp_path: Path) -> None:
-    result = _run(tmp_path, "generate", "--prompt", "x", "--upstream-model", "m")
-    assert result.returncode == 2
+    result = invoke(tmp_path, "generate", "--prompt", "x", "--upstream-model", "m")
+    assert result.exit_code == 2
     assert "--upstream-model needs --upstream-url" in result.stderr
 
 
 def test_a_shim_beyond_loopback_needs_allow_remote_and_warns(tmp_path: Path) -> None:
     home = tmp_path / "r"
-    refused = _run(
+    refused = invoke(
         home, "start", "--no-serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--shim", "0.0.0.0:0"
     )
-    assert refused.returncode == 2
+    assert refused.exit_code == 2
     assert refused.stderr.strip() == (
         "p2pnode: error: the OpenAI API address 0.0.0.0:0 is reachable from other machines: "
         "listen on 127.0.0.1, or allow it explicitly with --shim-allow-remote"
     )
-    allowed = _start(home, tmp_path / "r.json", "--shim", "0.0.0.0:0", "--shim-allow-remote")
+    allowed = start(home, tmp_path / "r.json", "--shim", "0.0.0.0:0", "--shim-allow-remote")
     try:
         assert json.loads((tmp_path / "r.json").read_text())["shim_url"].startswith("http://")
     finally:
@@ -304,8 +258,8 @@ def test_quickstart_provider_consumer_shim_and_chat(tmp_path: Path) -> None:
     """The README quickstart: a provider, a consumer with the shim, curl-like calls, chat."""
     import httpx
 
-    provider = _start(tmp_path / "p", tmp_path / "p.json", serve=True)
-    consumer = _start(
+    provider = start(tmp_path / "p", tmp_path / "p.json", serve=True)
+    consumer = start(
         tmp_path / "c",
         tmp_path / "c.json",
         "--shim",
@@ -332,7 +286,7 @@ def test_quickstart_provider_consumer_shim_and_chat(tmp_path: Path) -> None:
             assert http.post(f"{shim_url}/chat/completions", json=body).status_code == 401
         chat = subprocess.run(
             [*P2PNODE, "chat", "--url", shim_url, "--max-tokens", "8"],
-            env=_env(tmp_path / "c"),
+            env=env(tmp_path / "c"),
             input="Say hello.\n\n",
             capture_output=True,
             text=True,
@@ -354,7 +308,7 @@ def test_demo_runs_a_paid_network_in_one_process(tmp_path: Path) -> None:
     ready = tmp_path / "demo.json"
     proc = subprocess.Popen(
         [*P2PNODE, "demo", "--shim", "127.0.0.1:0", "--ready-file", str(ready)],
-        env=_env(tmp_path / "home"),
+        env=env(tmp_path / "home"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

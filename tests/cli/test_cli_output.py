@@ -15,13 +15,22 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_cli import BOUND_S, P2PNODE, Started, _env, _run, _start
-from test_paid_network import PASSWORD, _cli, _free_port, _home
 
 from p2pnode.chain.client import Chain, Deployment
 from p2pnode.chain.devchain import connect
 from p2pnode.cli.settlement import ether, tokens, when
 from p2pnode.p2p import identity
+from p2pnode.tests.cli.helpers import (
+    BOUND_S,
+    PASSWORD,
+    Started,
+    cli,
+    devchain,
+    env,
+    home_with_wallet,
+    run,
+    start,
+)
 
 MODEL = "SmolLM2-135M-Instruct"
 PRICE = 10**15  # 0.001 tokens per second
@@ -70,7 +79,7 @@ def running(tmp_path: Path) -> Iterator[tuple[Path, Started]]:
     home = tmp_path / "n"
     wallet = identity.create_wallet(home, PASSWORD, kdf_iterations=2)
     assert wallet.address.startswith("0x")
-    started = _start(home, tmp_path / "n.json", "--announce-model", "demo/model")
+    started = start(home, tmp_path / "n.json", "--announce-model", "demo/model")
     yield home, started
     started.proc.send_signal(signal.SIGTERM)
     started.proc.communicate(timeout=BOUND_S)
@@ -99,7 +108,7 @@ def test_everyday_commands_import_no_heavy_library(
     for args in commands:
         result = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "p2pnode.cli", *args],
-            env=_env(home),
+            env=env(home),
             capture_output=True,
             text=True,
             timeout=BOUND_S,
@@ -138,7 +147,7 @@ def test_fast_identity_reads_match_libp2p_and_eth_utils(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     identity.load_or_create_peer_key(bad)
     identity.write_private_file(bad / identity.WALLET_FILE, b'{"address": "0xnothex"}')
-    result = _run(bad, "id")
+    result = run(bad, "id")
     assert result.returncode == 2
     assert (
         result.stderr.strip()
@@ -185,34 +194,14 @@ class Network:
 def network(tmp_path: Path) -> Iterator[Network]:
     """anvil through `p2pnode devchain --fund` for a provider's and a consumer's wallet."""
     (provider, provider_wallet), (consumer, consumer_wallet) = (
-        _home(tmp_path, "provider"),
-        _home(tmp_path, "consumer"),
+        home_with_wallet(tmp_path, "provider"),
+        home_with_wallet(tmp_path, "consumer"),
     )
-    deployment = tmp_path / "deployment.json"
-    proc = subprocess.Popen(
-        [*P2PNODE, "devchain", "--port", str(_free_port()), "--deployment", str(deployment),
-         "--fund", provider_wallet.lower(), "--fund", consumer_wallet],
-        env=_env(tmp_path / "chain"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    lines: list[str] = []
-    # Its funding lines follow the ready line: read until both are there.
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if sum(x.startswith("funded 0x") for x in lines) == 2:
-            break
-    else:
-        proc.wait(BOUND_S)
-        pytest.fail(f"devchain did not start: {proc.stderr.read() if proc.stderr else ''}")
-    try:
-        yield Network(deployment, provider, consumer, provider_wallet, consumer_wallet, lines)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=BOUND_S)
-        assert "devchain stopped" in out
+    # One address in lower case: the devchain prints each checksummed.
+    with devchain(tmp_path, provider_wallet.lower(), consumer_wallet) as dev:
+        yield Network(
+            dev.deployment, provider, consumer, provider_wallet, consumer_wallet, dev.lines
+        )
 
 
 def _stop(started: Started) -> str:
@@ -226,7 +215,7 @@ def _wait_for_offers(home: Path, count: int) -> list[dict[str, object]]:
     deadline = time.monotonic() + BOUND_S
     held: list[dict[str, object]] = []
     while len(held) < count and time.monotonic() < deadline:  # gossip is asynchronous
-        held = json.loads(_cli(home, "offers", "--json").stdout)
+        held = json.loads(cli(home, "offers", "--json").stdout)
     assert len(held) == count, held
     return held
 
@@ -238,20 +227,20 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
     for wallet in (network.provider_wallet, network.consumer_wallet):
         assert f"funded {wallet} with 1000000 tokens and 10 ether" in network.devchain_lines
     dep = ["--deployment", str(network.deployment)]
-    registered = _cli(network.provider, "provider", "register", *dep)
+    registered = cli(network.provider, "provider", "register", *dep)
     provider_peer = identity.read_peer_id(network.provider)
     assert registered.stdout == (
         f"provider {network.provider_wallet} registered as {provider_peer}, stake 100 tokens\n"
     )
-    named = _cli(network.provider, "model", "register", MODEL, *dep).stdout
+    named = cli(network.provider, "model", "register", MODEL, *dep).stdout
     assert named.startswith(f"model {MODEL} is now registered on chain; {network.provider_wallet}")
-    again = _cli(network.provider, "model", "register", MODEL, *dep).stdout
+    again = cli(network.provider, "model", "register", MODEL, *dep).stdout
     assert again.startswith(f"model {MODEL} was already registered on chain;")
-    posted = _cli(network.provider, "bid", "post", MODEL, "--price", str(PRICE), *dep).stdout
+    posted = cli(network.provider, "bid", "post", MODEL, "--price", str(PRICE), *dep).stdout
     assert re.fullmatch(rf"bid [0-9a-f]{{64}} on {MODEL} at 0\.001 tokens/s\n", posted)
-    listed = _cli(network.consumer, "bid", "list", *dep).stdout
+    listed = cli(network.consumer, "bid", "list", *dep).stdout
     assert listed.split() == [listed.split()[0], "0.001", "tokens/s", provider_peer]
-    balance = _cli(network.consumer, "wallet", "balance", *dep).stdout
+    balance = cli(network.consumer, "wallet", "balance", *dep).stdout
     assert balance == f"{network.consumer_wallet}: 1000000 tokens, 10 ether\n"
 
     where = Deployment.load(network.deployment)
@@ -260,25 +249,25 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
     password_file.write_text(PASSWORD)
     password_file.chmod(0o600)
     paid = [*dep, "--wallet-password-file", str(password_file)]
-    provider = _start(network.provider, tmp_path / "p.json", *paid, serve=True)
+    provider = start(network.provider, tmp_path / "p.json", *paid, serve=True)
     consumer: Started | None = None
     bidless: Started | None = None
     try:
 
         def start_consumer(run: int) -> Started:
-            return _start(
+            return start(
                 network.consumer, tmp_path / f"c{run}.json", *paid, "--shim", "127.0.0.1:0",
                 "--bootstrap", provider.addrs[0], "--session-seconds", "600",
             )  # fmt: skip
 
         consumer = start_consumer(1)
         # A node that announces the model with no bid behind it (free mode).
-        bidless = _start(
+        bidless = start(
             tmp_path / "bidless", tmp_path / "b.json", "--announce-model", MODEL,
             "--bootstrap", consumer.addrs[0],
         )  # fmt: skip
         _wait_for_offers(network.consumer, 2)
-        offers = _cli(network.consumer, "offers").stdout
+        offers = cli(network.consumer, "offers").stdout
         prices = _prices(offers)
         assert prices == {provider.peer_id: "0.001 tokens/s", bidless.peer_id: "no bid"}, offers
 
@@ -332,7 +321,7 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
         ) in out2  # 10 minutes of session plus 15 of claim window: "in 25 min"
 
         # session list: the open one first, paid and refunded once closed, human times.
-        table = _cli(network.consumer, "session", "list", *dep).stdout.splitlines()
+        table = cli(network.consumer, "session", "list", *dep).stdout.splitlines()
         assert table[0].split() == [
             "session", "state", "role", "stake", "price", "paid", "refunded", "ends"
         ]  # fmt: skip
@@ -349,7 +338,7 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
         assert table[2].endswith(
             f"{when(chain.session(first).ends_at).split(' (')[0]} (closed before then)"
         )
-        rows_json = json.loads(_cli(network.consumer, "session", "list", "--json", *dep).stdout)
+        rows_json = json.loads(cli(network.consumer, "session", "list", "--json", *dep).stdout)
         assert [
             (r["session_id"], r["open"], r["role"], r["stake"], r["price_per_s"], r["paid"],
              r["refunded"], r["ends_at"])
@@ -363,7 +352,7 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(held.ends_at)
         )
         # The provider's side of the same sessions.
-        served = json.loads(_cli(network.provider, "session", "list", "--json", *dep).stdout)
+        served = json.loads(cli(network.provider, "session", "list", "--json", *dep).stdout)
         assert {(r["session_id"], r["role"]) for r in served} == {
             (first.hex(), "provider"),
             (second.hex(), "provider"),

@@ -1,46 +1,33 @@
 """The home directory and secret files: refused when another user could change or read them.
 
 As ssh does with ~/.ssh: one line naming the file and the command that fixes
-it, exit status 2, and nothing read from the file. Real processes, as a user
-runs them.
+it, exit status 2, and nothing read from the file. The command runs in this
+process (click's runner), its umask set as a user's shell would.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 
 from p2pnode.cli import settings
 from p2pnode.p2p import identity
+from p2pnode.tests.cli.helpers import invoke
 
-P2PNODE = [sys.executable, "-m", "p2pnode.cli"]
-BOUND_S = 60
 NOBODY = 65534  # another user's uid; only root can give a file to it
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 
 
-def _run(
-    home: Path, *args: str, umask: int = 0o022, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNODE_")}
-    env.update(P2PNODE_HOME=str(home), **extra)
-    return subprocess.run(
-        [*P2PNODE, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=BOUND_S,
-        umask=umask,
-    )
+def _run(home: Path, *args: str, umask: int = 0o022, **extra: str) -> Result:
+    return invoke(home, *args, umask=umask, **extra)
 
 
-def _refused(result: subprocess.CompletedProcess[str], line: str) -> None:
-    assert result.returncode == 2, result.stderr
+def _refused(result: Result, line: str) -> None:
+    assert result.exit_code == 2, result.stderr
     assert result.stderr.splitlines() == [f"p2pnode: error: {line}"]
 
 
@@ -125,18 +112,18 @@ def test_a_home_or_password_file_owned_by_another_user_is_refused(tmp_path: Path
     password.chmod(0o600)
     os.chown(password, NOBODY, NOBODY)
     result = _run(home, "init", "--wallet-password-file", str(password))
-    assert result.returncode == 2
+    assert result.exit_code == 2
     assert result.stderr.startswith(f"p2pnode: error: {password} is owned by another user")
     os.chown(home, NOBODY, NOBODY)
     result = _run(home, "id")
-    assert result.returncode == 2
+    assert result.exit_code == 2
     assert result.stderr.startswith(f"p2pnode: error: {home} is owned by another user")
 
 
 def test_files_init_creates_are_safe_whatever_the_umask(tmp_path: Path) -> None:
     home = tmp_path / "fresh"
     result = _run(home, "init", umask=0, P2PNODE_WALLET_PASSWORD="pass phrase")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     modes = {p.name: p.stat().st_mode & 0o777 for p in [home, *home.iterdir()]}
     assert modes == {
         "fresh": 0o700,
@@ -144,7 +131,7 @@ def test_files_init_creates_are_safe_whatever_the_umask(tmp_path: Path) -> None:
         identity.PEER_KEY_FILE: 0o600,
         identity.WALLET_FILE: 0o600,
     }
-    assert _run(home, "id").returncode == 0
+    assert _run(home, "id").exit_code == 0
 
 
 def test_the_home_secrets_are_the_files_identity_writes() -> None:

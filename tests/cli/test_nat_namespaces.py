@@ -36,7 +36,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli import BOUND_S, P2PNODE, _env
+
+from p2pnode.tests.cli.helpers import BOUND_S, P2PNODE
+from p2pnode.tests.cli.helpers import env as _env
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"

@@ -5,97 +5,63 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-from test_cli import BOUND_S, P2PNODE, _env, _run, _start
 
 from p2pnode.chain.client import Chain, Deployment
 from p2pnode.chain.devchain import connect
 from p2pnode.p2p import identity
+from p2pnode.tests.cli.helpers import (
+    BOUND_S,
+    PASSWORD,
+    cli,
+    devchain,
+    home_with_wallet,
+    run,
+    start,
+)
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 PRICE = 10**15
-PASSWORD = "correct horse"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _home(tmp_path: Path, name: str) -> tuple[Path, str]:
-    home = tmp_path / name
-    identity.load_or_create_peer_key(home)
-    wallet = identity.create_wallet(home, PASSWORD, kdf_iterations=2)  # fast unlocks
-    return home, wallet.address
 
 
 @pytest.fixture
-def devchain(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+def chain_and_homes(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     """anvil through `p2pnode devchain`, funding two fresh wallets; yields (deployment, homes)."""
     (provider_home, provider_wallet), (consumer_home, consumer_wallet) = (
-        _home(tmp_path, "provider"),
-        _home(tmp_path, "consumer"),
+        home_with_wallet(tmp_path, "provider"),
+        home_with_wallet(tmp_path, "consumer"),
     )
-    deployment = tmp_path / "deployment.json"
-    proc = subprocess.Popen(
-        [*P2PNODE, "devchain", "--port", str(_free_port()), "--deployment", str(deployment),
-         "--fund", provider_wallet, "--fund", consumer_wallet],
-        env=_env(tmp_path / "chain"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("devchain ready"):
-            break
-    else:
-        proc.wait(BOUND_S)
-        pytest.fail(f"devchain did not start: {proc.stderr.read() if proc.stderr else ''}")
-    try:
-        yield deployment, [str(provider_home), str(consumer_home)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=BOUND_S)
-        assert "devchain stopped" in out
-
-
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = _run(home, *args, P2PNODE_WALLET_PASSWORD=PASSWORD)
-    assert result.returncode == 0, result.stderr
-    return result
+    with devchain(tmp_path, provider_wallet, consumer_wallet) as dev:
+        yield dev.deployment, [str(provider_home), str(consumer_home)]
 
 
 def test_a_paid_chat_between_processes_settles_to_the_wei(
-    devchain: tuple[Path, list[str]], tmp_path: Path
+    chain_and_homes: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
-    deployment, (provider_dir, consumer_dir) = devchain
+    deployment, (provider_dir, consumer_dir) = chain_and_homes
     provider_home, consumer_home = Path(provider_dir), Path(consumer_dir)
     dep = ["--deployment", str(deployment)]
     # The provider registers (peer ID, stake), the model, and a bid, with the CLI.
-    registered = _cli(provider_home, "provider", "register", *dep)
+    registered = cli(provider_home, "provider", "register", *dep)
     assert "✓ register provider: tx 0x" in registered.stderr
-    _cli(provider_home, "model", "register", MODEL, *dep)
-    _cli(provider_home, "bid", "post", MODEL, "--price", str(PRICE), *dep)
-    bids = json.loads(_cli(consumer_home, "bid", "list", "--json", *dep).stdout)
+    cli(provider_home, "model", "register", MODEL, *dep)
+    cli(provider_home, "bid", "post", MODEL, "--price", str(PRICE), *dep)
+    bids = json.loads(cli(consumer_home, "bid", "list", "--json", *dep).stdout)
     assert [b["price_per_s"] for b in bids] == [PRICE]
     # A revert is one readable line.
-    again = _run(provider_home, "provider", "register", *dep, P2PNODE_WALLET_PASSWORD=PASSWORD)
+    again = run(provider_home, "provider", "register", *dep, P2PNODE_WALLET_PASSWORD=PASSWORD)
     assert again.returncode == 1
     assert "AlreadyRegistered()" in again.stderr
 
     # A deployment file for another chain is refused before anything is sent.
     other = tmp_path / "other.json"
     other.write_text(deployment.read_text().replace('"chain_id": 31337', '"chain_id": 8453'))
-    wrong = _run(provider_home, "wallet", "balance", "--deployment", str(other))
+    wrong = run(provider_home, "wallet", "balance", "--deployment", str(other))
     assert wrong.returncode == 2
     assert "wrong chain" in wrong.stderr
     where = Deployment.load(deployment)
@@ -111,9 +77,9 @@ def test_a_paid_chat_between_processes_settles_to_the_wei(
     password_file.write_text(PASSWORD)
     password_file.chmod(0o600)  # a secret others can read is refused
     paid = [*dep, "--wallet-password-file", str(password_file)]
-    provider = _start(provider_home, tmp_path / "p.json", *paid, serve=True)
+    provider = start(provider_home, tmp_path / "p.json", *paid, serve=True)
     try:
-        consumer = _start(
+        consumer = start(
             consumer_home, tmp_path / "c.json", *paid,
             "--shim", "127.0.0.1:0", "--bootstrap", provider.addrs[0], "--session-seconds", "100",
         )  # fmt: skip
@@ -146,7 +112,7 @@ def test_a_paid_chat_between_processes_settles_to_the_wei(
         assert chain.balance(consumer_wallet.address) == c0 - paid
         escrowed, total_paid, total_refunded = chain.totals()
         assert (escrowed, total_paid, total_refunded) == (settled.stake, paid, refunded)
-        sessions = json.loads(_cli(consumer_home, "session", "list", "--json", *dep).stdout)
+        sessions = json.loads(cli(consumer_home, "session", "list", "--json", *dep).stdout)
         assert [(s["session_id"], s["open"]) for s in sessions] == [(session_id.hex(), False)]
     finally:
         provider.proc.send_signal(signal.SIGTERM)

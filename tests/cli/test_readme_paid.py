@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from test_paid_network import _free_port
 
 pytestmark = pytest.mark.slow
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -76,6 +76,16 @@ class Terminal:
 
     def output(self) -> str:
         return "".join(self.lines)
+
+
+def _free_port() -> int:
+    """A port nobody listens on now. The README's blocks name fixed ports and later
+    blocks dial them, so each is replaced by one of these: the only place the
+    tests guess a free port instead of binding port 0 (a short window remains
+    in which another process could take it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_the_readme_paid_network_works_as_written(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Fixtures of the end-to-end tests (the network itself is in ``network.py``)."""
 
-from network import network
+from p2pnode.tests.e2e.network import network
 
 __all__ = ["network"]

@@ -6,11 +6,11 @@ import httpx
 import openai
 import pytest
 import trio
-from network import BOUND_S, MODEL, Network
 
 from p2pnode.inference.engine import ChatMessage, Params, Request, collect
 from p2pnode.p2p.pricing import PeerStats
 from p2pnode.protocols.offers import ModelOffer
+from p2pnode.tests.e2e.network import BOUND_S, MODEL, Network
 
 pytestmark = pytest.mark.slow
 

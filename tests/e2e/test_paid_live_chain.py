@@ -5,7 +5,6 @@ while the provider runs (the embedded chain), all with the bundled model."""
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -15,7 +14,6 @@ import pytest
 import trio
 from eth_account.signers.local import LocalAccount
 from libp2p.crypto.ed25519 import create_new_key_pair
-from network import BOUND_S
 
 from p2pnode.chain.client import AsyncChain, Chain
 from p2pnode.chain.devchain import connect, run_devchain
@@ -24,6 +22,7 @@ from p2pnode.inference.engine import ChatMessage, Engine, Params, Request
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
 from p2pnode.p2p import market
 from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.tests.e2e.network import BOUND_S
 
 pytestmark = pytest.mark.slow
 PRICE = 10**15
@@ -43,11 +42,6 @@ REQUEST = Request(
 async def _nothing(_text: str, _tokens: int) -> None:
     return None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -105,7 +99,7 @@ async def test_the_first_chat_after_an_idle_spell_opens_its_session_at_once(
     landed in (ApprovalExpired, the consumer's gas spent on the revert), until a
     block came by chance. Here the first open is the consumer's only transaction."""
     with run_devchain(
-        _free_port(),
+        0,  # a port the system chooses
         tmp_path / "deployment.json",
         accounts=3,
         block_time_s=None,  # blocks only for transactions, as anvil by default

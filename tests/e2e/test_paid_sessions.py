@@ -15,7 +15,6 @@ import trio
 from eth_account import Account
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
-from network import BOUND_S
 
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain, send_ether
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
@@ -25,6 +24,7 @@ from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_p
 from p2pnode.p2p import market
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols.session import RejectCode
+from p2pnode.tests.e2e.network import BOUND_S
 
 pytestmark = pytest.mark.slow
 PRICE = 10**15

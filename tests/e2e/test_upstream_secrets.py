@@ -16,13 +16,13 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from network import BOUND_S, Network
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from p2pnode.inference.upstream import Config, open_upstream
+from p2pnode.tests.e2e.network import BOUND_S, Network
 
 pytestmark = pytest.mark.slow
 

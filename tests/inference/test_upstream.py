@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import queue
+import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
 import trio
 
@@ -21,15 +23,11 @@ MODEL = "smol"  # the alias the server is started with
 BOUND_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    port = _free_port()
+    """llama-cpp-python's own server on a port it binds itself (port 0), read from
+    uvicorn's start-up line; the rest of its log is read (and dropped) by a thread,
+    so the pipe never fills."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -42,31 +40,37 @@ def server_url() -> Iterator[str]:
             "--host",
             "127.0.0.1",
             "--port",
-            str(port),
+            "0",
             "--n_threads",
             "1",
             "--verbose",
             "False",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        with httpx.Client(timeout=1.0) as client:
-            for _ in range(BOUND_S * 10):  # until it answers, at most BOUND_S
-                try:
-                    if client.get(f"{url}/models").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None:
-                    pytest.fail("llama_cpp.server exited at start")
-                import time
+    found: queue.Queue[str | None] = queue.Queue()
 
-                time.sleep(0.1)  # noqa: TID251 - a sync fixture waiting for a child process
-            else:
-                pytest.fail("llama_cpp.server did not start")
+    def read() -> None:
+        assert proc.stderr is not None
+        told = False
+        with proc.stderr:
+            for line in proc.stderr:
+                if not told and (match := re.search(r"running on (http://\S+)", line)):
+                    found.put(match[1] + "/v1")
+                    told = True
+        if not told:
+            found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        try:
+            url = found.get(timeout=BOUND_S)
+        except queue.Empty:
+            url = None
+        if url is None:
+            pytest.fail("llama_cpp.server did not start")
         yield url
     finally:
         proc.terminate()
@@ -135,10 +139,12 @@ async def test_an_error_status_is_an_engine_error(server_url: str) -> None:
 
 
 async def test_unreachable_upstream_is_an_engine_error() -> None:
-    dead = f"http://127.0.0.1:{_free_port()}/v1"
-    async with open_upstream(Config(base_url=dead, models=(MODEL,))) as engine:
-        with pytest.raises(EngineError, match="cannot reach the upstream server"):
-            await collect(engine, _chat())
+    with socket.socket() as held:  # bound, never listening: refused, and nobody else's
+        held.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
+        async with open_upstream(Config(base_url=dead, models=(MODEL,))) as engine:
+            with pytest.raises(EngineError, match="cannot reach the upstream server"):
+                await collect(engine, _chat())
 
 
 async def test_unknown_model_is_refused_locally(engine: UpstreamEngine) -> None:

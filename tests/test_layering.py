@@ -151,6 +151,7 @@ def test_no_module_calls_another_modules_underscore_names() -> None:
 
 SKIP_DIRS = {
     ".git",
+    ".mutation",  # ./dev mutation's scratch copy of the checkout
     ".venv",
     "node_modules",
     "__pycache__",
@@ -304,4 +305,36 @@ def test_every_code_name_in_docs_exists() -> None:
                 bad.append(f"{doc.name}: {m.group(1)} does not exist")
             elif name is not None and not _defines(path, name):
                 bad.append(f"{doc.name}: {m.group(1)} defines no {name}")
+    assert not bad, "\n".join(bad)
+
+
+# The claims table: ``tests/p2p/test_failover.py::test_x; ::test_y`` (a later ``::name``
+# in the same cell names another test of the file before it).
+CLAIM_CELL = re.compile(r"\| ([^|]*tests/[^|]*) \|$", re.MULTILINE)
+TEST_REF = re.compile(r"(tests/[\w/]+\.py)?::(\w+)|(tests/[\w/]+(?:\.py)?)")
+
+
+def test_every_test_the_claims_table_names_exists() -> None:
+    table = (ROOT / "docs" / "claims.md").read_text()
+    cells = CLAIM_CELL.findall(table)
+    assert len(cells) >= 70
+    bad, named = [], 0
+    for cell in cells:
+        current: str | None = None
+        for m in TEST_REF.finditer(cell):
+            file, test, alone = m.group(1), m.group(2), m.group(3)
+            if alone is not None:  # a whole file or folder
+                current = alone if alone.endswith(".py") else None
+                if not (ROOT / alone).exists():
+                    bad.append(f"{alone} does not exist")
+                continue
+            current = file or current
+            if current is None:
+                bad.append(f"::{test} names no file")
+                continue
+            named += 1
+            source = (ROOT / current).read_text() if (ROOT / current).exists() else ""
+            if not re.search(rf"^(?:async )?def {test}\(|^{test} = ", source, re.MULTILINE):
+                bad.append(f"{current}::{test} does not exist")
+    assert named >= 100
     assert not bad, "\n".join(bad)

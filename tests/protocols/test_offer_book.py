@@ -258,3 +258,132 @@ def test_out_of_bounds_live_load_is_ignored(book: offers.OfferBook, key: KeyPair
     held = book.get(_source(key))
     assert held is not None
     assert held.slots_free == 3
+
+
+# --- every bound is inclusive: a claim at it is admitted, one past it is not ---------
+
+SMALL = offers.Config(
+    max_addrs=2,
+    max_models=2,
+    max_model_id_len=3,
+    max_slots=3,
+    max_queue=4,
+    max_price_per_s=7,
+    max_tokens_per_s=9.0,
+    max_context_length=11,
+)
+
+
+def _model(**kw: object) -> offers.ModelOffer:
+    return offers.ModelOffer(**{"model_id": "m", "context_length": 0, **kw})  # type: ignore[arg-type]
+
+
+def _addr(key: KeyPair, port: int = 4001) -> str:
+    return f"/ip4/127.0.0.1/tcp/{port}/p2p/{_source(key)}"
+
+
+def _bounded(key: KeyPair, case: str, past: bool) -> dict[str, object]:
+    """The offer's fields for ``case``, at its bound or (``past``) one step beyond."""
+    step = 1 if past else 0
+    return {
+        "slots": {"slots_free": SMALL.max_slots + step},
+        "queue": {"queue_len": SMALL.max_queue + step},
+        "no slots": {"slots_free": 0 - step},
+        "no queue": {"queue_len": 0 - step},
+        "seq": {"seq": 0 - step},
+        "addrs": {"addrs": tuple(_addr(key, 4001 + i) for i in range(SMALL.max_addrs + step))},
+        "models": {
+            "models": tuple(_model(model_id=f"m{i}") for i in range(SMALL.max_models + step))
+        },
+        "model id": {"models": (_model(model_id="x" * (SMALL.max_model_id_len + step)),)},
+        "price": {"models": (_model(price_per_s=SMALL.max_price_per_s + step),)},
+        "free": {"models": (_model(price_per_s=0 - step),)},
+        "speed": {"models": (_model(tokens_per_s=SMALL.max_tokens_per_s + step),)},
+        "context": {"models": (_model(context_length=SMALL.max_context_length + step),)},
+        "no context": {"models": (_model(context_length=0 - step),)},
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["slots", "queue", "no slots", "no queue", "seq", "addrs", "models", "model id", "price",
+     "free", "speed", "context", "no context"],
+)  # fmt: skip
+def test_a_claim_at_its_bound_is_admitted_and_one_past_it_is_not(key: KeyPair, case: str) -> None:
+    for past, verdict in ((False, offers.Verdict.ACCEPTED), (True, offers.Verdict.INVALID)):
+        book = offers.OfferBook(SMALL, verify_peer_signature, dials_peer)
+        offer = _offer(key, **{"models": (_model(),), **_bounded(key, case, past)})
+        assert book.consider(_sign(offer, key), source=_source(key), now=NOW) is verdict, past
+
+
+def test_an_address_at_its_length_bound_is_admitted_and_one_longer_is_not(key: KeyPair) -> None:
+    at = _addr(key, 4001)
+    cfg = replace(SMALL, max_addr_len=len(at))
+    for addr, verdict in (
+        (at, offers.Verdict.ACCEPTED),
+        (_addr(key, 40011), offers.Verdict.INVALID),
+    ):
+        book = offers.OfferBook(cfg, verify_peer_signature, dials_peer)
+        data = _sign(_offer(key, addrs=(addr,), models=(_model(),)), key)
+        assert book.consider(data, source=_source(key), now=NOW) is verdict
+
+
+def test_the_size_and_the_clock_bounds_are_inclusive(key: KeyPair) -> None:
+    data = _sign(_offer(key), key)
+    for size, verdict in (
+        (len(data), offers.Verdict.ACCEPTED),
+        (len(data) - 1, offers.Verdict.OVERSIZE),
+    ):
+        book = offers.OfferBook(replace(CFG, max_size=size), verify_peer_signature, dials_peer)
+        assert book.consider(data, source=_source(key), now=NOW) is verdict
+    oldest, newest = NOW - CFG.max_age_s, NOW + CFG.max_skew_s
+    for when, verdict in (
+        (oldest, offers.Verdict.ACCEPTED),
+        (oldest - 0.5, offers.Verdict.STALE),
+        (newest, offers.Verdict.ACCEPTED),
+        (newest + 0.5, offers.Verdict.FUTURE),
+    ):
+        book = offers.OfferBook(CFG, verify_peer_signature, dials_peer)
+        data = _sign(_offer(key, timestamp=when), key)
+        assert book.consider(data, source=_source(key), now=NOW) is verdict
+
+
+@pytest.mark.parametrize(
+    ("digest", "ok"),
+    [
+        ("ab" * 32, True),
+        ("ab" * 31, False),
+        ("AB" * 32, False),
+        ("Xb" * 32, False),
+        ("a" * 65, False),
+    ],
+)
+def test_digests_are_64_lowercase_hex_characters(key: KeyPair, digest: str, ok: bool) -> None:
+    book = offers.OfferBook(CFG, verify_peer_signature, dials_peer)
+    data = _sign(_offer(key, models=(_model(gguf_sha256=digest),)), key)
+    verdict = offers.Verdict.ACCEPTED if ok else offers.Verdict.INVALID
+    assert book.consider(data, source=_source(key), now=NOW) is verdict
+
+
+def test_verdicts_accumulate(book: offers.OfferBook, key: KeyPair) -> None:
+    data = _sign(_offer(key), key)
+    for _ in range(3):
+        book.consider(data, source=_source(key), now=NOW)
+    assert book.verdicts[offers.Verdict.ACCEPTED] == 1
+    assert book.verdicts[offers.Verdict.DUPLICATE] == 2
+
+
+@pytest.mark.parametrize(
+    ("slots", "queue", "taken"),
+    [(3, 4, True), (0, 0, True), (4, 0, False), (0, 5, False), (-1, 0, False), (0, -1, False)],
+)
+def test_load_reported_directly_is_taken_within_the_same_bounds(
+    key: KeyPair, slots: int, queue: int, taken: bool
+) -> None:
+    book = offers.OfferBook(SMALL, verify_peer_signature, dials_peer)
+    data = _sign(_offer(key, models=(_model(),)), key)
+    assert book.consider(data, source=_source(key), now=NOW) is offers.Verdict.ACCEPTED
+    book.update_load(_source(key), slots_free=slots, queue_len=queue, now=NOW)
+    held = book.get(_source(key))
+    assert held is not None
+    assert ((held.slots_free, held.queue_len) == (slots, queue)) is taken

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pnode.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from p2pnode.protocols.session.crypto import (
+    MAX_FRAMES,
     Ephemeral,
     Opener,
     Sealer,
@@ -170,3 +175,75 @@ def test_a_stream_that_failed_once_stays_failed(bad: str) -> None:
     for frame in frames:
         with pytest.raises(RemoteProtocolError, match=": stream already failed authentication$"):
             opener.open(frame)
+
+
+# --- the derivation and the frames as docs/protocols.md#key-derivation states them ----
+# Computed here from the primitives (RFC 5869 HKDF over hmac, ChaCha20-Poly1305 with
+# the nonce and associated data the docs give), not through the code under test.
+
+
+def _hkdf_sha256(secret: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    prk = hmac.new(salt, secret, hashlib.sha256).digest()
+    out, block, n = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([n]), hashlib.sha256).digest()
+        out, n = out + block, n + 1
+    return out[:length]
+
+
+def test_the_transcript_is_sha256_over_4_byte_big_endian_lengths_and_parts() -> None:
+    parts = (b"p2pnode/session/1", b"consumer-id", b"provider-id", b"hello", b"")
+    expected = hashlib.sha256(b"".join(len(p).to_bytes(4, "big") + p for p in parts)).digest()
+    assert transcript_hash(*parts) == expected
+    assert handshake_transcript(
+        consumer=b"consumer-id", provider=b"provider-id", hello=b"hello", approve=b""
+    ) == expected  # fmt: skip
+    # Each body counts: another Hello or Approve is another transcript.
+    for changed in ({"hello": b"hellO"}, {"approve": b"x"}):
+        args = {"consumer": b"consumer-id", "provider": b"provider-id", "hello": b"hello"}
+        assert handshake_transcript(**{"approve": b"", **args, **changed}) != expected
+
+
+def test_the_keys_are_hkdf_sha256_of_the_secret_salted_by_the_transcript() -> None:
+    secret, transcript = b"s" * 32, b"t" * 32
+    material = _hkdf_sha256(secret, transcript, b"p2pnode/session/1 keys", 64)
+    assert SessionKeys.derive(secret, transcript) == SessionKeys(material[:32], material[32:])
+
+
+def test_a_sealed_frame_is_chacha20_poly1305_under_the_documented_nonce_and_data() -> None:
+    key, session = b"k" * 32, b"S" * 32
+    sealer = Sealer(key, session, 7)
+    frames = [sealer.seal(b"first"), sealer.seal(b"second")]
+    aead = ChaCha20Poly1305(key)
+    aad = session + (7).to_bytes(8, "big")
+    for counter, (frame, plain) in enumerate(zip(frames, (b"first", b"second"), strict=True)):
+        nonce = (7).to_bytes(4, "big") + counter.to_bytes(8, "big")
+        assert aead.decrypt(nonce, frame, aad) == plain
+
+
+def test_a_stream_seals_up_to_its_frame_limit_and_no_further() -> None:
+    sealer = Sealer(b"k" * 32, b"S" * 32, 1)
+    sealer._counter = MAX_FRAMES - 1  # noqa: SLF001 - 2^64 frames cannot be sealed in a test
+    sealer.seal(b"the last one")
+    with pytest.raises(LocalProtocolError, match=": too many frames on one stream$") as raised:
+        sealer.seal(b"one more")
+    assert raised.value.code is ErrorCode.UNEXPECTED
+
+
+@pytest.mark.parametrize(
+    ("public", "detail"),
+    [(b"x" * 31, "X25519 key must be 32 bytes"), (bytes(32), "unusable X25519 key")],
+)
+def test_an_unusable_peer_key_is_the_peers_error(public: bytes, detail: str) -> None:
+    with pytest.raises(RemoteProtocolError) as raised:
+        Ephemeral().shared_secret(public)
+    assert (raised.value.code, raised.value.detail) == (ErrorCode.BAD_FIELD, detail)
+
+
+def test_a_transcript_without_both_peer_ids_is_our_bug() -> None:
+    with pytest.raises(LocalProtocolError) as raised:
+        handshake_transcript(consumer=b"", provider=b"p", hello=b"h", approve=b"a")
+    assert (raised.value.code, raised.value.detail) == (
+        ErrorCode.BAD_FIELD,
+        "a transcript needs both peer ids",
+    )

@@ -109,8 +109,9 @@ def test_ready_for_another_session_is_refused() -> None:
     consumer, provider = _through_approve()
     consumer.send_opened()
     consumer.receive_data(CODEC.encode(Ready(session_id=b"other")))
-    with pytest.raises(RemoteProtocolError, match="another session"):
+    with pytest.raises(RemoteProtocolError, match=": Ready names another session$") as info:
         consumer.next_event()
+    assert info.value.code is ErrorCode.BAD_FIELD
 
 
 def test_wrong_key_sizes_are_bad_fields() -> None:
@@ -119,8 +120,14 @@ def test_wrong_key_sizes_are_bad_fields() -> None:
     provider.receive_data(CODEC.encode(bad))
     with pytest.raises(RemoteProtocolError) as info:
         provider.next_event()
-    assert info.value.code is ErrorCode.BAD_FIELD
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.BAD_FIELD,
+        "ephemeral key or nonce of the wrong size",
+    )
     assert provider.state is State.ERROR
+    with pytest.raises(LocalProtocolError, match=": no event expected in error$") as after:
+        provider.next_event()
+    assert after.value.code is ErrorCode.UNEXPECTED
 
 
 def test_messages_out_of_place_are_unexpected() -> None:
@@ -128,14 +135,25 @@ def test_messages_out_of_place_are_unexpected() -> None:
     provider.receive_data(CODEC.encode(Opened(session_id=b"x")))
     with pytest.raises(RemoteProtocolError) as info:
         provider.next_event()
-    assert info.value.code is ErrorCode.UNEXPECTED
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.UNEXPECTED,
+        "session.opened in await_hello",
+    )
 
     c_eph = Ephemeral()
     consumer = _consumer(c_eph)
     consumer.send_hello(_hello(c_eph))
     consumer.receive_data(CODEC.encode(Ready(session_id=b"x")))
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError) as info:
         consumer.next_event()
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.UNEXPECTED,
+        "session.ready in await_approve",
+    )
+    assert consumer.state is State.ERROR
+    with pytest.raises(LocalProtocolError, match=": no event expected in error$") as after:
+        consumer.next_event()
+    assert after.value.code is ErrorCode.UNEXPECTED
 
 
 def test_hello_arriving_byte_by_byte() -> None:
@@ -154,16 +172,25 @@ def test_eof_during_the_handshake_is_truncation() -> None:
     provider.receive_data(b"")
     with pytest.raises(RemoteProtocolError) as info:
         provider.next_event()
-    assert info.value.code is ErrorCode.TRUNCATED
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.TRUNCATED,
+        "closed during the handshake",
+    )
 
 
 def test_local_misuse() -> None:
     c_eph = Ephemeral()
     consumer = _consumer(c_eph)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match=": cannot send Opened in state idle$"):
         consumer.send_opened()  # before any Approve
-    with pytest.raises(LocalProtocolError, match="our ephemeral key"):
+    with pytest.raises(LocalProtocolError, match=": Hello must carry our ephemeral key$"):
         consumer.send_hello(_hello(Ephemeral()))
+    consumer.send_hello(_hello(c_eph))
+    with pytest.raises(
+        LocalProtocolError, match=": cannot send Hello in state await_approve$"
+    ) as info:
+        consumer.send_hello(_hello(c_eph))
+    assert info.value.code is ErrorCode.UNEXPECTED
     provider = _provider()
     with pytest.raises(LocalProtocolError):
         provider.ready()
@@ -237,7 +264,14 @@ def test_a_relayed_free_mode_handshake_is_refused_at_opened() -> None:
 
 
 def test_a_machine_without_peer_ids_is_our_bug() -> None:
-    with pytest.raises(LocalProtocolError, match="peer ids"):
+    with pytest.raises(LocalProtocolError, match=": a handshake needs both peer ids$"):
         ConsumerMachine(MAX, Ephemeral(), local_peer=b"", remote_peer=PROVIDER_ID)
     with pytest.raises(LocalProtocolError, match="peer ids"):
         ProviderMachine(MAX, local_peer=PROVIDER_ID, remote_peer=b"")
+
+
+def test_nothing_is_known_before_the_handshake_says_it() -> None:
+    consumer, provider = _consumer(Ephemeral()), _provider()
+    for side in (consumer, provider):
+        assert (side.session_id, side.transcript, side.keys) == (b"", b"", None)
+    assert provider.hello is None

@@ -158,6 +158,11 @@ def test_a_consumer_sending_during_the_stream_breaks_the_protocol() -> None:
     provider.receive_data(consumer.sealed_frame(REQUEST))
     with pytest.raises(RemoteProtocolError, match="infer.request in streaming"):
         provider.next_event()
+    # An Ack too: it acknowledges a Done, and none was sent yet.
+    consumer, provider = _opened()
+    provider.receive_data(consumer.sealed_frame(Ack(signature=b"early")))
+    with pytest.raises(RemoteProtocolError, match="infer.ack in streaming"):
+        provider.next_event()
 
 
 def test_the_provider_closing_before_done_is_truncation() -> None:
@@ -257,7 +262,10 @@ def test_a_stream_id_outside_the_nonce_is_the_peers_error(stream_id: int) -> Non
     provider.receive_data(_clear_open(SESSION, stream_id))
     with pytest.raises(RemoteProtocolError) as info:
         provider.next_event()
-    assert info.value.code is ErrorCode.BAD_FIELD
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.BAD_FIELD,
+        "stream id must fit in 32 bits",
+    )
     assert provider.state is State.ERROR
 
 
@@ -307,3 +315,64 @@ def test_once_the_session_is_known_a_long_prompt_fits() -> None:
     assert isinstance(provider.next_event(), InferOpen)
     provider.accept(KEYS)
     assert provider.next_event() == long
+
+
+# --- the consumer's side, rule by rule ---------------------------------------------
+
+
+def _done_stream() -> tuple[ConsumerMachine, ProviderMachine]:
+    consumer, provider = _opened()
+    consumer.receive_data(provider.done(_done()))
+    assert consumer.next_event() == _done()
+    return consumer, provider
+
+
+def test_after_done_the_consumer_waits_for_the_close_and_nothing_else() -> None:
+    consumer, provider = _done_stream()
+    assert consumer.next_event() is NEED_DATA
+    consumer.receive_data(provider.send_error(Error(code=8, message="late")))
+    with pytest.raises(RemoteProtocolError) as info:
+        consumer.next_event()
+    assert (info.value.code, info.value.detail) == (ErrorCode.UNEXPECTED, "frame after Done")
+    # A frame in the clear is not even opened after the first answer.
+    consumer, _ = _done_stream()
+    consumer.receive_data(encode_frame(bytes([CLEAR]) + CLEAR_CODEC.encode_body(Error(code=8))))
+    with pytest.raises(RemoteProtocolError) as info:
+        consumer.next_event()
+    assert info.value.detail == f"frame kind {CLEAR} in done"
+
+
+def test_a_provider_sending_what_only_a_consumer_sends_breaks_the_protocol() -> None:
+    consumer, provider = _opened()
+    consumer.receive_data(provider.sealed_frame(REQUEST))
+    with pytest.raises(RemoteProtocolError) as info:
+        consumer.next_event()
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.UNEXPECTED,
+        "infer.request from a provider",
+    )
+    assert consumer.state is State.ERROR
+
+
+def test_events_before_the_request_or_after_an_error_are_our_bug() -> None:
+    consumer = ConsumerMachine(MAX, KEYS, SESSION, 1)
+    with pytest.raises(LocalProtocolError, match=": no event in idle$") as info:
+        consumer.next_event()
+    assert info.value.code is ErrorCode.UNEXPECTED
+    consumer, provider = _opened()
+    consumer.receive_data(provider.send_error(Error(code=8, message="boom")))
+    assert consumer.next_event() == Error(code=8, message="boom")
+    assert consumer.state is State.ERROR
+    with pytest.raises(LocalProtocolError, match=": no event in error$"):
+        consumer.next_event()
+
+
+def test_the_provider_closing_before_done_says_so() -> None:
+    consumer, _ = _opened()
+    consumer.receive_data(b"")
+    with pytest.raises(RemoteProtocolError) as info:
+        consumer.next_event()
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.TRUNCATED,
+        "provider closed before Done",
+    )

@@ -18,7 +18,8 @@ from p2pnode.protocols.session.messages import (
     Reject,
     RejectCode,
 )
-from p2pnode.protocols.wire import NEED_DATA
+from p2pnode.protocols.wire import NEED_DATA, encode_frame
+from p2pnode.protocols.wire import Error as WireError
 
 MAX = 64 * 1024
 NOW = 1_800_000_000.0
@@ -275,3 +276,24 @@ def test_nothing_is_known_before_the_handshake_says_it() -> None:
     for side in (consumer, provider):
         assert (side.session_id, side.transcript, side.keys) == (b"", b"", None)
     assert provider.hello is None
+
+
+def test_provider_misuse_names_the_call() -> None:
+    c_eph, p_eph = Ephemeral(), Ephemeral()
+    consumer, provider = _consumer(c_eph), _provider()
+    with pytest.raises(LocalProtocolError, match=": cannot approve in state await_hello$"):
+        provider.approve(p_eph, _approve(p_eph))
+    with pytest.raises(LocalProtocolError, match=": cannot say Ready in state await_hello$"):
+        provider.ready()
+    provider.receive_data(consumer.send_hello(_hello(c_eph)))
+    provider.next_event()
+    with pytest.raises(LocalProtocolError, match=": Approve must carry our ephemeral key$") as info:
+        provider.approve(p_eph, _approve(Ephemeral()))
+    assert info.value.code is ErrorCode.BAD_FIELD
+
+
+def test_an_error_from_the_consumer_ends_the_handshake() -> None:
+    provider = _provider()
+    provider.receive_data(encode_frame(CODEC.encode_body(WireError(code=7, message="bye"))))
+    assert provider.next_event() == WireError(code=7, message="bye")
+    assert provider.state is State.REJECTED

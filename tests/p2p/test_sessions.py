@@ -315,3 +315,31 @@ async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> Non
         with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
             await lonely.generate(synthetic, _nothing)
         assert "1 provider seen; all banned for misbehaviour" in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    ("a", "a_stats", "b", "b_stats"),
+    [
+        # An unmeasured round trip counts as 50 ms.
+        (_offer("a"), PeerStats(), _offer("b"), PeerStats(rtt_ms=50.5)),
+        # Only a provider with no free slot waits in its queue: 500 ms per request
+        # queued, its own included.
+        (_offer("a", free=1), PeerStats(rtt_ms=10.0), _offer("b"), PeerStats(rtt_ms=20.0)),
+        (_offer("a", free=0, queue=1), PeerStats(), _offer("b"), PeerStats(rtt_ms=1051.0)),
+        (
+            _offer("a"),
+            PeerStats(rtt_ms=1000.0),
+            _offer("b", free=0, queue=0),
+            PeerStats(rtt_ms=600),
+        ),
+        # Then the time per token: 1000 / tokens per second, measured or claimed.
+        (_offer("a"), PeerStats(tokens_per_s=10.0), _offer("b"), PeerStats(rtt_ms=150.05)),
+        (_offer("a"), PeerStats(rtt_ms=1000.0), _offer("b", tps=1.0), PeerStats()),
+        (_offer("a", tps=2.0), PeerStats(), _offer("b"), PeerStats(rtt_ms=550.5)),
+    ],
+)
+def test_the_quickest_is_the_least_expected_wait(
+    a: Offer, a_stats: PeerStats, b: Offer, b_stats: PeerStats
+) -> None:
+    stats = {"a": a_stats, "b": b_stats}
+    assert [o.peer_id for o in rank([b, a], "m", stats, {})] == ["a", "b"]

@@ -9,7 +9,7 @@ stops it all, cancellation included.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from functools import partial
 
 import trio
@@ -223,7 +223,8 @@ async def open_node(
     # host listens, so no connection arrives before gossip can see it.
     node = Node(config, host, engines, wallet)
     node._register_handlers()
-    with single_errors_ungrouped():
+    # The ledger closes after every task of the node has ended.
+    with single_errors_ungrouped(), closing(node.markets):
         async with hostlib.running(host, config.host) as addrs:
             node.relay_keeping.listening(addrs)
             async with trio.open_nursery() as nursery:

@@ -129,9 +129,13 @@ class Markets:
 
     async def stop(self) -> None:
         """Close the paid sessions this node opened (a consumer's second transaction),
-        within 30 s even when cancelled; then the ledger."""
+        within 30 s even when cancelled."""
         if self.consumer is not None:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 30):
                 await self.consumer.close_all()
+
+    def close(self) -> None:
+        """Close the ledger: only once no task of the node runs (a settle loop that
+        was in a chain read when it was cancelled still writes what it read)."""
         if self.ledger is not None:
             self.ledger.close()

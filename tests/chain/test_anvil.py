@@ -29,7 +29,6 @@ MODEL = "m"
 IDLE_S = 300
 
 
-
 def rpc(w3: Web3, method: str, *params: object) -> object:
     """One of anvil's own RPC methods (time travel, mining)."""
     answer = w3.provider.make_request(method, list(params))  # type: ignore[arg-type]

@@ -723,3 +723,38 @@ async def test_a_restarted_provider_claims_what_it_left_open(tmp_path: Path) -> 
     assert owed > 0
     assert claims.counters.paid_wei == owed
     assert net.chain.balance(provider_account.address) == p0 + owed
+
+
+async def test_a_settle_under_way_when_the_node_stops_finishes_before_the_ledger_closes(
+    tmp_path: Path,
+) -> None:
+    # A chain read runs in a thread and cannot be cancelled: the settle loop
+    # that was in one when the node stopped goes on to write what it read.
+    # Seen once as "Cannot operate on a closed database" at a provider's stop.
+    net = await trio.to_thread.run_sync(open_embedded)
+    provider_account = net.accounts[1]
+    net.chain.register_provider(provider_account, "12D3KooWprovider", MIN_PROVIDER_STAKE)
+    net.chain.register_model(provider_account, MODEL, None)
+    net.chain.post_bid(provider_account, MODEL, PRICE)
+    entered, finished = trio.Event(), trio.Event()
+    async with open_node(
+        NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path, settle_every_s=0.1)),
+        key_pair=create_new_key_pair(),
+        wallet=_wallet(net, 1),
+        engines=[SyntheticEngine()],
+    ) as node:
+        billing = node.markets.provider
+        assert billing is not None
+        ledger = billing.ledger
+
+        async def settle_behind_a_slow_read() -> None:
+            entered.set()
+            with trio.CancelScope(shield=True):  # as a read in a thread is
+                await trio.sleep(0.3)
+            ledger.open_sessions("provider")  # what settle() does next, before any checkpoint
+            finished.set()
+
+        billing.settle = settle_behind_a_slow_read  # type: ignore[method-assign]
+        with trio.fail_after(BOUND_S):
+            await entered.wait()
+    assert finished.is_set()

@@ -43,7 +43,6 @@ async def _nothing(_text: str, _tokens: int) -> None:
     return None
 
 
-
 @pytest.fixture
 async def engine() -> AsyncIterator[Engine]:
     async with open_llamacpp(

@@ -7,7 +7,9 @@ whole tokens wherever a person reads them.
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
+
+from p2pnode.errors import ConfigError
 
 DECIMALS = 18
 UNIT = 10**DECIMALS  # one whole token in its smallest unit
@@ -35,3 +37,14 @@ def format_tokens(units: int, *, places: int = 6) -> str:
 def format_price(units_per_s: int) -> str:
     """A price per second in tokens, e.g. ``0.001 tokens/s``."""
     return f"{format_tokens(units_per_s)}/s"
+
+
+def parse_tokens(text: str) -> int:
+    """Whole tokens as a person writes them (``100``, ``0.5``) to the smallest unit."""
+    try:
+        value = Decimal(text) * UNIT
+    except InvalidOperation as exc:
+        raise ConfigError(f"not an amount of tokens: {text!r}") from exc
+    if value < 0 or value != value.to_integral_value():
+        raise ConfigError(f"not an amount of tokens: {text!r}")
+    return int(value)

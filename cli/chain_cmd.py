@@ -15,13 +15,12 @@ import json
 import signal
 import threading
 import time
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from p2pnode.chain.units import UNIT, format_price
+from p2pnode.chain.units import format_price, parse_tokens
 from p2pnode.cli import app, settings
 from p2pnode.cli.settings import option
 from p2pnode.cli.settlement import ether as show_ether
@@ -49,17 +48,6 @@ def chain_options(func: Any) -> Any:
         metavar="URL",
         help="JSON-RPC URL of the chain (default: the deployment file's).",
     )(func)
-
-
-def tokens(text: str) -> int:
-    """Whole tokens (decimal) to the smallest unit."""
-    try:
-        value = Decimal(text) * UNIT
-    except InvalidOperation as exc:
-        raise ConfigError(f"not an amount of tokens: {text!r}") from exc
-    if value < 0 or value != value.to_integral_value():
-        raise ConfigError(f"not an amount of tokens: {text!r}")
-    return int(value)
 
 
 def deployment_path(deployment: Path | None) -> Path:
@@ -184,7 +172,7 @@ def provider_register(
         chain = open_chain(chain_url, deployment)
         account = wallet_account(wallet_password_file)
         peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(app.home())))
-        amount = tokens(stake) if stake else chain.min_provider_stake()
+        amount = parse_tokens(stake) if stake else chain.min_provider_stake()
         _send("register provider", chain.register_provider, account, peer_id, amount)
         click.echo(
             f"provider {account.address} registered as {peer_id}, stake {show_tokens(amount)}"
@@ -208,7 +196,7 @@ def provider_update(
         chain = open_chain(chain_url, deployment)
         account = wallet_account(wallet_password_file)
         peer_id = str(identity.peer_id_of(identity.load_or_create_peer_key(app.home())))
-        _send("update provider", chain.update_provider, account, peer_id, tokens(add_stake))
+        _send("update provider", chain.update_provider, account, peer_id, parse_tokens(add_stake))
         stake = chain.provider(account.address)[1]
         click.echo(f"provider {account.address} is {peer_id}, stake {show_tokens(stake)}")
 

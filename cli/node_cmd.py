@@ -268,9 +268,6 @@ def start(
     shim_max_in_flight: int,
     chain_url: str | None,
     deployment: Path | None,
-    spend_limit: str,
-    session_seconds: int,
-    max_price: int,
     wallet_password_file: Path | None,
     **flags: Any,
 ) -> None:
@@ -285,7 +282,8 @@ def start(
     from p2pnode.p2p.node import open_node
 
     home = app.home()
-    node_options = options.NodeOptions.take(flags)  # the rest say what it serves
+    node_options = options.NodeOptions.take(flags)
+    paid_options = options.PaidOptions.take(flags)  # the rest say what it serves
     try:
         key_pair = identity.load_or_create_peer_key(home)
         if identity.load_wallet(home) is None:
@@ -307,12 +305,7 @@ def start(
                 AsyncChain(chain_cmd.open_chain(chain_url, deployment)),
                 chain_cmd.wallet_account(wallet_password_file),
             )
-            terms = market.Config(
-                session_seconds=session_seconds,
-                spend_limit=chain_cmd.tokens(spend_limit),
-                max_price_per_s=max_price,
-                sessions_db=home / "sessions.db",
-            )
+            terms = paid_options.terms(home / "sessions.db")
         config = node_options.node_config(home / app.CONTROL_SOCKET, terms)
         shim_config = openai_api.Config(
             max_in_flight=shim_max_in_flight, allow_remote=shim_allow_remote

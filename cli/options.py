@@ -66,6 +66,32 @@ def serving(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PaidOptions:
+    """``p2pnode start``'s options for paying providers (used with a chain)."""
+
+    spend_limit: str  # whole tokens, as written
+    session_seconds: int
+    max_price: int
+
+    @classmethod
+    def take(cls, values: dict[str, Any]) -> PaidOptions:
+        """Take this class's fields out of ``values`` (click's keyword arguments)."""
+        return cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls)})
+
+    def terms(self, sessions_db: Path) -> MarketConfig:
+        """The consumer's terms; a spend limit that is no amount is a ConfigError."""
+        from p2pnode.chain.units import parse_tokens
+        from p2pnode.p2p import market
+
+        return market.Config(
+            session_seconds=self.session_seconds,
+            spend_limit=parse_tokens(self.spend_limit),
+            max_price_per_s=self.max_price,
+            sessions_db=sessions_db,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeOptions:
     """``p2pnode start``'s options that shape the node itself (not its engines or chain)."""
 

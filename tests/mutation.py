@@ -97,7 +97,9 @@ def _config(files: list[str], tests: list[str]) -> str:
         'source_paths = ["p2pnode"]\n'
         f"only_mutate = {toml_list(['p2pnode/' + f for f in files])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(['p2pnode/' + t for t in tests])}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
+        # -n 0: in this process, not xdist's workers (mutmut counts which tests
+        # reach which function here).
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-n", "0"]\n'
     )
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from p2pnode.cli import options
 from p2pnode.cli.node_cmd import start
+from p2pnode.errors import ConfigError
 
 WALLET = "0xAbCdEf0123456789aBcDeF0123456789AbCdEf01"
 IDS = (
@@ -70,3 +73,31 @@ def test_the_defaults_are_the_readmes() -> None:
     assert relay.hole_punch is True
     assert config.dialback.requests_per_minute == 60
     assert config.dialback.requests_per_peer_per_minute == 6
+
+
+def test_the_paying_flags_reach_the_consumers_terms(tmp_path: Path) -> None:
+    ctx = start.make_context(
+        "start", ["--spend-limit", "2.5", "--session-seconds", "30", "--max-price", "7"]
+    )
+    terms = options.PaidOptions.take(dict(ctx.params)).terms(tmp_path / "sessions.db")
+    assert (terms.spend_limit, terms.session_seconds, terms.max_price_per_s) == (
+        25 * 10**17,
+        30,
+        7,
+    )
+    assert terms.sessions_db == tmp_path / "sessions.db"
+    with pytest.raises(ConfigError, match="not an amount of tokens: '-1'"):
+        options.PaidOptions(spend_limit="-1", session_seconds=1, max_price=1).terms(tmp_path)
+
+
+def test_the_paying_defaults_are_the_readmes(tmp_path: Path) -> None:
+    # README, "A paid network" and the configuration table: 100 tokens held at
+    # most, 600 s a session, 1 token/s at most, closed after 2 idle minutes;
+    # a provider claims a session whose consumer is silent for 15 minutes.
+    terms = options.PaidOptions.take(dict(start.make_context("start", []).params)).terms(tmp_path)
+    assert (terms.spend_limit, terms.session_seconds, terms.max_price_per_s) == (
+        100 * 10**18,
+        600,
+        10**18,
+    )
+    assert (terms.idle_close_s, terms.claim_idle_s) == (120.0, 900.0)

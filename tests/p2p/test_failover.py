@@ -18,6 +18,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from p2pnode.errors import NoProviderError
 from p2pnode.inference.engine import Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p.consumer import Config as ConsumerConfig
@@ -244,3 +245,39 @@ async def test_a_provider_that_ignores_stop_strings_is_cut_at_the_first(
     assert (text, outcome.finish_reason, outcome.provider) == ("one two ", "stop", bad.peer_id)
     assert held == "one two STOP three"
     assert held_outcome.finish_reason == "length"
+
+
+async def test_a_request_gives_up_after_four_failed_providers(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Five providers that all hang: the fifth is never asked (a request costs
+    # at most max_attempts failures, however many providers fail).
+    consumer = ConsumerConfig(try_budget_s=10_000.0)
+    assert consumer.max_attempts == 4
+    engines = [FailingEngine(0) for _ in range(5)]
+    async with AsyncExitStack() as stack:
+        me = await stack.enter_async_context(
+            open_memory_node(memory, NodeConfig(measure_tokens=0, consumer=consumer))
+        )
+        boot = (me.addrs[0],)
+        nodes = [
+            await stack.enter_async_context(
+                open_memory_node(
+                    memory, NodeConfig(measure_tokens=0, bootstrap=boot), engines=[engine]
+                )
+            )
+            for engine in engines
+        ]
+        with trio.fail_after(BOUND_S):
+            for node in nodes:
+                while me.offer_book.get(node.peer_id) is None:
+                    await me.finder.refresh_offer(node.peer_id)
+                    await trio.sleep(0.05)
+        with trio.fail_after(BOUND_S * 2), pytest.raises(NoProviderError, match="silent for 30 s"):
+            await me.generate(_request(), _ignore)
+    assert sorted(e.requests for e in engines) == [0, 1, 1, 1, 1]
+    assert me.consumer.counters.provider_failures == 4
+
+
+async def _ignore(_text: str, _tokens: int) -> None:
+    return None

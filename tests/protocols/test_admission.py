@@ -99,3 +99,9 @@ def test_a_signature_that_is_not_one_admits_nobody() -> None:
         assert not admission.signed_by_wallet(replace(hello, signature=junk))
     assert not admission.signed_by_wallet(replace(_signed(owner, hello), consumer_wallet=""))
     assert admission.signed_by_wallet(_signed(owner, hello))
+
+
+def test_a_hello_exactly_at_the_skew_is_still_fresh() -> None:
+    skew = admission.Config().hello_skew_s
+    assert _decide(HELLO, wall_now=WALL + skew) is None
+    assert _decide(HELLO, wall_now=WALL - skew) is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import msgpack
 import pytest
@@ -19,6 +21,7 @@ from p2pnode.protocols.wire import (
     Codec,
     Error,
     FrameDecoder,
+    Message,
     decode_varint,
     encode_frame,
     encode_varint,
@@ -388,3 +391,73 @@ def test_a_codec_built_here_decodes_what_it_encodes_and_nothing_else() -> None:
 def test_an_error_frame_message_is_cut_to_200_characters() -> None:
     long = RemoteProtocolError(ErrorCode.MALFORMED, "m" * 300)
     assert Error.from_exception(long) == Error(code=ErrorCode.MALFORMED, message="m" * 200)
+
+
+# --- each wrong field names where it is, what was expected and what came -------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Inner(Message):
+    n: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Every(Message):
+    """A test message with a field of every supported kind."""
+
+    TYPE: ClassVar[str] = "test.every"
+    s: str = ""
+    i: int = 0
+    f: float = 0.0
+    b: bool = False
+    raw: bytes = b""
+    maybe: str | None = None
+    items: tuple[int, ...] = ()
+    table: dict[str, int] = field(default_factory=dict)
+    inner: _Inner = _Inner()
+
+
+EVERY = Codec([_Every])
+
+
+@pytest.mark.parametrize(
+    ("fields", "detail"),
+    [
+        ({"s": 1}, "_Every.s: expected str, got int"),
+        ({"i": "1"}, "_Every.i: expected an integer, got str"),
+        ({"i": True}, "_Every.i: expected an integer, got bool"),
+        ({"f": "1"}, "_Every.f: expected a number, got str"),
+        ({"f": False}, "_Every.f: expected a number, got bool"),
+        ({"f": math.inf}, "_Every.f: not a finite number"),
+        ({"b": 1}, "_Every.b: expected bool, got int"),
+        ({"raw": "x"}, "_Every.raw: expected bytes, got str"),
+        ({"maybe": 5}, "_Every.maybe: expected str, got int"),
+        ({"items": 5}, "_Every.items: expected an array, got int"),
+        ({"items": [1, "2"]}, "_Every.items[1]: expected an integer, got str"),
+        ({"table": [1]}, "_Every.table: expected a map, got list"),
+        ({"table": {b"k": 1}}, "_Every.table: expected string keys, got bytes"),
+        ({"table": {"a": 1, "k": "v"}}, "_Every.table.k: expected an integer, got str"),
+        ({"inner": {"n": "x"}}, "_Every.inner.n: expected an integer, got str"),
+    ],
+)
+def test_a_wrong_field_names_its_path_the_kind_expected_and_what_came(
+    fields: dict[str, object], detail: str
+) -> None:
+    body = msgpack.packb({"t": "test.every", **fields}, use_bin_type=True)
+    with pytest.raises(RemoteProtocolError) as info:
+        EVERY.decode(body)
+    assert (info.value.code, info.value.detail) == (ErrorCode.BAD_FIELD, detail)
+
+
+def test_every_field_kind_round_trips() -> None:
+    msg = _Every(
+        s="s", i=-3, f=2.5, b=True, raw=b"\x00", maybe=None, items=(1, 2),
+        table={"a": 1}, inner=_Inner(n=4),
+    )  # fmt: skip
+    assert EVERY.decode(EVERY.encode_body(msg)) == msg
+    assert EVERY.decode(EVERY.encode_body(replace(msg, maybe="here"))).maybe == "here"
+    # An integer where a float is wanted is taken as a float.
+    decoded = EVERY.decode(msgpack.packb({"t": "test.every", "f": 3}))
+    assert isinstance(decoded, _Every)
+    assert decoded.f == 3.0
+    assert isinstance(decoded.f, float)

@@ -76,3 +76,11 @@ def test_text_held_when_a_stop_string_completes_is_never_delivered_twice() -> No
     assert scan.stopped
     assert scan.flush() == ""
     assert scan.feed("more") == ""
+
+
+def test_the_first_of_two_occurrences_ends_the_text_and_a_flush_leaves_nothing_behind() -> None:
+    assert _run(["x"], ["axbxc"]) == ("a", True)
+    scan = StopScan(["abc"])
+    assert scan.feed("zab") == "z"
+    assert scan.flush() == "ab"
+    assert scan.feed("y") == "y"  # nothing held from before the flush

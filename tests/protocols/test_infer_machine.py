@@ -376,3 +376,44 @@ def test_the_provider_closing_before_done_says_so() -> None:
         ErrorCode.TRUNCATED,
         "provider closed before Done",
     )
+
+
+def test_a_sealed_frame_before_the_session_is_known_is_the_peers_error() -> None:
+    provider = ProviderMachine(MAX)
+    consumer = ConsumerMachine(MAX, KEYS, SESSION, 1)
+    opened = consumer.open(REQUEST)
+    sealed_request = _frames(opened)[1]  # the open's second frame: the sealed Request
+    provider.receive_data(sealed_request)
+    with pytest.raises(RemoteProtocolError) as info:
+        provider.next_event()
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.UNEXPECTED,
+        "frame kind 1 in await_open",
+    )
+    assert provider.state is State.ERROR
+    with pytest.raises(LocalProtocolError, match=": no event in error$") as after:
+        provider.next_event()
+    assert after.value.code is ErrorCode.UNEXPECTED
+
+
+def test_sealing_before_the_keys_are_known_is_our_bug() -> None:
+    provider = ProviderMachine(MAX)
+    with pytest.raises(LocalProtocolError) as info:
+        provider.sealed_frame(Chunk(seq=0, text="x", tokens=1))
+    assert (info.value.code, info.value.detail) == (ErrorCode.UNEXPECTED, "no session keys yet")
+
+
+def test_sending_an_error_ends_the_stream_for_the_sender() -> None:
+    _, provider = _opened()
+    provider.send_error(Error(code=8, message="stop"))
+    assert provider.state is State.ERROR
+
+
+def test_a_sealed_frame_that_opens_to_junk_ends_the_stream() -> None:
+    consumer, provider = _opened()
+    junk = provider._sealer.seal(b"\xc1")  # noqa: SLF001 - authentic, but not msgpack
+    consumer.receive_data(encode_frame(bytes([1]) + junk))
+    with pytest.raises(RemoteProtocolError) as info:
+        consumer.next_event()
+    assert info.value.code is ErrorCode.MALFORMED
+    assert consumer.state is State.ERROR

@@ -245,8 +245,11 @@ def test_a_full_book_keeps_providers_that_keep_announcing() -> None:
     again = _sign(_offer(keys[0], seq=2, timestamp=NOW + 1), keys[0])
     assert book.consider(again, source=None, now=NOW + 1) is offers.Verdict.ACCEPTED
     # Once one has gone unrefreshed for two periods, the newcomer takes its place.
-    later = NOW + 2 * CFG.period_s + 0.5
-    fresh = _sign(_offer(newcomer, seq=2, timestamp=later), newcomer)
+    just_before = NOW + 2 * CFG.period_s - 0.5
+    early = _sign(_offer(newcomer, seq=2, timestamp=just_before), newcomer)
+    assert book.consider(early, source=None, now=just_before) is offers.Verdict.FULL
+    later = NOW + 2 * CFG.period_s
+    fresh = _sign(_offer(newcomer, seq=3, timestamp=later), newcomer)
     assert book.consider(fresh, source=None, now=later) is offers.Verdict.ACCEPTED
     assert book.get(_source(keys[1])) is None
     assert book.get(_source(keys[0])) is not None

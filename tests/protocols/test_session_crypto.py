@@ -247,3 +247,13 @@ def test_a_transcript_without_both_peer_ids_is_our_bug() -> None:
         ErrorCode.BAD_FIELD,
         "a transcript needs both peer ids",
     )
+
+
+@pytest.mark.parametrize("stream_id", [-1, 2**32])
+def test_a_stream_id_beyond_32_bits_is_our_bug(stream_id: int) -> None:
+    with pytest.raises(LocalProtocolError) as raised:
+        Sealer(b"k" * 32, b"S" * 32, stream_id)
+    assert (raised.value.code, raised.value.detail) == (
+        ErrorCode.BAD_FIELD,
+        "stream id must fit in 32 bits",
+    )

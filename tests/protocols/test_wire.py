@@ -260,8 +260,25 @@ def test_integer_is_accepted_where_a_float_is_expected() -> None:
 
 def test_encoding_a_message_of_another_protocol_is_our_bug() -> None:
     only_errors = Codec([Error])
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError) as info:
         only_errors.encode(status.StatusRequest())
+    assert (info.value.code, info.value.detail) == (
+        ErrorCode.UNKNOWN_TYPE,
+        "StatusRequest is not part of this protocol",
+    )
+
+
+def test_signed_bytes_fields_are_msgpack_bin() -> None:
+    # What a signature covers must be the same bytes in every implementation:
+    # a bytes field travels as msgpack bin (0xc4 and its length), never as str.
+    from p2pnode.protocols.infer.messages import Receipt
+
+    receipt = Receipt(session_id=b"\x07" * 32, requests=1, prompt_tokens=2, completion_tokens=3)
+    assert b"\xc4\x20" + b"\x07" * 32 in receipt.signing_bytes()
+    status_response = status.StatusResponse(
+        peer_id="p", version="v", addrs=(), connected_peers=0, uptime_s=0, offer=b"\x07" * 32
+    )
+    assert b"\xc4\x20" + b"\x07" * 32 in CODEC.encode_body(status_response)
 
 
 def test_error_frame_hides_internal_details() -> None:

@@ -195,8 +195,10 @@ def test_wrong_keys_fail_at_the_request() -> None:
 def test_empty_or_unknown_kind_frames_are_malformed() -> None:
     provider = ProviderMachine(MAX)
     provider.receive_data(encode_frame(b""))
-    with pytest.raises(RemoteProtocolError, match="empty frame"):
+    with pytest.raises(RemoteProtocolError, match=": empty frame$") as info:
         provider.next_event()
+    assert info.value.code is ErrorCode.MALFORMED
+    assert provider.state is State.ERROR
     provider = ProviderMachine(MAX)
     provider.receive_data(encode_frame(b"\x07abc"))
     with pytest.raises(RemoteProtocolError, match="frame kind 7"):

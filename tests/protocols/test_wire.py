@@ -382,6 +382,19 @@ def _oversize() -> None:
             "unknown message type 'nope'",
         ),
         (lambda: CODEC.decode(b"\xc1"), ErrorCode.MALFORMED, "body is not valid msgpack"),
+        (
+            lambda: CODEC.decode(msgpack.packb({1: 2})),
+            ErrorCode.MALFORMED,
+            "body is not valid msgpack",
+        ),
+        (lambda: CODEC.decode(msgpack.packb([1])), ErrorCode.MALFORMED, "body is not a map"),
+        (lambda: CODEC.decode(msgpack.packb({"x": 1})), ErrorCode.MALFORMED, "missing type tag"),
+        (lambda: CODEC.decode(_body(t="error")), ErrorCode.BAD_FIELD, "Error.code: missing"),
+        (
+            lambda: CODEC.decode(_body(t="x" * 60)),
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown message type {'x' * 40!r}",
+        ),
         (lambda: Codec([Error, Error]), ErrorCode.INTERNAL, f"bad or duplicate tag on {Error}"),
     ],
 )
@@ -455,6 +468,7 @@ EVERY = Codec([_Every])
         ({"table": {b"k": 1}}, "_Every.table: expected string keys, got bytes"),
         ({"table": {"a": 1, "k": "v"}}, "_Every.table.k: expected an integer, got str"),
         ({"inner": {"n": "x"}}, "_Every.inner.n: expected an integer, got str"),
+        ({"inner": 5}, "_Every.inner: expected a map"),
     ],
 )
 def test_a_wrong_field_names_its_path_the_kind_expected_and_what_came(

@@ -281,3 +281,26 @@ async def test_a_request_gives_up_after_four_failed_providers(
 
 async def _ignore(_text: str, _tokens: int) -> None:
     return None
+
+
+async def test_a_provider_streaming_past_the_request_is_cut_and_the_next_finishes(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # 8 tokens asked; a provider that streams 8 + 16 slack + 10 broke the
+    # request's terms: nothing past the bound reaches the caller, it counts as
+    # a broken promise, and another provider continues from what was delivered.
+    asked = 8
+    over = ScriptedEngine(["x"] * (asked + ConsumerConfig().token_slack + 10))
+    async with _network(memory, over) as (me, bad, good):
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request(asked))
+        standing = me.reputation.standing(bad.peer_id, trio.current_time())
+    assert me.consumer.counters.broken_promises == 1
+    assert standing is not None
+    assert standing.offences == {"broken_promise": 1}
+    # Its frames before the one that crossed the bound were delivered (the
+    # first text leaves alone); the honest provider wrote the rest.
+    first = len(text) - len(text.lstrip("x"))
+    assert 1 <= first < asked
+    assert text == "x" * first + WORD * (asked - first)
+    assert (outcome.provider, outcome.completion_tokens) == (good.peer_id, asked)

@@ -30,11 +30,40 @@ logger = logging.getLogger(__name__)
 
 
 class MemoryNetwork:
-    """The listeners of one in-process network, by address number."""
+    """The listeners of one in-process network, by address number.
 
-    def __init__(self) -> None:
+    A host can be put behind a simulated NAT (:meth:`behind_nat`, named as
+    such: a stand-in for the real NATs of tests/cli/test_nat_namespaces.py,
+    which need root). Its dials go out as before, and each opens a mapping
+    towards the host it dialled; a dial *to* it passes only through a mapping
+    opened towards the dialler in the last ``mapping_s`` seconds, as a
+    connection-tracking NAT lets in only what answers traffic it sent. Two
+    such hosts meet only by dialling each other at about the same time (a
+    hole punch).
+    """
+
+    def __init__(self, *, mapping_s: float = 5.0) -> None:
         self._listeners: dict[int, _Listener] = {}
         self._numbers = itertools.count(1)
+        self.mapping_s = mapping_s
+        self._natted: set[MemoryTransport] = set()
+        # (inside, outside): when the inside host last dialled the outside one.
+        self._mappings: dict[tuple[MemoryTransport, MemoryTransport], float] = {}
+
+    def behind_nat(self, addr: str) -> None:
+        """Put the host listening on ``addr`` (``/memory/<n>/...``) behind a NAT."""
+        listener = self._listener(_number(multiaddr.Multiaddr(addr)))
+        self._natted.add(listener.transport)
+
+    def _through_nats(self, source: MemoryTransport, target: MemoryTransport) -> bool:
+        """Record ``source``'s dial to ``target``; whether ``target``'s NAT lets it in."""
+        now = trio.current_time()
+        if source in self._natted:
+            self._mappings[(source, target)] = now
+        if target not in self._natted:
+            return True
+        opened = self._mappings.get((target, source))
+        return opened is not None and now - opened <= self.mapping_s
 
     def transport(self) -> MemoryTransport:
         """A transport that dials and listens on this network."""
@@ -101,8 +130,11 @@ class _Stream(ReadWriteCloser):
 
 
 class _Listener(IListener):
-    def __init__(self, network: MemoryNetwork, handler: THandler) -> None:
+    def __init__(
+        self, network: MemoryNetwork, transport: MemoryTransport, handler: THandler
+    ) -> None:
         self._network = network
+        self.transport = transport  # the host's, for its NAT
         self._handler = handler
         self._numbers: list[int] = []
         self._nursery: trio.Nursery | None = None
@@ -180,6 +212,8 @@ class MemoryTransport(ITransport):
     async def dial(self, maddr: multiaddr.Multiaddr) -> IRawConnection:
         await trio.lowlevel.checkpoint()  # a dial loop must let other tasks run
         listener = self._network._listener(_number(maddr))
+        if not self._network._through_nats(self, listener.transport):
+            raise OpenConnectionError(f"/memory/{_number(maddr)} is behind a NAT")
         ours, theirs = trio.testing.memory_stream_pair()
         target = multiaddr.Multiaddr(f"/memory/{_number(maddr)}")
         # The accepting side gets the bare stream, as TCP's handler does (the
@@ -188,7 +222,7 @@ class MemoryTransport(ITransport):
         return RawConnection(_Stream(ours), True, addresses=[target])
 
     def create_listener(self, handler_function: THandler) -> IListener:
-        return _Listener(self._network, handler_function)
+        return _Listener(self._network, self, handler_function)
 
 
 def _is_memory(maddr: multiaddr.Multiaddr) -> bool:

@@ -13,6 +13,7 @@ import pytest
 import trio
 from libp2p.abc import INetConn
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from multiaddr import Multiaddr
 from trio.testing import MockClock
@@ -405,3 +406,33 @@ async def test_reservations_are_renewed_before_they_expire(memory: MemoryNetwork
 
 async def _ignore(_text: str, _tokens: int) -> None:
     return None
+
+
+async def test_two_nodes_behind_nats_meet_by_a_hole_punch(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Both behind (simulated) NATs: neither's plain dial gets in, and only
+    # DCUtR's dials at the same time make a direct connection. The real NATs
+    # of tests/cli/test_nat_namespaces.py need root; this one does not.
+    async with _relayed_pair(memory, relaylib.Config(hole_punch=False)) as (provider, me):
+        with trio.fail_after(BOUND_S):
+            await _offer_through_relay(me, provider)
+            for node in (provider, me):
+                memory.behind_nat(node.relay_keeping.direct_addrs[0])
+            await _only_relayed(me, provider)
+            # A plain dial does not get through the provider's NAT.
+            with pytest.raises(Exception):  # noqa: B017, PT011 - py-libp2p's dial errors vary
+                await me.host.connect(
+                    PeerInfo(
+                        ID.from_base58(provider.peer_id),
+                        [Multiaddr(provider.relay_keeping.direct_addrs[0].split("/p2p/")[0])],
+                    )
+                )
+            first = await me.generate(SYNTHETIC, _ignore)
+            assert set(_kinds(me, provider.peer_id)) == {"relayed"}
+            upgraded = await me.relay.upgrade(ID.from_base58(provider.peer_id), own=OWN_PROTOCOLS)
+        assert upgraded
+        assert (me.relay.upgrades.punched, me.relay.upgrades.direct) == (1, 0)
+        assert "direct" in _kinds(me, provider.peer_id)
+        again = await me.generate(SYNTHETIC, _ignore)
+        assert first.completion_tokens == again.completion_tokens == SYNTHETIC.params.max_tokens

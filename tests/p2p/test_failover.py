@@ -304,3 +304,18 @@ async def test_a_provider_streaming_past_the_request_is_cut_and_the_next_finishe
     assert 1 <= first < asked
     assert text == "x" * first + WORD * (asked - first)
     assert (outcome.provider, outcome.completion_tokens) == (good.peer_id, asked)
+
+
+async def test_a_provider_streaming_more_bytes_than_its_tokens_allow_is_cut(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # 4 tokens asked (20 with the slack) allow 20 x 256 = 5,120 bytes; one
+    # "token" of 6,000 is past that.
+    bloated = ScriptedEngine(["y" * 6000])
+    async with _network(memory, bloated) as (me, bad, good):
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request(4))
+    assert "y" not in text
+    assert text == WORD * 4
+    assert outcome.provider == good.peer_id
+    assert me.consumer.counters.broken_promises == 1

@@ -37,9 +37,10 @@ class ScriptedEngine(SyntheticEngine):
     """Emits ``pieces`` (a token each), then ends the answer, or with ``fail`` set,
     calls it and never finishes (named: a test engine; it ignores stop strings)."""
 
-    def __init__(self, pieces: list[str]) -> None:
+    def __init__(self, pieces: list[str], *, gap_s: float = 0.0) -> None:
         super().__init__(MODEL)
         self.pieces = pieces
+        self.gap_s = gap_s  # a pause before each piece after the first
         self.fail: Callable[[], Awaitable[None]] | None = None
         self.requests = 0
 
@@ -50,7 +51,9 @@ class ScriptedEngine(SyntheticEngine):
 
         async def emit() -> None:
             async with send:
-                for piece in self.pieces:
+                for n, piece in enumerate(self.pieces):
+                    if n and self.gap_s:
+                        await trio.sleep(self.gap_s)
                     await send.send(Chunk(piece, 1))
                 if self.fail is None:
                     usage = Usage(prompt_tokens=1, completion_tokens=len(self.pieces))
@@ -319,3 +322,21 @@ async def test_a_provider_streaming_more_bytes_than_its_tokens_allow_is_cut(
     assert text == WORD * 4
     assert outcome.provider == good.peer_id
     assert me.consumer.counters.broken_promises == 1
+
+
+async def test_a_provider_trickling_its_answer_is_left_at_the_answers_deadline(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # A token every 25 s never trips the 30 s silence bound; the whole answer
+    # must still come within first_chunk_s + 2 s per token asked (30 + 2 x 4).
+    slow = ScriptedEngine(["z"] * 4, gap_s=25.0)
+    async with _network(memory, slow) as (me, bad, good):
+        started = trio.current_time()
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request(4))
+        waited = trio.current_time() - started
+    deadline = InferConfig().first_chunk_s + 4 * ConsumerConfig().max_s_per_token
+    assert deadline <= waited < deadline + 5
+    assert outcome.provider == good.peer_id
+    assert text.startswith("z")
+    assert len(text) - len(text.lstrip("z")) == 2  # at 0 s and 25 s, then cut at 38 s

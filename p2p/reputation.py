@@ -31,8 +31,8 @@ class Offence(enum.Enum):
     REFUSED = "refused"
     # Sent a malformed, oversized or out-of-order frame.
     PROTOCOL = "protocol"
-    # Its offer claimed what it then denied: a model it does not serve, a
-    # speed far above what it delivers, more tokens than were asked for.
+    # Its offer claimed what it then denied: a model it does not serve, a bid
+    # the chain contradicts, more tokens (or bytes) than were asked for.
     BROKEN_PROMISE = "broken_promise"
     # A sealed frame failed authentication: tampering, or a replay.
     AUTH = "auth"

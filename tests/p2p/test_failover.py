@@ -21,11 +21,13 @@ from trio.testing import MockClock
 from p2pnode.errors import NoProviderError
 from p2pnode.inference.engine import Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
+from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
 from p2pnode.p2p.consumer import Outcome
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.protocols.infer.service import Config as InferConfig
+from p2pnode.protocols.session import admission
 from p2pnode.simnet.harness import open_memory_node
 
 MODEL = "synthetic"
@@ -340,3 +342,39 @@ async def test_a_provider_trickling_its_answer_is_left_at_the_answers_deadline(
     assert outcome.provider == good.peer_id
     assert text.startswith("z")
     assert len(text) - len(text.lstrip("z")) == 2  # at 0 s and 25 s, then cut at 38 s
+
+
+async def test_a_request_asks_at_most_twelve_providers(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Thirteen providers that each turn us away at once (an allowlist we are
+    # not on): refusals cost little, but a request still stops at twelve.
+    consumer = ConsumerConfig(try_budget_s=10_000.0)
+    assert consumer.max_providers == 12
+    others_only = providerlib.Config(
+        admission=admission.Config(allowlist=frozenset({"12D3KooWsomeoneelse"}))
+    )
+    async with AsyncExitStack() as stack:
+        me = await stack.enter_async_context(
+            open_memory_node(memory, NodeConfig(measure_tokens=0, consumer=consumer))
+        )
+        boot = (me.addrs[0],)
+        nodes = [
+            await stack.enter_async_context(
+                open_memory_node(
+                    memory,
+                    NodeConfig(measure_tokens=0, bootstrap=boot, provider=others_only),
+                    engines=[SyntheticEngine()],
+                )
+            )
+            for _ in range(13)
+        ]
+        with trio.fail_after(BOUND_S):
+            for node in nodes:
+                while me.offer_book.get(node.peer_id) is None:
+                    await me.finder.refresh_offer(node.peer_id)
+                    await trio.sleep(0.05)
+            with pytest.raises(NoProviderError, match="not_allowed"):
+                await me.generate(_request(), _ignore)
+        refused = sorted(n.provider.counters.sessions_refused for n in nodes if n.provider)
+    assert refused == [0] + [1] * 12

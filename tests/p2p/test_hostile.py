@@ -41,7 +41,7 @@ from p2pnode.protocols.infer.messages import InferOpen
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
-from p2pnode.protocols.wire import Error, encode_frame
+from p2pnode.protocols.wire import NEED_DATA, Error, encode_frame
 from p2pnode.simnet import attacks
 from p2pnode.simnet.harness import Topology, open_memory_node, open_simnet, until
 
@@ -401,6 +401,53 @@ async def test_an_allowlisted_wallet_counts_only_with_its_signature(
                 )
             )
         assert isinstance(established, session_service.Established)
+
+
+async def test_handshakes_beyond_two_at_once_from_one_peer_are_busy(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # The attack: open handshake after handshake and never finish them, to hold
+    # the provider's handshake slots. Two at once per peer; the third is BUSY
+    # before any work, and another peer is still served.
+    from p2pnode.protocols.session.crypto import Ephemeral
+    from p2pnode.protocols.session.machine import ConsumerMachine
+
+    async with (
+        running(memory, NodeConfig(measure_tokens=0), [SyntheticEngine()]) as prov,
+        running(memory, NodeConfig(measure_tokens=0)) as stranger,
+        running(memory, NodeConfig(measure_tokens=0)) as other,
+    ):
+        peer = ID.from_base58(prov.peer_id)
+
+        async def hello_from(node: Node) -> object:
+            stream = await node.host.new_stream(peer, [TProtocol(session.PROTOCOL_ID)])
+            eph = Ephemeral()
+            machine = ConsumerMachine(
+                64 * 1024,
+                eph,
+                local_peer=node.host.get_id().to_bytes(),
+                remote_peer=peer.to_bytes(),
+            )
+            hello = session.Hello(
+                model_id=MODEL, ephemeral=eph.public, nonce=b"n" * 16, timestamp=time.time()
+            )
+            await stream.write(machine.send_hello(hello))
+            while True:
+                machine.receive_data(await stream.read(65536))
+                event = machine.next_event()
+                if event is not NEED_DATA:
+                    return event
+
+        with trio.fail_after(BOUND_S):
+            for node in (stranger, other):
+                await node.dialer.connect(prov.addrs[0])
+            held = [await hello_from(stranger) for _ in range(2)]  # left unfinished
+            third = await hello_from(stranger)
+            elsewhere = await hello_from(other)
+        assert all(isinstance(event, session.Approve) for event in held)
+        assert isinstance(third, session.Reject)
+        assert third.code == session.RejectCode.BUSY
+        assert isinstance(elsewhere, session.Approve)
 
 
 # --- budgets and bans -------------------------------------------------------------------

@@ -56,7 +56,12 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "failover": (
         ("p2p/consumer.py",),
-        ("tests/p2p/test_failover.py", "tests/p2p/test_hostile.py"),
+        (
+            "tests/p2p/test_failover.py",
+            "tests/p2p/test_hostile.py",
+            "tests/p2p/test_sessions.py",
+            "tests/e2e/test_paid_hostile.py",
+        ),
     ),
     "market": (
         (

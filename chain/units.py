@@ -45,6 +45,6 @@ def parse_tokens(text: str) -> int:
         value = Decimal(text) * UNIT
     except InvalidOperation as exc:
         raise ConfigError(f"not an amount of tokens: {text!r}") from exc
-    if value < 0 or value != value.to_integral_value():
+    if not value.is_finite() or value < 0 or value != value.to_integral_value():
         raise ConfigError(f"not an amount of tokens: {text!r}")
     return int(value)

@@ -210,15 +210,26 @@ class Consumer:
         # Stop strings across providers (docs/protocols.md#stop-strings): the
         # caller gets what the scan lets through.
         scan = StopScan(request.params.stop)
+        unsent_tokens = 0  # of text held back, told with the text that follows
+
+        def stopped() -> bool:  # read anew after each await (on_chunk sets it)
+            return scan.stopped
 
         async def on_chunk(chunk: Chunk) -> None:
-            nonlocal produced
+            nonlocal produced, unsent_tokens
             delivered.append(chunk.text)
             produced += chunk.tokens
             text = scan.feed(chunk.text)
-            if text or not scan.stopped:
-                await deliver(text, chunk.tokens)
-            if scan.stopped:
+            if text:
+                await deliver(text, chunk.tokens + unsent_tokens)
+                unsent_tokens = 0
+            else:
+                unsent_tokens += chunk.tokens
+            if scan.stopped and self.market is None:
+                # Free: leave at once (the reset stops the generation). Paid,
+                # the rest is read and dropped until Done, which is acknowledged:
+                # an answer left unacknowledged would cost the session
+                # (docs/protocols.md#stop-strings).
                 raise _Stopped
 
         tried: set[str] = set()
@@ -242,6 +253,8 @@ class Consumer:
         backoff = self.cfg.busy_backoff_s[0]
         attempts = 0
         while failures < self.cfg.max_attempts and len(tried) < self.cfg.max_providers:
+            if stopped():  # paid, and its provider failed after the stop string: done
+                return Outcome("stop", 0, produced, "", failovers)
             if produced > progress:
                 trying_since, progress = trio.current_time(), produced
             spent = trio.current_time() - trying_since
@@ -251,7 +264,7 @@ class Consumer:
             left = request.params.max_tokens - produced
             if left <= 0:  # the failed provider had already used the whole budget
                 if held := scan.flush():
-                    await deliver(held, 0)
+                    await deliver(held, unsent_tokens)
                 return Outcome("length", 0, produced, "", failovers)
             # The DHT is asked at most once per request, not on every busy round.
             candidates, why_none = await self._candidates(
@@ -369,9 +382,13 @@ class Consumer:
                     failures += await self._offence(peer, request.model_id, offence, done)
                 continue
             self.reputation.served(peer, trio.current_time())
-            if done.finish_reason != PAUSED and (held := scan.flush()):
-                await deliver(held, 0)
-            if done.finish_reason == PAUSED and produced < request.params.max_tokens:
+            if stopped():  # paid: the provider's Done came after the stop string
+                prompt = max(0, done.prompt_tokens - before)
+                return Outcome("stop", prompt, before + done.completion_tokens, peer, failovers)
+            going_on = done.finish_reason == PAUSED and produced < request.params.max_tokens
+            if not going_on and (held := scan.flush()):
+                await deliver(held, unsent_tokens)
+            if going_on:
                 # A paid provider paused to have the answer so far acknowledged
                 # (done): the same provider continues it in a new request.
                 paused_with = peer
@@ -663,6 +680,7 @@ class Consumer:
             await market.check_bid(offer, terms)  # a bid that is no bid costs no funds check
             await market.check_funds(stake)
             session_id = await market.open_session(peer, hello, approve, terms, stake)
+            reservation.release()  # the open session holds its stake from here
             opened.append(session_id)
             return session_id
 

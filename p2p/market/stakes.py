@@ -70,13 +70,17 @@ class Reservation:
         self._market: ConsumerMarket | None = market
         market.reserved += stake
 
+    def release(self) -> None:
+        """Let go of the hold (once: later calls do nothing)."""
+        if self._market is not None:
+            self._market.reserved -= self.stake
+            self._market = None
+
     def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        if self._market is not None:
-            self._market.reserved -= self.stake
-            self._market = None
+        self.release()
 
 
 @dataclass

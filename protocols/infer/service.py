@@ -47,10 +47,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    # A provider may queue a request behind others: the first chunk may take
-    # a while; after it, a long silence means the provider is gone. Half the
-    # consumer's try budget (p2p/consumer.py): a provider that hangs before
-    # its first token still leaves time to ask another one.
+    # A provider may queue a request behind others (its offer tells how busy
+    # it is, and a consumer prefers free slots), so the first chunk may take
+    # a while; but no longer than half the consumer's try budget
+    # (p2p/consumer.py): a provider that hangs before its first token must
+    # leave time to ask another one. After it, a long silence means the
+    # provider is gone.
     first_chunk_s: float = 30.0
     chunk_gap_s: float = 30.0
     # Provider: how long a consumer has to send its request, and its Ack.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pnode.chain.units import parse_tokens
 from p2pnode.cli import options
 from p2pnode.cli.node_cmd import start
 from p2pnode.errors import ConfigError
@@ -101,3 +102,15 @@ def test_the_paying_defaults_are_the_readmes(tmp_path: Path) -> None:
         10**18,
     )
     assert (terms.idle_close_s, terms.claim_idle_s) == (120.0, 900.0)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "1e-19", "ten", ""])
+def test_an_amount_that_is_no_amount_of_tokens_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="not an amount of tokens"):
+        parse_tokens(text)
+
+
+def test_amounts_are_whole_tokens_to_the_smallest_unit() -> None:
+    assert parse_tokens("100") == 100 * 10**18
+    assert parse_tokens("0.001") == 10**15
+    assert parse_tokens("1e-18") == 1

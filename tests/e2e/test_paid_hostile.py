@@ -758,3 +758,32 @@ async def test_a_settle_under_way_when_the_node_stops_finishes_before_the_ledger
         with trio.fail_after(BOUND_S):
             await entered.wait()
     assert finished.is_set()
+
+
+async def test_a_paid_answer_ended_by_a_stop_string_is_still_acknowledged(paid: Paid) -> None:
+    # The consumer finds the stop string itself (the synthetic engine ignores
+    # stops). Paid, it reads the rest to Done and acknowledges it: the session
+    # stays usable, no second open, nothing counted against the provider.
+    stopping = Request(
+        model_id=MODEL,
+        kind="completion",
+        prompt="hi",
+        params=Params(max_tokens=12, stop=(" tok tok",)),
+    )
+    texts: list[str] = []
+
+    async def deliver(text: str, _tokens: int) -> None:
+        texts.append(text)
+
+    with trio.fail_after(BOUND_S):
+        outcome = await paid.consumer.generate(stopping, deliver)
+        while paid.provider_market.counters.acks < 1:  # noqa: ASYNC110 - the Ack in flight
+            await trio.sleep(0.01)
+        again = await paid.consumer.generate(_request(4), _nothing)
+    assert "".join(texts) == ""  # the answer began with the stop string
+    assert outcome.finish_reason == "stop"
+    assert again.finish_reason == "length"
+    provider = paid.provider.provider
+    assert provider is not None
+    assert (provider.counters.unacknowledged, provider.counters.bad_acks) == (0, 0)
+    assert paid.consumer_market.counters.opened == 1

@@ -7,7 +7,7 @@ provider's text and ends in the next one's is seen by neither
 that it stopped where asked. The consumer scans the whole answer as it
 streams: text that could be the start of a stop string is held back until
 the next piece says whether it is, and the answer ends before the first
-stop string, which is never delivered (OpenAI's behaviour).
+stop string to be complete, which is never delivered (OpenAI's behaviour).
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ class StopScan:
         if self.stopped:
             return ""
         pending = self._held + text
-        found = [i for s in self._stops if (i := pending.find(s)) >= 0]
+        # The stop string that is complete first, as if the text came a
+        # character at a time (on a tie, the longer one): how the text was
+        # split into chunks must not change where the answer ends.
+        found = [(i + len(s), i) for s in self._stops if (i := pending.find(s)) >= 0]
         if found:
             self.stopped = True
-            return pending[: min(found)]
+            return pending[: min(found)[1]]
         deliver = len(pending) - self._partial(pending)
         self._held = pending[deliver:]
         return pending[:deliver]

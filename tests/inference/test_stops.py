@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pnode.inference.stops import StopScan
@@ -16,8 +17,10 @@ def _run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
 
 def test_text_ends_before_the_first_stop_string_and_it_is_not_delivered() -> None:
     assert _run(["END"], ["Hello ", "wor", "ld END and more"]) == ("Hello world ", True)
-    # The earliest stop string wins, whichever is listed first.
+    # The first stop string to be complete wins, whichever is listed first.
     assert _run(["b", "a"], ["xxaxb"]) == ("xx", True)
+    assert _run(["b", "aba"], ["aba"]) == ("a", True)  # "b" is complete before "aba"
+    assert _run(["b", "aba"], ["ab", "a"]) == ("a", True)
 
 
 def test_a_stop_string_split_across_pieces_is_found() -> None:
@@ -54,6 +57,7 @@ def test_the_longest_possible_start_is_held() -> None:
     assert scan.stopped
 
 
+@settings(max_examples=1000)  # pure and fast: many splits, every run
 @given(
     text=st.text(alphabet="abc ", max_size=40),
     stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3),
@@ -64,9 +68,16 @@ def test_any_split_gives_what_the_whole_text_gives(
 ) -> None:
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-    found = [i for s in stops if (i := text.find(s)) >= 0]
-    expected = (text[: min(found)], True) if found else (text, False)
+    # The oracle: the text a character at a time; the answer ends before the
+    # first stop string to be complete (the longest, if several end there).
+    expected = (text, False)
+    for end in range(1, len(text) + 1):
+        complete = [s for s in stops if text[:end].endswith(s)]
+        if complete:
+            expected = (text[: end - max(map(len, complete))], True)
+            break
     assert _run(stops, pieces) == expected
+    assert _run(stops, [text]) == expected  # whole, or in pieces: the same
 
 
 def test_text_held_when_a_stop_string_completes_is_never_delivered_twice() -> None:
@@ -84,3 +95,9 @@ def test_the_first_of_two_occurrences_ends_the_text_and_a_flush_leaves_nothing_b
     assert scan.feed("zab") == "z"
     assert scan.flush() == "ab"
     assert scan.feed("y") == "y"  # nothing held from before the flush
+
+
+@pytest.mark.parametrize("pieces", [["aba"], ["ab", "a"], ["a", "b", "a"]])
+def test_where_the_answer_ends_does_not_depend_on_the_chunks(pieces: list[str]) -> None:
+    # Found by the property test: "aba" begins first but "b" is complete first.
+    assert _run(["b", "aba"], pieces) == ("a", True)

@@ -10,7 +10,7 @@ MockClock, so the consumer's timeouts pass in virtual time.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 
@@ -116,12 +116,23 @@ async def _network(
         # The failing provider claims to be much faster: it is asked first.
         bad.offering.set_models((replace(bad.offering.models[0], tokens_per_s=10_000.0),))
         good.offering.set_models((replace(good.offering.models[0], tokens_per_s=100.0),))
-        with trio.fail_after(BOUND_S):
-            for node in (bad, good):
-                while not _known(me, node):
-                    await me.finder.refresh_offer(node.peer_id)
-                    await trio.sleep(0.05)
+        await _hold_offers(me, (bad, good), _known)
         yield me, bad, good
+
+
+async def _hold_offers(
+    me: Node, nodes: Sequence[Node], held: Callable[[Node, Node], bool] | None = None
+) -> None:
+    """Ask each of ``nodes`` for its offer until ``me`` holds it (as ``held`` wants it)."""
+    with trio.fail_after(BOUND_S):
+        for node in nodes:
+            while not (held or _any_offer)(me, node):
+                await me.finder.refresh_offer(node.peer_id)
+                await trio.sleep(0.05)
+
+
+def _any_offer(me: Node, node: Node) -> bool:
+    return me.offer_book.get(node.peer_id) is not None
 
 
 def _known(me: Node, node: Node) -> bool:
@@ -273,11 +284,7 @@ async def test_a_request_gives_up_after_four_failed_providers(
             )
             for engine in engines
         ]
-        with trio.fail_after(BOUND_S):
-            for node in nodes:
-                while me.offer_book.get(node.peer_id) is None:
-                    await me.finder.refresh_offer(node.peer_id)
-                    await trio.sleep(0.05)
+        await _hold_offers(me, nodes)
         with trio.fail_after(BOUND_S * 2), pytest.raises(NoProviderError, match="silent for 30 s"):
             await me.generate(_request(), _ignore)
     assert sorted(e.requests for e in engines) == [0, 1, 1, 1, 1]
@@ -369,11 +376,8 @@ async def test_a_request_asks_at_most_twelve_providers(
             )
             for _ in range(13)
         ]
+        await _hold_offers(me, nodes)
         with trio.fail_after(BOUND_S):
-            for node in nodes:
-                while me.offer_book.get(node.peer_id) is None:
-                    await me.finder.refresh_offer(node.peer_id)
-                    await trio.sleep(0.05)
             with pytest.raises(NoProviderError, match="not_allowed"):
                 await me.generate(_request(), _ignore)
         refused = sorted(n.provider.counters.sessions_refused for n in nodes if n.provider)

@@ -348,11 +348,14 @@ class Kademlia:
 
     async def find_relays(self) -> list[str]:
         """Full multiaddrs of nodes that announced the relay service (one walk)."""
-        found, _ = await self._walk(RELAY_KEY, stop_when_found=True)
+        found: list[str] = []
+        with trio.move_on_after(self.cfg.lookup_query_timeout * _MAX_WALK_ROUNDS):
+            found, _ = await self._walk(RELAY_KEY, stop_when_found=True)
         out: list[str] = []
-        # Records are unverified (anyone can name anyone): try a random few,
-        # so that a flood of fake relays cannot keep us busy or pick our relay.
-        for peer in _RANDOM.sample(sorted(found), min(len(found), MAX_DHT_CANDIDATES)):
+        # Records are unverified (anyone can name anyone): try a few, named by
+        # the most peers first and at random among equals (``_walk``), so that
+        # a flood of fake relays cannot keep us busy or pick our relay.
+        for peer in found[:MAX_DHT_CANDIDATES]:
             pid = ID.from_base58(peer)
             if pid == self.host.get_id():
                 continue
@@ -366,26 +369,41 @@ class Kademlia:
         answer may be incomplete (docs/libp2p-traps.md#dht-lookups-are-incomplete);
         gossip fills the rest.
         """
-        found: set[str] = set()
+        found: list[str] = []
         # A walk is bounded in rounds by k, but peers may answer slowly round
         # after round (each up to the query timeout): bound the whole lookup.
         with trio.move_on_after(self.cfg.lookup_query_timeout * _MAX_WALK_ROUNDS):
             found, _ = await self._walk(dht_key(model_id), stop_when_found=True)
-        return sorted(found)
+        return found
 
-    async def _walk(self, key: bytes, *, stop_when_found: bool) -> tuple[set[str], list[ID]]:
+    async def _walk(self, key: bytes, *, stop_when_found: bool) -> tuple[list[str], list[ID]]:
         """Iterative GET_PROVIDERS walk toward ``key``.
 
         Asks the ``lookup_alpha`` closest known peers at once, learns closer
         peers from their answers, and stops when the k closest peers known
         have all been asked or, with ``stop_when_found``, after the first
-        round that names a provider.
-        Returns the providers found and the peers that answered, closest
-        first. A peer that fails or is slow is skipped, not retried.
+        round in which two peers (or this node's own store and a peer) have
+        named providers: one liar answering first cannot end a walk with
+        made-up records.
+        Returns the providers found, named by the most peers first, then by
+        the best place any peer gave them, at random among equals (so that
+        one peer naming twenty cannot push out the provider the others
+        name); and the peers that answered, closest first. A peer that fails
+        or is slow is skipped, not retried.
         """
         store = self.dht.provider_store
-        found = {str(p.peer_id) for p in store.get_providers(key)}
         me = self.host.get_id()
+        # provider -> the peers that named it, and the best place it was given.
+        named_by: dict[str, set[ID]] = {}
+        place: dict[str, int] = {}
+
+        def name(providers: Sequence[ID], namer: ID) -> None:
+            for i, provider in enumerate(providers):
+                peer = str(provider)
+                named_by.setdefault(peer, set()).add(namer)
+                place[peer] = min(place.get(peer, i), i)
+
+        name([p.peer_id for p in store.get_providers(key)], me)
         candidates = sort_peer_ids_by_distance(
             key, [p for p in self.dht.routing_table.get_peer_ids() if p != me]
         )
@@ -408,7 +426,7 @@ class Kademlia:
                     providers, closer = reply
                     # Not kept in our own store: we would hand unverified
                     # records on to whoever asks us.
-                    found.update(str(info.peer_id) for info in providers)
+                    name([info.peer_id for info in providers], peer)
                     learned.extend(closer)
 
             async with trio.open_nursery() as nursery:
@@ -419,16 +437,21 @@ class Kademlia:
                 key, candidates + [p for p in learned if p not in known and p != me]
             )
             # Every node caches the providers it has verified offers from, so
-            # the first peer that names any usually names them all: stop
-            # there (gossip fills in what it missed:
+            # the first peers that name any usually name them all: stop there
+            # (gossip fills in what they missed:
             # docs/libp2p-traps.md#dht-lookups-are-incomplete).
-            if stop_when_found and found:
+            if stop_when_found and len(set().union(*named_by.values())) >= _NAMERS_TO_STOP:
                 break
-            # Kademlia's end: the k closest peers known have all been asked.
-            # Stopping at the alpha closest would settle for a local minimum
-            # on sparse routing tables, and records would land off target.
-            if all(p in asked for p in candidates[:BUCKET_SIZE]):
+            # Kademlia's end: the k closest peers known that did not fail
+            # have all been asked. Stopping at the alpha closest would settle
+            # for a local minimum on sparse routing tables, and records would
+            # land off target; counting peers that failed would let a liar end
+            # the walk with k made-up peers closer than any honest one.
+            live = [p for p in candidates if p not in asked or p in answered]
+            if all(p in asked for p in live[:BUCKET_SIZE]):
                 break
+        tie = {peer: _RANDOM.random() for peer in named_by}
+        found = sorted(named_by, key=lambda p: (-len(named_by[p]), place[p], tie[p]))
         return found, [p for p in candidates if p in answered]
 
     async def _get_providers(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]] | None:
@@ -484,6 +507,8 @@ _MAX_KAD_MESSAGE = 256 * 1024
 _PEER_ADDR_TTL_S = 600
 # Rounds of queries one lookup may wait for in all.
 _MAX_WALK_ROUNDS = 5
+# Peers (this node's own store counts as one) whose records end a lookup early.
+_NAMERS_TO_STOP = 2
 MAX_DHT_CANDIDATES = 8
 """Peers named by DHT records that one lookup goes on to ask or dial (records are unverified)."""
 _RANDOM = secrets.SystemRandom()

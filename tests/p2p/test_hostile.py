@@ -21,7 +21,9 @@ from eth_account.messages import encode_defunct
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from trio.testing import MockClock
@@ -679,6 +681,49 @@ async def test_a_dht_peer_that_answers_with_junk_crashes_no_node(
             assert (await liar.finder.status_of(joiner.peer_id)).peer_id == joiner.peer_id
         assert set(named) <= {provider.peer_id, *(str(i) for i in lies.junk_ids)}
         assert all(relay.endswith(tuple(str(i) for i in lies.junk_ids)) for relay in relays)
+
+
+def _closest_of(key: bytes, others: list[ID]) -> KeyPair:
+    """A key pair whose peer id is closer to ``key`` than every one of ``others``."""
+    while True:
+        keys = create_new_key_pair()
+        me = ID.from_pubkey(keys.public_key)
+        if sort_peer_ids_by_distance(key, [me, *others])[0] == me:
+            return keys
+
+
+async def test_a_liar_asked_first_neither_ends_a_lookup_nor_crowds_out_the_provider(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # The attack: the peer closest to the key, so the first asked, names
+    # twenty made-up providers and twenty made-up closer peers. A walk that
+    # stopped at the first answer naming providers, or at the k closest
+    # peers whether they answered or not, never reached an honest peer; and
+    # one naming twenty pushed the provider out of the few a consumer asks.
+    from p2pnode.p2p import discovery as discoverylib
+
+    key = discoverylib.dht_key(MODEL)
+    one_at_a_time = replace(discoverylib.Config(), lookup_alpha=1)
+    async with (
+        running(memory, NodeConfig(measure_tokens=0), [SyntheticEngine()]) as provider,
+        running(memory, NodeConfig(measure_tokens=0, bootstrap=(provider.addrs[0],))) as honest,
+    ):
+        await eventually(lambda: honest.offer_book.get(provider.peer_id) is not None)
+        others = [ID.from_base58(provider.peer_id), ID.from_base58(honest.peer_id)]
+        boot = NodeConfig(measure_tokens=0, bootstrap=(provider.addrs[0],))
+        async with open_memory_node(memory, boot, key_pair=_closest_of(key, others)) as liar:
+            lies = attacks.answer_with_junk(liar, 20, [honest.addrs[0]])
+            joining = NodeConfig(
+                measure_tokens=0,
+                bootstrap=(liar.addrs[0], honest.addrs[0]),
+                discovery=one_at_a_time,
+            )
+            async with running(memory, joining) as joiner:
+                with trio.fail_after(BOUND_S):
+                    named = await joiner.finder.find_providers(MODEL)
+        assert lies.answers > 0
+        assert provider.peer_id in named[:2], named
+        assert len(named) > discoverylib.MAX_DHT_CANDIDATES  # the liar's were heard too
 
 
 def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:

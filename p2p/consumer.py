@@ -490,13 +490,16 @@ class Consumer:
         if not seen:
             peers = len(self._host.get_connected_peers())
             return f"no provider offers this model ({peers} peers connected; none announces it)"
-        count = f"{len(seen)} provider{'s' if len(seen) != 1 else ''} seen"
-        banned = sum(self.reputation.banned(o.peer_id, now) for o in seen)
-        if self.market is not None:
-            why = self.market.why_not(seen, model_id)
-            if why:
-                return f"{count}; {why}" + (f"; {banned} banned for misbehaviour" if banned else "")
-        return f"{count}; {'all' if banned == len(seen) else banned} banned for misbehaviour"
+        parts = [f"{len(seen)} provider{'s' if len(seen) != 1 else ''} seen"]
+        rest = [o for o in seen if not self.reputation.banned(o.peer_id, now)]
+        if len(rest) < len(seen):
+            banned = "all" if not rest else str(len(seen) - len(rest))
+            parts.append(f"{banned} banned for misbehaviour")
+        # A provider not banned is left out only when it would not be paid.
+        if rest and self.market is not None:
+            why = self.market.why_not(rest, model_id)
+            parts.append(f"of the rest, {why}" if len(rest) < len(seen) else why)
+        return "; ".join(parts)
 
     async def request_on(
         self,
@@ -641,11 +644,11 @@ class Consumer:
         It was never served, so it is not closed early (which would pay the
         provider the seconds since the open): it stays escrowed, counted
         against the spend limit, until its end plus the claim window, and
-        then closes paying 0 (README, "Security model"). No chain call here.
+        then closes paying 0 (README, "Security model"). No chain call here,
+        and no checkpoint: it needs no shield to run while we are cancelled.
         """
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.cfg.handshake_s * 3):
-            assert self.market is not None
-            await self.market.release(session_id)
+        assert self.market is not None
+        await self.market.release(session_id)
 
     def _payment(
         self, peer: str, model_id: str

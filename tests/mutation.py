@@ -61,6 +61,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "tests/p2p/test_hostile.py",
             "tests/p2p/test_sessions.py",
             "tests/e2e/test_paid_hostile.py",
+            "tests/e2e/test_paid_sessions.py",
         ),
     ),
     "market": (

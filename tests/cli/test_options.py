@@ -114,3 +114,49 @@ def test_amounts_are_whole_tokens_to_the_smallest_unit() -> None:
     assert parse_tokens("100") == 100 * 10**18
     assert parse_tokens("0.001") == 10**15
     assert parse_tokens("1e-18") == 1
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [
+        ("warning", ["ours warning"]),
+        ("info", ["ours info", "ours warning"]),
+        ("debug", ["ours debug", "ours info", "ours warning", "theirs error"]),
+    ],
+)
+def test_the_log_level_decides_what_reaches_stderr(
+    level: str, shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from p2pnode.cli import app
+
+    root, libp2p = logging.getLogger(), logging.getLogger("libp2p")
+    handlers, old, propagates = root.handlers[:], root.level, libp2p.propagate
+    try:
+        app._setup_logging(level)
+        libp2p.propagate = True  # as app.run_async does once py-libp2p is imported
+        ours, theirs = logging.getLogger("p2pnode.p2p.node"), logging.getLogger("libp2p.swarm")
+        ours.debug("ours debug")
+        ours.info("ours info")
+        ours.warning("ours warning")
+        theirs.error("theirs error")  # py-libp2p's routine failures: only when debugging
+        theirs.critical("theirs critical")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(old)
+        libp2p.propagate = propagates
+    err = capsys.readouterr().err
+    everything = ["ours debug", "ours info", "ours warning", "theirs error"]
+    assert [m for m in everything if m in err] == shown
+    assert "theirs critical" in err
+
+
+def test_a_log_level_that_is_none_is_refused() -> None:
+    from click.testing import CliRunner
+
+    from p2pnode.cli.main import main
+
+    result = CliRunner().invoke(main, ["--log-level", "verbose", "id"])
+    assert result.exit_code == 2
+    assert "'verbose' is not one of" in result.output

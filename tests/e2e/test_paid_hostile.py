@@ -21,7 +21,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
-from p2pnode.errors import NoProviderError
+from p2pnode.errors import EngineError, NoProviderError
 from p2pnode.inference.engine import Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import market
@@ -213,6 +213,39 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     assert chain.balance(consumer_addr) == c0
     assert paid.consumer_market.held() == 0
     assert (counters.closed, counters.paid_wei, counters.refunded_wei) == (1, 0, stake)
+
+
+async def test_a_provider_that_opens_and_fails_the_first_request_is_paid_nothing(
+    paid: Paid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The attack: approve and confirm the session (the stake is escrowed),
+    # then fail the request it was opened for. A failure before a single
+    # request was served is taking a stake for nothing: the worst offence,
+    # and the session is not closed early (that would pay the seconds since
+    # the open) but left to its end plus the claim window.
+    @contextlib.asynccontextmanager
+    async def fail(_request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[object]]:
+        raise EngineError("out of memory, or so it says")
+        yield  # an async generator, for asynccontextmanager
+
+    (engine,) = paid.provider.offering.engines
+    monkeypatch.setattr(engine, "stream", fail)
+    chain = paid.embedded.chain
+    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
+    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+        await paid.consumer.generate(_request(4), _nothing)
+    (session_id,) = chain.sessions_of(consumer_addr)
+    assert chain.session(session_id).open
+    assert not paid.consumer_market.usable(session_id)
+    assert paid.consumer_market.counters.left_unserved == 1
+    standing = paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time())
+    assert standing is not None
+    assert standing.offences == {Offence.PAID_NO_SERVICE.value: 1}
+    assert standing.banned
+    await _after_the_claim_window(paid, session_id)
+    assert chain.balance(provider_addr) == p0
+    assert chain.balance(consumer_addr) == c0
 
 
 async def test_a_provider_that_never_answers_the_opened_message_is_paid_nothing(

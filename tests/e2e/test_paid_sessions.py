@@ -21,8 +21,10 @@ from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.inference import openai_api
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID, Config, bundled_model_path, open_llamacpp
+from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p import market
 from p2pnode.p2p.node import Node, NodeConfig, open_node
+from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols.session import RejectCode
 from p2pnode.tests.e2e.network import BOUND_S
 
@@ -318,11 +320,16 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
         NodeConfig(bootstrap=boot, market=cheap), key_pair=_keys(), wallet=_wallet(net, 3, chain)
     ) as stingy:
         error = await _chat_error(stingy, paid.provider)
+        # Banned besides: that is the reason (a higher --max-price would not help).
+        for _ in range(3):
+            stingy.reputation.record(paid.provider.peer_id, Offence.AUTH, trio.current_time())
+        banned_too = await _chat_error(stingy, paid.provider)
     assert error.status_code == 503
-    assert (
-        "1 provider seen; the cheapest bid, 0.001 tokens/s, is above --max-price "
-        "0.0001 tokens/s" in error.message
+    above = (
+        "1 provider seen; the cheapest bid, 0.001 tokens/s, is above --max-price 0.0001 tokens/s"
     )
+    assert error.message.endswith(f"({above})"), error.message
+    assert banned_too.message.endswith("(1 provider seen; all banned for misbehaviour)")
 
     # A wallet with ether but no tokens: 429 insufficient_quota naming the wallet.
     broke = Account.create()
@@ -367,3 +374,19 @@ async def test_a_chat_that_cannot_be_paid_says_why(paid: Paid, tmp_path: Path) -
     error = await _chat_error(paid.consumer, paid.provider)
     assert error.status_code == 503
     assert "1 provider seen; it has no live bid on chain for this model" in error.message
+
+    # A second provider of the model, banned: each is said of its own.
+    async with open_node(
+        NodeConfig(measure_tokens=0), key_pair=_keys(), engines=[SyntheticEngine(MODEL)]
+    ) as rogue:
+        with trio.fail_after(BOUND_S):
+            while paid.consumer.offer_book.get(rogue.peer_id) is None:
+                await paid.consumer.dialer.connect(rogue.addrs[0])
+                await paid.consumer.finder.refresh_offer(rogue.peer_id)
+        for _ in range(3):
+            paid.consumer.reputation.record(rogue.peer_id, Offence.AUTH, trio.current_time())
+        error = await _chat_error(paid.consumer, paid.provider)
+    assert error.message.endswith(
+        "(2 providers seen; 1 banned for misbehaviour; "
+        "of the rest, it has no live bid on chain for this model)"
+    ), error.message

@@ -18,16 +18,18 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from p2pnode.errors import NoProviderError
+from p2pnode.errors import ErrorCode, NoProviderError, RemoteProtocolError
 from p2pnode.inference.engine import Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
-from p2pnode.p2p.consumer import Outcome
+from p2pnode.p2p.consumer import Outcome, _offence_of_refusal, _offence_of_violation, _Overrun
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols.infer.service import Config as InferConfig
-from p2pnode.protocols.session import admission
+from p2pnode.protocols.refusal import Refusal
+from p2pnode.protocols.session import RejectCode, admission
 from p2pnode.simnet.harness import open_memory_node
 
 MODEL = "synthetic"
@@ -382,3 +384,78 @@ async def test_a_request_asks_at_most_twelve_providers(
                 await me.generate(_request(), _ignore)
         refused = sorted(n.provider.counters.sessions_refused for n in nodes if n.provider)
     assert refused == [0] + [1] * 12
+
+
+async def test_a_node_that_serves_the_model_answers_with_its_own_engine(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    own = ScriptedEngine(["own", " words"])
+    async with (
+        open_memory_node(memory, NodeConfig(measure_tokens=0), engines=[own]) as me,
+        open_memory_node(
+            memory,
+            NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],)),
+            engines=[ScriptedEngine(["x"])],
+        ) as other,
+    ):
+        await _hold_offers(me, (other,))
+        text, outcome = await _generate(me, _request())
+        assert (text, outcome) == ("own words", Outcome("length", 1, 2, "", 0))
+        assert own.requests == 1
+        # Asked for providers by name, it asks them, not itself.
+        texts: list[str] = []
+        only = await me.generate(_request(), lambda t, _n: _append(texts, t), only=[other.peer_id])
+        assert (texts, only.provider) == (["x"], other.peer_id)
+        assert own.requests == 1
+
+
+async def _append(texts: list[str], text: str) -> None:
+    texts.append(text)
+
+
+# --- what a refusal says of its provider -------------------------------------------------
+
+
+R, E = RejectCode, ErrorCode
+
+
+@pytest.mark.parametrize(
+    ("refusal", "streamed", "offence"),
+    [
+        # A Reject, before any work: only "no such model" breaks its offer's promise.
+        (Refusal.of_session(R.UNKNOWN_MODEL, ""), False, Offence.BROKEN_PROMISE),
+        (Refusal.of_session(R.BUSY, ""), False, Offence.REFUSED),
+        (Refusal.of_session(R.NOT_ALLOWED, ""), False, Offence.REFUSED),
+        (Refusal.of_session(R.PRICE_CHANGED, ""), False, Offence.REFUSED),
+        (Refusal.of_session(99, "a code from a newer version"), False, Offence.REFUSED),
+        # An Error on a request: busy or not allowed are honest before the first token.
+        (Refusal.of_request(E.BUSY, ""), False, Offence.REFUSED),
+        (Refusal.of_request(E.BUSY, ""), True, Offence.FAILED),
+        (Refusal.of_request(E.NOT_ALLOWED, ""), False, Offence.REFUSED),
+        (Refusal.of_request(E.UNSUPPORTED, ""), False, Offence.BROKEN_PROMISE),
+        (Refusal.of_request(E.INTERNAL, ""), False, Offence.FAILED),
+        (Refusal.of_request(E.TIMEOUT, ""), True, Offence.FAILED),
+        # MALFORMED shares its value with UNKNOWN_MODEL: told apart by the step.
+        (Refusal.of_request(E.MALFORMED, ""), False, Offence.FAILED),
+        (Refusal.of_request(99, ""), False, Offence.FAILED),
+    ],
+)
+def test_each_refusal_counts_as_what_it_says_of_the_provider(
+    refusal: Refusal, streamed: bool, offence: Offence
+) -> None:
+    assert _offence_of_refusal(refusal, streamed) is offence
+
+
+@pytest.mark.parametrize(
+    ("violation", "offence"),
+    [
+        (_Overrun("streamed past max_tokens"), Offence.BROKEN_PROMISE),
+        (RemoteProtocolError(E.UNAUTHENTIC, "bad tag"), Offence.AUTH),
+        (RemoteProtocolError(E.MALFORMED, "not msgpack"), Offence.PROTOCOL),
+        (RemoteProtocolError(E.OVERSIZE, "frame too long"), Offence.PROTOCOL),
+    ],
+)
+def test_each_protocol_violation_counts_as_what_it_says_of_the_provider(
+    violation: RemoteProtocolError, offence: Offence
+) -> None:
+    assert _offence_of_violation(violation) is offence

@@ -721,9 +721,15 @@ async def test_a_liar_asked_first_neither_ends_a_lookup_nor_crowds_out_the_provi
             async with running(memory, joining) as joiner:
                 with trio.fail_after(BOUND_S):
                     named = await joiner.finder.find_providers(MODEL)
+                    found = await joiner.finder.discover(MODEL)
+                now = trio.current_time()
+                asked = [j for j in lies.junk_ids if joiner.reputation.standing(str(j), now)]
         assert lies.answers > 0
         assert provider.peer_id in named[:2], named
         assert len(named) > discoverylib.MAX_DHT_CANDIDATES  # the liar's were heard too
+        # Of the peers the records name, a few are asked, and the provider answers.
+        assert 0 < len(asked) <= discoverylib.MAX_DHT_CANDIDATES
+        assert provider.peer_id in {o.peer_id for o in found}
 
 
 def test_dht_poisoners_cannot_keep_a_verified_provider_out() -> None:

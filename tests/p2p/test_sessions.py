@@ -298,6 +298,9 @@ async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> Non
             NodeConfig(measure_tokens=0),
             engines=[SyntheticEngine()],
         ) as provider,
+        open_memory_node(
+            memory, NodeConfig(measure_tokens=0), engines=[SyntheticEngine()]
+        ) as other,
     ):
         absent = replace(REQUEST, model_id="nobody-serves-this")
         with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
@@ -314,7 +317,17 @@ async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> Non
         synthetic = replace(REQUEST, model_id=SyntheticEngine().models()[0].model_id)
         with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
             await lonely.generate(synthetic, _nothing)
-        assert "1 provider seen; all banned for misbehaviour" in str(failed.value)
+        assert "(1 provider seen; all banned for misbehaviour)" in str(failed.value)
+        # A second provider, banned too.
+        await lonely.dialer.connect(other.addrs[0])
+        with trio.fail_after(BOUND_S):
+            while lonely.offer_book.get(other.peer_id) is None:
+                await lonely.finder.refresh_offer(other.peer_id)
+        for _ in range(3):
+            lonely.reputation.record(other.peer_id, Offence.AUTH, trio.current_time())
+        with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
+            await lonely.generate(synthetic, _nothing)
+        assert "(2 providers seen; all banned for misbehaviour)" in str(failed.value)
 
 
 @pytest.mark.parametrize(

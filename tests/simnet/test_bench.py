@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from p2pnode.inference.llamacpp import bundled_model_path
-from p2pnode.simnet.bench import bench_connect, bench_e2e, bench_stream, summarize
+from p2pnode.simnet.bench import bench_connect, bench_e2e, bench_engine, bench_stream, summarize
+from p2pnode.simnet.startup import bench_cli
 
 
 def test_summarize() -> None:
@@ -44,3 +45,26 @@ async def test_bench_e2e_compares_against_llama_cpp_server() -> None:
         assert report[side]["ttft_ms"]["median"] > 0
     assert report["ratio_tokens_per_s"] > 0
     assert len(report["added_ttft_ms_per_round"]) == 1
+
+
+@pytest.mark.slow
+async def test_bench_engine_compares_against_llama_cpp_called_directly() -> None:
+    report = await bench_engine(bundled_model_path(), rounds=2, max_tokens=8, threads=1)
+    engine, direct = report["engine_tokens_per_s"], report["direct_tokens_per_s"]
+    assert 0 < engine["min"] <= engine["max"]
+    assert 0 < direct["min"] <= direct["max"]
+    assert len(report["ratios"]) == 2
+    assert report["ratio"] == pytest.approx(sum(report["ratios"]) / 2, abs=1e-3)
+    assert report["goal_met"] == (report["ratio"] >= 0.98)
+
+
+@pytest.mark.slow
+def test_bench_cli_times_commands_next_to_the_bare_interpreter() -> None:
+    report = bench_cli(rounds=1, commands=(("--version",), ("status",)))
+    base = report["baseline_ms"]["median"]
+    assert set(report["commands"]) == {"--version", "status"}  # status asks a node it started
+    for figures in report["commands"].values():
+        assert figures["ms"]["median"] > 0
+        assert figures["ratio_to_baseline"] == round(figures["ms"]["median"] / base, 2)
+    slowest = max(f["ms"]["median"] for f in report["commands"].values())
+    assert report["goal_met"] == (slowest < 300)

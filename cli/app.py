@@ -49,7 +49,7 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     import trio
 
     if "libp2p" in sys.modules:
-        # Importing libp2p resets its logger (propagate off, see _setup_logging); a
+        # Importing libp2p resets its logger (propagate off, see setup_logging); a
         # command that runs libp2p has imported it by now, so its records are ours again.
         logging.getLogger("libp2p").propagate = True
     try:
@@ -78,7 +78,7 @@ class _Libp2pNoise(logging.Filter):
         return record.levelno >= logging.CRITICAL
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     """One handler on stderr for every logger, ours and py-libp2p's.
 
     py-libp2p's import (``import libp2p``) clears its "libp2p" logger and turns
@@ -134,7 +134,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 def main(ctx: click.Context, home: Path, log_level: str) -> None:
     """p2pnode: private, paid LLM inference over a pure peer-to-peer network."""
     home = home.expanduser()
-    _setup_logging(log_level)
+    setup_logging(log_level)
     ctx.obj = home
     config_path = home / settings.CONFIG_FILE
     try:

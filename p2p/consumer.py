@@ -325,7 +325,7 @@ class Consumer:
                 continue
             except RemoteProtocolError as exc:
                 last_error = f"{short(peer)}: {exc}"
-                offence = _offence_of_violation(exc)
+                offence = offence_of_violation(exc)
                 failures += await self._offence(peer, request.model_id, offence, exc)
                 continue
             except UnreachableError as exc:
@@ -378,7 +378,7 @@ class Consumer:
                     tried.discard(peer)
                     await self._drop_session(peer, request.model_id)
                 else:
-                    offence = _offence_of_refusal(done, streamed)
+                    offence = offence_of_refusal(done, streamed)
                     failures += await self._offence(peer, request.model_id, offence, done)
                 continue
             self.reputation.served(peer, trio.current_time())
@@ -793,7 +793,7 @@ _PROVIDER_REVERTS = (
 )
 
 
-def _offence_of_refusal(refusal: Refusal, streamed: bool) -> Offence:
+def offence_of_refusal(refusal: Refusal, streamed: bool) -> Offence:
     """What a refusal says of the provider that sent it (``streamed``: after
     part of the answer)."""
     if refusal.session:  # a Reject: turned down before any work
@@ -810,7 +810,8 @@ def _offence_of_refusal(refusal: Refusal, streamed: bool) -> Offence:
     return Offence.FAILED
 
 
-def _offence_of_violation(exc: RemoteProtocolError) -> Offence:
+def offence_of_violation(exc: RemoteProtocolError) -> Offence:
+    """What a protocol violation says of the provider that committed it."""
     if isinstance(exc, _Overrun):
         return Offence.BROKEN_PROMISE
     if exc.code == ErrorCode.UNAUTHENTIC:

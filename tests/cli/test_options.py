@@ -134,7 +134,7 @@ def test_the_log_level_decides_what_reaches_stderr(
     root, libp2p = logging.getLogger(), logging.getLogger("libp2p")
     handlers, old, propagates = root.handlers[:], root.level, libp2p.propagate
     try:
-        app._setup_logging(level)
+        app.setup_logging(level)
         libp2p.propagate = True  # as app.run_async does once py-libp2p is imported
         ours, theirs = logging.getLogger("p2pnode.p2p.node"), logging.getLogger("libp2p.swarm")
         ours.debug("ours debug")

@@ -23,7 +23,7 @@ from p2pnode.inference.engine import Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
-from p2pnode.p2p.consumer import Outcome, _offence_of_refusal, _offence_of_violation, _Overrun
+from p2pnode.p2p.consumer import Outcome, offence_of_refusal, offence_of_violation
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
@@ -443,13 +443,12 @@ R, E = RejectCode, ErrorCode
 def test_each_refusal_counts_as_what_it_says_of_the_provider(
     refusal: Refusal, streamed: bool, offence: Offence
 ) -> None:
-    assert _offence_of_refusal(refusal, streamed) is offence
+    assert offence_of_refusal(refusal, streamed) is offence
 
 
 @pytest.mark.parametrize(
     ("violation", "offence"),
     [
-        (_Overrun("streamed past max_tokens"), Offence.BROKEN_PROMISE),
         (RemoteProtocolError(E.UNAUTHENTIC, "bad tag"), Offence.AUTH),
         (RemoteProtocolError(E.MALFORMED, "not msgpack"), Offence.PROTOCOL),
         (RemoteProtocolError(E.OVERSIZE, "frame too long"), Offence.PROTOCOL),
@@ -458,4 +457,4 @@ def test_each_refusal_counts_as_what_it_says_of_the_provider(
 def test_each_protocol_violation_counts_as_what_it_says_of_the_provider(
     violation: RemoteProtocolError, offence: Offence
 ) -> None:
-    assert _offence_of_violation(violation) is offence
+    assert offence_of_violation(violation) is offence

@@ -402,7 +402,34 @@ async def test_an_allowlisted_wallet_counts_only_with_its_signature(
                     allowed, replace(h, consumer_wallet=allowed.address, provider=prov.peer_id)
                 )
             )
+            # A free-mode consumer signs nothing (it unlocks no wallet): a wallet
+            # allowlist admits paying consumers only; free ones are allowed by peer id.
+            request = Request(model_id=MODEL, kind="completion", prompt="hi", params=Params())
+            with pytest.raises(NoProviderError, match="not_allowed"):
+                await stranger.generate(request, _ignore_text)
         assert isinstance(established, session_service.Established)
+
+
+async def _hello_from(node: Node, provider: Node) -> object:
+    """Send a Hello to ``provider`` and return its first answer, leaving the handshake open."""
+    from p2pnode.protocols.session.crypto import Ephemeral
+    from p2pnode.protocols.session.machine import ConsumerMachine
+
+    peer = ID.from_base58(provider.peer_id)
+    stream = await node.host.new_stream(peer, [TProtocol(session.PROTOCOL_ID)])
+    eph = Ephemeral()
+    machine = ConsumerMachine(
+        64 * 1024, eph, local_peer=node.host.get_id().to_bytes(), remote_peer=peer.to_bytes()
+    )
+    hello = session.Hello(
+        model_id=MODEL, ephemeral=eph.public, nonce=b"n" * 16, timestamp=time.time()
+    )
+    await stream.write(machine.send_hello(hello))
+    while True:
+        machine.receive_data(await stream.read(65536))
+        event = machine.next_event()
+        if event is not NEED_DATA:
+            return event
 
 
 async def test_handshakes_beyond_two_at_once_from_one_peer_are_busy(
@@ -411,45 +438,44 @@ async def test_handshakes_beyond_two_at_once_from_one_peer_are_busy(
     # The attack: open handshake after handshake and never finish them, to hold
     # the provider's handshake slots. Two at once per peer; the third is BUSY
     # before any work, and another peer is still served.
-    from p2pnode.protocols.session.crypto import Ephemeral
-    from p2pnode.protocols.session.machine import ConsumerMachine
-
     async with (
         running(memory, NodeConfig(measure_tokens=0), [SyntheticEngine()]) as prov,
         running(memory, NodeConfig(measure_tokens=0)) as stranger,
         running(memory, NodeConfig(measure_tokens=0)) as other,
     ):
-        peer = ID.from_base58(prov.peer_id)
-
-        async def hello_from(node: Node) -> object:
-            stream = await node.host.new_stream(peer, [TProtocol(session.PROTOCOL_ID)])
-            eph = Ephemeral()
-            machine = ConsumerMachine(
-                64 * 1024,
-                eph,
-                local_peer=node.host.get_id().to_bytes(),
-                remote_peer=peer.to_bytes(),
-            )
-            hello = session.Hello(
-                model_id=MODEL, ephemeral=eph.public, nonce=b"n" * 16, timestamp=time.time()
-            )
-            await stream.write(machine.send_hello(hello))
-            while True:
-                machine.receive_data(await stream.read(65536))
-                event = machine.next_event()
-                if event is not NEED_DATA:
-                    return event
-
         with trio.fail_after(BOUND_S):
             for node in (stranger, other):
                 await node.dialer.connect(prov.addrs[0])
-            held = [await hello_from(stranger) for _ in range(2)]  # left unfinished
-            third = await hello_from(stranger)
-            elsewhere = await hello_from(other)
+            held = [await _hello_from(stranger, prov) for _ in range(2)]  # left unfinished
+            third = await _hello_from(stranger, prov)
+            elsewhere = await _hello_from(other, prov)
         assert all(isinstance(event, session.Approve) for event in held)
         assert isinstance(third, session.Reject)
         assert third.code == session.RejectCode.BUSY
         assert isinstance(elsewhere, session.Approve)
+
+
+async def test_handshakes_beyond_the_limit_over_all_peers_are_busy(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Many peers, each within its own two: the provider's total (256 by
+    # default, 3 here) still bounds what it holds at once.
+    three = NodeConfig(measure_tokens=0, provider=providerlib.Config(max_handshakes=3))
+    async with (
+        running(memory, three, [SyntheticEngine()]) as prov,
+        running(memory, NodeConfig(measure_tokens=0)) as a,
+        running(memory, NodeConfig(measure_tokens=0)) as b,
+        running(memory, NodeConfig(measure_tokens=0)) as c,
+    ):
+        with trio.fail_after(BOUND_S):
+            for node in (a, b, c):
+                await node.dialer.connect(prov.addrs[0])
+            held = [await _hello_from(a, prov), await _hello_from(a, prov)]
+            held.append(await _hello_from(b, prov))
+            fourth = await _hello_from(c, prov)
+        assert all(isinstance(event, session.Approve) for event in held)
+        assert isinstance(fourth, session.Reject)
+        assert fourth.code == session.RejectCode.BUSY
 
 
 # --- budgets and bans -------------------------------------------------------------------
@@ -513,6 +539,38 @@ async def test_streams_beyond_a_peers_budget_are_reset_at_once(
             assert (await other.finder.status_of(server.peer_id)).peer_id == server.peer_id
         for stream in held:
             await stream.reset()
+
+
+async def test_streams_beyond_the_limit_over_all_peers_are_reset_at_once(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Each peer within its own budget: the node's total (1,024 by default, 4
+    # here) still bounds the inbound streams it serves at once.
+    small = NodeConfig(measure_tokens=0, max_streams_per_peer=3, max_streams=4)
+    async with (
+        running(memory, small) as server,
+        running(memory, NodeConfig(measure_tokens=0)) as a,
+        running(memory, NodeConfig(measure_tokens=0)) as b,
+        running(memory, NodeConfig(measure_tokens=0)) as c,
+    ):
+        peer = ID.from_base58(server.peer_id)
+        held = []
+        with trio.fail_after(BOUND_S):
+            for node, count in ((a, 3), (b, 1)):
+                await node.dialer.connect(server.addrs[0])
+                for _ in range(count):
+                    stream = await node.host.new_stream(peer, [TProtocol(status.PROTOCOL_ID)])
+                    await stream.write(b"\x05")  # a frame header, and no body
+                    held.append(stream)
+            await eventually(lambda: server.guard.running() == 4)
+            await c.dialer.connect(server.addrs[0])
+            with pytest.raises(NetworkError):
+                await c.finder.status_of(server.peer_id)
+            assert server.guard.refused == 1
+            for stream in held:
+                await stream.reset()
+            await eventually(lambda: server.guard.running() == 0)
+            assert (await c.finder.status_of(server.peer_id)).peer_id == server.peer_id
 
 
 async def test_idle_dht_streams_of_one_peer_cannot_shut_others_out_of_the_dht(

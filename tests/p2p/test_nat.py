@@ -13,14 +13,17 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from trio.testing import MockClock
 
 from p2pnode.errors import NetworkError
 from p2pnode.p2p import nat
 from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.protocols import dialback
 from p2pnode.protocols.dialback import service as dialback_service
 from p2pnode.protocols.dialback.messages import DialBackResponse
+from p2pnode.simnet.harness import open_memory_node
 
 BOUND_S = 30
 A = "/ip4/127.0.0.1/tcp/4001"
@@ -230,3 +233,23 @@ async def test_dial_back_requests_are_rate_limited_per_peer_and_overall() -> Non
             with pytest.raises(NetworkError, match="rate_limited"):
                 await _ask(other, helper, [])
         assert helper.dialback_helper.counters.refused_rate == 2
+
+
+async def test_reachability_is_measured_after_start_up_then_every_five_minutes(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # 30 s after start (the start-up storm is over by then), then every 300 s.
+    started = trio.current_time()
+    async with open_memory_node(memory, NodeConfig(measure_tokens=0)) as me:
+        checked: list[float] = []
+        check = me.reachability.check
+
+        async def recorded(helpers: int = 3) -> nat.Verdict:
+            checked.append(trio.current_time() - started)
+            return await check(helpers)
+
+        me.reachability.check = recorded  # type: ignore[method-assign]
+        await trio.sleep(30 + 2 * 300 + 60)
+    assert len(checked) == 3, checked
+    for at, due in zip(checked, (30, 330, 630), strict=True):
+        assert due <= at < due + 5, checked

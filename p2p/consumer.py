@@ -822,7 +822,9 @@ def offence_of_violation(exc: RemoteProtocolError) -> Offence:
 async def _run_locally(
     engine: enginelib.Engine, request: enginelib.Request, deliver: Deliver
 ) -> Outcome:
-    finish, usage = "stop", enginelib.Usage(0, 0)
+    # Never read: every engine's last chunk carries the finish reason and usage
+    # (inference/engine.py:Chunk); only a stream cut short ends without one.
+    finish, usage = "stop", enginelib.Usage(0, 0)  # pragma: no mutate
     async with engine.stream(request) as chunks:
         async for chunk in chunks:
             if chunk.text:

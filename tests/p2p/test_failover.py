@@ -18,7 +18,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from p2pnode.errors import ErrorCode, NoProviderError, RemoteProtocolError
+from p2pnode.errors import EngineError, ErrorCode, NoProviderError, RemoteProtocolError
 from p2pnode.inference.engine import Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
@@ -50,6 +50,8 @@ class ScriptedEngine(SyntheticEngine):
 
     @asynccontextmanager
     async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
+        if request.model_id != MODEL:
+            raise EngineError(f"model {request.model_id!r} is not served here")
         self.requests += 1
         send, receive = trio.open_memory_channel[Chunk](1024)
 
@@ -399,14 +401,51 @@ async def test_a_node_that_serves_the_model_answers_with_its_own_engine(
         ) as other,
     ):
         await _hold_offers(me, (other,))
-        text, outcome = await _generate(me, _request())
-        assert (text, outcome) == ("own words", Outcome("length", 1, 2, "", 0))
+        delivered: list[tuple[str, int]] = []
+
+        async def deliver(text: str, tokens: int) -> None:
+            delivered.append((text, tokens))
+
+        outcome = await me.generate(_request(), deliver)
+        assert delivered == [("own", 1), (" words", 1)]
+        assert outcome == Outcome("length", 1, 2, "", 0)
         assert own.requests == 1
         # Asked for providers by name, it asks them, not itself.
         texts: list[str] = []
         only = await me.generate(_request(), lambda t, _n: _append(texts, t), only=[other.peer_id])
         assert (texts, only.provider) == (["x"], other.peer_id)
         assert own.requests == 1
+
+
+async def test_requests_at_once_on_a_session_the_provider_forgot_each_open_anew(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # A provider that restarted knows none of our sessions: every request
+    # running on the old one is refused UNKNOWN_SESSION at once, and each
+    # drops it (the first to come finds it already gone) and goes on.
+    async with (
+        open_memory_node(memory, NodeConfig(measure_tokens=0)) as me,
+        open_memory_node(
+            memory,
+            NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],)),
+            engines=[SyntheticEngine(MODEL)],
+        ) as provider,
+    ):
+        await _hold_offers(me, (provider,))
+        assert (await _generate(me, _request()))[1].provider == provider.peer_id
+        assert provider.provider is not None
+        provider.provider.sessions.clear()
+        outcomes: list[Outcome] = []
+
+        async def one() -> None:
+            outcomes.append((await _generate(me, _request()))[1])
+
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(one)
+        assert [o.provider for o in outcomes] == [provider.peer_id] * 3
+        assert len(provider.provider.sessions) >= 1
 
 
 async def _append(texts: list[str], text: str) -> None:

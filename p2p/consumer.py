@@ -257,8 +257,10 @@ class Consumer:
                 return Outcome("stop", 0, produced, "", failovers)
             if produced > progress:
                 trying_since, progress = trio.current_time(), produced
-            spent = trio.current_time() - trying_since
-            if attempts and spent >= self.cfg.try_budget_s:
+            # A deadline, not "time spent" compared with the budget: a wait cut
+            # to the budget's float remainder (2e-16 s) would not move the clock.
+            give_up_at = trying_since + self.cfg.try_budget_s
+            if attempts and trio.current_time() >= give_up_at:
                 last_error = f"{last_error}; gave up after {self.cfg.try_budget_s:g} s of trying"
                 break
             left = request.params.max_tokens - produced
@@ -279,7 +281,7 @@ class Consumer:
                         last_error = why_none
                     break
                 # Everyone left is busy (or was out of reach): wait, then ask again.
-                await trio.sleep(min(backoff, max(0.0, self.cfg.try_budget_s - spent)))
+                await trio.sleep_until(min(trio.current_time() + backoff, give_up_at))
                 backoff = min(backoff * 2, self.cfg.busy_backoff_s[1])
                 tried -= busy
                 busy.clear()

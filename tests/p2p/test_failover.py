@@ -16,6 +16,8 @@ from dataclasses import replace
 
 import pytest
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 from trio.testing import MockClock
 
 from p2pnode.errors import EngineError, ErrorCode, NoProviderError, RemoteProtocolError
@@ -27,6 +29,7 @@ from p2pnode.p2p.consumer import Outcome, offence_of_refusal, offence_of_violati
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
+from p2pnode.protocols import session
 from p2pnode.protocols.infer.service import Config as InferConfig
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import RejectCode, admission
@@ -295,6 +298,43 @@ async def test_a_request_gives_up_after_four_failed_providers(
     assert me.consumer.counters.provider_failures == 4
 
 
+async def test_a_busy_provider_is_asked_again_only_with_backoff_until_the_budget(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # A 2 s budget: waits of 0.25, 0.5, 1 and the 0.25 left. Computed as
+    # "budget - spent", the last wait came out as 2e-16 s, which does not move
+    # a clock at 2.0: the consumer asked the busy provider in a hot loop.
+    quick = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(try_budget_s=2.0))
+    busy = providerlib.Config(max_handshakes=0)
+    async with (
+        open_memory_node(memory, quick) as me,
+        open_memory_node(
+            memory,
+            NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],), provider=busy),
+            engines=[SyntheticEngine()],
+        ) as provider,
+    ):
+        await _hold_offers(me, (provider,))
+        asked = 0
+        serve = provider.host.get_mux().handlers[TProtocol(session.PROTOCOL_ID)]
+        async with trio.open_nursery() as nursery:
+
+            async def counted(stream: INetStream) -> None:
+                nonlocal asked
+                asked += 1
+                if asked > 10:  # the hot loop: the clock stands still, stop it here
+                    nursery.cancel_scope.cancel()
+                await serve(stream)
+
+            provider.host.set_stream_handler(TProtocol(session.PROTOCOL_ID), counted)
+            with (
+                trio.fail_after(BOUND_S),
+                pytest.raises(NoProviderError, match="gave up after 2 s"),
+            ):
+                await me.generate(_request(4), _ignore)
+        assert asked == 4  # at 0, 0.25, 0.75 and 1.75 s; at 2 s it gives up
+
+
 async def _ignore(_text: str, _tokens: int) -> None:
     return None
 
@@ -446,6 +486,54 @@ async def test_requests_at_once_on_a_session_the_provider_forgot_each_open_anew(
                     nursery.start_soon(one)
         assert [o.provider for o in outcomes] == [provider.peer_id] * 3
         assert len(provider.provider.sessions) >= 1
+
+
+async def test_the_consumers_counters_count_every_offence(
+    memory: MemoryNetwork, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two of each: a counter that only remembers "it happened" shows 1.
+    from p2pnode.protocols.infer.machine import ProviderMachine
+
+    busy = NodeConfig(measure_tokens=0, provider=providerlib.Config(max_handshakes=0))
+    async with AsyncExitStack() as stack:
+        # Busy providers are waited for up to the try budget: a short one here.
+        quick = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(try_budget_s=2.0))
+        me = await stack.enter_async_context(open_memory_node(memory, quick))
+        boot = NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],))
+
+        async def provider(config: NodeConfig, engine: SyntheticEngine) -> Node:
+            return await stack.enter_async_context(
+                open_memory_node(memory, config, engines=[engine])
+            )
+
+        bloated = [await provider(boot, ScriptedEngine(["y" * 6000])) for _ in range(2)]
+        refusing = [await provider(replace(busy, bootstrap=boot.bootstrap), SyntheticEngine())]
+        refusing.append(await provider(replace(busy, bootstrap=boot.bootstrap), SyntheticEngine()))
+        tampering = [await provider(boot, SyntheticEngine()) for _ in range(2)]
+        await _hold_offers(me, (*bloated, *refusing, *tampering))
+        for bad in (*bloated, *refusing):
+            with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+                await me.generate(_request(4), _ignore, only=[bad.peer_id])
+        chunk = ProviderMachine.chunk
+
+        def flipped(self: ProviderMachine, text: str, tokens: int) -> bytes:
+            frame = chunk(self, text, tokens)
+            return frame[:-1] + bytes([frame[-1] ^ 1])
+
+        monkeypatch.setattr(ProviderMachine, "chunk", flipped)
+        for bad in tampering:
+            with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+                await me.generate(_request(4), _ignore, only=[bad.peer_id])
+    counters = me.consumer.counters
+    assert counters.broken_promises == 2
+    assert counters.provider_refusals == 2
+    assert counters.auth_failures == 2
+    assert counters.provider_failures == 4  # refusals are no failures
+    assert counters.paid_not_served == 0
+
+
+async def _ignore(_text: str, _tokens: int) -> None:
+    return None
 
 
 async def _append(texts: list[str], text: str) -> None:

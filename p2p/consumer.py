@@ -558,7 +558,7 @@ class Consumer:
         raise AssertionError("unreachable")
 
     def _check_speed(self, peer: str, model_id: str, speed: float, tokens: int) -> None:
-        """Measure a provider's speed; a claim far above it is a broken promise."""
+        """Measure a provider's speed (ranking uses it from now on); log a claim far above it."""
         self._measured(peer).measured_speed(speed)
         offer = self._book.get(peer)
         terms = offer.serves(model_id) if offer is not None else None

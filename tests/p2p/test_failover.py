@@ -298,6 +298,21 @@ async def test_a_request_gives_up_after_four_failed_providers(
     assert me.consumer.counters.provider_failures == 4
 
 
+async def test_a_providers_speed_is_measured_and_a_claim_far_above_it_is_told(
+    memory: MemoryNetwork, autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It claims 10,000 tokens/s (``_network``) and delivers one token per 0.1 s.
+    slow = ScriptedEngine([WORD] * 64, gap_s=0.1)
+    async with _network(memory, slow) as (me, bad, _good):
+        with trio.fail_after(BOUND_S), caplog.at_level("INFO", "p2pnode.p2p.consumer"):
+            _, outcome = await _generate(me, _request(64))
+    assert outcome.provider == bad.peer_id
+    measured = me.consumer.stats[bad.peer_id].tokens_per_s
+    assert measured is not None
+    assert 9.0 < measured < 11.0
+    assert f"provider {bad.peer_id[-8:]} claims 10000 tokens/s, delivered 10" in caplog.text
+
+
 async def test_a_busy_provider_is_asked_again_only_with_backoff_until_the_budget(
     memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:

@@ -8,6 +8,7 @@ payment, not about the model), so long generations cost no model time.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, replace
@@ -25,8 +26,10 @@ from p2pnode.errors import EngineError, NoProviderError
 from p2pnode.inference.engine import Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import market
+from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.p2p.reputation import Offence
+from p2pnode.protocols.infer.messages import Receipt
 from p2pnode.protocols.session import RejectCode
 
 pytestmark = pytest.mark.slow
@@ -276,7 +279,7 @@ async def test_a_provider_that_never_answers_the_opened_message_is_paid_nothing(
 
 
 async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
-    paid: Paid,
+    paid: Paid, tmp_path: Path
 ) -> None:
     chain = paid.embedded.chain
     provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
@@ -294,6 +297,19 @@ async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
     (row,) = paid.provider_market.ledger.open_sessions("provider")
     assert (row.used_until, row.usage_signature) == (used_until, signature)
     assert held.opened_at < used_until < held.ends_at
+    # Both sessions.db keep the latest receipt, signed by one and countersigned by the other.
+    rows = []
+    for who in (1, 2):
+        with contextlib.closing(sqlite3.connect(tmp_path / f"sessions-{who}.db")) as db:
+            rows.append(db.execute("SELECT * FROM receipts").fetchall())
+    assert rows[0] == rows[1]
+    ((sid, requests, prompt, completion, provider_sig, consumer_sig),) = rows[0]
+    assert (sid, requests, completion) == (session_id, 2, 8)
+    receipt = Receipt(session_id=sid, requests=requests, prompt_tokens=prompt,
+                      completion_tokens=completion, signature=provider_sig)  # fmt: skip
+    signed = receipt.signing_bytes()
+    assert verify_peer_signature(paid.provider.peer_id, signed, provider_sig)
+    assert verify_peer_signature(paid.consumer.peer_id, signed, consumer_sig)
     # A claim with a forged acknowledgement (more time than was signed) is refused.
     paid.provider_market.usage[session_id] = (used_until + 60, signature)
     paid.embedded.time_travel(held.ends_at - chain.now() + 1)  # the session has run out

@@ -25,11 +25,12 @@ from p2pnode.inference.engine import Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
-from p2pnode.p2p.consumer import Outcome, offence_of_refusal, offence_of_violation
+from p2pnode.p2p.consumer import Outcome, ReplyGuard, offence_of_refusal, offence_of_violation
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import session
+from p2pnode.protocols.infer.messages import Done, Receipt
 from p2pnode.protocols.infer.service import Config as InferConfig
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import RejectCode, admission
@@ -600,3 +601,62 @@ def test_each_protocol_violation_counts_as_what_it_says_of_the_provider(
     violation: RemoteProtocolError, offence: Offence
 ) -> None:
     assert offence_of_violation(violation) is offence
+
+
+# --- the bounds on one provider's answer --------------------------------------------------
+
+
+def _done(completion_tokens: int) -> Done:
+    receipt = Receipt(session_id=b"s", requests=1, prompt_tokens=1, completion_tokens=1)
+    return Done(finish_reason="length", prompt_tokens=1, completion_tokens=completion_tokens,
+                receipt=receipt)  # fmt: skip
+
+
+async def test_an_answer_may_reach_its_bounds_and_not_one_token_or_byte_past(
+    autojump_clock: MockClock,
+) -> None:
+    # 8 tokens asked: 8 + 16 of slack, and max(4096, 24 x 256) = 6,144 bytes.
+    delivered: list[Chunk] = []
+
+    async def deliver(chunk: Chunk) -> None:
+        delivered.append(chunk)
+
+    cfg = ConsumerConfig()
+    guard = ReplyGuard(8, cfg, deliver)
+    assert (guard.max_tokens, guard.max_bytes) == (24, 6144)
+    assert guard.deadline_s == cfg.infer.first_chunk_s + 8 * cfg.max_s_per_token
+    await guard.deliver(Chunk("", 0))  # no token: allowed
+    await guard.deliver(Chunk("a" * 6000, 23))
+    await trio.sleep(1.5)
+    await guard.deliver(Chunk("b" * 144, 1))  # the 24th token and the 6,144th byte
+    assert (guard.tokens, guard.bytes, len(delivered)) == (24, 6144, 3)
+    assert guard.elapsed_s == 1.5  # from the first chunk to the last
+    with pytest.raises(RemoteProtocolError) as past:
+        await guard.deliver(Chunk("", 1))
+    assert offence_of_violation(past.value) is Offence.BROKEN_PROMISE
+    assert len(delivered) == 3  # nothing past the bound is delivered
+    with pytest.raises(RemoteProtocolError):
+        await ReplyGuard(8, cfg, deliver).deliver(Chunk("c" * 6145, 1))
+    with pytest.raises(RemoteProtocolError):
+        await ReplyGuard(8, cfg, deliver).deliver(Chunk("d", -1))
+    assert len(delivered) == 3
+    # What the Done claims is bounded alike.
+    guard.check_done(_done(24))
+    guard.check_done(_done(0))
+    for claimed in (25, -1):
+        with pytest.raises(RemoteProtocolError, match=f"claims {claimed} tokens"):
+            guard.check_done(_done(claimed))
+
+
+async def test_the_time_of_an_answer_runs_from_its_first_chunk(autojump_clock: MockClock) -> None:
+    async def deliver(_chunk: Chunk) -> None:
+        return None
+
+    guard = ReplyGuard(8, ConsumerConfig(), deliver)
+    assert guard.elapsed_s == 0.0
+    await trio.sleep(5.0)  # waiting for the first token is not generation
+    await guard.deliver(Chunk("a", 1))
+    assert guard.elapsed_s == 0.0
+    await trio.sleep(2.0)
+    await guard.deliver(Chunk("b", 1))
+    assert guard.elapsed_s == 2.0

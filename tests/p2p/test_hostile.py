@@ -35,6 +35,7 @@ from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
 from p2pnode.p2p.consumer import wire_request
+from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
@@ -323,21 +324,28 @@ async def test_a_receipt_the_provider_did_not_sign_is_not_countersigned(
             receipt = honest_receipt(served)
             return replace(receipt, signature=other_key.sign(receipt.signing_bytes()))
 
-        monkeypatch.setattr(prov.provider, "receipt", receipt_signed_by_another_key)
+        texts: list[str] = []
+
+        async def deliver(text: str, _tokens: int) -> None:
+            texts.append(text)
+
         with trio.fail_after(BOUND_S):
             while me.offer_book.get(prov.peer_id) is None:
                 await me.finder.refresh_offer(prov.peer_id)
-            texts: list[str] = []
-
-            async def deliver(text: str, _tokens: int) -> None:
-                texts.append(text)
-
+            # An honest receipt first: countersigned, and kept as proof of usage.
             await me.generate(request, deliver)
-            await eventually(lambda: prov.provider.counters.bad_acks == 1)  # type: ignore[union-attr]
-        assert "".join(texts) == WORD * 4  # the answer itself was whole
-        assert me.consumer.counters.bad_receipts == 1
-        (served,) = prov.provider.sessions.values()
-        assert served.acked is None
+            (served,) = prov.provider.sessions.values()
+            await eventually(lambda: served.acked is not None)
+            assert served.acked is not None
+            kept, countersigned = served.acked
+            assert verify_peer_signature(me.peer_id, kept.signing_bytes(), countersigned)
+            monkeypatch.setattr(prov.provider, "receipt", receipt_signed_by_another_key)
+            for _ in range(2):
+                await me.generate(request, deliver)
+            await eventually(lambda: prov.provider.counters.bad_acks == 2)  # type: ignore[union-attr]
+        assert "".join(texts) == WORD * 12  # the answers themselves were whole
+        assert me.consumer.counters.bad_receipts == 2
+        assert served.acked == (kept, countersigned)  # not replaced by what it did not sign
 
 
 # --- admission ----------------------------------------------------------------------

@@ -246,7 +246,15 @@ async def test_a_provider_that_opens_and_fails_the_first_request_is_paid_nothing
     assert standing is not None
     assert standing.offences == {Offence.PAID_NO_SERVICE.value: 1}
     assert standing.banned
-    await _after_the_claim_window(paid, session_id)
+    # Once its ban is over (here: at once), the same again counts again.
+    monkeypatch.setattr(paid.consumer.reputation, "banned", lambda *_: False)
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+        await paid.consumer.generate(_request(4), _nothing)
+    consumer = paid.consumer.consumer
+    assert consumer is not None
+    assert consumer.counters.paid_not_served == 2
+    assert paid.consumer_market.counters.left_unserved == 2
+    await _after_the_claim_window(paid, chain.sessions_of(consumer_addr)[-1])  # both
     assert chain.balance(provider_addr) == p0
     assert chain.balance(consumer_addr) == c0
 

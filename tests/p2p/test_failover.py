@@ -505,7 +505,10 @@ async def test_requests_at_once_on_a_session_the_provider_forgot_each_open_anew(
 
 
 async def test_the_consumers_counters_count_every_offence(
-    memory: MemoryNetwork, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+    memory: MemoryNetwork,
+    autojump_clock: MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Two of each: a counter that only remembers "it happened" shows 1.
     from p2pnode.protocols.infer.machine import ProviderMachine
@@ -541,6 +544,12 @@ async def test_the_consumers_counters_count_every_offence(
             with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
                 await me.generate(_request(4), _ignore, only=[bad.peer_id])
     counters = me.consumer.counters
+    # Each is told once, naming the provider, what it did and its score.
+    said = f"provider {bloated[0].peer_id[-8:]}: oversize: streamed past the request's bounds"
+    assert f"{said} (1 tokens) (broken_promise; score 4.0)" in caplog.text
+    assert f"provider {refusing[1].peer_id[-8:]}: session rejected: busy (refused; score 1.0)" in (
+        caplog.text
+    )
     assert counters.broken_promises == 2
     assert counters.provider_refusals == 2
     assert counters.auth_failures == 2

@@ -314,6 +314,35 @@ async def test_a_providers_speed_is_measured_and_a_claim_far_above_it_is_told(
     assert f"provider {bad.peer_id[-8:]} claims 10000 tokens/s, delivered 10" in caplog.text
 
 
+async def test_a_claim_within_reach_is_not_told_and_an_offer_gone_mid_answer_is_no_matter(
+    memory: MemoryNetwork, autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It claims 20 tokens/s and delivers 10 (within 4x: nothing to say); its
+    # offer leaves our book while it answers (expired, or pushed out).
+    async with (
+        open_memory_node(memory, NodeConfig(measure_tokens=0)) as me,
+        open_memory_node(
+            memory,
+            NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],)),
+            engines=[ScriptedEngine([WORD] * 64, gap_s=0.1)],
+        ) as provider,
+    ):
+        provider.offering.set_models((replace(provider.offering.models[0], tokens_per_s=20.0),))
+        await _hold_offers(me, (provider,), _known)
+        texts: list[str] = []
+
+        async def deliver(text: str, _tokens: int) -> None:
+            texts.append(text)
+            me.offer_book.forget(provider.peer_id)
+
+        with trio.fail_after(BOUND_S), caplog.at_level("INFO", "p2pnode.p2p.consumer"):
+            outcome = await me.generate(_request(64), deliver)
+    assert "".join(texts) == WORD * 64
+    assert outcome.provider == provider.peer_id
+    assert me.consumer.stats[provider.peer_id].tokens_per_s is not None
+    assert "claims" not in caplog.text
+
+
 async def test_a_busy_provider_is_asked_again_only_with_backoff_until_the_budget(
     memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:

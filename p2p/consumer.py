@@ -38,6 +38,7 @@ import trio
 from libp2p.abc import IHost
 
 from p2pnode.chain.failures import Unfunded
+from p2pnode.chain.units import format_tokens
 from p2pnode.errors import (
     ChainError,
     ErrorCode,
@@ -679,7 +680,8 @@ class Consumer:
         if stake <= 0:
             held = market.held()
             raise SpendLimitError(
-                f"spend limit reached: {held} held in open sessions of {market.cfg.spend_limit}"
+                f"spend limit reached: {format_tokens(held)} held in open sessions of "
+                f"{format_tokens(market.cfg.spend_limit)} (--spend-limit)"
             )
 
         async def on_approve(hello: session.Hello, approve: session.Approve) -> bytes:

@@ -22,7 +22,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
-from p2pnode.errors import EngineError, NoProviderError
+from p2pnode.errors import EngineError, NoProviderError, SpendLimitError
 from p2pnode.inference.engine import Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import market
@@ -205,6 +205,9 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
     assert counters.opened == 1
+    consumer = paid.consumer.consumer
+    assert consumer is not None
+    assert (consumer.counters.paid_not_served, consumer.counters.sessions_opened) == (1, 0)
     # Stopping before the claim window has passed leaves it in escrow (logged) ...
     with trio.fail_after(BOUND_S):
         await paid.consumer_market.close_all()
@@ -216,6 +219,26 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     assert chain.balance(consumer_addr) == c0
     assert paid.consumer_market.held() == 0
     assert (counters.closed, counters.paid_wei, counters.refunded_wei) == (1, 0, stake)
+
+
+async def test_a_provider_that_cannot_read_the_chain_after_the_open_is_not_blamed(
+    paid: Paid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its RPC failed while checking the session we opened: an honest failure.
+    # The session is left in escrow as any unserved one (nothing is paid for
+    # it), but the provider is not counted as having taken a stake.
+    async def unavailable(*_args: object) -> RejectCode:
+        return RejectCode.CHAIN_UNAVAILABLE
+
+    monkeypatch.setattr(paid.provider_market, "confirm", unavailable)
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+        await paid.consumer.generate(_request(4), _nothing)
+    consumer = paid.consumer.consumer
+    assert consumer is not None
+    assert consumer.counters.paid_not_served == 0
+    assert paid.consumer_market.counters.left_unserved == 1
+    standing = paid.consumer.reputation.standing(paid.provider.peer_id, trio.current_time())
+    assert standing is None or Offence.PAID_NO_SERVICE.value not in standing.offences
 
 
 async def test_a_provider_that_opens_and_fails_the_first_request_is_paid_nothing(
@@ -666,7 +689,7 @@ async def test_opens_at_once_for_two_models_stay_within_the_spend_limit(tmp_path
     net = await trio.to_thread.run_sync(open_embedded)
     provider_account = net.accounts[1]
     net.chain.register_provider(provider_account, "12D3KooWprovider", MIN_PROVIDER_STAKE)
-    for model in ("a", "b"):
+    for model in ("a", "b", "c"):
         net.chain.register_model(provider_account, model, None)
         net.chain.post_bid(provider_account, model, PRICE)
     seconds = 100
@@ -678,7 +701,7 @@ async def test_opens_at_once_for_two_models_stay_within_the_spend_limit(tmp_path
                 NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path)),
                 key_pair=create_new_key_pair(),
                 wallet=_wallet(net, 1),
-                engines=[SyntheticEngine("a"), SyntheticEngine("b")],
+                engines=[SyntheticEngine(m) for m in ("a", "b", "c")],
             )
         )
         terms = _market(net, 2, tmp_path, session_seconds=seconds, spend_limit=limit)
@@ -702,6 +725,17 @@ async def test_opens_at_once_for_two_models_stay_within_the_spend_limit(tmp_path
         # The first stake chosen is a whole session, the second what the limit leaves.
         assert sorted(p.stake for p in stakes) == [limit - full, full]
         assert consumer.markets.consumer.reserved == 0  # type: ignore[union-attr]
+        assert consumer.consumer.counters.sessions_opened == 2
+        # How long each open took (shown in the node's status): the chain's open included.
+        assert len(consumer.consumer.open_ms) == 2
+        assert all(1.0 < ms < BOUND_S * 1000 for ms in consumer.consumer.open_ms)
+        # A third model: nothing is left to stake, and the user is told so.
+        third = Request(model_id="c", kind="completion", prompt="hi", params=Params(max_tokens=2))
+        with trio.fail_after(BOUND_S), pytest.raises(SpendLimitError) as refused:
+            await consumer.generate(third, _nothing)
+        assert str(refused.value) == (
+            "spend limit reached: 0.15 tokens held in open sessions of 0.15 tokens (--spend-limit)"
+        )
 
 
 async def test_a_provider_claims_on_its_own_once_its_consumer_falls_silent(paid: Paid) -> None:

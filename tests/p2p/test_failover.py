@@ -343,6 +343,36 @@ async def test_a_claim_within_reach_is_not_told_and_an_offer_gone_mid_answer_is_
     assert "claims" not in caplog.text
 
 
+async def test_the_measured_providers_are_bounded_and_the_least_recent_goes(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # 4,096 by default; 2 here.
+    two = NodeConfig(measure_tokens=0, consumer=ConsumerConfig(max_measured=2))
+    async with AsyncExitStack() as stack:
+        me = await stack.enter_async_context(open_memory_node(memory, two))
+        boot = NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],))
+        a, b, c = [
+            await stack.enter_async_context(
+                # Tokens 0.1 s apart: each answer measures a speed.
+                open_memory_node(memory, boot, engines=[ScriptedEngine([WORD] * 4, gap_s=0.1)])
+            )
+            for _ in range(3)
+        ]
+        await _hold_offers(me, (a, b, c))
+
+        async def ask(node: Node) -> None:
+            with trio.fail_after(BOUND_S):
+                await me.generate(_request(4), _ignore, only=[node.peer_id])
+
+        for node in (a, b, c):
+            await ask(node)
+        assert list(me.consumer.stats) == [b.peer_id, c.peer_id]
+        await ask(b)  # measured again: the most recent now
+        await ask(a)
+        assert list(me.consumer.stats) == [b.peer_id, a.peer_id]
+        assert me.consumer.stats[a.peer_id].tokens_per_s is not None
+
+
 async def test_a_busy_provider_is_asked_again_only_with_backoff_until_the_budget(
     memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:

@@ -393,11 +393,15 @@ class Kademlia:
         """
         store = self.dht.provider_store
         me = self.host.get_id()
-        # provider -> the peers that named it, and the best place it was given.
+        # provider -> the peers that named it, and the best place it was given;
+        # and the peers that named any.
         named_by: dict[str, set[ID]] = {}
         place: dict[str, int] = {}
+        namers: set[ID] = set()
 
         def name(providers: Sequence[ID], namer: ID) -> None:
+            if providers:
+                namers.add(namer)
             for i, provider in enumerate(providers):
                 peer = str(provider)
                 named_by.setdefault(peer, set()).add(namer)
@@ -440,7 +444,7 @@ class Kademlia:
             # the first peers that name any usually name them all: stop there
             # (gossip fills in what they missed:
             # docs/libp2p-traps.md#dht-lookups-are-incomplete).
-            if stop_when_found and len(set().union(*named_by.values())) >= _NAMERS_TO_STOP:
+            if stop_when_found and len(namers) >= _NAMERS_TO_STOP:
                 break
             # Kademlia's end: the k closest peers known that did not fail
             # have all been asked. Stopping at the alpha closest would settle

@@ -54,6 +54,16 @@ class Paid:
         assert self.consumer.markets.consumer is not None
         return self.consumer.markets.consumer
 
+    @property
+    def consumer_address(self) -> str:
+        return str(self.embedded.accounts[2].address)
+
+    def balances(self) -> tuple[int, int]:
+        """The provider's and the consumer's tokens, on chain."""
+        chain = self.embedded.chain
+        provider, consumer = (chain.balance(a.address) for a in self.embedded.accounts[1:3])
+        return provider, consumer
+
 
 def _market(net: Embedded, who: int, home: Path, **kw: object) -> market.Config:
     return market.Config(sessions_db=home / f"sessions-{who}.db", **kw)  # type: ignore[arg-type]
@@ -183,8 +193,8 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
 
     monkeypatch.setattr(paid.provider_market, "confirm", reject)
     chain = paid.embedded.chain
-    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
-    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    consumer_addr = paid.consumer_address
+    before = paid.balances()
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
     counters = paid.consumer_market.counters
@@ -215,8 +225,7 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     # ... and once it has passed, the consumer closes it: the thief gained nothing.
     await _after_the_claim_window(paid, session_id)
     assert not chain.session(session_id).open
-    assert chain.balance(provider_addr) == p0
-    assert chain.balance(consumer_addr) == c0
+    assert paid.balances() == before
     assert paid.consumer_market.held() == 0
     assert (counters.closed, counters.paid_wei, counters.refunded_wei) == (1, 0, stake)
 
@@ -257,8 +266,8 @@ async def test_a_provider_that_opens_and_fails_the_first_request_is_paid_nothing
     (engine,) = paid.provider.offering.engines
     monkeypatch.setattr(engine, "stream", fail)
     chain = paid.embedded.chain
-    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
-    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    consumer_addr = paid.consumer_address
+    before = paid.balances()
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
     (session_id,) = chain.sessions_of(consumer_addr)
@@ -278,8 +287,7 @@ async def test_a_provider_that_opens_and_fails_the_first_request_is_paid_nothing
     assert consumer.counters.paid_not_served == 2
     assert paid.consumer_market.counters.left_unserved == 2
     await _after_the_claim_window(paid, chain.sessions_of(consumer_addr)[-1])  # both
-    assert chain.balance(provider_addr) == p0
-    assert chain.balance(consumer_addr) == c0
+    assert paid.balances() == before
 
 
 async def test_a_provider_that_never_answers_the_opened_message_is_paid_nothing(
@@ -296,8 +304,8 @@ async def test_a_provider_that_never_answers_the_opened_message_is_paid_nothing(
     assert consumer is not None
     monkeypatch.setattr(consumer, "cfg", replace(consumer.cfg, handshake_s=2.0))
     chain = paid.embedded.chain
-    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
-    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    consumer_addr = paid.consumer_address
+    before = paid.balances()
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
         await paid.consumer.generate(_request(4), _nothing)
     (session_id,) = chain.sessions_of(consumer_addr)
@@ -305,16 +313,14 @@ async def test_a_provider_that_never_answers_the_opened_message_is_paid_nothing(
     assert not paid.consumer_market.usable(session_id)
     await _after_the_claim_window(paid, session_id)
     assert not chain.session(session_id).open
-    assert chain.balance(provider_addr) == p0
-    assert chain.balance(consumer_addr) == c0
+    assert paid.balances() == before
 
 
 async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
     paid: Paid, tmp_path: Path
 ) -> None:
     chain = paid.embedded.chain
-    provider_addr, consumer_addr = (a.address for a in paid.embedded.accounts[1:3])
-    p0, c0 = chain.balance(provider_addr), chain.balance(consumer_addr)
+    before = paid.balances()
     with trio.fail_after(BOUND_S):
         for _ in range(2):
             await paid.consumer.generate(_request(4), _nothing)
@@ -355,8 +361,8 @@ async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
     assert not chain.session(session_id).open
     owed = PRICE * (used_until - held.opened_at)
     assert paid.provider_market.counters.paid_wei == owed
-    assert chain.balance(provider_addr) == p0 + owed
-    assert chain.balance(consumer_addr) == c0 - owed
+    p0, c0 = before
+    assert paid.balances() == (p0 + owed, c0 - owed)
 
 
 async def test_a_long_answer_pauses_to_be_acknowledged_and_goes_on(paid: Paid) -> None:
@@ -537,7 +543,7 @@ async def test_an_offer_the_chain_contradicts_opens_nothing(paid: Paid) -> None:
         ):
             await paid.consumer.finder.refresh_offer(paid.provider.peer_id)
             await trio.sleep(0.05)
-    consumer_addr = paid.embedded.accounts[2].address
+    consumer_addr = paid.consumer_address
     with trio.fail_after(BOUND_S), pytest.raises(NoProviderError, match="another price"):
         await paid.consumer.generate(_request(4), _nothing)
     assert paid.embedded.chain.sessions_of(consumer_addr) == []

@@ -163,6 +163,13 @@ def show_id(as_json: bool) -> None:
     help="Paid mode, consumer: highest price accepted (smallest units per second).",
 )
 @option(
+    "--audit-rate",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    help="Consumer: share of answers audited beyond each provider's first (0 to 1).",
+)
+@option(
     "--reachability",
     type=click.Choice(["auto", "public", "private"]),
     default="auto",
@@ -306,7 +313,7 @@ def start(
                 chain_cmd.wallet_account(wallet_password_file),
             )
             terms = paid_options.terms(home / "sessions.db")
-        config = node_options.node_config(home / app.CONTROL_SOCKET, terms)
+        config = node_options.node_config(home / app.CONTROL_SOCKET, terms, home / "audits.json")
         shim_config = openai_api.Config(
             max_in_flight=shim_max_in_flight, allow_remote=shim_allow_remote
         )

@@ -114,14 +114,19 @@ class NodeOptions:
     dialback_per_minute: int
     dialback_per_peer_per_minute: int
     no_hole_punch: bool
+    audit_rate: float
 
     @classmethod
     def take(cls, values: dict[str, Any]) -> NodeOptions:
         """Take this class's fields out of ``values`` (click's keyword arguments)."""
         return cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls)})
 
-    def node_config(self, control_socket: Path, paid: MarketConfig | None) -> NodeConfig:
-        """The node's configuration; ``paid`` is the chain's part (None: free mode)."""
+    def node_config(
+        self, control_socket: Path, paid: MarketConfig | None, audits: Path | None = None
+    ) -> NodeConfig:
+        """The node's configuration; ``paid`` is the chain's part (None: free mode),
+        ``audits`` the file of providers' audit records."""
+        from p2pnode.p2p import audit as auditlib
         from p2pnode.p2p import host as hostlib
         from p2pnode.p2p import provider as providerlib
         from p2pnode.p2p import relay as relaylib
@@ -163,6 +168,7 @@ class NodeOptions:
                 requests_per_minute=self.dialback_per_minute,
                 requests_per_peer_per_minute=self.dialback_per_peer_per_minute,
             ),
+            audit=auditlib.Config(rate=self.audit_rate, path=audits),
         )
 
     def relay_summary(self) -> str:

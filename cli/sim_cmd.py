@@ -22,7 +22,7 @@ logger = logging.getLogger("p2pnode.cli")
 @click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
 @click.option(
     "--scenario",
-    type=click.Choice(["discovery", "market", "relay", "fuzz", "hostile"]),
+    type=click.Choice(["discovery", "market", "relay", "fuzz", "hostile", "audit"]),
     default="discovery",
     show_default=True,
 )
@@ -67,7 +67,8 @@ def simnet(
 ) -> None:
     """Run many real nodes in this process and report how the network behaves.
 
-    The hostile scenario runs 12 peers unless --peers is given (see simnet/hostile.py).
+    The hostile scenario runs 12 peers unless --peers is given (see simnet/hostile.py);
+    the audit scenario its own 13 (simnet/audits.py).
     """
     from p2pnode.simnet.harness import Topology
     from p2pnode.simnet.scenarios import SCENARIOS
@@ -89,6 +90,15 @@ def simnet(
             topology = replace(topology, peers=PEERS)
         sizes = Sizes(fuzz_frames=frames, fuzz_attackers=attackers)
         result = app.run_async(lambda: hostile(topology, sizes))
+    elif scenario == "audit":
+        import tempfile
+
+        from p2pnode.simnet.audits import audit_scenario
+
+        # Its peers are its own: 4 honest providers, one cheater of each
+        # kind, 2 auditing consumers, 2 consumers at the default rate.
+        with tempfile.TemporaryDirectory(prefix="p2pnode-audit-") as workdir:
+            result = app.run_async(lambda: audit_scenario(workdir=Path(workdir)))
     else:
         result = app.run_async(lambda: SCENARIOS[scenario](topology))
     text = json.dumps(result, indent=2)

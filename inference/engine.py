@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 import trio
 
 from p2pnode.errors import EngineError
+from p2pnode.protocols.infer import messages as wire
 from p2pnode.protocols.infer.messages import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 
@@ -65,6 +66,26 @@ class Request:
     continuation: str = ""
 
 
+def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
+    """The engine request an infer request stands for (``model_id``: under another
+    name, e.g. an auditor's own for the same weights)."""
+    kind: Literal["chat", "completion"] = "chat" if request.kind == "chat" else "completion"
+    return Request(
+        model_id=model_id or request.model_id,
+        kind=kind,
+        messages=tuple(ChatMessage(role=t.role, content=t.content) for t in request.messages),
+        prompt=request.prompt,
+        params=Params(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop,
+            seed=request.seed,
+        ),
+        continuation=request.continuation,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
@@ -73,12 +94,22 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Generated text; the last chunk of a stream carries ``finish_reason`` and ``usage``."""
+    """Generated text; the last chunk of a stream carries ``finish_reason`` and ``usage``.
+
+    An engine that runs the model itself also says which tokens it generated
+    and the model's log-probability of each (natural log, the raw
+    distribution: ``inference/sampling.py``): what a provider commits to and
+    an audit checks (docs/architecture.md#audits). Tokens whose text is held
+    back (a partial character, a possible stop string) come with a later
+    chunk's text, or with the last chunk.
+    """
 
     text: str
     tokens: int = 0  # tokens this text took
     finish_reason: str | None = None  # "stop", "length" or "cancelled", on the last chunk
     usage: Usage | None = None
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
 
 
 class EngineBusy(EngineError):  # noqa: N818 - a refusal, reported to callers as such

@@ -19,22 +19,28 @@ would depend on what ran before (docs/architecture.md#deterministic-generation).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 
 from p2pnode.errors import ConfigError, EngineError
+from p2pnode.inference.audit import Scores
 from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
+from p2pnode.inference.sampling import Sampler, choose, kept, log_softmax_at
+from p2pnode.inference.stops import StopScan
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
@@ -82,6 +88,8 @@ class LlamaCppEngine:
     def __init__(self, cfg: Config, instances: list[Any], info: ModelInfo) -> None:
         self.cfg = cfg
         self._info = info
+        self._vocab = instances[0]
+        self.generation_cpu_s = 0.0
         self._idle_send, self._idle = trio.open_memory_channel[Any](len(instances))
         for llm in instances:
             self._idle_send.send_nowait(llm)
@@ -132,6 +140,50 @@ class LlamaCppEngine:
         finally:
             self._idle_send.send_nowait(llm)
 
+    def _timed_generate(self, *args: Any) -> None:
+        started = time.thread_time()
+        try:
+            _generate(*args)
+        finally:
+            # With one thread llama.cpp computes on this one: its CPU time is
+            # the generation's (what audit costs are measured against).
+            self.generation_cpu_s += time.thread_time() - started
+
+    async def score(self, request: Request, token_ids: Sequence[int]) -> Scores:
+        """Score ``token_ids`` as this model's answer to ``request`` (an audit).
+
+        One batched prefill on a slot of its own, like any request (it waits
+        in the same queue and is refused the same way when the queue is full).
+        Raises :class:`EngineError` for ids the model cannot have produced
+        (outside its vocabulary, or past its context).
+        """
+        if request.model_id != self._info.model_id:
+            raise EngineError(f"model {request.model_id!r} is not served here")
+        llm = await self._borrow()
+        try:
+            return await trio.to_thread.run_sync(
+                _score, llm, request, list(token_ids), limiter=self._limiter
+            )
+        finally:
+            self._idle_send.send_nowait(llm)
+
+    def text_of(self, token_ids: Sequence[int]) -> str:
+        """What ``token_ids`` stand for in this model's vocabulary.
+
+        No slot: the vocabulary is read-only, so any instance answers while
+        others generate.
+        """
+        return token_text(self._vocab, token_ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        """``text`` in this model's vocabulary (as answer text: no BOS, no specials)."""
+        return list(self._vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+    def prompt_tokens(self, request: Request) -> int:
+        """How many tokens ``request``'s prompt (and any continuation) takes."""
+        prompt, answer, _ = _prompt(self._vocab, request)
+        return len(prompt) + len(answer)
+
     async def _borrow(self) -> Any:
         try:
             return self._idle.receive_nowait()
@@ -156,7 +208,7 @@ class LlamaCppEngine:
             # abandon_on_cancel=False: a cancelled caller waits for the thread,
             # which sees `stop` within one token.
             await trio.to_thread.run_sync(
-                _generate,
+                self._timed_generate,
                 llm,
                 request,
                 send,
@@ -173,31 +225,102 @@ def _generate(
     stop: threading.Event,
     token: trio.lowlevel.TrioToken,
 ) -> None:
-    """Worker thread: run one generation, handing each token's text to trio."""
-    llm.reset()
-    produced = 0
-    finish = "stop"
+    """Worker thread: run one generation, handing each token's text to trio.
+
+    The loop is ours, not llama-cpp-python's ``create_completion``: each token
+    is drawn by ``inference/sampling.py`` from the logits llama.cpp computed,
+    so the provider knows (and commits to) every token id and the model's
+    log-probability of it, and an audit knows the distribution it came from.
+    """
+    import llama_cpp  # loaded with the model by now (_load)
+
+    p = request.params
     try:
-        for text, reason in _tokens(llm, request):
+        prompt, answer, stops = _prompt(llm, request)
+        llm.reset()
+        _evaluate(llm, prompt, answer)
+    except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
+        raise EngineError(f"llama.cpp failed: {exc}") from exc
+    sampler = Sampler(p.temperature, p.top_p)
+    rng = np.random.default_rng(p.seed)  # no seed: fresh entropy
+    scan = StopScan((*p.stop, *stops))
+    text = _Text(llm)
+    ids: list[int] = []
+    held_ids: list[int] = []  # generated, their text not handed over yet
+    held_lps: list[float] = []
+    finish = "length"
+    vocab = llm.n_vocab()
+    try:
+        while len(ids) < p.max_tokens and llm.n_tokens < llm.n_ctx():
             if stop.is_set():
                 finish = "cancelled"
                 break
-            if text:
-                produced += 1
-                _hand_over(send, Chunk(text, 1), token)
-            if reason is not None:
-                finish = reason
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)
+            )
+            chosen = choose(logits, sampler, rng)
+            ids.append(chosen)
+            held_ids.append(chosen)
+            held_lps.append(log_softmax_at(logits, chosen))
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, chosen):
+                finish = "stop"
+                break
+            released = scan.feed(text.add(chosen))
+            if released:
+                _hand_over(send, _chunk(released, held_ids, held_lps), token)
+            if scan.stopped:
+                finish = "stop"
+                break
+            if len(ids) < p.max_tokens:
+                llm.eval([chosen])
     except (trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):
         return  # the consumer left; nothing to report to
-    except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
+    except (ValueError, RuntimeError) as exc:
         raise EngineError(f"llama.cpp failed: {exc}") from exc
-    # After reset(), the context holds the prompt and every generated token
-    # but the last one sampled (never evaluated) unless generation ended at
-    # an end-of-generation token, which is evaluated nowhere either.
-    prompt_tokens = llm.n_tokens - produced + (1 if finish == "length" else 0)
-    usage = Usage(prompt_tokens=max(0, prompt_tokens), completion_tokens=produced)
+    tail = "" if scan.stopped else scan.feed(text.end()) + scan.flush()
+    # An end-of-generation token is the model's choice to stop (it stays in the
+    # ids, for the audit) but no part of the answer: usage leaves it out, as
+    # llama.cpp does.
+    eog = finish == "stop" and not scan.stopped and bool(ids)
+    usage = Usage(prompt_tokens=len(prompt) + len(answer), completion_tokens=len(ids) - eog)
+    last = _chunk(tail, held_ids, held_lps)
+    last = Chunk(last.text, last.tokens, finish, usage, last.token_ids, last.logprobs)
     with contextlib.suppress(trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):
-        trio.from_thread.run(send.send, Chunk("", 0, finish, usage), trio_token=token)
+        trio.from_thread.run(send.send, last, trio_token=token)
+
+
+def _chunk(text: str, ids: list[int], logprobs: list[float]) -> Chunk:
+    """A chunk of ``text`` with the held tokens it completes; empties the lists."""
+    chunk = Chunk(text, len(ids), token_ids=tuple(ids), logprobs=tuple(logprobs))
+    ids.clear()
+    logprobs.clear()
+    return chunk
+
+
+class _Text:
+    """Token ids to text, one token at a time, exactly as :func:`token_text` does at once.
+
+    Byte-level vocabularies split characters across tokens: bytes wait here
+    until they decode. The one rule (each token's piece, special tokens as
+    nothing, concatenated, decoded as UTF-8 with replacement) is what an audit
+    checks the delivered text against.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return str(self._decoder.decode(self._llm.detokenize([token_id])))
+
+    def end(self) -> str:
+        return str(self._decoder.decode(b"", final=True))
+
+
+def token_text(llm: Any, token_ids: Sequence[int]) -> str:
+    """The text ``token_ids`` stand for under ``llm``'s vocabulary (see :class:`_Text`)."""
+    pieces = _Text(llm)
+    return "".join(pieces.add(t) for t in token_ids) + pieces.end()
 
 
 def _hand_over(
@@ -211,79 +334,134 @@ def _hand_over(
         trio.from_thread.run(send.send, chunk, trio_token=token)
 
 
-def _tokens(llm: Any, request: Request) -> Iterator[tuple[str, str | None]]:
-    p = request.params
-    common: dict[str, Any] = {
-        "max_tokens": p.max_tokens,
-        "temperature": p.temperature,
-        "top_p": p.top_p,
-        "stop": list(p.stop) or None,
-        "stream": True,
-    }
-    if p.seed is not None:
-        common["seed"] = p.seed
-    if request.kind == "chat" and not request.continuation:
-        # The common case, exactly as llama-cpp-python serves it.
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        for part in llm.create_chat_completion(messages=messages, **common):
-            choice = part["choices"][0]
-            yield choice["delta"].get("content") or "", choice.get("finish_reason")
-        return
-    prompt: str | list[int] = request.prompt
-    if request.continuation:
-        prompt, stop, criteria = _continued_prompt(llm, request)
-        common["stop"] = list(p.stop) + stop or None
-        common["stopping_criteria"] = criteria
-    for part in llm.create_completion(prompt=prompt, **common):
-        choice = part["choices"][0]
-        yield choice.get("text") or "", choice.get("finish_reason")
+def _evaluate(llm: Any, prompt: list[int], answer: list[int]) -> None:
+    """Bring the context to where generation goes on: the prompt, then the answer so far.
+
+    The answer (a failover's continuation) is *replayed* as generation
+    evaluated it, one token at a time. Evaluating it in one batch takes
+    another floating-point path and greedy output drifts (measured: a
+    continued dragon story diverged after 5 tokens;
+    docs/architecture.md#deterministic-generation).
+    """
+    llm.eval(prompt)
+    for token_id in answer:
+        llm.eval([token_id])
 
 
-def _continued_prompt(llm: Any, request: Request) -> tuple[list[int], list[str], Any]:
-    """Prompt tokens, stops and stopping criteria of a request to continue or complete.
+def _prompt(llm: Any, request: Request) -> tuple[list[int], list[int], list[str]]:
+    """The prompt's token ids, the answer-so-far's (a continuation), and stop strings.
 
-    A chat is rendered the way ``create_chat_completion`` renders it (the
-    model's own template, llama-cpp-python's ``chat_template.default``
-    handler). The continuation is then *replayed* as generation evaluated
-    it: the prompt in one batch, the answer one token at a time. Evaluating
-    it in one batch takes another floating-point path and greedy output
-    drifts (measured: a continued dragon story diverged after 5 tokens;
-    docs/architecture.md#deterministic-generation). ``create_completion``
-    then finds all but the last token cached and evaluates that one itself,
-    as the original run did.
+    A chat is rendered with the model's own template (from the GGUF), the way
+    llama-cpp-python's ``chat_template.default`` handler renders it.
     """
     stop: list[str] = []
-    criteria = None
     if request.kind == "chat":
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from llama_cpp import llama_chat_format
 
         template = llm.metadata.get("tokenizer.chat_template")
-        if llm.chat_format != "chat_template.default" or not template:
-            raise EngineError(f"cannot continue a chat in chat format {llm.chat_format!r}")
-        eos_id, bos_id = llm.token_eos(), llm.token_bos()
-        formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
-        )
         turns: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
+        if template:
+            eos_id, bos_id = llm.token_eos(), llm.token_bos()
+            formatter: Any = llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+                bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+                stop_token_ids=[eos_id],
+            )
+        else:
+            # No template in the GGUF: the format llama-cpp-python guessed for
+            # it (e.g. "llama-2"), whose formatter it names format_<name>.
+            name = "format_" + str(llm.chat_format).replace("-", "").replace(".", "_")
+            formatter = getattr(llama_chat_format, name, None)
+            if formatter is None:
+                raise EngineError(f"no chat template in the model, nor format {llm.chat_format}")
         result = formatter(messages=turns)
         prompt = llm.tokenize(
             result.prompt.encode(), add_bos=not result.added_special, special=True
         )
         stop = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
-        criteria = result.stopping_criteria
     elif request.prompt:
         prompt = llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
     else:
         prompt = [llm.token_bos()]
     answer = llm.tokenize(request.continuation.encode(), add_bos=False, special=False)
-    if answer:
-        llm.eval(prompt)
-        for token in answer[:-1]:
-            llm.eval([token])
-    return list(prompt) + list(answer), stop, criteria
+    return list(prompt), list(answer), stop
+
+
+def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
+    """Worker thread: teacher-forced scoring in batched prefill (docs/architecture.md#audits)."""
+    import llama_cpp
+
+    started = time.thread_time()
+    prompt, answer, _ = _prompt(llm, request)
+    context = prompt + answer
+    sampler = Sampler(request.params.temperature, request.params.top_p)
+    vocab = llm.n_vocab()
+    if len(context) + len(token_ids) > llm.n_ctx():
+        raise EngineError("prompt and answer exceed the model's context")
+    if any(not 0 <= t < vocab for t in token_ids):
+        raise EngineError("a token id outside the model's vocabulary")
+    llm.reset()
+    if len(context) > 1 and token_ids:
+        llm.eval(context[:-1])
+    # Logits at the last context position score the first token, and so on:
+    # the tokens fed are the context's last and every answer token but the last.
+    fed = [context[-1], *token_ids[:-1]] if token_ids else []
+    out: dict[str, list[Any]] = {k: [] for k in ("lp", "gap", "kept", "below", "prob", "margin")}
+    n_past = len(context) - 1
+    step = max(1, int(llm.n_batch))
+    batch = llama_cpp.llama_batch_init(step, 0, 1)
+    try:
+        for start in range(0, len(fed), step):
+            part = fed[start : start + step]
+            batch.n_tokens = len(part)
+            for i, t in enumerate(part):
+                batch.token[i] = t
+                batch.pos[i] = n_past + start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = True
+            if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                raise EngineError("llama.cpp could not score the answer")
+            for i in range(len(part)):
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(llm.ctx, i), shape=(vocab,)
+                )
+                _score_one(logits, token_ids[start + i], sampler, out)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    return Scores(
+        logprobs=tuple(out["lp"]),
+        gaps=tuple(out["gap"]),
+        kept=tuple(out["kept"]),
+        below=tuple(out["below"]),
+        prob=tuple(out["prob"]),
+        margin=tuple(out["margin"]),
+        prompt_tokens=len(context),
+        text=token_text(llm, token_ids),
+        ends_with_eog=bool(token_ids)
+        and bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token_ids[-1])),
+        cpu_s=time.thread_time() - started,
+    )
+
+
+def _score_one(logits: Any, token_id: int, sampler: Sampler, out: dict[str, list[Any]]) -> None:
+    out["lp"].append(log_softmax_at(logits, token_id))
+    out["gap"].append(float(logits.max() - logits[token_id]))
+    options = kept(logits, sampler)
+    where = np.flatnonzero(options.ids == token_id)
+    if where.size:
+        at = int(where[0])
+        out["kept"].append(True)
+        out["below"].append(float(options.probs[:at].sum()))
+        out["prob"].append(float(options.probs[at]))
+        out["margin"].append(0.0)
+    else:
+        weakest = float(logits[options.ids].min())
+        out["kept"].append(False)
+        out["below"].append(1.0)
+        out["prob"].append(0.0)
+        out["margin"].append(max(0.0, weakest - float(logits[token_id])))
 
 
 def file_sha256(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2pnode.p2p import audit as auditlib
 from p2pnode.p2p import consumer as consumerlib
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import host as hostlib
@@ -47,8 +48,10 @@ class NodeConfig:
     measure_tokens: int = 32
     # Sessions and requests this node serves (when it has engines) ...
     provider: providerlib.Config = field(default_factory=providerlib.Config)
-    # ... and those it asks of others.
+    # ... and those it asks of others,
     consumer: consumerlib.Config = field(default_factory=consumerlib.Config)
+    # ... a share of whose answers it audits (None: none).
+    audit: auditlib.Config | None = field(default_factory=auditlib.Config)
     # The chain and this node's account on it (None: free mode, nobody pays).
     market: marketlib.Config | None = None
     dialback: dialback.Config = field(default_factory=dialback.Config)

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -50,7 +52,9 @@ from p2pnode.errors import (
     UnreachableError,
 )
 from p2pnode.inference import engine as enginelib
+from p2pnode.inference.audit import Audit
 from p2pnode.inference.stops import StopScan
+from p2pnode.p2p.audit import Auditor, Job
 from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.finder import Finder
@@ -61,7 +65,15 @@ from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
-from p2pnode.protocols.infer.messages import PAUSED, Ack, Chunk, Done, Request, Turn
+from p2pnode.protocols.infer.messages import (
+    PAUSED,
+    Ack,
+    Chunk,
+    Done,
+    Request,
+    Turn,
+    request_hash,
+)
 from p2pnode.protocols.offers import Offer, OfferBook
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import service as session_service
@@ -128,6 +140,7 @@ class Counters:
     bad_receipts: int = 0  # receipts the provider did not sign
     broken_promises: int = 0  # answers beyond what was asked or offered
     paid_not_served: int = 0  # paid sessions a provider took and did not serve
+    caught: int = 0  # providers an audit caught cheating
 
 
 @dataclass
@@ -138,8 +151,8 @@ class _Session:
     keys: SessionKeys
     streams: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     paid: bool = False
-    # Requests the provider answered in full in this session.
-    served: int = 0
+    # Whether the provider answered a request in full in this session.
+    served: bool = False
 
     def next_stream(self) -> int:
         stream_id = next(self.streams)
@@ -164,6 +177,7 @@ class Consumer:
         reputation: Reputation,
         local: Callable[[str], enginelib.Engine | None] = lambda _model: None,
         market: ConsumerMarket | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         """``local(model)`` is this node's own engine for a model (run here, not sent)."""
         self._host = host
@@ -176,6 +190,8 @@ class Consumer:
         # Chain mode: only offers with a bid, sessions paid from our stake.
         self.market = market
         self.reputation = reputation
+        # Audits a share of the answers (p2p/audit.py); None: none are.
+        self.auditor = auditor
         # Measured round trips and speeds, least recently used forgotten first.
         self.stats: collections.OrderedDict[str, PeerStats] = collections.OrderedDict()
         self._sessions: dict[tuple[str, str], _Session] = {}
@@ -302,6 +318,7 @@ class Consumer:
                 self.counters.failovers += 1
             wire = wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
             before = produced
+            text_before = len(delivered)
             try:
                 done = await self.request_on(peer, wire, on_chunk, reopened)
             except _Stopped:  # the answer reached a stop string; the stream was reset
@@ -387,6 +404,9 @@ class Consumer:
                     failures += await self._offence(peer, request.model_id, offence, done)
                 continue
             self.reputation.served(peer, trio.current_time())
+            if self.auditor is not None:
+                text = "".join(delivered[text_before:])
+                self.auditor.consider(Job(peer, wire, done, text))
             if stopped():  # paid: the provider's Done came after the stop string
                 prompt = max(0, done.prompt_tokens - before)
                 return Outcome("stop", prompt, before + done.completion_tokens, peer, failovers)
@@ -414,7 +434,7 @@ class Consumer:
     def _unserved_paid(self, peer: str, model_id: str) -> bool:
         """Whether our session with ``peer`` is paid and has not yet served one request."""
         held = self._sessions.get((peer, model_id))
-        return held is not None and held.paid and held.served == 0
+        return held is not None and held.paid and not held.served
 
     async def _offence(
         self, peer: str, model_id: str, offence: Offence, why: Exception | Refusal
@@ -446,6 +466,26 @@ class Consumer:
                 await self._drop_session(*key)
         logger.warning("provider %s: %s (%s; score %.1f)", short(peer), why, offence.value, score)
         return int(failed)
+
+    async def caught(self, job: Job, verdict: Audit) -> None:
+        """An audit found ``job``'s provider cheating: never ask it again, end our
+        sessions with it (paid: closed on chain now), and keep the evidence."""
+        self.counters.caught += 1
+        self.reputation.record(job.peer, Offence.CHEATED, trio.current_time())
+        receipt = job.done.receipt
+        if self.market is not None:
+            measured = verdict.measured()
+            self.market.ledger.evidence(
+                job.peer,
+                receipt.session_id,
+                int(time.time()),
+                "; ".join(str(f) for f in measured["findings"]),  # type: ignore[attr-defined]
+                receipt.signing_bytes(),
+                receipt.signature,
+                json.dumps(measured),
+            )
+        for key in [k for k in self._sessions if k[0] == job.peer]:
+            await self._drop_session(*key)
 
     async def _drop_session(self, peer: str, model_id: str) -> None:
         held = self._sessions.pop((peer, model_id), None)
@@ -482,7 +522,8 @@ class Consumer:
             offers = [o for o in offers if market.terms(o, model_id) is not None]
         now = trio.current_time()
         banned = self.reputation.banned
-        offers = [o for o in offers if not banned(o.peer_id, now)]
+        caught = self.auditor.is_caught if self.auditor is not None else lambda _peer: False
+        offers = [o for o in offers if not banned(o.peer_id, now) and not caught(o.peer_id)]
         if not offers:
             return [], self._why_none(model_id, seen, now)
         scores = {o.peer_id: self.reputation.score(o.peer_id, now) for o in offers}
@@ -496,9 +537,15 @@ class Consumer:
             peers = len(self._host.get_connected_peers())
             return f"no provider offers this model ({peers} peers connected; none announces it)"
         parts = [f"{len(seen)} provider{'s' if len(seen) != 1 else ''} seen"]
-        rest = [o for o in seen if not self.reputation.banned(o.peer_id, now)]
-        if len(rest) < len(seen):
-            banned = "all" if not rest else str(len(seen) - len(rest))
+        caught = self.auditor.is_caught if self.auditor is not None else lambda _peer: False
+        # Caught by an audit first (what it did is known), then banned for the rest.
+        uncaught = [o for o in seen if not caught(o.peer_id)]
+        if len(uncaught) < len(seen):
+            count = "all" if not uncaught else str(len(seen) - len(uncaught))
+            parts.append(f"{count} caught by audits serving other than the model")
+        rest = [o for o in uncaught if not self.reputation.banned(o.peer_id, now)]
+        if len(rest) < len(uncaught):
+            banned = "all" if not rest else str(len(uncaught) - len(rest))
             parts.append(f"{banned} banned for misbehaviour")
         # A provider not banned is left out only when it would not be paid.
         if rest and self.market is not None:
@@ -520,6 +567,15 @@ class Consumer:
         forgetting cannot make a request open a paid session each time.
         """
         guard = ReplyGuard(wire.max_tokens, self.cfg, on_chunk)
+        offer = self._book.get(peer)
+        terms = offer.serves(wire.model_id) if offer is not None else None
+        weights = terms.gguf_sha256 if terms is not None else None
+
+        def checked(done: Done) -> None:
+            # Before the Ack: an answer whose commitment is false is not acknowledged.
+            guard.check_done(done)
+            check_commitment(done, wire, weights)
+
         for reopen in (False, True):
             held = await self._session(peer, wire.model_id, reopen=reopen)
             if isinstance(held, Refusal):
@@ -534,7 +590,12 @@ class Consumer:
             try:
                 with trio.fail_after(guard.deadline_s):
                     done = await infer_service.request(
-                        stream, machine, wire, guard.deliver, self._acker(held), self.cfg.infer
+                        stream,
+                        machine,
+                        wire,
+                        guard.deliver,
+                        self._acker(held, checked),
+                        self.cfg.infer,
                     )
             except trio.TooSlowError as exc:
                 raise NetworkError(f"no whole answer within {guard.deadline_s:g} s") from exc
@@ -552,13 +613,12 @@ class Consumer:
                 reopened.add(peer)
                 await self._drop_session(peer, wire.model_id)
                 continue
-            guard.check_done(done)
-            held.served += 1
+            held.served = True
             if guard.tokens and guard.elapsed_s > 0:
                 speed = guard.tokens / guard.elapsed_s
                 self._check_speed(peer, wire.model_id, speed, guard.tokens)
             return done
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # pragma: no mutate
 
     def _check_speed(self, peer: str, model_id: str, speed: float, tokens: int) -> None:
         """Measure a provider's speed (ranking uses it from now on); log a claim far above it."""
@@ -705,8 +765,9 @@ class Consumer:
         await self._finder.refresh_offer(peer)
         self._measured(peer).measured_rtt((trio.current_time() - started) * 1000.0)
 
-    def _acker(self, held: _Session) -> Callable[[Done], Ack]:
+    def _acker(self, held: _Session, check: Callable[[Done], None]) -> Callable[[Done], Ack]:
         def ack(done: Done) -> Ack:
+            check(done)  # raises: a broken promise, and no Ack
             receipt = done.receipt
             ok = receipt.session_id == held.session_id and verify_peer_signature(
                 held.peer, receipt.signing_bytes(), receipt.signature
@@ -723,7 +784,9 @@ class Consumer:
             # is paid by; from now on the session counts as served.
             used_until, usage_signature = self.market.acknowledge(held.session_id)
             counts = (receipt.requests, receipt.prompt_tokens, receipt.completion_tokens)
-            self.market.ledger.receipt(held.session_id, counts, receipt.signature, signature)
+            self.market.ledger.receipt(
+                held.session_id, counts, receipt.signature, signature, receipt.signing_bytes()
+            )
             return Ack(signature=signature, used_until=used_until, usage_signature=usage_signature)
 
         return ack
@@ -769,6 +832,46 @@ class ReplyGuard:
     def check_done(self, done: Done) -> None:
         if done.completion_tokens > self.max_tokens or done.completion_tokens < 0:
             raise _Overrun(f"claims {done.completion_tokens} tokens for the request")
+
+
+def check_commitment(done: Done, wire: Request, weights: str | None) -> None:
+    """Check what a provider committed to for ``wire`` against all we know without
+    its model (docs/protocols.md#commitments); raises :class:`FalseCommitment`.
+
+    The request it names must be ours, its usage the Done's, its token ids
+    as many as the answer's tokens (one more for an end-of-generation token
+    the model stopped with) with a log-probability each, and the weights
+    those its offer announced (``weights``; None: it announced none).
+    Whether the ids are the text, and the model's choice, is the audit's.
+    """
+    commitment = done.receipt.commitment
+    if commitment is None:
+        raise FalseCommitment("sent no commitment with its answer")
+    if commitment.request_hash != request_hash(wire):
+        raise FalseCommitment("committed to another request than ours")
+    if (commitment.prompt_tokens, commitment.completion_tokens) != (
+        done.prompt_tokens,
+        done.completion_tokens,
+    ):
+        raise FalseCommitment("signed other usage than it reported")
+    if weights:
+        if commitment.gguf_sha256 != weights:
+            raise FalseCommitment("served other weights than its offer names")
+        ids = len(commitment.token_ids)
+        eog = ids - commitment.completion_tokens
+        if not (eog == 0 or (eog == 1 and done.finish_reason == "stop")):
+            raise FalseCommitment(
+                f"claims {commitment.completion_tokens} tokens for {ids} token ids"
+            )
+        if len(commitment.logprobs) != ids:
+            raise FalseCommitment("committed to a log-probability for some tokens only")
+
+
+class FalseCommitment(RemoteProtocolError):
+    """A provider's signed commitment contradicts its own answer or our request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.BAD_FIELD, message)
 
 
 class _Stopped(Exception):  # noqa: N818 - a way out, not an error
@@ -819,7 +922,7 @@ def offence_of_refusal(refusal: Refusal, streamed: bool) -> Offence:
 
 def offence_of_violation(exc: RemoteProtocolError) -> Offence:
     """What a protocol violation says of the provider that committed it."""
-    if isinstance(exc, _Overrun):
+    if isinstance(exc, _Overrun | FalseCommitment):
         return Offence.BROKEN_PROMISE
     if exc.code == ErrorCode.UNAUTHENTIC:
         return Offence.AUTH

@@ -18,6 +18,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 
 from p2pnode.inference.engine import Engine, Request
+from p2pnode.p2p import audit as auditlib
 from p2pnode.p2p import consumer as consumerlib
 from p2pnode.p2p import control, nat, telemetry, upkeep
 from p2pnode.p2p import discovery as discoverylib
@@ -115,6 +116,14 @@ class Node:
             local=self.offering.engine_for,
             market=self.markets.consumer,
         )
+        self.auditor = (
+            auditlib.Auditor(
+                config.audit, auditlib.local_scorers(self.offering.engines), self.consumer.caught
+            )
+            if config.audit is not None
+            else None
+        )
+        self.consumer.auditor = self.auditor
         # Dial-backs this node does for others, within its budgets.
         self.dialback_helper = nat.Helper(config.dialback)
         self.reachability = upkeep.Reachability(
@@ -230,6 +239,8 @@ async def open_node(
             async with trio.open_nursery() as nursery:
                 node._scope = nursery.cancel_scope
                 node.dialer.start(nursery)
+                if node.auditor is not None:
+                    await nursery.start(node.auditor.run)
                 await nursery.start(node.relay.run)
                 if config.control_socket is not None:
                     await nursery.start(control.serve, config.control_socket, node.control)

@@ -25,7 +25,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import trio
 from libp2p.abc import INetStream
@@ -41,7 +40,16 @@ from p2pnode.p2p.market import ProviderMarket
 from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.infer import service as infer_service
-from p2pnode.protocols.infer.messages import PAUSED, Ack, Done, InferOpen, Receipt, Request
+from p2pnode.protocols.infer.messages import (
+    PAUSED,
+    Ack,
+    Commitment,
+    Done,
+    InferOpen,
+    Receipt,
+    Request,
+    request_hash,
+)
 from p2pnode.protocols.infer.replay import ReplayWindow
 from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
@@ -372,6 +380,8 @@ class Provider:
         if market is not None:
             market.begin(session.session_id)
         produced = 0
+        token_ids: list[int] = []
+        logprobs: list[float] = []
         usage: enginelib.Usage | None = None
         finish = "cancelled"
         ended = paused = False
@@ -398,8 +408,10 @@ class Provider:
                         if market is not None and session.paid
                         else math.inf
                     )
-                    async with engine.stream(_engine_request(request)) as chunks:
+                    async with engine.stream(enginelib.from_wire(request)) as chunks:
                         async for chunk in chunks:
+                            token_ids += chunk.token_ids
+                            logprobs += chunk.logprobs
                             if chunk.text:
                                 produced += chunk.tokens
                                 await emit(chunk.text, chunk.tokens)
@@ -444,11 +456,19 @@ class Provider:
         assert usage is not None
         if market is not None and session.paid:
             session.acks_pending += 1  # _on_ack sees every Done returned here
+        commitment = Commitment(
+            request_hash=request_hash(request),
+            gguf_sha256=_weights_of(engine, request.model_id),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            token_ids=tuple(token_ids),
+            logprobs=tuple(round(lp * 1000) for lp in logprobs),
+        )
         return Done(
             finish_reason=finish,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
-            receipt=self.receipt(session),
+            receipt=self.receipt(session, commitment),
         )
 
     async def _await_acks(self, session: ServedSession) -> None:
@@ -462,13 +482,15 @@ class Provider:
             while session.acks_pending:
                 await session.ack_seen.wait()
 
-    def receipt(self, session: ServedSession) -> Receipt:
-        """The session's usage so far, signed with this node's peer key."""
+    def receipt(self, session: ServedSession, commitment: Commitment | None = None) -> Receipt:
+        """The session's usage so far and the request's commitment, signed with this
+        node's peer key."""
         unsigned = Receipt(
             session_id=session.session_id,
             requests=session.requests,
             prompt_tokens=session.prompt_tokens,
             completion_tokens=session.completion_tokens,
+            commitment=commitment,
         )
         return replace(unsigned, signature=self._key.sign(unsigned.signing_bytes()))
 
@@ -506,25 +528,14 @@ class Provider:
             if self.market is not None:
                 counts = (receipt.requests, receipt.prompt_tokens, receipt.completion_tokens)
                 self.market.ledger.receipt(
-                    session.session_id, counts, receipt.signature, ack.signature
+                    session.session_id,
+                    counts,
+                    receipt.signature,
+                    ack.signature,
+                    receipt.signing_bytes(),
                 )
 
 
-def _engine_request(request: Request) -> enginelib.Request:
-    kind: Literal["chat", "completion"] = "chat" if request.kind == "chat" else "completion"
-    return enginelib.Request(
-        model_id=request.model_id,
-        kind=kind,
-        messages=tuple(
-            enginelib.ChatMessage(role=t.role, content=t.content) for t in request.messages
-        ),
-        prompt=request.prompt,
-        params=enginelib.Params(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=request.stop,
-            seed=request.seed,
-        ),
-        continuation=request.continuation,
-    )
+def _weights_of(engine: Engine, model_id: str) -> str:
+    """The sha256 of the GGUF ``engine`` serves ``model_id`` from ("" if none)."""
+    return next((m.gguf_sha256 or "" for m in engine.models() if m.model_id == model_id), "")

@@ -38,6 +38,9 @@ class Offence(enum.Enum):
     AUTH = "auth"
     # Took an on-chain session (the consumer's stake) and did not serve it.
     PAID_NO_SERVICE = "paid_no_service"
+    # An audit found that it did not run the model it sells as asked
+    # (p2p/audit.py): signed evidence, not a suspicion.
+    CHEATED = "cheated"
 
 
 WEIGHTS: dict[Offence, float] = {
@@ -47,6 +50,7 @@ WEIGHTS: dict[Offence, float] = {
     Offence.BROKEN_PROMISE: 4.0,
     Offence.AUTH: 8.0,
     Offence.PAID_NO_SERVICE: 40.0,
+    Offence.CHEATED: 40.0,
 }
 """How much each offence adds to a score. A refusal and a failure weigh
 the same, so a provider that refuses every request ranks like one that is

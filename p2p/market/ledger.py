@@ -32,11 +32,13 @@ class Ledger:
 
     Versioned with sqlite's ``user_version``: a database an older p2pnode wrote
     (version 0) gains the columns of version 1, and its sessions count as served
-    (they were opened under the old rules, which closed every session at once); a
-    database from a newer p2pnode is refused rather than misread.
+    (they were opened under the old rules, which closed every session at once);
+    version 2 keeps each receipt's signed bytes (they carry the provider's
+    commitment, which the counts alone cannot rebuild) and the evidence of
+    failed audits. A database from a newer p2pnode is refused rather than misread.
     """
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, path: Path | None) -> None:
         self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None)
@@ -56,8 +58,15 @@ class Ledger:
             CREATE TABLE IF NOT EXISTS receipts (
                 session_id BLOB PRIMARY KEY, requests INTEGER, prompt_tokens INTEGER,
                 completion_tokens INTEGER, provider_signature BLOB, consumer_signature BLOB);
+            CREATE TABLE IF NOT EXISTS evidence (
+                peer TEXT NOT NULL, session_id BLOB NOT NULL, at INTEGER NOT NULL,
+                finding TEXT NOT NULL, signed_receipt BLOB NOT NULL,
+                provider_signature BLOB NOT NULL, measured TEXT NOT NULL);
             """
         )
+        receipt_columns = {row[1] for row in self._db.execute("PRAGMA table_info(receipts)")}
+        if "signed" not in receipt_columns:
+            self._db.execute("ALTER TABLE receipts ADD COLUMN signed BLOB NOT NULL DEFAULT x''")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         if "served" not in columns:
             with self._db:  # one transaction: a crash leaves version 0, migrated again
@@ -121,10 +130,32 @@ class Ledger:
         counts: tuple[int, int, int],
         provider_sig: bytes,
         consumer_sig: bytes,
+        signed: bytes = b"",
     ) -> None:
+        """The session's latest receipt: its counts, both signatures and the bytes
+        they sign (``Receipt.signing_bytes``), so that the row alone proves it."""
         self._db.execute(
-            "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?)",
-            (session_id, *counts, provider_sig, consumer_sig),
+            "INSERT OR REPLACE INTO receipts (session_id, requests, prompt_tokens,"
+            " completion_tokens, provider_signature, consumer_signature, signed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (session_id, *counts, provider_sig, consumer_sig, signed),
+        )
+
+    def evidence(
+        self,
+        peer: str,
+        session_id: bytes,
+        at: int,
+        finding: str,
+        signed_receipt: bytes,
+        provider_signature: bytes,
+        measured: str,
+    ) -> None:
+        """A failed audit, kept for a dispute: the provider's signed commitment (in
+        its receipt) and what the audit measured of it (JSON)."""
+        self._db.execute(
+            "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (peer, session_id, at, finding, signed_receipt, provider_signature, measured),
         )
 
     def close(self) -> None:

@@ -7,12 +7,14 @@ the provider needs them to find the keys); every later frame's body is a
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from p2pnode.protocols.wire import Codec, Error, Message, signing_payload
 
 RECEIPT_DOMAIN: Final = b"p2pnode/receipt/1:"
+REQUEST_DOMAIN: Final = b"p2pnode/request/1:"
 
 PAUSED: Final = "paused"
 """Done's finish reason when a paid provider stops an answer to have it acknowledged:
@@ -63,6 +65,11 @@ class Request(Message):
     continuation: str = ""
 
 
+def request_hash(request: Request) -> bytes:
+    """sha256 of a request as sent: what a provider's commitment names it by."""
+    return hashlib.sha256(REQUEST_DOMAIN + Codec([Request]).encode_body(request)).digest()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk(Message):
     """P→C, sealed: generated text (a batch of tokens); ``seq`` counts chunks from 0."""
@@ -74,13 +81,36 @@ class Chunk(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Commitment(Message):
+    """What a provider says it did for one request (docs/protocols.md#commitments).
+
+    Signed inside the receipt, so the consumer holds it under the provider's
+    key: an audit that finds it false is evidence, not an opinion. An engine
+    with no weights file (an upstream server) commits to the request and the
+    usage only (``gguf_sha256`` empty, no ids): it cannot be audited.
+    """
+
+    request_hash: bytes  # request_hash() of the Request as received
+    gguf_sha256: str = ""  # the weights that generated the answer
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Every token generated, in order (an end-of-generation token too, which
+    # usage leaves out), and the model's log-probability of each, in
+    # thousandths of a nat (temperature 1: inference/sampling.py).
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Receipt(Message):
-    """Cumulative usage of a session, as the provider signs it after each request."""
+    """Cumulative usage of a session, as the provider signs it after each request,
+    with its commitment for the request just ended."""
 
     session_id: bytes
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    commitment: Commitment | None = None
     signature: bytes = b""
 
     def signing_bytes(self) -> bytes:

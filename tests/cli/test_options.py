@@ -44,9 +44,10 @@ def test_every_node_flag_reaches_its_field() -> None:
             "--dialback-per-minute", "17",
             "--dialback-per-peer-per-minute", "4",
             "--no-hole-punch",
+            "--audit-rate", "0.25",
         ]
     )  # fmt: skip
-    config = parsed.node_config(Path("control.sock"), None)
+    config = parsed.node_config(Path("control.sock"), None, Path("audits.json"))
     # Wallets match in any case; peer ids are base58 and kept exactly as written.
     assert config.provider.admission.allowlist == frozenset({WALLET.lower(), *IDS})
     assert config.provider.requests_per_minute == 7
@@ -59,6 +60,8 @@ def test_every_node_flag_reaches_its_field() -> None:
     assert config.dialback.requests_per_minute == 17
     assert config.dialback.requests_per_peer_per_minute == 4
     assert config.market is None
+    assert config.audit is not None
+    assert (config.audit.rate, config.audit.path) == (0.25, Path("audits.json"))
 
 
 def test_the_defaults_are_the_readmes() -> None:

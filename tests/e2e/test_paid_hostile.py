@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import msgpack
 import pytest
 import requests
 import trio
@@ -29,7 +30,7 @@ from p2pnode.p2p import market
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.p2p.reputation import Offence
-from p2pnode.protocols.infer.messages import Receipt
+from p2pnode.protocols.infer.messages import RECEIPT_DOMAIN, Receipt
 from p2pnode.protocols.session import RejectCode
 
 pytestmark = pytest.mark.slow
@@ -340,11 +341,18 @@ async def test_a_provider_is_paid_exactly_the_seconds_its_consumer_acknowledged(
         with contextlib.closing(sqlite3.connect(tmp_path / f"sessions-{who}.db")) as db:
             rows.append(db.execute("SELECT * FROM receipts").fetchall())
     assert rows[0] == rows[1]
-    ((sid, requests, prompt, completion, provider_sig, consumer_sig),) = rows[0]
+    ((sid, requests, prompt, completion, provider_sig, consumer_sig, signed),) = rows[0]
     assert (sid, requests, completion) == (session_id, 2, 8)
+    # The row alone proves the receipt: the bytes both signatures cover, which
+    # hold the same counts and the provider's commitment for the last answer.
     receipt = Receipt(session_id=sid, requests=requests, prompt_tokens=prompt,
                       completion_tokens=completion, signature=provider_sig)  # fmt: skip
-    signed = receipt.signing_bytes()
+    assert signed.startswith(RECEIPT_DOMAIN)
+    assert signed != receipt.signing_bytes()
+    body = msgpack.unpackb(signed[len(RECEIPT_DOMAIN) :])
+    assert (body["requests"], body["prompt_tokens"], body["completion_tokens"]) == (
+        requests, prompt, completion)  # fmt: skip
+    assert body["commitment"]["completion_tokens"] > 0
     assert verify_peer_signature(paid.provider.peer_id, signed, provider_sig)
     assert verify_peer_signature(paid.consumer.peer_id, signed, consumer_sig)
     # A claim with a forged acknowledgement (more time than was signed) is refused.

@@ -21,16 +21,23 @@ from libp2p.custom_types import TProtocol
 from trio.testing import MockClock
 
 from p2pnode.errors import EngineError, ErrorCode, NoProviderError, RemoteProtocolError
-from p2pnode.inference.engine import Chunk, Params, Request, Usage
+from p2pnode.inference.engine import ChatMessage, Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
-from p2pnode.p2p.consumer import Outcome, ReplyGuard, offence_of_refusal, offence_of_violation
+from p2pnode.p2p.consumer import (
+    Outcome,
+    ReplyGuard,
+    offence_of_refusal,
+    offence_of_violation,
+    wire_request,
+)
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import session
-from p2pnode.protocols.infer.messages import Done, Receipt
+from p2pnode.protocols.infer.messages import Done, Receipt, Turn
+from p2pnode.protocols.infer.messages import Request as WireRequest
 from p2pnode.protocols.infer.service import Config as InferConfig
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import RejectCode, admission
@@ -291,6 +298,68 @@ async def test_a_provider_that_ignores_stop_strings_is_cut_at_the_first(
     assert held_outcome.finish_reason == "length"
 
 
+async def test_text_held_back_for_a_stop_string_comes_with_its_tokens(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # " STOP" could begin " STOPX": held back (a token, no text) until " three"
+    # shows it does not; then both arrive, told as the two tokens they took.
+    # (0.1 s apart: each piece leaves in a frame of its own, past the batch window.)
+    engine = ScriptedEngine(["one", " two", " STOP", " three", " four"], gap_s=0.1)
+    request = replace(_request(), params=Params(max_tokens=TOKENS, stop=(" STOPX",)))
+    async with _consumer_and_provider(memory, engine) as (me, _provider):
+        await _hold_offers(me, (_provider,))
+        delivered: list[tuple[str, int]] = []
+
+        async def deliver(text: str, tokens: int) -> None:
+            delivered.append((text, tokens))
+
+        with trio.fail_after(BOUND_S):
+            outcome = await me.generate(request, deliver)
+    assert delivered == [("one", 1), (" two", 1), (" STOP three", 2), (" four", 1)]
+    assert sum(t for _, t in delivered) == outcome.completion_tokens == 5
+
+
+def test_the_wire_request_carries_every_field_of_the_request() -> None:
+    request = Request(
+        model_id=MODEL,
+        kind="chat",
+        messages=(ChatMessage(role="user", content="hi"),),
+        prompt="p",
+        params=Params(max_tokens=50, temperature=0.3, top_p=0.7, stop=("x",), seed=9),
+        continuation="Once",
+    )
+    wire = wire_request(request, "r7", " upon", 20)
+    assert wire == WireRequest(
+        request_id="r7",
+        model_id=MODEL,
+        kind="chat",
+        messages=(Turn(role="user", content="hi"),),
+        prompt="p",
+        max_tokens=20,  # what is left of the budget
+        temperature=0.3,
+        top_p=0.7,
+        stop=("x",),
+        seed=9,
+        continuation="Once upon",  # the caller's, then what providers delivered
+    )
+
+
+async def test_a_providers_round_trip_is_measured_in_milliseconds_and_kept(
+    memory: MemoryNetwork,
+) -> None:
+    # The real clock: the status call before the first session takes a few ms.
+    engine = ScriptedEngine([WORD] * 4, gap_s=0.03)  # apart: a speed is measured too
+    async with _consumer_and_provider(memory, engine) as (me, provider):
+        await _hold_offers(me, (provider,))
+        with trio.fail_after(60):
+            await me.generate(_request(4), _ignore)
+    stats = me.consumer.stats[provider.peer_id]
+    assert stats.rtt_ms is not None
+    assert 0.01 < stats.rtt_ms < 10_000
+    # The speed measured after it joins the round trip; it does not replace it.
+    assert stats.tokens_per_s is not None
+
+
 async def test_a_request_gives_up_after_four_failed_providers(
     memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:
@@ -540,6 +609,7 @@ async def test_a_node_that_serves_the_model_answers_with_its_own_engine(
         only = await me.generate(_request(), deliver, only=[other.peer_id])
         assert (delivered, only.provider) == ([("x", 1)], other.peer_id)
         assert own.requests == 1
+        assert me.consumer.counters.requests == 2  # run here or sent, each counts
 
 
 async def test_requests_at_once_on_a_session_the_provider_forgot_each_open_anew(

@@ -40,7 +40,7 @@ from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers, session, status
-from p2pnode.protocols.infer.messages import InferOpen
+from p2pnode.protocols.infer.messages import Commitment, InferOpen
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import admission
 from p2pnode.protocols.session import service as session_service
@@ -306,7 +306,10 @@ async def _ignore_text(_text: str, _tokens: int) -> None:
 
 
 async def test_a_receipt_the_provider_did_not_sign_is_not_countersigned(
-    memory: MemoryNetwork, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+    memory: MemoryNetwork,
+    autojump_clock: MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A provider that signs its receipts with some other key: the consumer
     # counts it, and its Ack countersigns nothing, which the provider in turn
@@ -320,8 +323,10 @@ async def test_a_receipt_the_provider_did_not_sign_is_not_countersigned(
         other_key = create_new_key_pair().private_key
         honest_receipt = prov.provider.receipt
 
-        def receipt_signed_by_another_key(served: providerlib.ServedSession) -> object:
-            receipt = honest_receipt(served)
+        def receipt_signed_by_another_key(
+            served: providerlib.ServedSession, commitment: Commitment | None = None
+        ) -> object:
+            receipt = honest_receipt(served, commitment)
             return replace(receipt, signature=other_key.sign(receipt.signing_bytes()))
 
         texts: list[str] = []
@@ -346,6 +351,8 @@ async def test_a_receipt_the_provider_did_not_sign_is_not_countersigned(
         assert "".join(texts) == WORD * 12  # the answers themselves were whole
         assert me.consumer.counters.bad_receipts == 2
         assert served.acked == (kept, countersigned)  # not replaced by what it did not sign
+        told = f"provider {prov.peer_id[-8:]} sent a receipt it did not sign"
+        assert caplog.messages.count(told) == 2
 
 
 # --- admission ----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from p2pnode.simnet.harness import Topology
@@ -44,3 +46,39 @@ async def test_relay_scenario_reaches_private_providers_through_the_relay() -> N
     assert report["dcutr_failed"] == 0
     assert report["dcutr_upgrades"] + report["dcutr_direct_without_upgrade"] == 1
     assert report["upgraded_capacity_ratio"] > 0
+
+
+async def test_audit_scenario_catches_cheaters_and_no_honest_provider(
+    degraded_gguf: Path,
+) -> None:
+    from p2pnode.simnet.audits import audit_scenario
+
+    # A narrow cast (the CLI runs every kind; tests/inference/test_audit.py
+    # catches each with the real models).
+    kinds = ("cheap_quant", "token_splice", "usage_inflation")
+    honest = ((1, 1), (2, 2))
+    report = await audit_scenario(
+        honest_requests=1,
+        max_cheat_requests=2,
+        cost_requests=4,
+        max_tokens=12,
+        workdir=degraded_gguf.parent,
+        kinds=kinds,
+        honest_configs=honest,
+    )
+    assert report["errors"] == []
+    assert report["honest_audits"] == report["honest_requests"] == len(honest)
+    assert report["false_positives"] == 0
+    assert set(report["noise_floor"]) == {
+        "logprob_mean_diff_max", "logprob_mean_diff_median", "logprob_max_diff_max",
+        "greedy_gap_max",
+    }  # fmt: skip
+    detected = report["detected"]
+    assert set(detected) == set(kinds)
+    # The cheats a single answer shows are caught on it.
+    for kind in kinds:
+        assert detected[kind]["caught"] == 1, (kind, detected[kind])
+        assert detected[kind]["requests_to_catch_median"] == 1, (kind, detected[kind])
+    assert report["all_caught"]
+    assert report["cost_requests"] == 4
+    assert report["audit_cost_ratio"] is not None

@@ -1,0 +1,324 @@
+"""Who audits which answers, and what follows (docs/architecture.md#audits).
+
+Theory of operation. After each answer a provider finished for us, the
+consumer hands its Done (the signed commitment), the request it sent and
+the text it received to :meth:`Auditor.consider`. The first answer of every
+provider we have not audited yet is audited, and each later one with
+probability ``rate``; an answer is auditable when we hold the GGUF its
+commitment names: one of this node's own engines, or the bundled model. The
+audit runs in the auditor's own task after the answer was delivered, so it
+never slows the user's stream; at most ``max_pending`` wait (more are skipped
+and counted).
+
+:func:`p2pnode.inference.audit.audit` judges each answer; a provider's
+sampled draws are pooled across its answers (:class:`PitPool`). Each
+provider's record (audits, passed, failed, and what caught it) is kept in
+``audits.json`` in the node's home across restarts. A provider that fails is
+caught for good: the consumer stops asking it (and, paid, closes its
+session at once and keeps the signed evidence in ``sessions.db``), through
+the ``caught`` callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from p2pnode.errors import EngineError
+from p2pnode.inference import engine as enginelib
+from p2pnode.inference.audit import Audit, Finding, Limits, PitPool, Scores, audit
+from p2pnode.p2p.host import short
+from p2pnode.protocols.infer.messages import Done, Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    # Share of answers audited beyond each provider's first (--audit-rate).
+    rate: float = 0.05
+    # Audits waiting to run; more are skipped (counted), never queued without end.
+    max_pending: int = 8
+    limits: Limits = field(default_factory=Limits)
+    # Where the providers' records are kept (None: memory only).
+    path: Path | None = None
+    # Providers remembered; the least audited are forgotten first (never a caught one
+    # before the clean ones).
+    max_providers: int = 10_000
+
+
+class Scorer(Protocol):
+    """An engine that can score answers (``LlamaCppEngine``)."""
+
+    def models(self) -> list[enginelib.ModelInfo]: ...
+
+    async def score(self, request: enginelib.Request, token_ids: Sequence[int]) -> Scores: ...
+
+
+@dataclass
+class Record:
+    """What audits found of one provider."""
+
+    audits: int = 0
+    passed: int = 0
+    failed: int = 0
+    answers: int = 0  # its answers we could have audited (the first included)
+    caught: str = ""  # the finding that caught it ("" while it never failed)
+    caught_after: int = 0  # audits it took
+
+    @property
+    def score(self) -> float | None:
+        """Share of audits passed (None: never audited)."""
+        return self.passed / self.audits if self.audits else None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One answer to audit."""
+
+    peer: str
+    wire: Request  # the request as sent (its continuation included)
+    done: Done
+    delivered: str  # the text this provider streamed for it
+
+
+@dataclass
+class Counters:
+    audits: int = 0
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0  # chosen, but the queue was full
+    unauditable: int = 0  # no GGUF of ours matches the commitment
+    errors: int = 0  # the scorer failed (ids outside the vocabulary count as failed)
+
+
+Caught = Callable[[Job, Audit], Awaitable[None]]
+ScorerSource = Callable[[str, AsyncExitStack], Awaitable[Scorer | None]]
+"""``(sha256, stack)``: an engine holding that GGUF (opened on ``stack`` if it
+must be), or None."""
+
+
+class Auditor:
+    """Audits a share of the answers providers give this node."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        scorers: ScorerSource,
+        caught: Caught,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._scorers = scorers
+        self._caught = caught
+        self._rng = rng or random.Random()  # noqa: S311 - which answers, not secrets
+        self.records: dict[str, Record] = self._load()
+        self._pools: dict[str, PitPool] = {}
+        self._send, self._jobs = trio.open_memory_channel[Job](cfg.max_pending)
+        self.counters = Counters()
+        self._progress = trio.Event()  # set (and replaced) after each audit
+        self._queued = 0  # audits queued and not yet done
+        # (logprob mean diff, max diff, greedy gap) of recent audits that passed:
+        # the honest noise floor as this node measures it.
+        self.passed_figures: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=4096
+        )
+        # Engines opened for audits live as long as run() (or the caller's stack).
+        self._stack = AsyncExitStack()
+        # CPU time spent scoring, for the audit-cost figures.
+        self.scoring_s = 0.0
+
+    async def drained(self) -> None:
+        """Until every audit queued so far is done."""
+        while self._queued:
+            await self._progress.wait()
+
+    async def wait_for(self, audits: int) -> None:
+        """Until ``audits`` audits have been done in all (reports, tests)."""
+        while self.counters.audits < audits:
+            await self._progress.wait()
+
+    def is_caught(self, peer: str) -> bool:
+        record = self.records.get(peer)
+        return record is not None and bool(record.caught)
+
+    def consider(self, job: Job) -> bool:
+        """Audit ``job`` later if it is chosen; True if it was queued."""
+        commitment = job.done.receipt.commitment
+        if commitment is None or not commitment.gguf_sha256 or not commitment.token_ids:
+            return False
+        record = self._record(job.peer)
+        record.answers += 1
+        if record.caught:
+            return False
+        first = record.audits == 0 and record.answers == 1
+        if not first and self._rng.random() >= self.cfg.rate:
+            return False
+        try:
+            self._send.send_nowait(job)
+        except trio.WouldBlock:
+            self.counters.skipped += 1
+            return False
+        self._queued += 1
+        return True
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the audits ``consider`` queues, one at a time, until cancelled."""
+        async with AsyncExitStack() as stack:
+            self._stack = stack
+            task_status.started()
+            async for job in self._jobs:
+                try:
+                    await self.audit(job)
+                finally:
+                    self._queued -= 1
+                    self._progress.set()
+                    self._progress = trio.Event()
+
+    async def audit(self, job: Job) -> Audit | None:
+        """Audit one answer now (None: we hold no GGUF to audit it with)."""
+        commitment = job.done.receipt.commitment
+        assert commitment is not None
+        scorer = await self._scorers(commitment.gguf_sha256, self._stack)
+        if scorer is None:
+            self.counters.unauditable += 1
+            return None
+        request = enginelib.from_wire(job.wire, scorer.models()[0].model_id)
+        try:
+            scores = await scorer.score(request, commitment.token_ids)
+        except EngineError as exc:
+            # Ids the model has no entry for, or more than its context: no
+            # honest run of this GGUF produced them.
+            self.counters.errors += 1
+            verdict = _unscorable(str(exc), len(commitment.token_ids))
+        else:
+            self.scoring_s += scores.cpu_s
+            verdict = audit(
+                commitment,
+                weights=commitment.gguf_sha256,
+                temperature=job.wire.temperature,
+                stops=job.wire.stop,
+                delivered=job.delivered,
+                finish_reason=job.done.finish_reason,
+                scores=scores,
+                limits=self.cfg.limits,
+            )
+        pool = self._pools.setdefault(job.peer, PitPool(self.cfg.limits))
+        pool.add(verdict.pits)
+        pooled = pool.finding()
+        if pooled is not None:
+            verdict = dataclasses.replace(verdict, findings=(*verdict.findings, pooled))
+        record = self._record(job.peer)
+        record.audits += 1
+        self.counters.audits += 1
+        if verdict.passed:
+            record.passed += 1
+            self.counters.passed += 1
+            self.passed_figures.append(
+                (verdict.logprob_mean_diff, verdict.logprob_max_diff, verdict.greedy_worst_gap)
+            )
+        else:
+            record.failed += 1
+            self.counters.failed += 1
+            if not record.caught:
+                record.caught = f"{verdict.findings[0].check}: {verdict.findings[0].detail}"
+                record.caught_after = record.audits
+            logger.warning(
+                "audit: provider %s did not run %s as asked (%s)",
+                short(job.peer), job.wire.model_id, record.caught,
+            )  # fmt: skip
+        self.save()
+        try:
+            if not verdict.passed:
+                await self._caught(job, verdict)
+        finally:
+            self._progress.set()
+            self._progress = trio.Event()
+        return verdict
+
+    def _record(self, peer: str) -> Record:
+        record = self.records.get(peer)
+        if record is None:
+            record = self.records[peer] = Record()
+            if len(self.records) > self.cfg.max_providers:
+                # Forget the least telling: never caught, fewest audits.
+                forget = min(
+                    (p for p in self.records if p != peer),
+                    key=lambda p: (bool(self.records[p].caught), self.records[p].audits),
+                )
+                del self.records[forget]
+        return record
+
+    def _load(self) -> dict[str, Record]:
+        path = self.cfg.path
+        if path is None or not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            return {str(peer): Record(**fields) for peer, fields in data.items()}
+        except (ValueError, TypeError, OSError) as exc:
+            logger.warning("audit records in %s unreadable, starting afresh: %s", path, exc)
+            return {}
+
+    def save(self) -> None:
+        """Write the records to ``cfg.path`` (after each audit; atomically)."""
+        path = self.cfg.path
+        if path is None:
+            return
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({p: asdict(r) for p, r in self.records.items()}))
+        os.replace(partial, path)
+
+
+def local_scorers(engines: Sequence[object]) -> ScorerSource:
+    """Scorers from what this node holds: its own llama.cpp engines, else the
+    bundled model (loaded on the first audit that needs it, one slot)."""
+    opened: dict[str, Scorer] = {}
+    bundled: list[str] = []  # its sha256, once hashed
+
+    async def scorer_for(sha: str, stack: AsyncExitStack) -> Scorer | None:
+        for engine in engines:
+            if hasattr(engine, "score") and any(m.gguf_sha256 == sha for m in engine.models()):  # type: ignore[attr-defined]
+                return engine  # type: ignore[return-value]
+        if sha in opened:
+            return opened[sha]
+        from p2pnode.inference import llamacpp
+
+        try:
+            path = llamacpp.bundled_model_path()
+        except Exception:  # noqa: BLE001 - no bundled model: nothing to audit with
+            return None
+        if not bundled:
+            bundled.append(await trio.to_thread.run_sync(llamacpp.file_sha256, path))
+        if sha != bundled[0]:
+            return None
+        cfg = llamacpp.Config(
+            model_path=path, model_id=llamacpp.BUNDLED_MODEL_ID, slots=1, n_threads=1
+        )
+        opened[sha] = await stack.enter_async_context(llamacpp.open_llamacpp(cfg))
+        return opened[sha]
+
+    return scorer_for
+
+
+def _unscorable(why: str, tokens: int) -> Audit:
+    return Audit(
+        findings=(Finding("ids", why),),
+        tokens=tokens,
+        logprob_mean_diff=0.0,
+        logprob_max_diff=0.0,
+        greedy_worst_gap=0.0,
+        outside=0,
+        pits=(),
+    )

@@ -1,0 +1,127 @@
+"""Audits through the network: a consumer catches a provider that serves a cheaper
+quant under the bundled model's name, stops asking it, and remembers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pnode.errors import NoProviderError
+from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.inference.llamacpp import Config, LlamaCppEngine, open_llamacpp
+from p2pnode.p2p import audit as auditlib
+from p2pnode.p2p.reputation import Offence
+from p2pnode.simnet.cheaters import Cheater
+from p2pnode.tests.e2e.network import BOUND_S, MODEL, Network
+
+pytestmark = pytest.mark.slow
+
+
+def chat(question: str) -> Request:
+    return Request(
+        model_id=MODEL,
+        kind="chat",
+        messages=(ChatMessage(role="user", content=question),),
+        params=Params(max_tokens=24, temperature=0.0),
+    )
+
+
+async def ask(net: Network, question: str) -> str:
+    parts: list[str] = []
+
+    async def deliver(text: str, _tokens: int) -> None:
+        parts.append(text)
+
+    with trio.fail_after(BOUND_S):
+        await net.consumer.generate(chat(question), deliver)
+    return "".join(parts)
+
+
+async def audits_done(auditor: auditlib.Auditor, count: int) -> None:
+    with trio.fail_after(BOUND_S):
+        await auditor.wait_for(count)
+
+
+async def test_a_cheaper_quant_is_caught_and_never_asked_again(
+    network: Network, degraded_gguf: Path, tmp_path: Path
+) -> None:
+    net = network
+    auditor = net.consumer.auditor
+    assert auditor is not None
+    assert isinstance(net.engine, LlamaCppEngine)
+    async with open_llamacpp(Config(model_path=degraded_gguf, model_id=MODEL, n_threads=1)) as q:
+        cheater = await net.add_provider(
+            Cheater("cheap_quant", q, net.engine.models()[0], net.engine)
+        )
+        # Its first answer reaches the user (audits never hold a stream up) ...
+        assert await ask(net, "Tell me about dragons.")
+        await audits_done(auditor, 1)
+        # ... and the audit that followed caught it.
+        record = auditor.records[cheater.peer_id]
+        assert (record.audits, record.failed) == (1, 1)
+        assert record.caught.startswith("logprobs")
+        assert net.consumer.consumer.counters.caught == 1
+        standing = net.consumer.reputation.standing(cheater.peer_id, trio.current_time())
+        assert standing is not None
+        assert standing.banned
+        assert standing.offences == {Offence.CHEATED.value: 1}
+        # It is asked no more: alone, no provider is left, and why is said.
+        with pytest.raises(NoProviderError, match="all caught by audits"):
+            await ask(net, "Tell me about dragons.")
+        # An honest one serves, and passes its first audit.
+        honest = await net.add_provider()
+        assert await ask(net, "Tell me about dragons.")
+        await audits_done(auditor, 2)
+    assert auditor.records[honest.peer_id].passed == 1
+    assert not auditor.is_caught(honest.peer_id)
+    assert auditor.counters.failed == 1
+    # Only the first answer of a provider is audited for sure; the rest at the rate.
+    assert auditor.records[honest.peer_id].answers == 1
+
+
+async def test_audit_records_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "audits.json"
+
+    async def nobody(_sha: str, _stack: object) -> None:
+        return None
+
+    async def ignore(_job: object, _verdict: object) -> None:
+        return None
+
+    first = auditlib.Auditor(auditlib.Config(path=path), nobody, ignore)
+    first.records["cheat"] = auditlib.Record(audits=2, failed=1, caught="greedy: token 3")
+    first.records["fine"] = auditlib.Record(audits=3, passed=3)
+    first.save()
+    again = auditlib.Auditor(auditlib.Config(path=path), nobody, ignore)
+    assert again.is_caught("cheat")
+    assert not again.is_caught("fine")
+    assert again.records["fine"].score == 1.0
+    # A damaged file costs the records, never the node.
+    path.write_text("{not json")
+    assert auditlib.Auditor(auditlib.Config(path=path), nobody, ignore).records == {}
+
+
+async def test_inflated_usage_is_refused_on_the_first_answer(network: Network) -> None:
+    net = network
+    assert isinstance(net.engine, LlamaCppEngine)
+    info = net.engine.models()[0]
+    inflating = await net.add_provider(Cheater("usage_inflation", net.engine, info, net.engine))
+    # Caught without an audit or a model: its ids do not add up to its usage.
+    # The text it streamed was the whole answer (the user has it); the usage
+    # it signed is not countersigned, and counts against it.
+    assert await ask(net, "Tell me about dragons.")
+    assert net.consumer.consumer.counters.broken_promises == 1
+    standing = net.consumer.reputation.standing(inflating.peer_id, trio.current_time())
+    assert standing is not None
+    assert standing.offences == {Offence.BROKEN_PROMISE.value: 1}
+    assert net.consumer.auditor is not None
+    assert net.consumer.auditor.counters.audits == 0
+    # Its receipt was not countersigned (it hears so once our Error reaches it).
+    provider = inflating.provider
+    assert provider is not None
+    with trio.fail_after(BOUND_S):
+        while provider.counters.bad_acks == 0:  # noqa: ASYNC110 - our Error in flight
+            await trio.sleep(0.02)
+    assert provider.counters.bad_acks == 1

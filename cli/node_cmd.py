@@ -567,6 +567,11 @@ def offers(model: str | None, as_json: bool) -> None:
         offences = ", ".join(f"{k} {n}" for k, n in sorted(offer["offences"].items()))
         conduct = f"  score {offer['score']:g} ({offences})" if offences else ""
         conduct += "  BANNED" if offer["banned"] else ""
+        audits = offer.get("audits") or {}
+        if audits.get("caught"):
+            conduct += f"  CAUGHT by audit ({audits['caught']})"
+        elif audits.get("audits"):
+            conduct += f"  audits {audits['passed']}/{audits['audits']} passed"
         click.echo(
             f"{offer['peer_id']}  slots {offer['slots_free']} queue {offer['queue_len']}"
             f"  age {offer['age_s']:.0f} s  served {offer['served']}{conduct}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import random
 from dataclasses import dataclass, field
+from typing import Final
 
 from scipy import stats
 
@@ -50,9 +51,9 @@ class Scores:
     choice), and under the request's sampler whether the token was one it
     may draw (``kept``), the probability of the tokens before it in the
     sampler's order (``below``) and its own (``prob``): the pieces of the
-    probability integral transform (``inference/audit.py``). A token outside
-    the kept set has ``prob`` 0 and ``margin`` its logit's distance below the
-    weakest kept token's (noise is a fraction of one).
+    probability integral transform (``inference/audit.py``). ``possible``:
+    whether the token is within a looser cut (``LOOSER_*``): one outside it
+    no honest draw of the sampler, numerical noise included, could give.
     """
 
     logprobs: tuple[float, ...]
@@ -60,11 +61,22 @@ class Scores:
     kept: tuple[bool, ...]
     below: tuple[float, ...]
     prob: tuple[float, ...]
-    margin: tuple[float, ...]
+    possible: tuple[bool, ...]
     prompt_tokens: int  # the prompt (with any continuation) as the model's tokens
     text: str  # what the tokens stand for (:func:`token_text`)
     ends_with_eog: bool  # the last token is one that ends generation (not usage)
     cpu_s: float = 0.0  # the scoring thread's CPU time
+
+
+# The looser cut a sampled token must fall within (``Scores.possible``): the
+# protocol's TOP_K, top_p and MIN_P cut where probabilities are compared, and
+# the auditor's probabilities differ from the provider's by the noise above
+# (a few percent each): a token at the edge of the provider's nucleus can be
+# just past the auditor's. Measured: with the protocol's own cut, 1 honest
+# answer in ~36 had a token "outside"; with this one, none in the scenario.
+LOOSER_TOP_K: Final = 48
+LOOSER_TOP_P: Final = 0.05  # added to the request's top_p
+LOOSER_MIN_P: Final = 0.02
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,9 +93,6 @@ class Limits:
     # Greedy: how far (in logits) a token may fall short of the best one.
     # Honest: <= 0.14; the Q4_0 copy's first divergence: 2-8.
     greedy_gap: float = 1.0
-    # Sampled: how far (in logits) below the weakest token the sampler kept a
-    # drawn token may be (a token just past the cut is noise; further is not).
-    kept_margin: float = 1.0
     # The Kolmogorov-Smirnov test of a provider's pooled transforms: rejected
     # below this p-value (it is tested after every audit: the bound keeps the
     # false positives of a thousand looks near 1e-3).
@@ -198,12 +207,12 @@ def audit(
         # The auditor's own randomness: a provider that could predict it could
         # pick its tokens to look uniform.
         draw = rng or random.SystemRandom()
-        for kept, below, prob, margin in zip(
-            scores.kept, scores.below, scores.prob, scores.margin, strict=True
+        for kept, below, prob, possible in zip(
+            scores.kept, scores.below, scores.prob, scores.possible, strict=True
         ):
             if kept:
                 pits.append(below + draw.random() * prob)
-            elif margin > limits.kept_margin:
+            elif not possible:
                 outside += 1
         if outside:
             findings.append(

@@ -37,7 +37,7 @@ import numpy as np
 import trio
 
 from p2pnode.errors import ConfigError, EngineError
-from p2pnode.inference.audit import Scores
+from p2pnode.inference.audit import LOOSER_MIN_P, LOOSER_TOP_K, LOOSER_TOP_P, Scores
 from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
 from p2pnode.inference.sampling import Sampler, choose, kept, log_softmax_at
 from p2pnode.inference.stops import StopScan
@@ -407,7 +407,7 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
     # Logits at the last context position score the first token, and so on:
     # the tokens fed are the context's last and every answer token but the last.
     fed = [context[-1], *token_ids[:-1]] if token_ids else []
-    out: dict[str, list[Any]] = {k: [] for k in ("lp", "gap", "kept", "below", "prob", "margin")}
+    out: dict[str, list[Any]] = {k: [] for k in ("lp", "gap", "kept", "below", "prob", "ok")}
     n_past = len(context) - 1
     step = max(1, int(llm.n_batch))
     batch = llama_cpp.llama_batch_init(step, 0, 1)
@@ -436,7 +436,7 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
         kept=tuple(out["kept"]),
         below=tuple(out["below"]),
         prob=tuple(out["prob"]),
-        margin=tuple(out["margin"]),
+        possible=tuple(out["ok"]),
         prompt_tokens=len(context),
         text=token_text(llm, token_ids),
         ends_with_eog=bool(token_ids)
@@ -455,13 +455,14 @@ def _score_one(logits: Any, token_id: int, sampler: Sampler, out: dict[str, list
         out["kept"].append(True)
         out["below"].append(float(options.probs[:at].sum()))
         out["prob"].append(float(options.probs[at]))
-        out["margin"].append(0.0)
-    else:
-        weakest = float(logits[options.ids].min())
-        out["kept"].append(False)
-        out["below"].append(1.0)
-        out["prob"].append(0.0)
-        out["margin"].append(max(0.0, weakest - float(logits[token_id])))
+        out["ok"].append(True)
+        return
+    out["kept"].append(False)
+    out["below"].append(1.0)
+    out["prob"].append(0.0)
+    looser = Sampler(sampler.temperature, min(1.0, sampler.top_p + LOOSER_TOP_P))
+    wider = kept(logits, looser, top_k=LOOSER_TOP_K, min_p=LOOSER_MIN_P)
+    out["ok"].append(bool(sampler.greedy or np.any(wider.ids == token_id)))
 
 
 def file_sha256(path: Path) -> str:

@@ -59,16 +59,19 @@ def log_softmax_at(logits: Logits, token: int) -> float:
     return float(logits[token]) - top - float(np.log(total))
 
 
-def kept(logits: Logits, sampler: Sampler) -> Kept:
+def kept(
+    logits: Logits, sampler: Sampler, *, top_k: int = TOP_K, min_p: float = MIN_P
+) -> Kept:
     """The tokens ``sampler`` may draw at this position, and their probabilities.
 
-    Greedy keeps the one best token. Ties at the cut keep the lower ids
-    (``argsort`` is stable over ids taken in order).
+    Greedy keeps the one best token. Ties at the cut keep the lower ids.
+    ``top_k`` and ``min_p`` other than the protocol's: an auditor's looser
+    cut, so that numerical noise at the edges is not taken for a violation.
     """
     if sampler.greedy:
         return Kept(np.array([int(logits.argmax())]), np.array([1.0]))
     z = logits.astype(np.float64) / sampler.temperature
-    k = min(TOP_K, z.size)
+    k = min(top_k, z.size)
     top = np.argpartition(-z, k - 1)[:k]
     top = top[np.lexsort((top, -z[top]))]  # by probability, then by id
     peak = z[top[0]]
@@ -77,7 +80,7 @@ def kept(logits: Logits, sampler: Sampler) -> Kept:
     # The fewest whose mass reaches top_p (at least one), then the MIN_P floor.
     n = int(np.searchsorted(np.cumsum(probs), sampler.top_p * (1 - 1e-12))) + 1
     n = max(1, min(n, k))
-    keep = probs[:n] >= MIN_P * probs[0]
+    keep = probs[:n] >= min_p * probs[0]
     ids, probs = top[:n][keep], probs[:n][keep]
     return Kept(ids.astype(np.int64), probs / probs.sum())
 

@@ -129,7 +129,7 @@ class Auditor:
         self.counters = Counters()
         self._progress = trio.Event()  # set (and replaced) after each audit
         self._queued = 0  # audits queued and not yet done
-        # (logprob mean diff, max diff, greedy gap) of recent audits that passed:
+        # (logprob mean diff, max diff, greedy gap: 0 if sampled) of recent audits that passed:
         # the honest noise floor as this node measures it.
         self.passed_figures: collections.deque[tuple[float, float, float]] = collections.deque(
             maxlen=4096
@@ -225,8 +225,9 @@ class Auditor:
         if verdict.passed:
             record.passed += 1
             self.counters.passed += 1
+            greedy_gap = verdict.greedy_worst_gap if job.wire.temperature <= 0 else 0.0
             self.passed_figures.append(
-                (verdict.logprob_mean_diff, verdict.logprob_max_diff, verdict.greedy_worst_gap)
+                (verdict.logprob_mean_diff, verdict.logprob_max_diff, greedy_gap)
             )
         else:
             record.failed += 1

@@ -28,6 +28,7 @@ from libp2p.abc import IHost
 
 from p2pnode.errors import ConfigError
 from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p.audit import Record as AuditRecord
 from p2pnode.p2p.reputation import Reputation, Standing
 from p2pnode.protocols import offers
 from p2pnode.protocols.status import StatusResponse
@@ -140,10 +141,12 @@ class Answers:
         status: Callable[[], StatusResponse],
         *,
         paid: bool,
+        audits: Callable[[str], AuditRecord | None] = lambda _peer: None,
     ) -> None:
         self._host = host
         self._book = book
         self._reputation = reputation
+        self._audits = audits
         self._status = status
         self._paid = paid
 
@@ -166,7 +169,12 @@ class Answers:
         now, clock = time.time(), trio.current_time()
         return {
             "offers": [
-                describe_offer(o, now, self._reputation.standing(o.peer_id, clock))
+                describe_offer(
+                    o,
+                    now,
+                    self._reputation.standing(o.peer_id, clock),
+                    self._audits(o.peer_id),
+                )
                 for o in self._book.offers(model)
             ],
             "paid": self._paid,
@@ -190,14 +198,23 @@ class Answers:
 
 
 def describe_offer(
-    offer: offers.Offer, now: float, standing: Standing | None = None
+    offer: offers.Offer,
+    now: float,
+    standing: Standing | None = None,
+    audits: AuditRecord | None = None,
 ) -> dict[str, Any]:
     """An Offer as JSON for people and scripts (age instead of raw timestamps).
 
     ``standing``: what this node remembers of the provider's behaviour
-    (its misbehaviour score, offences by kind, requests served).
+    (its misbehaviour score, offences by kind, requests served); ``audits``:
+    what audits of its answers found (docs/architecture.md#audits).
     """
     return {
+        "audits": {
+            "audits": audits.audits if audits else 0,
+            "passed": audits.passed if audits else 0,
+            "caught": audits.caught if audits else "",
+        },
         "score": standing.score if standing else 0.0,
         "banned": standing.banned if standing else False,
         "offences": standing.offences if standing else {},

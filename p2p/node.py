@@ -149,8 +149,14 @@ class Node:
             timeout=config.bootstrap_timeout,
             retry_s=config.bootstrap_retry_s,
         )
+        auditor = self.auditor
         self.control = control.Answers(
-            host, self.offer_book, self.reputation, self.status_info, paid=wallet is not None
+            host,
+            self.offer_book,
+            self.reputation,
+            self.status_info,
+            paid=wallet is not None,
+            audits=(lambda peer: auditor.records.get(peer)) if auditor else lambda _peer: None,
         )
 
     @property

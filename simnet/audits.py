@@ -186,6 +186,7 @@ async def audit_scenario(
         honest_records = [r for a in watchers for p, r in a.records.items() if p in honest_ids]
         honest_audits = sum(r.audits for r in honest_records)
         false_positives = sum(r.failed for r in honest_records)
+        false_findings = sorted({r.caught for r in honest_records if r.caught})
         floor = _noise(watchers)
         engines = [*honest_engines, cheat_base, *inner.values()]
         per_answer = _per_answer_cost(auditors, engines)
@@ -220,6 +221,7 @@ async def audit_scenario(
         "honest_requests": honest_sent,
         "honest_audits": honest_audits,
         "false_positives": false_positives,
+        "false_positive_findings": false_findings,
         "noise_floor": floor,
         "detected": detected,
         "all_caught": all(d["caught"] for d in detected.values()),

@@ -76,6 +76,10 @@ async def test_a_cheaper_quant_is_caught_and_never_asked_again(
         await audits_done(auditor, 2)
     assert auditor.records[honest.peer_id].passed == 1
     assert not auditor.is_caught(honest.peer_id)
+    # `p2pnode offers` shows each provider's audit record.
+    shown = {o["peer_id"]: o["audits"] for o in net.consumer.control({"op": "offers"})["offers"]}
+    assert shown[honest.peer_id] == {"audits": 1, "passed": 1, "caught": ""}
+    assert shown[cheater.peer_id]["caught"].startswith("logprobs:")
     assert auditor.counters.failed == 1
     # Only the first answer of a provider is audited for sure; the rest at the rate.
     assert auditor.records[honest.peer_id].answers == 1

@@ -8,6 +8,7 @@ payment, not about the model), so long generations cost no model time.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -24,7 +25,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
 from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded
 from p2pnode.errors import EngineError, NoProviderError, SpendLimitError
-from p2pnode.inference.engine import Params, Request
+from p2pnode.inference.engine import Engine, Params, Request
+from p2pnode.inference.llamacpp import Config, bundled_model_path, open_llamacpp
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import market
 from p2pnode.p2p.discovery import verify_peer_signature
@@ -32,6 +34,7 @@ from p2pnode.p2p.node import Node, NodeConfig, open_node
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols.infer.messages import RECEIPT_DOMAIN, Receipt
 from p2pnode.protocols.session import RejectCode
+from p2pnode.simnet.cheaters import Cheater
 
 pytestmark = pytest.mark.slow
 BOUND_S = 60
@@ -75,19 +78,32 @@ def _wallet(net: Embedded, who: int) -> market.Wallet:
 
 
 @pytest.fixture
-async def paid(tmp_path: Path) -> AsyncIterator[Paid]:
+async def paid(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Paid]:
+    """A provider and a consumer on one chain. ``request.param`` "cheap_quant":
+    the provider serves a Q4_0 copy of the bundled model under the model's
+    name and weights (simnet/cheaters.py); otherwise the synthetic engine."""
     net = await trio.to_thread.run_sync(open_embedded)
     provider_account = net.accounts[1]
     net.chain.register_provider(provider_account, "12D3KooWprovider", MIN_PROVIDER_STAKE)
     net.chain.register_model(provider_account, MODEL, None)
     net.chain.post_bid(provider_account, MODEL, PRICE)
     async with AsyncExitStack() as stack:
+        engine: Engine = SyntheticEngine()
+        if getattr(request, "param", None) == "cheap_quant":
+            cheap = request.getfixturevalue("degraded_gguf")
+            vocab = await stack.enter_async_context(
+                open_llamacpp(Config(model_path=bundled_model_path(), model_id=MODEL, n_threads=1))
+            )
+            quant = await stack.enter_async_context(
+                open_llamacpp(Config(model_path=cheap, model_id="q4_0", n_threads=1))
+            )
+            engine = Cheater("cheap_quant", quant, vocab.models()[0], vocab)
         provider = await stack.enter_async_context(
             open_node(
                 NodeConfig(measure_tokens=0, market=_market(net, 1, tmp_path, follow_s=0.2)),
                 key_pair=create_new_key_pair(),
                 wallet=_wallet(net, 1),
-                engines=[SyntheticEngine()],
+                engines=[engine],
             )
         )
         consumer = await stack.enter_async_context(
@@ -891,4 +907,37 @@ async def test_a_paid_answer_ended_by_a_stop_string_is_still_acknowledged(paid: 
     provider = paid.provider.provider
     assert provider is not None
     assert (provider.counters.unacknowledged, provider.counters.bad_acks) == (0, 0)
+    assert paid.consumer_market.counters.opened == 1
+
+
+@pytest.mark.parametrize("paid", ["cheap_quant"], indirect=True)
+async def test_a_provider_caught_cheating_is_paid_no_more_and_the_evidence_is_kept(
+    paid: Paid, tmp_path: Path
+) -> None:
+    auditor = paid.consumer.auditor
+    assert auditor is not None
+    with trio.fail_after(BOUND_S):
+        await paid.consumer.generate(_request(16), _nothing)
+    (session_id,) = paid.consumer_market.open
+    with trio.fail_after(BOUND_S):
+        await auditor.wait_for(1)
+    provider = paid.provider.peer_id
+    assert auditor.is_caught(provider)
+    # Its session is closed on chain at once (paying the seconds acknowledged).
+    assert session_id not in paid.consumer_market.open
+    assert not paid.embedded.chain.session(session_id).open
+    # The evidence: its signed receipt (with the commitment) and what was measured.
+    with contextlib.closing(sqlite3.connect(tmp_path / "sessions-2.db")) as db:
+        rows = db.execute("SELECT * FROM evidence").fetchall()
+    ((peer, sid, _at, finding, signed, signature, measured),) = rows
+    assert (peer, sid) == (provider, session_id)
+    assert finding.startswith("logprobs:")
+    assert verify_peer_signature(provider, signed, signature)
+    commitment = msgpack.unpackb(signed[len(RECEIPT_DOMAIN) :])["commitment"]
+    figures = json.loads(measured)
+    assert len(figures["logprobs"]) == len(commitment["token_ids"]) == len(commitment["logprobs"])
+    assert figures["logprob_mean_diff"] > 0.15
+    # And it is not asked (nor paid) again.
+    with trio.fail_after(BOUND_S), pytest.raises(NoProviderError, match="caught by audits"):
+        await paid.consumer.generate(_request(16), _nothing)
     assert paid.consumer_market.counters.opened == 1

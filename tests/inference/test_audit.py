@@ -82,7 +82,11 @@ async def answer(engine: object, request: Request) -> Answer:
     return Answer("".join(texts), commitment, finish)
 
 
-async def judge(auditor: LlamaCppEngine, request: Request, got: Answer) -> Audit:
+async def judge(
+    auditor: LlamaCppEngine, request: Request, got: Answer, rng: random.Random | None = None
+) -> Audit:
+    """Audit ``got`` (``rng``: the transforms' randomness; one per pool, never
+    one per answer, or the pooled values repeat)."""
     scores = await auditor.score(request, got.commitment.token_ids)
     (info,) = auditor.models()
     assert info.gguf_sha256 is not None
@@ -94,7 +98,7 @@ async def judge(auditor: LlamaCppEngine, request: Request, got: Answer) -> Audit
         delivered=got.text,
         finish_reason=got.finish,
         scores=scores,
-        rng=random.Random(7),
+        rng=rng,
     )
 
 

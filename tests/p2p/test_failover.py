@@ -319,6 +319,23 @@ async def test_text_held_back_for_a_stop_string_comes_with_its_tokens(
     assert sum(t for _, t in delivered) == outcome.completion_tokens == 5
 
 
+async def test_an_answer_whose_budget_the_failed_providers_used_up_ends_there(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # The first provider hangs after 5 tokens, the second (continuing) after
+    # the other 19: the budget is spent, so nobody is asked for more and the
+    # answer ends as "length", with the failover it took.
+    async with _network(memory, FailingEngine(5), honest=FailingEngine(TOKENS - 5)) as (
+        me,
+        _bad,
+        _good,
+    ):
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request())
+    assert text == WORD * TOKENS
+    assert outcome == Outcome("length", 0, TOKENS, "", 1)
+
+
 def test_the_wire_request_carries_every_field_of_the_request() -> None:
     request = Request(
         model_id=MODEL,

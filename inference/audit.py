@@ -39,7 +39,8 @@ from typing import Final
 
 from scipy import stats
 
-from p2pnode.protocols.infer.messages import Commitment
+from p2pnode.errors import EngineError
+from p2pnode.protocols.infer.messages import PAUSED, Commitment
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,12 @@ class Scores:
 LOOSER_TOP_K: Final = 48
 LOOSER_TOP_P: Final = 0.05  # added to the request's top_p
 LOOSER_MIN_P: Final = 0.02
+
+
+class ImpossibleAnswer(EngineError):  # noqa: N818 - a verdict on the answer, not our failure
+    """The answer has what no run of the model can give (ids outside its
+    vocabulary): the provider's fault. Any other scoring failure is the
+    auditor's (busy, a smaller context, a llama.cpp error) and judges nobody."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,7 +179,8 @@ def audit(
                 "usage", f"claims {commitment.completion_tokens} tokens, generated {completion}"
             )
         )
-    if commitment.prompt_tokens != scores.prompt_tokens:
+    # A paused answer (paid: acknowledged mid-way) bills no prompt: its Done says 0.
+    if commitment.prompt_tokens != scores.prompt_tokens and finish_reason != PAUSED:
         findings.append(
             Finding(
                 "usage",

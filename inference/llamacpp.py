@@ -37,7 +37,13 @@ import numpy as np
 import trio
 
 from p2pnode.errors import ConfigError, EngineError
-from p2pnode.inference.audit import LOOSER_MIN_P, LOOSER_TOP_K, LOOSER_TOP_P, Scores
+from p2pnode.inference.audit import (
+    LOOSER_MIN_P,
+    LOOSER_TOP_K,
+    LOOSER_TOP_P,
+    ImpossibleAnswer,
+    Scores,
+)
 from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
 from p2pnode.inference.sampling import Sampler, choose, kept, log_softmax_at
 from p2pnode.inference.stops import StopScan
@@ -400,10 +406,11 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
     if len(context) + len(token_ids) > llm.n_ctx():
         raise EngineError("prompt and answer exceed the model's context")
     if any(not 0 <= t < vocab for t in token_ids):
-        raise EngineError("a token id outside the model's vocabulary")
+        raise ImpossibleAnswer("a token id outside the model's vocabulary")
     llm.reset()
-    if len(context) > 1 and token_ids:
-        llm.eval(context[:-1])
+    # Even when it is empty: eval first drops the KV cache past n_tokens (0
+    # after reset), so the decode below never sees the last request's cache.
+    llm.eval(context[:-1] if token_ids else [])
     # Logits at the last context position score the first token, and so on:
     # the tokens fed are the context's last and every answer token but the last.
     fed = [context[-1], *token_ids[:-1]] if token_ids else []

@@ -59,9 +59,7 @@ def log_softmax_at(logits: Logits, token: int) -> float:
     return float(logits[token]) - top - float(np.log(total))
 
 
-def kept(
-    logits: Logits, sampler: Sampler, *, top_k: int = TOP_K, min_p: float = MIN_P
-) -> Kept:
+def kept(logits: Logits, sampler: Sampler, *, top_k: int = TOP_K, min_p: float = MIN_P) -> Kept:
     """The tokens ``sampler`` may draw at this position, and their probabilities.
 
     Greedy keeps the one best token. Ties at the cut keep the lower ids.

@@ -37,7 +37,15 @@ import trio
 
 from p2pnode.errors import EngineError
 from p2pnode.inference import engine as enginelib
-from p2pnode.inference.audit import Audit, Finding, Limits, PitPool, Scores, audit
+from p2pnode.inference.audit import (
+    Audit,
+    Finding,
+    ImpossibleAnswer,
+    Limits,
+    PitPool,
+    Scores,
+    audit,
+)
 from p2pnode.p2p.host import short
 from p2pnode.protocols.infer.messages import Done, Request
 
@@ -156,7 +164,11 @@ class Auditor:
     def consider(self, job: Job) -> bool:
         """Audit ``job`` later if it is chosen; True if it was queued."""
         commitment = job.done.receipt.commitment
-        if commitment is None or not commitment.gguf_sha256 or not commitment.token_ids:
+        # Text with no ids for it is audited too (it fails on "text"): a
+        # provider cannot dodge audits by committing to nothing.
+        if commitment is None or not commitment.gguf_sha256:
+            return False
+        if not commitment.token_ids and not job.delivered:
             return False
         record = self._record(job.peer)
         record.answers += 1
@@ -174,13 +186,20 @@ class Auditor:
         return True
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the audits ``consider`` queues, one at a time, until cancelled."""
+        """Run the audits ``consider`` queues, one at a time, until cancelled.
+
+        An audit that fails in a way we did not foresee is logged and counted:
+        it runs on a stranger's answer, and must never take the node down.
+        """
         async with AsyncExitStack() as stack:
             self._stack = stack
             task_status.started()
             async for job in self._jobs:
                 try:
                     await self.audit(job)
+                except Exception:  # noqa: BLE001 - see the docstring
+                    self.counters.errors += 1
+                    logger.exception("audit of %s failed", short(job.peer))
                 finally:
                     self._queued -= 1
                     self._progress.set()
@@ -195,13 +214,30 @@ class Auditor:
             self.counters.unauditable += 1
             return None
         request = enginelib.from_wire(job.wire, scorer.models()[0].model_id)
+        ids = commitment.token_ids
+        # What no honest run gives, caught before any scoring work: a
+        # log-probability short for some ids (the consumer checked this only
+        # where the offer names its weights), or more ids than were asked for.
+        bad = (
+            "a log-probability is missing for some token ids"
+            if len(commitment.logprobs) != len(ids)
+            else f"{len(ids)} token ids for at most {job.wire.max_tokens} tokens"
+            if len(ids) > job.wire.max_tokens + 1
+            else None
+        )
         try:
-            scores = await scorer.score(request, commitment.token_ids)
+            if bad is not None:
+                raise ImpossibleAnswer(bad)
+            scores = await scorer.score(request, ids)
+        except ImpossibleAnswer as exc:
+            # No honest run of this GGUF gives it: the provider's doing.
+            verdict = _unscorable(str(exc), len(ids))
         except EngineError as exc:
-            # Ids the model has no entry for, or more than its context: no
-            # honest run of this GGUF produced them.
+            # Ours (busy, a smaller context than the provider's, llama.cpp):
+            # it judges nobody.
             self.counters.errors += 1
-            verdict = _unscorable(str(exc), len(commitment.token_ids))
+            logger.info("audit of %s not done: %s", short(job.peer), exc)
+            return None
         else:
             self.scoring_s += scores.cpu_s
             verdict = audit(
@@ -259,6 +295,7 @@ class Auditor:
                     key=lambda p: (bool(self.records[p].caught), self.records[p].audits),
                 )
                 del self.records[forget]
+                self._pools.pop(forget, None)
         return record
 
     def _load(self) -> dict[str, Record]:

@@ -3,6 +3,7 @@ quant under the bundled model's name, stops asking it, and remembers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ import trio
 
 from p2pnode.errors import NoProviderError
 from p2pnode.inference.engine import ChatMessage, Params, Request
-from p2pnode.inference.llamacpp import Config, LlamaCppEngine, open_llamacpp
+from p2pnode.inference.llamacpp import Config, LlamaCppEngine, bundled_model_path, open_llamacpp
 from p2pnode.p2p import audit as auditlib
 from p2pnode.p2p.reputation import Offence
+from p2pnode.protocols.infer.messages import Commitment, Done, Receipt, request_hash
+from p2pnode.protocols.infer.messages import Request as WireRequest
 from p2pnode.simnet.cheaters import Cheater
 from p2pnode.tests.e2e.network import BOUND_S, MODEL, Network
 
@@ -129,3 +132,79 @@ async def test_inflated_usage_is_refused_on_the_first_answer(network: Network) -
         while provider.counters.bad_acks == 0:  # noqa: ASYNC110 - our Error in flight
             await trio.sleep(0.02)
     assert provider.counters.bad_acks == 1
+
+
+async def test_a_commitment_no_honest_run_gives_is_caught_without_scoring(
+    network: Network,
+) -> None:
+    # Fewer log-probabilities than ids, or more ids than were asked for: the
+    # provider is caught on sight, and the auditor spends no prefill on it.
+    assert isinstance(net_engine := network.engine, LlamaCppEngine)
+    (info,) = net_engine.models()
+    assert info.gguf_sha256 is not None
+    caught: list[str] = []
+
+    async def scorers(_sha: str, _stack: object) -> LlamaCppEngine:
+        return net_engine
+
+    async def on_caught(job: auditlib.Job, verdict: object) -> None:
+        caught.append(job.peer)
+
+    auditor = auditlib.Auditor(auditlib.Config(), scorers, on_caught)
+    wire = WireRequest(
+        request_id="r1", model_id=MODEL, kind="completion", prompt="hi", max_tokens=4
+    )
+    honest = Commitment(
+        request_hash=request_hash(wire),
+        gguf_sha256=info.gguf_sha256,
+        prompt_tokens=2,
+        completion_tokens=2,
+        token_ids=(5, 6),
+        logprobs=(-1, -2),
+    )
+    for peer, lie in (
+        ("short", replace(honest, logprobs=(-1,))),
+        ("long", replace(honest, token_ids=tuple(range(50)), logprobs=(-1,) * 50)),
+    ):
+        receipt = Receipt(session_id=b"s", requests=1, prompt_tokens=2, completion_tokens=2,
+                          commitment=lie)  # fmt: skip
+        done = Done(finish_reason="length", prompt_tokens=2, completion_tokens=2, receipt=receipt)
+        verdict = await auditor.audit(auditlib.Job(peer, wire, done, ""))
+        assert verdict is not None
+        assert [f.check for f in verdict.findings] == ["ids"]
+    assert caught == ["short", "long"]
+    assert auditor.scoring_s == 0.0
+
+
+async def test_an_auditor_too_busy_to_score_judges_nobody(network: Network) -> None:
+    # Its engine's one slot is taken and nobody may queue: the audit is not
+    # done (counted), and the provider is not caught for our being busy.
+    busy_cfg = Config(model_path=bundled_model_path(), model_id=MODEL, n_threads=1, queue_limit=0)
+    async with open_llamacpp(busy_cfg) as busy:
+        (info,) = busy.models()
+        assert info.gguf_sha256 is not None
+
+        async def scorers(_sha: str, _stack: object) -> LlamaCppEngine:
+            return busy
+
+        async def on_caught(_job: auditlib.Job, _verdict: object) -> None:
+            raise AssertionError("nobody is caught")
+
+        auditor = auditlib.Auditor(auditlib.Config(), scorers, on_caught)
+        wire = WireRequest(request_id="r", model_id=MODEL, kind="completion", prompt="hi")
+        commitment = Commitment(
+            request_hash=request_hash(wire),
+            gguf_sha256=info.gguf_sha256,
+            token_ids=(5,),
+            logprobs=(-1,),
+        )
+        receipt = Receipt(
+            session_id=b"s", requests=1, prompt_tokens=0, completion_tokens=1,
+            commitment=commitment,
+        )  # fmt: skip
+        done = Done(finish_reason="length", prompt_tokens=0, completion_tokens=1, receipt=receipt)
+        async with busy.stream(chat("Tell me a long story.")):
+            assert await auditor.audit(auditlib.Job("p", wire, done, "x")) is None
+    assert auditor.counters.errors == 1
+    assert auditor.counters.audits == 0
+    assert not auditor.is_caught("p")

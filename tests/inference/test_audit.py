@@ -24,7 +24,7 @@ from p2pnode.inference.llamacpp import (
     bundled_model_path,
     open_llamacpp,
 )
-from p2pnode.protocols.infer.messages import Commitment
+from p2pnode.protocols.infer.messages import PAUSED, Commitment
 from p2pnode.simnet.cheaters import Cheater, swap_model_path
 
 QUESTIONS = (
@@ -178,6 +178,9 @@ async def test_miscounted_usage_and_other_weights_are_caught(auditor: LlamaCppEn
     ):
         verdict = await judge(auditor, request, replace(honest, commitment=lie))
         assert [f.check for f in verdict.findings] == [check]
+    # A paused paid answer bills no prompt (its Done says 0): that is no lie.
+    paused = replace(honest, commitment=replace(c, prompt_tokens=0), finish=PAUSED)
+    assert (await judge(auditor, request, paused)).passed
 
 
 async def test_a_truncated_prompt_is_caught(auditor: LlamaCppEngine) -> None:

@@ -506,8 +506,11 @@ def status(peer: str | None, as_json: bool) -> None:
     """Show the running node's status, or ask any node for its own."""
     from p2pnode.protocols.status import StatusResponse
 
+    audits: dict[str, int] = {}
     if peer is None:
-        answer = StatusResponse.from_wire(_ask_node({"op": "status"}))
+        raw = _ask_node({"op": "status"})
+        answer = StatusResponse.from_wire(raw)
+        audits = raw.get("audits") or {}
     else:
         from libp2p.crypto.ed25519 import create_new_key_pair
 
@@ -520,7 +523,8 @@ def status(peer: str | None, as_json: bool) -> None:
 
         answer = app.run_async(run)
     if as_json:
-        click.echo(json.dumps(answer.to_wire() | {"t": None}, default=str))
+        extra = {"audits": audits} if peer is None else {}
+        click.echo(json.dumps(answer.to_wire() | {"t": None} | extra, default=str))
         return
     click.echo(f"peer id:   {answer.peer_id}")
     click.echo(f"version:   {answer.version}")
@@ -541,6 +545,15 @@ def status(peer: str | None, as_json: bool) -> None:
         click.echo("models:    (none)")
     for m in answer.models:
         click.echo(f"model:     {m.model_id} ctx={m.context_length} {m.tokens_per_s:.1f} tok/s")
+    if "audits" in audits:
+        click.echo(
+            f"audits:    {audits['passed']}/{audits['audits']} passed, of "
+            f"{audits['providers_audited']} providers; {audits['providers_caught']} caught"
+            f" ({audits['remote']} scored by other providers, {audits['disputed']} disputed,"
+            f" {audits['unconfirmed']} unconfirmed, {audits['unauditable']} without the weights)"
+        )
+    if "scored_for_others" in audits:
+        click.echo(f"scored:    {audits['scored_for_others']} answers for other nodes' audits")
 
 
 @app.main.command()

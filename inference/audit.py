@@ -40,7 +40,7 @@ from typing import Final
 from scipy import stats
 
 from p2pnode.errors import EngineError
-from p2pnode.protocols.infer.messages import PAUSED, Commitment
+from p2pnode.protocols.infer.messages import PAUSED, Commitment, Scored
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,38 @@ class Scores:
     text: str  # what the tokens stand for (:func:`token_text`)
     ends_with_eog: bool  # the last token is one that ends generation (not usage)
     cpu_s: float = 0.0  # the scoring thread's CPU time
+
+
+def scored_of(scores: Scores) -> Scored:
+    """``scores`` as an auditor sends them back (its log-probabilities go in the
+    commitment beside them: docs/protocols.md#score-requests)."""
+    return Scored(
+        gaps=scores.gaps,
+        kept=scores.kept,
+        below=scores.below,
+        prob=scores.prob,
+        possible=scores.possible,
+        prompt_tokens=scores.prompt_tokens,
+        text=scores.text,
+        ends_with_eog=scores.ends_with_eog,
+        cpu_s=scores.cpu_s,
+    )
+
+
+def scores_of(commitment: Commitment, scored: Scored) -> Scores:
+    """What a remote auditor measured, from its commitment (checked first)."""
+    return Scores(
+        logprobs=tuple(lp / 1000 for lp in commitment.logprobs),
+        gaps=scored.gaps,
+        kept=scored.kept,
+        below=scored.below,
+        prob=scored.prob,
+        possible=scored.possible,
+        prompt_tokens=scored.prompt_tokens,
+        text=scored.text,
+        ends_with_eog=scored.ends_with_eog,
+        cpu_s=scored.cpu_s,
+    )
 
 
 # The looser cut a sampled token must fall within (``Scores.possible``): the
@@ -250,18 +282,25 @@ class PitPool:
         while len(self.values) > self.limits.pool:
             self.values.popleft()
 
-    def p_value(self) -> float | None:
-        """The KS test's p-value of uniformity (None: too few draws to say)."""
-        if len(self.values) < self.limits.ks_min:
-            return None
-        return float(stats.kstest(list(self.values), "uniform").pvalue)
+    def _with(self, extra: tuple[float, ...]) -> list[float]:
+        return [*self.values, *extra][-self.limits.pool :]
 
-    def finding(self) -> Finding | None:
-        p = self.p_value()
+    def p_value(self, extra: tuple[float, ...] = ()) -> float | None:
+        """The KS test's p-value of uniformity, with ``extra`` draws not yet added
+        (None: too few draws to say)."""
+        values = self._with(extra)
+        if len(values) < self.limits.ks_min:
+            return None
+        return float(stats.kstest(values, "uniform").pvalue)
+
+    def finding(self, extra: tuple[float, ...] = ()) -> Finding | None:
+        """The pool's verdict were ``extra`` added (an answer whose audit is not
+        settled yet: its draws join the pool only once it is)."""
+        p = self.p_value(extra)
         if p is None or p >= self.limits.ks_alpha:
             return None
         return Finding(
             "sampling",
             f"its draws are not the requested distribution (KS p = {p:.1e} over "
-            f"{len(self.values)} tokens)",
+            f"{len(self._with(extra))} tokens)",
         )

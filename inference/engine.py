@@ -69,7 +69,9 @@ class Request:
 def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
     """The engine request an infer request stands for (``model_id``: under another
     name, e.g. an auditor's own for the same weights)."""
-    kind: Literal["chat", "completion"] = "chat" if request.kind == "chat" else "completion"
+    # A score request is scored as the answer to a request of its score_kind.
+    asked = request.score_kind if request.kind == wire.SCORE else request.kind
+    kind: Literal["chat", "completion"] = "chat" if asked == "chat" else "completion"
     return Request(
         model_id=model_id or request.model_id,
         kind=kind,

@@ -4,11 +4,14 @@ Theory of operation. After each answer a provider finished for us, the
 consumer hands its Done (the signed commitment), the request it sent and
 the text it received to :meth:`Auditor.consider`. The first answer of every
 provider we have not audited yet is audited, and each later one with
-probability ``rate``; an answer is auditable when we hold the GGUF its
-commitment names: one of this node's own engines, or the bundled model. The
-audit runs in the auditor's own task after the answer was delivered, so it
-never slows the user's stream; at most ``max_pending`` wait (more are skipped
-and counted).
+probability ``rate``. Who scores it: this node when it holds the GGUF the
+commitment names (one of its own engines, or the bundled model), else
+another provider of that GGUF, never the audited one, through a score
+request it is paid for (:class:`RemoteScorer`, ``Consumer.score_on``). A
+remote auditor's finding counts only once a second one (another peer and
+wallet) confirms it. The audit runs in the auditor's own task after the
+answer was delivered, so it never slows the user's stream; at most
+``max_pending`` wait (more are skipped and counted).
 
 :func:`p2pnode.inference.audit.audit` judges each answer; a provider's
 sampled draws are pooled across its answers (:class:`PitPool`). Each
@@ -109,12 +112,35 @@ class Counters:
     skipped: int = 0  # chosen, but the queue was full
     unauditable: int = 0  # no GGUF of ours matches the commitment
     errors: int = 0  # the scorer failed (ids outside the vocabulary count as failed)
+    remote: int = 0  # answers scored by another provider (a score request)
+    unconfirmed: int = 0  # a remote finding no second auditor could check
+    disputed: int = 0  # a remote finding a second auditor did not confirm
 
 
 Caught = Callable[[Job, Audit], Awaitable[None]]
-ScorerSource = Callable[[str, AsyncExitStack], Awaitable[Scorer | None]]
-"""``(sha256, stack)``: an engine holding that GGUF (opened on ``stack`` if it
-must be), or None."""
+ScorerSource = Callable[[str, frozenset[str], AsyncExitStack], Awaitable[Scorer | None]]
+"""``(sha256, peers, stack)``: an engine holding that GGUF (opened on ``stack``
+if it must be), or a :class:`RemoteScorer` that is none of ``peers``, or None."""
+
+Ask = Callable[[str, str, enginelib.Request, Sequence[int]], Awaitable[Scores]]
+"""``(peer, model_id, request, ids)``: that provider's scores of ``ids`` as its
+model's answer to ``request`` (``Consumer.score_on``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteScorer:
+    """Another provider of the same GGUF, scoring through a score request
+    (docs/protocols.md#score-requests): paid for it like for any request."""
+
+    peer: str
+    model: enginelib.ModelInfo  # its name for the weights
+    ask: Ask
+
+    def models(self) -> list[enginelib.ModelInfo]:
+        return [self.model]
+
+    async def score(self, request: enginelib.Request, token_ids: Sequence[int]) -> Scores:
+        return await self.ask(self.peer, self.model.model_id, request, token_ids)
 
 
 class Auditor:
@@ -156,6 +182,21 @@ class Auditor:
         """Until ``audits`` audits have been done in all (reports, tests)."""
         while self.counters.audits < audits:
             await self._progress.wait()
+
+    def summary(self) -> dict[str, int]:
+        """This node's audits in figures (the status output): records kept across
+        restarts, counters since start."""
+        records = self.records.values()
+        return {
+            "providers_audited": sum(1 for r in records if r.audits),
+            "providers_caught": sum(1 for r in records if r.caught),
+            "audits": sum(r.audits for r in records),
+            "passed": sum(r.passed for r in records),
+            "remote": self.counters.remote,
+            "disputed": self.counters.disputed,
+            "unconfirmed": self.counters.unconfirmed,
+            "unauditable": self.counters.unauditable,
+        }
 
     def is_caught(self, peer: str) -> bool:
         record = self.records.get(peer)
@@ -206,18 +247,22 @@ class Auditor:
                     self._progress = trio.Event()
 
     async def audit(self, job: Job) -> Audit | None:
-        """Audit one answer now (None: we hold no GGUF to audit it with)."""
+        """Audit one answer now (None: nobody could judge it; see the counters).
+
+        A finding by a remote auditor (another provider, paid for its
+        scoring) is confirmed by a second one, of another peer and wallet,
+        before the provider is caught: one stranger's word could otherwise
+        frame an honest competitor (docs/architecture.md#audits).
+        """
         commitment = job.done.receipt.commitment
         assert commitment is not None
-        scorer = await self._scorers(commitment.gguf_sha256, self._stack)
-        if scorer is None:
-            self.counters.unauditable += 1
-            return None
-        request = enginelib.from_wire(job.wire, scorer.models()[0].model_id)
+        sha = commitment.gguf_sha256
+        pool = self._pools.setdefault(job.peer, PitPool(self.cfg.limits))
         ids = commitment.token_ids
-        # What no honest run gives, caught before any scoring work: a
-        # log-probability short for some ids (the consumer checked this only
-        # where the offer names its weights), or more ids than were asked for.
+        # What no honest run gives, caught before any scoring work (and without
+        # the weights): a log-probability short for some ids (the consumer
+        # checked this only where the offer names its weights), or more ids
+        # than were asked for.
         bad = (
             "a log-probability is missing for some token ids"
             if len(commitment.logprobs) != len(ids)
@@ -225,36 +270,34 @@ class Auditor:
             if len(ids) > job.wire.max_tokens + 1
             else None
         )
-        try:
-            if bad is not None:
-                raise ImpossibleAnswer(bad)
-            scores = await scorer.score(request, ids)
-        except ImpossibleAnswer as exc:
-            # No honest run of this GGUF gives it: the provider's doing.
-            verdict = _unscorable(str(exc), len(ids))
-        except EngineError as exc:
-            # Ours (busy, a smaller context than the provider's, llama.cpp):
-            # it judges nobody.
-            self.counters.errors += 1
-            logger.info("audit of %s not done: %s", short(job.peer), exc)
+        scorer = None if bad else await self._scorers(sha, frozenset({job.peer}), self._stack)
+        if bad:
+            verdict: Audit | None = _unscorable(bad, len(ids))
+        elif scorer is None:
+            self.counters.unauditable += 1
             return None
         else:
-            self.scoring_s += scores.cpu_s
-            verdict = audit(
-                commitment,
-                weights=commitment.gguf_sha256,
-                temperature=job.wire.temperature,
-                stops=job.wire.stop,
-                delivered=job.delivered,
-                finish_reason=job.done.finish_reason,
-                scores=scores,
-                limits=self.cfg.limits,
-            )
-        pool = self._pools.setdefault(job.peer, PitPool(self.cfg.limits))
+            verdict = await self._judge(job, scorer, pool)
+        if verdict is not None and not verdict.passed and isinstance(scorer, RemoteScorer):
+            second = await self._scorers(sha, frozenset({job.peer, scorer.peer}), self._stack)
+            again = None if second is None else await self._judge(job, second, pool)
+            if again is None or again.passed:
+                if again is None:
+                    self.counters.unconfirmed += 1
+                    then = "no second auditor could check it"
+                else:
+                    self.counters.disputed += 1
+                    then = "a second auditor found nothing"
+                logger.warning(
+                    "audit: auditor %s found that %s did not run %s (%s); %s: not caught",
+                    short(scorer.peer), short(job.peer), job.wire.model_id,
+                    verdict.findings[0], then,
+                )  # fmt: skip
+                return None
+            verdict = again
+        if verdict is None:
+            return None
         pool.add(verdict.pits)
-        pooled = pool.finding()
-        if pooled is not None:
-            verdict = dataclasses.replace(verdict, findings=(*verdict.findings, pooled))
         record = self._record(job.peer)
         record.audits += 1
         self.counters.audits += 1
@@ -282,6 +325,45 @@ class Auditor:
         finally:
             self._progress.set()
             self._progress = trio.Event()
+        return verdict
+
+    async def _judge(self, job: Job, scorer: Scorer, pool: PitPool) -> Audit | None:
+        """``job`` as ``scorer`` scores it (None: it could not say)."""
+        commitment = job.done.receipt.commitment
+        assert commitment is not None
+        request = enginelib.from_wire(job.wire, scorer.models()[0].model_id)
+        ids = commitment.token_ids
+        remote = isinstance(scorer, RemoteScorer)
+        try:
+            if remote:
+                self.counters.remote += 1
+            scores = await scorer.score(request, ids)
+        except ImpossibleAnswer as exc:
+            # No honest run of this GGUF gives it: the provider's doing (a
+            # remote auditor's word for it is confirmed like any finding).
+            verdict = _unscorable(str(exc), len(ids))
+        except EngineError as exc:
+            # Ours (busy, a smaller context than the provider's, llama.cpp),
+            # or the remote auditor's: it judges nobody.
+            self.counters.errors += 1
+            logger.info("audit of %s not done: %s", short(job.peer), exc)
+            return None
+        else:
+            if not remote:
+                self.scoring_s += scores.cpu_s
+            verdict = audit(
+                commitment,
+                weights=commitment.gguf_sha256,
+                temperature=job.wire.temperature,
+                stops=job.wire.stop,
+                delivered=job.delivered,
+                finish_reason=job.done.finish_reason,
+                scores=scores,
+                limits=self.cfg.limits,
+            )
+        pooled = pool.finding(verdict.pits)
+        if pooled is not None:
+            verdict = dataclasses.replace(verdict, findings=(*verdict.findings, pooled))
         return verdict
 
     def _record(self, peer: str) -> Record:
@@ -325,7 +407,7 @@ def local_scorers(engines: Sequence[object]) -> ScorerSource:
     opened: dict[str, Scorer] = {}
     bundled: list[str] = []  # its sha256, once hashed
 
-    async def scorer_for(sha: str, stack: AsyncExitStack) -> Scorer | None:
+    async def scorer_for(sha: str, _peers: frozenset[str], stack: AsyncExitStack) -> Scorer | None:
         for engine in engines:
             if hasattr(engine, "score") and any(m.gguf_sha256 == sha for m in engine.models()):  # type: ignore[attr-defined]
                 return engine  # type: ignore[return-value]
@@ -346,6 +428,20 @@ def local_scorers(engines: Sequence[object]) -> ScorerSource:
         )
         opened[sha] = await stack.enter_async_context(llamacpp.open_llamacpp(cfg))
         return opened[sha]
+
+    return scorer_for
+
+
+def either(*sources: ScorerSource) -> ScorerSource:
+    """The first of ``sources`` that has a scorer (this node's own engines
+    before a remote auditor: they cost nothing and cannot lie)."""
+
+    async def scorer_for(sha: str, peers: frozenset[str], stack: AsyncExitStack) -> Scorer | None:
+        for source in sources:
+            scorer = await source(sha, peers, stack)
+            if scorer is not None:
+                return scorer
+        return None
 
     return scorer_for
 

@@ -31,10 +31,11 @@ import collections
 import itertools
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 from libp2p.abc import IHost
@@ -43,18 +44,20 @@ from p2pnode.chain.failures import Unfunded
 from p2pnode.chain.units import format_tokens
 from p2pnode.errors import (
     ChainError,
+    EngineError,
     ErrorCode,
     FundsError,
     NetworkError,
     NoProviderError,
+    P2PNodeError,
     RemoteProtocolError,
     SpendLimitError,
     UnreachableError,
 )
 from p2pnode.inference import engine as enginelib
-from p2pnode.inference.audit import Audit
+from p2pnode.inference.audit import Audit, ImpossibleAnswer, Scores, scores_of
 from p2pnode.inference.stops import StopScan
-from p2pnode.p2p.audit import Auditor, Job
+from p2pnode.p2p.audit import Auditor, Job, RemoteScorer
 from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.finder import Finder
@@ -67,6 +70,7 @@ from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import (
     PAUSED,
+    SCORE,
     Ack,
     Chunk,
     Done,
@@ -192,6 +196,10 @@ class Consumer:
         self.reputation = reputation
         # Audits a share of the answers (p2p/audit.py); None: none are.
         self.auditor = auditor
+        # Picks the remote auditor among those that may audit (tests pick their own).
+        self.choose_auditor: Callable[
+            [Sequence[tuple[str, enginelib.ModelInfo]]], tuple[str, enginelib.ModelInfo]
+        ] = secrets.choice
         # Measured round trips and speeds, least recently used forgotten first.
         self.stats: collections.OrderedDict[str, PeerStats] = collections.OrderedDict()
         self._sessions: dict[tuple[str, str], _Session] = {}
@@ -574,7 +582,10 @@ class Consumer:
         def checked(done: Done) -> None:
             # Before the Ack: an answer whose commitment is false is not acknowledged.
             guard.check_done(done)
-            check_commitment(done, wire, weights)
+            if wire.kind == SCORE:
+                check_scored(done, wire, weights)
+            else:
+                check_commitment(done, wire, weights)
 
         for reopen in (False, True):
             held = await self._session(peer, wire.model_id, reopen=reopen)
@@ -619,6 +630,86 @@ class Consumer:
                 self._check_speed(peer, wire.model_id, speed, guard.tokens)
             return done
         raise AssertionError("unreachable")  # pragma: no mutate
+
+    async def remote_scorer(
+        self, sha: str, peers: frozenset[str], _stack: object = None
+    ) -> RemoteScorer | None:
+        """Another provider of the GGUF ``sha`` to audit with: none of ``peers``,
+        paid with none of their wallets, never banned or caught; chosen at
+        random, so that a cheater cannot tell who will audit it."""
+        now = trio.current_time()
+        caught = self.auditor.is_caught if self.auditor is not None else lambda _peer: False
+        wallets = {
+            (offer.wallet or "").lower()
+            for peer in peers
+            if (offer := self._book.get(peer)) is not None and offer.wallet
+        }
+        choices: list[tuple[str, enginelib.ModelInfo]] = []
+        for offer in self._book.offers():
+            if offer.peer_id in peers or offer.peer_id == self._peer_id:
+                continue
+            if self.reputation.banned(offer.peer_id, now) or caught(offer.peer_id):
+                continue
+            if offer.wallet and offer.wallet.lower() in wallets:
+                continue
+            for terms in offer.models:
+                if terms.gguf_sha256 != sha:
+                    continue
+                if self.market is not None and self.market.terms(offer, terms.model_id) is None:
+                    continue
+                info = enginelib.ModelInfo(model_id=terms.model_id, gguf_sha256=sha)
+                choices.append((offer.peer_id, info))
+                break
+        if not choices:
+            return None
+        peer, info = self.choose_auditor(choices)
+        return RemoteScorer(peer, info, self.score_on)
+
+    async def score_on(
+        self, peer: str, model_id: str, request: enginelib.Request, ids: Sequence[int]
+    ) -> Scores:
+        """``peer``'s scores of ``ids`` as its model's answer to ``request``: a score
+        request (docs/protocols.md#score-requests), in a session like any request.
+
+        Raises ImpossibleAnswer when the auditor says no run of the model gives
+        these ids, EngineError when it could not score them (what it did
+        wrong, if anything, counts against it like any failed request).
+        """
+        wire = replace(
+            wire_request(request, f"s{next(self._request_ids)}", "", request.params.max_tokens),
+            model_id=model_id,
+            kind=SCORE,
+            score_kind=request.kind,
+            score_ids=tuple(ids),
+        )
+
+        async def no_text(_chunk: Chunk) -> None:
+            raise _Overrun("streamed text for a score request")
+
+        try:
+            done = await self.request_on(peer, wire, no_text, set())
+        except RemoteProtocolError as exc:
+            await self._offence(peer, model_id, offence_of_violation(exc), exc)
+            raise EngineError(f"auditor {short(peer)}: {exc}") from exc
+        except NetworkError as exc:
+            await self._offence(peer, model_id, Offence.FAILED, exc)
+            raise EngineError(f"auditor {short(peer)}: {exc}") from exc
+        except P2PNodeError as exc:  # our wallet or the chain: nobody's fault here
+            raise EngineError(f"auditor {short(peer)}: {exc}") from exc
+        if isinstance(done, Refusal):
+            # BAD_FIELD: past its context (smaller than the audited one's):
+            # nobody's fault.
+            if done.session or not done.is_one_of(ErrorCode.BAD_FIELD):
+                await self._offence(peer, model_id, offence_of_refusal(done, False), done)
+            raise EngineError(f"auditor {short(peer)}: {done}")
+        self.reputation.served(peer, trio.current_time())
+        commitment = done.receipt.commitment
+        assert commitment is not None  # (check_scored)
+        scored = commitment.scored
+        assert scored is not None
+        if scored.impossible:
+            raise ImpossibleAnswer(f"{scored.impossible} (auditor {short(peer)})")
+        return scores_of(commitment, scored)
 
     def _check_speed(self, peer: str, model_id: str, speed: float, tokens: int) -> None:
         """Measure a provider's speed (ranking uses it from now on); log a claim far above it."""
@@ -865,6 +956,48 @@ def check_commitment(done: Done, wire: Request, weights: str | None) -> None:
             )
         if len(commitment.logprobs) != ids:
             raise FalseCommitment("committed to a log-probability for some tokens only")
+
+
+def check_scored(done: Done, wire: Request, weights: str | None) -> None:
+    """Check an auditor's answer to the score request ``wire``: scores of our ids,
+    one of each kind per id, by the weights its offer names (``weights``), in
+    range; raises :class:`FalseCommitment`. Whether they are true is for a
+    second auditor to confirm (``p2p/audit.py``)."""
+    commitment = done.receipt.commitment
+    if commitment is None or commitment.scored is None:
+        raise FalseCommitment("sent no scores for a score request")
+    if commitment.request_hash != request_hash(wire):
+        raise FalseCommitment("scored another request than ours")
+    if not weights or commitment.gguf_sha256 != weights:
+        raise FalseCommitment("scored with other weights than its offer names")
+    if (
+        commitment.token_ids != wire.score_ids
+        or done.completion_tokens
+        or (commitment.completion_tokens)
+    ):
+        raise FalseCommitment("scored other ids than ours, or generated some")
+    scored = commitment.scored
+    ids = len(wire.score_ids)
+    if scored.impossible:
+        ids = 0  # nothing else is said
+    per_id = (
+        commitment.logprobs,
+        scored.gaps,
+        scored.kept,
+        scored.below,
+        scored.prob,
+        scored.possible,
+    )
+    if any(len(values) != ids for values in per_id):
+        raise FalseCommitment("sent scores for some ids only")
+    in_range = (
+        all(lp <= 0 for lp in commitment.logprobs)
+        and all(gap >= 0 for gap in scored.gaps)
+        and all(0.0 <= p <= 1.0 for p in (*scored.below, *scored.prob))
+        and scored.prompt_tokens >= 0
+    )
+    if not in_range:
+        raise FalseCommitment("sent scores no model gives")
 
 
 class FalseCommitment(RemoteProtocolError):

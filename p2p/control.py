@@ -142,11 +142,13 @@ class Answers:
         *,
         paid: bool,
         audits: Callable[[str], AuditRecord | None] = lambda _peer: None,
+        audit_summary: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self._host = host
         self._book = book
         self._reputation = reputation
         self._audits = audits
+        self._audit_summary = audit_summary
         self._status = status
         self._paid = paid
 
@@ -162,6 +164,8 @@ class Answers:
         if op == "status":
             answer = self._status().to_wire()
             del answer["offer"]  # JSON carries no bytes; the signed offer is for remote askers
+            # Ours alone (a remote asker gets none): what our audits found.
+            answer["audits"] = self._audit_summary()
             return answer
         return {"error": f"unknown op {op!r}"}
 

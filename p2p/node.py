@@ -118,7 +118,12 @@ class Node:
         )
         self.auditor = (
             auditlib.Auditor(
-                config.audit, auditlib.local_scorers(self.offering.engines), self.consumer.caught
+                config.audit,
+                # Our own copy of the weights first; else another provider's.
+                auditlib.either(
+                    auditlib.local_scorers(self.offering.engines), self.consumer.remote_scorer
+                ),
+                self.consumer.caught,
             )
             if config.audit is not None
             else None
@@ -157,6 +162,7 @@ class Node:
             self.status_info,
             paid=wallet is not None,
             audits=(lambda peer: auditor.records.get(peer)) if auditor else lambda _peer: None,
+            audit_summary=self._audit_summary,
         )
 
     @property
@@ -187,6 +193,12 @@ class Node:
         if self.offering.engine_for(model_id) is not None or self.offer_book.offers(model_id):
             return True
         return bool(await self.finder.discover(model_id))
+
+    def _audit_summary(self) -> dict[str, int]:
+        figures = self.auditor.summary() if self.auditor is not None else {}
+        if self.provider is not None:
+            figures["scored_for_others"] = self.provider.counters.scored
+        return figures
 
     def status_info(self) -> status.StatusResponse:
         """This node's answer to a status request, as of now."""

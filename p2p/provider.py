@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import trio
 from libp2p.abc import INetStream
@@ -41,13 +42,16 @@ from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import (
+    MAX_SCORE_IDS,
     PAUSED,
+    SCORE,
     Ack,
     Commitment,
     Done,
     InferOpen,
     Receipt,
     Request,
+    Scored,
     request_hash,
 )
 from p2pnode.protocols.infer.replay import ReplayWindow
@@ -57,6 +61,9 @@ from p2pnode.protocols.session.crypto import SessionKeys
 from p2pnode.protocols.session.messages import Hello, RejectCode
 from p2pnode.protocols.wire import Error
 from p2pnode.scopes import single_errors_ungrouped
+
+if TYPE_CHECKING:
+    from p2pnode.inference.audit import Scores  # scipy: only where audits run
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +154,7 @@ class Counters:
     bad_acks: int = 0
     unacknowledged: int = 0  # paid answers whose Ack never came
     ended_mid_request: int = 0  # paid requests stopped by their session's end
+    scored: int = 0  # score requests answered (audits of other providers)
 
 
 class Provider:
@@ -338,7 +346,16 @@ class Provider:
         session = self.sessions.get(opened.session_id)
         if session is None:  # evicted between InferOpen and Request
             raise infer_service.RequestRefused(ErrorCode.UNKNOWN_SESSION, "no such session")
-        if request.kind not in ("chat", "completion") or request.max_tokens < 1:
+        if request.kind == SCORE:
+            if request.score_kind not in ("chat", "completion") or not (
+                0 < len(request.score_ids) <= MAX_SCORE_IDS
+            ):
+                self.counters.refused += 1
+                raise infer_service.RequestRefused(
+                    ErrorCode.BAD_FIELD,
+                    f"a score request scores 1 to {MAX_SCORE_IDS} ids of a chat or completion",
+                )
+        elif request.kind not in ("chat", "completion") or request.max_tokens < 1:
             self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD, "kind must be chat or completion, max_tokens >= 1"
@@ -375,6 +392,8 @@ class Provider:
             raise infer_service.RequestRefused(
                 ErrorCode.UNKNOWN_SESSION, "the paid session is closed or has ended"
             )
+        if request.kind == SCORE:
+            return await self._score(session, request, engine)
         session.active += 1
         session.last_used = trio.current_time()
         if market is not None:
@@ -468,6 +487,73 @@ class Provider:
             finish_reason=finish,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
+            receipt=self.receipt(session, commitment),
+        )
+
+    async def _score(self, session: ServedSession, request: Request, engine: Engine) -> Done:
+        """Score another provider's answer for an auditor (docs/protocols.md#score-requests).
+
+        One batched prefill on a slot like any request's, billed as that many
+        prompt tokens (paid: by the session's time, like any). The scores go
+        back inside the signed commitment: this node answers for them.
+        """
+        score = getattr(engine, "score", None)
+        weights = _weights_of(engine, request.model_id)
+        if score is None or not weights:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.UNSUPPORTED, "this provider cannot score answers of its model"
+            )
+        market = self.market
+        session.active += 1
+        session.last_used = trio.current_time()
+        if market is not None:
+            market.begin(session.session_id)
+        from p2pnode.inference.audit import ImpossibleAnswer, scored_of  # scipy: only here
+
+        scores: Scores | None = None
+        scored: Scored | None = None
+        try:
+            scores = await score(enginelib.from_wire(request), request.score_ids)
+        except ImpossibleAnswer as exc:
+            # An answer, not a failure: the auditor's finding, signed like any.
+            scored = Scored(impossible=str(exc)[:200])
+        except EngineBusy as exc:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
+        except EngineError as exc:
+            # Past our context (a smaller one than the audited provider's), or
+            # llama.cpp failing: nobody's fault that the consumer should count.
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(ErrorCode.BAD_FIELD, str(exc)[:200]) from exc
+        finally:
+            session.active -= 1
+            if market is not None:
+                market.end(session.session_id)
+            if scores is None and scored is None:
+                self.counters.cancelled += 1
+        if scores is not None:
+            scored = scored_of(scores)
+        assert scored is not None
+        prefill = scored.prompt_tokens + len(request.score_ids)
+        session.requests += 1
+        session.prompt_tokens += prefill
+        self.counters.requests += 1
+        self.counters.scored += 1
+        if market is not None and session.paid:
+            session.acks_pending += 1
+        commitment = Commitment(
+            request_hash=request_hash(request),
+            gguf_sha256=weights,
+            prompt_tokens=prefill,
+            token_ids=request.score_ids,
+            logprobs=tuple(round(lp * 1000) for lp in scores.logprobs) if scores else (),
+            scored=scored,
+        )
+        return Done(
+            finish_reason="stop",
+            prompt_tokens=prefill,
+            completion_tokens=0,
             receipt=self.receipt(session, commitment),
         )
 

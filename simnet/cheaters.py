@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
 import trio
 
+from p2pnode.inference.audit import Scores
 from p2pnode.inference.engine import ChatMessage, Chunk, ModelInfo, Request, Usage
 from p2pnode.inference.llamacpp import LlamaCppEngine
 
@@ -84,23 +85,11 @@ def swap_model_path() -> Path:
     return Path(gemma.assemble())
 
 
-class Cheater:
-    """An engine that announces ``honest`` and cheats as ``kind`` says (module docstring)."""
+class _Wrapper:
+    """An engine around a real one: its slots and queue are the inner engine's."""
 
-    def __init__(
-        self, kind: str, inner: LlamaCppEngine, honest: ModelInfo, vocab: LlamaCppEngine
-    ) -> None:
-        """``inner`` generates; ``vocab`` is an engine of the announced model (its
-        tokenizer, for ids that look right)."""
-        if kind not in KINDS:
-            raise ValueError(f"no cheater kind {kind!r}")
-        self.kind = kind
+    def __init__(self, inner: LlamaCppEngine) -> None:
         self._inner = inner
-        self._honest = honest
-        self._vocab = vocab
-
-    def models(self) -> list[ModelInfo]:
-        return [self._honest]
 
     @property
     def slots_total(self) -> int:
@@ -113,6 +102,25 @@ class Cheater:
     @property
     def queue_len(self) -> int:
         return self._inner.queue_len
+
+
+class Cheater(_Wrapper):
+    """An engine that announces ``honest`` and cheats as ``kind`` says (module docstring)."""
+
+    def __init__(
+        self, kind: str, inner: LlamaCppEngine, honest: ModelInfo, vocab: LlamaCppEngine
+    ) -> None:
+        """``inner`` generates; ``vocab`` is an engine of the announced model (its
+        tokenizer, for ids that look right)."""
+        if kind not in KINDS:
+            raise ValueError(f"no cheater kind {kind!r}")
+        super().__init__(inner)
+        self.kind = kind
+        self._honest = honest
+        self._vocab = vocab
+
+    def models(self) -> list[ModelInfo]:
+        return [self._honest]
 
     @asynccontextmanager
     async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
@@ -209,3 +217,27 @@ def _truncated(messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...]:
 
 
 __all__ = ["KINDS", "Cheater", "degraded_copy", "swap_model_path"]
+
+
+class Framer(_Wrapper):
+    """A provider that serves honestly and lies when it audits: its scores put
+    every token ``by`` nats less likely than its model does, to get an honest
+    competitor caught (what the second auditor is for: docs/architecture.md#audits)."""
+
+    def __init__(self, inner: LlamaCppEngine, by: float = 2.0) -> None:
+        super().__init__(inner)
+        self._by = by
+        self.scored = 0
+
+    def models(self) -> list[ModelInfo]:
+        return self._inner.models()
+
+    def stream(
+        self, request: Request
+    ) -> AbstractAsyncContextManager[trio.abc.ReceiveChannel[Chunk]]:
+        return self._inner.stream(request)
+
+    async def score(self, request: Request, token_ids: Sequence[int]) -> Scores:
+        scores = await self._inner.score(request, token_ids)
+        self.scored += 1
+        return replace(scores, logprobs=tuple(lp - self._by for lp in scores.logprobs))

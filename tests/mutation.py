@@ -7,8 +7,8 @@ tests do not notice "survived". The score per file is the share killed.
 
 mutmut needs the package to import under its own name from the folder it
 copies, and this checkout *is* the package (docs/architecture.md#one-package-namespace),
-so the run happens in a scratch folder, ``.mutation/``, holding a copy of the
-checkout as ``p2pnode/``. A mutant that cannot be told apart from the
+so the run happens in a scratch folder, ``.mutation/GROUPS/``, holding a copy
+of the checkout as ``p2pnode/``. A mutant that cannot be told apart from the
 original by any user is marked ``# pragma: no mutate`` with the reason.
 
 Usage: ./dev mutation [GROUP ...] [--children N]   (groups: see GROUPS; default all)
@@ -153,32 +153,35 @@ def main() -> int:
     files = sorted({f for g in groups for f in GROUPS[g][0]})
     tests = sorted({t for g in groups for t in GROUPS[g][1]})
 
-    shutil.rmtree(SCRATCH, ignore_errors=True)
-    _copy_checkout(SCRATCH / "p2pnode")
-    (SCRATCH / "p2pnode" / "tests" / f"{_ORDER_PLUGIN}.py").write_text(_FASTEST_FIRST)
-    (SCRATCH / "pyproject.toml").write_text(_config(files, tests))
+    # One scratch folder per run's groups: running the market group does not
+    # wipe the failover group's results, and two groups can run side by side.
+    scratch = SCRATCH / "+".join(groups)
+    shutil.rmtree(scratch, ignore_errors=True)
+    _copy_checkout(scratch / "p2pnode")
+    (scratch / "p2pnode" / "tests" / f"{_ORDER_PLUGIN}.py").write_text(_FASTEST_FIRST)
+    (scratch / "pyproject.toml").write_text(_config(files, tests))
     mutmut = str(Path(sys.executable).with_name("mutmut"))
-    log = SCRATCH / "mutmut.log"
+    log = scratch / "mutmut.log"
     print(f"mutation: {', '.join(groups)}: {len(files)} files; progress in {log}", flush=True)
     with log.open("w") as out:
         subprocess.run(
             [mutmut, "run", "--max-children", str(args.children)],
-            cwd=SCRATCH,
+            cwd=scratch,
             stdout=out,
             stderr=subprocess.STDOUT,
             check=False,
         )
     results = subprocess.run(
         [mutmut, "results", "--all", "true"],
-        cwd=SCRATCH,
+        cwd=scratch,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return _report(results, files)
+    return _report(results, files, scratch)
 
 
-def _report(results: str, files: list[str]) -> int:
+def _report(results: str, files: list[str], scratch: Path) -> int:
     by_file: dict[str, Counter[str]] = {f: Counter() for f in files}
     survivors: list[str] = []
     for line in results.splitlines():
@@ -199,10 +202,10 @@ def _report(results: str, files: list[str]) -> int:
         rest = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "killed")
         score = f"{100 * killed / total:.0f}%" if total else "-"
         print(f"{path:40} {total:>8} {killed:>7} {score:>6}  {rest}")
-    listing = SCRATCH / "survivors.txt"
+    listing = scratch / "survivors.txt"
     listing.write_text("\n".join(survivors) + "\n")
     print(f"\nnot killed: {len(survivors)} (listed in {listing}; see one with")
-    print("  (cd .mutation && ../.venv/bin/mutmut show NAME))")
+    print(f"  (cd {scratch.relative_to(ROOT)} && {ROOT}/.venv/bin/mutmut show NAME))")
     return 0
 
 

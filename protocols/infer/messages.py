@@ -53,7 +53,7 @@ class Request(Message):
     TYPE: ClassVar[str] = "infer.request"
     request_id: str
     model_id: str
-    kind: str  # "chat" or "completion"
+    kind: str  # "chat", "completion", or SCORE
     messages: tuple[Turn, ...] = ()
     prompt: str = ""
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -63,6 +63,17 @@ class Request(Message):
     seed: int | None = None
     # Failover: the answer so far, which the provider continues (never repeats).
     continuation: str = ""
+    # A score request (kind SCORE, docs/protocols.md#score-requests): the
+    # answer's token ids to score as the model's answer to the rest of this
+    # request, whose kind ("chat" or "completion") is ``score_kind``.
+    score_ids: tuple[int, ...] = ()
+    score_kind: str = ""
+
+
+SCORE: Final = "score"
+"""Request kind of an audit: score ids someone else generated, generate nothing."""
+MAX_SCORE_IDS: Final = 4096
+"""The most token ids one score request may carry (a provider refuses more)."""
 
 
 def request_hash(request: Request) -> bytes:
@@ -78,6 +89,26 @@ class Chunk(Message):
     seq: int
     text: str
     tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scored(Message):
+    """What the model says of the ids of a score request, per id: the pieces of
+    ``inference/audit.py:Scores`` beyond the log-probabilities (which are the
+    commitment's). Signed inside the receipt: an auditor answers for its scores."""
+
+    gaps: tuple[float, ...] = ()  # to the best token's logit (0: the model's choice)
+    kept: tuple[bool, ...] = ()  # the request's sampler may draw it
+    below: tuple[float, ...] = ()  # probability of the tokens before it, sampler's order
+    prob: tuple[float, ...] = ()  # its own probability under the sampler
+    possible: tuple[bool, ...] = ()  # within the looser cut
+    prompt_tokens: int = 0  # the prompt (and any continuation) in the model's tokens
+    text: str = ""  # what the ids stand for
+    ends_with_eog: bool = False
+    cpu_s: float = 0.0
+    # Why no run of the model gives these ids (one outside its vocabulary):
+    # then nothing else is said.
+    impossible: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +130,9 @@ class Commitment(Message):
     # thousandths of a nat (temperature 1: inference/sampling.py).
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[int, ...] = ()
+    # A score request's answer: token_ids are the ids scored, logprobs the
+    # model's for them, and this the rest of what the model says of them.
+    scored: Scored | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -91,7 +91,7 @@ async def test_a_cheaper_quant_is_caught_and_never_asked_again(
 async def test_audit_records_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "audits.json"
 
-    async def nobody(_sha: str, _stack: object) -> None:
+    async def nobody(_sha: str, _peers: object, _stack: object) -> None:
         return None
 
     async def ignore(_job: object, _verdict: object) -> None:
@@ -144,7 +144,7 @@ async def test_a_commitment_no_honest_run_gives_is_caught_without_scoring(
     assert info.gguf_sha256 is not None
     caught: list[str] = []
 
-    async def scorers(_sha: str, _stack: object) -> LlamaCppEngine:
+    async def scorers(_sha: str, _peers: object, _stack: object) -> LlamaCppEngine:
         return net_engine
 
     async def on_caught(job: auditlib.Job, verdict: object) -> None:
@@ -184,7 +184,7 @@ async def test_an_auditor_too_busy_to_score_judges_nobody(network: Network) -> N
         (info,) = busy.models()
         assert info.gguf_sha256 is not None
 
-        async def scorers(_sha: str, _stack: object) -> LlamaCppEngine:
+        async def scorers(_sha: str, _peers: object, _stack: object) -> LlamaCppEngine:
             return busy
 
         async def on_caught(_job: auditlib.Job, _verdict: object) -> None:

@@ -6,9 +6,22 @@ from dataclasses import replace
 
 import pytest
 
-from p2pnode.p2p.consumer import FalseCommitment, check_commitment, offence_of_violation
+from p2pnode.p2p.consumer import (
+    FalseCommitment,
+    check_commitment,
+    check_scored,
+    offence_of_violation,
+)
 from p2pnode.p2p.reputation import Offence
-from p2pnode.protocols.infer.messages import Commitment, Done, Receipt, Request, request_hash
+from p2pnode.protocols.infer.messages import (
+    SCORE,
+    Commitment,
+    Done,
+    Receipt,
+    Request,
+    Scored,
+    request_hash,
+)
 
 WEIGHTS = "ab" * 32
 WIRE = Request(request_id="r1", model_id="m", kind="completion", prompt="hi", max_tokens=8)
@@ -73,3 +86,59 @@ def test_the_request_hash_covers_every_field() -> None:
         replace(WIRE, seed=3),
     ):
         assert request_hash(changed) != request_hash(WIRE)
+
+
+SCORE_WIRE = replace(WIRE, kind=SCORE, score_kind="completion", score_ids=(5, 6, 7))
+SCORED = Scored(
+    gaps=(0.0, 1.5, 0.0),
+    kept=(True, False, True),
+    below=(0.0, 1.0, 0.25),
+    prob=(0.9, 0.0, 0.5),
+    possible=(True, True, True),
+    prompt_tokens=2,
+    text=" a b",
+    ends_with_eog=False,
+)
+SCORES = Commitment(
+    request_hash=request_hash(SCORE_WIRE),
+    gguf_sha256=WEIGHTS,
+    prompt_tokens=5,
+    token_ids=(5, 6, 7),
+    logprobs=(-100, -2000, -3),
+    scored=SCORED,
+)
+
+
+def test_an_auditors_scores_pass_when_they_are_of_our_ids_and_in_range() -> None:
+    check_scored(done(SCORES, tokens=0), SCORE_WIRE, WEIGHTS)
+    # "No run of the model gives these ids" says nothing else, and is an answer.
+    impossible = replace(SCORES, logprobs=(), scored=Scored(impossible="id outside"))
+    check_scored(done(impossible, tokens=0), SCORE_WIRE, WEIGHTS)
+
+
+@pytest.mark.parametrize(
+    ("lie", "tokens", "weights", "why"),
+    [
+        (replace(SCORES, scored=None), 0, WEIGHTS, "no scores"),
+        (replace(SCORES, request_hash=request_hash(WIRE)), 0, WEIGHTS, "another request"),
+        (SCORES, 0, "cd" * 32, "other weights"),
+        (SCORES, 0, None, "other weights"),  # an offer naming no weights cannot audit
+        (replace(SCORES, token_ids=(5, 6, 8)), 0, WEIGHTS, "other ids"),
+        (SCORES, 1, WEIGHTS, "generated some"),
+        (replace(SCORES, completion_tokens=1), 0, WEIGHTS, "generated some"),
+        (replace(SCORES, logprobs=(-1, -2)), 0, WEIGHTS, "some ids only"),
+        (replace(SCORES, scored=replace(SCORED, kept=(True,))), 0, WEIGHTS, "some ids only"),
+        (replace(SCORES, scored=replace(SCORED, impossible="x")), 0, WEIGHTS, "some ids only"),
+        (replace(SCORES, logprobs=(-1, 2, -3)), 0, WEIGHTS, "no model gives"),
+        (replace(SCORES, scored=replace(SCORED, gaps=(0, -1, 0))), 0, WEIGHTS, "no model"),
+        (replace(SCORES, scored=replace(SCORED, prob=(0.9, 0, 1.5))), 0, WEIGHTS, "no model"),
+        (replace(SCORES, scored=replace(SCORED, below=(-0.1, 1, 0))), 0, WEIGHTS, "no model"),
+        (replace(SCORES, scored=replace(SCORED, prompt_tokens=-1)), 0, WEIGHTS, "no model"),
+    ],
+)
+def test_scores_an_auditor_could_not_have_measured_are_a_broken_promise(
+    lie: Commitment, tokens: int, weights: str | None, why: str
+) -> None:
+    with pytest.raises(FalseCommitment, match=why) as caught:
+        check_scored(done(lie, tokens=tokens), SCORE_WIRE, weights)
+    assert offence_of_violation(caught.value) is Offence.BROKEN_PROMISE

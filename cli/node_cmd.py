@@ -170,6 +170,13 @@ def show_id(as_json: bool) -> None:
     help="Consumer: share of answers audited beyond each provider's first (0 to 1).",
 )
 @option(
+    "--no-remote-audits",
+    is_flag=True,
+    default=False,
+    help="Consumer: audit only with weights this node holds; never show a prompt to "
+    "another provider for an audit.",
+)
+@option(
     "--reachability",
     type=click.Choice(["auto", "public", "private"]),
     default="auto",

@@ -115,6 +115,7 @@ class NodeOptions:
     dialback_per_peer_per_minute: int
     no_hole_punch: bool
     audit_rate: float
+    no_remote_audits: bool
 
     @classmethod
     def take(cls, values: dict[str, Any]) -> NodeOptions:
@@ -168,7 +169,9 @@ class NodeOptions:
                 requests_per_minute=self.dialback_per_minute,
                 requests_per_peer_per_minute=self.dialback_per_peer_per_minute,
             ),
-            audit=auditlib.Config(rate=self.audit_rate, path=audits),
+            audit=auditlib.Config(
+                rate=self.audit_rate, path=audits, remote=not self.no_remote_audits
+            ),
         )
 
     def relay_summary(self) -> str:

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 class Config:
     # Share of answers audited beyond each provider's first (--audit-rate).
     rate: float = 0.05
+    # Whether other providers of the weights may audit (they see the prompt and
+    # the answer); False: only with weights this node holds (--no-remote-audits).
+    remote: bool = True
     # Audits waiting to run; more are skipped (counted), never queued without end.
     max_pending: int = 8
     limits: Limits = field(default_factory=Limits)
@@ -114,10 +117,18 @@ class Counters:
     errors: int = 0  # the scorer failed (ids outside the vocabulary count as failed)
     remote: int = 0  # answers scored by another provider (a score request)
     unconfirmed: int = 0  # a remote finding no second auditor could check
-    disputed: int = 0  # a remote finding a second auditor did not confirm
+    disputed: int = 0  # two auditors disagreed and no third could decide
+    outvoted: int = 0  # an auditor two others contradicted
 
 
 Caught = Callable[[Job, Audit], Awaitable[None]]
+Misled = Callable[[str], Awaitable[None]]
+"""Told the peer of an auditor two others contradicted."""
+
+# Sampled-draw pools kept per provider, one per auditor that scored it.
+MAX_POOLS: Final = 8
+# A provider's answers audited for sure until one audit of it settles.
+FIRST_TRIES: Final = 3
 ScorerSource = Callable[[str, frozenset[str], AsyncExitStack], Awaitable[Scorer | None]]
 """``(sha256, peers, stack)``: an engine holding that GGUF (opened on ``stack``
 if it must be), or a :class:`RemoteScorer` that is none of ``peers``, or None."""
@@ -152,13 +163,15 @@ class Auditor:
         scorers: ScorerSource,
         caught: Caught,
         rng: random.Random | None = None,
+        misled: Misled | None = None,
     ) -> None:
         self.cfg = cfg
         self._scorers = scorers
         self._caught = caught
+        self._misled = misled or _nobody
         self._rng = rng or random.Random()  # noqa: S311 - which answers, not secrets
         self.records: dict[str, Record] = self._load()
-        self._pools: dict[str, PitPool] = {}
+        self._pools: dict[str, dict[str, PitPool]] = {}
         self._send, self._jobs = trio.open_memory_channel[Job](cfg.max_pending)
         self.counters = Counters()
         self._progress = trio.Event()  # set (and replaced) after each audit
@@ -215,7 +228,9 @@ class Auditor:
         record.answers += 1
         if record.caught:
             return False
-        first = record.audits == 0 and record.answers == 1
+        # Its first answers until one was audited: an audit that came to
+        # nothing (no auditor, a dispute) does not spare it to the rate.
+        first = record.audits == 0 and record.answers <= FIRST_TRIES
         if not first and self._rng.random() >= self.cfg.rate:
             return False
         try:
@@ -249,15 +264,14 @@ class Auditor:
     async def audit(self, job: Job) -> Audit | None:
         """Audit one answer now (None: nobody could judge it; see the counters).
 
-        A finding by a remote auditor (another provider, paid for its
-        scoring) is confirmed by a second one, of another peer and wallet,
-        before the provider is caught: one stranger's word could otherwise
-        frame an honest competitor (docs/architecture.md#audits).
+        A remote auditor's word settles nothing alone (docs/architecture.md#audits):
+        a finding is confirmed by a second auditor (another peer and wallet)
+        before the provider is caught, and when the second finds nothing a
+        third decides; the auditor it outvotes is told to the consumer
+        (``misled``), which counts it against that auditor.
         """
         commitment = job.done.receipt.commitment
         assert commitment is not None
-        sha = commitment.gguf_sha256
-        pool = self._pools.setdefault(job.peer, PitPool(self.cfg.limits))
         ids = commitment.token_ids
         # What no honest run gives, caught before any scoring work (and without
         # the weights): a log-probability short for some ids (the consumer
@@ -270,34 +284,21 @@ class Auditor:
             if len(ids) > job.wire.max_tokens + 1
             else None
         )
-        scorer = None if bad else await self._scorers(sha, frozenset({job.peer}), self._stack)
+        pool_of = ""  # whose sampled draws the settled verdict joins ("": ours)
         if bad:
-            verdict: Audit | None = _unscorable(bad, len(ids))
-        elif scorer is None:
-            self.counters.unauditable += 1
-            return None
+            verdict = _unscorable(bad, len(ids))
         else:
-            verdict = await self._judge(job, scorer, pool)
-        if verdict is not None and not verdict.passed and isinstance(scorer, RemoteScorer):
-            second = await self._scorers(sha, frozenset({job.peer, scorer.peer}), self._stack)
-            again = None if second is None else await self._judge(job, second, pool)
-            if again is None or again.passed:
-                if again is None:
-                    self.counters.unconfirmed += 1
-                    then = "no second auditor could check it"
-                else:
-                    self.counters.disputed += 1
-                    then = "a second auditor found nothing"
-                logger.warning(
-                    "audit: auditor %s found that %s did not run %s (%s); %s: not caught",
-                    short(scorer.peer), short(job.peer), job.wire.model_id,
-                    verdict.findings[0], then,
-                )  # fmt: skip
+            first = await self._opinion(job, frozenset({job.peer}))
+            if first is None:
                 return None
-            verdict = again
-        if verdict is None:
-            return None
-        pool.add(verdict.pits)
+            by, verdict = first
+            pool_of = by
+            if by and not verdict.passed:
+                settled = await self._confirm(job, by, verdict)
+                if settled is None:
+                    return None
+                pool_of, verdict = settled
+        self._pool(job.peer, pool_of).add(verdict.pits)
         record = self._record(job.peer)
         record.audits += 1
         self.counters.audits += 1
@@ -326,6 +327,68 @@ class Auditor:
             self._progress.set()
             self._progress = trio.Event()
         return verdict
+
+    async def _opinion(self, job: Job, peers: frozenset[str]) -> tuple[str, Audit] | None:
+        """A verdict on ``job`` by a scorer that is none of ``peers``: (the remote
+        auditor's peer, "" for ours; its verdict), or None when nobody could
+        give one. A remote auditor that gives none is replaced once."""
+        commitment = job.done.receipt.commitment
+        assert commitment is not None
+        for attempt in range(2):
+            scorer = await self._scorers(commitment.gguf_sha256, peers, self._stack)
+            if scorer is None:
+                if attempt == 0:
+                    self.counters.unauditable += 1
+                return None
+            by = scorer.peer if isinstance(scorer, RemoteScorer) else ""
+            verdict = await self._judge(job, scorer, self._pool(job.peer, by))
+            if verdict is not None:
+                return by, verdict
+            if not by:
+                return None
+            peers |= {by}
+        return None
+
+    async def _confirm(self, job: Job, by: str, found: Audit) -> tuple[str, Audit] | None:
+        """Settle remote auditor ``by``'s finding ``found``: (whose pool the settled
+        verdict joins, the verdict), or None if it cannot be settled."""
+        second = await self._opinion(job, frozenset({job.peer, by}))
+        if second is not None and not second[1].passed:
+            return second  # confirmed
+        if second is None:
+            self.counters.unconfirmed += 1
+            then = "no second auditor could check it"
+        else:
+            # One of the two is wrong: a third decides, and the one it
+            # outvotes is told.
+            other = second[0]
+            third = await self._opinion(job, frozenset({job.peer, by, other}))
+            if third is not None:
+                outvoted = by if third[1].passed else other
+                self.counters.outvoted += 1
+                logger.warning(
+                    "audit: auditor %s outvoted on %s's answer", short(outvoted), short(job.peer)
+                )
+                await self._misled(outvoted)
+                return third
+            self.counters.disputed += 1
+            then = "a second auditor found nothing and no third could decide"
+        logger.warning(
+            "audit: auditor %s found that %s did not run %s (%s); %s: not caught",
+            short(by), short(job.peer), job.wire.model_id, found.findings[0], then,
+        )  # fmt: skip
+        return None
+
+    def _pool(self, provider: str, auditor: str) -> PitPool:
+        """The provider's sampled draws as ``auditor`` ("": this node) scored them:
+        one pool per auditor, so that a lying one cannot tilt the others' test."""
+        pools = self._pools.setdefault(provider, {})
+        pool = pools.get(auditor)
+        if pool is None:
+            pool = pools[auditor] = PitPool(self.cfg.limits)
+            while len(pools) > MAX_POOLS:
+                pools.pop(next(iter(pools)))
+        return pool
 
     async def _judge(self, job: Job, scorer: Scorer, pool: PitPool) -> Audit | None:
         """``job`` as ``scorer`` scores it (None: it could not say)."""
@@ -444,6 +507,10 @@ def either(*sources: ScorerSource) -> ScorerSource:
         return None
 
     return scorer_for
+
+
+async def _nobody(_peer: str) -> None:
+    return None
 
 
 def _unscorable(why: str, tokens: int) -> Audit:

@@ -145,6 +145,7 @@ class Counters:
     broken_promises: int = 0  # answers beyond what was asked or offered
     paid_not_served: int = 0  # paid sessions a provider took and did not serve
     caught: int = 0  # providers an audit caught cheating
+    outvoted_auditors: int = 0  # auditors two others contradicted
 
 
 @dataclass
@@ -631,6 +632,12 @@ class Consumer:
             return done
         raise AssertionError("unreachable")  # pragma: no mutate
 
+    async def misled(self, peer: str) -> None:
+        """An auditor whose scores two others contradicted: a broken promise."""
+        self.counters.outvoted_auditors += 1
+        why = FalseCommitment("sent scores two other auditors contradict")
+        await self._offence(peer, "", Offence.BROKEN_PROMISE, why)
+
     async def remote_scorer(
         self, sha: str, peers: frozenset[str], _stack: object = None
     ) -> RemoteScorer | None:
@@ -977,6 +984,8 @@ def check_scored(done: Done, wire: Request, weights: str | None) -> None:
     ):
         raise FalseCommitment("scored other ids than ours, or generated some")
     scored = commitment.scored
+    if done.finish_reason != "stop":
+        raise FalseCommitment(f"ended a score request with {done.finish_reason!r}")
     ids = len(wire.score_ids)
     if scored.impossible:
         ids = 0  # nothing else is said
@@ -990,11 +999,27 @@ def check_scored(done: Done, wire: Request, weights: str | None) -> None:
     )
     if any(len(values) != ids for values in per_id):
         raise FalseCommitment("sent scores for some ids only")
+    if not (
+        done.prompt_tokens == commitment.prompt_tokens == scored.prompt_tokens + ids
+        or (scored.impossible and done.prompt_tokens == commitment.prompt_tokens)
+    ):
+        raise FalseCommitment("billed another prefill than the prompt and our ids")
+    # What the sampler's cut gives (inference/llamacpp.py:_score_one): a token
+    # it keeps has the probability mass before it and its own (at most 1 in
+    # all, give or take rounding) and is within the looser cut; one it does
+    # not keep has all the mass before it and none of its own.
+    eps = 1e-6
+    per_token = zip(scored.kept, scored.below, scored.prob, scored.possible, strict=True)
     in_range = (
         all(lp <= 0 for lp in commitment.logprobs)
         and all(gap >= 0 for gap in scored.gaps)
         and all(0.0 <= p <= 1.0 for p in (*scored.below, *scored.prob))
+        and all(
+            (below + prob <= 1.0 + eps and possible) if kept else (below, prob) == (1.0, 0.0)
+            for kept, below, prob, possible in per_token
+        )
         and scored.prompt_tokens >= 0
+        and scored.cpu_s >= 0
     )
     if not in_range:
         raise FalseCommitment("sent scores no model gives")

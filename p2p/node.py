@@ -121,9 +121,11 @@ class Node:
                 config.audit,
                 # Our own copy of the weights first; else another provider's.
                 auditlib.either(
-                    auditlib.local_scorers(self.offering.engines), self.consumer.remote_scorer
+                    auditlib.local_scorers(self.offering.engines),
+                    *([self.consumer.remote_scorer] if config.audit.remote else []),
                 ),
                 self.consumer.caught,
+                misled=self.consumer.misled,
             )
             if config.audit is not None
             else None

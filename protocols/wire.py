@@ -170,8 +170,25 @@ class Message:
         return _decode_fields(cls, data, cls.__name__)
 
 
+_ADDED: Final = "p2pnode.added"
+
+
+def added(default: Any) -> Any:
+    """A field added to a message after peers already spoke it: left out of the
+    encoding while it holds ``default`` (an immutable value), so a message that
+    does not use it is, byte for byte, what an older peer sends, hashes and
+    signs (docs/protocols.md#messages)."""
+    return dataclasses.field(default=default, metadata={_ADDED: True})
+
+
 def _encode_fields(msg: Message) -> dict[str, Any]:
-    return {f.name: _encode_value(getattr(msg, f.name)) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
+    body: dict[str, Any] = {}
+    for f in dataclasses.fields(msg):  # type: ignore[arg-type]
+        value = getattr(msg, f.name)
+        if f.metadata.get(_ADDED) and value == f.default:
+            continue
+        body[f.name] = _encode_value(value)
+    return body
 
 
 def _encode_value(value: Any) -> Any:

@@ -60,8 +60,11 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "tests/p2p/test_failover.py",
             "tests/p2p/test_hostile.py",
             "tests/p2p/test_sessions.py",
+            "tests/p2p/test_commitments.py",
             "tests/e2e/test_paid_hostile.py",
             "tests/e2e/test_paid_sessions.py",
+            "tests/e2e/test_audits.py",
+            "tests/e2e/test_remote_audits.py",
         ),
     ),
     "market": (
@@ -71,7 +74,11 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "p2p/market/ledger.py",
             "p2p/market/config.py",
         ),
-        ("tests/e2e/test_paid_hostile.py", "tests/chain/test_marketplace.py"),
+        (
+            "tests/e2e/test_paid_hostile.py",
+            "tests/e2e/test_paid_sessions.py",
+            "tests/chain/test_marketplace.py",
+        ),
     ),
 }
 

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from p2pnode.protocols.wire import Codec, Error, Message, signing_payload
+from p2pnode.protocols.wire import Codec, Error, Message, added, signing_payload
 
 RECEIPT_DOMAIN: Final = b"p2pnode/receipt/1:"
 REQUEST_DOMAIN: Final = b"p2pnode/request/1:"
@@ -66,8 +66,8 @@ class Request(Message):
     # A score request (kind SCORE, docs/protocols.md#score-requests): the
     # answer's token ids to score as the model's answer to the rest of this
     # request, whose kind ("chat" or "completion") is ``score_kind``.
-    score_ids: tuple[int, ...] = ()
-    score_kind: str = ""
+    score_ids: tuple[int, ...] = added(())
+    score_kind: str = added("")
 
 
 SCORE: Final = "score"
@@ -132,7 +132,7 @@ class Commitment(Message):
     logprobs: tuple[int, ...] = ()
     # A score request's answer: token_ids are the ids scored, logprobs the
     # model's for them, and this the rest of what the model says of them.
-    scored: Scored | None = None
+    scored: Scored | None = added(None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

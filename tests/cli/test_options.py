@@ -45,6 +45,7 @@ def test_every_node_flag_reaches_its_field() -> None:
             "--dialback-per-peer-per-minute", "4",
             "--no-hole-punch",
             "--audit-rate", "0.25",
+            "--no-remote-audits",
         ]
     )  # fmt: skip
     config = parsed.node_config(Path("control.sock"), None, Path("audits.json"))
@@ -62,6 +63,7 @@ def test_every_node_flag_reaches_its_field() -> None:
     assert config.market is None
     assert config.audit is not None
     assert (config.audit.rate, config.audit.path) == (0.25, Path("audits.json"))
+    assert config.audit.remote is False
 
 
 def test_the_defaults_are_the_readmes() -> None:
@@ -77,6 +79,8 @@ def test_the_defaults_are_the_readmes() -> None:
     assert relay.hole_punch is True
     assert config.dialback.requests_per_minute == 60
     assert config.dialback.requests_per_peer_per_minute == 6
+    assert config.audit is not None
+    assert (config.audit.rate, config.audit.remote) == (0.05, True)
 
 
 def test_the_paying_flags_reach_the_consumers_terms(tmp_path: Path) -> None:

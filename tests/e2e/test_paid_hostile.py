@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, replace
@@ -198,8 +200,10 @@ async def _after_the_claim_window(paid: Paid, session_id: bytes) -> None:
 
 @pytest.mark.parametrize("code", [RejectCode.BAD_SESSION, RejectCode.BUSY])
 async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
-    paid: Paid, monkeypatch: pytest.MonkeyPatch, code: RejectCode
+    paid: Paid, monkeypatch: pytest.MonkeyPatch, code: RejectCode, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="p2pnode.p2p.market.stakes")
+
     # The attack: a provider rejects every session after the consumer opened it
     # on chain. It used to be paid until the idle close, session after session,
     # then the seconds until the consumer's close at once: now exactly nothing.
@@ -239,6 +243,19 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     with trio.fail_after(BOUND_S):
         await paid.consumer_market.close_all()
     assert chain.session(session_id).open
+    # ... which the user was told once, with when it comes back.
+    back = chain.session(session_id).ends_at + CLAIM_WINDOW_S
+    told = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "p2pnode.p2p.market.stakes" and "escrow" in r.getMessage()
+    ]
+    assert told == [
+        f"session {session_id.hex()[:8]} with {paid.provider.peer_id[-8:]}: never served; "
+        f"its stake of {stake} is left in escrow and comes back by chain time {back} "
+        f"({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(back))} UTC: its end plus the "
+        "claim window), or sooner if the provider settles it"
+    ]
     # ... and once it has passed, the consumer closes it: the thief gained nothing.
     await _after_the_claim_window(paid, session_id)
     assert not chain.session(session_id).open

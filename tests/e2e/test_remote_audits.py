@@ -164,6 +164,19 @@ async def test_one_lying_auditor_cannot_get_an_honest_provider_caught(
     record = auditor.records[victim.peer_id]
     assert (record.audits, record.passed, record.caught) == (1, 1, "")
     assert framer_engine.scored == 2
+    # With a third honest auditor, the framer (asked first) is outvoted two to
+    # one: the victim passes, and the lie counts against the framer.
+    await net.add_provider(gemma)
+    net.consumer.consumer.choose_auditor = prefer(framer.peer_id)  # type: ignore[assignment]
+    assert await ask(net, victim)
+    await audits_settled(auditor)
+    assert framer_engine.scored == 3
+    assert (auditor.counters.outvoted, auditor.counters.disputed) == (1, 1)
+    assert auditor.records[victim.peer_id].passed == 2
+    standing = net.consumer.reputation.standing(framer.peer_id, trio.current_time())
+    assert standing is not None
+    assert standing.offences == {Offence.BROKEN_PROMISE.value: 1}
+    assert net.consumer.consumer.counters.outvoted_auditors == 1
     assert net.consumer.consumer.counters.caught == 0
 
 

@@ -109,36 +109,104 @@ SCORES = Commitment(
 )
 
 
+def scored(
+    commitment: Commitment, *, tokens: int = 0, finish: str = "stop", prompt: int = 5
+) -> Done:
+    """An auditor's Done for SCORE_WIRE: its prefill billed as prompt tokens."""
+    receipt = Receipt(
+        session_id=b"s", requests=1, prompt_tokens=prompt, completion_tokens=tokens,
+        commitment=commitment,
+    )  # fmt: skip
+    return Done(
+        finish_reason=finish, prompt_tokens=prompt, completion_tokens=tokens, receipt=receipt
+    )
+
+
 def test_an_auditors_scores_pass_when_they_are_of_our_ids_and_in_range() -> None:
-    check_scored(done(SCORES, tokens=0), SCORE_WIRE, WEIGHTS)
+    check_scored(scored(SCORES), SCORE_WIRE, WEIGHTS)
     # "No run of the model gives these ids" says nothing else, and is an answer.
     impossible = replace(SCORES, logprobs=(), scored=Scored(impossible="id outside"))
-    check_scored(done(impossible, tokens=0), SCORE_WIRE, WEIGHTS)
+    check_scored(scored(impossible, prompt=5), SCORE_WIRE, WEIGHTS)
 
 
 @pytest.mark.parametrize(
-    ("lie", "tokens", "weights", "why"),
+    ("lie", "tokens", "weights", "why", "finish"),
     [
-        (replace(SCORES, scored=None), 0, WEIGHTS, "no scores"),
-        (replace(SCORES, request_hash=request_hash(WIRE)), 0, WEIGHTS, "another request"),
-        (SCORES, 0, "cd" * 32, "other weights"),
-        (SCORES, 0, None, "other weights"),  # an offer naming no weights cannot audit
-        (replace(SCORES, token_ids=(5, 6, 8)), 0, WEIGHTS, "other ids"),
-        (SCORES, 1, WEIGHTS, "generated some"),
-        (replace(SCORES, completion_tokens=1), 0, WEIGHTS, "generated some"),
-        (replace(SCORES, logprobs=(-1, -2)), 0, WEIGHTS, "some ids only"),
-        (replace(SCORES, scored=replace(SCORED, kept=(True,))), 0, WEIGHTS, "some ids only"),
-        (replace(SCORES, scored=replace(SCORED, impossible="x")), 0, WEIGHTS, "some ids only"),
-        (replace(SCORES, logprobs=(-1, 2, -3)), 0, WEIGHTS, "no model gives"),
-        (replace(SCORES, scored=replace(SCORED, gaps=(0, -1, 0))), 0, WEIGHTS, "no model"),
-        (replace(SCORES, scored=replace(SCORED, prob=(0.9, 0, 1.5))), 0, WEIGHTS, "no model"),
-        (replace(SCORES, scored=replace(SCORED, below=(-0.1, 1, 0))), 0, WEIGHTS, "no model"),
-        (replace(SCORES, scored=replace(SCORED, prompt_tokens=-1)), 0, WEIGHTS, "no model"),
+        (replace(SCORES, scored=None), 0, WEIGHTS, "no scores", "stop"),
+        (replace(SCORES, request_hash=request_hash(WIRE)), 0, WEIGHTS, "another request", "stop"),
+        (SCORES, 0, "cd" * 32, "other weights", "stop"),
+        (SCORES, 0, None, "other weights", "stop"),  # an offer naming no weights cannot audit
+        (replace(SCORES, token_ids=(5, 6, 8)), 0, WEIGHTS, "other ids", "stop"),
+        (SCORES, 1, WEIGHTS, "generated some", "stop"),
+        (replace(SCORES, completion_tokens=1), 0, WEIGHTS, "generated some", "stop"),
+        (replace(SCORES, logprobs=(-1, -2)), 0, WEIGHTS, "some ids only", "stop"),
+        (
+            replace(SCORES, scored=replace(SCORED, kept=(True,))),
+            0,
+            WEIGHTS,
+            "some ids only",
+            "stop",
+        ),
+        (
+            replace(SCORES, scored=replace(SCORED, impossible="x")),
+            0,
+            WEIGHTS,
+            "some ids only",
+            "stop",
+        ),
+        (replace(SCORES, logprobs=(-1, 2, -3)), 0, WEIGHTS, "no model gives", "stop"),
+        (replace(SCORES, scored=replace(SCORED, gaps=(0, -1, 0))), 0, WEIGHTS, "no model", "stop"),
+        (
+            replace(SCORES, scored=replace(SCORED, prob=(0.9, 0, 1.5))),
+            0,
+            WEIGHTS,
+            "no model",
+            "stop",
+        ),
+        (
+            replace(SCORES, scored=replace(SCORED, below=(-0.1, 1, 0))),
+            0,
+            WEIGHTS,
+            "no model",
+            "stop",
+        ),
+        (replace(SCORES, scored=replace(SCORED, prompt_tokens=-1)), 0, WEIGHTS, "prefill", "stop"),
+        (SCORES, 0, WEIGHTS, "ended a score request with 'length'", "length"),
+        (replace(SCORES, prompt_tokens=9), 0, WEIGHTS, "another prefill", "stop"),
+        (
+            replace(SCORES, scored=replace(SCORED, prob=(0.9, 0, 0.8))),
+            0,
+            WEIGHTS,
+            "no model",
+            "stop",
+        ),
+        (
+            replace(SCORES, scored=replace(SCORED, possible=(False, True, True))),
+            0,
+            WEIGHTS,
+            "no model",
+            "stop",
+        ),
+        (
+            replace(SCORES, scored=replace(SCORED, prob=(0.9, 0.1, 0.5))),
+            0,
+            WEIGHTS,
+            "no model",
+            "stop",
+        ),
+        (
+            replace(SCORES, scored=replace(SCORED, below=(0, 0.5, 0.25))),
+            0,
+            WEIGHTS,
+            "no model",
+            "stop",
+        ),
+        (replace(SCORES, scored=replace(SCORED, cpu_s=-1.0)), 0, WEIGHTS, "no model", "stop"),
     ],
 )
 def test_scores_an_auditor_could_not_have_measured_are_a_broken_promise(
-    lie: Commitment, tokens: int, weights: str | None, why: str
+    lie: Commitment, tokens: int, weights: str | None, why: str, finish: str
 ) -> None:
     with pytest.raises(FalseCommitment, match=why) as caught:
-        check_scored(done(lie, tokens=tokens), SCORE_WIRE, weights)
+        check_scored(scored(lie, tokens=tokens, finish=finish), SCORE_WIRE, weights)
     assert offence_of_violation(caught.value) is Offence.BROKEN_PROMISE

@@ -11,7 +11,7 @@ MockClock, so the consumer's timeouts pass in virtual time.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 
 import pytest
@@ -813,3 +813,46 @@ async def test_the_time_of_an_answer_runs_from_its_first_chunk(autojump_clock: M
     await trio.sleep(2.0)
     await guard.deliver(Chunk("b", 1))
     assert guard.elapsed_s == 2.0
+
+
+class RecordingEngine(ScriptedEngine):
+    """A ScriptedEngine that keeps the continuation of every request it gets."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        super().__init__(pieces)
+        self.continuations: list[str] = []
+
+    def stream(
+        self, request: Request
+    ) -> AbstractAsyncContextManager[trio.abc.ReceiveChannel[Chunk]]:
+        self.continuations.append(request.continuation)
+        return super().stream(request)
+
+
+async def test_two_failovers_each_continue_exactly_the_text_so_far(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Three providers, fastest first: the first two hang mid-answer, each
+    # after a few chunks; the third continues from everything already
+    # delivered, verbatim, and the failovers are counted once each.
+    first = ScriptedEngine(["One", " two", " three"])
+    first.fail = trio.sleep_forever
+    second = RecordingEngine([" four", " five"])
+    second.fail = trio.sleep_forever
+    third = RecordingEngine([" six", " seven"])
+    async with (
+        _network(memory, first, honest=second) as (me, bad, good),
+        open_memory_node(
+            memory, NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],)), engines=[third]
+        ) as last,
+    ):
+        last.offering.set_models((replace(last.offering.models[0], tokens_per_s=1.0),))
+        await _hold_offers(me, (last,), _known)
+        with trio.fail_after(BOUND_S):
+            text, outcome = await _generate(me, _request())
+    assert second.continuations == ["One two three"]
+    assert third.continuations == ["One two three four five"]
+    assert text == "One two three four five six seven"
+    assert (outcome.provider, outcome.failovers) == (last.peer_id, 2)
+    assert outcome.completion_tokens == 7
+    assert me.consumer.counters.failovers == 2

@@ -1,0 +1,85 @@
+"""Byte vectors of messages as peers of an earlier version encode, hash and sign
+them: a field added since is left out at its default (protocols/wire.py:added),
+so those peers' hashes and signatures still agree (docs/protocols.md#messages).
+
+The vectors were computed with the code of commit a3116de, before score
+requests added ``score_ids``, ``score_kind`` and ``Commitment.scored``.
+"""
+
+from __future__ import annotations
+
+from p2pnode.protocols.infer.messages import (
+    SCORE,
+    SEALED_CODEC,
+    Commitment,
+    Receipt,
+    Request,
+    Scored,
+    Turn,
+    request_hash,
+)
+
+REQUEST = Request(
+    request_id="r1",
+    model_id="m",
+    kind="chat",
+    messages=(Turn(role="user", content="hi"),),
+    max_tokens=8,
+    temperature=0.5,
+    top_p=0.9,
+    stop=("x",),
+    seed=7,
+    continuation="c",
+)
+REQUEST_HASH = "5bf9c66484f51753749c4250f57af565c101c9da2121c277ebf1806c8acfb921"
+
+RECEIPT = Receipt(
+    session_id=b"s",
+    requests=1,
+    prompt_tokens=2,
+    completion_tokens=3,
+    commitment=Commitment(
+        request_hash=b"h" * 32,
+        gguf_sha256="ab",
+        prompt_tokens=2,
+        completion_tokens=3,
+        token_ids=(1, 2, 3),
+        logprobs=(-1, -2, -3),
+    ),
+)
+RECEIPT_SIGNED = (
+    "7032706e6f64652f726563656970742f313a86aa73657373696f6e5f6964c40173a872657175657374"
+    "7301ad70726f6d70745f746f6b656e7302b1636f6d706c6574696f6e5f746f6b656e7303aa636f6d6d"
+    "69746d656e7486ac726571756573745f68617368c42068686868686868686868686868686868686868"
+    "68686868686868686868686868ab676775665f736861323536a26162ad70726f6d70745f746f6b656e"
+    "7302b1636f6d706c6574696f6e5f746f6b656e7303a9746f6b656e5f69647393010203a86c6f677072"
+    "6f627393fffefda174a0"
+)
+
+
+def test_a_request_hashes_as_before_score_requests_existed() -> None:
+    assert request_hash(REQUEST).hex() == REQUEST_HASH
+    assert "score_ids" not in REQUEST.to_wire()
+
+
+def test_a_receipt_signs_the_same_bytes_as_before() -> None:
+    assert RECEIPT.signing_bytes().hex() == RECEIPT_SIGNED
+
+
+def test_added_fields_travel_once_they_are_used() -> None:
+    score = Request(
+        request_id="s1", model_id="m", kind=SCORE, prompt="hi", score_kind="completion",
+        score_ids=(5, 6),
+    )  # fmt: skip
+    body = SEALED_CODEC.encode_body(score)
+    assert SEALED_CODEC.decode(body) == score
+    assert request_hash(score) != request_hash(Request(request_id="s1", model_id="m", kind=SCORE))
+    assert RECEIPT.commitment is not None
+    scored = Receipt(
+        session_id=b"s", requests=1, prompt_tokens=2, completion_tokens=0,
+        commitment=Commitment(request_hash=b"h" * 32, scored=Scored(impossible="no")),
+    )  # fmt: skip
+    assert b"scored" in scored.signing_bytes()
+    # An older peer's map (no added fields at all) decodes to their defaults.
+    old = {k: v for k, v in score.to_wire().items() if not k.startswith("score")}
+    assert Request.from_wire(old) == Request(request_id="s1", model_id="m", kind=SCORE, prompt="hi")

@@ -101,6 +101,11 @@ def scores_of(commitment: Commitment, scored: Scored) -> Scores:
     )
 
 
+CUT: Final = "cut"
+"""Finish reason of an answer its provider never finished (a failover cut it
+short): audited as far as it was streamed, with no usage claim to check."""
+
+
 # The looser cut a sampled token must fall within (``Scores.possible``): the
 # protocol's TOP_K, top_p and MIN_P cut where probabilities are compared, and
 # the auditor's probabilities differ from the provider's by the noise above
@@ -212,7 +217,7 @@ def audit(
             )
         )
     # A paused answer (paid: acknowledged mid-way) bills no prompt: its Done says 0.
-    if commitment.prompt_tokens != scores.prompt_tokens and finish_reason != PAUSED:
+    if commitment.prompt_tokens != scores.prompt_tokens and finish_reason not in (PAUSED, CUT):
         findings.append(
             Finding(
                 "usage",

@@ -215,8 +215,9 @@ class Auditor:
         record = self.records.get(peer)
         return record is not None and bool(record.caught)
 
-    def consider(self, job: Job) -> bool:
-        """Audit ``job`` later if it is chosen; True if it was queued."""
+    def consider(self, job: Job, *, always: bool = False) -> bool:
+        """Audit ``job`` later if it is chosen (``always``: it is); True if it was
+        queued."""
         commitment = job.done.receipt.commitment
         # Text with no ids for it is audited too (it fails on "text"): a
         # provider cannot dodge audits by committing to nothing.
@@ -231,7 +232,7 @@ class Auditor:
         # Its first answers until one was audited: an audit that came to
         # nothing (no auditor, a dispute) does not spare it to the rate.
         first = record.audits == 0 and record.answers <= FIRST_TRIES
-        if not first and self._rng.random() >= self.cfg.rate:
+        if not (first or always) and self._rng.random() >= self.cfg.rate:
             return False
         try:
             self._send.send_nowait(job)

@@ -55,7 +55,7 @@ from p2pnode.errors import (
     UnreachableError,
 )
 from p2pnode.inference import engine as enginelib
-from p2pnode.inference.audit import Audit, ImpossibleAnswer, Scores, scores_of
+from p2pnode.inference.audit import CUT, Audit, ImpossibleAnswer, Scores, scores_of
 from p2pnode.inference.stops import StopScan
 from p2pnode.p2p.audit import Auditor, Job, RemoteScorer
 from p2pnode.p2p.dialer import Dialer
@@ -73,7 +73,9 @@ from p2pnode.protocols.infer.messages import (
     SCORE,
     Ack,
     Chunk,
+    Commitment,
     Done,
+    Receipt,
     Request,
     Turn,
     request_hash,
@@ -146,6 +148,7 @@ class Counters:
     paid_not_served: int = 0  # paid sessions a provider took and did not serve
     caught: int = 0  # providers an audit caught cheating
     outvoted_auditors: int = 0  # auditors two others contradicted
+    cross_checks: int = 0  # answers cut short by a failover, audited
 
 
 @dataclass
@@ -243,9 +246,14 @@ class Consumer:
         def stopped() -> bool:  # read anew after each await (on_chunk sets it)
             return scan.stopped
 
+        # What the provider asked now streamed, as it streamed it (the ids too):
+        # if it fails before its Done, a failover cross-check audits it.
+        streamed = _Streamed()
+
         async def on_chunk(chunk: Chunk) -> None:
             nonlocal produced, unsent_tokens
             delivered.append(chunk.text)
+            streamed.add(chunk)
             produced += chunk.tokens
             text = scan.feed(chunk.text)
             if text:
@@ -328,8 +336,13 @@ class Consumer:
             wire = wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
             before = produced
             text_before = len(delivered)
+            streamed = _Streamed()
             try:
-                done = await self.request_on(peer, wire, on_chunk, reopened)
+                try:
+                    done = await self.request_on(peer, wire, on_chunk, reopened)
+                except (RemoteProtocolError, NetworkError):
+                    self._cross_check(peer, wire, streamed)
+                    raise
             except _Stopped:  # the answer reached a stop string; the stream was reset
                 self.reputation.served(peer, trio.current_time())
                 return Outcome("stop", 0, produced, peer, failovers)
@@ -384,12 +397,13 @@ class Consumer:
             if isinstance(done, Refusal):
                 last_error = f"{short(peer)}: {done}"
                 now = trio.current_time()
-                streamed = produced != before
+                self._cross_check(peer, wire, streamed)
+                streamed_any = produced != before
                 if done.is_one_of(*_SLOW_DOWN):
                     slow_down.add(peer)
                 elif (
                     done.is_one_of(*_BUSY)
-                    and not streamed
+                    and not streamed_any
                     and not self.reputation.banned(peer, now)
                 ):
                     # (banned: it said busy after our on-chain open, see _open)
@@ -409,7 +423,7 @@ class Consumer:
                     tried.discard(peer)
                     await self._drop_session(peer, request.model_id)
                 else:
-                    offence = offence_of_refusal(done, streamed)
+                    offence = offence_of_refusal(done, streamed_any)
                     failures += await self._offence(peer, request.model_id, offence, done)
                 continue
             self.reputation.served(peer, trio.current_time())
@@ -438,6 +452,37 @@ class Consumer:
         raise NoProviderError(
             f"no provider could serve {request.model_id!r} ({last_error})",
             rate_limited=bool(asked) and asked == slow_down,
+        )
+
+    def _cross_check(self, peer: str, wire: Request, streamed: _Streamed) -> None:
+        """A provider failed before its Done, after streaming part of the answer:
+        audit what it streamed (always, not at the rate: docs/architecture.md#audits).
+
+        Its chunks carried the ids and log-probabilities; no signed commitment
+        covers them (the session's keys authenticated them), so the evidence
+        of a catch this way is the measurement alone.
+        """
+        if self.auditor is None or not streamed.ids:
+            return
+        offer = self._book.get(peer)
+        terms = offer.serves(wire.model_id) if offer is not None else None
+        if terms is None or not terms.gguf_sha256:
+            return
+        ids, tokens = tuple(streamed.ids), len(streamed.ids)
+        commitment = Commitment(
+            request_hash=request_hash(wire),
+            gguf_sha256=terms.gguf_sha256,
+            completion_tokens=tokens,
+            token_ids=ids,
+            logprobs=tuple(streamed.logprobs),
+        )
+        receipt = Receipt(
+            session_id=b"", requests=0, prompt_tokens=0, completion_tokens=tokens,
+            commitment=commitment,
+        )  # fmt: skip
+        done = Done(finish_reason=CUT, prompt_tokens=0, completion_tokens=tokens, receipt=receipt)
+        self.counters.cross_checks += int(
+            self.auditor.consider(Job(peer, wire, done, "".join(streamed.text)), always=True)
         )
 
     def _unserved_paid(self, peer: str, model_id: str) -> bool:
@@ -1030,6 +1075,25 @@ class FalseCommitment(RemoteProtocolError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.BAD_FIELD, message)
+
+
+@dataclass
+class _Streamed:
+    """What one provider streamed for one request: its text and, per token, id and
+    log-probability (bounded by the request's ReplyGuard)."""
+
+    text: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[int] = field(default_factory=list)
+
+    def add(self, chunk: Chunk) -> None:
+        self.text.append(chunk.text)
+        # Ids only as many as the tokens the chunk counts (which the guard
+        # bounds), each with its log-probability: others are not kept, and
+        # the ids left then miss text, which the audit finds.
+        if len(chunk.token_ids) == len(chunk.logprobs) == chunk.tokens:
+            self.ids += chunk.token_ids
+            self.logprobs += chunk.logprobs
 
 
 class _Stopped(Exception):  # noqa: N818 - a way out, not an error

@@ -433,7 +433,12 @@ class Provider:
                             logprobs += chunk.logprobs
                             if chunk.text:
                                 produced += chunk.tokens
-                                await emit(chunk.text, chunk.tokens)
+                                await emit(
+                                    chunk.text,
+                                    chunk.tokens,
+                                    chunk.token_ids,
+                                    [round(lp * 1000) for lp in chunk.logprobs],
+                                )
                             if chunk.finish_reason is not None:
                                 finish, usage = chunk.finish_reason, chunk.usage
                             elif trio.current_time() >= pause_at:

@@ -11,6 +11,7 @@ itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -27,6 +28,8 @@ class Config:
 class Batch:
     text: str
     tokens: int
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[int, ...] = ()
 
 
 @dataclass
@@ -36,13 +39,25 @@ class TokenBatcher:
     cfg: Config = field(default_factory=Config)
     _parts: list[str] = field(default_factory=list)
     _tokens: int = 0
+    _ids: list[int] = field(default_factory=list)
+    _logprobs: list[int] = field(default_factory=list)
     _since: float | None = None
     _sent_any: bool = False
 
-    def add(self, text: str, tokens: int, now: float) -> Batch | None:
-        """Add a piece; returns the batch to send now, if one is due."""
+    def add(
+        self,
+        text: str,
+        tokens: int,
+        now: float,
+        ids: Sequence[int] = (),
+        logprobs: Sequence[int] = (),
+    ) -> Batch | None:
+        """Add a piece (with its token ids and log-probabilities, if the engine
+        has them); returns the batch to send now, if one is due."""
         self._parts.append(text)
         self._tokens += tokens
+        self._ids += ids
+        self._logprobs += logprobs
         if self._since is None:
             self._since = now
         if not self._sent_any or self._tokens >= self.cfg.max_tokens:
@@ -59,9 +74,11 @@ class TokenBatcher:
         """Everything waiting, as one batch (None if nothing waits)."""
         if self._since is None:
             return None
-        batch = Batch("".join(self._parts), self._tokens)
+        batch = Batch("".join(self._parts), self._tokens, tuple(self._ids), tuple(self._logprobs))
         self._parts.clear()
         self._tokens = 0
+        self._ids.clear()
+        self._logprobs.clear()
         self._since = None
         self._sent_any = True
         return batch

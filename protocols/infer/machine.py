@@ -247,10 +247,19 @@ class ProviderMachine(_Side):
         self._require(State.CHECKING, "refuse")
         return self.send_error(Error(code=int(code), message=message[:200]))
 
-    def chunk(self, text: str, tokens: int) -> bytes:
+    def chunk(
+        self,
+        text: str,
+        tokens: int,
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[int, ...] = (),
+    ) -> bytes:
         """Bytes of the next sealed Chunk."""
         self._require(State.STREAMING, "send a chunk")
-        frame = self.sealed_frame(Chunk(seq=self._seq, text=text, tokens=tokens))
+        chunk = Chunk(
+            seq=self._seq, text=text, tokens=tokens, token_ids=token_ids, logprobs=logprobs
+        )
+        frame = self.sealed_frame(chunk)
         self._seq += 1
         return frame
 

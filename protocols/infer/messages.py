@@ -89,6 +89,11 @@ class Chunk(Message):
     seq: int
     text: str
     tokens: int
+    # The ids of the tokens and the model's log-probability of each (thousandths
+    # of a nat), as the commitment will list them: what a failover cross-check
+    # audits when the provider fails before its Done (docs/architecture.md#audits).
+    token_ids: tuple[int, ...] = added(())
+    logprobs: tuple[int, ...] = added(())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,8 +12,9 @@ resets it cancels the generation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -127,8 +128,16 @@ async def request(
 
 # --- provider ----------------------------------------------------------------
 
-Emit = Callable[[str, int], Awaitable[None]]
-"""Hands generated text (and the tokens it took) to the stream."""
+
+class Emit(Protocol):
+    """Hands generated text (the tokens it took and, from an engine that runs
+    the model, their ids and log-probabilities in thousandths of a nat) to
+    the stream."""
+
+    async def __call__(
+        self, text: str, tokens: int, ids: Sequence[int] = (), logprobs: Sequence[int] = ()
+    ) -> None: ...
+
 
 Lookup = Callable[[InferOpen], SessionKeys | Error]
 """The keys of the session an InferOpen names, or the Error to refuse it with."""
@@ -239,8 +248,10 @@ class _Generation:
                 f"the consumer read nothing for {self._cfg.write_s:g} s"
             ) from exc
 
-    async def _emit(self, text: str, tokens: int) -> None:
-        batch = self._batcher.add(text, tokens, trio.current_time())
+    async def _emit(
+        self, text: str, tokens: int, ids: Sequence[int] = (), logprobs: Sequence[int] = ()
+    ) -> None:
+        batch = self._batcher.add(text, tokens, trio.current_time(), ids, logprobs)
         if batch is None:
             self._pending.set()
             return
@@ -269,7 +280,9 @@ class _Generation:
 
     async def _send_chunk(self, batch: Batch) -> None:
         if self._machine.state is State.STREAMING:  # not after an Error or Done
-            await self._write(self._machine.chunk(batch.text, batch.tokens))
+            await self._write(
+                self._machine.chunk(batch.text, batch.tokens, batch.token_ids, batch.logprobs)
+            )
 
     async def _watch(self, generation: trio.CancelScope) -> None:
         """Read what the consumer sends while we generate: its Ack, or its leaving."""

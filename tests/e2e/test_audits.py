@@ -3,6 +3,8 @@ quant under the bundled model's name, stops asking it, and remembers."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import trio
 
 from p2pnode.errors import NoProviderError
-from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.inference.engine import ChatMessage, Chunk, Engine, ModelInfo, Params, Request
 from p2pnode.inference.llamacpp import Config, LlamaCppEngine, bundled_model_path, open_llamacpp
 from p2pnode.p2p import audit as auditlib
 from p2pnode.p2p.reputation import Offence
@@ -208,3 +210,88 @@ async def test_an_auditor_too_busy_to_score_judges_nobody(network: Network) -> N
     assert auditor.counters.errors == 1
     assert auditor.counters.audits == 0
     assert not auditor.is_caught("p")
+
+
+class DiesAfter:
+    """Streams ``inner``'s first ``chunks`` chunks, then its node dies (a test
+    wrapper: the provider's process killed mid-answer)."""
+
+    def __init__(self, inner: Engine, chunks: int) -> None:
+        self._inner = inner
+        self._chunks = chunks
+        self.die: Callable[[], None] = lambda: None
+
+    def models(self) -> list[ModelInfo]:
+        return self._inner.models()
+
+    @property
+    def slots_total(self) -> int:
+        return self._inner.slots_total
+
+    @property
+    def slots_free(self) -> int:
+        return self._inner.slots_free
+
+    @property
+    def queue_len(self) -> int:
+        return self._inner.queue_len
+
+    @asynccontextmanager
+    async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
+        send, receive = trio.open_memory_channel[Chunk](1024)
+
+        async def relay() -> None:
+            async with send, self._inner.stream(request) as chunks:
+                sent = 0
+                async for chunk in chunks:
+                    await send.send(chunk)
+                    sent += 1
+                    if sent == self._chunks:
+                        await trio.sleep(0.5)  # what was streamed reaches the consumer
+                        self.die()
+                        await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            async with receive:
+                yield receive
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_failover_cross_checks_what_the_failed_provider_streamed(
+    network: Network, degraded_gguf: Path
+) -> None:
+    # Two providers die mid-answer: an honest one, and one serving a cheaper
+    # quant under the model's name. Neither sent its Done (no commitment), but
+    # their chunks carried the ids: what each streamed is audited all the same.
+    net = network
+    auditor = net.consumer.auditor
+    assert auditor is not None
+    assert isinstance(net.engine, LlamaCppEngine)
+    async with open_llamacpp(Config(model_path=degraded_gguf, model_id=MODEL, n_threads=1)) as q:
+        engines = {
+            "honest": DiesAfter(net.engine, 12),
+            "cheater": DiesAfter(Cheater("cheap_quant", q, net.engine.models()[0], net.engine), 12),
+        }
+        for name, engine in engines.items():
+            node = await net.add_provider(engine)
+            engine.die = lambda node=node: net.kill(node)  # type: ignore[misc]
+            # Its first answer audited already: the cross-check is beyond the rate.
+            auditor.records[node.peer_id] = auditlib.Record(audits=1, passed=1, answers=1)
+            with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+                await net.consumer.consumer.generate(
+                    chat("Tell me about dragons."), _nothing, only=[node.peer_id]
+                )
+            await audits_done(auditor, 1 if name == "honest" else 2)
+            record = auditor.records[node.peer_id]
+            if name == "honest":
+                assert (record.audits, record.passed, record.caught) == (2, 2, "")
+            else:
+                assert (record.audits, record.failed) == (2, 1)
+                assert record.caught.startswith("logprobs")
+    assert net.consumer.consumer.counters.cross_checks == 2
+    assert net.consumer.consumer.counters.caught == 1
+
+
+async def _nothing(_text: str, _tokens: int) -> None:
+    return None

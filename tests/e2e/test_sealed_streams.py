@@ -30,8 +30,8 @@ def corrupt_once(
     sent: list[bytes] = []
     done: list[bool] = []
 
-    def chunk(self: ProviderMachine, text: str, tokens: int) -> bytes:
-        frame = original(self, text, tokens)
+    def chunk(self: ProviderMachine, text: str, tokens: int, *ids: tuple[int, ...]) -> bytes:
+        frame = original(self, text, tokens, *ids)
         if self._seq - 1 == at_seq and not done:
             done.append(True)
             return how(frame, sent)

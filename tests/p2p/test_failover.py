@@ -684,8 +684,8 @@ async def test_the_consumers_counters_count_every_offence(
                 await me.generate(_request(4), _ignore, only=[bad.peer_id])
         chunk = ProviderMachine.chunk
 
-        def flipped(self: ProviderMachine, text: str, tokens: int) -> bytes:
-            frame = chunk(self, text, tokens)
+        def flipped(self: ProviderMachine, text: str, tokens: int, *ids: tuple[int, ...]) -> bytes:
+            frame = chunk(self, text, tokens, *ids)
             return frame[:-1] + bytes([frame[-1] ^ 1])
 
         monkeypatch.setattr(ProviderMachine, "chunk", flipped)

@@ -54,3 +54,14 @@ def test_no_text_is_lost_or_reordered(pieces: list[tuple[str, float]]) -> None:
         sent.append(rest)
     assert "".join(b.text for b in sent) == "".join(t for t, _ in pieces)
     assert sum(b.tokens for b in sent) == len(pieces)
+
+
+def test_a_batch_carries_the_ids_and_log_probabilities_of_its_tokens_in_order() -> None:
+    batcher = TokenBatcher(Config(window_s=0.02))
+    assert batcher.add("a", 1, 0.0, (5,), (-100,)) == Batch("a", 1, (5,), (-100,))
+    assert batcher.add("b", 1, 0.001, (6,), (-200,)) is None
+    assert batcher.add("cd", 2, 0.002, (7, 8), (-300, -400)) is None
+    assert batcher.flush() == Batch("bcd", 3, (6, 7, 8), (-200, -300, -400))
+    # An engine with no ids (an upstream server) sends text alone.
+    assert batcher.add("e", 1, 1.0) is None
+    assert batcher.flush() == Batch("e", 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from p2pnode.protocols.infer.messages import (
     SCORE,
     SEALED_CODEC,
+    Chunk,
     Commitment,
     Receipt,
     Request,
@@ -64,6 +65,17 @@ def test_a_request_hashes_as_before_score_requests_existed() -> None:
 
 def test_a_receipt_signs_the_same_bytes_as_before() -> None:
     assert RECEIPT.signing_bytes().hex() == RECEIPT_SIGNED
+
+
+def test_a_chunk_without_ids_is_encoded_as_before() -> None:
+    # (An upstream server's chunks carry no ids; a3116de's had none at all.)
+    body = SEALED_CODEC.encode_body(Chunk(seq=3, text="hi", tokens=1))
+    assert (
+        body.hex()
+        == "84a3736571 03a474657874a26869a6746f6b656e7301a174ab696e6665722e6368756e6b".replace(
+            " ", ""
+        )
+    )
 
 
 def test_added_fields_travel_once_they_are_used() -> None:

@@ -30,7 +30,7 @@ from typing import Final
 import trio
 
 from p2pnode.inference.audit import Scores
-from p2pnode.inference.engine import ChatMessage, Chunk, ModelInfo, Request, Usage
+from p2pnode.inference.engine import ChatMessage, Chunk, Engine, ModelInfo, Request, Usage
 from p2pnode.inference.llamacpp import LlamaCppEngine
 
 KINDS: Final = (
@@ -85,11 +85,14 @@ def swap_model_path() -> Path:
     return Path(gemma.assemble())
 
 
-class _Wrapper:
-    """An engine around a real one: its slots and queue are the inner engine's."""
+class Wrapper:
+    """An engine around another: its models, slots and queue are the inner one's."""
 
-    def __init__(self, inner: LlamaCppEngine) -> None:
+    def __init__(self, inner: Engine) -> None:
         self._inner = inner
+
+    def models(self) -> list[ModelInfo]:
+        return self._inner.models()
 
     @property
     def slots_total(self) -> int:
@@ -104,7 +107,7 @@ class _Wrapper:
         return self._inner.queue_len
 
 
-class Cheater(_Wrapper):
+class Cheater(Wrapper):
     """An engine that announces ``honest`` and cheats as ``kind`` says (module docstring)."""
 
     def __init__(
@@ -219,18 +222,16 @@ def _truncated(messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...]:
 __all__ = ["KINDS", "Cheater", "degraded_copy", "swap_model_path"]
 
 
-class Framer(_Wrapper):
+class Framer(Wrapper):
     """A provider that serves honestly and lies when it audits: its scores put
     every token ``by`` nats less likely than its model does, to get an honest
     competitor caught (what the second auditor is for: docs/architecture.md#audits)."""
 
     def __init__(self, inner: LlamaCppEngine, by: float = 2.0) -> None:
         super().__init__(inner)
+        self._scorer = inner
         self._by = by
         self.scored = 0
-
-    def models(self) -> list[ModelInfo]:
-        return self._inner.models()
 
     def stream(
         self, request: Request
@@ -238,6 +239,6 @@ class Framer(_Wrapper):
         return self._inner.stream(request)
 
     async def score(self, request: Request, token_ids: Sequence[int]) -> Scores:
-        scores = await self._inner.score(request, token_ids)
+        scores = await self._scorer.score(request, token_ids)
         self.scored += 1
         return replace(scores, logprobs=tuple(lp - self._by for lp in scores.logprobs))

@@ -12,13 +12,13 @@ import pytest
 import trio
 
 from p2pnode.errors import NoProviderError
-from p2pnode.inference.engine import ChatMessage, Chunk, Engine, ModelInfo, Params, Request
+from p2pnode.inference.engine import ChatMessage, Chunk, Engine, Params, Request
 from p2pnode.inference.llamacpp import Config, LlamaCppEngine, bundled_model_path, open_llamacpp
 from p2pnode.p2p import audit as auditlib
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols.infer.messages import Commitment, Done, Receipt, request_hash
 from p2pnode.protocols.infer.messages import Request as WireRequest
-from p2pnode.simnet.cheaters import Cheater
+from p2pnode.simnet.cheaters import Cheater, Wrapper
 from p2pnode.tests.e2e.network import BOUND_S, MODEL, Network
 
 pytestmark = pytest.mark.slow
@@ -212,29 +212,14 @@ async def test_an_auditor_too_busy_to_score_judges_nobody(network: Network) -> N
     assert not auditor.is_caught("p")
 
 
-class DiesAfter:
+class DiesAfter(Wrapper):
     """Streams ``inner``'s first ``chunks`` chunks, then its node dies (a test
     wrapper: the provider's process killed mid-answer)."""
 
     def __init__(self, inner: Engine, chunks: int) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._chunks = chunks
         self.die: Callable[[], None] = lambda: None
-
-    def models(self) -> list[ModelInfo]:
-        return self._inner.models()
-
-    @property
-    def slots_total(self) -> int:
-        return self._inner.slots_total
-
-    @property
-    def slots_free(self) -> int:
-        return self._inner.slots_free
-
-    @property
-    def queue_len(self) -> int:
-        return self._inner.queue_len
 
     @asynccontextmanager
     async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:

@@ -75,6 +75,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "p2p/market/config.py",
         ),
         (
+            "tests/p2p/test_market.py",
             "tests/e2e/test_paid_hostile.py",
             "tests/e2e/test_paid_sessions.py",
             "tests/chain/test_marketplace.py",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import collections
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Final
 
 from scipy import stats
@@ -69,36 +69,20 @@ class Scores:
     cpu_s: float = 0.0  # the scoring thread's CPU time
 
 
+# What travels in Scored: every field of Scores but the log-probabilities,
+# which the commitment carries beside it.
+_SCORED: Final = tuple(f.name for f in fields(Scores) if f.name != "logprobs")
+
+
 def scored_of(scores: Scores) -> Scored:
-    """``scores`` as an auditor sends them back (its log-probabilities go in the
-    commitment beside them: docs/protocols.md#score-requests)."""
-    return Scored(
-        gaps=scores.gaps,
-        kept=scores.kept,
-        below=scores.below,
-        prob=scores.prob,
-        possible=scores.possible,
-        prompt_tokens=scores.prompt_tokens,
-        text=scores.text,
-        ends_with_eog=scores.ends_with_eog,
-        cpu_s=scores.cpu_s,
-    )
+    """``scores`` as an auditor sends them back (docs/protocols.md#score-requests)."""
+    return Scored(**{name: getattr(scores, name) for name in _SCORED})
 
 
 def scores_of(commitment: Commitment, scored: Scored) -> Scores:
     """What a remote auditor measured, from its commitment (checked first)."""
-    return Scores(
-        logprobs=tuple(lp / 1000 for lp in commitment.logprobs),
-        gaps=scored.gaps,
-        kept=scored.kept,
-        below=scored.below,
-        prob=scored.prob,
-        possible=scored.possible,
-        prompt_tokens=scored.prompt_tokens,
-        text=scored.text,
-        ends_with_eog=scored.ends_with_eog,
-        cpu_s=scored.cpu_s,
-    )
+    logprobs = tuple(lp / 1000 for lp in commitment.logprobs)
+    return Scores(logprobs=logprobs, **{name: getattr(scored, name) for name in _SCORED})
 
 
 CUT: Final = "cut"

@@ -246,10 +246,6 @@ class Consumer:
         def stopped() -> bool:  # read anew after each await (on_chunk sets it)
             return scan.stopped
 
-        # What the provider asked now streamed, as it streamed it (the ids too):
-        # if it fails before its Done, a failover cross-check audits it.
-        streamed = _Streamed()
-
         async def on_chunk(chunk: Chunk) -> None:
             nonlocal produced, unsent_tokens
             delivered.append(chunk.text)
@@ -335,7 +331,8 @@ class Consumer:
                 self.counters.failovers += 1
             wire = wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
             before = produced
-            text_before = len(delivered)
+            # What this provider streams, as it streams it (the ids too): its
+            # answer's audit, or if it fails before its Done, a cross-check.
             streamed = _Streamed()
             try:
                 try:
@@ -428,8 +425,7 @@ class Consumer:
                 continue
             self.reputation.served(peer, trio.current_time())
             if self.auditor is not None:
-                text = "".join(delivered[text_before:])
-                self.auditor.consider(Job(peer, wire, done, text))
+                self.auditor.consider(Job(peer, wire, done, "".join(streamed.text)))
             if stopped():  # paid: the provider's Done came after the stop string
                 prompt = max(0, done.prompt_tokens - before)
                 return Outcome("stop", prompt, before + done.completion_tokens, peer, failovers)

@@ -25,7 +25,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import trio
 from libp2p.abc import INetStream
@@ -52,6 +51,7 @@ from p2pnode.protocols.infer.messages import (
     Receipt,
     Request,
     Scored,
+    millinats,
     request_hash,
 )
 from p2pnode.protocols.infer.replay import ReplayWindow
@@ -61,9 +61,6 @@ from p2pnode.protocols.session.crypto import SessionKeys
 from p2pnode.protocols.session.messages import Hello, RejectCode
 from p2pnode.protocols.wire import Error
 from p2pnode.scopes import single_errors_ungrouped
-
-if TYPE_CHECKING:
-    from p2pnode.inference.audit import Scores  # scipy: only where audits run
 
 logger = logging.getLogger(__name__)
 
@@ -437,7 +434,7 @@ class Provider:
                                     chunk.text,
                                     chunk.tokens,
                                     chunk.token_ids,
-                                    [round(lp * 1000) for lp in chunk.logprobs],
+                                    millinats(chunk.logprobs),
                                 )
                             if chunk.finish_reason is not None:
                                 finish, usage = chunk.finish_reason, chunk.usage
@@ -486,7 +483,7 @@ class Provider:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             token_ids=tuple(token_ids),
-            logprobs=tuple(round(lp * 1000) for lp in logprobs),
+            logprobs=millinats(logprobs),
         )
         return Done(
             finish_reason=finish,
@@ -516,8 +513,8 @@ class Provider:
             market.begin(session.session_id)
         from p2pnode.inference.audit import ImpossibleAnswer, scored_of  # scipy: only here
 
-        scores: Scores | None = None
-        scored: Scored | None = None
+        scored: Scored | None = None  # None: it did not end (cancelled or refused)
+        logprobs: tuple[int, ...] = ()
         try:
             scores = await score(enginelib.from_wire(request), request.score_ids)
         except ImpossibleAnswer as exc:
@@ -531,15 +528,14 @@ class Provider:
             # llama.cpp failing: nobody's fault that the consumer should count.
             self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BAD_FIELD, str(exc)[:200]) from exc
+        else:
+            scored, logprobs = scored_of(scores), millinats(scores.logprobs)
         finally:
             session.active -= 1
             if market is not None:
                 market.end(session.session_id)
-            if scores is None and scored is None:
+            if scored is None:
                 self.counters.cancelled += 1
-        if scores is not None:
-            scored = scored_of(scores)
-        assert scored is not None
         prefill = scored.prompt_tokens + len(request.score_ids)
         session.requests += 1
         session.prompt_tokens += prefill
@@ -552,7 +548,7 @@ class Provider:
             gguf_sha256=weights,
             prompt_tokens=prefill,
             token_ids=request.score_ids,
-            logprobs=tuple(round(lp * 1000) for lp in scores.logprobs) if scores else (),
+            logprobs=logprobs,
             scored=scored,
         )
         return Done(

@@ -256,7 +256,9 @@ class ProviderMarket:
         running, _ = self._activity.get(session_id, (1, 0.0))
         self._activity[session_id] = (max(0, running - 1), trio.current_time())
 
-    def _silent(self, session_id: bytes) -> bool:
+    def silent(self, session_id: bytes) -> bool:
+        """Whether the session's consumer has sent no request for ``claim_idle_s``
+        (one running counts as not silent): it is claimed before its end."""
         running, last = self._activity.get(session_id, (0, trio.current_time()))
         return running == 0 and trio.current_time() - last > self.cfg.claim_idle_s
 
@@ -343,7 +345,7 @@ class ProviderMarket:
         # As settling_time: the next block's time, or the wall clock's if later.
         now = max(await self._read_chain_time(), int(time.time()))
         due = {sid for sid, ends in self.ends.items() if ends <= now}
-        silent = {sid for sid in self.ends if sid not in due and self._silent(sid)}
+        silent = {sid for sid in self.ends if sid not in due and self.silent(sid)}
         left = {row.session_id: row for row in self.ledger.open_sessions("provider")}
         due |= {sid for sid, row in left.items() if row.ends_at <= now}
         for session_id in due | silent:

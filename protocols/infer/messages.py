@@ -8,6 +8,7 @@ the provider needs them to find the keys); every later frame's body is a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
@@ -138,6 +139,11 @@ class Commitment(Message):
     # A score request's answer: token_ids are the ids scored, logprobs the
     # model's for them, and this the rest of what the model says of them.
     scored: Scored | None = added(None)
+
+
+def millinats(logprobs: Iterable[float]) -> tuple[int, ...]:
+    """Log-probabilities as commitments and chunks carry them: thousandths of a nat."""
+    return tuple(round(lp * 1000) for lp in logprobs)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

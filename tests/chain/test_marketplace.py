@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -18,7 +17,7 @@ from p2pnode.chain.client import (
     Unfunded,
     model_key,
 )
-from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, TOKEN, Embedded, open_embedded
+from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, TOKEN, Embedded
 from p2pnode.errors import ChainError
 from p2pnode.p2p.market import (
     MAX_CHAIN_LAG_S,
@@ -32,18 +31,6 @@ from p2pnode.p2p.market import (
 PRICE = 10**15  # per second
 PEER = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
 GGUF = "ab" * 32
-
-
-@pytest.fixture(scope="module")
-def embedded() -> Embedded:
-    return open_embedded()
-
-
-@pytest.fixture
-def net(embedded: Embedded) -> Iterator[Embedded]:
-    snapshot = embedded.tester.take_snapshot()
-    yield embedded
-    embedded.tester.revert_to_snapshot(snapshot)
 
 
 def _provider(

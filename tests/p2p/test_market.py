@@ -11,7 +11,6 @@ import contextlib
 import logging
 import secrets
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from eth_account import Account
 from trio.testing import MockClock
 
 from p2pnode.chain.client import CLAIM_WINDOW_S, AsyncChain
-from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, open_embedded, send_ether
+from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, Embedded, send_ether
 from p2pnode.errors import ChainError, FundsError
 from p2pnode.p2p import market
 from p2pnode.p2p.market.ledger import Ledger, LedgerSession
@@ -30,16 +29,10 @@ PRICE = 10**15  # 0.001 tokens per second
 MODEL = "m"
 
 
-@pytest.fixture(scope="module")
-def embedded() -> Embedded:
-    return open_embedded()
-
-
 @pytest.fixture
-def chain(embedded: Embedded) -> Iterator[Embedded]:
-    snapshot = embedded.tester.take_snapshot()
-    yield embedded
-    embedded.tester.revert_to_snapshot(snapshot)
+def chain(net: Embedded) -> Embedded:
+    """The chain as each test finds it (tests/conftest.py:net)."""
+    return net
 
 
 def offer(price: int, *, bid: bool = True, model: str = MODEL) -> Offer:
@@ -175,22 +168,22 @@ async def test_a_session_is_silent_only_with_no_request_for_the_whole_idle_time(
 ) -> None:
     seller = provider(chain, tmp_path, claim_idle_s=900.0)
     session = b"\x02" * 32
-    assert not seller._silent(session)  # never seen: silence counts from now
+    assert not seller.silent(session)  # never seen: silence counts from now
     seller.begin(session)
     seller.begin(session)
     await trio.sleep(1000)
-    assert not seller._silent(session)  # two requests running
+    assert not seller.silent(session)  # two requests running
     seller.end(session)
     await trio.sleep(1000)
-    assert not seller._silent(session)  # one still running
+    assert not seller.silent(session)  # one still running
     seller.end(session)
     await trio.sleep(900)
-    assert not seller._silent(session)  # exactly the idle time: not past it
+    assert not seller.silent(session)  # exactly the idle time: not past it
     await trio.sleep(1)
-    assert seller._silent(session)
+    assert seller.silent(session)
     seller.end(session)  # an end with nothing running stays at none running
     await trio.sleep(901)
-    assert seller._silent(session)
+    assert seller.silent(session)
 
 
 def test_the_ledger_keeps_sessions_receipts_and_evidence_across_a_restart(

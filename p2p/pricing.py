@@ -28,13 +28,20 @@ def offer_terms(
     )
 
 
-def acceptable(offer: Offer, model_id: str, max_price_per_s: int) -> ModelOffer | None:
-    """The offer's terms for ``model_id`` if a paying consumer would take them: a bid,
-    and a positive price within ``max_price_per_s``."""
+def bid_terms(offer: Offer, model_id: str) -> ModelOffer | None:
+    """The offer's terms for ``model_id`` if they can be paid at all: a bid and a
+    positive price."""
     terms = offer.serves(model_id)
     if terms is None or not terms.bid_id or terms.price_per_s <= 0:
         return None
-    return terms if terms.price_per_s <= max_price_per_s else None
+    return terms
+
+
+def acceptable(offer: Offer, model_id: str, max_price_per_s: int) -> ModelOffer | None:
+    """The offer's terms for ``model_id`` if a paying consumer would take them: a bid,
+    and a positive price within ``max_price_per_s``."""
+    terms = bid_terms(offer, model_id)
+    return terms if terms is not None and terms.price_per_s <= max_price_per_s else None
 
 
 def stake_for(price_per_s: int, session_seconds: int, spend_limit: int, held: int) -> int:

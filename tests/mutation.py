@@ -74,12 +74,9 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "p2p/market/ledger.py",
             "p2p/market/config.py",
         ),
-        (
-            "tests/p2p/test_market.py",
-            "tests/e2e/test_paid_hostile.py",
-            "tests/e2e/test_paid_sessions.py",
-            "tests/chain/test_marketplace.py",
-        ),
+        # The fast tests alone: the paid flows end to end (tests/e2e/test_paid_*.py)
+        # take minutes a mutant, and every decision they reach is tested here.
+        ("tests/p2p/test_market.py",),
     ),
 }
 

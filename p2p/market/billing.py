@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +67,9 @@ class ProviderMarket:
     # session id -> (its consumer's wallet, chain time of its open, our trio clock
     # when we read it): what an acknowledgement is checked against.
     _confirmed: dict[bytes, tuple[str, int, float]] = field(default_factory=dict)
-    # session id -> (requests running, trio time of the last start or end).
-    _activity: dict[bytes, tuple[int, float]] = field(default_factory=dict)
+    # session id -> requests running in it, and the trio time of the last start or end.
+    _running: dict[bytes, int] = field(default_factory=dict)
+    _last_active: dict[bytes, float] = field(default_factory=dict)
     # The next block's time minus the wall clock's, as last read (follow() reads
     # it every follow_s): a dev chain's clock can be moved forward, and a chain's
     # block times trail the wall clock by up to a slot.
@@ -81,6 +83,9 @@ class ProviderMarket:
     on_bids_changed: Callable[[], None] | None = None
     # Served models with no live bid, already warned about.
     _unbid: set[str] = field(default_factory=set)
+    # The wall clock (seconds since the epoch), which chain time follows between
+    # readings; tests move it with trio's clock.
+    wall: Callable[[], float] = time.time
 
     @property
     def address(self) -> str:
@@ -89,7 +94,7 @@ class ProviderMarket:
     def chain_time(self) -> float:
         """The chain's clock now (the time a block mined now would carry), estimated
         from the last reading: no RPC."""
-        return time.time() + self.skew
+        return self.wall() + self.skew
 
     def approval_expiry(self) -> int:
         """When an approval signed now lapses: ``approval_ttl_s`` after the chain's
@@ -100,13 +105,13 @@ class ProviderMarket:
         follow() keeps the reading of the chain's clock at most ``follow_s`` old.
         What the consumer says plays no part.
         """
-        start = max(self.chain_time(), time.time() - MAX_CHAIN_LAG_S)
+        start = max(self.chain_time(), self.wall() - MAX_CHAIN_LAG_S)
         return int(start) + self.cfg.approval_ttl_s
 
     async def _read_chain_time(self) -> int:
         """Read the chain's clock: the time the next block will carry."""
         now = await self.wallet.chain.next_block_time()
-        self.skew = now - time.time()
+        self.skew = now - self.wall()
         return now
 
     async def load_bids(self, model_ids: list[str]) -> None:
@@ -196,7 +201,8 @@ class ProviderMarket:
         ok = (
             s.open
             and s.provider.lower() == self.address.lower()
-            and s.consumer.lower() == (hello.consumer_wallet or "").lower()
+            and hello.consumer_wallet is not None
+            and s.consumer.lower() == hello.consumer_wallet.lower()
             and hello.bid_id is not None
             and s.bid_id.hex() == hello.bid_id
             and s.ends_at > now
@@ -205,7 +211,8 @@ class ProviderMarket:
             return RejectCode.BAD_SESSION
         self.ends[session_id] = s.ends_at
         self._confirmed[session_id] = (s.consumer, s.opened_at, trio.current_time())
-        self._activity[session_id] = (0, trio.current_time())
+        self._running[session_id] = 0
+        self._last_active[session_id] = trio.current_time()
         self._closed.setdefault(session_id, trio.Event())
         self.ledger.opened("provider", peer, session_id, s.bid_id, s.stake, s.ends_at)
         return None
@@ -248,19 +255,23 @@ class ProviderMarket:
 
     def begin(self, session_id: bytes) -> None:
         """A request starts in the session (a silent consumer's session is claimed early)."""
-        running, _ = self._activity.get(session_id, (0, 0.0))
-        self._activity[session_id] = (running + 1, trio.current_time())
+        self._running[session_id] = self._running.get(session_id, 0) + 1
+        self._last_active[session_id] = trio.current_time()
 
     def end(self, session_id: bytes) -> None:
         """A request in the session ended; silence counts from now."""
-        running, _ = self._activity.get(session_id, (1, 0.0))
-        self._activity[session_id] = (max(0, running - 1), trio.current_time())
+        # One whose start this run never saw (a restart between) ends its last request.
+        self._running[session_id] = max(0, self._running.get(session_id, 1) - 1)
+        self._last_active[session_id] = trio.current_time()
 
     def silent(self, session_id: bytes) -> bool:
         """Whether the session's consumer has sent no request for ``claim_idle_s``
         (one running counts as not silent): it is claimed before its end."""
-        running, last = self._activity.get(session_id, (0, trio.current_time()))
-        return running == 0 and trio.current_time() - last > self.cfg.claim_idle_s
+        last = self._last_active.get(session_id)
+        if last is None:  # never seen here: silence counts from now
+            return False
+        idle = trio.current_time() - last > self.cfg.claim_idle_s
+        return idle and self._running[session_id] == 0
 
     def serving(self, session_id: bytes) -> bool:
         """Whether a paid session may still be served, by what was last read."""
@@ -311,7 +322,8 @@ class ProviderMarket:
             self.counters.closed_early += 1
             logger.info("session %s was closed on chain", session_id.hex()[:8])
         self._confirmed.pop(session_id, None)
-        self._activity.pop(session_id, None)
+        self._running.pop(session_id, None)
+        self._last_active.pop(session_id, None)
         self.usage.pop(session_id, None)
         event = self._closed.pop(session_id, None)
         if event is not None:
@@ -343,11 +355,11 @@ class ProviderMarket:
         """Claim the sessions (confirmed here or left from before a restart) that have
         ended, and those whose consumer has been silent ``claim_idle_s``."""
         # As settling_time: the next block's time, or the wall clock's if later.
-        now = max(await self._read_chain_time(), int(time.time()))
-        due = {sid for sid, ends in self.ends.items() if ends <= now}
-        silent = {sid for sid in self.ends if sid not in due and self.silent(sid)}
+        now = max(await self._read_chain_time(), int(self.wall()))
         left = {row.session_id: row for row in self.ledger.open_sessions("provider")}
-        due |= {sid for sid, row in left.items() if row.ends_at <= now}
+        ends = {sid: row.ends_at for sid, row in left.items()} | self.ends
+        due = {sid for sid, ends_at in ends.items() if ends_at <= now}
+        silent = {sid for sid in self.ends if sid not in due and self.silent(sid)}
         for session_id in due | silent:
             best = self.usage.get(session_id)
             row = left.get(session_id)
@@ -358,7 +370,10 @@ class ProviderMarket:
 
     async def _claim(self, session_id: bytes, best: tuple[int, bytes] | None, now: int) -> bool:
         """Settle the session with the best acknowledgement held (none: paid 0, the
-        consumer refunded). Past the claim window only a close paying 0 is left."""
+        consumer refunded). Past the claim window only a close paying 0 is left.
+
+        Returns whether this provider settled it now (False: the chain could not
+        be reached, or someone else had closed it, which is only recorded)."""
         chain = self.wallet.chain
         try:
             s = await chain.session(session_id)
@@ -388,7 +403,7 @@ class ProviderMarket:
                 paid = refunded = 0
             self.ledger.closed(session_id, paid, refunded)
             self._ended(session_id, early=False)
-            return True
+            return s.open
         except ChainError as exc:
             logger.warning("cannot claim session %s: %s", session_id.hex()[:8], exc)
             return False
@@ -399,7 +414,7 @@ class ProviderMarket:
         A chain that fails is tried again at the next round: the provider
         keeps serving within what it last read.
         """
-        last_settle = -float("inf")
+        last_settle = -math.inf
         while True:
             # Each step on its own: a chain that fails one (say, a log range
             # its RPC refuses) must not stop the others.

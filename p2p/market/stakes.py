@@ -118,7 +118,7 @@ class ConsumerMarket:
         prices = [
             terms.price_per_s
             for offer in offers
-            if (terms := pricing.acceptable(offer, model_id, max_price_per_s=2**256)) is not None
+            if (terms := pricing.bid_terms(offer, model_id)) is not None
         ]
         limit = f"--max-price {format_price(self.cfg.max_price_per_s)}"
         if not prices:
@@ -194,7 +194,7 @@ class ConsumerMarket:
             "not live"
             if not bid.live
             else "another wallet's"
-            if (offer.wallet or "").lower() != bid.provider.lower()
+            if offer.wallet is None or offer.wallet.lower() != bid.provider.lower()
             else "for another model"
             if bid.model != model_key(terms.model_id)
             else "at another price"
@@ -405,18 +405,23 @@ class ConsumerMarket:
         await chain.approve_token(self.wallet.account, self.cfg.spend_limit, unlimited=True)
 
     async def run(self) -> None:
-        """Settle sessions left from a restart, then release those idle or past their
-        end, and settle released ones when the rules allow, forever."""
+        """Settle sessions left from a restart, then a :meth:`round` every 30 s (or
+        every ``idle_close_s``, if shorter), forever."""
         self._adopt_left()
         await self._settle_released(release_all=False)
         while True:
             await trio.sleep(min(self.cfg.idle_close_s, 30.0))
-            now = trio.current_time()
-            for paid in list(self.open.values()):
-                if paid.released or paid.active > 0:
-                    continue
-                idle = now - paid.last_used > self.cfg.idle_close_s
-                reckoned = self._session_time(paid)
-                if idle or (reckoned is not None and reckoned >= paid.ends_at):
-                    await self.release(paid.session_id)
-            await self._settle_released(release_all=False)
+            await self.round()
+
+    async def round(self) -> None:
+        """Release the sessions idle ``idle_close_s`` or past their end (none with a
+        request running), and settle the released ones the rules allow to be."""
+        now = trio.current_time()
+        for paid in list(self.open.values()):
+            if paid.released or paid.active > 0:
+                continue
+            idle = now - paid.last_used > self.cfg.idle_close_s
+            reckoned = self._session_time(paid)
+            if idle or (reckoned is not None and reckoned >= paid.ends_at):
+                await self.release(paid.session_id)
+        await self._settle_released(release_all=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import trio
@@ -248,45 +247,6 @@ async def test_a_stale_or_future_hello_is_refused(
         assert admit("peer", hello(-3600)) == session.RejectCode.STALE_HELLO
         assert admit("peer", hello(+3600)) == session.RejectCode.STALE_HELLO
         assert admit("peer", hello(-5)) is None
-
-
-def test_an_older_sessions_db_is_migrated_and_a_newer_one_refused(tmp_path: Path) -> None:
-    """sessions.db from before acknowledgements: its open sessions count as served (the
-    old rules closed every one at once), and the new columns start empty."""
-    import sqlite3
-
-    from p2pnode.errors import ConfigError
-    from p2pnode.p2p.market import Ledger
-
-    path = tmp_path / "sessions.db"
-    old = sqlite3.connect(path)
-    old.executescript(
-        """
-        CREATE TABLE sessions (
-            session_id BLOB PRIMARY KEY, role TEXT NOT NULL, peer TEXT NOT NULL,
-            bid_id BLOB NOT NULL, stake TEXT NOT NULL, ends_at INTEGER NOT NULL,
-            state TEXT NOT NULL, paid TEXT, refunded TEXT);
-        INSERT INTO sessions VALUES (x'01', 'consumer', 'peer', x'02', '5', 7, 'open', NULL, NULL);
-        """
-    )
-    old.commit()
-    old.close()
-    ledger = Ledger(path)
-    (row,) = ledger.open_sessions("consumer")
-    assert (row.session_id, row.stake, row.ends_at, row.served) == (b"\x01", 5, 7, True)
-    assert (row.used_until, row.usage_signature) == (0, b"")
-    ledger.opened("provider", "peer", b"\x03", b"\x02", 9, 11)
-    ledger.usage(b"\x03", 10, b"sig")
-    ledger.close()
-    again = Ledger(path)  # migrated once: reopening changes nothing
-    (provided,) = again.open_sessions("provider")
-    assert (provided.served, provided.used_until, provided.usage_signature) == (False, 10, b"sig")
-    again.close()
-    newer = sqlite3.connect(path)
-    newer.execute("PRAGMA user_version = 99")
-    newer.close()
-    with pytest.raises(ConfigError, match="newer p2pnode"):
-        Ledger(path)
 
 
 async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> None:

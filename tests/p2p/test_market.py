@@ -84,6 +84,16 @@ def bid_on(net: Embedded) -> bytes:
     return bytes(chain.post_bid(account, MODEL, PRICE).value)
 
 
+async def bidding(
+    net: Embedded, tmp_path: Path, **cfg: object
+) -> tuple[market.ProviderMarket, bytes]:
+    """A provider with its bid at PRICE on chain and loaded, on trio's clock."""
+    bid = bid_on(net)
+    seller = on_trio_time(provider(net, tmp_path, **cfg))
+    await seller.load_bids([MODEL])
+    return seller, bid
+
+
 def said(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     """What the market logged (level, text)."""
     return [
@@ -417,9 +427,7 @@ async def test_a_provider_confirms_only_the_open_session_of_this_hello(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bid = bid_on(chain)
-    seller = on_trio_time(provider(chain, tmp_path))
-    await seller.load_bids([MODEL])
+    seller, bid = await bidding(chain, tmp_path)
     session_id, ends_at = _session(chain, bid, 100)
     hello = hello_for(chain, bid)
     real = chain.chain.session
@@ -477,9 +485,7 @@ async def test_a_provider_reads_a_session_again_before_each_request(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bid = bid_on(chain)
-    seller = on_trio_time(provider(chain, tmp_path))
-    await seller.load_bids([MODEL])
+    seller, bid = await bidding(chain, tmp_path)
     session_id, _ = _session(chain, bid, 100)
     assert not await seller.check(session_id)  # never confirmed here
     assert await seller.confirm(hello_for(chain, bid), session_id, "peer") is None
@@ -522,9 +528,7 @@ async def test_a_provider_reads_a_session_again_before_each_request(
 async def test_a_request_stops_at_its_sessions_end_or_close(
     chain: Embedded, tmp_path: Path, autojump_clock: MockClock
 ) -> None:
-    bid = bid_on(chain)
-    seller = on_trio_time(provider(chain, tmp_path, follow_s=10.0))
-    await seller.load_bids([MODEL])
+    seller, bid = await bidding(chain, tmp_path, follow_s=10.0)
     await seller.until_ended(b"\x09" * 32)  # not a session here: at once
     session_id, ends_at = _session(chain, bid, 100)
     assert await seller.confirm(hello_for(chain, bid), session_id, "peer") is None
@@ -582,9 +586,7 @@ async def test_a_provider_claims_again_after_a_failed_claim_and_records_what_oth
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bid = bid_on(chain)
-    seller = on_trio_time(provider(chain, tmp_path, claim_idle_s=60.0))
-    await seller.load_bids([MODEL])
+    seller, bid = await bidding(chain, tmp_path, claim_idle_s=60.0)
     hello = hello_for(chain, bid)
     unacked, _ = _session(chain, bid, 10_000)
     also, _ = _session(chain, bid, 10_000)
@@ -729,9 +731,7 @@ async def open_paid(
 async def market_pair(
     net: Embedded, tmp_path: Path, **cfg: object
 ) -> tuple[market.ConsumerMarket, market.ProviderMarket]:
-    bid_on(net)
-    seller = on_trio_time(provider(net, tmp_path))
-    await seller.load_bids([MODEL])
+    seller, _bid = await bidding(net, tmp_path)
     buyer = consumer(net, tmp_path, **cfg)
     await buyer.prepare()
     return buyer, seller
@@ -999,9 +999,7 @@ async def test_a_restarted_provider_claims_the_sessions_its_ledger_left_open(
 async def test_a_session_is_claimed_from_the_second_it_ends(
     chain: Embedded, tmp_path: Path, autojump_clock: MockClock
 ) -> None:
-    bid = bid_on(chain)
-    seller = on_trio_time(provider(chain, tmp_path))
-    await seller.load_bids([MODEL])
+    seller, bid = await bidding(chain, tmp_path)
     confirmed, ends_at = _session(chain, bid, 100)
     assert await seller.confirm(hello_for(chain, bid), confirmed, "peer") is None
     left, _ = _session(chain, bid, 100)  # in sessions.db only (from before a restart)

@@ -171,6 +171,10 @@ async def ask_in(
         if on_chunk is not None:
             await on_chunk(chunk)
 
+    # Connected again if the connection dropped since (a busy machine can lose
+    # one): the attack is on the session, not on the connection.
+    if not await connect(node, provider):
+        raise NetworkError("cannot connect to the provider")
     stream = await stream_to(node, provider.peer_id, infer.PROTOCOL_ID, OPEN_S)
     machine = ConsumerMachine(cfg.max_frame, keys, session_id, stream_id)
 

@@ -92,7 +92,7 @@ class OfferMismatch(ChainError):
     caught up with yet.
     """
 
-    def __init__(self, message: str, *, stale: bool = False) -> None:
+    def __init__(self, message: str, *, stale: bool) -> None:
         super().__init__(message)
         self.stale = stale
 

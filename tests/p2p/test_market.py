@@ -33,7 +33,7 @@ from p2pnode.protocols.session import Approve, Hello, RejectCode
 PRICE = 10**15  # 0.001 tokens per second
 MODEL = "m"
 GGUF = "ab" * 32
-PROVIDER_PEER = "12D3KooWprovider"
+PROVIDER_PEER = "12D3KooWtheprovider"
 # What a chain call meets when its RPC node is out of reach.
 DOWN = "no chain answers at the chain's RPC URL (ConnectionError)"
 
@@ -342,17 +342,19 @@ async def test_a_provider_claims_what_was_acknowledged_early_when_silent_and_lat
 
     # Never claimed in its window (the chain out of reach the whole time?):
     # closed as anyone may, paying nothing, and said.
-    missed, missed_ends = _session(chain, bid, 100)
-    confirmed(missed, missed_ends, 100)
+    missed = [_session(chain, bid, 100) for _ in range(2)]
+    for session_id, missed_ends in missed:
+        confirmed(session_id, missed_ends, 100)
     chain.time_travel(100 + CLAIM_WINDOW_S)
     with caplog.at_level(logging.WARNING, logger="p2pnode.p2p.market.billing"):
         await seller.settle()
-    assert not net.session(missed).open
-    assert (seller.counters.settled, seller.counters.missed_claims) == (3, 1)
+    assert not any(net.session(session_id).open for session_id, _ in missed)
+    assert (seller.counters.settled, seller.counters.missed_claims) == (4, 2)
     assert seller.counters.paid_wei == 40 * PRICE
-    assert [r.getMessage() for r in caplog.records] == [
-        f"session {missed.hex()[:8]}: its claim window passed unclaimed"
-    ]
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        f"session {session_id.hex()[:8]}: its claim window passed unclaimed"
+        for session_id, _ in missed
+    )
 
 
 def unbid(model: str) -> tuple[str, str]:
@@ -755,7 +757,18 @@ async def test_a_consumer_acknowledges_what_it_used_and_closes_early_paying_it(
 ) -> None:
     buyer, seller = await market_pair(chain, tmp_path)
     assert buyer.acknowledge(b"\x05" * 32) == (0, b"")  # not a session of this consumer
+    real_open = chain.chain.open_session
+
+    def slow_open(*args: object) -> object:
+        # The open's transaction takes a quarter second of trio's clock.
+        trio.from_thread.run_sync(autojump_clock.jump, 0.25)
+        return real_open(*args)  # type: ignore[arg-type]
+
+    await trio.sleep(1)
+    monkeypatch.setattr(chain.chain, "open_session", slow_open)
     first = await open_paid(chain, buyer, seller, 100)
+    monkeypatch.undo()
+    assert buyer.open_ms == [250.0]  # what `simnet --scenario market` reports
     ends_at = chain.chain.session(first).ends_at
     assert buyer.ledger.open_sessions("consumer") == [
         LedgerSession(first, PROVIDER_PEER, 100 * PRICE, ends_at, False, 0, b"")
@@ -819,7 +832,7 @@ async def test_a_consumer_records_sessions_its_provider_settled_and_waits_for_un
         await buyer.close(session_id)
         assert closed_in(buyer.ledger, session_id) == (0, 0)  # the provider's claim did it
     assert buyer.counters.closed_elsewhere == 2
-    assert buyer.counters.closed == 0
+    assert (buyer.counters.closed, buyer.counters.left_unserved) == (0, 0)
     assert said(caplog) == []
 
     for session_id in (*unserved, unserved[0]):  # each said once
@@ -1085,3 +1098,44 @@ def test_an_older_sessions_db_is_migrated_and_a_newer_one_refused(tmp_path: Path
     assert str(newer.value) == (
         f"{path} was written by a newer p2pnode (schema 99, this one reads {Ledger.VERSION})"
     )
+
+
+async def test_a_consumer_closes_early_only_before_the_end_and_unserved_only_after_the_window(
+    chain: Embedded,
+    tmp_path: Path,
+    autojump_clock: MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    buyer, seller = await market_pair(chain, tmp_path)
+    served = await open_paid(chain, buyer, seller, 10_000)
+    buyer.acknowledge(served)
+    unserved = await open_paid(chain, buyer, seller, 10_000)
+    ends_at = chain.chain.session(served).ends_at
+    # A chain whose next block carries exactly the session's end: too late for an
+    # early close (that would pay every second; the provider's claim pays what
+    # was acknowledged).
+    monkeypatch.setattr(chain.chain, "next_block_time", lambda: ends_at)
+    await buyer.close(served)
+    assert chain.chain.session(served).open
+    # An unserved one is left to its provider until its end plus the claim
+    # window, and closed by the first round from then on.
+    await buyer.close(unserved)
+    unserved_end = chain.chain.session(unserved).ends_at
+    monkeypatch.setattr(chain.chain, "next_block_time", lambda: unserved_end + CLAIM_WINDOW_S - 1)
+    await buyer.round()
+    assert chain.chain.session(unserved).open
+    monkeypatch.setattr(chain.chain, "next_block_time", lambda: unserved_end + CLAIM_WINDOW_S)
+    await buyer.round()
+    assert not chain.chain.session(unserved).open
+
+
+async def test_a_session_ending_at_the_chains_time_now_is_not_confirmed(
+    chain: Embedded, tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    seller, bid = await bidding(chain, tmp_path)
+    session_id, ends_at = _session(chain, bid, 100)
+    seller.wall = lambda: 1000.0
+    seller.skew = float(ends_at - 1000)  # the chain's time is its end, to the second
+    assert await seller.confirm(hello_for(chain, bid), session_id, "p") == RejectCode.BAD_SESSION
+    seller.skew -= 1
+    assert await seller.confirm(hello_for(chain, bid), session_id, "p") is None

@@ -222,7 +222,8 @@ def _wait_for_offers(home: Path, count: int) -> list[dict[str, object]]:
 
 def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: Path) -> None:
     """Registration, bids, offers, the stop summary of two consumer runs (one settled,
-    one left in escrow) and `session list`, every figure checked against the chain."""
+    one left in escrow) and `session list`, every figure checked against the chain, the
+    settled one to the wei."""
     # devchain says whom it funded, with what (read back from the chain).
     for wallet in (network.provider_wallet, network.consumer_wallet):
         assert f"funded {wallet} with 1000000 tokens and 10 ether" in network.devchain_lines
@@ -232,6 +233,18 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
     assert registered.stdout == (
         f"provider {network.provider_wallet} registered as {provider_peer}, stake 100 tokens\n"
     )
+    assert "✓ register provider: tx 0x" in registered.stderr
+    # A revert is one readable line.
+    twice = run(network.provider, "provider", "register", *dep, P2PNODE_WALLET_PASSWORD=PASSWORD)
+    assert twice.returncode == 1
+    assert "AlreadyRegistered()" in twice.stderr
+    # A deployment file for another chain is refused before anything is sent.
+    other = tmp_path / "other.json"
+    other.write_text(
+        network.deployment.read_text().replace('"chain_id": 31337', '"chain_id": 8453')
+    )
+    wrong = run(network.provider, "wallet", "balance", "--deployment", str(other))
+    assert (wrong.returncode, "wrong chain" in wrong.stderr) == (2, True)
     named = cli(network.provider, "model", "register", MODEL, *dep).stdout
     assert named.startswith(f"model {MODEL} is now registered on chain; {network.provider_wallet}")
     again = cli(network.provider, "model", "register", MODEL, *dep).stdout
@@ -245,6 +258,7 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
 
     where = Deployment.load(network.deployment)
     chain = Chain(connect(where.rpc_url or "", where), where)
+    p0, c0 = chain.balance(network.provider_wallet), chain.balance(network.consumer_wallet)
     password_file = tmp_path / "password"
     password_file.write_text(PASSWORD)
     password_file.chmod(0o600)
@@ -285,9 +299,15 @@ def test_a_paid_run_shows_its_settlement_in_tokens(network: Network, tmp_path: P
         out1 = _stop(consumer)
         (first,) = chain.sessions_of(network.consumer_wallet)
         stake1 = chain.session(first).stake
-        paid1, refunded1 = _settled(chain, first)
+        paid1, refunded1, closed_at = _settled(chain, first)
         assert stake1 == 600 * PRICE
         assert paid1 + refunded1 == stake1
+        # To the wei: the seconds between the open's block and the close's, and
+        # every balance and total moved by exactly that.
+        assert paid1 == PRICE * (closed_at - chain.session(first).opened_at)
+        assert chain.balance(network.provider_wallet) == p0 + paid1
+        assert chain.balance(network.consumer_wallet) == c0 - paid1
+        assert chain.totals() == (stake1, paid1, refunded1)
         assert (
             f"settled on chain: {tokens(stake1)} escrowed, {tokens(paid1)} paid to providers, "
             f"{tokens(refunded1)} refunded (1 session opened, 1 closed in this run)\n"
@@ -378,8 +398,10 @@ def _prices(offers: str) -> dict[str, str]:
     return prices
 
 
-def _settled(chain: Chain, session_id: bytes) -> tuple[int, int]:
-    """(paid, refunded) of a closed session, from its SessionClosed event."""
+def _settled(chain: Chain, session_id: bytes) -> tuple[int, int, int]:
+    """(paid, refunded, the close's block time) of a closed session, from its
+    SessionClosed event."""
     logs = chain.market.events.SessionClosed().get_logs(from_block=0)
     (closed,) = [log for log in logs if bytes(log["args"]["sessionId"]) == session_id]
-    return int(closed["args"]["paid"]), int(closed["args"]["refunded"])
+    closed_at = int(chain.w3.eth.get_block(closed["blockNumber"])["timestamp"])
+    return int(closed["args"]["paid"]), int(closed["args"]["refunded"]), closed_at

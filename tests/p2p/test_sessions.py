@@ -23,6 +23,8 @@ from p2pnode.inference.llamacpp import (
 )
 from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p import provider as providerlib
+from p2pnode.p2p.audit import Config as AuditConfig
+from p2pnode.p2p.audit import Record as AuditRecord
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import NodeConfig
 from p2pnode.p2p.pricing import PeerStats, rank
@@ -250,9 +252,9 @@ async def test_a_stale_or_future_hello_is_refused(
 
 
 async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> None:
-    # "none announces it", "banned": what the user sees in the shim's 503 body.
+    # "none announces it", "caught", "banned": what the user sees in the shim's 503 body.
     async with (
-        open_memory_node(memory, NodeConfig(measure_tokens=0)) as lonely,
+        open_memory_node(memory, NodeConfig(measure_tokens=0, audit=AuditConfig())) as lonely,
         open_memory_node(
             memory,
             NodeConfig(measure_tokens=0),
@@ -288,6 +290,21 @@ async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> Non
         with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
             await lonely.generate(synthetic, _nothing)
         assert "(2 providers seen; all banned for misbehaviour)" in str(failed.value)
+        # Caught by an audit: said before (and instead of) any ban.
+        assert lonely.auditor is not None
+        lonely.auditor.records[provider.peer_id] = AuditRecord(audits=1, failed=1, caught="ids")
+        with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
+            await lonely.generate(synthetic, _nothing)
+        assert (
+            "(2 providers seen; 1 caught by audits serving other than the model; "
+            "all banned for misbehaviour)"
+        ) in str(failed.value)
+        lonely.auditor.records[other.peer_id] = AuditRecord(audits=1, failed=1, caught="ids")
+        with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
+            await lonely.generate(synthetic, _nothing)
+        assert "(2 providers seen; all caught by audits serving other than the model)" in str(
+            failed.value
+        )
 
 
 @pytest.mark.parametrize(

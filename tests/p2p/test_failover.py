@@ -373,6 +373,10 @@ async def test_a_providers_round_trip_is_measured_in_milliseconds_and_kept(
     stats = me.consumer.stats[provider.peer_id]
     assert stats.rtt_ms is not None
     assert 0.01 < stats.rtt_ms < 10_000
+    # The session's open is timed in milliseconds too (simnet reports it).
+    assert me.consumer.counters.sessions_opened == 1
+    (open_ms,) = me.consumer.open_ms
+    assert 0.01 < open_ms < 10_000
     # The speed measured after it joins the round trip; it does not replace it.
     assert stats.tokens_per_s is not None
 
@@ -441,6 +445,24 @@ async def test_a_claim_within_reach_is_not_told_and_an_offer_gone_mid_answer_is_
     assert outcome.provider == provider.peer_id
     assert me.consumer.stats[provider.peer_id].tokens_per_s is not None
     assert "claims" not in caplog.text
+
+
+@pytest.mark.parametrize(("claim", "told"), [(40.0, False), (45.0, True)])
+async def test_a_claim_is_told_from_four_times_what_was_delivered(
+    memory: MemoryNetwork,
+    autojump_clock: MockClock,
+    caplog: pytest.LogCaptureFixture,
+    claim: float,
+    told: bool,
+) -> None:
+    slow = ScriptedEngine([WORD] * 64, gap_s=0.1)  # 10 tokens/s
+    async with _consumer_and_provider(memory, slow) as (me, provider):
+        provider.offering.set_models((replace(provider.offering.models[0], tokens_per_s=claim),))
+        await _hold_offers(me, (provider,), _known)
+        with trio.fail_after(BOUND_S), caplog.at_level("INFO", "p2pnode.p2p.consumer"):
+            await me.generate(_request(64), _ignore)
+    said = f"provider {provider.peer_id[-8:]} claims {claim:.0f} tokens/s, delivered 10"
+    assert (said in caplog.messages) is told, caplog.messages
 
 
 async def test_the_measured_providers_are_bounded_and_the_least_recent_goes(
@@ -650,7 +672,9 @@ async def test_requests_at_once_on_a_session_the_provider_forgot_each_open_anew(
                 for _ in range(3):
                     nursery.start_soon(one)
         assert [o.provider for o in outcomes] == [provider.peer_id] * 3
-        assert len(provider.provider.sessions) >= 1
+        # Each opened its own: the first session and three more.
+        assert len(provider.provider.sessions) == 3
+        assert me.consumer.counters.sessions_opened == 4
 
 
 async def test_the_consumers_counters_count_every_offence(

@@ -573,14 +573,6 @@ async def test_a_request_stops_at_its_sessions_end_or_close(
     assert trio.current_time() - started == pytest.approx(0.55)
 
 
-def ledger_row(seller: market.ProviderMarket, session_id: bytes) -> tuple[str, str, str]:
-    rows = seller.ledger._db.execute(
-        "SELECT state, paid, refunded FROM sessions WHERE session_id=?", (session_id,)
-    ).fetchall()
-    assert len(rows) == 1
-    return rows[0]
-
-
 async def test_a_provider_claims_again_after_a_failed_claim_and_records_what_others_closed(
     chain: Embedded,
     tmp_path: Path,
@@ -608,9 +600,9 @@ async def test_a_provider_claims_again_after_a_failed_claim_and_records_what_oth
     )
     assert sorted(seller.ends) == sorted([unacked, also, busy])  # kept for the next round
     assert (seller.counters.settled, seller.counters.claimed_silent) == (0, 0)
-    assert ledger_row(seller, unacked) == ("open", None, None)
+    assert closed_in(seller.ledger, unacked) is None
     # Closed by someone else: recorded as settled here, with nothing claimed.
-    assert ledger_row(seller, elsewhere) == ("closed", "0", "0")
+    assert closed_in(seller.ledger, elsewhere) == (0, 0)
 
     monkeypatch.undo()
     caplog.clear()
@@ -620,7 +612,7 @@ async def test_a_provider_claims_again_after_a_failed_claim_and_records_what_oth
         ("INFO", f"claimed session {s.hex()[:8]}: paid 0") for s in (unacked, also)
     )
     # Nothing acknowledged: the provider is paid nothing, its consumer refunded all.
-    assert ledger_row(seller, unacked) == ("closed", "0", str(10_000 * PRICE))
+    assert closed_in(seller.ledger, unacked) == (0, 10_000 * PRICE)
     counters = seller.counters
     assert (counters.settled, counters.claimed_silent, counters.paid_wei) == (2, 2, 0)
     assert (list(seller.ends), counters.closed_early) == ([busy], 0)

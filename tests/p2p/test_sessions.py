@@ -251,10 +251,13 @@ async def test_a_stale_or_future_hello_is_refused(
         assert admit("peer", hello(-5)) is None
 
 
-async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> None:
-    # "none announces it", "caught", "banned": what the user sees in the shim's 503 body.
+@pytest.mark.parametrize("audited", [False, True])
+async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork, audited: bool) -> None:
+    # "none announces it", "caught", "banned": what the user sees in the shim's 503 body,
+    # from a consumer that audits and from one that does not.
+    audit = AuditConfig() if audited else None
     async with (
-        open_memory_node(memory, NodeConfig(measure_tokens=0, audit=AuditConfig())) as lonely,
+        open_memory_node(memory, NodeConfig(measure_tokens=0, audit=audit)) as lonely,
         open_memory_node(
             memory,
             NodeConfig(measure_tokens=0),
@@ -290,6 +293,8 @@ async def test_a_request_nobody_can_serve_says_why(memory: MemoryNetwork) -> Non
         with trio.fail_after(BOUND_S), pytest.raises(NoProviderError) as failed:
             await lonely.generate(synthetic, _nothing)
         assert "(2 providers seen; all banned for misbehaviour)" in str(failed.value)
+        if not audited:
+            return
         # Caught by an audit: said before (and instead of) any ban.
         assert lonely.auditor is not None
         lonely.auditor.records[provider.peer_id] = AuditRecord(audits=1, failed=1, caught="ids")

@@ -381,14 +381,50 @@ async def test_a_providers_round_trip_is_measured_in_milliseconds_and_kept(
     assert stats.tokens_per_s is not None
 
 
+class BrokenEngine(ScriptedEngine):
+    """Fails each request at once (named: a test engine): the provider refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @asynccontextmanager
+    async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
+        self.requests += 1
+        raise EngineError("the engine failed")
+        yield  # pragma: no cover - a generator, for the context manager
+
+
+@pytest.mark.parametrize(
+    ("failing", "said"),
+    [
+        (lambda: FailingEngine(0), "silent for 30 s"),  # a network failure
+        (lambda: ScriptedEngine([WORD] * TOKENS), "authentication"),  # tampered (see below)
+        (BrokenEngine, "the engine failed"),  # a refusal that is a failure
+    ],
+    ids=["hangs", "tampers", "fails"],
+)
 async def test_a_request_gives_up_after_four_failed_providers(
-    memory: MemoryNetwork, autojump_clock: MockClock
+    failing: Callable[[], ScriptedEngine],
+    said: str,
+    memory: MemoryNetwork,
+    autojump_clock: MockClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Five providers that all hang: the fifth is never asked (a request costs
-    # at most max_attempts failures, however many providers fail).
+    # Five providers that all fail the same way: the fifth is never asked (a
+    # request costs at most max_attempts failures, however many providers fail).
     consumer = ConsumerConfig(try_budget_s=10_000.0)
     assert consumer.max_attempts == 4
-    engines = [FailingEngine(0) for _ in range(5)]
+    engines = [failing() for _ in range(5)]
+    if said == "authentication":  # every provider's chunks arrive with a bit flipped
+        from p2pnode.protocols.infer.machine import ProviderMachine
+
+        chunk = ProviderMachine.chunk
+
+        def flipped(self: ProviderMachine, text: str, tokens: int, *ids: tuple[int, ...]) -> bytes:
+            frame = chunk(self, text, tokens, *ids)
+            return frame[:-1] + bytes([frame[-1] ^ 1])
+
+        monkeypatch.setattr(ProviderMachine, "chunk", flipped)
     async with AsyncExitStack() as stack:
         me = await stack.enter_async_context(
             open_memory_node(memory, NodeConfig(measure_tokens=0, consumer=consumer))
@@ -403,7 +439,7 @@ async def test_a_request_gives_up_after_four_failed_providers(
             for engine in engines
         ]
         await _hold_offers(me, nodes)
-        with trio.fail_after(BOUND_S * 2), pytest.raises(NoProviderError, match="silent for 30 s"):
+        with trio.fail_after(BOUND_S * 2), pytest.raises(NoProviderError, match=said):
             await me.generate(_request(), _ignore)
     assert sorted(e.requests for e in engines) == [0, 1, 1, 1, 1]
     assert me.consumer.counters.provider_failures == 4
@@ -880,3 +916,43 @@ async def test_two_failovers_each_continue_exactly_the_text_so_far(
     assert (outcome.provider, outcome.failovers) == (last.peer_id, 2)
     assert outcome.completion_tokens == 7
     assert me.consumer.counters.failovers == 2
+
+
+class _Forgetful(dict[bytes, providerlib.ServedSession]):
+    """A provider's session table that keeps nothing: every request finds its
+    session unknown, as after a restart, however often it is reopened."""
+
+    def __setitem__(self, key: bytes, value: providerlib.ServedSession) -> None:
+        return None
+
+
+async def test_a_provider_that_keeps_forgetting_its_session_is_reopened_once_then_left(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with _network(memory, ScriptedEngine([WORD] * TOKENS)) as (me, bad, good):
+        assert bad.provider is not None
+        bad.provider.sessions = _Forgetful()
+        text, outcome = await _generate(me, _request())
+        assert (text, outcome.provider) == (WORD * TOKENS, good.peer_id)
+        # Its session, and one more once it said it knew none: no third.
+        assert bad.provider.counters.sessions == 2
+        standing = me.consumer.reputation.standing(bad.peer_id, trio.current_time())
+        assert standing is not None
+        assert standing.offences == {offence_of_refusal(_unknown(), False).value: 1}
+        assert me.consumer.counters.provider_failures == 1
+
+
+def _unknown() -> Refusal:
+    return Refusal(ErrorCode.UNKNOWN_SESSION, "unknown session")
+
+
+async def test_a_consumer_whose_book_is_empty_finds_the_providers_in_the_dht(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with _consumer_and_provider(memory, SyntheticEngine(MODEL)) as (me, provider):
+        await _hold_offers(me, (provider,))
+        me.offer_book.forget(provider.peer_id)
+        assert me.offer_book.offers(MODEL) == []
+        text, outcome = await _generate(me, _request())
+        assert (text, outcome.provider) == (WORD * TOKENS, provider.peer_id)
+        assert me.offer_book.get(provider.peer_id) is not None

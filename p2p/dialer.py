@@ -94,6 +94,7 @@ class Dialer:
                 # This stream goes through the relay now; later ones go direct
                 # if the upgrade works.
                 self._nursery.start_soon(self._upgrade, peer_id)
+        hostlib.forget_closed(self._host, peer_id)
         try:
             with trio.fail_after(timeout):
                 return await self._host.new_stream(peer_id, [TProtocol(protocol)])

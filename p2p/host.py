@@ -248,6 +248,7 @@ async def connect(host: IHost, peer: PeerInfo, timeout: float) -> None:  # noqa:
 
     See docs/libp2p-traps.md#unbounded-awaits.
     """
+    forget_closed(host, peer.peer_id)
     try:
         with trio.fail_after(timeout):
             await host.connect(peer)
@@ -257,6 +258,20 @@ async def connect(host: IHost, peer: PeerInfo, timeout: float) -> None:  # noqa:
         raise
     except Exception as exc:  # noqa: BLE001 - py-libp2p raises SwarmException, OpenConnectionError, OSError...
         raise NetworkError(f"cannot connect to {short(peer.peer_id)}: {exc}") from exc
+
+
+def forget_closed(host: IHost, peer: ID) -> None:
+    """Take ``peer``'s connections that are marked closed off the swarm's records.
+
+    A connection marks itself closed before its clean-up takes it off them; a
+    clean-up that blocks or is cancelled leaves it listed, closed, for good, and
+    while it is listed py-libp2p neither dials the peer again nor opens a
+    stream to it (docs/libp2p-traps.md#closed-connections-stay-listed).
+    """
+    network: Any = host.get_network()  # remove_conn is Swarm's, not INetwork's
+    for conn in list(network.get_connections(peer)):
+        if conn.is_closed:
+            network.remove_conn(conn)
 
 
 def protect(host: IHost, peer: ID, tag: str) -> None:

@@ -89,3 +89,26 @@ async def test_a_provider_killed_mid_answer_is_seen_gone_at_once(
         assert trio.current_time() - started < 5, str(failed.value)
         assert "silent" not in str(failed.value)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_left_listed_but_closed_is_dialled_anew(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # py-libp2p marks a connection closed before its clean-up takes it off the
+    # swarm's records; a clean-up that blocks or is cancelled leaves it there,
+    # closed, for good (docs/libp2p-traps.md#closed-connections-stay-listed).
+    # Listed, it stopped every new dial and stream to the peer.
+    async with (
+        open_memory_node(memory, NodeConfig(measure_tokens=0)) as me,
+        open_memory_node(memory, NodeConfig(measure_tokens=0)) as peer,
+    ):
+        await me.dialer.connect(peer.addrs[0])
+        (stuck,) = me.host.get_network().get_connections(ID.from_base58(peer.peer_id))
+        stuck.event_closed.set()  # what its close does first, and a blocked one no more
+
+        await me.dialer.connect(peer.addrs[0])
+        asked = await me.finder.status_of(peer.peer_id)
+        assert asked.peer_id == peer.peer_id
+        conns = me.host.get_network().get_connections(ID.from_base58(peer.peer_id))
+        assert stuck not in conns
+        assert [c.is_closed for c in conns] == [False]

@@ -20,6 +20,7 @@ stay dead), and a stranger squatting model names with GGUF hashes of its own.
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 from dataclasses import dataclass
@@ -130,6 +131,11 @@ class Market(RuleBasedStateMachine):
         self.chain = self.net.chain
         self.base = self.start.totals
         self.balances = dict(self.start.balances)
+        # Approval nonces counted, not random: a session's id follows from its
+        # nonce, and the rules draw from the open sessions in id order, so a
+        # random nonce made a replayed example draw differently (hypothesis:
+        # FlakyStrategyDefinition, seen once in a CI run).
+        self.nonces = itertools.count(1)
         self.in_market = self.start.in_market
         self.registered: set[int] = set()
         self.named: dict[str, int] = {}  # name -> who registered it first
@@ -197,7 +203,7 @@ class Market(RuleBasedStateMachine):
                 self.balances[who] += sign * amount
 
     def _open(self, bid_id: bytes, provider: int, consumer: int, stake: int, price: int) -> Tx:
-        expiry, nonce = self.clock + 600, secrets.token_bytes(32)
+        expiry, nonce = self.clock + 600, next(self.nonces).to_bytes(32, "big")
         buyer = self._address(consumer)
         approval = self.chain.sign_approval(self._account(provider), bid_id, buyer, expiry, nonce)
         return self.chain.open_session(

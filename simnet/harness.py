@@ -187,6 +187,29 @@ async def open_memory_node(
         yield node
 
 
+async def hold_offers(
+    me: Node,
+    nodes: Sequence[Node],
+    held: Callable[[Node, Node], bool] | None = None,
+    *,
+    bound_s: float = 300.0,
+) -> None:
+    """Ask each of ``nodes`` for its offer until ``me`` holds it (as ``held`` wants it;
+    by default any offer); ``trio.TooSlowError`` after ``bound_s``.
+
+    Gossip brings offers in its own time: a test that needs them now asks.
+    """
+
+    def any_offer(me: Node, node: Node) -> bool:
+        return me.offer_book.get(node.peer_id) is not None
+
+    with trio.fail_after(bound_s):
+        for node in nodes:
+            while not (held or any_offer)(me, node):
+                await me.finder.refresh_offer(node.peer_id)
+                await trio.sleep(0.05)
+
+
 async def until(predicate: Callable[[], object], bound_s: float, *, poll_s: float = 0.05) -> None:
     """Return once ``predicate()`` holds; ``trio.TooSlowError`` after ``bound_s``.
 

@@ -10,7 +10,7 @@ MockClock, so the consumer's timeouts pass in virtual time.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 
@@ -36,12 +36,13 @@ from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import session
+from p2pnode.protocols.infer.machine import ProviderMachine
 from p2pnode.protocols.infer.messages import Done, Receipt, Turn
 from p2pnode.protocols.infer.messages import Request as WireRequest
 from p2pnode.protocols.infer.service import Config as InferConfig
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import RejectCode, admission
-from p2pnode.simnet.harness import open_memory_node
+from p2pnode.simnet.harness import hold_offers, open_memory_node
 
 MODEL = "synthetic"
 TOKENS = 24
@@ -131,7 +132,7 @@ async def _network(
         # The failing provider claims to be much faster: it is asked first.
         bad.offering.set_models((replace(bad.offering.models[0], tokens_per_s=10_000.0),))
         good.offering.set_models((replace(good.offering.models[0], tokens_per_s=100.0),))
-        await _hold_offers(me, (bad, good), _known)
+        await hold_offers(me, (bad, good), _known)
         yield me, bad, good
 
 
@@ -153,21 +154,6 @@ async def _consumer_and_provider(
         )
         async with open_memory_node(memory, joining, engines=[engine]) as serving:
             yield me, serving
-
-
-async def _hold_offers(
-    me: Node, nodes: Sequence[Node], held: Callable[[Node, Node], bool] | None = None
-) -> None:
-    """Ask each of ``nodes`` for its offer until ``me`` holds it (as ``held`` wants it)."""
-    with trio.fail_after(BOUND_S):
-        for node in nodes:
-            while not (held or _any_offer)(me, node):
-                await me.finder.refresh_offer(node.peer_id)
-                await trio.sleep(0.05)
-
-
-def _any_offer(me: Node, node: Node) -> bool:
-    return me.offer_book.get(node.peer_id) is not None
 
 
 def _known(me: Node, node: Node) -> bool:
@@ -307,7 +293,7 @@ async def test_text_held_back_for_a_stop_string_comes_with_its_tokens(
     engine = ScriptedEngine(["one", " two", " STOP", " three", " four"], gap_s=0.1)
     request = replace(_request(), params=Params(max_tokens=TOKENS, stop=(" STOPX",)))
     async with _consumer_and_provider(memory, engine) as (me, _provider):
-        await _hold_offers(me, (_provider,))
+        await hold_offers(me, (_provider,))
         delivered: list[tuple[str, int]] = []
 
         async def deliver(text: str, tokens: int) -> None:
@@ -367,7 +353,7 @@ async def test_a_providers_round_trip_is_measured_in_milliseconds_and_kept(
     # The real clock: the status call before the first session takes a few ms.
     engine = ScriptedEngine([WORD] * 4, gap_s=0.03)  # apart: a speed is measured too
     async with _consumer_and_provider(memory, engine) as (me, provider):
-        await _hold_offers(me, (provider,))
+        await hold_offers(me, (provider,))
         with trio.fail_after(60):
             await me.generate(_request(4), _ignore)
     stats = me.consumer.stats[provider.peer_id]
@@ -394,17 +380,30 @@ class BrokenEngine(ScriptedEngine):
         yield  # pragma: no cover - a generator, for the context manager
 
 
+def _flip_a_bit_of_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every provider's chunks leave it with their last bit flipped: sealed frames
+    that fail authentication at the consumer."""
+    chunk = ProviderMachine.chunk
+
+    def flipped(self: ProviderMachine, text: str, tokens: int, *ids: tuple[int, ...]) -> bytes:
+        frame = chunk(self, text, tokens, *ids)
+        return frame[:-1] + bytes([frame[-1] ^ 1])
+
+    monkeypatch.setattr(ProviderMachine, "chunk", flipped)
+
+
 @pytest.mark.parametrize(
-    ("failing", "said"),
+    ("failing", "tampered", "said"),
     [
-        (lambda: FailingEngine(0), "silent for 30 s"),  # a network failure
-        (lambda: ScriptedEngine([WORD] * TOKENS), "authentication"),  # tampered (see below)
-        (BrokenEngine, "the engine failed"),  # a refusal that is a failure
+        (lambda: FailingEngine(0), False, "silent for 30 s"),  # a network failure
+        (lambda: ScriptedEngine([WORD] * TOKENS), True, "authentication"),  # a violation
+        (BrokenEngine, False, "the engine failed"),  # a refusal that is a failure
     ],
     ids=["hangs", "tampers", "fails"],
 )
 async def test_a_request_gives_up_after_four_failed_providers(
     failing: Callable[[], ScriptedEngine],
+    tampered: bool,
     said: str,
     memory: MemoryNetwork,
     autojump_clock: MockClock,
@@ -415,16 +414,8 @@ async def test_a_request_gives_up_after_four_failed_providers(
     consumer = ConsumerConfig(try_budget_s=10_000.0)
     assert consumer.max_attempts == 4
     engines = [failing() for _ in range(5)]
-    if said == "authentication":  # every provider's chunks arrive with a bit flipped
-        from p2pnode.protocols.infer.machine import ProviderMachine
-
-        chunk = ProviderMachine.chunk
-
-        def flipped(self: ProviderMachine, text: str, tokens: int, *ids: tuple[int, ...]) -> bytes:
-            frame = chunk(self, text, tokens, *ids)
-            return frame[:-1] + bytes([frame[-1] ^ 1])
-
-        monkeypatch.setattr(ProviderMachine, "chunk", flipped)
+    if tampered:
+        _flip_a_bit_of_every_chunk(monkeypatch)
     async with AsyncExitStack() as stack:
         me = await stack.enter_async_context(
             open_memory_node(memory, NodeConfig(measure_tokens=0, consumer=consumer))
@@ -438,7 +429,7 @@ async def test_a_request_gives_up_after_four_failed_providers(
             )
             for engine in engines
         ]
-        await _hold_offers(me, nodes)
+        await hold_offers(me, nodes)
         with trio.fail_after(BOUND_S * 2), pytest.raises(NoProviderError, match=said):
             await me.generate(_request(), _ignore)
     assert sorted(e.requests for e in engines) == [0, 1, 1, 1, 1]
@@ -468,7 +459,7 @@ async def test_a_claim_within_reach_is_not_told_and_an_offer_gone_mid_answer_is_
     slow = ScriptedEngine([WORD] * 64, gap_s=0.1)
     async with _consumer_and_provider(memory, slow) as (me, provider):
         provider.offering.set_models((replace(provider.offering.models[0], tokens_per_s=20.0),))
-        await _hold_offers(me, (provider,), _known)
+        await hold_offers(me, (provider,), _known)
         texts: list[str] = []
 
         async def deliver(text: str, _tokens: int) -> None:
@@ -494,7 +485,7 @@ async def test_a_claim_is_told_from_four_times_what_was_delivered(
     slow = ScriptedEngine([WORD] * 64, gap_s=0.1)  # 10 tokens/s
     async with _consumer_and_provider(memory, slow) as (me, provider):
         provider.offering.set_models((replace(provider.offering.models[0], tokens_per_s=claim),))
-        await _hold_offers(me, (provider,), _known)
+        await hold_offers(me, (provider,), _known)
         with trio.fail_after(BOUND_S), caplog.at_level("INFO", "p2pnode.p2p.consumer"):
             await me.generate(_request(64), _ignore)
     said = f"provider {provider.peer_id[-8:]} claims {claim:.0f} tokens/s, delivered 10"
@@ -516,7 +507,7 @@ async def test_the_measured_providers_are_bounded_and_the_least_recent_goes(
             )
             for _ in range(3)
         ]
-        await _hold_offers(me, (a, b, c))
+        await hold_offers(me, (a, b, c))
 
         async def ask(node: Node) -> None:
             with trio.fail_after(BOUND_S):
@@ -543,7 +534,7 @@ async def test_a_busy_provider_is_asked_again_only_with_backoff_until_the_budget
         me,
         provider,
     ):
-        await _hold_offers(me, (provider,))
+        await hold_offers(me, (provider,))
         asked = 0
         serve = provider.host.get_mux().handlers[TProtocol(session.PROTOCOL_ID)]
         async with trio.open_nursery() as nursery:
@@ -649,7 +640,7 @@ async def test_a_request_asks_at_most_twelve_providers(
             )
             for _ in range(13)
         ]
-        await _hold_offers(me, nodes)
+        await hold_offers(me, nodes)
         with trio.fail_after(BOUND_S):
             with pytest.raises(NoProviderError, match="not_allowed"):
                 await me.generate(_request(), _ignore)
@@ -669,7 +660,7 @@ async def test_a_node_that_serves_the_model_answers_with_its_own_engine(
             engines=[ScriptedEngine(["x"])],
         ) as other,
     ):
-        await _hold_offers(me, (other,))
+        await hold_offers(me, (other,))
         delivered: list[tuple[str, int]] = []
 
         async def deliver(text: str, tokens: int) -> None:
@@ -694,7 +685,7 @@ async def test_requests_at_once_on_a_session_the_provider_forgot_each_open_anew(
     # running on the old one is refused UNKNOWN_SESSION at once, and each
     # drops it (the first to come finds it already gone) and goes on.
     async with _consumer_and_provider(memory, SyntheticEngine(MODEL)) as (me, provider):
-        await _hold_offers(me, (provider,))
+        await hold_offers(me, (provider,))
         assert (await _generate(me, _request()))[1].provider == provider.peer_id
         assert provider.provider is not None
         provider.provider.sessions.clear()
@@ -720,8 +711,6 @@ async def test_the_consumers_counters_count_every_offence(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Two of each: a counter that only remembers "it happened" shows 1.
-    from p2pnode.protocols.infer.machine import ProviderMachine
-
     busy = NodeConfig(measure_tokens=0, provider=providerlib.Config(max_handshakes=0))
     async with AsyncExitStack() as stack:
         # Busy providers are waited for up to the try budget: a short one here.
@@ -738,17 +727,11 @@ async def test_the_consumers_counters_count_every_offence(
         refusing = [await provider(replace(busy, bootstrap=boot.bootstrap), SyntheticEngine())]
         refusing.append(await provider(replace(busy, bootstrap=boot.bootstrap), SyntheticEngine()))
         tampering = [await provider(boot, SyntheticEngine()) for _ in range(2)]
-        await _hold_offers(me, (*bloated, *refusing, *tampering))
+        await hold_offers(me, (*bloated, *refusing, *tampering))
         for bad in (*bloated, *refusing):
             with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
                 await me.generate(_request(4), _ignore, only=[bad.peer_id])
-        chunk = ProviderMachine.chunk
-
-        def flipped(self: ProviderMachine, text: str, tokens: int, *ids: tuple[int, ...]) -> bytes:
-            frame = chunk(self, text, tokens, *ids)
-            return frame[:-1] + bytes([frame[-1] ^ 1])
-
-        monkeypatch.setattr(ProviderMachine, "chunk", flipped)
+        _flip_a_bit_of_every_chunk(monkeypatch)
         for bad in tampering:
             with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
                 await me.generate(_request(4), _ignore, only=[bad.peer_id])
@@ -907,7 +890,7 @@ async def test_two_failovers_each_continue_exactly_the_text_so_far(
         ) as last,
     ):
         last.offering.set_models((replace(last.offering.models[0], tokens_per_s=1.0),))
-        await _hold_offers(me, (last,), _known)
+        await hold_offers(me, (last,), _known)
         with trio.fail_after(BOUND_S):
             text, outcome = await _generate(me, _request())
     assert second.continuations == ["One two three"]
@@ -938,19 +921,15 @@ async def test_a_provider_that_keeps_forgetting_its_session_is_reopened_once_the
         assert bad.provider.counters.sessions == 2
         standing = me.consumer.reputation.standing(bad.peer_id, trio.current_time())
         assert standing is not None
-        assert standing.offences == {offence_of_refusal(_unknown(), False).value: 1}
+        assert standing.offences == {Offence.FAILED.value: 1}
         assert me.consumer.counters.provider_failures == 1
-
-
-def _unknown() -> Refusal:
-    return Refusal(ErrorCode.UNKNOWN_SESSION, "unknown session")
 
 
 async def test_a_consumer_whose_book_is_empty_finds_the_providers_in_the_dht(
     memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:
     async with _consumer_and_provider(memory, SyntheticEngine(MODEL)) as (me, provider):
-        await _hold_offers(me, (provider,))
+        await hold_offers(me, (provider,))
         me.offer_book.forget(provider.peer_id)
         assert me.offer_book.offers(MODEL) == []
         text, outcome = await _generate(me, _request())

@@ -102,13 +102,22 @@ async def test_a_connection_left_listed_but_closed_is_dialled_anew(
         open_memory_node(memory, NodeConfig(measure_tokens=0)) as me,
         open_memory_node(memory, NodeConfig(measure_tokens=0)) as peer,
     ):
-        await me.dialer.connect(peer.addrs[0])
-        (stuck,) = me.host.get_network().get_connections(ID.from_base58(peer.peer_id))
-        stuck.event_closed.set()  # what its close does first, and a blocked one no more
+        peer_id = ID.from_base58(peer.peer_id)
 
+        def stuck() -> object:
+            (conn,) = me.host.get_network().get_connections(peer_id)
+            conn.event_closed.set()  # what its close does first, and a blocked one no more
+            return conn
+
+        # A connect dials afresh ...
         await me.dialer.connect(peer.addrs[0])
-        asked = await me.finder.status_of(peer.peer_id)
-        assert asked.peer_id == peer.peer_id
-        conns = me.host.get_network().get_connections(ID.from_base58(peer.peer_id))
-        assert stuck not in conns
+        first = stuck()
+        await me.dialer.connect(peer.addrs[0])
+        assert (await me.finder.status_of(peer.peer_id)).peer_id == peer.peer_id
+        # ... and so does a new stream, without a connect before it.
+        second = stuck()
+        assert (await me.finder.status_of(peer.peer_id)).peer_id == peer.peer_id
+        conns = me.host.get_network().get_connections(peer_id)
+        assert first not in conns
+        assert second not in conns
         assert [c.is_closed for c in conns] == [False]

@@ -30,7 +30,7 @@ from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols.infer.messages import Commitment, Done, Receipt
 from p2pnode.protocols.infer.messages import Request as WireRequest
-from p2pnode.simnet.harness import open_memory_node
+from p2pnode.simnet.harness import hold_offers, open_memory_node
 
 MODEL = "synthetic"
 WEIGHTS = "cd" * 32
@@ -127,11 +127,7 @@ async def network(
                 await stack.enter_async_context(open_memory_node(memory, config, engines=[engine]))
             )
             engines.append(engine)
-        with trio.fail_after(BOUND_S):
-            for node in others:
-                while me.offer_book.get(node.peer_id) is None:
-                    await me.finder.refresh_offer(node.peer_id)
-                    await trio.sleep(0.05)
+        await hold_offers(me, others)
         yield Net(me, others, engines)
 
 
@@ -141,7 +137,7 @@ def choices_of(me: Node) -> list[list[tuple[str, ModelInfo]]]:
 
     def first(choices: Sequence[tuple[str, ModelInfo]]) -> tuple[str, ModelInfo]:
         seen.append(sorted(choices))
-        return sorted(choices)[0]
+        return seen[-1][0]
 
     me.consumer.choose_auditor = first  # type: ignore[assignment]
     return seen

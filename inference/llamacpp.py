@@ -51,6 +51,15 @@ from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
 
+# llama.cpp's threads meet at OpenMP barriers, where libgomp spins ~300,000
+# rounds before it sleeps. When another process or the node's own loop holds
+# a core, the spinning thread burns the time slice its partner needs: two
+# threads on a busy two-core machine generated 3x slower. A short spin keeps
+# an idle machine's speed (docs/architecture.md#inference-engines, measured).
+# libgomp reads it once, when llama_cpp first loads it; an operator's own
+# value wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct"
 # Tokens the worker thread may run ahead of a slow consumer.
 BUFFER_TOKENS = 64

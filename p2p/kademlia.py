@@ -14,8 +14,8 @@ loop: docs/libp2p-traps.md#dht-refresh-storm). Instead:
   answers GET_PROVIDERS for every provider it has an offer from
   (:meth:`Kademlia.cache_provider_records`);
 - a lookup is one iterative GET_PROVIDERS walk (py-libp2p's
-  ``find_providers`` walks twice), and what strangers answer is bounded and
-  unverified;
+  ``find_providers`` walks twice), walked again only when no peer answered
+  at all, and what strangers answer is bounded and unverified;
 - the record store is bounded, verified providers first, and inbound DHT
   streams are bounded per peer and in idle time
   (docs/libp2p-traps.md#dht-inbound-slots).
@@ -348,9 +348,7 @@ class Kademlia:
 
     async def find_relays(self) -> list[str]:
         """Full multiaddrs of nodes that announced the relay service (one walk)."""
-        found: list[str] = []
-        with trio.move_on_after(self.cfg.lookup_query_timeout * _MAX_WALK_ROUNDS):
-            found, _ = await self._walk(RELAY_KEY, stop_when_found=True)
+        found = await self._lookup(RELAY_KEY)
         out: list[str] = []
         # Records are unverified (anyone can name anyone): try a few, named by
         # the most peers first and at random among equals (``_walk``), so that
@@ -369,11 +367,24 @@ class Kademlia:
         answer may be incomplete (docs/libp2p-traps.md#dht-lookups-are-incomplete);
         gossip fills the rest.
         """
+        return await self._lookup(dht_key(model_id))
+
+    async def _lookup(self, key: bytes) -> list[str]:
+        """A walk that stops when found, walked again while no peer answered.
+
+        When every peer asked failed or timed out at once, the likelier cause
+        is a busy loop (ours or theirs) than a network of dead peers; one more
+        walk within the same bound costs little, where giving up leaves a
+        joining node without DHT answers until its next lookup.
+        """
         found: list[str] = []
         # A walk is bounded in rounds by k, but peers may answer slowly round
         # after round (each up to the query timeout): bound the whole lookup.
         with trio.move_on_after(self.cfg.lookup_query_timeout * _MAX_WALK_ROUNDS):
-            found, _ = await self._walk(dht_key(model_id), stop_when_found=True)
+            for _ in range(_WALKS_WHEN_NONE_ANSWER):
+                found, answered = await self._walk(key, stop_when_found=True)
+                if answered or not self.dht.routing_table.get_peer_ids():
+                    break
         return found
 
     async def _walk(self, key: bytes, *, stop_when_found: bool) -> tuple[list[str], list[ID]]:
@@ -511,6 +522,8 @@ _MAX_KAD_MESSAGE = 256 * 1024
 _PEER_ADDR_TTL_S = 600
 # Rounds of queries one lookup may wait for in all.
 _MAX_WALK_ROUNDS = 5
+# Walks one lookup may take while no peer answers (within the rounds above).
+_WALKS_WHEN_NONE_ANSWER = 3
 # Peers (this node's own store counts as one) whose records end a lookup early.
 _NAMERS_TO_STOP = 2
 MAX_DHT_CANDIDATES = 8

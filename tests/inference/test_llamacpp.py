@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import trio
 import trio.lowlevel
-from llama_cpp import Llama
 
 from p2pnode.errors import EngineError
 from p2pnode.inference.engine import ChatMessage, EngineBusy, Params, Request, collect
@@ -44,6 +43,10 @@ async def engine() -> AsyncIterator[LlamaCppEngine]:
 
 def direct_chat(request: Request) -> tuple[str, dict[str, int]]:
     """What llama-cpp-python gives by itself for the same request (fresh model)."""
+    # Imported here, not at the top: llama_cpp must load after the engine
+    # module has set libgomp's spin (inference/llamacpp.py).
+    from llama_cpp import Llama
+
     llm = Llama(model_path=str(bundled_model_path()), n_ctx=2048, n_threads=1, verbose=False)
     try:
         p = request.params

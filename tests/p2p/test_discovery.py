@@ -10,9 +10,12 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import trio
+from libp2p.abc import INetStream
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from trio.testing import MockClock
 
 from p2pnode.p2p import discovery
+from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import NodeConfig
 from p2pnode.protocols import offers
@@ -131,3 +134,35 @@ async def test_a_provider_found_in_the_dht_is_asked_for_its_offer(
         assert [o.peer_id for o in found] == [provider.peer_id]
         assert found[0].serves(SIMNET_MODEL) is not None
         assert found[0].addrs == tuple(provider.addrs)
+
+
+async def test_a_lookup_whose_every_peer_timed_out_walks_again(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    """A joiner's only DHT peer is slow once (a busy loop): the lookup still answers.
+
+    Relay records are the DHT's alone (offers do not cache them), so what the
+    joiner finds here came from a walk, not from gossip.
+    """
+    relaying = NodeConfig(relay=relaylib.Config(service=True))
+    async with open_memory_node(memory, relaying) as relay:
+        serve = relay.host.get_mux().handlers[KAD_PROTOCOL_ID]
+        queries = 0
+
+        async def slow_once(stream: INetStream) -> None:
+            nonlocal queries
+            queries += 1
+            if queries == 1:
+                await trio.sleep(4 * discovery.Config().lookup_query_timeout)
+            await serve(stream)
+
+        relay.host.set_stream_handler(KAD_PROTOCOL_ID, slow_once)
+        joining = NodeConfig(bootstrap=(relay.addrs[0],))
+        async with open_memory_node(memory, joining) as joiner:
+            found = joiner.discovery
+            assert found is not None
+            await eventually(lambda: found.kademlia.dht.get_routing_table_size() > 0)
+            with trio.fail_after(BOUND_S):
+                relays = await found.find_relays()
+    assert queries == 2
+    assert [r.rsplit("/p2p/", 1)[-1] for r in relays] == [relay.peer_id]

@@ -195,6 +195,19 @@ def serving_options(func: Any) -> Any:
                 help="llama.cpp threads per slot (default: cores - 1).",
             ),
             option(
+                "--recommend-temperature",
+                type=click.FloatRange(0.0, 2.0),
+                default=None,
+                help="Temperature to recommend for --model when a request sets none "
+                "(default: the GGUF's, else its authors'; SmolLM2: 0.2).",
+            ),
+            option(
+                "--recommend-top-p",
+                type=click.FloatRange(0.0, 1.0, min_open=True),
+                default=None,
+                help="top_p to recommend for --model when a request sets none (SmolLM2: 0.9).",
+            ),
+            option(
                 "--upstream-url",
                 default=None,
                 help="OpenAI-compatible server to serve from (e.g. http://127.0.0.1:8080/v1).",

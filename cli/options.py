@@ -29,6 +29,8 @@ def serving(
     slots: int,
     queue_limit: int,
     threads: int | None,
+    recommend_temperature: float | None,
+    recommend_top_p: float | None,
     upstream_url: str | None,
     upstream_model: tuple[str, ...],
     upstream_key_file: Path | None,
@@ -59,7 +61,13 @@ def serving(
         extra = {"n_threads": threads} if threads else {}
         local = (
             llamacpp.Config(
-                model_path=path, model_id=ident, slots=slots, queue_limit=queue_limit, **extra
+                model_path=path,
+                model_id=ident,
+                slots=slots,
+                queue_limit=queue_limit,
+                temperature=recommend_temperature,
+                top_p=recommend_top_p,
+                **extra,
             ),
         )
     return Serving(llamacpp=local, upstream=ups)

@@ -32,6 +32,11 @@ class ModelInfo:
     model_id: str
     gguf_sha256: str | None = None  # None where there is no file (an upstream server)
     context_length: int = 0
+    # Sampling recommended for this model when a request does not say (its
+    # authors', or the operator's); None: no recommendation. A 135M model at
+    # OpenAI's default temperature of 1 answers with word salad.
+    temperature: float | None = None
+    top_p: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

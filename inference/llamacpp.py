@@ -27,11 +27,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import trio
@@ -47,6 +47,7 @@ from p2pnode.inference.audit import (
 from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
 from p2pnode.inference.sampling import Sampler, choose, kept, log_softmax_at
 from p2pnode.inference.stops import StopScan
+from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,52 @@ class Config:
     queue_limit: int = 8
     n_ctx: int = 2048
     n_threads: int = _default_threads()
+    # Sampling to recommend when a request does not say; None: the GGUF's own
+    # recommendation, if it has one (recommended_sampling).
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+# What the authors of a model family recommend, by the GGUF's general.basename,
+# for files that do not carry it: SmolLM2's model card samples at 0.2 / 0.9.
+_AUTHORS_SAMPLING: Final = {"smollm2": (0.2, 0.9)}
+
+
+def recommended_sampling(
+    cfg: Config, metadata: dict[str, str]
+) -> tuple[float | None, float | None]:
+    """The (temperature, top_p) to announce: the operator's, else the GGUF's
+    ``general.sampling.*`` keys, else its authors' (``_AUTHORS_SAMPLING``)."""
+    authors = _AUTHORS_SAMPLING.get(metadata.get("general.basename", "").lower(), (None, None))
+    if cfg.temperature is not None and not _temperature_ok(cfg.temperature):
+        raise ConfigError(f"a recommended temperature must be in [0, {MAX_TEMPERATURE:g}]")
+    if cfg.top_p is not None and not _top_p_ok(cfg.top_p):
+        raise ConfigError("a recommended top_p must be in (0, 1]")
+
+    def pick(
+        mine: float | None, key: str, ok: Callable[[float], bool], theirs: float | None
+    ) -> float | None:
+        if mine is not None:
+            return mine
+        with contextlib.suppress(KeyError, ValueError):
+            value = float(metadata[key])
+            # A file's value out of range would make every peer refuse our offer.
+            if ok(value):
+                return value
+        return theirs
+
+    return (
+        pick(cfg.temperature, "general.sampling.temp", _temperature_ok, authors[0]),
+        pick(cfg.top_p, "general.sampling.top_p", _top_p_ok, authors[1]),
+    )
+
+
+def _temperature_ok(value: float) -> bool:
+    return 0.0 <= value <= MAX_TEMPERATURE
+
+
+def _top_p_ok(value: float) -> bool:
+    return 0.0 < value <= 1.0
 
 
 class LlamaCppEngine:
@@ -500,7 +547,14 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
     sha = await trio.to_thread.run_sync(file_sha256, cfg.model_path)
     instances = [await trio.to_thread.run_sync(_load, cfg) for _ in range(cfg.slots)]
     context = int(instances[0].n_ctx())
-    info = ModelInfo(model_id=cfg.model_id, gguf_sha256=sha, context_length=context)
+    temperature, top_p = recommended_sampling(cfg, dict(instances[0].metadata))
+    info = ModelInfo(
+        model_id=cfg.model_id,
+        gguf_sha256=sha,
+        context_length=context,
+        temperature=temperature,
+        top_p=top_p,
+    )
     try:
         yield LlamaCppEngine(cfg, instances, info)
     finally:

@@ -40,7 +40,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, Protocol
 
 import trio
@@ -62,6 +62,7 @@ from p2pnode.errors import (
     PaymentError,
 )
 from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 from p2pnode.scopes import single_errors_ungrouped
 
 TaskStatus = Any  # trio.TaskStatus is shadowed by the trio-typing stubs
@@ -108,6 +109,10 @@ class Backend(Protocol):
 
     def list_models(self) -> list[tuple[str, str]]:
         """(model id, owner: "local" or "network") for every model the node can reach."""
+        ...
+
+    def recommended_sampling(self, model_id: str) -> tuple[float | None, float | None]:
+        """The (temperature, top_p) recommended for the model; None where none is."""
         ...
 
     async def has_model(self, model_id: str) -> bool:
@@ -178,6 +183,18 @@ class Job:
     n: int
     stream: bool
     include_usage: bool
+    # Sampling fields the client left out: the model's recommendation fills
+    # them (:meth:`with_recommended`), else OpenAI's defaults stand.
+    unset: frozenset[str] = frozenset()
+
+    def with_recommended(self, temperature: float | None, top_p: float | None) -> Job:
+        """This job with the model's recommended sampling where the client set none."""
+        params = self.request.params
+        if temperature is not None and "temperature" in self.unset:
+            params = replace(params, temperature=temperature)
+        if top_p is not None and "top_p" in self.unset:
+            params = replace(params, top_p=top_p)
+        return replace(self, request=replace(self.request, params=params))
 
 
 def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
@@ -204,8 +221,8 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
         raise _bad("'stream_options' must be an object", "stream_options")
     params = Params(
         max_tokens=_int(max_tokens, "max_tokens", 1, 1_000_000),
-        temperature=_number(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
-        top_p=_number(body.get("top_p", 1.0), "top_p", 0.0, 1.0),
+        temperature=_number(_or(body.get("temperature"), 1.0), "temperature", 0.0, MAX_TEMPERATURE),
+        top_p=_number(_or(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
         stop=_stop(body.get("stop")),
         seed=None if body.get("seed") is None else _int(body["seed"], "seed", -(2**63), 2**63 - 1),
     )
@@ -213,7 +230,13 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
     if n > MAX_N:
         raise _bad(f"'n' may be at most {MAX_N} here", "n")
     request = Request(model_id=model, kind=kind, messages=messages, prompt=prompt, params=params)
-    return Job(kind, request, n, stream, bool(options.get("include_usage", False)))
+    # null stands for "not given", as OpenAI reads it.
+    unset = frozenset(f for f in ("temperature", "top_p") if body.get(f) is None)
+    return Job(kind, request, n, stream, bool(options.get("include_usage", False)), unset)
+
+
+def _or(value: object, default: float) -> object:
+    return default if value is None else value
 
 
 def _messages(value: object) -> tuple[ChatMessage, ...]:
@@ -299,7 +322,10 @@ class _Generation(Response):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
             try:
-                if await self._backend.has_model(self._job.request.model_id):
+                model = self._job.request.model_id
+                if await self._backend.has_model(model):
+                    recommended = self._backend.recommended_sampling(model)
+                    self._job = self._job.with_recommended(*recommended)
                     await self._run(send)
                 else:
                     await self._fail(send, _not_found(self._job.request.model_id))

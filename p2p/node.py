@@ -8,6 +8,7 @@ stops it all, cancellation included.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, closing
 from functools import partial
@@ -189,6 +190,26 @@ class Node:
         local = [m.model_id for m in served.models if served.engine_for(m.model_id) is not None]
         offered = {m.model_id for o in self.offer_book.offers() for m in o.models} - set(local)
         return [(m, "local") for m in local] + [(m, "network") for m in sorted(offered)]
+
+    def recommended_sampling(self, model_id: str) -> tuple[float | None, float | None]:
+        """The (temperature, top_p) recommended for ``model_id``: its own engine's
+        when it serves the model, else what most offers for it announce (the
+        lower on a tie). A provider's recommendation only fills what a client
+        left out, within the range any client may ask for."""
+        engine = self.offering.engine_for(model_id)
+        if engine is not None:
+            info = next(m for m in engine.models() if m.model_id == model_id)
+            return info.temperature, info.top_p
+        said = Counter(
+            (m.temperature, m.top_p)
+            for o in self.offer_book.offers(model_id)
+            if (m := o.serves(model_id)) is not None and m.temperature is not None
+        )
+        if not said:
+            return None, None
+        most = max(said.values())
+        tied = [pair for pair, n in said.items() if n == most]
+        return min(tied, key=lambda pair: (pair[0], pair[1] or 0.0))
 
     async def has_model(self, model_id: str) -> bool:
         """Whether ``model_id`` is served here or on offer; asks the DHT if gossip has not said."""

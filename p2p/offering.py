@@ -43,7 +43,11 @@ class Offering:
         self.models: tuple[offers.ModelOffer, ...] = (
             tuple(
                 offers.ModelOffer(
-                    model_id=m.model_id, gguf_sha256=m.gguf_sha256, context_length=m.context_length
+                    model_id=m.model_id,
+                    gguf_sha256=m.gguf_sha256,
+                    context_length=m.context_length,
+                    temperature=m.temperature,
+                    top_p=m.top_p,
                 )
                 for engine in self.engines
                 for m in engine.models()

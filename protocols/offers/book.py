@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from p2pnode.errors import RemoteProtocolError
 from p2pnode.protocols.offers.config import Config
-from p2pnode.protocols.offers.messages import GOSSIP_CODEC, Offer
+from p2pnode.protocols.offers.messages import GOSSIP_CODEC, MAX_TEMPERATURE, Offer
 
 
 class Verdict(enum.Enum):
@@ -155,6 +155,8 @@ class OfferBook:
             and 0 <= m.context_length <= c.max_context_length
             and (m.gguf_sha256 is None or _is_sha256(m.gguf_sha256))
             and (m.bid_id is None or _is_sha256(m.bid_id))
+            and (m.temperature is None or 0.0 <= m.temperature <= MAX_TEMPERATURE)
+            and (m.top_p is None or 0.0 < m.top_p <= 1.0)
             for m in offer.models
         )
 

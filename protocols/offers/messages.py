@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from p2pnode.protocols.wire import Codec, Message, signing_payload
+from p2pnode.protocols.wire import Codec, Message, added, signing_payload
 
 SIGNING_DOMAIN: Final = b"p2pnode/offer/1:"
+MAX_TEMPERATURE: Final = 2.0
+"""The highest sampling temperature (OpenAI's range): an offer recommending more is invalid."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,6 +23,10 @@ class ModelOffer(Message):
     price_per_s: int = 0
     bid_id: str | None = None
     tokens_per_s: float = 0.0
+    # Sampling the provider recommends for the model when a request does not
+    # say (inference/engine.py:ModelInfo); consumers' shims apply it.
+    temperature: float | None = added(None)
+    top_p: float | None = added(None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import pytest
 
 from p2pnode.chain.units import parse_tokens
 from p2pnode.cli import options
-from p2pnode.cli.node_cmd import start
+from p2pnode.cli.node_cmd import generate, start
 from p2pnode.errors import ConfigError
 
 WALLET = "0xAbCdEf0123456789aBcDeF0123456789AbCdEf01"
@@ -167,3 +168,25 @@ def test_a_log_level_that_is_none_is_refused() -> None:
     result = CliRunner().invoke(main, ["--log-level", "verbose", "id"])
     assert result.exit_code == 2
     assert "'verbose' is not one of" in result.output
+
+
+def test_the_serving_flags_reach_the_engine_config() -> None:
+    # ``generate`` takes the serving flags as ``start`` does, and nothing else but its own.
+    ctx = generate.make_context(
+        "generate",
+        ["--prompt", "hi", "--model", __file__, "--model-id", "m", "--slots", "2",
+         "--queue-limit", "3", "--threads", "5",
+         "--recommend-temperature", "0.3", "--recommend-top-p", "0.7"],
+    )  # fmt: skip
+    own = ("prompt", "max_tokens", "temperature")
+    flags = {k: v for k, v in ctx.params.items() if k not in own}
+    (engine,) = options.serving(no_serve=False, **flags).llamacpp
+    assert (engine.model_path, engine.model_id) == (Path(__file__), "m")
+    assert (engine.slots, engine.queue_limit, engine.n_threads) == (2, 3, 5)
+    assert (engine.temperature, engine.top_p) == (0.3, 0.7)
+
+
+@pytest.mark.parametrize("flag", [("--recommend-temperature", "2.5"), ("--recommend-top-p", "0")])
+def test_a_recommendation_out_of_range_is_refused_by_the_flag(flag: tuple[str, str]) -> None:
+    with pytest.raises(click.BadParameter):
+        start.make_context("start", list(flag))

@@ -101,6 +101,33 @@ async def test_chat_and_completion_equal_the_local_engine(network: Network) -> N
     assert held.acked[0].completion_tokens == held.completion_tokens
 
 
+async def test_a_chat_that_sets_no_sampling_gets_the_providers_recommendation(
+    network: Network,
+) -> None:
+    # The bundled model's provider announces SmolLM2's 0.2 / 0.9 in its offer;
+    # the consumer's shim samples so when the client says nothing.
+    await network.add_provider()
+    (info,) = network.engine.models()
+    recommended = Params(max_tokens=24, temperature=0.2, top_p=0.9, seed=11)
+    assert (info.temperature, info.top_p) == (recommended.temperature, recommended.top_p)
+    expected, _ = await collect(
+        network.engine,
+        Request(
+            model_id=MODEL,
+            kind="chat",
+            messages=(ChatMessage(role="user", content=QUESTION),),
+            params=recommended,
+        ),
+    )
+    api = client(network)
+    with trio.fail_after(BOUND_S):
+        answer = await api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": QUESTION}], seed=11, max_tokens=24
+        )
+    assert network.consumer.recommended_sampling(MODEL) == (0.2, 0.9)
+    assert answer.choices[0].message.content == expected
+
+
 async def test_a_provider_killed_mid_stream_is_invisible_to_the_client(network: Network) -> None:
     first = await network.add_provider()
     second = await network.add_provider()

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from p2pnode.errors import EngineError
+from p2pnode.errors import ConfigError, EngineError
 from p2pnode.inference.engine import ChatMessage, EngineBusy, Params, Request, collect
 from p2pnode.inference.llamacpp import (
     BUNDLED_MODEL_ID,
@@ -19,6 +19,7 @@ from p2pnode.inference.llamacpp import (
     bundled_model_path,
     file_sha256,
     open_llamacpp,
+    recommended_sampling,
 )
 
 pytestmark = pytest.mark.slow
@@ -230,3 +231,35 @@ async def test_a_continued_completion_equals_the_uninterrupted_one(engine: Llama
         ),
     )
     assert "".join(parts) + rest == full
+
+
+async def test_the_bundled_model_recommends_its_authors_sampling(engine: LlamaCppEngine) -> None:
+    (info,) = engine.models()
+    assert (info.temperature, info.top_p) == (0.2, 0.9)  # SmolLM2's model card
+
+
+@pytest.mark.parametrize(
+    ("mine", "metadata", "announced"),
+    [
+        ({}, {"general.basename": "SmolLM2"}, (0.2, 0.9)),
+        ({}, {"general.basename": "other"}, (None, None)),
+        # The file's own keys win over its authors' card.
+        ({}, {"general.basename": "smollm2", "general.sampling.temp": "0.6"}, (0.6, 0.9)),
+        ({}, {"general.sampling.top_p": "0.5"}, (None, 0.5)),
+        # Out of range in a file: ignored (every peer would refuse the offer).
+        ({}, {"general.sampling.temp": "7", "general.sampling.top_p": "0"}, (None, None)),
+        ({}, {"general.sampling.temp": "hot"}, (None, None)),
+        # The operator's word wins over everything.
+        ({"temperature": 0.0, "top_p": 1.0}, {"general.basename": "smollm2"}, (0.0, 1.0)),
+    ],
+)
+def test_the_recommendation_is_the_operators_the_files_or_the_authors(
+    mine: dict[str, float], metadata: dict[str, str], announced: tuple[float | None, float | None]
+) -> None:
+    assert recommended_sampling(cfg(**mine), metadata) == announced
+
+
+@pytest.mark.parametrize("mine", [{"temperature": 2.5}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_a_recommendation_out_of_range_is_a_config_error(mine: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match="recommended"):
+        recommended_sampling(cfg(**mine), {})

@@ -45,9 +45,14 @@ class ScriptedNode:
         self.generation_cancelled = trio.Event()
         self.lookup_started = trio.Event()
         self.lookup_cancelled = trio.Event()
+        self.requests: list[Request] = []
 
     def list_models(self) -> list[tuple[str, str]]:
         return [("fast", "network"), ("slow", "network")]
+
+    def recommended_sampling(self, model_id: str) -> tuple[float | None, float | None]:
+        # "fast" comes with its authors' sampling, as the bundled model does.
+        return (0.2, 0.9) if model_id == "fast" else (None, None)
 
     async def has_model(self, model_id: str) -> bool:
         if model_id == "lookup-forever":
@@ -56,11 +61,12 @@ class ScriptedNode:
                 await trio.sleep_forever()
             finally:
                 self.lookup_cancelled.set()
-        return model_id in ("fast", "slow", "limited", "unpaid", "dies")
+        return model_id in ("fast", "plain", "slow", "limited", "unpaid", "dies")
 
     async def generate(
         self, request: Request, deliver: Callable[[str, int], Awaitable[None]]
     ) -> Outcome:
+        self.requests.append(request)
         if request.model_id == "limited":  # every provider said "slow down"
             raise NoProviderError("every provider is rate-limiting us", rate_limited=True)
         if request.model_id == "unpaid":
@@ -430,9 +436,11 @@ async def test_any_other_host_header_is_refused(host: bytes | None) -> None:
 # --- errors of the node behind the shim, before and after the headers -----------
 
 
-async def _post(body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[int, bytes]:
+async def _post(
+    body: dict[str, Any], path: str = "/v1/chat/completions", node: ScriptedNode | None = None
+) -> tuple[int, bytes]:
     """POST ``body`` straight into the app; (status, raw body)."""
-    app = openai_api.create_app(ScriptedNode(), KEY)
+    app = openai_api.create_app(node or ScriptedNode(), KEY)
     loopback = [(b"host", b"127.0.0.1:8080"), (b"authorization", f"Bearer {KEY}".encode())]
     scope = _http_scope("POST", path, [*loopback, (b"content-type", b"application/json")])
     data = json.dumps(body).encode()
@@ -502,3 +510,29 @@ async def test_n_up_to_eight_answers_that_many_choices() -> None:
     status, raw = await _post({**CHAT, "n": 8})
     assert status == 200
     assert [c["index"] for c in json.loads(raw)["choices"]] == list(range(8))
+
+
+# --- sampling the model recommends ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "model", "used"),
+    [
+        ({}, "fast", (0.2, 0.9)),  # left out: the model's recommendation
+        ({"temperature": None, "top_p": None}, "fast", (0.2, 0.9)),  # null is "not given"
+        ({"temperature": 0.7}, "fast", (0.7, 0.9)),  # what the client sets stands
+        ({"temperature": 0.0, "top_p": 1.0}, "fast", (0.0, 1.0)),
+        ({}, "plain", (1.0, 1.0)),  # no recommendation: OpenAI's defaults
+    ],
+)
+async def test_sampling_a_client_leaves_out_is_the_models_recommendation(
+    given: dict[str, Any], model: str, used: tuple[float, float]
+) -> None:
+    node = ScriptedNode()
+    for path, body in (
+        ("/v1/chat/completions", {**CHAT, **given, "model": model}),
+        ("/v1/completions", {"model": model, "prompt": "hi", **given}),
+    ):
+        status, _raw = await _post(body, path, node)
+        assert status == 200
+    assert [(r.params.temperature, r.params.top_p) for r in node.requests] == [used, used]

@@ -2,12 +2,16 @@
 them: a field added since is left out at its default (protocols/wire.py:added),
 so those peers' hashes and signatures still agree (docs/protocols.md#messages).
 
-The vectors were computed with the code of commit a3116de, before score
-requests added ``score_ids``, ``score_kind`` and ``Commitment.scored``.
+The infer vectors were computed with the code of commit a3116de, before score
+requests added ``score_ids``, ``score_kind`` and ``Commitment.scored``; the
+offer's with that of 2c444db, before a model offer could recommend sampling.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from p2pnode.protocols import offers
 from p2pnode.protocols.infer.messages import (
     SCORE,
     SEALED_CODEC,
@@ -95,3 +99,47 @@ def test_added_fields_travel_once_they_are_used() -> None:
     # An older peer's map (no added fields at all) decodes to their defaults.
     old = {k: v for k, v in score.to_wire().items() if not k.startswith("score")}
     assert Request.from_wire(old) == Request(request_id="s1", model_id="m", kind=SCORE, prompt="hi")
+
+
+OFFER = offers.Offer(
+    peer_id="p",
+    addrs=("/ip4/127.0.0.1/tcp/1",),
+    models=(
+        offers.ModelOffer(
+            model_id="m",
+            gguf_sha256="ab",
+            context_length=8,
+            price_per_s=3,
+            bid_id="b",
+            tokens_per_s=1.5,
+        ),
+    ),
+    slots_free=1,
+    queue_len=0,
+    seq=2,
+    timestamp=10.0,
+    wallet="w",
+)
+OFFER_SIGNED = (
+    "7032706e6f64652f6f666665722f313a89a7706565725f6964a170a5616464727391b42f6970342f3132"
+    "372e302e302e312f7463702f31a66d6f64656c739186a86d6f64656c5f6964a16dab676775665f736861"
+    "323536a26162ae636f6e746578745f6c656e67746808ab70726963655f7065725f7303a66269645f6964"
+    "a162ac746f6b656e735f7065725f73cb3ff8000000000000aa736c6f74735f6672656501a971756575"
+    "655f6c656e00a373657102a974696d657374616d70cb4024000000000000a677616c6c6574a177a174"
+    "a56f66666572"
+)
+
+
+def test_an_offer_without_recommended_sampling_signs_the_same_bytes_as_before() -> None:
+    assert OFFER.signing_bytes().hex() == OFFER_SIGNED
+
+
+def test_a_recommendation_travels_and_an_older_peers_offer_reads_as_none() -> None:
+    (model,) = OFFER.models
+    recommending = replace(OFFER, models=(replace(model, temperature=0.2, top_p=0.9),))
+    decoded = offers.GOSSIP_CODEC.decode(offers.GOSSIP_CODEC.encode_body(recommending))
+    assert decoded == recommending
+    assert recommending.signing_bytes() != OFFER.signing_bytes()
+    old = offers.GOSSIP_CODEC.decode(offers.GOSSIP_CODEC.encode_body(OFFER))
+    assert isinstance(old, offers.Offer)
+    assert (old.models[0].temperature, old.models[0].top_p) == (None, None)

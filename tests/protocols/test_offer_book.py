@@ -12,6 +12,7 @@ from libp2p.peer.id import ID
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import dials_peer
 from p2pnode.protocols import offers
+from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 
 CFG = offers.Config()
 NOW = 1_800_000_000.0
@@ -207,6 +208,7 @@ def _bad_offers(key: KeyPair) -> dict[str, offers.Offer]:
         "too-many-models": _offer(key, models=tuple(_model(model_id=f"m{i}") for i in range(17))),
         "bad-sha": _offer(key, models=(_model(gguf_sha256="zz"),)),
         "bad-bid": _offer(key, models=(_model(bid_id="0xNOT"),)),
+        "zero-top-p": _offer(key, models=(_model(top_p=0.0),)),
     }
 
 
@@ -304,13 +306,16 @@ def _bounded(key: KeyPair, case: str, past: bool) -> dict[str, object]:
         "speed": {"models": (_model(tokens_per_s=SMALL.max_tokens_per_s + step),)},
         "context": {"models": (_model(context_length=SMALL.max_context_length + step),)},
         "no context": {"models": (_model(context_length=0 - step),)},
+        "hot": {"models": (_model(temperature=MAX_TEMPERATURE + step / 100),)},
+        "cold": {"models": (_model(temperature=0.0 - step / 100),)},
+        "top_p": {"models": (_model(top_p=1.0 + step / 100),)},
     }[case]
 
 
 @pytest.mark.parametrize(
     "case",
     ["slots", "queue", "no slots", "no queue", "seq", "addrs", "models", "model id", "price",
-     "free", "speed", "context", "no context"],
+     "free", "speed", "context", "no context", "hot", "cold", "top_p"],
 )  # fmt: skip
 def test_a_claim_at_its_bound_is_admitted_and_one_past_it_is_not(key: KeyPair, case: str) -> None:
     for past, verdict in ((False, offers.Verdict.ACCEPTED), (True, offers.Verdict.INVALID)):

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 import trio
 
 from p2pnode.errors import EngineError
 from p2pnode.protocols.infer import messages as wire
 from p2pnode.protocols.infer.messages import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+
+PENALTIES: Final = "penalties"
+"""Feature: ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` are honoured."""
+FEATURES: Final = frozenset({PENALTIES})
+"""Every feature this version knows; a peer's others are ignored."""
+FIELDS_OF: Final = {PENALTIES: "presence_penalty, frequency_penalty and logit_bias"}
+"""The request fields each feature stands for, as a user would name them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,6 +44,9 @@ class ModelInfo:
     # OpenAI's default temperature of 1 answers with word salad.
     temperature: float | None = None
     top_p: float | None = None
+    # What the engine does beyond plain sampling (FEATURES): announced in the
+    # offer, so that a request needing one goes only to providers that can.
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +64,15 @@ class Params:
     top_p: float = DEFAULT_TOP_P
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
+
+    def needs(self) -> frozenset[str]:
+        """The features (:data:`FEATURES`) a provider must have to honour these."""
+        if self.presence_penalty or self.frequency_penalty or self.logit_bias:
+            return frozenset({PENALTIES})
+        return frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +107,9 @@ def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
             top_p=request.top_p,
             stop=request.stop,
             seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=tuple((b.token, b.bias) for b in request.logit_bias),
         ),
         continuation=request.continuation,
     )

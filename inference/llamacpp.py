@@ -27,9 +27,10 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,7 +45,15 @@ from p2pnode.inference.audit import (
     ImpossibleAnswer,
     Scores,
 )
-from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
+from p2pnode.inference.engine import (
+    PENALTIES,
+    Chunk,
+    EngineBusy,
+    ModelInfo,
+    Params,
+    Request,
+    Usage,
+)
 from p2pnode.inference.sampling import Sampler, choose, kept, log_softmax_at
 from p2pnode.inference.stops import StopScan
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
@@ -303,10 +312,13 @@ def _generate(
         _evaluate(llm, prompt, answer)
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
         raise EngineError(f"llama.cpp failed: {exc}") from exc
-    sampler = Sampler(p.temperature, p.top_p)
+    sampler = sampler_of(p, llm.n_vocab())
     rng = np.random.default_rng(p.seed)  # no seed: fresh entropy
     scan = StopScan((*p.stop, *stops))
     text = _Text(llm)
+    # Penalties count the whole answer: what earlier providers gave (the
+    # continuation) and what is generated here.
+    counts = Counter(answer)
     ids: list[int] = []
     held_ids: list[int] = []  # generated, their text not handed over yet
     held_lps: list[float] = []
@@ -320,7 +332,8 @@ def _generate(
             logits = np.ctypeslib.as_array(
                 llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)
             )
-            chosen = choose(logits, sampler, rng)
+            chosen = choose(sampler.adjust(logits, counts), sampler, rng)
+            counts[chosen] += 1
             ids.append(chosen)
             held_ids.append(chosen)
             held_lps.append(log_softmax_at(logits, chosen))
@@ -457,8 +470,9 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
     started = time.thread_time()
     prompt, answer, _ = _prompt(llm, request)
     context = prompt + answer
-    sampler = Sampler(request.params.temperature, request.params.top_p)
     vocab = llm.n_vocab()
+    sampler = sampler_of(request.params, vocab)
+    counts = Counter(answer)
     if len(context) + len(token_ids) > llm.n_ctx():
         raise EngineError("prompt and answer exceed the model's context")
     if any(not 0 <= t < vocab for t in token_ids):
@@ -490,7 +504,9 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
                 logits = np.ctypeslib.as_array(
                     llama_cpp.llama_get_logits_ith(llm.ctx, i), shape=(vocab,)
                 )
-                _score_one(logits, token_ids[start + i], sampler, out)
+                token = token_ids[start + i]
+                _score_one(logits, sampler.adjust(logits, counts), token, sampler, out)
+                counts[token] += 1
     finally:
         llama_cpp.llama_batch_free(batch)
     return Scores(
@@ -508,8 +524,19 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
     )
 
 
-def _score_one(logits: Any, token_id: int, sampler: Sampler, out: dict[str, list[Any]]) -> None:
-    out["lp"].append(log_softmax_at(logits, token_id))
+def sampler_of(p: Params, vocab: int) -> Sampler:
+    """The sampler ``p`` asks for, on a model of ``vocab`` tokens."""
+    if any(not 0 <= token < vocab for token, _ in p.logit_bias):
+        raise EngineError(f"logit_bias names a token id outside this model's 0-{vocab - 1}")
+    return Sampler(p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty, p.logit_bias)
+
+
+def _score_one(
+    raw: Any, logits: Any, token_id: int, sampler: Sampler, out: dict[str, list[Any]]
+) -> None:
+    """Score one token: its log-probability under the model (``raw``), the rest
+    under what the request's sampler drew from (``logits``: biased, penalised)."""
+    out["lp"].append(log_softmax_at(raw, token_id))
     out["gap"].append(float(logits.max() - logits[token_id]))
     options = kept(logits, sampler)
     where = np.flatnonzero(options.ids == token_id)
@@ -523,7 +550,7 @@ def _score_one(logits: Any, token_id: int, sampler: Sampler, out: dict[str, list
     out["kept"].append(False)
     out["below"].append(1.0)
     out["prob"].append(0.0)
-    looser = Sampler(sampler.temperature, min(1.0, sampler.top_p + LOOSER_TOP_P))
+    looser = replace(sampler, top_p=min(1.0, sampler.top_p + LOOSER_TOP_P))
     wider = kept(logits, looser, top_k=LOOSER_TOP_K, min_p=LOOSER_MIN_P)
     out["ok"].append(bool(sampler.greedy or np.any(wider.ids == token_id)))
 
@@ -554,6 +581,7 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
         context_length=context,
         temperature=temperature,
         top_p=top_p,
+        features=(PENALTIES,),
     )
     try:
         yield LlamaCppEngine(cfg, instances, info)

@@ -62,6 +62,7 @@ from p2pnode.errors import (
     PaymentError,
 )
 from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.protocols.infer.messages import MAX_BIAS, MAX_BIASES, MAX_PENALTY
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 from p2pnode.scopes import single_errors_ungrouped
 
@@ -225,7 +226,12 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
         top_p=_number(_or(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
         stop=_stop(body.get("stop")),
         seed=None if body.get("seed") is None else _int(body["seed"], "seed", -(2**63), 2**63 - 1),
+        presence_penalty=_penalty(body, "presence_penalty"),
+        frequency_penalty=_penalty(body, "frequency_penalty"),
+        logit_bias=_logit_bias(body.get("logit_bias")),
     )
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("'user' must be a string", "user")
     n = _int(body.get("n", 1), "n", 1, 1_000_000)
     if n > MAX_N:
         raise _bad(f"'n' may be at most {MAX_N} here", "n")
@@ -286,6 +292,25 @@ def _stop(value: object) -> tuple[str, ...]:
     if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
         return tuple(value)
     raise _bad("'stop' must be a string or an array of up to 4 strings", "stop")
+
+
+def _penalty(body: dict[str, Any], name: str) -> float:
+    return _number(_or(body.get(name), 0.0), name, -MAX_PENALTY, MAX_PENALTY)
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}``, as (id, bias) pairs by id. Ids are the
+    model's own vocabulary's; the engine refuses one outside it."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_BIASES:
+        raise _bad(f"'logit_bias' must be an object of at most {MAX_BIASES} entries", "logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 9):
+            raise _bad(f"'logit_bias' keys are token ids, not {key!r}", "logit_bias")
+        out[int(key)] = _number(bias, "logit_bias", -MAX_BIAS, MAX_BIAS)
+    return tuple(sorted(out.items()))
 
 
 def _int(value: object, name: str, low: int, high: int) -> int:

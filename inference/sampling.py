@@ -6,6 +6,10 @@ distribution is defined here, in a few lines, and not by whichever sampler
 chain a llama.cpp build happens to run. Given the model's logits for the
 next token (its raw scores, one per vocabulary entry):
 
+- first the request's ``logit_bias`` is added to the logits, and each token
+  already in the answer loses ``frequency_penalty`` for every time it
+  appeared and ``presence_penalty`` once (OpenAI's definitions:
+  :meth:`Sampler.adjust`); what follows works on the adjusted logits;
 - ``temperature == 0``: greedy, the highest logit (the lowest id on a tie);
 - otherwise the logits are divided by the temperature and softmaxed; the
   ``TOP_K`` most probable tokens are kept, then the fewest of those whose
@@ -38,10 +42,32 @@ class Sampler:
 
     temperature: float
     top_p: float
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether :meth:`adjust` changes any logit."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def adjust(self, logits: Logits, counts: dict[int, int]) -> Logits:
+        """The logits this sampler draws from, given how often each token id
+        already appears in the answer (``counts``); ``logits`` itself untouched."""
+        if not self.adjusts:
+            return logits
+        out = logits.astype(np.float32, copy=True)
+        for token, bias in self.logit_bias:
+            out[token] += bias
+        if counts and (self.presence_penalty or self.frequency_penalty):
+            ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+            seen = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+            out[ids] -= seen * self.frequency_penalty + self.presence_penalty
+        return out
 
 
 @dataclass(frozen=True, slots=True)

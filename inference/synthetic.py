@@ -22,8 +22,12 @@ WORD = " tok"
 class SyntheticEngine:
     """Serves ``model_id`` by emitting ``WORD`` ``max_tokens`` times."""
 
-    def __init__(self, model_id: str = "synthetic", buffer: int = 1024) -> None:
-        self._info = ModelInfo(model_id=model_id, context_length=1 << 20)
+    def __init__(
+        self, model_id: str = "synthetic", buffer: int = 1024, features: tuple[str, ...] = ()
+    ) -> None:
+        # ``features``: what it claims to honour (it samples nothing, so any
+        # claim is as true as none; tests of routing by feature use it).
+        self._info = ModelInfo(model_id=model_id, context_length=1 << 20, features=features)
         self._buffer = buffer
         self._busy = 0
 

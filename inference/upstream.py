@@ -27,7 +27,7 @@ import httpx
 import trio
 
 from p2pnode.errors import EngineError
-from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Request, Usage
+from p2pnode.inference.engine import PENALTIES, Chunk, EngineBusy, ModelInfo, Request, Usage
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class UpstreamEngine:
 
     def models(self) -> list[ModelInfo]:
         return [
-            ModelInfo(model_id=m, context_length=self.cfg.context_length) for m in self.cfg.models
+            ModelInfo(model_id=m, context_length=self.cfg.context_length, features=(PENALTIES,))
+            for m in self.cfg.models
         ]
 
     @property
@@ -188,6 +189,13 @@ def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
         body["stop"] = list(p.stop)
     if p.seed is not None:
         body["seed"] = p.seed
+    # Passed on as OpenAI names them; the server applies them its own way.
+    if p.presence_penalty:
+        body["presence_penalty"] = p.presence_penalty
+    if p.frequency_penalty:
+        body["frequency_penalty"] = p.frequency_penalty
+    if p.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
     if request.kind == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         if request.continuation:

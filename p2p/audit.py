@@ -129,9 +129,12 @@ Misled = Callable[[str], Awaitable[None]]
 MAX_POOLS: Final = 8
 # A provider's answers audited for sure until one audit of it settles.
 FIRST_TRIES: Final = 3
-ScorerSource = Callable[[str, frozenset[str], AsyncExitStack], Awaitable[Scorer | None]]
-"""``(sha256, peers, stack)``: an engine holding that GGUF (opened on ``stack``
-if it must be), or a :class:`RemoteScorer` that is none of ``peers``, or None."""
+ScorerSource = Callable[
+    [str, frozenset[str], AsyncExitStack, frozenset[str]], Awaitable[Scorer | None]
+]
+"""``(sha256, peers, stack, needs)``: an engine holding that GGUF (opened on
+``stack`` if it must be), or a :class:`RemoteScorer` that is none of ``peers``
+and offers the features ``needs`` names, or None."""
 
 Ask = Callable[[str, str, enginelib.Request, Sequence[int]], Awaitable[Scores]]
 """``(peer, model_id, request, ids)``: that provider's scores of ``ids`` as its
@@ -336,7 +339,8 @@ class Auditor:
         commitment = job.done.receipt.commitment
         assert commitment is not None
         for attempt in range(2):
-            scorer = await self._scorers(commitment.gguf_sha256, peers, self._stack)
+            needs = enginelib.from_wire(job.wire).params.needs()
+            scorer = await self._scorers(commitment.gguf_sha256, peers, self._stack, needs)
             if scorer is None:
                 if attempt == 0:
                     self.counters.unauditable += 1
@@ -471,7 +475,10 @@ def local_scorers(engines: Sequence[object]) -> ScorerSource:
     opened: dict[str, Scorer] = {}
     bundled: list[str] = []  # its sha256, once hashed
 
-    async def scorer_for(sha: str, _peers: frozenset[str], stack: AsyncExitStack) -> Scorer | None:
+    async def scorer_for(
+        sha: str, _peers: frozenset[str], stack: AsyncExitStack, _needs: frozenset[str]
+    ) -> Scorer | None:
+        # (Every llama.cpp engine has every feature a request may need.)
         for engine in engines:
             if hasattr(engine, "score") and any(m.gguf_sha256 == sha for m in engine.models()):  # type: ignore[attr-defined]
                 return engine  # type: ignore[return-value]
@@ -500,9 +507,11 @@ def either(*sources: ScorerSource) -> ScorerSource:
     """The first of ``sources`` that has a scorer (this node's own engines
     before a remote auditor: they cost nothing and cannot lie)."""
 
-    async def scorer_for(sha: str, peers: frozenset[str], stack: AsyncExitStack) -> Scorer | None:
+    async def scorer_for(
+        sha: str, peers: frozenset[str], stack: AsyncExitStack, needs: frozenset[str]
+    ) -> Scorer | None:
         for source in sources:
-            scorer = await source(sha, peers, stack)
+            scorer = await source(sha, peers, stack, needs)
             if scorer is not None:
                 return scorer
         return None

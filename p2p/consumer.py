@@ -72,6 +72,7 @@ from p2pnode.protocols.infer.messages import (
     PAUSED,
     SCORE,
     Ack,
+    Bias,
     Chunk,
     Commitment,
     Done,
@@ -230,6 +231,11 @@ class Consumer:
         self.counters.requests += 1
         engine = self._local(request.model_id)
         if engine is not None and only is None:
+            info = next(m for m in engine.models() if m.model_id == request.model_id)
+            missing = request.params.needs() - set(info.features)
+            if missing:  # never an answer that quietly ignores what was asked
+                fields = "; ".join(enginelib.FIELDS_OF.get(f, f) for f in sorted(missing))
+                raise EngineError(f"this node's engine for the model cannot honour {fields}")
             return await _run_locally(engine, request, deliver)
         return await self._run_remotely(request, deliver, only)
 
@@ -302,7 +308,7 @@ class Consumer:
                 return Outcome("length", 0, produced, "", failovers)
             # The DHT is asked at most once per request, not on every busy round.
             candidates, why_none = await self._candidates(
-                request.model_id, tried, discover=not attempts
+                request.model_id, tried, discover=not attempts, needs=request.params.needs()
             )
             if only is not None:
                 candidates = [c for c in candidates if c.peer_id in only]
@@ -552,12 +558,18 @@ class Consumer:
         return seen
 
     async def _candidates(
-        self, model_id: str, tried: set[str], *, discover: bool = True
+        self,
+        model_id: str,
+        tried: set[str],
+        *,
+        discover: bool = True,
+        needs: frozenset[str] = frozenset(),
     ) -> tuple[list[Offer], str]:
         """The providers to try next, best first, and (when there are none) why.
 
         ``discover``: when the OfferBook has no fresh offer, look the model up
-        in the DHT (and ask the providers it names).
+        in the DHT (and ask the providers it names). ``needs``: features
+        (inference/engine.py:FEATURES) the provider's offer must list.
         """
 
         def fresh(offers: list[Offer]) -> list[Offer]:
@@ -566,7 +578,14 @@ class Consumer:
         seen = fresh(self._book.offers(model_id))
         if not seen and discover:
             seen = fresh(await self._finder.discover(model_id))
-        offers = seen
+        able = [o for o in seen if (t := o.serves(model_id)) and needs <= set(t.features)]
+        if seen and not able:
+            fields = "; ".join(enginelib.FIELDS_OF.get(f, f) for f in sorted(needs))
+            return [], (
+                f"{len(seen)} provider{'s' if len(seen) != 1 else ''} of this model seen, "
+                f"none able to honour {fields}"
+            )
+        offers = seen = able
         if self.market is not None:
             market = self.market
             offers = [o for o in offers if market.terms(o, model_id) is not None]
@@ -680,11 +699,16 @@ class Consumer:
         await self._offence(peer, "", Offence.BROKEN_PROMISE, why)
 
     async def remote_scorer(
-        self, sha: str, peers: frozenset[str], _stack: object = None
+        self,
+        sha: str,
+        peers: frozenset[str],
+        _stack: object = None,
+        needs: frozenset[str] = frozenset(),
     ) -> RemoteScorer | None:
         """Another provider of the GGUF ``sha`` to audit with: none of ``peers``,
-        paid with none of their wallets, never banned or caught; chosen at
-        random, so that a cheater cannot tell who will audit it."""
+        paid with none of their wallets, never banned or caught, with the
+        features ``needs`` names; chosen at random, so that a cheater cannot
+        tell who will audit it."""
         now = trio.current_time()
         caught = self.auditor.is_caught if self.auditor is not None else lambda _peer: False
         wallets = {
@@ -701,7 +725,7 @@ class Consumer:
             if offer.wallet and offer.wallet.lower() in wallets:
                 continue
             for terms in offer.models:
-                if terms.gguf_sha256 != sha:
+                if terms.gguf_sha256 != sha or not needs <= set(terms.features):
                     continue
                 if self.market is not None and self.market.terms(offer, terms.model_id) is None:
                     continue
@@ -1184,4 +1208,7 @@ def wire_request(
         stop=p.stop,
         seed=p.seed,
         continuation=request.continuation + delivered,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logit_bias=tuple(Bias(token=t, bias=b) for t, b in p.logit_bias),
     )

@@ -48,6 +48,7 @@ class Offering:
                     context_length=m.context_length,
                     temperature=m.temperature,
                     top_p=m.top_p,
+                    features=m.features,
                 )
                 for engine in self.engines
                 for m in engine.models()

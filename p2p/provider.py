@@ -41,6 +41,9 @@ from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import (
+    MAX_BIAS,
+    MAX_BIASES,
+    MAX_PENALTY,
     MAX_SCORE_IDS,
     PAUSED,
     SCORE,
@@ -369,11 +372,28 @@ class Provider:
                 ErrorCode.BAD_FIELD,
                 f"at most {MAX_STOP} stop strings of {MAX_STOP_CHARS} chars and {MAX_TURNS} turns",
             )
+        if not _sampling_ok(request):
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.BAD_FIELD,
+                f"penalties within ±{MAX_PENALTY:g}; at most {MAX_BIASES} logit_bias entries, "
+                f"each a distinct token id within ±{MAX_BIAS:g}",
+            )
         engine = self._engine_for(request.model_id)
         if engine is None or request.model_id != session.model_id:
             self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
+            )
+        missing = enginelib.from_wire(request).params.needs() - set(
+            _features_of(engine, request.model_id)
+        )
+        if missing:
+            # A consumer reads our offer's features first; one that asks anyway
+            # gets a refusal, never an answer that quietly ignores the fields.
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.UNSUPPORTED, f"this provider cannot do {', '.join(sorted(missing))}"
             )
         market = self.market
         if market is not None and session.paid:
@@ -621,6 +641,24 @@ class Provider:
                     ack.signature,
                     receipt.signing_bytes(),
                 )
+
+
+def _features_of(engine: Engine, model_id: str) -> tuple[str, ...]:
+    """What ``engine`` does for ``model_id`` beyond plain sampling."""
+    return next((m.features for m in engine.models() if m.model_id == model_id), ())
+
+
+def _sampling_ok(request: Request) -> bool:
+    """Penalties and biases within OpenAI's bounds (a peer's request is checked
+    here, not trusted to have passed a shim)."""
+    biases = request.logit_bias
+    return (
+        abs(request.presence_penalty) <= MAX_PENALTY
+        and abs(request.frequency_penalty) <= MAX_PENALTY
+        and len(biases) <= MAX_BIASES
+        and len({b.token for b in biases}) == len(biases)
+        and all(b.token >= 0 and abs(b.bias) <= MAX_BIAS for b in biases)
+    )
 
 
 def _weights_of(engine: Engine, model_id: str) -> str:

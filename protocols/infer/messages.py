@@ -39,6 +39,20 @@ class Turn(Message):
     content: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bias(Message):
+    """One entry of a request's ``logit_bias`` (nested in Request)."""
+
+    token: int
+    bias: float
+
+
+MAX_BIASES: Final = 300
+"""The most logit_bias entries one request may carry (OpenAI's own bound)."""
+MAX_BIAS: Final = 100.0
+MAX_PENALTY: Final = 2.0
+
+
 # Sampling when a request does not say: the one home of these figures, for
 # the wire and for the engines (``inference/engine.py:Params``). The OpenAI
 # shim keeps OpenAI's own documented defaults instead.
@@ -69,6 +83,11 @@ class Request(Message):
     # request, whose kind ("chat" or "completion") is ``score_kind``.
     score_ids: tuple[int, ...] = added(())
     score_kind: str = added("")
+    # OpenAI's penalties and logit_bias (token ids of the model's vocabulary):
+    # only providers whose offer lists the "penalties" feature are sent them.
+    presence_penalty: float = added(0.0)
+    frequency_penalty: float = added(0.0)
+    logit_bias: tuple[Bias, ...] = added(())
 
 
 SCORE: Final = "score"

@@ -25,7 +25,13 @@ from dataclasses import dataclass, replace
 
 from p2pnode.errors import RemoteProtocolError
 from p2pnode.protocols.offers.config import Config
-from p2pnode.protocols.offers.messages import GOSSIP_CODEC, MAX_TEMPERATURE, Offer
+from p2pnode.protocols.offers.messages import (
+    GOSSIP_CODEC,
+    MAX_FEATURE_LEN,
+    MAX_FEATURES,
+    MAX_TEMPERATURE,
+    Offer,
+)
 
 
 class Verdict(enum.Enum):
@@ -157,6 +163,8 @@ class OfferBook:
             and (m.bid_id is None or _is_sha256(m.bid_id))
             and (m.temperature is None or 0.0 <= m.temperature <= MAX_TEMPERATURE)
             and (m.top_p is None or 0.0 < m.top_p <= 1.0)
+            and len(m.features) <= MAX_FEATURES
+            and all(0 < len(f) <= MAX_FEATURE_LEN for f in m.features)
             for m in offer.models
         )
 

@@ -8,6 +8,8 @@ from typing import ClassVar, Final
 from p2pnode.protocols.wire import Codec, Message, added, signing_payload
 
 SIGNING_DOMAIN: Final = b"p2pnode/offer/1:"
+MAX_FEATURES: Final = 16
+MAX_FEATURE_LEN: Final = 32
 MAX_TEMPERATURE: Final = 2.0
 """The highest sampling temperature (OpenAI's range): an offer recommending more is invalid."""
 
@@ -27,6 +29,10 @@ class ModelOffer(Message):
     # say (inference/engine.py:ModelInfo); consumers' shims apply it.
     temperature: float | None = added(None)
     top_p: float | None = added(None)
+    # What the provider does for the model beyond plain sampling
+    # (inference/engine.py:FEATURES); a request needing one goes only to
+    # providers that list it. Names this version does not know are ignored.
+    features: tuple[str, ...] = added(())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

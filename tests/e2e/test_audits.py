@@ -146,7 +146,7 @@ async def test_a_commitment_no_honest_run_gives_is_caught_without_scoring(
     assert info.gguf_sha256 is not None
     caught: list[str] = []
 
-    async def scorers(_sha: str, _peers: object, _stack: object) -> LlamaCppEngine:
+    async def scorers(_sha: str, _peers: object, _stack: object, _needs: object) -> LlamaCppEngine:
         return net_engine
 
     async def on_caught(job: auditlib.Job, verdict: object) -> None:
@@ -186,7 +186,9 @@ async def test_an_auditor_too_busy_to_score_judges_nobody(network: Network) -> N
         (info,) = busy.models()
         assert info.gguf_sha256 is not None
 
-        async def scorers(_sha: str, _peers: object, _stack: object) -> LlamaCppEngine:
+        async def scorers(
+            _sha: str, _peers: object, _stack: object, _needs: object
+        ) -> LlamaCppEngine:
             return busy
 
         async def on_caught(_job: auditlib.Job, _verdict: object) -> None:

@@ -128,6 +128,51 @@ async def test_a_chat_that_sets_no_sampling_gets_the_providers_recommendation(
     assert answer.choices[0].message.content == expected
 
 
+async def test_penalties_and_logit_bias_reach_the_remote_model(network: Network) -> None:
+    await network.add_provider()
+    plain = Params(max_tokens=24, temperature=0.0, seed=11)
+    first = (await _first_ids(network, plain))[0]
+    asked = Params(
+        max_tokens=24,
+        temperature=0.0,
+        seed=11,
+        presence_penalty=0.5,
+        frequency_penalty=1.0,
+        logit_bias=((first, -100.0),),
+    )
+    expected, _ = await collect(network.engine, _chat(asked))
+    api = client(network)
+    with trio.fail_after(BOUND_S):
+        answer = await api.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            presence_penalty=0.5,
+            frequency_penalty=1.0,
+            logit_bias={str(first): -100},
+            user="someone",
+            **GREEDY,
+        )
+    assert answer.choices[0].message.content == expected
+    assert expected != (await collect(network.engine, _chat(plain)))[0]
+
+
+def _chat(params: Params) -> Request:
+    return Request(
+        model_id=MODEL,
+        kind="chat",
+        messages=(ChatMessage(role="user", content=QUESTION),),
+        params=params,
+    )
+
+
+async def _first_ids(network: Network, params: Params) -> list[int]:
+    ids: list[int] = []
+    async with network.engine.stream(_chat(params)) as chunks:  # type: ignore[attr-defined]
+        async for chunk in chunks:
+            ids += chunk.token_ids
+    return ids
+
+
 async def test_a_provider_killed_mid_stream_is_invisible_to_the_client(network: Network) -> None:
     first = await network.add_provider()
     second = await network.add_provider()

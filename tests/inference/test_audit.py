@@ -209,3 +209,24 @@ async def test_hot_sampling_is_caught_across_requests(auditor: LlamaCppEngine) -
     # Greedy requests it serves honestly: they pass.
     request = chat(QUESTIONS[0], GREEDY)
     assert (await judge(auditor, request, await answer(cheat, request))).passed
+
+
+async def test_penalised_answers_pass_and_one_that_ignored_the_penalties_is_caught(
+    auditor: LlamaCppEngine,
+) -> None:
+    # Generation and scoring adjust the logits each on its own path
+    # (inference/llamacpp.py:_generate and _score): they must agree, and an
+    # audit must notice an answer drawn without what the request asked.
+    extra = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": ((28, -100.0),)}
+    for params in (GREEDY, SAMPLED):
+        request = chat(QUESTIONS[2], replace(params, **extra), seed=3)  # type: ignore[arg-type]
+        got = await answer(auditor, request)
+        verdict = await judge(auditor, request, got)
+        assert verdict.passed, verdict.measured()
+        assert 28 not in got.commitment.token_ids
+    penalised = chat(QUESTIONS[2], replace(GREEDY, **extra))  # type: ignore[arg-type]
+    plain = await answer(auditor, chat(QUESTIONS[2], GREEDY))
+    assert plain.text != (await answer(auditor, penalised)).text
+    verdict = await judge(auditor, penalised, plain)
+    assert not verdict.passed
+    assert "greedy" in {f.check for f in verdict.findings}, verdict.measured()

@@ -263,3 +263,51 @@ def test_the_recommendation_is_the_operators_the_files_or_the_authors(
 def test_a_recommendation_out_of_range_is_a_config_error(mine: dict[str, float]) -> None:
     with pytest.raises(ConfigError, match="recommended"):
         recommended_sampling(cfg(**mine), {})
+
+
+async def test_logit_bias_bans_and_forces_tokens(engine: LlamaCppEngine) -> None:
+    request = Request(model_id=BUNDLED_MODEL_ID, kind="chat", messages=QUESTION, params=GREEDY)
+    plain = await _ids(engine, request)
+    first, forced = plain[0], plain[1]
+    banned = await _ids(engine, _with(request, logit_bias=((first, -100.0),)))
+    assert banned[0] != first
+    assert first not in banned
+    # +100 outweighs every other logit: greedy picks it every time.
+    assert await _ids(engine, _with(request, logit_bias=((forced, 100.0),))) == [forced] * len(
+        plain
+    )
+
+
+async def test_penalties_change_a_greedy_answer_that_repeats_itself(
+    engine: LlamaCppEngine,
+) -> None:
+    # (Their exact arithmetic: tests/inference/test_sampling.py; that scoring
+    # applies them as generation does: tests/inference/test_audit.py.)
+    request = Request(model_id=BUNDLED_MODEL_ID, kind="chat", messages=QUESTION, params=GREEDY)
+    plain = await _ids(engine, request)
+    assert len(set(plain)) < len(plain)  # some token comes back
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        assert await _ids(engine, _with(request, **penalty)) != plain, penalty
+
+
+async def test_a_bias_outside_the_vocabulary_is_an_engine_error(engine: LlamaCppEngine) -> None:
+    request = Request(
+        model_id=BUNDLED_MODEL_ID,
+        kind="chat",
+        messages=QUESTION,
+        params=replace(GREEDY, logit_bias=((10**6, 1.0),)),
+    )
+    with pytest.raises(EngineError, match="logit_bias names a token id outside"):
+        await collect(engine, request)
+
+
+def _with(request: Request, **params: object) -> Request:
+    return replace(request, params=replace(request.params, **params))  # type: ignore[arg-type]
+
+
+async def _ids(engine: LlamaCppEngine, request: Request) -> list[int]:
+    ids: list[int] = []
+    async with engine.stream(request) as chunks:
+        async for chunk in chunks:
+            ids += chunk.token_ids
+    return ids

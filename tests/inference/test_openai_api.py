@@ -536,3 +536,38 @@ async def test_sampling_a_client_leaves_out_is_the_models_recommendation(
         status, _raw = await _post(body, path, node)
         assert status == 200
     assert [(r.params.temperature, r.params.top_p) for r in node.requests] == [used, used]
+
+
+@pytest.mark.parametrize(
+    ("given", "param"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": "high"}, "frequency_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": [5]}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"user": 7}, "user"),
+    ],
+)
+async def test_bad_penalties_bias_or_user_are_a_400_naming_the_field(
+    given: dict[str, Any], param: str
+) -> None:
+    status, raw = await _post({**CHAT, **given})
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == param
+
+
+async def test_penalties_and_bias_are_passed_on_by_token_id() -> None:
+    node = ScriptedNode()
+    body = {
+        **CHAT,
+        "presence_penalty": -0.5,
+        "frequency_penalty": 1,
+        "logit_bias": {"9": -100, "3": 2.5},
+    }
+    assert (await _post(body, node=node))[0] == 200
+    (request,) = node.requests
+    p = request.params
+    assert (p.presence_penalty, p.frequency_penalty) == (-0.5, 1.0)
+    assert p.logit_bias == ((3, 2.5), (9, -100.0))

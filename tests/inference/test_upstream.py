@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import pytest
 import trio
 
 from p2pnode.errors import EngineError
-from p2pnode.inference.engine import ChatMessage, Params, Request, collect
+from p2pnode.inference.engine import PENALTIES, ChatMessage, Params, Request, collect
 from p2pnode.inference.llamacpp import bundled_model_path
 from p2pnode.inference.upstream import Config, UpstreamEngine, open_upstream
 
@@ -150,3 +151,20 @@ async def test_unreachable_upstream_is_an_engine_error() -> None:
 async def test_unknown_model_is_refused_locally(engine: UpstreamEngine) -> None:
     with pytest.raises(EngineError, match="not served here"):
         await collect(engine, Request(model_id="other", kind="completion", prompt="x"))
+
+
+async def test_logit_bias_and_penalties_reach_the_server(engine: UpstreamEngine) -> None:
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(bundled_model_path()), vocab_only=True, verbose=False)
+    (forced,) = vocab.tokenize(b" dragon", add_bos=False)
+    (info,) = engine.models()
+    assert PENALTIES in info.features  # announced: the server applies them
+    request = _chat(8)
+    biased = replace(
+        request, params=replace(request.params, logit_bias=((forced, 100.0),), presence_penalty=0.1)
+    )
+    text, last = await collect(engine, biased)
+    assert text.count("dragon") == 8, text
+    assert last.usage is not None
+    assert last.usage.completion_tokens == 8

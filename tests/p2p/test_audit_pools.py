@@ -64,7 +64,9 @@ async def test_a_liars_pool_cannot_get_an_honest_provider_caught() -> None:
 
     info = ModelInfo(model_id="m", gguf_sha256=WEIGHTS)
 
-    async def scorers(_sha: str, peers: frozenset[str], _stack: object) -> auditlib.Scorer | None:
+    async def scorers(
+        _sha: str, peers: frozenset[str], _stack: object, _needs: object
+    ) -> auditlib.Scorer | None:
         for peer in ("liar", "honest"):  # the liar whenever it may
             if peer not in peers:
                 return auditlib.RemoteScorer(peer, info, ask)

@@ -20,7 +20,7 @@ from trio.testing import MockClock
 
 from p2pnode.errors import EngineError
 from p2pnode.inference.audit import Audit, Finding, ImpossibleAnswer, Scores
-from p2pnode.inference.engine import Chunk, EngineBusy, ModelInfo, Params, Request
+from p2pnode.inference.engine import PENALTIES, Chunk, EngineBusy, ModelInfo, Params, Request
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import audit as auditlib
 from p2pnode.p2p.consumer import Outcome
@@ -62,9 +62,13 @@ class ScoringEngine(SyntheticEngine):
     """Synthetic, with a GGUF hash and a scorer that answers ``answer`` (a test
     engine, named as such: scores as scripted, raises the exception it is given)."""
 
-    def __init__(self, weights: str = WEIGHTS, model_id: str = MODEL) -> None:
+    def __init__(
+        self, weights: str = WEIGHTS, model_id: str = MODEL, features: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(model_id)
-        self._info = ModelInfo(model_id=model_id, gguf_sha256=weights, context_length=1 << 20)
+        self._info = ModelInfo(
+            model_id=model_id, gguf_sha256=weights, context_length=1 << 20, features=features
+        )
         # None: honest-looking scores of as many ids as asked.
         self.answer: Scores | BaseException | None = None
         self.asked: list[tuple[Request, tuple[int, ...]]] = []
@@ -110,6 +114,7 @@ async def network(
     *,
     serving: bool = True,
     names: Sequence[str] = (),
+    features: Sequence[tuple[str, ...]] = (),
 ) -> AsyncIterator[Net]:
     """A consumer (``serving`` the weights too) and one provider per entry of ``weights``."""
     async with AsyncExitStack() as stack:
@@ -120,7 +125,11 @@ async def network(
         others: list[Node] = []
         engines: list[ScoringEngine] = []
         for n, sha in enumerate(weights):
-            engine = ScoringEngine(sha, names[n] if n < len(names) else MODEL)
+            engine = ScoringEngine(
+                sha,
+                names[n] if n < len(names) else MODEL,
+                features[n] if n < len(features) else (),
+            )
             wallet = wallets[n] if n < len(wallets) else None
             config = NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],), wallet=wallet)
             others.append(
@@ -203,6 +212,28 @@ async def test_an_auditor_is_another_provider_of_the_weights_never_banned_caught
         # Other weights are scored only by their own provider.
         await me.consumer.remote_scorer(OTHER_WEIGHTS, frozenset())
         assert seen[-1] == [(other_weights, ModelInfo(model_id=MODEL, gguf_sha256=OTHER_WEIGHTS))]
+
+
+async def test_a_request_with_penalties_is_audited_only_by_a_provider_that_offers_them(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # An auditor of an earlier version would score as if there were none, and
+    # call an honest provider's penalised answer a cheat.
+    features = [(), (), (PENALTIES,)]
+    async with network(memory, [WEIGHTS] * 3, features=features) as net:
+        audited, plain, able = (n.peer_id for n in net.others)
+        seen = choices_of(net.me)
+        penalties = frozenset({PENALTIES})
+        scorer = await net.me.consumer.remote_scorer(WEIGHTS, frozenset({audited}), None, penalties)
+        assert scorer is not None
+        assert scorer.peer == able
+        assert [p for p, _ in seen[-1]] == [able]
+        assert (
+            await net.me.consumer.remote_scorer(WEIGHTS, frozenset({able}), None, penalties) is None
+        )
+        # A plain request: any of them.
+        await net.me.consumer.remote_scorer(WEIGHTS, frozenset({audited}))
+        assert [p for p, _ in seen[-1]] == sorted([plain, able])
 
 
 async def test_a_remote_score_is_a_score_request_answered_in_the_auditors_commitment(

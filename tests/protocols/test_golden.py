@@ -15,6 +15,7 @@ from p2pnode.protocols import offers
 from p2pnode.protocols.infer.messages import (
     SCORE,
     SEALED_CODEC,
+    Bias,
     Chunk,
     Commitment,
     Receipt,
@@ -63,8 +64,15 @@ RECEIPT_SIGNED = (
 
 
 def test_a_request_hashes_as_before_score_requests_existed() -> None:
+    # (Nor penalties: a plain request is what a3116de's consumers sent.)
     assert request_hash(REQUEST).hex() == REQUEST_HASH
-    assert "score_ids" not in REQUEST.to_wire()
+    assert not {"score_ids", "presence_penalty", "logit_bias"} & set(REQUEST.to_wire())
+
+
+def test_penalties_travel_once_they_are_used() -> None:
+    biased = replace(REQUEST, frequency_penalty=0.5, logit_bias=(Bias(token=3, bias=-100.0),))
+    assert SEALED_CODEC.decode(SEALED_CODEC.encode_body(biased)) == biased
+    assert request_hash(biased) != request_hash(REQUEST)
 
 
 def test_a_receipt_signs_the_same_bytes_as_before() -> None:
@@ -136,10 +144,16 @@ def test_an_offer_without_recommended_sampling_signs_the_same_bytes_as_before() 
 
 def test_a_recommendation_travels_and_an_older_peers_offer_reads_as_none() -> None:
     (model,) = OFFER.models
-    recommending = replace(OFFER, models=(replace(model, temperature=0.2, top_p=0.9),))
+    recommending = replace(
+        OFFER, models=(replace(model, temperature=0.2, top_p=0.9, features=("penalties",)),)
+    )
     decoded = offers.GOSSIP_CODEC.decode(offers.GOSSIP_CODEC.encode_body(recommending))
     assert decoded == recommending
     assert recommending.signing_bytes() != OFFER.signing_bytes()
     old = offers.GOSSIP_CODEC.decode(offers.GOSSIP_CODEC.encode_body(OFFER))
     assert isinstance(old, offers.Offer)
-    assert (old.models[0].temperature, old.models[0].top_p) == (None, None)
+    assert (old.models[0].temperature, old.models[0].top_p, old.models[0].features) == (
+        None,
+        None,
+        (),
+    )

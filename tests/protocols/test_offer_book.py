@@ -12,7 +12,7 @@ from libp2p.peer.id import ID
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.host import dials_peer
 from p2pnode.protocols import offers
-from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
+from p2pnode.protocols.offers.messages import MAX_FEATURE_LEN, MAX_FEATURES, MAX_TEMPERATURE
 
 CFG = offers.Config()
 NOW = 1_800_000_000.0
@@ -309,13 +309,15 @@ def _bounded(key: KeyPair, case: str, past: bool) -> dict[str, object]:
         "hot": {"models": (_model(temperature=MAX_TEMPERATURE + step / 100),)},
         "cold": {"models": (_model(temperature=0.0 - step / 100),)},
         "top_p": {"models": (_model(top_p=1.0 + step / 100),)},
+        "features": {"models": (_model(features=("f",) * (MAX_FEATURES + step)),)},
+        "feature": {"models": (_model(features=("f" * (MAX_FEATURE_LEN + step),)),)},
     }[case]
 
 
 @pytest.mark.parametrize(
     "case",
     ["slots", "queue", "no slots", "no queue", "seq", "addrs", "models", "model id", "price",
-     "free", "speed", "context", "no context", "hot", "cold", "top_p"],
+     "free", "speed", "context", "no context", "hot", "cold", "top_p", "features", "feature"],
 )  # fmt: skip
 def test_a_claim_at_its_bound_is_admitted_and_one_past_it_is_not(key: KeyPair, case: str) -> None:
     for past, verdict in ((False, offers.Verdict.ACCEPTED), (True, offers.Verdict.INVALID)):

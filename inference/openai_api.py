@@ -40,7 +40,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 import trio
@@ -61,6 +61,19 @@ from p2pnode.errors import (
     NoProviderError,
     PaymentError,
 )
+from p2pnode.inference import agent_apis
+from p2pnode.inference.api_fields import (
+    DEFAULT_MAX_TOKENS,
+    ApiError,
+    Job,
+    bad_request,
+    int_field,
+    number_field,
+    or_default,
+    send_json,
+    stop_field,
+    text_content,
+)
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.protocols.infer.messages import MAX_BIAS, MAX_BIASES, MAX_PENALTY
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
@@ -73,7 +86,6 @@ logger = logging.getLogger(__name__)
 LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 MAX_BODY: Final = 1024 * 1024  # the infer protocol's prompt cap
 MAX_N: Final = 8
-DEFAULT_MAX_TOKENS: Final = 512
 ROLES: Final = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -130,37 +142,6 @@ class Backend(Protocol):
 # --- errors ---------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """An error the client gets as an OpenAI error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
-
-    async def send(self, send: Send) -> None:
-        """Answer with this error straight through ASGI (for the guards before the routes)."""
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        await _send_json(send, self.status, self.body, headers)
-
-
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
-
-
 def _api_error_of(exc: Exception) -> ApiError:
     """The HTTP status and body for a failure of the node behind the shim."""
     if isinstance(exc, PaymentError):
@@ -175,36 +156,13 @@ def _api_error_of(exc: Exception) -> ApiError:
 # --- request parsing (pure) ----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A parsed completion request."""
-
-    kind: Literal["chat", "completion"]
-    request: Request
-    n: int
-    stream: bool
-    include_usage: bool
-    # Sampling fields the client left out: the model's recommendation fills
-    # them (:meth:`with_recommended`), else OpenAI's defaults stand.
-    unset: frozenset[str] = frozenset()
-
-    def with_recommended(self, temperature: float | None, top_p: float | None) -> Job:
-        """This job with the model's recommended sampling where the client set none."""
-        params = self.request.params
-        if temperature is not None and "temperature" in self.unset:
-            params = replace(params, temperature=temperature)
-        if top_p is not None and "top_p" in self.unset:
-            params = replace(params, top_p=top_p)
-        return replace(self, request=replace(self.request, params=params))
-
-
 def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
     """Validate an OpenAI request body; unknown fields are ignored. Raises ApiError(400)."""
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise bad_request("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise _bad("'model' is required and must be a string", "model")
+        raise bad_request("'model' is required and must be a string", "model")
     messages: tuple[ChatMessage, ...] = ()
     prompt = ""
     if kind == "chat":
@@ -217,85 +175,59 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean", "stream")
+        raise bad_request("'stream' must be a boolean", "stream")
     if not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
+        raise bad_request("'stream_options' must be an object", "stream_options")
     params = Params(
-        max_tokens=_int(max_tokens, "max_tokens", 1, 1_000_000),
-        temperature=_number(_or(body.get("temperature"), 1.0), "temperature", 0.0, MAX_TEMPERATURE),
-        top_p=_number(_or(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
-        stop=_stop(body.get("stop")),
-        seed=None if body.get("seed") is None else _int(body["seed"], "seed", -(2**63), 2**63 - 1),
+        max_tokens=int_field(max_tokens, "max_tokens", 1, 1_000_000),
+        temperature=number_field(
+            or_default(body.get("temperature"), 1.0), "temperature", 0.0, MAX_TEMPERATURE
+        ),
+        top_p=number_field(or_default(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
+        stop=stop_field(body.get("stop")),
+        seed=None
+        if body.get("seed") is None
+        else int_field(body["seed"], "seed", -(2**63), 2**63 - 1),
         presence_penalty=_penalty(body, "presence_penalty"),
         frequency_penalty=_penalty(body, "frequency_penalty"),
         logit_bias=_logit_bias(body.get("logit_bias")),
     )
     if body.get("user") is not None and not isinstance(body["user"], str):
-        raise _bad("'user' must be a string", "user")
-    n = _int(body.get("n", 1), "n", 1, 1_000_000)
+        raise bad_request("'user' must be a string", "user")
+    n = int_field(body.get("n", 1), "n", 1, 1_000_000)
     if n > MAX_N:
-        raise _bad(f"'n' may be at most {MAX_N} here", "n")
+        raise bad_request(f"'n' may be at most {MAX_N} here", "n")
     request = Request(model_id=model, kind=kind, messages=messages, prompt=prompt, params=params)
     # null stands for "not given", as OpenAI reads it.
     unset = frozenset(f for f in ("temperature", "top_p") if body.get(f) is None)
     return Job(kind, request, n, stream, bool(options.get("include_usage", False)), unset)
 
 
-def _or(value: object, default: float) -> object:
-    return default if value is None else value
-
-
 def _messages(value: object) -> tuple[ChatMessage, ...]:
     if not isinstance(value, list) or not value:
-        raise _bad("'messages' must be a non-empty array", "messages")
+        raise bad_request("'messages' must be a non-empty array", "messages")
     out = []
     for i, item in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(item, dict):
-            raise _bad(f"{where} must be an object", where)
+            raise bad_request(f"{where} must be an object", where)
         role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
         if role is None:
-            raise _bad(f"{where}.role must be one of {sorted(ROLES)}", f"{where}.role")
-        out.append(ChatMessage(role=role, content=_content(item.get("content"), where)))
+            raise bad_request(f"{where}.role must be one of {sorted(ROLES)}", f"{where}.role")
+        out.append(ChatMessage(role=role, content=text_content(item.get("content"), where)))
     return tuple(out)
-
-
-def _content(value: object, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise _bad(f"{where}.content: only text parts are supported", f"{where}.content")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _bad(f"{where}.content: a text part needs 'text'", f"{where}.content")
-            parts.append(text)
-        return "".join(parts)
-    raise _bad(f"{where}.content must be a string or an array of text parts", f"{where}.content")
 
 
 def _prompt(value: object) -> str:
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if not isinstance(value, str):
-        raise _bad("'prompt' must be a string (or an array of one string)", "prompt")
+        raise bad_request("'prompt' must be a string (or an array of one string)", "prompt")
     return value
 
 
-def _stop(value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise _bad("'stop' must be a string or an array of up to 4 strings", "stop")
-
-
 def _penalty(body: dict[str, Any], name: str) -> float:
-    return _number(_or(body.get(name), 0.0), name, -MAX_PENALTY, MAX_PENALTY)
+    return number_field(or_default(body.get(name), 0.0), name, -MAX_PENALTY, MAX_PENALTY)
 
 
 def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
@@ -304,28 +236,45 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, dict) or len(value) > MAX_BIASES:
-        raise _bad(f"'logit_bias' must be an object of at most {MAX_BIASES} entries", "logit_bias")
+        raise bad_request(
+            f"'logit_bias' must be an object of at most {MAX_BIASES} entries", "logit_bias"
+        )
     out: dict[int, float] = {}
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isdigit() and len(key) <= 9):
-            raise _bad(f"'logit_bias' keys are token ids, not {key!r}", "logit_bias")
-        out[int(key)] = _number(bias, "logit_bias", -MAX_BIAS, MAX_BIAS)
+            raise bad_request(f"'logit_bias' keys are token ids, not {key!r}", "logit_bias")
+        out[int(key)] = number_field(bias, "logit_bias", -MAX_BIAS, MAX_BIAS)
     return tuple(sorted(out.items()))
 
 
-def _int(value: object, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _bad(f"'{name}' must be an integer in [{low}, {high}]", name)
-    return value
-
-
-def _number(value: object, name: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise _bad(f"'{name}' must be a number in [{low:g}, {high:g}]", name)
-    return float(value)
-
-
 # --- the generation inside a response ------------------------------------------
+
+
+class Shape(Protocol):
+    """How another API (OpenAI's Responses, Anthropic's Messages) answers one
+    generation: its JSON body, or its stream of named events
+    (``inference/agent_apis.py``). Each event is a dict whose ``type`` is its
+    server-sent event name."""
+
+    def opening(self) -> list[dict[str, Any]]:
+        """The events before the first text."""
+        ...
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        """The events that carry ``text``."""
+        ...
+
+    def closing(self, text: str, finish: str, usage: tuple[int, int]) -> list[dict[str, Any]]:
+        """The events after the last text (``usage``: prompt, completion tokens)."""
+        ...
+
+    def whole(self, text: str, finish: str, usage: tuple[int, int]) -> dict[str, Any]:
+        """The body of an answer that is not streamed."""
+        ...
+
+    def error_event(self, error: ApiError) -> dict[str, Any]:
+        """The event that reports ``error`` once the stream has begun."""
+        ...
 
 
 class _Generation(Response):
@@ -333,12 +282,15 @@ class _Generation(Response):
 
     The model look-up (which may ask the network) runs under the same watch
     as the generation: a client that leaves during either frees its slot.
+    Without a ``shape`` it answers as chat or text completions; with one, in
+    that shape's API.
     """
 
-    def __init__(self, backend: Backend, job: Job) -> None:
+    def __init__(self, backend: Backend, job: Job, shape: Shape | None = None) -> None:
         super().__init__()
         self._backend = backend
         self._job = job
+        self._shape = shape
         self._id = ("chatcmpl-" if job.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self._created = int(time.time())
         self._started = False
@@ -351,7 +303,10 @@ class _Generation(Response):
                 if await self._backend.has_model(model):
                     recommended = self._backend.recommended_sampling(model)
                     self._job = self._job.with_recommended(*recommended)
-                    await self._run(send)
+                    if self._shape is None:
+                        await self._run(send)
+                    else:
+                        await self._run_shaped(send, self._shape)
                 else:
                     await self._fail(send, _not_found(self._job.request.model_id))
             except (NetworkError, PaymentError, EngineError) as exc:
@@ -400,11 +355,38 @@ class _Generation(Response):
         }
         if not job.stream:
             choices = [self._choice(i, text, finish) for i, (text, finish) in enumerate(results)]
-            await _send_json(send, 200, {**self._head(None), "choices": choices, "usage": usage})
+            await send_json(send, 200, {**self._head(None), "choices": choices, "usage": usage})
             return
         if job.include_usage:
             await self._event(send, {**self._head("chunk"), "choices": [], "usage": usage})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _run_shaped(self, send: Send, shape: Shape) -> None:
+        """One answer (these APIs have no ``n``), in ``shape``'s body or events."""
+        job = self._job
+        parts: list[str] = []
+
+        async def deliver(text: str, _tokens: int) -> None:
+            if job.stream:
+                if not parts:
+                    await self._events(send, shape.opening())
+                await self._events(send, shape.delta(text))
+            parts.append(text)
+
+        done = await self._backend.generate(job.request, deliver)
+        text = "".join(parts)
+        usage = (done.prompt_tokens, done.completion_tokens)
+        if not job.stream:
+            await send_json(send, 200, shape.whole(text, done.finish_reason, usage))
+            return
+        if not parts:
+            await self._events(send, shape.opening())
+        await self._events(send, shape.closing(text, done.finish_reason, usage))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _events(self, send: Send, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            await self._event(send, event, named=True)
 
     async def _open_choice(self, send: Send, index: int) -> None:
         """A chat stream's first chunk of a choice names the role (as OpenAI's does)."""
@@ -451,7 +433,8 @@ class _Generation(Response):
 
     # --- sending ----------------------------------------------------------------
 
-    async def _event(self, send: Send, data: dict[str, Any]) -> None:
+    async def _event(self, send: Send, data: dict[str, Any], *, named: bool = False) -> None:
+        """One server-sent event (``named``: with an ``event:`` line, its ``type``)."""
         if not self._started:
             self._started = True
             await send(
@@ -466,33 +449,21 @@ class _Generation(Response):
                 }
             )
         body = b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        if named:
+            body = b"event: " + str(data["type"]).encode() + b"\n" + body
         await send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def _fail(self, send: Send, error: ApiError) -> None:
         if not self._started:
-            await _send_json(send, error.status, error.body)
+            await send_json(send, error.status, error.body)
             return
         # Headers are gone: the error travels as an event, as OpenAI's does.
+        if self._shape is not None:
+            await self._event(send, self._shape.error_event(error), named=True)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         await self._event(send, error.body)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-
-
-async def _send_json(
-    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    data = json.dumps(body, separators=(",", ":")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 class _NoAnswer(Response):
@@ -519,6 +490,23 @@ async def _read_body(request: HttpRequest) -> bytes:
             if len(body) > MAX_BODY:
                 raise _too_large()
     return bytes(body)
+
+
+_LEFT: Final = object()
+"""What :func:`_json_body` returns when the client left while sending."""
+
+
+async def _json_body(request: HttpRequest) -> Any:
+    """The request's JSON body (ApiError 400 or 413 when it is none), or ``_LEFT``."""
+    try:
+        raw = await _read_body(request)
+    except ClientDisconnect:
+        logger.info("client left while sending its request")
+        return _LEFT
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from exc
 
 
 def _declares_over(value: str, limit: int) -> bool:
@@ -564,16 +552,20 @@ class _Guard:
         host = headers.get(b"host", b"").decode("latin-1")
         if _host_name(host) not in LOOPBACK_HOSTS:
             error = ApiError(403, f"Host {host!r} is not a loopback name", code="forbidden_host")
-            await _send_json(send, error.status, error.body)
+            await send_json(send, error.status, error.body)
             return
         auth = headers.get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+        if scheme.lower() != b"bearer":
+            # Anthropic's clients send the key as x-api-key instead.
+            token = headers.get(b"x-api-key", b"")
+            auth = auth or token
+        if not token or not hmac.compare_digest(token.strip(), self._key):
             message = (
                 "Incorrect API key provided" if auth else "Missing API key (Authorization: Bearer)"
             )
             error = ApiError(401, message, code="invalid_api_key")
-            await _send_json(send, error.status, error.body)
+            await send_json(send, error.status, error.body)
             return
         limit = self._config.max_in_flight
         if self._in_flight >= limit:
@@ -630,16 +622,25 @@ def create_app(
         return await _complete(request, "completion")
 
     async def _complete(request: HttpRequest, kind: Literal["chat", "completion"]) -> Response:
-        try:
-            raw = await _read_body(request)
-        except ClientDisconnect:
-            logger.info("client left while sending its request")
+        body = await _json_body(request)
+        if body is _LEFT:
             return _NoAnswer()
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise _bad(f"the body is not valid JSON: {exc}") from exc
         return _Generation(backend, parse_job(kind, body))
+
+    async def _shaped(
+        request: HttpRequest, parse: Callable[[object], Job], shape: Callable[[Job], Shape]
+    ) -> Response:
+        body = await _json_body(request)
+        if body is _LEFT:
+            return _NoAnswer()
+        job = parse(body)
+        return _Generation(backend, job, shape(job))
+
+    async def responses(request: HttpRequest) -> Response:
+        return await _shaped(request, agent_apis.parse_response_request, agent_apis.ResponseShape)
+
+    async def messages(request: HttpRequest) -> Response:
+        return await _shaped(request, agent_apis.parse_messages_request, agent_apis.MessageShape)
 
     async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -655,6 +656,8 @@ def create_app(
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completion, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/messages", messages, methods=["POST"]),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
     )

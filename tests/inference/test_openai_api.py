@@ -571,3 +571,79 @@ async def test_penalties_and_bias_are_passed_on_by_token_id() -> None:
     p = request.params
     assert (p.presence_penalty, p.frequency_penalty) == (-0.5, 1.0)
     assert p.logit_bias == ((3, 2.5), (9, -100.0))
+
+
+# --- the Responses and Messages APIs (inference/agent_apis.py) -----------------
+
+
+def _named_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for block in raw.split(b"\n\n"):
+        if block.startswith(b"event: "):
+            name, _, data = block.partition(b"\n")
+            out.append((name[len(b"event: ") :].decode(), json.loads(data[len(b"data: ") :])))
+    return out
+
+
+async def test_a_response_stream_that_fails_after_text_ends_with_an_error_event() -> None:
+    body = {"model": "dies", "input": "hi", "stream": True}
+    status, raw = await _post(body, "/v1/responses")
+    assert status == 200
+    events = _named_events(raw)
+    assert all(name == data["type"] for name, data in events)
+    assert [d["delta"] for n, d in events if n == "response.output_text.delta"] == ["hello"]
+    assert events[-1][0] == "error"
+    assert events[-1][1]["code"] == "no_provider"
+    assert b"[DONE]" not in raw  # that is chat completions' end, not this API's
+
+
+async def test_a_messages_stream_that_fails_after_text_ends_with_an_error_event() -> None:
+    body = {"model": "dies", "max_tokens": 4, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    status, raw = await _post(body, "/v1/messages")
+    assert status == 200
+    events = _named_events(raw)
+    assert [n for n, _ in events][:3] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+    ]
+    assert events[-1] == ("error", {"type": "error", "error": {"type": "overloaded_error",
+                                    "message": "no provider could finish it"}})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/responses", {"model": "limited", "input": "hi"}, 429),
+        ("/v1/messages", {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}, 400),
+        ("/v1/messages", {"model": "fast", "max_tokens": 1, "messages": []}, 400),
+        (
+            "/v1/messages",
+            {"model": "nope", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+            404,
+        ),  # fmt: skip
+    ],
+)
+async def test_the_other_apis_answer_failures_with_statuses(
+    path: str, body: dict[str, Any], status: int
+) -> None:
+    assert (await _post(body, path))[0] == status
+
+
+async def test_the_key_may_come_as_x_api_key() -> None:
+    app = openai_api.create_app(ScriptedNode(), KEY)
+    for key, status in ((KEY, 200), ("sk-wrong", 401)):
+        scope = _http_scope(
+            "GET", "/v1/models", [(b"host", b"127.0.0.1"), (b"x-api-key", key.encode())]
+        )
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        assert sent[0]["status"] == status

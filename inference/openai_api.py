@@ -157,12 +157,18 @@ def _api_error_of(exc: Exception) -> ApiError:
 
 
 def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
-    """Validate an OpenAI request body; unknown fields are ignored. Raises ApiError(400)."""
+    """Validate an OpenAI request body. Raises ApiError(400).
+
+    Fields whose answer would change but cannot be served yet are refused
+    (:func:`_refuse_unserved`): a client asking for tool calls or a JSON
+    schema must not get plain text it takes for one. Others are ignored.
+    """
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a string", "model")
+    _refuse_unserved(body)
     messages: tuple[ChatMessage, ...] = ()
     prompt = ""
     if kind == "chat":
@@ -201,6 +207,31 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
     # null stands for "not given", as OpenAI reads it.
     unset = frozenset(f for f in ("temperature", "top_p") if body.get(f) is None)
     return Job(kind, request, n, stream, bool(options.get("include_usage", False)), unset)
+
+
+def _refuse_unserved(body: dict[str, Any]) -> None:
+    """A 400 naming the first field set to something this shim does not serve yet.
+
+    Their "off" values (what clients send by default) pass: no tools, a
+    ``tool_choice`` of none or auto, text output, ``logprobs`` false or 0.
+    """
+    unserved = {
+        "tools": bool(body.get("tools")),
+        "functions": bool(body.get("functions")),
+        "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
+        "function_call": body.get("function_call") not in (None, "none", "auto"),
+        "response_format": body.get("response_format") not in (None, {"type": "text"}),
+        "logprobs": body.get("logprobs") not in (None, False, 0),
+        "top_logprobs": body.get("top_logprobs") not in (None, 0),
+        "modalities": body.get("modalities") not in (None, ["text"]),
+        "audio": body.get("audio") is not None,
+        "suffix": body.get("suffix") not in (None, ""),
+        "echo": body.get("echo") not in (None, False),
+        "best_of": body.get("best_of") not in (None, 1),
+    }
+    for field, refused in unserved.items():
+        if refused:
+            raise bad_request(f"'{field}' is not served by this node yet", field)
 
 
 def _messages(value: object) -> tuple[ChatMessage, ...]:

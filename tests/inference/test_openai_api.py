@@ -647,3 +647,34 @@ async def test_the_key_may_come_as_x_api_key() -> None:
 
         await app(scope, receive, send)  # type: ignore[arg-type]
         assert sent[0]["status"] == status
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("modalities", ["text", "audio"]),
+        ("functions", [{"name": "f"}]),
+    ],
+)
+async def test_fields_that_would_change_the_answer_but_are_not_served_are_a_400(
+    field: str, value: object
+) -> None:
+    # A client asking for tool calls or JSON must not get plain text it takes for one.
+    status, raw = await _post({**CHAT, field: value})
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == field
+
+
+async def test_their_off_values_and_unknown_fields_pass() -> None:
+    off = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+           "logprobs": False, "top_logprobs": 0, "modalities": ["text"], "store": False,
+           "metadata": {"a": "b"}, "parallel_tool_calls": True, "service_tier": "auto"}  # fmt: skip
+    assert (await _post({**CHAT, **off}))[0] == 200
+    status, _ = await _post({"model": "fast", "prompt": "hi", "logprobs": 0, "echo": False},
+                            "/v1/completions")  # fmt: skip
+    assert status == 200

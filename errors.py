@@ -126,3 +126,8 @@ class ChainError(P2PNodeError):
 
 class EngineError(P2PNodeError):
     """An inference engine could not serve a request."""
+
+
+class BadRequestError(EngineError):
+    """The request itself cannot be served by this model (a logit_bias id outside
+    its vocabulary): the asker's mistake, not the engine's failure."""

@@ -54,6 +54,8 @@ def parse_response_request(body: object) -> Job:
         raise bad_request("this server keeps no responses: 'store' must be false", "store")
     if body.get("tools"):
         raise bad_request("tools are not served yet", "tools")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise bad_request("tools are not served yet", "tool_choice")
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise bad_request("only text output is served yet ('text.format' type 'text')", "text")
@@ -212,11 +214,18 @@ class ResponseShape:
         item_status = "incomplete" if status == "incomplete" else "completed"
         return self._response(status, [self._message(item_status, text)], usage)
 
-    def error_event(self, error: ApiError) -> dict[str, Any]:
+    def error_events(self, error: ApiError) -> list[dict[str, Any]]:
+        # The error, then the response as failed: the openai client's stream
+        # helpers wait for a terminal response event.
         inner = error.body["error"]
-        return self._event(
-            "error", code=inner["code"], message=inner["message"], param=inner["param"]
-        )
+        failed = self._response("failed", [], None)
+        failed["error"] = {"code": inner["code"] or "server_error", "message": inner["message"]}
+        return [
+            self._event(
+                "error", code=inner["code"], message=inner["message"], param=inner["param"]
+            ),
+            self._event("response.failed", response=failed),
+        ]
 
 
 def _response_usage(usage: tuple[int, int]) -> dict[str, Any]:
@@ -266,7 +275,7 @@ def parse_messages_request(body: object) -> Job:
         # Anthropic's range is [0, 1]; its default 1.0.
         temperature=number_field(or_default(body.get("temperature"), 1.0), "temperature", 0.0, 1.0),
         top_p=number_field(or_default(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
-        stop=stop_field(body.get("stop_sequences")),
+        stop=stop_field(body.get("stop_sequences"), "stop_sequences"),
     )
     request = Request(model_id=model, kind="chat", messages=tuple(messages), params=params)
     unset = frozenset(f for f in _UNSET if body.get(f) is None)
@@ -319,9 +328,10 @@ class MessageShape:
     def whole(self, text: str, finish: str, usage: tuple[int, int]) -> dict[str, Any]:
         return self._message([{"type": "text", "text": text}], _stop_reason(finish), usage)
 
-    def error_event(self, error: ApiError) -> dict[str, Any]:
+    def error_events(self, error: ApiError) -> list[dict[str, Any]]:
         kind = "overloaded_error" if error.status in (429, 503) else "api_error"
-        return {"type": "error", "error": {"type": kind, "message": error.body["error"]["message"]}}
+        message = error.body["error"]["message"]
+        return [{"type": "error", "error": {"type": kind, "message": message}}]
 
 
 def _stop_reason(finish: str) -> str:

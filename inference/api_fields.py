@@ -99,14 +99,14 @@ def text_content(value: object, where: str) -> str:
     )
 
 
-def stop_field(value: object) -> tuple[str, ...]:
+def stop_field(value: object, name: str = "stop") -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
         return tuple(value)
-    raise bad_request("'stop' must be a string or an array of up to 4 strings", "stop")
+    raise bad_request(f"'{name}' must be a string or an array of up to 4 strings", name)
 
 
 def int_field(value: object, name: str, low: int, high: int) -> int:

@@ -37,7 +37,7 @@ from typing import Any, Final
 import numpy as np
 import trio
 
-from p2pnode.errors import ConfigError, EngineError
+from p2pnode.errors import BadRequestError, ConfigError, EngineError
 from p2pnode.inference.audit import (
     LOOSER_MIN_P,
     LOOSER_TOP_K,
@@ -192,6 +192,7 @@ class LlamaCppEngine:
         """
         if request.model_id != self._info.model_id:
             raise EngineError(f"model {request.model_id!r} is not served here")
+        sampler_of(request.params, self._vocab.n_vocab())  # before any slot or prompt work
         llm = await self._borrow()
         try:
             send, receive = trio.open_memory_channel[Chunk](BUFFER_TOKENS)
@@ -230,6 +231,7 @@ class LlamaCppEngine:
         """
         if request.model_id != self._info.model_id:
             raise EngineError(f"model {request.model_id!r} is not served here")
+        sampler_of(request.params, self._vocab.n_vocab())  # before any slot or prompt work
         llm = await self._borrow()
         try:
             return await trio.to_thread.run_sync(
@@ -527,7 +529,7 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
 def sampler_of(p: Params, vocab: int) -> Sampler:
     """The sampler ``p`` asks for, on a model of ``vocab`` tokens."""
     if any(not 0 <= token < vocab for token, _ in p.logit_bias):
-        raise EngineError(f"logit_bias names a token id outside this model's 0-{vocab - 1}")
+        raise BadRequestError(f"logit_bias names a token id outside this model's 0-{vocab - 1}")
     return Sampler(p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty, p.logit_bias)
 
 

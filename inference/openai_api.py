@@ -55,6 +55,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from p2pnode.errors import (
+    BadRequestError,
     ConfigError,
     EngineError,
     NetworkError,
@@ -144,6 +145,8 @@ class Backend(Protocol):
 
 def _api_error_of(exc: Exception) -> ApiError:
     """The HTTP status and body for a failure of the node behind the shim."""
+    if isinstance(exc, BadRequestError):
+        return ApiError(400, str(exc))
     if isinstance(exc, PaymentError):
         return ApiError(429, str(exc), type_="insufficient_quota", code="insufficient_quota")
     if isinstance(exc, NoProviderError) and exc.rate_limited:
@@ -303,8 +306,8 @@ class Shape(Protocol):
         """The body of an answer that is not streamed."""
         ...
 
-    def error_event(self, error: ApiError) -> dict[str, Any]:
-        """The event that reports ``error`` once the stream has begun."""
+    def error_events(self, error: ApiError) -> list[dict[str, Any]]:
+        """The events that report ``error`` once the stream has begun."""
         ...
 
 
@@ -490,7 +493,7 @@ class _Generation(Response):
             return
         # Headers are gone: the error travels as an event, as OpenAI's does.
         if self._shape is not None:
-            await self._event(send, self._shape.error_event(error), named=True)
+            await self._events(send, self._shape.error_events(error))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self._event(send, error.body)

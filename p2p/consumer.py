@@ -1155,7 +1155,9 @@ def offence_of_refusal(refusal: Refusal, streamed: bool) -> Offence:
         # Busy after streaming part of the answer is no honest busy (an engine
         # refuses before its first token): a failure.
         return Offence.FAILED
-    if refusal.is_one_of(ErrorCode.BUSY, ErrorCode.NOT_ALLOWED):
+    # BAD_FIELD: it says our request is wrong (a logit_bias id outside its
+    # vocabulary); the next provider may say so too, none of them failed.
+    if refusal.is_one_of(ErrorCode.BUSY, ErrorCode.NOT_ALLOWED, ErrorCode.BAD_FIELD):
         return Offence.REFUSED
     if refusal.is_one_of(ErrorCode.UNSUPPORTED):  # it offered the model
         return Offence.BROKEN_PROMISE

@@ -9,7 +9,7 @@ stops it all, cancellation included.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, closing
 from functools import partial
 
@@ -193,23 +193,23 @@ class Node:
 
     def recommended_sampling(self, model_id: str) -> tuple[float | None, float | None]:
         """The (temperature, top_p) recommended for ``model_id``: its own engine's
-        when it serves the model, else what most offers for it announce (the
-        lower on a tie). A provider's recommendation only fills what a client
-        left out, within the range any client may ask for."""
+        when it serves the model, else, each on its own, the value most offers
+        for it announce (the lower on a tie).
+
+        Offers are cheap to make, so a flood of them could pick the value: a
+        recommended temperature above OpenAI's default of 1 is not counted,
+        which bounds what a flood can do to the default a client would have
+        had anyway (docs/protocols.md#the-offer).
+        """
         engine = self.offering.engine_for(model_id)
         if engine is not None:
             info = next(m for m in engine.models() if m.model_id == model_id)
             return info.temperature, info.top_p
-        said = Counter(
-            (m.temperature, m.top_p)
-            for o in self.offer_book.offers(model_id)
-            if (m := o.serves(model_id)) is not None and m.temperature is not None
+        terms = [m for o in self.offer_book.offers(model_id) if (m := o.serves(model_id))]
+        temperature = _most_said(
+            m.temperature for m in terms if m.temperature is not None and m.temperature <= 1.0
         )
-        if not said:
-            return None, None
-        most = max(said.values())
-        tied = [pair for pair, n in said.items() if n == most]
-        return min(tied, key=lambda pair: (pair[0], pair[1] or 0.0))
+        return temperature, _most_said(m.top_p for m in terms if m.top_p is not None)
 
     async def has_model(self, model_id: str) -> bool:
         """Whether ``model_id`` is served here or on offer; asks the DHT if gossip has not said."""
@@ -248,6 +248,15 @@ class Node:
             ]
         for protocol, serve in handlers:
             self.host.set_stream_handler(TProtocol(protocol), self.guard.wrap(protocol, serve))
+
+
+def _most_said(values: Iterable[float]) -> float | None:
+    """The value said most often (the lowest on a tie), or None if none was."""
+    said = Counter(values)
+    if not said:
+        return None
+    most = max(said.values())
+    return min(v for v, n in said.items() if n == most)
 
 
 @asynccontextmanager

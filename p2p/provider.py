@@ -31,7 +31,7 @@ from libp2p.abc import INetStream
 from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
-from p2pnode.errors import EngineError, ErrorCode
+from p2pnode.errors import BadRequestError, EngineError, ErrorCode
 from p2pnode.inference import engine as enginelib
 from p2pnode.inference.engine import Engine, EngineBusy
 from p2pnode.p2p.discovery import verify_peer_signature
@@ -465,6 +465,9 @@ class Provider:
         except EngineBusy as exc:
             self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
+        except BadRequestError as exc:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(ErrorCode.BAD_FIELD, str(exc)) from exc
         except EngineError as exc:
             self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.INTERNAL, str(exc)) from exc

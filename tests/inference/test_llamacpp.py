@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from p2pnode.errors import ConfigError, EngineError
+from p2pnode.errors import BadRequestError, ConfigError, EngineError
 from p2pnode.inference.engine import ChatMessage, EngineBusy, Params, Request, collect
 from p2pnode.inference.llamacpp import (
     BUNDLED_MODEL_ID,
@@ -297,8 +297,10 @@ async def test_a_bias_outside_the_vocabulary_is_an_engine_error(engine: LlamaCpp
         messages=QUESTION,
         params=replace(GREEDY, logit_bias=((10**6, 1.0),)),
     )
-    with pytest.raises(EngineError, match="logit_bias names a token id outside"):
+    free = engine.slots_free
+    with pytest.raises(BadRequestError, match="logit_bias names a token id outside"):
         await collect(engine, request)
+    assert engine.slots_free == free
 
 
 def _with(request: Request, **params: object) -> Request:

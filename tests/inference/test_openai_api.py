@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from p2pnode.errors import ConfigError, NoProviderError, SpendLimitError
+from p2pnode.errors import BadRequestError, ConfigError, NoProviderError, SpendLimitError
 from p2pnode.inference import openai_api
 from p2pnode.inference.engine import Request
 
@@ -61,7 +61,7 @@ class ScriptedNode:
                 await trio.sleep_forever()
             finally:
                 self.lookup_cancelled.set()
-        return model_id in ("fast", "plain", "slow", "limited", "unpaid", "dies")
+        return model_id in ("fast", "plain", "slow", "limited", "unpaid", "dies", "badbias")
 
     async def generate(
         self, request: Request, deliver: Callable[[str, int], Awaitable[None]]
@@ -71,6 +71,8 @@ class ScriptedNode:
             raise NoProviderError("every provider is rate-limiting us", rate_limited=True)
         if request.model_id == "unpaid":
             raise SpendLimitError("spend limit reached")
+        if request.model_id == "badbias":  # this node's own engine refused the request
+            raise BadRequestError("logit_bias names a token id outside this model's 0-9")
         await deliver("hello", 1)
         if request.model_id == "dies":  # the last provider failed mid-answer
             raise NoProviderError("no provider could finish it")
@@ -592,8 +594,9 @@ async def test_a_response_stream_that_fails_after_text_ends_with_an_error_event(
     events = _named_events(raw)
     assert all(name == data["type"] for name, data in events)
     assert [d["delta"] for n, d in events if n == "response.output_text.delta"] == ["hello"]
-    assert events[-1][0] == "error"
-    assert events[-1][1]["code"] == "no_provider"
+    assert [n for n, _ in events[-2:]] == ["error", "response.failed"]
+    assert events[-2][1]["code"] == "no_provider"
+    assert events[-1][1]["response"]["status"] == "failed"
     assert b"[DONE]" not in raw  # that is chat completions' end, not this API's
 
 
@@ -678,3 +681,9 @@ async def test_their_off_values_and_unknown_fields_pass() -> None:
     status, _ = await _post({"model": "fast", "prompt": "hi", "logprobs": 0, "echo": False},
                             "/v1/completions")  # fmt: skip
     assert status == 200
+
+
+async def test_a_request_the_engine_calls_bad_is_a_400() -> None:
+    status, raw = await _post({**CHAT, "model": "badbias", "logit_bias": {"12": 1}})
+    assert status == 400
+    assert "outside this model" in json.loads(raw)["error"]["message"]

@@ -10,7 +10,8 @@ on the memory transport under the MockClock.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 
 import pytest
 import trio
@@ -32,8 +33,13 @@ PENALISED = Params(max_tokens=4, frequency_penalty=0.5, logit_bias=((7, -100.0),
 class Recording(SyntheticEngine):
     """The synthetic engine, keeping every request it was asked to stream."""
 
-    def __init__(self, features: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        features: tuple[str, ...],
+        recommends: tuple[float | None, float | None] = (None, None),
+    ) -> None:
         super().__init__(MODEL, features=features)
+        self._info = replace(self._info, temperature=recommends[0], top_p=recommends[1])
         self.asked: list[Request] = []
 
     @asynccontextmanager
@@ -131,3 +137,23 @@ async def test_a_provider_refuses_penalties_or_biases_out_of_bounds(
         with pytest.raises(NoProviderError):
             await _ask(me, params)
         assert engine.asked == []
+
+
+async def test_a_flood_of_hot_recommendations_cannot_pick_the_default(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Offers are cheap: two providers say 2.0, one says 0.3; top_p counted
+    # on its own, from whoever says it. A temperature above OpenAI's own
+    # default of 1 is never taken, however many say it.
+    recommends = [(2.0, None), (2.0, 0.5), (0.3, None), (None, 0.5), (None, 0.8)]
+    async with AsyncExitStack() as stack:
+        me = await stack.enter_async_context(open_memory_node(memory, NodeConfig(measure_tokens=0)))
+        joining = NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],))
+        providers = [
+            await stack.enter_async_context(
+                open_memory_node(memory, joining, engines=[Recording((), recommends=r)])
+            )
+            for r in recommends
+        ]
+        await hold_offers(me, providers)
+        assert me.recommended_sampling(MODEL) == (0.3, 0.5)

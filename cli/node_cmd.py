@@ -432,10 +432,15 @@ def generate(prompt: str, max_tokens: int, temperature: float, **serving_flags: 
 )
 @click.option("--model", default=None, help="Model id (default: the first the node lists).")
 @click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True)
-@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0.0, 2.0),
+    default=None,
+    help="Sampling temperature (default: the model's recommended, else 0.7).",
+)
 @click.option("--system", default=None, help="A system message to start the chat with.")
 def chat(
-    url: str, model: str | None, max_tokens: int, temperature: float, system: str | None
+    url: str, model: str | None, max_tokens: int, temperature: float | None, system: str | None
 ) -> None:
     """Chat in the terminal through the local node (streaming; empty line or Ctrl-D ends)."""
     import httpx
@@ -450,7 +455,8 @@ def chat(
     except P2PNodeError as exc:
         app.fail(exc)
 
-    async def pick_model() -> str:
+    async def pick_model() -> dict[str, Any]:
+        """The model object of ``--model``, else of the first model the node lists."""
         headers = {"Authorization": f"Bearer {key}"}
         try:
             async with httpx.AsyncClient(timeout=10.0) as client:
@@ -459,13 +465,24 @@ def chat(
             raise NetworkError(f"no node answers at {url} (start one with --shim): {exc}") from exc
         if answer.status_code != 200:
             raise NetworkError(f"{url}: {answer.status_code} {answer.text[:200]}")
-        models = [m["id"] for m in answer.json().get("data", [])]
+        models = [m for m in answer.json().get("data", []) if model is None or m["id"] == model]
+        if model is not None and not models:
+            return {"id": model}  # not listed yet: the node looks it up when asked
         if not models:
             raise NetworkError("the node knows no model yet (no provider found)")
-        return str(models[0])
+        return dict(models[0])
 
     async def run() -> None:
-        chosen = model or await pick_model()
+        picked = await pick_model()
+        chosen = str(picked["id"])
+        recommended = picked.get("recommended_sampling") or {}
+        given = recommended.get("temperature") if temperature is None else temperature
+        top_p = recommended.get("top_p")
+        sampling = Params(
+            max_tokens=max_tokens,
+            temperature=0.7 if given is None else float(given),
+            top_p=Params().top_p if top_p is None else float(top_p),
+        )
         history = [ChatMessage(role="system", content=system)] if system else []
         click.echo(f"chatting with {chosen} through {url} (empty line to end)", err=True)
         cfg = upstream.Config(base_url=url, models=(chosen,), api_key=key, slots=1)
@@ -479,7 +496,7 @@ def chat(
                     model_id=chosen,
                     kind="chat",
                     messages=tuple(history),
-                    params=Params(max_tokens=max_tokens, temperature=temperature),
+                    params=sampling,
                 )
                 parts = []
                 async with engine.stream(request) as chunks:

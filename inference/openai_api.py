@@ -639,14 +639,14 @@ def create_app(
     """The shim as an ASGI app behind its guards: ``api_key``, a loopback Host, a slot."""
 
     async def list_models(_request: HttpRequest) -> JSONResponse:
-        data = [_model_object(m, owner) for m, owner in backend.list_models()]
+        data = [_model_object(backend, m, owner) for m, owner in backend.list_models()]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(request: HttpRequest) -> JSONResponse:
         model_id = request.path_params["model_id"]
         for m, owner in backend.list_models():
             if m == model_id:
-                return JSONResponse(_model_object(m, owner))
+                return JSONResponse(_model_object(backend, m, owner))
         raise _not_found(model_id)
 
     async def chat(request: HttpRequest) -> Response:
@@ -707,8 +707,14 @@ def _not_found(model_id: str) -> ApiError:
     )
 
 
-def _model_object(model_id: str, owner: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": owner}
+def _model_object(backend: Backend, model_id: str, owner: str) -> dict[str, Any]:
+    """OpenAI's model object, and (a field of ours, which clients ignore) the
+    sampling a request that sets none gets, so a client can show or use it."""
+    out: dict[str, Any] = {"id": model_id, "object": "model", "created": 0, "owned_by": owner}
+    temperature, top_p = backend.recommended_sampling(model_id)
+    if temperature is not None or top_p is not None:
+        out["recommended_sampling"] = {"temperature": temperature, "top_p": top_p}
+    return out
 
 
 async def serve(

@@ -280,6 +280,11 @@ def test_quickstart_provider_consumer_shim_and_chat(tmp_path: Path) -> None:
             "max_tokens": 8,
         }
         with httpx.Client(timeout=BOUND_S) as http:
+            # The model on the network, with the sampling its provider recommends
+            # (what `p2pnode chat` samples with unless told otherwise).
+            (listed,) = http.get(f"{shim_url}/models", headers=headers).json()["data"]
+            assert listed["owned_by"] == "network"
+            assert listed["recommended_sampling"] == {"temperature": 0.2, "top_p": 0.9}
             answer = http.post(f"{shim_url}/chat/completions", json=body, headers=headers)
             assert answer.status_code == 200, answer.text
             assert answer.json()["choices"][0]["message"]["content"]

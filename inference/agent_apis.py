@@ -31,12 +31,12 @@ from p2pnode.inference.api_fields import (
     or_default,
     stop_field,
     text_content,
+    unset_sampling,
 )
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 
 MAX_OUTPUT_TOKENS: Final = 1_000_000
-_UNSET: Final = frozenset({"temperature", "top_p"})
 
 
 # --- OpenAI Responses ---------------------------------------------------------------
@@ -80,7 +80,7 @@ def parse_response_request(body: object) -> Job:
         top_p=number_field(or_default(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
     )
     request = Request(model_id=model, kind="chat", messages=tuple(messages), params=params)
-    unset = frozenset(f for f in _UNSET if body.get(f) is None)
+    unset = unset_sampling(body)
     return Job("chat", request, 1, stream, False, unset)
 
 
@@ -278,7 +278,7 @@ def parse_messages_request(body: object) -> Job:
         stop=stop_field(body.get("stop_sequences"), "stop_sequences"),
     )
     request = Request(model_id=model, kind="chat", messages=tuple(messages), params=params)
-    unset = frozenset(f for f in _UNSET if body.get(f) is None)
+    unset = unset_sampling(body)
     return Job("chat", request, 1, stream, False, unset)
 
 

@@ -75,6 +75,12 @@ class Job:
         return replace(self, request=replace(self.request, params=params))
 
 
+def unset_sampling(body: dict[str, Any]) -> frozenset[str]:
+    """The sampling fields a body leaves out (null counts as left out, as OpenAI
+    reads it): what the model's recommendation may fill (:meth:`Job.with_recommended`)."""
+    return frozenset(f for f in ("temperature", "top_p") if body.get(f) is None)
+
+
 def or_default(value: object, default: float) -> object:
     return default if value is None else value
 

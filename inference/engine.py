@@ -32,6 +32,16 @@ FIELDS_OF: Final = {PENALTIES: "presence_penalty, frequency_penalty and logit_bi
 """The request fields each feature stands for, as a user would name them."""
 
 
+def fields_of(features: frozenset[str]) -> str:
+    """The request fields ``features`` stand for, as a user would name them."""
+    return "; ".join(FIELDS_OF.get(f, f) for f in sorted(features))
+
+
+def info_of(engine: Engine, model_id: str) -> ModelInfo | None:
+    """What ``engine`` says of ``model_id``, if it serves it."""
+    return next((m for m in engine.models() if m.model_id == model_id), None)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelInfo:
     """A model an engine serves."""

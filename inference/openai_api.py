@@ -74,6 +74,7 @@ from p2pnode.inference.api_fields import (
     send_json,
     stop_field,
     text_content,
+    unset_sampling,
 )
 from p2pnode.inference.engine import ChatMessage, Params, Request
 from p2pnode.protocols.infer.messages import MAX_BIAS, MAX_BIASES, MAX_PENALTY
@@ -207,8 +208,7 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
     if n > MAX_N:
         raise bad_request(f"'n' may be at most {MAX_N} here", "n")
     request = Request(model_id=model, kind=kind, messages=messages, prompt=prompt, params=params)
-    # null stands for "not given", as OpenAI reads it.
-    unset = frozenset(f for f in ("temperature", "top_p") if body.get(f) is None)
+    unset = unset_sampling(body)
     return Job(kind, request, n, stream, bool(options.get("include_usage", False)), unset)
 
 

@@ -231,10 +231,10 @@ class Consumer:
         self.counters.requests += 1
         engine = self._local(request.model_id)
         if engine is not None and only is None:
-            info = next(m for m in engine.models() if m.model_id == request.model_id)
-            missing = request.params.needs() - set(info.features)
+            info = enginelib.info_of(engine, request.model_id)
+            missing = request.params.needs() - set(info.features if info else ())
             if missing:  # never an answer that quietly ignores what was asked
-                fields = "; ".join(enginelib.FIELDS_OF.get(f, f) for f in sorted(missing))
+                fields = enginelib.fields_of(missing)
                 raise EngineError(f"this node's engine for the model cannot honour {fields}")
             return await _run_locally(engine, request, deliver)
         return await self._run_remotely(request, deliver, only)
@@ -580,10 +580,9 @@ class Consumer:
             seen = fresh(await self._finder.discover(model_id))
         able = [o for o in seen if (t := o.serves(model_id)) and needs <= set(t.features)]
         if seen and not able:
-            fields = "; ".join(enginelib.FIELDS_OF.get(f, f) for f in sorted(needs))
             return [], (
                 f"{len(seen)} provider{'s' if len(seen) != 1 else ''} of this model seen, "
-                f"none able to honour {fields}"
+                f"none able to honour {enginelib.fields_of(needs)}"
             )
         offers = seen = able
         if self.market is not None:

@@ -18,6 +18,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 
+from p2pnode.inference import engine as enginelib
 from p2pnode.inference.engine import Engine, Request
 from p2pnode.p2p import audit as auditlib
 from p2pnode.p2p import consumer as consumerlib
@@ -203,8 +204,8 @@ class Node:
         """
         engine = self.offering.engine_for(model_id)
         if engine is not None:
-            info = next(m for m in engine.models() if m.model_id == model_id)
-            return info.temperature, info.top_p
+            info = enginelib.info_of(engine, model_id)
+            return (info.temperature, info.top_p) if info else (None, None)
         terms = [m for o in self.offer_book.offers(model_id) if (m := o.serves(model_id))]
         temperature = _most_said(
             m.temperature for m in terms if m.temperature is not None and m.temperature <= 1.0

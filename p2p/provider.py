@@ -385,15 +385,14 @@ class Provider:
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
             )
-        missing = enginelib.from_wire(request).params.needs() - set(
-            _features_of(engine, request.model_id)
-        )
+        info = enginelib.info_of(engine, request.model_id)
+        missing = enginelib.from_wire(request).params.needs() - set(info.features if info else ())
         if missing:
             # A consumer reads our offer's features first; one that asks anyway
             # gets a refusal, never an answer that quietly ignores the fields.
             self.counters.refused += 1
             raise infer_service.RequestRefused(
-                ErrorCode.UNSUPPORTED, f"this provider cannot do {', '.join(sorted(missing))}"
+                ErrorCode.UNSUPPORTED, f"this provider cannot honour {enginelib.fields_of(missing)}"
             )
         market = self.market
         if market is not None and session.paid:
@@ -644,11 +643,6 @@ class Provider:
                     ack.signature,
                     receipt.signing_bytes(),
                 )
-
-
-def _features_of(engine: Engine, model_id: str) -> tuple[str, ...]:
-    """What ``engine`` does for ``model_id`` beyond plain sampling."""
-    return next((m.features for m in engine.models() if m.model_id == model_id), ())
 
 
 def _sampling_ok(request: Request) -> bool:

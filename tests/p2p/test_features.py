@@ -20,7 +20,6 @@ from trio.testing import MockClock
 from p2pnode.errors import NoProviderError
 from p2pnode.inference.engine import PENALTIES, Chunk, Params, Request
 from p2pnode.inference.synthetic import SyntheticEngine
-from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.simnet.harness import hold_offers, open_memory_node
@@ -94,13 +93,13 @@ async def test_a_provider_that_does_not_is_never_asked(
 
 
 async def test_a_provider_asked_for_what_it_cannot_do_refuses(
-    memory: MemoryNetwork, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+    memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:
-    # Its offer says it can, its engine cannot (a stale offer, a lying
-    # consumer-side view): the provider refuses instead of answering without.
+    # Its offer says it can, its engine no longer can (a stale offer): the
+    # provider refuses instead of answering without.
     engine = Recording(features=(PENALTIES,))
-    monkeypatch.setattr(providerlib, "_features_of", lambda _engine, _model: ())
     async with _network(memory, engine) as me:
+        engine._info = replace(engine._info, features=())  # after the offer went out
         with pytest.raises(NoProviderError):
             await _ask(me, PENALISED)
     assert engine.asked == []

@@ -9,13 +9,17 @@ these, and fail with :class:`ApiError`, an OpenAI error body.
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 from starlette.responses import JSONResponse
 from starlette.types import Send
 
-from p2pnode.inference.engine import Request
+from p2pnode.errors import BadRequestError
+from p2pnode.inference import grammar
+from p2pnode.inference.engine import JSON_OBJECT, JSON_SCHEMA, TOOLS, Format, Request, Tool
+from p2pnode.inference.tools import ToolSpec
 
 DEFAULT_MAX_TOKENS: Final = 512
 """``max_tokens`` when a request leaves it out."""
@@ -64,6 +68,12 @@ class Job:
     # Sampling fields the client left out: the model's recommendation fills
     # them (:meth:`with_recommended`), else OpenAI's defaults stand.
     unset: frozenset[str] = frozenset()
+
+    @property
+    def reads_calls(self) -> bool:
+        """Whether the answer may be tool calls (to be read back out of its text)."""
+        fmt = self.request.params.format
+        return fmt is not None and fmt.kind == TOOLS
 
     def with_recommended(self, temperature: float | None, top_p: float | None) -> Job:
         """This job with the model's recommended sampling where the client set none."""
@@ -143,3 +153,83 @@ async def send_json(
         }
     )
     await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+# --- output formats: structured answers and tools -------------------------------
+
+ANY_OBJECT: Final = {"type": "object"}
+"""A function's parameters when its tool gives none."""
+
+
+def schema_format(schema: object, param: str) -> Format:
+    """A JSON-schema format (``schema`` from the client: a JSON object)."""
+    if not isinstance(schema, dict):
+        raise bad_request(f"'{param}' must be a JSON schema object", param)
+    return Format(kind=JSON_SCHEMA, schema=json.dumps(schema, ensure_ascii=False))
+
+
+def tool_format(
+    specs: list[ToolSpec], choice: str, parallel: bool, answer: Format | None
+) -> Format | None:
+    """The format of an answer that may call ``specs`` (None under tool_choice none:
+    then the answer is ``answer``'s). ``answer``: what a reply that calls
+    nothing must be, honoured under tool_choice auto."""
+    if not specs or choice == "none":
+        return answer
+    schema = ""
+    if answer is not None and choice == "auto":
+        schema = answer.schema or json.dumps(ANY_OBJECT)
+    tools = tuple(
+        Tool(name=s.name, parameters=json.dumps(s.parameters, ensure_ascii=False)) for s in specs
+    )
+    return Format(kind=TOOLS, tools=tools, tool_choice=choice, parallel=parallel, schema=schema)
+
+
+def json_object_format() -> Format:
+    return Format(kind=JSON_OBJECT)
+
+
+def checked(fmt: Format | None, param: str) -> Format | None:
+    """``fmt``, once a grammar can be built for it (else a 400 naming ``param``)."""
+    if fmt is not None:
+        try:
+            grammar.gbnf_of(fmt)
+        except BadRequestError as exc:
+            raise bad_request(str(exc), param) from exc
+    return fmt
+
+
+def tool_spec(name: object, description: object, parameters: object, where: str) -> ToolSpec:
+    """A function tool as a client describes it (its three fields, any API)."""
+    if not isinstance(name, str) or not grammar.TOOL_NAME.fullmatch(name):
+        raise bad_request(f"{where}: a tool's name is 1-64 of A-Z a-z 0-9 _ -", where)
+    if description is not None and not isinstance(description, str):
+        raise bad_request(f"{where}: a tool's description is a string", where)
+    if parameters is None:
+        parameters = ANY_OBJECT
+    if not isinstance(parameters, dict):
+        raise bad_request(f"{where}: a tool's parameters are a JSON schema object", where)
+    return ToolSpec(name=name, description=description or "", parameters=parameters)
+
+
+def tool_choice_field(value: object, specs: list[ToolSpec], named: str | None) -> str:
+    """ "none", "auto", "required" or a tool's name, from a client's value
+    (``named``: the name the API's object form gave, already read out)."""
+    if value is None:
+        return "auto" if specs else "none"
+    choice = named if named is not None else value
+    if choice in ("none", "auto"):
+        return str(choice)
+    if not specs:
+        raise bad_request("'tool_choice' needs tools", "tool_choice")
+    if choice == "required" or choice in [s.name for s in specs]:
+        return str(choice)
+    raise bad_request(
+        "'tool_choice' is none, auto, required or a named function among the tools",
+        "tool_choice",
+    )
+
+
+def call_id() -> str:
+    """A new id for a tool call (OpenAI's look: call_ and 24 characters)."""
+    return "call_" + secrets.token_hex(12)

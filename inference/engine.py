@@ -26,9 +26,14 @@ from p2pnode.protocols.infer.messages import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERA
 
 PENALTIES: Final = "penalties"
 """Feature: ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` are honoured."""
-FEATURES: Final = frozenset({PENALTIES})
+GRAMMAR: Final = "grammar"
+"""Feature: answers constrained to a :class:`Format` (JSON, a JSON schema, tool calls)."""
+FEATURES: Final = frozenset({PENALTIES, GRAMMAR})
 """Every feature this version knows; a peer's others are ignored."""
-FIELDS_OF: Final = {PENALTIES: "presence_penalty, frequency_penalty and logit_bias"}
+FIELDS_OF: Final = {
+    PENALTIES: "presence_penalty, frequency_penalty and logit_bias",
+    GRAMMAR: "response_format and tools",
+}
 """The request fields each feature stands for, as a user would name them."""
 
 
@@ -65,6 +70,36 @@ class ChatMessage:
     content: str
 
 
+JSON_OBJECT: Final = "json_object"
+"""Format kind: any JSON object."""
+JSON_SCHEMA: Final = "json_schema"
+"""Format kind: JSON valid for ``Format.schema``."""
+TOOLS: Final = "tools"
+"""Format kind: tool calls (``inference/tools.py`` says how they read)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tool:
+    """A function the model may call: its name and its arguments' JSON schema (as JSON text)."""
+
+    name: str
+    parameters: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Format:
+    """The shape an answer must have; generation is held to it by a grammar
+    (``inference/grammar.py``), and so is an audit's scoring."""
+
+    kind: str  # JSON_OBJECT, JSON_SCHEMA or TOOLS
+    schema: str = ""  # JSON_SCHEMA: the schema, as JSON text
+    tools: tuple[Tool, ...] = ()
+    # TOOLS: "required" (one call at least), "auto" (calls or prose), or the
+    # name of the one tool to call.
+    tool_choice: str = "required"
+    parallel: bool = True  # TOOLS: several calls in one answer
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Params:
     """Sampling parameters (OpenAI names and meanings); defaults as on the wire."""
@@ -77,12 +112,16 @@ class Params:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
+    format: Format | None = None
 
     def needs(self) -> frozenset[str]:
         """The features (:data:`FEATURES`) a provider must have to honour these."""
+        needed = set()
         if self.presence_penalty or self.frequency_penalty or self.logit_bias:
-            return frozenset({PENALTIES})
-        return frozenset()
+            needed.add(PENALTIES)
+        if self.format is not None:
+            needed.add(GRAMMAR)
+        return frozenset(needed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,8 +159,29 @@ def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             logit_bias=tuple((b.token, b.bias) for b in request.logit_bias),
+            format=format_from_wire(request.format),
         ),
         continuation=request.continuation,
+    )
+
+
+def format_from_wire(f: wire.Format | None) -> Format | None:
+    """The engine's :class:`Format` for a request's wire one."""
+    if f is None:
+        return None
+    tools = tuple(Tool(name=t.name, parameters=t.parameters) for t in f.tools)
+    return Format(
+        kind=f.kind, schema=f.schema, tools=tools, tool_choice=f.tool_choice, parallel=f.parallel
+    )
+
+
+def format_to_wire(f: Format | None) -> wire.Format | None:
+    """The wire form of ``f``."""
+    if f is None:
+        return None
+    tools = tuple(wire.Tool(name=t.name, parameters=t.parameters) for t in f.tools)
+    return wire.Format(
+        kind=f.kind, schema=f.schema, tools=tools, tool_choice=f.tool_choice, parallel=f.parallel
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import logging
@@ -28,7 +29,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 import trio
 
 from p2pnode.errors import BadRequestError, ConfigError, EngineError
+from p2pnode.inference import grammar, native
 from p2pnode.inference.audit import (
     LOOSER_MIN_P,
     LOOSER_TOP_K,
@@ -46,6 +48,7 @@ from p2pnode.inference.audit import (
     Scores,
 )
 from p2pnode.inference.engine import (
+    GRAMMAR,
     PENALTIES,
     Chunk,
     EngineBusy,
@@ -61,14 +64,6 @@ from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
 
-# llama.cpp's threads meet at OpenMP barriers, where libgomp spins ~300,000
-# rounds before it sleeps. When another process or the node's own loop holds
-# a core, the spinning thread burns the time slice its partner needs: two
-# threads on a busy two-core machine generated 3x slower. A short spin keeps
-# an idle machine's speed (docs/architecture.md#inference-engines, measured).
-# libgomp reads it once, when llama_cpp first loads it; an operator's own
-# value wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct"
 # Tokens the worker thread may run ahead of a slow consumer.
@@ -192,7 +187,9 @@ class LlamaCppEngine:
         """
         if request.model_id != self._info.model_id:
             raise EngineError(f"model {request.model_id!r} is not served here")
-        sampler_of(request.params, self._vocab.n_vocab())  # before any slot or prompt work
+        # Before any slot or prompt work: a bad request costs its asker little.
+        sampler_of(request.params, self._vocab.n_vocab())
+        gbnf = _gbnf(request.params)
         llm = await self._borrow()
         try:
             send, receive = trio.open_memory_channel[Chunk](BUFFER_TOKENS)
@@ -201,7 +198,7 @@ class LlamaCppEngine:
             # EngineError from the thread) reaches the caller as itself.
             with single_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run, llm, request, send, stop)
+                    nursery.start_soon(self._run, llm, request, gbnf, send, stop)
                     try:
                         async with receive:
                             yield receive
@@ -232,10 +229,11 @@ class LlamaCppEngine:
         if request.model_id != self._info.model_id:
             raise EngineError(f"model {request.model_id!r} is not served here")
         sampler_of(request.params, self._vocab.n_vocab())  # before any slot or prompt work
+        gbnf = _gbnf(request.params)
         llm = await self._borrow()
         try:
             return await trio.to_thread.run_sync(
-                _score, llm, request, list(token_ids), limiter=self._limiter
+                _score, llm, request, gbnf, list(token_ids), limiter=self._limiter
             )
         finally:
             self._idle_send.send_nowait(llm)
@@ -274,6 +272,7 @@ class LlamaCppEngine:
         self,
         llm: Any,
         request: Request,
+        gbnf: str,
         send: trio.MemorySendChannel[Chunk],
         stop: threading.Event,
     ) -> None:
@@ -284,6 +283,7 @@ class LlamaCppEngine:
                 self._timed_generate,
                 llm,
                 request,
+                gbnf,
                 send,
                 stop,
                 trio.lowlevel.current_trio_token(),
@@ -294,6 +294,7 @@ class LlamaCppEngine:
 def _generate(
     llm: Any,
     request: Request,
+    gbnf: str,
     send: trio.MemorySendChannel[Chunk],
     stop: threading.Event,
     token: trio.lowlevel.TrioToken,
@@ -304,16 +305,36 @@ def _generate(
     is drawn by ``inference/sampling.py`` from the logits llama.cpp computed,
     so the provider knows (and commits to) every token id and the model's
     log-probability of it, and an audit knows the distribution it came from.
+    ``gbnf``: the grammar the answer must obey ("" for none).
     """
-    import llama_cpp  # loaded with the model by now (_load)
-
-    p = request.params
     try:
         prompt, answer, stops = _prompt(llm, request)
         llm.reset()
         _evaluate(llm, prompt, answer)
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
         raise EngineError(f"llama.cpp failed: {exc}") from exc
+    with _Grammar.of(llm, gbnf) as rule:
+        _sample(llm, request, rule, prompt, answer, stops, send, stop, token)
+
+
+def _sample(
+    llm: Any,
+    request: Request,
+    rule: _Grammar | None,
+    prompt: list[int],
+    answer: list[int],
+    stops: list[str],
+    send: trio.MemorySendChannel[Chunk],
+    stop: threading.Event,
+    token: trio.lowlevel.TrioToken,
+) -> None:
+    """Worker thread: draw the answer's tokens, the prompt evaluated already."""
+    llama_cpp = native.llama_cpp()
+    p = request.params
+    if rule is not None:
+        for token_id in answer:  # a continuation: where the grammar stands now
+            if not rule.accept(token_id):
+                raise BadRequestError("the answer so far does not fit the output format")
     sampler = sampler_of(p, llm.n_vocab())
     rng = np.random.default_rng(p.seed)  # no seed: fresh entropy
     scan = StopScan((*p.stop, *stops))
@@ -325,6 +346,7 @@ def _generate(
     held_ids: list[int] = []  # generated, their text not handed over yet
     held_lps: list[float] = []
     finish = "length"
+    eog = False
     vocab = llm.n_vocab()
     try:
         while len(ids) < p.max_tokens and llm.n_tokens < llm.n_ctx():
@@ -334,14 +356,22 @@ def _generate(
             logits = np.ctypeslib.as_array(
                 llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)
             )
-            chosen = choose(sampler.adjust(logits, counts), sampler, rng)
+            adjusted = sampler.adjust(logits, counts)
+            if rule is not None:
+                adjusted = rule.mask(adjusted)
+                if not np.isfinite(adjusted).any():
+                    finish = "stop"  # the grammar allows nothing more
+                    break
+            chosen = choose(adjusted, sampler, rng)
             counts[chosen] += 1
             ids.append(chosen)
             held_ids.append(chosen)
             held_lps.append(log_softmax_at(logits, chosen))
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, chosen):
-                finish = "stop"
+                finish, eog = "stop", True
                 break
+            if rule is not None:
+                rule.accept(chosen)
             released = scan.feed(text.add(chosen))
             if released:
                 _hand_over(send, _chunk(released, held_ids, held_lps), token)
@@ -358,7 +388,6 @@ def _generate(
     # An end-of-generation token is the model's choice to stop (it stays in the
     # ids, for the audit) but no part of the answer: usage leaves it out, as
     # llama.cpp does.
-    eog = finish == "stop" and not scan.stopped and bool(ids)
     usage = Usage(prompt_tokens=len(prompt) + len(answer), completion_tokens=len(ids) - eog)
     last = _chunk(tail, held_ids, held_lps)
     last = Chunk(last.text, last.tokens, finish, usage, last.token_ids, last.logprobs)
@@ -465,10 +494,21 @@ def _prompt(llm: Any, request: Request) -> tuple[list[int], list[int], list[str]
     return list(prompt), list(answer), stop
 
 
-def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
-    """Worker thread: teacher-forced scoring in batched prefill (docs/architecture.md#audits)."""
-    import llama_cpp
+def _score(llm: Any, request: Request, gbnf: str, token_ids: Sequence[int]) -> Scores:
+    """Worker thread: teacher-forced scoring in batched prefill (docs/architecture.md#audits).
 
+    Under an output format (``gbnf``), each token is scored against what the
+    grammar allowed at its position, as it was drawn; a token it did not
+    allow makes the answer impossible.
+    """
+    with _Grammar.of(llm, gbnf) as rule:
+        return _score_with(llm, request, rule, token_ids)
+
+
+def _score_with(
+    llm: Any, request: Request, rule: _Grammar | None, token_ids: Sequence[int]
+) -> Scores:
+    llama_cpp = native.llama_cpp()
     started = time.thread_time()
     prompt, answer, _ = _prompt(llm, request)
     context = prompt + answer
@@ -479,6 +519,10 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
         raise EngineError("prompt and answer exceed the model's context")
     if any(not 0 <= t < vocab for t in token_ids):
         raise ImpossibleAnswer("a token id outside the model's vocabulary")
+    if rule is not None:
+        for token_id in answer:
+            if not rule.accept(token_id):
+                raise ImpossibleAnswer("the answer so far does not fit the output format")
     llm.reset()
     # Even when it is empty: eval first drops the KV cache past n_tokens (0
     # after reset), so the decode below never sees the last request's cache.
@@ -507,7 +551,12 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
                     llama_cpp.llama_get_logits_ith(llm.ctx, i), shape=(vocab,)
                 )
                 token = token_ids[start + i]
-                _score_one(logits, sampler.adjust(logits, counts), token, sampler, out)
+                adjusted = sampler.adjust(logits, counts)
+                if rule is not None:
+                    adjusted = rule.mask(adjusted)
+                    if not rule.accept(token):
+                        raise ImpossibleAnswer("a token the output format did not allow")
+                _score_one(logits, adjusted, token, sampler, out)
                 counts[token] += 1
     finally:
         llama_cpp.llama_batch_free(batch)
@@ -524,6 +573,78 @@ def _score(llm: Any, request: Request, token_ids: Sequence[int]) -> Scores:
         and bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token_ids[-1])),
         cpu_s=time.thread_time() - started,
     )
+
+
+def _gbnf(p: Params) -> str:
+    """The grammar ``p``'s output format asks for ("" for none); BadRequestError if none can be."""
+    return "" if p.format is None else grammar.gbnf_of(p.format)
+
+
+class _Grammar:
+    """A grammar over one model's vocabulary: llama.cpp's grammar sampler,
+    used only to mask the tokens it does not allow (our sampler draws).
+
+    Its one trap: llama.cpp aborts the process when it is told to accept a
+    token the grammar does not allow, or an end-of-generation token before the
+    grammar is complete, so :meth:`accept` asks first.
+    """
+
+    def __init__(self, llm: Any, gbnf: str) -> None:
+        lc = native.llama_cpp()
+        self._lc = lc
+        self._vocab = llm._model.vocab
+        self._sampler = lc.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+        if not self._sampler:
+            raise BadRequestError("the output format's grammar does not parse")
+        n = llm.n_vocab()
+        self._all = (lc.llama_token_data * n)()
+        self._all_view = np.ctypeslib.as_array(self._all)
+        self._ids = np.arange(n, dtype=np.int32)
+        self._one = (lc.llama_token_data * 1)()
+
+    @classmethod
+    @contextlib.contextmanager
+    def of(cls, llm: Any, gbnf: str) -> Iterator[_Grammar | None]:
+        """The grammar for ``gbnf`` (None when it is ""), freed on leaving."""
+        if not gbnf:
+            yield None
+            return
+        rule = cls(llm, gbnf)
+        try:
+            yield rule
+        finally:
+            rule._lc.llama_sampler_free(rule._sampler)
+
+    def mask(self, logits: Any) -> Any:
+        """``logits`` with every token the grammar does not allow next at -inf."""
+        view = self._all_view
+        view["id"] = self._ids
+        view["logit"] = logits
+        self._apply(self._all, len(view))
+        return view["logit"].copy()
+
+    def allows(self, token_id: int) -> bool:
+        """Whether the grammar allows ``token_id`` next."""
+        self._one[0].id = token_id
+        self._one[0].logit = 0.0
+        self._apply(self._one, 1)
+        return bool(np.isfinite(self._one[0].logit))
+
+    def accept(self, token_id: int) -> bool:
+        """Move the grammar past ``token_id``; False (and no move) if it is not allowed.
+
+        An end-of-generation token ends the answer: it is checked, never fed.
+        """
+        if not self.allows(token_id):
+            return False
+        if not self._lc.llama_vocab_is_eog(self._vocab, token_id):
+            self._lc.llama_sampler_accept(self._sampler, token_id)
+        return True
+
+    def _apply(self, data: Any, size: int) -> None:
+        lc = self._lc
+        array = lc.llama_token_data_array(data=data, size=size, selected=-1, sorted=False)
+        lc.llama_sampler_apply(self._sampler, ctypes.byref(array))
 
 
 def sampler_of(p: Params, vocab: int) -> Sampler:
@@ -583,7 +704,7 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
         context_length=context,
         temperature=temperature,
         top_p=top_p,
-        features=(PENALTIES,),
+        features=(GRAMMAR, PENALTIES),
     )
     try:
         yield LlamaCppEngine(cfg, instances, info)

@@ -62,21 +62,29 @@ from p2pnode.errors import (
     NoProviderError,
     PaymentError,
 )
-from p2pnode.inference import agent_apis
+from p2pnode.inference import agent_apis, tools
 from p2pnode.inference.api_fields import (
     DEFAULT_MAX_TOKENS,
     ApiError,
     Job,
     bad_request,
+    call_id,
+    checked,
     int_field,
+    json_object_format,
     number_field,
     or_default,
+    schema_format,
     send_json,
     stop_field,
     text_content,
+    tool_choice_field,
+    tool_format,
+    tool_spec,
     unset_sampling,
 )
-from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.inference.engine import ChatMessage, Format, Params, Request
+from p2pnode.inference.grammar import MAX_TOOLS
 from p2pnode.protocols.infer.messages import MAX_BIAS, MAX_BIASES, MAX_PENALTY
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 from p2pnode.scopes import single_errors_ungrouped
@@ -175,8 +183,10 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
     _refuse_unserved(body)
     messages: tuple[ChatMessage, ...] = ()
     prompt = ""
+    fmt = None
     if kind == "chat":
         messages = _messages(body.get("messages"))
+        fmt, messages = _chat_format(body, messages)
     else:
         prompt = _prompt(body.get("prompt"))
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -201,6 +211,7 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
         presence_penalty=_penalty(body, "presence_penalty"),
         frequency_penalty=_penalty(body, "frequency_penalty"),
         logit_bias=_logit_bias(body.get("logit_bias")),
+        format=fmt,
     )
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad_request("'user' must be a string", "user")
@@ -215,15 +226,12 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
 def _refuse_unserved(body: dict[str, Any]) -> None:
     """A 400 naming the first field set to something this shim does not serve yet.
 
-    Their "off" values (what clients send by default) pass: no tools, a
-    ``tool_choice`` of none or auto, text output, ``logprobs`` false or 0.
+    Their "off" values (what clients send by default) pass: no functions
+    (the deprecated form of tools), text output, ``logprobs`` false or 0.
     """
     unserved = {
-        "tools": bool(body.get("tools")),
         "functions": bool(body.get("functions")),
-        "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
         "function_call": body.get("function_call") not in (None, "none", "auto"),
-        "response_format": body.get("response_format") not in (None, {"type": "text"}),
         "logprobs": body.get("logprobs") not in (None, False, 0),
         "top_logprobs": body.get("top_logprobs") not in (None, 0),
         "modalities": body.get("modalities") not in (None, ["text"]),
@@ -238,18 +246,125 @@ def _refuse_unserved(body: dict[str, Any]) -> None:
 
 
 def _messages(value: object) -> tuple[ChatMessage, ...]:
+    """The chat turns, tool calls and tool results written as the model reads
+    them (``inference/tools.py``): consecutive results make one user turn."""
     if not isinstance(value, list) or not value:
         raise bad_request("'messages' must be a non-empty array", "messages")
-    out = []
+    out: list[ChatMessage] = []
+    results: list[str] = []
     for i, item in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", where)
+        if item.get("role") == "tool":
+            results.append(text_content(item.get("content"), where))
+            continue
+        if results:
+            out.append(ChatMessage(role="user", content=tools.results_text(results)))
+            results = []
         role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
         if role is None:
-            raise bad_request(f"{where}.role must be one of {sorted(ROLES)}", f"{where}.role")
-        out.append(ChatMessage(role=role, content=text_content(item.get("content"), where)))
+            allowed = sorted({*ROLES, "tool"})
+            raise bad_request(f"{where}.role must be one of {allowed}", f"{where}.role")
+        calls = item.get("tool_calls") if role == "assistant" else None
+        if calls:
+            content = "" if item.get("content") is None else text_content(item["content"], where)
+            content = tools.calls_text(content, _history_calls(calls, f"{where}.tool_calls"))
+        else:
+            content = text_content(item.get("content"), where)
+        out.append(ChatMessage(role=role, content=content))
+    if results:
+        out.append(ChatMessage(role="user", content=tools.results_text(results)))
     return tuple(out)
+
+
+def _history_calls(value: object, where: str) -> list[tuple[str, str]]:
+    """(name, arguments) of the calls an earlier assistant turn made."""
+    if not isinstance(value, list):
+        raise bad_request(f"{where} must be an array", where)
+    out = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise bad_request(f"{where}: a call needs function.name and function.arguments", where)
+        out.append((name, arguments))
+    return out
+
+
+def _chat_format(
+    body: dict[str, Any], messages: tuple[ChatMessage, ...]
+) -> tuple[Format | None, tuple[ChatMessage, ...]]:
+    """The answer's format (``response_format``, ``tools``, ``tool_choice``,
+    ``parallel_tool_calls``), and the turns with the tools listed for the model."""
+    answer = _response_format(body.get("response_format"))
+    specs = _tools(body.get("tools"))
+    value = body.get("tool_choice")
+    named = None
+    if isinstance(value, dict):
+        function = value.get("function")
+        named = function.get("name") if isinstance(function, dict) else None
+        if value.get("type") != "function" or not isinstance(named, str):
+            raise bad_request(
+                "'tool_choice' names a function as {type, function: {name}}", "tool_choice"
+            )
+    choice = tool_choice_field(value, specs, named)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad_request("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    fmt = tool_format(specs, choice, parallel, answer)
+    if fmt is not answer:
+        messages = tools.with_tools(messages, specs)
+    return checked(fmt, "tools" if fmt is not answer else "response_format"), messages
+
+
+def _response_format(value: object) -> Format | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("'response_format' must be an object", "response_format")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_format()
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request("'response_format.json_schema' must be an object", "response_format")
+        return schema_format(spec.get("schema", {}), "response_format")
+    raise bad_request(
+        "'response_format' must be of type text, json_object or json_schema", "response_format"
+    )
+
+
+def _tools(value: object) -> list[tools.ToolSpec]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise bad_request(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
+    specs = []
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(function, dict)
+        ):
+            raise bad_request(f"{where}: only function tools are served", "tools")
+        specs.append(
+            tool_spec(
+                function.get("name"),
+                function.get("description"),
+                function.get("parameters"),
+                "tools",
+            )
+        )
+    if len({s.name for s in specs}) != len(specs):
+        raise bad_request("'tools' names a function twice", "tools")
+    return specs
 
 
 def _prompt(value: object) -> str:
@@ -359,28 +474,41 @@ class _Generation(Response):
 
     async def _run(self, send: Send) -> None:
         job = self._job
-        results: list[tuple[str, str]] = []
+        results: list[tuple[str, str, list[dict[str, Any]]]] = []
         prompt_tokens = completion_tokens = 0
         for index in range(job.n):
             parts: list[str] = []
+            reader = _CallDeltas() if job.reads_calls else None
 
             async def deliver(
-                text: str, _tokens: int, index: int = index, parts: list[str] = parts
+                text: str,
+                _tokens: int,
+                index: int = index,
+                parts: list[str] = parts,
+                reader: _CallDeltas | None = reader,
             ) -> None:
                 if job.stream:
                     if not parts:
                         await self._open_choice(send, index)
-                    await self._event(send, self._chunk(index, self._delta(text), None))
+                    deltas = [self._delta(text)] if reader is None else reader.feed(text)
+                    for delta in deltas:
+                        await self._event(send, self._chunk(index, delta, None))
                 parts.append(text)
 
             done = await self._backend.generate(job.request, deliver)
             finish = "length" if done.finish_reason == "length" else "stop"
             prompt_tokens += done.prompt_tokens
             completion_tokens += done.completion_tokens
-            results.append(("".join(parts), finish))
+            text = "".join(parts)
+            calls = _calls(text, reader) if reader is not None else []
+            if calls and finish == "stop":
+                finish = "tool_calls"
+            results.append((text, finish, calls))
             if job.stream:
                 if not parts:
                     await self._open_choice(send, index)
+                for delta in reader.end() if reader is not None else []:
+                    await self._event(send, self._chunk(index, delta, None))
                 await self._event(send, self._chunk(index, self._delta(None), finish))
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -388,7 +516,7 @@ class _Generation(Response):
             "total_tokens": prompt_tokens + completion_tokens,
         }
         if not job.stream:
-            choices = [self._choice(i, text, finish) for i, (text, finish) in enumerate(results)]
+            choices = [self._choice(i, *result) for i, result in enumerate(results)]
             await send_json(send, 200, {**self._head(None), "choices": choices, "usage": usage})
             return
         if job.include_usage:
@@ -443,13 +571,13 @@ class _Generation(Response):
             "system_fingerprint": None,
         }
 
-    def _delta(self, text: str | None) -> dict[str, str] | str:
+    def _delta(self, text: str | None) -> dict[str, Any] | str:
         """A chat delta (empty for the final chunk) or a completion's text."""
         if self._job.kind == "chat":
             return {} if text is None else {"content": text}
         return text or ""
 
-    def _chunk(self, index: int, delta: dict[str, str] | str, finish: str | None) -> dict[str, Any]:
+    def _chunk(self, index: int, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
         if self._job.kind == "chat":
             choice["delta"] = delta
@@ -457,10 +585,15 @@ class _Generation(Response):
             choice["text"] = delta
         return {**self._head("chunk"), "choices": [choice]}
 
-    def _choice(self, index: int, text: str, finish: str) -> dict[str, Any]:
+    def _choice(
+        self, index: int, text: str, finish: str, calls: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
         if self._job.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if calls:
+                message.update(content=None, tool_calls=calls)
+            choice["message"] = message
         else:
             choice["text"] = text
         return choice
@@ -498,6 +631,47 @@ class _Generation(Response):
             return
         await self._event(send, error.body)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+class _CallDeltas:
+    """A chat stream's deltas for an answer that may be tool calls (OpenAI's
+    shape: a call's index, id, type and name first, its arguments in pieces)."""
+
+    def __init__(self) -> None:
+        self.reader = tools.CallReader()
+        self.ids: list[str] = []
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return self._deltas(self.reader.feed(text))
+
+    def end(self) -> list[dict[str, Any]]:
+        return self._deltas(self.reader.end())
+
+    def _deltas(self, events: list[tools.Event]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for event in events:
+            if isinstance(event, tools.Prose):
+                out.append({"content": event.text})
+            elif isinstance(event, tools.CallStart):
+                self.ids.append(call_id())
+                function = {"name": event.name, "arguments": ""}
+                call = {"index": event.index, "id": self.ids[-1], "type": "function"}
+                out.append({"tool_calls": [{**call, "function": function}]})
+            else:
+                function = {"arguments": event.text}
+                out.append({"tool_calls": [{"index": event.index, "function": function}]})
+        return out
+
+
+def _calls(text: str, reader: _CallDeltas) -> list[dict[str, Any]]:
+    """The tool calls a whole answer made, as a chat message lists them
+    (ids as its stream gave them, when it was streamed)."""
+    calls = tools.read_calls(text) or []
+    ids = reader.ids + [call_id() for _ in calls[len(reader.ids) :]]
+    return [
+        {"id": ids[i], "type": "function", "function": {"name": name, "arguments": arguments}}
+        for i, (name, arguments) in enumerate(calls)
+    ]
 
 
 class _NoAnswer(Response):

@@ -27,7 +27,16 @@ import httpx
 import trio
 
 from p2pnode.errors import EngineError
-from p2pnode.inference.engine import PENALTIES, Chunk, EngineBusy, ModelInfo, Request, Usage
+from p2pnode.inference import grammar
+from p2pnode.inference.engine import (
+    GRAMMAR,
+    PENALTIES,
+    Chunk,
+    EngineBusy,
+    ModelInfo,
+    Request,
+    Usage,
+)
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
@@ -75,7 +84,9 @@ class UpstreamEngine:
 
     def models(self) -> list[ModelInfo]:
         return [
-            ModelInfo(model_id=m, context_length=self.cfg.context_length, features=(PENALTIES,))
+            ModelInfo(
+                model_id=m, context_length=self.cfg.context_length, features=(GRAMMAR, PENALTIES)
+            )
             for m in self.cfg.models
         ]
 
@@ -96,12 +107,13 @@ class UpstreamEngine:
         """Stream ``request`` from the upstream; leaving early closes the HTTP stream."""
         if request.model_id not in self.cfg.models:
             raise EngineError(f"model {request.model_id!r} is not served here")
+        path, body = _openai_request(request)  # a bad format is refused before any slot
         await self._acquire()
         try:
             send, receive = trio.open_memory_channel[Chunk](0)
             with single_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._relay, request, send)
+                    nursery.start_soon(self._relay, path, body, send)
                     try:
                         async with receive:
                             yield receive
@@ -124,8 +136,9 @@ class UpstreamEngine:
         finally:
             self._waiting -= 1
 
-    async def _relay(self, request: Request, send: trio.MemorySendChannel[Chunk]) -> None:
-        path, body = _openai_request(request)
+    async def _relay(
+        self, path: str, body: dict[str, Any], send: trio.MemorySendChannel[Chunk]
+    ) -> None:
         produced, finish, usage = 0, "stop", None
         async with send:
             try:
@@ -196,6 +209,10 @@ def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
         body["frequency_penalty"] = p.frequency_penalty
     if p.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
+    if p.format is not None:
+        # llama.cpp's servers (llama-server, llama_cpp.server) take a GBNF
+        # grammar as "grammar": the same one our own engine would apply.
+        body["grammar"] = grammar.gbnf_of(p.format)
     if request.kind == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         if request.continuation:

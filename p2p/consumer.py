@@ -1212,4 +1212,5 @@ def wire_request(
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
         logit_bias=tuple(Bias(token=t, bias=b) for t, b in p.logit_bias),
+        format=enginelib.format_to_wire(p.format),
     )

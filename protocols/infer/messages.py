@@ -47,6 +47,25 @@ class Bias(Message):
     bias: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tool(Message):
+    """A function the answer may call (nested in Format)."""
+
+    name: str
+    parameters: str  # its arguments' JSON schema, as JSON text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Format(Message):
+    """The shape the answer must have (nested in Request; docs/protocols.md#output-formats)."""
+
+    kind: str  # "json_object", "json_schema" or "tools"
+    schema: str = ""
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "required"
+    parallel: bool = True
+
+
 MAX_BIASES: Final = 300
 """The most logit_bias entries one request may carry (OpenAI's own bound)."""
 MAX_BIAS: Final = 100.0
@@ -88,6 +107,9 @@ class Request(Message):
     presence_penalty: float = added(0.0)
     frequency_penalty: float = added(0.0)
     logit_bias: tuple[Bias, ...] = added(())
+    # An answer held to a shape: only providers whose offer lists the
+    # "grammar" feature are sent one.
+    format: Format | None = added(None)
 
 
 SCORE: Final = "score"

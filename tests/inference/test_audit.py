@@ -8,6 +8,7 @@ too (simnet/cheaters.py): a Q4_0-degraded copy of the same GGUF, Gemma 3
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pnode.inference.audit import Audit, Limits, PitPool, audit
-from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.inference.audit import Audit, ImpossibleAnswer, Limits, PitPool, audit
+from p2pnode.inference.engine import JSON_SCHEMA, ChatMessage, Format, Params, Request
 from p2pnode.inference.llamacpp import (
     BUNDLED_MODEL_ID,
     Config,
@@ -230,3 +231,28 @@ async def test_penalised_answers_pass_and_one_that_ignored_the_penalties_is_caug
     verdict = await judge(auditor, penalised, plain)
     assert not verdict.passed
     assert "greedy" in {f.check for f in verdict.findings}, verdict.measured()
+
+
+async def test_answers_under_an_output_format_pass_and_one_drawn_without_it_is_caught(
+    auditor: LlamaCppEngine,
+) -> None:
+    # The grammar masks what generation may draw (inference/llamacpp.py:_sample);
+    # scoring must mask the same, position by position.
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+    }
+    fmt = Format(kind=JSON_SCHEMA, schema=json.dumps(schema))
+    for params in (GREEDY, SAMPLED):
+        request = chat("What is the weather in Rome?", replace(params, format=fmt), seed=5)
+        got = await answer(auditor, request)
+        assert json.loads(got.text)["unit"] in ("celsius", "fahrenheit")
+        verdict = await judge(auditor, request, got)
+        assert verdict.passed, verdict.measured()
+    # An answer to the same question drawn without the format, claimed as
+    # the formatted one: the audit sees tokens the grammar never allowed.
+    request = chat("What is the weather in Rome?", replace(GREEDY, format=fmt))
+    plain = await answer(auditor, chat("What is the weather in Rome?", GREEDY))
+    with pytest.raises(ImpossibleAnswer):
+        await judge(auditor, request, plain)

@@ -655,9 +655,6 @@ async def test_the_key_may_come_as_x_api_key() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
         ("logprobs", True),
         ("top_logprobs", 3),
         ("modalities", ["text", "audio"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import socket
@@ -14,8 +15,20 @@ from dataclasses import replace
 import pytest
 import trio
 
-from p2pnode.errors import EngineError
-from p2pnode.inference.engine import PENALTIES, ChatMessage, Params, Request, collect
+from p2pnode.errors import BadRequestError, EngineError
+from p2pnode.inference import tools
+from p2pnode.inference.engine import (
+    GRAMMAR,
+    JSON_SCHEMA,
+    PENALTIES,
+    TOOLS,
+    ChatMessage,
+    Format,
+    Params,
+    Request,
+    Tool,
+    collect,
+)
 from p2pnode.inference.llamacpp import bundled_model_path
 from p2pnode.inference.upstream import Config, UpstreamEngine, open_upstream
 
@@ -168,3 +181,41 @@ async def test_logit_bias_and_penalties_reach_the_server(engine: UpstreamEngine)
     assert text.count("dragon") == 8, text
     assert last.usage is not None
     assert last.usage.completion_tokens == 8
+
+
+async def test_output_formats_reach_the_server_as_our_grammar(engine: UpstreamEngine) -> None:
+    import jsonschema
+
+    (info,) = engine.models()
+    assert GRAMMAR in info.features
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "rain": {"type": "boolean"}},
+        "required": ["city", "rain"],
+    }
+    request = _chat(60)
+    held = replace(
+        request,
+        params=replace(request.params, format=Format(kind=JSON_SCHEMA, schema=json.dumps(schema))),
+    )
+    text, _ = await collect(engine, held)
+    jsonschema.validate(json.loads(text), schema)
+    # Tool calls: the shim's turns and the grammar, answered by the server.
+    tool = tools.ToolSpec("get_weather", "The weather in a city.", schema)
+    fmt = Format(
+        kind=TOOLS, tools=(Tool(name=tool.name, parameters=json.dumps(schema)),), parallel=False
+    )
+    calls = replace(
+        request,
+        messages=tools.with_tools(request.messages, [tool]),
+        params=replace(request.params, format=fmt),
+    )
+    text, _ = await collect(engine, calls)
+    ((name, arguments),) = tools.read_calls(text) or [("", "")]
+    assert name == "get_weather", text
+    jsonschema.validate(json.loads(arguments), schema)
+    # A format out of bounds never reaches the server, nor takes a slot.
+    bad = Format(kind=JSON_SCHEMA, schema=json.dumps({"type": "integer", "minimum": 0}))
+    with pytest.raises(BadRequestError, match="minimum"):
+        await collect(engine, replace(request, params=replace(request.params, format=bad)))
+    assert engine.slots_free == engine.slots_total

@@ -1,0 +1,217 @@
+"""Tool calls as text: how tools are shown to a model and how its calls read back.
+
+The convention is the Hermes/Qwen one that many chat templates already speak
+(docs/protocols.md#output-formats): the tools are listed as JSON in a system
+message, a call is a JSON object between tags, and a tool's result goes back
+to the model as a user turn between tags::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+    <tool_response>
+    {"temperature": 21}
+    </tool_response>
+
+The shim turns an API's tools and tool history into plain chat turns with
+these (so a provider of any version renders them with its model's own chat
+template), and a grammar (``inference/grammar.py``) holds the answer to the
+call syntax, so the calls parse. :class:`CallReader` reads them back as they
+stream.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from p2pnode.inference.engine import ChatMessage
+
+CALL_OPEN: Final = "<tool_call>\n"
+CALL_CLOSE: Final = "\n</tool_call>"
+CALL_GAP: Final = "\n"
+"""Between two calls of one answer."""
+
+_TOOLS_PROMPT: Final = """\
+You are a function calling AI model. You may call one or more functions to assist \
+with the user query. You are provided with function signatures within <tools></tools> \
+XML tags:
+<tools>
+{tools}
+</tools>
+For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+_HEAD: Final = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+# What may follow a call's arguments before CALL_CLOSE: the call object's
+# own closing brace, with the grammar's optional spaces.
+_TAIL_HOLD: Final = len(CALL_CLOSE) + 3
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function as an API describes it."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def shown(self) -> str:
+        """Its line in the system message's tool list (OpenAI's tool object)."""
+        function: dict[str, Any] = {"name": self.name}
+        if self.description:
+            function["description"] = self.description
+        function["parameters"] = self.parameters
+        return json.dumps({"type": "function", "function": function}, ensure_ascii=False)
+
+
+def with_tools(messages: tuple[ChatMessage, ...], tools: list[ToolSpec]) -> tuple[ChatMessage, ...]:
+    """``messages`` with ``tools`` listed in the system message (one is added if none leads)."""
+    listing = _TOOLS_PROMPT.format(tools="\n".join(t.shown() for t in tools))
+    if messages and messages[0].role == "system":
+        first = ChatMessage(role="system", content=messages[0].content + "\n\n" + listing)
+        return (first, *messages[1:])
+    return (ChatMessage(role="system", content=listing), *messages)
+
+
+def call_text(name: str, arguments: str) -> str:
+    """A call as the model writes it (``arguments``: JSON text, kept as is when it is not JSON)."""
+    try:
+        value: Any = json.loads(arguments)
+    except ValueError:
+        value = arguments
+    body = json.dumps({"name": name, "arguments": value}, ensure_ascii=False)
+    return CALL_OPEN + body + CALL_CLOSE
+
+
+def calls_text(content: str, calls: list[tuple[str, str]]) -> str:
+    """An assistant turn that made ``calls`` (name, arguments), after its ``content``."""
+    written = CALL_GAP.join(call_text(name, arguments) for name, arguments in calls)
+    return f"{content}\n{written}" if content else written
+
+
+def results_text(results: list[str]) -> str:
+    """Tool results as the user turn that hands them to the model."""
+    return "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
+
+
+@dataclass(frozen=True, slots=True)
+class CallStart:
+    """A call's name is known: the first thing a stream says of it."""
+
+    index: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallArguments:
+    """More of a call's arguments (JSON text, in pieces)."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prose:
+    """Text that is not a call (an answer under tool_choice auto)."""
+
+    text: str
+
+
+Event = CallStart | CallArguments | Prose
+
+
+class CallReader:
+    """Reads an answer's tool calls as its text arrives.
+
+    An answer under a tools grammar is either calls from its first
+    character, or prose that never starts with ``<``. Arguments are handed
+    on in pieces, held back only as far as the call's closing brace and tag
+    might reach.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._prose: bool | None = None
+        self._calls: list[tuple[str, str]] = []  # finished (name, arguments)
+        self._pos = 0  # where the current call's text starts in _buf
+        self._args_at = -1  # where its arguments start; -1: name not read yet
+        self._sent = 0  # argument characters of the current call handed on
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        """The calls read to the end so far: (name, arguments JSON text)."""
+        return list(self._calls)
+
+    @property
+    def is_prose(self) -> bool:
+        return bool(self._prose)
+
+    def feed(self, text: str) -> list[Event]:
+        """What ``text`` (the next part of the answer) tells."""
+        if self._prose:
+            return [Prose(text)] if text else []
+        self._buf += text
+        if self._prose is None and self._buf:
+            self._prose = not self._buf.startswith("<")
+            if self._prose:
+                return [Prose(self._buf)]
+        return self._read(final=False)
+
+    def end(self) -> list[Event]:
+        """What is left once the answer is complete (arguments held back, for one)."""
+        return [] if self._prose else self._read(final=True)
+
+    def _read(self, *, final: bool) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            start = self._buf.find(CALL_OPEN, self._pos)
+            if start < 0:
+                return events
+            body_at = start + len(CALL_OPEN)
+            if self._args_at < 0:
+                head = _HEAD.match(self._buf, body_at)
+                if head is None:
+                    return events
+                self._args_at = head.end()
+                self._name = json.loads(f'"{head.group(1)}"')
+                events.append(CallStart(len(self._calls), self._name))
+            close = self._buf.find(CALL_CLOSE, self._args_at)
+            if close < 0:
+                end = len(self._buf) if final else len(self._buf) - _TAIL_HOLD
+                if final:
+                    arguments = self._buf[self._args_at :]
+                else:
+                    arguments = self._buf[self._args_at : max(self._args_at, end)]
+                if len(arguments) > self._sent:
+                    events.append(CallArguments(len(self._calls), arguments[self._sent :]))
+                    self._sent = len(arguments)
+                return events
+            arguments = self._buf[self._args_at : close].rstrip()
+            if arguments.endswith("}"):  # the call object's own brace
+                arguments = arguments[:-1].rstrip()
+            if len(arguments) > self._sent:
+                events.append(CallArguments(len(self._calls), arguments[self._sent :]))
+            self._calls.append((self._name, arguments))
+            self._pos = close + len(CALL_CLOSE)
+            self._args_at, self._sent = -1, 0
+
+
+def read_calls(text: str) -> list[tuple[str, str]] | None:
+    """The calls a whole answer makes, or None when it is prose or not whole calls."""
+    reader = CallReader()
+    reader.feed(text)
+    reader.end()
+    if reader.is_prose or not reader.calls:
+        return None
+    for _, arguments in reader.calls:
+        try:
+            json.loads(arguments)
+        except ValueError:
+            return None
+    return reader.calls

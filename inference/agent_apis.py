@@ -10,13 +10,17 @@ through the same generation as chat completions (guards, model look-up,
 recommended sampling, failover); only the body and the stream's events
 differ (:class:`~p2pnode.inference.openai_api.Shape`).
 
-Not yet served (a 400 naming the field): function tools and their outputs,
-structured output (``text.format`` other than text), built-in tools,
-reasoning, images; Anthropic's ``tools``, ``top_k`` and ``thinking``.
+Function tools, their calls and outputs in the input, and structured output
+(``text.format``) are served as chat completions serves them (a grammar on
+the provider; ``inference/tools.py``), and so are Anthropic's ``tools``,
+``tool_use`` and ``tool_result`` blocks. Not served (a 400 naming the
+field): built-in tools, reasoning, images; Anthropic's ``top_k`` and
+``thinking``.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any, Final
@@ -26,14 +30,23 @@ from p2pnode.inference.api_fields import (
     ApiError,
     Job,
     bad_request,
+    call_id,
+    checked,
     int_field,
+    json_object_format,
     number_field,
     or_default,
+    schema_format,
     stop_field,
     text_content,
+    tool_choice_field,
+    tool_format,
+    tool_spec,
     unset_sampling,
 )
-from p2pnode.inference.engine import ChatMessage, Params, Request
+from p2pnode.inference.engine import ChatMessage, Format, Params, Request
+from p2pnode.inference.grammar import MAX_TOOLS
+from p2pnode.inference.tools import ToolSpec, calls_text, results_text, with_tools
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 
 MAX_OUTPUT_TOKENS: Final = 1_000_000
@@ -52,13 +65,6 @@ def parse_response_request(body: object) -> Job:
         )
     if body.get("store") is True:
         raise bad_request("this server keeps no responses: 'store' must be false", "store")
-    if body.get("tools"):
-        raise bad_request("tools are not served yet", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise bad_request("tools are not served yet", "tool_choice")
-    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad_request("only text output is served yet ('text.format' type 'text')", "text")
     if body.get("reasoning") is not None:
         raise bad_request("reasoning is not served", "reasoning")
     messages: list[ChatMessage] = []
@@ -68,6 +74,21 @@ def parse_response_request(body: object) -> Job:
             raise bad_request("'instructions' must be a string", "instructions")
         messages.append(ChatMessage(role="system", content=instructions))
     messages += _input_items(body.get("input"))
+    specs = _response_tools(body.get("tools"))
+    value = body.get("tool_choice")
+    named = None
+    if isinstance(value, dict):
+        named = value.get("name")
+        if value.get("type") != "function" or not isinstance(named, str):
+            raise bad_request(
+                "'tool_choice' names a function as {type: function, name}", "tool_choice"
+            )
+    choice = tool_choice_field(value, specs, named)
+    answer = _text_format(body.get("text"))
+    fmt = tool_format(specs, choice, _parallel(body), answer)
+    if fmt is not answer:
+        messages = list(with_tools(tuple(messages), specs))
+    fmt = checked(fmt, "tools" if fmt is not answer else "text")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean", "stream")
@@ -78,10 +99,54 @@ def parse_response_request(body: object) -> Job:
             or_default(body.get("temperature"), 1.0), "temperature", 0.0, MAX_TEMPERATURE
         ),
         top_p=number_field(or_default(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
+        format=fmt,
     )
     request = Request(model_id=model, kind="chat", messages=tuple(messages), params=params)
     unset = unset_sampling(body)
     return Job("chat", request, 1, stream, False, unset)
+
+
+def _parallel(body: dict[str, Any]) -> bool:
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad_request("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    return parallel
+
+
+def _response_tools(value: object) -> list[ToolSpec]:
+    """The Responses API's function tools (flat: type, name, description, parameters)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise bad_request(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
+    specs = []
+    for tool in value:
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise bad_request(f"only function tools are served, not {kind!r}", "tools")
+        specs.append(
+            tool_spec(tool.get("name"), tool.get("description"), tool.get("parameters"), "tools")
+        )
+    if len({s.name for s in specs}) != len(specs):
+        raise bad_request("'tools' names a function twice", "tools")
+    return specs
+
+
+def _text_format(value: object) -> Format | None:
+    """``text.format``: text, json_object, or json_schema (flat: name, schema, strict)."""
+    if value is None:
+        return None
+    fmt = value.get("format") if isinstance(value, dict) else None
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_format()
+    if kind == "json_schema":
+        return schema_format(fmt.get("schema"), "text")
+    raise bad_request("'text.format' must be of type text, json_object or json_schema", "text")
 
 
 def _body_and_model(body: object) -> tuple[dict[str, Any], str]:
@@ -98,28 +163,81 @@ _RESPONSE_ROLES: Final = {"user": "user", "assistant": "assistant", "system": "s
 
 
 def _input_items(value: object) -> list[ChatMessage]:
+    """The input as chat turns: function calls join the assistant turn they
+    follow (or make one), consecutive outputs make one user turn."""
     if isinstance(value, str):
         return [ChatMessage(role="user", content=value)]
     if not isinstance(value, list) or not value:
         raise bad_request("'input' must be a string or a non-empty array of items", "input")
-    out = []
+    turns = _Turns()
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", where)
         kind = item.get("type", "message")
-        if kind != "message":
-            raise bad_request(f"{where}: items of type {kind!r} are not served yet", where)
-        role = _RESPONSE_ROLES.get(item.get("role"))  # type: ignore[arg-type]
-        if role is None:
-            raise bad_request(f"{where}.role must be one of {sorted(_RESPONSE_ROLES)}", where)
-        out.append(ChatMessage(role=role, content=_input_text(item.get("content"), where)))
-    return out
+        if kind == "function_call":
+            name, arguments = item.get("name"), item.get("arguments")
+            if not isinstance(name, str) or not isinstance(arguments, str):
+                raise bad_request(f"{where}: a function_call needs name and arguments", where)
+            turns.call(name, arguments)
+        elif kind == "function_call_output":
+            turns.result(_input_text(item.get("output"), where))
+        elif kind == "message":
+            role = _RESPONSE_ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            if role is None:
+                raise bad_request(f"{where}.role must be one of {sorted(_RESPONSE_ROLES)}", where)
+            turns.say(role, _input_text(item.get("content"), where))
+        else:
+            raise bad_request(f"{where}: items of type {kind!r} are not served", where)
+    return turns.done()
+
+
+class _Turns:
+    """Chat turns built from an API's items, with tool calls and results
+    written as the model reads them (``inference/tools.py``)."""
+
+    def __init__(self) -> None:
+        self._out: list[ChatMessage] = []
+        self._calls: list[tuple[str, str]] = []
+        self._results: list[str] = []
+
+    def say(self, role: str, text: str) -> None:
+        self._flush()
+        self._out.append(ChatMessage(role=role, content=text))
+
+    def call(self, name: str, arguments: str) -> None:
+        if self._results:
+            self._flush()
+        self._calls.append((name, arguments))
+
+    def result(self, text: str) -> None:
+        if self._calls:
+            self._flush()
+        self._results.append(text)
+
+    def done(self) -> list[ChatMessage]:
+        self._flush()
+        return self._out
+
+    def _flush(self) -> None:
+        if self._calls:
+            content = ""
+            if self._out and self._out[-1].role == "assistant":
+                content = self._out.pop().content
+            self._out.append(
+                ChatMessage(role="assistant", content=calls_text(content, self._calls))
+            )
+            self._calls = []
+        if self._results:
+            self._out.append(ChatMessage(role="user", content=results_text(self._results)))
+            self._results = []
 
 
 def _input_text(value: object, where: str) -> str:
     if isinstance(value, str):
         return value
+    if value is None:
+        raise bad_request(f"{where}.content is required", where)
     if not isinstance(value, list):
         raise bad_request(f"{where}.content must be a string or an array of parts", where)
     texts = []
@@ -134,7 +252,8 @@ def _input_text(value: object, where: str) -> str:
 
 
 class ResponseShape:
-    """A Responses API answer: one message item with one output_text part."""
+    """A Responses API answer: a message item with one output_text part, or a
+    function_call item per tool call."""
 
     def __init__(self, job: Job) -> None:
         self._model = job.request.model_id
@@ -143,6 +262,10 @@ class ResponseShape:
         self._item = "msg_" + secrets.token_hex(12)
         self._created = int(time.time())
         self._seq = 0
+        self._text_open = False
+        # Streamed calls: (item id, call id, name, arguments so far), by index.
+        self._calls: list[tuple[str, str, str, str]] = []
+        self._call_open = False
 
     def _response(
         self, status: str, output: list[dict[str, Any]], usage: tuple[int, int] | None
@@ -175,6 +298,11 @@ class ResponseShape:
         return {"type": "message", "id": self._item, "status": status, "role": "assistant",
                 "content": content}  # fmt: skip
 
+    def _call_item(self, index: int, status: str) -> dict[str, Any]:
+        item, call, name, arguments = self._calls[index]
+        return {"type": "function_call", "id": item, "call_id": call, "name": name,
+                "arguments": arguments, "status": status}  # fmt: skip
+
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._seq, **fields}
         self._seq += 1
@@ -188,31 +316,92 @@ class ResponseShape:
         return [
             self._event("response.created", response=started),
             self._event("response.in_progress", response=started),
-            self._event(
-                "response.output_item.added",
-                output_index=0,
-                item=self._message("in_progress", None),
-            ),
-            self._event("response.content_part.added", **self._at(), part=self._part("")),
         ]
 
     def delta(self, text: str) -> list[dict[str, Any]]:
-        return [self._event("response.output_text.delta", **self._at(), delta=text, logprobs=[])]
-
-    def closing(self, text: str, finish: str, usage: tuple[int, int]) -> list[dict[str, Any]]:
-        final = self.whole(text, finish, usage)
-        done = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        events = []
+        if not self._text_open:
+            self._text_open = True
+            events = [
+                self._event(
+                    "response.output_item.added",
+                    output_index=0,
+                    item=self._message("in_progress", None),
+                ),
+                self._event("response.content_part.added", **self._at(), part=self._part("")),
+            ]
         return [
-            self._event("response.output_text.done", **self._at(), text=text, logprobs=[]),
-            self._event("response.content_part.done", **self._at(), part=self._part(text)),
-            self._event("response.output_item.done", output_index=0, item=final["output"][0]),
-            self._event(done, response=final),
+            *events,
+            self._event("response.output_text.delta", **self._at(), delta=text, logprobs=[]),
         ]
 
-    def whole(self, text: str, finish: str, usage: tuple[int, int]) -> dict[str, Any]:
+    def call_start(self, index: int, name: str) -> list[dict[str, Any]]:
+        events = self._close_call()
+        self._calls.append(("fc_" + secrets.token_hex(12), call_id(), name, ""))
+        self._call_open = True
+        item = self._call_item(index, "in_progress")
+        return [*events, self._event("response.output_item.added", output_index=index, item=item)]
+
+    def call_arguments(self, index: int, text: str) -> list[dict[str, Any]]:
+        item, call, name, arguments = self._calls[index]
+        self._calls[index] = (item, call, name, arguments + text)
+        return [
+            self._event(
+                "response.function_call_arguments.delta",
+                item_id=item,
+                output_index=index,
+                delta=text,
+            )
+        ]
+
+    def _close_call(self) -> list[dict[str, Any]]:
+        if not self._call_open:
+            return []
+        self._call_open = False
+        index = len(self._calls) - 1
+        item, _, name, arguments = self._calls[index]
+        return [
+            self._event(
+                "response.function_call_arguments.done",
+                item_id=item,
+                output_index=index,
+                name=name,
+                arguments=arguments,
+            ),
+            self._event(
+                "response.output_item.done",
+                output_index=index,
+                item=self._call_item(index, "completed"),
+            ),
+        ]
+
+    def closing(
+        self, text: str, calls: list[tuple[str, str]], finish: str, usage: tuple[int, int]
+    ) -> list[dict[str, Any]]:
+        final = self.whole(text, calls, finish, usage)
+        done = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        events = self._close_call()
+        if self._text_open:
+            events += [
+                self._event("response.output_text.done", **self._at(), text=text, logprobs=[]),
+                self._event("response.content_part.done", **self._at(), part=self._part(text)),
+                self._event("response.output_item.done", output_index=0, item=final["output"][0]),
+            ]
+        return [*events, self._event(done, response=final)]
+
+    def whole(
+        self, text: str, calls: list[tuple[str, str]], finish: str, usage: tuple[int, int]
+    ) -> dict[str, Any]:
         status = "incomplete" if finish == "length" else "completed"
-        item_status = "incomplete" if status == "incomplete" else "completed"
-        return self._response(status, [self._message(item_status, text)], usage)
+        if calls:
+            for index, (name, arguments) in enumerate(calls):
+                if index == len(self._calls):  # not streamed: ids are made here
+                    self._calls.append(("fc_" + secrets.token_hex(12), call_id(), name, ""))
+                item, call, _, _ = self._calls[index]
+                self._calls[index] = (item, call, name, arguments)
+            output = [self._call_item(i, "completed") for i in range(len(calls))]
+            return self._response(status, output, usage)
+        return self._response(status, [self._message(status, text)], usage)
 
     def error_events(self, error: ApiError) -> list[dict[str, Any]]:
         # The error, then the response as failed: the openai client's stream
@@ -247,26 +436,29 @@ def parse_messages_request(body: object) -> Job:
     body, model = _body_and_model(body)
     if "max_tokens" not in body:
         raise bad_request("'max_tokens' is required", "max_tokens")
-    for unserved in ("tools", "thinking"):
-        if body.get(unserved):
-            raise bad_request(f"'{unserved}' is not served yet", unserved)
+    if body.get("thinking"):
+        raise bad_request("'thinking' is not served", "thinking")
     if body.get("top_k") is not None:
         # The sampler's top-k is a protocol constant (inference/sampling.py).
         raise bad_request("'top_k' cannot be set here", "top_k")
-    messages: list[ChatMessage] = []
+    turns = _Turns()
     system = body.get("system")
     if system is not None:
-        messages.append(ChatMessage(role="system", content=text_content(system, "system")))
-    turns = body.get("messages")
-    if not isinstance(turns, list) or not turns:
+        turns.say("system", text_content(system, "system"))
+    given = body.get("messages")
+    if not isinstance(given, list) or not given:
         raise bad_request("'messages' must be a non-empty array", "messages")
-    for i, turn in enumerate(turns):
+    for i, turn in enumerate(given):
         where = f"messages[{i}]"
         if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
             raise bad_request(f"{where}.role must be 'user' or 'assistant'", f"{where}.role")
-        messages.append(
-            ChatMessage(role=turn["role"], content=text_content(turn.get("content"), where))
-        )
+        _blocks(turns, turn["role"], turn.get("content"), where)
+    specs = _anthropic_tools(body.get("tools"))
+    choice, parallel = _anthropic_choice(body.get("tool_choice"), specs)
+    fmt = tool_format(specs, choice, parallel, None)
+    messages = turns.done()
+    if fmt is not None:
+        messages = list(with_tools(tuple(messages), specs))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean", "stream")
@@ -276,18 +468,93 @@ def parse_messages_request(body: object) -> Job:
         temperature=number_field(or_default(body.get("temperature"), 1.0), "temperature", 0.0, 1.0),
         top_p=number_field(or_default(body.get("top_p"), 1.0), "top_p", 0.0, 1.0),
         stop=stop_field(body.get("stop_sequences"), "stop_sequences"),
+        format=checked(fmt, "tools"),
     )
     request = Request(model_id=model, kind="chat", messages=tuple(messages), params=params)
     unset = unset_sampling(body)
     return Job("chat", request, 1, stream, False, unset)
 
 
+def _blocks(turns: _Turns, role: str, content: object, where: str) -> None:
+    """One Anthropic turn: its text, ``tool_use`` blocks (assistant) and
+    ``tool_result`` blocks (user), in order."""
+    if isinstance(content, str):
+        turns.say(role, content)
+        return
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or an array of blocks", where)
+    texts: list[str] = []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+            continue
+        if texts:
+            turns.say(role, "".join(texts))
+            texts = []
+        if kind == "tool_use" and role == "assistant":
+            name, value = block.get("name"), block.get("input", {})
+            if not isinstance(name, str):
+                raise bad_request(f"{where}: a tool_use block needs a name", where)
+            turns.call(name, json.dumps(value, ensure_ascii=False))
+        elif kind == "tool_result" and role == "user":
+            result = block.get("content", "")
+            turns.result(text_content(result, where) if result else "")
+        else:
+            raise bad_request(f"{where}.content: {kind!r} blocks are not served here", where)
+    if texts:
+        turns.say(role, "".join(texts))
+
+
+def _anthropic_tools(value: object) -> list[ToolSpec]:
+    """Anthropic's client tools (name, description, input_schema); its server tools are refused."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise bad_request(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
+    specs = []
+    for tool in value:
+        if not isinstance(tool, dict) or tool.get("type", "custom") != "custom":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise bad_request(f"only client tools are served, not {kind!r}", "tools")
+        specs.append(
+            tool_spec(tool.get("name"), tool.get("description"), tool.get("input_schema"), "tools")
+        )
+    if len({s.name for s in specs}) != len(specs):
+        raise bad_request("'tools' names a tool twice", "tools")
+    return specs
+
+
+_ANTHROPIC_CHOICES: Final = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def _anthropic_choice(value: object, specs: list[ToolSpec]) -> tuple[str, bool]:
+    """(tool choice as ours, parallel calls allowed) from Anthropic's tool_choice object."""
+    if value is None:
+        return tool_choice_field(None, specs, None), True
+    if not isinstance(value, dict):
+        raise bad_request("'tool_choice' must be an object", "tool_choice")
+    parallel = not value.get("disable_parallel_tool_use", False)
+    kind = value.get("type")
+    if kind == "tool":
+        name = value.get("name")
+        if not isinstance(name, str):
+            raise bad_request("'tool_choice' of type tool needs a name", "tool_choice")
+        return tool_choice_field(name, specs, name), parallel
+    if kind not in _ANTHROPIC_CHOICES:
+        raise bad_request("'tool_choice' type is auto, any, tool or none", "tool_choice")
+    return tool_choice_field(_ANTHROPIC_CHOICES[str(kind)], specs, None), parallel
+
+
 class MessageShape:
-    """An Anthropic Messages answer: one text content block."""
+    """An Anthropic Messages answer: a text content block, or a tool_use block per call."""
 
     def __init__(self, job: Job) -> None:
         self._model = job.request.model_id
         self._id = "msg_" + secrets.token_hex(12)
+        self._open: int | None = None  # the content block being streamed
+        self._blocks = 0
+        self._ids: list[str] = []
 
     def _message(
         self, content: list[dict[str, Any]], stop: str | None, usage: tuple[int, int]
@@ -304,29 +571,72 @@ class MessageShape:
         }
 
     def opening(self) -> list[dict[str, Any]]:
+        return [{"type": "message_start", "message": self._message([], None, (0, 0))}]
+
+    def _start(self, block: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self._stop()
+        self._open = self._blocks
+        self._blocks += 1
         return [
-            {"type": "message_start", "message": self._message([], None, (0, 0))},
-            {"type": "content_block_start", "index": 0,
-             "content_block": {"type": "text", "text": ""}},
-        ]  # fmt: skip
+            *events,
+            {"type": "content_block_start", "index": self._open, "content_block": block},
+        ]
+
+    def _stop(self) -> list[dict[str, Any]]:
+        if self._open is None:
+            return []
+        index, self._open = self._open, None
+        return [{"type": "content_block_stop", "index": index}]
 
     def delta(self, text: str) -> list[dict[str, Any]]:
-        return [{"type": "content_block_delta", "index": 0,
-                 "delta": {"type": "text_delta", "text": text}}]  # fmt: skip
+        events = [] if self._open is not None else self._start({"type": "text", "text": ""})
+        return [*events, {"type": "content_block_delta", "index": self._open,
+                          "delta": {"type": "text_delta", "text": text}}]  # fmt: skip
 
-    def closing(self, text: str, finish: str, usage: tuple[int, int]) -> list[dict[str, Any]]:
+    def call_start(self, index: int, name: str) -> list[dict[str, Any]]:
+        self._ids.append(_tool_use_id())
+        return self._start({"type": "tool_use", "id": self._ids[-1], "name": name, "input": {}})
+
+    def call_arguments(self, index: int, text: str) -> list[dict[str, Any]]:
+        return [{"type": "content_block_delta", "index": self._open,
+                 "delta": {"type": "input_json_delta", "partial_json": text}}]  # fmt: skip
+
+    def closing(
+        self, text: str, calls: list[tuple[str, str]], finish: str, usage: tuple[int, int]
+    ) -> list[dict[str, Any]]:
+        # A stream with no text at all still has its (empty) text block.
+        events = (
+            self._stop()
+            if self._blocks
+            else [*self._start({"type": "text", "text": ""}), *self._stop()]
+        )
         return [
-            {"type": "content_block_stop", "index": 0},
+            *events,
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": _stop_reason(finish), "stop_sequence": None},
+                "delta": {"stop_reason": _stop_reason(finish, calls), "stop_sequence": None},
                 "usage": {"input_tokens": usage[0], "output_tokens": usage[1]},
             },
             {"type": "message_stop"},
         ]
 
-    def whole(self, text: str, finish: str, usage: tuple[int, int]) -> dict[str, Any]:
-        return self._message([{"type": "text", "text": text}], _stop_reason(finish), usage)
+    def whole(
+        self, text: str, calls: list[tuple[str, str]], finish: str, usage: tuple[int, int]
+    ) -> dict[str, Any]:
+        if not calls:
+            content = [{"type": "text", "text": text}]
+        else:
+            self._ids += [_tool_use_id() for _ in calls[len(self._ids) :]]
+            content = [
+                {
+                    "type": "tool_use",
+                    "id": self._ids[i],
+                    "name": name,
+                    "input": json.loads(arguments),
+                }
+                for i, (name, arguments) in enumerate(calls)
+            ]
+        return self._message(content, _stop_reason(finish, calls), usage)
 
     def error_events(self, error: ApiError) -> list[dict[str, Any]]:
         kind = "overloaded_error" if error.status in (429, 503) else "api_error"
@@ -334,6 +644,12 @@ class MessageShape:
         return [{"type": "error", "error": {"type": kind, "message": message}}]
 
 
-def _stop_reason(finish: str) -> str:
+def _tool_use_id() -> str:
+    return "toolu_" + secrets.token_hex(12)
+
+
+def _stop_reason(finish: str, calls: list[tuple[str, str]]) -> str:
     # (A stop sequence and the model's own end are both "stop" to the node.)
-    return "max_tokens" if finish == "length" else "end_turn"
+    if finish == "length":
+        return "max_tokens"
+    return "tool_use" if calls else "end_turn"

@@ -406,18 +406,31 @@ class Shape(Protocol):
     server-sent event name."""
 
     def opening(self) -> list[dict[str, Any]]:
-        """The events before the first text."""
+        """The events before anything of the answer."""
         ...
 
     def delta(self, text: str) -> list[dict[str, Any]]:
-        """The events that carry ``text``."""
+        """The events that carry ``text`` (the first opens the text's part)."""
         ...
 
-    def closing(self, text: str, finish: str, usage: tuple[int, int]) -> list[dict[str, Any]]:
-        """The events after the last text (``usage``: prompt, completion tokens)."""
+    def call_start(self, index: int, name: str) -> list[dict[str, Any]]:
+        """The events that open tool call ``index`` (closing the one before)."""
         ...
 
-    def whole(self, text: str, finish: str, usage: tuple[int, int]) -> dict[str, Any]:
+    def call_arguments(self, index: int, text: str) -> list[dict[str, Any]]:
+        """The events that carry more of call ``index``'s arguments."""
+        ...
+
+    def closing(
+        self, text: str, calls: list[tuple[str, str]], finish: str, usage: tuple[int, int]
+    ) -> list[dict[str, Any]]:
+        """The events after the last text or call: ``calls`` are (name,
+        arguments) when the answer was calls; ``usage``: prompt, completion tokens."""
+        ...
+
+    def whole(
+        self, text: str, calls: list[tuple[str, str]], finish: str, usage: tuple[int, int]
+    ) -> dict[str, Any]:
         """The body of an answer that is not streamed."""
         ...
 
@@ -527,23 +540,30 @@ class _Generation(Response):
         """One answer (these APIs have no ``n``), in ``shape``'s body or events."""
         job = self._job
         parts: list[str] = []
+        reader = tools.CallReader() if job.reads_calls else None
 
         async def deliver(text: str, _tokens: int) -> None:
             if job.stream:
                 if not parts:
                     await self._events(send, shape.opening())
-                await self._events(send, shape.delta(text))
+                said: list[tools.Event] = (
+                    [tools.Prose(text)] if reader is None else reader.feed(text)
+                )
+                await self._events(send, _shape_events(shape, said))
             parts.append(text)
 
         done = await self._backend.generate(job.request, deliver)
         text = "".join(parts)
+        calls = (tools.read_calls(text) or []) if reader is not None else []
         usage = (done.prompt_tokens, done.completion_tokens)
         if not job.stream:
-            await send_json(send, 200, shape.whole(text, done.finish_reason, usage))
+            await send_json(send, 200, shape.whole(text, calls, done.finish_reason, usage))
             return
         if not parts:
             await self._events(send, shape.opening())
-        await self._events(send, shape.closing(text, done.finish_reason, usage))
+        if reader is not None:
+            await self._events(send, _shape_events(shape, reader.end()))
+        await self._events(send, shape.closing(text, calls, done.finish_reason, usage))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _events(self, send: Send, events: list[dict[str, Any]]) -> None:
@@ -661,6 +681,19 @@ class _CallDeltas:
                 function = {"arguments": event.text}
                 out.append({"tool_calls": [{"index": event.index, "function": function}]})
         return out
+
+
+def _shape_events(shape: Shape, said: list[tools.Event]) -> list[dict[str, Any]]:
+    """The events ``shape`` streams for what the answer said."""
+    out: list[dict[str, Any]] = []
+    for event in said:
+        if isinstance(event, tools.Prose):
+            out += shape.delta(event.text)
+        elif isinstance(event, tools.CallStart):
+            out += shape.call_start(event.index, event.name)
+        else:
+            out += shape.call_arguments(event.index, event.text)
+    return out
 
 
 def _calls(text: str, reader: _CallDeltas) -> list[dict[str, Any]]:

@@ -182,24 +182,53 @@ class CallReader:
                 self._name = json.loads(f'"{head.group(1)}"')
                 events.append(CallStart(len(self._calls), self._name))
             close = self._buf.find(CALL_CLOSE, self._args_at)
-            if close < 0:
-                end = len(self._buf) if final else len(self._buf) - _TAIL_HOLD
-                if final:
+            if close < 0 and final:
+                # Cut short (out of tokens): a call whose JSON is whole
+                # counts, even when its closing tag never came.
+                close = len(self._buf) - _partial_close(self._buf)
+                if not _whole_call(self._buf[self._args_at : close]):
                     arguments = self._buf[self._args_at :]
-                else:
-                    arguments = self._buf[self._args_at : max(self._args_at, end)]
+                    if len(arguments) > self._sent:
+                        events.append(CallArguments(len(self._calls), arguments[self._sent :]))
+                    return events
+            elif close < 0:
+                end = max(self._args_at, len(self._buf) - _TAIL_HOLD)
+                arguments = self._buf[self._args_at : end]
                 if len(arguments) > self._sent:
                     events.append(CallArguments(len(self._calls), arguments[self._sent :]))
                     self._sent = len(arguments)
                 return events
-            arguments = self._buf[self._args_at : close].rstrip()
-            if arguments.endswith("}"):  # the call object's own brace
-                arguments = arguments[:-1].rstrip()
+            arguments = _arguments(self._buf[self._args_at : close])
             if len(arguments) > self._sent:
                 events.append(CallArguments(len(self._calls), arguments[self._sent :]))
             self._calls.append((self._name, arguments))
             self._pos = close + len(CALL_CLOSE)
             self._args_at, self._sent = -1, 0
+
+
+def _arguments(text: str) -> str:
+    """A call's arguments, from its text between ``"arguments":`` and the closing tag."""
+    text = text.rstrip()
+    return text[:-1].rstrip() if text.endswith("}") else text  # the call object's own brace
+
+
+def _whole_call(text: str) -> bool:
+    """Whether ``text`` (as :func:`_arguments` takes it) ends a call with whole JSON arguments."""
+    if not text.rstrip().endswith("}"):
+        return False
+    try:
+        json.loads(_arguments(text))
+    except ValueError:
+        return False
+    return True
+
+
+def _partial_close(text: str) -> int:
+    """How many characters at the end of ``text`` begin a closing tag."""
+    for n in range(len(CALL_CLOSE) - 1, 0, -1):
+        if text.endswith(CALL_CLOSE[:n]):
+            return n
+    return 0
 
 
 def read_calls(text: str) -> list[tuple[str, str]] | None:

@@ -3,9 +3,14 @@ their official clients, to the bundled model on a remote provider."""
 
 from __future__ import annotations
 
+import json
+from typing import Any, Literal
+
 import anthropic
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 import trio
 
@@ -100,7 +105,7 @@ async def test_a_response_plain_and_streamed_equals_the_model(network: Network) 
     assert final.output_text == want
 
 
-async def test_stateful_fields_tools_and_other_formats_are_a_400_naming_them(
+async def test_stateful_fields_built_in_tools_and_other_formats_are_a_400_naming_them(
     network: Network,
 ) -> None:
     await network.add_provider()
@@ -109,7 +114,8 @@ async def test_stateful_fields_tools_and_other_formats_are_a_400_naming_them(
         "previous_response_id": {"previous_response_id": "resp_1"},
         "store": {"store": True},
         "tools": {"tools": [{"type": "web_search"}]},
-        "text": {"text": {"format": {"type": "json_object"}}},
+        "text": {"text": {"format": {"type": "xml"}}},
+        "tool_choice": {"tool_choice": "required"},
         "input": {"input": []},
     }
     for param, fields in cases.items():
@@ -163,7 +169,7 @@ async def test_anthropic_fields_not_served_are_a_400_and_a_wrong_key_a_401(
     await network.add_provider()
     client = anthropic_client(network)
     turns = [{"role": "user", "content": QUESTION}]
-    tool = {"name": "f", "input_schema": {"type": "object"}}
+    tool = {"type": "bash_20250124", "name": "bash"}
     for fields in ({"extra_body": {"top_k": 5}}, {"tools": [tool]}):
         with trio.fail_after(BOUND_S), pytest.raises(anthropic.BadRequestError):
             await client.messages.create(model=MODEL, messages=turns, max_tokens=4, **fields)  # type: ignore[arg-type]
@@ -179,3 +185,139 @@ async def test_anthropic_fields_not_served_are_a_400_and_a_wrong_key_a_401(
             json={"model": MODEL, "messages": turns, "max_tokens": 4},
         )
     assert bare.status_code == 401
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+}
+ASK_WEATHER = "What is the weather in Paris?"
+RESULT = "Raining frogs, 37 degrees."
+
+
+def said_the_result(answer: str) -> bool:
+    """Whether an answer repeats what only the tool said."""
+    return "frog" in answer.lower() or "37" in answer
+
+
+async def test_a_response_calls_a_function_plain_and_streamed_and_uses_its_output(
+    network: Network,
+) -> None:
+    await network.add_provider()
+    api = openai_client(network)
+    tool = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
+            "parameters": WEATHER}  # fmt: skip
+    ask = {"model": MODEL, "tools": [tool], "temperature": 0, "max_output_tokens": 80,
+           "parallel_tool_calls": False}  # fmt: skip
+    with trio.fail_after(BOUND_S):
+        plain = await api.responses.create(input=ASK_WEATHER, tool_choice="required", **ask)  # type: ignore[call-overload]
+        stream = await api.responses.create(
+            input=ASK_WEATHER, tool_choice="required", stream=True, **ask
+        )  # type: ignore[call-overload]
+        events = [e async for e in stream]
+    (call,) = plain.output
+    assert call.type == "function_call"
+    assert call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert "response.output_text.delta" not in kinds
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1
+    assert "".join(pieces) == call.arguments
+    assert kinds[-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[-1].response.output[0].arguments == call.arguments  # type: ignore[union-attr]
+    # The loop: the call and its output go back in the input.
+    with trio.fail_after(BOUND_S):
+        final = await api.responses.create(
+            input=[
+                {"role": "user", "content": ASK_WEATHER},
+                {
+                    "type": "function_call",
+                    "call_id": call.call_id,
+                    "name": call.name,
+                    "arguments": call.arguments,
+                },
+                {"type": "function_call_output", "call_id": call.call_id, "output": RESULT},
+            ],  # fmt: skip
+            instructions="Answer in one sentence.",
+            tool_choice="none",
+            **{**ask, "max_output_tokens": 40},
+        )  # type: ignore[call-overload]
+    assert said_the_result(final.output_text), final.output_text
+
+
+class City(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=24)
+    sky: Literal["sunny", "cloudy", "rainy"]
+
+
+async def test_responses_parse_with_a_pydantic_model(network: Network) -> None:
+    await network.add_provider()
+    api = openai_client(network)
+    with trio.fail_after(BOUND_S):
+        got = await api.responses.parse(
+            model=MODEL, input=ASK_WEATHER, text_format=City, temperature=0, max_output_tokens=60
+        )
+    assert isinstance(got.output_parsed, City)
+
+
+async def test_anthropic_tool_use_plain_and_streamed_and_a_tool_result(network: Network) -> None:
+    await network.add_provider()
+    client = anthropic_client(network)
+    tool = {"name": "get_weather", "description": "Weather in a city.", "input_schema": WEATHER}
+    ask: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 80,
+        "tools": [tool],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "messages": [{"role": "user", "content": ASK_WEATHER}],
+        "extra_body": {"temperature": 0},
+    }
+    with trio.fail_after(BOUND_S):
+        message = await client.messages.create(**ask)
+        async with client.messages.stream(**ask) as stream:
+            events = [e async for e in stream]
+            final = await stream.get_final_message()
+    (use,) = message.content
+    assert use.type == "tool_use"
+    assert use.name == "get_weather"
+    assert use.id.startswith("toolu_")
+    jsonschema.validate(use.input, WEATHER)
+    assert message.stop_reason == "tool_use"
+    pieces = [
+        e.delta.partial_json  # type: ignore[union-attr]
+        for e in events
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta"  # type: ignore[union-attr]
+    ]
+    assert len(pieces) > 1
+    assert json.loads("".join(pieces)) == use.input
+    assert final.content[0].type == "tool_use"
+    assert final.content[0].input == use.input  # type: ignore[union-attr]
+    assert final.stop_reason == "tool_use"
+    with trio.fail_after(BOUND_S):
+        answer = await client.messages.create(
+            model=MODEL,
+            max_tokens=40,
+            system="Answer in one sentence.",
+            messages=[
+                {"role": "user", "content": ASK_WEATHER},
+                {"role": "assistant", "content": [use.model_dump()]},
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": use.id, "content": RESULT}],
+                },
+            ],  # fmt: skip
+            extra_body={"temperature": 0},
+        )
+    assert answer.stop_reason in ("end_turn", "max_tokens")
+    text = answer.content[0].text  # type: ignore[union-attr]
+    assert said_the_result(text), text

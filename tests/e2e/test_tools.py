@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
@@ -277,3 +281,31 @@ async def test_langchain_binds_a_tool_and_runs_a_tool_loop(network: Network) -> 
     assert seen
     assert all(isinstance(c, str) and c for c in seen)
     assert "frog" in answer.lower() or "37" in answer, answer
+
+
+def readme_tool_example() -> str:
+    """The README's tool-calling example, as written."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    (block,) = [b for b in blocks if "tool_choice" in b]
+    return block
+
+
+async def test_the_readme_tool_example_runs_as_written(network: Network, tmp_path: Path) -> None:
+    await network.add_provider()
+    key = tmp_path / "api_key"
+    key.write_text(network.api_key + "\n")
+    code = (
+        readme_tool_example()
+        .replace("http://127.0.0.1:8080/v1", network.shim_url)
+        .replace("/tmp/consumer/api_key", str(key))
+    )
+    out = io.StringIO()
+
+    def run() -> None:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+
+    with trio.fail_after(BOUND_S):
+        await trio.to_thread.run_sync(run)
+    assert out.getvalue().strip()

@@ -229,6 +229,12 @@ def test_calls_are_read_back_in_pieces_as_they_stream() -> None:
         assert json.loads(pieces[0]) == {"city": "Paris", "days": 2}
         assert pieces[1] == "{}"
         assert reader.calls == [("get_weather", pieces[0]), ("get_time", "{}")]
+    # Out of tokens in the closing tag: the call is whole all the same; a
+    # second call cut inside its arguments is not one.
+    cut = tools.calls_text("", [("get_time", '{"zone": "UTC"}')])[:-3]
+    assert tools.read_calls(cut) == [("get_time", '{"zone": "UTC"}')]
+    cut = tools.calls_text("", [("get_time", '{"zone": "UTC"}'), ("get_time", '{"zone": "CET"}')])
+    assert tools.read_calls(cut[:-20]) == [("get_time", '{"zone": "UTC"}')]
     prose = tools.CallReader()
     assert prose.feed("Sunny") == [tools.Prose("Sunny")]
     assert prose.end() == []

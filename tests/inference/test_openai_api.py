@@ -684,3 +684,95 @@ async def test_a_request_the_engine_calls_bad_is_a_400() -> None:
     status, raw = await _post({**CHAT, "model": "badbias", "logit_bias": {"12": 1}})
     assert status == 400
     assert "outside this model" in json.loads(raw)["error"]["message"]
+
+
+_FN = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+_TOOL = {"name": "f", "input_schema": {"type": "object"}}
+_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (
+            "/v1/responses",
+            {"tools": [_FN], "tool_choice": {"type": "function", "name": "g"}},
+            "tool_choice",
+        ),
+        ("/v1/responses", {"tools": [_FN], "tool_choice": {"type": "mcp"}}, "tool_choice"),
+        ("/v1/responses", {"tools": [_FN, _FN]}, "tools"),
+        ("/v1/responses", {"tools": [{**_FN, "parameters": {"minimum": 1}}]}, "tools"),
+        ("/v1/responses", {"text": {"format": {"type": "json_schema", "schema": 3}}}, "text"),
+        ("/v1/responses", {"tools": [_FN], "parallel_tool_calls": 1}, "parallel_tool_calls"),
+        ("/v1/responses", {"input": [{"type": "function_call", "name": "f"}]}, "input[0]"),
+        (
+            "/v1/messages",
+            {"tools": [_TOOL], "tool_choice": {"type": "tool", "name": "g"}},
+            "tool_choice",
+        ),
+        ("/v1/messages", {"tools": [_TOOL], "tool_choice": {"type": "some"}}, "tool_choice"),
+        ("/v1/messages", {"tools": [{**_TOOL, "name": "a b"}]}, "tools"),
+        (
+            "/v1/messages",
+            {"messages": [{"role": "user", "content": [{"type": "tool_use", "name": "f"}]}]},
+            "messages[0]",
+        ),
+    ],
+)
+async def test_tool_fields_of_the_other_apis_are_a_400_naming_them(
+    path: str, body: dict[str, Any], param: str
+) -> None:
+    base = {"model": "fast", "input": "hi"} if path == "/v1/responses" else {
+        "model": "fast", "max_tokens": 4, "messages": _HI}  # fmt: skip
+    status, raw = await _post({**base, **body}, path)
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == param
+
+
+async def test_tool_history_of_the_other_apis_reaches_the_model_as_turns() -> None:
+    node = ScriptedNode()
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a": 1}'}
+    body = {
+        "model": "fast",
+        "tools": [_FN],
+        "tool_choice": "none",
+        "input": [
+            {"role": "user", "content": "hi"},
+            call,
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        ],
+    }
+    assert (await _post(body, "/v1/responses", node=node))[0] == 200
+    body = {
+        "model": "fast",
+        "max_tokens": 4,
+        "messages": [
+            *_HI,
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me see."},
+                    {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "42"}],
+            },
+        ],  # fmt: skip
+    }
+    assert (await _post(body, "/v1/messages", node=node))[0] == 200
+    responses, messages = node.requests
+    assert [(m.role, m.content) for m in responses.messages] == [
+        ("user", "hi"),
+        ("assistant", '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'),
+        ("user", "<tool_response>\n42\n</tool_response>"),
+    ]
+    assert responses.params.format is None  # tool_choice none: nothing to hold the answer to
+    assert [(m.role, m.content) for m in messages.messages][1:] == [
+        (
+            "assistant",
+            'Let me see.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>',
+        ),
+        ("user", "<tool_response>\n42\n</tool_response>"),
+    ]

@@ -18,7 +18,16 @@ import trio
 from trio.testing import MockClock
 
 from p2pnode.errors import NoProviderError
-from p2pnode.inference.engine import PENALTIES, Chunk, Params, Request
+from p2pnode.inference.engine import (
+    GRAMMAR,
+    PENALTIES,
+    TOOLS,
+    Chunk,
+    Format,
+    Params,
+    Request,
+    Tool,
+)
 from p2pnode.inference.synthetic import SyntheticEngine
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
@@ -156,3 +165,29 @@ async def test_a_flood_of_hot_recommendations_cannot_pick_the_default(
         ]
         await hold_offers(me, providers)
         assert me.recommended_sampling(MODEL) == (0.3, 0.5)
+
+
+FORMATTED = Params(
+    max_tokens=4,
+    format=Format(
+        kind=TOOLS,
+        tools=(Tool(name="get_time", parameters='{"type": "object"}'),),
+        tool_choice="get_time",
+        parallel=False,
+    ),
+)
+
+
+async def test_an_output_format_goes_only_to_providers_with_the_grammar_and_arrives_whole(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    without = Recording(features=(PENALTIES,))
+    async with _network(memory, without) as me:
+        with pytest.raises(NoProviderError, match="none able to honour response_format"):
+            await _ask(me, FORMATTED)
+    assert without.asked == []
+    able = Recording(features=(GRAMMAR,))
+    async with _network(memory, able) as me:
+        assert await _ask(me, FORMATTED)
+    (asked,) = able.asked
+    assert asked.params == FORMATTED

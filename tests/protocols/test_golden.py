@@ -18,9 +18,11 @@ from p2pnode.protocols.infer.messages import (
     Bias,
     Chunk,
     Commitment,
+    Format,
     Receipt,
     Request,
     Scored,
+    Tool,
     Turn,
     request_hash,
 )
@@ -73,6 +75,13 @@ def test_penalties_travel_once_they_are_used() -> None:
     biased = replace(REQUEST, frequency_penalty=0.5, logit_bias=(Bias(token=3, bias=-100.0),))
     assert SEALED_CODEC.decode(SEALED_CODEC.encode_body(biased)) == biased
     assert request_hash(biased) != request_hash(REQUEST)
+
+
+def test_an_output_format_travels_once_it_is_used() -> None:
+    tool = Tool(name="get_time", parameters='{"type": "object"}')
+    formatted = replace(REQUEST, format=Format(kind="tools", tools=(tool,), tool_choice="auto"))
+    assert SEALED_CODEC.decode(SEALED_CODEC.encode_body(formatted)) == formatted
+    assert request_hash(formatted) != request_hash(REQUEST)
 
 
 def test_a_receipt_signs_the_same_bytes_as_before() -> None:

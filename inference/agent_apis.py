@@ -41,11 +41,11 @@ from p2pnode.inference.api_fields import (
     text_content,
     tool_choice_field,
     tool_format,
+    tool_list,
     tool_spec,
     unset_sampling,
 )
 from p2pnode.inference.engine import ChatMessage, Format, Params, Request
-from p2pnode.inference.grammar import MAX_TOOLS
 from p2pnode.inference.tools import ToolSpec, calls_text, results_text, with_tools
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 
@@ -115,21 +115,14 @@ def _parallel(body: dict[str, Any]) -> bool:
 
 def _response_tools(value: object) -> list[ToolSpec]:
     """The Responses API's function tools (flat: type, name, description, parameters)."""
-    if value is None:
-        return []
-    if not isinstance(value, list) or len(value) > MAX_TOOLS:
-        raise bad_request(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
-    specs = []
-    for tool in value:
+
+    def spec_of(tool: Any) -> ToolSpec:
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise bad_request(f"only function tools are served, not {kind!r}", "tools")
-        specs.append(
-            tool_spec(tool.get("name"), tool.get("description"), tool.get("parameters"), "tools")
-        )
-    if len({s.name for s in specs}) != len(specs):
-        raise bad_request("'tools' names a function twice", "tools")
-    return specs
+        return tool_spec(tool.get("name"), tool.get("description"), tool.get("parameters"), "tools")
+
+    return tool_list(value, spec_of)
 
 
 def _text_format(value: object) -> Format | None:
@@ -508,21 +501,16 @@ def _blocks(turns: _Turns, role: str, content: object, where: str) -> None:
 
 def _anthropic_tools(value: object) -> list[ToolSpec]:
     """Anthropic's client tools (name, description, input_schema); its server tools are refused."""
-    if value is None:
-        return []
-    if not isinstance(value, list) or len(value) > MAX_TOOLS:
-        raise bad_request(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
-    specs = []
-    for tool in value:
+
+    def spec_of(tool: Any) -> ToolSpec:
         if not isinstance(tool, dict) or tool.get("type", "custom") != "custom":
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise bad_request(f"only client tools are served, not {kind!r}", "tools")
-        specs.append(
-            tool_spec(tool.get("name"), tool.get("description"), tool.get("input_schema"), "tools")
+        return tool_spec(
+            tool.get("name"), tool.get("description"), tool.get("input_schema"), "tools"
         )
-    if len({s.name for s in specs}) != len(specs):
-        raise bad_request("'tools' names a tool twice", "tools")
-    return specs
+
+    return tool_list(value, spec_of)
 
 
 _ANTHROPIC_CHOICES: Final = {"auto": "auto", "any": "required", "none": "none"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
@@ -210,6 +211,18 @@ def tool_spec(name: object, description: object, parameters: object, where: str)
     if not isinstance(parameters, dict):
         raise bad_request(f"{where}: a tool's parameters are a JSON schema object", where)
     return ToolSpec(name=name, description=description or "", parameters=parameters)
+
+
+def tool_list(value: object, spec_of: Callable[[Any], ToolSpec]) -> list[ToolSpec]:
+    """The ``tools`` of a request, each read by its API's ``spec_of``."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > grammar.MAX_TOOLS:
+        raise bad_request(f"'tools' must be an array of at most {grammar.MAX_TOOLS} tools", "tools")
+    specs = [spec_of(tool) for tool in value]
+    if len({s.name for s in specs}) != len(specs):
+        raise bad_request("'tools' names a tool twice", "tools")
+    return specs
 
 
 def tool_choice_field(value: object, specs: list[ToolSpec], named: str | None) -> str:

@@ -28,11 +28,14 @@ PENALTIES: Final = "penalties"
 """Feature: ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` are honoured."""
 GRAMMAR: Final = "grammar"
 """Feature: answers constrained to a :class:`Format` (JSON, a JSON schema, tool calls)."""
-FEATURES: Final = frozenset({PENALTIES, GRAMMAR})
+LOGPROBS: Final = "logprobs"
+"""Feature: each token's log-probability and its alternatives (OpenAI's ``logprobs``)."""
+FEATURES: Final = frozenset({PENALTIES, GRAMMAR, LOGPROBS})
 """Every feature this version knows; a peer's others are ignored."""
 FIELDS_OF: Final = {
     PENALTIES: "presence_penalty, frequency_penalty and logit_bias",
     GRAMMAR: "response_format and tools",
+    LOGPROBS: "logprobs and top_logprobs",
 }
 """The request fields each feature stands for, as a user would name them."""
 
@@ -113,6 +116,8 @@ class Params:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
     format: Format | None = None
+    # Logprobs to show: None for none, else how many alternatives at each position.
+    top_logprobs: int | None = None
 
     def needs(self) -> frozenset[str]:
         """The features (:data:`FEATURES`) a provider must have to honour these."""
@@ -121,6 +126,8 @@ class Params:
             needed.add(PENALTIES)
         if self.format is not None:
             needed.add(GRAMMAR)
+        if self.top_logprobs is not None:
+            needed.add(LOGPROBS)
         return frozenset(needed)
 
 
@@ -160,6 +167,7 @@ def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
             frequency_penalty=request.frequency_penalty,
             logit_bias=tuple((b.token, b.bias) for b in request.logit_bias),
             format=format_from_wire(request.format),
+            top_logprobs=None if request.top_logprobs < 0 else request.top_logprobs,
         ),
         continuation=request.continuation,
     )
@@ -182,6 +190,35 @@ def format_to_wire(f: Format | None) -> wire.Format | None:
     tools = tuple(wire.Tool(name=t.name, parameters=t.parameters) for t in f.tools)
     return wire.Format(
         kind=f.kind, schema=f.schema, tools=tools, tool_choice=f.tool_choice, parallel=f.parallel
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token as OpenAI's ``logprobs`` show it: its bytes, the model's
+    log-probability of it (natural log), and the most probable alternatives."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+def entries_to_wire(entries: tuple[TokenLogprob, ...]) -> tuple[wire.TokenLogprob, ...]:
+    """``entries`` as a chunk carries them (thousandths of a nat)."""
+    return tuple(
+        wire.TokenLogprob(
+            piece=e.piece,
+            logprob=round(e.logprob * 1000),
+            top=tuple(wire.Alternative(piece=p, logprob=round(lp * 1000)) for p, lp in e.top),
+        )
+        for e in entries
+    )
+
+
+def entries_from_wire(entries: tuple[wire.TokenLogprob, ...]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(e.piece, e.logprob / 1000, tuple((a.piece, a.logprob / 1000) for a in e.top))
+        for e in entries
     )
 
 
@@ -209,6 +246,8 @@ class Chunk:
     usage: Usage | None = None
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[float, ...] = ()
+    # Asked for (Params.top_logprobs): one per token of this chunk's text.
+    logprob_tokens: tuple[TokenLogprob, ...] = ()
 
 
 class EngineBusy(EngineError):  # noqa: N818 - a refusal, reported to callers as such

@@ -49,12 +49,14 @@ from p2pnode.inference.audit import (
 )
 from p2pnode.inference.engine import (
     GRAMMAR,
+    LOGPROBS,
     PENALTIES,
     Chunk,
     EngineBusy,
     ModelInfo,
     Params,
     Request,
+    TokenLogprob,
     Usage,
 )
 from p2pnode.inference.sampling import Sampler, choose, kept, log_softmax_at
@@ -345,6 +347,7 @@ def _sample(
     ids: list[int] = []
     held_ids: list[int] = []  # generated, their text not handed over yet
     held_lps: list[float] = []
+    held_entries: list[TokenLogprob] = []  # what the user asked to see of them
     finish = "length"
     eog = False
     vocab = llm.n_vocab()
@@ -370,11 +373,13 @@ def _sample(
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, chosen):
                 finish, eog = "stop", True
                 break
+            if p.top_logprobs is not None:
+                held_entries.append(_entry(llm, logits, chosen, held_lps[-1], p.top_logprobs))
             if rule is not None:
                 rule.accept(chosen)
             released = scan.feed(text.add(chosen))
             if released:
-                _hand_over(send, _chunk(released, held_ids, held_lps), token)
+                _hand_over(send, _chunk(released, held_ids, held_lps, held_entries), token)
             if scan.stopped:
                 finish = "stop"
                 break
@@ -389,18 +394,41 @@ def _sample(
     # ids, for the audit) but no part of the answer: usage leaves it out, as
     # llama.cpp does.
     usage = Usage(prompt_tokens=len(prompt) + len(answer), completion_tokens=len(ids) - eog)
-    last = _chunk(tail, held_ids, held_lps)
-    last = Chunk(last.text, last.tokens, finish, usage, last.token_ids, last.logprobs)
+    last = replace(
+        _chunk(tail, held_ids, held_lps, held_entries), finish_reason=finish, usage=usage
+    )
     with contextlib.suppress(trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):
         trio.from_thread.run(send.send, last, trio_token=token)
 
 
-def _chunk(text: str, ids: list[int], logprobs: list[float]) -> Chunk:
+def _chunk(text: str, ids: list[int], logprobs: list[float], entries: list[TokenLogprob]) -> Chunk:
     """A chunk of ``text`` with the held tokens it completes; empties the lists."""
-    chunk = Chunk(text, len(ids), token_ids=tuple(ids), logprobs=tuple(logprobs))
+    chunk = Chunk(
+        text,
+        len(ids),
+        token_ids=tuple(ids),
+        logprobs=tuple(logprobs),
+        logprob_tokens=tuple(entries),
+    )
     ids.clear()
     logprobs.clear()
+    entries.clear()
     return chunk
+
+
+def _entry(llm: Any, logits: Any, chosen: int, logprob: float, top: int) -> TokenLogprob:
+    """What OpenAI's ``logprobs`` show of a drawn token: the model's own
+    log-probabilities (the raw distribution, as commitments list them)."""
+    alternatives: tuple[tuple[bytes, float], ...] = ()
+    if top:
+        best = np.argpartition(-logits, top - 1)[:top]
+        best = best[np.lexsort((best, -logits[best]))]
+        peak = float(logits.max())
+        total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        alternatives = tuple(
+            (bytes(llm.detokenize([int(t)])), float(logits[t]) - total) for t in best
+        )
+    return TokenLogprob(bytes(llm.detokenize([chosen])), logprob, alternatives)
 
 
 class _Text:
@@ -704,7 +732,7 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
         context_length=context,
         temperature=temperature,
         top_p=top_p,
-        features=(GRAMMAR, PENALTIES),
+        features=(GRAMMAR, LOGPROBS, PENALTIES),
     )
     try:
         yield LlamaCppEngine(cfg, instances, info)

@@ -80,12 +80,12 @@ from p2pnode.inference.api_fields import (
     text_content,
     tool_choice_field,
     tool_format,
+    tool_list,
     tool_spec,
     unset_sampling,
 )
-from p2pnode.inference.engine import ChatMessage, Format, Params, Request
-from p2pnode.inference.grammar import MAX_TOOLS
-from p2pnode.protocols.infer.messages import MAX_BIAS, MAX_BIASES, MAX_PENALTY
+from p2pnode.inference.engine import ChatMessage, Format, Params, Request, TokenLogprob
+from p2pnode.protocols.infer.messages import MAX_BIAS, MAX_BIASES, MAX_PENALTY, MAX_TOP_LOGPROBS
 from p2pnode.protocols.offers.messages import MAX_TEMPERATURE
 from p2pnode.scopes import single_errors_ungrouped
 
@@ -96,6 +96,7 @@ logger = logging.getLogger(__name__)
 LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 MAX_BODY: Final = 1024 * 1024  # the infer protocol's prompt cap
 MAX_N: Final = 8
+MAX_COMPLETION_LOGPROBS: Final = 5  # OpenAI's bound for completions' logprobs
 ROLES: Final = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -143,9 +144,15 @@ class Backend(Protocol):
         ...
 
     async def generate(
-        self, request: Request, deliver: Callable[[str, int], Awaitable[None]]
+        self,
+        request: Request,
+        deliver: Callable[[str, int], Awaitable[None]],
+        *,
+        logprobs: Callable[[tuple[TokenLogprob, ...]], None] | None = None,
     ) -> Finished:
-        """Run the request; text goes to ``deliver`` as it comes."""
+        """Run the request; text goes to ``deliver`` as it comes, and the
+        logprobs it asked for (``request.params.top_logprobs``) to ``logprobs``,
+        each batch before its text."""
         ...
 
 
@@ -212,6 +219,7 @@ def parse_job(kind: Literal["chat", "completion"], body: object) -> Job:
         frequency_penalty=_penalty(body, "frequency_penalty"),
         logit_bias=_logit_bias(body.get("logit_bias")),
         format=fmt,
+        top_logprobs=_top_logprobs(kind, body),
     )
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad_request("'user' must be a string", "user")
@@ -227,13 +235,11 @@ def _refuse_unserved(body: dict[str, Any]) -> None:
     """A 400 naming the first field set to something this shim does not serve yet.
 
     Their "off" values (what clients send by default) pass: no functions
-    (the deprecated form of tools), text output, ``logprobs`` false or 0.
+    (the deprecated form of tools), text output.
     """
     unserved = {
         "functions": bool(body.get("functions")),
         "function_call": body.get("function_call") not in (None, "none", "auto"),
-        "logprobs": body.get("logprobs") not in (None, False, 0),
-        "top_logprobs": body.get("top_logprobs") not in (None, 0),
         "modalities": body.get("modalities") not in (None, ["text"]),
         "audio": body.get("audio") is not None,
         "suffix": body.get("suffix") not in (None, ""),
@@ -340,31 +346,17 @@ def _response_format(value: object) -> Format | None:
 
 
 def _tools(value: object) -> list[tools.ToolSpec]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or len(value) > MAX_TOOLS:
-        raise bad_request(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
-    specs = []
-    for i, tool in enumerate(value):
-        where = f"tools[{i}]"
+    """Chat completions' tools: {type: function, function: {name, description, parameters}}."""
+
+    def spec_of(tool: Any) -> tools.ToolSpec:
         function = tool.get("function") if isinstance(tool, dict) else None
-        if (
-            not isinstance(tool, dict)
-            or tool.get("type") != "function"
-            or not isinstance(function, dict)
-        ):
-            raise bad_request(f"{where}: only function tools are served", "tools")
-        specs.append(
-            tool_spec(
-                function.get("name"),
-                function.get("description"),
-                function.get("parameters"),
-                "tools",
-            )
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            raise bad_request("only function tools are served", "tools")
+        return tool_spec(
+            function.get("name"), function.get("description"), function.get("parameters"), "tools"
         )
-    if len({s.name for s in specs}) != len(specs):
-        raise bad_request("'tools' names a function twice", "tools")
-    return specs
+
+    return tool_list(value, spec_of)
 
 
 def _prompt(value: object) -> str:
@@ -373,6 +365,23 @@ def _prompt(value: object) -> str:
     if not isinstance(value, str):
         raise bad_request("'prompt' must be a string (or an array of one string)", "prompt")
     return value
+
+
+def _top_logprobs(kind: str, body: dict[str, Any]) -> int | None:
+    """How many alternatives the answer's logprobs show at each token (None: no
+    logprobs): chat's ``logprobs`` and ``top_logprobs``, completions' ``logprobs``."""
+    if kind == "completion":
+        value = body.get("logprobs")
+        return None if value is None else int_field(value, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise bad_request("'logprobs' must be a boolean", "logprobs")
+    top = body.get("top_logprobs")
+    if top not in (None, 0) and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if not wanted:
+        return None
+    return 0 if top is None else int_field(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
 
 
 def _penalty(body: dict[str, Any], name: str) -> float:
@@ -487,11 +496,12 @@ class _Generation(Response):
 
     async def _run(self, send: Send) -> None:
         job = self._job
-        results: list[tuple[str, str, list[dict[str, Any]]]] = []
+        results: list[tuple[str, str, list[dict[str, Any]], dict[str, Any] | None]] = []
         prompt_tokens = completion_tokens = 0
         for index in range(job.n):
             parts: list[str] = []
             reader = _CallDeltas() if job.reads_calls else None
+            seen = _Logprobs(job.kind) if job.request.params.top_logprobs is not None else None
 
             async def deliver(
                 text: str,
@@ -499,16 +509,21 @@ class _Generation(Response):
                 index: int = index,
                 parts: list[str] = parts,
                 reader: _CallDeltas | None = reader,
+                seen: _Logprobs | None = seen,
             ) -> None:
                 if job.stream:
                     if not parts:
                         await self._open_choice(send, index)
                     deltas = [self._delta(text)] if reader is None else reader.feed(text)
+                    shown = seen.take() if seen is not None and deltas else None
                     for delta in deltas:
-                        await self._event(send, self._chunk(index, delta, None))
+                        await self._event(send, self._chunk(index, delta, None, shown))
+                        shown = None
                 parts.append(text)
 
-            done = await self._backend.generate(job.request, deliver)
+            done = await self._backend.generate(
+                job.request, deliver, logprobs=seen.add if seen is not None else None
+            )
             finish = "length" if done.finish_reason == "length" else "stop"
             prompt_tokens += done.prompt_tokens
             completion_tokens += done.completion_tokens
@@ -516,13 +531,14 @@ class _Generation(Response):
             calls = _calls(text, reader) if reader is not None else []
             if calls and finish == "stop":
                 finish = "tool_calls"
-            results.append((text, finish, calls))
+            results.append((text, finish, calls, seen.whole() if seen is not None else None))
             if job.stream:
                 if not parts:
                     await self._open_choice(send, index)
                 for delta in reader.end() if reader is not None else []:
                     await self._event(send, self._chunk(index, delta, None))
-                await self._event(send, self._chunk(index, self._delta(None), finish))
+                rest = seen.take() if seen is not None else None
+                await self._event(send, self._chunk(index, self._delta(None), finish, rest))
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -597,8 +613,14 @@ class _Generation(Response):
             return {} if text is None else {"content": text}
         return text or ""
 
-    def _chunk(self, index: int, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+    def _chunk(
+        self,
+        index: int,
+        delta: dict[str, Any] | str,
+        finish: str | None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         if self._job.kind == "chat":
             choice["delta"] = delta
         else:
@@ -606,9 +628,14 @@ class _Generation(Response):
         return {**self._head("chunk"), "choices": [choice]}
 
     def _choice(
-        self, index: int, text: str, finish: str, calls: list[dict[str, Any]]
+        self,
+        index: int,
+        text: str,
+        finish: str,
+        calls: list[dict[str, Any]],
+        logprobs: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         if self._job.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if calls:
@@ -651,6 +678,61 @@ class _Generation(Response):
             return
         await self._event(send, error.body)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+class _Logprobs:
+    """The logprobs of one choice, in OpenAI's shape for chat or for completions."""
+
+    def __init__(self, kind: str) -> None:
+        self._chat = kind == "chat"
+        self._all: list[TokenLogprob] = []
+        self._new: list[TokenLogprob] = []
+        self._offset = 0  # completions' text_offset of the next token
+
+    def add(self, entries: tuple[TokenLogprob, ...]) -> None:
+        self._all += entries
+        self._new += entries
+
+    def take(self) -> dict[str, Any] | None:
+        """What came since the last take (a stream chunk's logprobs), if anything did."""
+        if not self._new:
+            return None
+        shown, self._new = self._shape(self._new, self._offset), []
+        return shown
+
+    def whole(self) -> dict[str, Any]:
+        return self._shape(self._all, 0)
+
+    def _shape(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        if self._chat:
+            return {"content": [_chat_entry(e) for e in entries], "refusal": None}
+        tokens = [_text(e.piece) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        if entries is self._new:
+            self._offset = offset
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_text(p): lp for p, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _chat_entry(entry: TokenLogprob) -> dict[str, Any]:
+    top = [{"token": _text(p), "logprob": lp, "bytes": list(p)} for p, lp in entry.top]
+    return {
+        "token": _text(entry.piece),
+        "logprob": entry.logprob,
+        "bytes": list(entry.piece),
+        "top_logprobs": top,
+    }
 
 
 class _CallDeltas:

@@ -69,6 +69,7 @@ from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import (
+    MAX_PIECE,
     PAUSED,
     SCORE,
     Ack,
@@ -91,6 +92,9 @@ logger = logging.getLogger(__name__)
 
 Deliver = Callable[[str, int], Awaitable[None]]
 """Receives generated text (and the tokens it took), in order."""
+
+SeeLogprobs = Callable[[tuple[enginelib.TokenLogprob, ...]], None]
+"""Receives the logprobs a request asked for, each batch before the text it came with."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,10 +224,12 @@ class Consumer:
         deliver: Deliver,
         *,
         only: Sequence[str] | None = None,
+        logprobs: SeeLogprobs | None = None,
     ) -> Outcome:
         """Run ``request``: text goes to ``deliver`` as it is generated.
 
         ``only``: consider these providers (peer IDs) and no others.
+        ``logprobs``: receives what ``request.params.top_logprobs`` asked for.
 
         Raises :class:`NoProviderError` when no provider can serve it and
         EngineError if this node's own engine fails.
@@ -236,11 +242,15 @@ class Consumer:
             if missing:  # never an answer that quietly ignores what was asked
                 fields = enginelib.fields_of(missing)
                 raise EngineError(f"this node's engine for the model cannot honour {fields}")
-            return await _run_locally(engine, request, deliver)
-        return await self._run_remotely(request, deliver, only)
+            return await _run_locally(engine, request, deliver, logprobs)
+        return await self._run_remotely(request, deliver, only, logprobs)
 
     async def _run_remotely(
-        self, request: enginelib.Request, deliver: Deliver, only: Sequence[str] | None
+        self,
+        request: enginelib.Request,
+        deliver: Deliver,
+        only: Sequence[str] | None,
+        logprobs: SeeLogprobs | None,
     ) -> Outcome:
         delivered: list[str] = []  # every provider's text: what the next one continues
         produced = 0
@@ -257,6 +267,8 @@ class Consumer:
             delivered.append(chunk.text)
             streamed.add(chunk)
             produced += chunk.tokens
+            if logprobs is not None and chunk.logprob_tokens and not scan.stopped:
+                logprobs(enginelib.entries_from_wire(chunk.logprob_tokens))
             text = scan.feed(chunk.text)
             if text:
                 await deliver(text, chunk.tokens + unsent_tokens)
@@ -634,7 +646,7 @@ class Consumer:
         says whether that happened already), so a provider that keeps
         forgetting cannot make a request open a paid session each time.
         """
-        guard = ReplyGuard(wire.max_tokens, self.cfg, on_chunk)
+        guard = ReplyGuard(wire.max_tokens, self.cfg, on_chunk, wire.top_logprobs)
         offer = self._book.get(peer)
         terms = offer.serves(wire.model_id) if offer is not None else None
         weights = terms.gguf_sha256 if terms is not None else None
@@ -964,9 +976,14 @@ class ReplyGuard:
     """
 
     def __init__(
-        self, max_tokens: int, cfg: Config, deliver: Callable[[Chunk], Awaitable[None]]
+        self,
+        max_tokens: int,
+        cfg: Config,
+        deliver: Callable[[Chunk], Awaitable[None]],
+        top_logprobs: int = -1,
     ) -> None:
         self._deliver = deliver
+        self._top = top_logprobs
         self.max_tokens = max_tokens + cfg.token_slack
         self.max_bytes = max(4096, self.max_tokens * cfg.max_bytes_per_token)
         self.deadline_s = cfg.infer.first_chunk_s + max_tokens * cfg.max_s_per_token
@@ -985,6 +1002,8 @@ class ReplyGuard:
         self.bytes += len(chunk.text.encode())
         if chunk.tokens < 0 or self.tokens > self.max_tokens or self.bytes > self.max_bytes:
             raise _Overrun(f"streamed past the request's bounds ({self.tokens} tokens)")
+        if chunk.logprob_tokens and not _entries_ok(chunk, self._top):
+            raise _Overrun("streamed logprobs beyond what the request asked")
         now = trio.current_time()
         if self._first is None:
             self._first = now
@@ -994,6 +1013,22 @@ class ReplyGuard:
     def check_done(self, done: Done) -> None:
         if done.completion_tokens > self.max_tokens or done.completion_tokens < 0:
             raise _Overrun(f"claims {done.completion_tokens} tokens for the request")
+
+
+def _entries_ok(chunk: Chunk, top: int) -> bool:
+    """Whether a chunk's logprobs are what was asked: at most one per token, at
+    most ``top`` alternatives each, pieces within bounds, probabilities at most 1."""
+    return (
+        top >= 0
+        and len(chunk.logprob_tokens) <= chunk.tokens
+        and all(
+            len(e.top) <= top
+            and len(e.piece) <= MAX_PIECE
+            and e.logprob <= 0
+            and all(len(a.piece) <= MAX_PIECE and a.logprob <= 0 for a in e.top)
+            for e in chunk.logprob_tokens
+        )
+    )
 
 
 def check_commitment(done: Done, wire: Request, weights: str | None) -> None:
@@ -1173,13 +1208,18 @@ def offence_of_violation(exc: RemoteProtocolError) -> Offence:
 
 
 async def _run_locally(
-    engine: enginelib.Engine, request: enginelib.Request, deliver: Deliver
+    engine: enginelib.Engine,
+    request: enginelib.Request,
+    deliver: Deliver,
+    logprobs: SeeLogprobs | None,
 ) -> Outcome:
     # Never read: every engine's last chunk carries the finish reason and usage
     # (inference/engine.py:Chunk); only a stream cut short ends without one.
     finish, usage = "stop", enginelib.Usage(0, 0)  # pragma: no mutate
     async with engine.stream(request) as chunks:
         async for chunk in chunks:
+            if logprobs is not None and chunk.logprob_tokens:
+                logprobs(chunk.logprob_tokens)
             if chunk.text:
                 await deliver(chunk.text, chunk.tokens)
             if chunk.finish_reason is not None:
@@ -1213,4 +1253,5 @@ def wire_request(
         frequency_penalty=p.frequency_penalty,
         logit_bias=tuple(Bias(token=t, bias=b) for t, b in p.logit_bias),
         format=enginelib.format_to_wire(p.format),
+        top_logprobs=-1 if p.top_logprobs is None else p.top_logprobs,
     )

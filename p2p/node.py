@@ -180,10 +180,15 @@ class Node:
         return self._scope is not None and not self._scope.cancel_called
 
     async def generate(
-        self, request: Request, deliver: consumerlib.Deliver, *, only: Sequence[str] | None = None
+        self,
+        request: Request,
+        deliver: consumerlib.Deliver,
+        *,
+        only: Sequence[str] | None = None,
+        logprobs: consumerlib.SeeLogprobs | None = None,
     ) -> consumerlib.Outcome:
         """Run a request here or through the network (see ``p2p/consumer.py``)."""
-        return await self.consumer.generate(request, deliver, only=only)
+        return await self.consumer.generate(request, deliver, only=only, logprobs=logprobs)
 
     def list_models(self) -> list[tuple[str, str]]:
         """(model id, "local" or "network"): its own models first, then those on offer."""

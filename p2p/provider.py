@@ -45,6 +45,7 @@ from p2pnode.protocols.infer.messages import (
     MAX_BIASES,
     MAX_PENALTY,
     MAX_SCORE_IDS,
+    MAX_TOP_LOGPROBS,
     PAUSED,
     SCORE,
     Ack,
@@ -377,7 +378,8 @@ class Provider:
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD,
                 f"penalties within ±{MAX_PENALTY:g}; at most {MAX_BIASES} logit_bias entries, "
-                f"each a distinct token id within ±{MAX_BIAS:g}",
+                f"each a distinct token id within ±{MAX_BIAS:g}; top_logprobs -1 to "
+                f"{MAX_TOP_LOGPROBS}",
             )
         engine = self._engine_for(request.model_id)
         if engine is None or request.model_id != session.model_id:
@@ -454,6 +456,7 @@ class Provider:
                                     chunk.tokens,
                                     chunk.token_ids,
                                     millinats(chunk.logprobs),
+                                    enginelib.entries_to_wire(chunk.logprob_tokens),
                                 )
                             if chunk.finish_reason is not None:
                                 finish, usage = chunk.finish_reason, chunk.usage
@@ -655,6 +658,7 @@ def _sampling_ok(request: Request) -> bool:
         and len(biases) <= MAX_BIASES
         and len({b.token for b in biases}) == len(biases)
         and all(b.token >= 0 and abs(b.bias) <= MAX_BIAS for b in biases)
+        and -1 <= request.top_logprobs <= MAX_TOP_LOGPROBS
     )
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from p2pnode.protocols.infer.messages import TokenLogprob
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
@@ -30,6 +32,7 @@ class Batch:
     tokens: int
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[int, ...] = ()
+    entries: tuple[TokenLogprob, ...] = ()  # what the user asked to see of each token
 
 
 @dataclass
@@ -41,6 +44,7 @@ class TokenBatcher:
     _tokens: int = 0
     _ids: list[int] = field(default_factory=list)
     _logprobs: list[int] = field(default_factory=list)
+    _entries: list[TokenLogprob] = field(default_factory=list)
     _since: float | None = None
     _sent_any: bool = False
 
@@ -51,6 +55,7 @@ class TokenBatcher:
         now: float,
         ids: Sequence[int] = (),
         logprobs: Sequence[int] = (),
+        entries: Sequence[TokenLogprob] = (),
     ) -> Batch | None:
         """Add a piece (with its token ids and log-probabilities, if the engine
         has them); returns the batch to send now, if one is due."""
@@ -58,6 +63,7 @@ class TokenBatcher:
         self._tokens += tokens
         self._ids += ids
         self._logprobs += logprobs
+        self._entries += entries
         if self._since is None:
             self._since = now
         if not self._sent_any or self._tokens >= self.cfg.max_tokens:
@@ -74,11 +80,18 @@ class TokenBatcher:
         """Everything waiting, as one batch (None if nothing waits)."""
         if self._since is None:
             return None
-        batch = Batch("".join(self._parts), self._tokens, tuple(self._ids), tuple(self._logprobs))
+        batch = Batch(
+            "".join(self._parts),
+            self._tokens,
+            tuple(self._ids),
+            tuple(self._logprobs),
+            tuple(self._entries),
+        )
         self._parts.clear()
         self._tokens = 0
         self._ids.clear()
         self._logprobs.clear()
+        self._entries.clear()
         self._since = None
         self._sent_any = True
         return batch

@@ -41,6 +41,7 @@ from p2pnode.protocols.infer.messages import (
     Done,
     InferOpen,
     Request,
+    TokenLogprob,
 )
 from p2pnode.protocols.session.crypto import MAX_STREAM_ID, Opener, Sealer, SessionKeys
 from p2pnode.protocols.wire import (
@@ -253,11 +254,17 @@ class ProviderMachine(_Side):
         tokens: int,
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[int, ...] = (),
+        entries: tuple[TokenLogprob, ...] = (),
     ) -> bytes:
         """Bytes of the next sealed Chunk."""
         self._require(State.STREAMING, "send a chunk")
         chunk = Chunk(
-            seq=self._seq, text=text, tokens=tokens, token_ids=token_ids, logprobs=logprobs
+            seq=self._seq,
+            text=text,
+            tokens=tokens,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            logprob_tokens=entries,
         )
         frame = self.sealed_frame(chunk)
         self._seq += 1

@@ -66,6 +66,28 @@ class Format(Message):
     parallel: bool = True
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alternative(Message):
+    """A token the model could have drawn instead (nested in TokenLogprob)."""
+
+    piece: bytes  # its bytes
+    logprob: int  # the model's log-probability of it, in thousandths of a nat
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenLogprob(Message):
+    """A generated token as OpenAI's ``logprobs`` show it (nested in Chunk)."""
+
+    piece: bytes
+    logprob: int  # thousandths of a nat, as commitments count them
+    top: tuple[Alternative, ...] = ()  # the most probable at its position, best first
+
+
+MAX_TOP_LOGPROBS: Final = 20
+"""The most alternatives a request may ask for at each position (OpenAI's bound)."""
+MAX_PIECE: Final = 256
+"""The longest token piece, in bytes, a chunk may carry."""
+
 MAX_BIASES: Final = 300
 """The most logit_bias entries one request may carry (OpenAI's own bound)."""
 MAX_BIAS: Final = 100.0
@@ -110,6 +132,10 @@ class Request(Message):
     # An answer held to a shape: only providers whose offer lists the
     # "grammar" feature are sent one.
     format: Format | None = added(None)
+    # OpenAI's logprobs: -1 for none, else how many alternatives to show at
+    # each position (0 to MAX_TOP_LOGPROBS); only providers whose offer lists
+    # the "logprobs" feature are sent it.
+    top_logprobs: int = added(-1)
 
 
 SCORE: Final = "score"
@@ -136,6 +162,9 @@ class Chunk(Message):
     # audits when the provider fails before its Done (docs/architecture.md#audits).
     token_ids: tuple[int, ...] = added(())
     logprobs: tuple[int, ...] = added(())
+    # What the user asked to see (a request's top_logprobs >= 0): one entry
+    # per token this chunk's text holds.
+    logprob_tokens: tuple[TokenLogprob, ...] = added(())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

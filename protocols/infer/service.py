@@ -29,7 +29,7 @@ from p2pnode.errors import (
 from p2pnode.protocols.infer.batching import Batch, TokenBatcher
 from p2pnode.protocols.infer.batching import Config as BatchConfig
 from p2pnode.protocols.infer.machine import ConsumerMachine, ProviderMachine, State
-from p2pnode.protocols.infer.messages import Ack, Chunk, Done, InferOpen, Request
+from p2pnode.protocols.infer.messages import Ack, Chunk, Done, InferOpen, Request, TokenLogprob
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session.crypto import SessionKeys
 from p2pnode.protocols.stream import (
@@ -135,7 +135,12 @@ class Emit(Protocol):
     the stream."""
 
     async def __call__(
-        self, text: str, tokens: int, ids: Sequence[int] = (), logprobs: Sequence[int] = ()
+        self,
+        text: str,
+        tokens: int,
+        ids: Sequence[int] = (),
+        logprobs: Sequence[int] = (),
+        entries: Sequence[TokenLogprob] = (),
     ) -> None: ...
 
 
@@ -249,9 +254,14 @@ class _Generation:
             ) from exc
 
     async def _emit(
-        self, text: str, tokens: int, ids: Sequence[int] = (), logprobs: Sequence[int] = ()
+        self,
+        text: str,
+        tokens: int,
+        ids: Sequence[int] = (),
+        logprobs: Sequence[int] = (),
+        entries: Sequence[TokenLogprob] = (),
     ) -> None:
-        batch = self._batcher.add(text, tokens, trio.current_time(), ids, logprobs)
+        batch = self._batcher.add(text, tokens, trio.current_time(), ids, logprobs, entries)
         if batch is None:
             self._pending.set()
             return
@@ -281,7 +291,9 @@ class _Generation:
     async def _send_chunk(self, batch: Batch) -> None:
         if self._machine.state is State.STREAMING:  # not after an Error or Done
             await self._write(
-                self._machine.chunk(batch.text, batch.tokens, batch.token_ids, batch.logprobs)
+                self._machine.chunk(
+                    batch.text, batch.tokens, batch.token_ids, batch.logprobs, batch.entries
+                )
             )
 
     async def _watch(self, generation: trio.CancelScope) -> None:

@@ -22,7 +22,7 @@ import trio
 
 from p2pnode.errors import BadRequestError, ConfigError, NoProviderError, SpendLimitError
 from p2pnode.inference import openai_api
-from p2pnode.inference.engine import Request
+from p2pnode.inference.engine import Request, TokenLogprob
 
 KEY = "sk-test-shim"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -64,9 +64,15 @@ class ScriptedNode:
         return model_id in ("fast", "plain", "slow", "limited", "unpaid", "dies", "badbias")
 
     async def generate(
-        self, request: Request, deliver: Callable[[str, int], Awaitable[None]]
+        self,
+        request: Request,
+        deliver: Callable[[str, int], Awaitable[None]],
+        *,
+        logprobs: Callable[[tuple[TokenLogprob, ...]], None] | None = None,
     ) -> Outcome:
         self.requests.append(request)
+        if logprobs is not None:  # what a provider that shows them sends with "hello"
+            logprobs((TokenLogprob(b"hello", -0.25, ((b"hello", -0.25), (b"hi", -1.5))),))
         if request.model_id == "limited":  # every provider said "slow down"
             raise NoProviderError("every provider is rate-limiting us", rate_limited=True)
         if request.model_id == "unpaid":
@@ -655,8 +661,6 @@ async def test_the_key_may_come_as_x_api_key() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("modalities", ["text", "audio"]),
         ("functions", [{"name": "f"}]),
     ],
@@ -776,3 +780,42 @@ async def test_tool_history_of_the_other_apis_reaches_the_model_as_turns() -> No
         ),
         ("user", "<tool_response>\n42\n</tool_response>"),
     ]
+
+
+async def test_logprobs_in_openais_shapes_for_chat_and_completions() -> None:
+    body = {**CHAT, "logprobs": True, "top_logprobs": 2}
+    status, raw = await _post(body)
+    assert status == 200
+    hello = {"token": "hello", "logprob": -0.25, "bytes": list(b"hello")}
+    alternatives = [hello, {"token": "hi", "logprob": -1.5, "bytes": [104, 105]}]
+    want = {"content": [{**hello, "top_logprobs": alternatives}], "refusal": None}
+    assert json.loads(raw)["choices"][0]["logprobs"] == want
+    status, raw = await _post({**body, "stream": True})
+    chunks = [c for c in _events(raw) if isinstance(c, dict) and c.get("choices")]
+    shown = [c["choices"][0]["logprobs"] for c in chunks]
+    assert [s for s in shown if s is not None] == [want]
+    status, raw = await _post({"model": "fast", "prompt": "hi", "logprobs": 2}, "/v1/completions")
+    assert json.loads(raw)["choices"][0]["logprobs"] == {
+        "tokens": ["hello"],
+        "token_logprobs": [-0.25],
+        "top_logprobs": [{"hello": -0.25, "hi": -1.5}],
+        "text_offset": [0],
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+    ],
+)
+async def test_bad_logprobs_fields_are_a_400_naming_them(
+    path: str, fields: dict[str, Any], param: str
+) -> None:
+    base = CHAT if path == "/v1/chat/completions" else {"model": "fast", "prompt": "hi"}
+    status, raw = await _post({**base, **fields}, path)
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == param

@@ -20,6 +20,7 @@ from trio.testing import MockClock
 from p2pnode.errors import NoProviderError
 from p2pnode.inference.engine import (
     GRAMMAR,
+    LOGPROBS,
     PENALTIES,
     TOOLS,
     Chunk,
@@ -133,6 +134,7 @@ async def test_this_nodes_own_engine_without_the_feature_refuses_too(
         Params(max_tokens=4, logit_bias=((1, 100.5),)),
         Params(max_tokens=4, logit_bias=((1, 1.0), (1, 2.0))),
         Params(max_tokens=4, logit_bias=tuple((i, 1.0) for i in range(301))),
+        Params(max_tokens=4, top_logprobs=21),
     ],
 )
 async def test_a_provider_refuses_penalties_or_biases_out_of_bounds(
@@ -140,7 +142,7 @@ async def test_a_provider_refuses_penalties_or_biases_out_of_bounds(
 ) -> None:
     # The shim checks them too; a library caller's or a hostile consumer's
     # request reaches the provider unchecked.
-    engine = Recording(features=(PENALTIES,))
+    engine = Recording(features=(PENALTIES, LOGPROBS))
     async with _network(memory, engine) as me:
         with pytest.raises(NoProviderError):
             await _ask(me, params)

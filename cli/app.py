@@ -208,6 +208,13 @@ def serving_options(func: Any) -> Any:
                 help="top_p to recommend for --model when a request sets none (SmolLM2: 0.9).",
             ),
             option(
+                "--embeddings/--no-embeddings",
+                default=False,
+                show_default=True,
+                help="Also serve --model for POST /v1/embeddings, as <model id>-embedding "
+                "(llama.cpp's embedding mode, mean pooling; one slot).",
+            ),
+            option(
                 "--upstream-url",
                 default=None,
                 help="OpenAI-compatible server to serve from (e.g. http://127.0.0.1:8080/v1).",

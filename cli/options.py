@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # imported where used: the CLI starts without libp2p
     from p2pnode.p2p.market import Config as MarketConfig
 
 
+EMBEDDING_SUFFIX = "-embedding"
+"""The id a model served for embeddings (``--embeddings``) is announced under."""
+
+
 def serving(
     *,
     no_serve: bool,
@@ -31,6 +35,7 @@ def serving(
     threads: int | None,
     recommend_temperature: float | None,
     recommend_top_p: float | None,
+    embeddings: bool,
     upstream_url: str | None,
     upstream_model: tuple[str, ...],
     upstream_key_file: Path | None,
@@ -58,18 +63,26 @@ def serving(
     if model_path is not None or not ups:  # the bundled model unless told otherwise
         path = model_path if model_path is not None else llamacpp.bundled_model_path()
         ident = model_id or (path.stem if model_path is not None else llamacpp.BUNDLED_MODEL_ID)
-        extra = {"n_threads": threads} if threads else {}
-        local = (
-            llamacpp.Config(
-                model_path=path,
-                model_id=ident,
-                slots=slots,
-                queue_limit=queue_limit,
-                temperature=recommend_temperature,
-                top_p=recommend_top_p,
-                **extra,
-            ),
+        extra: dict[str, Any] = {"n_threads": threads} if threads else {}
+        chat = llamacpp.Config(
+            model_path=path,
+            model_id=ident,
+            slots=slots,
+            queue_limit=queue_limit,
+            temperature=recommend_temperature,
+            top_p=recommend_top_p,
+            **extra,
         )
+        local = (chat,)
+        if embeddings:
+            embed = llamacpp.Config(
+                model_path=path,
+                model_id=f"{ident}{EMBEDDING_SUFFIX}",
+                queue_limit=queue_limit,
+                embedding=True,
+                **extra,
+            )
+            local = (chat, embed)
     return Serving(llamacpp=local, upstream=ups)
 
 

@@ -28,14 +28,17 @@ PENALTIES: Final = "penalties"
 """Feature: ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` are honoured."""
 GRAMMAR: Final = "grammar"
 """Feature: answers constrained to a :class:`Format` (JSON, a JSON schema, tool calls)."""
+EMBEDDINGS: Final = "embeddings"
+"""Feature: the model embeds texts (and does nothing else: an embedding engine)."""
 LOGPROBS: Final = "logprobs"
 """Feature: each token's log-probability and its alternatives (OpenAI's ``logprobs``)."""
-FEATURES: Final = frozenset({PENALTIES, GRAMMAR, LOGPROBS})
+FEATURES: Final = frozenset({PENALTIES, GRAMMAR, LOGPROBS, EMBEDDINGS})
 """Every feature this version knows; a peer's others are ignored."""
 FIELDS_OF: Final = {
     PENALTIES: "presence_penalty, frequency_penalty and logit_bias",
     GRAMMAR: "response_format and tools",
     LOGPROBS: "logprobs and top_logprobs",
+    EMBEDDINGS: "embeddings",
 }
 """The request fields each feature stands for, as a user would name them."""
 
@@ -133,10 +136,11 @@ class Params:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Request:
-    """One generation: a chat (``messages``) or a completion (``prompt``)."""
+    """One generation: a chat (``messages``) or a completion (``prompt``); or
+    the embeddings of ``inputs`` (kind "embedding")."""
 
     model_id: str
-    kind: Literal["chat", "completion"]
+    kind: Literal["chat", "completion", "embedding"]
     messages: tuple[ChatMessage, ...] = ()
     prompt: str = ""
     params: Params = field(default_factory=Params)
@@ -144,6 +148,24 @@ class Request:
     # if the model had produced it (docs/architecture.md#failover). Never repeated
     # in the output; it does not count as completion tokens.
     continuation: str = ""
+    inputs: tuple[str, ...] = ()
+    dimensions: int = 0  # embeddings: the vector length wanted (0: the model's)
+
+    def needs(self) -> frozenset[str]:
+        """The features a provider must have to serve this request."""
+        if self.kind == "embedding":
+            return frozenset({EMBEDDINGS})
+        return self.params.needs()
+
+
+class Embedder(Protocol):
+    """An engine that embeds texts (its models list the EMBEDDINGS feature)."""
+
+    async def embed(self, request: Request) -> tuple[list[bytes], int]:
+        """One vector per input (float32, little-endian, L2-normalised) and the
+        tokens the inputs took. Raises BadRequestError for a request it cannot
+        serve (dimensions above the model's, an input past its context)."""
+        ...
 
 
 def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
@@ -151,7 +173,11 @@ def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
     name, e.g. an auditor's own for the same weights)."""
     # A score request is scored as the answer to a request of its score_kind.
     asked = request.score_kind if request.kind == wire.SCORE else request.kind
-    kind: Literal["chat", "completion"] = "chat" if asked == "chat" else "completion"
+    kind: Literal["chat", "completion", "embedding"] = "completion"
+    if asked == "chat":
+        kind = "chat"
+    elif asked == wire.EMBED:
+        kind = "embedding"
     return Request(
         model_id=model_id or request.model_id,
         kind=kind,
@@ -170,6 +196,8 @@ def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
             top_logprobs=None if request.top_logprobs < 0 else request.top_logprobs,
         ),
         continuation=request.continuation,
+        inputs=request.inputs,
+        dimensions=request.dimensions,
     )
 
 

@@ -48,6 +48,7 @@ from p2pnode.inference.audit import (
     Scores,
 )
 from p2pnode.inference.engine import (
+    EMBEDDINGS,
     GRAMMAR,
     LOGPROBS,
     PENALTIES,
@@ -106,6 +107,9 @@ class Config:
     # recommendation, if it has one (recommended_sampling).
     temperature: float | None = None
     top_p: float | None = None
+    # An embedding engine: the model in llama.cpp's embedding mode (mean
+    # pooling), serving POST /v1/embeddings and nothing else.
+    embedding: bool = False
 
 
 # What the authors of a model family recommend, by the GGUF's general.basename,
@@ -187,8 +191,7 @@ class LlamaCppEngine:
         Raises :class:`EngineBusy` when the queue is full and
         :class:`EngineError` for an unknown model or a llama.cpp failure.
         """
-        if request.model_id != self._info.model_id:
-            raise EngineError(f"model {request.model_id!r} is not served here")
+        self._check_serves(request, generates=True)
         # Before any slot or prompt work: a bad request costs its asker little.
         sampler_of(request.params, self._vocab.n_vocab())
         gbnf = _gbnf(request.params)
@@ -228,8 +231,7 @@ class LlamaCppEngine:
         Raises :class:`EngineError` for ids the model cannot have produced
         (outside its vocabulary, or past its context).
         """
-        if request.model_id != self._info.model_id:
-            raise EngineError(f"model {request.model_id!r} is not served here")
+        self._check_serves(request, generates=True)
         sampler_of(request.params, self._vocab.n_vocab())  # before any slot or prompt work
         gbnf = _gbnf(request.params)
         llm = await self._borrow()
@@ -239,6 +241,31 @@ class LlamaCppEngine:
             )
         finally:
             self._idle_send.send_nowait(llm)
+
+    async def embed(self, request: Request) -> tuple[list[bytes], int]:
+        """The embedding of each input (:class:`~p2pnode.inference.engine.Embedder`).
+
+        Each input on its own, from a cleared context: a batch of several
+        gives an input another vector than it gets alone.
+        """
+        self._check_serves(request, generates=False)
+        width = self._vocab.n_embd()
+        if not 0 <= request.dimensions <= width:
+            raise BadRequestError(f"dimensions may be at most {width} for this model")
+        llm = await self._borrow()
+        try:
+            return await trio.to_thread.run_sync(
+                _embed, llm, request.inputs, request.dimensions or width, limiter=self._limiter
+            )
+        finally:
+            self._idle_send.send_nowait(llm)
+
+    def _check_serves(self, request: Request, *, generates: bool) -> None:
+        if request.model_id != self._info.model_id:
+            raise EngineError(f"model {request.model_id!r} is not served here")
+        if generates == self.cfg.embedding:
+            what = "serves embeddings only" if generates else "does not serve embeddings"
+            raise BadRequestError(f"model {request.model_id!r} {what}")
 
     def text_of(self, token_ids: Sequence[int]) -> str:
         """What ``token_ids`` stand for in this model's vocabulary.
@@ -603,6 +630,24 @@ def _score_with(
     )
 
 
+def _embed(llm: Any, inputs: Sequence[str], dimensions: int) -> tuple[list[bytes], int]:
+    """Worker thread: mean-pooled embeddings, cut to ``dimensions`` and L2-normalised
+    (as OpenAI shortens its own), with the tokens the inputs took."""
+    vectors, tokens = [], 0
+    for text in inputs:
+        ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+        if len(ids) > llm.n_ctx():
+            raise BadRequestError(f"an input of {len(ids)} tokens exceeds the model's context")
+        tokens += len(ids)
+        try:
+            vector = np.asarray(llm.embed(text, truncate=False), dtype=np.float32)[:dimensions]
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"llama.cpp failed: {exc}") from exc
+        norm = float(np.linalg.norm(vector))
+        vectors.append((vector / norm if norm else vector).astype("<f4").tobytes())
+    return vectors, tokens
+
+
 def _gbnf(p: Params) -> str:
     """The grammar ``p``'s output format asks for ("" for none); BadRequestError if none can be."""
     return "" if p.format is None else grammar.gbnf_of(p.format)
@@ -730,9 +775,9 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
         model_id=cfg.model_id,
         gguf_sha256=sha,
         context_length=context,
-        temperature=temperature,
-        top_p=top_p,
-        features=(GRAMMAR, LOGPROBS, PENALTIES),
+        temperature=None if cfg.embedding else temperature,
+        top_p=None if cfg.embedding else top_p,
+        features=(EMBEDDINGS,) if cfg.embedding else (GRAMMAR, LOGPROBS, PENALTIES),
     )
     try:
         yield LlamaCppEngine(cfg, instances, info)
@@ -742,14 +787,19 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
 
 
 def _load(cfg: Config) -> Any:
-    from llama_cpp import Llama  # ~0.3 s import; only a provider pays it
-
+    llama_cpp = native.llama_cpp()  # ~0.3 s import; only a provider pays it
+    embedding: dict[str, Any] = {}
+    if cfg.embedding:
+        # Mean pooling: a GGUF of a chat model names none (llama.cpp would
+        # then give a vector per token).
+        embedding = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
     try:
-        return Llama(
+        return llama_cpp.Llama(
             model_path=str(cfg.model_path),
             n_ctx=cfg.n_ctx,
             n_threads=cfg.n_threads,
             verbose=False,
+            **embedding,
         )
     except ValueError as exc:
         raise ConfigError(f"cannot load {cfg.model_path}: {exc}") from exc

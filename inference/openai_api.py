@@ -5,7 +5,9 @@ See docs/architecture.md#the-openai-shim.
 Any OpenAI client pointed at ``http://127.0.0.1:<port>/v1`` with the node's
 API key talks to the network through its own node: ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` and
-``POST /v1/completions``, streamed as server-sent events with ``stream: true``.
+``POST /v1/completions``, streamed as server-sent events with ``stream: true``;
+``POST /v1/embeddings`` (``inference/embeddings_api.py``); and the Responses and
+Messages APIs (``inference/agent_apis.py``).
 
 Three guards stand before every route. The bearer key (``$P2PNODE_HOME/api_key``)
 must match, and the Host header must name a loopback host: a web page the
@@ -62,7 +64,7 @@ from p2pnode.errors import (
     NoProviderError,
     PaymentError,
 )
-from p2pnode.inference import agent_apis, tools
+from p2pnode.inference import agent_apis, embeddings_api, tools
 from p2pnode.inference.api_fields import (
     DEFAULT_MAX_TOKENS,
     ApiError,
@@ -126,6 +128,8 @@ class Finished(Protocol):
     def prompt_tokens(self) -> int: ...
     @property
     def completion_tokens(self) -> int: ...
+    @property
+    def vectors(self) -> tuple[bytes, ...]: ...
 
 
 class Backend(Protocol):
@@ -789,6 +793,10 @@ def _calls(text: str, reader: _CallDeltas) -> list[dict[str, Any]]:
     ]
 
 
+async def _no_text(_text: str, _tokens: int) -> None:
+    """Where an embedding request's text would go: it has none."""
+
+
 class _NoAnswer(Response):
     """For a client that has left: there is nobody to answer."""
 
@@ -965,6 +973,25 @@ def create_app(
     async def messages(request: HttpRequest) -> Response:
         return await _shaped(request, agent_apis.parse_messages_request, agent_apis.MessageShape)
 
+    async def embeddings(request: HttpRequest) -> Response:
+        body = await _json_body(request)
+        if body is _LEFT:
+            return _NoAnswer()
+        job = embeddings_api.parse_embedding_request(body)
+        if not await backend.has_model(job.model):
+            return _not_found(job.model).response()
+        vectors: list[bytes] = []
+        tokens = 0
+        try:
+            for part in job.requests():
+                done = await backend.generate(part, _no_text)
+                vectors += done.vectors
+                tokens += done.prompt_tokens
+        except (NetworkError, PaymentError, EngineError) as exc:
+            logger.info("embeddings for %s failed: %s", job.model, exc)
+            return _api_error_of(exc).response()
+        return JSONResponse(job.answer(vectors, tokens))
+
     async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return exc.response()
@@ -981,6 +1008,7 @@ def create_app(
             Route("/v1/completions", completion, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
     )

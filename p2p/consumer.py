@@ -36,7 +36,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from typing import Final
 
+import numpy as np
 import trio
 from libp2p.abc import IHost
 
@@ -69,6 +71,7 @@ from p2pnode.protocols import infer, session
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import (
+    EMBED,
     MAX_PIECE,
     PAUSED,
     SCORE,
@@ -136,6 +139,8 @@ class Outcome:
     completion_tokens: int
     provider: str  # the peer that finished it ("" when served locally)
     failovers: int = 0
+    # An embedding request's answer: a float32 little-endian vector per input.
+    vectors: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -238,7 +243,7 @@ class Consumer:
         engine = self._local(request.model_id)
         if engine is not None and only is None:
             info = enginelib.info_of(engine, request.model_id)
-            missing = request.params.needs() - set(info.features if info else ())
+            missing = request.needs() - set(info.features if info else ())
             if missing:  # never an answer that quietly ignores what was asked
                 fields = enginelib.fields_of(missing)
                 raise EngineError(f"this node's engine for the model cannot honour {fields}")
@@ -320,7 +325,7 @@ class Consumer:
                 return Outcome("length", 0, produced, "", failovers)
             # The DHT is asked at most once per request, not on every busy round.
             candidates, why_none = await self._candidates(
-                request.model_id, tried, discover=not attempts, needs=request.params.needs()
+                request.model_id, tried, discover=not attempts, needs=request.needs()
             )
             if only is not None:
                 candidates = [c for c in candidates if c.peer_id in only]
@@ -442,6 +447,8 @@ class Consumer:
                     failures += await self._offence(peer, request.model_id, offence, done)
                 continue
             self.reputation.served(peer, trio.current_time())
+            if wire.kind == EMBED:
+                return Outcome("stop", done.prompt_tokens, 0, peer, failovers, done.vectors)
             if self.auditor is not None:
                 self.auditor.consider(Job(peer, wire, done, "".join(streamed.text)))
             if stopped():  # paid: the provider's Done came after the stop string
@@ -658,6 +665,7 @@ class Consumer:
                 check_scored(done, wire, weights)
             else:
                 check_commitment(done, wire, weights)
+            check_vectors(done, wire)
 
         for reopen in (False, True):
             held = await self._session(peer, wire.model_id, reopen=reopen)
@@ -1031,6 +1039,32 @@ def _entries_ok(chunk: Chunk, top: int) -> bool:
     )
 
 
+EMBED_TOKENS_PER_INPUT: Final = 64
+"""What an embedding input counts as, for the deadline of the answer."""
+MAX_DIMENSIONS: Final = 16384
+"""The longest embedding a consumer takes (float32 values)."""
+
+
+def check_vectors(done: Done, wire: Request) -> None:
+    """An embedding answer has one vector per input, all of one length (the one
+    asked for, if one was), of finite values; any other answer has none."""
+    vectors = done.vectors
+    if wire.kind != EMBED:
+        if vectors:
+            raise FalseCommitment("sent vectors for a request that asked for none")
+        return
+    sizes = {len(v) for v in vectors}
+    if len(vectors) != len(wire.inputs) or len(sizes) != 1:
+        raise FalseCommitment(f"sent {len(vectors)} vectors for {len(wire.inputs)} inputs")
+    (size,) = sizes
+    want = 4 * wire.dimensions
+    if size % 4 or not 0 < size <= 4 * MAX_DIMENSIONS or (want and size != want):
+        raise FalseCommitment(f"sent vectors of {size} bytes")
+    values = np.frombuffer(b"".join(vectors), dtype="<f4")
+    if not np.isfinite(values).all():
+        raise FalseCommitment("sent vectors that are not finite numbers")
+
+
 def check_commitment(done: Done, wire: Request, weights: str | None) -> None:
     """Check what a provider committed to for ``wire`` against all we know without
     its model (docs/protocols.md#commitments); raises :class:`FalseCommitment`.
@@ -1213,6 +1247,12 @@ async def _run_locally(
     deliver: Deliver,
     logprobs: SeeLogprobs | None,
 ) -> Outcome:
+    if request.kind == "embedding":
+        embed = getattr(engine, "embed", None)
+        if embed is None:
+            raise EngineError(f"this node's engine for {request.model_id!r} does not embed")
+        vectors, tokens = await embed(request)
+        return Outcome("stop", tokens, 0, "", vectors=tuple(vectors))
     # Never read: every engine's last chunk carries the finish reason and usage
     # (inference/engine.py:Chunk); only a stream cut short ends without one.
     finish, usage = "stop", enginelib.Usage(0, 0)  # pragma: no mutate
@@ -1237,6 +1277,16 @@ def wire_request(
     new one continues after it, within the ``max_tokens`` left).
     """
     p = request.params
+    if request.kind == "embedding":
+        # max_tokens only sizes the answer's deadline (ReplyGuard): no text comes.
+        return Request(
+            request_id=request_id,
+            model_id=request.model_id,
+            kind=EMBED,
+            max_tokens=EMBED_TOKENS_PER_INPUT * len(request.inputs),
+            inputs=request.inputs,
+            dimensions=request.dimensions,
+        )
     return Request(
         request_id=request_id,
         model_id=request.model_id,

@@ -41,8 +41,11 @@ from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.p2p.reputation import Offence, Reputation
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import (
+    EMBED,
     MAX_BIAS,
     MAX_BIASES,
+    MAX_EMBED_BYTES,
+    MAX_EMBED_INPUTS,
     MAX_PENALTY,
     MAX_SCORE_IDS,
     MAX_TOP_LOGPROBS,
@@ -356,6 +359,13 @@ class Provider:
                     ErrorCode.BAD_FIELD,
                     f"a score request scores 1 to {MAX_SCORE_IDS} ids of a chat or completion",
                 )
+        elif request.kind == EMBED:
+            if not 0 < len(request.inputs) <= MAX_EMBED_INPUTS or request.dimensions < 0:
+                self.counters.refused += 1
+                raise infer_service.RequestRefused(
+                    ErrorCode.BAD_FIELD,
+                    f"an embedding request embeds 1 to {MAX_EMBED_INPUTS} inputs",
+                )
         elif request.kind not in ("chat", "completion") or request.max_tokens < 1:
             self.counters.refused += 1
             raise infer_service.RequestRefused(
@@ -388,7 +398,7 @@ class Provider:
                 ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
             )
         info = enginelib.info_of(engine, request.model_id)
-        missing = enginelib.from_wire(request).params.needs() - set(info.features if info else ())
+        missing = enginelib.from_wire(request).needs() - set(info.features if info else ())
         if missing:
             # A consumer reads our offer's features first; one that asks anyway
             # gets a refusal, never an answer that quietly ignores the fields.
@@ -412,6 +422,8 @@ class Provider:
             )
         if request.kind == SCORE:
             return await self._score(session, request, engine)
+        if request.kind == EMBED:
+            return await self._embed(session, request, engine)
         session.active += 1
         session.last_used = trio.current_time()
         if market is not None:
@@ -581,6 +593,58 @@ class Provider:
             prompt_tokens=prefill,
             completion_tokens=0,
             receipt=self.receipt(session, commitment),
+        )
+
+    async def _embed(self, session: ServedSession, request: Request, engine: Engine) -> Done:
+        """Embed a request's inputs (docs/protocols.md#embeddings): the vectors
+        travel in the Done, billed as prompt tokens (paid: by the session's time)."""
+        embed = getattr(engine, "embed", None)
+        if embed is None:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.UNSUPPORTED, "this provider does not embed with its model"
+            )
+        market = self.market
+        session.active += 1
+        session.last_used = trio.current_time()
+        if market is not None:
+            market.begin(session.session_id)
+        try:
+            vectors, tokens = await embed(enginelib.from_wire(request))
+        except EngineBusy as exc:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
+        except BadRequestError as exc:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(ErrorCode.BAD_FIELD, str(exc)[:200]) from exc
+        except EngineError as exc:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(ErrorCode.INTERNAL, "the engine failed") from exc
+        finally:
+            session.active -= 1
+            if market is not None:
+                market.end(session.session_id)
+        if sum(len(v) for v in vectors) > MAX_EMBED_BYTES:
+            self.counters.refused += 1
+            raise infer_service.RequestRefused(
+                ErrorCode.BAD_FIELD, "the vectors exceed one answer: send fewer inputs"
+            )
+        session.requests += 1
+        session.prompt_tokens += tokens
+        self.counters.requests += 1
+        if market is not None and session.paid:
+            session.acks_pending += 1
+        commitment = Commitment(
+            request_hash=request_hash(request),
+            gguf_sha256=_weights_of(engine, request.model_id),
+            prompt_tokens=tokens,
+        )
+        return Done(
+            finish_reason="stop",
+            prompt_tokens=tokens,
+            completion_tokens=0,
+            receipt=self.receipt(session, commitment),
+            vectors=tuple(vectors),
         )
 
     async def _await_acks(self, session: ServedSession) -> None:

@@ -136,7 +136,18 @@ class Request(Message):
     # each position (0 to MAX_TOP_LOGPROBS); only providers whose offer lists
     # the "logprobs" feature are sent it.
     top_logprobs: int = added(-1)
+    # An embedding request (kind EMBED): the texts to embed, and the vector
+    # length wanted (0: the model's own).
+    inputs: tuple[str, ...] = added(())
+    dimensions: int = added(0)
 
+
+EMBED: Final = "embed"
+"""Request kind of embeddings: one vector per input, in the Done (docs/protocols.md#embeddings)."""
+MAX_EMBED_INPUTS: Final = 32
+"""The most inputs one embedding request may carry (the shim splits larger ones)."""
+MAX_EMBED_BYTES: Final = 768 * 1024
+"""The most vector bytes one Done may carry (within a sealed frame's cap)."""
 
 SCORE: Final = "score"
 """Request kind of an audit: score ids someone else generated, generate nothing."""
@@ -242,6 +253,8 @@ class Done(Message):
     prompt_tokens: int
     completion_tokens: int
     receipt: Receipt
+    # An EMBED request's answer: one vector per input, float32 little-endian.
+    vectors: tuple[bytes, ...] = added(())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -190,3 +190,24 @@ def test_the_serving_flags_reach_the_engine_config() -> None:
 def test_a_recommendation_out_of_range_is_refused_by_the_flag(flag: tuple[str, str]) -> None:
     with pytest.raises(click.BadParameter):
         start.make_context("start", list(flag))
+
+
+def test_embeddings_serve_the_model_a_second_time_in_embedding_mode() -> None:
+    ctx = start.make_context("start", ["--model", __file__, "--model-id", "m", "--embeddings"])
+    flags = {k: v for k, v in ctx.params.items() if k in SERVING_FLAGS}
+    chat, embed = options.serving(no_serve=False, **flags).llamacpp
+    assert (chat.model_id, chat.embedding) == ("m", False)
+    assert (embed.model_id, embed.embedding, embed.model_path) == (
+        "m-embedding",
+        True,
+        Path(__file__),
+    )
+    ctx = start.make_context("start", ["--model", __file__])
+    flags = {k: v for k, v in ctx.params.items() if k in SERVING_FLAGS}
+    assert len(options.serving(no_serve=False, **flags).llamacpp) == 1
+
+
+SERVING_FLAGS = frozenset(
+    {"model_path", "model_id", "slots", "queue_limit", "threads", "recommend_temperature",
+     "recommend_top_p", "embeddings", "upstream_url", "upstream_model", "upstream_key_file"}
+)  # fmt: skip

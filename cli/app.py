@@ -226,6 +226,12 @@ def serving_options(func: Any) -> Any:
                 help="Model id the upstream serves (repeatable; needs --upstream-url).",
             ),
             option(
+                "--upstream-embedding-model",
+                multiple=True,
+                default=[],
+                help="Model id the upstream embeds with (repeatable; needs --upstream-url)."
+            ),
+            option(
                 "--upstream-key-file",
                 type=click.Path(dir_okay=False, path_type=Path),
                 default=None,

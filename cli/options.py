@@ -38,6 +38,7 @@ def serving(
     embeddings: bool,
     upstream_url: str | None,
     upstream_model: tuple[str, ...],
+    upstream_embedding_model: tuple[str, ...],
     upstream_key_file: Path | None,
 ) -> Any:
     from p2pnode.inference import llamacpp, upstream
@@ -47,16 +48,22 @@ def serving(
         return Serving()
     if upstream_model and not upstream_url:
         raise ConfigError("--upstream-model needs --upstream-url")
+    if upstream_embedding_model and not upstream_url:
+        raise ConfigError("--upstream-embedding-model needs --upstream-url")
     ups: tuple[upstream.Config, ...] = ()
     if upstream_url:
-        if not upstream_model:
+        if not upstream_model and not upstream_embedding_model:
             raise ConfigError("--upstream-url needs at least one --upstream-model")
         key = None
         if upstream_key_file is not None:
             key = settings.read_secret_file(upstream_key_file).strip()
         ups = (
             upstream.Config(
-                base_url=upstream_url, models=upstream_model, api_key=key, queue_limit=queue_limit
+                base_url=upstream_url,
+                models=upstream_model,
+                embedding_models=upstream_embedding_model,
+                api_key=key,
+                queue_limit=queue_limit,
             ),
         )
     local: tuple[llamacpp.Config, ...] = ()

@@ -176,7 +176,8 @@ def _input_items(value: object) -> list[ChatMessage]:
         elif kind == "function_call_output":
             turns.result(_input_text(item.get("output"), where))
         elif kind == "message":
-            role = _RESPONSE_ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            given = item.get("role")
+            role = _RESPONSE_ROLES.get(given) if isinstance(given, str) else None
             if role is None:
                 raise bad_request(f"{where}.role must be one of {sorted(_RESPONSE_ROLES)}", where)
             turns.say(role, _input_text(item.get("content"), where))
@@ -524,6 +525,8 @@ def _anthropic_choice(value: object, specs: list[ToolSpec]) -> tuple[str, bool]:
         raise bad_request("'tool_choice' must be an object", "tool_choice")
     parallel = not value.get("disable_parallel_tool_use", False)
     kind = value.get("type")
+    if not isinstance(kind, str):
+        raise bad_request("'tool_choice' type is auto, any, tool or none", "tool_choice")
     if kind == "tool":
         name = value.get("name")
         if not isinstance(name, str):

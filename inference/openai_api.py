@@ -272,7 +272,8 @@ def _messages(value: object) -> tuple[ChatMessage, ...]:
         if results:
             out.append(ChatMessage(role="user", content=tools.results_text(results)))
             results = []
-        role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        given = item.get("role")
+        role = ROLES.get(given) if isinstance(given, str) else None
         if role is None:
             allowed = sorted({*ROLES, "tool"})
             raise bad_request(f"{where}.role must be one of {allowed}", f"{where}.role")

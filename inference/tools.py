@@ -51,6 +51,10 @@ _HEAD: Final = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"argumen
 # What may follow a call's arguments before CALL_CLOSE: the call object's
 # own closing brace, with the grammar's optional spaces.
 _TAIL_HOLD: Final = len(CALL_CLOSE) + 3
+# The longest head ({"name": "<64 characters>", "arguments": ) with room for
+# the grammar's spaces; a stranger's text that is no head by then is no call.
+_MAX_HEAD: Final = 160
+_TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,16 +136,22 @@ class CallReader:
     An answer under a tools grammar is either calls from its first
     character, or prose that never starts with ``<``. Arguments are handed
     on in pieces, held back only as far as the call's closing brace and tag
-    might reach.
+    might reach. The work is linear in the text however it is cut: a
+    provider's text is a stranger's, and one that does not read as calls
+    (a head that never comes, a name that is no tool name, text between
+    calls) ends the reading; the calls read whole until then stand.
     """
 
     def __init__(self) -> None:
-        self._buf = ""
         self._prose: bool | None = None
+        self._broken = False
         self._calls: list[tuple[str, str]] = []  # finished (name, arguments)
-        self._pos = 0  # where the current call's text starts in _buf
-        self._args_at = -1  # where its arguments start; -1: name not read yet
-        self._sent = 0  # argument characters of the current call handed on
+        self._expect = CALL_OPEN  # the literal text that must come next
+        self._head = ""  # the current call's text until its arguments start
+        self._name = ""
+        self._args: list[str] = []  # its arguments as handed on
+        self._held = ""  # text after them not handed on yet (may be the close)
+        self._in_args = False
 
     @property
     def calls(self) -> list[tuple[str, str]]:
@@ -154,56 +164,80 @@ class CallReader:
 
     def feed(self, text: str) -> list[Event]:
         """What ``text`` (the next part of the answer) tells."""
+        if self._prose is None and text:
+            self._prose = not text.startswith("<")
         if self._prose:
             return [Prose(text)] if text else []
-        self._buf += text
-        if self._prose is None and self._buf:
-            self._prose = not self._buf.startswith("<")
-            if self._prose:
-                return [Prose(self._buf)]
-        return self._read(final=False)
+        events: list[Event] = []
+        while text and not self._broken:
+            text = self._step(text, events)
+        return events
 
     def end(self) -> list[Event]:
         """What is left once the answer is complete (arguments held back, for one)."""
-        return [] if self._prose else self._read(final=True)
-
-    def _read(self, *, final: bool) -> list[Event]:
         events: list[Event] = []
-        while True:
-            start = self._buf.find(CALL_OPEN, self._pos)
-            if start < 0:
-                return events
-            body_at = start + len(CALL_OPEN)
-            if self._args_at < 0:
-                head = _HEAD.match(self._buf, body_at)
-                if head is None:
-                    return events
-                self._args_at = head.end()
-                self._name = json.loads(f'"{head.group(1)}"')
-                events.append(CallStart(len(self._calls), self._name))
-            close = self._buf.find(CALL_CLOSE, self._args_at)
-            if close < 0 and final:
-                # Cut short (out of tokens): a call whose JSON is whole
-                # counts, even when its closing tag never came.
-                close = len(self._buf) - _partial_close(self._buf)
-                if not _whole_call(self._buf[self._args_at : close]):
-                    arguments = self._buf[self._args_at :]
-                    if len(arguments) > self._sent:
-                        events.append(CallArguments(len(self._calls), arguments[self._sent :]))
-                    return events
-            elif close < 0:
-                end = max(self._args_at, len(self._buf) - _TAIL_HOLD)
-                arguments = self._buf[self._args_at : end]
-                if len(arguments) > self._sent:
-                    events.append(CallArguments(len(self._calls), arguments[self._sent :]))
-                    self._sent = len(arguments)
-                return events
-            arguments = _arguments(self._buf[self._args_at : close])
-            if len(arguments) > self._sent:
-                events.append(CallArguments(len(self._calls), arguments[self._sent :]))
-            self._calls.append((self._name, arguments))
-            self._pos = close + len(CALL_CLOSE)
-            self._args_at, self._sent = -1, 0
+        if self._in_args and not self._broken:
+            # Cut short (out of tokens): a call whose JSON is whole counts,
+            # even when its closing tag never came.
+            held = self._held
+            text = held[: len(held) - _partial_close(held)]
+            if _whole_call("".join(self._args) + text):
+                self._close(text, events)
+            elif held:
+                events.append(CallArguments(len(self._calls), held))
+                self._args.append(held)
+            self._held = ""
+        return events
+
+    def _step(self, text: str, events: list[Event]) -> str:
+        """Read what ``text`` can tell in the current state; returns what is left."""
+        if self._expect:
+            n = min(len(text), len(self._expect))
+            if text[:n] != self._expect[:n]:
+                self._broken = True
+                return ""
+            self._expect = self._expect[n:]
+            return text[n:]
+        if not self._in_args:
+            self._head += text
+            head = _HEAD.match(self._head)
+            if head is None:
+                if len(self._head) > _MAX_HEAD:
+                    self._broken = True
+                return ""
+            try:
+                name = json.loads(f'"{head.group(1)}"')
+            except ValueError:
+                name = ""
+            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+                self._broken = True
+                return ""
+            self._name, self._in_args = name, True
+            events.append(CallStart(len(self._calls), name))
+            rest, self._head = self._head[head.end() :], ""
+            return rest
+        held = self._held + text
+        close = held.find(CALL_CLOSE)
+        if close < 0:
+            keep = min(len(held), _TAIL_HOLD)
+            piece, self._held = held[: len(held) - keep], held[len(held) - keep :]
+            if piece:
+                self._args.append(piece)
+                events.append(CallArguments(len(self._calls), piece))
+            return ""
+        self._held = ""
+        self._close(held[:close], events)
+        self._expect = CALL_GAP + CALL_OPEN
+        return held[close + len(CALL_CLOSE) :]
+
+    def _close(self, tail: str, events: list[Event]) -> None:
+        """The current call ends with ``tail`` (its text before the closing tag)."""
+        sent = "".join(self._args)
+        arguments = _arguments(sent + tail)
+        if len(arguments) > len(sent):
+            events.append(CallArguments(len(self._calls), arguments[len(sent) :]))
+        self._calls.append((self._name, arguments))
+        self._args, self._in_args = [], False
 
 
 def _arguments(text: str) -> str:
@@ -218,7 +252,7 @@ def _whole_call(text: str) -> bool:
         return False
     try:
         json.loads(_arguments(text))
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -241,6 +275,6 @@ def read_calls(text: str) -> list[tuple[str, str]] | None:
     for _, arguments in reader.calls:
         try:
             json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return reader.calls

@@ -16,25 +16,30 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final, cast
 
 import httpx
+import numpy as np
 import trio
 
-from p2pnode.errors import EngineError
+from p2pnode.errors import BadRequestError, EngineError
 from p2pnode.inference import grammar
 from p2pnode.inference.engine import (
+    EMBEDDINGS,
     GRAMMAR,
+    LOGPROBS,
     PENALTIES,
     Chunk,
     EngineBusy,
     ModelInfo,
     Request,
+    TokenLogprob,
     Usage,
 )
 from p2pnode.scopes import single_errors_ungrouped
@@ -62,6 +67,8 @@ class Config:
 
     base_url: str  # e.g. "http://127.0.0.1:8080/v1"
     models: tuple[str, ...]  # model ids as the upstream names them
+    # Models it serves embeddings of (POST /embeddings), as it names them.
+    embedding_models: tuple[str, ...] = ()
     api_key: str | None = None
     # Requests sent to the upstream at once; it does its own batching.
     slots: int = 4
@@ -85,9 +92,14 @@ class UpstreamEngine:
     def models(self) -> list[ModelInfo]:
         return [
             ModelInfo(
-                model_id=m, context_length=self.cfg.context_length, features=(GRAMMAR, PENALTIES)
+                model_id=m,
+                context_length=self.cfg.context_length,
+                features=(GRAMMAR, LOGPROBS, PENALTIES),
             )
             for m in self.cfg.models
+        ] + [
+            ModelInfo(model_id=m, context_length=self.cfg.context_length, features=(EMBEDDINGS,))
+            for m in self.cfg.embedding_models
         ]
 
     @property
@@ -106,6 +118,8 @@ class UpstreamEngine:
     async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
         """Stream ``request`` from the upstream; leaving early closes the HTTP stream."""
         if request.model_id not in self.cfg.models:
+            if request.model_id in self.cfg.embedding_models:
+                raise BadRequestError(f"model {request.model_id!r} serves embeddings only")
             raise EngineError(f"model {request.model_id!r} is not served here")
         path, body = _openai_request(request)  # a bad format is refused before any slot
         await self._acquire()
@@ -113,7 +127,9 @@ class UpstreamEngine:
             send, receive = trio.open_memory_channel[Chunk](0)
             with single_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._relay, path, body, send)
+                    top = request.params.top_logprobs
+                    top = -1 if top is None else top
+                    nursery.start_soon(self._relay, path, body, top, send)
                     try:
                         async with receive:
                             yield receive
@@ -121,6 +137,37 @@ class UpstreamEngine:
                         nursery.cancel_scope.cancel()  # hangs up on the upstream
         finally:
             self._slots.release()
+
+    async def embed(self, request: Request) -> tuple[list[bytes], int]:
+        """The upstream's embeddings of ``request.inputs``, L2-normalised and cut to
+        ``request.dimensions`` here (servers differ in whether they do either).
+
+        One input per upstream request: a server that batches several gives
+        the same text other vectors at other positions (llama_cpp.server does).
+        """
+        if request.model_id not in self.cfg.embedding_models:
+            raise BadRequestError(f"model {request.model_id!r} does not serve embeddings here")
+        vectors: list[bytes] = []
+        tokens = 0
+        await self._acquire()
+        try:
+            for text in request.inputs:
+                body = {"model": request.model_id, "input": [text]}
+                response = await self._client.post("embeddings", json=body)
+                if response.status_code >= 400:
+                    raise await self._refusal(response)
+                (vector,), used = _vectors(response.json(), 1, request.dimensions)
+                vectors.append(vector)
+                tokens += used
+        except httpx.TimeoutException as exc:
+            raise EngineError("the upstream server did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise EngineError(f"cannot reach the upstream server: {type(exc).__name__}") from exc
+        except ValueError as exc:  # (a body that is not JSON)
+            raise EngineError("the upstream sent a malformed answer") from exc
+        finally:
+            self._slots.release()
+        return vectors, tokens
 
     async def _acquire(self) -> None:
         try:
@@ -137,8 +184,9 @@ class UpstreamEngine:
             self._waiting -= 1
 
     async def _relay(
-        self, path: str, body: dict[str, Any], send: trio.MemorySendChannel[Chunk]
+        self, path: str, body: dict[str, Any], top: int, send: trio.MemorySendChannel[Chunk]
     ) -> None:
+        """Stream the upstream's answer (``top``: the logprobs' alternatives asked for, -1 none)."""
         produced, finish, usage = 0, "stop", None
         async with send:
             try:
@@ -153,14 +201,15 @@ class UpstreamEngine:
                             if failure is not None:
                                 continue  # read to the end, as _sse_events does
                             try:
-                                text, finished, counted_usage = _parse_event(event)
+                                text, finished, counted_usage, shown = _parse_event(event, top)
                             except EngineError as exc:
                                 failure = exc
                                 continue
                             usage = counted_usage or usage
                             if text:
-                                produced += 1
-                                await send.send(Chunk(text, 1))
+                                tokens = max(1, len(shown))
+                                produced += tokens
+                                await send.send(Chunk(text, tokens, logprob_tokens=shown))
                             if finished is not None:
                                 finish = finished
                     if failure is not None:
@@ -209,6 +258,11 @@ def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
         body["frequency_penalty"] = p.frequency_penalty
     if p.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
+    if p.top_logprobs is not None:
+        if request.kind == "chat":
+            body.update(logprobs=True, top_logprobs=p.top_logprobs)
+        else:
+            body["logprobs"] = p.top_logprobs
     if p.format is not None:
         # llama.cpp's servers (llama-server, llama_cpp.server) take a GBNF
         # grammar as "grammar": the same one our own engine would apply.
@@ -224,8 +278,11 @@ def _openai_request(request: Request) -> tuple[str, dict[str, Any]]:
     return "completions", body
 
 
-def _parse_event(event: dict[str, Any]) -> tuple[str, str | None, Usage | None]:
-    """(text, finish reason or None, usage or None) of one streamed event.
+def _parse_event(
+    event: dict[str, Any], top: int = -1
+) -> tuple[str, str | None, Usage | None, tuple[TokenLogprob, ...]]:
+    """(text, finish reason or None, usage or None, logprobs) of one streamed event
+    (``top``: the alternatives asked for at each token; -1, no logprobs).
 
     Raises EngineError for an event of the wrong shape. The finish reason is
     one of ours ("stop" or "length"): the upstream's own word never travels on.
@@ -243,7 +300,7 @@ def _parse_event(event: dict[str, Any]) -> tuple[str, str | None, Usage | None]:
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
         raise EngineError("the upstream sent a malformed event")
     if not choices:
-        return "", None, usage
+        return "", None, usage, ()
     choice = choices[0]
     delta = choice.get("delta")
     text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
@@ -251,7 +308,99 @@ def _parse_event(event: dict[str, Any]) -> tuple[str, str | None, Usage | None]:
         raise EngineError("the upstream sent a malformed event")
     reason = choice.get("finish_reason")
     finish = None if not reason else "length" if reason == "length" else "stop"
-    return text or "", finish, usage
+    shown = _logprobs(choice.get("logprobs"), top) if top >= 0 and text else ()
+    return text or "", finish, usage, shown
+
+
+def _logprobs(value: object, top: int) -> tuple[TokenLogprob, ...]:
+    """An event's logprobs, in chat's shape (``content``) or completions'
+    (``tokens``, ``token_logprobs``, ``top_logprobs``); EngineError if malformed."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise EngineError("the upstream sent malformed logprobs")
+    if "content" in value:
+        items = value.get("content") or []
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise EngineError("the upstream sent malformed logprobs")
+        return tuple(
+            TokenLogprob(
+                _piece(i.get("token"), i.get("bytes")),
+                _logprob(i.get("logprob")),
+                _best(
+                    (
+                        (_piece(a.get("token"), a.get("bytes")), _logprob(a.get("logprob")))
+                        for a in i.get("top_logprobs") or []
+                        if isinstance(a, dict)
+                    ),
+                    top,
+                ),
+            )
+            for i in items
+        )
+    tokens, values = value.get("tokens") or [], value.get("token_logprobs") or []
+    tops = value.get("top_logprobs") or [None] * len(tokens)
+    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)):
+        raise EngineError("the upstream sent malformed logprobs")
+    out = []
+    for token, logprob, alternatives in zip(tokens, values, tops, strict=False):
+        pairs = alternatives.items() if isinstance(alternatives, dict) else ()
+        ranked = _best(((_piece(t, None), _logprob(lp)) for t, lp in pairs), top)
+        out.append(TokenLogprob(_piece(token, None), _logprob(logprob), ranked))
+    return tuple(out)
+
+
+def _best(alternatives: Iterable[tuple[bytes, float]], top: int) -> tuple[tuple[bytes, float], ...]:
+    """The ``top`` most probable, best first (a server may list them in any order)."""
+    return tuple(sorted(alternatives, key=lambda a: -a[1])[:top])
+
+
+def _piece(token: object, raw: object) -> bytes:
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw)
+    if isinstance(token, str):
+        return token.encode()
+    raise EngineError("the upstream sent malformed logprobs")
+
+
+def _logprob(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise EngineError("the upstream sent a malformed log-probability")
+    return min(0.0, float(value))
+
+
+def _vectors(answer: object, inputs: int, dimensions: int) -> tuple[list[bytes], int]:
+    """An upstream's embeddings answer as ours: one float32 vector per input, in
+    input order, cut to ``dimensions`` (0: as given) and L2-normalised."""
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list) or len(data) != inputs:
+        raise EngineError("the upstream sent a malformed embeddings answer")
+    ordered: list[Any] = [None] * inputs
+    for item in data:
+        index = item.get("index") if isinstance(item, dict) else None
+        values = item.get("embedding") if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < inputs or not isinstance(values, list):
+            raise EngineError("the upstream sent a malformed embeddings answer")
+        try:
+            vector = np.asarray(values, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise EngineError("the upstream sent a malformed embedding") from exc
+        if vector.ndim == 2 and vector.shape[0]:
+            # One vector per token (a model without pooling, e.g. a chat
+            # model's GGUF in llama_cpp.server): mean-pooled, as our engine pools.
+            vector = vector.mean(axis=0)
+        if vector.ndim != 1 or not vector.size or not np.isfinite(vector).all():
+            raise EngineError("the upstream sent a malformed embedding")
+        if dimensions > vector.size:
+            raise BadRequestError(f"dimensions may be at most {vector.size} for this model")
+        vector = vector[: dimensions or vector.size]
+        norm = float(np.linalg.norm(vector))
+        ordered[index] = (vector / norm if norm else vector).astype("<f4").tobytes()
+    if any(v is None for v in ordered):
+        raise EngineError("the upstream sent a malformed embeddings answer")
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    tokens = _count(usage.get("prompt_tokens", 0)) if isinstance(usage, dict) else 0
+    return ordered, tokens
 
 
 def _count(value: object) -> int:
@@ -312,7 +461,7 @@ async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any]
 @asynccontextmanager
 async def open_upstream(cfg: Config) -> AsyncIterator[UpstreamEngine]:
     """An engine for ``cfg``; the HTTP connection pool closes on exit."""
-    if not cfg.models:
+    if not cfg.models and not cfg.embedding_models:
         raise EngineError("an upstream engine needs at least one model id")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout)

@@ -993,6 +993,10 @@ class ReplyGuard:
         self._deliver = deliver
         self._top = top_logprobs
         self.max_tokens = max_tokens + cfg.token_slack
+        # Logprobs' bytes (every piece, a number each), counted apart: 21
+        # pieces a token at most, of a few bytes each when honest.
+        self.max_logprob_bytes = 4096 + self.max_tokens * (max(top_logprobs, 0) + 1) * 32
+        self.logprob_bytes = 0
         self.max_bytes = max(4096, self.max_tokens * cfg.max_bytes_per_token)
         self.deadline_s = cfg.infer.first_chunk_s + max_tokens * cfg.max_s_per_token
         self.tokens = 0
@@ -1010,8 +1014,15 @@ class ReplyGuard:
         self.bytes += len(chunk.text.encode())
         if chunk.tokens < 0 or self.tokens > self.max_tokens or self.bytes > self.max_bytes:
             raise _Overrun(f"streamed past the request's bounds ({self.tokens} tokens)")
-        if chunk.logprob_tokens and not _entries_ok(chunk, self._top):
-            raise _Overrun("streamed logprobs beyond what the request asked")
+        if chunk.logprob_tokens:
+            if not _entries_ok(chunk, self._top):
+                raise _Overrun("streamed logprobs beyond what the request asked")
+            self.logprob_bytes += sum(
+                len(e.piece) + 8 + sum(len(a.piece) + 8 for a in e.top)
+                for e in chunk.logprob_tokens
+            )
+            if self.logprob_bytes > self.max_logprob_bytes:
+                raise _Overrun("streamed more logprobs than the answer's tokens take")
         now = trio.current_time()
         if self._first is None:
             self._first = now

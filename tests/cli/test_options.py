@@ -209,5 +209,6 @@ def test_embeddings_serve_the_model_a_second_time_in_embedding_mode() -> None:
 
 SERVING_FLAGS = frozenset(
     {"model_path", "model_id", "slots", "queue_limit", "threads", "recommend_temperature",
-     "recommend_top_p", "embeddings", "upstream_url", "upstream_model", "upstream_key_file"}
+     "recommend_top_p", "embeddings", "upstream_url", "upstream_model",
+     "upstream_embedding_model", "upstream_key_file"}
 )  # fmt: skip

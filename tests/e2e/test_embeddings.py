@@ -42,6 +42,8 @@ async def test_embeddings_are_routed_deterministic_and_in_openais_shape(network:
         api = client(network)
         texts = ["The cat sat on the mat.", "A dog ran in the park.", "The cat sat on the mat."]
         with trio.fail_after(BOUND_S):
+            # Past llama.cpp's default batch of 512 tokens: one batch of the context.
+            long = await api.embeddings.create(model=EMBEDDER, input="word " * 700)
             got = await api.embeddings.create(model=EMBEDDER, input=texts)
             again = await api.embeddings.create(model=EMBEDDER, input=texts[0])
             short = await api.embeddings.create(model=EMBEDDER, input=texts[0], dimensions=64)
@@ -67,6 +69,8 @@ async def test_embeddings_are_routed_deterministic_and_in_openais_shape(network:
         decoded = np.frombuffer(base64.b64decode(raw), dtype="<f4")
         assert np.array_equal(decoded, vectors[0].astype(np.float32))
         assert got.usage.prompt_tokens == got.usage.total_tokens > 0
+        assert long.usage.prompt_tokens > 512
+        assert len(long.data[0].embedding) == 576
         # The vectors are the engine's own.
         (own,), _ = await engine.embed(
             Request(model_id=EMBEDDER, kind="embedding", inputs=texts[:1])

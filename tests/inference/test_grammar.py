@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -53,6 +54,10 @@ def ask(text: str, fmt: Format | None, **params: object) -> Request:
     p = Params(**{"max_tokens": 80, "temperature": 0.0, "seed": 3, "format": fmt, **params})  # type: ignore[arg-type]
     messages = (ChatMessage(role="user", content=text),)
     return Request(model_id=BUNDLED_MODEL_ID, kind="chat", messages=messages, params=p)
+
+
+def schema_format(schema: dict[str, object]) -> Format:
+    return Format(kind=JSON_SCHEMA, schema=json.dumps(schema))
 
 
 def nest(depth: int) -> dict[str, object]:
@@ -177,6 +182,23 @@ async def test_a_bad_format_is_refused_before_any_slot_work(engine: LlamaCppEngi
         (Format(kind=TOOLS, tools=(WEATHER_TOOL,), tool_choice="other"), "tool_choice"),
         (Format(kind=TOOLS, tools=(WEATHER_TOOL,), schema="{}"), "only under tool_choice auto"),
         (Format(kind=JSON_OBJECT, schema="{}"), "no schema"),
+        (schema_format({"type": "string", "minLength": -(10**8), "maxLength": 1}), "minLength"),
+        (schema_format({"type": "array", "maxItems": True}), "maxItems"),
+        (schema_format({"type": "string", "pattern": "^a{,100000000}$"}), "pattern"),
+        (schema_format({"type": "string", "pattern": "^a{1_000_000}$"}), "pattern"),
+        (schema_format({"$defs": {"type": "array"}, "$ref": "#/$defs"}), "$ref"),
+        (
+            schema_format({"$defs": {"n": {"items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}),
+            "recursive",
+        ),
+        (schema_format({"enum": list(range(300))}), "alternatives"),
+        (schema_format({"properties": {f"p{i}": {} for i in range(129)}}), "at most 128"),
+        # Past the JSON parser's stack, or parsed (a raised recursion limit)
+        # and refused for its nesting: refused either way, never an error.
+        (
+            Format(kind=JSON_SCHEMA, schema='{"a": ' + "[" * 15_000 + "]" * 15_000 + "}"),
+            "JSON|deeper",
+        ),
         (
             Format(kind=JSON_SCHEMA, schema=json.dumps({"type": "integer", "minimum": 1})),
             "minimum cannot be enforced",
@@ -191,8 +213,34 @@ async def test_a_bad_format_is_refused_before_any_slot_work(engine: LlamaCppEngi
     ],
 )
 def test_formats_out_of_bounds_are_refused(fmt: Format, says: str) -> None:
-    with pytest.raises(BadRequestError, match=re.escape(says)):
+    with pytest.raises(BadRequestError, match="|".join(re.escape(s) for s in says.split("|"))):
         grammar.check(fmt)
+
+
+@pytest.mark.slow
+async def test_a_grammar_too_costly_to_follow_is_given_up_within_a_second_or_so(
+    engine: LlamaCppEngine,
+) -> None:
+    # Alternatives that share their start, nested through definitions: no
+    # bound on the schema rules it out, and llama.cpp's stacks grow about 4x
+    # per "[" (measured 56 s for one step at depth 15).
+    defs: dict[str, object] = {"d20": {"type": "integer"}}
+    for i in range(20):
+        deeper = {"$ref": f"#/$defs/d{i + 1}"}
+        defs[f"d{i}"] = {
+            "anyOf": [
+                {"type": "array", "prefixItems": [deeper]},
+                {"type": "array", "prefixItems": [deeper, {"type": "integer"}]},
+                {"type": "integer"},
+            ]
+        }
+    schema = {"$defs": defs, "type": "object", "properties": {"v": {"$ref": "#/$defs/d0"}}}
+    request = replace(ask("hi", schema_format(schema)), continuation='{"v": ' + "[" * 18)
+    started = time.monotonic()
+    with pytest.raises(BadRequestError, match="too costly"):
+        await collect(engine, request)
+    assert time.monotonic() - started < 10
+    assert engine.slots_free == engine.slots_total
 
 
 def test_property_names_are_not_taken_for_keywords() -> None:
@@ -239,3 +287,33 @@ def test_calls_are_read_back_in_pieces_as_they_stream() -> None:
     assert prose.feed("Sunny") == [tools.Prose("Sunny")]
     assert prose.end() == []
     assert tools.read_calls("Sunny <tool_call>") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<tool_call>\n{"name": "' + "a" * 50_000,  # a head that never ends
+        '<tool_call>\n{"name": "\\x", "arguments": {}}\n</tool_call>',  # no JSON string
+        '<tool_call>\n{"name": "a b", "arguments": {}}\n</tool_call>',  # no tool name
+        "<tool_cal>\n",  # not the tag
+    ],
+)
+def test_a_strangers_text_that_is_no_call_is_read_as_none_at_once(text: str) -> None:
+    # Fed a character at a time, as a hostile provider may send it: the
+    # reading stays linear, raises nothing and finds no call.
+    reader = tools.CallReader()
+    for char in text:
+        reader.feed(char)
+    reader.end()
+    assert reader.calls == []
+    assert tools.read_calls(text) is None
+
+
+def test_long_arguments_fed_a_character_at_a_time_stay_linear() -> None:
+    body = '{"text": "' + "x" * 60_000 + '"}'
+    text = tools.calls_text("", [("get_time", body)])
+    reader = tools.CallReader()
+    pieces = [e for char in text for e in reader.feed(char)] + reader.end()
+    arguments = "".join(e.text for e in pieces if isinstance(e, tools.CallArguments))
+    assert json.loads(arguments) == json.loads(body)
+    assert reader.calls == [("get_time", arguments)]

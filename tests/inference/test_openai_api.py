@@ -716,6 +716,9 @@ _HI = [{"role": "user", "content": "hi"}]
         ),
         ("/v1/messages", {"tools": [_TOOL], "tool_choice": {"type": "some"}}, "tool_choice"),
         ("/v1/messages", {"tools": [{**_TOOL, "name": "a b"}]}, "tools"),
+        ("/v1/messages", {"tools": [_TOOL], "tool_choice": {"type": []}}, "tool_choice"),
+        ("/v1/responses", {"input": [{"role": [], "content": "hi"}]}, "input[0]"),
+        ("/v1/chat/completions", {"messages": [{"role": [], "content": "hi"}]}, "messages[0].role"),
         (
             "/v1/messages",
             {"messages": [{"role": "user", "content": [{"type": "tool_use", "name": "f"}]}]},
@@ -726,8 +729,11 @@ _HI = [{"role": "user", "content": "hi"}]
 async def test_tool_fields_of_the_other_apis_are_a_400_naming_them(
     path: str, body: dict[str, Any], param: str
 ) -> None:
-    base = {"model": "fast", "input": "hi"} if path == "/v1/responses" else {
-        "model": "fast", "max_tokens": 4, "messages": _HI}  # fmt: skip
+    base = {
+        "/v1/responses": {"model": "fast", "input": "hi"},
+        "/v1/messages": {"model": "fast", "max_tokens": 4, "messages": _HI},
+        "/v1/chat/completions": CHAT,
+    }[path]
     status, raw = await _post({**base, **body}, path)
     assert status == 400
     assert json.loads(raw)["error"]["param"] == param

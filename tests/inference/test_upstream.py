@@ -12,14 +12,17 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import trio
 
 from p2pnode.errors import BadRequestError, EngineError
 from p2pnode.inference import tools
 from p2pnode.inference.engine import (
+    EMBEDDINGS,
     GRAMMAR,
     JSON_SCHEMA,
+    LOGPROBS,
     PENALTIES,
     TOOLS,
     ChatMessage,
@@ -29,16 +32,28 @@ from p2pnode.inference.engine import (
     Tool,
     collect,
 )
-from p2pnode.inference.llamacpp import bundled_model_path
+from p2pnode.inference.llamacpp import Config as LocalConfig
+from p2pnode.inference.llamacpp import bundled_model_path, open_llamacpp
 from p2pnode.inference.upstream import Config, UpstreamEngine, open_upstream
 
 pytestmark = pytest.mark.slow
 MODEL = "smol"  # the alias the server is started with
+EMBEDDER = "smol-embedding"
 BOUND_S = 60
 
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
+    yield from _server(MODEL)
+
+
+@pytest.fixture(scope="module")
+def embedding_url() -> Iterator[str]:
+    """A second server, in embedding mode (llama_cpp.server serves one or the other)."""
+    yield from _server(EMBEDDER, "--embedding", "true")
+
+
+def _server(alias: str, *extra: str) -> Iterator[str]:
     """llama-cpp-python's own server on a port it binds itself (port 0), read from
     uvicorn's start-up line; the rest of its log is read (and dropped) by a thread,
     so the pipe never fills."""
@@ -50,7 +65,7 @@ def server_url() -> Iterator[str]:
             "--model",
             str(bundled_model_path()),
             "--model_alias",
-            MODEL,
+            alias,
             "--host",
             "127.0.0.1",
             "--port",
@@ -59,6 +74,7 @@ def server_url() -> Iterator[str]:
             "1",
             "--verbose",
             "False",
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -219,3 +235,68 @@ async def test_output_formats_reach_the_server_as_our_grammar(engine: UpstreamEn
     with pytest.raises(BadRequestError, match="minimum"):
         await collect(engine, replace(request, params=replace(request.params, format=bad)))
     assert engine.slots_free == engine.slots_total
+
+
+async def test_logprobs_come_from_the_server_in_our_shape(engine: UpstreamEngine) -> None:
+    (info,) = engine.models()
+    assert LOGPROBS in info.features
+    request = _chat(8)
+    asked = replace(request, params=replace(request.params, top_logprobs=2))
+    entries = []
+    text = ""
+    async with engine.stream(asked) as chunks:
+        async for chunk in chunks:
+            text += chunk.text
+            entries += chunk.logprob_tokens
+            assert len(chunk.logprob_tokens) <= chunk.tokens
+    assert entries
+    assert b"".join(e.piece for e in entries).decode() == text
+    for e in entries:
+        assert e.logprob <= 0
+        assert len(e.top) == 2
+        assert e.top[0][1] >= e.top[1][1]
+    # (Not "greedy draws the best": the server samples its own way, with
+    # llama_cpp.server's default repeat penalty.) A drawn token listed among
+    # the alternatives has the same log-probability there.
+    listed = [dict(e.top) for e in entries]
+    assert any(e.piece in t for e, t in zip(entries, listed, strict=True))
+    for e, t in zip(entries, listed, strict=True):
+        if e.piece in t:
+            assert t[e.piece] == e.logprob
+    completion = Request(
+        model_id=MODEL, kind="completion", prompt="The sky is",
+        params=Params(max_tokens=4, temperature=0.0, top_logprobs=1),
+    )  # fmt: skip
+    shown = []
+    async with engine.stream(completion) as chunks:
+        async for chunk in chunks:
+            shown += chunk.logprob_tokens
+    assert shown
+    assert all(len(e.top) == 1 and e.logprob <= 0 for e in shown)
+
+
+async def test_embeddings_come_from_the_server_pooled_and_normalised(embedding_url: str) -> None:
+    cfg = Config(base_url=embedding_url, models=(), embedding_models=(EMBEDDER,))
+    texts = ("The cat sat on the mat.", "A dog ran in the park.", "The cat sat on the mat.")
+    local_cfg = LocalConfig(
+        model_path=bundled_model_path(), model_id="local", n_threads=1, embedding=True
+    )
+    async with open_upstream(cfg) as engine, open_llamacpp(local_cfg) as local:
+        (info,) = engine.models()
+        assert info.features == (EMBEDDINGS,)
+        got, tokens = await engine.embed(Request(model_id=EMBEDDER, kind="embedding", inputs=texts))
+        short, _ = await engine.embed(
+            Request(model_id=EMBEDDER, kind="embedding", inputs=texts[:1], dimensions=32)
+        )
+        (own,), _ = await local.embed(Request(model_id="local", kind="embedding", inputs=texts[:1]))
+        with pytest.raises(BadRequestError, match="embeddings only"):
+            await collect(engine, Request(model_id=EMBEDDER, kind="completion", prompt="x"))
+    vectors = [np.frombuffer(v, dtype="<f4") for v in got]
+    assert tokens > 0
+    assert all(v.shape == (576,) and abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)
+    assert np.array_equal(vectors[0], vectors[2])
+    # The server's per-token vectors, mean-pooled here, are our engine's own.
+    assert float(vectors[0] @ np.frombuffer(own, dtype="<f4")) > 0.999
+    cut = np.frombuffer(short[0], dtype="<f4")
+    assert cut.shape == (32,)
+    assert np.allclose(cut, vectors[0][:32] / np.linalg.norm(vectors[0][:32]), atol=1e-5)

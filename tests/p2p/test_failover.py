@@ -37,8 +37,10 @@ from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import session
 from p2pnode.protocols.infer.machine import ProviderMachine
-from p2pnode.protocols.infer.messages import Done, Receipt, Turn
+from p2pnode.protocols.infer.messages import Alternative, Done, Receipt, Turn
+from p2pnode.protocols.infer.messages import Chunk as WireChunk
 from p2pnode.protocols.infer.messages import Request as WireRequest
+from p2pnode.protocols.infer.messages import TokenLogprob as WireTokenLogprob
 from p2pnode.protocols.infer.service import Config as InferConfig
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import RejectCode, admission
@@ -935,3 +937,44 @@ async def test_a_consumer_whose_book_is_empty_finds_the_providers_in_the_dht(
         text, outcome = await _generate(me, _request())
         assert (text, outcome.provider) == (WORD * TOKENS, provider.peer_id)
         assert me.offer_book.get(provider.peer_id) is not None
+
+
+async def test_logprobs_a_provider_streams_are_bounded_by_what_was_asked(
+    autojump_clock: MockClock,
+) -> None:
+    delivered: list[WireChunk] = []
+
+    async def deliver(chunk: WireChunk) -> None:
+        delivered.append(chunk)
+
+    cfg = ConsumerConfig()
+    one = WireTokenLogprob(piece=b"a", logprob=-100, top=(Alternative(piece=b"a", logprob=-100),))
+
+    def chunk(*entries: WireTokenLogprob, tokens: int = 1) -> WireChunk:
+        return WireChunk(seq=0, text="a", tokens=tokens, logprob_tokens=entries)
+
+    await ReplyGuard(8, cfg, deliver, top_logprobs=1).deliver(chunk(one))
+    assert len(delivered) == 1
+    wrong = [
+        (chunk(one), -1),  # not asked for
+        (chunk(one, one), 1),  # two for one token
+        (chunk(one), 0),  # an alternative where none was asked
+        (chunk(replace(one, piece=b"p" * 257)), 1),
+        (chunk(replace(one, logprob=1)), 1),  # a probability above 1
+        (chunk(replace(one, top=(Alternative(piece=b"b" * 257, logprob=-1),))), 1),
+    ]
+    for sent, top in wrong:
+        with pytest.raises(RemoteProtocolError) as caught:
+            await ReplyGuard(8, cfg, deliver, top_logprobs=top).deliver(sent)
+        assert offence_of_violation(caught.value) is Offence.BROKEN_PROMISE
+    # Each within its bounds, but more bytes than 24 tokens' logprobs take.
+    wide = WireTokenLogprob(
+        piece=b"x" * 256,
+        logprob=-1,
+        top=tuple(Alternative(piece=b"y" * 256, logprob=-1) for _ in range(20)),
+    )
+    guard = ReplyGuard(8, cfg, deliver, top_logprobs=20)
+    await guard.deliver(chunk(wide, wide, wide, tokens=3))
+    with pytest.raises(RemoteProtocolError, match="more logprobs"):
+        await guard.deliver(chunk(wide, tokens=1))
+    assert len(delivered) == 2

@@ -143,6 +143,10 @@ class Backend(Protocol):
         """The (temperature, top_p) recommended for the model; None where none is."""
         ...
 
+    def prometheus(self) -> bytes:
+        """The node's metrics in Prometheus' text format."""
+        ...
+
     async def has_model(self, model_id: str) -> bool:
         """Whether the model is served here or on offer (may look it up on the network)."""
         ...
@@ -993,6 +997,11 @@ def create_app(
             return _api_error_of(exc).response()
         return JSONResponse(job.answer(vectors, tokens))
 
+    async def metrics(_request: HttpRequest) -> Response:
+        # On the trio thread: the counters are the node's, read at one moment.
+        # Prometheus' text format 0.0.4 is what prometheus_client writes.
+        return Response(backend.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return exc.response()
@@ -1010,6 +1019,7 @@ def create_app(
             Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/messages", messages, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
     )

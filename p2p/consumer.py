@@ -159,6 +159,8 @@ class Counters:
     caught: int = 0  # providers an audit caught cheating
     outvoted_auditors: int = 0  # auditors two others contradicted
     cross_checks: int = 0  # answers cut short by a failover, audited
+    prompt_tokens: int = 0  # of requests that ended, here or on the network
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -247,8 +249,12 @@ class Consumer:
             if missing:  # never an answer that quietly ignores what was asked
                 fields = enginelib.fields_of(missing)
                 raise EngineError(f"this node's engine for the model cannot honour {fields}")
-            return await _run_locally(engine, request, deliver, logprobs)
-        return await self._run_remotely(request, deliver, only, logprobs)
+            outcome = await _run_locally(engine, request, deliver, logprobs)
+        else:
+            outcome = await self._run_remotely(request, deliver, only, logprobs)
+        self.counters.prompt_tokens += outcome.prompt_tokens
+        self.counters.completion_tokens += outcome.completion_tokens
+        return outcome
 
     async def _run_remotely(
         self,

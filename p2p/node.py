@@ -237,6 +237,12 @@ class Node:
         """Every counter of this node, copied now (docs/architecture.md#metrics)."""
         return telemetry.metrics(self)
 
+    def prometheus(self) -> bytes:
+        """Every counter of this node now, in Prometheus' text format (``GET /metrics``)."""
+        from p2pnode.p2p import exposition  # prometheus_client: only when scraped
+
+        return exposition.prometheus_text(self.metrics())
+
     def connected_peers(self) -> list[str]:
         """Peer IDs this node has a live connection to."""
         return [str(p) for p in self.host.get_connected_peers()]

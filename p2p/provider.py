@@ -159,6 +159,8 @@ class Counters:
     unacknowledged: int = 0  # paid answers whose Ack never came
     ended_mid_request: int = 0  # paid requests stopped by their session's end
     scored: int = 0  # score requests answered (audits of other providers)
+    prompt_tokens: int = 0  # metered over all requests, answered or cancelled
+    completion_tokens: int = 0
 
 
 class Provider:
@@ -495,6 +497,8 @@ class Provider:
             session.requests += 1
             session.prompt_tokens += usage.prompt_tokens if usage else 0
             session.completion_tokens += usage.completion_tokens if usage else produced
+            self.counters.prompt_tokens += usage.prompt_tokens if usage else 0
+            self.counters.completion_tokens += usage.completion_tokens if usage else produced
             if usage:
                 self.counters.requests += 1
             else:
@@ -576,6 +580,7 @@ class Provider:
         prefill = scored.prompt_tokens + len(request.score_ids)
         session.requests += 1
         session.prompt_tokens += prefill
+        self.counters.prompt_tokens += prefill
         self.counters.requests += 1
         self.counters.scored += 1
         if market is not None and session.paid:
@@ -631,6 +636,7 @@ class Provider:
             )
         session.requests += 1
         session.prompt_tokens += tokens
+        self.counters.prompt_tokens += tokens
         self.counters.requests += 1
         if market is not None and session.paid:
             session.acks_pending += 1

@@ -54,6 +54,9 @@ class ScriptedNode:
         # "fast" comes with its authors' sampling, as the bundled model does.
         return (0.2, 0.9) if model_id == "fast" else (None, None)
 
+    def prometheus(self) -> bytes:
+        return b"# scripted\n"
+
     async def has_model(self, model_id: str) -> bool:
         if model_id == "lookup-forever":
             self.lookup_started.set()

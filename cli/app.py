@@ -78,15 +78,18 @@ class _Libp2pNoise(logging.Filter):
         return record.levelno >= logging.CRITICAL
 
 
-def setup_logging(level: str) -> None:
-    """One handler on stderr for every logger, ours and py-libp2p's.
+def setup_logging(level: str, form: str = "text") -> None:
+    """One handler on stderr for every logger, ours and py-libp2p's, writing
+    ``form`` lines ("text", or "json": one object a line, ``logs.py``).
 
     py-libp2p's import (``import libp2p``) clears its "libp2p" logger and turns
     its propagation off; importing it here would cost every command ~0.5 s, so
     :func:`_run` turns propagation back on once a command has imported it.
     """
+    from p2pnode import logs
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(logs.JsonFormatter() if form == "json" else logs.TextFormatter())
     handler.addFilter(_Libp2pNoise(debug=level == "debug"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -130,11 +133,20 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     default="warning",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    envvar="P2PNODE_LOG_FORMAT",
+    show_envvar=True,
+    default="text",
+    show_default=True,
+    help="json: one object a line (time, level, event, message, node, peer, session, request).",
+)
 @click.pass_context
-def main(ctx: click.Context, home: Path, log_level: str) -> None:
+def main(ctx: click.Context, home: Path, log_level: str, log_format: str) -> None:
     """p2pnode: private, paid LLM inference over a pure peer-to-peer network."""
     home = home.expanduser()
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     ctx.obj = home
     config_path = home / settings.CONFIG_FILE
     try:
@@ -229,7 +241,7 @@ def serving_options(func: Any) -> Any:
                 "--upstream-embedding-model",
                 multiple=True,
                 default=[],
-                help="Model id the upstream embeds with (repeatable; needs --upstream-url)."
+                help="Model id the upstream embeds with (repeatable; needs --upstream-url).",
             ),
             option(
                 "--upstream-key-file",

@@ -490,7 +490,7 @@ class _Generation(Response):
                 else:
                     await self._fail(send, _not_found(self._job.request.model_id))
             except (NetworkError, PaymentError, EngineError) as exc:
-                logger.info("request %s failed: %s", self._id, exc)
+                logger.info("request %s failed: %s", self._id, exc, extra={"request": self._id})
                 await self._fail(send, _api_error_of(exc))
             nursery.cancel_scope.cancel()
 

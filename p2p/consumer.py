@@ -391,7 +391,12 @@ class Consumer:
                 if any(reason in str(exc) for reason in _PROVIDER_REVERTS):
                     await self._offence(peer, request.model_id, Offence.REFUSED, exc)
                 else:
-                    logger.warning("paid session with %s not opened: %s", short(peer), exc)
+                    logger.warning(
+                        "paid session with %s not opened: %s",
+                        short(peer),
+                        exc,
+                        extra={"peer": peer},
+                    )
                 continue
             except RemoteProtocolError as exc:
                 last_error = f"{short(peer)}: {exc}"
@@ -545,7 +550,14 @@ class Consumer:
         if failed:
             for key in [k for k in self._sessions if k[0] == peer]:
                 await self._drop_session(*key)
-        logger.warning("provider %s: %s (%s; score %.1f)", short(peer), why, offence.value, score)
+        logger.warning(
+            "provider %s: %s (%s; score %.1f)",
+            short(peer),
+            why,
+            offence.value,
+            score,
+            extra={"peer": peer},
+        )
         return int(failed)
 
     async def caught(self, job: Job, verdict: Audit) -> None:
@@ -962,7 +974,11 @@ class Consumer:
             )
             if not ok:
                 self.counters.bad_receipts += 1
-                logger.warning("provider %s sent a receipt it did not sign", short(held.peer))
+                logger.warning(
+                    "provider %s sent a receipt it did not sign",
+                    short(held.peer),
+                    extra={"peer": held.peer, "session": held.session_id},
+                )
                 return Ack(signature=b"")
             signature = bytes(self._host.get_private_key().sign(receipt.signing_bytes()))
             if not held.paid:  # (a session is paid only when the node has a market)

@@ -18,6 +18,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 
+from p2pnode import logs
 from p2pnode.inference import engine as enginelib
 from p2pnode.inference.engine import Engine, Request
 from p2pnode.p2p import audit as auditlib
@@ -293,6 +294,8 @@ async def open_node(
     # Discovery registers its handlers and its connection watcher before the
     # host listens, so no connection arrives before gossip can see it.
     node = Node(config, host, engines, wallet)
+    # Every task started from here on stamps its log lines with this node.
+    logs.NODE.set(node.peer_id)
     node._register_handlers()
     # The ledger closes after every task of the node has ended.
     with single_errors_ungrouped(), closing(node.markets):

@@ -252,7 +252,12 @@ class Provider:
             paid=market is not None,
         )
         self.counters.sessions += 1
-        logger.info("session %s opened by %s", established.session_id[:4].hex(), short(peer))
+        logger.info(
+            "session %s opened by %s",
+            established.session_id[:4].hex(),
+            short(peer),
+            extra={"peer": peer, "session": established.session_id},
+        )
 
     def _admit(self, peer: str, hello: Hello) -> RejectCode | None:
         market = self.market
@@ -701,7 +706,12 @@ class Provider:
             if paid:
                 session.unacked = True
                 self.counters.unacknowledged += 1
-            logger.warning("%s %s", short(session.peer), why)
+            logger.warning(
+                "%s %s",
+                short(session.peer),
+                why,
+                extra={"peer": session.peer, "session": session.session_id},
+            )
             return
         assert ack is not None
         previous = session.acked[0].completion_tokens if session.acked else -1

@@ -351,3 +351,70 @@ def test_demo_runs_a_paid_network_in_one_process(tmp_path: Path) -> None:
     assert paid >= 0
     assert paid + refunded == escrowed  # exact amounts: they add up to the last unit
     assert "still in escrow" not in out
+
+
+def test_json_logs_at_debug_carry_no_prompt_output_or_key(tmp_path: Path) -> None:
+    """Both nodes of a chat log at debug level, as JSON: every line parses, names
+    its node, and none holds the prompt, the answer, the API key or a private key."""
+    import base64
+
+    import httpx
+
+    def node(name: str, *args: str) -> tuple[subprocess.Popen[str], Path, dict[str, object]]:
+        log, ready = tmp_path / f"{name}.log", tmp_path / f"{name}.json"
+        environment = {
+            **env(tmp_path / name), "P2PNODE_LOG_LEVEL": "debug", "P2PNODE_LOG_FORMAT": "json"
+        }  # fmt: skip
+        with log.open("w") as sink:
+            proc = subprocess.Popen(
+                [*P2PNODE, "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready),
+                 *args],
+                env=environment, stdout=subprocess.PIPE, stderr=sink, text=True,
+            )  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("p2pnode") and "ready" in line:
+                break
+        else:
+            pytest.fail(f"node did not start: {log.read_text()[-2000:]}")
+        return proc, log, json.loads(ready.read_text())
+
+    prompt = "Tell me about the quokka called Zanzibar Marmalade."
+    provider, provider_log, started = node("p")
+    addr = started["addrs"][0]  # type: ignore[index]
+    consumer, consumer_log, ready = node(
+        "c", "--no-serve", "--shim", "127.0.0.1:0", "--bootstrap", str(addr)
+    )
+    try:
+        key = (tmp_path / "c" / "api_key").read_text().strip()
+        body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+        with httpx.Client(timeout=BOUND_S) as http:
+            answer = http.post(
+                f"{ready['shim_url']}/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        assert answer.status_code == 200, answer.text
+        output = answer.json()["choices"][0]["message"]["content"]
+    finally:
+        for proc in (consumer, provider):
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=BOUND_S)
+    secrets = [prompt, "Zanzibar", "quokka", key]
+    secrets += [s for s in output.split(". ") if len(s) >= 12]  # the answer, a sentence at a time
+    for home in (tmp_path / "p", tmp_path / "c"):
+        raw = (home / "peer.key").read_bytes()
+        secrets += [raw.hex(), base64.b64encode(raw).decode()]
+    for log, home in ((provider_log, "p"), (consumer_log, "c")):
+        lines = log.read_text().splitlines()
+        assert len(lines) > 20  # debug level: much was logged
+        records = [json.loads(line) for line in lines]  # every line is JSON
+        assert all(
+            {"ts", "level", "logger", "event", "message", "node"} <= r.keys() for r in records
+        )
+        assert any(r["level"] == "debug" for r in records)
+        assert any(r["node"] for r in records)
+        text = log.read_text()
+        for secret in secrets:
+            assert secret not in text, (home, secret[:20])

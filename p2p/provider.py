@@ -20,10 +20,11 @@ with ``UNACKNOWLEDGED``, so what a consumer can take unpaid is one answer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -552,17 +553,13 @@ class Provider:
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, "this provider cannot score answers of its model"
             )
-        market = self.market
-        session.active += 1
-        session.last_used = trio.current_time()
-        if market is not None:
-            market.begin(session.session_id)
         from p2pnode.inference.audit import ImpossibleAnswer, scored_of  # scipy: only here
 
         scored: Scored | None = None  # None: it did not end (cancelled or refused)
         logprobs: tuple[int, ...] = ()
         try:
-            scores = await score(enginelib.from_wire(request), request.score_ids)
+            with self._in_use(session):
+                scores = await score(enginelib.from_wire(request), request.score_ids)
         except ImpossibleAnswer as exc:
             # An answer, not a failure: the auditor's finding, signed like any.
             scored = Scored(impossible=str(exc)[:200])
@@ -577,19 +574,11 @@ class Provider:
         else:
             scored, logprobs = scored_of(scores), millinats(scores.logprobs)
         finally:
-            session.active -= 1
-            if market is not None:
-                market.end(session.session_id)
             if scored is None:
                 self.counters.cancelled += 1
         prefill = scored.prompt_tokens + len(request.score_ids)
-        session.requests += 1
-        session.prompt_tokens += prefill
-        self.counters.prompt_tokens += prefill
-        self.counters.requests += 1
+        self._metered(session, prefill)
         self.counters.scored += 1
-        if market is not None and session.paid:
-            session.acks_pending += 1
         commitment = Commitment(
             request_hash=request_hash(request),
             gguf_sha256=weights,
@@ -614,13 +603,9 @@ class Provider:
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, "this provider does not embed with its model"
             )
-        market = self.market
-        session.active += 1
-        session.last_used = trio.current_time()
-        if market is not None:
-            market.begin(session.session_id)
         try:
-            vectors, tokens = await embed(enginelib.from_wire(request))
+            with self._in_use(session):
+                vectors, tokens = await embed(enginelib.from_wire(request))
         except EngineBusy as exc:
             self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
@@ -630,21 +615,12 @@ class Provider:
         except EngineError as exc:
             self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.INTERNAL, "the engine failed") from exc
-        finally:
-            session.active -= 1
-            if market is not None:
-                market.end(session.session_id)
         if sum(len(v) for v in vectors) > MAX_EMBED_BYTES:
             self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD, "the vectors exceed one answer: send fewer inputs"
             )
-        session.requests += 1
-        session.prompt_tokens += tokens
-        self.counters.prompt_tokens += tokens
-        self.counters.requests += 1
-        if market is not None and session.paid:
-            session.acks_pending += 1
+        self._metered(session, tokens)
         commitment = Commitment(
             request_hash=request_hash(request),
             gguf_sha256=_weights_of(engine, request.model_id),
@@ -657,6 +633,31 @@ class Provider:
             receipt=self.receipt(session, commitment),
             vectors=tuple(vectors),
         )
+
+    @contextlib.contextmanager
+    def _in_use(self, session: ServedSession) -> Iterator[None]:
+        """A request without a stream of tokens runs on ``session``: counted as
+        active and, paid, its time metered while it runs."""
+        market = self.market
+        session.active += 1
+        session.last_used = trio.current_time()
+        if market is not None:
+            market.begin(session.session_id)
+        try:
+            yield
+        finally:
+            session.active -= 1
+            if market is not None:
+                market.end(session.session_id)
+
+    def _metered(self, session: ServedSession, prompt_tokens: int) -> None:
+        """Count an answered request of ``prompt_tokens`` (paid: its Ack is awaited)."""
+        session.requests += 1
+        session.prompt_tokens += prompt_tokens
+        self.counters.prompt_tokens += prompt_tokens
+        self.counters.requests += 1
+        if self.market is not None and session.paid:
+            session.acks_pending += 1
 
     async def _await_acks(self, session: ServedSession) -> None:
         """Wait (bounded) until the Acks of the session's finished answers are looked at.

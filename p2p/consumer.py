@@ -63,6 +63,7 @@ from p2pnode.p2p.audit import Auditor, Job, RemoteScorer
 from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.finder import Finder
+from p2pnode.p2p.histograms import Histogram
 from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ConsumerMarket, OfferMismatch
 from p2pnode.p2p.pricing import PeerStats, rank
@@ -224,6 +225,8 @@ class Consumer:
         # Time to open each session: stream, handshake and (paid) the on-chain open.
         self.open_ms: list[float] = []
         self.counters = Counters()
+        # From a request's start to its first text, here or on the network.
+        self.time_to_first_token = Histogram(TTFT_BUCKETS_S)
 
     async def generate(
         self,
@@ -242,6 +245,15 @@ class Consumer:
         EngineError if this node's own engine fails.
         """
         self.counters.requests += 1
+        started, first = trio.current_time(), True
+
+        async def timed(text: str, tokens: int) -> None:
+            nonlocal first
+            if first:
+                first = False
+                self.time_to_first_token.observe(trio.current_time() - started)
+            await deliver(text, tokens)
+
         engine = self._local(request.model_id)
         if engine is not None and only is None:
             info = enginelib.info_of(engine, request.model_id)
@@ -249,9 +261,9 @@ class Consumer:
             if missing:  # never an answer that quietly ignores what was asked
                 fields = enginelib.fields_of(missing)
                 raise EngineError(f"this node's engine for the model cannot honour {fields}")
-            outcome = await _run_locally(engine, request, deliver, logprobs)
+            outcome = await _run_locally(engine, request, timed, logprobs)
         else:
-            outcome = await self._run_remotely(request, deliver, only, logprobs)
+            outcome = await self._run_remotely(request, timed, only, logprobs)
         self.counters.prompt_tokens += outcome.prompt_tokens
         self.counters.completion_tokens += outcome.completion_tokens
         return outcome
@@ -1072,6 +1084,8 @@ def _entries_ok(chunk: Chunk, top: int) -> bool:
     )
 
 
+TTFT_BUCKETS_S: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Buckets of the time-to-first-token histogram (seconds)."""
 EMBED_TOKENS_PER_INPUT: Final = 64
 """What an embedding input counts as, for the deadline of the answer."""
 MAX_DIMENSIONS: Final = 16384

@@ -15,7 +15,12 @@ from collections.abc import Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from p2pnode.p2p.telemetry import Metrics
@@ -62,6 +67,17 @@ class _Snapshot(Collector):
         for verdict, n in sorted(m.offer_verdicts.items()):
             verdicts.add_metric([verdict], n)
         yield verdicts
+        ttft = m.time_to_first_token
+        cumulative, buckets = 0, []
+        for bound, n in zip((*ttft.bounds, float("inf")), ttft.counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
+        yield HistogramMetricFamily(
+            "p2pnode_consumer_time_to_first_token_seconds",
+            "Consumer: seconds from a request's start to its first text.",
+            buckets=buckets,
+            sum_value=ttft.total,
+        )
         for attr, part in PARTS.items():
             counters = getattr(m, attr)
             if counters is None:  # a part this node does not run

@@ -25,6 +25,7 @@ from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.circuit import Counters as RelayServiceCounters
 from p2pnode.p2p.discovery import Discovery
 from p2pnode.p2p.guard import StreamGuard
+from p2pnode.p2p.histograms import Distribution
 from p2pnode.p2p.offering import Offering
 from p2pnode.protocols import offers, status
 
@@ -69,6 +70,7 @@ class Metrics:
     upgrades: relaylib.Upgrades  # relayed connections this node dialled
     relay_service: RelayServiceCounters  # what it relayed for others
     dialback: nat.HelperCounters  # dial-backs it did for others
+    time_to_first_token: Distribution  # seconds, of this node's requests
 
 
 def metrics(node: Parts) -> Metrics:
@@ -91,6 +93,7 @@ def metrics(node: Parts) -> Metrics:
         upgrades=replace(node.relay.upgrades),
         relay_service=replace(node.relay.protocol.counters),
         dialback=replace(node.dialback_helper.counters),
+        time_to_first_token=node.consumer.time_to_first_token.snapshot(),
     )
 
 

@@ -62,6 +62,18 @@ async def test_counters_move_by_what_a_chat_did(network: Network) -> None:
     assert p("p2pnode_provider_completion_tokens_total") == tokens
     assert p("p2pnode_provider_prompt_tokens_total") == prompt
     assert "p2pnode_provider_requests_total" not in consumer_after  # it serves no model
+    # One time to first token observed, somewhere in the buckets, which count up.
+    ttft = "p2pnode_consumer_time_to_first_token_seconds"
+    assert c(f"{ttft}_count") == 1
+    assert 0 < c(f"{ttft}_sum") < BOUND_S
+    buckets = sorted(
+        (float(k.split("le=")[1].rstrip("}")), v)
+        for k, v in consumer_after.items()
+        if k.startswith(f"{ttft}_bucket")
+    )
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts)
+    assert buckets[-1] == (float("inf"), consumer_after[f"{ttft}_count"])
     assert consumer_after["p2pnode_connections{kind=direct}"] >= 1
     assert consumer_after["p2pnode_offers_known"] >= 1
     assert consumer_after["p2pnode_uptime_seconds"] > 0

@@ -32,6 +32,7 @@ from p2pnode.p2p.consumer import (
     offence_of_violation,
     wire_request,
 )
+from p2pnode.p2p.histograms import Histogram
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
@@ -978,3 +979,15 @@ async def test_logprobs_a_provider_streams_are_bounded_by_what_was_asked(
     with pytest.raises(RemoteProtocolError, match="more logprobs"):
         await guard.deliver(chunk(wide, tokens=1))
     assert len(delivered) == 2
+
+
+def test_a_histogram_counts_each_value_in_the_first_bucket_that_holds_it() -> None:
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        histogram.observe(value)
+    shown = histogram.snapshot()
+    assert shown.counts == (2, 2, 1)  # le 0.1, le 1, above
+    assert shown.observed == 5
+    assert shown.total == pytest.approx(8.65)
+    histogram.observe(0.0)
+    assert shown.counts == (2, 2, 1)  # a snapshot does not move

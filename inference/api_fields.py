@@ -20,7 +20,7 @@ from starlette.types import Send
 from p2pnode.errors import BadRequestError
 from p2pnode.inference import grammar
 from p2pnode.inference.engine import JSON_OBJECT, JSON_SCHEMA, TOOLS, Format, Request, Tool
-from p2pnode.inference.tools import ToolSpec
+from p2pnode.inference.tools import TOOL_NAME, ToolSpec
 
 DEFAULT_MAX_TOKENS: Final = 512
 """``max_tokens`` when a request leaves it out."""
@@ -202,7 +202,7 @@ def checked(fmt: Format | None, param: str) -> Format | None:
 
 def tool_spec(name: object, description: object, parameters: object, where: str) -> ToolSpec:
     """A function tool as a client describes it (its three fields, any API)."""
-    if not isinstance(name, str) or not grammar.TOOL_NAME.fullmatch(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise bad_request(f"{where}: a tool's name is 1-64 of A-Z a-z 0-9 _ -", where)
     if description is not None and not isinstance(description, str):
         raise bad_request(f"{where}: a tool's description is a string", where)

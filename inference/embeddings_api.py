@@ -17,11 +17,10 @@ import numpy as np
 
 from p2pnode.inference.api_fields import bad_request, int_field
 from p2pnode.inference.engine import Request
-from p2pnode.protocols.infer.messages import MAX_EMBED_INPUTS
+from p2pnode.protocols.infer.messages import MAX_DIMENSIONS, MAX_EMBED_INPUTS
 
 MAX_INPUTS: Final = 2048
 """The most inputs one request may carry (OpenAI's bound)."""
-MAX_DIMENSIONS: Final = 16384
 
 
 @dataclass(frozen=True, slots=True)

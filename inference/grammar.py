@@ -26,7 +26,7 @@ from typing import Any, Final
 from p2pnode.errors import BadRequestError
 from p2pnode.inference import native
 from p2pnode.inference.engine import JSON_OBJECT, JSON_SCHEMA, TOOLS, Format
-from p2pnode.inference.tools import CALL_CLOSE, CALL_GAP, CALL_OPEN
+from p2pnode.inference.tools import CALL_CLOSE, CALL_GAP, CALL_OPEN, TOOL_NAME
 
 MAX_FORMAT_CHARS: Final = 32 * 1024
 """A format's schema and tool schemas together, as JSON text."""
@@ -45,7 +45,6 @@ MAX_PROPERTIES: Final = 128
 """Properties (or definitions) of one object."""
 MAX_NAME: Final = 128
 MAX_PATTERN: Final = 512
-TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CHOICES: Final = ("auto", "required")
 
 _COUNTS: Final = frozenset(

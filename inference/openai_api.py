@@ -706,28 +706,29 @@ class _Logprobs:
         """What came since the last take (a stream chunk's logprobs), if anything did."""
         if not self._new:
             return None
-        shown, self._new = self._shape(self._new, self._offset), []
+        shown, self._offset = self._shape(self._new, self._offset)
+        self._new = []
         return shown
 
     def whole(self) -> dict[str, Any]:
-        return self._shape(self._all, 0)
+        return self._shape(self._all, 0)[0]
 
-    def _shape(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    def _shape(self, entries: list[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
+        """``entries`` in their API's shape, a completion's offsets counted from
+        ``offset``; and the offset after them."""
         if self._chat:
-            return {"content": [_chat_entry(e) for e in entries], "refusal": None}
+            return {"content": [_chat_entry(e) for e in entries], "refusal": None}, offset
         tokens = [_text(e.piece) for e in entries]
         offsets = []
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
-        if entries is self._new:
-            self._offset = offset
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{_text(p): lp for p, lp in e.top} for e in entries],
             "text_offset": offsets,
-        }
+        }, offset
 
 
 def _text(piece: bytes) -> str:

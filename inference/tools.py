@@ -54,7 +54,8 @@ _TAIL_HOLD: Final = len(CALL_CLOSE) + 3
 # The longest head ({"name": "<64 characters>", "arguments": ) with room for
 # the grammar's spaces; a stranger's text that is no head by then is no call.
 _MAX_HEAD: Final = 160
-_TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a tool's name may be (OpenAI's rule); a format's tools are checked against it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,7 @@ class CallReader:
                 name = json.loads(f'"{head.group(1)}"')
             except ValueError:
                 name = ""
-            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
                 self._broken = True
                 return ""
             self._name, self._in_args = name, True

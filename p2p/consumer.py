@@ -73,6 +73,7 @@ from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.machine import ConsumerMachine
 from p2pnode.protocols.infer.messages import (
     EMBED,
+    MAX_DIMENSIONS,
     MAX_PIECE,
     PAUSED,
     SCORE,
@@ -1088,8 +1089,6 @@ TTFT_BUCKETS_S: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Buckets of the time-to-first-token histogram (seconds)."""
 EMBED_TOKENS_PER_INPUT: Final = 64
 """What an embedding input counts as, for the deadline of the answer."""
-MAX_DIMENSIONS: Final = 16384
-"""The longest embedding a consumer takes (float32 values)."""
 
 
 def check_vectors(done: Done, wire: Request) -> None:

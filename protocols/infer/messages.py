@@ -146,6 +146,8 @@ EMBED: Final = "embed"
 """Request kind of embeddings: one vector per input, in the Done (docs/protocols.md#embeddings)."""
 MAX_EMBED_INPUTS: Final = 32
 """The most inputs one embedding request may carry (the shim splits larger ones)."""
+MAX_DIMENSIONS: Final = 16384
+"""The longest vector (float32 values) a request may ask for or an answer carry."""
 MAX_EMBED_BYTES: Final = 768 * 1024
 """The most vector bytes one Done may carry (within a sealed frame's cap)."""
 

@@ -290,7 +290,7 @@ def start(
 
     from p2pnode import __version__
     from p2pnode.cli.settlement import next_block, print_settlement
-    from p2pnode.inference import openai_api
+    from p2pnode.inference import dashboard, openai_api
     from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import identity
     from p2pnode.p2p.node import open_node
@@ -340,10 +340,17 @@ def start(
                 trio.open_nursery() as nursery,
             ):
                 shim_url = None
+                logins = dashboard.Login()
                 if shim is not None and api_key is not None:
                     shim_url = await nursery.start(
-                        openai_api.serve, node, api_key, shim, shim_config
+                        partial(openai_api.serve, logins=logins),
+                        node,
+                        api_key,
+                        shim,
+                        shim_config,
                     )
+                    base = shim_url.removesuffix("/v1")
+                    node.control.more["dashboard"] = lambda _r: {"link": logins.new_link(base)}
                 # The file first, then the line: whoever waits on either sees both.
                 if ready_file is not None:
                     ready = {"peer_id": node.peer_id, "addrs": node.addrs, "shim_url": shim_url}
@@ -358,6 +365,8 @@ def start(
                     click.echo(f"serving: {model.model_id}")
                 if shim_url is not None:
                     click.echo(f"openai api: {shim_url} (key: {home / identity.API_KEY_FILE})")
+                    # Good once; `p2pnode dashboard` prints another.
+                    click.echo(f"dashboard: {logins.new_link(shim_url.removesuffix('/v1'))}")
                 if paid is not None:
                     click.echo(f"paid mode: wallet {paid.account.address}")
                 try:
@@ -636,6 +645,15 @@ def peers(as_json: bool) -> None:
     for peer in connected:
         kinds = ",".join(peer["connections"]) or "-"
         click.echo(f"{peer['peer_id']}  [{kinds}]  {' '.join(peer['addrs'])}")
+
+
+@app.main.command("dashboard")
+def dashboard_link() -> None:
+    """Print a new one-time login link to the running node's dashboard (its shim's page)."""
+    answer = _ask_node({"op": "dashboard"})
+    if "link" not in answer:
+        app.fail(ConfigError("the running node serves no dashboard: start it with --shim"))
+    click.echo(answer["link"])
 
 
 def _ask_node(request: dict[str, Any]) -> dict[str, Any]:

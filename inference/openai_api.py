@@ -64,7 +64,7 @@ from p2pnode.errors import (
     NoProviderError,
     PaymentError,
 )
-from p2pnode.inference import agent_apis, embeddings_api, tools
+from p2pnode.inference import agent_apis, dashboard, embeddings_api, tools
 from p2pnode.inference.api_fields import (
     DEFAULT_MAX_TOKENS,
     ApiError,
@@ -141,6 +141,11 @@ class Backend(Protocol):
 
     def recommended_sampling(self, model_id: str) -> tuple[float | None, float | None]:
         """The (temperature, top_p) recommended for the model; None where none is."""
+        ...
+
+    def dashboard(self) -> dict[str, Any]:
+        """What the dashboard shows: the node, its providers, connections, sessions
+        (JSON; docs/architecture.md#the-dashboard)."""
         ...
 
     def prometheus(self) -> bytes:
@@ -875,11 +880,21 @@ class _Guard:
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         api_key: str,
         config: Config,
+        logins: dashboard.Login,
     ) -> None:
         self._app = app
         self._key = api_key.encode()
         self._config = config
         self._in_flight = 0
+        self._logins = logins
+
+    def _dashboard_admits(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
+        """Whether the request carries a dashboard cookie, and (when it is not a
+        GET) the header a cross-origin page cannot add (docs/architecture.md#the-dashboard)."""
+        cookie = dashboard.cookie_of(headers)
+        if not cookie or (scope["method"] != "GET" and headers.get(dashboard.HEADER) != b"1"):
+            return False
+        return self._logins.admits(cookie)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -891,16 +906,24 @@ class _Guard:
             error = ApiError(403, f"Host {host!r} is not a loopback name", code="forbidden_host")
             await send_json(send, error.status, error.body)
             return
+        if scope["path"] == "/login":  # its one-time token is the credential
+            await self._app(scope, receive, send)
+            return
         auth = headers.get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() != b"bearer":
             # Anthropic's clients send the key as x-api-key instead.
             token = headers.get(b"x-api-key", b"")
             auth = auth or token
+        if not token and self._dashboard_admits(scope, headers):
+            token = self._key  # the dashboard's cookie admits what the owner's key admits
         if not token or not hmac.compare_digest(token.strip(), self._key):
             message = (
                 "Incorrect API key provided" if auth else "Missing API key (Authorization: Bearer)"
             )
+            if not auth and scope["path"] == "/":
+                message += "; to open the dashboard, use the login link the node printed, or "
+                message += "run `p2pnode dashboard` for a new one"
             error = ApiError(401, message, code="invalid_api_key")
             await send_json(send, error.status, error.body)
             return
@@ -937,9 +960,14 @@ def _host_name(host: str) -> str:
 
 
 def create_app(
-    backend: Backend, api_key: str, config: Config | None = None
+    backend: Backend,
+    api_key: str,
+    config: Config | None = None,
+    logins: dashboard.Login | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The shim as an ASGI app behind its guards: ``api_key``, a loopback Host, a slot."""
+    """The shim as an ASGI app behind its guards: ``api_key`` (or a dashboard cookie
+    from ``logins``), a loopback Host, a slot."""
+    logins = logins or dashboard.Login()
 
     async def list_models(_request: HttpRequest) -> JSONResponse:
         data = [_model_object(backend, m, owner) for m, owner in backend.list_models()]
@@ -1003,6 +1031,21 @@ def create_app(
         # Prometheus' text format 0.0.4 is what prometheus_client writes.
         return Response(backend.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def login(request: HttpRequest) -> Response:
+        return dashboard.login(request, logins)
+
+    async def page(_request: HttpRequest) -> Response:
+        return dashboard.page()
+
+    async def asset(request: HttpRequest) -> Response:
+        answer = dashboard.asset(request.path_params["name"])
+        if answer is None:
+            raise ApiError(404, "no such file", code="not_found")
+        return answer
+
+    async def state(_request: HttpRequest) -> Response:
+        return JSONResponse(backend.dashboard())
+
     async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return exc.response()
@@ -1021,10 +1064,14 @@ def create_app(
             Route("/v1/messages", messages, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/", page, methods=["GET"]),
+            Route("/login", login, methods=["GET"]),
+            Route("/dashboard/state", state, methods=["GET"]),
+            Route("/dashboard/{name}", asset, methods=["GET"]),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
     )
-    return _Guard(app, api_key, config or Config())
+    return _Guard(app, api_key, config or Config(), logins)
 
 
 def _not_found(model_id: str) -> ApiError:
@@ -1052,14 +1099,16 @@ async def serve(
     listen: str,
     config: Config | None = None,
     *,
+    logins: dashboard.Login | None = None,
     task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the shim on ``listen`` ("host:port") until cancelled.
 
     Reports its base URL (``http://host:port/v1``, the real port when 0 was
-    asked) through ``task_status``. Raises ConfigError if it cannot listen,
-    or if ``listen`` is not a loopback address and ``config.allow_remote`` is
-    not set; with it set, such an address is served after a logged warning.
+    asked) through ``task_status``; the dashboard's login links are
+    ``logins``'. Raises ConfigError if it cannot listen, or if ``listen`` is
+    not a loopback address and ``config.allow_remote`` is not set; with it
+    set, such an address is served after a logged warning.
     """
     config = config or Config()
     if not check_listen(listen, allow_remote=config.allow_remote):
@@ -1074,7 +1123,7 @@ async def serve(
     hypercorn.accesslog = None
     hypercorn.errorlog = logging.getLogger("p2pnode.shim")
     hypercorn.graceful_timeout = 1.0
-    app = create_app(backend, api_key, config)
+    app = create_app(backend, api_key, config, logins)
     try:
         with single_errors_ungrouped():
             async with trio.open_nursery() as nursery:

@@ -499,6 +499,19 @@ class Consumer:
             rate_limited=bool(asked) and asked == slow_down,
         )
 
+    def held_sessions(self) -> list[dict[str, object]]:
+        """The sessions this node holds now, as JSON for the dashboard."""
+        return [
+            {
+                "peer_id": held.peer,
+                "model_id": held.model_id,
+                "session_id": held.session_id.hex(),
+                "paid": held.paid,
+                "served": held.served,
+            }
+            for held in self._sessions.values()
+        ]
+
     def _cross_check(self, peer: str, wire: Request, streamed: _Streamed) -> None:
         """A provider failed before its Done, after streaming part of the answer:
         audit what it streamed (always, not at the rate: docs/architecture.md#audits).

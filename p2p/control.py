@@ -5,7 +5,8 @@ reaches only processes of the same user on the same machine, and adds no
 network surface: the OpenAI shim stays the only HTTP endpoint
 (docs/architecture.md#the-openai-shim). One JSON request line in, one JSON
 answer line out, then the connection closes. Requests: ``{"op": "offers",
-"model": <id or null>}``, ``{"op": "peers"}``, ``{"op": "status"}``. Errors come back as
+"model": <id or null>}``, ``{"op": "peers"}``, ``{"op": "status"}``, and
+``{"op": "dashboard"}`` (a new login link, when the shim runs). Errors come back as
 ``{"error": "..."}``. The client is ``p2p/control_client.py`` (blocking, so
 that the commands asking start without trio).
 """
@@ -151,9 +152,13 @@ class Answers:
         self._audit_summary = audit_summary
         self._status = status
         self._paid = paid
+        # Ops of the parts around the node (the shim's dashboard links), by name.
+        self.more: dict[str, Handler] = {}
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
+        if isinstance(op, str) and op in self.more:
+            return self.more[op](request)
         if op == "offers":
             model = request.get("model")
             if model is not None and not isinstance(model, str):

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, closing
 from functools import partial
+from typing import Any
 
 import trio
 from libp2p.abc import IHost
@@ -237,6 +238,10 @@ class Node:
     def metrics(self) -> telemetry.Metrics:
         """Every counter of this node, copied now (docs/architecture.md#metrics)."""
         return telemetry.metrics(self)
+
+    def dashboard(self) -> dict[str, Any]:
+        """What the shim's dashboard shows (docs/architecture.md#the-dashboard)."""
+        return telemetry.dashboard_state(self)
 
     def prometheus(self) -> bytes:
         """Every counter of this node now, in Prometheus' text format (``GET /metrics``)."""

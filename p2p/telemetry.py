@@ -11,15 +11,15 @@ CLI, simnet and the tests read by attribute (docs/architecture.md#metrics).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 import trio
 from libp2p.abc import IHost
 
 from p2pnode import __version__
 from p2pnode.p2p import consumer as consumerlib
+from p2pnode.p2p import control, nat, upkeep
 from p2pnode.p2p import market as marketlib
-from p2pnode.p2p import nat, upkeep
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.circuit import Counters as RelayServiceCounters
@@ -46,6 +46,7 @@ class Parts(Protocol):
     consumer: consumerlib.Consumer
     provider: providerlib.Provider | None
     markets: marketlib.Markets
+    control: control.Answers
 
     @property
     def addrs(self) -> list[str]: ...
@@ -95,6 +96,40 @@ def metrics(node: Parts) -> Metrics:
         dialback=replace(node.dialback_helper.counters),
         time_to_first_token=node.consumer.time_to_first_token.snapshot(),
     )
+
+
+# Paid sessions the dashboard lists, newest first.
+DASHBOARD_SESSIONS: Final = 20
+
+
+def dashboard_state(node: Parts) -> dict[str, Any]:
+    """What the dashboard shows, as JSON (docs/architecture.md#the-dashboard): the
+    control socket's answers, what this consumer measured of each provider, the
+    sessions it holds, its recent paid sessions with their receipts, and the
+    token counts the page turns into tokens/s."""
+    offers_known = node.control({"op": "offers"})
+    for offer in offers_known["offers"]:
+        seen = node.consumer.stats.get(offer["peer_id"])
+        offer["measured"] = {
+            "rtt_ms": seen.rtt_ms if seen else None,
+            "tokens_per_s": seen.tokens_per_s if seen else None,
+        }
+    ledger, provider = node.markets.ledger, node.provider
+    return {
+        "node": node.control({"op": "status"})
+        | {"wallet": node.markets.wallet.account.address if node.markets.wallet else None},
+        "providers": offers_known,
+        "connections": node.control({"op": "peers"})["peers"],
+        "sessions": {
+            "held": node.consumer.held_sessions(),
+            "paid": ledger.recent(DASHBOARD_SESSIONS) if ledger is not None else [],
+        },
+        "tokens": {
+            "consumed": node.consumer.counters.completion_tokens,
+            "served": provider.counters.completion_tokens if provider is not None else 0,
+        },
+        "requests": node.consumer.counters.requests,
+    }
 
 
 def status_of(node: Parts) -> status.StatusResponse:

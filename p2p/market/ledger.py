@@ -32,6 +32,12 @@ _OPEN_SESSIONS = (
     "SELECT session_id, peer, stake, ends_at, served, used_until, usage_signature"
     " FROM sessions WHERE role=? AND state='open'"
 )
+_RECENT = (
+    "SELECT s.session_id, s.role, s.peer, s.stake, s.state, s.paid, s.refunded,"
+    " r.requests, r.prompt_tokens, r.completion_tokens, length(r.provider_signature) > 0"
+    " FROM sessions s LEFT JOIN receipts r ON r.session_id = s.session_id"
+    " ORDER BY s.rowid DESC LIMIT ?"
+)
 _VERSION = "PRAGMA user_version"
 _SCHEMA = """
     CREATE TABLE IF NOT EXISTS sessions (
@@ -138,6 +144,28 @@ class Ledger:
         return [
             LedgerSession(bytes(r[0]), str(r[1]), int(r[2]), int(r[3]), bool(r[4]), int(r[5]),
                           bytes(r[6]))
+            for r in rows
+        ]  # fmt: skip
+
+    def recent(self, limit: int) -> list[dict[str, object]]:
+        """The ``limit`` sessions opened last, either role, with their latest receipt's
+        counts (JSON for the dashboard; wei as decimal strings)."""
+        keys = (
+            "session_id",
+            "role",
+            "peer_id",
+            "stake",
+            "state",
+            "paid",
+            "refunded",
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "signed",
+        )
+        rows = self._db.execute(_RECENT, (limit,))
+        return [
+            dict(zip(keys, (bytes(r[0]).hex(), *r[1:10], bool(r[10])), strict=True))
             for r in rows
         ]  # fmt: skip
 

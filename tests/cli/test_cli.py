@@ -300,6 +300,21 @@ def test_quickstart_provider_consumer_shim_and_chat(tmp_path: Path) -> None:
         assert chat.returncode == 0, chat.stderr
         assert "chatting with SmolLM2-135M-Instruct" in chat.stderr
         assert chat.stdout.strip().removeprefix(">").strip()
+        # The dashboard's one-time links: the one printed at start, and a new one.
+        assert consumer.proc.stdout is not None
+        printed = next(line for line in consumer.proc.stdout if line.startswith("dashboard: "))
+        base = shim_url.removesuffix("/v1")
+        asked = subprocess.run(
+            [*P2PNODE, "dashboard"], env=env(tmp_path / "c"), capture_output=True, text=True,
+            timeout=BOUND_S,
+        )  # fmt: skip
+        assert asked.returncode == 0, asked.stderr
+        for link in (printed.split(" ", 1)[1].strip(), asked.stdout.strip()):
+            assert link.startswith(f"{base}/login?token=")
+            with httpx.Client(timeout=BOUND_S) as http:
+                assert http.get(link).status_code == 303  # a cookie, and on to the page
+                assert http.get(f"{base}/").status_code == 200
+                assert http.get(link).status_code == 401  # good once
     finally:
         for started in (consumer, provider):
             started.proc.send_signal(signal.SIGTERM)

@@ -57,6 +57,9 @@ class ScriptedNode:
     def prometheus(self) -> bytes:
         return b"# scripted\n"
 
+    def dashboard(self) -> dict[str, Any]:
+        return {"node": {"peer_id": "scripted"}}
+
     async def has_model(self, model_id: str) -> bool:
         if model_id == "lookup-forever":
             self.lookup_started.set()

@@ -10,6 +10,7 @@ the chain settled. What ``./dev start`` runs.
 from __future__ import annotations
 
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
     from p2pnode.chain.embedded import MIN_PROVIDER_STAKE, open_embedded
     from p2pnode.chain.units import format_price
     from p2pnode.cli.settlement import print_settlement
-    from p2pnode.inference import openai_api
+    from p2pnode.inference import dashboard, openai_api
     from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import host as hostlib
     from p2pnode.p2p import identity, market
@@ -100,7 +101,10 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
                     ) as consumer,
                     trio.open_nursery() as nursery,
                 ):
-                    url = await nursery.start(openai_api.serve, consumer, api_key, shim)
+                    logins = dashboard.Login()
+                    url = await nursery.start(
+                        partial(openai_api.serve, logins=logins), consumer, api_key, shim
+                    )
                     await consumer.finder.refresh_offer(provider.peer_id)
                     if ready_file is not None:
                         ready = {
@@ -115,6 +119,7 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
                     )
                     click.echo(f"consumer {consumer.peer_id} wallet {consumer_account.address}")
                     click.echo(f"openai api: {url} (key: {home / identity.API_KEY_FILE})")
+                    click.echo(f"dashboard: {logins.new_link(url.removesuffix('/v1'))}")
                     click.echo(
                         f'try: curl -s {url}/chat/completions -H "Authorization: Bearer '
                         f'$(cat {home / identity.API_KEY_FILE})" -H "Content-Type: '

@@ -290,7 +290,7 @@ def start(
 
     from p2pnode import __version__
     from p2pnode.cli.settlement import next_block, print_settlement
-    from p2pnode.inference import dashboard, openai_api
+    from p2pnode.inference import dashboard, keys, openai_api
     from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import identity
     from p2pnode.p2p.node import open_node
@@ -343,7 +343,7 @@ def start(
                 logins = dashboard.Login()
                 if shim is not None and api_key is not None:
                     shim_url = await nursery.start(
-                        partial(openai_api.serve, logins=logins),
+                        partial(openai_api.serve, logins=logins, ring=keys.KeyRing(home)),
                         node,
                         api_key,
                         shim,

@@ -38,6 +38,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -64,7 +65,7 @@ from p2pnode.errors import (
     NoProviderError,
     PaymentError,
 )
-from p2pnode.inference import agent_apis, dashboard, embeddings_api, tools
+from p2pnode.inference import agent_apis, dashboard, embeddings_api, keys, tools
 from p2pnode.inference.api_fields import (
     DEFAULT_MAX_TOKENS,
     ApiError,
@@ -130,6 +131,8 @@ class Finished(Protocol):
     def completion_tokens(self) -> int: ...
     @property
     def vectors(self) -> tuple[bytes, ...]: ...
+    @property
+    def provider(self) -> str: ...
 
 
 class Backend(Protocol):
@@ -141,6 +144,10 @@ class Backend(Protocol):
 
     def recommended_sampling(self, model_id: str) -> tuple[float | None, float | None]:
         """The (temperature, top_p) recommended for the model; None where none is."""
+        ...
+
+    def price_per_s(self, provider: str, model_id: str) -> int:
+        """What ``provider`` asks a second for ``model_id`` (0: free, or served here)."""
         ...
 
     def dashboard(self) -> dict[str, Any]:
@@ -535,8 +542,8 @@ class _Generation(Response):
                         shown = None
                 parts.append(text)
 
-            done = await self._backend.generate(
-                job.request, deliver, logprobs=seen.add if seen is not None else None
+            done = await generate(
+                self._backend, job.request, deliver, logprobs=seen.add if seen is not None else None
             )
             finish = "length" if done.finish_reason == "length" else "stop"
             prompt_tokens += done.prompt_tokens
@@ -582,7 +589,7 @@ class _Generation(Response):
                 await self._events(send, _shape_events(shape, said))
             parts.append(text)
 
-        done = await self._backend.generate(job.request, deliver)
+        done = await generate(self._backend, job.request, deliver)
         text = "".join(parts)
         calls = (tools.read_calls(text) or []) if reader is not None else []
         usage = (done.prompt_tokens, done.completion_tokens)
@@ -804,6 +811,28 @@ def _calls(text: str, reader: _CallDeltas) -> list[dict[str, Any]]:
     ]
 
 
+async def generate(
+    backend: Backend,
+    request: Request,
+    deliver: Callable[[str, int], Awaitable[None]],
+    *,
+    logprobs: Callable[[tuple[TokenLogprob, ...]], None] | None = None,
+) -> Finished:
+    """``backend.generate``, its use charged to the team key that asked, if one did:
+    its tokens, and its seconds at its provider's price (docs/architecture.md#team-keys)."""
+    started = trio.current_time()
+    if logprobs is None:
+        done = await backend.generate(request, deliver)
+    else:
+        done = await backend.generate(request, deliver, logprobs=logprobs)
+    account = keys.CURRENT.get()
+    if account is not None:
+        price = backend.price_per_s(done.provider, request.model_id) if done.provider else 0
+        seconds = trio.current_time() - started
+        account.charge(done.prompt_tokens, done.completion_tokens, math.ceil(price * seconds))
+    return done
+
+
 async def _no_text(_text: str, _tokens: int) -> None:
     """Where an embedding request's text would go: it has none."""
 
@@ -881,8 +910,10 @@ class _Guard:
         api_key: str,
         config: Config,
         logins: dashboard.Login,
+        ring: keys.KeyRing,
     ) -> None:
         self._app = app
+        self._keys = ring
         self._key = api_key.encode()
         self._config = config
         self._in_flight = 0
@@ -917,16 +948,13 @@ class _Guard:
             auth = auth or token
         if not token and self._dashboard_admits(scope, headers):
             token = self._key  # the dashboard's cookie admits what the owner's key admits
+        team: keys.Key | None = None
         if not token or not hmac.compare_digest(token.strip(), self._key):
-            message = (
-                "Incorrect API key provided" if auth else "Missing API key (Authorization: Bearer)"
-            )
-            if not auth and scope["path"] == "/":
-                message += "; to open the dashboard, use the login link the node printed, or "
-                message += "run `p2pnode dashboard` for a new one"
-            error = ApiError(401, message, code="invalid_api_key")
-            await send_json(send, error.status, error.body)
-            return
+            verdict = self._keys.admit(token.decode("latin-1"), time.monotonic()) if token else None
+            if not isinstance(verdict, keys.Key):
+                await self._refuse(send, scope["path"], verdict, bool(auth))
+                return
+            team = verdict
         limit = self._config.max_in_flight
         if self._in_flight >= limit:
             await ApiError(
@@ -938,10 +966,36 @@ class _Guard:
             ).send(send)
             return
         self._in_flight += 1
+        charged = keys.CURRENT.set(self._keys.begin(team.name) if team is not None else None)
         try:
             await self._app(scope, receive, send)
         finally:
+            keys.CURRENT.reset(charged)
             self._in_flight -= 1
+
+    @staticmethod
+    async def _refuse(send: Send, path: str, why: keys.Refusal | None, said_a_key: bool) -> None:
+        """401 for no key or a wrong or revoked one; 429 for a team key past a limit."""
+        if why is not None and why.status == 429:
+            quota = why.code == "insufficient_quota"
+            await ApiError(
+                429,
+                why.message,
+                type_="insufficient_quota" if quota else "requests",
+                code=why.code,
+                headers={} if quota else {"retry-after": str(int(keys.WINDOW_S))},
+            ).send(send)
+            return
+        if why is not None:
+            message = why.message
+        elif said_a_key:
+            message = "Incorrect API key provided"
+        else:
+            message = "Missing API key (Authorization: Bearer)"
+            if path == "/":
+                message += "; to open the dashboard, use the login link the node printed, or "
+                message += "run `p2pnode dashboard` for a new one"
+        await ApiError(401, message, code="invalid_api_key").send(send)
 
 
 def _host_name(host: str) -> str:
@@ -964,10 +1018,12 @@ def create_app(
     api_key: str,
     config: Config | None = None,
     logins: dashboard.Login | None = None,
+    ring: keys.KeyRing | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The shim as an ASGI app behind its guards: ``api_key`` (or a dashboard cookie
-    from ``logins``), a loopback Host, a slot."""
+    """The shim as an ASGI app behind its guards: ``api_key``, a team key of
+    ``ring``, or a dashboard cookie from ``logins``; a loopback Host; a slot."""
     logins = logins or dashboard.Login()
+    ring = ring or keys.KeyRing(None)
 
     async def list_models(_request: HttpRequest) -> JSONResponse:
         data = [_model_object(backend, m, owner) for m, owner in backend.list_models()]
@@ -1018,7 +1074,7 @@ def create_app(
         tokens = 0
         try:
             for part in job.requests():
-                done = await backend.generate(part, _no_text)
+                done = await generate(backend, part, _no_text)
                 vectors += done.vectors
                 tokens += done.prompt_tokens
         except (NetworkError, PaymentError, EngineError) as exc:
@@ -1029,7 +1085,12 @@ def create_app(
     async def metrics(_request: HttpRequest) -> Response:
         # On the trio thread: the counters are the node's, read at one moment.
         # Prometheus' text format 0.0.4 is what prometheus_client writes.
-        return Response(backend.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        page = backend.prometheus()
+        if team := ring.keys():
+            from p2pnode.inference import key_metrics  # prometheus_client: only when scraped
+
+            page += key_metrics.prometheus_text(team, ring.usage)
+        return Response(page, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def login(request: HttpRequest) -> Response:
         return dashboard.login(request, logins)
@@ -1044,7 +1105,7 @@ def create_app(
         return answer
 
     async def state(_request: HttpRequest) -> Response:
-        return JSONResponse(backend.dashboard())
+        return JSONResponse(backend.dashboard() | {"keys": ring.listing()})
 
     async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -1071,7 +1132,7 @@ def create_app(
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
     )
-    return _Guard(app, api_key, config or Config(), logins)
+    return _Guard(app, api_key, config or Config(), logins, ring)
 
 
 def _not_found(model_id: str) -> ApiError:
@@ -1100,13 +1161,14 @@ async def serve(
     config: Config | None = None,
     *,
     logins: dashboard.Login | None = None,
+    ring: keys.KeyRing | None = None,
     task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the shim on ``listen`` ("host:port") until cancelled.
 
     Reports its base URL (``http://host:port/v1``, the real port when 0 was
     asked) through ``task_status``; the dashboard's login links are
-    ``logins``'. Raises ConfigError if it cannot listen, or if ``listen`` is
+    ``logins``', its team keys ``ring``. Raises ConfigError if it cannot listen, or if ``listen`` is
     not a loopback address and ``config.allow_remote`` is not set; with it
     set, such an address is served after a logged warning.
     """
@@ -1123,7 +1185,7 @@ async def serve(
     hypercorn.accesslog = None
     hypercorn.errorlog = logging.getLogger("p2pnode.shim")
     hypercorn.graceful_timeout = 1.0
-    app = create_app(backend, api_key, config, logins)
+    app = create_app(backend, api_key, config, logins, ring)
     try:
         with single_errors_ungrouped():
             async with trio.open_nursery() as nursery:

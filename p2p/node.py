@@ -239,6 +239,13 @@ class Node:
         """Every counter of this node, copied now (docs/architecture.md#metrics)."""
         return telemetry.metrics(self)
 
+    def price_per_s(self, provider: str, model_id: str) -> int:
+        """What ``provider`` offers ``model_id`` at a second; 0 in free mode, where no
+        one is paid (what the shim charges a team key, docs/architecture.md#team-keys)."""
+        offer = self.offer_book.get(provider)
+        terms = offer.serves(model_id) if offer is not None else None
+        return terms.price_per_s if terms is not None and self.markets.consumer else 0
+
     def dashboard(self) -> dict[str, Any]:
         """What the shim's dashboard shows (docs/architecture.md#the-dashboard)."""
         return telemetry.dashboard_state(self)

@@ -122,6 +122,20 @@ function showSessions(sessions) {
   fill($("sessions"), rows, "no sessions yet");
 }
 
+function showKeys(keys) {
+  $("keys-section").hidden = keys.length === 0;
+  const rows = keys.map((k) => {
+    const limits = [];
+    if (k.spend_limit !== null) limits.push("spend ≤ " + tokens(k.spend_limit));
+    if (k.rate_limit !== null) limits.push(k.rate_limit + " req/min");
+    return [cell(k.name), cell(k.revoked ? "revoked" : "active", k.revoked ? "bad" : "ok"),
+      cell(k.requests), cell(`${k.prompt_tokens} + ${k.completion_tokens}`),
+      cell(tokens(k.spent_wei)), cell(limits.join(", ") || "none")];
+  });
+  $("keys-count").textContent = `(${keys.length})`;
+  fill($("keys"), rows, "");
+}
+
 function showRates(state) {
   const now = performance.now();
   if (last !== null) {
@@ -142,6 +156,7 @@ async function refresh() {
     showProviders(state.providers);
     showConnections(state.connections);
     showSessions(state.sessions);
+    showKeys(state.keys || []);
     showRates(state);
     $("error").hidden = true;
     document.body.dataset.loaded = "yes";

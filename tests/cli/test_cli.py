@@ -433,3 +433,24 @@ def test_json_logs_at_debug_carry_no_prompt_output_or_key(tmp_path: Path) -> Non
         text = log.read_text()
         for secret in secrets:
             assert secret not in text, (home, secret[:20])
+
+
+def test_keys_add_list_revoke(tmp_path: Path) -> None:
+    """A team's keys: made with their limits, shown once, listed, revoked."""
+    added = invoke(tmp_path, "keys", "add", "alice", "--spend-limit", "2.5", "--rate-limit", "30")
+    assert added.exit_code == 0, added.stderr
+    key = added.stdout.strip()
+    assert key.startswith("sk-p2pnode-")
+    assert "not shown again" in added.stderr
+    assert invoke(tmp_path, "keys", "add", "bob").exit_code == 0
+    again = invoke(tmp_path, "keys", "add", "alice")
+    assert again.exit_code != 0
+    assert "already" in again.stderr
+    listed = invoke(tmp_path, "keys", "list")
+    assert re.search(r"alice\s+active\s+0 requests.*spend limit 2\.5 tokens, 30 requests/min",
+                     listed.stdout), listed.stdout  # fmt: skip
+    assert invoke(tmp_path, "keys", "revoke", "alice").exit_code == 0
+    (alice, bob) = json.loads(invoke(tmp_path, "keys", "list", "--json").stdout)
+    assert (alice["name"], alice["revoked"], alice["spend_limit"]) == ("alice", True, 25 * 10**17)
+    assert (bob["name"], bob["revoked"], bob["spend_limit"]) == ("bob", False, None)
+    assert key not in (tmp_path / "keys.json").read_text()

@@ -13,10 +13,11 @@ import functools
 import shutil
 from pathlib import Path
 
+import openai
 import pytest
 import trio
 
-from p2pnode.inference import dashboard, openai_api
+from p2pnode.inference import dashboard, keys, openai_api
 from p2pnode.tests.e2e.network import BOUND_S, MODEL, Network
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,8 @@ def _browse(link: str, provider: str, screenshot: Path) -> tuple[str, str, list[
         assert turn.get_attribute("data-done") == "yes", answer
         # One more poll, so the picture shows the session and tokens the chat made.
         wait.until(lambda d: MODEL in d.find_element(By.ID, "sessions").text)
+        team = driver.find_element(By.ID, "keys").text
+        assert "ci-bot" in team, team
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))
         console = [entry["message"] for entry in driver.get_log("browser")]
@@ -77,15 +80,24 @@ def _browse(link: str, provider: str, screenshot: Path) -> tuple[str, str, list[
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs chromium and chromium-driver (./dev setup installs them as root)",
 )
-async def test_the_page_lists_the_provider_and_streams_a_chat(network: Network) -> None:
+async def test_the_page_lists_the_provider_and_streams_a_chat(
+    network: Network, tmp_path: Path
+) -> None:
     provider = await network.add_provider()
     logins = dashboard.Login()
+    team_key = keys.add_key(tmp_path, "ci-bot", 10**18, 60)
     url = await network.nursery.start(
-        functools.partial(openai_api.serve, logins=logins),
+        functools.partial(openai_api.serve, logins=logins, ring=keys.KeyRing(tmp_path)),
         network.consumer,
         network.api_key,
         "127.0.0.1:0",
     )
+    # A teammate's request first, with their own key: the page lists its use.
+    bot = openai.AsyncOpenAI(base_url=url, api_key=team_key, max_retries=0)
+    with trio.fail_after(BOUND_S):
+        await bot.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
     link = logins.new_link(url.removesuffix("/v1"))
     screenshot = ARTIFACTS / "dashboard.png"
     with trio.fail_after(BOUND_S * 3):
@@ -94,8 +106,8 @@ async def test_the_page_lists_the_provider_and_streams_a_chat(network: Network) 
         )
     assert MODEL in providers
     assert answer.strip(), "the chat box showed no answer"
-    assert network.consumer.consumer.counters.requests == 1  # through the network, once
+    assert network.consumer.consumer.counters.requests == 2  # the bot's, then the page's
     assert provider.provider is not None
-    assert provider.provider.counters.requests == 1
+    assert provider.provider.counters.requests == 2
     assert not [line for line in console if "SEVERE" in line or "Error" in line], console
     assert screenshot.stat().st_size > 10_000

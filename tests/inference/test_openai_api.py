@@ -35,6 +35,8 @@ class Outcome:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    provider: str = "scripted-peer"
+    vectors: tuple[bytes, ...] = ()
 
 
 class ScriptedNode:
@@ -56,6 +58,9 @@ class ScriptedNode:
 
     def prometheus(self) -> bytes:
         return b"# scripted\n"
+
+    def price_per_s(self, provider: str, model_id: str) -> int:
+        return 10**15 if provider == "scripted-peer" else 0
 
     def dashboard(self) -> dict[str, Any]:
         return {"node": {"peer_id": "scripted"}}

@@ -189,6 +189,11 @@ class _Slots(RelayResourceManager):
         hostlib.unprotect(self._host, peer, RESERVATION_TAG)
 
     @property
+    def held(self) -> int:
+        """Reservation slots held by peers now."""
+        return len(self._reservations)
+
+    @property
     def _host(self) -> IHost:
         assert self.host is not None  # always given here
         return self.host
@@ -251,12 +256,16 @@ class Protocol(CircuitV2Protocol):
         banned: Callable[[str], bool],
     ) -> None:
         super().__init__(host, limits=limits, allow_hop=allow_hop)
-        self.resource_manager = _Slots(limits, host, slot_grace_s)
+        self.resource_manager = self._slots = _Slots(limits, host, slot_grace_s)
         self.budget = budget
         self.counters = Counters()
         self._is_our_relay = is_our_relay
         self._misbehaved = misbehaved
         self._banned = banned
+
+    def reservations(self) -> int:
+        """Peers holding a reservation on this relay now."""
+        return self._slots.held
 
     async def _handle_hop_stream(self, stream: INetStream) -> None:
         """Serve one HOP request (RESERVE or CONNECT), then end the stream."""

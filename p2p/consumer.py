@@ -63,7 +63,7 @@ from p2pnode.p2p.audit import Auditor, Job, RemoteScorer
 from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.finder import Finder
-from p2pnode.p2p.histograms import Histogram
+from p2pnode.p2p.histograms import TTFT_BUCKETS_S, Histogram
 from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ConsumerMarket, OfferMismatch
 from p2pnode.p2p.pricing import PeerStats, rank
@@ -161,6 +161,7 @@ class Counters:
     caught: int = 0  # providers an audit caught cheating
     outvoted_auditors: int = 0  # auditors two others contradicted
     cross_checks: int = 0  # answers cut short by a failover, audited
+    providers_tried: int = 0  # attempts: a request's first provider, and each failover
     prompt_tokens: int = 0  # of requests that ended, here or on the network
     completion_tokens: int = 0
 
@@ -368,6 +369,7 @@ class Consumer:
             tried.add(peer)
             asked.add(peer)
             attempts += 1
+            self.counters.providers_tried += 1
             if delivered and not paused:
                 failovers += 1
                 self.counters.failovers += 1
@@ -1098,7 +1100,6 @@ def _entries_ok(chunk: Chunk, top: int) -> bool:
     )
 
 
-TTFT_BUCKETS_S: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Buckets of the time-to-first-token histogram (seconds)."""
 EMBED_TOKENS_PER_INPUT: Final = 64
 """What an embedding input counts as, for the deadline of the answer."""

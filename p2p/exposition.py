@@ -3,9 +3,10 @@
 Built on the metrics snapshot (``p2p/telemetry.py``), written with
 prometheus_client's own families and encoder (docs/architecture.md#metrics).
 Every counter of every part the node runs becomes
-``p2pnode_<part>_<counter>_total``; the gauges and the two labelled families
-have labels from fixed small sets (connection kind, offer verdict), never a
-peer, so a stranger cannot grow the scrape.
+``p2pnode_<part>_<counter>_total``; the gauges, histograms and labelled
+families have labels from fixed small sets (connection kind, offer verdict,
+our protocols, error codes, offence kinds), never a peer, so a stranger
+cannot grow the scrape.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from p2pnode.p2p import nat
+from p2pnode.p2p.histograms import Distribution
 from p2pnode.p2p.telemetry import Metrics
+
+REACHABILITY: Final = tuple(r.value for r in nat.Reachability)
 
 # Metrics' counter parts, by the name their metrics carry.
 PARTS: Final = {
@@ -67,17 +72,19 @@ class _Snapshot(Collector):
         for verdict, n in sorted(m.offer_verdicts.items()):
             verdicts.add_metric([verdict], n)
         yield verdicts
-        ttft = m.time_to_first_token
-        cumulative, buckets = 0, []
-        for bound, n in zip((*ttft.bounds, float("inf")), ttft.counts, strict=True):
-            cumulative += n
-            buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
-        yield HistogramMetricFamily(
+        yield from _node_health(m)
+        yield _histogram(
             "p2pnode_consumer_time_to_first_token_seconds",
             "Consumer: seconds from a request's start to its first text.",
-            buckets=buckets,
-            sum_value=ttft.total,
+            m.time_to_first_token,
         )
+        yield _histogram(
+            "p2pnode_dht_lookup_seconds",
+            "Discovery: seconds per DHT lookup of a model's providers.",
+            m.lookup_seconds,
+        )
+        if m.provider is not None:
+            yield from _provider(m)
         for attr, part in PARTS.items():
             counters = getattr(m, attr)
             if counters is None:  # a part this node does not run
@@ -89,6 +96,88 @@ class _Snapshot(Collector):
                     f"{part.replace('_', ' ').capitalize()}: {words}.",
                     value=getattr(counters, field.name),
                 )
+
+
+def _node_health(m: Metrics) -> Iterator[Metric]:
+    reachability = GaugeMetricFamily(
+        "p2pnode_reachability", "1 for what the node finds itself now.", labels=["state"]
+    )
+    for state in REACHABILITY:
+        reachability.add_metric([state], int(m.reachability == state))
+    yield reachability
+    yield GaugeMetricFamily(
+        "p2pnode_upgraded_connections",
+        "Relayed connections upgraded to direct ones, open now.",
+        value=m.upgraded_connections,
+    )
+    yield GaugeMetricFamily(
+        "p2pnode_relays_held", "Relays this node holds a reservation on.", value=m.relays_held
+    )
+    yield GaugeMetricFamily(
+        "p2pnode_relay_reservations",
+        "Peers holding a reservation on this node's relay now.",
+        value=m.reservations_served,
+    )
+    errors = CounterMetricFamily(
+        "p2pnode_protocol_errors",
+        "Peers' violations of our protocols, by protocol and error code.",
+        labels=["protocol", "code"],
+    )
+    for (protocol, code), n in sorted(m.protocol_errors.items()):
+        errors.add_metric([protocol, code], n)
+    yield errors
+    offences = CounterMetricFamily(
+        "p2pnode_peer_offences", "Peers' offences, by kind.", labels=["kind"]
+    )
+    for kind, n in sorted(m.offences.items()):
+        offences.add_metric([kind], n)
+    yield offences
+    misbehaving = GaugeMetricFamily(
+        "p2pnode_misbehaving_peers", "Peers with a misbehaviour score now.", labels=["state"]
+    )
+    misbehaving.add_metric(["scored"], m.misbehaving_peers)
+    misbehaving.add_metric(["banned"], m.banned_peers)
+    yield misbehaving
+
+
+def _provider(m: Metrics) -> Iterator[Metric]:
+    refusals = CounterMetricFamily(
+        "p2pnode_provider_refusals", "Provider: requests refused, by error code.", labels=["code"]
+    )
+    for code, n in sorted(m.provider_refusals.items()):
+        refusals.add_metric([code], n)
+    yield refusals
+    slots = GaugeMetricFamily(
+        "p2pnode_provider_slots", "Provider: its engines' slots.", labels=["state"]
+    )
+    slots.add_metric(["free"], m.slots_free)
+    slots.add_metric(["busy"], m.slots_total - m.slots_free)
+    yield slots
+    yield GaugeMetricFamily(
+        "p2pnode_provider_queue_length",
+        "Provider: requests waiting for a slot.",
+        value=m.queue_length,
+    )
+    if m.provider_time_to_first_token is not None:
+        yield _histogram(
+            "p2pnode_provider_time_to_first_token_seconds",
+            "Provider: seconds from a request's admission to its first token.",
+            m.provider_time_to_first_token,
+        )
+    if m.provider_tokens_per_s is not None:
+        yield _histogram(
+            "p2pnode_provider_tokens_per_second",
+            "Provider: decoding speed of each answer, tokens a second.",
+            m.provider_tokens_per_s,
+        )
+
+
+def _histogram(name: str, documentation: str, seen: Distribution) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, n in zip((*seen.bounds, float("inf")), seen.counts, strict=True):
+        cumulative += n
+        buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=seen.total)
 
 
 def prometheus_text(metrics: Metrics) -> bytes:

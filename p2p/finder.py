@@ -17,6 +17,7 @@ from p2pnode.errors import NetworkError, RemoteProtocolError
 from p2pnode.p2p import discovery as discoverylib
 from p2pnode.p2p import reputation as reputationlib
 from p2pnode.p2p.dialer import Dialer
+from p2pnode.p2p.histograms import LOOKUP_BUCKETS_S, Histogram
 from p2pnode.p2p.host import short
 from p2pnode.protocols import offers, status
 from p2pnode.protocols.status import service as status_service
@@ -40,12 +41,17 @@ class Finder:
         self._dialer = dialer
         self._reputation = reputation
         self._cfg = cfg
+        self.lookups = Histogram(LOOKUP_BUCKETS_S)  # seconds per DHT lookup
 
     async def find_providers(self, model_id: str) -> list[str]:
-        """Peer IDs that serve ``model_id`` according to the DHT (one lookup)."""
+        """Peer IDs that serve ``model_id`` according to the DHT (one lookup, timed)."""
         if self._discovery is None:
             return []
-        return await self._discovery.find_providers(model_id)
+        started = trio.current_time()
+        try:
+            return await self._discovery.find_providers(model_id)
+        finally:
+            self.lookups.observe(trio.current_time() - started)
 
     async def status_of(self, peer: str) -> status.StatusResponse:
         """Ask a peer (a peer ID we can reach, or a full multiaddr) for its status."""

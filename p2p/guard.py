@@ -39,6 +39,9 @@ class StreamGuard:
         # Inbound streams of ours running now, per peer.
         self._streams: collections.Counter[str] = collections.Counter()
         self.refused = 0
+        # Protocol violations of peers, by our protocol and the error code
+        # (both from fixed sets: a stranger cannot add a label).
+        self.violations: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def running(self, peer: str | None = None) -> int:
         """Streams running now, of ``peer`` or of everyone."""
@@ -60,6 +63,7 @@ class StreamGuard:
             try:
                 await serve(stream)
             except RemoteProtocolError as exc:
+                self.violations[(protocol, exc.code.name.lower())] += 1
                 score = self._reputation.record(
                     peer, reputationlib.Offence.PROTOCOL, trio.current_time()
                 )

@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Final
+
+# Seconds from a request's start to its first text (consumer) or from a
+# request's admission to its first token (provider).
+TTFT_BUCKETS_S: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A provider's decoding speed per answer, tokens a second.
+SPEED_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+# Seconds one DHT lookup of a model's providers took.
+LOOKUP_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ with ``UNACKNOWLEDGED``, so what a consumer can take unpaid is one answer
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -36,6 +37,7 @@ from p2pnode.errors import BadRequestError, EngineError, ErrorCode
 from p2pnode.inference import engine as enginelib
 from p2pnode.inference.engine import Engine, EngineBusy
 from p2pnode.p2p.discovery import verify_peer_signature
+from p2pnode.p2p.histograms import SPEED_BUCKETS, TTFT_BUCKETS_S, Histogram
 from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ProviderMarket
 from p2pnode.p2p.ratelimit import RateLimiter
@@ -189,6 +191,11 @@ class Provider:
         self.sessions: dict[bytes, ServedSession] = {}
         self._handshakes: dict[str, int] = {}
         self.counters = Counters()
+        # Refusals by error code (a fixed set), from admission to generation.
+        self.refusals: collections.Counter[str] = collections.Counter()
+        # From a request's admission to its first token; decoding speed per answer.
+        self.time_to_first_token = Histogram(TTFT_BUCKETS_S)
+        self.tokens_per_s = Histogram(SPEED_BUCKETS)
 
     # --- sessions ------------------------------------------------------------
 
@@ -322,7 +329,7 @@ class Provider:
         try:
             await infer_service.serve_infer(
                 stream,
-                lambda opened: self.lookup(peer, opened, admitted),
+                lambda opened: self._refused(self.lookup(peer, opened, admitted)),
                 self._run,
                 self._on_ack,
                 self.cfg.infer,
@@ -354,7 +361,19 @@ class Provider:
         admitted.append(session)
         return session.keys
 
+    def _refused(self, found: SessionKeys | Error) -> SessionKeys | Error:
+        if isinstance(found, Error):
+            self.refusals[ErrorCode(found.code).name.lower()] += 1
+        return found
+
     async def _run(self, opened: InferOpen, request: Request, emit: infer_service.Emit) -> Done:
+        try:
+            return await self._answer(opened, request, emit)
+        except infer_service.RequestRefused as exc:
+            self.refusals[exc.code.name.lower()] += 1
+            raise
+
+    async def _answer(self, opened: InferOpen, request: Request, emit: infer_service.Emit) -> Done:
         session = self.sessions.get(opened.session_id)
         if session is None:  # evicted between InferOpen and Request
             raise infer_service.RequestRefused(ErrorCode.UNKNOWN_SESSION, "no such session")
@@ -433,10 +452,11 @@ class Provider:
         if request.kind == EMBED:
             return await self._embed(session, request, engine)
         session.active += 1
-        session.last_used = trio.current_time()
+        session.last_used = admitted_at = trio.current_time()
         if market is not None:
             market.begin(session.session_id)
         produced = 0
+        first_at: float | None = None
         token_ids: list[int] = []
         logprobs: list[float] = []
         usage: enginelib.Usage | None = None
@@ -470,6 +490,9 @@ class Provider:
                             token_ids += chunk.token_ids
                             logprobs += chunk.logprobs
                             if chunk.text:
+                                if first_at is None:
+                                    first_at = trio.current_time()
+                                    self.time_to_first_token.observe(first_at - admitted_at)
                                 produced += chunk.tokens
                                 await emit(
                                     chunk.text,
@@ -507,6 +530,9 @@ class Provider:
             self.counters.completion_tokens += usage.completion_tokens if usage else produced
             if usage:
                 self.counters.requests += 1
+                decoding = trio.current_time() - first_at if first_at is not None else 0.0
+                if produced >= 2 and decoding > 0:  # the first token's time is the prompt's
+                    self.tokens_per_s.observe((produced - 1) / decoding)
             else:
                 self.counters.cancelled += 1
             if market is not None:

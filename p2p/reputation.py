@@ -133,6 +133,12 @@ class Reputation:
         offences = {o.value: n for o, n in held.counts.items()}
         return Standing(round(score, 2), score >= self.cfg.ban_score, held.served, offences)
 
+    def misbehaving(self, now: float) -> tuple[int, int]:
+        """Peers with a score now, and of those the banned (the book is bounded)."""
+        scores = [self.score(peer, now) for peer in self._peers]
+        scored = sum(1 for s in scores if s > 0)
+        return scored, sum(1 for s in scores if s >= self.cfg.ban_score)
+
     def __len__(self) -> int:
         return len(self._peers)
 

@@ -22,8 +22,10 @@ from p2pnode.p2p import control, nat, upkeep
 from p2pnode.p2p import market as marketlib
 from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p import relay as relaylib
+from p2pnode.p2p import reputation as reputationlib
 from p2pnode.p2p.circuit import Counters as RelayServiceCounters
 from p2pnode.p2p.discovery import Discovery
+from p2pnode.p2p.finder import Finder
 from p2pnode.p2p.guard import StreamGuard
 from p2pnode.p2p.histograms import Distribution
 from p2pnode.p2p.offering import Offering
@@ -47,6 +49,8 @@ class Parts(Protocol):
     provider: providerlib.Provider | None
     markets: marketlib.Markets
     control: control.Answers
+    reputation: reputationlib.Reputation
+    finder: Finder
 
     @property
     def addrs(self) -> list[str]: ...
@@ -72,12 +76,29 @@ class Metrics:
     relay_service: RelayServiceCounters  # what it relayed for others
     dialback: nat.HelperCounters  # dial-backs it did for others
     time_to_first_token: Distribution  # seconds, of this node's requests
+    reachability: str  # public, private or unknown
+    upgraded_connections: int  # relayed connections upgraded to direct ones, now
+    relays_held: int  # relays this node holds a reservation on
+    reservations_served: int  # peers holding a reservation on this node's relay
+    protocol_errors: dict[tuple[str, str], int]  # peers' violations by (protocol, code)
+    offences: dict[str, int]  # peers' offences by kind, over the node's life
+    misbehaving_peers: int  # peers with a misbehaviour score now
+    banned_peers: int  # of those, banned now
+    lookup_seconds: Distribution  # DHT lookups of a model's providers
+    provider_refusals: dict[str, int]  # by error code (a node that serves: else empty)
+    provider_time_to_first_token: Distribution | None  # seconds from admission
+    provider_tokens_per_s: Distribution | None  # decoding speed per answer
+    slots_total: int  # this node's engines' slots
+    slots_free: int  # of those, free now
+    queue_length: int  # requests waiting for one
 
 
 def metrics(node: Parts) -> Metrics:
     """A copy of every counter now: later counting does not change it."""
     kinds = node.relay.connection_counts()
     provider, billing, stakes = node.provider, node.markets.provider, node.markets.consumer
+    scored, banned = node.reputation.misbehaving(trio.current_time())
+    load = node.offering.load()
     return Metrics(
         peer_id=node.peer_id,
         uptime_s=round(trio.current_time() - node.started_at, 3),
@@ -95,6 +116,21 @@ def metrics(node: Parts) -> Metrics:
         relay_service=replace(node.relay.protocol.counters),
         dialback=replace(node.dialback_helper.counters),
         time_to_first_token=node.consumer.time_to_first_token.snapshot(),
+        reachability=node.reachability.verdict.reachability.value,
+        upgraded_connections=node.relay.upgraded,
+        relays_held=len(node.relay.reservations),
+        reservations_served=node.relay.protocol.reservations(),
+        protocol_errors=dict(node.guard.violations),
+        offences={o.value: n for o, n in node.reputation.totals.items()},
+        misbehaving_peers=scored,
+        banned_peers=banned,
+        lookup_seconds=node.finder.lookups.snapshot(),
+        provider_refusals=dict(provider.refusals) if provider is not None else {},
+        provider_time_to_first_token=provider.time_to_first_token.snapshot() if provider else None,
+        provider_tokens_per_s=provider.tokens_per_s.snapshot() if provider else None,
+        slots_total=load.slots_total,
+        slots_free=load.slots_free,
+        queue_length=load.queue_len,
     )
 
 

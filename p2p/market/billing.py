@@ -33,6 +33,7 @@ class BillingCounters:
     acks: int = 0
     claimed_silent: int = 0  # claimed after the consumer went silent
     missed_claims: int = 0  # sessions whose claim window passed unclaimed
+    gas_used: int = 0  # of its claims and closes
 
 
 @dataclass
@@ -396,6 +397,7 @@ class ProviderMarket:
                         signature,
                     )
                 paid, refunded = tx.value
+                self.counters.gas_used += tx.gas_used
                 self.counters.settled += 1
                 self.counters.paid_wei += paid
                 logger.info("claimed session %s: paid %d", session_id.hex()[:8], paid)

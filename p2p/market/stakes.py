@@ -32,6 +32,8 @@ class StakeCounters:
     paid_wei: int = 0
     refunded_wei: int = 0
     left_unserved: int = 0  # taken by a provider that never served: left to close at 0
+    escrowed_wei: int = 0  # the stakes of the sessions it opened
+    gas_used: int = 0  # of its opens and closes
     closed_elsewhere: int = 0  # closed by the provider's claim, or another process
 
 
@@ -235,6 +237,8 @@ class ConsumerMarket:
             "consumer", peer, session_id, bytes.fromhex(terms.bid_id), stake, ends_at
         )
         self.counters.opened += 1
+        self.counters.escrowed_wei += stake
+        self.counters.gas_used += tx.gas_used
         self.gas["open"].append(tx.gas_used)
         self.open_ms.append((now - started) * 1000)
         return session_id
@@ -358,6 +362,7 @@ class ConsumerMarket:
         self.counters.paid_wei += paid_wei
         self.counters.refunded_wei += refunded
         self.gas["close"].append(tx.gas_used)
+        self.counters.gas_used += tx.gas_used
         logger.info(
             "closed session %s: paid %d, refunded %d", session_id.hex()[:8], paid_wei, refunded
         )

@@ -74,6 +74,18 @@ async def test_counters_move_by_what_a_chat_did(network: Network) -> None:
     counts = [v for _, v in buckets]
     assert counts == sorted(counts)
     assert buckets[-1] == (float("inf"), consumer_after[f"{ttft}_count"])
+    assert c("p2pnode_consumer_providers_tried_total") == 1
+    # The provider's side of the same answer: one first token, one speed, in its buckets.
+    assert p("p2pnode_provider_time_to_first_token_seconds_count") == 1
+    assert 0 < p("p2pnode_provider_time_to_first_token_seconds_sum") < c(f"{ttft}_sum")
+    assert p("p2pnode_provider_tokens_per_second_count") == (1 if tokens >= 2 else 0)
+    assert provider_after["p2pnode_provider_slots{state=free}"] >= 1
+    assert provider_after["p2pnode_provider_queue_length"] == 0
+    assert "p2pnode_provider_slots{state=free}" not in consumer_after
+    # One-hot reachability; nobody misbehaved.
+    states = [v for k, v in consumer_after.items() if k.startswith("p2pnode_reachability{")]
+    assert sorted(states) == [0, 0, 1]
+    assert consumer_after["p2pnode_misbehaving_peers{state=banned}"] == 0
     assert consumer_after["p2pnode_connections{kind=direct}"] >= 1
     assert consumer_after["p2pnode_offers_known"] >= 1
     assert consumer_after["p2pnode_uptime_seconds"] > 0

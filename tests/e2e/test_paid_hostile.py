@@ -262,6 +262,10 @@ async def test_a_provider_that_takes_the_stake_and_refuses_is_paid_nothing(
     assert paid.balances() == before
     assert paid.consumer_market.held() == 0
     assert (counters.closed, counters.paid_wei, counters.refunded_wei) == (1, 0, stake)
+    assert counters.escrowed_wei == stake
+    assert counters.gas_used == sum(
+        paid.consumer_market.gas["open"] + paid.consumer_market.gas["close"]
+    )
 
 
 async def test_a_provider_that_cannot_read_the_chain_after_the_open_is_not_blamed(

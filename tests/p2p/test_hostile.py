@@ -520,6 +520,13 @@ async def test_a_peer_that_keeps_sending_junk_is_banned_and_others_are_served(
                 await trio.sleep(0.01)
         assert sent in (10, 11)  # a malformed frame weighs 2 (decaying); the ban is at 20
         assert server.reputation.score(bad.peer_id, trio.current_time()) >= ban
+        # What /metrics shows of it: each violation by protocol and code, one peer banned.
+        seen = server.metrics()
+        (((protocol, code), n),) = seen.protocol_errors.items()
+        assert (protocol, code) == (status.PROTOCOL_ID, "malformed")
+        assert n in (sent - 1, sent)  # the last frame sent may have met the ban
+        assert seen.offences == {"protocol": n}
+        assert (seen.misbehaving_peers, seen.banned_peers) == (1, 1)
         refused = server.guard.refused
         with trio.fail_after(BOUND_S):
             with pytest.raises(NetworkError):

@@ -702,8 +702,22 @@ def _sha_hex(sha: bytes) -> str | None:
     return sha.hex() if any(sha) else None
 
 
-def deploy(w3: Web3, deployer: LocalAccount, min_provider_stake: int, rpc_url: str | None) -> Chain:
-    """Deploy the token and the marketplace; the deployer owns the token (dev chains)."""
+def deploy(
+    w3: Web3,
+    deployer: LocalAccount,
+    min_provider_stake: int,
+    rpc_url: str | None,
+    *,
+    token: str | None = None,
+    told: Callable[[str], None] = lambda _note: None,
+) -> Chain:
+    """Deploy the marketplace, priced and paid in ``token`` (an ERC-20 on that chain),
+    or in a dev token deployed first, which the deployer owns and can mint.
+
+    ``told`` hears each contract once its receipt is in (``p2pnode deploy``'s
+    progress). Raises ChainError if a deployment fails, or if ``token`` is not
+    an ERC-20 contract there.
+    """
     chain_id = int(w3.eth.chain_id)
 
     def create(name: str, *args: Any) -> str:
@@ -720,13 +734,40 @@ def deploy(w3: Web3, deployer: LocalAccount, min_provider_stake: int, rpc_url: s
         receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
         if receipt["status"] != 1 or not receipt["contractAddress"]:
             raise ChainError(f"deploying {name} failed")
-        return str(receipt["contractAddress"])
+        address = str(receipt["contractAddress"])
+        told(f"{name} at {address} (block {receipt['blockNumber']}, gas {receipt['gasUsed']})")
+        return address
 
-    token = create("ComputeToken", deployer.address)
+    if token is None:
+        token = create("ComputeToken", deployer.address)
+    else:
+        token, symbol = _erc20(w3, token)
+        told(f"token {token}: an ERC-20 ({symbol})")
     market = create("Marketplace", token, min_provider_stake)
     return Chain(
         w3, Deployment(chain_id=chain_id, token=token, marketplace=market, rpc_url=rpc_url)
     )
+
+
+def _erc20(w3: Web3, address: str) -> tuple[str, str]:
+    """``address`` checksummed, and its symbol, once it answers as an ERC-20 would."""
+    try:
+        checked = to_checksum_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"not an address: {address!r}") from exc
+    if not w3.eth.get_code(checked):
+        raise ChainError(f"no contract at {checked} on this chain")
+    erc20 = w3.eth.contract(address=checked, abi=artifact("ComputeToken")["abi"])
+    try:
+        erc20.functions.totalSupply().call()
+        erc20.functions.balanceOf(checked).call()
+    except (Web3Exception, ValueError) as exc:
+        raise ChainError(f"{checked} does not answer as an ERC-20: {rpc_message(exc)}") from exc
+    try:
+        symbol = str(erc20.functions.symbol().call())
+    except (Web3Exception, ValueError):
+        symbol = "no symbol"  # optional in ERC-20
+    return str(checked), symbol
 
 
 def send_ether(w3: Web3, sender: LocalAccount, to: str, amount: int) -> None:

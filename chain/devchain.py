@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,24 +99,20 @@ class DevChain:
 
 
 @contextmanager
-def run_devchain(
+def run_anvil(
     port: int,
-    deployment_file: Path,
     *,
     accounts: int = 10,
-    fund: Sequence[str] = (),
     block_time_s: int | None = BLOCK_TIME_S,
     genesis_timestamp: int | None = None,
-) -> Iterator[DevChain]:
-    """Run anvil, deploy and fund, write ``deployment_file``; anvil stops on exit.
+) -> Iterator[tuple[str, Web3]]:
+    """Run a bare anvil (no contract on it) on 127.0.0.1; yields its URL and a client.
 
-    ``port`` 0: one the system chooses (the DevChain's ``url`` and the
-    deployment file say which).
-
-    ``block_time_s``: a block that often while idle, besides one per transaction
-    at once (None: blocks only for transactions, anvil's default, as a chain
-    that has been idle for long looks). ``genesis_timestamp``: the first block's
-    time, from which the chain's clock then runs (None: now).
+    ``port`` 0: one the system chooses. ``block_time_s``: a block that often
+    while idle, besides one per transaction at once (None: blocks only for
+    transactions, anvil's default, as a chain that has been idle for long
+    looks). ``genesis_timestamp``: the first block's time, from which the
+    chain's clock then runs (None: now).
     """
     args = [str(anvil_path()), "--host", "127.0.0.1", "--port", str(port),
             "--chain-id", str(CHAIN_ID), "--accounts", str(accounts)]  # fmt: skip
@@ -133,16 +129,7 @@ def run_devchain(
         # The port anvil bound (port 0: one the system chose, no free-port guess
         # that another process may take first), from the line it prints.
         url = f"http://127.0.0.1:{_listening_port(proc)}"
-        w3 = _wait_for(url, proc)
-        dev = dev_accounts(accounts)
-        chain = deploy(w3, dev[0], MIN_PROVIDER_STAKE, rpc_url=url)
-        addresses = [str(a.address) for a in dev] + [str(to_checksum_address(a)) for a in fund]
-        for address in addresses:
-            chain.mint(dev[0], address, FUNDING)
-        for address in fund:
-            send_ether(w3, dev[0], to_checksum_address(address), GAS_ETHER)
-        chain.deployment.save(deployment_file)
-        yield DevChain(chain, url, dev)
+        yield url, _wait_for(url, proc)
     finally:
         proc.terminate()
         try:
@@ -152,6 +139,36 @@ def run_devchain(
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@contextmanager
+def run_devchain(
+    port: int,
+    deployment_file: Path,
+    *,
+    accounts: int = 10,
+    fund: Sequence[str] = (),
+    block_time_s: int | None = BLOCK_TIME_S,
+    genesis_timestamp: int | None = None,
+    told: Callable[[str], None] = lambda _note: None,
+) -> Iterator[DevChain]:
+    """Run anvil (:func:`run_anvil`), deploy and fund, write ``deployment_file``;
+    anvil stops on exit. ``told`` hears each step as it ends."""
+    with run_anvil(
+        port, accounts=accounts, block_time_s=block_time_s, genesis_timestamp=genesis_timestamp
+    ) as (url, w3):
+        told(f"anvil answers at {url}")
+        dev = dev_accounts(accounts)
+        chain = deploy(w3, dev[0], MIN_PROVIDER_STAKE, rpc_url=url)
+        told(f"contracts deployed: marketplace {chain.deployment.marketplace}")
+        addresses = [str(a.address) for a in dev] + [str(to_checksum_address(a)) for a in fund]
+        for address in addresses:
+            chain.mint(dev[0], address, FUNDING)
+        for address in fund:
+            send_ether(w3, dev[0], to_checksum_address(address), GAS_ETHER)
+        chain.deployment.save(deployment_file)
+        told(f"{len(addresses)} accounts funded")
+        yield DevChain(chain, url, dev)
 
 
 def _listening_port(proc: subprocess.Popen[bytes], bound_s: float = 20.0) -> int:

@@ -87,7 +87,9 @@ def setup_logging(level: str, form: str = "text") -> None:
     :func:`_run` turns propagation back on once a command has imported it.
     """
     from p2pnode import logs
+    from p2pnode.cli import progress
 
+    progress.LOGS_ONLY = form == "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logs.JsonFormatter() if form == "json" else logs.TextFormatter())
     handler.addFilter(_Libp2pNoise(debug=level == "debug"))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from p2pnode.chain.units import format_price, parse_tokens
-from p2pnode.cli import app, settings
+from p2pnode.cli import app, progress, settings
 from p2pnode.cli.settings import option
 from p2pnode.cli.settlement import ether as show_ether
 from p2pnode.cli.settlement import tokens as show_tokens
@@ -129,7 +129,10 @@ def devchain(port: int, accounts: int, fund: tuple[str, ...], deployment: Path |
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        with run_devchain(port, path, accounts=accounts, fund=fund) as dev:
+        with (
+            progress.progress("devchain", total=3) as steps,
+            run_devchain(port, path, accounts=accounts, fund=fund, told=steps.step) as dev,
+        ):
             dep = dev.chain.deployment
             click.echo(f"devchain ready: {dev.url} (chain id {dep.chain_id})")
             click.echo(f"token {dep.token}  marketplace {dep.marketplace}")
@@ -147,6 +150,65 @@ def devchain(port: int, accounts: int, fund: tuple[str, ...], deployment: Path |
     except P2PNodeError as exc:
         app.fail(exc)
     click.echo("devchain stopped")
+
+
+# --- deploy -----------------------------------------------------------------------
+
+
+@app.main.command("deploy")
+@click.option("--chain", "chain_url", required=True, help="JSON-RPC URL of the chain.")
+@click.option(
+    "--token",
+    default=None,
+    help="An ERC-20 on that chain to price and pay in (default: deploy the dev token, "
+    "which the deployer owns and can mint: for test networks only).",
+)
+@click.option(
+    "--min-provider-stake",
+    default=None,
+    help="Whole tokens a provider stakes at least (default: 100).",
+)
+@click.option(
+    "--deployment",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the deployment file (default $HOME/deployment.json).",
+)
+@app.password_file
+def deploy_cmd(
+    chain_url: str,
+    token: str | None,
+    min_provider_stake: str | None,
+    deployment: Path | None,
+    wallet_password_file: Path | None,
+) -> None:
+    """Deploy the committed contracts with this node's wallet; write the deployment file.
+
+    Every other command (start --paid, provider, model, bid, session) then
+    reads that file. The wallet pays the gas.
+    """
+    from p2pnode.chain.client import deploy
+    from p2pnode.chain.devchain import connect
+    from p2pnode.chain.embedded import MIN_PROVIDER_STAKE
+
+    path = deployment_path(deployment)
+
+    def run() -> None:
+        account = wallet_account(wallet_password_file)
+        stake = parse_tokens(min_provider_stake) if min_provider_stake else MIN_PROVIDER_STAKE
+        w3 = connect(chain_url)
+        if int(w3.eth.get_balance(account.address)) == 0:
+            raise ConfigError(f"the wallet {account.address} has no ether for gas on {chain_url}")
+        with progress.progress("deploying", total=2) as steps:
+            chain = deploy(w3, account, stake, chain_url, token=token, told=steps.step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        chain.deployment.save(path)
+        dep = chain.deployment
+        click.echo(f"deployed on chain {dep.chain_id}: marketplace {dep.marketplace}")
+        click.echo(f"token {dep.token}" + ("" if token else " (the dev token; you can mint it)"))
+        click.echo(f"deployment file: {path}")
+
+    _guard(run)
 
 
 # --- provider / model / bid ------------------------------------------------------

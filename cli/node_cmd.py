@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from p2pnode.cli import app, options, settings
+from p2pnode.cli import app, options, progress, settings
 from p2pnode.cli.settings import option
 from p2pnode.errors import ConfigError, NetworkError, P2PNodeError
 
@@ -334,8 +334,12 @@ def start(
         # Paid mode: where this run starts on chain, for the settlement printed at stop.
         since = await paid.chain.run(next_block, paid.chain.sync) if paid is not None else 0
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            models = len(serving.llamacpp) + len(serving.upstream)
+            loaded = (
+                progress.start("loading models", models, background=True).step if models else _quiet
+            )
             async with (
-                open_engines(serving) as engines,
+                open_engines(serving, told=loaded) as engines,
                 open_node(config, key_pair=key_pair, engines=engines, wallet=paid) as node,
                 trio.open_nursery() as nursery,
             ):
@@ -645,6 +649,10 @@ def peers(as_json: bool) -> None:
     for peer in connected:
         kinds = ",".join(peer["connections"]) or "-"
         click.echo(f"{peer['peer_id']}  [{kinds}]  {' '.join(peer['addrs'])}")
+
+
+def _quiet(_note: str) -> None:
+    pass
 
 
 @app.main.command("dashboard")

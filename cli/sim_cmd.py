@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from p2pnode.cli import app
+from p2pnode.cli import app, progress
 from p2pnode.errors import P2PNodeError
 
 logger = logging.getLogger("p2pnode.cli")
@@ -70,8 +71,11 @@ def simnet(
     The hostile scenario runs 12 peers unless --peers is given (see simnet/hostile.py);
     the audit scenario its own 13 (simnet/audits.py).
     """
+    from p2pnode.simnet import harness
     from p2pnode.simnet.harness import Topology
     from p2pnode.simnet.scenarios import SCENARIOS
+
+    harness.STARTED.set(_start_up_progress())
 
     if providers >= peer_count:
         raise click.BadParameter("must be fewer than --peers", param_hint="--providers")
@@ -105,6 +109,20 @@ def simnet(
     if report is not None:
         report.write_text(text + "\n")
     click.echo(text)
+
+
+def _start_up_progress() -> Callable[[int, int], None]:
+    """A simnet's start-up, as nodes start (a new line for each simnet a scenario opens)."""
+    shown: list[tuple[progress.Steps, int]] = []  # the current simnet's, and its count
+
+    def started(done: int, total: int) -> None:
+        if not shown or done < shown[-1][1]:
+            shown.append((progress.start("simnet: nodes started", total, background=True), 0))
+        steps, before = shown[-1]
+        steps.step(by=done - before)
+        shown[-1] = (steps, done)
+
+    return started
 
 
 # --- benchmarks -------------------------------------------------------------

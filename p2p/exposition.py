@@ -118,41 +118,44 @@ def _node_health(m: Metrics) -> Iterator[Metric]:
         "Peers holding a reservation on this node's relay now.",
         value=m.reservations_served,
     )
-    errors = CounterMetricFamily(
+    yield _labelled(
+        CounterMetricFamily,
         "p2pnode_protocol_errors",
         "Peers' violations of our protocols, by protocol and error code.",
-        labels=["protocol", "code"],
+        ["protocol", "code"],
+        {(protocol, code): n for (protocol, code), n in m.protocol_errors.items()},
     )
-    for (protocol, code), n in sorted(m.protocol_errors.items()):
-        errors.add_metric([protocol, code], n)
-    yield errors
-    offences = CounterMetricFamily(
-        "p2pnode_peer_offences", "Peers' offences, by kind.", labels=["kind"]
+    yield _labelled(
+        CounterMetricFamily,
+        "p2pnode_peer_offences",
+        "Peers' offences, by kind.",
+        ["kind"],
+        {(kind,): n for kind, n in m.offences.items()},
     )
-    for kind, n in sorted(m.offences.items()):
-        offences.add_metric([kind], n)
-    yield offences
-    misbehaving = GaugeMetricFamily(
-        "p2pnode_misbehaving_peers", "Peers with a misbehaviour score now.", labels=["state"]
+    yield _labelled(
+        GaugeMetricFamily,
+        "p2pnode_misbehaving_peers",
+        "Peers with a misbehaviour score now.",
+        ["state"],
+        {("scored",): m.misbehaving_peers, ("banned",): m.banned_peers},
     )
-    misbehaving.add_metric(["scored"], m.misbehaving_peers)
-    misbehaving.add_metric(["banned"], m.banned_peers)
-    yield misbehaving
 
 
 def _provider(m: Metrics) -> Iterator[Metric]:
-    refusals = CounterMetricFamily(
-        "p2pnode_provider_refusals", "Provider: requests refused, by error code.", labels=["code"]
+    yield _labelled(
+        CounterMetricFamily,
+        "p2pnode_provider_refusals",
+        "Provider: requests refused, by error code.",
+        ["code"],
+        {(code,): n for code, n in m.provider_refusals.items()},
     )
-    for code, n in sorted(m.provider_refusals.items()):
-        refusals.add_metric([code], n)
-    yield refusals
-    slots = GaugeMetricFamily(
-        "p2pnode_provider_slots", "Provider: its engines' slots.", labels=["state"]
+    yield _labelled(
+        GaugeMetricFamily,
+        "p2pnode_provider_slots",
+        "Provider: its engines' slots.",
+        ["state"],
+        {("free",): m.slots_free, ("busy",): m.slots_total - m.slots_free},
     )
-    slots.add_metric(["free"], m.slots_free)
-    slots.add_metric(["busy"], m.slots_total - m.slots_free)
-    yield slots
     yield GaugeMetricFamily(
         "p2pnode_provider_queue_length",
         "Provider: requests waiting for a slot.",
@@ -170,6 +173,19 @@ def _provider(m: Metrics) -> Iterator[Metric]:
             "Provider: decoding speed of each answer, tokens a second.",
             m.provider_tokens_per_s,
         )
+
+
+def _labelled(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    labels: list[str],
+    values: dict[tuple[str, ...], int],
+) -> Metric:
+    family = kind(name, documentation, labels=labels)
+    for key, n in sorted(values.items()):
+        family.add_metric(list(key), n)
+    return family
 
 
 def _histogram(name: str, documentation: str, seen: Distribution) -> HistogramMetricFamily:

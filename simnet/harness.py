@@ -7,6 +7,7 @@ real one is. Scenarios drive nodes only through their public interface.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import random
 import resource
@@ -253,6 +254,13 @@ async def _stop_all(net: Simnet) -> None:
         await running.stop()
 
 
+# Told (nodes started, nodes to start) after each wave of a simnet's start-up:
+# set by the CLI for its progress line, unset in tests.
+STARTED: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "simnet_started", default=None
+)
+
+
 @asynccontextmanager
 async def open_simnet(
     topology: Topology,
@@ -304,6 +312,8 @@ async def open_simnet(
                         partial(add_node, net, nursery, config, served, wallet=wallet_for(i))
                     )
             first += size
+            if (told := STARTED.get()) is not None:
+                told(len(net.nodes), topology.peers)
         try:
             yield net, nursery
         finally:

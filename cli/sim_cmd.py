@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -56,6 +57,12 @@ logger = logging.getLogger("p2pnode.cli")
     default=None,
     help="Write the report here as JSON.",
 )
+@click.option(
+    "--plot",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Draw the scenario's figures as PNGs into this directory (not fuzz).",
+)
 def simnet(
     peer_count: int,
     providers: int,
@@ -65,6 +72,7 @@ def simnet(
     frames: int,
     attackers: int,
     report: Path | None,
+    plot: Path | None,
 ) -> None:
     """Run many real nodes in this process and report how the network behaves.
 
@@ -109,6 +117,11 @@ def simnet(
     if report is not None:
         report.write_text(text + "\n")
     click.echo(text)
+    if plot is not None:
+        from p2pnode.simnet.plots import simnet_figures
+
+        for path in simnet_figures(result, plot):
+            click.echo(f"figure: {path}", err=True)
 
 
 def _start_up_progress() -> Callable[[int, int], None]:
@@ -133,6 +146,21 @@ def bench() -> None:
     """Benchmarks: figures next to a baseline measured in the same run."""
 
 
+plot_option = click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw the figures beside the baseline's as a PNG here.",
+)
+
+
+def _plot(name: str, report: dict[str, Any], plot: Path | None) -> None:
+    if plot is not None:
+        from p2pnode.simnet.plots import bench_figure
+
+        click.echo(f"figure: {bench_figure(name, report, plot)}", err=True)
+
+
 @bench.command("engine")
 @click.option("--rounds", type=click.IntRange(1, 50), default=7, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(8, 4096), default=128, show_default=True)
@@ -145,8 +173,14 @@ def bench() -> None:
     help="GGUF file (default: the bundled model).",
 )
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
+@plot_option
 def bench_engine(
-    rounds: int, max_tokens: int, as_json: bool, model_path: Path | None, threads: int | None
+    rounds: int,
+    max_tokens: int,
+    as_json: bool,
+    model_path: Path | None,
+    threads: int | None,
+    plot: Path | None,
 ) -> None:
     """Tokens/s through LlamaCppEngine vs llama-cpp-python called directly, same run."""
     from p2pnode.inference import llamacpp
@@ -157,6 +191,7 @@ def bench_engine(
     except P2PNodeError as exc:
         app.fail(exc)
     report = app.run_async(lambda: run_bench(path, rounds, max_tokens, threads))
+    _plot("engine", report, plot)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -203,8 +238,14 @@ def bench_stream(tokens: int, as_json: bool) -> None:
     help="GGUF file (default: the bundled model).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@plot_option
 def bench_e2e(
-    rounds: int, max_tokens: int, threads: int, model_path: Path | None, as_json: bool
+    rounds: int,
+    max_tokens: int,
+    threads: int,
+    model_path: Path | None,
+    as_json: bool,
+    plot: Path | None,
 ) -> None:
     """Shim -> p2p -> provider vs llama_cpp.server on the same model: tokens/s and TTFT."""
     from p2pnode.inference import llamacpp
@@ -215,6 +256,7 @@ def bench_e2e(
     except P2PNodeError as exc:
         app.fail(exc)
     report = app.run_async(lambda: run_bench(path, rounds, max_tokens, threads))
+    _plot("e2e", report, plot)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -235,11 +277,13 @@ def bench_e2e(
 @click.option("--rounds", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--rtts", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def bench_connect(rounds: int, rtts: int, as_json: bool) -> None:
+@plot_option
+def bench_connect(rounds: int, rtts: int, as_json: bool, plot: Path | None) -> None:
     """libp2p connect time and status round trip vs plain TCP on loopback."""
     from p2pnode.simnet.bench import bench_connect as run_bench
 
     report = app.run_async(lambda: run_bench(rounds, rtts))
+    _plot("connect", report, plot)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -259,7 +303,8 @@ def bench_connect(rounds: int, rtts: int, as_json: bool) -> None:
 @bench.command("cli")
 @click.option("--rounds", type=click.IntRange(1, 100), default=7, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def bench_cli(rounds: int, as_json: bool) -> None:
+@plot_option
+def bench_cli(rounds: int, as_json: bool, plot: Path | None) -> None:
     """Start-up of --help, --version, id, status, offers (fresh processes) vs bare Python."""
     from p2pnode.simnet.startup import bench_cli as run_bench
 
@@ -267,6 +312,7 @@ def bench_cli(rounds: int, as_json: bool) -> None:
         report = run_bench(rounds)
     except P2PNodeError as exc:
         app.fail(exc)
+    _plot("cli", report, plot)
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -56,20 +56,27 @@ async def discovery(
     """Start a network, then measure offer spread, DHT lookups and offer rounds.
 
     - ``ready_s``: from the first node's start until every node's OfferBook
-      holds every provider.
+      holds every provider; ``ready_ms``: when each node did.
     - lookups: ``find_providers`` from nodes that join afterwards through one
       consumer (cold, connected to no provider), with how many each found.
     - ``offer_rounds``: a provider changes its offer; how many of the other
-      peers saw the change and when the last one did.
+      peers saw the change, when each did (``seen_ms``) and the last one.
     """
     errors: list[str] = []
     rss_before = rss_mb()
     started = time.perf_counter()
     async with open_simnet(topology) as (net, nursery):
         start_s = time.perf_counter() - started
-        ready = await wait_until(
-            lambda: all(_knows_all_providers(n, net) for n in net.nodes), bound_s
-        )
+        ready_at: dict[str, float] = {}  # when each node first held every offer
+
+        def all_ready() -> bool:
+            now = time.perf_counter()
+            for n in net.nodes:
+                if n.peer_id not in ready_at and _knows_all_providers(n, net):
+                    ready_at[n.peer_id] = now - started
+            return len(ready_at) == len(net.nodes)
+
+        ready = await wait_until(all_ready, bound_s)
         ready_s = None if ready is None else time.perf_counter() - started
         if ready is None:
             missing = sum(not _knows_all_providers(n, net) for n in net.nodes)
@@ -100,6 +107,7 @@ async def discovery(
         "lookup_ms_max": round(max(lookup_ms), 1) if lookup_ms else None,
         "lookup_ms": [round(x, 1) for x in lookup_ms],
         "lookup_found": lookup_found,
+        "ready_ms": sorted(round(s * 1000, 1) for s in ready_at.values()),
         "offer_rounds": offer_rounds,
         "links": links,
         "rss_mb_per_peer": round((rss_after - rss_before) / topology.peers, 2),
@@ -173,6 +181,7 @@ async def _offer_rounds(
                 "delivered": len(seen_at),
                 "of": len(others),
                 "all_ms": round((last - start) * 1000, 1) if len(seen_at) == len(others) else None,
+                "seen_ms": sorted(round((t - start) * 1000, 1) for t in seen_at.values()),
             }
         )
     return results

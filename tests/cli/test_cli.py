@@ -188,7 +188,18 @@ def test_a_second_node_on_the_same_home_is_refused(node: Started, tmp_path: Path
 def test_simnet_writes_a_report(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [*P2PNODE, "simnet", "--peers", "6", "--providers", "2", "--report", str(report)],
+        [
+            *P2PNODE,
+            "simnet",
+            "--peers",
+            "6",
+            "--providers",
+            "2",
+            "--report",
+            str(report),
+            "--plot",
+            str(tmp_path / "figures"),
+        ],
         env=env(tmp_path),
         capture_output=True,
         text=True,
@@ -202,7 +213,24 @@ def test_simnet_writes_a_report(tmp_path: Path) -> None:
     assert data["lookup_found"]
     assert min(data["lookup_found"]) == 2
     assert all(r["delivered"] == r["of"] == 5 for r in data["offer_rounds"])
+    assert all(len(r["seen_ms"]) == 5 for r in data["offer_rounds"])
+    assert len(data["ready_ms"]) == 6
     assert data["errors"] == []
+    # --plot: the lookups, the offers' spread and readiness, as PNGs; progress as
+    # info log lines (not a terminal), which the default level keeps quiet.
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == ["lookup_latency.png", "offer_propagation.png", "readiness.png"]
+    assert all((tmp_path / "figures" / f).stat().st_size > 10_000 for f in figures)
+    assert "nodes started" not in result.stderr
+
+
+def test_bench_connect_draws_its_figure_beside_the_baseline(tmp_path: Path) -> None:
+    figure = tmp_path / "connect.png"
+    result = run(tmp_path, "bench", "connect", "--rounds", "3", "--rtts", "5", "--plot",
+                 str(figure))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.stat().st_size > 10_000
 
 
 def test_start_serves_the_bundled_model_by_default(tmp_path: Path) -> None:

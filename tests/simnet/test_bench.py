@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from p2pnode.inference.llamacpp import bundled_model_path
 from p2pnode.simnet.bench import bench_connect, bench_e2e, bench_engine, bench_stream, summarize
+from p2pnode.simnet.plots import bench_figure
 from p2pnode.simnet.startup import bench_cli
+
+
+def _drawn(bench: str, report: dict[str, Any], tmp_path: Path) -> None:
+    """``--plot``: the bench's figure beside its baseline's, drawn from the report."""
+    figure = bench_figure(bench, report, tmp_path / f"{bench}.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.stat().st_size > 10_000
 
 
 def test_summarize() -> None:
@@ -38,17 +49,18 @@ async def test_bench_stream_reports_consistent_figures() -> None:
 
 
 @pytest.mark.slow
-async def test_bench_e2e_compares_against_llama_cpp_server() -> None:
+async def test_bench_e2e_compares_against_llama_cpp_server(tmp_path: Path) -> None:
     report = await bench_e2e(bundled_model_path(), rounds=1, max_tokens=8)
     for side in ("network", "direct"):
         assert report[side]["tokens_per_s"]["median"] > 0
         assert report[side]["ttft_ms"]["median"] > 0
     assert report["ratio_tokens_per_s"] > 0
     assert len(report["added_ttft_ms_per_round"]) == 1
+    _drawn("e2e", report, tmp_path)
 
 
 @pytest.mark.slow
-async def test_bench_engine_compares_against_llama_cpp_called_directly() -> None:
+async def test_bench_engine_compares_against_llama_cpp_called_directly(tmp_path: Path) -> None:
     report = await bench_engine(bundled_model_path(), rounds=2, max_tokens=8, threads=1)
     engine, direct = report["engine_tokens_per_s"], report["direct_tokens_per_s"]
     assert 0 < engine["min"] <= engine["max"]
@@ -56,10 +68,11 @@ async def test_bench_engine_compares_against_llama_cpp_called_directly() -> None
     assert len(report["ratios"]) == 2
     assert report["ratio"] == pytest.approx(sum(report["ratios"]) / 2, abs=1e-3)
     assert report["goal_met"] == (report["ratio"] >= 0.98)
+    _drawn("engine", report, tmp_path)
 
 
 @pytest.mark.slow
-def test_bench_cli_times_commands_next_to_the_bare_interpreter() -> None:
+def test_bench_cli_times_commands_next_to_the_bare_interpreter(tmp_path: Path) -> None:
     report = bench_cli(rounds=1, commands=(("--version",), ("status",)))
     base = report["baseline_ms"]["median"]
     assert set(report["commands"]) == {"--version", "status"}  # status asks a node it started
@@ -68,3 +81,4 @@ def test_bench_cli_times_commands_next_to_the_bare_interpreter() -> None:
         assert figures["ratio_to_baseline"] == round(figures["ms"]["median"] / base, 2)
     slowest = max(f["ms"]["median"] for f in report["commands"].values())
     assert report["goal_met"] == (slowest < 300)
+    _drawn("cli", report, tmp_path)

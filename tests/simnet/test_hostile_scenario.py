@@ -7,11 +7,13 @@ must be met (``p2pnode simnet --scenario hostile`` runs the same at full size).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from p2pnode.simnet.harness import Topology
 from p2pnode.simnet.hostile import Sizes, hostile
+from p2pnode.simnet.plots import simnet_figures
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +41,10 @@ SIZES = Sizes(
 )
 
 
-async def test_honest_peers_are_served_while_every_attack_runs() -> None:
+async def test_honest_peers_are_served_while_every_attack_runs(tmp_path: Path) -> None:
     report = await hostile(Topology(peers=8, providers=4), SIZES)
+    (figure,) = simnet_figures(report, tmp_path)  # --plot: drawn from the report
+    assert figure.stat().st_size > 10_000
     print(json.dumps(report, indent=1))  # shown when the test fails
     # Every attack ran, and met its bound.
     assert report["crash_offers_sent"] > 0

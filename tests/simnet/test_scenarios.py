@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from p2pnode.simnet.harness import Topology
+from p2pnode.simnet.plots import simnet_figures
 from p2pnode.simnet.scenarios import market
 
 pytestmark = pytest.mark.slow
 
 
-async def test_market_scenario_settles_every_session() -> None:
+def _drawn(report: dict[str, Any], out: Path, names: set[str]) -> None:
+    """The scenario's figures (``--plot``), drawn from the report: PNGs of some size."""
+    written = simnet_figures(report, out)
+    assert {p.name for p in written} == names
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 10_000  # axes, labels and data, not a blank canvas
+
+
+async def test_market_scenario_settles_every_session(tmp_path: Path) -> None:
     report = await market(
         Topology(peers=6, providers=2), consumers=2, requests=2, max_tokens=4, settle_s=0
     )
@@ -25,9 +36,10 @@ async def test_market_scenario_settles_every_session() -> None:
     assert report["paid_wei"] >= 0  # chats within one block second pay nothing
     assert len(report["open_ms"]) == 2
     assert report["gas_open"] > report["gas_close"] > 21_000
+    _drawn(report, tmp_path, {"session_opens.png", "escrow.png", "gas.png"})
 
 
-async def test_relay_scenario_reaches_private_providers_through_the_relay() -> None:
+async def test_relay_scenario_reaches_private_providers_through_the_relay(tmp_path: Path) -> None:
     from p2pnode.simnet.scenarios import relay
 
     report = await relay(
@@ -46,6 +58,7 @@ async def test_relay_scenario_reaches_private_providers_through_the_relay() -> N
     assert report["dcutr_failed"] == 0
     assert report["dcutr_upgrades"] + report["dcutr_direct_without_upgrade"] == 1
     assert report["upgraded_capacity_ratio"] > 0
+    _drawn(report, tmp_path, {"relay_throughput.png"})
 
 
 async def test_audit_scenario_catches_cheaters_and_no_honest_provider(
@@ -84,3 +97,4 @@ async def test_audit_scenario_catches_cheaters_and_no_honest_provider(
     assert report["all_caught"]
     assert report["cost_requests"] == 4
     assert report["audit_cost_ratio"] is not None
+    _drawn(report, degraded_gguf.parent / "plots", {"audit_detection.png"})

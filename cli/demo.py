@@ -119,7 +119,7 @@ def demo(shim: str, price: int, ready_file: Path | None, **serving_flags: Any) -
                     )
                     click.echo(f"consumer {consumer.peer_id} wallet {consumer_account.address}")
                     click.echo(f"openai api: {url} (key: {home / identity.API_KEY_FILE})")
-                    click.echo(f"dashboard: {logins.new_link(url.removesuffix('/v1'))}")
+                    click.echo(f"dashboard: {logins.new_link(dashboard.local_base(url))}")
                     click.echo(
                         f'try: curl -s {url}/chat/completions -H "Authorization: Bearer '
                         f'$(cat {home / identity.API_KEY_FILE})" -H "Content-Type: '

@@ -327,6 +327,10 @@ def start(
         if shim is not None:  # before anything starts: a refused address is a config error
             openai_api.check_listen(shim, allow_remote=shim_allow_remote)
         api_key = identity.load_or_create_api_key(home) if shim else None
+        # Team keys read (and checked) before anything starts: a broken keys.json
+        # or key_usage.json is a configuration error, not a failure mid-run.
+        ring = keys.KeyRing(home) if shim else None
+        keys.read_keys(home)
     except P2PNodeError as exc:
         app.fail(exc)
 
@@ -347,13 +351,13 @@ def start(
                 logins = dashboard.Login()
                 if shim is not None and api_key is not None:
                     shim_url = await nursery.start(
-                        partial(openai_api.serve, logins=logins, ring=keys.KeyRing(home)),
+                        partial(openai_api.serve, logins=logins, ring=ring),
                         node,
                         api_key,
                         shim,
                         shim_config,
                     )
-                    base = shim_url.removesuffix("/v1")
+                    base = dashboard.local_base(shim_url)
                     node.control.more["dashboard"] = lambda _r: {"link": logins.new_link(base)}
                 # The file first, then the line: whoever waits on either sees both.
                 if ready_file is not None:
@@ -370,7 +374,7 @@ def start(
                 if shim_url is not None:
                     click.echo(f"openai api: {shim_url} (key: {home / identity.API_KEY_FILE})")
                     # Good once; `p2pnode dashboard` prints another.
-                    click.echo(f"dashboard: {logins.new_link(shim_url.removesuffix('/v1'))}")
+                    click.echo(f"dashboard: {logins.new_link(dashboard.local_base(shim_url))}")
                 if paid is not None:
                     click.echo(f"paid mode: wallet {paid.account.address}")
                 try:

@@ -3,10 +3,11 @@
 A browser cannot send the API key as a bearer header when the user simply
 opens a page, so the page has its own way in: a **one-time login link**
 (``/login?token=...``, printed when the node starts and by ``p2pnode
-dashboard``) that the shim exchanges, once, for a session cookie. The cookie
-is ``HttpOnly`` (the page's script cannot read it) and ``SameSite=Strict``
-(another site's page cannot make the browser send it); the loopback Host
-rule still stands before it (DNS rebinding), and a request with the cookie
+dashboard``, good for ten minutes) that the shim exchanges, once, for a
+session cookie (good for twelve hours). The cookie is ``HttpOnly`` (the
+page's script cannot read it) and ``SameSite=Strict`` (another site's page
+cannot make the browser send it); the loopback Host rule still stands
+before it (DNS rebinding), and a request with the cookie
 that is not a GET must also carry the ``X-P2PNode-Dashboard`` header, which a
 cross-origin page cannot add without a CORS preflight the shim never
 grants. A cookie admits what the owner's key admits.
@@ -23,8 +24,11 @@ from __future__ import annotations
 import collections
 import hmac
 import secrets
+import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Final
+from urllib.parse import urlsplit
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import RedirectResponse, Response
@@ -35,6 +39,10 @@ HEADER: Final = b"x-p2pnode-dashboard"
 # so asking for links again and again cannot grow the node's memory.
 MAX_LINKS: Final = 8
 MAX_COOKIES: Final = 16
+# A link printed to a terminal or a log is good for a few minutes; a cookie
+# for a working day, in the browser and here.
+LINK_TTL_S: Final = 600.0
+COOKIE_TTL_S: Final = 12 * 3600.0
 # The page's own files (inference/static/), by the name the page asks for.
 ASSETS: Final = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -48,39 +56,64 @@ CSP: Final = (
 
 
 class Login:
-    """One-time login links, and the cookies they were exchanged for."""
+    """One-time login links, and the cookies they were exchanged for, each with
+    its expiry (``clock``: seconds, monotonic)."""
 
-    def __init__(self) -> None:
-        self._links: collections.deque[str] = collections.deque(maxlen=MAX_LINKS)
-        self._cookies: collections.deque[str] = collections.deque(maxlen=MAX_COOKIES)
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._links: collections.deque[tuple[str, float]] = collections.deque(maxlen=MAX_LINKS)
+        self._cookies: collections.deque[tuple[str, float]] = collections.deque(maxlen=MAX_COOKIES)
 
     def new_link(self, base: str) -> str:
-        """A login link for the shim at ``base`` (``http://host:port``), good once."""
+        """A login link for the shim at ``base`` (``http://host:port``), good once,
+        for ``LINK_TTL_S``."""
         token = secrets.token_urlsafe(24)
-        self._links.append(token)
+        self._links.append((token, self._clock() + LINK_TTL_S))
         return f"{base}/login?token={token}"
 
     def redeem(self, token: str) -> str | None:
-        """The cookie for a login link's token, or None if it is not one (or was used)."""
-        for known in self._links:
-            if hmac.compare_digest(known.encode(), token.encode()):
+        """The cookie for a login link's token, or None if it is not one (or was
+        used, or expired)."""
+        now = self._clock()
+        for known in list(self._links):
+            if hmac.compare_digest(known[0].encode(), token.encode()):
                 self._links.remove(known)
+                if known[1] <= now:
+                    return None
                 cookie = secrets.token_urlsafe(32)
-                self._cookies.append(cookie)
+                self._cookies.append((cookie, now + COOKIE_TTL_S))
                 return cookie
         return None
 
     def admits(self, cookie: str) -> bool:
-        return any(hmac.compare_digest(c.encode(), cookie.encode()) for c in self._cookies)
+        now = self._clock()
+        return any(
+            hmac.compare_digest(c.encode(), cookie.encode()) and until > now
+            for c, until in self._cookies
+        )
 
 
-def cookie_of(headers: dict[bytes, bytes]) -> str:
-    """The dashboard's cookie in a request's Cookie header ("" if none)."""
+def cookies_of(headers: dict[bytes, bytes]) -> list[str]:
+    """Every value the Cookie header gives the dashboard's cookie: a page on
+    another port of this host can set one by the same name (browsers share
+    cookies across ports), and must not hide the real one."""
+    found = []
     for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
         name, _, value = part.strip().partition("=")
-        if name == COOKIE:
-            return value
-    return ""
+        if name == COOKIE and value:
+            found.append(value)
+    return found[:4]
+
+
+def local_base(url: str) -> str:
+    """``http://host:port`` of the shim at ``url`` as a browser on this machine
+    reaches it: a non-loopback listen address (``--shim-allow-remote``) would
+    fail the Host check, so the link names 127.0.0.1 then."""
+    base = url.removesuffix("/v1")
+    parts = urlsplit(base)
+    if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+        return base
+    return f"http://127.0.0.1:{parts.port}"
 
 
 def login(request: HttpRequest, logins: Login) -> Response:
@@ -95,7 +128,9 @@ def login(request: HttpRequest, logins: Login) -> Response:
             media_type="text/plain; charset=utf-8",
         )
     answer = RedirectResponse("/", status_code=303)
-    answer.set_cookie(COOKIE, cookie, httponly=True, samesite="strict", path="/")
+    answer.set_cookie(
+        COOKIE, cookie, max_age=int(COOKIE_TTL_S), httponly=True, samesite="strict", path="/"
+    )
     return answer
 
 

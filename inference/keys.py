@@ -19,19 +19,23 @@ asking the node.
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from p2pnode.errors import ConfigError
+from p2pnode.errors import ConfigError, SpendLimitError
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +84,63 @@ def digest(key: str) -> str:
 
 
 def read_keys(home: Path) -> list[Key]:
-    """The keys in ``home``'s keys file (none if there is no file)."""
+    """The keys in ``home``'s keys file (none if there is no file). Raises
+    ConfigError for a file that is not one p2pnode wrote (hand-edited, cut short)."""
     path = home / KEYS_FILE
     try:
         data = json.loads(path.read_text())
-        return [Key(**entry) for entry in data["keys"]][:MAX_KEYS]
+        keys = [_key(entry) for entry in data["keys"]]
     except FileNotFoundError:
         return []
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ConfigError(f"{path} is not a keys file p2pnode wrote: {exc}") from exc
+    return keys[:MAX_KEYS]
+
+
+def _key(entry: dict[str, Any]) -> Key:
+    key = Key(**entry)
+    limits_ok = all(
+        v is None or (type(v) is int and v >= 0) for v in (key.spend_limit, key.rate_limit)
+    )
+    if not (
+        isinstance(key.name, str)
+        and NAME.fullmatch(key.name)
+        and isinstance(key.sha256, str)
+        and re.fullmatch(r"[0-9a-f]{64}", key.sha256)
+        and limits_ok
+        and type(key.revoked) is bool
+        and type(key.created) is int
+    ):
+        raise ValueError(f"a malformed key entry {entry!r}")
+    return key
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(data, out)
-    os.replace(tmp, path)
+    """``data`` as JSON at ``path`` (mode 0600), whole or not at all, on disk before
+    it replaces the old file: a crash leaves the old or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")  # 0600, a new name
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """One ``keys`` command at a time changes the keys file (two adds at once
+    would each write the list they read, and lose the other's key)."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / (KEYS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def add_key(home: Path, name: str, spend_limit: int | None, rate_limit: int | None) -> str:
@@ -107,34 +151,43 @@ def add_key(home: Path, name: str, spend_limit: int | None, rate_limit: int | No
         raise ConfigError("--rate-limit is at least 1 request a minute")
     if spend_limit is not None and spend_limit < 0:
         raise ConfigError("--spend-limit cannot be negative")
-    keys = read_keys(home)
-    if any(k.name == name for k in keys):
-        raise ConfigError(f"there is a key named {name!r} already (revoke it, or pick another)")
-    if len(keys) >= MAX_KEYS:
-        raise ConfigError(f"{MAX_KEYS} keys is the most a node keeps")
-    text = PREFIX + secrets.token_urlsafe(32)
-    keys.append(Key(name, digest(text), spend_limit, rate_limit, created=int(time.time())))
-    _write(home / KEYS_FILE, {"keys": [asdict(k) for k in keys]})
+    with _locked(home):
+        keys = read_keys(home)
+        if any(k.name == name for k in keys):
+            raise ConfigError(f"there is a key named {name!r} already (revoke it, or pick another)")
+        if len(keys) >= MAX_KEYS:
+            raise ConfigError(f"{MAX_KEYS} keys is the most a node keeps")
+        text = PREFIX + secrets.token_urlsafe(32)
+        keys.append(Key(name, digest(text), spend_limit, rate_limit, created=int(time.time())))
+        _write(home / KEYS_FILE, {"keys": [asdict(k) for k in keys]})
     return text
 
 
 def revoke_key(home: Path, name: str) -> None:
-    keys = read_keys(home)
-    if not any(k.name == name for k in keys):
-        raise ConfigError(f"no key named {name!r}")
-    keys = [Key(**(asdict(k) | {"revoked": True})) if k.name == name else k for k in keys]
-    _write(home / KEYS_FILE, {"keys": [asdict(k) for k in keys]})
+    with _locked(home):
+        keys = read_keys(home)
+        if not any(k.name == name for k in keys):
+            raise ConfigError(f"no key named {name!r}")
+        keys = [Key(**(asdict(k) | {"revoked": True})) if k.name == name else k for k in keys]
+        _write(home / KEYS_FILE, {"keys": [asdict(k) for k in keys]})
 
 
 def read_usage(home: Path) -> dict[str, Usage]:
-    """What each key used, as the node last wrote it."""
+    """What each key used, as the node last wrote it. Raises ConfigError for a file
+    that is not one p2pnode wrote."""
+    path = home / USAGE_FILE
     try:
-        data = json.loads((home / USAGE_FILE).read_text())
-        return {name: Usage(**u) for name, u in data.items()}
+        data = json.loads(path.read_text())
+        usage = {name: Usage(**u) for name, u in data.items()}
     except FileNotFoundError:
         return {}
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{home / USAGE_FILE} is not a usage file p2pnode wrote: {exc}") from exc
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path} is not a usage file p2pnode wrote: {exc}") from exc
+    for name, used in usage.items():
+        counts = (used.requests, used.prompt_tokens, used.completion_tokens, used.spent_wei)
+        if not all(type(n) is int and n >= 0 for n in counts):
+            raise ConfigError(f"{path} is not a usage file p2pnode wrote: {name!r} {used}")
+    return usage
 
 
 # --- the shim's side ----------------------------------------------------------------
@@ -152,6 +205,8 @@ class KeyRing:
     _keys: dict[str, Key] = field(default_factory=dict)  # by digest
     usage: dict[str, Usage] = field(default_factory=dict)  # by name
     _recent: dict[str, collections.deque[float]] = field(default_factory=dict)
+    # What the key's answers streaming now have cost so far (estimated), by name.
+    _held: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         if self.home is not None:
@@ -190,8 +245,7 @@ class KeyRing:
             return Refusal(401, "invalid_api_key", "Incorrect API key provided")
         if key.revoked:
             return Refusal(401, "invalid_api_key", f"the key {key.name!r} was revoked")
-        used = self.usage.setdefault(key.name, Usage())
-        if key.spend_limit is not None and used.spent_wei >= key.spend_limit:
+        if self.over_limit(key):
             return Refusal(
                 429, "insufficient_quota", f"the key {key.name!r} has reached its spend limit"
             )
@@ -205,14 +259,27 @@ class KeyRing:
                     "rate_limit_exceeded",
                     f"the key {key.name!r} may make {key.rate_limit} requests a minute",
                 )
-            recent.append(now)
         return key
 
-    def begin(self, name: str) -> Account:
-        """A request of the key ``name`` was let in: counted, and its account to charge."""
-        self.usage.setdefault(name, Usage()).requests += 1
+    def over_limit(self, key: Key) -> bool:
+        """Whether the key has spent its limit, counting its answers streaming now."""
+        spent = self.usage.get(key.name, Usage()).spent_wei + self._held[key.name]
+        return key.spend_limit is not None and spent >= key.spend_limit
+
+    def begin(self, key: Key, now: float) -> Account:
+        """A request of ``key`` was let in (it holds a slot): counted, in its rate
+        window, and its account to charge."""
+        if key.rate_limit is not None:
+            self._recent.setdefault(key.name, collections.deque()).append(now)
+        self.usage.setdefault(key.name, Usage()).requests += 1
         self._save()
-        return Account(self, name)
+        return Account(self, key)
+
+    def hold(self, name: str, wei: int) -> None:
+        """``wei`` more (or less) spent by a key's answer still streaming."""
+        self._held[name] += wei
+        if self._held[name] <= 0:
+            del self._held[name]
 
     def charge(self, name: str, prompt_tokens: int, completion_tokens: int, spent_wei: int) -> None:
         """What a key's request used, once its answer ended."""
@@ -240,10 +307,21 @@ class Account:
     """Where a request's use is charged: a team key of a ring."""
 
     ring: KeyRing
-    name: str
+    key: Key
 
-    def charge(self, prompt_tokens: int, completion_tokens: int, spent_wei: int) -> None:
-        self.ring.charge(self.name, prompt_tokens, completion_tokens, spent_wei)
+    def streaming(self, held: int, now_wei: int) -> int:
+        """An answer that had cost ``held`` so far now costs ``now_wei``: held against
+        the key's limit while it streams. Raises SpendLimitError once the key has
+        spent its limit. Returns what is held now."""
+        self.ring.hold(self.key.name, now_wei - held)
+        if self.ring.over_limit(self.key):
+            raise SpendLimitError(f"the key {self.key.name!r} has reached its spend limit")
+        return now_wei
+
+    def charge(self, held: int, prompt_tokens: int, completion_tokens: int, spent_wei: int) -> None:
+        """An answer ended (or was cut short): what it used, instead of what it held."""
+        self.ring.hold(self.key.name, -held)
+        self.ring.charge(self.key.name, prompt_tokens, completion_tokens, spent_wei)
 
 
 # The account of the request being handled (None: the owner's key or the

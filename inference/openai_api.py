@@ -147,7 +147,8 @@ class Backend(Protocol):
         ...
 
     def price_per_s(self, provider: str, model_id: str) -> int:
-        """What ``provider`` asks a second for ``model_id`` (0: free, or served here)."""
+        """What ``provider`` asks a second for ``model_id``; the highest on offer for
+        it when ``provider`` is "" or unknown; 0 where nothing is paid."""
         ...
 
     def dashboard(self) -> dict[str, Any]:
@@ -818,19 +819,42 @@ async def generate(
     *,
     logprobs: Callable[[tuple[TokenLogprob, ...]], None] | None = None,
 ) -> Finished:
-    """``backend.generate``, its use charged to the team key that asked, if one did:
-    its tokens, and its seconds at its provider's price (docs/architecture.md#team-keys)."""
-    started = trio.current_time()
-    if logprobs is None:
-        done = await backend.generate(request, deliver)
-    else:
-        done = await backend.generate(request, deliver, logprobs=logprobs)
+    """``backend.generate``, its use charged to the team key that asked, if one did
+    (docs/architecture.md#team-keys).
+
+    While it streams, its seconds so far at the highest price on offer for the
+    model are held against the key's spend limit, and the answer stops (429)
+    once the key has spent it. When it ends, however it ends (finished, failed,
+    or cut short by the client leaving), the key is charged its tokens and its
+    seconds at the price of the provider that served it (the highest on offer
+    when none finished it).
+    """
     account = keys.CURRENT.get()
-    if account is not None:
-        price = backend.price_per_s(done.provider, request.model_id) if done.provider else 0
+    extra = {} if logprobs is None else {"logprobs": logprobs}
+    if account is None:
+        return await backend.generate(request, deliver, **extra)
+    started = trio.current_time()
+    rate = backend.price_per_s("", request.model_id)
+    held = produced = 0
+
+    async def counted(text: str, tokens: int) -> None:
+        nonlocal held, produced
+        produced += tokens
+        held = account.streaming(held, math.ceil(rate * (trio.current_time() - started)))
+        await deliver(text, tokens)
+
+    done: Finished | None = None
+    try:
+        done = await backend.generate(request, counted, **extra)
+        return done
+    finally:
         seconds = trio.current_time() - started
-        account.charge(done.prompt_tokens, done.completion_tokens, math.ceil(price * seconds))
-    return done
+        if done is not None:
+            price = backend.price_per_s(done.provider, request.model_id) if done.provider else 0
+            used = (done.prompt_tokens, done.completion_tokens)
+        else:
+            price, used = rate, (0, produced)
+        account.charge(held, *used, math.ceil(price * seconds))
 
 
 async def _no_text(_text: str, _tokens: int) -> None:
@@ -922,10 +946,10 @@ class _Guard:
     def _dashboard_admits(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
         """Whether the request carries a dashboard cookie, and (when it is not a
         GET) the header a cross-origin page cannot add (docs/architecture.md#the-dashboard)."""
-        cookie = dashboard.cookie_of(headers)
-        if not cookie or (scope["method"] != "GET" and headers.get(dashboard.HEADER) != b"1"):
+        cookies = dashboard.cookies_of(headers)
+        if not cookies or (scope["method"] != "GET" and headers.get(dashboard.HEADER) != b"1"):
             return False
-        return self._logins.admits(cookie)
+        return any(self._logins.admits(cookie) for cookie in cookies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -955,6 +979,13 @@ class _Guard:
                 await self._refuse(send, scope["path"], verdict, bool(auth))
                 return
             team = verdict
+            if not scope["path"].startswith("/v1/"):
+                # A key handed to others spends through the API; the dashboard,
+                # its state (wallet, other keys, peers) and /metrics are the owner's.
+                await ApiError(
+                    403, "a team key reaches the API under /v1/ only", code="forbidden"
+                ).send(send)
+                return
         limit = self._config.max_in_flight
         if self._in_flight >= limit:
             await ApiError(
@@ -966,11 +997,14 @@ class _Guard:
             ).send(send)
             return
         self._in_flight += 1
-        charged = keys.CURRENT.set(self._keys.begin(team.name) if team is not None else None)
         try:
-            await self._app(scope, receive, send)
+            account = self._keys.begin(team, time.monotonic()) if team is not None else None
+            charged = keys.CURRENT.set(account)
+            try:
+                await self._app(scope, receive, send)
+            finally:
+                keys.CURRENT.reset(charged)
         finally:
-            keys.CURRENT.reset(charged)
             self._in_flight -= 1
 
     @staticmethod

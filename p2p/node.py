@@ -240,11 +240,20 @@ class Node:
         return telemetry.metrics(self)
 
     def price_per_s(self, provider: str, model_id: str) -> int:
-        """What ``provider`` offers ``model_id`` at a second; 0 in free mode, where no
-        one is paid (what the shim charges a team key, docs/architecture.md#team-keys)."""
-        offer = self.offer_book.get(provider)
+        """What ``provider`` offers ``model_id`` at a second; when ``provider`` is ""
+        or its offer is gone, the highest price on offer for the model (the
+        cautious guess); 0 in free mode, where no one is paid (what the shim
+        charges a team key, docs/architecture.md#team-keys)."""
+        if self.markets.consumer is None:
+            return 0
+        offer = self.offer_book.get(provider) if provider else None
         terms = offer.serves(model_id) if offer is not None else None
-        return terms.price_per_s if terms is not None and self.markets.consumer else 0
+        if terms is not None:
+            return terms.price_per_s
+        prices = [
+            t.price_per_s for o in self.offer_book.offers(model_id) if (t := o.serves(model_id))
+        ]
+        return max(prices, default=0)
 
     def dashboard(self) -> dict[str, Any]:
         """What the shim's dashboard shows (docs/architecture.md#the-dashboard)."""

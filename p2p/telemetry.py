@@ -134,8 +134,10 @@ def metrics(node: Parts) -> Metrics:
     )
 
 
-# Paid sessions the dashboard lists, newest first.
+# Paid sessions the dashboard lists, newest first; offers, cheapest first
+# (strangers can make thousands: the page shows a screenful and the count).
 DASHBOARD_SESSIONS: Final = 20
+DASHBOARD_OFFERS: Final = 100
 
 
 def dashboard_state(node: Parts) -> dict[str, Any]:
@@ -144,6 +146,9 @@ def dashboard_state(node: Parts) -> dict[str, Any]:
     sessions it holds, its recent paid sessions with their receipts, and the
     token counts the page turns into tokens/s."""
     offers_known = node.control({"op": "offers"})
+    every = offers_known["offers"]
+    every.sort(key=lambda o: (o["banned"], min((m["price_per_s"] for m in o["models"]), default=0)))
+    offers_known["offers"], offers_known["total"] = every[:DASHBOARD_OFFERS], len(every)
     for offer in offers_known["offers"]:
         seen = node.consumer.stats.get(offer["peer_id"])
         offer["measured"] = {

@@ -239,8 +239,6 @@ def _panels(bench: str, report: dict[str, Any]) -> list[Panel]:
     raise ValueError(f"no figure for bench {bench!r}")  # fmt: skip
 
 
-
-
 def bench_figure(bench: str, report: dict[str, Any], path: Path) -> Path:
     """A bench's figures beside its baseline's, measured in the same run: median
     bars, min-max whiskers, p90 marks, and the ratio of the medians."""

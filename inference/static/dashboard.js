@@ -94,7 +94,9 @@ function showProviders(answer) {
       ]);
     }
   }
-  $("providers-count").textContent = `(${answer.offers.length})`;
+  const total = answer.total === undefined ? answer.offers.length : answer.total;
+  $("providers-count").textContent = total > answer.offers.length
+    ? `(${answer.offers.length} of ${total}, cheapest first)` : `(${total})`;
   fill($("providers"), rows, "no offers heard yet");
 }
 

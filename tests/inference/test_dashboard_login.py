@@ -103,3 +103,25 @@ def test_links_and_cookies_are_bounded() -> None:
     cookies = [logins.redeem(t) for t in tokens[3:]]
     assert all(cookies)
     assert all(logins.admits(c) for c in cookies if c)
+
+
+def test_links_and_cookies_expire() -> None:
+    now = [1000.0]
+    logins = dashboard.Login(clock=lambda: now[0])
+    stale = logins.new_link("http://127.0.0.1:1").rsplit("=", 1)[1]
+    fresh = logins.new_link("http://127.0.0.1:1").rsplit("=", 1)[1]
+    now[0] += dashboard.LINK_TTL_S + 1
+    assert logins.redeem(stale) is None
+    assert logins.redeem(fresh) is None  # both past their ten minutes
+    cookie = logins.redeem(logins.new_link("http://127.0.0.1:1").rsplit("=", 1)[1])
+    assert cookie is not None
+    assert logins.admits(cookie)
+    now[0] += dashboard.COOKIE_TTL_S + 1
+    assert not logins.admits(cookie)
+
+
+def test_a_cookie_of_the_same_name_from_another_port_does_not_hide_the_real_one() -> None:
+    headers = {b"cookie": f"{dashboard.COOKIE}=planted; {dashboard.COOKIE}=real".encode()}
+    assert dashboard.cookies_of(headers) == ["planted", "real"]
+    assert dashboard.local_base("http://0.0.0.0:8080/v1") == "http://127.0.0.1:8080"
+    assert dashboard.local_base("http://127.0.0.1:8080/v1") == "http://127.0.0.1:8080"

@@ -5,6 +5,7 @@ running shim that was not restarted."""
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,18 +23,42 @@ BOUND_S = 10
 
 
 @asynccontextmanager
-async def _shim(home: Path) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+async def _shim(
+    home: Path, node: ScriptedNode | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     """A client, and the shim's chat URL, the shim's team keys in ``home``."""
     with trio.fail_after(BOUND_S):
         async with trio.open_nursery() as nursery:
             url = await nursery.start(
                 functools.partial(
-                    openai_api.serve, ScriptedNode(), KEY, "127.0.0.1:0", ring=keys.KeyRing(home)
+                    openai_api.serve,
+                    node or ScriptedNode(),
+                    KEY,
+                    "127.0.0.1:0",
+                    ring=keys.KeyRing(home),
                 )
             )
             async with httpx.AsyncClient() as http:
                 yield http, f"{url}/chat/completions"
             nursery.cancel_scope.cancel()
+
+
+async def _leave_after(seen: bytes, url: str, key: str, body: dict[str, object]) -> None:
+    """A client that posts ``body``, reads until ``seen`` arrives, and hangs up."""
+    where = httpx.URL(url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {where.path} HTTP/1.1\r\nHost: {where.host}:{where.port}\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    stream = await trio.open_tcp_stream(where.host, where.port or 80)
+    async with stream:
+        await stream.send_all(head.encode() + payload)
+        got = b""
+        with trio.fail_after(BOUND_S):
+            while seen not in got:
+                got += await stream.receive_some(4096)
 
 
 def _bearer(key: str) -> dict[str, str]:
@@ -89,8 +114,11 @@ async def test_a_key_past_its_limits_is_refused_with_the_right_429(tmp_path: Pat
         assert third.status_code == 429
         assert third.json()["error"]["code"] == "rate_limit_exceeded"
         assert third.headers["retry-after"] == "60"
+        # The first answer's first token already costs more than one wei: it
+        # is stopped there, charged, and the next is refused at the door.
         first = await http.post(chat, json=CHAT, headers=_bearer(frugal))
-        assert first.status_code == 200
+        assert first.status_code == 429
+        assert first.json()["error"]["code"] == "insufficient_quota"
         spent = await http.post(chat, json=CHAT, headers=_bearer(frugal))
         assert spent.status_code == 429
         assert spent.json()["error"]["code"] == "insufficient_quota"
@@ -106,3 +134,56 @@ def test_names_are_checked_and_unique(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no key named"):
         keys.revoke_key(tmp_path, "nobody")
     assert (tmp_path / keys.KEYS_FILE).stat().st_mode & 0o077 == 0
+
+
+async def test_a_key_cannot_reach_the_owners_pages(tmp_path: Path) -> None:
+    """The dashboard's state (wallet, other keys, peers) and /metrics are the owner's."""
+    bot = keys.add_key(tmp_path, "bot", None, None)
+    async with _shim(tmp_path) as (http, chat):
+        base = chat.removesuffix("/v1/chat/completions")
+        for path in ("/dashboard/state", "/metrics", "/"):
+            answer = await http.get(base + path, headers=_bearer(bot))
+            assert answer.status_code == 403, path
+        assert (await http.get(base + "/v1/models", headers=_bearer(bot))).status_code == 200
+        assert (await http.get(base + "/metrics", headers=AUTH)).status_code == 200
+
+
+async def test_an_answer_cut_short_is_charged_and_a_limit_stops_it_mid_stream(
+    tmp_path: Path,
+) -> None:
+    """ "slow" says one word and waits: the client that leaves is charged that
+    word and its seconds; a key whose limit runs out while it waits is stopped."""
+    leaver = keys.add_key(tmp_path, "leaver", None, None)
+    node = ScriptedNode()
+    async with _shim(tmp_path, node) as (http, chat):
+        body = {**CHAT, "model": "slow", "stream": True}
+        await _leave_after(b"hello", chat, leaver, body)  # before the answer ends
+        with trio.fail_after(BOUND_S):
+            await node.generation_cancelled.wait()
+        used = keys.read_usage(tmp_path)["leaver"]
+        assert (used.requests, used.completion_tokens) == (1, 1)
+        assert used.spent_wei > 0  # its seconds, at the highest price on offer
+    # One wei of limit: the first token's seconds already pass it.
+    frugal = keys.add_key(tmp_path, "frugal", 1, None)
+    async with _shim(tmp_path) as (http, chat):
+        body = {**CHAT, "model": "slow", "stream": True}
+        with trio.fail_after(BOUND_S):
+            answer = await http.post(chat, json=body, headers=_bearer(frugal))
+        assert answer.status_code == 429
+        assert answer.json()["error"]["code"] == "insufficient_quota"
+    assert keys.read_usage(tmp_path)["frugal"].spent_wei >= 1
+
+
+@pytest.mark.parametrize(
+    ("file", "text"),
+    [
+        (keys.KEYS_FILE, '["not", "an", "object"]'),
+        (keys.KEYS_FILE, '{"keys": [{"name": "a", "sha256": "00", "spend_limit": "5"}]}'),
+        (keys.USAGE_FILE, "[1, 2]"),
+        (keys.USAGE_FILE, '{"a": {"requests": null}}'),
+    ],
+)
+def test_a_broken_file_is_a_clear_configuration_error(tmp_path: Path, file: str, text: str) -> None:
+    (tmp_path / file).write_text(text)
+    with pytest.raises(ConfigError, match="is not a"):
+        keys.read_keys(tmp_path) if file == keys.KEYS_FILE else keys.read_usage(tmp_path)

@@ -359,6 +359,8 @@ def start(
                     )
                     base = dashboard.local_base(shim_url)
                     node.control.more["dashboard"] = lambda _r: {"link": logins.new_link(base)}
+                if node.offering.engines and config.measure_tokens > 0:
+                    nursery.start_soon(_tell_measured, node)
                 # The file first, then the line: whoever waits on either sees both.
                 if ready_file is not None:
                     ready = {"peer_id": node.peer_id, "addrs": node.addrs, "shim_url": shim_url}
@@ -657,6 +659,17 @@ def peers(as_json: bool) -> None:
 
 def _quiet(_note: str) -> None:
     pass
+
+
+async def _tell_measured(node: Any) -> None:
+    """The start-up speed measurement, as progress, once it is announced."""
+    steps = progress.start("measuring speed", 1, background=True)
+    try:
+        await node.offering.measured.wait()
+        models = node.offering.models
+        steps.step(", ".join(f"{m.model_id} {m.tokens_per_s:.1f} tokens/s" for m in models))
+    finally:
+        steps.close()  # stopped before it ended: the bar goes too
 
 
 @app.main.command("dashboard")

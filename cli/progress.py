@@ -32,6 +32,9 @@ class Steps(Protocol):
 
     def step(self, note: str = "", by: int = 1) -> None: ...
 
+    def close(self) -> None:
+        """Stop showing it (its last step does, when it has a total)."""
+
 
 class _Lines:
     def __init__(self, what: str, total: int | None, logged: bool) -> None:
@@ -51,6 +54,9 @@ class _Lines:
             logger.info("%s", line)
         else:
             click.echo(line, err=True)
+
+    def close(self) -> None:
+        pass
 
 
 class _Bar:
@@ -106,5 +112,4 @@ def progress(what: str, total: int | None = None, *, tty: bool | None = None) ->
     try:
         yield steps
     finally:
-        if isinstance(steps, _Bar):
-            steps.close()
+        steps.close()

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import trio
+
 from p2pnode.errors import EngineError
 from p2pnode.inference.engine import Engine, Params, Request, tokens_per_second
 from p2pnode.p2p import market as marketlib
@@ -39,6 +41,8 @@ class Offering:
         self._market = market
         self._wallet = market.address if market is not None else wallet
         self.changed = changed
+        # Set once :meth:`measure` has announced its figures (the CLI's progress).
+        self.measured = trio.Event()
         # Served models first, then any announced by configuration only.
         self.models: tuple[offers.ModelOffer, ...] = (
             tuple(
@@ -111,6 +115,7 @@ class Offering:
                 for m in self.models
             )
         )
+        self.measured.set()
 
     def offer(self, peer_id: str, addrs: Sequence[str]) -> offers.Offer | None:
         """The offer to announce now (unsigned: discovery sets seq, time and signature)."""

@@ -93,14 +93,15 @@ class Started:
         self.addrs = [str(a) for a in addrs]
 
 
-def start(home: Path, ready_file: Path, *args: str, serve: bool = False) -> Started:
-    """``p2pnode start`` on a port the system chooses; returns once it is ready."""
+def start(home: Path, ready_file: Path, *args: str, serve: bool = False, **extra: str) -> Started:
+    """``p2pnode start`` on a port the system chooses (``extra``: more environment);
+    returns once it is ready."""
     flags = [] if serve else ["--no-serve"]
     proc = subprocess.Popen(
         [*P2PNODE, "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready_file)]
         + flags
         + list(args),
-        env=env(home),
+        env=env(home, **extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -234,7 +234,7 @@ def test_bench_connect_draws_its_figure_beside_the_baseline(tmp_path: Path) -> N
 
 
 def test_start_serves_the_bundled_model_by_default(tmp_path: Path) -> None:
-    provider = start(tmp_path / "s", tmp_path / "s.json", serve=True)
+    provider = start(tmp_path / "s", tmp_path / "s.json", serve=True, P2PNODE_LOG_LEVEL="info")
     try:
         deadline = time.monotonic() + BOUND_S
         while True:
@@ -247,7 +247,10 @@ def test_start_serves_the_bundled_model_by_default(tmp_path: Path) -> None:
         assert len(models[0]["gguf_sha256"]) == 64
     finally:
         provider.proc.send_signal(signal.SIGTERM)
-        provider.proc.communicate(timeout=BOUND_S)
+        _, said = provider.proc.communicate(timeout=BOUND_S)
+    # Its start-up work as progress: info log lines, not being on a terminal.
+    assert re.search(r"loading models \[1/1, [\d.]+ s\]: SmolLM2-135M-Instruct loaded", said)
+    assert re.search(r"measuring speed \[1/1, [\d.]+ s\]: SmolLM2-135M-Instruct [\d.]+ tok", said)
 
 
 def test_generate_prints_text_and_speed(tmp_path: Path) -> None:

@@ -761,8 +761,13 @@ def _erc20(w3: Web3, address: str) -> tuple[str, str]:
     try:
         erc20.functions.totalSupply().call()
         erc20.functions.balanceOf(checked).call()
+        decimals = int(erc20.functions.decimals().call())
     except (Web3Exception, ValueError) as exc:
         raise ChainError(f"{checked} does not answer as an ERC-20: {rpc_message(exc)}") from exc
+    if decimals != 18:
+        # Every amount p2pnode reads or shows (stakes, prices, limits) is in
+        # 18-decimal units (chain/units.py): another token would be off by powers of ten.
+        raise ConfigError(f"{checked} has {decimals} decimals; p2pnode prices in 18-decimal tokens")
     try:
         symbol = str(erc20.functions.symbol().call())
     except (Web3Exception, ValueError):

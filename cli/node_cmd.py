@@ -330,7 +330,8 @@ def start(
         # Team keys read (and checked) before anything starts: a broken keys.json
         # or key_usage.json is a configuration error, not a failure mid-run.
         ring = keys.KeyRing(home) if shim else None
-        keys.read_keys(home)
+        if ring is not None:
+            keys.read_keys(home)
     except P2PNodeError as exc:
         app.fail(exc)
 
@@ -347,7 +348,7 @@ def start(
                 open_node(config, key_pair=key_pair, engines=engines, wallet=paid) as node,
                 trio.open_nursery() as nursery,
             ):
-                shim_url = None
+                shim_url, base = None, ""
                 logins = dashboard.Login()
                 if shim is not None and api_key is not None:
                     shim_url = await nursery.start(
@@ -359,6 +360,10 @@ def start(
                     )
                     base = dashboard.local_base(shim_url)
                     node.control.more["dashboard"] = lambda _r: {"link": logins.new_link(base)}
+                else:
+                    node.control.more["dashboard"] = lambda _r: {
+                        "error": "this node serves no dashboard: start it with --shim"
+                    }
                 if node.offering.engines and config.measure_tokens > 0:
                     nursery.start_soon(_tell_measured, node)
                 # The file first, then the line: whoever waits on either sees both.
@@ -376,7 +381,7 @@ def start(
                 if shim_url is not None:
                     click.echo(f"openai api: {shim_url} (key: {home / identity.API_KEY_FILE})")
                     # Good once; `p2pnode dashboard` prints another.
-                    click.echo(f"dashboard: {logins.new_link(dashboard.local_base(shim_url))}")
+                    click.echo(f"dashboard: {logins.new_link(base)}")
                 if paid is not None:
                     click.echo(f"paid mode: wallet {paid.account.address}")
                 try:
@@ -675,10 +680,7 @@ async def _tell_measured(node: Any) -> None:
 @app.main.command("dashboard")
 def dashboard_link() -> None:
     """Print a new one-time login link to the running node's dashboard (its shim's page)."""
-    answer = _ask_node({"op": "dashboard"})
-    if "link" not in answer:
-        app.fail(ConfigError("the running node serves no dashboard: start it with --shim"))
-    click.echo(answer["link"])
+    click.echo(_ask_node({"op": "dashboard"})["link"])
 
 
 def _ask_node(request: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ have no internet, so nothing comes from a CDN.
 from __future__ import annotations
 
 import collections
+import functools
 import hmac
 import secrets
 import time
@@ -159,5 +160,6 @@ _HEADERS: Final = {
 }
 
 
+@functools.cache
 def _asset(name: str) -> bytes:
     return resources.files("p2pnode.inference").joinpath("static", name).read_bytes()

@@ -115,15 +115,17 @@ def _key(entry: dict[str, Any]) -> Key:
     return key
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
-    """``data`` as JSON at ``path`` (mode 0600), whole or not at all, on disk before
-    it replaces the old file: a crash leaves the old or the new one."""
+def _write(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
+    """``data`` as JSON at ``path`` (mode 0600), whole or not at all: a crash leaves
+    the old file or the new one (``durable``: the new one on disk before it
+    replaces the old, which costs an fsync)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")  # 0600, a new name
     try:
         with os.fdopen(fd, "w") as out:
             json.dump(data, out)
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -271,8 +273,8 @@ class KeyRing:
         window, and its account to charge."""
         if key.rate_limit is not None:
             self._recent.setdefault(key.name, collections.deque()).append(now)
+        # Written with its charge, when the answer ends: one write a request.
         self.usage.setdefault(key.name, Usage()).requests += 1
-        self._save()
         return Account(self, key)
 
     def hold(self, name: str, wei: int) -> None:
@@ -293,7 +295,13 @@ class KeyRing:
         if self.home is None:
             return
         try:
-            _write(self.home / USAGE_FILE, {n: asdict(u) for n, u in self.usage.items()})
+            # No fsync: this runs on the shim's request path, and a power cut
+            # that loses the last answers' usage leaves a whole file all the same.
+            _write(
+                self.home / USAGE_FILE,
+                {n: asdict(u) for n, u in self.usage.items()},
+                durable=False,
+            )
         except OSError as exc:  # a full disk costs the record, not the request
             logger.warning("key usage not saved: %s", exc)
 

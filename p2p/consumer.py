@@ -1100,7 +1100,6 @@ def _entries_ok(chunk: Chunk, top: int) -> bool:
     )
 
 
-"""Buckets of the time-to-first-token histogram (seconds)."""
 EMBED_TOKENS_PER_INPUT: Final = 64
 """What an embedding input counts as, for the deadline of the answer."""
 

@@ -1,12 +1,13 @@
 """simnet's and the benchmarks' figures as PNGs (``--plot``), drawn with matplotlib.
 
-Each figure is drawn from a report as the command prints it (JSON), so a
-saved report can be drawn again. matplotlib runs on its Agg backend: no
-display is needed, and nothing is shown, only written.
+Each figure is drawn from a report as the command prints it (JSON), after
+the run. matplotlib runs on its Agg backend: no display is needed, and
+nothing is shown, only written.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -125,7 +126,7 @@ def _relay(report: dict[str, Any], out: Path) -> list[Path]:
     ]
     for x, (_, values, color) in enumerate(series):
         if values:
-            ax.bar(x, sorted(values)[len(values) // 2], color=color, alpha=0.6)
+            ax.bar(x, statistics.median(values), color=color, alpha=0.6)
             ax.scatter([x] * len(values), values, color=color, zorder=3, s=14)
     ax.set_xticks(range(len(series)), [label for label, _, _ in series], fontsize="small")
     ax.set_yscale("log")

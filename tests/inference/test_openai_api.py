@@ -73,7 +73,9 @@ class ScriptedNode:
                 await trio.sleep_forever()
             finally:
                 self.lookup_cancelled.set()
-        return model_id in ("fast", "plain", "slow", "limited", "unpaid", "dies", "badbias")
+        return model_id in (
+            "fast", "plain", "slow", "paced", "limited", "unpaid", "dies", "badbias"
+        )  # fmt: skip
 
     async def generate(
         self,
@@ -94,6 +96,11 @@ class ScriptedNode:
         await deliver("hello", 1)
         if request.model_id == "dies":  # the last provider failed mid-answer
             raise NoProviderError("no provider could finish it")
+        if request.model_id == "paced":  # nine more words, 20 ms apart
+            for word in (" two", " three", " four", " five", " six", " seven", " eight"):
+                await trio.sleep(0.02)
+                await deliver(word, 1)
+            return Outcome("stop", 1, 8)
         if request.model_id == "slow":
             try:
                 await trio.sleep_forever()

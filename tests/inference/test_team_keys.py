@@ -187,3 +187,23 @@ def test_a_broken_file_is_a_clear_configuration_error(tmp_path: Path, file: str,
     (tmp_path / file).write_text(text)
     with pytest.raises(ConfigError, match="is not a"):
         keys.read_keys(tmp_path) if file == keys.KEYS_FILE else keys.read_usage(tmp_path)
+
+
+async def test_a_key_whose_limit_runs_out_mid_answer_is_stopped_there(tmp_path: Path) -> None:
+    """At the scripted 10**15 wei a second, 10**13 wei is 10 ms: "paced" passes it
+    between its words, after the stream has begun."""
+    limited = keys.add_key(tmp_path, "limited", 10**13, None)
+    async with _shim(tmp_path) as (http, chat):
+        body = {**CHAT, "model": "paced", "stream": True}
+        with trio.fail_after(BOUND_S):
+            answer = await http.post(chat, json=body, headers=_bearer(limited))
+    assert answer.status_code == 200  # the stream had begun
+    events = [json.loads(line[6:]) for line in answer.text.splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    words = "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
+    assert words.startswith("hello")
+    assert "eight" not in words  # stopped before the answer's end
+    assert events[-1]["error"]["code"] == "insufficient_quota"
+    used = keys.read_usage(tmp_path)["limited"]
+    assert used.spent_wei >= 10**13
+    assert 1 <= used.completion_tokens < 8

@@ -110,26 +110,37 @@ class Dialer:
             self._upgraded(peer_id)
 
     def _learn_addrs(self, peer_id: ID) -> list[str]:
-        """Where a provider listens, from its signed offer, if the peerstore does not know.
+        """Where a provider listens, from its signed offer; returns the offer's
+        circuit addresses (to dial through their relay).
 
-        Returns the offer's circuit addresses (to dial through their relay).
+        An offer naming direct addresses the peerstore does not hold means the
+        provider moved (restarted on another port, another host): while no
+        connection to it is open, its addresses become the offer's, and the
+        swarm forgets that the old ones failed, which would otherwise refuse
+        every dial to it for a minute
+        (docs/libp2p-traps.md#a-restarted-peer-and-the-negative-dial-cache).
         """
         peerstore = self._host.get_peerstore()
         offer = self._book.get(str(peer_id))
-        circuits = [a for a in offer.addrs if relaylib.is_circuit(a)] if offer else []
-        try:
-            if peerstore.addrs(peer_id):
-                return circuits
-        except PeerStoreError:  # 0.8.1 raises for a peer it has never heard of
-            pass
-        if offer is None or not offer.addrs:
-            return circuits
-        addrs = []
+        if offer is None:
+            return []
+        circuits = [a for a in offer.addrs if relaylib.is_circuit(a)]
+        direct = []
         for text in offer.addrs:
             if relaylib.is_circuit(text):
                 continue
             with contextlib.suppress(ValueError, ConfigError):
-                addrs.append(hostlib.parse_peer_addr(text).addrs[0])
-        if addrs:
-            peerstore.add_addrs(peer_id, addrs, OFFER_ADDR_TTL_S)
+                direct.append(hostlib.parse_peer_addr(text).addrs[0])
+        try:
+            known = {str(a) for a in peerstore.addrs(peer_id)}
+        except PeerStoreError:  # 0.8.1 raises for a peer it has never heard of
+            known = set()
+        if not direct or {str(a) for a in direct} <= known:
+            return circuits
+        if known and not relaylib.connections(self._host, peer_id):
+            peerstore.clear_addrs(peer_id)  # addresses it left: each costs a dial attempt
+        peerstore.add_addrs(peer_id, direct, OFFER_ADDR_TTL_S)
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:  # (py-libp2p 0.8.1's swarm; a host without one never blocks)
+            unblock(peer_id)
         return circuits

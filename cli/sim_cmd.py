@@ -146,12 +146,29 @@ def bench() -> None:
     """Benchmarks: figures next to a baseline measured in the same run."""
 
 
+model_option = click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF file (default: the bundled model).",
+)
 plot_option = click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Also draw the figures beside the baseline's as a PNG here.",
 )
+
+
+def _model(path: Path | None) -> Path:
+    """The GGUF file a bench runs: ``path``, or the bundled model."""
+    from p2pnode.inference import llamacpp
+
+    try:
+        return path or llamacpp.bundled_model_path()
+    except P2PNodeError as exc:
+        app.fail(exc)
 
 
 def _plot(name: str, report: dict[str, Any], plot: Path | None) -> None:
@@ -165,13 +182,7 @@ def _plot(name: str, report: dict[str, Any], plot: Path | None) -> None:
 @click.option("--rounds", type=click.IntRange(1, 50), default=7, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(8, 4096), default=128, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="GGUF file (default: the bundled model).",
-)
+@model_option
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @plot_option
 def bench_engine(
@@ -183,13 +194,9 @@ def bench_engine(
     plot: Path | None,
 ) -> None:
     """Tokens/s through LlamaCppEngine vs llama-cpp-python called directly, same run."""
-    from p2pnode.inference import llamacpp
     from p2pnode.simnet.bench import bench_engine as run_bench
 
-    try:
-        path = model_path or llamacpp.bundled_model_path()
-    except P2PNodeError as exc:
-        app.fail(exc)
+    path = _model(model_path)
     report = app.run_async(lambda: run_bench(path, rounds, max_tokens, threads))
     _plot("engine", report, plot)
     if as_json:
@@ -230,13 +237,7 @@ def bench_stream(tokens: int, as_json: bool) -> None:
 @click.option("--rounds", type=click.IntRange(1, 50), default=9, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(8, 4096), default=96, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="GGUF file (default: the bundled model).",
-)
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @plot_option
 def bench_e2e(
@@ -248,13 +249,9 @@ def bench_e2e(
     plot: Path | None,
 ) -> None:
     """Shim -> p2p -> provider vs llama_cpp.server on the same model: tokens/s and TTFT."""
-    from p2pnode.inference import llamacpp
     from p2pnode.simnet.bench import bench_e2e as run_bench
 
-    try:
-        path = model_path or llamacpp.bundled_model_path()
-    except P2PNodeError as exc:
-        app.fail(exc)
+    path = _model(model_path)
     report = app.run_async(lambda: run_bench(path, rounds, max_tokens, threads))
     _plot("e2e", report, plot)
     if as_json:
@@ -270,6 +267,52 @@ def bench_e2e(
         f"ttft      network {net['ttft_ms']['median']:.1f} ms  llama_cpp.server "
         f"{direct['ttft_ms']['median']:.1f} ms  added {report['added_ttft_ms']:.1f} ms"
         f"  (goal <= 25 ms)  goals {'met' if report['goal_met'] else 'missed'}"
+    )
+
+
+@bench.command("load")
+@click.option("--clients", type=click.IntRange(1, 64), default=8, show_default=True)
+@click.option("--requests", type=click.IntRange(1, 100), default=2, show_default=True,
+              help="Completions each client runs in turn.")  # fmt: skip
+@click.option("--max-tokens", type=click.IntRange(4, 4096), default=48, show_default=True)
+@click.option("--slots", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True)
+@model_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@plot_option
+def bench_load(
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    slots: int,
+    threads: int,
+    rounds: int,
+    model_path: Path | None,
+    as_json: bool,
+    plot: Path | None,
+) -> None:
+    """Concurrent streaming clients through the shim vs the same engine locally, same run."""
+    from p2pnode.simnet.bench import bench_load as run_bench
+
+    path = _model(model_path)
+    report = app.run_async(
+        lambda: run_bench(path, clients, requests, max_tokens, slots, threads, rounds)
+    )
+    _plot("load", report, plot)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    net, local = report["network"], report["local"]
+    click.echo(
+        f"aggregate tokens/s  network {net['tokens_per_s']['median']:.1f}  local "
+        f"{local['tokens_per_s']['median']:.1f}  ratio {report['ratio_tokens_per_s']:.3f}"
+        f"  (goal >= 0.95: {'met' if report['goal_met'] else 'missed'})"
+    )
+    click.echo(
+        f"ttft p50/p99 ms    network {net['ttft_ms_p50']}/{net['ttft_ms_p99']}  local "
+        f"{local['ttft_ms_p50']}/{local['ttft_ms_p99']}  ({clients} clients, {slots} slots; "
+        f"refusals {report['provider_refusals'] or 'none'})"
     )
 
 

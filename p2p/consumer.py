@@ -75,6 +75,7 @@ from p2pnode.protocols.infer.messages import (
     EMBED,
     MAX_DIMENSIONS,
     MAX_PIECE,
+    MAX_REQUESTS_PER_SESSION,
     PAUSED,
     SCORE,
     Ack,
@@ -176,6 +177,10 @@ class _Session:
     paid: bool = False
     # Whether the provider answered a request in full in this session.
     served: bool = False
+    # Requests in it at once: a provider refuses more (busy), so the rest wait here.
+    running: trio.Semaphore = field(
+        default_factory=lambda: trio.Semaphore(MAX_REQUESTS_PER_SESSION)
+    )
 
     def next_stream(self) -> int:
         stream_id = next(self.streams)
@@ -717,28 +722,8 @@ class Consumer:
             held = await self._session(peer, wire.model_id, reopen=reopen)
             if isinstance(held, Refusal):
                 return held
-            stream = await self._dialer.open_stream(peer, infer.PROTOCOL_ID)
-            machine = ConsumerMachine(
-                self.cfg.infer.max_frame, held.keys, held.session_id, held.next_stream()
-            )
-            market = self.market
-            if market is not None:
-                market.begin(held.session_id)
-            try:
-                with trio.fail_after(guard.deadline_s):
-                    done = await infer_service.request(
-                        stream,
-                        machine,
-                        wire,
-                        guard.deliver,
-                        self._acker(held, checked),
-                        self.cfg.infer,
-                    )
-            except trio.TooSlowError as exc:
-                raise NetworkError(f"no whole answer within {guard.deadline_s:g} s") from exc
-            finally:
-                if market is not None:
-                    market.end(held.session_id)
+            async with held.running:
+                done = await self._run_on(held, peer, wire, guard, checked)
             if isinstance(done, Refusal):
                 # The provider restarted, forgot the session, its paid time is
                 # over, or our last Ack did not reach it: settle it (if paid)
@@ -756,6 +741,38 @@ class Consumer:
                 self._check_speed(peer, wire.model_id, speed, guard.tokens)
             return done
         raise AssertionError("unreachable")  # pragma: no mutate
+
+    async def _run_on(
+        self,
+        held: _Session,
+        peer: str,
+        wire: Request,
+        guard: ReplyGuard,
+        checked: Callable[[Done], None],
+    ) -> Done | Refusal:
+        """One infer stream in ``held``: the request, its answer, its Ack."""
+        stream = await self._dialer.open_stream(peer, infer.PROTOCOL_ID)
+        machine = ConsumerMachine(
+            self.cfg.infer.max_frame, held.keys, held.session_id, held.next_stream()
+        )
+        market = self.market
+        if market is not None:
+            market.begin(held.session_id)
+        try:
+            with trio.fail_after(guard.deadline_s):
+                return await infer_service.request(
+                    stream,
+                    machine,
+                    wire,
+                    guard.deliver,
+                    self._acker(held, checked),
+                    self.cfg.infer,
+                )
+        except trio.TooSlowError as exc:
+            raise NetworkError(f"no whole answer within {guard.deadline_s:g} s") from exc
+        finally:
+            if market is not None:
+                market.end(held.session_id)
 
     async def misled(self, peer: str) -> None:
         """An auditor whose scores two others contradicted: a broken promise."""

@@ -50,6 +50,7 @@ from p2pnode.protocols.infer.messages import (
     MAX_EMBED_BYTES,
     MAX_EMBED_INPUTS,
     MAX_PENALTY,
+    MAX_REQUESTS_PER_SESSION,
     MAX_SCORE_IDS,
     MAX_TOP_LOGPROBS,
     PAUSED,
@@ -105,7 +106,7 @@ class Config:
     max_handshakes_per_peer: int = 2
     # Requests running at once in one session: a session is paid per second,
     # not per slot, so one must not take every slot for the price of one.
-    max_requests_per_session: int = 4
+    max_requests_per_session: int = MAX_REQUESTS_PER_SESSION
     # Paid: an answer pauses after this long (finish reason "paused"); the
     # consumer acknowledges it, as any answer, and asks for the rest in a new
     # request. Without it one answer that is never acknowledged could run

@@ -305,7 +305,7 @@ async def bench_e2e(
     ]
     cfg = llamacpp.Config(model_path=model_path, model_id=model_id, n_threads=threads)
     key = secrets.token_hex(16)
-    results: dict[str, list[tuple[float, float]]] = {"network": [], "direct": []}
+    results: dict[str, list[tuple[float, float, int]]] = {"network": [], "direct": []}
     async with trio.open_nursery() as nursery:
         server = await trio.lowlevel.open_process(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -396,8 +396,9 @@ async def _wait_for_server(client: httpx.AsyncClient, url: str, bound_s: float =
 
 async def _timed_completion(
     client: httpx.AsyncClient, url: str, key: str, model: str, prompt: str, max_tokens: int
-) -> tuple[float, float]:
-    """(time to first token in ms, tokens/s after the first) of one streamed completion."""
+) -> tuple[float, float, int]:
+    """(time to first token in ms, tokens/s after the first, completion tokens) of one
+    streamed completion."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -427,4 +428,145 @@ async def _timed_completion(
     tokens = usage_tokens or deltas
     ttft = (first - start) * 1000 if first else 0.0
     speed = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
-    return ttft, speed
+    return ttft, speed, tokens
+
+
+LOAD_PROMPTS = (
+    "The history of the printing press",
+    "In the early days of the industrial revolution,",
+    "The lighthouse keeper opened the door and",
+    "A short guide to growing tomatoes:",
+)
+
+
+async def bench_load(
+    model_path: Path,
+    clients: int = 8,
+    requests: int = 2,
+    max_tokens: int = 48,
+    slots: int = 4,
+    threads: int = 1,
+    rounds: int = 2,
+) -> dict[str, Any]:
+    """``clients`` concurrent streaming clients through shim → p2p → provider vs the
+    same engine driven locally at the same concurrency, same run.
+
+    One LlamaCppEngine with ``slots`` slots serves both sides: each round runs
+    the local side (``clients`` tasks, ``requests`` completions each, on the
+    engine directly) and the network side (``clients`` HTTP clients streaming
+    through a consumer's shim to a provider node on that engine), in
+    alternating order. The figure is the median over rounds of the aggregate
+    tokens/s ratio (network ÷ local; goal >= 0.95), with the time to first
+    token's p50 and p99 on both sides.
+    """
+    import secrets
+
+    from p2pnode.inference import llamacpp, openai_api
+
+    model_id = "bench-model"
+    cfg = llamacpp.Config(model_path=model_path, model_id=model_id, n_threads=threads, slots=slots)
+    key = secrets.token_hex(16)
+    figures: dict[str, list[dict[str, Any]]] = {"network": [], "local": []}
+    async with (
+        trio.open_nursery() as nursery,
+        llamacpp.open_llamacpp(cfg) as engine,
+        open_node(
+            NodeConfig(measure_tokens=0), key_pair=create_new_key_pair(), engines=[engine]
+        ) as provider,
+        open_node(NodeConfig(), key_pair=create_new_key_pair()) as consumer,
+        httpx.AsyncClient(timeout=300.0, limits=httpx.Limits(max_connections=64)) as http,
+    ):
+        shim_url = await nursery.start(openai_api.serve, consumer, key, "127.0.0.1:0")
+        await consumer.dialer.connect(provider.addrs[0])
+        await consumer.finder.refresh_offer(provider.peer_id)
+        await _timed_completion(http, shim_url, key, model_id, LOAD_PROMPTS[0], 4)  # warm-up
+
+        async def local(prompt: str) -> tuple[float, int]:
+            request = Request(model_id=model_id, kind="completion", prompt=prompt,
+                              params=Params(max_tokens=max_tokens, temperature=0.0))  # fmt: skip
+            start, first, tokens = time.perf_counter(), 0.0, 0
+            async with engine.stream(request) as chunks:
+                async for chunk in chunks:
+                    if chunk.tokens:
+                        first = first or time.perf_counter()
+                        tokens += chunk.tokens
+            return (first - start) * 1000 if first else 0.0, tokens
+
+        async def network(prompt: str) -> tuple[float, int]:
+            ttft, _speed, tokens = await _timed_completion(
+                http, shim_url, key, model_id, prompt, max_tokens
+            )
+            return ttft, tokens
+
+        for r in range(rounds):
+            order = [("local", local), ("network", network)]
+            for name, one in order if r % 2 == 0 else order[::-1]:
+                figures[name].append(await _concurrently(one, clients, requests))
+        # What the network side met on the way: refusals, attempts, sessions.
+        seen = {
+            "provider_refusals": dict(provider.provider.refusals) if provider.provider else {},
+            "consumer_providers_tried": consumer.consumer.counters.providers_tried,
+            "consumer_sessions_opened": consumer.consumer.counters.sessions_opened,
+        }
+        nursery.cancel_scope.cancel()
+    ratios = [
+        n["tokens_per_s"] / lo["tokens_per_s"]
+        for n, lo in zip(figures["network"], figures["local"], strict=True)
+        if lo["tokens_per_s"]
+    ]
+    ratio = round(statistics.median(ratios), 3) if ratios else 0.0
+
+    def side(name: str) -> dict[str, Any]:
+        ttfts = sorted(t for f in figures[name] for t in f["ttft_ms"])
+        return {
+            "tokens_per_s": summarize([f["tokens_per_s"] for f in figures[name]]),
+            "ttft_ms_p50": round(statistics.median(ttfts), 1) if ttfts else None,
+            "ttft_ms_p99": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)
+            if ttfts
+            else None,
+            "requests": sum(len(f["ttft_ms"]) for f in figures[name]),
+            "failed": sum(f["failed"] for f in figures[name]),
+        }
+
+    return {
+        "bench": "load",
+        "model": model_path.name,
+        "clients": clients,
+        "requests_per_client": requests,
+        "max_tokens": max_tokens,
+        "slots": slots,
+        "threads": threads,
+        "rounds": rounds,
+        "network": side("network"),
+        "local": side("local"),
+        "ratio_tokens_per_s": ratio,
+        "ratios": [round(r, 3) for r in ratios],
+        **seen,
+        "goal_met": ratio >= 0.95,
+    }
+
+
+async def _concurrently(one: Any, clients: int, requests: int) -> dict[str, Any]:
+    """``clients`` tasks, each running ``requests`` of ``one(prompt)`` in turn:
+    aggregate tokens/s over the wall time, each request's time to first token."""
+    ttfts: list[float] = []
+    tokens = failed = 0
+
+    async def client(index: int) -> None:
+        nonlocal tokens, failed
+        for n in range(requests):
+            try:
+                ttft, produced = await one(LOAD_PROMPTS[(index + n) % len(LOAD_PROMPTS)])
+            except httpx.HTTPError:
+                failed += 1
+                continue
+            ttfts.append(ttft)
+            tokens += produced
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(clients):
+            nursery.start_soon(client, i)
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": round(tokens / wall, 1) if wall else 0.0, "ttft_ms": ttfts,
+            "failed": failed}  # fmt: skip

@@ -234,6 +234,17 @@ def _panels(bench: str, report: dict[str, Any]) -> list[Panel]:
                 [("libp2p status", lp["status_rtt_ms"]), ("TCP echo", tcp["rtt_ms"])],
             ),
         ]
+    if bench == "load":
+        net, local = report["network"], report["local"]
+        return [
+            (
+                "aggregate tokens/s",
+                [
+                    (f"{report['clients']} clients through the network", net["tokens_per_s"]),
+                    ("the engine locally", local["tokens_per_s"]),
+                ],
+            )
+        ]
     if bench == "cli":
         commands = [(f"p2pnode {name}", f["ms"]) for name, f in report["commands"].items()]
         return [("start-up, ms", [*commands, ("python -c pass", report["baseline_ms"])])]

@@ -146,6 +146,10 @@ EMBED: Final = "embed"
 """Request kind of embeddings: one vector per input, in the Done (docs/protocols.md#embeddings)."""
 MAX_EMBED_INPUTS: Final = 32
 """The most inputs one embedding request may carry (the shim splits larger ones)."""
+MAX_REQUESTS_PER_SESSION: Final = 4
+"""Requests a provider runs at once in one session (more are refused busy), and so
+the most a consumer sends at once in one: the rest wait their turn at the
+consumer instead of being refused (docs/protocols.md#inference-stream)."""
 MAX_DIMENSIONS: Final = 16384
 """The longest vector (float32 values) a request may ask for or an answer carry."""
 MAX_EMBED_BYTES: Final = 768 * 1024

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from p2pnode.inference.llamacpp import bundled_model_path
-from p2pnode.simnet.bench import bench_connect, bench_e2e, bench_engine, bench_stream, summarize
+from p2pnode.simnet.bench import (
+    bench_connect,
+    bench_e2e,
+    bench_engine,
+    bench_load,
+    bench_stream,
+    summarize,
+)
 from p2pnode.simnet.plots import bench_figure
 from p2pnode.simnet.startup import bench_cli
 
@@ -82,3 +89,24 @@ def test_bench_cli_times_commands_next_to_the_bare_interpreter(tmp_path: Path) -
     slowest = max(f["ms"]["median"] for f in report["commands"].values())
     assert report["goal_met"] == (slowest < 300)
     _drawn("cli", report, tmp_path)
+
+
+@pytest.mark.slow
+async def test_bench_load_runs_more_clients_than_a_session_takes_without_a_refusal(
+    tmp_path: Path,
+) -> None:
+    """Six clients, a provider that runs four requests at once in a session: the
+    consumer holds the other two back instead of having them refused busy (and
+    counting it against an honest provider)."""
+    report = await bench_load(
+        bundled_model_path(), clients=6, requests=1, max_tokens=6, slots=2, rounds=1
+    )
+    assert report["provider_refusals"] == {}
+    assert report["consumer_sessions_opened"] == 1
+    assert report["consumer_providers_tried"] == 6 + 1  # one each, and the warm-up
+    for side in ("network", "local"):
+        assert report[side]["requests"] == 6
+        assert report[side]["failed"] == 0
+        assert report[side]["tokens_per_s"]["median"] > 0
+    assert report["ratio_tokens_per_s"] > 0
+    _drawn("load", report, tmp_path)

@@ -366,6 +366,9 @@ class Consumer:
                 tried -= busy
                 busy.clear()
                 continue
+            # A provider whose session with us runs all it takes at once comes
+            # after those free now (the request would wait its turn there).
+            candidates.sort(key=lambda c: self._session_full(c.peer_id, request.model_id))
             peer = candidates[0].peer_id
             if paused_with in {c.peer_id for c in candidates}:
                 peer = paused_with
@@ -741,6 +744,11 @@ class Consumer:
                 self._check_speed(peer, wire.model_id, speed, guard.tokens)
             return done
         raise AssertionError("unreachable")  # pragma: no mutate
+
+    def _session_full(self, peer: str, model_id: str) -> bool:
+        """Whether our session with ``peer`` runs as many requests as it takes at once."""
+        held = self._sessions.get((peer, model_id))
+        return held is not None and held.running.value == 0
 
     async def _run_on(
         self,

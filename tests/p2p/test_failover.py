@@ -38,7 +38,13 @@ from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import session
 from p2pnode.protocols.infer.machine import ProviderMachine
-from p2pnode.protocols.infer.messages import Alternative, Done, Receipt, Turn
+from p2pnode.protocols.infer.messages import (
+    MAX_REQUESTS_PER_SESSION,
+    Alternative,
+    Done,
+    Receipt,
+    Turn,
+)
 from p2pnode.protocols.infer.messages import Chunk as WireChunk
 from p2pnode.protocols.infer.messages import Request as WireRequest
 from p2pnode.protocols.infer.messages import TokenLogprob as WireTokenLogprob
@@ -991,3 +997,29 @@ def test_a_histogram_counts_each_value_in_the_first_bucket_that_holds_it() -> No
     assert shown.total == pytest.approx(8.65)
     histogram.observe(0.0)
     assert shown.counts == (2, 2, 1)  # a snapshot does not move
+
+
+async def test_a_request_beyond_a_full_session_goes_to_a_free_provider(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    """Four requests fill the session with the first-ranked provider (all it runs
+    at once in a session): the fifth goes to the other, free provider, rather
+    than waiting its turn where it would be refused."""
+    slow = ScriptedEngine([WORD] * 6, gap_s=1.0)
+    async with _network(memory, slow) as (me, bad, good):
+        served: list[str] = []
+
+        async def one() -> None:
+            _text, outcome = await _generate(me, _request(6))
+            served.append(outcome.provider)
+
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                for _ in range(MAX_REQUESTS_PER_SESSION):
+                    nursery.start_soon(one)
+                await trio.sleep(2.0)  # (virtual) all four are streaming
+                _text, fifth = await _generate(me, _request(6))
+    assert served == [bad.peer_id] * MAX_REQUESTS_PER_SESSION
+    assert fifth.provider == good.peer_id
+    assert bad.provider is not None
+    assert bad.provider.refusals == {}  # nothing was sent to be refused

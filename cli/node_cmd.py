@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -338,11 +340,15 @@ def start(
     async def run() -> None:
         # Paid mode: where this run starts on chain, for the settlement printed at stop.
         since = await paid.chain.run(next_block, paid.chain.sync) if paid is not None else 0
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            models = len(serving.llamacpp) + len(serving.upstream)
-            loaded = (
-                progress.start("loading models", models, background=True).step if models else _quiet
-            )
+        models = len(serving.llamacpp) + len(serving.upstream)
+        loading: AbstractContextManager[progress.Steps | None] = (
+            progress.progress("loading models", models, background=True)
+            if models
+            else contextlib.nullcontext(None)
+        )
+        # A bar stops at its last step, or here if a load failed before it.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, loading as steps:
+            loaded = steps.step if steps is not None else _quiet
             async with (
                 open_engines(serving, told=loaded) as engines,
                 open_node(config, key_pair=key_pair, engines=engines, wallet=paid) as node,

@@ -106,9 +106,11 @@ def start(
 
 
 @contextmanager
-def progress(what: str, total: int | None = None, *, tty: bool | None = None) -> Iterator[Steps]:
+def progress(
+    what: str, total: int | None = None, *, tty: bool | None = None, background: bool = False
+) -> Iterator[Steps]:
     """:func:`start`, for the length of a block."""
-    steps = start(what, total, tty=tty)
+    steps = start(what, total, tty=tty, background=background)
     try:
         yield steps
     finally:

@@ -350,29 +350,32 @@ class Provider:
         if self.market is not None and not self.market.serving(opened.session_id):
             return Error(code=ErrorCode.UNKNOWN_SESSION, message="the paid session has ended")
         if session.admitted >= self.cfg.max_requests_per_session:
-            self.counters.refused += 1
             return Error(code=ErrorCode.BUSY, message="too many requests at once in the session")
         if not session.streams.accept(opened.stream_id):
-            self.counters.refused += 1
             return Error(code=ErrorCode.REPLAYED, message="stream id already used")
         if not self._rate.allow(peer, trio.current_time()):
-            self.counters.refused += 1
             return Error(code=ErrorCode.RATE_LIMITED, message="too many requests")
         session.admitted += 1
         admitted.append(session)
         return session.keys
 
     def _refused(self, found: SessionKeys | Error) -> SessionKeys | Error:
+        """Counts an infer stream's refusal at admission (its one counting place,
+        with :meth:`_run`'s, for every refusal of a stream)."""
         if isinstance(found, Error):
-            self.refusals[ErrorCode(found.code).name.lower()] += 1
+            self._count_refusal(ErrorCode(found.code))
         return found
 
     async def _run(self, opened: InferOpen, request: Request, emit: infer_service.Emit) -> Done:
         try:
             return await self._answer(opened, request, emit)
         except infer_service.RequestRefused as exc:
-            self.refusals[exc.code.name.lower()] += 1
+            self._count_refusal(exc.code)
             raise
+
+    def _count_refusal(self, code: ErrorCode) -> None:
+        self.counters.refused += 1
+        self.refusals[code.name.lower()] += 1
 
     async def _answer(self, opened: InferOpen, request: Request, emit: infer_service.Emit) -> Done:
         session = self.sessions.get(opened.session_id)
@@ -382,20 +385,17 @@ class Provider:
             if request.score_kind not in ("chat", "completion") or not (
                 0 < len(request.score_ids) <= MAX_SCORE_IDS
             ):
-                self.counters.refused += 1
                 raise infer_service.RequestRefused(
                     ErrorCode.BAD_FIELD,
                     f"a score request scores 1 to {MAX_SCORE_IDS} ids of a chat or completion",
                 )
         elif request.kind == EMBED:
             if not 0 < len(request.inputs) <= MAX_EMBED_INPUTS or request.dimensions < 0:
-                self.counters.refused += 1
                 raise infer_service.RequestRefused(
                     ErrorCode.BAD_FIELD,
                     f"an embedding request embeds 1 to {MAX_EMBED_INPUTS} inputs",
                 )
         elif request.kind not in ("chat", "completion") or request.max_tokens < 1:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD, "kind must be chat or completion, max_tokens >= 1"
             )
@@ -406,13 +406,11 @@ class Provider:
             or any(len(s) > MAX_STOP_CHARS for s in request.stop)
             or len(request.messages) > MAX_TURNS
         ):
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD,
                 f"at most {MAX_STOP} stop strings of {MAX_STOP_CHARS} chars and {MAX_TURNS} turns",
             )
         if not _sampling_ok(request):
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD,
                 f"penalties within ±{MAX_PENALTY:g}; at most {MAX_BIASES} logit_bias entries, "
@@ -421,7 +419,6 @@ class Provider:
             )
         engine = self._engine_for(request.model_id)
         if engine is None or request.model_id != session.model_id:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, f"model {request.model_id!r} is not this session's"
             )
@@ -430,7 +427,6 @@ class Provider:
         if missing:
             # A consumer reads our offer's features first; one that asks anyway
             # gets a refusal, never an answer that quietly ignores the fields.
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, f"this provider cannot honour {enginelib.fields_of(missing)}"
             )
@@ -438,13 +434,11 @@ class Provider:
         if market is not None and session.paid:
             await self._await_acks(session)
             if session.unacked or session.acks_pending:
-                self.counters.refused += 1
                 raise infer_service.RequestRefused(
                     ErrorCode.UNACKNOWLEDGED,
                     "an answer in this paid session was not acknowledged: open another",
                 )
         if market is not None and not await market.check(session.session_id):
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNKNOWN_SESSION, "the paid session is closed or has ended"
             )
@@ -509,13 +503,10 @@ class Provider:
                                 break
                     nursery.cancel_scope.cancel()
         except EngineBusy as exc:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
         except BadRequestError as exc:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BAD_FIELD, str(exc)) from exc
         except EngineError as exc:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.INTERNAL, str(exc)) from exc
         finally:
             if paused and not ended and usage is None:
@@ -576,7 +567,6 @@ class Provider:
         score = getattr(engine, "score", None)
         weights = _weights_of(engine, request.model_id)
         if score is None or not weights:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, "this provider cannot score answers of its model"
             )
@@ -591,12 +581,10 @@ class Provider:
             # An answer, not a failure: the auditor's finding, signed like any.
             scored = Scored(impossible=str(exc)[:200])
         except EngineBusy as exc:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
         except EngineError as exc:
             # Past our context (a smaller one than the audited provider's), or
             # llama.cpp failing: nobody's fault that the consumer should count.
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BAD_FIELD, str(exc)[:200]) from exc
         else:
             scored, logprobs = scored_of(scores), millinats(scores.logprobs)
@@ -626,7 +614,6 @@ class Provider:
         travel in the Done, billed as prompt tokens (paid: by the session's time)."""
         embed = getattr(engine, "embed", None)
         if embed is None:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.UNSUPPORTED, "this provider does not embed with its model"
             )
@@ -634,16 +621,12 @@ class Provider:
             with self._in_use(session):
                 vectors, tokens = await embed(enginelib.from_wire(request))
         except EngineBusy as exc:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BUSY, str(exc)) from exc
         except BadRequestError as exc:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.BAD_FIELD, str(exc)[:200]) from exc
         except EngineError as exc:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(ErrorCode.INTERNAL, "the engine failed") from exc
         if sum(len(v) for v in vectors) > MAX_EMBED_BYTES:
-            self.counters.refused += 1
             raise infer_service.RequestRefused(
                 ErrorCode.BAD_FIELD, "the vectors exceed one answer: send fewer inputs"
             )

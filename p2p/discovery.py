@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from google.protobuf.message import DecodeError
 from libp2p.abc import IHost, INetStream
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
@@ -70,11 +72,13 @@ class Config:
     mesh_degree: int = 6
     mesh_low: int = 4
     mesh_high: int = 12
-    # After start, offers go out at these delays before settling on
-    # offers.period_s: a joining node's mesh forms within ~1-3 heartbeats,
-    # and an offer published before it would reach nobody; a network that
-    # starts together keeps forming for several seconds.
-    fast_start_s: tuple[float, ...] = (0.5, 1.0, 1.0, 2.0, 2.0, 2.0)
+    # After start, offers may go out at these delays before settling on
+    # offers.period_s. None by default: each peer that subscribes later is
+    # sent the newest offers at once (OfferGossip), and a neighbour that was
+    # there first hears through the mesh or the heartbeat's IHAVE. Early
+    # repeats (six in the first 8.5 s, before) kept a 50-node network busy
+    # for seconds after start-up (docs/performance.md#start-up).
+    fast_start_s: tuple[float, ...] = ()
     # Kademlia lookup: peers asked at once, and how long one may take.
     lookup_alpha: int = 3
     lookup_query_timeout: float = 2.0
@@ -83,8 +87,12 @@ class Config:
     # Records are also re-placed when the routing table has doubled (the
     # closest peers have changed), but not more often than this: a network
     # that is still filling would otherwise cause a walk per joiner, and each
-    # walk dials peers (handshakes on both sides).
-    reprovide_min_s: float = 5.0
+    # walk dials peers (handshakes on both sides). Every node that holds a
+    # provider's offer answers for its records anyway
+    # (Kademlia.cache_provider_records), so moving them can wait: at 5 s,
+    # the walks of a starting 50-node network opened ~190 connections at
+    # once and held the loop busy for seconds (docs/performance.md#start-up).
+    reprovide_min_s: float = 60.0
     # How often expired offers and provider records are swept.
     sweep_s: float = 2.0
     # Keys this node holds provider records for (a model each, the relay
@@ -110,6 +118,47 @@ def verify_peer_signature(peer_id: str, payload: bytes, signature: bytes) -> boo
         return False
 
 
+class OfferGossip(GossipSub):
+    """Gossipsub whose catch-up for a new peer is each sender's newest message, in one RPC.
+
+    py-libp2p 0.8.1 replays every message of its gossip window, one RPC
+    each, to every peer that subscribes. An offer supersedes its sender's
+    earlier ones, so all but the newest are rejected as replays on arrival:
+    in a starting network, where every DHT walk opens connections and every
+    provider re-announces quickly, that was most of the CPU after start-up
+    (docs/libp2p-traps.md#replay-on-subscribe).
+    """
+
+    async def send_recent_messages(self, peer_id: ID, topic: str) -> None:
+        pubsub = self.pubsub
+        if pubsub is None or peer_id not in pubsub.peers:
+            return
+        newest: dict[bytes, rpc_pb2.Message] = {}
+        for mid in self.mcache.window(topic):
+            msg = self.mcache.get(mid)
+            if msg is None:
+                continue
+            held = newest.get(msg.from_id)
+            if held is None or msg.seqno > held.seqno:  # 8-byte big-endian counters
+                newest[msg.from_id] = msg
+        msgs = list(newest.values())
+        envelope = env_to_send_in_RPC(pubsub.host)[0]
+        # Batches keep each RPC far below the receiver's frame limit.
+        for first in range(0, len(msgs), _CATCH_UP_BATCH):
+            rpc = rpc_pb2.RPC(publish=msgs[first : first + _CATCH_UP_BATCH])
+            rpc.senderRecord = envelope
+            try:
+                await pubsub.write_msg(pubsub.peers[peer_id], rpc)
+            except Exception as exc:  # noqa: BLE001 - as the method it replaces: a failed write ends nothing
+                logger.debug("catch-up for %s failed: %s", short(peer_id), exc)
+                return
+
+
+_JITTER = secrets.SystemRandom()
+# Offers per catch-up RPC: 32 of at most offers.Config.max_size bytes each.
+_CATCH_UP_BATCH = 32
+
+
 OfferSource = Callable[[], offers.Offer | None]
 """Returns this node's current offer (unsigned; seq and time are set here), or None."""
 
@@ -129,7 +178,7 @@ class Discovery:
         self._own_offer = own_offer
         self.book = new_book(cfg.offers)
         self.kademlia = Kademlia(host, cfg, self.book, self._offer_addrs)
-        self.router = GossipSub(
+        self.router = OfferGossip(
             protocols=[PROTOCOL_ID_V11],
             degree=cfg.mesh_degree,
             degree_low=cfg.mesh_low,
@@ -235,7 +284,11 @@ class Discovery:
         delays = list(self.cfg.fast_start_s)
         while True:
             await self.publish_offer()
-            wait = delays.pop(0) if delays else self.cfg.offers.period_s
+            # Jittered below the period: providers that started together
+            # would otherwise announce together for ever, a burst of work
+            # on every node each period.
+            period = self.cfg.offers.period_s * _JITTER.uniform(0.8, 1.0)
+            wait = delays.pop(0) if delays else period
             with trio.move_on_after(wait):
                 await self._changed.wait()
             self._changed = trio.Event()

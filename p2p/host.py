@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -33,6 +34,13 @@ from p2pnode.errors import ConfigError, NetworkError
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
+
+# py-libp2p 0.8.1's yamux answers every read with a WINDOW_UPDATE frame (its
+# PY_YAMUX_RELEASE_ON_READ, on by default): one more encrypted frame per
+# gossip message or token chunk. Off, it batches updates to half a window as
+# go-yamux does; a user's own setting wins
+# (docs/libp2p-traps.md#a-window-update-per-read).
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -430,8 +430,11 @@ class Kademlia:
             if not batch:
                 break
             learned: list[ID] = []
+            round_scope = trio.CancelScope()
 
-            async def ask(peer: ID, learned: list[ID] = learned) -> None:
+            async def ask(
+                peer: ID, learned: list[ID] = learned, round_scope: trio.CancelScope = round_scope
+            ) -> None:
                 asked.add(peer)
                 with trio.move_on_after(self.cfg.lookup_query_timeout):
                     reply = await self._get_providers(peer, key)
@@ -443,10 +446,16 @@ class Kademlia:
                     # records on to whoever asks us.
                     name([info.peer_id for info in providers], peer)
                     learned.extend(closer)
+                    # Enough peers have named providers: the round's slower
+                    # queries cannot change the answer, only delay it (one
+                    # busy peer held whole lookups for its full timeout).
+                    if stop_when_found and len(namers) >= _NAMERS_TO_STOP:
+                        round_scope.cancel()
 
-            async with trio.open_nursery() as nursery:
-                for peer in batch:
-                    nursery.start_soon(ask, peer)
+            with round_scope:
+                async with trio.open_nursery() as nursery:
+                    for peer in batch:
+                        nursery.start_soon(ask, peer)
             known = set(candidates)
             candidates = sort_peer_ids_by_distance(
                 key, candidates + [p for p in learned if p not in known and p != me]

@@ -24,7 +24,9 @@ logger = logging.getLogger("p2pnode.cli")
 @click.option("--providers", type=click.IntRange(1, 500), default=5, show_default=True)
 @click.option(
     "--scenario",
-    type=click.Choice(["discovery", "market", "relay", "fuzz", "hostile", "audit"]),
+    type=click.Choice(
+        ["discovery", "market", "relay", "fuzz", "hostile", "audit", "churn", "soak"]
+    ),
     default="discovery",
     show_default=True,
 )
@@ -52,6 +54,13 @@ logger = logging.getLogger("p2pnode.cli")
     help="fuzz, hostile: attacking hosts (of each fuzz() run).",
 )
 @click.option(
+    "--minutes",
+    type=click.FloatRange(0.1, 24 * 60),
+    default=10.0,
+    show_default=True,
+    help="soak: how long the network runs.",
+)
+@click.option(
     "--report",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -71,13 +80,15 @@ def simnet(
     seed: int,
     frames: int,
     attackers: int,
+    minutes: float,
     report: Path | None,
     plot: Path | None,
 ) -> None:
     """Run many real nodes in this process and report how the network behaves.
 
     The hostile scenario runs 12 peers unless --peers is given (see simnet/hostile.py);
-    the audit scenario its own 13 (simnet/audits.py).
+    the audit scenario its own 13 (simnet/audits.py); churn 16 with 10 providers
+    unless told (simnet/churn.py).
     """
     from p2pnode.simnet import harness
     from p2pnode.simnet.harness import Topology
@@ -102,6 +113,22 @@ def simnet(
             topology = replace(topology, peers=PEERS)
         sizes = Sizes(fuzz_frames=frames, fuzz_attackers=attackers)
         result = app.run_async(lambda: hostile(topology, sizes))
+    elif scenario == "churn":
+        from dataclasses import replace
+
+        from p2pnode.simnet.churn import PEERS, PROVIDERS, churn_scenario
+
+        if _defaulted("peer_count"):
+            topology = replace(topology, peers=PEERS)
+        if _defaulted("providers"):
+            topology = replace(topology, providers=PROVIDERS)
+        if topology.providers >= topology.peers:
+            raise click.BadParameter("churn needs fewer --providers than --peers")
+        result = app.run_async(lambda: churn_scenario(topology))
+    elif scenario == "soak":
+        from p2pnode.simnet.soak import soak_scenario
+
+        result = app.run_async(lambda: soak_scenario(topology, minutes=minutes))
     elif scenario == "audit":
         import tempfile
 
@@ -122,6 +149,11 @@ def simnet(
 
         for path in simnet_figures(result, plot):
             click.echo(f"figure: {path}", err=True)
+
+
+def _defaulted(param: str) -> bool:
+    source = click.get_current_context().get_parameter_source(param)
+    return source is click.core.ParameterSource.DEFAULT
 
 
 def _start_up_progress() -> Callable[[int, int], None]:

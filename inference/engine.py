@@ -148,6 +148,9 @@ class Request:
     # if the model had produced it (docs/architecture.md#failover). Never repeated
     # in the output; it does not count as completion tokens.
     continuation: str = ""
+    # Its token ids as generated, if known: an engine of the same vocabulary
+    # continues from them when they spell ``continuation`` exactly.
+    continuation_ids: tuple[int, ...] = ()
     inputs: tuple[str, ...] = ()
     dimensions: int = 0  # embeddings: the vector length wanted (0: the model's)
 
@@ -196,6 +199,7 @@ def from_wire(request: wire.Request, model_id: str | None = None) -> Request:
             top_logprobs=None if request.top_logprobs < 0 else request.top_logprobs,
         ),
         continuation=request.continuation,
+        continuation_ids=request.continuation_ids,
         inputs=request.inputs,
         dimensions=request.dimensions,
     )

@@ -547,8 +547,16 @@ def _prompt(llm: Any, request: Request) -> tuple[list[int], list[int], list[str]
         prompt = llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
     else:
         prompt = [llm.token_bos()]
-    answer = llm.tokenize(request.continuation.encode(), add_bos=False, special=False)
-    return list(prompt), list(answer), stop
+    return list(prompt), _continuation(llm, request), stop
+
+
+def _continuation(llm: Any, request: Request) -> list[int]:
+    """The answer so far in tokens: as generated when the ids given spell it, else its text's."""
+    ids = list(request.continuation_ids)
+    text = request.continuation.encode()
+    if ids and all(0 <= i < llm.n_vocab() for i in ids) and llm.detokenize(ids) == text:
+        return ids
+    return list(llm.tokenize(text, add_bos=False, special=False))
 
 
 def _score(llm: Any, request: Request, gbnf: str, token_ids: Sequence[int]) -> Scores:
@@ -808,6 +816,9 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
             llm.close()
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def _load(cfg: Config) -> Any:
     llama_cpp = native.llama_cpp()  # ~0.3 s import; only a provider pays it
     embedding: dict[str, Any] = {}
@@ -823,12 +834,18 @@ def _load(cfg: Config) -> Any:
             "n_ubatch": cfg.n_ctx,
         }
     try:
-        return llama_cpp.Llama(
-            model_path=str(cfg.model_path),
-            n_ctx=cfg.n_ctx,
-            n_threads=cfg.n_threads,
-            verbose=False,
-            **embedding,
-        )
+        # One load at a time in the process: llama-cpp-python silences a load
+        # by pointing fds 1 and 2 at /dev/null and back, and two loads in two
+        # threads restore each other's /dev/null: the process then wrote
+        # nothing more, its report and its errors included (four simnet
+        # consumers loading their auditing model at once did it).
+        with _LOAD_LOCK:
+            return llama_cpp.Llama(
+                model_path=str(cfg.model_path),
+                n_ctx=cfg.n_ctx,
+                n_threads=cfg.n_threads,
+                verbose=False,
+                **embedding,
+            )
     except ValueError as exc:
         raise ConfigError(f"cannot load {cfg.model_path}: {exc}") from exc

@@ -76,6 +76,7 @@ from p2pnode.protocols.infer.messages import (
     MAX_DIMENSIONS,
     MAX_PIECE,
     MAX_REQUESTS_PER_SESSION,
+    MAX_SCORE_IDS,
     PAUSED,
     SCORE,
     Ack,
@@ -283,6 +284,8 @@ class Consumer:
         logprobs: SeeLogprobs | None,
     ) -> Outcome:
         delivered: list[str] = []  # every provider's text: what the next one continues
+        # ... and its token ids, while every chunk carried its own (None after one did not).
+        delivered_ids: list[int] | None = [] if not request.continuation else None
         produced = 0
         # Stop strings across providers (docs/protocols.md#stop-strings): the
         # caller gets what the scan lets through.
@@ -293,8 +296,12 @@ class Consumer:
             return scan.stopped
 
         async def on_chunk(chunk: Chunk) -> None:
-            nonlocal produced, unsent_tokens
+            nonlocal produced, unsent_tokens, delivered_ids
             delivered.append(chunk.text)
+            if delivered_ids is not None and len(chunk.token_ids) == chunk.tokens:
+                delivered_ids += chunk.token_ids
+            else:
+                delivered_ids = None
             streamed.add(chunk)
             produced += chunk.tokens
             if logprobs is not None and chunk.logprob_tokens and not scan.stopped:
@@ -381,7 +388,9 @@ class Consumer:
             if delivered and not paused:
                 failovers += 1
                 self.counters.failovers += 1
-            wire = wire_request(request, f"r{next(self._request_ids)}", "".join(delivered), left)
+            wire = wire_request(
+                request, f"r{next(self._request_ids)}", "".join(delivered), left, delivered_ids
+            )
             before = produced
             # What this provider streams, as it streams it (the ids too): its
             # answer's audit, or if it fails before its Done, a cross-check.
@@ -1353,12 +1362,17 @@ async def _run_locally(
 
 
 def wire_request(
-    request: enginelib.Request, request_id: str, delivered: str, max_tokens: int
+    request: enginelib.Request,
+    request_id: str,
+    delivered: str,
+    max_tokens: int,
+    delivered_ids: Sequence[int] | None = None,
 ) -> Request:
     """The infer request that asks a provider for ``request``.
 
     ``delivered`` is the text earlier providers already gave the user (the
-    new one continues after it, within the ``max_tokens`` left).
+    new one continues after it, within the ``max_tokens`` left);
+    ``delivered_ids`` its token ids as they streamed them, if known.
     """
     p = request.params
     if request.kind == "embedding":
@@ -1383,6 +1397,10 @@ def wire_request(
         stop=p.stop,
         seed=p.seed,
         continuation=request.continuation + delivered,
+        # Beyond the bound the provider would refuse: the text alone then.
+        continuation_ids=(
+            tuple(delivered_ids) if delivered_ids and len(delivered_ids) <= MAX_SCORE_IDS else ()
+        ),
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
         logit_bias=tuple(Bias(token=t, bias=b) for t, b in p.logit_bias),

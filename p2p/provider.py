@@ -389,6 +389,10 @@ class Provider:
                     ErrorCode.BAD_FIELD,
                     f"a score request scores 1 to {MAX_SCORE_IDS} ids of a chat or completion",
                 )
+        elif len(request.continuation_ids) > MAX_SCORE_IDS:
+            raise infer_service.RequestRefused(
+                ErrorCode.BAD_FIELD, f"at most {MAX_SCORE_IDS} continuation ids"
+            )
         elif request.kind == EMBED:
             if not 0 < len(request.inputs) <= MAX_EMBED_INPUTS or request.dimensions < 0:
                 raise infer_service.RequestRefused(

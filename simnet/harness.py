@@ -93,6 +93,17 @@ class Simnet:
     def consumers(self) -> list[Node]:
         return [n for n in self.nodes if n.peer_id not in self.provider_ids]
 
+    def kill(self, node: Node) -> None:
+        """Stop ``node`` at once, as if its process died; it leaves the net's lists.
+
+        Its identity stays a provider's: a node started again with its key
+        (:func:`add_node`) is the same provider back.
+        """
+        running = next(r for r in self._running if r.node is node)
+        running.kill()
+        self._running.remove(running)
+        self.nodes.remove(node)
+
 
 ConfigFor = Callable[[int, bool], NodeConfig]
 """``config_for(index, is_provider)``: the NodeConfig of one simnet node."""
@@ -230,8 +241,11 @@ async def add_node(
     engines: Sequence[Engine] = (),
     *,
     wallet: Wallet | None = None,
+    key_pair: KeyPair | None = None,
 ) -> Node:
     """Start one more node on loopback (or ``net.memory``) in ``nursery``; it stops with the simnet.
+
+    With ``key_pair`` it is that identity (a node back after :meth:`Simnet.kill`).
 
     Every simnet node listens on loopback, where every peer can dial it: no
     dial-back checks (each costs the helper a throwaway host and a handshake).
@@ -240,7 +254,9 @@ async def add_node(
     # On memory, start_node listens there instead.
     listen = ("/ip4/127.0.0.1/tcp/0",)
     cfg = replace(config, host=hostlib.Config(listen=listen), reachability=reachability)
-    running = await start_node(nursery, cfg, engines, memory=net.memory, wallet=wallet)
+    running = await start_node(
+        nursery, cfg, engines, memory=net.memory, wallet=wallet, key_pair=key_pair
+    )
     net.nodes.append(running.node)
     net._running.append(running)
     if config.models or engines:

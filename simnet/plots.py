@@ -181,7 +181,28 @@ def _audit(report: dict[str, Any], out: Path) -> list[Path]:
     return [_save(fig, out / "audit_detection.png")]
 
 
+def _churn(report: dict[str, Any], out: Path) -> list[Path]:
+    fig, ax = _figure(
+        f"Failovers under churn: {report['kills']} kills, {report['completed']}/"
+        f"{report['requests']} answers complete, {report['lost_or_repeated_text']} wrong"
+    )
+    _cumulative(ax, report["failover_gaps_ms"], "answers that failed over mid-stream")
+    ax.axvline(1000, color=BASELINE, linestyle=":", label="goal for the median")
+    ax.set_xlabel("ms between the dead provider's last text and the next one's first")
+    ax.set_ylabel("answers")
+    ax.legend(fontsize="small")
+    written = [_save(fig, out / "failover_gaps.png")]
+    fig, ax = _figure("Rejoining: a restarted provider's new offer at every consumer")
+    _cumulative(ax, report["rejoin_s"], "restarts")
+    ax.set_xlabel("s from the restart")
+    ax.set_ylabel("restarts")
+    ax.legend(fontsize="small")
+    written.append(_save(fig, out / "rejoin.png"))
+    return written
+
+
 _SCENARIOS: Final[dict[str, Callable[[dict[str, Any], Path], list[Path]]]] = {
+    "churn": _churn,
     "discovery": _discovery,
     "market": _market,
     "relay": _relay,

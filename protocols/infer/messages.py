@@ -140,6 +140,13 @@ class Request(Message):
     # length wanted (0: the model's own).
     inputs: tuple[str, ...] = added(())
     dimensions: int = added(0)
+    # Failover: the token ids of ``continuation`` as the earlier providers
+    # streamed them (their chunks' ids), or none. Text does not always
+    # tokenize back into the tokens that produced it ("\n\n" from two "\n"),
+    # and greedy output continued from other tokens can differ; a provider
+    # of the same vocabulary uses the ids when they spell the continuation
+    # exactly (docs/protocols.md#failover-continuation).
+    continuation_ids: tuple[int, ...] = added(())
 
 
 EMBED: Final = "embed"
@@ -158,7 +165,8 @@ MAX_EMBED_BYTES: Final = 768 * 1024
 SCORE: Final = "score"
 """Request kind of an audit: score ids someone else generated, generate nothing."""
 MAX_SCORE_IDS: Final = 4096
-"""The most token ids one score request may carry (a provider refuses more)."""
+"""The most token ids one score request may carry (a provider refuses more), and
+the most continuation ids one request may carry."""
 
 
 def request_hash(request: Request) -> bytes:

@@ -210,6 +210,48 @@ async def test_a_continued_answer_equals_the_uninterrupted_one(
     assert rest_last.usage.completion_tokens == 40 - cut
 
 
+async def test_a_continuation_with_its_ids_goes_on_where_its_text_alone_would_not(
+    engine: LlamaCppEngine,
+) -> None:
+    """Some answers cut short tokenize back into other tokens
+    (docs/protocols.md#failover-continuation).
+
+    Greedy output continued from those drifts; from the ids the chunks
+    carried, it is the uninterrupted answer at every cut.
+    """
+    request = Request(
+        model_id=BUNDLED_MODEL_ID,
+        kind="completion",
+        prompt="Why the sky is blue",
+        params=Params(max_tokens=16, temperature=0.0),
+    )
+    chunks = []
+    async with engine.stream(request) as stream:
+        async for chunk in stream:
+            chunks.append(chunk)
+    full = "".join(c.text for c in chunks)
+    drifted = []
+    for cut in range(1, len(chunks) - 1):
+        text = "".join(c.text for c in chunks[:cut])
+        ids = tuple(i for c in chunks[:cut] for i in c.token_ids)
+        left = replace(request.params, max_tokens=16 - len(ids))
+        by_text, _ = await collect(engine, replace(request, continuation=text, params=left))
+        by_ids, _ = await collect(
+            engine, replace(request, continuation=text, continuation_ids=ids, params=left)
+        )
+        assert text + by_ids == full, cut
+        if text + by_text != full:
+            drifted.append(text)
+    assert drifted  # the case exists (after ".\n\n" in this answer)
+    # Ids that do not spell the text are not used: the text's own tokens are.
+    text = "".join(c.text for c in chunks[:3])
+    wrong = replace(request, continuation=text, continuation_ids=(1, 2, 3),
+                    params=replace(request.params, max_tokens=4))  # fmt: skip
+    assert (await collect(engine, wrong))[0] == (
+        await collect(engine, replace(wrong, continuation_ids=()))
+    )[0]
+
+
 async def test_a_continued_completion_equals_the_uninterrupted_one(engine: LlamaCppEngine) -> None:
     request = Request(
         model_id=BUNDLED_MODEL_ID,

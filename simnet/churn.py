@@ -1,0 +1,260 @@
+"""The churn scenario: providers die and come back while consumers stream answers.
+
+A user of the network should not notice a provider going away mid-answer:
+the consumer continues the answer on another provider from the text so far
+(docs/architecture.md#failover), and a provider that comes back, with its
+identity on a new port, is found again. This scenario measures both with
+the bundled model, greedy, so that every answer can be checked word for word
+against the answer the engine gives when nothing fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.crypto.keys import KeyPair
+
+from p2pnode.errors import P2PNodeError
+from p2pnode.inference.engine import Engine, Params, Request
+from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.simnet.harness import Simnet, Topology, add_node, open_simnet
+
+# Completion prompts the consumers cycle through: different answers, each
+# checked against its own reference.
+PROMPTS = (
+    "The history of the printing press",
+    "How bees make honey",
+    "The first railway",
+    "Why the sky is blue",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """How much traffic and how much churn."""
+
+    requests: int = 200
+    consumers: int = 4
+    max_tokens: int = 24
+    # Of the providers, this share is killed and restarted, again and again.
+    churn_share: float = 0.3
+    # A churned provider lives this long (uniformly at random) before it is
+    # killed, and stays dead this long before it starts again.
+    alive_s: tuple[float, float] = (2.0, 6.0)
+    down_s: float = 1.0
+    bound_s: float = 600.0
+
+
+@dataclass
+class _Tally:
+    completed: int = 0
+    wrong: list[str] = field(default_factory=list)  # what went wrong, per request
+    failovers: int = 0
+    gaps_ms: list[float] = field(default_factory=list)
+    rejoin_s: list[float] = field(default_factory=list)
+    kills: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -> dict[str, Any]:
+    """Run ``plan.requests`` streaming requests while a share of providers churns.
+
+    Reports ``requests``, ``completed`` (answers that ended without an
+    error), ``lost_or_repeated_text`` (answers whose text differs from the
+    greedy reference: a lost or repeated piece at a failover), ``failovers``,
+    ``failover_gap_ms_median``/``_max`` (in answers that failed over
+    mid-stream, the longest pause between two pieces of text: the last from
+    the provider that died to the first from the one that took over),
+    ``kills`` and ``rejoin_s_median`` (from a restart until every consumer
+    holds the provider's new offer, at its new address).
+    """
+    params = Params(max_tokens=plan.max_tokens, temperature=0.0)
+    references = {p: await _reference(engine, model_id, p, params) for p in PROMPTS}
+    tally = _Tally()
+
+    def config_for(_index: int, _is_provider: bool) -> NodeConfig:
+        return NodeConfig(measure_tokens=0)
+
+    async with open_simnet(topology, config_for, engines=[engine]) as (net, nursery):
+        consumers = net.consumers[: plan.consumers]
+        await _until_every_offer(net, consumers, bound_s=60.0, tally=tally)
+        churned = net.providers[: max(1, math.ceil(plan.churn_share * len(net.providers)))]
+        todo = iter(range(plan.requests))
+        with trio.move_on_after(plan.bound_s) as scope:
+            async with trio.open_nursery() as traffic:
+                churning = trio.CancelScope()
+
+                async def churn_all(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    with churning:
+                        async with trio.open_nursery() as inner:
+                            task_status.started()
+                            for i, provider in enumerate(churned):
+                                inner.start_soon(
+                                    _cycle, net, nursery, provider, consumers, plan, tally, i
+                                )
+
+                await traffic.start(churn_all)
+                async with trio.open_nursery() as users:
+                    for consumer in consumers:
+                        users.start_soon(_ask, consumer, todo, model_id, params, references, tally)
+                churning.cancel()
+        if scope.cancelled_caught:
+            tally.errors.append(f"the requests did not finish within {plan.bound_s:.0f} s")
+    gaps = tally.gaps_ms
+    return {
+        "scenario": "churn",
+        "peers": topology.peers,
+        "providers": topology.providers,
+        "churned_providers": len(churned),
+        "consumers": len(consumers),
+        "requests": plan.requests,
+        "completed": tally.completed,
+        "lost_or_repeated_text": len(tally.wrong),
+        "failovers": tally.failovers,
+        "failover_gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,
+        "failover_gap_ms_max": round(max(gaps), 1) if gaps else None,
+        "failover_gaps_ms": sorted(round(g, 1) for g in gaps),
+        "kills": tally.kills,
+        "rejoin_s_median": (
+            round(statistics.median(tally.rejoin_s), 3) if tally.rejoin_s else None
+        ),
+        "rejoin_s": sorted(round(s, 3) for s in tally.rejoin_s),
+        "wrong_answers": tally.wrong[:10],
+        "errors": tally.errors,
+    }
+
+
+async def _reference(engine: Engine, model_id: str, prompt: str, params: Params) -> str:
+    """The engine's own greedy answer, with nothing in between."""
+    request = Request(model_id=model_id, kind="completion", prompt=prompt, params=params)
+    parts: list[str] = []
+    async with engine.stream(request) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+    return "".join(parts)
+
+
+async def _until_every_offer(
+    net: Simnet, consumers: list[Node], *, bound_s: float, tally: _Tally
+) -> None:
+    def held() -> bool:
+        return all(
+            c.offer_book.get(p.peer_id) is not None for c in consumers for p in net.providers
+        )
+
+    with trio.move_on_after(bound_s) as scope:
+        while not held():  # noqa: ASYNC110 - nodes signal no "book complete" event
+            await trio.sleep(0.05)
+    if scope.cancelled_caught:
+        tally.errors.append("the consumers never held every provider's offer")
+
+
+async def _ask(
+    consumer: Node,
+    todo: Any,
+    model_id: str,
+    params: Params,
+    references: dict[str, str],
+    tally: _Tally,
+) -> None:
+    """Send requests one after another until there are none left to send."""
+    for number in todo:
+        prompt = PROMPTS[number % len(PROMPTS)]
+        request = Request(model_id=model_id, kind="completion", prompt=prompt, params=params)
+        parts: list[str] = []
+        times: list[float] = []
+
+        async def deliver(
+            text: str, _tokens: int, parts: list[str] = parts, times: list[float] = times
+        ) -> None:
+            parts.append(text)
+            times.append(time.perf_counter())
+
+        try:
+            outcome = await consumer.generate(request, deliver)
+        except P2PNodeError as exc:
+            tally.wrong.append(f"request {number}: {type(exc).__name__}: {exc}")
+            continue
+        tally.completed += 1
+        text = "".join(parts)
+        if text != references[prompt]:
+            tally.wrong.append(f"request {number}: {text!r} != {references[prompt]!r}")
+        if outcome.failovers:
+            tally.failovers += outcome.failovers
+            if len(times) >= 2:
+                tally.gaps_ms.append(max(b - a for a, b in itertools.pairwise(times)) * 1000)
+
+
+async def _cycle(
+    net: Simnet,
+    nursery: trio.Nursery,
+    provider: Node,
+    consumers: list[Node],
+    plan: Plan,
+    tally: _Tally,
+    seed: int,
+) -> None:
+    """Kill ``provider`` at a random moment, start it again, and again, until cancelled."""
+    rng = random.Random(net.topology.seed * 1000 + seed)  # noqa: S311 - a schedule, not a secret
+    key = KeyPair(provider.host.get_private_key(), provider.host.get_public_key())
+    config = provider.config
+    engines = provider.offering.engines
+    node = provider
+    while True:
+        await trio.sleep(rng.uniform(*plan.alive_s))
+        net.kill(node)
+        tally.kills += 1
+        await trio.sleep(plan.down_s)
+        # Back with its identity on a new port, through nodes that stayed up.
+        entry = rng.sample(consumers, min(2, len(consumers)))
+        again = NodeConfig(
+            models=config.models,
+            measure_tokens=0,
+            bootstrap=tuple(c.addrs[0] for c in entry),
+        )
+        started = time.perf_counter()
+        node = await add_node(net, nursery, again, engines, key_pair=key)
+        nursery.start_soon(_time_rejoin, node, consumers, started, tally)
+
+
+async def _time_rejoin(node: Node, consumers: list[Node], started: float, tally: _Tally) -> None:
+    """Seconds until every consumer holds ``node``'s offer at its new address."""
+
+    def found() -> bool:
+        for consumer in consumers:
+            offer = consumer.offer_book.get(node.peer_id)
+            if offer is None or tuple(offer.addrs) != tuple(node.addrs):
+                return False
+        return True
+
+    with trio.move_on_after(60):
+        while not found():  # noqa: ASYNC110 - nodes signal no "offer held" event
+            await trio.sleep(0.02)
+        tally.rejoin_s.append(time.perf_counter() - started)
+
+
+PEERS = 16
+"""Peers when the command line names none: 10 providers (3 churned), 6 other nodes."""
+PROVIDERS = 10
+
+
+async def churn_scenario(topology: Topology, plan: Plan | None = None) -> dict[str, Any]:
+    """:func:`churn` with the bundled model, four slots shared by every provider."""
+    from p2pnode.inference import llamacpp
+
+    cfg = llamacpp.Config(
+        model_path=llamacpp.bundled_model_path(),
+        model_id=llamacpp.BUNDLED_MODEL_ID,
+        slots=4,
+        n_threads=1,
+        queue_limit=64,
+    )
+    async with llamacpp.open_llamacpp(cfg) as engine:
+        return await churn(topology, engine, llamacpp.BUNDLED_MODEL_ID, plan or Plan())

@@ -554,8 +554,11 @@ def _continuation(llm: Any, request: Request) -> list[int]:
     """The answer so far in tokens: as generated when the ids given spell it, else its text's."""
     ids = list(request.continuation_ids)
     text = request.continuation.encode()
-    if ids and all(0 <= i < llm.n_vocab() for i in ids) and llm.detokenize(ids) == text:
-        return ids
+    # Bounded before any work: detokenizing is quadratic in llama-cpp-python.
+    if ids and len(ids) <= min(llm.n_ctx(), _MAX_CONTINUATION_IDS):
+        vocab = llm.n_vocab()
+        if all(0 <= i < vocab for i in ids) and llm.detokenize(ids) == text:
+            return ids
     return list(llm.tokenize(text, add_bos=False, special=False))
 
 
@@ -817,6 +820,8 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
 
 
 _LOAD_LOCK = threading.Lock()
+# As protocols/infer/messages.py:MAX_SCORE_IDS (inference/ imports no protocols/).
+_MAX_CONTINUATION_IDS = 4096
 
 
 def _load(cfg: Config) -> Any:

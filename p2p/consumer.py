@@ -285,7 +285,7 @@ class Consumer:
     ) -> Outcome:
         delivered: list[str] = []  # every provider's text: what the next one continues
         # ... and its token ids, while every chunk carried its own (None after one did not).
-        delivered_ids: list[int] | None = [] if not request.continuation else None
+        delivered_ids: list[int] | None = []
         produced = 0
         # Stop strings across providers (docs/protocols.md#stop-strings): the
         # caller gets what the scan lets through.
@@ -1366,14 +1366,19 @@ def wire_request(
     request_id: str,
     delivered: str,
     max_tokens: int,
-    delivered_ids: Sequence[int] | None = None,
+    delivered_ids: Sequence[int] | None = (),
 ) -> Request:
     """The infer request that asks a provider for ``request``.
 
     ``delivered`` is the text earlier providers already gave the user (the
     new one continues after it, within the ``max_tokens`` left);
-    ``delivered_ids`` its token ids as they streamed them, if known.
+    ``delivered_ids`` its token ids as they streamed them (None: unknown).
+    The request's own continuation ids go first, when it has them or no
+    continuation at all.
     """
+    ids: tuple[int, ...] = ()
+    if delivered_ids is not None and (request.continuation_ids or not request.continuation):
+        ids = (*request.continuation_ids, *delivered_ids)
     p = request.params
     if request.kind == "embedding":
         # max_tokens only sizes the answer's deadline (ReplyGuard): no text comes.
@@ -1398,9 +1403,7 @@ def wire_request(
         seed=p.seed,
         continuation=request.continuation + delivered,
         # Beyond the bound the provider would refuse: the text alone then.
-        continuation_ids=(
-            tuple(delivered_ids) if delivered_ids and len(delivered_ids) <= MAX_SCORE_IDS else ()
-        ),
+        continuation_ids=ids if len(ids) <= MAX_SCORE_IDS else (),
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
         logit_bias=tuple(Bias(token=t, bias=b) for t, b in p.logit_bias),

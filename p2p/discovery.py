@@ -119,7 +119,7 @@ def verify_peer_signature(peer_id: str, payload: bytes, signature: bytes) -> boo
 
 
 class OfferGossip(GossipSub):
-    """Gossipsub whose catch-up for a new peer is each sender's newest message, in one RPC.
+    """Gossipsub whose catch-up for a new peer is each sender's newest message, batched.
 
     py-libp2p 0.8.1 replays every message of its gossip window, one RPC
     each, to every peer that subscribes. An offer supersedes its sender's
@@ -141,22 +141,33 @@ class OfferGossip(GossipSub):
             held = newest.get(msg.from_id)
             if held is None or msg.seqno > held.seqno:  # 8-byte big-endian counters
                 newest[msg.from_id] = msg
-        msgs = list(newest.values())
         envelope = env_to_send_in_RPC(pubsub.host)[0]
-        # Batches keep each RPC far below the receiver's frame limit.
-        for first in range(0, len(msgs), _CATCH_UP_BATCH):
-            rpc = rpc_pb2.RPC(publish=msgs[first : first + _CATCH_UP_BATCH])
-            rpc.senderRecord = envelope
-            try:
-                await pubsub.write_msg(pubsub.peers[peer_id], rpc)
-            except Exception as exc:  # noqa: BLE001 - as the method it replaces: a failed write ends nothing
-                logger.debug("catch-up for %s failed: %s", short(peer_id), exc)
-                return
+        # Written directly, as py-libp2p's own catch-up and flush do (the
+        # peer's send queue may not exist yet: it drops what it cannot
+        # queue). Each RPC stays within one yamux frame, so a write of
+        # another task on the same stream cannot come between its pieces.
+        batch: list[rpc_pb2.Message] = []
+        size = 0
+        for msg in [*newest.values(), None]:
+            if batch and (msg is None or size + msg.ByteSize() > _CATCH_UP_BYTES):
+                rpc = rpc_pb2.RPC(publish=batch)
+                rpc.senderRecord = envelope
+                try:
+                    await pubsub.write_msg(pubsub.peers[peer_id], rpc)
+                except Exception as exc:  # noqa: BLE001 - as the method it replaces: a failed write ends nothing
+                    logger.debug("catch-up for %s failed: %s", short(peer_id), exc)
+                    return
+                batch, size = [], 0
+            if msg is not None:
+                batch.append(msg)
+                size += msg.ByteSize()
 
 
 _JITTER = secrets.SystemRandom()
-# Offers per catch-up RPC: 32 of at most offers.Config.max_size bytes each.
-_CATCH_UP_BATCH = 32
+_PENDING_TTL_S = 2.0
+# Bytes of offers per catch-up RPC: well inside one yamux frame (64 KiB),
+# with room for the sender record; a single offer is at most 8 KiB.
+_CATCH_UP_BYTES = 32 * 1024
 
 
 OfferSource = Callable[[], offers.Offer | None]
@@ -191,6 +202,14 @@ class Discovery:
             # offer at once instead of at its next re-announcement.
             gossip_window=_replay_heartbeats(cfg),
             gossip_history=_replay_heartbeats(cfg),
+            # py-libp2p queues each message for a connected peer whose
+            # subscription it has not seen, for 30 s, and sends the queue when
+            # it has: offers up to 30 s old, past their maximum age, rejected
+            # as stale and counted by the scorer against the honest sender
+            # (11,318 in a 30-minute soak). A peer that subscribes gets each
+            # sender's newest offer anyway (OfferGossip), so the queue only
+            # needs to bridge the moments of a connection's set-up.
+            pending_messages_ttl=_PENDING_TTL_S,
         )
         self.pubsub = Pubsub(host, self.router, strict_signing=True)
         # py-libp2p 0.8.1's pubsub handler lets a protobuf DecodeError escape

@@ -449,7 +449,9 @@ class Kademlia:
                     # Enough peers have named providers: the round's slower
                     # queries cannot change the answer, only delay it (one
                     # busy peer held whole lookups for its full timeout).
-                    if stop_when_found and len(namers) >= _NAMERS_TO_STOP:
+                    # Peers, not our own store: a liar answering first must
+                    # not cut off the honest answers of its round.
+                    if stop_when_found and len(namers - {me}) >= _NAMERS_TO_STOP:
                         round_scope.cancel()
 
             with round_scope:

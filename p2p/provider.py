@@ -381,6 +381,10 @@ class Provider:
         session = self.sessions.get(opened.session_id)
         if session is None:  # evicted between InferOpen and Request
             raise infer_service.RequestRefused(ErrorCode.UNKNOWN_SESSION, "no such session")
+        if len(request.continuation_ids) > MAX_SCORE_IDS:  # any kind: scoring reads them too
+            raise infer_service.RequestRefused(
+                ErrorCode.BAD_FIELD, f"at most {MAX_SCORE_IDS} continuation ids"
+            )
         if request.kind == SCORE:
             if request.score_kind not in ("chat", "completion") or not (
                 0 < len(request.score_ids) <= MAX_SCORE_IDS
@@ -389,10 +393,6 @@ class Provider:
                     ErrorCode.BAD_FIELD,
                     f"a score request scores 1 to {MAX_SCORE_IDS} ids of a chat or completion",
                 )
-        elif len(request.continuation_ids) > MAX_SCORE_IDS:
-            raise infer_service.RequestRefused(
-                ErrorCode.BAD_FIELD, f"at most {MAX_SCORE_IDS} continuation ids"
-            )
         elif request.kind == EMBED:
             if not 0 < len(request.inputs) <= MAX_EMBED_INPUTS or request.dimensions < 0:
                 raise infer_service.RequestRefused(

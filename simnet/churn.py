@@ -60,6 +60,7 @@ class _Tally:
     gaps_ms: list[float] = field(default_factory=list)
     rejoin_s: list[float] = field(default_factory=list)
     kills: int = 0
+    restarts: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -73,7 +74,12 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
     mid-stream, the longest pause between two pieces of text: the last from
     the provider that died to the first from the one that took over),
     ``kills`` and ``rejoin_s_median`` (from a restart until every consumer
-    holds the provider's new offer, at its new address).
+    holds the provider's new offer, at its new address; ``rejoins_unmeasured``:
+    restarts killed again, or not found within 60 s, before that).
+
+    A kill here is a process exit: the provider's connections close at
+    once, so the gap holds no time for noticing a silent provider (the
+    failover tests cover hung ones).
     """
     params = Params(max_tokens=plan.max_tokens, temperature=0.0)
     references = {p: await _reference(engine, model_id, p, params) for p in PROMPTS}
@@ -126,6 +132,7 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
             round(statistics.median(tally.rejoin_s), 3) if tally.rejoin_s else None
         ),
         "rejoin_s": sorted(round(s, 3) for s in tally.rejoin_s),
+        "rejoins_unmeasured": tally.restarts - len(tally.rejoin_s),
         "wrong_answers": tally.wrong[:10],
         "errors": tally.errors,
     }
@@ -180,7 +187,7 @@ async def _ask(
         try:
             outcome = await consumer.generate(request, deliver)
         except P2PNodeError as exc:
-            tally.wrong.append(f"request {number}: {type(exc).__name__}: {exc}")
+            tally.errors.append(f"request {number} failed: {type(exc).__name__}: {exc}")
             continue
         tally.completed += 1
         text = "".join(parts)
@@ -221,6 +228,7 @@ async def _cycle(
         )
         started = time.perf_counter()
         node = await add_node(net, nursery, again, engines, key_pair=key)
+        tally.restarts += 1
         nursery.start_soon(_time_rejoin, node, consumers, started, tally)
 
 

@@ -40,9 +40,11 @@ async def soak(
     - ``offers_delivered_ratio``: at the end, the share of (node, provider)
       pairs where the node holds the provider's latest offer.
     - ``honest_peers_penalized``: (node, peer) pairs in which gossipsub's
-      scorer counted an invalid message against the peer (every peer here
-      is honest: a count is our validator rejecting what an honest peer
-      forwarded); ``honest_peers_graylisted``: pairs the scorer graylists.
+      scorer holds an invalid-message count against the peer at the end
+      (every peer here is honest: a count is our validator rejecting what an
+      honest peer forwarded, which a scorer with a P4 weight would punish);
+      ``honest_peers_graylisted``: pairs the scorer graylists, 0 while our
+      score thresholds are py-libp2p's permissive defaults.
     - ``chats``, ``chats_failed``, ``lookups``, ``lookups_incomplete``, ``errors``.
     """
     errors: list[str] = []

@@ -24,7 +24,7 @@ from libp2p.crypto.keys import KeyPair
 from p2pnode.errors import P2PNodeError
 from p2pnode.inference.engine import Engine, Params, Request
 from p2pnode.p2p.node import Node, NodeConfig
-from p2pnode.simnet.harness import Simnet, Topology, add_node, open_simnet
+from p2pnode.simnet.harness import Simnet, Topology, add_node, open_bundled, open_simnet
 
 # Completion prompts the consumers cycle through: different answers, each
 # checked against its own reference.
@@ -255,14 +255,7 @@ PROVIDERS = 10
 
 async def churn_scenario(topology: Topology, plan: Plan | None = None) -> dict[str, Any]:
     """:func:`churn` with the bundled model, four slots shared by every provider."""
-    from p2pnode.inference import llamacpp
+    from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID
 
-    cfg = llamacpp.Config(
-        model_path=llamacpp.bundled_model_path(),
-        model_id=llamacpp.BUNDLED_MODEL_ID,
-        slots=4,
-        n_threads=1,
-        queue_limit=64,
-    )
-    async with llamacpp.open_llamacpp(cfg) as engine:
-        return await churn(topology, engine, llamacpp.BUNDLED_MODEL_ID, plan or Plan())
+    async with open_bundled(slots=4) as engine:
+        return await churn(topology, engine, BUNDLED_MODEL_ID, plan or Plan())

@@ -200,6 +200,23 @@ async def open_memory_node(
         yield node
 
 
+@asynccontextmanager
+async def open_bundled(slots: int) -> AsyncIterator[Engine]:
+    """The bundled model, ``slots`` requests at once (one thread each), shared by
+    every provider a scenario starts with it."""
+    from p2pnode.inference import llamacpp
+
+    cfg = llamacpp.Config(
+        model_path=llamacpp.bundled_model_path(),
+        model_id=llamacpp.BUNDLED_MODEL_ID,
+        slots=slots,
+        n_threads=1,
+        queue_limit=64,
+    )
+    async with llamacpp.open_llamacpp(cfg) as engine:
+        yield engine
+
+
 async def hold_offers(
     me: Node,
     nodes: Sequence[Node],

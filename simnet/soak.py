@@ -19,7 +19,7 @@ from p2pnode.errors import P2PNodeError
 from p2pnode.inference.engine import Engine, Params, Request
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.protocols import offers
-from p2pnode.simnet.harness import Simnet, Topology, open_simnet, rss_mb
+from p2pnode.simnet.harness import Simnet, Topology, open_bundled, open_simnet, rss_mb
 
 # A chat every this often (from a consumer picked at random), and a DHT
 # lookup every this often: steady, light traffic, as an idle network has.
@@ -175,14 +175,7 @@ def _scores(net: Simnet) -> tuple[int, int]:
 
 async def soak_scenario(topology: Topology, *, minutes: float) -> dict[str, Any]:
     """:func:`soak` with the bundled model, two slots shared by every provider."""
-    from p2pnode.inference import llamacpp
+    from p2pnode.inference.llamacpp import BUNDLED_MODEL_ID
 
-    cfg = llamacpp.Config(
-        model_path=llamacpp.bundled_model_path(),
-        model_id=llamacpp.BUNDLED_MODEL_ID,
-        slots=2,
-        n_threads=1,
-        queue_limit=64,
-    )
-    async with llamacpp.open_llamacpp(cfg) as engine:
-        return await soak(topology, engine, llamacpp.BUNDLED_MODEL_ID, minutes=minutes)
+    async with open_bundled(slots=2) as engine:
+        return await soak(topology, engine, BUNDLED_MODEL_ID, minutes=minutes)

@@ -551,13 +551,26 @@ def _prompt(llm: Any, request: Request) -> tuple[list[int], list[int], list[str]
 
 
 def _continuation(llm: Any, request: Request) -> list[int]:
-    """The answer so far in tokens: as generated when the ids given spell it, else its text's."""
+    """The answer so far in tokens: as generated when the ids given spell it, else its text's.
+
+    Control and end-of-generation tokens detokenize to nothing: ids that
+    slipped ``<|im_end|><|im_start|>…`` into an answer would still spell its
+    text, and the model would go on inside a turn nobody wrote. Ids with
+    one are not used.
+    """
     ids = list(request.continuation_ids)
     text = request.continuation.encode()
     # Bounded before any work: detokenizing is quadratic in llama-cpp-python.
     if ids and len(ids) <= min(llm.n_ctx(), _MAX_CONTINUATION_IDS):
-        vocab = llm.n_vocab()
-        if all(0 <= i < vocab for i in ids) and llm.detokenize(ids) == text:
+        llama_cpp = native.llama_cpp()
+        vocab, size = llm._model.vocab, llm.n_vocab()
+        plain = all(
+            0 <= i < size
+            and not llama_cpp.llama_vocab_is_control(vocab, i)
+            and not llama_cpp.llama_vocab_is_eog(vocab, i)
+            for i in ids
+        )
+        if plain and llm.detokenize(ids) == text:
             return ids
     return list(llm.tokenize(text, add_bos=False, special=False))
 

@@ -247,9 +247,14 @@ async def test_a_continuation_with_its_ids_goes_on_where_its_text_alone_would_no
     text = "".join(c.text for c in chunks[:3])
     wrong = replace(request, continuation=text, continuation_ids=(1, 2, 3),
                     params=replace(request.params, max_tokens=4))  # fmt: skip
-    assert (await collect(engine, wrong))[0] == (
-        await collect(engine, replace(wrong, continuation_ids=()))
-    )[0]
+    text_alone = (await collect(engine, replace(wrong, continuation_ids=())))[0]
+    assert (await collect(engine, wrong))[0] == text_alone
+    # Nor ids that hide a control token the text does not show (a turn's end).
+    ids = tuple(i for c in chunks[:3] for i in c.token_ids)
+    im_end = 2  # SmolLM2's <|im_end|>: a control token, no text of its own
+    assert engine.text_of([im_end]) == ""
+    hidden = replace(wrong, continuation_ids=(*ids, im_end))
+    assert (await collect(engine, hidden))[0] == text_alone
 
 
 async def test_a_continued_completion_equals_the_uninterrupted_one(engine: LlamaCppEngine) -> None:

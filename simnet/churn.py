@@ -22,9 +22,10 @@ import trio
 from libp2p.crypto.keys import KeyPair
 
 from p2pnode.errors import P2PNodeError
-from p2pnode.inference.engine import Engine, Params, Request
+from p2pnode.inference.engine import Engine, Params, Request, collect
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.simnet.harness import Simnet, Topology, add_node, open_bundled, open_simnet
+from p2pnode.simnet.scenarios import wait_until
 
 # Completion prompts the consumers cycle through: different answers, each
 # checked against its own reference.
@@ -82,7 +83,11 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
     failover tests cover hung ones).
     """
     params = Params(max_tokens=plan.max_tokens, temperature=0.0)
-    references = {p: await _reference(engine, model_id, p, params) for p in PROMPTS}
+    # The engine's own greedy answers, with nothing in between.
+    references = {}
+    for prompt in PROMPTS:
+        asked = Request(model_id=model_id, kind="completion", prompt=prompt, params=params)
+        references[prompt] = (await collect(engine, asked))[0]
     tally = _Tally()
 
     def config_for(_index: int, _is_provider: bool) -> NodeConfig:
@@ -90,27 +95,18 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
 
     async with open_simnet(topology, config_for, engines=[engine]) as (net, nursery):
         consumers = net.consumers[: plan.consumers]
-        await _until_every_offer(net, consumers, bound_s=60.0, tally=tally)
+        if await wait_until(lambda: _every_offer_held(net, consumers), 60.0) is None:
+            tally.errors.append("the consumers never held every provider's offer")
         churned = net.providers[: max(1, math.ceil(plan.churn_share * len(net.providers)))]
         todo = iter(range(plan.requests))
         with trio.move_on_after(plan.bound_s) as scope:
-            async with trio.open_nursery() as traffic:
-                churning = trio.CancelScope()
-
-                async def churn_all(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                    with churning:
-                        async with trio.open_nursery() as inner:
-                            task_status.started()
-                            for i, provider in enumerate(churned):
-                                inner.start_soon(
-                                    _cycle, net, nursery, provider, consumers, plan, tally, i
-                                )
-
-                await traffic.start(churn_all)
+            async with trio.open_nursery() as churning:
+                for i, provider in enumerate(churned):
+                    churning.start_soon(_cycle, net, nursery, provider, consumers, plan, tally, i)
                 async with trio.open_nursery() as users:
                     for consumer in consumers:
                         users.start_soon(_ask, consumer, todo, model_id, params, references, tally)
-                churning.cancel()
+                churning.cancel_scope.cancel()
         if scope.cancelled_caught:
             tally.errors.append(f"the requests did not finish within {plan.bound_s:.0f} s")
     gaps = tally.gaps_ms
@@ -138,29 +134,8 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
     }
 
 
-async def _reference(engine: Engine, model_id: str, prompt: str, params: Params) -> str:
-    """The engine's own greedy answer, with nothing in between."""
-    request = Request(model_id=model_id, kind="completion", prompt=prompt, params=params)
-    parts: list[str] = []
-    async with engine.stream(request) as chunks:
-        async for chunk in chunks:
-            parts.append(chunk.text)
-    return "".join(parts)
-
-
-async def _until_every_offer(
-    net: Simnet, consumers: list[Node], *, bound_s: float, tally: _Tally
-) -> None:
-    def held() -> bool:
-        return all(
-            c.offer_book.get(p.peer_id) is not None for c in consumers for p in net.providers
-        )
-
-    with trio.move_on_after(bound_s) as scope:
-        while not held():  # noqa: ASYNC110 - nodes signal no "book complete" event
-            await trio.sleep(0.05)
-    if scope.cancelled_caught:
-        tally.errors.append("the consumers never held every provider's offer")
+def _every_offer_held(net: Simnet, consumers: list[Node]) -> bool:
+    return all(c.offer_book.get(p.peer_id) is not None for c in consumers for p in net.providers)
 
 
 async def _ask(
@@ -242,9 +217,7 @@ async def _time_rejoin(node: Node, consumers: list[Node], started: float, tally:
                 return False
         return True
 
-    with trio.move_on_after(60):
-        while not found():  # noqa: ASYNC110 - nodes signal no "offer held" event
-            await trio.sleep(0.02)
+    if await wait_until(found, 60.0) is not None:
         tally.rejoin_s.append(time.perf_counter() - started)
 
 

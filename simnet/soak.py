@@ -20,6 +20,7 @@ from p2pnode.inference.engine import Engine, Params, Request
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.protocols import offers
 from p2pnode.simnet.harness import Simnet, Topology, open_bundled, open_simnet, rss_mb
+from p2pnode.simnet.scenarios import wait_until
 
 # A chat every this often (from a consumer picked at random), and a DHT
 # lookup every this often: steady, light traffic, as an idle network has.
@@ -150,9 +151,7 @@ async def _delivered(net: Simnet, *, bound_s: float) -> float:
                 held += offer is not None and offer.seq == latest
         return held / pairs if pairs else 1.0
 
-    with trio.move_on_after(bound_s):
-        while share() < 1.0:  # noqa: ASYNC110 - nodes signal no "book complete" event
-            await trio.sleep(0.1)
+    await wait_until(lambda: share() == 1.0, bound_s)
     return round(share(), 4)
 
 

@@ -32,7 +32,10 @@ SIZES = Sizes(
     lookup_s=12.0,
     after_close=2,
     fuzz_frames=150,
-    fuzz_s=40.0,
+    # The fuzzed node starts in a process of its own (imports, joining, its
+    # attackers' handshakes): with 40 s a CI run with every core busy once
+    # counted 0 frames; the assertion now says what the fuzzing reported.
+    fuzz_s=60.0,
     fuzz_processes=0,
     fuzz_attackers=2,
     model=False,
@@ -51,7 +54,8 @@ async def test_honest_peers_are_served_while_every_attack_runs(tmp_path: Path) -
     assert sum(report["flood_offers_sent"].values()) > SIZES.flood
     assert report["invalid_offers"] > 0
     assert report["junk_frames"] > 0
-    assert report["fuzz_frames"] >= SIZES.fuzz_frames
+    fuzzing = {k: v for k, v in report.items() if k.startswith("fuzz_")}
+    assert report["fuzz_frames"] >= SIZES.fuzz_frames, (fuzzing, report["errors"])
     assert report["sybil_refusals"] > 0
     assert report["sybil_sessions"] == 0
     assert report["sybil_absurd_claims_held"] == 0

@@ -39,6 +39,13 @@ logger = logging.getLogger("p2pnode.cli")
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Topology seed.")
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="discovery: worker processes the nodes are spread over (default: one per core; "
+    "1 runs every node in this process). The other scenarios run in one process.",
+)
+@click.option(
     "--frames",
     type=click.IntRange(1),
     default=100_000,
@@ -78,6 +85,7 @@ def simnet(
     scenario: str,
     fanout: int,
     seed: int,
+    workers: int | None,
     frames: int,
     attackers: int,
     minutes: float,
@@ -99,7 +107,18 @@ def simnet(
     if providers >= peer_count:
         raise click.BadParameter("must be fewer than --peers", param_hint="--providers")
     topology = Topology(peers=peer_count, providers=providers, fanout=fanout, seed=seed)
-    if scenario == "fuzz":
+    if workers is not None and workers > 1 and scenario != "discovery":
+        raise click.BadParameter("only the discovery scenario runs over several processes",
+                                 param_hint="--workers")  # fmt: skip
+    if scenario == "discovery":
+        from p2pnode.simnet import workers as workerslib
+
+        spread = workers or workerslib.default_workers()
+        if spread > 1:
+            result = app.run_async(lambda: workerslib.discovery(topology, workers=spread))
+        else:
+            result = app.run_async(lambda: SCENARIOS[scenario](topology))
+    elif scenario == "fuzz":
         from p2pnode.simnet.scenarios import fuzz
 
         result = app.run_async(lambda: fuzz(topology, frames=frames, attackers=attackers))

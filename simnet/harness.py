@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import json
 import os
 import random
 import resource
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -23,6 +28,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
+from p2pnode.errors import P2PNodeError
 from p2pnode.inference.engine import Engine
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.market import Wallet
@@ -217,6 +223,46 @@ async def open_bundled(slots: int) -> AsyncIterator[Engine]:
         yield engine
 
 
+@asynccontextmanager
+async def node_process(*args: str, bound_s: float = 60.0) -> AsyncIterator[dict[str, Any]]:
+    """``p2pnode start --no-serve ARGS`` in an OS process of its own, on loopback,
+    with a fresh home; yields its ready file (``peer_id``, ``addrs``) once it runs.
+
+    A node outside the simnet that must not share its core (the relay
+    scenario's relay, as a real relay runs on its own machine). Stopped with
+    SIGTERM on leaving, killed if that takes over ``bound_s``.
+    """
+    with tempfile.TemporaryDirectory(prefix="p2pnode-simnet-node-") as home:
+        ready = os.path.join(home, "ready.json")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNODE_")}
+        env["P2PNODE_HOME"] = home
+        argv = [sys.executable, "-m", "p2pnode.cli", "start", "--no-serve",
+                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", ready, *args]  # fmt: skip
+        log = trio.Path(home, "stderr.log")
+        stderr = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            process = await trio.lowlevel.open_process(
+                argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        finally:
+            os.close(stderr)
+        try:
+            with trio.fail_after(bound_s):
+                while not await trio.Path(ready).exists():  # noqa: ASYNC110 - a file: no event
+                    if process.poll() is not None:
+                        said = (await log.read_text(errors="replace"))[-500:]
+                        raise P2PNodeError(f"the node process exited {process.returncode}: {said}")
+                    await trio.sleep(0.05)
+            yield json.loads(await trio.Path(ready).read_text())
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + bound_s) as scope:
+                await process.wait()
+            if scope.cancelled_caught:
+                process.kill()
+
+
 async def hold_offers(
     me: Node,
     nodes: Sequence[Node],
@@ -281,7 +327,8 @@ async def add_node(
     return running.node
 
 
-async def _stop_all(net: Simnet) -> None:
+async def stop_all(net: Simnet) -> None:
+    """Stop every node of ``net``, one at a time (what leaving open_simnet does)."""
     # One at a time, newest first: py-libp2p 0.8.1 leaks sockets when both
     # ends of a connection are torn down in the same instant.
     for running in reversed(net._running):
@@ -359,5 +406,5 @@ async def open_simnet(
         finally:
             gc.unfreeze()
             with trio.CancelScope(shield=True):
-                await _stop_all(net)
+                await stop_all(net)
             nursery.cancel_scope.cancel()

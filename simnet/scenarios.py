@@ -23,7 +23,15 @@ from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers
-from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, open_simnet, rss_mb
+from p2pnode.simnet.harness import (
+    SIMNET_MODEL,
+    Simnet,
+    Topology,
+    add_node,
+    node_process,
+    open_simnet,
+    rss_mb,
+)
 
 # How often a scenario looks at the nodes while it waits for an outcome. Fine
 # enough for millisecond figures, coarse enough to cost the loop nothing.
@@ -96,21 +104,55 @@ async def discovery(
         }
     if protocol_errors:
         errors.append(f"{protocol_errors} protocol errors between nodes")
+    return discovery_report(
+        topology,
+        spread={"workers": 1, "nodes_per_worker": [topology.peers]},
+        start_s=start_s,
+        ready_s=ready_s,
+        lookup_ms=lookup_ms,
+        lookup_found=lookup_found,
+        ready_ms=[s * 1000 for s in ready_at.values()],
+        offer_rounds=offer_rounds,
+        links=links,
+        rss_mb_per_peer=(rss_after - rss_before) / topology.peers,
+        rejected=rejected,
+        errors=errors,
+    )
+
+
+def discovery_report(
+    topology: Topology,
+    *,
+    spread: dict[str, Any],
+    start_s: float,
+    ready_s: float | None,
+    lookup_ms: list[float],
+    lookup_found: list[int],
+    ready_ms: list[float],
+    offer_rounds: list[dict[str, Any]],
+    links: int,
+    rss_mb_per_peer: float,
+    rejected: dict[str, int],
+    errors: list[str],
+) -> dict[str, Any]:
+    """The discovery scenario's report, in one process or over workers (simnet/workers.py);
+    ``spread`` says how the nodes were spread over processes."""
     return {
         "scenario": "discovery",
         "peers": topology.peers,
         "providers": topology.providers,
         "fanout": topology.fanout,
+        **spread,
         "start_s": round(start_s, 3),
         "ready_s": None if ready_s is None else round(ready_s, 3),
         "lookup_ms_median": round(statistics.median(lookup_ms), 1) if lookup_ms else None,
         "lookup_ms_max": round(max(lookup_ms), 1) if lookup_ms else None,
         "lookup_ms": [round(x, 1) for x in lookup_ms],
         "lookup_found": lookup_found,
-        "ready_ms": sorted(round(s * 1000, 1) for s in ready_at.values()),
+        "ready_ms": sorted(round(ms, 1) for ms in ready_ms),
         "offer_rounds": offer_rounds,
         "links": links,
-        "rss_mb_per_peer": round((rss_after - rss_before) / topology.peers, 2),
+        "rss_mb_per_peer": round(rss_mb_per_peer, 2),
         "offers_rejected": rejected,
         "errors": errors,
     }
@@ -333,7 +375,7 @@ async def relay(
 ) -> dict[str, Any]:
     """Private providers reachable only through a relay; relayed vs direct token streams.
 
-    A public node outside the simnet offers the relay service; half the
+    A public node outside the simnet (and this process) offers the relay service; half the
     providers (rounded up) are private: they reserve on it and advertise only
     their circuit address. Providers serve the bundled model and a synthetic
     engine. A consumer that knows providers only from gossip, with hole
@@ -344,9 +386,9 @@ async def relay(
     time to first token included, measured ``settle_s`` after start-up):
     what a user of the relay gets. Then the
     same with ``tokens`` synthetic tokens, which no model produces this fast:
-    ``relayed_capacity_ratio``, what the relayed path can carry at most when
-    every node of it shares this process's one core (each relayed byte is
-    sealed twice and crosses the relay).
+    ``relayed_capacity_ratio``, what the relayed path can carry at most (the
+    relay runs ``p2pnode start --relay-service`` in a process of its own, as
+    on a machine of its own; the other nodes share this process's core).
 
     A second consumer, with hole punching on, reaches every private provider
     through the relay and upgrades: ``dcutr_upgrades`` (relayed connections
@@ -356,11 +398,8 @@ async def relay(
     punch through: this exercises the exchange and the switch of streams, not
     NAT behaviour (the namespace test does).
     """
-    from libp2p.crypto.ed25519 import create_new_key_pair
-
     from p2pnode.inference import llamacpp
     from p2pnode.inference.synthetic import SyntheticEngine
-    from p2pnode.p2p.node import open_node
 
     errors: list[str] = []
     provider_at = topology.provider_indices()
@@ -376,20 +415,23 @@ async def relay(
     )
     # The last node that is not a provider measures the relay (no upgrade).
     measuring_at = max(set(range(topology.peers)) - set(provider_at))
-    relay_cfg = NodeConfig(relay=relaylib.Config(service=True), reachability="public")
     engine_cfg = llamacpp.Config(
         model_path=llamacpp.bundled_model_path(), model_id=llamacpp.BUNDLED_MODEL_ID
     )
+    # The relay in a process of its own, as a real relay is on a machine of
+    # its own: in this one, every relayed byte cost the one core twice more
+    # (the relay decrypts and re-encrypts it), which capped the relayed
+    # capacity at ~0.6 of direct whatever the path did.
     async with (
         llamacpp.open_llamacpp(engine_cfg) as engine,
-        open_node(relay_cfg, key_pair=create_new_key_pair()) as relay_node,
+        node_process("--relay-service", "--reachability", "public") as relay_node,
     ):
 
         def config_for(index: int, is_provider: bool) -> NodeConfig:
             if index in private_at:
                 return NodeConfig(
                     reachability="private",
-                    relay=relaylib.Config(relays=(relay_node.addrs[0],)),
+                    relay=relaylib.Config(relays=(relay_node["addrs"][0],)),
                     relay_check_s=1.0,
                 )
             if index == measuring_at:

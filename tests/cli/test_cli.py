@@ -195,6 +195,8 @@ def test_simnet_writes_a_report(tmp_path: Path) -> None:
             "6",
             "--providers",
             "2",
+            "--workers",
+            "2",
             "--report",
             str(report),
             "--plot",
@@ -209,6 +211,10 @@ def test_simnet_writes_a_report(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["peers"] == 6
     assert data["providers"] == 2
+    # Three nodes in each of two worker processes, steered from the command's.
+    assert data["workers"] == 2
+    assert data["nodes_per_worker"] == [3, 3]
+    assert data["providers_per_worker"] == [1, 1]
     assert data["ready_s"] is not None
     assert data["lookup_found"]
     assert min(data["lookup_found"]) == 2
@@ -222,6 +228,12 @@ def test_simnet_writes_a_report(tmp_path: Path) -> None:
     assert figures == ["lookup_latency.png", "offer_propagation.png", "readiness.png"]
     assert all((tmp_path / "figures" / f).stat().st_size > 10_000 for f in figures)
     assert "nodes started" not in result.stderr
+
+
+def test_simnet_runs_only_discovery_over_several_workers(tmp_path: Path) -> None:
+    result = run(tmp_path, "simnet", "--scenario", "market", "--workers", "2")
+    assert result.returncode == 2
+    assert "only the discovery scenario runs over several processes" in result.stderr
 
 
 def test_bench_connect_draws_its_figure_beside_the_baseline(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from p2pnode.simnet.harness import Topology
 from p2pnode.simnet.plots import simnet_figures
-from p2pnode.simnet.scenarios import market
+from p2pnode.simnet.scenarios import discovery, market
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +21,18 @@ def _drawn(report: dict[str, Any], out: Path, names: set[str]) -> None:
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000  # axes, labels and data, not a blank canvas
+
+
+async def test_discovery_scenario_in_one_process(tmp_path: Path) -> None:
+    # `--workers 1`; tests/cli/test_cli.py runs it over two worker processes.
+    report = await discovery(Topology(peers=6, providers=2), lookups=2, rounds=2)
+    assert report["errors"] == []
+    assert report["workers"] == 1
+    assert report["nodes_per_worker"] == [6]
+    assert report["ready_s"] is not None
+    assert report["lookup_found"] == [2, 2]
+    assert [r["delivered"] for r in report["offer_rounds"]] == [5, 5]
+    _drawn(report, tmp_path, {"lookup_latency.png", "offer_propagation.png", "readiness.png"})
 
 
 async def test_market_scenario_settles_every_session(tmp_path: Path) -> None:

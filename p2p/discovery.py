@@ -82,11 +82,6 @@ class Config:
     # Kademlia lookup: peers asked at once, and how long one may take.
     lookup_alpha: int = 3
     lookup_query_timeout: float = 2.0
-    # A lookup round still waiting after this asks one more peer (the next
-    # closest not yet asked), and again each time this passes, up to
-    # lookup_alpha more: one busy or dead peer costs a round about this long
-    # instead of the whole query timeout (docs/performance.md#lookups).
-    lookup_hedge_s: float = 0.5
     # Provider records live 24 h in py-libp2p stores; re-announce well inside.
     reprovide_s: float = 3600.0
     # Records are also re-placed when the routing table has doubled (the

@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -129,8 +129,6 @@ class Settings(Protocol):
     def lookup_alpha(self) -> int: ...
     @property
     def lookup_query_timeout(self) -> float: ...
-    @property
-    def lookup_hedge_s(self) -> float: ...
     @property
     def reprovide_s(self) -> float: ...
     @property
@@ -398,10 +396,6 @@ class Kademlia:
         round in which two peers (or this node's own store and a peer) have
         named providers: one liar answering first cannot end a walk with
         made-up records.
-        A round still waiting after ``lookup_hedge_s`` asks the next closest
-        peer not yet asked as well (hedging), again each time that passes,
-        up to ``lookup_alpha`` more: a busy peer then costs the round about
-        that long, not the query timeout.
         Returns the providers found, named by the most peers first, then by
         the best place any peer gave them, at random among equals (so that
         one peer naming twenty cannot push out the provider the others
@@ -441,6 +435,7 @@ class Kademlia:
             async def ask(
                 peer: ID, learned: list[ID] = learned, round_scope: trio.CancelScope = round_scope
             ) -> None:
+                asked.add(peer)
                 with trio.move_on_after(self.cfg.lookup_query_timeout):
                     reply = await self._get_providers(peer, key)
                     if reply is None:
@@ -461,7 +456,8 @@ class Kademlia:
 
             with round_scope:
                 async with trio.open_nursery() as nursery:
-                    await self._ask_round(nursery, batch, ask, candidates, asked)
+                    for peer in batch:
+                        nursery.start_soon(ask, peer)
             known = set(candidates)
             candidates = sort_peer_ids_by_distance(
                 key, candidates + [p for p in learned if p not in known and p != me]
@@ -483,48 +479,6 @@ class Kademlia:
         tie = {peer: _RANDOM.random() for peer in named_by}
         found = sorted(named_by, key=lambda p: (-len(named_by[p]), place[p], tie[p]))
         return found, [p for p in candidates if p in answered]
-
-    async def _ask_round(
-        self,
-        nursery: trio.Nursery,
-        batch: list[ID],
-        ask: Callable[[ID], Awaitable[None]],
-        candidates: list[ID],
-        asked: set[ID],
-    ) -> None:
-        """Start ``ask`` for each of ``batch`` in ``nursery``; while any is out, one
-        more peer each ``lookup_hedge_s``, up to ``lookup_alpha`` more."""
-        out = 0
-        hedging = trio.CancelScope()
-
-        async def tracked(peer: ID) -> None:
-            nonlocal out
-            try:
-                await ask(peer)
-            finally:
-                out -= 1
-                if out == 0:
-                    hedging.cancel()
-
-        def launch(peer: ID) -> None:
-            nonlocal out
-            asked.add(peer)
-            out += 1
-            nursery.start_soon(tracked, peer)
-
-        for peer in batch:
-            launch(peer)
-
-        async def hedge() -> None:
-            with hedging:
-                for _ in range(self.cfg.lookup_alpha):
-                    await trio.sleep(self.cfg.lookup_hedge_s)
-                    spare = next((p for p in candidates if p not in asked), None)
-                    if spare is None:
-                        return
-                    launch(spare)
-
-        nursery.start_soon(hedge)
 
     async def _get_providers(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]] | None:
         """One GET_PROVIDERS exchange (Kademlia spec); None if the peer failed.

@@ -16,9 +16,8 @@ from trio.testing import MockClock
 
 from p2pnode.p2p import discovery
 from p2pnode.p2p import relay as relaylib
-from p2pnode.p2p.kademlia import RELAY_KEY
 from p2pnode.p2p.memory import MemoryNetwork
-from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.p2p.node import NodeConfig
 from p2pnode.protocols import offers
 from p2pnode.simnet.harness import (
     SIMNET_MODEL,
@@ -90,52 +89,6 @@ async def test_forged_offer_is_neither_kept_nor_relayed(
             offer = node.offer_book.get(victim.peer_id)
             assert offer is not None
             assert offer.models[0].price_per_s == 0, f"{node.peer_id} took the forged offer"
-
-
-async def test_a_lookup_round_held_by_busy_peers_asks_more_peers(
-    memory: MemoryNetwork, autojump_clock: MockClock
-) -> None:
-    """Hedging: the peers a walk asks in its second round are all busy; one more
-    peer is asked after lookup_hedge_s, and the lookup ends well within the
-    query timeout it would otherwise wait out (docs/performance.md#lookups)."""
-    cfg = discovery.Config()
-    relaying = NodeConfig(relay=relaylib.Config(service=True))
-    async with open_simnet(
-        Topology(peers=6, providers=0), lambda _i, _p: relaying, memory=memory
-    ) as (net, nursery):
-        entry, others = net.nodes[0], net.nodes[1:]
-        assert entry.discovery is not None
-        table = entry.discovery.kademlia.dht
-        await eventually(lambda: table.get_routing_table_size() >= len(others))
-        await eventually(lambda: len(table.provider_store.get_providers(RELAY_KEY)) > 0)
-        for node in others:
-            store = node.discovery.kademlia.dht.provider_store  # type: ignore[union-attr]
-            await eventually(lambda store=store: len(store.get_providers(RELAY_KEY)) > 0)
-
-        joiner = await add_node(net, nursery, NodeConfig(bootstrap=(entry.addrs[0],)))
-        busy: list[str] = []  # the joiner's queries held, as a busy loop would
-        for node in others:
-            serve = node.host.get_mux().handlers[KAD_PROTOCOL_ID]
-
-            async def held(stream: INetStream, serve: Callable = serve, node: Node = node) -> None:
-                if (
-                    str(stream.muxed_conn.peer_id) == joiner.peer_id
-                    and len(busy) < cfg.lookup_alpha
-                ):
-                    busy.append(node.peer_id)
-                    await trio.sleep(4 * cfg.lookup_query_timeout)
-                await serve(stream)
-
-            node.host.set_stream_handler(KAD_PROTOCOL_ID, held)
-        assert joiner.discovery is not None
-        start = trio.current_time()
-        with trio.fail_after(BOUND_S):
-            relays = await joiner.discovery.find_relays()
-        elapsed = trio.current_time() - start
-    assert len(busy) == cfg.lookup_alpha  # the second round's peers were all held
-    assert relays
-    # One hedge and its answer; without hedging, the query timeout (2 s).
-    assert elapsed < 2 * cfg.lookup_hedge_s < cfg.lookup_query_timeout
 
 
 async def test_offer_expires_when_its_provider_stops(memory: MemoryNetwork) -> None:

@@ -223,6 +223,23 @@ async def open_bundled(slots: int) -> AsyncIterator[Engine]:
         yield engine
 
 
+def node_env(home: str) -> dict[str, str]:
+    """The environment of a p2pnode command with ``home`` as its home: no
+    P2PNODE_ settings of this process leak in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNODE_")}
+    env["P2PNODE_HOME"] = home
+    return env
+
+
+def node_command(home: str, ready: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """Argv and environment of ``p2pnode start --no-serve`` on a free loopback port,
+    with ``home`` as its home and its ready file at ``ready``; ``args`` are more options."""
+    env = node_env(home)
+    argv = [sys.executable, "-m", "p2pnode.cli", "start", "--no-serve",
+            "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", ready, *args]  # fmt: skip
+    return argv, env
+
+
 @asynccontextmanager
 async def node_process(*args: str, bound_s: float = 60.0) -> AsyncIterator[dict[str, Any]]:
     """``p2pnode start --no-serve ARGS`` in an OS process of its own, on loopback,
@@ -234,10 +251,7 @@ async def node_process(*args: str, bound_s: float = 60.0) -> AsyncIterator[dict[
     """
     with tempfile.TemporaryDirectory(prefix="p2pnode-simnet-node-") as home:
         ready = os.path.join(home, "ready.json")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNODE_")}
-        env["P2PNODE_HOME"] = home
-        argv = [sys.executable, "-m", "p2pnode.cli", "start", "--no-serve",
-                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", ready, *args]  # fmt: skip
+        argv, env = node_command(home, ready, *args)
         log = trio.Path(home, "stderr.log")
         stderr = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
         try:

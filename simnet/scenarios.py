@@ -10,8 +10,9 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -49,9 +50,47 @@ async def wait_until(predicate: Callable[[], bool], bound_s: float) -> float | N
     return None if scope.cancelled_caught else time.perf_counter() - start
 
 
-def _knows_all_providers(node: Node, net: Simnet) -> bool:
+async def note_when(
+    nodes: Sequence[Node], holds: Callable[[Node], bool], bound_s: float
+) -> dict[str, float]:
+    """When (``time.monotonic()``, one clock for every process of the machine)
+    each of ``nodes`` was first seen to satisfy ``holds``, within ``bound_s``:
+    nodes that never did are missing."""
+    at: dict[str, float] = {}
+
+    def every() -> bool:
+        now = time.monotonic()
+        for node in nodes:
+            if node.peer_id not in at and holds(node):
+                at[node.peer_id] = now
+        return len(at) == len(nodes)
+
+    await wait_until(every, bound_s)
+    return at
+
+
+def knows_all(node: Node, provider_ids: Collection[str]) -> bool:
+    """Whether ``node`` holds an offer from each of ``provider_ids`` (but itself)."""
     held = {o.peer_id for o in node.offer_book}
-    return net.provider_ids - {node.peer_id} <= held
+    return set(provider_ids) - {node.peer_id} <= held
+
+
+def sees_price(node: Node, provider_id: str, price: int) -> bool:
+    """Whether ``node`` holds ``provider_id``'s offer at ``price`` (an offer round's marker)."""
+    offer = node.offer_book.get(provider_id)
+    return offer is not None and offer.models[0].price_per_s == price
+
+
+def offer_round(seen_at: dict[str, float], of: int, start: float) -> dict[str, Any]:
+    """An offer round of the report: who of ``of`` peers saw the change, and when
+    (``seen_at`` and ``start`` on one clock)."""
+    last = max(seen_at.values(), default=start)
+    return {
+        "delivered": len(seen_at),
+        "of": of,
+        "all_ms": round((last - start) * 1000, 1) if len(seen_at) == of else None,
+        "seen_ms": sorted(round((t - start) * 1000, 1) for t in seen_at.values()),
+    }
 
 
 async def discovery(
@@ -72,22 +111,14 @@ async def discovery(
     """
     errors: list[str] = []
     rss_before = rss_mb()
-    started = time.perf_counter()
+    started = time.monotonic()
     async with open_simnet(topology) as (net, nursery):
-        start_s = time.perf_counter() - started
-        ready_at: dict[str, float] = {}  # when each node first held every offer
-
-        def all_ready() -> bool:
-            now = time.perf_counter()
-            for n in net.nodes:
-                if n.peer_id not in ready_at and _knows_all_providers(n, net):
-                    ready_at[n.peer_id] = now - started
-            return len(ready_at) == len(net.nodes)
-
-        ready = await wait_until(all_ready, bound_s)
-        ready_s = None if ready is None else time.perf_counter() - started
-        if ready is None:
-            missing = sum(not _knows_all_providers(n, net) for n in net.nodes)
+        start_s = time.monotonic() - started
+        # When each node first held every offer.
+        ready_at = await note_when(net.nodes, lambda n: knows_all(n, net.provider_ids), bound_s)
+        missing = len(net.nodes) - len(ready_at)
+        ready_s = max(ready_at.values()) - started if not missing else None
+        if missing:
             errors.append(f"{missing} nodes never held every provider's offer")
         rss_after = rss_mb()
         links = sum(len(n.connected_peers()) for n in net.nodes) // 2
@@ -111,7 +142,7 @@ async def discovery(
         ready_s=ready_s,
         lookup_ms=lookup_ms,
         lookup_found=lookup_found,
-        ready_ms=[s * 1000 for s in ready_at.values()],
+        ready_ms=[(t - started) * 1000 for t in ready_at.values()],
         offer_rounds=offer_rounds,
         links=links,
         rss_mb_per_peer=(rss_after - rss_before) / topology.peers,
@@ -202,30 +233,10 @@ async def _offer_rounds(
             tuple(replace(m, price_per_s=marker) for m in provider.offering.models)
         )
         others = [n for n in everyone if n is not provider]
-        start = time.perf_counter()
-        seen_at: dict[str, float] = {}
-
-        def sees(node: Node, provider: Node = provider, marker: int = marker) -> bool:
-            offer = node.offer_book.get(provider.peer_id)
-            return offer is not None and offer.models[0].price_per_s == marker
-
-        def all_seen(others: list[Node] = others, seen_at: dict[str, float] = seen_at) -> bool:
-            now = time.perf_counter()
-            for node in others:
-                if node.peer_id not in seen_at and sees(node):
-                    seen_at[node.peer_id] = now
-            return len(seen_at) == len(others)
-
-        await wait_until(all_seen, bound_s)
-        last = max(seen_at.values(), default=start)
-        results.append(
-            {
-                "delivered": len(seen_at),
-                "of": len(others),
-                "all_ms": round((last - start) * 1000, 1) if len(seen_at) == len(others) else None,
-                "seen_ms": sorted(round((t - start) * 1000, 1) for t in seen_at.values()),
-            }
-        )
+        start = time.monotonic()
+        sees = partial(sees_price, provider_id=provider.peer_id, price=marker)
+        seen_at = await note_when(others, sees, bound_s)
+        results.append(offer_round(seen_at, len(others), start))
     return results
 
 
@@ -303,7 +314,9 @@ async def market(
         ),
     ):
         buyers = net.consumers[:consumers]
-        ready = await wait_until(lambda: all(_knows_all_providers(n, net) for n in buyers), bound_s)
+        ready = await wait_until(
+            lambda: all(knows_all(n, net.provider_ids) for n in buyers), bound_s
+        )
         if ready is None:
             errors.append("consumers never held every provider's offer")
         await trio.sleep(settle_s)

@@ -12,7 +12,6 @@ never asserts (docs/architecture.md#conventions: benchmarks never assert on wall
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 from p2pnode.errors import P2PNodeError
 from p2pnode.simnet.bench import summarize
+from p2pnode.simnet.harness import node_command, node_env
 
 P2PNODE = (sys.executable, "-m", "p2pnode.cli")
 BASELINE = (sys.executable, "-c", "pass")
@@ -49,12 +49,11 @@ def bench_cli(rounds: int = 7, commands: Sequence[tuple[str, ...]] = COMMANDS) -
     """
     with tempfile.TemporaryDirectory(prefix="p2pnode-bench-cli-") as tmp:
         home = Path(tmp) / "home"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNODE_")}
-        env["P2PNODE_HOME"] = str(home)
+        env = node_env(str(home))
         _make_wallet(home)
         samples: dict[str, list[float]] = {" ".join(c): [] for c in commands}
         baseline: list[float] = []
-        with _running_node(home, env):
+        with _running_node(home):
             for _ in range(rounds):
                 baseline.append(_timed_ms(BASELINE, env))
                 for command in commands:
@@ -92,11 +91,9 @@ def _timed_ms(argv: Sequence[str], env: dict[str, str]) -> float:
 
 
 @contextmanager
-def _running_node(home: Path, env: dict[str, str]) -> Iterator[None]:
+def _running_node(home: Path) -> Iterator[None]:
     """A free-mode node serving nothing on a free port, until the block ends."""
-    ready = home / "ready.json"
-    argv = [*P2PNODE, "start", "--no-serve", "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--reachability", "public", "--ready-file", str(ready)]  # fmt: skip
+    argv, env = node_command(str(home), str(home / "ready.json"), "--reachability", "public")
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -2,8 +2,9 @@
 
 One process runs every node of :func:`harness.open_simnet` on one core; the
 other cores sit idle, and past ~100 nodes the one loop delivers gossip too
-late. Here each of ``N`` worker processes runs its share of the nodes (node
-``i`` in worker ``i % N``), real nodes on TCP loopback that dial each other
+late. Here each of ``N`` worker processes runs its share of the nodes
+(:func:`place`: providers and the other nodes each dealt out in turn), real
+nodes on TCP loopback that dial each other
 across processes as any real peers do. This process only steers: it plans
 the same start-up waves and bootstrap choices as ``open_simnet`` (same seed,
 same graph), tells each worker what to start, measure or change, and builds
@@ -24,6 +25,7 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import count
 from multiprocessing.connection import Connection
 from typing import Any
@@ -36,7 +38,13 @@ from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers
 from p2pnode.simnet import harness
 from p2pnode.simnet.harness import SIMNET_MODEL, Simnet, Topology, add_node, rss_mb
-from p2pnode.simnet.scenarios import POLL_S, discovery_report
+from p2pnode.simnet.scenarios import (
+    discovery_report,
+    knows_all,
+    note_when,
+    offer_round,
+    sees_price,
+)
 
 # A worker that does not answer a command within this is taken as hung.
 REPLY_S = 600.0
@@ -99,13 +107,15 @@ class Cluster:
     """The workers of one run, and where each node lives."""
 
     workers: list[Worker]
-    # Per node index (node i lives in worker i % N): its listen address and peer id.
+    # Per node index: the worker it lives in (:func:`place`), its listen
+    # address and peer id.
+    placement: dict[int, int] = field(default_factory=dict)
     addrs: dict[int, str] = field(default_factory=dict)
     peer_ids: dict[int, str] = field(default_factory=dict)
     provider_ids: set[str] = field(default_factory=set)
 
     def worker_of(self, index: int) -> Worker:
-        return self.workers[index % len(self.workers)]
+        return self.workers[self.placement[index]]
 
     async def each(self, name: str, *args: Any) -> list[Any]:
         """``name`` in every worker at once; their results in worker order."""
@@ -134,6 +144,20 @@ async def _spawn(nursery: trio.Nursery, index: int) -> Worker:
     return worker
 
 
+def place(topology: Topology, workers: int) -> dict[int, int]:
+    """The worker of each node index: providers dealt out in turn, and the
+    other nodes too, so that each worker carries its share of both (node i
+    in worker i mod N put every provider of 50 peers / 5 providers in one)."""
+    placement: dict[int, int] = {}
+    providers = set(topology.provider_indices())
+    dealt = {True: 0, False: 0}
+    for i in range(topology.peers):
+        kind = i in providers
+        placement[i] = dealt[kind] % workers
+        dealt[kind] += 1
+    return placement
+
+
 async def _start(cluster: Cluster, topology: Topology) -> None:
     """Start every node in waves, as harness.open_simnet plans them (same seed, same graph)."""
     rng = random.Random(topology.seed)  # noqa: S311 - topology, not cryptography
@@ -145,7 +169,7 @@ async def _start(cluster: Cluster, topology: Topology) -> None:
         plan: dict[int, list[tuple[int, bool, tuple[str, ...]]]] = {}
         for i in range(first, first + size):
             bootstrap = tuple(rng.sample(started, min(topology.fanout, len(started))))
-            plan.setdefault(i % len(cluster.workers), []).append((i, i in provider_at, bootstrap))
+            plan.setdefault(cluster.placement[i], []).append((i, i in provider_at, bootstrap))
 
         async def start(worker: Worker, nodes: list[tuple[int, bool, tuple[str, ...]]]) -> None:
             for index, peer_id, addr in await worker.call("start", nodes):
@@ -181,7 +205,9 @@ async def discovery(
         async with trio.open_nursery() as spawning:
             for i in range(workers):
                 spawning.start_soon(lambda i=i: _spawn_into(spawned, nursery, i))
-        cluster = Cluster(sorted(spawned, key=lambda w: w.index))
+        cluster = Cluster(
+            sorted(spawned, key=lambda w: w.index), placement=place(topology, workers)
+        )
         try:
             rss_before = sum(await cluster.each("rss"))
             started = time.monotonic()
@@ -196,7 +222,8 @@ async def discovery(
             if missing:
                 errors.append(f"{missing} nodes never held every provider's offer")
             rss_after = sum(await cluster.each("rss"))
-            links = sum(t["links"] for t in await cluster.each("tally")) // 2
+            started_tallies = await cluster.each("tally")
+            links = sum(t["links"] for t in started_tallies) // 2
             lookup_ms, lookup_found = await _late_lookups(cluster, topology, lookups, errors)
             offer_rounds = await _offer_rounds(cluster, rounds, bound_s=5.0)
             tallies = await cluster.each("tally")
@@ -211,14 +238,11 @@ async def discovery(
     for t in tallies:
         for k, n in t["rejected"].items():
             rejected[k] = rejected.get(k, 0) + n
+    # As each worker counts what it runs (before the lookups' joiners).
     spread = {
         "workers": workers,
-        "nodes_per_worker": [
-            sum(1 for i in cluster.addrs if i % workers == w) for w in range(workers)
-        ],
-        "providers_per_worker": [
-            sum(1 for i in topology.provider_indices() if i % workers == w) for w in range(workers)
-        ],
+        "nodes_per_worker": [t["nodes"] for t in started_tallies],
+        "providers_per_worker": [t["providers"] for t in started_tallies],
     }
     return discovery_report(
         topology,
@@ -294,16 +318,7 @@ async def _offer_rounds(cluster: Cluster, rounds: int, bound_s: float) -> list[d
         start = await cluster.worker_of(index).call("reprice", index, marker)
         for times in await cluster.each("seen"):
             seen.update(times)
-        of = len(cluster.peer_ids) - 1
-        last = max(seen.values(), default=start)
-        results.append(
-            {
-                "delivered": len(seen),
-                "of": of,
-                "all_ms": round((last - start) * 1000, 1) if len(seen) == of else None,
-                "seen_ms": sorted(round((t - start) * 1000, 1) for t in seen.values()),
-            }
-        )
+        results.append(offer_round(seen, len(cluster.peer_ids) - 1, start))
     return results
 
 
@@ -403,22 +418,10 @@ async def _freeze(state: _Nodes, provider_ids: list[str]) -> None:
     gc.freeze()
 
 
-def _knows_all(node: Node, provider_ids: frozenset[str]) -> bool:
-    held = {o.peer_id for o in node.offer_book}
-    return provider_ids - {node.peer_id} <= held
-
-
 async def _ready(state: _Nodes, bound_s: float) -> dict[str, float]:
-    """When each of the worker's nodes first held every provider's offer (monotonic)."""
-    ready_at: dict[str, float] = {}
-    with trio.move_on_after(bound_s):
-        while len(ready_at) < len(state.by_index):
-            now = time.monotonic()
-            for node in state.by_index.values():
-                if node.peer_id not in ready_at and _knows_all(node, state.provider_ids):
-                    ready_at[node.peer_id] = now
-            await trio.sleep(POLL_S)
-    return ready_at
+    """When each of the worker's nodes first held every provider's offer."""
+    nodes = list(state.by_index.values())
+    return await note_when(nodes, partial(knows_all, provider_ids=state.provider_ids), bound_s)
 
 
 async def _lookup(state: _Nodes, entry: str, bound_s: float) -> dict[str, Any]:
@@ -440,16 +443,8 @@ async def _watch(state: _Nodes, provider_id: str, marker: int, bound_s: float) -
     send, state.watched = trio.open_memory_channel[dict[str, float]](1)
 
     async def watching() -> None:
-        seen: dict[str, float] = {}
-        with trio.move_on_after(bound_s):
-            while len(seen) < len(others):
-                now = time.monotonic()
-                for node in others:
-                    offer = node.offer_book.get(provider_id)
-                    if node.peer_id not in seen and offer and offer.models[0].price_per_s == marker:
-                        seen[node.peer_id] = now
-                await trio.sleep(POLL_S)
-        send.send_nowait(seen)
+        sees = partial(sees_price, provider_id=provider_id, price=marker)
+        send.send_nowait(await note_when(others, sees, bound_s))
 
     state.nursery.start_soon(watching)
 
@@ -478,6 +473,8 @@ async def _tally(state: _Nodes) -> dict[str, Any]:
             if not v.relay
         },
         "links": sum(len(n.connected_peers()) for n in nodes),
+        "nodes": len(nodes),
+        "providers": sum(n.peer_id in state.provider_ids for n in nodes),
     }
 
 

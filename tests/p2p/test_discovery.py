@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import trio
 from libp2p.abc import INetStream
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
+from libp2p.pubsub.pb import rpc_pb2
 from trio.testing import MockClock
 
 from p2pnode.p2p import discovery
@@ -89,6 +91,54 @@ async def test_forged_offer_is_neither_kept_nor_relayed(
             offer = node.offer_book.get(victim.peer_id)
             assert offer is not None
             assert offer.models[0].price_per_s == 0, f"{node.peer_id} took the forged offer"
+
+
+async def test_a_peer_entering_the_mesh_is_sent_the_newest_offers_once(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    """The catch-up on entering a mesh (p2p/discovery.py:OfferGossip): a peer that
+    subscribed before we held an offer, and joined our mesh after we forwarded
+    it, would otherwise wait a whole period for it (seen in 50-node simnets)."""
+    # No announcement during the test: what reaches the peer is the catch-up.
+    quiet = discovery.Config(offers=offers.Config(period_s=600.0, expiry_s=1800.0))
+
+    def config_for(index: int, is_provider: bool) -> NodeConfig:
+        return replace(default_config(index, is_provider), discovery=quiet)
+
+    async with open_simnet(Topology(peers=3, providers=1), config_for, memory=memory) as (
+        net,
+        _nursery,
+    ):
+        (provider,) = net.providers
+        await eventually(lambda: all(n.offer_book.get(provider.peer_id) for n in net.nodes))
+        assert provider.discovery is not None
+        pubsub, router = provider.discovery.pubsub, provider.discovery.router
+        peer = next(p for p in pubsub.peers if str(p) in {n.peer_id for n in net.consumers})
+        sent: list[int] = []  # offers written to that peer, per RPC
+        write = pubsub.write_msg
+
+        async def counted(stream: INetStream, rpc: Any) -> bool:
+            if stream is pubsub.peers.get(peer) and len(rpc.publish):
+                sent.append(len(rpc.publish))
+            return await write(stream, rpc)
+
+        pubsub.write_msg = counted  # type: ignore[method-assign]
+        graft = rpc_pb2.ControlGraft(topicID=offers.TOPIC)
+
+        async def grafted() -> None:  # it leaves our mesh and GRAFTs again
+            router.mesh[offers.TOPIC].discard(peer)
+            await router.handle_graft(graft, peer)
+            assert peer in router.mesh[offers.TOPIC]
+            await trio.sleep(1)  # the catch-up's task runs
+
+        # It joined the mesh at start and had its catch-up then: not again.
+        await grafted()
+        assert sent == []
+        # Disconnected, and back: the provider's own newest offer, once.
+        router.remove_peer(peer)
+        await grafted()
+        await grafted()
+        assert sent == [1]
 
 
 async def test_offer_expires_when_its_provider_stops(memory: MemoryNetwork) -> None:

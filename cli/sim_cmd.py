@@ -328,7 +328,7 @@ def bench_e2e(
 @click.option("--max-tokens", type=click.IntRange(4, 4096), default=48, show_default=True)
 @click.option("--slots", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
-@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--rounds", type=click.IntRange(1, 20), default=5, show_default=True)
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @plot_option

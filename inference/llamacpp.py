@@ -5,11 +5,11 @@ file, each used by one request at a time. A request borrows an idle instance
 (waiting in a bounded queue if none is idle), and a worker thread runs the
 generation: llama.cpp never runs on the trio thread, so the node keeps
 answering peers while tokens are produced. The thread hands each token's text
-to trio through a bounded memory channel: it waits for the trio loop to take
-the chunk, not for the consumer, unless the consumer falls ``BUFFER_TOKENS``
-behind (then it waits: back-pressure). Leaving the ``stream`` context sets a flag the thread checks
-between tokens, so generation stops within one token, and the instance goes
-back to the pool only once the thread has returned.
+to trio without waiting for the trio loop (:class:`_Chunks`): it waits only
+when the consumer falls ``BUFFER_TOKENS`` chunks behind (back-pressure).
+Leaving the ``stream`` context sets a flag the thread checks between tokens,
+so generation stops within one token, and the instance goes back to the pool
+only once the thread has returned.
 
 Determinism: each request starts from ``Llama.reset()``. llama-cpp-python
 otherwise reuses the KV cache of the previous request's shared prefix, and
@@ -194,23 +194,25 @@ class LlamaCppEngine:
         self._check_serves(request, generates=True)
         # Before any slot or prompt work: a bad request costs its asker little.
         sampler_of(request.params, self._vocab.n_vocab())
-        gbnf = await trio.to_thread.run_sync(_gbnf, request.params)
+        gbnf = await _gbnf(request.params)
         llm = await self._borrow()
         try:
-            send, receive = trio.open_memory_channel[Chunk](BUFFER_TOKENS)
+            chunks = _Chunks(trio.lowlevel.current_trio_token())
             stop = threading.Event()
             # The nursery is ours, not the caller's: its one failure (an
             # EngineError from the thread) reaches the caller as itself.
             with single_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run, llm, request, gbnf, send, stop)
+                    nursery.start_soon(self._run, llm, request, gbnf, chunks, stop)
                     try:
-                        async with receive:
-                            yield receive
+                        async with chunks:
+                            yield chunks
                     finally:
-                        # Early exit: tell the thread; the nursery then waits for
-                        # it, so the slot never returns while llama.cpp uses it.
+                        # Early exit: tell the thread (and wake it if it waits
+                        # for room); the nursery then waits for it, so the slot
+                        # never returns while llama.cpp uses it.
                         stop.set()
+                        chunks.unblock()
         finally:
             self._idle_send.send_nowait(llm)
 
@@ -233,7 +235,7 @@ class LlamaCppEngine:
         """
         self._check_serves(request, generates=True)
         sampler_of(request.params, self._vocab.n_vocab())  # before any slot or prompt work
-        gbnf = await trio.to_thread.run_sync(_gbnf, request.params)
+        gbnf = await _gbnf(request.params)
         llm = await self._borrow()
         try:
             return await trio.to_thread.run_sync(
@@ -302,31 +304,27 @@ class LlamaCppEngine:
         llm: Any,
         request: Request,
         gbnf: str,
-        send: trio.MemorySendChannel[Chunk],
+        chunks: _Chunks,
         stop: threading.Event,
     ) -> None:
-        async with send:
+        try:
             # abandon_on_cancel=False: a cancelled caller waits for the thread,
             # which sees `stop` within one token.
             await trio.to_thread.run_sync(
-                self._timed_generate,
-                llm,
-                request,
-                gbnf,
-                send,
-                stop,
-                trio.lowlevel.current_trio_token(),
-                limiter=self._limiter,
+                self._timed_generate, llm, request, gbnf, chunks, stop, limiter=self._limiter
             )
+        finally:
+            # Trio reports the thread's return after every chunk it handed
+            # over (run_sync_soon keeps order): none is lost by closing here.
+            chunks.end()
 
 
 def _generate(
     llm: Any,
     request: Request,
     gbnf: str,
-    send: trio.MemorySendChannel[Chunk],
+    chunks: _Chunks,
     stop: threading.Event,
-    token: trio.lowlevel.TrioToken,
 ) -> None:
     """Worker thread: run one generation, handing each token's text to trio.
 
@@ -343,7 +341,7 @@ def _generate(
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
         raise EngineError(f"llama.cpp failed: {exc}") from exc
     with _Grammar.of(llm, gbnf) as rule:
-        _sample(llm, request, rule, prompt, answer, stops, send, stop, token)
+        _sample(llm, request, rule, prompt, answer, stops, chunks, stop)
 
 
 def _sample(
@@ -353,9 +351,8 @@ def _sample(
     prompt: list[int],
     answer: list[int],
     stops: list[str],
-    send: trio.MemorySendChannel[Chunk],
+    chunks: _Chunks,
     stop: threading.Event,
-    token: trio.lowlevel.TrioToken,
 ) -> None:
     """Worker thread: draw the answer's tokens, the prompt evaluated already."""
     llama_cpp = native.llama_cpp()
@@ -408,14 +405,14 @@ def _sample(
                 rule.accept(chosen)
             released = scan.feed(text.add(chosen))
             if released:
-                _hand_over(send, _chunk(released, held_ids, held_lps, held_entries), token)
+                chunks.put(_chunk(released, held_ids, held_lps, held_entries), stop)
             if scan.stopped:
                 finish = "stop"
                 break
             if len(ids) < p.max_tokens:
                 llm.eval([chosen])
-    except (trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):
-        return  # the consumer left; nothing to report to
+    except trio.RunFinishedError:
+        return  # the node is gone; nothing to report to
     except (ValueError, RuntimeError) as exc:
         raise EngineError(f"llama.cpp failed: {exc}") from exc
     tail = "" if scan.stopped else scan.feed(text.end()) + scan.flush()
@@ -426,8 +423,8 @@ def _sample(
     last = replace(
         _chunk(tail, held_ids, held_lps, held_entries), finish_reason=finish, usage=usage
     )
-    with contextlib.suppress(trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):
-        trio.from_thread.run(send.send, last, trio_token=token)
+    with contextlib.suppress(trio.RunFinishedError):
+        chunks.put(last, stop)
 
 
 def _chunk(text: str, ids: list[int], logprobs: list[float], entries: list[TokenLogprob]) -> Chunk:
@@ -486,15 +483,53 @@ def token_text(llm: Any, token_ids: Sequence[int]) -> str:
     return "".join(pieces.add(t) for t in token_ids) + pieces.end()
 
 
-def _hand_over(
-    send: trio.MemorySendChannel[Chunk], chunk: Chunk, token: trio.lowlevel.TrioToken
-) -> None:
-    # Waiting for the consumer on every token (an unbuffered send) cost ~5%
-    # of generation speed (bench engine: ratio 0.95 -> 0.98).
-    try:
-        trio.from_thread.run_sync(send.send_nowait, chunk, trio_token=token)
-    except trio.WouldBlock:
-        trio.from_thread.run(send.send, chunk, trio_token=token)
+class _Chunks(trio.abc.ReceiveChannel[Chunk]):
+    """A generation's chunks, from its worker thread to trio, in order.
+
+    The thread hands a chunk over with ``run_sync_soon`` and goes on: waiting
+    for the trio loop to take each one cost the thread ~2 ms per token with
+    four slots busy, more while the loop serves the network (bench load).
+    ``room`` bounds how far the thread runs ahead of the reader: it waits once
+    ``BUFFER_TOKENS`` chunks are unread (back-pressure from a slow consumer).
+    """
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        # Unbounded here: ``room`` is the bound, counted on the thread's side.
+        self._send, self._receive = trio.open_memory_channel[Chunk](float("inf"))
+        self._room = threading.Semaphore(BUFFER_TOKENS)
+
+    def put(self, chunk: Chunk, stop: threading.Event) -> None:
+        """Worker thread: hand ``chunk`` over, unless ``stop`` is set while it
+        waits for room (trio.RunFinishedError: trio is gone)."""
+        # The reader frees the thread as it leaves (``unblock``); the timeout
+        # is only so that nothing can keep it waiting for good.
+        while not self._room.acquire(timeout=0.5):
+            if stop.is_set():
+                return
+        self._token.run_sync_soon(self._deliver, chunk)
+
+    def _deliver(self, chunk: Chunk) -> None:
+        # In trio, from run_sync_soon, where an exception would end the run:
+        # a reader that left or a stream already ended just drops the chunk.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._send.send_nowait(chunk)
+
+    def end(self) -> None:
+        """Trio: no more chunks (the reader sees the end after the last one)."""
+        self._send.close()
+
+    def unblock(self) -> None:
+        """Trio, as the reader leaves: free a thread waiting for room."""
+        self._room.release(BUFFER_TOKENS)
+
+    async def receive(self) -> Chunk:
+        chunk = await self._receive.receive()
+        self._room.release()
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._receive.aclose()
 
 
 def _evaluate(llm: Any, prompt: list[int], answer: list[int]) -> None:
@@ -674,9 +709,12 @@ def _embed(llm: Any, inputs: Sequence[str], dimensions: int) -> tuple[list[bytes
     return vectors, tokens
 
 
-def _gbnf(p: Params) -> str:
+async def _gbnf(p: Params) -> str:
     """The grammar ``p``'s output format asks for ("" for none); BadRequestError if none can be."""
-    return "" if p.format is None else grammar.gbnf_of(p.format)
+    if p.format is None:
+        return ""  # most requests: no thread hop (it cost the trio loop ~1 ms each)
+    # A schema's grammar can take a while to build: off the trio thread.
+    return await trio.to_thread.run_sync(grammar.gbnf_of, p.format)
 
 
 class _Grammar:

@@ -29,18 +29,52 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamReset
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 from p2pnode.errors import ConfigError, NetworkError
 from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
 
-# py-libp2p 0.8.1's yamux answers every read with a WINDOW_UPDATE frame (its
-# PY_YAMUX_RELEASE_ON_READ, on by default): one more encrypted frame per
-# gossip message or token chunk. Off, it batches updates to half a window as
-# go-yamux does; a user's own setting wins
-# (docs/libp2p-traps.md#a-window-update-per-read).
+# py-libp2p 0.8.1's yamux answers every read with a WINDOW_UPDATE frame: one
+# more encrypted frame per gossip message or token chunk, each way
+# (docs/libp2p-traps.md#a-window-update-per-read). Its PY_YAMUX_RELEASE_ON_READ
+# switch turns off one of the two branches that do it (a user's own setting
+# wins); the other, "partial slack", still fired on every read (38 updates for
+# a 51-frame answer), so credit now goes back as go-yamux returns it: once
+# half the window has been read.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+_library_window_update = YamuxStream._auto_tune_and_send_window_update
+
+
+async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    if bytes_read > 0:
+        async with self.window_lock:
+            self._pending_recv_release += bytes_read
+            if self._pending_recv_release < self._grow_threshold():
+                return  # the sender still has at least half a window of credit
+    # The library's own accounting (auto-tuning included), with the credit due.
+    await _library_window_update(self, bytes_read=0)
+
+
+YamuxStream._auto_tune_and_send_window_update = _window_update_at_half  # type: ignore[method-assign]
+
+# An RST removes the stream from its connection at once, and a later read of
+# it then ends as a clean EOF, not as a reset: the reader would take a peer
+# that refused its stream for one that broke the protocol. Which one the
+# reader saw depended on frame timing (with a window update per read, the
+# reset usually came first). docs/libp2p-traps.md#a-reset-read-as-an-eof
+_library_read = YamuxStream.read
+
+
+async def _read_keeping_resets(self: YamuxStream, n: int | None = -1) -> bytes:
+    if self.reset_received and not self.conn.stream_buffers.get(self.stream_id):
+        raise MuxedStreamReset("Stream was reset")
+    return await _library_read(self, n)
+
+
+YamuxStream.read = _read_keeping_resets  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -163,6 +163,7 @@ class Kademlia:
         # streams go through a handler that bounds both
         # (docs/libp2p-traps.md#dht-inbound-slots).
         self._kad_streams: dict[ID, int] = {}
+        self.streams_refused = 0  # beyond a peer's share
         host.set_stream_handler(KAD_PROTOCOL_ID, self._serve_kad)
         self._provided: set[str] = set()
         self._provided_addrs: tuple[str, ...] = ()
@@ -300,6 +301,7 @@ class Kademlia:
         peer = stream.muxed_conn.peer_id
         held = self._kad_streams.get(peer, 0)
         if held >= KAD_STREAMS_PER_PEER:
+            self.streams_refused += 1
             await reset_quietly(stream)
             return
         self._kad_streams[peer] = held + 1

@@ -42,6 +42,7 @@ from p2pnode.p2p.host import short
 from p2pnode.p2p.market import ProviderMarket
 from p2pnode.p2p.ratelimit import RateLimiter
 from p2pnode.p2p.reputation import Offence, Reputation
+from p2pnode.protocols.infer import batching
 from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.messages import (
     EMBED,
@@ -197,6 +198,8 @@ class Provider:
         # From a request's admission to its first token; decoding speed per answer.
         self.time_to_first_token = Histogram(TTFT_BUCKETS_S)
         self.tokens_per_s = Histogram(SPEED_BUCKETS)
+        # Streams being served now: each one's batching window widens with them.
+        self.streams = batching.Streams()
 
     # --- sessions ------------------------------------------------------------
 
@@ -334,6 +337,7 @@ class Provider:
                 self._run,
                 self._on_ack,
                 self.cfg.infer,
+                self.streams,
             )
         finally:
             for session in admitted:

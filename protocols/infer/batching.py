@@ -2,11 +2,18 @@
 
 A libp2p stream carries ~1,000-1,700 frames/s and spends ~0.6 ms of CPU per
 frame (docs/libp2p-traps.md#per-frame-cost), so a frame per token would cap a
-fast provider. The batcher holds tokens until ``window_s`` has passed since
+fast provider. The batcher holds tokens until the window has passed since
 the oldest one waiting, or ``max_tokens`` are waiting, and lets the first
 token of a stream leave immediately so that time to first token is
-unchanged. Pure: the caller passes ``now`` and waits for :meth:`deadline`
-itself.
+unchanged.
+
+The window widens with the streams the provider is generating at once
+(:class:`Streams`): ``window_s`` for each, up to ``max_window_s``. Alone, a
+stream's tokens leave every 20 ms; with four, every 80 ms; so the provider
+sends about the same frames per second however many clients it serves, and
+the CPU those frames cost is not taken from its engine (with four slots on
+two cores, a frame per token cost ~7% of the tokens: docs/performance.md#concurrent-clients).
+Pure: the caller passes ``now`` and waits for :meth:`deadline` itself.
 """
 
 from __future__ import annotations
@@ -22,8 +29,18 @@ class Config:
     # 20 ms: well under what a reader notices, and at 50 frames/s a stream
     # carries any token rate the engine makes (goal: >= 20,000 tokens/s).
     window_s: float = 0.02
+    # The widest window, however many streams: 100 ms is about where a
+    # reader starts to see text arrive in steps.
+    max_window_s: float = 0.1
     # Bounds a frame's size when a provider is very fast.
     max_tokens: int = 256
+
+
+@dataclass
+class Streams:
+    """How many streams a provider is generating at once (shared by its batchers)."""
+
+    active: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +57,7 @@ class TokenBatcher:
     """Collects (text, tokens) pieces and says when a batch is due."""
 
     cfg: Config = field(default_factory=Config)
+    streams: Streams = field(default_factory=Streams)
     _parts: list[str] = field(default_factory=list)
     _tokens: int = 0
     _ids: list[int] = field(default_factory=list)
@@ -68,13 +86,17 @@ class TokenBatcher:
             self._since = now
         if not self._sent_any or self._tokens >= self.cfg.max_tokens:
             return self.flush()
-        if now - self._since >= self.cfg.window_s:
+        if now - self._since >= self.window_s():
             return self.flush()
         return None
 
+    def window_s(self) -> float:
+        """How long a token may wait for others now."""
+        return min(self.cfg.max_window_s, self.cfg.window_s * max(1, self.streams.active))
+
     def deadline(self) -> float | None:
         """When the waiting batch must leave even if no token comes (None: nothing waits)."""
-        return None if self._since is None else self._since + self.cfg.window_s
+        return None if self._since is None else self._since + self.window_s()
 
     def flush(self) -> Batch | None:
         """Everything waiting, as one batch (None if nothing waits)."""

@@ -26,7 +26,7 @@ from p2pnode.errors import (
     P2PNodeError,
     RemoteProtocolError,
 )
-from p2pnode.protocols.infer.batching import Batch, TokenBatcher
+from p2pnode.protocols.infer.batching import Batch, Streams, TokenBatcher
 from p2pnode.protocols.infer.batching import Config as BatchConfig
 from p2pnode.protocols.infer.machine import ConsumerMachine, ProviderMachine, State
 from p2pnode.protocols.infer.messages import Ack, Chunk, Done, InferOpen, Request, TokenLogprob
@@ -157,10 +157,17 @@ unacknowledged answers must hear of each."""
 
 
 async def serve_infer(
-    stream: ByteStream, lookup: Lookup, run: Run, on_ack: OnAck, cfg: Config
+    stream: ByteStream,
+    lookup: Lookup,
+    run: Run,
+    on_ack: OnAck,
+    cfg: Config,
+    streams: Streams | None = None,
 ) -> None:
     """Serve one request on an inbound stream.
 
+    ``streams``: the provider's count of streams generating, which widens each
+    one's batching window (``batching``); None: this stream alone.
     A malformed or tampered frame gets an Error frame and the
     RemoteProtocolError is re-raised for the node to count; a consumer that
     leaves mid-stream is a cancellation, not an error.
@@ -179,7 +186,8 @@ async def serve_infer(
             message = await next_event(stream, machine)
             if not isinstance(message, Request):
                 return
-        await _Generation(stream, machine, cfg).run(opened, message, run, on_ack)
+        generation = _Generation(stream, machine, cfg, streams or Streams())
+        await generation.run(opened, message, run, on_ack)
     except RemoteProtocolError as exc:
         await close_with_error(stream, machine.send_error(Error.from_exception(exc)))
         raise
@@ -192,11 +200,14 @@ async def serve_infer(
 class _Generation:
     """One request being generated: batching, writes, and the consumer watch."""
 
-    def __init__(self, stream: ByteStream, machine: ProviderMachine, cfg: Config) -> None:
+    def __init__(
+        self, stream: ByteStream, machine: ProviderMachine, cfg: Config, streams: Streams
+    ) -> None:
         self._stream = stream
         self._machine = machine
         self._cfg = cfg
-        self._batcher = TokenBatcher(cfg.batching)
+        self._streams = streams
+        self._batcher = TokenBatcher(cfg.batching, streams)
         self._write_lock = trio.Lock()
         self._pending = trio.Event()
         self._ack: Ack | None = None
@@ -207,10 +218,12 @@ class _Generation:
         self._refused = False
 
     async def run(self, opened: InferOpen, message: Request, run: Run, on_ack: OnAck) -> None:
+        self._streams.active += 1
         try:
             with single_errors_ungrouped():
                 await self._generate(opened, message, run)
         finally:
+            self._streams.active -= 1
             if self._done is not None:
                 on_ack(opened, self._done, self._ack)
         await close_quietly(self._stream)

@@ -13,6 +13,7 @@ import trio.lowlevel
 from p2pnode.errors import BadRequestError, ConfigError, EngineError
 from p2pnode.inference.engine import ChatMessage, EngineBusy, Params, Request, collect
 from p2pnode.inference.llamacpp import (
+    BUFFER_TOKENS,
     BUNDLED_MODEL_ID,
     Config,
     LlamaCppEngine,
@@ -360,3 +361,30 @@ async def _ids(engine: LlamaCppEngine, request: Request) -> list[int]:
         async for chunk in chunks:
             ids += chunk.token_ids
     return ids
+
+
+async def test_a_reader_that_stops_reading_holds_generation_back_and_can_still_leave(
+    engine: LlamaCppEngine,
+) -> None:
+    # The worker thread hands chunks over without waiting for trio, but no
+    # further than BUFFER_TOKENS ahead of the reader; one waiting for room
+    # when the reader leaves must still stop, or the slot never comes back.
+    long = chat(Params(max_tokens=400, temperature=0.0))
+    with trio.fail_after(30):
+        async with engine.stream(long) as chunks:
+            await chunks.receive()
+            await trio.sleep(3)  # ~50 tokens/s here: the buffer fills and the thread waits
+            waiting = 0  # chunks already there: each comes at once, a new one in ~20 ms
+            while True:
+                with trio.move_on_after(0.005) as waited_too_long:
+                    await chunks.receive()
+                if waited_too_long.cancelled_caught:
+                    break
+                waiting += 1
+            # Unbounded, ~150 would have been waiting after 3 s (the one more:
+            # the first receive made room for it).
+            assert waiting <= BUFFER_TOKENS + 1
+            await trio.sleep(3)  # full again: the thread waits for room as the reader leaves
+            left_at = trio.current_time()
+        assert trio.current_time() - left_at < 0.4
+        assert engine.slots_free == 1

@@ -36,6 +36,7 @@ from p2pnode.p2p import provider as providerlib
 from p2pnode.p2p.consumer import Config as ConsumerConfig
 from p2pnode.p2p.consumer import wire_request
 from p2pnode.p2p.discovery import verify_peer_signature
+from p2pnode.p2p.kademlia import KAD_STREAMS_PER_PEER
 from p2pnode.p2p.memory import MemoryNetwork
 from p2pnode.p2p.node import Node, NodeConfig
 from p2pnode.p2p.reputation import Offence
@@ -612,17 +613,18 @@ async def test_idle_dht_streams_of_one_peer_cannot_shut_others_out_of_the_dht(
         peer = ID.from_base58(server.peer_id)
         held = []
         with trio.fail_after(BOUND_S):
-            refused = 0
             for _ in range(12):
-                try:
+                # The greedy peer may or may not see its stream reset before it
+                # writes (frame timing): what counts is the server's side.
+                with contextlib.suppress(Exception):
                     stream = await greedy.host.new_stream(peer, [TProtocol("/ipfs/kad/1.0.0")])
                     await stream.write(b"\x80")  # half a varint, and then nothing
                     held.append(stream)
-                except Exception:  # noqa: BLE001 - reset during or after negotiation alike
-                    refused += 1
             await other.dialer.connect(server.addrs[0])
             assert server.peer_id in await other.finder.find_providers(MODEL)
-            assert refused > 0  # beyond its share, the greedy peer was turned away
+        assert server.discovery is not None
+        # Beyond its share, the greedy peer was turned away.
+        assert server.discovery.kademlia.streams_refused >= 12 - KAD_STREAMS_PER_PEER
         for stream in held:
             with contextlib.suppress(Exception):
                 await stream.reset()

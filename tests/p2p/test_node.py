@@ -7,9 +7,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 import trio
+from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 from p2pnode import __version__
 from p2pnode.errors import ConfigError, ErrorCode
@@ -187,3 +189,47 @@ async def test_paid_terms_without_a_wallet_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="paid mode needs both the market's terms and a wallet"):
         async with open_node(NodeConfig(market=market.Config()), key_pair=create_new_key_pair()):
             pass
+
+
+async def test_a_reader_returns_credit_by_half_windows_not_per_read(
+    node_factory: OpenNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # py-libp2p's yamux sent a WINDOW_UPDATE after nearly every read: one more
+    # encrypted frame each way per token chunk (docs/libp2p-traps.md#a-window-update-per-read).
+    updates: list[int] = []
+    library_update = YamuxStream.send_window_update
+
+    async def counted(self: YamuxStream, increment: int, skip_lock: bool = False) -> None:
+        updates.append(increment)
+        await library_update(self, increment, skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+    small, large = 50 * 1000, 600 * 1024  # under half a window (128 KiB), then past it
+    received = trio.Event()
+    read_small = trio.Event()
+    total = 0
+
+    async def sink(stream: INetStream) -> None:
+        nonlocal total
+        while total < small + large:
+            total += len(await stream.read(65536))
+            if total >= small:
+                read_small.set()
+        received.set()
+
+    async with node_factory() as server, node_factory() as client:
+        server.host.set_stream_handler(TProtocol("/p2pnode-test/sink/1"), sink)
+        await client.dialer.connect(server.addrs[0])
+        peer = ID.from_base58(server.peer_id)
+        with trio.fail_after(BOUND_S):
+            stream = await client.host.new_stream(peer, [TProtocol("/p2pnode-test/sink/1")])
+            for _ in range(50):
+                await stream.write(b"x" * 1000)  # each a frame, each read alone
+                await trio.sleep(0.001)
+            await read_small.wait()
+            assert updates == []
+            # More than the whole window: the sender waits for credit, which comes.
+            await stream.write(b"y" * large)
+            await received.wait()
+    assert total == small + large
+    assert 1 <= len(updates) <= 8

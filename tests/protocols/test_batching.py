@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pnode.protocols.infer.batching import Batch, Config, TokenBatcher
+from p2pnode.protocols.infer.batching import Batch, Config, Streams, TokenBatcher
 
 
 def test_the_first_token_leaves_at_once() -> None:
@@ -65,3 +65,19 @@ def test_a_batch_carries_the_ids_and_log_probabilities_of_its_tokens_in_order() 
     # An engine with no ids (an upstream server) sends text alone.
     assert batcher.add("e", 1, 1.0) is None
     assert batcher.flush() == Batch("e", 1)
+
+
+def test_the_window_widens_with_the_streams_served_up_to_its_cap() -> None:
+    streams = Streams()
+    batcher = TokenBatcher(Config(window_s=0.02, max_window_s=0.1), streams)
+    widths = []
+    for active in (0, 1, 4, 8):
+        streams.active = active
+        widths.append(batcher.window_s())
+    assert widths == pytest.approx([0.02, 0.02, 0.08, 0.1])
+    # With four streams a token waits for others up to 80 ms, not 20.
+    streams.active = 4
+    batcher.add("a", 1, now=0.0)
+    assert batcher.add("b", 1, now=0.05) is None
+    assert batcher.deadline() == pytest.approx(0.13)
+    assert batcher.add("c", 1, now=0.131) == Batch("bc", 2)

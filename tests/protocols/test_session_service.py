@@ -10,6 +10,7 @@ from libp2p.peer.id import ID
 
 from p2pnode.errors import BrokenStreamError, ErrorCode, RemoteProtocolError
 from p2pnode.protocols.infer import service as infer_service
+from p2pnode.protocols.infer.batching import Streams
 from p2pnode.protocols.infer.machine import ConsumerMachine as InferConsumer
 from p2pnode.protocols.infer.machine import ProviderMachine as InferProvider
 from p2pnode.protocols.infer.messages import Done, InferOpen, Request
@@ -184,9 +185,12 @@ async def test_a_consumer_that_stops_reading_loses_its_request_after_the_write_b
     cfg = infer_service.Config(write_s=30.0)
     machine = InferConsumer(cfg.max_frame, consumer.keys, consumer.session_id, 1)
     generated = 0
+    streams = Streams()  # the provider's count, which widens each stream's batching window
+    counted = []
 
     async def generate(_opened: InferOpen, _request: Request, emit: infer_service.Emit) -> Done:
         nonlocal generated
+        counted.append(streams.active)
         while True:
             await emit(" tok", 1)
             generated += 1
@@ -197,7 +201,9 @@ async def test_a_consumer_that_stops_reading_loses_its_request_after_the_write_b
 
     async def serve() -> None:
         with pytest.raises(BrokenStreamError, match="read nothing for 30 s"):
-            await infer_service.serve_infer(p_end, lambda _o: keys, generate, lambda *_: None, cfg)
+            await infer_service.serve_infer(
+                p_end, lambda _o: keys, generate, lambda *_: None, cfg, streams
+            )
 
     keys = provider.keys
     started = trio.current_time()
@@ -206,3 +212,5 @@ async def test_a_consumer_that_stops_reading_loses_its_request_after_the_write_b
         await serve()
     assert trio.current_time() - started < 31
     assert generated < 4_000  # the generation stopped with the write
+    assert counted == [1]
+    assert streams.active == 0

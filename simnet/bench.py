@@ -277,7 +277,7 @@ async def bench_e2e(
     OpenAI server (a subprocess) serving the file directly. Rounds alternate
     the two; a warm-up request on each opens the session first (the goal is
     TTFT added with a session already open). Goals: tokens/s ratio >= 0.97,
-    added TTFT <= 25 ms.
+    added TTFT <= 10 ms (median of the per-round differences).
     """
     import importlib.util
     import secrets
@@ -368,7 +368,7 @@ async def bench_e2e(
         "ratios": [round(r, 3) for r in ratios],
         "added_ttft_ms": round(added_ms, 2),
         "added_ttft_ms_per_round": [round(a, 2) for a in added],
-        "goal_met": ratio >= 0.97 and added_ms <= 25.0,
+        "goal_met": ratio >= 0.97 and added_ms <= 10.0,
     }
 
 

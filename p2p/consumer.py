@@ -678,7 +678,7 @@ class Consumer:
             return [], self._why_none(model_id, seen, now)
         scores = {o.peer_id: self.reputation.score(o.peer_id, now) for o in offers}
         held = {peer for peer, model in self._sessions if model == model_id}
-        return rank(offers, model_id, self.stats, scores, held), ""
+        return rank(offers, model_id, self.stats, scores, held, str(self._host.get_id())), ""
 
     def _why_none(self, model_id: str, seen: list[Offer], now: float) -> str:
         """Why none of the providers ``seen`` offering ``model_id`` can be asked: what a

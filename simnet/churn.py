@@ -44,7 +44,8 @@ class Plan:
     requests: int = 200
     consumers: int = 4
     max_tokens: int = 24
-    # Of the providers, this share is killed and restarted, again and again.
+    # Of the providers, at most this share is down or churning at any time:
+    # each of that many cycles kills one, starts it again, and goes on.
     churn_share: float = 0.3
     # A churned provider lives this long (uniformly at random) before it is
     # killed, and stays dead this long before it starts again.
@@ -61,6 +62,7 @@ class _Tally:
     gaps_ms: list[float] = field(default_factory=list)
     rejoin_s: list[float] = field(default_factory=list)
     kills: int = 0
+    killed_serving: int = 0  # kills of a provider that was serving an answer
     restarts: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -74,7 +76,8 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
     ``failover_gap_ms_median``/``_max`` (in answers that failed over
     mid-stream, the longest pause between two pieces of text: the last from
     the provider that died to the first from the one that took over),
-    ``kills`` and ``rejoin_s_median`` (from a restart until every consumer
+    ``kills`` (``kills_of_a_serving_provider``: of one serving an answer then)
+    and ``rejoin_s_median`` (from a restart until every consumer
     holds the provider's new offer, at its new address; ``rejoins_unmeasured``:
     restarts killed again, or not found within 60 s, before that).
 
@@ -97,16 +100,18 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
         consumers = net.consumers[: plan.consumers]
         if await wait_until(lambda: _every_offer_held(net, consumers), 60.0) is None:
             tally.errors.append("the consumers never held every provider's offer")
-        churned = net.providers[: max(1, math.ceil(plan.churn_share * len(net.providers)))]
+        # At most this many providers are down or churning at once.
+        cycles = max(1, math.ceil(plan.churn_share * len(net.providers)))
         todo = iter(range(plan.requests))
+        churning: set[str] = set()
         with trio.move_on_after(plan.bound_s) as scope:
-            async with trio.open_nursery() as churning:
-                for i, provider in enumerate(churned):
-                    churning.start_soon(_cycle, net, nursery, provider, consumers, plan, tally, i)
+            async with trio.open_nursery() as killers:
+                for i in range(cycles):
+                    killers.start_soon(_cycle, net, nursery, churning, consumers, plan, tally, i)
                 async with trio.open_nursery() as users:
                     for consumer in consumers:
                         users.start_soon(_ask, consumer, todo, model_id, params, references, tally)
-                churning.cancel_scope.cancel()
+                killers.cancel_scope.cancel()
         if scope.cancelled_caught:
             tally.errors.append(f"the requests did not finish within {plan.bound_s:.0f} s")
     gaps = tally.gaps_ms
@@ -114,7 +119,7 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
         "scenario": "churn",
         "peers": topology.peers,
         "providers": topology.providers,
-        "churned_providers": len(churned),
+        "churned_providers": cycles,
         "consumers": len(consumers),
         "requests": plan.requests,
         "completed": tally.completed,
@@ -124,6 +129,7 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
         "failover_gap_ms_max": round(max(gaps), 1) if gaps else None,
         "failover_gaps_ms": sorted(round(g, 1) for g in gaps),
         "kills": tally.kills,
+        "kills_of_a_serving_provider": tally.killed_serving,
         "rejoin_s_median": (
             round(statistics.median(tally.rejoin_s), 3) if tally.rejoin_s else None
         ),
@@ -177,22 +183,34 @@ async def _ask(
 async def _cycle(
     net: Simnet,
     nursery: trio.Nursery,
-    provider: Node,
+    churning: set[str],
     consumers: list[Node],
     plan: Plan,
     tally: _Tally,
     seed: int,
 ) -> None:
-    """Kill ``provider`` at a random moment, start it again, and again, until cancelled."""
+    """Kill a provider at a random moment, start it again, and again, until cancelled.
+
+    Each time the victim is one serving an answer at that moment, if any
+    (none that another cycle holds down): consumers spread over alike
+    providers and keep the one they hold a session with, so a fixed set of
+    victims would soon serve nobody and the scenario would measure no
+    failover at all.
+    """
     rng = random.Random(net.topology.seed * 1000 + seed)  # noqa: S311 - a schedule, not a secret
-    key = KeyPair(provider.host.get_private_key(), provider.host.get_public_key())
-    config = provider.config
-    engines = provider.offering.engines
-    node = provider
     while True:
         await trio.sleep(rng.uniform(*plan.alive_s))
+        live = [p for p in net.providers if p.peer_id not in churning]
+        serving = [p for p in live if p.provider is not None and p.provider.streams.active]
+        if not live:
+            continue
+        node = rng.choice(serving or live)
+        churning.add(node.peer_id)
+        key = KeyPair(node.host.get_private_key(), node.host.get_public_key())
+        config, engines = node.config, node.offering.engines
         net.kill(node)
         tally.kills += 1
+        tally.killed_serving += bool(serving)
         await trio.sleep(plan.down_s)
         # Back with its identity on a new port, through nodes that stayed up.
         entry = rng.sample(consumers, min(2, len(consumers)))
@@ -203,6 +221,7 @@ async def _cycle(
         )
         started = time.perf_counter()
         node = await add_node(net, nursery, again, engines, key_pair=key)
+        churning.discard(node.peer_id)
         tally.restarts += 1
         nursery.start_soon(_time_rejoin, node, consumers, started, tally)
 

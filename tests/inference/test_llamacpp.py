@@ -211,6 +211,36 @@ async def test_a_continued_answer_equals_the_uninterrupted_one(
     assert rest_last.usage.completion_tokens == 40 - cut
 
 
+async def test_a_replayed_answer_leaves_the_model_exactly_where_generation_did(
+    engine: LlamaCppEngine,
+) -> None:
+    # A failover replays the answer so far token by token, without asking
+    # llama.cpp for logits it does not need: the log-probabilities of what
+    # comes next must be the very same floats, not merely the same greedy picks.
+    request = chat(Params(max_tokens=30, temperature=0.0, seed=7))
+
+    async def drawn(asked: Request) -> tuple[list[int], list[float]]:
+        ids: list[int] = []
+        logprobs: list[float] = []
+        async with engine.stream(asked) as chunks:
+            async for chunk in chunks:
+                ids += chunk.token_ids
+                logprobs += chunk.logprobs
+        return ids, logprobs
+
+    ids, logprobs = await drawn(request)
+    cut = 12
+    rest = replace(
+        request,
+        continuation=engine.text_of(ids[:cut]),
+        continuation_ids=tuple(ids[:cut]),
+        params=replace(request.params, max_tokens=30 - cut),
+    )
+    rest_ids, rest_logprobs = await drawn(rest)
+    assert rest_ids == ids[cut:]
+    assert rest_logprobs == logprobs[cut:]
+
+
 async def test_a_continuation_with_its_ids_goes_on_where_its_text_alone_would_not(
     engine: LlamaCppEngine,
 ) -> None:

@@ -90,6 +90,20 @@ def test_rank_takes_speed_claims_only_up_to_what_was_measured() -> None:
     assert [o.peer_id for o in rank([sybil, honest], "m", stats, {})] == ["honest", "sybil"]
 
 
+def test_consumers_spread_over_alike_providers_but_each_keeps_its_order() -> None:
+    # When the provider serving them dies, its consumers fail over: had they
+    # all taken the book's first of the alike providers, they would all lose
+    # their answers again should that one die too.
+    alike = [_offer(f"p{i}") for i in range(20)]
+    firsts = {rank(alike, "m", {}, {}, me=f"consumer-{c}")[0].peer_id for c in range(50)}
+    assert len(firsts) >= 10
+    mine = [o.peer_id for o in rank(alike, "m", {}, {}, me="consumer-1")]
+    assert [o.peer_id for o in rank(alike[::-1], "m", {}, {}, me="consumer-1")] == mine
+    # Only a tie is spread: a quicker provider is everyone's first.
+    stats = {"p7": PeerStats(rtt_ms=5.0)}
+    assert {rank(alike, "m", stats, {}, me=f"consumer-{c}")[0].peer_id for c in range(50)} == {"p7"}
+
+
 def test_rate_limiter_allows_a_burst_then_refills() -> None:
     limiter = providerlib.RateLimiter(per_minute=60)
     assert all(limiter.allow("a", 0.0) for _ in range(60))

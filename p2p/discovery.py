@@ -21,6 +21,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -140,10 +141,33 @@ class OfferGossip(GossipSub):
 
     # Topics in which each peer has had its catch-up on entering our mesh.
     _meshed: dict[ID, set[str]]
+    # When each message py-libp2p keeps for its equivocation check came, oldest first.
+    _equivocation_kept: deque[tuple[float, bytes]]
+    # How long it keeps one: twice an offer's maximum age (the node sets its own).
+    equivocation_window_s: float = 2 * offers.Config().max_age_s
 
     def attach(self, pubsub: Pubsub) -> None:
         super().attach(pubsub)
         self._meshed = {}
+        self._equivocation_kept = deque()
+
+    def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
+        # py-libp2p keeps every message it sees for this check, whole, and
+        # trims the map only past 1,000 per node: at 5 providers announcing
+        # every ~10 s that is half an hour of linear growth per node (a soak's
+        # memory "leak"; docs/libp2p-traps.md#every-message-kept-for-the-equivocation-check).
+        # A copy older than an offer's maximum age is refused as stale
+        # anyway, so the map keeps what came within twice that.
+        now = trio.current_time()
+        kept = self._equivocation_kept
+        while kept and kept[0][0] < now - self.equivocation_window_s:
+            self.equivocation_detection.pop(kept.popleft()[1], None)
+        key = msg.from_id + msg.seqno
+        new = key not in self.equivocation_detection
+        honest = super()._check_equivocation(msg)
+        if new and key in self.equivocation_detection:
+            kept.append((now, key))
+        return honest
 
     def _notify_mesh_peer_added(self, peer_id: ID, topic: str) -> None:
         super()._notify_mesh_peer_added(peer_id, topic)
@@ -192,6 +216,7 @@ class OfferGossip(GossipSub):
 
 _JITTER = secrets.SystemRandom()
 _PENDING_TTL_S = 2.0
+
 # Bytes of offers per catch-up RPC: well inside one yamux frame (64 KiB),
 # with room for the sender record; a single offer is at most 8 KiB.
 _CATCH_UP_BYTES = 32 * 1024
@@ -238,6 +263,7 @@ class Discovery:
             # needs to bridge the moments of a connection's set-up.
             pending_messages_ttl=_PENDING_TTL_S,
         )
+        self.router.equivocation_window_s = 2 * cfg.offers.max_age_s
         self.pubsub = Pubsub(host, self.router, strict_signing=True)
         # py-libp2p 0.8.1's pubsub handler lets a protobuf DecodeError escape
         # (one junk RPC from any peer ended the node; found by the fuzzer):

@@ -6,7 +6,8 @@ The nodes talk over the in-process memory transport under trio's MockClock
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -23,6 +24,7 @@ from p2pnode.p2p.node import NodeConfig
 from p2pnode.protocols import offers
 from p2pnode.simnet.harness import (
     SIMNET_MODEL,
+    Simnet,
     Topology,
     add_node,
     default_config,
@@ -93,6 +95,22 @@ async def test_forged_offer_is_neither_kept_nor_relayed(
             assert offer.models[0].price_per_s == 0, f"{node.peer_id} took the forged offer"
 
 
+@asynccontextmanager
+async def _one_provider_simnet(
+    cfg: discovery.Config, memory: MemoryNetwork
+) -> AsyncIterator[Simnet]:
+    """Three nodes on the memory network, one a provider, all with ``cfg``."""
+
+    def config_for(index: int, is_provider: bool) -> NodeConfig:
+        return replace(default_config(index, is_provider), discovery=cfg)
+
+    async with open_simnet(Topology(peers=3, providers=1), config_for, memory=memory) as (
+        net,
+        _nursery,
+    ):
+        yield net
+
+
 async def test_a_peer_entering_the_mesh_is_sent_the_newest_offers_once(
     memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:
@@ -102,13 +120,7 @@ async def test_a_peer_entering_the_mesh_is_sent_the_newest_offers_once(
     # No announcement during the test: what reaches the peer is the catch-up.
     quiet = discovery.Config(offers=offers.Config(period_s=600.0, expiry_s=1800.0))
 
-    def config_for(index: int, is_provider: bool) -> NodeConfig:
-        return replace(default_config(index, is_provider), discovery=quiet)
-
-    async with open_simnet(Topology(peers=3, providers=1), config_for, memory=memory) as (
-        net,
-        _nursery,
-    ):
+    async with _one_provider_simnet(quiet, memory) as net:
         (provider,) = net.providers
         await eventually(lambda: all(n.offer_book.get(provider.peer_id) for n in net.nodes))
         assert provider.discovery is not None
@@ -216,3 +228,24 @@ async def test_a_lookup_whose_every_peer_timed_out_walks_again(
                 relays = await found.find_relays()
     assert queries == 2
     assert [r.rsplit("/p2p/", 1)[-1] for r in relays] == [relay.peer_id]
+
+
+async def test_messages_kept_for_the_equivocation_check_last_twice_an_offers_age(
+    memory: MemoryNetwork,
+) -> None:
+    # py-libp2p kept each message it saw for this check, up to 1,000 per node:
+    # half an hour of linear growth in a soak
+    # (docs/libp2p-traps.md#every-message-kept-for-the-equivocation-check).
+    # Real time: an offer's age is wall-clock time, which a MockClock does not move.
+    often = discovery.Config(offers=offers.Config(period_s=0.1, max_age_s=0.5, expiry_s=5.0))
+
+    async with _one_provider_simnet(often, memory) as net:
+        (provider,) = net.providers
+        consumer = net.consumers[0]
+        assert consumer.discovery is not None
+        router = consumer.discovery.router
+        await eventually(lambda: consumer.offer_book.get(provider.peer_id) is not None)
+        accepted = consumer.offer_book.verdicts[offers.Verdict.ACCEPTED]
+        await trio.sleep(3)  # ~30 announcements, each kept for 1 s
+        assert consumer.offer_book.verdicts[offers.Verdict.ACCEPTED] - accepted >= 15
+        assert 1 <= len(router.equivocation_detection) <= 15

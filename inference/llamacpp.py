@@ -198,21 +198,18 @@ class LlamaCppEngine:
         llm = await self._borrow()
         try:
             chunks = _Chunks(trio.lowlevel.current_trio_token())
-            stop = threading.Event()
             # The nursery is ours, not the caller's: its one failure (an
             # EngineError from the thread) reaches the caller as itself.
             with single_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run, llm, request, gbnf, chunks, stop)
+                    nursery.start_soon(self._run, llm, request, gbnf, chunks)
                     try:
                         async with chunks:
                             yield chunks
                     finally:
-                        # Early exit: tell the thread (and wake it if it waits
-                        # for room); the nursery then waits for it, so the slot
-                        # never returns while llama.cpp uses it.
-                        stop.set()
-                        chunks.unblock()
+                        # Early exit: tell the thread; the nursery then waits
+                        # for it, so the slot never returns while llama.cpp uses it.
+                        chunks.leave()
         finally:
             self._idle_send.send_nowait(llm)
 
@@ -305,13 +302,12 @@ class LlamaCppEngine:
         request: Request,
         gbnf: str,
         chunks: _Chunks,
-        stop: threading.Event,
     ) -> None:
         try:
             # abandon_on_cancel=False: a cancelled caller waits for the thread,
-            # which sees `stop` within one token.
+            # which sees the reader leave within one token.
             await trio.to_thread.run_sync(
-                self._timed_generate, llm, request, gbnf, chunks, stop, limiter=self._limiter
+                self._timed_generate, llm, request, gbnf, chunks, limiter=self._limiter
             )
         finally:
             # Trio reports the thread's return after every chunk it handed
@@ -324,7 +320,6 @@ def _generate(
     request: Request,
     gbnf: str,
     chunks: _Chunks,
-    stop: threading.Event,
 ) -> None:
     """Worker thread: run one generation, handing each token's text to trio.
 
@@ -341,7 +336,7 @@ def _generate(
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
         raise EngineError(f"llama.cpp failed: {exc}") from exc
     with _Grammar.of(llm, gbnf) as rule:
-        _sample(llm, request, rule, prompt, answer, stops, chunks, stop)
+        _sample(llm, request, rule, prompt, answer, stops, chunks)
 
 
 def _sample(
@@ -352,14 +347,13 @@ def _sample(
     answer: list[int],
     stops: list[str],
     chunks: _Chunks,
-    stop: threading.Event,
 ) -> None:
     """Worker thread: draw the answer's tokens, the prompt evaluated already."""
     llama_cpp = native.llama_cpp()
     p = request.params
     if rule is not None:
         for token_id in answer:  # a continuation: where the grammar stands now
-            if stop.is_set():
+            if chunks.left.is_set():
                 return
             if not rule.accept(token_id):
                 raise BadRequestError("the answer so far does not fit the output format")
@@ -379,7 +373,7 @@ def _sample(
     vocab = llm.n_vocab()
     try:
         while len(ids) < p.max_tokens and llm.n_tokens < llm.n_ctx():
-            if stop.is_set():
+            if chunks.left.is_set():
                 finish = "cancelled"
                 break
             logits = np.ctypeslib.as_array(
@@ -405,7 +399,7 @@ def _sample(
                 rule.accept(chosen)
             released = scan.feed(text.add(chosen))
             if released:
-                chunks.put(_chunk(released, held_ids, held_lps, held_entries), stop)
+                chunks.put(_chunk(released, held_ids, held_lps, held_entries))
             if scan.stopped:
                 finish = "stop"
                 break
@@ -424,7 +418,7 @@ def _sample(
         _chunk(tail, held_ids, held_lps, held_entries), finish_reason=finish, usage=usage
     )
     with contextlib.suppress(trio.RunFinishedError):
-        chunks.put(last, stop)
+        chunks.put(last)
 
 
 def _chunk(text: str, ids: list[int], logprobs: list[float], entries: list[TokenLogprob]) -> Chunk:
@@ -491,6 +485,7 @@ class _Chunks(trio.abc.ReceiveChannel[Chunk]):
     four slots busy, more while the loop serves the network (bench load).
     ``room`` bounds how far the thread runs ahead of the reader: it waits once
     ``BUFFER_TOKENS`` chunks are unread (back-pressure from a slow consumer).
+    ``left`` is set when the reader leaves; the thread checks it between tokens.
     """
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
@@ -498,14 +493,15 @@ class _Chunks(trio.abc.ReceiveChannel[Chunk]):
         # Unbounded here: ``room`` is the bound, counted on the thread's side.
         self._send, self._receive = trio.open_memory_channel[Chunk](float("inf"))
         self._room = threading.Semaphore(BUFFER_TOKENS)
+        self.left = threading.Event()
 
-    def put(self, chunk: Chunk, stop: threading.Event) -> None:
-        """Worker thread: hand ``chunk`` over, unless ``stop`` is set while it
+    def put(self, chunk: Chunk) -> None:
+        """Worker thread: hand ``chunk`` over, unless the reader leaves while it
         waits for room (trio.RunFinishedError: trio is gone)."""
-        # The reader frees the thread as it leaves (``unblock``); the timeout
-        # is only so that nothing can keep it waiting for good.
+        # ``leave`` frees the thread; the timeout is only so that nothing can
+        # keep it waiting for good.
         while not self._room.acquire(timeout=0.5):
-            if stop.is_set():
+            if self.left.is_set():
                 return
         self._token.run_sync_soon(self._deliver, chunk)
 
@@ -519,8 +515,9 @@ class _Chunks(trio.abc.ReceiveChannel[Chunk]):
         """Trio: no more chunks (the reader sees the end after the last one)."""
         self._send.close()
 
-    def unblock(self) -> None:
-        """Trio, as the reader leaves: free a thread waiting for room."""
+    def leave(self) -> None:
+        """Trio, as the reader leaves: stop the thread, even one waiting for room."""
+        self.left.set()
         self._room.release(BUFFER_TOKENS)
 
     async def receive(self) -> Chunk:

@@ -216,7 +216,6 @@ class OfferGossip(GossipSub):
 
 _JITTER = secrets.SystemRandom()
 _PENDING_TTL_S = 2.0
-
 # Bytes of offers per catch-up RPC: well inside one yamux frame (64 KiB),
 # with room for the sender record; a single offer is at most 8 KiB.
 _CATCH_UP_BYTES = 32 * 1024

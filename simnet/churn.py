@@ -201,9 +201,9 @@ async def _cycle(
     while True:
         await trio.sleep(rng.uniform(*plan.alive_s))
         live = [p for p in net.providers if p.peer_id not in churning]
-        serving = [p for p in live if p.provider is not None and p.provider.streams.active]
         if not live:
             continue
+        serving = [p for p in live if p.provider is not None and p.provider.streams.active]
         node = rng.choice(serving or live)
         churning.add(node.peer_id)
         key = KeyPair(node.host.get_private_key(), node.host.get_public_key())

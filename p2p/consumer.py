@@ -107,7 +107,8 @@ SeeLogprobs = Callable[[tuple[enginelib.TokenLogprob, ...]], None]
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     # Providers that may fail one request (broken streams, silence, bad
-    # frames) before it is given up.
+    # frames) in a row, with no token delivered in between, before it is
+    # given up.
     max_attempts: int = 4
     # Providers tried for one request at all: refusals are quick and cost
     # little, so a few providers that refuse everything (Sybils) cannot use
@@ -122,6 +123,12 @@ class Config:
     # tried, after a pause that doubles from the first to the last of these
     # (all within try_budget_s): a full provider frees a slot within seconds.
     busy_backoff_s: tuple[float, float] = (0.25, 4.0)
+    # When every provider left went away during a request (refused the dial,
+    # dropped the connection), the request waits this long for one to be
+    # back at a new address (a restart announces itself within a second or
+    # so) before it fails: what a network with one provider that restarts
+    # costs a request whose other providers are down, in time to an error.
+    rejoin_wait_s: float = 3.0
     # A provider may stream at most this many tokens more than asked for
     # (batching and stop sequences round up), and this many bytes per token.
     token_slack: int = 16
@@ -333,6 +340,12 @@ class Consumer:
         busy: set[str] = set()
         busy_counted: set[str] = set()
         unreached: set[str] = set()  # out of reach once: the second time is a failure
+        # Providers that failed us by going away (a refused dial, a cut
+        # stream), with the addresses their offer named then. One that
+        # restarts announces new ones: a new process, asked again in this
+        # request (with churn, the providers not yet tried may all be down).
+        gone_from: dict[str, tuple[str, ...]] = {}
+        gone_at = 0.0  # when the last of them went
         # Every provider asked, and those that asked us to slow down: all of
         # them did, and the caller is told to slow down too (429).
         asked: set[str] = set()
@@ -343,7 +356,11 @@ class Consumer:
             if stopped():  # paid, and its provider failed after the stop string: done
                 return Outcome("stop", 0, produced, "", failovers)
             if produced > progress:
+                # Tokens delivered: the request is not stuck. Its try budget
+                # and its failed attempts count anew (with churn, one answer
+                # may outlive several providers).
                 trying_since, progress = trio.current_time(), produced
+                failures = 0
             # A deadline, not "time spent" compared with the budget: a wait cut
             # to the budget's float remainder (2e-16 s) would not move the clock.
             give_up_at = trying_since + self.cfg.try_budget_s
@@ -355,6 +372,8 @@ class Consumer:
                 if held := scan.flush():
                     await deliver(held, unsent_tokens)
                 return Outcome("length", 0, produced, "", failovers)
+            for peer in self._moved(gone_from):
+                tried.discard(peer)
             # The DHT is asked at most once per request, not on every busy round.
             candidates, why_none = await self._candidates(
                 request.model_id, tried, discover=not attempts, needs=request.needs()
@@ -363,15 +382,22 @@ class Consumer:
                 candidates = [c for c in candidates if c.peer_id in only]
                 why_none = why_none or "none of the providers asked for offers this model"
             if not candidates:
-                if not busy:
+                now = trio.current_time()
+                rejoin_by = gone_at + self.cfg.rejoin_wait_s if gone_from else now
+                if not busy and now >= rejoin_by:
                     if not tried:  # nobody was asked: say why not
                         last_error = why_none
                     break
-                # Everyone left is busy (or was out of reach): wait, then ask again.
-                await trio.sleep_until(min(trio.current_time() + backoff, give_up_at))
-                backoff = min(backoff * 2, self.cfg.busy_backoff_s[1])
-                tried -= busy
-                busy.clear()
+                if busy:
+                    # Everyone left is busy (or was out of reach): wait, then ask again.
+                    await trio.sleep_until(min(now + backoff, give_up_at))
+                    backoff = min(backoff * 2, self.cfg.busy_backoff_s[1])
+                    tried -= busy
+                    busy.clear()
+                else:
+                    # Everyone left went away during this request: one that
+                    # restarts is asked as soon as its new offer arrives.
+                    await trio.sleep_until(min(now + _REJOIN_POLL_S, give_up_at, rejoin_by))
                 continue
             # A provider whose session with us runs all it takes at once comes
             # after those free now (the request would wait its turn there).
@@ -432,6 +458,13 @@ class Consumer:
                 continue
             except RemoteProtocolError as exc:
                 last_error = f"{short(peer)}: {exc}"
+                if exc.code == ErrorCode.TRUNCATED and not self._dialer.connected(peer):
+                    # The answer ended with the whole connection: the provider
+                    # went away (stopped, restarted, lost its network), which
+                    # is a failure, not a breach of the protocol.
+                    gone_from[peer], gone_at = self._addrs_of(peer), trio.current_time()
+                    failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
+                    continue
                 offence = offence_of_violation(exc)
                 failures += await self._offence(peer, request.model_id, offence, exc)
                 continue
@@ -441,6 +474,7 @@ class Consumer:
                 if not again or self._unserved_paid(peer, request.model_id):
                     # Out of reach twice, gone mid-answer, or after taking a
                     # stake: a failure.
+                    gone_from[peer], gone_at = self._addrs_of(peer), trio.current_time()
                     failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                     continue
                 # Not reached in time, once: our own congestion is as likely
@@ -455,6 +489,7 @@ class Consumer:
                 continue
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
+                gone_from[peer], gone_at = self._addrs_of(peer), trio.current_time()
                 failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 continue
             if isinstance(done, Refusal):
@@ -561,6 +596,22 @@ class Consumer:
         self.counters.cross_checks += int(
             self.auditor.consider(Job(peer, wire, done, "".join(streamed.text)), always=True)
         )
+
+    def _addrs_of(self, peer: str) -> tuple[str, ...]:
+        offer = self._book.get(peer)
+        return offer.addrs if offer is not None else ()
+
+    def _moved(self, gone_from: dict[str, tuple[str, ...]]) -> list[str]:
+        """The providers of ``gone_from`` whose offer now names other addresses
+        (restarted elsewhere); each is taken out of ``gone_from``."""
+        moved = [
+            peer
+            for peer, addrs in gone_from.items()
+            if (offer := self._book.get(peer)) is not None and offer.addrs != addrs
+        ]
+        for peer in moved:
+            del gone_from[peer]
+        return moved
 
     def _unserved_paid(self, peer: str, model_id: str) -> bool:
         """Whether our session with ``peer`` is paid and has not yet served one request."""
@@ -1290,6 +1341,8 @@ class _Overrun(RemoteProtocolError):
 
 # Refusals that end a session but not the provider: a new session with it is
 # opened once (its paid time ran out, it restarted, or our Ack was lost).
+# How often a request that waits for a provider to come back looks for its new offer.
+_REJOIN_POLL_S = 0.1
 _REOPEN_CODES = (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNACKNOWLEDGED)
 # Refusals that ask us to slow down, or to wait for a slot (session and infer
 # codes: compared by identity, see Refusal.is_one_of).

@@ -73,6 +73,11 @@ class Dialer:
         await hostlib.connect(self._host, info, self._dial_timeout)
         return str(info.peer_id)
 
+    def connected(self, peer: ID | str) -> bool:
+        """Whether a live connection to ``peer`` is open."""
+        peer_id = ID.from_base58(peer) if isinstance(peer, str) else peer
+        return bool(relaylib.connections(self._host, peer_id))
+
     async def open_stream(self, peer: ID | str, protocol: str) -> INetStream:
         """A new stream of ``protocol`` to ``peer``.
 

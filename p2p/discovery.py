@@ -169,6 +169,19 @@ class OfferGossip(GossipSub):
             kept.append((now, key))
         return honest
 
+    def _adapt_heartbeat_parameters(self, health: float) -> None:
+        # py-libp2p 0.8.1 "adapts" the heartbeat to its mesh-health score
+        # (recomputed every 30 s) with bounds written for its 120 s default:
+        # from our 1 s it goes to 30 s when health dips below 0.4 and to 60 s
+        # below 0.7. The message cache shifts once per heartbeat, so its
+        # twelve-heartbeat window then held up to twelve minutes of offers,
+        # which catch-ups and IWANT answers sent out: 3,040 offers 300-700 s
+        # old, rejected as stale from the seventh minute of a 12-minute
+        # soak, and the cache's memory growing with them
+        # (docs/libp2p-traps.md#the-adaptive-heartbeat-slows-to-a-minute).
+        # The heartbeat stays as configured.
+        self.heartbeat_interval = self.heartbeat_interval_base
+
     def _notify_mesh_peer_added(self, peer_id: ID, topic: str) -> None:
         super()._notify_mesh_peer_added(peer_id, topic)
         topics = self._meshed.setdefault(peer_id, set())
@@ -264,6 +277,13 @@ class Discovery:
         )
         self.router.equivocation_window_s = 2 * cfg.offers.max_age_s
         self.pubsub = Pubsub(host, self.router, strict_signing=True)
+        # Message ids are the sender and its counter, which py-libp2p starts
+        # at the wall clock in seconds: a provider announcing on every load
+        # change runs ahead of it, and restarted, numbered its new offers as
+        # its old ones, which every peer then dropped as seen for two minutes
+        # (docs/libp2p-traps.md#a-restarted-peer-reuses-its-message-ids).
+        # Nanoseconds, as go-libp2p starts it.
+        self.pubsub.counter = time.time_ns()
         # py-libp2p 0.8.1's pubsub handler lets a protobuf DecodeError escape
         # (one junk RPC from any peer ended the node; found by the fuzzer):
         # its streams go through a handler that ends only that stream

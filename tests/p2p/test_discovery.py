@@ -6,14 +6,17 @@ The nodes talk over the in-process memory transport under trio's MockClock
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
+import pytest
 import trio
 from libp2p.abc import INetStream
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
+from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from trio.testing import MockClock
 
@@ -249,3 +252,39 @@ async def test_messages_kept_for_the_equivocation_check_last_twice_an_offers_age
         await trio.sleep(3)  # ~30 announcements, each kept for 1 s
         assert consumer.offer_book.verdicts[offers.Verdict.ACCEPTED] - accepted >= 15
         assert 1 <= len(router.equivocation_detection) <= 15
+
+
+class _VirtualWallClock:
+    """``time`` for py-libp2p's gossipsub module: the wall clock moved by trio's
+    MockClock, so that its wall-clock schedules (the mesh-health score every
+    30 s) run in virtual time as the heartbeat does."""
+
+    def __init__(self) -> None:
+        self._start = time.time()
+
+    def time(self) -> float:
+        return self._start + trio.current_time()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_the_heartbeat_stays_at_a_second_when_the_mesh_is_unhealthy(
+    memory: MemoryNetwork, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # py-libp2p slows a 1 s heartbeat to 30-60 s when its mesh-health score
+    # drops (a mesh short of D peers is "unhealthy"): the message cache, twelve
+    # heartbeats long, then held minutes of offers, sent out as catch-ups and
+    # IWANT answers and rejected as stale by the thousand
+    # (docs/libp2p-traps.md#the-adaptive-heartbeat-slows-to-a-minute).
+    monkeypatch.setattr(gossipsub_module, "time", _VirtualWallClock())
+    cfg = discovery.Config()
+    async with _one_provider_simnet(cfg, memory) as net:
+        routers = [n.discovery.router for n in net.nodes if n.discovery is not None]
+        await trio.sleep(150)  # five health scores, each of a mesh of two peers
+        assert any(r.network_health_score < 0.7 for r in routers)
+        for router in routers:
+            assert router.heartbeat_interval == cfg.heartbeat_s
+            # The cache holds what came within its twelve heartbeats: one
+            # provider announcing every ~10 s leaves at most two offers there.
+            assert len(router.mcache.msgs) <= 2

@@ -17,7 +17,9 @@ from dataclasses import replace
 import pytest
 import trio
 from libp2p.abc import INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 from trio.testing import MockClock
 
 from p2pnode.errors import EngineError, ErrorCode, NoProviderError, RemoteProtocolError
@@ -165,6 +167,23 @@ async def _consumer_and_provider(
             yield me, serving
 
 
+@asynccontextmanager
+async def _consumer_and_providers(
+    memory: MemoryNetwork, engines: list[ScriptedEngine], consumer: ConsumerConfig | None = None
+) -> AsyncIterator[Node]:
+    """A consumer holding the offers of one provider per engine, each joined through it."""
+    async with AsyncExitStack() as stack:
+        config = NodeConfig(measure_tokens=0, consumer=consumer or ConsumerConfig())
+        me = await stack.enter_async_context(open_memory_node(memory, config))
+        joining = NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],))
+        nodes = [
+            await stack.enter_async_context(open_memory_node(memory, joining, engines=[engine]))
+            for engine in engines
+        ]
+        await hold_offers(me, nodes)
+        yield me
+
+
 def _known(me: Node, node: Node) -> bool:
     held = me.offer_book.get(node.peer_id)
     return held is not None and held.models[0].tokens_per_s > 0
@@ -256,6 +275,22 @@ async def test_tokens_delivered_start_the_try_budget_anew(
     assert text == WORD * TOKENS
     assert outcome.provider == good.peer_id
     assert outcome.failovers == 1
+
+
+async def test_tokens_delivered_start_the_count_of_failed_providers_anew(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Six providers, each streaming a sixth of the answer before it hangs: more
+    # than max_attempts fail, but each after a token, and the answer is whole.
+    per = TOKENS // 6
+    assert ConsumerConfig().max_attempts < 6
+    engines = [FailingEngine(per) for _ in range(6)]
+    async with _consumer_and_providers(memory, engines) as me:
+        with trio.fail_after(BOUND_S * 2):
+            text, outcome = await _generate(me, _request())
+    assert text == WORD * TOKENS
+    assert outcome.failovers == 5
+    assert [e.requests for e in engines] == [1] * 6
 
 
 async def test_a_stop_string_across_the_failover_point_ends_the_answer(
@@ -425,20 +460,7 @@ async def test_a_request_gives_up_after_four_failed_providers(
     engines = [failing() for _ in range(5)]
     if tampered:
         _flip_a_bit_of_every_chunk(monkeypatch)
-    async with AsyncExitStack() as stack:
-        me = await stack.enter_async_context(
-            open_memory_node(memory, NodeConfig(measure_tokens=0, consumer=consumer))
-        )
-        boot = (me.addrs[0],)
-        nodes = [
-            await stack.enter_async_context(
-                open_memory_node(
-                    memory, NodeConfig(measure_tokens=0, bootstrap=boot), engines=[engine]
-                )
-            )
-            for engine in engines
-        ]
-        await hold_offers(me, nodes)
+    async with _consumer_and_providers(memory, engines, consumer) as me:
         with trio.fail_after(BOUND_S * 2), pytest.raises(NoProviderError, match=said):
             await me.generate(_request(), _ignore)
     assert sorted(e.requests for e in engines) == [0, 1, 1, 1, 1]
@@ -1023,3 +1045,62 @@ async def test_a_request_beyond_a_full_session_goes_to_a_free_provider(
     assert fifth.provider == good.peer_id
     assert bad.provider is not None
     assert bad.provider.refusals == {}  # nothing was sent to be refused
+
+
+@pytest.mark.parametrize("back", [True, False], ids=["back-at-a-new-address", "not-back"])
+async def test_the_only_provider_gone_mid_answer_is_waited_for_at_a_new_address(
+    back: bool, memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    """The only provider stops mid-answer (its connection goes with it) and starts
+    again with its identity at a new address: the request waits for its new offer
+    and finishes the answer there, each token once. Its going counts as a failure,
+    not a protocol breach. Not back within ``rejoin_wait_s``, the request fails then."""
+    key = create_new_key_pair()
+    slow = ScriptedEngine([WORD] * TOKENS, gap_s=0.2)
+    wait_s = ConsumerConfig().rejoin_wait_s
+    async with open_memory_node(memory, NodeConfig(measure_tokens=0)) as me:
+        joining = NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],))
+        texts: list[str] = []
+        halfway = trio.Event()
+        gone_at = trio.current_time()
+
+        async def deliver(text: str, _tokens: int) -> None:
+            texts.append(text)
+            if len("".join(texts)) >= 5 * len(WORD):
+                halfway.set()
+
+        async def provider(task_status: trio.TaskStatus[list[str]]) -> None:
+            nonlocal gone_at
+            async with open_memory_node(memory, joining, key_pair=key, engines=[slow]) as node:
+                await hold_offers(me, (node,))
+                task_status.started(list(node.addrs))
+                await halfway.wait()
+                gone_at = trio.current_time()
+            if not back:
+                return
+            await trio.sleep(wait_s / 3)
+            engine = SyntheticEngine(MODEL)
+            async with open_memory_node(memory, joining, key_pair=key, engines=[engine]) as again:
+                assert list(again.addrs) != first_addrs
+                await trio.sleep_forever()
+
+        with trio.fail_after(BOUND_S):
+            async with trio.open_nursery() as nursery:
+                first_addrs = await nursery.start(provider)
+                if back:
+                    outcome = await me.generate(_request(), deliver)
+                else:
+                    with pytest.raises(NoProviderError):
+                        await me.generate(_request(), deliver)
+                    waited = trio.current_time() - gone_at
+                nursery.cancel_scope.cancel()
+        standing = me.reputation.standing(str(ID.from_pubkey(key.public_key)), 0.0)
+    assert standing is not None
+    assert set(standing.offences) == {Offence.FAILED.value}
+    if back:
+        assert "".join(texts) == WORD * TOKENS
+        assert outcome.failovers == 1
+        assert outcome.provider == str(ID.from_pubkey(key.public_key))
+    else:
+        assert wait_s <= waited < wait_s + 1
+    assert slow.requests == 1

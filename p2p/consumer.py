@@ -341,10 +341,11 @@ class Consumer:
         busy_counted: set[str] = set()
         unreached: set[str] = set()  # out of reach once: the second time is a failure
         # Providers that failed us by going away (a refused dial, a cut
-        # stream), with the addresses their offer named then. One that
-        # restarts announces new ones: a new process, asked again in this
-        # request (with churn, the providers not yet tried may all be down).
-        gone_from: dict[str, tuple[str, ...]] = {}
+        # stream), with the sequence number of their offer then. One that
+        # announces itself again (restarted, at the same address or another)
+        # is asked again in this request: with churn, the providers not yet
+        # tried may all be down.
+        gone_from: dict[str, int] = {}
         gone_at = 0.0  # when the last of them went
         # Every provider asked, and those that asked us to slow down: all of
         # them did, and the caller is told to slow down too (429).
@@ -372,7 +373,7 @@ class Consumer:
                 if held := scan.flush():
                     await deliver(held, unsent_tokens)
                 return Outcome("length", 0, produced, "", failovers)
-            for peer in self._moved(gone_from):
+            for peer in self._back(gone_from):
                 tried.discard(peer)
             # The DHT is asked at most once per request, not on every busy round.
             candidates, why_none = await self._candidates(
@@ -462,7 +463,7 @@ class Consumer:
                     # The answer ended with the whole connection: the provider
                     # went away (stopped, restarted, lost its network), which
                     # is a failure, not a breach of the protocol.
-                    gone_from[peer], gone_at = self._addrs_of(peer), trio.current_time()
+                    gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
                     failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                     continue
                 offence = offence_of_violation(exc)
@@ -474,7 +475,7 @@ class Consumer:
                 if not again or self._unserved_paid(peer, request.model_id):
                     # Out of reach twice, gone mid-answer, or after taking a
                     # stake: a failure.
-                    gone_from[peer], gone_at = self._addrs_of(peer), trio.current_time()
+                    gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
                     failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                     continue
                 # Not reached in time, once: our own congestion is as likely
@@ -489,7 +490,7 @@ class Consumer:
                 continue
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
-                gone_from[peer], gone_at = self._addrs_of(peer), trio.current_time()
+                gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
                 failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 continue
             if isinstance(done, Refusal):
@@ -597,21 +598,18 @@ class Consumer:
             self.auditor.consider(Job(peer, wire, done, "".join(streamed.text)), always=True)
         )
 
-    def _addrs_of(self, peer: str) -> tuple[str, ...]:
+    def _offer_seq(self, peer: str) -> int:
         offer = self._book.get(peer)
-        return offer.addrs if offer is not None else ()
+        return offer.seq if offer is not None else -1
 
-    def _moved(self, gone_from: dict[str, tuple[str, ...]]) -> list[str]:
-        """The providers of ``gone_from`` whose offer now names other addresses
-        (restarted elsewhere); each is taken out of ``gone_from``."""
-        moved = [
-            peer
-            for peer, addrs in gone_from.items()
-            if (offer := self._book.get(peer)) is not None and offer.addrs != addrs
-        ]
-        for peer in moved:
+    def _back(self, gone_from: dict[str, int]) -> list[str]:
+        """The providers of ``gone_from`` that announced themselves since they
+        went (a newer offer: one that went away cannot sign one); each is taken
+        out of ``gone_from``."""
+        back = [peer for peer, seq in gone_from.items() if self._offer_seq(peer) > seq]
+        for peer in back:
             del gone_from[peer]
-        return moved
+        return back
 
     def _unserved_paid(self, peer: str, model_id: str) -> bool:
         """Whether our session with ``peer`` is paid and has not yet served one request."""

@@ -9,6 +9,7 @@ streams go direct (docs/architecture.md#reaching-a-peer).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable
 
@@ -27,6 +28,9 @@ from p2pnode.protocols import dialback, infer, offers, session, status
 # How long addresses learnt from an offer stay in the peerstore (offers are
 # re-sent every ~10 s; a provider silent for 35 s is forgotten anyway).
 OFFER_ADDR_TTL_S = 600
+# Peers whose failed dial the dialer remembers (to lift the swarm's block
+# once they announce themselves again).
+MAX_FAILED_PEERS = 4096
 # The protocols whose streams a relayed connection must finish before it is
 # closed for a direct one.
 OWN_PROTOCOLS = frozenset(
@@ -59,6 +63,9 @@ class Dialer:
         self._dial_timeout = dial_timeout
         self._upgraded = upgraded
         self._nursery: trio.Nursery | None = None
+        # Peers we failed to reach, with the sequence number of the offer we
+        # held then, most recent last (bounded: peer ids cost nothing).
+        self._failed: collections.OrderedDict[ID, int] = collections.OrderedDict()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run upgrades in ``nursery`` from now on (the node's own)."""
@@ -108,7 +115,14 @@ class Dialer:
                 f"no {protocol} stream to {short(peer_id)} within {timeout:g} s"
             ) from exc
         except Exception as exc:  # noqa: BLE001 - StreamFailure, SwarmException, negotiation errors
+            self._note_failed(peer_id, offer)
             raise NetworkError(f"cannot open {protocol} to {short(peer_id)}: {exc}") from exc
+
+    def _note_failed(self, peer_id: ID, offer: offers.Offer | None) -> None:
+        self._failed[peer_id] = offer.seq if offer is not None else -1
+        self._failed.move_to_end(peer_id)
+        while len(self._failed) > MAX_FAILED_PEERS:
+            self._failed.popitem(last=False)
 
     async def _upgrade(self, peer_id: ID) -> None:
         if await self._relay.upgrade(peer_id, own=OWN_PROTOCOLS):
@@ -124,12 +138,24 @@ class Dialer:
         swarm forgets that the old ones failed, which would otherwise refuse
         every dial to it for a minute
         (docs/libp2p-traps.md#a-restarted-peer-and-the-negative-dial-cache).
+        So it does when the provider we failed to reach has announced itself
+        since (a newer offer: restarted at the same address).
         """
         peerstore = self._host.get_peerstore()
         offer = self._book.get(str(peer_id))
         if offer is None:
             return []
         circuits = [a for a in offer.addrs if relaylib.is_circuit(a)]
+        failed = self._failed.get(peer_id)
+        if (
+            failed is not None
+            and offer.seq > failed
+            and not relaylib.connections(self._host, peer_id)
+        ):
+            # It announced itself after we failed to reach it (restarted, at
+            # its old address or a new one): the swarm's block is out of date.
+            del self._failed[peer_id]
+            _unblock(self._host, peer_id)
         direct = []
         for text in offer.addrs:
             if relaylib.is_circuit(text):
@@ -145,7 +171,12 @@ class Dialer:
         if known and not relaylib.connections(self._host, peer_id):
             peerstore.clear_addrs(peer_id)  # addresses it left: each costs a dial attempt
         peerstore.add_addrs(peer_id, direct, OFFER_ADDR_TTL_S)
-        unblock = getattr(self._host.get_network(), "unblock_peer", None)
-        if unblock is not None:  # (py-libp2p 0.8.1's swarm; a host without one never blocks)
-            unblock(peer_id)
+        _unblock(self._host, peer_id)
         return circuits
+
+
+def _unblock(host: IHost, peer_id: ID) -> None:
+    """Lift the swarm's refusal to dial a peer whose every address recently failed."""
+    unblock = getattr(host.get_network(), "unblock_peer", None)
+    if unblock is not None:  # (py-libp2p 0.8.1's swarm; a host without one never blocks)
+        unblock(peer_id)

@@ -176,6 +176,9 @@ async def start_node(
 
 
 def _on_memory(config: NodeConfig) -> NodeConfig:
+    # A node restarted at its old memory address keeps it; any other listens anew.
+    if config.host.listen and all(a.startswith("/memory/") for a in config.host.listen):
+        return config
     return replace(config, host=replace(config.host, listen=("/memory/0",)))
 
 

@@ -22,7 +22,13 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from trio.testing import MockClock
 
-from p2pnode.errors import EngineError, ErrorCode, NoProviderError, RemoteProtocolError
+from p2pnode.errors import (
+    EngineError,
+    ErrorCode,
+    NetworkError,
+    NoProviderError,
+    RemoteProtocolError,
+)
 from p2pnode.inference.engine import ChatMessage, Chunk, Params, Request, Usage
 from p2pnode.inference.synthetic import WORD, SyntheticEngine
 from p2pnode.p2p import provider as providerlib
@@ -53,7 +59,7 @@ from p2pnode.protocols.infer.messages import TokenLogprob as WireTokenLogprob
 from p2pnode.protocols.infer.service import Config as InferConfig
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import RejectCode, admission
-from p2pnode.simnet.harness import hold_offers, open_memory_node
+from p2pnode.simnet.harness import hold_offers, open_memory_node, until
 
 MODEL = "synthetic"
 TOKENS = 24
@@ -1047,19 +1053,24 @@ async def test_a_request_beyond_a_full_session_goes_to_a_free_provider(
     assert bad.provider.refusals == {}  # nothing was sent to be refused
 
 
-@pytest.mark.parametrize("back", [True, False], ids=["back-at-a-new-address", "not-back"])
-async def test_the_only_provider_gone_mid_answer_is_waited_for_at_a_new_address(
-    back: bool, memory: MemoryNetwork, autojump_clock: MockClock
+@pytest.mark.parametrize("back", ["elsewhere", "same-address", None])
+async def test_the_only_provider_gone_mid_answer_is_waited_for(
+    back: str | None, memory: MemoryNetwork, autojump_clock: MockClock
 ) -> None:
     """The only provider stops mid-answer (its connection goes with it) and starts
-    again with its identity at a new address: the request waits for its new offer
-    and finishes the answer there, each token once. Its going counts as a failure,
-    not a protocol breach. Not back within ``rejoin_wait_s``, the request fails then."""
+    again with its identity, at a new address or its old one: the request waits
+    for its new offer and finishes the answer there, each token once. Its going
+    counts as a failure, not a protocol breach. Not back within ``rejoin_wait_s``,
+    the request fails then."""
     key = create_new_key_pair()
     slow = ScriptedEngine([WORD] * TOKENS, gap_s=0.2)
     wait_s = ConsumerConfig().rejoin_wait_s
-    async with open_memory_node(memory, NodeConfig(measure_tokens=0)) as me:
-        joining = NodeConfig(measure_tokens=0, bootstrap=(me.addrs[0],))
+    async with (
+        open_memory_node(memory, NodeConfig(measure_tokens=0)) as hub,
+        open_memory_node(memory, NodeConfig(measure_tokens=0, bootstrap=(hub.addrs[0],))) as me,
+    ):
+        # The provider joins through the hub: the consumer dials it itself.
+        joining = NodeConfig(measure_tokens=0, bootstrap=(hub.addrs[0],))
         texts: list[str] = []
         halfway = trio.Event()
         gone_at = trio.current_time()
@@ -1072,16 +1083,24 @@ async def test_the_only_provider_gone_mid_answer_is_waited_for_at_a_new_address(
         async def provider(task_status: trio.TaskStatus[list[str]]) -> None:
             nonlocal gone_at
             async with open_memory_node(memory, joining, key_pair=key, engines=[slow]) as node:
-                await hold_offers(me, (node,))
+                await until(lambda: me.offer_book.get(node.peer_id) is not None, BOUND_S)
                 task_status.started(list(node.addrs))
                 await halfway.wait()
                 gone_at = trio.current_time()
-            if not back:
+            if back is None:
                 return
+            # Meanwhile the consumer's dial to the old address fails, and the
+            # swarm refuses to dial the provider for a minute.
+            with pytest.raises(NetworkError):
+                await me.dialer.open_stream(node.peer_id, session.PROTOCOL_ID)
             await trio.sleep(wait_s / 3)
             engine = SyntheticEngine(MODEL)
-            async with open_memory_node(memory, joining, key_pair=key, engines=[engine]) as again:
-                assert list(again.addrs) != first_addrs
+            restart = joining
+            if back == "same-address":
+                listen = tuple(a.rsplit("/p2p/", 1)[0] for a in first_addrs)
+                restart = replace(joining, host=replace(joining.host, listen=listen))
+            async with open_memory_node(memory, restart, key_pair=key, engines=[engine]) as again:
+                assert (list(again.addrs) == first_addrs) == (back == "same-address")
                 await trio.sleep_forever()
 
         with trio.fail_after(BOUND_S):

@@ -125,9 +125,9 @@ class Config:
     busy_backoff_s: tuple[float, float] = (0.25, 4.0)
     # When every provider left went away during a request (refused the dial,
     # dropped the connection), the request waits this long for one to be
-    # back at a new address (a restart announces itself within a second or
-    # so) before it fails: what a network with one provider that restarts
-    # costs a request whose other providers are down, in time to an error.
+    # back (a restart announces itself within a second or so) before it
+    # fails: what a request whose providers are all down pays in time to an
+    # error, for not failing when one of them is only restarting.
     rejoin_wait_s: float = 3.0
     # A provider may stream at most this many tokens more than asked for
     # (batching and stop sequences round up), and this many bytes per token.
@@ -475,7 +475,8 @@ class Consumer:
                 if not again or self._unserved_paid(peer, request.model_id):
                     # Out of reach twice, gone mid-answer, or after taking a
                     # stake: a failure.
-                    gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
+                    if not self._dialer.connected(peer):
+                        gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
                     failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                     continue
                 # Not reached in time, once: our own congestion is as likely
@@ -490,7 +491,8 @@ class Consumer:
                 continue
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
-                gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
+                if not self._dialer.connected(peer):  # went away (not: went silent)
+                    gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
                 failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 continue
             if isinstance(done, Refusal):
@@ -1337,10 +1339,10 @@ class _Overrun(RemoteProtocolError):
         super().__init__(ErrorCode.OVERSIZE, message)
 
 
-# Refusals that end a session but not the provider: a new session with it is
-# opened once (its paid time ran out, it restarted, or our Ack was lost).
 # How often a request that waits for a provider to come back looks for its new offer.
 _REJOIN_POLL_S = 0.1
+# Refusals that end a session but not the provider: a new session with it is
+# opened once (its paid time ran out, it restarted, or our Ack was lost).
 _REOPEN_CODES = (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNACKNOWLEDGED)
 # Refusals that ask us to slow down, or to wait for a slot (session and infer
 # codes: compared by identity, see Refusal.is_one_of).

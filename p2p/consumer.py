@@ -341,12 +341,9 @@ class Consumer:
         busy_counted: set[str] = set()
         unreached: set[str] = set()  # out of reach once: the second time is a failure
         # Providers that failed us by going away (a refused dial, a cut
-        # stream), with the sequence number of their offer then. One that
-        # announces itself again (restarted, at the same address or another)
-        # is asked again in this request: with churn, the providers not yet
-        # tried may all be down.
-        gone_from: dict[str, int] = {}
-        gone_at = 0.0  # when the last of them went
+        # connection): with churn, the providers not yet tried may all be
+        # down, and one that restarts is asked again.
+        gone = _Gone()
         # Every provider asked, and those that asked us to slow down: all of
         # them did, and the caller is told to slow down too (429).
         asked: set[str] = set()
@@ -373,7 +370,7 @@ class Consumer:
                 if held := scan.flush():
                     await deliver(held, unsent_tokens)
                 return Outcome("length", 0, produced, "", failovers)
-            for peer in self._back(gone_from):
+            for peer in gone.back(self._offer_seq, lambda p: self._may_rejoin(p, reopened)):
                 tried.discard(peer)
             # The DHT is asked at most once per request, not on every busy round.
             candidates, why_none = await self._candidates(
@@ -384,7 +381,8 @@ class Consumer:
                 why_none = why_none or "none of the providers asked for offers this model"
             if not candidates:
                 now = trio.current_time()
-                rejoin_by = gone_at + self.cfg.rejoin_wait_s if gone_from else now
+                gone.forget(self._unaskable)
+                rejoin_by = gone.at + self.cfg.rejoin_wait_s if gone.went else now
                 if not busy and now >= rejoin_by:
                     if not tried:  # nobody was asked: say why not
                         last_error = why_none
@@ -418,7 +416,7 @@ class Consumer:
             wire = wire_request(
                 request, f"r{next(self._request_ids)}", "".join(delivered), left, delivered_ids
             )
-            before = produced
+            before, seq = produced, self._offer_seq(peer)
             # What this provider streams, as it streams it (the ids too): its
             # answer's audit, or if it fails before its Done, a cross-check.
             streamed = _Streamed()
@@ -463,7 +461,7 @@ class Consumer:
                     # The answer ended with the whole connection: the provider
                     # went away (stopped, restarted, lost its network), which
                     # is a failure, not a breach of the protocol.
-                    gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
+                    gone.add(peer, seq, trio.current_time())
                     failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                     continue
                 offence = offence_of_violation(exc)
@@ -476,7 +474,7 @@ class Consumer:
                     # Out of reach twice, gone mid-answer, or after taking a
                     # stake: a failure.
                     if not self._dialer.connected(peer):
-                        gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
+                        gone.add(peer, seq, trio.current_time())
                     failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                     continue
                 # Not reached in time, once: our own congestion is as likely
@@ -492,7 +490,7 @@ class Consumer:
             except NetworkError as exc:
                 last_error = f"{short(peer)}: {exc}"
                 if not self._dialer.connected(peer):  # went away (not: went silent)
-                    gone_from[peer], gone_at = self._offer_seq(peer), trio.current_time()
+                    gone.add(peer, seq, trio.current_time())
                 failures += await self._offence(peer, request.model_id, Offence.FAILED, exc)
                 continue
             if isinstance(done, Refusal):
@@ -604,14 +602,25 @@ class Consumer:
         offer = self._book.get(peer)
         return offer.seq if offer is not None else -1
 
-    def _back(self, gone_from: dict[str, int]) -> list[str]:
-        """The providers of ``gone_from`` that announced themselves since they
-        went (a newer offer: one that went away cannot sign one); each is taken
-        out of ``gone_from``."""
-        back = [peer for peer, seq in gone_from.items() if self._offer_seq(peer) > seq]
-        for peer in back:
-            del gone_from[peer]
-        return back
+    def _may_rejoin(self, peer: str, reopened: set[str]) -> bool:
+        """Whether a provider that went away and is back may be asked again.
+
+        Paid, asking it again opens a new session on chain: that counts as the
+        request's one reopening with it (``reopened``), so a provider that
+        serves a little, drops its connection and announces itself again cannot
+        make one request open session after session.
+        """
+        if self.market is None:
+            return True
+        if peer in reopened:
+            return False
+        reopened.add(peer)
+        return True
+
+    def _unaskable(self, peer: str) -> bool:
+        """Banned, or caught by an audit: not asked, however it announces itself."""
+        caught = self.auditor is not None and self.auditor.is_caught(peer)
+        return caught or self.reputation.banned(peer, trio.current_time())
 
     def _unserved_paid(self, peer: str, model_id: str) -> bool:
         """Whether our session with ``peer`` is paid and has not yet served one request."""
@@ -1337,6 +1346,39 @@ class _Overrun(RemoteProtocolError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.OVERSIZE, message)
+
+
+@dataclass
+class _Gone:
+    """The providers that went away during one request (no connection left after
+    a failure), each with the sequence number of its offer when it was asked.
+
+    One that announces itself again (a newer offer: one that went away cannot
+    sign one) has restarted, at its old address or another, and is asked again,
+    once per request: an offer costs nothing to sign, so a provider that drops
+    its connection and re-announces must not be asked round after round.
+    """
+
+    went: dict[str, int] = field(default_factory=dict)
+    rejoined: set[str] = field(default_factory=set)
+    at: float = 0.0  # when the last of them went
+
+    def add(self, peer: str, seq: int, now: float) -> None:
+        if peer not in self.rejoined:
+            self.went[peer], self.at = seq, now
+
+    def back(self, seq_of: Callable[[str], int], may_rejoin: Callable[[str], bool]) -> list[str]:
+        """Those that announced themselves since, and may be asked again (now rejoined)."""
+        back = [p for p, seq in self.went.items() if seq_of(p) > seq and may_rejoin(p)]
+        for peer in back:
+            del self.went[peer]
+            self.rejoined.add(peer)
+        return back
+
+    def forget(self, unaskable: Callable[[str], bool]) -> None:
+        """Stop waiting for those that could not be asked anyway."""
+        for peer in [p for p in self.went if unaskable(p)]:
+            del self.went[peer]
 
 
 # How often a request that waits for a provider to come back looks for its new offer.

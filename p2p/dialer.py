@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Callable
 
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStoreError
@@ -81,9 +81,15 @@ class Dialer:
         return str(info.peer_id)
 
     def connected(self, peer: ID | str) -> bool:
-        """Whether a live connection to ``peer`` is open."""
+        """Whether a live connection to ``peer`` is open.
+
+        A connection whose yamux session is shutting down counts as gone: a
+        closed connection wakes its streams' readers before it marks itself
+        closed, so a reader that just saw its stream end may otherwise still
+        find the connection "open".
+        """
         peer_id = ID.from_base58(peer) if isinstance(peer, str) else peer
-        return bool(relaylib.connections(self._host, peer_id))
+        return any(not _shutting_down(c) for c in relaylib.connections(self._host, peer_id))
 
     async def open_stream(self, peer: ID | str, protocol: str) -> INetStream:
         """A new stream of ``protocol`` to ``peer``.
@@ -173,6 +179,11 @@ class Dialer:
         peerstore.add_addrs(peer_id, direct, OFFER_ADDR_TTL_S)
         _unblock(self._host, peer_id)
         return circuits
+
+
+def _shutting_down(conn: INetConn) -> bool:
+    event = getattr(conn.muxed_conn, "event_shutting_down", None)  # yamux's; mplex has none
+    return event is not None and event.is_set()
 
 
 def _unblock(host: IHost, peer_id: ID) -> None:

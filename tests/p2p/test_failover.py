@@ -1123,3 +1123,58 @@ async def test_the_only_provider_gone_mid_answer_is_waited_for(
     else:
         assert wait_s <= waited < wait_s + 1
     assert slow.requests == 1
+
+
+@asynccontextmanager
+async def _via_a_hub(
+    memory: MemoryNetwork, engine: ScriptedEngine
+) -> AsyncIterator[tuple[Node, Node]]:
+    """A consumer and a provider that know each other only through a hub's gossip
+    (the consumer dials the provider itself), the consumer holding its offer."""
+    async with open_memory_node(memory, NodeConfig(measure_tokens=0)) as hub:
+        joining = NodeConfig(measure_tokens=0, bootstrap=(hub.addrs[0],))
+        async with (
+            open_memory_node(memory, joining) as me,
+            open_memory_node(memory, joining, engines=[engine]) as provider,
+        ):
+            await until(lambda: me.offer_book.get(provider.peer_id) is not None, BOUND_S)
+            yield me, provider
+
+
+async def test_a_provider_that_keeps_going_and_coming_back_is_asked_again_once(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Each time it is asked, it streams a token, drops its connection to the
+    # consumer and signs a newer offer (which costs it nothing): asked again
+    # every time, it would be asked for every token of the answer.
+    engine = ScriptedEngine([WORD])
+    async with _via_a_hub(memory, engine) as (me, provider):
+        assert provider.discovery is not None
+        announce = provider.discovery.offer_changed
+
+        async def drop_and_come_back() -> None:
+            announce()
+            for conn in provider.host.get_network().get_connections(me.host.get_id()):
+                await conn.close()
+
+        engine.fail = drop_and_come_back
+        with trio.fail_after(BOUND_S), pytest.raises(NoProviderError):
+            await me.generate(_request(), _ignore)
+    assert engine.requests == 2
+
+
+async def test_a_silent_provider_is_not_asked_again_when_it_announces_itself(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Silent with its connection open, it did not go away: its offers, newer
+    # every period while we waited for its first token, say nothing new.
+    engine = FailingEngine(0)
+    async with _via_a_hub(memory, engine) as (me, provider):
+        held = me.offer_book.get(provider.peer_id)
+        with trio.fail_after(BOUND_S), pytest.raises(NoProviderError, match="silent"):
+            await me.generate(_request(), _ignore)
+        now = me.offer_book.get(provider.peer_id)
+        assert held is not None
+        assert now is not None
+        assert now.seq > held.seq
+    assert engine.requests == 1

@@ -28,6 +28,7 @@ frame is a provider failure like any other: nothing of it is delivered.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -94,6 +95,7 @@ from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import service as session_service
 from p2pnode.protocols.session.crypto import MAX_STREAM_ID, SessionKeys
 from p2pnode.protocols.session.messages import RejectCode
+from p2pnode.scopes import single_errors_ungrouped
 
 logger = logging.getLogger(__name__)
 
@@ -968,6 +970,8 @@ class Consumer:
                     if market is None or market.usable(held.session_id):
                         return held
                     reopen = True  # the paid session was closed (idle) or has ended
+                if held is None and market is None:
+                    return await self._open_beside_confirm(peer, model_id)
                 if held is None:
                     await self._confirm(peer)
                 return await self._open(peer, model_id)
@@ -976,6 +980,24 @@ class Consumer:
             # with every provider ever tried.
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._opening.pop(key, None)
+
+    async def _open_beside_confirm(self, peer: str, model_id: str) -> _Session | Refusal:
+        """Free mode: the status call runs beside the handshake, not before it.
+
+        Nothing in a free session depends on the status answer (paid, the
+        Hello carries terms that answer may refresh), so a failover to a
+        provider we held no session with starts one round trip sooner. A
+        failed status call is the open's to report.
+        """
+
+        async def confirm() -> None:
+            with contextlib.suppress(NetworkError, RemoteProtocolError):
+                await self._confirm(peer)
+
+        with single_errors_ungrouped():  # the open's own error, not a group of one
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(confirm)
+                return await self._open(peer, model_id)
 
     async def _open(self, peer: str, model_id: str) -> _Session | Refusal:
         prepare, on_approve, opened, reservation = self._payment(peer, model_id)

@@ -66,6 +66,7 @@ class Dialer:
         # Peers we failed to reach, with the sequence number of the offer we
         # held then, most recent last (bounded: peer ids cost nothing).
         self._failed: collections.OrderedDict[ID, int] = collections.OrderedDict()
+        self._dialing: dict[ID, trio.Lock] = {}  # circuits being dialled, per peer
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run upgrades in ``nursery`` from now on (the node's own)."""
@@ -106,12 +107,8 @@ class Dialer:
         private = offer is not None and all(relaylib.is_circuit(a) for a in offer.addrs)
         # Live connections only: a circuit the relay cut (its limits) stays
         # listed, closed, until the swarm notices.
-        if circuits and private and not relaylib.connections(self._host, peer_id):
-            await self._relay.dial(circuits[0])
-            if self._relay.cfg.hole_punch and self._nursery is not None:
-                # This stream goes through the relay now; later ones go direct
-                # if the upgrade works.
-                self._nursery.start_soon(self._upgrade, peer_id)
+        if circuits and private:
+            await self._through_relay(peer_id, circuits[0])
         hostlib.forget_closed(self._host, peer_id)
         try:
             with trio.fail_after(timeout):
@@ -129,6 +126,29 @@ class Dialer:
         self._failed.move_to_end(peer_id)
         while len(self._failed) > MAX_FAILED_PEERS:
             self._failed.popitem(last=False)
+
+    async def _through_relay(self, peer_id: ID, circuit: str) -> None:
+        """Reach a private peer through its relay, unless a connection is open.
+
+        One circuit per peer: streams opened at once (a status call beside a
+        handshake) wait for the first one's circuit instead of each dialling
+        their own.
+        """
+        lock = self._dialing.setdefault(peer_id, trio.Lock())
+        try:
+            async with lock:
+                if relaylib.connections(self._host, peer_id):
+                    return
+                await self._relay.dial(circuit)
+                if self._relay.cfg.hole_punch and self._nursery is not None:
+                    # This stream goes through the relay now; later ones go
+                    # direct if the upgrade works.
+                    self._nursery.start_soon(self._upgrade, peer_id)
+        finally:
+            # Locks exist only while someone dials: the table cannot grow
+            # with every peer ever reached.
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._dialing.pop(peer_id, None)
 
     async def _upgrade(self, peer_id: ID) -> None:
         if await self._relay.upgrade(peer_id, own=OWN_PROTOCOLS):

@@ -60,6 +60,7 @@ class _Tally:
     wrong: list[str] = field(default_factory=list)  # what went wrong, per request
     failovers: int = 0
     gaps_ms: list[float] = field(default_factory=list)
+    first_token_ms: list[float] = field(default_factory=list)  # answers with no failover
     rejoin_s: list[float] = field(default_factory=list)
     kills: int = 0
     killed_serving: int = 0  # kills of a provider that was serving an answer
@@ -76,6 +77,8 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
     ``failover_gap_ms_median``/``_max`` (in answers that failed over
     mid-stream, the longest pause between two pieces of text: the last from
     the provider that died to the first from the one that took over),
+    ``first_token_ms_median`` (the same run's baseline: from asking to the
+    first text, in answers that needed no failover),
     ``kills`` (``kills_of_a_serving_provider``: of one serving an answer then)
     and ``rejoin_s_median`` (from a restart until every consumer
     holds the provider's new offer, at its new address; ``rejoins_unmeasured``:
@@ -128,6 +131,9 @@ async def churn(topology: Topology, engine: Engine, model_id: str, plan: Plan) -
         "failover_gap_ms_median": round(statistics.median(gaps), 1) if gaps else None,
         "failover_gap_ms_max": round(max(gaps), 1) if gaps else None,
         "failover_gaps_ms": sorted(round(g, 1) for g in gaps),
+        "first_token_ms_median": (
+            round(statistics.median(tally.first_token_ms), 1) if tally.first_token_ms else None
+        ),
         "kills": tally.kills,
         "kills_of_a_serving_provider": tally.killed_serving,
         "rejoin_s_median": (
@@ -165,6 +171,7 @@ async def _ask(
             parts.append(text)
             times.append(time.perf_counter())
 
+        asked = time.perf_counter()
         try:
             outcome = await consumer.generate(request, deliver)
         except P2PNodeError as exc:
@@ -178,6 +185,8 @@ async def _ask(
             tally.failovers += outcome.failovers
             if len(times) >= 2:
                 tally.gaps_ms.append(max(b - a for a, b in itertools.pairwise(times)) * 1000)
+        elif times:
+            tally.first_token_ms.append((times[0] - asked) * 1000)
 
 
 async def _cycle(

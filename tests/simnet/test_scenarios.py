@@ -130,6 +130,7 @@ async def test_churn_scenario_finishes_every_answer_word_for_word(tmp_path: Path
     assert report["kills"] >= 2
     assert report["kills_of_a_serving_provider"] >= 1
     assert report["rejoin_s"]  # restarted providers were found again
+    assert report["first_token_ms_median"] > 0  # the run's own baseline
     # Kills at random moments do not always land mid-answer; when one did,
     # its pause was measured.
     assert len(report["failover_gaps_ms"]) <= report["failovers"]

@@ -459,10 +459,10 @@ async def relay(
             consumer = next(n for n in net.consumers if not n.config.relay.hole_punch)
             puncher = next(n for n in reversed(net.consumers) if n.config.relay.hole_punch)
 
-            def offers_known() -> bool:
+            def offers_known(node: Node = consumer) -> bool:
                 reserved = all(relaylib.is_circuit(n.addrs[0]) for n in private)
                 return reserved and all(
-                    (o := consumer.offer_book.get(n.peer_id)) is not None
+                    (o := node.offer_book.get(n.peer_id)) is not None
                     and tuple(o.addrs) == tuple(n.addrs)
                     for n in net.providers
                 )
@@ -477,6 +477,9 @@ async def relay(
             else:
                 users = await _compare(consumer, private, public, model, rounds, errors)
                 capacity = await _compare(consumer, private, public, synthetic, rounds, errors)
+            if await wait_until(lambda: offers_known(puncher), bound_s) is None:
+                held = sum(puncher.offer_book.get(n.peer_id) is not None for n in net.providers)
+                errors.append(f"the puncher held {held} of the providers' current offers")
             upgraded = await _upgrade_all(
                 puncher, private, public, synthetic, bound_s, errors, direct_anyway
             )

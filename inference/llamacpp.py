@@ -157,9 +157,20 @@ def _top_p_ok(value: float) -> bool:
 class LlamaCppEngine:
     """Serves one GGUF model with llama.cpp. Create it with :func:`open_llamacpp`."""
 
-    def __init__(self, cfg: Config, instances: list[Any], info: ModelInfo) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        instances: list[Any],
+        info: ModelInfo,
+        *,
+        replays_in_one_batch: bool = False,
+    ) -> None:
         self.cfg = cfg
         self._info = info
+        # Whether a failover's answer so far is evaluated in one batch: only
+        # where that leaves llama.cpp exactly where generating it did
+        # (:func:`batch_replays_exactly`, docs/architecture.md#deterministic-generation).
+        self.replays_in_one_batch = replays_in_one_batch
         self._vocab = instances[0]
         self.generation_cpu_s = 0.0
         self._idle_send, self._idle = trio.open_memory_channel[Any](len(instances))
@@ -307,7 +318,13 @@ class LlamaCppEngine:
             # abandon_on_cancel=False: a cancelled caller waits for the thread,
             # which sees the reader leave within one token.
             await trio.to_thread.run_sync(
-                self._timed_generate, llm, request, gbnf, chunks, limiter=self._limiter
+                self._timed_generate,
+                llm,
+                request,
+                gbnf,
+                chunks,
+                self.replays_in_one_batch,
+                limiter=self._limiter,
             )
         finally:
             # Trio reports the thread's return after every chunk it handed
@@ -320,6 +337,7 @@ def _generate(
     request: Request,
     gbnf: str,
     chunks: _Chunks,
+    in_one_batch: bool,
 ) -> None:
     """Worker thread: run one generation, handing each token's text to trio.
 
@@ -327,12 +345,14 @@ def _generate(
     is drawn by ``inference/sampling.py`` from the logits llama.cpp computed,
     so the provider knows (and commits to) every token id and the model's
     log-probability of it, and an audit knows the distribution it came from.
-    ``gbnf``: the grammar the answer must obey ("" for none).
+    ``gbnf``: the grammar the answer must obey ("" for none); ``in_one_batch``:
+    the answer so far (a continuation) is evaluated in one batch (see
+    :func:`_evaluate`).
     """
     try:
         prompt, answer, stops = _prompt(llm, request)
         llm.reset()
-        _evaluate(llm, prompt, answer)
+        _evaluate(llm, prompt, answer, in_one_batch=in_one_batch)
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
         raise EngineError(f"llama.cpp failed: {exc}") from exc
     with _Grammar.of(llm, gbnf) as rule:
@@ -529,20 +549,85 @@ class _Chunks(trio.abc.ReceiveChannel[Chunk]):
         await self._receive.aclose()
 
 
-def _evaluate(llm: Any, prompt: list[int], answer: list[int]) -> None:
+def _evaluate(llm: Any, prompt: list[int], answer: list[int], *, in_one_batch: bool) -> None:
     """Bring the context to where generation goes on: the prompt, then the answer so far.
 
-    The answer (a failover's continuation) is *replayed* as generation
-    evaluated it, one token at a time. Evaluating it in one batch takes
-    another floating-point path and greedy output drifts (measured: a
-    continued dragon story diverged after 5 tokens;
-    docs/architecture.md#deterministic-generation).
+    The answer (a failover's continuation) must leave llama.cpp exactly where
+    generating it did, or greedy output drifts (measured: a continued dragon
+    story diverged after 5 tokens; docs/architecture.md#deterministic-generation).
+    ``in_one_batch`` (:func:`batch_replays_exactly` said so for this model and
+    build): one batch, as fast as a prompt. Otherwise it is *replayed* as
+    generation evaluated it, one token at a time.
     """
     llm.eval(prompt)
+    if in_one_batch:
+        if answer:
+            llm.eval(answer)
+        return
     for token_id in answer[:-1]:
         _replay_one(llm, token_id)
     if answer:
         llm.eval(answer[-1:])  # its logits are where sampling goes on
+
+
+# batch_replays_exactly's sample: any text of 17+ tokens in any vocabulary.
+_PROBE_TEXT = (
+    b"Every morning the baker opened the shop at six, swept the floor, lit the"
+    b" ovens and set out the bread for the first customers of the day."
+)
+_PROBE_PROMPT, _PROBE_ANSWER = 4, 13  # 13 = three groups of four rows and one more
+_EXACT_BATCHES: dict[tuple[str, int], bool] = {}  # per GGUF sha and thread count
+
+
+def batch_replays_exactly(llm: Any, sha: str) -> bool:
+    """Worker thread: whether this model in this llama.cpp build gives an answer
+    evaluated in one batch the very KV cache and logits it gets from
+    generation, one token at a time.
+
+    llama.cpp's CPU kernels are chosen by batch size: llamafile's tinyBLAS
+    and the repacked K-quant kernels sum in another order than the one-row
+    path, and one rounding apart is enough for greedy output to drift. So
+    this is measured, not assumed: a sample answer both ways, its sequence
+    state (llama.cpp's bytes of the KV cache) and last logits compared bit
+    for bit (measured: SmolLM2 Q4_1 equal in a build without llamafile,
+    gemma-3 Q4_K_M never; ~0.5 s, once per process and model).
+    """
+    key = (sha, int(llm.n_threads))
+    if key not in _EXACT_BATCHES:
+        _EXACT_BATCHES[key] = _measure_batch_exactness(llm)
+    return _EXACT_BATCHES[key]
+
+
+def _measure_batch_exactness(llm: Any) -> bool:
+    ids = list(llm.tokenize(_PROBE_TEXT, add_bos=True, special=False))
+    if len(ids) < _PROBE_PROMPT + _PROBE_ANSWER:
+        return False
+    prompt = ids[:_PROBE_PROMPT]
+    answer = ids[_PROBE_PROMPT : _PROBE_PROMPT + _PROBE_ANSWER]
+    try:
+        llm.reset()
+        llm.eval(prompt)
+        for token_id in answer:  # generation's path: a decode per token
+            llm.eval([token_id])
+        generated = _sequence_state(llm)
+        llm.reset()
+        llm.eval(prompt)
+        llm.eval(answer)
+        return _sequence_state(llm) == generated
+    finally:
+        llm.reset()
+
+
+def _sequence_state(llm: Any) -> tuple[bytes, bytes]:
+    """The KV cache of sequence 0 as llama.cpp saves it, and the last logits."""
+    llama_cpp = native.llama_cpp()
+    size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+    buffer = (ctypes.c_uint8 * size)()
+    written = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
+    logits = np.ctypeslib.as_array(
+        llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)
+    )
+    return bytes(buffer[:written]), logits.tobytes()
 
 
 def _replay_one(llm: Any, token_id: int) -> None:
@@ -885,7 +970,10 @@ async def open_llamacpp(cfg: Config) -> AsyncIterator[LlamaCppEngine]:
         features=(EMBEDDINGS,) if cfg.embedding else (GRAMMAR, LOGPROBS, PENALTIES),
     )
     try:
-        yield LlamaCppEngine(cfg, instances, info)
+        exact = not cfg.embedding and await trio.to_thread.run_sync(
+            batch_replays_exactly, instances[0], sha
+        )
+        yield LlamaCppEngine(cfg, instances, info, replays_in_one_batch=exact)
     finally:
         for llm in instances:
             llm.close()

@@ -93,7 +93,7 @@ async def test_greedy_output_is_stable_and_equals_llama_cpp_directly(
 async def test_usage_when_the_model_stops_by_itself(engine: LlamaCppEngine) -> None:
     request = chat(
         Params(max_tokens=200, temperature=0.0, seed=1),
-        (ChatMessage(role="user", content="Reply with the single word: yes"),),
+        (ChatMessage(role="user", content="What is 2+2? Answer with a number only."),),
     )
     text, last = await collect(engine, request)
     expected, usage = await trio.to_thread.run_sync(direct_chat, request)
@@ -211,34 +211,75 @@ async def test_a_continued_answer_equals_the_uninterrupted_one(
     assert rest_last.usage.completion_tokens == 40 - cut
 
 
-async def test_a_replayed_answer_leaves_the_model_exactly_where_generation_did(
-    engine: LlamaCppEngine,
-) -> None:
-    # A failover replays the answer so far token by token, without asking
-    # llama.cpp for logits it does not need: the log-probabilities of what
-    # comes next must be the very same floats, not merely the same greedy picks.
-    request = chat(Params(max_tokens=30, temperature=0.0, seed=7))
+async def _greedy_logprobs(engine: LlamaCppEngine, asked: Request) -> tuple[list[int], list[float]]:
+    ids: list[int] = []
+    logprobs: list[float] = []
+    async with engine.stream(asked) as chunks:
+        async for chunk in chunks:
+            ids += chunk.token_ids
+            logprobs += chunk.logprobs
+    return ids, logprobs
 
-    async def drawn(asked: Request) -> tuple[list[int], list[float]]:
-        ids: list[int] = []
-        logprobs: list[float] = []
-        async with engine.stream(asked) as chunks:
-            async for chunk in chunks:
-                ids += chunk.token_ids
-                logprobs += chunk.logprobs
-        return ids, logprobs
 
-    ids, logprobs = await drawn(request)
-    cut = 12
-    rest = replace(
+def _rest(engine: LlamaCppEngine, request: Request, ids: list[int], cut: int) -> Request:
+    """``request`` continued after its first ``cut`` tokens (``ids``), as a failover asks."""
+    return replace(
         request,
         continuation=engine.text_of(ids[:cut]),
         continuation_ids=tuple(ids[:cut]),
-        params=replace(request.params, max_tokens=30 - cut),
+        params=replace(request.params, max_tokens=request.params.max_tokens - cut),
     )
-    rest_ids, rest_logprobs = await drawn(rest)
+
+
+async def test_a_replayed_answer_leaves_the_model_exactly_where_generation_did(
+    engine: LlamaCppEngine,
+) -> None:
+    # Where one batch is not exact, a failover replays the answer so far
+    # token by token, without asking llama.cpp for logits it does not need:
+    # the log-probabilities of what comes next must be the very same floats,
+    # not merely the same greedy picks.
+    engine.replays_in_one_batch = False
+    request = chat(Params(max_tokens=30, temperature=0.0, seed=7))
+    ids, logprobs = await _greedy_logprobs(engine, request)
+    cut = 12
+    rest_ids, rest_logprobs = await _greedy_logprobs(engine, _rest(engine, request, ids, cut))
     assert rest_ids == ids[cut:]
     assert rest_logprobs == logprobs[cut:]
+
+
+@pytest.mark.parametrize("model", ["bundled", "gemma"])
+async def test_the_answer_so_far_goes_in_one_batch_only_where_that_is_exact(model: str) -> None:
+    """A failover's continuation is evaluated in one batch (as fast as a
+    prompt) where that leaves llama.cpp bit for bit where generation did, and
+    token by token where it does not (docs/architecture.md#deterministic-generation)."""
+    import llama_cpp
+
+    from p2pnode.simnet.cheaters import swap_model_path
+
+    path = bundled_model_path() if model == "bundled" else swap_model_path()
+    async with open_llamacpp(Config(model_path=path, model_id=BUNDLED_MODEL_ID, n_threads=1)) as e:
+        request = Request(
+            model_id=BUNDLED_MODEL_ID,
+            kind="completion",
+            prompt="The history of the printing press",
+            params=Params(max_tokens=30, temperature=0.0, seed=7),
+        )
+        ids, logprobs = await _greedy_logprobs(e, request)
+        assert len(ids) == 30
+        cut = 17
+        rest = _rest(e, request, ids, cut)
+        chose = e.replays_in_one_batch
+        e.replays_in_one_batch = True
+        batched = await _greedy_logprobs(e, rest)
+        e.replays_in_one_batch = False
+        one_by_one = await _greedy_logprobs(e, rest)
+    assert one_by_one == (ids[cut:], logprobs[cut:])
+    assert chose == (batched == one_by_one)
+    # What the engine chose, as measured here: gemma-3's K-quant kernels
+    # differ by batch size in any build; SmolLM2 Q4_1 is exact without
+    # llamafile, as ./dev builds llama.cpp.
+    system = llama_cpp.llama_print_system_info().decode()
+    assert chose == (model == "bundled" and "LLAMAFILE = 1" not in system)
 
 
 async def test_a_continuation_with_its_ids_goes_on_where_its_text_alone_would_not(

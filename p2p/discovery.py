@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 import trio
 from google.protobuf.message import DecodeError
@@ -117,6 +117,12 @@ def verify_peer_signature(peer_id: str, payload: bytes, signature: bytes) -> boo
         return bool(key.verify(payload, signature))
     except ValueError:
         return False
+
+
+# Verdicts on this node's own offer that mean every peer would refuse it too.
+_OWN_OFFER_BROKEN: Final = frozenset(
+    {offers.Verdict.INVALID, offers.Verdict.OVERSIZE, offers.Verdict.MALFORMED}
+)
 
 
 class OfferGossip(GossipSub):
@@ -360,7 +366,14 @@ class Discovery:
             held = self.book.get(source)
             assert held is not None
             self.kademlia.cache_provider_records(held)
-        if not verdict.relay:
+        if source == self.peer_id and verdict in _OWN_OFFER_BROKEN:
+            # Our own offer goes through these checks before pubsub sends it:
+            # refused here, it reaches nobody, and nothing else would say so
+            # (an old one of ours coming back stale is no news).
+            logger.error(
+                "this node's own offer was refused (%s): peers would drop it", verdict.value
+            )
+        elif not verdict.relay:
             logger.debug("offer from %s via %s: %s", short(source), short(forwarder), verdict.value)
         return verdict.relay
 

@@ -109,6 +109,16 @@ class Offering:
                     measured[info.model_id] = await tokens_per_second(engine, request)
                 except EngineError as exc:
                     logger.warning("cannot measure %s: %s", info.model_id, exc)
+        # Peers drop a whole offer that claims more than their bound (as a
+        # lie): an engine faster than that announces the bound, not nothing.
+        bound = offers.Config().max_tokens_per_s
+        for model_id, speed in measured.items():
+            if speed > bound:
+                logger.warning(
+                    "%s measured %.0f tokens/s; announced as %.0f, what peers accept",
+                    model_id, speed, bound,
+                )  # fmt: skip
+                measured[model_id] = bound
         self.set_models(
             tuple(
                 replace(m, tokens_per_s=measured.get(m.model_id, m.tokens_per_s))

@@ -20,6 +20,7 @@ from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from trio.testing import MockClock
 
+from p2pnode.inference.engine import Chunk, ModelInfo, Request, Usage
 from p2pnode.p2p import discovery
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.memory import MemoryNetwork
@@ -288,3 +289,51 @@ async def test_the_heartbeat_stays_at_a_second_when_the_mesh_is_unhealthy(
             # The cache holds what came within its twelve heartbeats: one
             # provider announcing every ~10 s leaves at most two offers there.
             assert len(router.mcache.msgs) <= 2
+
+
+class _TooFastEngine:
+    """Emits a token every 10 µs: 100,000 tokens/s, ten times what peers believe."""
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(model_id="too-fast", context_length=4096)]
+
+    slots_total = slots_free = 1
+    queue_len = 0
+
+    @asynccontextmanager
+    async def stream(self, request: Request) -> AsyncIterator[trio.abc.ReceiveChannel[Chunk]]:
+        send, receive = trio.open_memory_channel[Chunk](0)
+
+        async def emit(count: int) -> None:
+            async with send:
+                for _ in range(count):
+                    await trio.sleep(1e-5)
+                    await send.send(Chunk("x", 1))
+                usage = Usage(prompt_tokens=1, completion_tokens=count)
+                await send.send(Chunk("", 0, "length", usage))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(emit, request.params.max_tokens)
+            yield receive
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_engine_faster_than_peers_believe_is_announced_at_their_bound(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Peers drop a whole offer whose claims are out of bounds. A provider
+    # that measured itself faster than that vanished from every book: its
+    # own pubsub refused its offers and sent none (the relay scenario's
+    # providers, measuring the synthetic engine).
+    bound = offers.Config().max_tokens_per_s
+    async with (
+        open_memory_node(memory, NodeConfig(measure_tokens=32), engines=[_TooFastEngine()]) as me,
+        open_memory_node(memory, NodeConfig(bootstrap=(me.addrs[0],))) as peer,
+    ):
+        await me.offering.measured.wait()
+
+        def announced() -> bool:
+            held = peer.offer_book.get(me.peer_id)
+            return held is not None and held.models[0].tokens_per_s == bound
+
+        await eventually(announced)

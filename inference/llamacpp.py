@@ -570,12 +570,17 @@ def _evaluate(llm: Any, prompt: list[int], answer: list[int], *, in_one_batch: b
         llm.eval(answer[-1:])  # its logits are where sampling goes on
 
 
-# batch_replays_exactly's sample: any text of 17+ tokens in any vocabulary.
+# batch_replays_exactly's sample: any text of 37+ tokens in any vocabulary.
 _PROBE_TEXT = (
     b"Every morning the baker opened the shop at six, swept the floor, lit the"
-    b" ovens and set out the bread for the first customers of the day."
+    b" ovens and set out the bread for the first customers of the day. By noon"
+    b" the shelves were empty, the flour sacks were light, and the baker sat"
+    b" down at last with a cup of tea and the newspaper."
 )
-_PROBE_PROMPT, _PROBE_ANSWER = 4, 13  # 13 = three groups of four rows and one more
+_PROBE_PROMPT = 4
+# Answer lengths compared: an even and an odd batch (some kernels take rows
+# two or four at a time) and one past 32 rows (where BLAS builds take over).
+_PROBE_ANSWERS = (12, 13, 33)
 _EXACT_BATCHES: dict[tuple[str, int], bool] = {}  # per GGUF sha and thread count
 
 
@@ -587,33 +592,44 @@ def batch_replays_exactly(llm: Any, sha: str) -> bool:
     llama.cpp's CPU kernels are chosen by batch size: llamafile's tinyBLAS
     and the repacked K-quant kernels sum in another order than the one-row
     path, and one rounding apart is enough for greedy output to drift. So
-    this is measured, not assumed: a sample answer both ways, its sequence
-    state (llama.cpp's bytes of the KV cache) and last logits compared bit
-    for bit (measured: SmolLM2 Q4_1 equal in a build without llamafile,
-    gemma-3 Q4_K_M never; ~0.5 s, once per process and model).
+    this is measured, not assumed: sample answers of 12, 13 and 33 tokens
+    both ways, their sequence state (llama.cpp's bytes of the KV cache) and
+    last logits compared bit for bit (measured: SmolLM2 Q4_1 equal in a
+    build without llamafile, gemma-3 Q4_K_M never; ~1 s, once per process
+    and model). A probe that fails says "not exact": the slower path.
     """
     key = (sha, int(llm.n_threads))
     if key not in _EXACT_BATCHES:
-        _EXACT_BATCHES[key] = _measure_batch_exactness(llm)
+        try:
+            _EXACT_BATCHES[key] = _measure_batch_exactness(llm)
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's failures
+            logger.warning("cannot compare llama.cpp's batched and one-token paths: %s", exc)
+            _EXACT_BATCHES[key] = False
     return _EXACT_BATCHES[key]
 
 
 def _measure_batch_exactness(llm: Any) -> bool:
     ids = list(llm.tokenize(_PROBE_TEXT, add_bos=True, special=False))
-    if len(ids) < _PROBE_PROMPT + _PROBE_ANSWER:
+    longest = _PROBE_PROMPT + max(_PROBE_ANSWERS)
+    if len(ids) < longest or llm.n_ctx() < longest:
         return False
     prompt = ids[:_PROBE_PROMPT]
-    answer = ids[_PROBE_PROMPT : _PROBE_PROMPT + _PROBE_ANSWER]
+    answer = ids[_PROBE_PROMPT:longest]
     try:
         llm.reset()
         llm.eval(prompt)
-        for token_id in answer:  # generation's path: a decode per token
+        generated = {}
+        for done, token_id in enumerate(answer, start=1):  # generation's path
             llm.eval([token_id])
-        generated = _sequence_state(llm)
-        llm.reset()
-        llm.eval(prompt)
-        llm.eval(answer)
-        return _sequence_state(llm) == generated
+            if done in _PROBE_ANSWERS:
+                generated[done] = _sequence_state(llm)
+        for length in _PROBE_ANSWERS:
+            llm.reset()
+            llm.eval(prompt)
+            llm.eval(answer[:length])
+            if _sequence_state(llm) != generated[length]:
+                return False
+        return True
     finally:
         llm.reset()
 

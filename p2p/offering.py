@@ -36,8 +36,11 @@ class Offering:
         market: marketlib.ProviderMarket | None,
         wallet: str | None,
         changed: Callable[[], None] = lambda: None,
+        max_tokens_per_s: float = offers.Config().max_tokens_per_s,
     ) -> None:
         self.engines = list(engines)
+        # The speed this node's own offer checks accept (as its peers' do).
+        self._max_tokens_per_s = max_tokens_per_s
         self._market = market
         self._wallet = market.address if market is not None else wallet
         self.changed = changed
@@ -111,7 +114,7 @@ class Offering:
                     logger.warning("cannot measure %s: %s", info.model_id, exc)
         # Peers drop a whole offer that claims more than their bound (as a
         # lie): an engine faster than that announces the bound, not nothing.
-        bound = offers.Config().max_tokens_per_s
+        bound = self._max_tokens_per_s
         for model_id, speed in measured.items():
             if speed > bound:
                 logger.warning(

@@ -247,8 +247,20 @@ async def test_a_replayed_answer_leaves_the_model_exactly_where_generation_did(
     assert rest_logprobs == logprobs[cut:]
 
 
-@pytest.mark.parametrize("model", ["bundled", "gemma"])
-async def test_the_answer_so_far_goes_in_one_batch_only_where_that_is_exact(model: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "prompt"),
+    [
+        ("bundled", "The history of the printing press"),
+        # The cut falls past llama.cpp's 256 KV cells, where a batch attends
+        # over more (masked) cells than the one-token steps before it did.
+        ("bundled", "The history of the printing press. " * 35),
+        ("gemma", "The history of the printing press"),
+    ],
+    ids=["bundled", "bundled-past-256-cells", "gemma"],
+)
+async def test_the_answer_so_far_goes_in_one_batch_only_where_that_is_exact(
+    model: str, prompt: str
+) -> None:
     """A failover's continuation is evaluated in one batch (as fast as a
     prompt) where that leaves llama.cpp bit for bit where generation did, and
     token by token where it does not (docs/architecture.md#deterministic-generation)."""
@@ -261,9 +273,11 @@ async def test_the_answer_so_far_goes_in_one_batch_only_where_that_is_exact(mode
         request = Request(
             model_id=BUNDLED_MODEL_ID,
             kind="completion",
-            prompt="The history of the printing press",
+            prompt=prompt,
             params=Params(max_tokens=30, temperature=0.0, seed=7),
         )
+        if len(prompt) > 100:
+            assert 256 - 17 < e.prompt_tokens(request) < 256
         ids, logprobs = await _greedy_logprobs(e, request)
         assert len(ids) == 30
         cut = 17

@@ -66,6 +66,7 @@ from p2pnode.p2p.discovery import verify_peer_signature
 from p2pnode.p2p.finder import Finder
 from p2pnode.p2p.histograms import TTFT_BUCKETS_S, Histogram
 from p2pnode.p2p.host import short
+from p2pnode.p2p.locks import KeyedLocks
 from p2pnode.p2p.market import ConsumerMarket, OfferMismatch
 from p2pnode.p2p.pricing import PeerStats, rank
 from p2pnode.p2p.reputation import Offence, Reputation
@@ -237,7 +238,7 @@ class Consumer:
         # Measured round trips and speeds, least recently used forgotten first.
         self.stats: collections.OrderedDict[str, PeerStats] = collections.OrderedDict()
         self._sessions: dict[tuple[str, str], _Session] = {}
-        self._opening: dict[tuple[str, str], trio.Lock] = {}
+        self._opening: KeyedLocks[tuple[str, str]] = KeyedLocks()  # sessions being opened
         self._request_ids = itertools.count(1)
         # Time to open each session: stream, handshake and (paid) the on-chain open.
         self.open_ms: list[float] = []
@@ -961,25 +962,18 @@ class Consumer:
 
     async def _session(self, peer: str, model_id: str, *, reopen: bool) -> _Session | Refusal:
         key = (peer, model_id)
-        lock = self._opening.setdefault(key, trio.Lock())
-        try:
-            async with lock:
-                held = self._sessions.get(key)
-                market = self.market
-                if held is not None and not reopen:
-                    if market is None or market.usable(held.session_id):
-                        return held
-                    reopen = True  # the paid session was closed (idle) or has ended
-                if held is None and market is None:
-                    return await self._open_beside_confirm(peer, model_id)
-                if held is None:
-                    await self._confirm(peer)
-                return await self._open(peer, model_id)
-        finally:
-            # Locks exist only while someone opens: the table cannot grow
-            # with every provider ever tried.
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._opening.pop(key, None)
+        async with self._opening.hold(key):
+            held = self._sessions.get(key)
+            market = self.market
+            if held is not None and not reopen:
+                if market is None or market.usable(held.session_id):
+                    return held
+                reopen = True  # the paid session was closed (idle) or has ended
+            if held is None and market is None:
+                return await self._open_beside_confirm(peer, model_id)
+            if held is None:
+                await self._confirm(peer)
+            return await self._open(peer, model_id)
 
     async def _open_beside_confirm(self, peer: str, model_id: str) -> _Session | Refusal:
         """Free mode: the status call runs beside the handshake, not before it.

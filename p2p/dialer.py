@@ -23,6 +23,7 @@ from p2pnode.errors import ConfigError, NetworkError, UnreachableError
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p import relay as relaylib
 from p2pnode.p2p.host import short
+from p2pnode.p2p.locks import KeyedLocks
 from p2pnode.protocols import dialback, infer, offers, session, status
 
 # How long addresses learnt from an offer stay in the peerstore (offers are
@@ -66,7 +67,7 @@ class Dialer:
         # Peers we failed to reach, with the sequence number of the offer we
         # held then, most recent last (bounded: peer ids cost nothing).
         self._failed: collections.OrderedDict[ID, int] = collections.OrderedDict()
-        self._dialing: dict[ID, trio.Lock] = {}  # circuits being dialled, per peer
+        self._dialing: KeyedLocks[ID] = KeyedLocks()  # circuits being dialled, per peer
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run upgrades in ``nursery`` from now on (the node's own)."""
@@ -134,21 +135,14 @@ class Dialer:
         handshake) wait for the first one's circuit instead of each dialling
         their own.
         """
-        lock = self._dialing.setdefault(peer_id, trio.Lock())
-        try:
-            async with lock:
-                if relaylib.connections(self._host, peer_id):
-                    return
-                await self._relay.dial(circuit)
-                if self._relay.cfg.hole_punch and self._nursery is not None:
-                    # This stream goes through the relay now; later ones go
-                    # direct if the upgrade works.
-                    self._nursery.start_soon(self._upgrade, peer_id)
-        finally:
-            # Locks exist only while someone dials: the table cannot grow
-            # with every peer ever reached.
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._dialing.pop(peer_id, None)
+        async with self._dialing.hold(peer_id):
+            if relaylib.connections(self._host, peer_id):
+                return
+            await self._relay.dial(circuit)
+            if self._relay.cfg.hole_punch and self._nursery is not None:
+                # This stream goes through the relay now; later ones go
+                # direct if the upgrade works.
+                self._nursery.start_soon(self._upgrade, peer_id)
 
     async def _upgrade(self, peer_id: ID) -> None:
         if await self._relay.upgrade(peer_id, own=OWN_PROTOCOLS):

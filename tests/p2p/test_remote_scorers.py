@@ -428,7 +428,7 @@ async def test_an_answer_or_a_score_by_other_weights_than_the_offer_names_is_a_b
         assert offences(net.me, liar.peer_id) == {Offence.BROKEN_PROMISE.value: 1}
         # Its sessions end; the others' stay, and no open is left half-done.
         assert (sessions(net.me, liar.peer_id), sessions(net.me, honest.peer_id)) == ([], [MODEL])
-        assert net.me.consumer._opening == {}
+        assert len(net.me.consumer._opening) == 0
 
         parts: list[str] = []
 

@@ -21,7 +21,8 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -32,9 +33,12 @@ from libp2p.abc import IHost, INetStream
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import env_to_send_in_RPC
+from libp2p.pubsub import gossipsub as _gossipsub_module
+from libp2p.pubsub import pubsub as _pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.utils import maybe_consume_signed_record
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pnode.p2p.host import dials_peer, short
@@ -55,7 +59,9 @@ __all__ = [
     "Config",
     "Discovery",
     "dht_key",
+    "consume_record_once",
     "new_book",
+    "own_record",
     "verify_peer_signature",
 ]
 
@@ -117,6 +123,67 @@ def verify_peer_signature(peer_id: str, payload: bytes, signature: bytes) -> boo
         return bool(key.verify(payload, signature))
     except ValueError:
         return False
+
+
+# py-libp2p 0.8.1 puts this node's signed peer record in every pubsub RPC it
+# sends, and rebuilds it for each one (its listen addresses as multiaddrs,
+# then the cached record's, to compare them); it checks the record in every
+# RPC it reads, twice (on reading and again for the control part): an
+# Ed25519 verification, multiaddr parsing and an address-book rewrite per
+# RPC. At 200 nodes on two cores that was ~15% of each busy loop after
+# start-up (docs/libp2p-traps.md#a-signed-peer-record-on-every-rpc). A sent
+# record is reused for a second; a received one is checked again only when
+# its bytes change, or after ten minutes, which keeps the address book's
+# two-hour TTL fresh as the library's every-RPC refresh did.
+_RECORD_REUSE_S: Final = 1.0
+_RECORD_RECHECK_S: Final = 600.0
+# Peers whose last checked record a node remembers, oldest forgotten first.
+_RECORDS_KEPT: Final = 4096
+_sent_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+_checked_records: weakref.WeakKeyDictionary[IHost, OrderedDict[ID, tuple[bytes, float]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def own_record(host: IHost) -> tuple[bytes, bool]:
+    """``env_to_send_in_RPC``, rebuilt at most once a second per host."""
+    now = trio.current_time()
+    held = _sent_records.get(host)
+    if held is not None and now - held[0] < _RECORD_REUSE_S:
+        return held[1], False
+    envelope, new = env_to_send_in_RPC(host)
+    _sent_records[host] = (now, envelope)
+    return envelope, new
+
+
+def consume_record_once(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
+    """``maybe_consume_signed_record``, skipped for the bytes this peer's record last had.
+
+    The sender is the authenticated peer of the connection, so the same
+    bytes from the same peer were checked and stored already.
+    """
+    if not msg.HasField("senderRecord"):
+        return True
+    record = msg.senderRecord
+    checked = _checked_records.get(host)
+    if checked is None:
+        checked = _checked_records[host] = OrderedDict()
+    now = trio.current_time()
+    held = checked.get(peer_id)
+    if held is not None and held[0] == record and now - held[1] < _RECORD_RECHECK_S:
+        return True
+    if not maybe_consume_signed_record(msg, host, peer_id):
+        return False
+    checked.pop(peer_id, None)
+    checked[peer_id] = (record, now)
+    while len(checked) > _RECORDS_KEPT:
+        checked.popitem(last=False)
+    return True
+
+
+for _module in (_pubsub_module, _gossipsub_module):
+    _module.env_to_send_in_RPC = own_record  # type: ignore[attr-defined]
+    _module.maybe_consume_signed_record = consume_record_once  # type: ignore[attr-defined]
 
 
 # Verdicts on this node's own offer that mean every peer would refuse it too.
@@ -211,7 +278,7 @@ class OfferGossip(GossipSub):
             held = newest.get(msg.from_id)
             if held is None or msg.seqno > held.seqno:  # 8-byte big-endian counters
                 newest[msg.from_id] = msg
-        envelope = env_to_send_in_RPC(pubsub.host)[0]
+        envelope = own_record(pubsub.host)[0]
         # Written directly, as py-libp2p's own catch-up and flush do (the
         # peer's send queue may not exist yet: it drops what it cannot
         # queue). Each RPC stays within one yamux frame, so a write of

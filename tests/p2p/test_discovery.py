@@ -12,11 +12,16 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
+import multiaddr
 import pytest
 import trio
 from libp2p.abc import INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
+from libp2p.peer.id import ID
+from libp2p.peer.peerstore import create_signed_peer_record
 from libp2p.pubsub import gossipsub as gossipsub_module
+from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from trio.testing import MockClock
 
@@ -337,3 +342,78 @@ async def test_an_engine_faster_than_peers_believe_is_announced_at_their_bound(
             return held is not None and held.models[0].tokens_per_s == bound
 
         await eventually(announced)
+
+
+async def test_a_peers_signed_record_is_checked_once_until_it_changes(
+    memory: MemoryNetwork, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # py-libp2p verified the sender's signed peer record in every pubsub RPC,
+    # twice, and rebuilt its own for every RPC it sent: ~15% of a 200-node
+    # simnet's busy loops (docs/libp2p-traps.md#a-signed-peer-record-on-every-rpc).
+    checked: list[str] = []
+    library_check = discovery.maybe_consume_signed_record
+
+    def counted_check(msg: rpc_pb2.RPC, host: Any, peer_id: ID) -> bool:
+        checked.append(str(peer_id))
+        return library_check(msg, host, peer_id)
+
+    monkeypatch.setattr(discovery, "maybe_consume_signed_record", counted_check)
+    read: list[str] = []  # RPCs read that carried a record
+
+    def counted_read(module: Any) -> None:
+        installed = module.maybe_consume_signed_record
+
+        def counted(msg: rpc_pb2.RPC, host: Any, peer_id: ID) -> bool:
+            if msg.HasField("senderRecord"):
+                read.append(str(peer_id))
+            return installed(msg, host, peer_id)
+
+        monkeypatch.setattr(module, "maybe_consume_signed_record", counted)
+
+    counted_read(pubsub_module)
+    counted_read(gossipsub_module)
+    # Its forwarding limit counts wall-clock seconds: ten minutes of offers.
+    monkeypatch.setattr(gossipsub_module, "time", _VirtualWallClock())
+
+    async with _one_provider_simnet(discovery.Config(), memory) as net:
+        (provider,) = net.providers
+        await eventually(lambda: all(n.offer_book.get(provider.peer_id) for n in net.nodes))
+        links = sum(len(n.discovery.pubsub.peers) for n in net.nodes if n.discovery is not None)
+        await trio.sleep(1)
+        checked.clear()
+        read.clear()
+        await trio.sleep(60)  # six announcements, forwarded; sixty heartbeats
+        assert len(read) >= 12
+        assert checked == []
+        # Ten minutes on, each record is checked again once, which keeps the
+        # address book's two-hour TTL fresh.
+        await trio.sleep(600)
+        assert 0 < len(checked) <= links
+        for node in net.nodes:
+            store = node.host.get_peerstore()
+            for peer in node.connected_peers():
+                assert store.addrs(ID.from_base58(peer)), f"{node.peer_id} lost {peer}'s addresses"
+
+
+async def test_a_record_is_remembered_only_once_it_passed_the_librarys_check(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    owner, stranger = create_new_key_pair(), create_new_key_pair()
+    owner_id, stranger_id = ID.from_pubkey(owner.public_key), ID.from_pubkey(stranger.public_key)
+    addr = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4001")
+    envelope = create_signed_peer_record(owner_id, [addr], owner.private_key)
+    rpc = rpc_pb2.RPC(senderRecord=envelope.marshal_envelope())
+    tampered = bytearray(rpc.senderRecord)
+    tampered[-1] ^= 1
+    async with open_memory_node(memory, NodeConfig()) as me:
+        # Another peer's record, sent by a stranger: refused every time.
+        assert not discovery.consume_record_once(rpc, me.host, stranger_id)
+        assert not discovery.consume_record_once(rpc, me.host, stranger_id)
+        assert me.host.get_peerstore().get_peer_record(owner_id) is None
+        # From its owner: checked and stored.
+        assert discovery.consume_record_once(rpc, me.host, owner_id)
+        assert me.host.get_peerstore().addrs(owner_id) == [addr]
+        # The same peer's next RPC with a broken signature is checked, and refused.
+        assert not discovery.consume_record_once(
+            rpc_pb2.RPC(senderRecord=bytes(tampered)), me.host, owner_id
+        )

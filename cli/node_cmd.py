@@ -295,7 +295,7 @@ def start(
     from p2pnode.inference import dashboard, keys, openai_api
     from p2pnode.inference.serving import open_engines
     from p2pnode.p2p import identity
-    from p2pnode.p2p.node import open_node
+    from p2pnode.p2p.node import freeze_startup_heap, open_node
 
     home = app.home()
     node_options = options.NodeOptions.take(flags)
@@ -372,6 +372,9 @@ def start(
                     }
                 if node.offering.engines and config.measure_tokens > 0:
                     nursery.start_soon(_tell_measured, node)
+                # What is up now lives as long as the process: later full
+                # collections need not walk it (docs/performance.md#garbage-collection).
+                freeze_startup_heap()
                 # The file first, then the line: whoever waits on either sees both.
                 if ready_file is not None:
                     ready = {"peer_id": node.peer_id, "addrs": node.addrs, "shim_url": shim_url}

@@ -17,6 +17,7 @@ Two channels, because neither is enough alone:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -128,54 +129,67 @@ def verify_peer_signature(peer_id: str, payload: bytes, signature: bytes) -> boo
 # py-libp2p 0.8.1 puts this node's signed peer record in every pubsub RPC it
 # sends, and rebuilds it for each one (its listen addresses as multiaddrs,
 # then the cached record's, to compare them); it checks the record in every
-# RPC it reads, twice (on reading and again for the control part): an
-# Ed25519 verification, multiaddr parsing and an address-book rewrite per
-# RPC. At 200 nodes on two cores that was ~15% of each busy loop after
-# start-up (docs/libp2p-traps.md#a-signed-peer-record-on-every-rpc). A sent
-# record is reused for a second; a received one is checked again only when
-# its bytes change, or after ten minutes, which keeps the address book's
-# two-hour TTL fresh as the library's every-RPC refresh did.
+# RPC it reads (twice when the RPC has a control part): an Ed25519
+# verification, multiaddr parsing and an address-book rewrite per RPC. At
+# 200 nodes on two cores that was ~15% of each busy loop after start-up
+# (docs/libp2p-traps.md#a-signed-peer-record-on-every-rpc). A sent record is
+# reused for a second while it is still the host's record (identify issues a
+# newer one when the addresses change, and a peer holding that one refuses
+# an RPC with the older); a received one is checked again only when it
+# changes, or after ten minutes, which keeps the address book's two-hour
+# TTL fresh as the library's every-RPC refresh did.
 _RECORD_REUSE_S: Final = 1.0
 _RECORD_RECHECK_S: Final = 600.0
-# Peers whose last checked record a node remembers, oldest forgotten first.
+# Peers whose last checked record a host remembers, least recently seen
+# forgotten first; a digest each, as a record may be as large as an RPC.
 _RECORDS_KEPT: Final = 4096
-_sent_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+_sent_records: weakref.WeakKeyDictionary[IHost, tuple[float, object, bytes]] = (
+    weakref.WeakKeyDictionary()
+)
 _checked_records: weakref.WeakKeyDictionary[IHost, OrderedDict[ID, tuple[bytes, float]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def _fresh(since: float, now: float, limit: float) -> bool:
+    # Times are one trio run's clock: one from another run never counts.
+    return 0.0 <= now - since < limit
+
+
 def own_record(host: IHost) -> tuple[bytes, bool]:
-    """``env_to_send_in_RPC``, rebuilt at most once a second per host."""
+    """``env_to_send_in_RPC``, rebuilt at most once a second while the host's record stands."""
     now = trio.current_time()
     held = _sent_records.get(host)
-    if held is not None and now - held[0] < _RECORD_REUSE_S:
-        return held[1], False
+    current = host.get_peerstore().get_local_record()
+    if held is not None and held[1] is current and _fresh(held[0], now, _RECORD_REUSE_S):
+        return held[2], False
     envelope, new = env_to_send_in_RPC(host)
-    _sent_records[host] = (now, envelope)
+    _sent_records[host] = (now, host.get_peerstore().get_local_record(), envelope)
     return envelope, new
 
 
 def consume_record_once(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
-    """``maybe_consume_signed_record``, skipped for the bytes this peer's record last had.
+    """``maybe_consume_signed_record``, skipped for the record this peer last had accepted.
 
     The sender is the authenticated peer of the connection, so the same
-    bytes from the same peer were checked and stored already.
+    bytes from the same peer were checked and stored already. A record the
+    library refuses is never remembered.
     """
     if not msg.HasField("senderRecord"):
         return True
-    record = msg.senderRecord
+    digest = hashlib.blake2b(msg.senderRecord, digest_size=16).digest()
     checked = _checked_records.get(host)
     if checked is None:
         checked = _checked_records[host] = OrderedDict()
     now = trio.current_time()
     held = checked.get(peer_id)
-    if held is not None and held[0] == record and now - held[1] < _RECORD_RECHECK_S:
+    if held is not None and held[0] == digest and _fresh(held[1], now, _RECORD_RECHECK_S):
+        checked.move_to_end(peer_id)
         return True
     if not maybe_consume_signed_record(msg, host, peer_id):
         return False
     checked.pop(peer_id, None)
-    checked[peer_id] = (record, now)
+    checked[peer_id] = (digest, now)
     while len(checked) > _RECORDS_KEPT:
         checked.popitem(last=False)
     return True

@@ -17,7 +17,6 @@ per worker (:class:`Worker`): small pickled tuples, nothing of the network.
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
 import os
@@ -33,7 +32,7 @@ from typing import Any
 import trio
 
 from p2pnode.errors import P2PNodeError
-from p2pnode.p2p.node import Node, NodeConfig
+from p2pnode.p2p.node import Node, NodeConfig, freeze_startup_heap
 from p2pnode.p2p.reputation import Offence
 from p2pnode.protocols import offers
 from p2pnode.simnet import harness
@@ -414,8 +413,7 @@ async def _freeze(state: _Nodes, provider_ids: list[str]) -> None:
     """Start-up is over: as open_simnet does, freeze what it made
     (docs/performance.md#garbage-collection)."""
     state.provider_ids = frozenset(provider_ids)
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
 
 
 async def _ready(state: _Nodes, bound_s: float) -> dict[str, float]:

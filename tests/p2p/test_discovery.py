@@ -19,7 +19,7 @@ from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.peer.id import ID
-from libp2p.peer.peerstore import create_signed_peer_record
+from libp2p.peer.peerstore import create_signed_peer_record, issue_and_cache_local_record
 from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
@@ -401,19 +401,45 @@ async def test_a_record_is_remembered_only_once_it_passed_the_librarys_check(
     owner, stranger = create_new_key_pair(), create_new_key_pair()
     owner_id, stranger_id = ID.from_pubkey(owner.public_key), ID.from_pubkey(stranger.public_key)
     addr = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4001")
+    older = create_signed_peer_record(owner_id, [addr], owner.private_key)
     envelope = create_signed_peer_record(owner_id, [addr], owner.private_key)
+    assert older.record().seq < envelope.record().seq
     rpc = rpc_pb2.RPC(senderRecord=envelope.marshal_envelope())
     tampered = bytearray(rpc.senderRecord)
     tampered[-1] ^= 1
     async with open_memory_node(memory, NodeConfig()) as me:
+        store = me.host.get_peerstore()
         # Another peer's record, sent by a stranger: refused every time.
         assert not discovery.consume_record_once(rpc, me.host, stranger_id)
         assert not discovery.consume_record_once(rpc, me.host, stranger_id)
-        assert me.host.get_peerstore().get_peer_record(owner_id) is None
+        assert store.get_peer_record(owner_id) is None
         # From its owner: checked and stored.
         assert discovery.consume_record_once(rpc, me.host, owner_id)
-        assert me.host.get_peerstore().addrs(owner_id) == [addr]
+        assert store.addrs(owner_id) == [addr]
+        # What the owner's record passed does not pass for the stranger.
+        assert not discovery.consume_record_once(rpc, me.host, stranger_id)
         # The same peer's next RPC with a broken signature is checked, and refused.
         assert not discovery.consume_record_once(
             rpc_pb2.RPC(senderRecord=bytes(tampered)), me.host, owner_id
         )
+        # An older record than the one stored is refused, every time.
+        stale = rpc_pb2.RPC(senderRecord=older.marshal_envelope())
+        assert not discovery.consume_record_once(stale, me.host, owner_id)
+        assert not discovery.consume_record_once(stale, me.host, owner_id)
+        assert discovery.consume_record_once(rpc, me.host, owner_id)
+
+
+async def test_a_node_sends_its_newest_record_at_once(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # Reused for a second, but never past a newer record of the host's own
+    # (identify issues one when its addresses change): a peer that stored
+    # the newer one refuses an RPC that carries the older.
+    async with open_memory_node(memory, NodeConfig()) as me:
+        first, _ = discovery.own_record(me.host)
+        assert discovery.own_record(me.host)[0] == first
+        newer = issue_and_cache_local_record(me.host)
+        assert newer != first
+        assert discovery.own_record(me.host)[0] == newer
+        await trio.sleep(1.5)
+        assert discovery.own_record(me.host)[0] == newer

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pnode.protocols.infer.batching import Batch, Config, Streams, TokenBatcher
+from p2pnode.protocols.infer.messages import Alternative, TokenLogprob
 
 
 def test_the_first_token_leaves_at_once() -> None:
@@ -40,6 +41,18 @@ def test_a_fast_engine_is_capped_by_max_tokens() -> None:
     batcher.add("x", 1, now=0.0)
     out = [batcher.add(str(i), 1, now=0.0001 * i) for i in range(8)]
     assert [b for b in out if b] == [Batch("0123", 4), Batch("4567", 4)]
+
+
+def test_long_pieces_are_capped_by_max_bytes() -> None:
+    # A frame's size is bounded however long the pieces or their alternatives.
+    batcher = TokenBatcher(Config(window_s=1.0, max_tokens=1024, max_bytes=100))
+    batcher.add("x", 1, now=0.0)
+    out = [batcher.add("y" * 30, 1, now=0.0001 * i) for i in range(8)]
+    assert [b.tokens for b in out if b] == [4, 4]
+    top = tuple(Alternative(piece=b"z" * 40, logprob=-1) for _ in range(2))
+    entry = TokenLogprob(piece=b"w", logprob=-1, top=top)
+    assert batcher.add("w", 1, now=0.01, entries=[entry]) is None
+    assert batcher.add("w", 1, now=0.02, entries=[entry]) == Batch("ww", 2, entries=(entry, entry))
 
 
 @given(st.lists(st.tuples(st.text(max_size=5), st.floats(0, 0.05)), max_size=50))

@@ -36,6 +36,8 @@ from p2pnode.protocols.dialback import service as dialback_service
 
 logger = logging.getLogger(__name__)
 _RANDOM = secrets.SystemRandom()
+# The longest wait between searches for relays while short of them.
+_MAX_RELAY_SEARCH_WAIT_S = 600.0
 
 TaskStatus = Any  # trio.TaskStatus is shadowed by the trio-typing stubs
 
@@ -161,6 +163,11 @@ class RelayKeeping:
         self._addrs_changed = addrs_changed
         self.direct_addrs: list[str] = []
         self.addrs: list[str] = []
+        # When the DHT may next be searched for relays, and the wait after
+        # a search that left the node short of reservations.
+        self._search_at = 0.0
+        self._search_wait_s = check_s
+        self.relay_searches = 0
 
     def listening(self, addrs: Sequence[str]) -> None:
         """The host listens at ``addrs``: advertised as they are until relayed."""
@@ -182,9 +189,14 @@ class RelayKeeping:
             if ID.from_base58(relay_id) not in connected:
                 logger.warning("relay %s is gone; reserving elsewhere", short(relay_id))
                 self._relay.forget(relay_id)
+                self._search_at, self._search_wait_s = 0.0, self._check_s
         discovered: list[str] = []
         short_of = len(self._relay.reservations) < self._relay.cfg.want
-        if short_of and self._discovery is not None:
+        searched = False
+        now = trio.current_time()
+        if short_of and self._discovery is not None and now >= self._search_at:
+            searched = True
+            self.relay_searches += 1
             configured = {hostlib.parse_peer_addr(a).peer_id for a in self._relay.cfg.relays}
             discovered = [
                 a
@@ -192,6 +204,15 @@ class RelayKeeping:
                 if hostlib.parse_peer_addr(a).peer_id not in configured
             ]
         circuits = await self._relay.reserve_all(nursery, discovered)
+        # A network with fewer relays than the node wants left it searching
+        # the DHT every check for good (every second in the relay scenario:
+        # ~13% of its process's loop). A search that leaves it short waits
+        # twice as long before the next, up to _MAX_RELAY_SEARCH_WAIT_S.
+        if len(self._relay.reservations) >= self._relay.cfg.want:
+            self._search_wait_s = self._check_s
+        elif searched:
+            self._search_at = trio.current_time() + self._search_wait_s
+            self._search_wait_s = min(2 * self._search_wait_s, _MAX_RELAY_SEARCH_WAIT_S)
         # A private node's own addresses are no use to others.
         addrs = circuits or self.direct_addrs
         if addrs != self.addrs:

@@ -224,6 +224,30 @@ async def test_a_private_node_finds_a_relay_in_the_dht(
         assert private.addrs[0].endswith(f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{private.peer_id}")
 
 
+async def test_a_node_short_of_relays_searches_the_dht_less_and_less(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # It wants two relays and the network has one: it searched the DHT at
+    # every check, for good (every second in the relay scenario, ~13% of
+    # that process's loop and most of its figures' noise).
+    service = relaylib.Config(service=True)
+    async with (
+        open_memory_node(memory, NodeConfig()) as hub,
+        open_memory_node(memory, NodeConfig(bootstrap=(hub.addrs[0],), relay=service)),
+        open_memory_node(
+            memory,
+            NodeConfig(bootstrap=(hub.addrs[0],), reachability="private", relay_check_s=1.0),
+        ) as private,
+    ):
+        assert private.relay.cfg.want == 2
+        with trio.fail_after(BOUND_S):
+            await until(lambda: private.relay.reservations, BOUND_S)
+        await trio.sleep(600)
+        # Waits of 1, 2, 4 ... 512 s: ten searches where there were 600.
+        assert 8 <= private.relay_keeping.relay_searches <= 12
+        assert len(private.relay.reservations) == 1
+
+
 SYNTHETIC = Request(
     model_id="synthetic", kind="completion", prompt="x", params=Params(max_tokens=20_000)
 )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager, closing
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, closing, contextmanager
 from functools import partial
 from typing import Any
 
@@ -41,7 +41,7 @@ from p2pnode.protocols import dialback, infer, offers, session, status
 from p2pnode.protocols.status import service as status_service
 from p2pnode.scopes import single_errors_ungrouped
 
-__all__ = ["Node", "NodeConfig", "freeze_startup_heap", "open_node"]
+__all__ = ["Node", "NodeConfig", "freeze_startup_heap", "open_node", "startup_heap_frozen"]
 
 
 class Node:
@@ -305,6 +305,16 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+@contextmanager
+def startup_heap_frozen() -> Iterator[None]:
+    """``freeze_startup_heap`` for a block; its objects are collectable again after."""
+    freeze_startup_heap()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _most_said(values: Iterable[float]) -> float | None:

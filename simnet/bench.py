@@ -7,7 +7,6 @@ between them (docs/architecture.md#conventions).
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 import time
@@ -21,7 +20,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pnode.inference.engine import Params, Request, tokens_per_second
-from p2pnode.p2p.node import NodeConfig, freeze_startup_heap, open_node
+from p2pnode.p2p.node import NodeConfig, open_node, startup_heap_frozen
 from p2pnode.protocols import status
 from p2pnode.protocols.wire import FrameDecoder, Sentinel
 
@@ -331,8 +330,7 @@ async def bench_e2e(
                 # As `p2pnode start` does once it is up: a full collection of
                 # the start-up heap paused a round for ~150 ms
                 # (docs/performance.md#garbage-collection).
-                freeze_startup_heap()
-                try:
+                with startup_heap_frozen():
                     for i in range(rounds):
                         prompt = prompts[i % len(prompts)]
                         order = ["network", "direct"] if i % 2 == 0 else ["direct", "network"]
@@ -343,8 +341,6 @@ async def bench_e2e(
                                     client, url, api_key, model_id, prompt, max_tokens
                                 )
                             )
-                finally:
-                    gc.unfreeze()
                 nursery.cancel_scope.cancel()
         finally:
             server.terminate()
@@ -492,8 +488,6 @@ async def bench_load(
         await consumer.dialer.connect(provider.addrs[0])
         await consumer.finder.refresh_offer(provider.peer_id)
         await _timed_completion(http, shim_url, key, model_id, LOAD_PROMPTS[0], 4)  # warm-up
-        # As `p2pnode start` does once it is up (docs/performance.md#garbage-collection).
-        freeze_startup_heap()
 
         async def local(prompt: str) -> tuple[float, int]:
             request = Request(model_id=model_id, kind="completion", prompt=prompt,
@@ -512,13 +506,12 @@ async def bench_load(
             )
             return ttft, tokens
 
-        try:
+        # As `p2pnode start` does once it is up (docs/performance.md#garbage-collection).
+        with startup_heap_frozen():
             for r in range(rounds):
                 order = [("local", local), ("network", network)]
                 for name, one in order if r % 2 == 0 else order[::-1]:
                     figures[name].append(await _concurrently(one, clients, requests))
-        finally:
-            gc.unfreeze()
         # What the network side met on the way: refusals, attempts, sessions.
         seen = {
             "provider_refusals": dict(provider.provider.refusals) if provider.provider else {},

@@ -8,7 +8,6 @@ real one is. Scenarios drive nodes only through their public interface.
 from __future__ import annotations
 
 import contextvars
-import gc
 import json
 import os
 import random
@@ -33,7 +32,7 @@ from p2pnode.inference.engine import Engine
 from p2pnode.p2p import host as hostlib
 from p2pnode.p2p.market import Wallet
 from p2pnode.p2p.memory import MemoryNetwork
-from p2pnode.p2p.node import Node, NodeConfig, freeze_startup_heap, open_node
+from p2pnode.p2p.node import Node, NodeConfig, open_node, startup_heap_frozen
 from p2pnode.protocols import offers
 
 # trio.TaskStatus exists, but the trio-stubs that py-libp2p pulls in (trio-typing)
@@ -416,11 +415,10 @@ async def open_simnet(
         # full collection walked all of them again, pausing every node at
         # once for 40-180 ms at 50 peers (the long tail of lookups). Frozen,
         # collections only walk what came after (docs/performance.md#garbage-collection).
-        freeze_startup_heap()
         try:
-            yield net, nursery
+            with startup_heap_frozen():
+                yield net, nursery
         finally:
-            gc.unfreeze()
             with trio.CancelScope(shield=True):
                 await stop_all(net)
             nursery.cancel_scope.cancel()

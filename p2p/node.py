@@ -301,7 +301,7 @@ def freeze_startup_heap() -> None:
     contracts, llama.cpp's bindings), live as long as the process. A full
     collection walked all of them again, 100-150 ms during which nothing in
     the process ran: in `p2pnode bench e2e`, a request that met one came
-    ~165 ms later than its direct twin (docs/performance.md#garbage-collection).
+    ~168 ms later than its direct twin (docs/performance.md#garbage-collection).
     """
     gc.collect()
     gc.freeze()

@@ -37,7 +37,7 @@ from p2pnode.p2p.dialer import Dialer
 from p2pnode.p2p.finder import Finder
 from p2pnode.p2p.guard import Serve, StreamGuard
 from p2pnode.p2p.offering import Offering
-from p2pnode.protocols import dialback, infer, offers, session, status
+from p2pnode.protocols import dialback, infer, session, status
 from p2pnode.protocols.status import service as status_service
 from p2pnode.scopes import single_errors_ungrouped
 
@@ -78,11 +78,7 @@ class Node:
             config.models,
             market=self.markets.provider,
             wallet=config.wallet,
-            max_tokens_per_s=(
-                config.discovery.offers.max_tokens_per_s
-                if config.discovery is not None
-                else offers.Config().max_tokens_per_s
-            ),
+            max_tokens_per_s=(config.discovery or discoverylib.Config()).offers.max_tokens_per_s,
         )
         self.discovery = (
             discoverylib.Discovery(

@@ -25,6 +25,8 @@ from libp2p.abc import IHost, ISecureTransport, ITransport
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -76,6 +78,44 @@ async def _read_keeping_resets(self: YamuxStream, n: int | None = -1) -> bytes:
 
 
 YamuxStream.read = _read_keeping_resets  # type: ignore[method-assign]
+
+# Noise reads each message as its 2-byte length, then its body: two socket
+# reads (each a syscall and a trip through the trio loop) per message, and a
+# burst of gossip is read message by message. The TCP stream now reads ahead
+# up to 64 KiB and serves later reads from what it already holds
+# (docs/libp2p-traps.md#two-socket-reads-per-message).
+READ_AHEAD = 64 * 1024
+
+
+async def _read_ahead(self: TrioTCPStream, n: int | None = None) -> bytes:
+    async with self.read_lock:
+        if n == 0:
+            return b""
+        held: bytearray | None = getattr(self, "_ahead", None)
+        if held is None:
+            held = self._ahead = bytearray()  # type: ignore[attr-defined]
+        if not held:
+            try:
+                data = await self.stream.receive_some(max(n or 0, READ_AHEAD))
+            except trio.BrokenResourceError as exc:
+                # As the library's read: a reset reaches the muxer as a closed
+                # connection, a local close as end of stream.
+                raise ConnectionClosedError(
+                    f"TCP connection reset by remote peer: {exc}", transport="tcp"
+                ) from exc
+            except trio.ClosedResourceError:
+                return b""
+            if n is None or n >= len(data):
+                return data
+            held += data
+        # Deleting from the front of a bytearray is amortised O(1) in CPython:
+        # a burst is not copied again for each message read out of it.
+        piece = bytes(held[:n] if n is not None else held)
+        del held[: len(piece)]
+        return piece
+
+
+TrioTCPStream.read = _read_ahead  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,10 +9,11 @@ unchanged.
 
 The window widens with the streams the provider is generating at once
 (:class:`Streams`): ``window_s`` for each, up to ``max_window_s``. Alone, a
-stream's tokens leave every 20 ms; with four, every 80 ms; so the provider
+stream's tokens leave every 40 ms; with four, every 160 ms; so the provider
 sends about the same frames per second however many clients it serves, and
 the CPU those frames cost is not taken from its engine (with four slots on
-two cores, a frame per token cost ~7% of the tokens: docs/performance.md#concurrent-clients).
+two cores, a frame per token cost ~7% of the tokens, and a frame per two
+~5%: docs/performance.md#concurrent-clients).
 Pure: the caller passes ``now`` and waits for :meth:`deadline` itself.
 """
 
@@ -26,12 +27,14 @@ from p2pnode.protocols.infer.messages import TokenLogprob
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    # 20 ms: well under what a reader notices, and at 50 frames/s a stream
+    # 40 ms: under what a reader notices, and at 25 frames/s a stream
     # carries any token rate the engine makes (goal: >= 20,000 tokens/s).
-    window_s: float = 0.02
-    # The widest window, however many streams: 100 ms is about where a
-    # reader starts to see text arrive in steps.
-    max_window_s: float = 0.1
+    window_s: float = 0.04
+    # The widest window, however many streams: a reader sees text arrive in
+    # steps of a few words, five times a second, from a provider busy enough
+    # to need it (with 20 ms and 100 ms, four streams on a 2-core provider
+    # took ~5% of its engine's tokens; with 40 ms and 200 ms, ~3%).
+    max_window_s: float = 0.2
     # Bound a frame when a provider is very fast. Each frame costs a fixed
     # ~0.6 ms at every layer, twice over a relayed connection (the circuit's
     # own Noise and yamux inside the relay connection's): `bench stream`

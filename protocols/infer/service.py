@@ -242,11 +242,13 @@ class _Generation:
                     await self._write(self._machine.send_error(error))
                 nursery.cancel_scope.cancel()
                 return None
-            # What is still batched, then Done, in one hold of the lock: a
-            # batch the flusher took cannot land after Done.
+            # What is still batched, then Done, in one hold of the lock (a
+            # batch the flusher took cannot land after Done) and one write:
+            # a frame's fixed cost paid once, not twice, at every layer.
             async with self._write_lock:
-                await self._send_pending()
-                await self._write(self._machine.done(done))
+                await self._write(
+                    self._chunk_bytes(self._batcher.flush()) + self._machine.done(done)
+                )
             with trio.move_on_after(self._cfg.ack_wait_s):
                 await self._acked.wait()
             nursery.cancel_scope.cancel()
@@ -302,12 +304,16 @@ class _Generation:
             await self._send_chunk(batch)
 
     async def _send_chunk(self, batch: Batch) -> None:
-        if self._machine.state is State.STREAMING:  # not after an Error or Done
-            await self._write(
-                self._machine.chunk(
-                    batch.text, batch.tokens, batch.token_ids, batch.logprobs, batch.entries
-                )
-            )
+        if data := self._chunk_bytes(batch):
+            await self._write(data)
+
+    def _chunk_bytes(self, batch: Batch | None) -> bytes:
+        """``batch`` as a frame; nothing for no batch, or after an Error or Done."""
+        if batch is None or self._machine.state is not State.STREAMING:
+            return b""
+        return self._machine.chunk(
+            batch.text, batch.tokens, batch.token_ids, batch.logprobs, batch.entries
+        )
 
     async def _watch(self, generation: trio.CancelScope) -> None:
         """Read what the consumer sends while we generate: its Ack, or its leaving."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
@@ -191,6 +191,16 @@ async def test_paid_terms_without_a_wallet_are_a_config_error() -> None:
             pass
 
 
+async def _stream_to(
+    server: Node, client: Node, sink: Callable[[INetStream], Awaitable[None]]
+) -> INetStream:
+    """A stream from ``client`` to ``server``, whose handler is ``sink``."""
+    protocol = TProtocol("/p2pnode-test/sink/1")
+    server.host.set_stream_handler(protocol, sink)
+    await client.dialer.connect(server.addrs[0])
+    return await client.host.new_stream(ID.from_base58(server.peer_id), [protocol])
+
+
 async def test_a_reader_returns_credit_by_half_windows_not_per_read(
     node_factory: OpenNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,11 +228,8 @@ async def test_a_reader_returns_credit_by_half_windows_not_per_read(
         received.set()
 
     async with node_factory() as server, node_factory() as client:
-        server.host.set_stream_handler(TProtocol("/p2pnode-test/sink/1"), sink)
-        await client.dialer.connect(server.addrs[0])
-        peer = ID.from_base58(server.peer_id)
         with trio.fail_after(BOUND_S):
-            stream = await client.host.new_stream(peer, [TProtocol("/p2pnode-test/sink/1")])
+            stream = await _stream_to(server, client, sink)
             for _ in range(50):
                 await stream.write(b"x" * 1000)  # each a frame, each read alone
                 await trio.sleep(0.001)
@@ -233,3 +240,40 @@ async def test_a_reader_returns_credit_by_half_windows_not_per_read(
             await received.wait()
     assert total == small + large
     assert 1 <= len(updates) <= 8
+
+
+async def test_a_burst_of_frames_is_read_from_the_socket_ahead(
+    node_factory: OpenNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Noise read each message as its 2-byte length, then its body: two socket
+    # reads per frame (docs/libp2p-traps.md#two-socket-reads-per-message).
+    reads = 0
+    library_receive = trio.SocketStream.receive_some
+
+    async def counted(self: trio.SocketStream, max_bytes: int | None = None) -> bytes:
+        nonlocal reads
+        reads += 1
+        return await library_receive(self, max_bytes)
+
+    frames, size = 50, 1000
+    received = trio.Event()
+    total = 0
+
+    async def sink(stream: INetStream) -> None:
+        nonlocal total
+        while total < frames * size:
+            total += len(await stream.read(65536))
+        received.set()
+
+    async with node_factory() as server, node_factory() as client:
+        with trio.fail_after(BOUND_S):
+            stream = await _stream_to(server, client, sink)
+            monkeypatch.setattr(trio.SocketStream, "receive_some", counted)
+            for _ in range(frames):
+                await stream.write(b"x" * size)  # each a yamux frame in a Noise message
+            await received.wait()
+            read_for_frames = reads
+    assert total == frames * size
+    # At most one read per frame however they arrive (a few more for other
+    # traffic, the gossip heartbeat's): the library's way took two.
+    assert read_for_frames <= frames + 10

@@ -13,10 +13,11 @@ from p2pnode.protocols.infer import service as infer_service
 from p2pnode.protocols.infer.batching import Streams
 from p2pnode.protocols.infer.machine import ConsumerMachine as InferConsumer
 from p2pnode.protocols.infer.machine import ProviderMachine as InferProvider
-from p2pnode.protocols.infer.messages import Done, InferOpen, Request
+from p2pnode.protocols.infer.messages import Chunk, Done, InferOpen, Receipt, Request
 from p2pnode.protocols.refusal import Refusal
 from p2pnode.protocols.session import service
 from p2pnode.protocols.session.messages import Approve, Hello, RejectCode
+from p2pnode.protocols.stream import next_event
 
 BOUND_S = 5
 MAX = 1 << 20
@@ -214,3 +215,49 @@ async def test_a_consumer_that_stops_reading_loses_its_request_after_the_write_b
     assert generated < 4_000  # the generation stopped with the write
     assert counted == [1]
     assert streams.active == 0
+
+
+async def test_the_last_text_and_done_leave_in_one_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Each write is a frame at every layer below (yamux, Noise, TCP): Done
+    # sent on its own cost every request one more of them, each way.
+    consumer, provider = await _handshake(mallory=None, chain=False)
+    assert isinstance(consumer, service.Established)
+    assert provider is not None
+    c_end, p_end = _pair()
+    writes: list[bytes] = []
+    write = p_end.write
+
+    async def recorded(data: bytes) -> None:
+        writes.append(data)
+        await write(data)
+
+    p_end.write = recorded  # type: ignore[method-assign]
+    cfg = infer_service.Config()
+    machine = InferConsumer(cfg.max_frame, consumer.keys, consumer.session_id, 1)
+    receipt = Receipt(
+        session_id=consumer.session_id, requests=1, prompt_tokens=2, completion_tokens=3
+    )
+
+    async def generate(_opened: InferOpen, _request: Request, emit: infer_service.Emit) -> Done:
+        for piece in (" once", " upon", " a"):  # within one window after the first
+            await emit(piece, 1)
+        return Done(finish_reason="stop", prompt_tokens=2, completion_tokens=3, receipt=receipt)
+
+    async def ask() -> None:
+        await c_end.write(machine.open(REQUEST))
+        texts = []
+        while not isinstance(event := await next_event(c_end, machine), Done):
+            assert isinstance(event, Chunk)
+            texts.append(event.text)
+        await c_end.write(machine.ack(b"\x00" * 64))
+        assert texts == [" once", " upon a"]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await infer_service.serve_infer(
+            p_end, lambda _o: provider.keys, generate, lambda *_: None, cfg, Streams()
+        )
+    # The first token at once; the rest with Done.
+    assert len(writes) == 2

@@ -248,6 +248,34 @@ async def test_a_node_short_of_relays_searches_the_dht_less_and_less(
         assert len(private.relay.reservations) == 1
 
 
+async def test_a_relay_that_joins_later_is_found_by_a_node_short_of_relays(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    # One relay at first, a second one later: the node that wants two holds
+    # both once its next search (at most ten minutes on) finds the newcomer.
+    # The hub is public: left to dial-back, the memory network judges it
+    # private after 30 s, and its addresses are then circuits through the
+    # first relay, which a joining node cannot bootstrap from.
+    service = relaylib.Config(service=True)
+    async with (
+        open_memory_node(memory, NodeConfig(reachability="public")) as hub,
+        open_memory_node(memory, NodeConfig(bootstrap=(hub.addrs[0],), relay=service)),
+        open_memory_node(
+            memory,
+            NodeConfig(bootstrap=(hub.addrs[0],), reachability="private", relay_check_s=1.0),
+        ) as private,
+    ):
+        with trio.fail_after(BOUND_S):
+            await until(lambda: private.relay.reservations, BOUND_S)
+        await trio.sleep(60)
+        async with open_memory_node(
+            memory, NodeConfig(bootstrap=(hub.addrs[0],), relay=service)
+        ) as later:
+            await trio.sleep(700)
+            assert len(private.relay.reservations) == 2
+            assert later.peer_id in private.relay.reservations
+
+
 SYNTHETIC = Request(
     model_id="synthetic", kind="completion", prompt="x", params=Params(max_tokens=20_000)
 )

@@ -91,12 +91,17 @@ async def _read_ahead(self: TrioTCPStream, n: int | None = None) -> bytes:
     async with self.read_lock:
         if n == 0:
             return b""
+        if n is not None and n < 0:
+            raise ValueError("max_bytes must be >= 1")  # as the library's socket read
         held: bytearray | None = getattr(self, "_ahead", None)
         if held is None:
             held = self._ahead = bytearray()  # type: ignore[attr-defined]
         if not held:
             try:
-                data = await self.stream.receive_some(max(n or 0, READ_AHEAD))
+                # Never more than READ_AHEAD, whatever was asked: a read may
+                # return less, and a length a peer sent (multistream-select's,
+                # before Noise) must not size the buffer the socket read fills.
+                data = await self.stream.receive_some(READ_AHEAD)
             except trio.BrokenResourceError as exc:
                 # As the library's read: a reset reaches the muxer as a closed
                 # connection, a local close as end of stream.
@@ -115,7 +120,18 @@ async def _read_ahead(self: TrioTCPStream, n: int | None = None) -> bytes:
         return piece
 
 
+_library_tcp_close = TrioTCPStream.close
+
+
+async def _close_dropping_ahead(self: TrioTCPStream) -> None:
+    # After a local close a read ends the stream at once, as the library's
+    # does, rather than serving what was read ahead.
+    self._ahead = bytearray()  # type: ignore[attr-defined]
+    await _library_tcp_close(self)
+
+
 TrioTCPStream.read = _read_ahead  # type: ignore[method-assign]
+TrioTCPStream.close = _close_dropping_ahead  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,9 +7,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
@@ -240,6 +242,45 @@ async def test_a_reader_returns_credit_by_half_windows_not_per_read(
             await received.wait()
     assert total == small + large
     assert 1 <= len(updates) <= 8
+
+
+async def test_reading_ahead_keeps_order_bounds_the_socket_read_and_ends_at_close() -> None:
+    asked: list[int | None] = []
+
+    class Recorded:
+        """A socket stream's reading side over bytes, noting what each read asks for."""
+
+        def __init__(self, data: bytes) -> None:
+            self._inner = trio.testing.MemoryReceiveStream()
+            self._inner.put_data(data)
+            self._inner.put_eof()
+
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            asked.append(max_bytes)
+            return await self._inner.receive_some(max_bytes)
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    def over(data: bytes) -> TrioTCPStream:
+        return TrioTCPStream(Recorded(data))  # type: ignore[arg-type]
+
+    stream = over(b"\x00\x03abc\x00\x02de")
+    # Two length-prefixed messages, read as Noise reads them: one socket read.
+    assert [await stream.read(n) for n in (2, 3, 2, 2)] == [b"\x00\x03", b"abc", b"\x00\x02", b"de"]
+    assert asked == [hostlib.READ_AHEAD]
+    assert await stream.read(2) == b""  # then the end of the stream
+    # A length a peer sent does not size the socket read.
+    asked.clear()
+    assert await over(b"xy").read(1 << 30) == b"xy"
+    assert asked == [hostlib.READ_AHEAD]
+    # After a local close, nothing read ahead is served.
+    stream = over(b"abcdef")
+    assert await stream.read(2) == b"ab"
+    await stream.close()
+    assert await stream.read(4) == b""
+    with pytest.raises(ValueError, match="max_bytes"):
+        await over(b"abc").read(-1)
 
 
 async def test_a_burst_of_frames_is_read_from_the_socket_ahead(

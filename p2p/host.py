@@ -21,19 +21,28 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, ISecureTransport, ITransport
+from libp2p.abc import IHost, IMultiselectCommunicator, ISecureTransport, ITransport
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.io.exceptions import ConnectionClosedError, IOException
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, MultiselectCommunicatorError
+from libp2p.protocol_muxer.multiselect_client import (
+    DEFAULT_NEGOTIATE_TIMEOUT,
+    MULTISELECT_PROTOCOL_ID,
+    PROTOCOL_NOT_FOUND_MSG,
+    MultiselectClient,
+)
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.utils import encode_delim
 
 from p2pnode.errors import ConfigError, NetworkError
 from p2pnode.scopes import single_errors_ungrouped
@@ -131,6 +140,56 @@ async def _close_dropping_ahead(self: TrioTCPStream) -> None:
 
 
 TrioTCPStream.read = _read_ahead  # type: ignore[method-assign]
+
+# py-libp2p's multistream-select client writes its header, waits for the
+# echo, then proposes the protocol and waits again: two round trips before a
+# stream carries anything. With one protocol to propose, header and proposal
+# go in one write, as go-multistream sends them (the listener answers both
+# in order): one round trip and one frame less per stream
+# (docs/libp2p-traps.md#two-round-trips-to-open-a-stream).
+_library_select = MultiselectClient.select_one_of
+
+
+async def _select_in_one_write(
+    self: MultiselectClient,
+    protocols: Sequence[TProtocol],
+    communicator: IMultiselectCommunicator,
+    negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT,
+) -> TProtocol:
+    if (
+        len(protocols) != 1
+        or not protocols[0]
+        or not isinstance(communicator, MultiselectCommunicator)
+    ):
+        return await _library_select(self, protocols, communicator, negotiate_timeout)
+    protocol = protocols[0]
+    with trio.move_on_after(negotiate_timeout):
+        try:
+            await communicator.read_writer.write(
+                encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode())
+            )
+        except (IOException, AssertionError, ValueError) as exc:  # as the library's write
+            raise MultiselectClientError(f"handshake write failed: {exc}") from exc
+        try:
+            header = await communicator.read()
+            answer = await communicator.read()
+        except MultiselectCommunicatorError as exc:
+            raise MultiselectClientError(f"protocol read failed: {exc}") from exc
+        if header != MULTISELECT_PROTOCOL_ID:
+            raise MultiselectClientError(f"multiselect protocol ID mismatch: got {header!r}")
+        if answer == protocol:
+            return protocol
+        if answer == PROTOCOL_NOT_FOUND_MSG:
+            raise MultiselectClientError(
+                f"protocols not supported: tried {[protocol]}, response={answer!r}"
+            )
+        raise MultiselectClientError(f"unrecognized response: {answer!r}, protocol={protocol}")
+    raise MultiselectClientError(
+        f"response timed out after {negotiate_timeout}s, protocols tried: {[protocol]}"
+    )
+
+
+MultiselectClient.select_one_of = _select_in_one_write  # type: ignore[method-assign]
 TrioTCPStream.close = _close_dropping_ahead  # type: ignore[method-assign]
 
 

@@ -11,6 +11,7 @@ import trio.testing
 from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.exceptions import StreamFailure
 from libp2p.io.trio import TrioTCPStream
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
@@ -193,14 +194,16 @@ async def test_paid_terms_without_a_wallet_are_a_config_error() -> None:
             pass
 
 
+SINK = TProtocol("/p2pnode-test/sink/1")
+
+
 async def _stream_to(
     server: Node, client: Node, sink: Callable[[INetStream], Awaitable[None]]
 ) -> INetStream:
     """A stream from ``client`` to ``server``, whose handler is ``sink``."""
-    protocol = TProtocol("/p2pnode-test/sink/1")
-    server.host.set_stream_handler(protocol, sink)
+    server.host.set_stream_handler(SINK, sink)
     await client.dialer.connect(server.addrs[0])
-    return await client.host.new_stream(ID.from_base58(server.peer_id), [protocol])
+    return await client.host.new_stream(ID.from_base58(server.peer_id), [SINK])
 
 
 async def test_a_reader_returns_credit_by_half_windows_not_per_read(
@@ -242,6 +245,38 @@ async def test_a_reader_returns_credit_by_half_windows_not_per_read(
             await received.wait()
     assert total == small + large
     assert 1 <= len(updates) <= 8
+
+
+async def test_a_stream_is_proposed_in_one_write(
+    node_factory: OpenNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # py-libp2p wrote multistream-select's header, waited for its echo, then
+    # proposed the protocol and waited again: two round trips before a stream
+    # carried anything (docs/libp2p-traps.md#two-round-trips-to-open-a-stream).
+    writes: list[tuple[YamuxStream, bytes]] = []
+    library_write = YamuxStream.write
+
+    async def counted(self: YamuxStream, data: bytes) -> None:
+        writes.append((self, data))
+        await library_write(self, data)
+
+    async def sink(stream: INetStream) -> None:
+        await stream.close()
+
+    async with node_factory() as server, node_factory() as client:
+        with trio.fail_after(BOUND_S):
+            await _stream_to(server, client, sink)  # connected, the handler set
+            monkeypatch.setattr(YamuxStream, "write", counted)
+            peer = ID.from_base58(server.peer_id)
+            stream = await client.host.new_stream(peer, [SINK])
+            ours = [data for muxed, data in writes if muxed is stream.muxed_stream]
+            assert len(ours) == 1
+            assert b"/multistream/1.0.0\n" in ours[0]
+            assert ours[0].endswith(SINK.encode() + b"\n")
+            # A protocol the peer does not speak is still refused.
+            with pytest.raises(StreamFailure) as refused:
+                await client.host.new_stream(peer, [TProtocol("/p2pnode-test/none/1")])
+            assert "protocols not supported" in str(refused.value.__cause__)
 
 
 async def test_reading_ahead_keeps_order_bounds_the_socket_read_and_ends_at_close() -> None:

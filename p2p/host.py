@@ -140,6 +140,7 @@ async def _close_dropping_ahead(self: TrioTCPStream) -> None:
 
 
 TrioTCPStream.read = _read_ahead  # type: ignore[method-assign]
+TrioTCPStream.close = _close_dropping_ahead  # type: ignore[method-assign]
 
 # py-libp2p's multistream-select client writes its header, waits for the
 # echo, then proposes the protocol and waits again: two round trips before a
@@ -190,7 +191,6 @@ async def _select_in_one_write(
 
 
 MultiselectClient.select_one_of = _select_in_one_write  # type: ignore[method-assign]
-TrioTCPStream.close = _close_dropping_ahead  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

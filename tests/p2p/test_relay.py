@@ -204,20 +204,31 @@ async def test_a_relay_that_dies_is_replaced(
         nursery.cancel_scope.cancel()
 
 
-async def test_a_private_node_finds_a_relay_in_the_dht(
-    memory: MemoryNetwork, autojump_clock: MockClock
-) -> None:
+@asynccontextmanager
+async def _one_relay(
+    memory: MemoryNetwork, hub: NodeConfig, *, check_s: float
+) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """A hub, a relay that announces itself in the DHT, and a private node
+    (wanting two relays) that looks for them every ``check_s``; all bootstrap
+    from the hub."""
     async with (
-        open_memory_node(memory, NodeConfig()) as hub,
+        open_memory_node(memory, hub) as first,
         open_memory_node(
             memory,
-            NodeConfig(bootstrap=(hub.addrs[0],), relay=relaylib.Config(service=True)),
+            NodeConfig(bootstrap=(first.addrs[0],), relay=relaylib.Config(service=True)),
         ) as relay,
         open_memory_node(
             memory,
-            NodeConfig(bootstrap=(hub.addrs[0],), reachability="private", relay_check_s=0.2),
+            NodeConfig(bootstrap=(first.addrs[0],), reachability="private", relay_check_s=check_s),
         ) as private,
     ):
+        yield first, relay, private
+
+
+async def test_a_private_node_finds_a_relay_in_the_dht(
+    memory: MemoryNetwork, autojump_clock: MockClock
+) -> None:
+    async with _one_relay(memory, NodeConfig(), check_s=0.2) as (_hub, relay, private):
         with trio.fail_after(BOUND_S):
             await until(lambda: private.relay.reservations, BOUND_S)
         assert list(private.relay.reservations) == [relay.peer_id]
@@ -230,15 +241,7 @@ async def test_a_node_short_of_relays_searches_the_dht_less_and_less(
     # It wants two relays and the network has one: it searched the DHT at
     # every check, for good (every second in the relay scenario, ~13% of
     # that process's loop and most of its figures' noise).
-    service = relaylib.Config(service=True)
-    async with (
-        open_memory_node(memory, NodeConfig()) as hub,
-        open_memory_node(memory, NodeConfig(bootstrap=(hub.addrs[0],), relay=service)),
-        open_memory_node(
-            memory,
-            NodeConfig(bootstrap=(hub.addrs[0],), reachability="private", relay_check_s=1.0),
-        ) as private,
-    ):
+    async with _one_relay(memory, NodeConfig(), check_s=1.0) as (_hub, _relay, private):
         assert private.relay.cfg.want == 2
         with trio.fail_after(BOUND_S):
             await until(lambda: private.relay.reservations, BOUND_S)
@@ -256,20 +259,13 @@ async def test_a_relay_that_joins_later_is_found_by_a_node_short_of_relays(
     # The hub is public: left to dial-back, the memory network judges it
     # private after 30 s, and its addresses are then circuits through the
     # first relay, which a joining node cannot bootstrap from.
-    service = relaylib.Config(service=True)
-    async with (
-        open_memory_node(memory, NodeConfig(reachability="public")) as hub,
-        open_memory_node(memory, NodeConfig(bootstrap=(hub.addrs[0],), relay=service)),
-        open_memory_node(
-            memory,
-            NodeConfig(bootstrap=(hub.addrs[0],), reachability="private", relay_check_s=1.0),
-        ) as private,
-    ):
+    public = NodeConfig(reachability="public")
+    async with _one_relay(memory, public, check_s=1.0) as (hub, _relay, private):
         with trio.fail_after(BOUND_S):
             await until(lambda: private.relay.reservations, BOUND_S)
         await trio.sleep(60)
         async with open_memory_node(
-            memory, NodeConfig(bootstrap=(hub.addrs[0],), relay=service)
+            memory, NodeConfig(bootstrap=(hub.addrs[0],), relay=relaylib.Config(service=True))
         ) as later:
             await trio.sleep(700)
             assert len(private.relay.reservations) == 2

@@ -121,6 +121,14 @@ async def _handshake(
     return at_consumer[0], at_provider[0]
 
 
+async def _direct_session() -> tuple[service.Established, service.Established]:
+    """A free-mode session straight between the two ends: (consumer's, provider's)."""
+    consumer, provider = await _handshake(mallory=None, chain=False)
+    assert isinstance(consumer, service.Established)
+    assert provider is not None
+    return consumer, provider
+
+
 @pytest.mark.parametrize("chain", [False, True])
 async def test_a_direct_session_agrees_on_id_and_keys(chain: bool) -> None:
     at_consumer, at_provider = await _handshake(mallory=None, chain=chain)
@@ -178,9 +186,7 @@ async def test_a_consumer_that_stops_reading_loses_its_request_after_the_write_b
 ) -> None:
     # A consumer that asks, then never reads, used to hold the provider's
     # generation (a slot, free of charge in free mode) for as long as it liked.
-    consumer, provider = await _handshake(mallory=None, chain=False)
-    assert isinstance(consumer, service.Established)
-    assert provider is not None
+    consumer, provider = await _direct_session()
     left, right = trio.testing.lockstep_stream_pair()  # a write waits for the reader
     c_end, p_end = _Stream(left), _Stream(right)
     cfg = infer_service.Config(write_s=30.0)
@@ -222,9 +228,7 @@ async def test_the_last_text_and_done_leave_in_one_write(
 ) -> None:
     # Each write is a frame at every layer below (yamux, Noise, TCP): Done
     # sent on its own cost every request one more of them, each way.
-    consumer, provider = await _handshake(mallory=None, chain=False)
-    assert isinstance(consumer, service.Established)
-    assert provider is not None
+    consumer, provider = await _direct_session()
     c_end, p_end = _pair()
     writes: list[bytes] = []
     write = p_end.write
